@@ -1,0 +1,12 @@
+"""fusedconv: run Conv -> BatchNorm -> activation (+ residual add) blocks of trained CNNs as one fused op.
+
+    model = fusedconv.convert(model.eval())
+"""
+
+from fusedconv._version import __version__
+from fusedconv.activations import ActivationSpec
+from fusedconv.convert import convert
+from fusedconv.modules import FusedConv2d
+from fusedconv.report import ConversionReport, ReportRow
+
+__all__ = ["ActivationSpec", "ConversionReport", "FusedConv2d", "ReportRow", "__version__", "convert"]

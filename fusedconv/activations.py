@@ -1,0 +1,148 @@
+"""One vocabulary for activations: module / function <-> ActivationSpec <-> kernel name <-> torch function.
+
+The fused epilogue applies an activation chosen at compile time by name (the Triton kernels take the same
+names as a constexpr). Graph passes recognise an activation given as a module (`nn.ReLU()`), a function
+(`F.relu`, `torch.relu`) or a method (`x.relu()`) and turn it into an `ActivationSpec`; the fallback path turns
+the spec back into a torch function, so both paths compute the same thing.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# The kernels own the list of epilogue activations and their PyTorch definitions; this module maps the
+# ways a model can spell an activation onto those names.
+from fusedconv.kernels.reference import ACTIVATIONS, apply_activation
+
+__all__ = ["ACTIVATIONS", "ActivationSpec", "apply_activation", "as_spec", "spec_from_call", "spec_from_module"]
+
+
+@dataclass(frozen=True)
+class ActivationSpec:
+    """An activation the fused epilogue can apply: a name from ACTIVATIONS and its one float parameter.
+
+    `param` is the negative slope for `leaky_relu` and 0.0 for every other activation.
+    """
+
+    name: str = "identity"
+    param: float = 0.0
+
+    def __post_init__(self):
+        if self.name not in ACTIVATIONS:
+            raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {self.name!r}")
+        if not isinstance(self.param, (int, float)) or not math.isfinite(self.param):
+            raise ValueError(f"activation param: expected a finite float, got {self.param!r}")
+        if self.name != "leaky_relu" and self.param != 0.0:
+            raise ValueError(f"activation param: only 'leaky_relu' takes a parameter, got {self.param!r} for {self.name!r}")
+        object.__setattr__(self, "param", float(self.param))
+
+    @property
+    def is_identity(self) -> bool:
+        return self.name == "identity"
+
+    def __str__(self) -> str:
+        return f"leaky_relu({self.param:g})" if self.name == "leaky_relu" else self.name
+
+    def apply(self, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+        """Apply the activation with PyTorch ops (the reference and the fallback)."""
+        return apply_activation(x, self.name, self.param, inplace=inplace)
+
+
+def spec_from_module(module: nn.Module) -> ActivationSpec | None:
+    """The spec of an activation module, or None when the module is not one the epilogue can compute.
+
+    Only exact classes are matched: a subclass may override forward, so it is not assumed to behave alike.
+    """
+    t = type(module)
+    if t is nn.Identity:
+        return ActivationSpec("identity")
+    if t is nn.ReLU:
+        return ActivationSpec("relu")
+    if t is nn.ReLU6:
+        return ActivationSpec("relu6")
+    if t is nn.Hardtanh and module.min_val == 0.0 and module.max_val == 6.0:
+        return ActivationSpec("relu6")
+    if t is nn.LeakyReLU:
+        return ActivationSpec("leaky_relu", float(module.negative_slope))
+    if t is nn.SiLU:
+        return ActivationSpec("silu")
+    if t is nn.Hardswish:
+        return ActivationSpec("hardswish")
+    if t is nn.GELU:
+        return ActivationSpec("gelu_tanh" if module.approximate == "tanh" else "gelu")
+    return None
+
+
+# Functions (and Tensor methods, by name) that map to an activation with no extra argument.
+_PLAIN_FUNCTIONS = {
+    F.relu: "relu",
+    torch.relu: "relu",
+    torch.relu_: "relu",
+    F.relu6: "relu6",
+    F.silu: "silu",
+    F.hardswish: "hardswish",
+}
+_PLAIN_METHODS = {"relu": "relu", "relu_": "relu"}
+
+
+def spec_from_call(target, args: tuple, kwargs: dict) -> ActivationSpec | None:
+    """The spec of a functional activation call `target(x, *args[1:], **kwargs)`, or None if not one.
+
+    `target` is an fx `call_function` target (a function) or a `call_method` name (a string).
+    Arguments that change the result (a slope, hardtanh bounds, GELU's approximation) are read; any argument
+    that is not understood makes the call unrecognised rather than guessed.
+    """
+    rest = tuple(args[1:])
+    kw = {k: v for k, v in kwargs.items() if k != "inplace"}
+    if isinstance(target, str):
+        if target in _PLAIN_METHODS and not rest and not kw:
+            return ActivationSpec(_PLAIN_METHODS[target])
+        return None
+    if target in _PLAIN_FUNCTIONS:
+        if rest and not (len(rest) == 1 and isinstance(rest[0], bool)):
+            return None
+        return ActivationSpec(_PLAIN_FUNCTIONS[target]) if not kw else None
+    if target is F.leaky_relu:
+        slope = kw.pop("negative_slope", rest[0] if rest else 0.01)
+        if kw or len(rest) > 2 or not isinstance(slope, (int, float)):
+            return None
+        return ActivationSpec("leaky_relu", float(slope))
+    if target is F.hardtanh:
+        lo = kw.pop("min_val", rest[0] if len(rest) > 0 else -1.0)
+        hi = kw.pop("max_val", rest[1] if len(rest) > 1 else 1.0)
+        if kw or len(rest) > 3 or (lo, hi) != (0.0, 6.0):
+            return None
+        return ActivationSpec("relu6")
+    if target is F.gelu:
+        approx = kw.pop("approximate", rest[0] if rest else "none")
+        if kw or len(rest) > 1 or approx not in ("none", "tanh"):
+            return None
+        return ActivationSpec("gelu_tanh" if approx == "tanh" else "gelu")
+    return None
+
+
+def as_spec(act) -> ActivationSpec:
+    """Coerce what a user may pass as an activation into a spec.
+
+    Accepts None (identity), an ActivationSpec, a name from ACTIVATIONS, or a supported activation module.
+    """
+    if act is None:
+        return ActivationSpec("identity")
+    if isinstance(act, ActivationSpec):
+        return act
+    if isinstance(act, str):
+        return ActivationSpec(act)
+    if isinstance(act, nn.Module):
+        spec = spec_from_module(act)
+        if spec is None:
+            raise TypeError(
+                f"act: expected one of nn.ReLU, nn.ReLU6, nn.Hardtanh(0, 6), nn.LeakyReLU, nn.SiLU, nn.Hardswish, "
+                f"nn.GELU or nn.Identity, got {type(act).__name__}"
+            )
+        return spec
+    raise TypeError(f"act: expected None, a name, an ActivationSpec or an activation module, got {type(act).__name__}")

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
 
 from fusedconv import fold, ops
+from fusedconv.validation import check_inputs
 from fusedconv.activations import ActivationSpec, apply_activation, as_spec
 
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
@@ -193,7 +194,7 @@ class FusedConv2d(nn.Module):
         return F.pad(x, (pw, pw, ph, ph), mode=self.padding_mode), (0, 0)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        ops.check_inputs(x, self.weight, self.groups, residual)
+        check_inputs(x, self.weight, self.groups, residual)
         x, padding = self._pad_input(x)
         if ops.use_kernel(x, self.weight):
             return ops.conv_bn_act(x, self.weight, self.scale, self.shift, residual, self.stride, padding,

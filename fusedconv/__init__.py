@@ -7,6 +7,7 @@ from fusedconv._version import __version__
 from fusedconv.activations import ActivationSpec
 from fusedconv.convert import convert
 from fusedconv.modules import FusedConv2d
+from fusedconv.reparam import reparameterize
 from fusedconv.report import ConversionReport, ReportRow
 
 __all__ = ["ActivationSpec", "ConversionReport", "FusedConv2d", "ReportRow", "__version__", "convert"]

@@ -1,4 +1,15 @@
-"""Public API: `convert(model)` returns an equivalent model whose Conv -> BN (-> act) chains run fused."""
+"""Public API: `convert(model)` returns an equivalent model whose Conv -> BN (-> act) (-> + residual) chains
+run as single FusedConv2d modules.
+
+Steps: copy (unless inplace) -> structural re-parameterization (`fusedconv.reparam`) -> data-flow pass
+(`fusedconv.graph.dataflow`: torch.fx per module scope, plain nn.Sequential chains without tracing) ->
+optional self-check on example inputs.
+
+Self-check tolerances (max |converted - original| / max |original| over every floating output), per output
+dtype: float64 1e-9, float32 1e-4, float16 1e-2, bfloat16 5e-2. Folding BN into the conv reorders a few
+floating-point operations, so fp32 results typically differ by ~1e-6 relative; 1e-4 leaves room for GPU
+kernels (different accumulation order) while still catching any real mistake, which shows up as O(1).
+"""
 
 from __future__ import annotations
 
@@ -6,9 +17,12 @@ import copy
 
 import torch
 import torch.nn as nn
+from torch.utils._pytree import tree_flatten
 
-from fusedconv.graph.sequential import fuse_sequential_chains
+from fusedconv.graph.dataflow import fuse_dataflow
 from fusedconv.report import ConversionReport
+
+SELF_CHECK_TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 
 
 def _check_model(model, name: str = "model") -> None:
@@ -20,16 +34,104 @@ def _check_model(model, name: str = "model") -> None:
                            f"module(s) in training mode, e.g. {training[0]!r}")
 
 
-def convert(model: nn.Module, *, inplace: bool = False, return_report: bool = False):
-    """Fuse every provable Conv2d -> BatchNorm (-> activation) chain of an eval-mode `model`.
+def _as_args(example_inputs) -> tuple | None:
+    if example_inputs is None:
+        return None
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs)
+    raise TypeError(f"example_inputs: expected a tensor or a tuple of positional arguments, "
+                    f"got {type(example_inputs).__name__}")
 
-    Returns a new model (the input is left untouched) unless `inplace=True`. With `return_report=True` returns
-    `(model, report)`, the report listing each chain as fused or skipped with the reason.
+
+def _snapshot(out):
+    """The output's leaves, tensors cloned (a later in-place op in the model must not change the reference)."""
+    leaves, spec = tree_flatten(out)
+    return [t.detach().clone() if isinstance(t, torch.Tensor) else t for t in leaves], spec
+
+
+def compare_outputs(out, ref_leaves, ref_spec) -> tuple[float, float]:
+    """(max relative error, tolerance) between a model output and a snapshot of the reference output.
+
+    Raises RuntimeError when the structure, a shape or a non-floating value differs.
+    """
+    leaves, spec = tree_flatten(out)
+    if spec != ref_spec or len(leaves) != len(ref_leaves):
+        raise RuntimeError(f"convert: the converted model's output structure differs from the original's "
+                           f"({spec} vs {ref_spec})")
+    err, tol = 0.0, 0.0
+    for i, (o, r) in enumerate(zip(leaves, ref_leaves)):
+        if not isinstance(r, torch.Tensor):
+            if o != r:
+                raise RuntimeError(f"convert: output leaf {i} differs: {o!r} vs original {r!r}")
+            continue
+        if o.shape != r.shape:
+            raise RuntimeError(f"convert: output {i} has shape {tuple(o.shape)}, the original's "
+                               f"{tuple(r.shape)}")
+        if not r.is_floating_point():
+            if not torch.equal(o, r):
+                raise RuntimeError(f"convert: output {i} ({r.dtype}) differs from the original's")
+            continue
+        tol = max(tol, SELF_CHECK_TOLERANCE.get(r.dtype, 1e-4))
+        if r.numel():
+            o64, r64 = o.detach().double(), r.double()
+            e = float((o64 - r64).abs().max() / r64.abs().max().clamp_min(1e-30))
+            if not (o64.isfinite() == r64.isfinite()).all():
+                e = float("inf")
+            err = max(err, e)
+    return err, tol
+
+
+def _reparameterize(model: nn.Module, example_inputs, report: ConversionReport) -> nn.Module:
+    try:
+        from fusedconv.reparam import reparameterize
+    except ImportError as e:
+        report.notes.append(f"reparameterization skipped: fusedconv.reparam is not available ({e})")
+        return model
+    model, rep = reparameterize(model, inplace=True, example_inputs=example_inputs, return_report=True)
+    report.extend(rep)
+    return model
+
+
+def convert(model: nn.Module, *, inplace: bool = False, example_inputs=None, reparameterize: bool = True,
+            return_report: bool = False, tolerance: float | None = None):
+    """Fuse every provable Conv2d -> BatchNorm (-> activation) (-> + residual -> activation) chain of an
+    eval-mode `model`.
+
+    Returns a new model (the input is never modified) unless `inplace=True`; always use the return value, as
+    a rewritten scope (and possibly the model itself) is replaced by an fx.GraphModule of the same class name.
+    `reparameterize=True` first merges multi-branch blocks (RepVGG, ...) with `fusedconv.reparameterize`.
+    With `example_inputs` (a tensor or a tuple of positional arguments) both models are run and the maximum
+    relative error is stored in `report.max_rel_error`; a RuntimeError is raised when it exceeds the output
+    dtype's tolerance (`SELF_CHECK_TOLERANCE`, or `tolerance` if given).
+    With `return_report=True` returns `(model, report)`: each chain fused or skipped with the reason.
     """
     _check_model(model)
-    if not inplace:
-        model = copy.deepcopy(model)
+    args = _as_args(example_inputs)
+    if tolerance is not None and not (isinstance(tolerance, (int, float)) and tolerance >= 0):
+        raise ValueError(f"tolerance: expected a non-negative number or None, got {tolerance!r}")
     report = ConversionReport()
     with torch.no_grad():
-        fuse_sequential_chains(model, report)
+        ref = _snapshot(model(*args)) if args is not None else None
+        original = model
+        if not inplace:
+            model = copy.deepcopy(model)
+        if reparameterize:
+            try:
+                model = _reparameterize(model, args, report)
+            except Exception as e:  # noqa: BLE001 - a reparam failure must not make convert unusable
+                if inplace:
+                    raise
+                report.notes.append(f"reparameterization failed and was skipped ({type(e).__name__}: {e})")
+                model = copy.deepcopy(original)
+        model = fuse_dataflow(model, report)
+        if ref is not None:
+            err, tol = compare_outputs(model(*args), *ref)
+            tol = tol if tolerance is None else float(tolerance)
+            report.max_rel_error = err
+            if err > tol:
+                raise RuntimeError(f"convert: the converted model's outputs differ from the original's by "
+                                   f"{err:.3e} (max |diff| / max |original|), above the tolerance {tol:g}; "
+                                   f"please report this as a bug.\n{report}")
     return (model, report) if return_report else model

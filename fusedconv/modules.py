@@ -14,6 +14,8 @@ lose exactly the precision the epilogue exists to keep.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -24,6 +26,20 @@ from fusedconv.validation import check_inputs
 from fusedconv.activations import ActivationSpec, apply_activation, as_spec
 
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+# Keys of a Conv2d / BatchNorm state that never occur in a FusedConv2d state (used to explain a wrong checkpoint).
+_UNFUSED_KEYS = ("bias", "running_mean", "running_var", "num_batches_tracked")
+
+
+def _epilogue_dtype(weight_dtype: torch.dtype) -> torch.dtype:
+    """scale/shift dtype: float64 for float64 modules, float32 for every other dtype."""
+    return torch.float64 if weight_dtype == torch.float64 else torch.float32
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    """channels_last when x is channels_last and not also plain contiguous (the rule F.conv2d follows)."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 def _pair_arg(name: str, value, minimum: int) -> tuple[int, int]:
@@ -80,7 +96,7 @@ class FusedConv2d(nn.Module):
         self.kernel_size = (weight.shape[2], weight.shape[3])
         self.act = as_spec(activation)
 
-        epi_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        epi_dtype = _epilogue_dtype(weight.dtype)
         scale = torch.ones(cout, dtype=epi_dtype, device=weight.device) if scale is None else scale
         shift = torch.zeros(cout, dtype=epi_dtype, device=weight.device) if shift is None else shift
         for name, t in (("scale", scale), ("shift", shift)):
@@ -92,11 +108,12 @@ class FusedConv2d(nn.Module):
         self.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
         self.register_buffer("scale", scale.detach().to(device=weight.device, dtype=epi_dtype).clone())
         self.register_buffer("shift", shift.detach().to(device=weight.device, dtype=epi_dtype).clone())
-        # Derived, never saved: the weight with scale folded in (fallback path), and its provenance.
-        self.register_buffer("folded_weight", None, persistent=False)
-        self.register_buffer("folded_bias", None, persistent=False)
-        self._folded_key = None
+        # Derived, never saved nor traced: (sources, folded weight, folded bias) of the eager fallback. A plain
+        # attribute, not a buffer, so it never shows up in state_dict, named_buffers or an exported program.
+        self._fold_cache = None
         self._repack()
+        # An inference module (no training behaviour): born in eval mode, so a converted model stays in eval.
+        self.train(False)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -108,7 +125,7 @@ class FusedConv2d(nn.Module):
         if bn is not None:
             fold.check_foldable(bn)
         scale, shift = fold.conv_bn_scale_shift(conv, bn, dtype=torch.float64)
-        epi_dtype = torch.float64 if conv.weight.dtype == torch.float64 else torch.float32
+        epi_dtype = _epilogue_dtype(conv.weight.dtype)
         padding = conv.padding
         if isinstance(padding, str):
             padding = _resolve_string_padding(conv)
@@ -126,18 +143,28 @@ class FusedConv2d(nn.Module):
     def _apply(self, fn, recurse=True):
         scale, shift = self.scale, self.shift
         super()._apply(fn, recurse)
-        # Keep the epilogue's precision: scale/shift follow the device, not a downcast of the dtype.
-        epi_dtype = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
+        # Keep the epilogue's precision: scale/shift follow the device, not a downcast of the dtype
+        # (fp32 for fp32/fp16/bf16 weights, fp64 for fp64 weights).
+        epi_dtype = _epilogue_dtype(self.weight.dtype)
         self.scale = scale.to(device=self.weight.device, dtype=epi_dtype)
         self.shift = shift.to(device=self.weight.device, dtype=epi_dtype)
-        self._folded_key = None
-        self.folded_weight = None
-        self.folded_bias = None
+        self._fold_cache = None
         self._repack()
         return self
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
+        unfused = [k for k in state_dict if k.startswith(prefix) and k[len(prefix):] in _UNFUSED_KEYS]
+        if prefix + "weight" in state_dict and prefix + "scale" not in state_dict and prefix + "shift" not in state_dict:
+            # A bare conv weight without scale/shift: loading it (even with strict=False) would silently drop the
+            # BatchNorm, so it is always an error.
+            unfused.insert(0, prefix + "weight (without scale/shift)")
+        if unfused:
+            # A Conv2d + BatchNorm checkpoint: say so instead of a bare "missing scale / unexpected bias" list.
+            error_msgs.append(
+                f"state_dict: expected a FusedConv2d state ({prefix}weight, {prefix}scale, {prefix}shift), got keys of "
+                f"an unfused Conv2d/BatchNorm layer ({', '.join(unfused[:4])}); load the checkpoint into the unfused "
+                "model first and call fusedconv.convert() on it")
         for name in ("scale", "shift"):
             t = state_dict.get(prefix + name)
             if isinstance(t, torch.Tensor) and t.is_floating_point():
@@ -145,47 +172,59 @@ class FusedConv2d(nn.Module):
                 state_dict[prefix + name] = t.to(getattr(self, name).dtype)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
-        self._folded_key = None
+        self._fold_cache = None
 
     def refresh(self) -> None:
-        """Recompute derived state (folded weight, packing) after editing weight/scale/shift in place."""
-        self._folded_key = None
+        """Recompute derived state (folded weight, packing). Needed only after editing `weight.data`, `scale.data`
+        or `shift.data` in place: edits through `.data` bypass the version counter the cache checks; every
+        other edit (in-place ops under no_grad, load_state_dict, .to(), assigning new tensors) is seen."""
+        self._fold_cache = None
         self._repack()
 
     # ------------------------------------------------------------------ forward
-    def _fold_cache_key(self):
-        w = self.weight
-        return (w.data_ptr(), w._version, w.dtype, w.device, self.scale._version, self.shift._version,
-                self.scale.data_ptr(), self.shift.data_ptr())
+    def _fold_sources(self) -> tuple:
+        """What the folded weight was computed from: the tensors (held strongly by the cache, so a freed weight's
+        memory cannot be reused by a new tensor that would then look identical) and a snapshot of their
+        identity and version counters (taken now: the tensors' own counters keep moving)."""
+        tensors = (self.weight.detach(), self.scale.detach(), self.shift.detach())
+        if any(t.is_inference() for t in tensors):
+            # Inference tensors (a module built under torch.inference_mode) have no version counter, so an
+            # in-place edit could not be seen: never cache them.
+            return tensors, None
+        snapshot = tuple((t.data_ptr(), t._version, t.dtype, t.device, t.shape, t.stride()) for t in tensors)
+        # A cache filled inside inference_mode holds inference tensors, which autograd cannot save outside it.
+        return tensors, (snapshot, torch.is_inference_mode_enabled())
+
+    @staticmethod
+    def _same_sources(old: tuple, new: tuple) -> bool:
+        return old[1] is not None and old[1] == new[1]
 
     def _compute_folded(self):
-        """The weight with scale folded in, or (None, None) when the weight's dtype cannot hold it faithfully."""
+        """The weight with scale folded in and the bias, or (None, None) when the weight's dtype cannot hold
+        them faithfully (then the fallback applies scale/shift to the conv output in fp32 instead)."""
         w = self.weight
         view = (-1, 1, 1, 1)
-        acc = torch.float64 if w.dtype == torch.float64 else torch.float32
+        acc = _epilogue_dtype(w.dtype)
         wf = w.detach().to(acc) * self.scale.to(acc).view(view)
         folded = wf.to(w.dtype)
-        # "Exact enough": finite, and no weight flushed to zero or into the subnormal range where it
-        # loses its precision. Otherwise the fallback applies scale to the conv output in fp32 instead.
-        tiny = torch.finfo(w.dtype).tiny
+        bias = self.shift.to(w.dtype)
+        # "Exact enough": finite, and no weight flushed to zero or into the subnormal range where it loses its
+        # precision; the shift must be finite in the weight's dtype too (|shift| > 65504 is inf in fp16).
+        if not bool(torch.isfinite(folded).all()) or not bool(torch.isfinite(bias).all()):
+            return None, None
         if w.dtype != acc:
-            lost = (folded.abs() < tiny) & (wf != 0)
-            if not torch.isfinite(folded).all() or bool(lost.any()):
+            lost = (folded.abs() < torch.finfo(w.dtype).tiny) & (wf != 0)
+            if bool(lost.any()):
                 return None, None
-        return folded.contiguous(memory_format=torch.channels_last if w.is_cuda else torch.contiguous_format), \
-            self.shift.to(w.dtype)
+        return folded, bias
 
     def _folded(self):
-        if torch.compiler.is_compiling():
-            # Traced graphs compute it from the parameters; a frozen / constant-folded graph does it once.
-            if self.folded_weight is not None:
-                return self.folded_weight, self.folded_bias
-            return self._compute_folded()
-        key = self._fold_cache_key()
-        if key != self._folded_key:
-            self.folded_weight, self.folded_bias = self._compute_folded()
-            self._folded_key = key
-        return self.folded_weight, self.folded_bias
+        sources = self._fold_sources()
+        cache = self._fold_cache
+        if cache is None or not self._same_sources(cache[0], sources):
+            cache = (sources, *self._compute_folded())
+            self._fold_cache = cache
+        return cache[1], cache[2]
 
     def _pad_input(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         if self.padding_mode == "zeros" or self.padding == (0, 0):
@@ -194,7 +233,16 @@ class FusedConv2d(nn.Module):
         return F.pad(x, (pw, pw, ph, ph), mode=self.padding_mode), (0, 0)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        check_inputs(x, self.weight, self.groups, residual)
+        """act(conv(x) * scale + shift [+ residual]). `x` is (N, C, H, W) or unbatched (C, H, W) like nn.Conv2d
+        takes; `residual`, when given, has exactly the output's shape. The output follows x's memory format."""
+        out_shape = check_inputs(x, self.weight, self.groups, residual, stride=self.stride, padding=self.padding,
+                                 dilation=self.dilation)
+        if x.dim() == 3:
+            y = self.forward(x.unsqueeze(0), None if residual is None else residual.unsqueeze(0))
+            return y.squeeze(0)
+        if x.numel() == 0 or math.prod(out_shape) == 0:
+            # Empty batch or empty spatial output: nothing to compute (and some backends refuse empty convs).
+            return x.new_empty(out_shape).contiguous(memory_format=_memory_format(x))
         x, padding = self._pad_input(x)
         if ops.use_kernel(x, self.weight):
             return ops.conv_bn_act(x, self.weight, self.scale, self.shift, residual, self.stride, padding,
@@ -202,18 +250,33 @@ class FusedConv2d(nn.Module):
         return self._fallback(x, padding, residual)
 
     def _fallback(self, x: torch.Tensor, padding, residual: torch.Tensor | None) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            # Traced graphs (torch.compile, torch.export) must not mutate the module or branch on data: fold in
+            # the graph for fp32/fp64 (exact), apply scale to the fp32 output for fp16/bf16 (always exact).
+            if _epilogue_dtype(self.weight.dtype) == self.weight.dtype:
+                wf = self.weight * self.scale.view(-1, 1, 1, 1)
+                return self._conv_folded(x, wf, self.shift, padding, residual)
+            return self._conv_scaled(x, padding, residual)
         wf, bf = self._folded()
         if wf is not None:
-            y = F.conv2d(x, wf, bf, self.stride, padding, self.dilation, self.groups)
-            if residual is not None:
-                y = y + residual
-            return apply_activation(y, self.act.name, self.act.param, inplace=True)
-        # Scale does not fit the weight's dtype: apply it to the conv output in fp32.
+            return self._conv_folded(x, wf, bf, padding, residual)
+        return self._conv_scaled(x, padding, residual)
+
+    def _conv_folded(self, x, wf, bf, padding, residual):
+        y = F.conv2d(x, wf, bf, self.stride, padding, self.dilation, self.groups)
+        if residual is not None:
+            y = y.add_(residual)
+        return apply_activation(y, self.act.name, self.act.param, inplace=True)
+
+    def _conv_scaled(self, x, padding, residual):
+        # Scale does not fit the weight's dtype: apply it to the conv output in the epilogue dtype.
         y = F.conv2d(x, self.weight, None, self.stride, padding, self.dilation, self.groups)
+        fmt = _memory_format(y)
         y = y.to(self.scale.dtype) * self.scale.view(1, -1, 1, 1) + self.shift.view(1, -1, 1, 1)
         if residual is not None:
             y = y + residual.to(y.dtype)
-        return apply_activation(y, self.act.name, self.act.param, inplace=True).to(x.dtype)
+        y = apply_activation(y, self.act.name, self.act.param, inplace=True)
+        return y.to(x.dtype).contiguous(memory_format=fmt)
 
     def extra_repr(self) -> str:
         s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
@@ -231,6 +294,42 @@ class FusedConv2d(nn.Module):
         super().__setstate__(state)
         if isinstance(self.__dict__.get("act"), str):
             self.act = ActivationSpec(self.__dict__["act"])
+        self.__dict__.setdefault("_fold_cache", None)
+
+
+def check_state_dict(model: nn.Module, state_dict: dict) -> None:
+    """Raise a clear ValueError when `state_dict` is a fused checkpoint and `model` is not converted (or the
+    reverse), naming the first layer that differs; call it before `model.load_state_dict(state_dict)`.
+
+    `load_state_dict(strict=True)` already refuses such a mismatch by listing missing/unexpected keys, and a
+    FusedConv2d refuses an unfused layer's keys even with strict=False; this check also covers an unfused
+    model given a fused checkpoint with strict=False, which PyTorch would load silently wrong.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    if not hasattr(state_dict, "keys"):
+        raise TypeError(f"state_dict: expected a mapping of names to tensors, got {type(state_dict).__name__}")
+    modules = dict(model.named_modules())
+    for key in state_dict:
+        if not key.endswith(".scale") and key != "scale":
+            continue
+        prefix = key[: -len("scale")]
+        if prefix + "shift" not in state_dict or prefix + "weight" not in state_dict:
+            continue
+        owner = modules.get(prefix[:-1])
+        if owner is not None and not isinstance(owner, FusedConv2d):
+            raise ValueError(
+                f"state_dict: expected the state of an unconverted model, got a FusedConv2d layer's state at "
+                f"{prefix[:-1] or '<root>'!r} (keys {prefix}weight/scale/shift) where the model has "
+                f"{type(owner).__name__}; run fusedconv.convert() on the model before loading a converted checkpoint")
+    for name, module in modules.items():
+        if isinstance(module, FusedConv2d):
+            prefix = f"{name}." if name else ""
+            if prefix + "scale" not in state_dict and prefix + "weight" in state_dict:
+                raise ValueError(
+                    f"state_dict: expected a converted checkpoint with {prefix}scale and {prefix}shift for the "
+                    f"FusedConv2d at {name or '<root>'!r}, got an unfused layer's keys; load the checkpoint into "
+                    "the unconverted model and call fusedconv.convert() on it")
 
 
 def _resolve_string_padding(conv: nn.Conv2d) -> tuple[int, int]:

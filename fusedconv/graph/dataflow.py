@@ -1,0 +1,440 @@
+"""The data-flow pass: find Conv2d -> BN (-> act) (-> + residual -> act) chains in what each module computes.
+
+Every module scope is traced on its own with torch.fx, all of its submodules kept as leaves, so a chain is
+always found at the smallest scope that holds it. Scopes fx cannot trace (data-dependent control flow, list
+inputs, ...) are not a dead end: their children are visited and tried in turn, and plain nn.Sequential chains
+are fused without tracing (`sequential.py`).
+
+A chain is fused only when the graph proves it is exactly equivalent:
+  * the conv's output feeds the BN and nothing else, and the BN's output feeds only the activation / add;
+  * the add's other operand is a computed tensor (not a parameter or constant that may broadcast) that does
+    not depend on the chain, and an in-place add updates the chain's value, not the other operand;
+  * the BN's forward is understood (`legality.batchnorm_verdict`), with eval-mode running statistics.
+
+How a scope is rewritten:
+  * if every chain is made of module calls (conv, BN, activation module) each called once and held in one
+    place only, the conv child becomes the FusedConv2d and the others nn.Identity: the user's class, methods
+    and attribute names are untouched;
+  * otherwise (a residual add joins the epilogue, a functional activation or F.batch_norm, an activation
+    module used at two call sites as in torchvision's BasicBlock) the scope is replaced by an fx.GraphModule of
+    the same class name whose graph calls the FusedConv2d, registered under the conv's attribute name.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import operator
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fusedconv import fold
+from fusedconv.activations import ActivationSpec, spec_from_call, spec_from_module
+from fusedconv.graph.legality import (batchnorm_verdict, conv_skip_reason, is_fusable_conv, is_leaf_type,
+                                      module_use_counts)
+from fusedconv.graph.sequential import KIND, fuse_sequential, is_plain_sequential
+from fusedconv.modules import FusedConv2d
+from fusedconv.report import ConversionReport
+
+_ADD_FUNCTIONS = (operator.add, torch.add, operator.iadd)
+_ADD_METHODS = ("add", "add_")
+_BN_FUNCTIONS = (F.batch_norm,)
+_BN_PARAMS = list(inspect.signature(F.batch_norm).parameters)
+# Nodes that produce Python numbers / shapes rather than tensors (cannot be a residual).
+_NON_TENSOR_METHODS = ("size", "dim", "numel", "item", "tolist")
+
+
+class ScopeTracer(fx.Tracer):
+    """Traces one module's own forward: every submodule it calls is a leaf (its inside is another scope)."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return True
+
+
+def _short(e: BaseException) -> str:
+    msg = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {msg[0][:160]}" if msg else type(e).__name__
+
+
+@dataclass
+class Chain:
+    """One Conv -> [BN] -> [act] / [add -> act] chain found in a scope's graph."""
+
+    conv: fx.Node
+    bn: fx.Node | None = None
+    bn_module: nn.Module | None = None          # the BN module (module call or functional BN's owner)
+    bn_tensors: tuple | None = None             # (mean, var, weight, bias, eps) of a functional F.batch_norm
+    act: fx.Node | None = None                  # activation call (module, function or method)
+    act_spec: ActivationSpec = field(default_factory=ActivationSpec)
+    add: fx.Node | None = None
+    reason: str | None = None                   # why it is skipped (None: fuse it)
+    fused: FusedConv2d | None = None            # the replacement, once built
+
+    @property
+    def nodes(self) -> list[fx.Node]:
+        return [n for n in (self.conv, self.bn, self.add, self.act) if n is not None]
+
+    @property
+    def last(self) -> fx.Node:
+        return self.nodes[-1]
+
+    def module_only(self) -> bool:
+        """Conv, BN and activation are module calls, no add: fusable by swapping children."""
+        return (self.add is None and self.bn_tensors is None
+                and all(n.op == "call_module" for n in self.nodes))
+
+    def detail(self) -> str:
+        parts = []
+        if self.bn is not None:
+            parts.append("bn" if self.bn_tensors is None else "F.batch_norm")
+        if self.add is not None:
+            parts.append("add")
+        if not self.act_spec.is_identity:
+            parts.append(str(self.act_spec))
+        return "+".join(parts)
+
+
+def _node_name(node: fx.Node) -> str:
+    if node.op == "call_module":
+        return str(node.target)
+    if node.op == "call_method":
+        return f".{node.target}()"
+    return getattr(node.target, "__name__", str(node.target))
+
+
+def _get_attr(module: nn.Module, target: str):
+    obj = module
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+class ScopePass:
+    """Finds and rewrites the chains of one traced scope."""
+
+    def __init__(self, module: nn.Module, graph: fx.Graph, scope: str, uses: Counter, report: ConversionReport):
+        self.module = module
+        self.graph = graph
+        self.scope = scope
+        self.uses = uses
+        self.report = report
+        self.calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
+        self.attr_uses = [n.target for n in graph.nodes if n.op == "get_attr"]
+
+    def _mod(self, node: fx.Node) -> nn.Module | None:
+        if node.op != "call_module":
+            return None
+        return self.module.get_submodule(node.target)
+
+    # ------------------------------------------------------------------ matching
+    def _sole_user(self, node: fx.Node) -> fx.Node | None:
+        users = list(node.users)
+        return users[0] if len(users) == 1 else None
+
+    def _activation(self, node: fx.Node, value: fx.Node) -> ActivationSpec | None:
+        """The spec when `node` applies an activation to `value` only, else None."""
+        if not node.args or node.args[0] is not value:
+            return None
+        if node.op == "call_module":
+            spec = spec_from_module(self._mod(node))
+            ok = spec is not None and len(node.args) == 1 and not node.kwargs
+            return spec if ok and not spec.is_identity else None
+        if node.op in ("call_function", "call_method"):
+            if any(isinstance(a, fx.Node) for a in list(node.args[1:]) + list(node.kwargs.values())):
+                return None
+            spec = spec_from_call(node.target, node.args, node.kwargs)
+            return spec if spec is not None and not spec.is_identity else None
+        return None
+
+    def _residual_of(self, add: fx.Node, value: fx.Node) -> tuple[fx.Node | None, str | None]:
+        """(other operand, None) when `add` is `value + other` fusable into the epilogue, else (None, reason)."""
+        if add.op == "call_function" and add.target in _ADD_FUNCTIONS:
+            if add.kwargs or len(add.args) != 2:
+                return None, "add with extra arguments (alpha / out)"
+        elif add.op == "call_method" and add.target in _ADD_METHODS:
+            if add.kwargs or len(add.args) != 2:
+                return None, "add with extra arguments (alpha)"
+        else:
+            return None, None
+        a, b = add.args
+        inplace = add.target in ("add_", operator.iadd)
+        if a is value and b is value:
+            return None, "adds the chain's output to itself"
+        if inplace and a is not value:
+            return None, "in-place add updates the other operand"
+        other = b if a is value else a
+        if not isinstance(other, fx.Node):
+            return None, "adds a constant (may broadcast)"
+        if other.op == "get_attr":
+            return None, "adds a parameter or buffer (may broadcast)"
+        if other.op == "call_method" and other.target in _NON_TENSOR_METHODS:
+            return None, "adds a non-tensor value"
+        if other.op == "call_function" and other.target is getattr:
+            return None, "adds a non-tensor value"
+        return other, None
+
+    def _functional_bn(self, node: fx.Node, conv: fx.Node):
+        """(owner module or None, (mean, var, weight, bias, eps), reason) for an F.batch_norm call on `conv`."""
+        bound = dict(zip(_BN_PARAMS, node.args))
+        bound.update(node.kwargs)
+        if bound.get("input") is not conv:
+            return None, None, "F.batch_norm's input is not the conv output"
+        if bound.get("training", False) is not False:
+            return None, None, "F.batch_norm is called with training=True (batch statistics)"
+        tensors = []
+        for key in ("running_mean", "running_var", "weight", "bias"):
+            arg = bound.get(key)
+            if arg is None and key in ("weight", "bias"):
+                tensors.append(None)
+                continue
+            if not isinstance(arg, fx.Node) or arg.op != "get_attr":
+                return None, None, f"F.batch_norm's {key} is not a module parameter or buffer"
+            t = _get_attr(self.module, arg.target)
+            if not isinstance(t, torch.Tensor):
+                return None, None, f"F.batch_norm's {key} is not a tensor"
+            tensors.append(t)
+        eps = bound.get("eps", 1e-5)
+        if not isinstance(eps, (int, float)):
+            return None, None, "F.batch_norm's eps is not a constant"
+        return None, (*tensors, float(eps)), None
+
+    def _depends_on(self, node: fx.Node, targets: set) -> bool:
+        seen, stack = set(), [node]
+        while stack:
+            n = stack.pop()
+            if n in targets:
+                return True
+            if n in seen:
+                continue
+            seen.add(n)
+            stack.extend(n.all_input_nodes)
+        return False
+
+    def match(self, conv: fx.Node) -> Chain | None:
+        conv_mod = self._mod(conv)
+        ch = Chain(conv)
+        users = list(conv.users)
+        bn_users = [u for u in users if (u.op == "call_module" and fold.is_batchnorm(self._mod(u)))
+                    or (u.op == "call_function" and u.target in _BN_FUNCTIONS)]
+        if len(conv.args) != 1 or conv.kwargs:
+            return None
+        if bn_users and len(users) > 1:
+            ch.bn = bn_users[0]
+            ch.reason = f"conv output is used {len(users)} times (not only by the BatchNorm)"
+            return ch
+        cur = conv
+        if bn_users:
+            bn = bn_users[0]
+            ch.bn = bn
+            if bn.op == "call_module":
+                if len(bn.args) != 1 or bn.kwargs:
+                    ch.reason = "BatchNorm called with extra arguments"
+                    return ch
+                ch.bn_module = self._mod(bn)
+                verdict = batchnorm_verdict(ch.bn_module)
+                if not verdict.ok:
+                    ch.reason = verdict.reason
+                    return ch
+                if verdict.act is not None and not verdict.act.is_identity:
+                    ch.act_spec = verdict.act  # the norm-act module applies it; nothing may follow in the epilogue
+            else:
+                _, tensors, reason = self._functional_bn(bn, conv)
+                if reason is not None:
+                    ch.reason = reason
+                    return ch
+                ch.bn_tensors = tensors
+            cur = bn
+        ch.reason = conv_skip_reason(conv_mod, ch.bn_module)
+        if ch.reason is not None:
+            return ch
+        if not ch.act_spec.is_identity:
+            return ch
+        nxt = self._sole_user(cur)
+        if nxt is not None:
+            spec = self._activation(nxt, cur)
+            if spec is not None:
+                ch.act, ch.act_spec = nxt, spec
+                return ch
+            other, why = self._residual_of(nxt, cur)
+            if other is not None and not self._depends_on(other, {conv, cur}):
+                ch.add = nxt
+                after = self._sole_user(nxt)
+                spec = self._activation(after, nxt) if after is not None else None
+                if spec is not None:
+                    ch.act, ch.act_spec = after, spec
+        if ch.bn is None and ch.act is None and ch.add is None:
+            return None  # a lone conv: nothing to fuse
+        if ch.bn is None and ch.act is None:
+            return None  # conv + add only: leave it (no BN, nothing gained)
+        return ch
+
+    # ------------------------------------------------------------------ rewriting
+    def _fused_module(self, ch: Chain) -> FusedConv2d:
+        conv = self._mod(ch.conv)
+        if ch.bn_tensors is None:
+            return FusedConv2d.from_modules(conv, ch.bn_module, ch.act_spec)
+        mean, var, weight, bias, eps = ch.bn_tensors
+        scale, shift = fold.bn_scale_shift(mean, var, weight, bias, eps, conv.bias, dtype=torch.float64)
+        epi = torch.float64 if conv.weight.dtype == torch.float64 else torch.float32
+        plain = FusedConv2d.from_modules(conv, None, ch.act_spec)  # resolves padding='same' etc.
+        return FusedConv2d(conv.weight, scale.to(epi), shift.to(epi), stride=plain.stride, padding=plain.padding,
+                           dilation=plain.dilation, groups=plain.groups, padding_mode=plain.padding_mode,
+                           activation=ch.act_spec)
+
+    def _swappable(self, ch: Chain) -> bool:
+        if not ch.module_only():
+            return False
+        for n in ch.nodes:
+            if self.calls[n.target] != 1 or self.uses[id(self._mod(n))] != 1:
+                return False
+            if any(str(t).startswith(f"{n.target}.") for t in self.attr_uses):
+                return False
+        return True
+
+    def run(self) -> nn.Module:
+        chains = []
+        for node in list(self.graph.nodes):
+            if node.op == "call_module" and is_fusable_conv(self._mod(node)):
+                if self.calls[node.target] > 1:
+                    if any(u.op == "call_module" and fold.is_batchnorm(self._mod(u)) for u in node.users):
+                        self.report.add(self.scope, [str(node.target)], KIND, "skipped",
+                                        f"conv module is called {self.calls[node.target]} times in forward")
+                    continue
+                ch = self.match(node)
+                if ch is not None:
+                    chains.append(ch)
+        good = []
+        for ch in chains:
+            if ch.reason is None:
+                try:
+                    ch.fused = self._fused_module(ch)
+                except (ValueError, TypeError, RuntimeError) as e:
+                    ch.reason = str(e)
+            if ch.reason is not None:
+                self.report.add(self.scope, [_node_name(n) for n in ch.nodes], KIND, "skipped", ch.reason)
+            else:
+                good.append(ch)
+        if not good:
+            return self.module
+        if all(self._swappable(ch) for ch in good):
+            for ch in good:
+                self._set(self.module, ch.conv.target, ch.fused)
+                for n in ch.nodes[1:]:
+                    self._set(self.module, n.target, nn.Identity())
+                self._report(ch)
+            return self.module
+        return self._rewrite_graph(good)
+
+    def _report(self, ch: Chain) -> None:
+        self.report.add(self.scope, [_node_name(n) for n in ch.nodes], KIND, "fused", ch.detail())
+
+    @staticmethod
+    def _set(root: nn.Module, target: str, value: nn.Module) -> None:
+        parent, _, name = target.rpartition(".")
+        owner = root.get_submodule(parent) if parent else root
+        owner._modules[name] = value
+
+    def _rewrite_graph(self, chains: list[Chain]) -> nn.Module:
+        module, graph = self.module, self.graph
+        # Build the GraphModule from a shallow copy so the new children never touch the original object.
+        root = copy.copy(module)
+        root.__dict__["_modules"] = dict(module._modules)
+        for ch in chains:
+            name = str(ch.conv.target)
+            if "." in name:  # a grandchild (self.block[0]): register the fused module flat, under a new name
+                base = name.replace(".", "_")
+                name, k = base, 1
+                while name in root._modules:
+                    name, k = f"{base}_{k}", k + 1
+            root._modules[name] = ch.fused
+            last = ch.last
+            residual = None
+            if ch.add is not None:  # read it now: an earlier rewrite may have replaced that node
+                a, b = ch.add.args
+                residual = b if a is ch.bn or a is ch.conv else a
+            with graph.inserting_before(last):
+                args = (ch.conv.args[0],) if residual is None else (ch.conv.args[0], residual)
+                new = graph.call_module(name, args)
+            last.replace_all_uses_with(new)
+            for n in reversed(ch.nodes):
+                graph.erase_node(n)
+            self._report(ch)
+        for n in list(graph.nodes):  # buffers only F.batch_norm read
+            if n.op == "get_attr" and not n.users:
+                graph.erase_node(n)
+        graph.lint()
+        gm = fx.GraphModule(root, graph, class_name=type(module).__name__)
+        gm.train(module.training)
+        # Keep simple configuration attributes (e.g. a block's `stride`) that user code may read.
+        for k, v in module.__dict__.items():
+            if (not k.startswith("_") and k != "training" and k not in gm.__dict__
+                    and isinstance(v, (bool, int, float, str, tuple, type(None)))):
+                gm.__dict__[k] = v
+        return gm
+
+
+def _traceable_candidates(module: nn.Module) -> bool:
+    """Worth tracing: a Conv2d among its children (or the children of a container child)."""
+    for child in module.children():
+        if is_fusable_conv(child):
+            return True
+        if isinstance(child, (nn.ModuleList, nn.ModuleDict, nn.Sequential)):
+            if any(is_fusable_conv(c) for c in child.children()):
+                return True
+    return False
+
+
+class DataflowWalk:
+    """Visits every module scope, children first; returns each scope's replacement (often itself)."""
+
+    def __init__(self, model: nn.Module, report: ConversionReport):
+        self.report = report
+        self.uses = module_use_counts(model)
+        self.done: dict[int, nn.Module] = {}
+
+    def visit(self, module: nn.Module, scope: str = "") -> nn.Module:
+        key = id(module)
+        if key not in self.done:  # a shared module is rewritten once and stays shared
+            self.done[key] = self._visit(module, scope)
+        return self.done[key]
+
+    def _visit(self, module: nn.Module, scope: str) -> nn.Module:
+        if is_leaf_type(module):
+            return module
+        for name, child in list(module._modules.items()):
+            if child is None:
+                continue
+            new = self.visit(child, f"{scope}.{name}" if scope else name)
+            if new is not child:
+                module._modules[name] = new
+        if is_plain_sequential(module):
+            fuse_sequential(module, scope, self.uses, self.report)
+            return module
+        if isinstance(module, (nn.ModuleList, nn.ModuleDict)) or not _traceable_candidates(module):
+            return module
+        try:
+            graph = ScopeTracer().trace(module)
+        except Exception as e:  # noqa: BLE001 - any failure means fx cannot see this forward
+            self._untraceable(module, scope, e)
+            return module
+        return ScopePass(module, graph, scope, self.uses, self.report).run()
+
+    def _untraceable(self, module: nn.Module, scope: str, err: BaseException) -> None:
+        convs = [n for n, c in module.named_children() if is_fusable_conv(c)]
+        has_bn = any(fold.is_batchnorm(c) for c in module.children())
+        if convs and has_bn:
+            self.report.add(scope, convs, KIND, "skipped",
+                            f"forward not traceable by torch.fx ({_short(err)}); only its children were converted")
+        else:
+            self.report.notes.append(f"{scope or '<root>'}: forward not traceable by torch.fx ({_short(err)}); "
+                                     "its children were converted separately")
+
+
+def fuse_dataflow(model: nn.Module, report: ConversionReport) -> nn.Module:
+    """Fuse every provable chain of `model` in place; returns the model (the root itself may be replaced)."""
+    return DataflowWalk(model, report).visit(model, "")

@@ -1,0 +1,98 @@
+"""What the graph passes may fold: which BatchNorm modules have a forward we understand, and which convs.
+
+A BatchNorm is folded only when its forward is known to be exactly `(x - mean) / sqrt(var + eps) * w + b`
+with its running statistics: the exact classes nn.BatchNorm2d, nn.SyncBatchNorm and FrozenBatchNorm2d
+(torchvision's or timm's). timm's BatchNormAct2d / FrozenBatchNormAct2d apply `act(drop(bn(x)))`; they are
+folded together with their activation when `drop` is an nn.Identity and `act` is an activation the epilogue
+computes. Any other BatchNorm subclass may override forward, so it is left alone with a reason.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+import torch.nn as nn
+
+from fusedconv import fold
+from fusedconv.activations import ActivationSpec, spec_from_module
+from fusedconv.modules import FusedConv2d
+
+# BatchNorm classes whose forward is the plain formula.
+PLAIN_BATCHNORMS = (nn.BatchNorm2d, nn.SyncBatchNorm)
+# Norm-act classes (by name, to avoid importing timm) whose forward is act(drop(batch_norm(x))).
+NORM_ACT_BATCHNORMS = ("BatchNormAct2d", "FrozenBatchNormAct2d", "SyncBatchNormAct")
+
+
+@dataclass(frozen=True)
+class BatchNormVerdict:
+    """Whether a BN module can be folded; `act` is the activation inside a norm-act module (None if plain)."""
+
+    reason: str | None
+    act: ActivationSpec | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.reason is None
+
+
+def _is_timm_class(module: nn.Module) -> bool:
+    return (type(module).__module__ or "").startswith("timm.")
+
+
+def batchnorm_verdict(bn: nn.Module) -> BatchNormVerdict:
+    """Decide whether `bn` (anything `fold.is_batchnorm` accepts) may be folded into the conv before it."""
+    t = type(bn)
+    name = t.__name__
+    if t in PLAIN_BATCHNORMS or (name == "FrozenBatchNorm2d" and fold.is_frozen_batchnorm(bn)):
+        act = None
+    elif name in NORM_ACT_BATCHNORMS and _is_timm_class(bn):
+        drop = getattr(bn, "drop", None)
+        if drop is not None and type(drop) is not nn.Identity:
+            return BatchNormVerdict(f"{name} applies {type(drop).__name__} between BN and activation")
+        inner = getattr(bn, "act", None)
+        act = ActivationSpec("identity") if inner is None else spec_from_module(inner)
+        if act is None:
+            return BatchNormVerdict(f"{name}'s activation {type(inner).__name__} is not one the epilogue computes")
+        if name == "FrozenBatchNormAct2d":
+            return BatchNormVerdict(None, act)
+    else:
+        return BatchNormVerdict(f"{name} subclasses a BatchNorm and overrides its forward; its meaning is unknown")
+    try:
+        fold.check_foldable(bn)
+    except (RuntimeError, ValueError, TypeError) as e:
+        return BatchNormVerdict(str(e))
+    return BatchNormVerdict(None, act)
+
+
+def is_fusable_conv(module: nn.Module) -> bool:
+    """Exactly nn.Conv2d (subclasses such as timm's Conv2dSame compute padding in forward: not assumed)."""
+    return type(module) is nn.Conv2d
+
+
+def conv_skip_reason(conv: nn.Conv2d, bn: nn.Module | None) -> str | None:
+    """Why a Conv2d (followed by `bn`) cannot become a FusedConv2d, or None."""
+    if isinstance(conv.padding, str) and conv.padding == "same":
+        pads_odd = any((d * (k - 1)) % 2 for k, d in zip(conv.kernel_size, conv.dilation))
+        if pads_odd:
+            return "conv padding='same' needs asymmetric padding"
+    if not conv.weight.is_floating_point():
+        return f"conv weight has dtype {conv.weight.dtype}"
+    if bn is not None:
+        nf = getattr(bn, "num_features", None)
+        if nf is None and getattr(bn, "running_mean", None) is not None:
+            nf = bn.running_mean.numel()
+        if nf != conv.out_channels:
+            return f"BatchNorm has {nf} features, conv has {conv.out_channels} outputs"
+    return None
+
+
+def is_leaf_type(module: nn.Module) -> bool:
+    """Modules the passes never look inside: convs, norms, activations and our own fused module."""
+    return (isinstance(module, (nn.modules.conv._ConvNd, FusedConv2d)) or fold.is_batchnorm(module)
+            or spec_from_module(module) is not None)
+
+
+def module_use_counts(model: nn.Module) -> Counter:
+    """How many places in the module tree hold each module object (more than one = shared)."""
+    return Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))

@@ -1,0 +1,173 @@
+"""Structural re-parameterization: merge training-time multi-branch blocks (RepVGG, ACNet, DBB, MobileOne, ...)
+into one convolution per block, generically, from the data flow.
+
+    model = fusedconv.reparameterize(model.eval())
+
+Every module is examined at its own scope, children first: its forward is traced with torch.fx and each sum
+of branches that read the same input through linear pieces only (conv, eval BatchNorm, average pool, identity,
+numeric or learned scalar factors; DBB's 1x1 -> kxk with border-exact padding) is merged, in float64, into
+one nn.Conv2d with bias when that is exact (same input, same output size, kernel centres and strides lined up,
+compatible groups). A scope with a merge is replaced by an fx.GraphModule of the same class name; the merged
+conv is named `reparam_conv`. convert() then fuses the merged conv with the activation that follows like any
+other chain. Sums that read the same input but cannot be merged are left alone and reported with the reason.
+
+A module whose forward cannot be traced, and that has its own `reparameterize()`, `switch_to_deploy()` or
+`fuse()` method, is handed to that method instead, and the report says so.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from fusedconv.graph.reparam_graph import KIND, reparameterize_scope
+from fusedconv.modules import FusedConv2d
+from fusedconv.report import ConversionReport
+
+__all__ = ["reparameterize"]
+
+FALLBACK_METHODS = ("reparameterize", "switch_to_deploy", "fuse")
+
+# Relative error above which the example-input self-check is reported as a problem (per output dtype).
+_SELF_CHECK_TOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+
+
+def _own_forward_has_no_sums(module: nn.Module) -> bool:
+    """Library modules whose own forward is known not to add branches (containers, layers, our own op)."""
+    if isinstance(module, (nn.Sequential, nn.ModuleList, nn.ModuleDict, FusedConv2d, _BatchNorm,
+                           nn.modules.conv._ConvNd)):
+        return True
+    mod = type(module).__module__ or ""
+    return mod.startswith("torch.nn.") or mod.startswith("torch.ao.nn.")
+
+
+def _fallback_method(module: nn.Module):
+    for name in FALLBACK_METHODS:
+        fn = getattr(type(module), name, None)
+        if callable(fn):
+            return name
+    return None
+
+
+def _short(e: BaseException) -> str:
+    msg = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {msg[0][:160]}" if msg else type(e).__name__
+
+
+class _Walk:
+    def __init__(self, report: ConversionReport):
+        self.report = report
+        self.done: dict[int, nn.Module] = {}
+
+    def visit(self, module: nn.Module, scope: str) -> nn.Module:
+        key = id(module)
+        if key in self.done:  # a module shared between places: rewrite it once, keep it shared
+            return self.done[key]
+        result = self._visit(module, scope)
+        self.done[key] = result
+        return result
+
+    def _visit(self, module: nn.Module, scope: str) -> nn.Module:
+        if _own_forward_has_no_sums(module):
+            self._children(module, scope)
+            return module
+        method = _fallback_method(module)
+        if method is not None:
+            # Its own re-parameterization expects its own children: decide before rewriting them.
+            try:
+                from fusedconv.graph.reparam_graph import ReparamTracer
+                ReparamTracer().trace(module)
+            except Exception as e:  # noqa: BLE001 - any tracing failure means "graph not visible"
+                return self._fallback(module, scope, method, e)
+        self._children(module, scope)
+        try:
+            return reparameterize_scope(module, scope, self.report)
+        except Exception as e:  # noqa: BLE001
+            self.report.notes.append(f"reparam: could not trace {scope or '<root>'} ({_short(e)}); sums in its "
+                                     "own forward were not examined")
+            return module
+
+    def _children(self, module: nn.Module, scope: str) -> None:
+        for name, child in list(module._modules.items()):
+            if child is None:
+                continue
+            new = self.visit(child, f"{scope}.{name}" if scope else name)
+            if new is not child:
+                module._modules[name] = new
+
+    def _fallback(self, module: nn.Module, scope: str, method: str, err: BaseException) -> nn.Module:
+        why = f"graph not traceable ({_short(err)})"
+        try:
+            result = getattr(module, method)()
+        except Exception as e:  # noqa: BLE001
+            self.report.add(scope, (scope or "<root>",), KIND, "skipped",
+                            f"{why}; its own {method}() failed: {_short(e)}")
+            return module
+        new = result if isinstance(result, nn.Module) else module
+        new.train(module.training)
+        self.report.add(scope, (scope or "<root>",), KIND, "fused", f"{why}; used the block's own {method}()")
+        return new
+
+
+def _check_model(model) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    training = [n or "<root>" for n, m in model.named_modules() if m.training]
+    if training:
+        raise RuntimeError(f"model: expected a model in eval mode (call model.eval() first), got {len(training)} "
+                           f"module(s) in training mode, e.g. {training[0]!r}; training-mode BatchNorm uses batch "
+                           "statistics and cannot be merged")
+
+
+def _as_inputs(example_inputs) -> tuple:
+    if example_inputs is None:
+        return ()
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs)
+    raise TypeError(f"example_inputs: expected a tensor or a tuple of tensors, got {type(example_inputs).__name__}")
+
+
+def _tensors(out) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in _tensors(o)]
+    if isinstance(out, dict):
+        return [t for o in out.values() for t in _tensors(o)]
+    return []
+
+
+def reparameterize(model: nn.Module, *, inplace: bool = False, example_inputs=None, return_report: bool = False):
+    """Merge the multi-branch sums of an eval-mode `model` into single convolutions where exactly equivalent.
+
+    Returns the new model (use the return value: a block, or the model itself, may be replaced by a
+    GraphModule), or `(model, report)` with `return_report=True`; report rows have kind "reparam".
+    The input model is left untouched unless `inplace=True`. With `example_inputs` (a tensor or tuple of
+    tensors) the result is compared to the original on them and the error is stored in `report.max_rel_error`.
+    """
+    _check_model(model)
+    inputs = _as_inputs(example_inputs)
+    report = ConversionReport()
+    with torch.no_grad():
+        ref = [t.clone() for t in _tensors(model(*inputs))] if inputs else None
+        if not inplace:
+            model = copy.deepcopy(model)
+        model = _Walk(report).visit(model, "")
+        if ref is not None:
+            out = _tensors(model(*inputs))
+            if len(out) != len(ref) or any(o.shape != r.shape for o, r in zip(out, ref)):
+                raise RuntimeError("reparameterize: the re-parameterized model's outputs on example_inputs have "
+                                   "different shapes from the original's; please report this as a bug")
+            errs = [float((o.double() - r.double()).abs().max() / r.double().abs().max().clamp_min(1e-30))
+                    for o, r in zip(out, ref) if o.numel()]
+            report.max_rel_error = max(errs, default=0.0)
+            tol = max((_SELF_CHECK_TOL.get(r.dtype, 1e-4) for r in ref), default=1e-4)
+            if report.max_rel_error > tol:
+                report.notes.append(f"reparam: outputs on example_inputs differ by {report.max_rel_error:.2e} "
+                                    f"relative (above {tol:g})")
+    return (model, report) if return_report else model

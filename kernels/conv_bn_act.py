@@ -1,0 +1,402 @@
+"""Implicit-GEMM Triton conv kernel with BN scale/shift, residual and activation fused, and its launcher.
+
+The convolution is computed as a GEMM without materialising im2col:
+    M = N*OH*OW output pixels (rows), N = Cout/groups output channels (columns), K = KH*KW*Cin/groups.
+Each program computes a BLOCK_M x BLOCK_N output tile of one group (groups are grid axis 1). The K loop is a
+single flattened loop over (kh, kw) taps x Cin_g chunks of BLOCK_K, so the software pipeliner sees one long loop
+even when Cin_g fits in one chunk (a nested tap loop would give it a one-iteration inner loop to pipeline).
+A tiles are gathered from x by strides: with channels_last input each row of the tile is a contiguous run of
+channels (the fast path); NCHW works through the same code without a copy. B tiles come from the weight by its
+strides; `pack_weight` stores it (KH, KW, Cin_g, Cout) so they are contiguous. The accumulator is fp32; fp32
+inputs use TF32 when `torch.backends.cudnn.allow_tf32` (as cuDNN would) else IEEE. The epilogue
+(`epilogue.epilogue`) applies scale, shift, residual and the activation in fp32, then one cast and store in
+the output's strides (the output follows x's memory format).
+
+Specialisations (constexprs): IS_1X1 (1x1 kernel without padding: a plain GEMM over strided rows, no spatial
+masks), EVEN_K (Cin_g multiple of BLOCK_K: no channel masks), USE_INT64 (offsets in int64, chosen by the
+launcher only when some tensor spans more than 2^31 elements, so small problems keep cheap int32 math),
+SPLIT_K (see configs.choose_split_k: partial sums go to an fp32 workspace and `_splitk_epilogue_kernel`
+finishes them).
+
+The public launcher `conv_bn_act(...)` validates, dispatches depthwise convs to `kernels.depthwise` when that
+module is present, picks split-K, and launches the autotuned kernel — or, under TRITON_INTERPRET=1 (CPU tensors),
+the plain kernel with one small config.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from fusedconv.kernels import configs as _configs
+from fusedconv.kernels.epilogue import activation_id, epilogue, load_scale_shift, traceable
+
+__all__ = ["conv_bn_act", "output_memory_format", "output_shape", "interpreting"]
+
+_INT32_LIMIT = 2**31 - 1
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@triton.jit
+def _conv_gemm_kernel(
+    x_ptr, w_ptr, scale_ptr, shift_ptr, res_ptr, y_ptr, ws_ptr,
+    N, H, W, OH, OW, M, CIN_G, COUT_G,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    sxn, sxc, sxh, sxw,
+    swo, swi, swh, sww,
+    srn, src, srh, srw,
+    syn, syc, syh, syw,
+    ACT_PARAM,
+    KH: tl.constexpr, KW: tl.constexpr,
+    ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    IS_1X1: tl.constexpr, EVEN_K: tl.constexpr, USE_INT64: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    g = tl.program_id(1)
+    pid_k = tl.program_id(2)
+
+    # GROUP_M swizzle: consecutive programs sweep GROUP_M row tiles per column tile, so the input rows they
+    # gather stay in L2 while the weight columns are reused.
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(COUT_G, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_n = offs_n < COUT_G
+    if USE_INT64:
+        # Every index that multiplies a stride becomes int64, so no product can wrap.
+        offs_m = offs_m.to(tl.int64)
+        offs_n = offs_n.to(tl.int64)
+        offs_k = offs_k.to(tl.int64)
+        g = g.to(tl.int64)
+
+    # Row (output pixel) decomposition, done once per tile.
+    ow_idx = offs_m % OW
+    t = offs_m // OW
+    oh_idx = t % OH
+    n_idx = t // OH
+    ih0 = oh_idx * stride_h - pad_h
+    iw0 = ow_idx * stride_w - pad_w
+    co = g * COUT_G + offs_n  # absolute output channel
+
+    x_rows = x_ptr + (n_idx * sxn + (g * CIN_G) * sxc)  # [BLOCK_M] pointers to channel 0 of this group
+    w_cols = w_ptr + co * swo                            # [BLOCK_N] pointers to (co, 0, 0, 0)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    k_chunks = tl.cdiv(CIN_G, BLOCK_K)
+    k_total = KH * KW * k_chunks
+    k_per_split = tl.cdiv(k_total, SPLIT_K)
+    k_start = pid_k * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, k_total)
+
+    if IS_1X1:
+        # Plain GEMM: rows are fixed input pixels (no padding, so always in bounds), K is channels only.
+        a_rows = x_rows + ih0 * sxh + iw0 * sxw
+        for it in range(k_start, k_end):
+            c = it * BLOCK_K + offs_k
+            a_ptrs = a_rows[:, None] + c[None, :] * sxc
+            b_ptrs = w_cols[None, :] + c[:, None] * swi
+            if EVEN_K:
+                a = tl.load(a_ptrs, mask=mask_m[:, None], other=0.0)
+                b = tl.load(b_ptrs, mask=mask_n[None, :], other=0.0)
+            else:
+                a = tl.load(a_ptrs, mask=mask_m[:, None] & (c[None, :] < CIN_G), other=0.0)
+                b = tl.load(b_ptrs, mask=mask_n[None, :] & (c[:, None] < CIN_G), other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    else:
+        for it in range(k_start, k_end):
+            tap = it // k_chunks
+            c = (it - tap * k_chunks) * BLOCK_K + offs_k
+            kh = tap // KW
+            kw = tap - kh * KW
+            ih = ih0 + kh * dil_h
+            iw = iw0 + kw * dil_w
+            row_ok = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            a_ptrs = (x_rows + ih * sxh + iw * sxw)[:, None] + c[None, :] * sxc
+            b_ptrs = (w_cols + kh * swh + kw * sww)[None, :] + c[:, None] * swi
+            if EVEN_K:
+                a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
+                b = tl.load(b_ptrs, mask=mask_n[None, :], other=0.0)
+            else:
+                a = tl.load(a_ptrs, mask=row_ok[:, None] & (c[None, :] < CIN_G), other=0.0)
+                b = tl.load(b_ptrs, mask=mask_n[None, :] & (c[:, None] < CIN_G), other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+
+    mask_mn = mask_m[:, None] & mask_n[None, :]
+    if SPLIT_K > 1:
+        # Partial sums only: the non-linear epilogue needs the full K sum (done by _splitk_epilogue_kernel).
+        # Workspace layout [SPLIT_K, M, Cout] fp32, contiguous.
+        cout = COUT_G * tl.num_programs(1)
+        ws_ptrs = ws_ptr + (pid_k * M + offs_m)[:, None] * cout + co[None, :]
+        tl.store(ws_ptrs, acc, mask=mask_mn)
+    else:
+        scale, shift = load_scale_shift(scale_ptr, shift_ptr, co, mask_n)
+        residual = 0.0
+        if HAS_RESIDUAL:
+            r_ptrs = res_ptr + (n_idx * srn + oh_idx * srh + ow_idx * srw)[:, None] + (co * src)[None, :]
+            residual = tl.load(r_ptrs, mask=mask_mn, other=0.0)
+        out = epilogue(acc, scale[None, :], shift[None, :], residual, HAS_RESIDUAL, ACTIVATION, ACT_PARAM)
+        y_ptrs = y_ptr + (n_idx * syn + oh_idx * syh + ow_idx * syw)[:, None] + (co * syc)[None, :]
+        tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=mask_mn)
+
+
+@triton.jit
+def _splitk_epilogue_kernel(
+    ws_ptr, scale_ptr, shift_ptr, res_ptr, y_ptr,
+    M, COUT, OH, OW,
+    srn, src, srh, srw,
+    syn, syc, syh, syw,
+    ACT_PARAM,
+    SPLIT_K: tl.constexpr, ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr, USE_INT64: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Sum the SPLIT_K fp32 partial tiles of the workspace, then the full epilogue and the store."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < COUT
+    if USE_INT64:
+        offs_m = offs_m.to(tl.int64)
+        offs_n = offs_n.to(tl.int64)
+    mask_mn = mask_m[:, None] & mask_n[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for s in tl.static_range(SPLIT_K):  # fixed order: deterministic sums
+        acc += tl.load(ws_ptr + (s * M + offs_m)[:, None] * COUT + offs_n[None, :], mask=mask_mn, other=0.0)
+    ow_idx = offs_m % OW
+    t = offs_m // OW
+    oh_idx = t % OH
+    n_idx = t // OH
+    scale, shift = load_scale_shift(scale_ptr, shift_ptr, offs_n, mask_n)
+    residual = 0.0
+    if HAS_RESIDUAL:
+        r_ptrs = res_ptr + (n_idx * srn + oh_idx * srh + ow_idx * srw)[:, None] + (offs_n * src)[None, :]
+        residual = tl.load(r_ptrs, mask=mask_mn, other=0.0)
+    out = epilogue(acc, scale[None, :], shift[None, :], residual, HAS_RESIDUAL, ACTIVATION, ACT_PARAM)
+    y_ptrs = y_ptr + (n_idx * syn + oh_idx * syh + ow_idx * syw)[:, None] + (offs_n * syc)[None, :]
+    tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=mask_mn)
+
+
+_autotuned_kernel = None
+
+
+def _get_autotuned_kernel():
+    """The autotuner around _conv_gemm_kernel, built on first GPU use (never under the interpreter)."""
+    global _autotuned_kernel
+    if _autotuned_kernel is None:
+        _autotuned_kernel = triton.autotune(
+            configs=_configs.all_autotune_configs(),
+            key=_configs.AUTOTUNE_KEY,
+            prune_configs_by={"early_config_prune": _configs.prune_configs},
+        )(_conv_gemm_kernel)
+    return _autotuned_kernel
+
+
+# ---------------------------------------------------------------------------------------------- host side
+def interpreting() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1 when triton was imported)."""
+    try:
+        return bool(triton.knobs.runtime.interpret)
+    except AttributeError:  # older triton without knobs
+        return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _pair(name, value):
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (value, value)
+    try:
+        pair = tuple(int(v) for v in value)
+    except TypeError:
+        pair = ()
+    if len(pair) != 2:
+        raise ValueError(f"{name}: expected an int or a pair of ints, got {value!r}")
+    return pair
+
+
+def output_shape(x_shape, weight_shape, stride, padding, dilation) -> tuple[int, int, int, int]:
+    """(N, Cout, OH, OW) of the conv."""
+    n, _, h, w = x_shape
+    kh, kw = weight_shape[2], weight_shape[3]
+    oh = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    ow = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    return (n, weight_shape[0], oh, ow)
+
+
+def output_memory_format(x: torch.Tensor) -> torch.memory_format:
+    """channels_last when x is channels_last (and not also plain contiguous), else contiguous (the op's rule)."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _max_offset(t: torch.Tensor) -> int:
+    """Largest element offset a strided tensor addresses (0 for empty tensors)."""
+    if t.numel() == 0:
+        return 0
+    return sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))
+
+
+def _check(x, weight, scale, shift, residual, groups, activation, act_param, stride, padding, dilation):
+    for name, t in (("input", x), ("weight", weight), ("scale", scale), ("shift", shift)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"input: expected a 4-d (N, C, H, W) tensor, got shape {tuple(x.shape)}")
+    if weight.dim() != 4:
+        raise ValueError(f"weight: expected a 4-d (Cout, Cin/groups, KH, KW) tensor, got shape {tuple(weight.shape)}")
+    if x.dtype not in _KERNEL_DTYPES:
+        raise TypeError(f"input: expected dtype float16, bfloat16 or float32 for the Triton kernel, got {x.dtype}")
+    if weight.dtype != x.dtype:
+        raise TypeError(f"weight: expected dtype {x.dtype} (the input's), got {weight.dtype}")
+    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
+        raise ValueError(f"groups: expected a positive int, got {groups!r}")
+    cout = weight.shape[0]
+    if cout % groups:
+        raise ValueError(f"groups: expected to divide Cout={cout}, got {groups}")
+    if x.shape[1] != weight.shape[1] * groups:
+        raise ValueError(f"input: expected {weight.shape[1] * groups} channels (weight.shape[1] * groups), "
+                         f"got {x.shape[1]}")
+    for name, t in (("scale", scale), ("shift", shift)):
+        if t.shape != (cout,):
+            raise ValueError(f"{name}: expected shape ({cout},) (one value per output channel), got {tuple(t.shape)}")
+    for name, t in (("weight", weight), ("scale", scale), ("shift", shift), ("residual", residual)):
+        if t is not None and t.device != x.device:
+            raise RuntimeError(f"{name}: expected device {x.device} (the input's), got {t.device}")
+    if activation not in _activation_names():
+        raise ValueError(f"activation: expected one of {_activation_names()}, got {activation!r}")
+    if activation != "leaky_relu" and act_param not in (0, 0.0):
+        raise ValueError(f"act_param: only 'leaky_relu' takes a parameter, got {act_param!r} for {activation!r}")
+    if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:
+        raise ValueError(f"stride/dilation: expected >= 1 and padding >= 0, got stride={stride}, "
+                         f"padding={padding}, dilation={dilation}")
+    out_shape = output_shape(x.shape, weight.shape, stride, padding, dilation)
+    if out_shape[2] < 1 or out_shape[3] < 1:
+        raise ValueError(f"input: spatial size {tuple(x.shape[2:])} is too small for kernel "
+                         f"{tuple(weight.shape[2:])} with padding {padding} and dilation {dilation}")
+    if residual is not None:
+        if not isinstance(residual, torch.Tensor):
+            raise TypeError(f"residual: expected a torch.Tensor or None, got {type(residual).__name__}")
+        if tuple(residual.shape) != out_shape:
+            raise ValueError(f"residual: expected the output's shape {out_shape}, got {tuple(residual.shape)}")
+        if not residual.is_floating_point():
+            raise TypeError(f"residual: expected a floating-point tensor, got {residual.dtype}")
+    if x.device.type != "cuda" and not interpreting():
+        raise RuntimeError(f"input: the Triton kernel runs on CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), "
+                           f"got a tensor on {x.device}")
+    return out_shape
+
+
+def _activation_names():
+    from fusedconv.kernels.epilogue import ACTIVATION_IDS
+
+    return tuple(ACTIVATION_IDS)
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 0
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _depthwise_launcher():
+    """kernels.depthwise.depthwise_conv_bn_act when that module exists, else None (the GEMM path covers it)."""
+    try:
+        from fusedconv.kernels.depthwise import depthwise_conv_bn_act
+    except ImportError:
+        return None
+    return depthwise_conv_bn_act
+
+
+def conv_bn_act(x, weight, scale, shift, *, stride=1, padding=0, dilation=1, groups=1, activation="relu",
+                act_param=0.0, residual=None, split_k=None):
+    """act(conv2d(x, weight) * scale + shift [+ residual]) in one Triton kernel launch.
+
+    x: (N, Cin, H, W) fp16 / bf16 / fp32, any strides (channels_last is the fast path). weight: (Cout, Cin/groups,
+    KH, KW) in x's dtype, any strides (`pack_weight` gives the fastest). scale, shift: (Cout,) — applied in fp32.
+    residual: None or a tensor of the output's shape, any strides. activation: a name of
+    `reference.ACTIVATIONS`; act_param is leaky_relu's slope. Returns a tensor in x's dtype and memory format.
+    Runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1. `split_k` overrides the automatic
+    split-K choice (tests use it to exercise the split-K path).
+    """
+    stride, padding, dilation = _pair("stride", stride), _pair("padding", padding), _pair("dilation", dilation)
+    out_shape = _check(x, weight, scale, shift, residual, groups, activation, act_param, stride, padding, dilation)
+    n, cout, oh, ow = out_shape
+    cin = x.shape[1]
+    cin_g, cout_g = cin // groups, cout // groups
+
+    if groups > 1 and groups == cin == cout and split_k is None:
+        depthwise = _depthwise_launcher()
+        if depthwise is not None:
+            return depthwise(x, weight, scale, shift, stride=stride, padding=padding, dilation=dilation,
+                             activation=activation, act_param=act_param, residual=residual)
+
+    y = torch.empty(out_shape, dtype=x.dtype, device=x.device, memory_format=output_memory_format(x))
+    if y.numel() == 0:
+        return y
+    scale = scale.to(torch.float32).contiguous()
+    shift = shift.to(torch.float32).contiguous()
+    kh, kw = weight.shape[2], weight.shape[3]
+    m = n * oh * ow
+    is_1x1 = kh == 1 and kw == 1 and padding == (0, 0)
+    interp = interpreting()
+
+    block_k_guess = _configs.INTERPRET_CONFIG["BLOCK_K"] if interp else 64
+    if split_k is None:
+        k_iters = kh * kw * triton.cdiv(cin_g, block_k_guess)
+        split_k = 1 if interp else _configs.choose_split_k(m, cout_g, groups, k_iters, _num_sms(x.device))
+    if not isinstance(split_k, int) or split_k < 1:
+        raise ValueError(f"split_k: expected a positive int or None, got {split_k!r}")
+
+    extents = [_max_offset(x), _max_offset(weight), _max_offset(y), split_k * m * cout]
+    if residual is not None:
+        extents.append(_max_offset(residual))
+    use_int64 = max(extents) > _INT32_LIMIT
+
+    tf32 = x.dtype == torch.float32 and x.is_cuda and torch.backends.cudnn.allow_tf32
+    res = residual if residual is not None else y  # dummy pointer when HAS_RESIDUAL is False
+    res_strides = residual.stride() if residual is not None else (0, 0, 0, 0)
+    workspace = (torch.empty((split_k, m, cout), dtype=torch.float32, device=x.device) if split_k > 1
+                 else scale)  # dummy pointer when SPLIT_K == 1
+    act_id = activation_id(activation)
+
+    args = (x, weight, scale, shift, res, y, workspace,
+            n, x.shape[2], x.shape[3], oh, ow, m, cin_g, cout_g,
+            stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
+            *x.stride(), *weight.stride(), *res_strides, *y.stride(),
+            float(act_param))
+    flags = dict(KH=kh, KW=kw, ACTIVATION=act_id, HAS_RESIDUAL=residual is not None, IS_1X1=is_1x1,
+                 USE_INT64=use_int64, INPUT_PRECISION="tf32" if tf32 else "ieee", SPLIT_K=split_k)
+
+    if interp:
+        cfg = _configs.INTERPRET_CONFIG
+        grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(cout_g, cfg["BLOCK_N"]), groups, split_k)
+        _conv_gemm_kernel[grid](*args, EVEN_K=cin_g % cfg["BLOCK_K"] == 0, **flags, **cfg)
+    else:
+        # EVEN_K depends on the config's BLOCK_K, so it is only set when every candidate BLOCK_K divides Cin_g.
+        even_k = cin_g % 64 == 0
+
+        def grid(meta):
+            return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(cout_g, meta["BLOCK_N"]), groups, split_k)
+
+        traceable(_get_autotuned_kernel())[grid](*args, EVEN_K=even_k, **flags)
+
+    if split_k > 1:
+        block = 32 if interp else 64
+        grid2 = (triton.cdiv(m, block), triton.cdiv(cout, block))
+        epi = _splitk_epilogue_kernel if interp else traceable(_splitk_epilogue_kernel)
+        epi[grid2](workspace, scale, shift, res, y, m, cout, oh, ow, *res_strides, *y.stride(), float(act_param),
+                   SPLIT_K=split_k, ACTIVATION=act_id, HAS_RESIDUAL=residual is not None, USE_INT64=use_int64,
+                   BLOCK_M=block, BLOCK_N=block)
+    return y

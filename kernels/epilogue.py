@@ -1,0 +1,100 @@
+"""The fused epilogue shared by every conv kernel: fp32 scale/shift, optional residual, activation, by constexpr.
+
+Kernels accumulate the convolution in fp32 and then call, on that fp32 tile,
+
+    out = epilogue(acc, scale, shift, residual, HAS_RESIDUAL, ACTIVATION, ACT_PARAM)
+
+where `scale` / `shift` are fp32 values broadcastable to `acc` (one per output channel) and `residual` is the
+loaded residual tile (any dtype; ignored unless HAS_RESIDUAL). The activation is an integer constexpr so each
+activation compiles to its own straight-line code; `ACTIVATION_IDS` maps the names of
+`fusedconv.kernels.reference.ACTIVATIONS` to those integers, and `activation_id(name)` validates a name.
+
+`traceable(kernel)` returns the kernel wrapped with `torch.library.wrap_triton` when this torch has it: every
+launcher calls its kernels through it, so the `fusedconv::conv_bn_act` triton_op can be traced by
+torch.compile / torch.export (an unwrapped kernel launched under tracing would see fake tensors and fail).
+Outside tracing the wrapper launches the kernel directly.
+
+The formulas mirror `reference.apply_activation` (PyTorch's definitions) so the kernels and the reference agree
+to rounding: exact GELU uses erf; tanh-GELU uses the identity 0.5 * (1 + tanh(u)) == sigmoid(2u), which avoids a
+tanh primitive (not available in every Triton version / the interpreter) and is exact in real arithmetic.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from fusedconv.kernels.reference import ACTIVATIONS
+
+#: Integer constexpr id of each epilogue activation (covers every name in reference.ACTIVATIONS).
+ACTIVATION_IDS = {
+    "identity": 0,
+    "relu": 1,
+    "relu6": 2,
+    "leaky_relu": 3,
+    "silu": 4,
+    "hardswish": 5,
+    "gelu": 6,
+    "gelu_tanh": 7,
+}
+assert set(ACTIVATION_IDS) == set(ACTIVATIONS), "every reference activation needs a kernel id"
+
+
+def activation_id(name: str) -> int:
+    """The constexpr id for an activation name, with a clear error for unknown names."""
+    try:
+        return ACTIVATION_IDS[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"activation: expected one of {tuple(ACTIVATION_IDS)}, got {name!r}") from None
+
+
+def traceable(kernel):
+    """`kernel` wrapped so torch.compile / torch.export can trace its launch (plain kernel on old torch)."""
+    try:
+        from torch.library import wrap_triton
+    except ImportError:  # torch without wrap_triton: launch directly (the op is then opaque anyway)
+        return kernel
+    return wrap_triton(kernel)
+
+
+@triton.jit
+def apply_activation(x, ACTIVATION: tl.constexpr, ACT_PARAM):
+    """The activation `ACTIVATION` (an id from ACTIVATION_IDS) applied elementwise to an fp32 tile.
+
+    relu / relu6 / leaky_relu are written with comparisons against 0 so NaN propagates, as in PyTorch.
+    """
+    if ACTIVATION == 1:  # relu
+        x = tl.where(x < 0.0, 0.0, x)
+    elif ACTIVATION == 2:  # relu6 == hardtanh(0, 6)
+        x = tl.where(x < 0.0, 0.0, tl.where(x > 6.0, 6.0, x))
+    elif ACTIVATION == 3:  # leaky_relu, slope ACT_PARAM
+        x = tl.where(x < 0.0, x * ACT_PARAM, x)
+    elif ACTIVATION == 4:  # silu
+        x = x * tl.sigmoid(x)
+    elif ACTIVATION == 5:  # hardswish: x * relu6(x + 3) / 6
+        t = x + 3.0
+        t = tl.where(t < 0.0, 0.0, tl.where(t > 6.0, 6.0, t))
+        x = x * t / 6.0
+    elif ACTIVATION == 6:  # exact gelu: x * Phi(x)
+        x = 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
+    elif ACTIVATION == 7:  # tanh gelu: 0.5x(1 + tanh(u)) == x * sigmoid(2u), u = sqrt(2/pi)(x + 0.044715x^3)
+        u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+        x = x * tl.sigmoid(2.0 * u)
+    return x
+
+
+@triton.jit
+def epilogue(acc, scale, shift, residual, HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr, ACT_PARAM):
+    """act(acc * scale + shift [+ residual]) in fp32; `scale`/`shift` broadcast over the tile's pixels."""
+    y = acc * scale + shift
+    if HAS_RESIDUAL:
+        y = y + residual.to(tl.float32)
+    return apply_activation(y, ACTIVATION, ACT_PARAM)
+
+
+@triton.jit
+def load_scale_shift(scale_ptr, shift_ptr, offs_c, mask_c):
+    """Per-channel fp32 scale and shift vectors for channel indices `offs_c` (masked lanes: 0)."""
+    scale = tl.load(scale_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
+    shift = tl.load(shift_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
+    return scale, shift

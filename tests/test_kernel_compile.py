@@ -1,0 +1,221 @@
+"""Ahead-of-time compile of every Triton kernel variant x autotune config for sm_80 and sm_90, without a GPU.
+
+`fusedconv.kernels.aot_variants()` describes each variant (implicit-GEMM and depthwise kernels): the JIT
+function, its signature, constexprs, num_warps / num_stages, dtype, whether tensor cores are expected, and
+optionally `divisible_by_16` (argument names to compile with the JIT's multiple-of-16 specialisation). Each is
+compiled with `triton.compile(ASTSource(...), target=GPUTarget("cuda", cap, 32))` down to PTX and cubin (ptxas
+validates the PTX), for cap 80 (A100) and 90 (H100).
+
+Checks per variant and target: the compile succeeds and PTX is produced; variants that expect tensor cores
+contain an `mma` (sm_80) / `wgmma` or `mma` (sm_90) instruction with the variant's input type (f16, bf16, or
+tf32 for fp32 with TF32); variants that do not (IEEE fp32, the direct depthwise kernel, epilogue-only kernels)
+contain none — an IEEE fp32 conv that used TF32 tensor cores would silently lose precision.
+
+How it runs: compiling needs real JITFunctions (TRITON_INTERPRET unset) and takes a while, so a module fixture
+starts this file as a script in a few parallel worker processes (one per CPU, at most 8), each compiling a
+shard of (variant, target) pairs into a fresh Triton cache and writing a JSON summary; the tests, parametrised
+per variant and target, assert on the merged summary. `python tests/test_kernel_compile.py --list` prints the
+variants.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+TARGETS = (80, 90)
+#: Wall-clock limit for all worker processes together.
+COMPILE_TIMEOUT_S = 900
+MAX_WORKERS = 8
+
+# A tensor-core instruction: optional predicate, then mma.* / wgmma.* with its type suffixes.
+_TENSOR_CORE_RE = re.compile(r"^\s*(?:@!?%\w+\s+)?((?:wgmma|mma)\.[\w.]+)", re.MULTILINE)
+_MMA_TYPE = {"float16": ".f16", "bfloat16": ".bf16", "float32": ".tf32"}
+
+
+# ------------------------------------------------------------------------------------------------ compiling
+def _attrs_for(fn, signature: dict, divisible: tuple, target):
+    """ASTSource attrs marking `divisible` arguments as multiples of 16, in this triton's format ({} if unknown)."""
+    if not divisible:
+        return {}
+    from triton.compiler import make_backend
+
+    backend = make_backend(target)
+    attr = backend.parse_attr("D") if hasattr(backend, "parse_attr") else [["tt.divisibility", 16]]
+    names = list(signature)
+    return {(names.index(a),): attr for a in divisible if a in names}
+
+
+def make_source(fn, signature: dict, constexprs: dict, divisible: tuple, target):
+    """An ASTSource for `fn`, whichever form this triton's ASTSource takes.
+
+    triton >= 3.2 (incl. 3.6-3.9): signature {name: type} with "constexpr" entries, `constexprs` by name (or
+    index tuple), attrs {(index,): [[attr, value]]}. Older: signature {index: type} of the runtime arguments
+    only, `constants` {index: value}; divisibility hints are then left out (the code still compiles).
+    """
+    from triton.compiler import ASTSource
+
+    params = inspect.signature(ASTSource.__init__).parameters
+    if "constexprs" in params:
+        return ASTSource(fn, signature, constexprs=constexprs, attrs=_attrs_for(fn, signature, divisible, target))
+    names = list(signature)
+    old_sig = {i: t for i, (n, t) in enumerate(signature.items()) if t != "constexpr"}
+    constants = {names.index(k): v for k, v in constexprs.items()}
+    return ASTSource(fn, old_sig, constants)
+
+
+def compile_one(variant: dict, cap: int) -> dict:
+    """Compile one variant for sm_`cap`; a JSON-able summary (never raises)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    target = GPUTarget("cuda", cap, 32)
+    start = time.perf_counter()
+    try:
+        src = make_source(variant["fn"], variant["signature"], variant["constexprs"],
+                          tuple(variant.get("divisible_by_16", ())), target)
+        kernel = triton.compile(src, target=target, options={"num_warps": variant["num_warps"],
+                                                             "num_stages": variant["num_stages"]})
+        ptx = kernel.asm.get("ptx", "")
+        if isinstance(ptx, bytes):
+            ptx = ptx.decode()
+        return {"ok": True, "ptx_chars": len(ptx), "cubin": bool(kernel.asm.get("cubin")),
+                "tensor_core_ops": sorted(set(_TENSOR_CORE_RE.findall(ptx))),
+                "target_line": next((ln.strip() for ln in ptx.splitlines() if ln.startswith(".target")), ""),
+                "seconds": round(time.perf_counter() - start, 2)}
+    except Exception as exc:  # reported per variant by the tests
+        return {"ok": False, "error": f"{type(exc).__name__}: {exc}"[-4000:],
+                "seconds": round(time.perf_counter() - start, 2)}
+
+
+def _worker(shard: int, shards: int, out_path: str) -> None:
+    """Compile every (variant, target) pair whose index is `shard` mod `shards`; JSON to `out_path` as it goes."""
+    from fusedconv.kernels import aot_variants
+
+    pairs = [(v, cap) for v in aot_variants() for cap in TARGETS]
+    results: dict[str, dict] = {}
+    for i in range(shard, len(pairs), shards):
+        variant, cap = pairs[i]
+        results.setdefault(variant["name"], {})[str(cap)] = compile_one(variant, cap)
+        with open(out_path + ".tmp", "w") as f:  # partial results survive a timeout
+            json.dump(results, f)
+        os.replace(out_path + ".tmp", out_path)
+
+
+# ------------------------------------------------------------------------------------------------ collection
+def _variant_meta() -> list[dict]:
+    pytest.importorskip("triton")
+    from fusedconv.kernels import aot_variants
+
+    return [{k: v[k] for k in ("name", "dtype", "expects_tensor_cores")} for v in aot_variants()]
+
+
+_VARIANTS = _variant_meta() if __name__ != "__main__" else []
+
+
+def test_variant_names_are_unique():
+    names = [v["name"] for v in _VARIANTS]
+    assert names, "aot_variants() returned no variants"
+    assert len(names) == len(set(names)), sorted(n for n in names if names.count(n) > 1)
+
+
+def test_every_kernel_dtype_is_covered():
+    """fp16, bf16 and fp32 variants exist, and at least one variant of each dtype expects tensor cores."""
+    dtypes = {v["dtype"] for v in _VARIANTS}
+    assert {"float16", "bfloat16", "float32"} <= dtypes, dtypes
+    with_tc = {v["dtype"] for v in _VARIANTS if v["expects_tensor_cores"]}
+    # Depthwise-only variant lists (no GEMM kernel) legitimately have no tensor-core variant.
+    if any(not v["name"].startswith("dw_") for v in _VARIANTS):
+        assert {"float16", "bfloat16"} <= with_tc, with_tc
+
+
+@pytest.fixture(scope="module")
+def compile_results():
+    """Compile every variant for every target in parallel worker processes; merged {name: {cap: summary}}."""
+    workers = max(1, min(MAX_WORKERS, os.cpu_count() or 1, len(_VARIANTS) * len(TARGETS)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    with tempfile.TemporaryDirectory(prefix="fusedconv-aot-") as tmp:
+        env["TRITON_CACHE_DIR"] = os.path.join(tmp, "cache")  # fresh: every variant really compiles
+        outs = [os.path.join(tmp, f"shard{i}.json") for i in range(workers)]
+        procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "--shard", str(i), "--shards",
+                                   str(workers), "--out", out], env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True) for i, out in enumerate(outs)]
+        deadline = time.monotonic() + COMPILE_TIMEOUT_S
+        logs = []
+        for proc in procs:
+            try:
+                out, _ = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                out, _ = proc.communicate()
+                out = f"[worker timed out after {COMPILE_TIMEOUT_S} s]\n" + (out or "")
+            logs.append(f"worker exit {proc.returncode}:\n{(out or '')[-3000:]}")
+        merged: dict[str, dict] = {}
+        for out in outs:
+            if os.path.exists(out):
+                with open(out) as f:
+                    for name, per_cap in json.load(f).items():
+                        merged.setdefault(name, {}).update(per_cap)
+    merged["__logs__"] = "\n".join(logs)
+    return merged
+
+
+def _result(compile_results, name: str, cap: int) -> dict:
+    result = compile_results.get(name, {}).get(str(cap))
+    if result is None:
+        pytest.fail(f"no compile result for {name} on sm_{cap} (worker crashed or timed out):\n"
+                    f"{compile_results['__logs__']}", pytrace=False)
+    if not result["ok"]:
+        pytest.fail(f"{name} failed to compile for sm_{cap}:\n{result['error']}", pytrace=False)
+    return result
+
+
+@pytest.mark.parametrize("cap", TARGETS, ids=lambda c: f"sm{c}")
+@pytest.mark.parametrize("variant", _VARIANTS, ids=lambda v: v["name"])
+def test_compiles_to_ptx(compile_results, variant, cap):
+    result = _result(compile_results, variant["name"], cap)
+    assert result["ptx_chars"] > 0, "empty PTX"
+    assert result["cubin"], "ptxas produced no cubin"
+    assert result["target_line"].startswith(f".target sm_{cap}"), result["target_line"]
+    ops = result["tensor_core_ops"]
+    if variant["expects_tensor_cores"]:
+        wanted = ("mma.",) if cap == 80 else ("wgmma.", "mma.")
+        used = [op for op in ops if op.startswith(wanted)]
+        assert used, f"expected tensor-core instructions ({' or '.join(wanted)}) in the sm_{cap} PTX, found none"
+        type_tag = _MMA_TYPE[variant["dtype"]]
+        assert any(type_tag in op for op in used), \
+            f"expected {type_tag} tensor-core instructions for {variant['dtype']}, found {used}"
+    else:
+        assert not ops, f"variant expects no tensor cores (IEEE fp32 / direct kernel) but its PTX has {ops}"
+
+
+# ------------------------------------------------------------------------------------------------ script mode
+def _main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shard", type=int, default=0)
+    parser.add_argument("--shards", type=int, default=1)
+    parser.add_argument("--out", help="JSON file for this shard's compile summaries")
+    parser.add_argument("--list", action="store_true", help="print the variants and exit")
+    args = parser.parse_args(argv)
+    if args.list:
+        from fusedconv.kernels import aot_variants
+
+        for v in aot_variants():
+            print(v["name"], v["dtype"], "tensor-cores" if v["expects_tensor_cores"] else "no-tensor-cores")
+        return
+    if not args.out:
+        parser.error("--out is required unless --list is given")
+    _worker(args.shard, args.shards, args.out)
+
+
+if __name__ == "__main__":
+    _main()

@@ -26,7 +26,7 @@ import warnings
 
 import torch
 
-from bench.timing import time_fn
+from bench.timing import time_cpu_interleaved, time_fn
 
 MODELS = ("torchvision:resnet50", "torchvision:mobilenet_v2", "timm:repvgg_a0", "smp:Unet:resnet34")
 PROVIDERS = ("eager", "fusedconv", "fx_fuse", "jit", "compile", "fusedconv_compile", "onnxruntime")
@@ -129,6 +129,11 @@ def prepare(provider: str, model, x: torch.Tensor, *, compile_mode: str, threads
     raise ValueError(f"provider: expected one of {PROVIDERS}, got {provider!r}")
 
 
+def _record(row: dict, t, batch: int) -> None:
+    row.update(status="ok", latency_ms=t.median_s * 1e3, iqr_ms=t.iqr_s * 1e3, runs=t.runs, timer=t.method,
+               throughput_per_s=batch / t.median_s)
+
+
 class _Unavailable(Exception):
     """A provider that does not apply here; its message is the row's status."""
 
@@ -145,6 +150,7 @@ def run_model(spec: str, batch: int, dtype: torch.dtype, device: torch.device, p
         ref = model(x)
     threads = torch.get_num_threads()
     rows = []
+    ready = {}  # CPU: timed together in interleaved rounds once every provider is prepared
     for provider in providers:
         row = {"model": spec, "batch": batch, "dtype": str(dtype).replace("torch.", ""), "image_size": image_size,
                "layout": "channels_last" if fmt == torch.channels_last else "NCHW", "provider": provider}
@@ -170,15 +176,23 @@ def run_model(spec: str, batch: int, dtype: torch.dtype, device: torch.device, p
             if not err <= TOLERANCE[dtype]:
                 row["status"] = f"n/a: wrong result (max rel error {err:.2e} vs eager)"
                 continue
-            t = time_fn(fn, device, quick=quick, cpu_min_run_time=min_run_time)
+            if device.type == "cuda":
+                _record(row, time_fn(fn, device, quick=quick), batch)
+            else:
+                ready[provider] = (fn, row)
         except _Unavailable as e:
             row["status"] = str(e)
-            continue
         except Exception as e:  # a provider failing is a result, never a crash of the suite
             row["status"] = _na(e)
-            continue
-        row.update(status="ok", latency_ms=t.median_s * 1e3, iqr_ms=t.iqr_s * 1e3, runs=t.runs, timer=t.method,
-                   throughput_per_s=batch / t.median_s)
+    if ready:
+        per = min_run_time if min_run_time is not None else (0.5 if quick else 2.0)
+        try:
+            timings = time_cpu_interleaved({p: fn for p, (fn, _) in ready.items()}, min_run_time=per * len(ready))
+            for p, (_, row) in ready.items():
+                _record(row, timings[p], batch)
+        except Exception as e:
+            for _, row in ready.values():
+                row["status"] = _na(e)
     eager = next((r for r in rows if r["provider"] == "eager" and r.get("status") == "ok"), None)
     if eager is not None:
         for r in rows:

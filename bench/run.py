@@ -12,6 +12,7 @@ import importlib
 import os
 import sys
 import time
+import warnings
 
 import torch
 
@@ -94,6 +95,7 @@ defaults by device:
     p.add_argument("--out", default=DEFAULT_OUT, help="results root (default bench/results)")
     p.add_argument("--tag", default=None, help="suffix for the result file names")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--verbose", action="store_true", help="show library warnings")
     return p
 
 
@@ -204,7 +206,7 @@ def run_models(args, device, p: dict, results: dict) -> None:
     compile_ok = True if not args.quick else quick_skip
     if "compile" in (args.model_providers or "") and args.quick:
         compile_ok = True  # asked for explicitly
-    min_time = args.min_time if args.min_time is not None else (0.5 if args.quick else 2.0)
+    min_time = args.min_time  # None: the suite's default per provider (0.5 s quick, 2 s full)
     try:
         for spec in p["models"]:
             for batch in p["model_batches"]:
@@ -257,6 +259,9 @@ def write(results: dict, out_dir: str, stem: str, with_plots: bool) -> list[str]
 def main(argv: list[str] | None = None, prog: str = "python -m bench") -> int:
     args = build_parser(prog).parse_args(argv)
     suites = _choices("--suite", args.suite, SUITES)
+    if not args.verbose:
+        # torch.jit / torch.onnx deprecation notices would bury the progress bar; the results record versions.
+        warnings.filterwarnings("ignore")
     if args.threads < 1:
         raise SystemExit(f"bench: error: --threads: expected a positive int, got {args.threads}")
     try:

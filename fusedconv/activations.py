@@ -35,7 +35,7 @@ class ActivationSpec:
     def __post_init__(self):
         if self.name not in ACTIVATIONS:
             raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {self.name!r}")
-        if not isinstance(self.param, (int, float)) or not math.isfinite(self.param):
+        if not isinstance(self.param, (int, float)) or isinstance(self.param, bool) or not math.isfinite(self.param):
             raise ValueError(f"activation param: expected a finite float, got {self.param!r}")
         if self.name != "leaky_relu" and self.param != 0.0:
             raise ValueError(f"activation param: only 'leaky_relu' takes a parameter, got {self.param!r} for {self.name!r}")
@@ -88,6 +88,22 @@ _PLAIN_FUNCTIONS = {
     F.hardswish: "hardswish",
 }
 _PLAIN_METHODS = {"relu": "relu", "relu_": "relu"}
+# clamp(x, 0, 6) is ReLU6 and clamp(x, min=0) is ReLU (hand-written activations in traced models).
+_CLAMP_FUNCTIONS = (torch.clamp, torch.clip)
+_CLAMP_METHODS = ("clamp", "clamp_", "clip", "clip_")
+
+
+def _clamp_spec(rest: tuple, kw: dict) -> ActivationSpec | None:
+    lo = kw.pop("min", rest[0] if len(rest) > 0 else None)
+    hi = kw.pop("max", rest[1] if len(rest) > 1 else None)
+    if kw or len(rest) > 2 or not all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
+                                      for v in (lo, hi)):
+        return None
+    if lo == 0 and hi is None:
+        return ActivationSpec("relu")
+    if lo == 0 and hi == 6:
+        return ActivationSpec("relu6")
+    return None
 
 
 def spec_from_call(target, args: tuple, kwargs: dict) -> ActivationSpec | None:
@@ -102,7 +118,11 @@ def spec_from_call(target, args: tuple, kwargs: dict) -> ActivationSpec | None:
     if isinstance(target, str):
         if target in _PLAIN_METHODS and not rest and not kw:
             return ActivationSpec(_PLAIN_METHODS[target])
+        if target in _CLAMP_METHODS:
+            return _clamp_spec(rest, dict(kwargs))
         return None
+    if target in _CLAMP_FUNCTIONS:
+        return _clamp_spec(rest, dict(kwargs))
     if target in _PLAIN_FUNCTIONS:
         if rest and not (len(rest) == 1 and isinstance(rest[0], bool)):
             return None

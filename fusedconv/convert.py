@@ -20,6 +20,7 @@ import torch.nn as nn
 from torch.utils._pytree import tree_flatten
 
 from fusedconv.graph.dataflow import fuse_dataflow
+from fusedconv.graph.tracing import proxy_leak_guard
 from fusedconv.report import ConversionReport
 
 SELF_CHECK_TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
@@ -89,7 +90,8 @@ def _reparameterize(model: nn.Module, example_inputs, report: ConversionReport) 
     except ImportError as e:
         report.notes.append(f"reparameterization skipped: fusedconv.reparam is not available ({e})")
         return model
-    model, rep = reparameterize(model, inplace=True, example_inputs=example_inputs, return_report=True)
+    with proxy_leak_guard(model, report.notes):
+        model, rep = reparameterize(model, inplace=True, example_inputs=example_inputs, return_report=True)
     report.extend(rep)
     return model
 

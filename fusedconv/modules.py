@@ -72,9 +72,10 @@ class FusedConv2d(nn.Module):
         activation=None,
     ):
         super().__init__()
-        if not isinstance(weight, torch.Tensor) or weight.dim() != 4:
-            got = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
-            raise ValueError(f"weight: expected a 4-d tensor (Cout, Cin/groups, KH, KW), got {got}")
+        if not isinstance(weight, torch.Tensor):
+            raise TypeError(f"weight: expected a 4-d tensor (Cout, Cin/groups, KH, KW), got {type(weight).__name__}")
+        if weight.dim() != 4:
+            raise ValueError(f"weight: expected a 4-d tensor (Cout, Cin/groups, KH, KW), got {tuple(weight.shape)}")
         if not weight.is_floating_point():
             raise TypeError(f"weight: expected a floating-point tensor, got dtype {weight.dtype}")
         if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:

@@ -1,19 +1,39 @@
 """The `fusedconv::conv_bn_act` op: one PyTorch operator for act(conv(x, w) * scale + shift [+ residual]).
 
-CUDA tensors run the Triton kernel (see `fusedconv.kernels`); every other device runs the standard-conv
-fallback (`conv_bn_act_ref`). A fake (meta) implementation gives torch.compile and torch.export the output's
-shape, dtype and memory format without running anything, so FusedConv2d traces with no graph break.
+Schema: conv_bn_act(Tensor x, Tensor weight, Tensor scale, Tensor shift, Tensor? residual, int[] stride,
+int[] padding, int[] dilation, int groups, str activation, float act_param) -> Tensor. The output has x's dtype
+and x's memory format (channels_last in -> channels_last out).
+
+Implementation: CUDA tensors in fp16 / bf16 / fp32 (weight in the same dtype) run the Triton launcher
+`fusedconv.kernels.conv_bn_act`; everything else (CPU, fp64, no triton, > 65535 groups) runs the standard-conv
+fallback `conv_bn_act_ref` (F.conv2d, then the epilogue in fp32 / fp64).
+
+Registration — chosen for torch 2.11 .. 2.14:
+  * `torch.library.triton_op` (the default when torch has it). Its implementation is visible to
+    torch.compile and torch.export: the launcher calls its kernels through `wrap_triton` while tracing (see
+    `kernels.epilogue.traceable`), the autotuner included — torch >= 2.6 traces `triton.autotune` kernels
+    with `configs`, `key` and `prune_configs_by` (our autotuner uses nothing else: no pre/post hooks, which
+    wrap_triton rejects). triton_op also uses the implementation itself as the fake (meta) kernel: all launcher
+    logic before the launch is shape arithmetic and tensor allocation, which fake tensors support.
+  * a plain `torch.library.custom_op` + `register_fake` (opaque to tracing, still no graph break) when
+    triton_op is missing, or when FUSEDCONV_OPAQUE_OP=1 is set before import — the escape hatch if a future
+    torch / triton pairing cannot trace the kernels.
+`OP_REGISTRATION` says which one is active.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
-from fusedconv.kernels.reference import conv_bn_act_ref
+from fusedconv.kernels.reference import conv_bn_act_ref, conv_output_shape, output_memory_format
+
+__all__ = ["OP_REGISTRATION", "conv_bn_act", "kernel_available", "pack_weight", "use_kernel"]
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_MAX_GROUPS = 65535  # CUDA grid y-dimension limit (groups are a grid axis of the GEMM kernel)
 
 
 @functools.cache
@@ -33,36 +53,54 @@ def pack_weight(weight: torch.Tensor, groups: int) -> torch.Tensor:
     return _pack(weight, groups)
 
 
-def use_kernel(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether FusedConv2d should call the op (CUDA + a kernel dtype) rather than its folded fallback."""
+def _kernel_dtype_on_cuda(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return x.is_cuda and x.dtype in _KERNEL_DTYPES and weight.dtype == x.dtype and kernel_available()
 
 
-@torch.library.custom_op("fusedconv::conv_bn_act", mutates_args=())
-def _conv_bn_act_op(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
-                    residual: torch.Tensor | None, stride: list[int], padding: list[int], dilation: list[int],
-                    groups: int, activation: str, act_param: float) -> torch.Tensor:
-    if x.is_cuda and kernel_available():
+def use_kernel(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether FusedConv2d should call the op (CUDA + a kernel dtype) rather than its folded fallback."""
+    return _kernel_dtype_on_cuda(x, weight)
+
+
+def _runs_kernel(x, weight, residual, groups) -> bool:
+    # Not `use_kernel`: that is FusedConv2d's routing decision (and patchable); this is the op's own.
+    return (_kernel_dtype_on_cuda(x, weight) and groups <= _MAX_GROUPS
+            and (residual is None or residual.is_floating_point()))
+
+
+def _conv_bn_act_impl(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+                      residual: torch.Tensor | None, stride: list[int], padding: list[int], dilation: list[int],
+                      groups: int, activation: str, act_param: float) -> torch.Tensor:
+    if _runs_kernel(x, weight, residual, groups):
         from fusedconv.kernels import conv_bn_act as _launch
 
         return _launch(x, weight, scale, shift, stride=stride, padding=padding, dilation=dilation, groups=groups,
                        activation=activation, act_param=act_param, residual=residual)
-    return conv_bn_act_ref(x, weight, scale, shift, stride=stride, padding=padding, dilation=dilation,
-                           groups=groups, activation=activation, act_param=act_param, residual=residual)
+    y = conv_bn_act_ref(x, weight, scale, shift, stride=stride, padding=padding, dilation=dilation,
+                        groups=groups, activation=activation, act_param=act_param, residual=residual)
+    # F.conv2d's CPU kernels do not always keep channels_last; the op's contract is x's memory format.
+    return y.contiguous(memory_format=output_memory_format(x))
 
 
-@_conv_bn_act_op.register_fake
-def _(x, weight, scale, shift, residual, stride, padding, dilation, groups, activation, act_param):
-    n, _, h, w = x.shape
-    kh, kw = weight.shape[2], weight.shape[3]
-    oh = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    ow = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-    fmt = torch.channels_last if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) \
-        and not x.is_contiguous() else torch.contiguous_format
-    return x.new_empty((n, weight.shape[0], oh, ow)).contiguous(memory_format=fmt)
+def _conv_bn_act_fake(x, weight, scale, shift, residual, stride, padding, dilation, groups, activation, act_param):
+    shape = conv_output_shape(x.shape, weight.shape, stride, padding, dilation)
+    return x.new_empty(shape).contiguous(memory_format=output_memory_format(x))
+
+
+def _register():
+    name = "fusedconv::conv_bn_act"
+    opaque = os.environ.get("FUSEDCONV_OPAQUE_OP", "0") not in ("", "0")
+    if not opaque and hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton"):
+        return torch.library.triton_op(name, _conv_bn_act_impl, mutates_args=()), "triton_op"
+    op = torch.library.custom_op(name, _conv_bn_act_impl, mutates_args=())
+    op.register_fake(_conv_bn_act_fake)
+    return op, "custom_op"
+
+
+_conv_bn_act_op, OP_REGISTRATION = _register()
 
 
 def conv_bn_act(x, weight, scale, shift, residual, stride, padding, dilation, groups, activation, act_param):
     """Call the registered op (positional arguments as in its schema)."""
     return torch.ops.fusedconv.conv_bn_act(x, weight, scale, shift, residual, list(stride), list(padding),
-                                           list(dilation), groups, activation, float(act_param))
+                                           list(dilation), int(groups), activation, float(act_param))

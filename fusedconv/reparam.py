@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from fusedconv.graph.reparam_graph import KIND, reparameterize_scope
+from fusedconv.graph.reparam_graph import KIND, ReparamTracer, ScopePass, reparameterize_scope
 from fusedconv.modules import FusedConv2d
 from fusedconv.report import ConversionReport
 
@@ -78,17 +78,17 @@ class _Walk:
         if method is not None:
             # Its own re-parameterization expects its own children: decide before rewriting them.
             try:
-                from fusedconv.graph.reparam_graph import ReparamTracer
                 ReparamTracer().trace(module)
             except Exception as e:  # noqa: BLE001 - any tracing failure means "graph not visible"
                 return self._fallback(module, scope, method, e)
         self._children(module, scope)
         try:
-            return reparameterize_scope(module, scope, self.report)
-        except Exception as e:  # noqa: BLE001
+            traced = ScopePass(module, scope, self.report)
+        except Exception as e:  # noqa: BLE001 - any tracing failure means "graph not visible"
             self.report.notes.append(f"reparam: could not trace {scope or '<root>'} ({_short(e)}); sums in its "
                                      "own forward were not examined")
             return module
+        return reparameterize_scope(module, scope, self.report, traced)
 
     def _children(self, module: nn.Module, scope: str) -> None:
         for name, child in list(module._modules.items()):

@@ -33,6 +33,8 @@ import triton.language as tl
 
 from fusedconv.kernels import configs as _configs
 from fusedconv.kernels.epilogue import activation_id, epilogue, load_scale_shift, traceable
+from fusedconv.kernels.reference import conv_output_shape as output_shape
+from fusedconv.kernels.reference import output_memory_format
 
 __all__ = ["conv_bn_act", "output_memory_format", "output_shape", "interpreting"]
 
@@ -223,22 +225,6 @@ def _pair(name, value):
     if len(pair) != 2:
         raise ValueError(f"{name}: expected an int or a pair of ints, got {value!r}")
     return pair
-
-
-def output_shape(x_shape, weight_shape, stride, padding, dilation) -> tuple[int, int, int, int]:
-    """(N, Cout, OH, OW) of the conv."""
-    n, _, h, w = x_shape
-    kh, kw = weight_shape[2], weight_shape[3]
-    oh = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    ow = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-    return (n, weight_shape[0], oh, ow)
-
-
-def output_memory_format(x: torch.Tensor) -> torch.memory_format:
-    """channels_last when x is channels_last (and not also plain contiguous), else contiguous (the op's rule)."""
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
 
 
 def _max_offset(t: torch.Tensor) -> int:

@@ -49,6 +49,11 @@ _CONFIGS_CHANNELS_LAST = ((64, 64, 4), (32, 128, 4), (128, 32, 4), (128, 64, 8),
 _CONFIGS_NCHW = ((256, 8, 4), (128, 16, 4), (512, 4, 8), (64, 32, 4), (1024, 2, 8))
 
 
+#: Offsets switch to int64 when any tensor spans this many elements (a module constant so that tests can lower it
+#: and exercise the int64 code path on small tensors).
+INT64_THRESHOLD = 2 ** 31
+
+
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -320,7 +325,7 @@ def depthwise_conv_bn_act(x: torch.Tensor, weight: torch.Tensor, scale: torch.Te
         return y
     res = residual if residual is not None else y  # a valid pointer the kernel never reads
     m_total = n_batch * out_h * out_w
-    use_int64 = max(_span(x), _span(weight), _span(y), _span(res), m_total + 1024) >= 2 ** 31
+    use_int64 = max(_span(x), _span(weight), _span(y), _span(res), m_total + 1024) >= INT64_THRESHOLD
     # Orientation: channels innermost unless channels are strided and output columns contiguous (NCHW-like).
     pixels_inner = not (x.stride(1) == 1 and channels > 1)
 

@@ -9,10 +9,10 @@ loaded residual tile (any dtype; ignored unless HAS_RESIDUAL). The activation is
 activation compiles to its own straight-line code; `ACTIVATION_IDS` maps the names of
 `fusedconv.kernels.reference.ACTIVATIONS` to those integers, and `activation_id(name)` validates a name.
 
-`traceable(kernel)` returns the kernel wrapped with `torch.library.wrap_triton` when this torch has it: every
-launcher calls its kernels through it, so the `fusedconv::conv_bn_act` triton_op can be traced by
+`traceable(kernel)` returns the kernel wrapped with `torch.library.wrap_triton` while torch is tracing: every
+launcher calls its GPU kernels through it, so the `fusedconv::conv_bn_act` triton_op can be traced by
 torch.compile / torch.export (an unwrapped kernel launched under tracing would see fake tensors and fail).
-Outside tracing the wrapper launches the kernel directly.
+Outside tracing it returns the kernel itself (no per-launch wrapper overhead).
 
 The formulas mirror `reference.apply_activation` (PyTorch's definitions) so the kernels and the reference agree
 to rounding: exact GELU uses erf; tanh-GELU uses the identity 0.5 * (1 + tanh(u)) == sigmoid(2u), which avoids a
@@ -49,12 +49,31 @@ def activation_id(name: str) -> int:
 
 
 def traceable(kernel):
-    """`kernel` wrapped so torch.compile / torch.export can trace its launch (plain kernel on old torch)."""
+    """`kernel` wrapped so torch.compile / torch.export can trace its launch.
+
+    The wrapper is only needed while tracing (torch.compile, or a dispatch mode such as fake tensors /
+    functionalization / make_fx is active); an eager launch gets the kernel itself, because an enabled
+    wrap_triton turns every eager call into a higher-order-op dispatch (pure Python overhead per launch).
+    Torch without wrap_triton also gets the plain kernel (the op is then opaque to tracing anyway).
+    """
     try:
+        import torch
         from torch.library import wrap_triton
-    except ImportError:  # torch without wrap_triton: launch directly (the op is then opaque anyway)
+    except ImportError:
+        return kernel
+    if not _tracing(torch):
         return kernel
     return wrap_triton(kernel)
+
+
+def _tracing(torch) -> bool:
+    if torch.compiler.is_compiling():
+        return True
+    try:
+        from torch.utils._python_dispatch import is_in_torch_dispatch_mode
+    except ImportError:  # cannot tell: wrapping is always correct, only slower
+        return True
+    return is_in_torch_dispatch_mode()
 
 
 @triton.jit

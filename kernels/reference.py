@@ -36,6 +36,23 @@ def apply_activation(x: torch.Tensor, name: str, param: float = 0.0, inplace: bo
     raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {name!r}")
 
 
+def conv_output_shape(x_shape, weight_shape, stride, padding, dilation) -> tuple[int, int, int, int]:
+    """(N, Cout, OH, OW) of a conv of an (N, C, H, W) input with a (Cout, Cin/groups, KH, KW) weight."""
+    n, _, h, w = x_shape
+    kh, kw = weight_shape[2], weight_shape[3]
+    oh = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    ow = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    return (n, weight_shape[0], oh, ow)
+
+
+def output_memory_format(x: torch.Tensor) -> torch.memory_format:
+    """The fused op's output memory format: channels_last when x is channels_last (and not also plain
+    contiguous, e.g. 1x1 spatial), else contiguous — the rule cuDNN convolutions follow."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 def conv_bn_act_ref(x, weight, scale, shift, *, stride=1, padding=0, dilation=1, groups=1, activation="relu",
                     act_param=0.0, residual=None):
     """act(conv(x, weight) * scale + shift [+ residual]) with the epilogue in fp32 (fp64 for fp64 input)."""

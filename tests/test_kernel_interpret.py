@@ -115,8 +115,11 @@ def build_case(case: ConvCase, dtype: torch.dtype, layout: str, activation: str,
                 act_param=0.1 if activation == "leaky_relu" else 0.0), truth
 
 
-def run_case(case: ConvCase, dtype, layout, activation, with_residual, device="cpu", weight_fn=None, **launch):
-    """Run the launcher on one case and check dtype, shape, memory format and values against the truth."""
+def run_case(case: ConvCase, dtype, layout, activation, with_residual, device="cpu", weight_fn=None,
+             tolerance=None, **launch):
+    """Run the launcher on one case and check dtype, shape, memory format and values against the truth
+    (relative tolerance `tolerance`, default TOLERANCE[dtype])."""
+    tolerance = TOLERANCE[dtype] if tolerance is None else tolerance
     inputs, truth = build_case(case, dtype, layout, activation, with_residual, device=device)
     weight = inputs["weight"] if weight_fn is None else weight_fn(inputs["weight"], case.groups)
     with warnings.catch_warnings():
@@ -130,8 +133,8 @@ def run_case(case: ConvCase, dtype, layout, activation, with_residual, device="c
     else:
         assert out.is_contiguous(), "output must follow the input's contiguous format"
     err = max_rel_error(out.cpu(), truth)
-    assert err <= TOLERANCE[dtype], f"{case.name} {dtype} {layout} {activation} residual={with_residual}: " \
-                                    f"max rel error {err:.3g} > {TOLERANCE[dtype]:g}"
+    assert err <= tolerance, f"{case.name} {dtype} {layout} {activation} residual={with_residual}: " \
+                             f"max rel error {err:.3g} > {tolerance:g}"
     return out
 
 

@@ -36,8 +36,9 @@ import torch.nn.functional as F
 from fusedconv import fold
 from fusedconv.activations import ActivationSpec, spec_from_call, spec_from_module
 from fusedconv.graph.legality import (batchnorm_verdict, conv_skip_reason, is_fusable_conv, is_leaf_type,
-                                      module_use_counts)
+                                      module_use_counts, tail_conv)
 from fusedconv.graph.sequential import KIND, fuse_sequential, is_plain_sequential
+from fusedconv.graph.tracing import trace_scope
 from fusedconv.modules import FusedConv2d
 from fusedconv.report import ConversionReport
 
@@ -47,13 +48,6 @@ _BN_FUNCTIONS = (F.batch_norm,)
 _BN_PARAMS = list(inspect.signature(F.batch_norm).parameters)
 # Nodes that produce Python numbers / shapes rather than tensors (cannot be a residual).
 _NON_TENSOR_METHODS = ("size", "dim", "numel", "item", "tolist")
-
-
-class ScopeTracer(fx.Tracer):
-    """Traces one module's own forward: every submodule it calls is a leaf (its inside is another scope)."""
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return True
 
 
 def _short(e: BaseException) -> str:
@@ -66,6 +60,8 @@ class Chain:
     """One Conv -> [BN] -> [act] / [add -> act] chain found in a scope's graph."""
 
     conv: fx.Node
+    conv_module: nn.Conv2d
+    tail: tuple | None = None                   # (owner Sequential, name, containers) when conv ends a Sequential
     bn: fx.Node | None = None
     bn_module: nn.Module | None = None          # the BN module (module call or functional BN's owner)
     bn_tensors: tuple | None = None             # (mean, var, weight, bias, eps) of a functional F.batch_norm
@@ -77,6 +73,7 @@ class Chain:
 
     @property
     def nodes(self) -> list[fx.Node]:
+        """The chain's call sites in data-flow order (the first is the conv, or the Sequential ending in it)."""
         return [n for n in (self.conv, self.bn, self.add, self.act) if n is not None]
 
     @property
@@ -215,9 +212,8 @@ class ScopePass:
             stack.extend(n.all_input_nodes)
         return False
 
-    def match(self, conv: fx.Node) -> Chain | None:
-        conv_mod = self._mod(conv)
-        ch = Chain(conv)
+    def match(self, conv: fx.Node, conv_mod: nn.Conv2d, tail: tuple | None) -> Chain | None:
+        ch = Chain(conv, conv_mod, tail)
         users = list(conv.users)
         bn_users = [u for u in users if (u.op == "call_module" and fold.is_batchnorm(self._mod(u)))
                     or (u.op == "call_function" and u.target in _BN_FUNCTIONS)]
@@ -227,6 +223,8 @@ class ScopePass:
             ch.bn = bn_users[0]
             ch.reason = f"conv output is used {len(users)} times (not only by the BatchNorm)"
             return ch
+        if tail is not None and not bn_users:
+            return None  # a Sequential ending in a conv, without a BN after it: nothing gained
         cur = conv
         if bn_users:
             bn = bn_users[0]
@@ -260,7 +258,7 @@ class ScopePass:
             if spec is not None:
                 ch.act, ch.act_spec = nxt, spec
                 return ch
-            other, why = self._residual_of(nxt, cur)
+            other, why = self._residual_of(nxt, cur) if tail is None else (None, None)
             if other is not None and not self._depends_on(other, {conv, cur}):
                 ch.add = nxt
                 after = self._sole_user(nxt)
@@ -275,7 +273,7 @@ class ScopePass:
 
     # ------------------------------------------------------------------ rewriting
     def _fused_module(self, ch: Chain) -> FusedConv2d:
-        conv = self._mod(ch.conv)
+        conv = ch.conv_module
         if ch.bn_tensors is None:
             return FusedConv2d.from_modules(conv, ch.bn_module, ch.act_spec)
         mean, var, weight, bias, eps = ch.bn_tensors
@@ -296,18 +294,36 @@ class ScopePass:
                 return False
         return True
 
+    def _tail_ok(self, ch: Chain) -> str | None:
+        """Why the conv ending a Sequential cannot be replaced inside it (shared containers), or None."""
+        owner, name, path = ch.tail
+        if self.calls[ch.conv.target] != 1:
+            return f"{ch.conv.target} is called {self.calls[ch.conv.target]} times in forward"
+        if any(self.uses[id(m)] > 1 for m in path + [ch.conv_module]):
+            return f"{ch.conv.target} or its last conv is shared with another part of the model"
+        return None
+
     def run(self) -> nn.Module:
         chains = []
         for node in list(self.graph.nodes):
-            if node.op == "call_module" and is_fusable_conv(self._mod(node)):
-                if self.calls[node.target] > 1:
-                    if any(u.op == "call_module" and fold.is_batchnorm(self._mod(u)) for u in node.users):
-                        self.report.add(self.scope, [str(node.target)], KIND, "skipped",
-                                        f"conv module is called {self.calls[node.target]} times in forward")
-                    continue
-                ch = self.match(node)
-                if ch is not None:
-                    chains.append(ch)
+            if node.op != "call_module":
+                continue
+            found = tail_conv(self._mod(node))
+            if found is None:
+                continue
+            owner, name, conv_mod, path = found
+            tail = None if owner is None else (owner, name, path)
+            if tail is None and self.calls[node.target] > 1:
+                if any(u.op == "call_module" and fold.is_batchnorm(self._mod(u)) for u in node.users):
+                    self.report.add(self.scope, [str(node.target)], KIND, "skipped",
+                                    f"conv module is called {self.calls[node.target]} times in forward")
+                continue
+            ch = self.match(node, conv_mod, tail)
+            if ch is None:
+                continue
+            if ch.reason is None and tail is not None:
+                ch.reason = self._tail_ok(ch)
+            chains.append(ch)
         good = []
         for ch in chains:
             if ch.reason is None:
@@ -321,9 +337,14 @@ class ScopePass:
                 good.append(ch)
         if not good:
             return self.module
+        for ch in good:  # a conv ending a Sequential is replaced inside it, whichever way the scope is rewritten
+            if ch.tail is not None:
+                owner, name, _ = ch.tail
+                owner._modules[name] = ch.fused
         if all(self._swappable(ch) for ch in good):
             for ch in good:
-                self._set(self.module, ch.conv.target, ch.fused)
+                if ch.tail is None:
+                    self._set(self.module, ch.conv.target, ch.fused)
                 for n in ch.nodes[1:]:
                     self._set(self.module, n.target, nn.Identity())
                 self._report(ch)
@@ -345,6 +366,12 @@ class ScopePass:
         root = copy.copy(module)
         root.__dict__["_modules"] = dict(module._modules)
         for ch in chains:
+            if ch.tail is not None:  # the Sequential's last conv already computes the chain: drop the rest
+                ch.last.replace_all_uses_with(ch.conv)
+                for n in reversed(ch.nodes[1:]):
+                    graph.erase_node(n)
+                self._report(ch)
+                continue
             name = str(ch.conv.target)
             if "." in name:  # a grandchild (self.block[0]): register the fused module flat, under a new name
                 base = name.replace(".", "_")
@@ -415,10 +442,10 @@ class DataflowWalk:
         if is_plain_sequential(module):
             fuse_sequential(module, scope, self.uses, self.report)
             return module
-        if isinstance(module, (nn.ModuleList, nn.ModuleDict)) or not _traceable_candidates(module):
+        if type(module).forward is nn.Module.forward or not _traceable_candidates(module):  # no forward of its own
             return module
         try:
-            graph = ScopeTracer().trace(module)
+            graph = trace_scope(module)
         except Exception as e:  # noqa: BLE001 - any failure means fx cannot see this forward
             self._untraceable(module, scope, e)
             return module

@@ -96,3 +96,25 @@ def is_leaf_type(module: nn.Module) -> bool:
 def module_use_counts(model: nn.Module) -> Counter:
     """How many places in the module tree hold each module object (more than one = shared)."""
     return Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
+
+
+def tail_conv(module: nn.Module) -> tuple[nn.Module, str, nn.Conv2d, list[nn.Module]] | None:
+    """The Conv2d that produces `module`'s output, as (owner, attribute name, conv, containers on the way).
+
+    `module` itself when it is a Conv2d (owner None); else, for a plain nn.Sequential, the conv at the end of
+    it (through nested plain Sequentials): its output is the Sequential's output, so a BN that follows the
+    Sequential folds into that conv. None when no conv ends it.
+    """
+    from fusedconv.graph.sequential import is_plain_sequential
+
+    if is_fusable_conv(module):
+        return None, "", module, []
+    path = []
+    while is_plain_sequential(module) and len(module) > 0:
+        path.append(module)
+        name = list(module._modules)[-1]
+        last = module._modules[name]
+        if is_fusable_conv(last):
+            return module, name, last, path
+        module = last
+    return None

@@ -16,7 +16,6 @@ How a scope is read:
 
 from __future__ import annotations
 
-import copy
 import operator
 from dataclasses import dataclass, field
 
@@ -359,22 +358,21 @@ class ScopePass:
     # ------------------------------------------------------------------ the check
     def self_check(self, group: list[Term], source: fx.Node, const: float, merged: ConvMap) -> float:
         """Max relative error of the merged conv against the original branch modules, both in float64."""
-        copies = {}
-
         def run(piece: Piece, y: torch.Tensor) -> torch.Tensor:
             if piece.kind == "scale":
                 f = piece.factor
                 return y * (f if isinstance(f, float) else f.detach().to(torch.float64))
-            key = id(piece.module)
-            if key not in copies:
-                copies[key] = copy.deepcopy(piece.module).to(torch.float64).eval()
-            return copies[key](y)
+            if piece.kind == "identity":
+                return y
+            # The module's own forward, with its floating-point state swapped for float64 copies.
+            state = {k: (v.detach().to(torch.float64) if v.is_floating_point() else v)
+                     for k, v in list(piece.module.named_parameters()) + list(piece.module.named_buffers())}
+            return torch.func.functional_call(piece.module, state, (y,))
 
-        kh, kw = merged.kernel_size
-        sh, sw = merged.stride
-        h = max(9, 2 * kh * sh + 1)
+        # Small but with both borders and an interior in each dimension, odd and even sizes (stride parity).
+        h, w = (2 * d * (k - 1) + 2 * s + 1 for k, s, d in zip(merged.kernel_size, merged.stride, merged.dilation))
         g = torch.Generator(device="cpu").manual_seed(0)
-        x = torch.randn(2, merged.in_channels, h, h + 1, generator=g, dtype=torch.float64).to(merged.weight.device)
+        x = torch.randn(1, merged.in_channels, h, w + 1, generator=g, dtype=torch.float64).to(merged.weight.device)
         ref = None
         for t in group:
             y = x
@@ -452,6 +450,10 @@ class ScopePass:
         except NotMergeable as e:
             self.report.add(self.scope, names, KIND, "skipped", str(e))
             return
+        except Exception as e:  # noqa: BLE001 - a model this pass misreads must not break the conversion
+            self.report.add(self.scope, names, KIND, "skipped",
+                            f"internal error while merging ({type(e).__name__}: {e}); please report it")
+            return
         ref = next(p.module for p in convs if p.kind == "conv") if any(p.kind == "conv" for p in convs) else None
         dtype = ref.weight.dtype if ref is not None else torch.get_default_dtype()
         conv = to_conv2d(merged, dtype, merged.weight.device)
@@ -487,12 +489,13 @@ class ScopePass:
         return "+".join(parts) or "identity"
 
 
-def reparameterize_scope(module: nn.Module, scope: str, report: ConversionReport) -> nn.Module:
+def reparameterize_scope(module: nn.Module, scope: str, report: ConversionReport,
+                         traced: ScopePass | None = None) -> nn.Module:
     """`module` with the mergeable sums of its own forward merged (a GraphModule then), or `module` itself.
 
-    Raises whatever torch.fx raises when the module cannot be traced.
+    Raises whatever torch.fx raises when the module cannot be traced (pass `traced` to trace separately).
     """
-    sp = ScopePass(module, scope, report)
+    sp = traced if traced is not None else ScopePass(module, scope, report)
     if not sp.run():
         return module
     gm = sp.gm

@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from fusedconv.activations import spec_from_module
 from fusedconv import fold
-from fusedconv.graph.legality import batchnorm_verdict, conv_skip_reason, is_fusable_conv
+from fusedconv.graph.legality import batchnorm_verdict, conv_skip_reason, tail_conv
 from fusedconv.modules import FusedConv2d
 from fusedconv.report import ConversionReport
 
@@ -35,10 +35,11 @@ def fuse_sequential(seq: nn.Sequential, scope: str, uses: Counter, report: Conve
     fused = 0
     i = 0
     while i < len(names):
-        conv = seq._modules[names[i]]
-        if not is_fusable_conv(conv):
+        found = tail_conv(seq._modules[names[i]]) if seq._modules[names[i]] is not None else None
+        if found is None:
             i += 1
             continue
+        owner, conv_name, conv, path = found  # owner: a nested Sequential that ends with the conv, or None
         nxt = seq._modules[names[i + 1]] if i + 1 < len(names) else None
         bn = nxt if nxt is not None and fold.is_batchnorm(nxt) else None
         chain = [names[i]]
@@ -60,10 +61,14 @@ def fuse_sequential(seq: nn.Sequential, scope: str, uses: Counter, report: Conve
         if bn is None and act_spec is None:
             i += 1  # a lone conv: nothing to fuse
             continue
+        if owner is not None and bn is None:
+            i += 1  # a nested Sequential ending in a conv, then an activation: nothing gained
+            continue
         if reason is None:
             reason = conv_skip_reason(conv, bn)
         if reason is None:
             shared = [n for n in chain if uses[id(seq._modules[n])] > 1]
+            shared += [f"{names[i]}.<tail conv>" for m in path + [conv] if uses[id(m)] > 1][:1]
             if shared:
                 reason = f"module(s) {shared} are shared with another part of the model"
         if reason is not None:
@@ -71,7 +76,11 @@ def fuse_sequential(seq: nn.Sequential, scope: str, uses: Counter, report: Conve
             i += len(chain)
             continue
         fused_mod = FusedConv2d.from_modules(conv, bn, act_spec)
-        seq._modules[chain[0]] = fused_mod
+        if owner is None:
+            seq._modules[chain[0]] = fused_mod
+        else:
+            owner._modules[conv_name] = fused_mod  # the container stays; its tail conv is fused
+            chain[0] = f"{chain[0]}.{conv_name}" if len(path) == 1 else f"{chain[0]}.(...).{conv_name}"
         for n in chain[1:]:
             seq._modules[n] = nn.Identity()
         detail = "+".join((["bn"] if bn is not None else []) + ([str(act_spec)] if act_spec is not None else []))

@@ -1,0 +1,93 @@
+"""Per-scope torch.fx tracing without side effects.
+
+Symbolic tracing runs a module's forward on Proxy objects. A forward that caches something on `self` (e.g.
+torchvision's MultiScaleRoIAlign sets `self.scales` on its first call) would keep Proxies after tracing and
+break the real model later. `trace_scope` restores the traced module's attributes afterwards and treats a
+forward that wrote any as untraceable (the graph could not reproduce the write). `proxy_leak_guard` does the
+same repair for a whole model around a pass that traces modules (used around re-parameterization).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch.fx as fx
+import torch.nn as nn
+
+_STATE_DICTS = ("_modules", "_parameters", "_buffers")
+
+
+class ScopeTracer(fx.Tracer):
+    """Traces one module's own forward: every submodule it calls is a leaf (its inside is another scope)."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return True
+
+
+class SideEffectError(RuntimeError):
+    """The traced forward assigned attributes on the module (state the graph cannot reproduce)."""
+
+
+def _snapshot(module: nn.Module) -> dict:
+    snap = {k: v for k, v in module.__dict__.items() if k not in _STATE_DICTS}
+    for k in _STATE_DICTS:
+        snap[k] = dict(module.__dict__.get(k, {}))
+    return snap
+
+
+def _restore(module: nn.Module, snap: dict) -> list[str]:
+    """Put `module`'s attributes back as in `snap`; returns the names that had changed."""
+    changed = []
+    for k in _STATE_DICTS:
+        current = module.__dict__.get(k, {})
+        if current != snap[k] or list(current) != list(snap[k]):
+            changed.append(k)
+            current.clear()
+            current.update(snap[k])
+    for k in list(module.__dict__):
+        if k not in _STATE_DICTS and (k not in snap or module.__dict__[k] is not snap[k]):
+            changed.append(k)
+            del module.__dict__[k]
+    for k, v in snap.items():
+        if k not in _STATE_DICTS and k not in module.__dict__:
+            module.__dict__[k] = v
+    return changed
+
+
+def trace_scope(module: nn.Module) -> fx.Graph:
+    """fx graph of `module`'s forward with all submodules as leaves; raises if it cannot be traced."""
+    snap = _snapshot(module)
+    try:
+        graph = ScopeTracer().trace(module)
+    finally:
+        changed = _restore(module, snap)
+    if changed:
+        raise SideEffectError(f"forward assigns module attributes {changed} while running")
+    return graph
+
+
+def _holds_proxy(value, depth: int = 0) -> bool:
+    if isinstance(value, fx.Proxy):
+        return True
+    if depth < 3 and isinstance(value, (list, tuple, set)):
+        return any(_holds_proxy(v, depth + 1) for v in value)
+    if depth < 3 and isinstance(value, dict):
+        return any(_holds_proxy(v, depth + 1) for v in value.values())
+    return False
+
+
+@contextlib.contextmanager
+def proxy_leak_guard(model: nn.Module, notes: list[str]):
+    """Around a pass that traces `model`'s modules: restore any attribute that was left holding fx Proxies."""
+    snaps = {id(m): (m, {k: v for k, v in m.__dict__.items() if k not in _STATE_DICTS}) for m in model.modules()}
+    try:
+        yield
+    finally:
+        for m, snap in snaps.values():
+            for k, v in list(m.__dict__.items()):
+                if k not in _STATE_DICTS and _holds_proxy(v):
+                    if k in snap:
+                        m.__dict__[k] = snap[k]
+                    else:
+                        del m.__dict__[k]
+                    notes.append(f"repaired {type(m).__name__}.{k}, left holding fx Proxies by tracing")

@@ -1,0 +1,183 @@
+"""The `fusedconv` command line, run as a subprocess on small models: demo, convert round trips, error paths.
+
+Round trips load trained-looking weights (random, with randomized BN statistics) via --weights and compare
+the saved artifact's output with the original PyTorch model's. No timing is asserted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torchvision
+
+from fusedconv import cli
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SIZE = (1, 3, 32, 32)
+SIZE_ARG = ",".join(map(str, SIZE))
+
+
+def run_cli(*args, cwd=None, timeout=300):
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    return subprocess.run([sys.executable, "-m", "fusedconv.cli", *args], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=timeout)
+
+
+def assert_one_line_error(proc, *needles):
+    assert proc.returncode != 0, proc.stdout
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("fusedconv: error:")]
+    assert len(errors) == 1, proc.stderr
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+
+
+def rel_err(a, b):
+    return cli.max_rel_error(a, b)
+
+
+@pytest.fixture(scope="module")
+def resnet18_weights(tmp_path_factory):
+    """A resnet18 with random weights and randomized BN statistics, and its state_dict file."""
+    model = cli.randomize_batchnorm(torchvision.models.resnet18(weights=None), seed=3).eval()
+    path = tmp_path_factory.mktemp("weights") / "resnet18.pth"
+    torch.save(model.state_dict(), path)
+    return model, str(path)
+
+
+def test_demo_prints_report_error_and_latencies():
+    proc = run_cli("demo", "--model", "torchvision:resnet18", "--size", "32", "--min-time", "0.05")
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "BatchNorm statistics randomized" in out
+    assert "Fused:" in out and "conv chain(s)" in out
+    assert "Max relative error vs the original" in out and "OK" in out
+    assert "Original:" in out and "fusedconv:" in out and " ms" in out
+
+
+def test_convert_pt_round_trip_with_weights(tmp_path, resnet18_weights):
+    model, weights = resnet18_weights
+    out = tmp_path / "r18.pt"
+    proc = run_cli("convert", "torchvision:resnet18", "-o", str(out), "--weights", weights, "--check",
+                   "--input-size", SIZE_ARG, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "Self-check passed" in proc.stdout and "fused" in proc.stdout
+    loaded = cli.load_converted(str(out))
+    x = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        assert rel_err(loaded(x), model(x)) < 1e-5
+    assert any(type(m).__name__ == "FusedConv2d" for m in loaded.modules())
+
+
+def test_convert_pt2_round_trip(tmp_path, resnet18_weights):
+    model, weights = resnet18_weights
+    out = tmp_path / "r18.pt2"
+    proc = run_cli("convert", "torchvision:resnet18", "-o", str(out), "--weights", weights,
+                   "--input-size", SIZE_ARG, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    ep = torch.export.load(str(out))
+    x = torch.randn(*SIZE)
+    with torch.no_grad():
+        assert rel_err(ep.module()(x), model(x)) < 1e-5
+
+
+def test_convert_onnx_round_trip(tmp_path, resnet18_weights):
+    ort = pytest.importorskip("onnxruntime")
+    model, weights = resnet18_weights
+    out = tmp_path / "r18.onnx"
+    proc = run_cli("convert", "torchvision:resnet18", "-o", str(out), "--weights", weights, "--check",
+                   "--input-size", SIZE_ARG, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "ONNX check" in proc.stdout
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    x = torch.randn(*SIZE)
+    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        assert rel_err(torch.from_numpy(got), model(x)) < 1e-5
+
+
+def test_pickled_module_needs_trust_pickle(tmp_path):
+    model = cli.randomize_batchnorm(torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1, bias=False), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 4, 1), torch.nn.BatchNorm2d(4)), seed=5).eval()
+    path = tmp_path / "seq.pt"
+    torch.save(model, path)
+    refused = run_cli("convert", str(path), "-o", str(tmp_path / "out.pt2"), cwd=tmp_path)
+    assert_one_line_error(refused, "--trust-pickle")
+    proc = run_cli("convert", str(path), "-o", str(tmp_path / "out.pt2"), "--trust-pickle", "--check",
+                   "--input-size", "2,3,16,16", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "2 fused" in proc.stdout
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert rel_err(torch.export.load(str(tmp_path / "out.pt2")).module()(x), model(x)) < 1e-5
+
+
+@pytest.mark.parametrize("args,needles", [
+    (["convert", "torchvision:not_a_model", "-o", "x.pt"], ["unknown torchvision model", "not_a_model"]),
+    (["convert", "timm:not_a_model_either", "-o", "x.pt"], ["unknown timm model"]),
+    (["convert", "smp:Unet", "-o", "x.pt"], ["smp:ARCH:ENCODER"]),
+    (["convert", "missing_file.pt", "-o", "x.pt2"], ["no such file", "missing_file.pt"]),
+    (["convert", "torchvision:resnet18", "-o", "x.txt"], ["-o/--output", ".pt, .pt2, .onnx", "x.txt"]),
+    (["convert", "torchvision:resnet18", "-o", "x.pt", "--input-size", "3,abc"], ["--input-size"]),
+    (["demo", "--model", "torchvision:nope"], ["unknown torchvision model"]),
+])
+def test_errors_are_one_line_without_traceback(tmp_path, args, needles):
+    assert_one_line_error(run_cli(*args, cwd=tmp_path), *needles)
+
+
+def test_torchscript_state_dict_and_weight_mismatch_are_explained(tmp_path):
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).eval()
+    torch.jit.save(torch.jit.script(net), tmp_path / "net.ts")
+    assert_one_line_error(run_cli("convert", "net.ts", "-o", "o.pt2", cwd=tmp_path), "TorchScript")
+    torch.save(net.state_dict(), tmp_path / "sd.pth")
+    assert_one_line_error(run_cli("convert", "sd.pth", "-o", "o.pt2", cwd=tmp_path), "state_dict", "--weights")
+    assert_one_line_error(run_cli("convert", "torchvision:resnet18", "-o", "o.pt", "--weights", "sd.pth",
+                                  cwd=tmp_path), "--weights", "missing key")
+
+
+def test_bench_subcommand_runs_a_tiny_suite(tmp_path):
+    proc = run_cli("bench", "--suite", "layers", "--nets", "mobilenet_v2", "--max-layers", "1",
+                   "--providers", "eager,folded,fusedconv", "--layouts", "NCHW", "--min-time", "0.01",
+                   "--out", str(tmp_path), "--tag", "test", cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    files = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path) for f in fs]
+    jsons = [f for f in files if f.endswith("-test.json")]
+    assert len(jsons) == 1 and any(f.endswith("-test.md") for f in files) and any(f.endswith(".png") for f in files)
+    data = json.loads(open(jsons[0]).read())
+    assert data["environment"]["command"].startswith("fusedconv bench")
+    assert {r["provider"]: r["status"] for r in data["layers"]} == {"eager": "ok", "folded": "ok", "fusedconv": "ok"}
+
+
+def test_parsers_in_process():
+    assert cli.parse_input_size("1,3,224,224") == (1, 3, 224, 224)
+    assert cli.parse_input_size("3x64x48") == (1, 3, 64, 48)
+    with pytest.raises(cli.CLIError, match="--input-size"):
+        cli.parse_input_size("0,3,2,2")
+    assert cli._parse_spec("smp:Unet:resnet34") == ("smp", ["Unet", "resnet34"])
+    assert cli._parse_spec("some/file.pt") == ("file", ["some/file.pt"])
+    with pytest.raises(cli.CLIError, match="timm:NAME"):
+        cli._parse_spec("timm:")
+
+
+def test_timm_and_smp_specs_build():
+    timm_model = cli.build_model("timm:resnet18")
+    assert not timm_model.training
+    assert cli.default_input_size("timm:resnet18", timm_model)[1:] == (3, 224, 224)
+    smp_model = cli.build_model("smp:unet:resnet18")  # architecture names are case-insensitive
+    assert type(smp_model).__name__ == "Unet"
+    with pytest.raises(cli.CLIError, match="unknown smp encoder"):
+        cli.build_model("smp:Unet:no_such_encoder")
+
+
+def test_load_converted_rejects_other_files(tmp_path):
+    torch.save({"a": torch.zeros(1)}, tmp_path / "plain.pt")
+    with pytest.raises(ValueError, match="fusedconv-converted"):
+        cli.load_converted(str(tmp_path / "plain.pt"))
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        cli.load_converted(str(tmp_path / "absent.pt"))

@@ -1,0 +1,68 @@
+"""Assertions shared by the convert tests (no tests here): outputs match, BatchNorm gone, original untouched."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+import torch.nn as nn
+from torch.utils._pytree import tree_flatten
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from util import batch_norm_count, count_ops, max_rel_error  # noqa: E402
+
+import fusedconv  # noqa: E402
+
+
+def snapshot(model: nn.Module) -> tuple[dict, list]:
+    """Copies of the state_dict and the (name, class) list of every module, to prove the model is untouched."""
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    kinds = [(n, type(m)) for n, m in model.named_modules()]
+    return state, kinds
+
+
+def assert_untouched(model: nn.Module, snap: tuple[dict, list]) -> None:
+    state, kinds = snap
+    assert [(n, type(m)) for n, m in model.named_modules()] == kinds, "the original model's modules changed"
+    now = model.state_dict()
+    assert now.keys() == state.keys(), "the original model's state_dict keys changed"
+    for k, v in state.items():
+        assert torch.equal(now[k], v), f"the original model's {k} changed"
+
+
+def output_error(out, ref) -> float:
+    """max relative error over every floating tensor of two outputs of the same structure."""
+    a, spec_a = tree_flatten(out)
+    b, spec_b = tree_flatten(ref)
+    assert spec_a == spec_b, f"output structure differs: {spec_a} vs {spec_b}"
+    err = 0.0
+    for o, r in zip(a, b):
+        if isinstance(r, torch.Tensor):
+            assert o.shape == r.shape, f"output shape differs: {tuple(o.shape)} vs {tuple(r.shape)}"
+            if r.is_floating_point():
+                err = max(err, max_rel_error(o, r) if r.numel() else 0.0)
+            else:
+                assert torch.equal(o, r)
+        else:
+            assert o == r
+    return err
+
+
+@torch.no_grad()
+def check_convert(model: nn.Module, *inputs, tol: float = 1e-5, bn_left: int = 0, **kwargs):
+    """Convert `model` and assert: outputs within `tol`, `bn_left` batch norms still executing, original
+    untouched. Returns (converted, report)."""
+    model.eval()
+    snap = snapshot(model)
+    ref = model(*inputs)
+    converted, report = fusedconv.convert(model, return_report=True, **kwargs)
+    assert_untouched(model, snap)
+    out = converted(*inputs)  # the first call also computes the fallback's folded weights
+    err = output_error(out, ref)
+    assert err < tol, f"max relative error {err:.3e} >= {tol:g}\n{report}"
+    left = batch_norm_count(count_ops(converted, *inputs))
+    assert left == bn_left, f"{left} batch_norm ops still execute (expected {bn_left})\n{report}"
+    assert_untouched(model, snap)
+    return converted, report

@@ -72,17 +72,15 @@ def _channels_last(x: torch.Tensor) -> bool:
 def make_provider(name: str, layer: EagerLayer, case: LayerCase, x: torch.Tensor, residual, *,
                   compile_mode: str = "max-autotune"):
     """A zero-argument callable running `name` on (x, residual), or a string saying why it is unavailable."""
-    from fusedconv import FusedConv2d
+    from fusedconv import FusedConv2d, fold
     from fusedconv.activations import apply_activation
 
     s = case.shape
     if name == "eager":
         return lambda: layer(x, residual)
     if name in ("folded", "cudnn_relu"):
-        fused = FusedConv2d.from_modules(layer.conv, layer.bn, case.activation)
-        w = (layer.conv.weight.detach().float() * fused.scale.view(-1, 1, 1, 1)).to(x.dtype)
+        w, b = fold.fold_conv_bn_weights(layer.conv, layer.bn)  # float64 math, cast to the layer's dtype
         w = w.contiguous(memory_format=torch.channels_last if _channels_last(x) else torch.contiguous_format)
-        b = fused.shift.to(device=x.device, dtype=x.dtype)
         if name == "folded":
             def folded():
                 y = F.conv2d(x, w, b, s.stride, s.padding, s.dilation, s.groups)
@@ -172,7 +170,7 @@ def run_case(case: LayerCase, batch: int, dtype: torch.dtype, layout: str, provi
     if ready:
         try:
             timings = time_cpu_interleaved({n: fn for n, (fn, _) in ready.items()},
-                                           min_run_time=(cpu_min_run_time or (0.1 if quick else 0.4)) * len(ready))
+                                           min_run_time=(cpu_min_run_time or (0.1 if quick else 0.3)) * len(ready))
             for name, (_, row) in ready.items():
                 _record(row, timings[name], flops, nbytes, peak_c, peak_b)
         except Exception as e:

@@ -187,7 +187,8 @@ def run_model(spec: str, batch: int, dtype: torch.dtype, device: torch.device, p
     if ready:
         per = min_run_time if min_run_time is not None else (0.5 if quick else 2.0)
         try:
-            timings = time_cpu_interleaved({p: fn for p, (fn, _) in ready.items()}, min_run_time=per * len(ready))
+            timings = time_cpu_interleaved({p: fn for p, (fn, _) in ready.items()},
+                                           min_run_time=per * len(ready))
             for p, (_, row) in ready.items():
                 _record(row, timings[p], batch)
         except Exception as e:

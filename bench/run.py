@@ -84,7 +84,8 @@ defaults by device:
     p.add_argument("--compile", choices=("none", "subset", "all"), default=None,
                    help="which layer configurations torch.compile runs on (default: subset; none with --quick)")
     p.add_argument("--compile-mode", default="max-autotune", help="torch.compile mode for layers")
-    p.add_argument("--models", default=None, help=f"models suite specs, comma-separated (default {', '.join(model_suite.MODELS)})")
+    p.add_argument("--models", default=None,
+                   help=f"models suite specs, comma-separated (default {', '.join(model_suite.MODELS)})")
     p.add_argument("--model-batches", default=None, help="models suite batch sizes")
     p.add_argument("--model-dtype", default=None, help="models suite dtype (default float16 on CUDA, float32 on CPU)")
     p.add_argument("--model-providers", default=None, help=f"from {', '.join(model_suite.PROVIDERS)}")
@@ -270,7 +271,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m bench") -> int:
         raise SystemExit(f"bench: error: {e}")
     torch.set_num_threads(args.threads)
     p = plan(args, device)
-    env = bench_env.environment(device, [prog] + list(sys.argv[1:] if argv is None else argv))
+    env = bench_env.environment(device, prog.split() + list(sys.argv[1:] if argv is None else argv))
     key = metrics.peak_key(env["device_name"]) if device.type == "cuda" else None
     peak = None
     if key is not None:

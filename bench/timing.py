@@ -49,29 +49,32 @@ def time_cpu(fn, *, min_run_time: float = 0.2, warmup: int = 2) -> Timing:
                   "torch.utils.benchmark.blocked_autorange")
 
 
-def time_cpu_interleaved(fns: dict, *, min_run_time: float = 0.2, rounds: int = 5, warmup: int = 2) -> dict:
+def time_cpu_interleaved(fns: dict, *, min_run_time: float = 0.2, rounds: int = 4, warmup: int = 2) -> dict:
     """Median / IQR per callable, measured in interleaved rounds (A B C A B C ...).
 
     On a shared machine the background load drifts; interleaving spreads that drift over every provider instead
-    of penalising whichever happened to run during a busy second.
+    of penalising whichever happened to run during a busy second. Each round is one torch.utils.benchmark
+    blocked autorange per callable; the statistics are over all blocks of all rounds. `min_run_time` is the
+    total over all callables and rounds.
     """
     from torch.utils import benchmark
 
-    timers, numbers, times = {}, {}, {name: [] for name in fns}
+    per_round = min_run_time / max(len(fns), 1) / rounds
+    times = {name: [] for name in fns}
+    runs = dict.fromkeys(fns, 0)
     with torch.no_grad():
+        timers = {}
         for name, fn in fns.items():
             for _ in range(warmup):
                 fn()
             timers[name] = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-            one = max(timers[name].timeit(1).median, 1e-7)
-            per_block = min_run_time / rounds / 2  # two blocks per round
-            numbers[name] = max(1, int(per_block / one))
         for _ in range(rounds):
-            for name in fns:
-                for _ in range(2):
-                    times[name].append(timers[name].timeit(numbers[name]).median)
-    return {name: Timing(metrics.median(t), metrics.quantile(t, 0.25), metrics.quantile(t, 0.75),
-                         len(t) * numbers[name], f"torch.utils.benchmark, {rounds} interleaved rounds")
+            for name, timer in timers.items():
+                m = timer.blocked_autorange(min_run_time=per_round)
+                times[name] += list(m.times)
+                runs[name] += len(m.times) * m.number_per_run
+    return {name: Timing(metrics.median(t), metrics.quantile(t, 0.25), metrics.quantile(t, 0.75), runs[name],
+                         f"torch.utils.benchmark blocked_autorange, {rounds} interleaved rounds")
             for name, t in times.items()}
 
 

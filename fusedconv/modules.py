@@ -290,6 +290,12 @@ class FusedConv2d(nn.Module):
             s += f", padding_mode={self.padding_mode!r}"
         return s + f", act={self.act}"
 
+    # The fold cache is derived: never pickle or deepcopy it (the copy rebuilds its own on first use).
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_fold_cache"] = None
+        return state
+
     # The activation is configuration, not state: keep it across pickling / deepcopy as a plain spec.
     def __setstate__(self, state):
         super().__setstate__(state)

@@ -39,21 +39,17 @@ _CONFIGS_16BIT = (
     (128, 256, 64, 3, 8),
     (256, 128, 64, 3, 8),
     (128, 128, 64, 4, 8),
-    (128, 128, 64, 3, 4),
     (128, 64, 64, 4, 4),
     (64, 128, 64, 4, 4),
     (64, 64, 64, 4, 4),
     (32, 64, 64, 4, 4),
-    (64, 32, 32, 5, 2),
     (16, 64, 64, 4, 4),
 )
 # fp32 (TF32 or IEEE) inputs: half the K depth for the same shared memory.
 _CONFIGS_32BIT = (
     (128, 128, 32, 3, 8),
     (128, 64, 32, 4, 4),
-    (64, 128, 32, 4, 4),
     (64, 64, 32, 4, 4),
-    (32, 64, 32, 4, 4),
     (16, 64, 32, 4, 4),
 )
 
@@ -73,6 +69,11 @@ def autotune_configs(dtype_bytes: int) -> list[triton.Config]:
 def all_autotune_configs() -> list[triton.Config]:
     """Every config of both tables (the autotuner holds all of them; pruning picks per dtype and shape)."""
     return autotune_configs(2) + autotune_configs(4)
+
+
+def block_k_values() -> frozenset[int]:
+    """Every BLOCK_K a config may use (the launcher drops K masks only when all of them divide Cin/groups)."""
+    return frozenset(row[2] for row in _CONFIGS_16BIT + _CONFIGS_32BIT)
 
 
 def _pow2_at_least_16(n: int) -> int:
@@ -162,6 +163,8 @@ _UNIT_STRIDES = ("sxc", "swo", "src", "syc")
 _DIVISIBLE_ARGS = ("x_ptr", "w_ptr", "scale_ptr", "shift_ptr", "res_ptr", "y_ptr", "ws_ptr", "CIN_G", "COUT_G",
                    "sxn", "sxh", "sxw", "swi", "swh", "sww", "srn", "srh", "srw", "syn", "syh", "syw")
 
+_EPILOGUE_DIVISIBLE = ("ws_ptr", "scale_ptr", "shift_ptr", "res_ptr", "y_ptr", "COUT")
+
 
 def _divisibility_attrs(fn, signature: dict, names) -> dict:
     """ASTSource `attrs`: {(arg index,): [["tt.divisibility", 16]]} for the non-constexpr args in `names`."""
@@ -174,14 +177,17 @@ def aot_variants() -> list[dict]:
 
     Each entry is a dict: `name` (unique, readable), `fn` (the @triton.jit JITFunction, not the autotuner),
     `signature` ({arg: "*fp16" | "i32" | "fp32" | "constexpr" ...}), `constexprs` ({arg: value}, block sizes,
-    ACTIVATION id and flags included), `attrs` (ASTSource attrs: tt.divisibility=16 hints on the pointers and
-    the strides a channels_last launch has; pass them, or the pipelined loads are not built), `num_warps`, `num_stages`, `dtype` (torch dtype name: "float16",
+    ACTIVATION id and flags included), `divisible_by_16` (names of the args a channels_last launch on typical
+    layers has as multiples of 16 — pointers, channel counts, strides; mark them tt.divisibility=16 or the
+    vectorised, software-pipelined loads are not built) and the same as ready ASTSource `attrs`
+    ({(index,): [["tt.divisibility", 16]]}, triton >= 3.2 format), `num_warps`, `num_stages`, `dtype` (torch dtype name: "float16",
     "bfloat16", "float32") and `expects_tensor_cores` (True when the PTX must contain mma / wgmma: every 16-bit
     variant, and fp32 with TF32).
 
-    Covered: for each dtype, every config of its table for the general (3x3, padded, relu + residual) and the
-    1x1 fast-path (identity) kernels; every activation once; the split-K partial-sum kernel and its epilogue
-    kernel; the int64-offset variant; fp32 with IEEE precision.
+    Covered: for each dtype, every config of its table for the general (3x3, padded) and the 1x1 fast-path
+    kernels — the activation, the residual flag and EVEN_K rotate over these entries so every activation and
+    flag is compiled without multiplying the count (compile time is CI time); the split-K partial-sum kernel
+    and its epilogue kernel; the int64-offset variant; fp32 with IEEE precision.
     """
     import importlib
 
@@ -192,7 +198,9 @@ def aot_variants() -> list[dict]:
     variants: list[dict] = []
 
     def add(name, dtype, cfg, *, kh=3, kw=3, act="relu", residual=True, is_1x1=False, even_k=True,
-            int64=False, precision="tf32", split_k=1):
+            int64=False, precision=None, split_k=1):
+        if precision is None:  # as the launcher passes it: TF32 is the fp32 default; 16-bit dtypes ignore it
+            precision = "tf32" if dtype == "float32" else "ieee"
         constexprs = {"KH": kh, "KW": kw, "ACTIVATION": ACTIVATION_IDS[act], "HAS_RESIDUAL": residual,
                       "IS_1X1": is_1x1, "EVEN_K": even_k, "USE_INT64": int64, "INPUT_PRECISION": precision,
                       "SPLIT_K": split_k, **cfg.kwargs}
@@ -204,19 +212,23 @@ def aot_variants() -> list[dict]:
         variants.append({
             "name": name, "fn": conv_mod._conv_gemm_kernel, "signature": signature, "constexprs": constexprs,
             "attrs": _divisibility_attrs(conv_mod._conv_gemm_kernel, signature, _DIVISIBLE_ARGS),
+            "divisible_by_16": tuple(a for a in _DIVISIBLE_ARGS if signature.get(a) != "constexpr"),
             "num_warps": cfg.num_warps, "num_stages": cfg.num_stages, "dtype": dtype,
             "expects_tensor_cores": dtype != "float32" or precision == "tf32",
         })
 
+    acts = list(ACTIVATION_IDS)
+    turn = 0
     for dtype in ("float16", "bfloat16", "float32"):
         for cfg in autotune_configs(4 if dtype == "float32" else 2):
             tag = "m{BLOCK_M}n{BLOCK_N}k{BLOCK_K}".format(**cfg.kwargs) + f"s{cfg.num_stages}w{cfg.num_warps}"
-            add(f"conv3x3_relu_res_{short[dtype]}_{tag}", dtype, cfg)
-            add(f"conv1x1_identity_{short[dtype]}_{tag}", dtype, cfg, kh=1, kw=1, act="identity", residual=False,
-                is_1x1=True)
+            for kind in ("conv3x3", "conv1x1"):
+                act, residual, even_k = acts[turn % len(acts)], turn % 2 == 0, turn % 3 != 2
+                turn += 1
+                flags = dict(kh=1, kw=1, is_1x1=True) if kind == "conv1x1" else {}
+                add(f"{kind}_{act}_{'res_' if residual else ''}{'' if even_k else 'oddk_'}{short[dtype]}_{tag}",
+                    dtype, cfg, act=act, residual=residual, even_k=even_k, **flags)
     base16 = autotune_configs(2)[4]
-    for act in ACTIVATION_IDS:
-        add(f"conv3x3_{act}_fp16_oddk", "float16", base16, act=act, residual=False, even_k=False)
     add("conv3x3_splitk_partial_fp16", "float16", base16, split_k=4)
     add("conv7x7_int64_fp16", "float16", base16, kh=7, kw=7, int64=True)
     add("conv3x3_relu_fp32_ieee", "float32", autotune_configs(4)[3], precision="ieee")
@@ -232,8 +244,8 @@ def aot_variants() -> list[dict]:
             "name": f"splitk_epilogue_{short[dtype]}", "fn": conv_mod._splitk_epilogue_kernel, "signature": sig,
             "constexprs": {"SPLIT_K": 4, "ACTIVATION": ACTIVATION_IDS["silu"], "HAS_RESIDUAL": True,
                            "USE_INT64": False, "BLOCK_M": 64, "BLOCK_N": 64},
-            "attrs": _divisibility_attrs(conv_mod._splitk_epilogue_kernel, sig,
-                                         ("ws_ptr", "scale_ptr", "shift_ptr", "res_ptr", "y_ptr", "COUT")),
+            "attrs": _divisibility_attrs(conv_mod._splitk_epilogue_kernel, sig, _EPILOGUE_DIVISIBLE),
+            "divisible_by_16": _EPILOGUE_DIVISIBLE,
             "num_warps": 4, "num_stages": 1, "dtype": dtype, "expects_tensor_cores": False,
         })
     return variants

@@ -25,8 +25,6 @@ the plain kernel with one small config.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -208,11 +206,12 @@ def _get_autotuned_kernel():
 
 # ---------------------------------------------------------------------------------------------- host side
 def interpreting() -> bool:
-    """Whether Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1 when triton was imported)."""
-    try:
-        return bool(triton.knobs.runtime.interpret)
-    except AttributeError:  # older triton without knobs
-        return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """Whether this module's kernels were built for Triton's CPU interpreter (TRITON_INTERPRET=1 at import).
+
+    Decided by what `@triton.jit` returned, not by the environment now: setting the variable after import
+    does not turn the kernels into interpreted ones.
+    """
+    return not isinstance(_conv_gemm_kernel, triton.runtime.JITFunction)
 
 
 def _pair(name, value):
@@ -342,8 +341,8 @@ def conv_bn_act(x, weight, scale, shift, *, stride=1, padding=0, dilation=1, gro
     if split_k is None:
         k_iters = kh * kw * triton.cdiv(cin_g, block_k_guess)
         split_k = 1 if interp else _configs.choose_split_k(m, cout_g, groups, k_iters, _num_sms(x.device))
-    if not isinstance(split_k, int) or split_k < 1:
-        raise ValueError(f"split_k: expected a positive int or None, got {split_k!r}")
+    if not isinstance(split_k, int) or isinstance(split_k, bool) or not 1 <= split_k <= 64:
+        raise ValueError(f"split_k: expected None or an int in 1..64, got {split_k!r}")
 
     extents = [_max_offset(x), _max_offset(weight), _max_offset(y), split_k * m * cout]
     if residual is not None:
@@ -371,7 +370,7 @@ def conv_bn_act(x, weight, scale, shift, *, stride=1, padding=0, dilation=1, gro
         _conv_gemm_kernel[grid](*args, EVEN_K=cin_g % cfg["BLOCK_K"] == 0, **flags, **cfg)
     else:
         # EVEN_K depends on the config's BLOCK_K, so it is only set when every candidate BLOCK_K divides Cin_g.
-        even_k = cin_g % 64 == 0
+        even_k = all(cin_g % bk == 0 for bk in _configs.block_k_values())
 
         def grid(meta):
             return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(cout_g, meta["BLOCK_N"]), groups, split_k)

@@ -342,7 +342,8 @@ def depthwise_conv_bn_act(x: torch.Tensor, weight: torch.Tensor, scale: torch.Te
     if _interpreting():
         _depthwise_kernel[grid](*args, **consts, **INTERPRET_CONFIG)
     else:
-        kernel = _autotuned(not pixels_inner, _cap(channels, 2), _cap(m_total, 16))
+        # Caps above the largest block sizes would only create more autotuners with identical configs.
+        kernel = _autotuned(not pixels_inner, min(_cap(channels, 2), 128), min(_cap(m_total, 16), 1024))
         traceable(kernel)[grid](*args, **consts)
     return y
 
@@ -397,9 +398,6 @@ def aot_variants() -> list[dict]:
         else:  # NCHW tensors with 16 | W: unit column strides
             unit = ("swc", "sxw", "srw", "syw")
             divisible += ["sxn", "sxc", "sxh", "srn", "src", "srh", "syn", "syc", "syh", "swh", "sww"]
-        if int64:  # the int64 variant is compiled with generic (i64) strides
-            unit = ()
-            divisible = divisible[:7]
         constexprs.update({name: 1 for name in unit})
         variants.append({
             "name": f"dw_{name}", "fn": _depthwise_kernel, "signature": _signature(short[dtype], int64, unit),

@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -101,14 +102,12 @@ def test_convert_onnx_round_trip(tmp_path, resnet18_weights):
         assert rel_err(torch.from_numpy(got), model(x)) < 1e-5
 
 
-def test_pickled_module_needs_trust_pickle(tmp_path):
+def test_pickled_module_with_trust_pickle(tmp_path):
     model = cli.randomize_batchnorm(torch.nn.Sequential(
         torch.nn.Conv2d(3, 8, 3, padding=1, bias=False), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
         torch.nn.Conv2d(8, 4, 1), torch.nn.BatchNorm2d(4)), seed=5).eval()
     path = tmp_path / "seq.pt"
     torch.save(model, path)
-    refused = run_cli("convert", str(path), "-o", str(tmp_path / "out.pt2"), cwd=tmp_path)
-    assert_one_line_error(refused, "--trust-pickle")
     proc = run_cli("convert", str(path), "-o", str(tmp_path / "out.pt2"), "--trust-pickle", "--check",
                    "--input-size", "2,3,16,16", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -120,25 +119,54 @@ def test_pickled_module_needs_trust_pickle(tmp_path):
 
 @pytest.mark.parametrize("args,needles", [
     (["convert", "torchvision:not_a_model", "-o", "x.pt"], ["unknown torchvision model", "not_a_model"]),
-    (["convert", "timm:not_a_model_either", "-o", "x.pt"], ["unknown timm model"]),
-    (["convert", "smp:Unet", "-o", "x.pt"], ["smp:ARCH:ENCODER"]),
     (["convert", "missing_file.pt", "-o", "x.pt2"], ["no such file", "missing_file.pt"]),
     (["convert", "torchvision:resnet18", "-o", "x.txt"], ["-o/--output", ".pt, .pt2, .onnx", "x.txt"]),
-    (["convert", "torchvision:resnet18", "-o", "x.pt", "--input-size", "3,abc"], ["--input-size"]),
-    (["demo", "--model", "torchvision:nope"], ["unknown torchvision model"]),
 ])
 def test_errors_are_one_line_without_traceback(tmp_path, args, needles):
     assert_one_line_error(run_cli(*args, cwd=tmp_path), *needles)
 
 
-def test_torchscript_state_dict_and_weight_mismatch_are_explained(tmp_path):
+class InProcess:
+    """cli.main() called directly (the same code path as the console script, without a new interpreter)."""
+
+    def __init__(self, returncode, stdout, stderr):
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+def main_in_process(capsys, monkeypatch, cwd, *args):
+    monkeypatch.chdir(cwd)
+    capsys.readouterr()
+    code = cli.main(list(args))
+    captured = capsys.readouterr()
+    return InProcess(code, captured.out, captured.err)
+
+
+@pytest.mark.parametrize("args,needles", [
+    (["convert", "timm:not_a_model_either", "-o", "x.pt"], ["unknown timm model"]),
+    (["convert", "smp:Unet", "-o", "x.pt"], ["smp:ARCH:ENCODER"]),
+    (["convert", "torchvision:resnet18", "-o", "x.pt", "--input-size", "3,abc"], ["--input-size"]),
+    (["convert", "torchvision:resnet18", "-o", "no_such_dir/x.pt"], ["no such directory"]),
+    (["demo", "--model", "torchvision:nope"], ["unknown torchvision model"]),
+    (["demo", "--device", "cuda:0"] if not torch.cuda.is_available() else ["demo", "--device", "tpu"],
+     ["--device"]),
+])
+def test_more_errors_in_process(tmp_path, capsys, monkeypatch, args, needles):
+    assert_one_line_error(main_in_process(capsys, monkeypatch, tmp_path, *args), *needles)
+
+
+def test_torchscript_state_dict_and_weight_mismatch_are_explained(tmp_path, capsys, monkeypatch):
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).eval()
-    torch.jit.save(torch.jit.script(net), tmp_path / "net.ts")
-    assert_one_line_error(run_cli("convert", "net.ts", "-o", "o.pt2", cwd=tmp_path), "TorchScript")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit is deprecated in recent torch; users still have such files
+        torch.jit.save(torch.jit.script(net), tmp_path / "net.ts")
+    run = lambda *a: main_in_process(capsys, monkeypatch, tmp_path, *a)  # noqa: E731
+    assert_one_line_error(run("convert", "net.ts", "-o", "o.pt2"), "TorchScript")
     torch.save(net.state_dict(), tmp_path / "sd.pth")
-    assert_one_line_error(run_cli("convert", "sd.pth", "-o", "o.pt2", cwd=tmp_path), "state_dict", "--weights")
-    assert_one_line_error(run_cli("convert", "torchvision:resnet18", "-o", "o.pt", "--weights", "sd.pth",
-                                  cwd=tmp_path), "--weights", "missing key")
+    assert_one_line_error(run("convert", "sd.pth", "-o", "o.pt2"), "state_dict", "--weights")
+    assert_one_line_error(run("convert", "torchvision:resnet18", "-o", "o.pt", "--weights", "sd.pth"),
+                          "--weights", "missing key")
+    torch.save(net, tmp_path / "module.pt")
+    assert_one_line_error(run("convert", "module.pt", "-o", "o.pt2"), "--trust-pickle")
 
 
 def test_bench_subcommand_runs_a_tiny_suite(tmp_path):

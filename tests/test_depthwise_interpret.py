@@ -19,7 +19,7 @@ pytestmark = pytest.mark.interpret
 
 #: max |out - ref| / max |ref| allowed per dtype (fp16: the reference rounds the conv to fp16 before the
 #: epilogue, the kernel keeps fp32 until the final cast).
-TOL = {torch.float32: 1e-5, torch.float16: 1e-2}
+TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 3e-2}
 
 # (id, N, C, H, W, kernel, stride, padding, dilation); kernel/stride/padding/dilation: int or (h, w).
 GEOMETRIES = [
@@ -89,6 +89,18 @@ def test_geometry(geom, channels_last, dtype):
     assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("geom", [GEOMETRIES[1], GEOMETRIES[6]], ids=[GEOMETRIES[1][0], GEOMETRIES[6][0]])
+def test_bfloat16(geom, channels_last):
+    _, n, c, h, w, kernel, stride, padding, dilation = geom
+    x, weight, scale, shift, res = _problem(n, c, h, w, kernel, stride, padding, dilation, torch.bfloat16,
+                                            channels_last, True, seed=4)
+    _run_and_check(x, weight, scale, shift, res, stride=stride, padding=padding, dilation=dilation,
+                   activation="gelu")
+
+
+# The interpreter evaluates sigmoid(-large) as 1 / (1 + exp(large)) = 0 with a harmless numpy overflow warning.
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
 @pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("activation", ACTIVATIONS)

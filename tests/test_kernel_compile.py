@@ -12,9 +12,10 @@ tf32 for fp32 with TF32); variants that do not (IEEE fp32, the direct depthwise 
 contain none — an IEEE fp32 conv that used TF32 tensor cores would silently lose precision.
 
 How it runs: compiling needs real JITFunctions (TRITON_INTERPRET unset) and takes a while, so a module fixture
-starts this file as a script in a few parallel worker processes (one per CPU, at most 8), each compiling a
-shard of (variant, target) pairs into a fresh Triton cache and writing a JSON summary; the tests, parametrised
-per variant and target, assert on the merged summary. `python tests/test_kernel_compile.py --list` prints the
+starts this file as a script in a few parallel worker processes (one per CPU, at most 8) that share a queue of
+the selected (variant, target) pairs (largest tiles first), compile into a fresh Triton cache and write JSON
+summaries; the tests, parametrised per variant and target, assert on the merged summary. Only the pairs
+selected in the session (`-k`, node ids) are compiled. `python tests/test_kernel_compile.py --list` prints the
 variants.
 """
 
@@ -97,15 +98,35 @@ def compile_one(variant: dict, cap: int) -> dict:
                 "seconds": round(time.perf_counter() - start, 2)}
 
 
-def _worker(shard: int, shards: int, out_path: str) -> None:
-    """Compile every (variant, target) pair whose index is `shard` mod `shards`; JSON to `out_path` as it goes."""
+def _cost(variant: dict) -> int:
+    """Rough relative compile cost (tile size), so the biggest compiles start first and workers finish together."""
+    cost = 1
+    for key, value in variant["constexprs"].items():
+        if isinstance(key, str) and key.startswith("BLOCK_") and isinstance(value, int):
+            cost *= value
+    return cost * (4 if variant["expects_tensor_cores"] else 1)
+
+
+def _worker(pairs_path: str, claims_dir: str, out_path: str) -> None:
+    """Compile (variant name, cap) pairs from `pairs_path`, each claimed atomically in `claims_dir` so parallel
+    workers share the queue dynamically; JSON summaries to `out_path` after each compile."""
     from fusedconv.kernels import aot_variants
 
-    pairs = [(v, cap) for v in aot_variants() for cap in TARGETS]
+    by_name = {v["name"]: v for v in aot_variants()}
+    with open(pairs_path) as f:
+        pairs = json.load(f)
+    pairs.sort(key=lambda p: -_cost(by_name[p[0]]) if p[0] in by_name else 0)
     results: dict[str, dict] = {}
-    for i in range(shard, len(pairs), shards):
-        variant, cap = pairs[i]
-        results.setdefault(variant["name"], {})[str(cap)] = compile_one(variant, cap)
+    for name, cap in pairs:
+        try:  # claim: exactly one worker creates this file
+            os.close(os.open(os.path.join(claims_dir, f"{name}.sm{cap}"), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            continue
+        if name not in by_name:
+            summary = {"ok": False, "error": f"variant {name!r} is not in aot_variants() of the worker process"}
+        else:
+            summary = compile_one(by_name[name], cap)
+        results.setdefault(name, {})[str(cap)] = summary
         with open(out_path + ".tmp", "w") as f:  # partial results survive a timeout
             json.dump(results, f)
         os.replace(out_path + ".tmp", out_path)
@@ -119,7 +140,7 @@ def _variant_meta() -> list[dict]:
     return [{k: v[k] for k in ("name", "dtype", "expects_tensor_cores")} for v in aot_variants()]
 
 
-_VARIANTS = _variant_meta() if __name__ != "__main__" else []
+_VARIANTS = _variant_meta() if __name__ != "__main__" else []  # script mode needs no collection
 
 
 def test_variant_names_are_unique():
@@ -139,16 +160,25 @@ def test_every_kernel_dtype_is_covered():
 
 
 @pytest.fixture(scope="module")
-def compile_results():
-    """Compile every variant for every target in parallel worker processes; merged {name: {cap: summary}}."""
-    workers = max(1, min(MAX_WORKERS, os.cpu_count() or 1, len(_VARIANTS) * len(TARGETS)))
+def compile_results(request):
+    """Compile the selected (variant, target) pairs in parallel worker processes; {name: {cap: summary}}."""
+    pairs = sorted({(item.callspec.params["variant"]["name"], item.callspec.params["cap"])
+                    for item in request.session.items
+                    if item.module is request.module and hasattr(item, "callspec")
+                    and "variant" in item.callspec.params})
+    workers = max(1, min(MAX_WORKERS, os.cpu_count() or 1, len(pairs)))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="fusedconv-aot-") as tmp:
         env["TRITON_CACHE_DIR"] = os.path.join(tmp, "cache")  # fresh: every variant really compiles
-        outs = [os.path.join(tmp, f"shard{i}.json") for i in range(workers)]
-        procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "--shard", str(i), "--shards",
-                                   str(workers), "--out", out], env=env, stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, text=True) for i, out in enumerate(outs)]
+        pairs_path, claims = os.path.join(tmp, "pairs.json"), os.path.join(tmp, "claims")
+        os.mkdir(claims)
+        with open(pairs_path, "w") as f:
+            json.dump(pairs, f)
+        outs = [os.path.join(tmp, f"worker{i}.json") for i in range(workers)]
+        procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "--pairs", pairs_path, "--claims",
+                                   claims, "--out", out], env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True) for out in outs]
         deadline = time.monotonic() + COMPILE_TIMEOUT_S
         logs = []
         for proc in procs:
@@ -165,6 +195,9 @@ def compile_results():
                 with open(out) as f:
                     for name, per_cap in json.load(f).items():
                         merged.setdefault(name, {}).update(per_cap)
+    compile_seconds = sum(r.get("seconds", 0) for per_cap in merged.values() for r in per_cap.values())
+    print(f"\n[aot] compiled {len(pairs)} variant x target pairs with {workers} workers in "
+          f"{time.perf_counter() - start:.0f} s wall ({compile_seconds:.0f} s of compile time)")
     merged["__logs__"] = "\n".join(logs)
     return merged
 
@@ -201,9 +234,9 @@ def test_compiles_to_ptx(compile_results, variant, cap):
 # ------------------------------------------------------------------------------------------------ script mode
 def _main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shard", type=int, default=0)
-    parser.add_argument("--shards", type=int, default=1)
-    parser.add_argument("--out", help="JSON file for this shard's compile summaries")
+    parser.add_argument("--pairs", help="JSON list of [variant name, cap] pairs to compile")
+    parser.add_argument("--claims", help="directory shared by the workers for claiming pairs")
+    parser.add_argument("--out", help="JSON file for this worker's compile summaries")
     parser.add_argument("--list", action="store_true", help="print the variants and exit")
     args = parser.parse_args(argv)
     if args.list:
@@ -212,9 +245,9 @@ def _main(argv=None) -> None:
         for v in aot_variants():
             print(v["name"], v["dtype"], "tensor-cores" if v["expects_tensor_cores"] else "no-tensor-cores")
         return
-    if not args.out:
-        parser.error("--out is required unless --list is given")
-    _worker(args.shard, args.shards, args.out)
+    if not (args.pairs and args.claims and args.out):
+        parser.error("--pairs, --claims and --out are required unless --list is given")
+    _worker(args.pairs, args.claims, args.out)
 
 
 if __name__ == "__main__":

@@ -74,6 +74,7 @@ CASES = [
     ConvCase("depthwise_x2", 1, 4, 5, 5, 8, (3, 3), stride=(2, 2), padding=(1, 1), groups=4),
     ConvCase("rect_1x3", 1, 5, 4, 7, 3, (1, 3), stride=(1, 2), padding=(0, 1)),
     ConvCase("3x3_batch1_k_chunks", 1, 19, 5, 3, 5, (3, 3), padding=(1, 1)),
+    ConvCase("3x3_even_k_two_chunks", 1, 32, 4, 5, 18, (3, 3), padding=(1, 1)),  # no K masks, 2 N tiles
 ]
 LAYOUT_DTYPES = [("nchw", torch.float32), ("channels_last", torch.float16)]
 
@@ -219,6 +220,20 @@ def test_non_contiguous_input_and_residual():
     assert max_rel_error(out, truth) <= TOLERANCE[torch.float32]
 
 
+@pytest.mark.interpret
+def test_int64_offsets_path(monkeypatch):
+    """The USE_INT64 variant (chosen for tensors over 2^31 elements) computes the same result; forced here by
+    lowering the launcher's threshold, since a real > 2^31-element tensor is far too big for the interpreter."""
+    import importlib
+
+    launcher = importlib.import_module("fusedconv.kernels.conv_bn_act")
+    monkeypatch.setattr(launcher, "_INT32_LIMIT", 0)
+    case = next(c for c in CASES if c.name == "3x3_prime_stride2")
+    run_case(case, torch.float16, "channels_last", "leaky_relu", with_residual=True)
+    run_case(case, torch.float32, "nchw", "hardswish", with_residual=True, split_k=2)
+    monkeypatch.setattr(launcher, "_INT32_LIMIT", 2**31 - 1)
+
+
 # ------------------------------------------------------------------------------- in-process (no interpreter)
 def _small_inputs():
     x = torch.randn(1, 4, 5, 5)
@@ -320,3 +335,8 @@ def test_aot_variants_are_well_formed():
     for dtype, n_configs in (("float16", len(kconfigs.autotune_configs(2))),
                              ("float32", len(kconfigs.autotune_configs(4)))):
         assert sum(v["dtype"] == dtype and v["name"].startswith("conv1x1") for v in variants) == n_configs
+    gemm = [v for v in variants if v["fn"].__name__ == "_conv_gemm_kernel"]
+    from fusedconv.kernels.epilogue import ACTIVATION_IDS
+
+    for dtype in ("float16", "bfloat16", "float32"):
+        assert {v["constexprs"]["ACTIVATION"] for v in gemm if v["dtype"] == dtype} == set(ACTIVATION_IDS.values())

@@ -363,3 +363,25 @@ def test_direct_construction_matches_reference_function(stride, padding, dilatio
     expected = conv_bn_act_ref(x, w, scale, shift, stride=stride, padding=padding, dilation=dilation,
                                groups=groups, activation="gelu_tanh")
     assert max_rel_error(m(x), expected) < TOL[torch.float32]
+
+
+@torch.no_grad()
+def test_inference_mode_modules_are_never_stale():
+    """Tensors made under torch.inference_mode have no version counter: the cache is bypassed, never stale."""
+    with torch.inference_mode():
+        ref, fused = make_block()
+        x = torch.randn(2, 4, 8, 8)
+        first = fused(x)
+        fused.weight.mul_(-1.0)
+        assert max_rel_error(fused(x), first) > 1e-2
+        assert _fused_vs_fresh(fused, x) < TOL[torch.float32]
+
+
+def test_cache_filled_in_inference_mode_works_with_autograd():
+    """A cache filled inside inference_mode holds inference tensors; a later autograd call must not reuse it."""
+    ref, fused = make_block()
+    with torch.inference_mode():
+        fused(torch.randn(1, 4, 8, 8))
+    x = torch.randn(1, 4, 8, 8, requires_grad=True)
+    fused(x).sum().backward()
+    assert x.grad is not None and x.grad.shape == x.shape

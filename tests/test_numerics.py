@@ -181,28 +181,31 @@ def _huge_strided(shape, batch_stride, dtype, generator):
 
 
 @pytest.mark.interpret
-@pytest.mark.parametrize("where", ["input", "residual"])
+@pytest.mark.parametrize("where", ["input", "residual", "depthwise"])
 def test_kernel_int64_addressing_under_interpreter(where):
     from fusedconv.kernels import conv_bn_act
 
     g = torch.Generator().manual_seed(0)
     # 2^30 + 64 fits int32, but batch index 2 times it does not: an int32 product wraps to a negative offset.
     batch_stride = 2**30 + 64
-    shape_x, shape_y = (3, 4, 5, 5), (3, 6, 5, 5)
+    groups = 4 if where == "depthwise" else 1  # groups == Cin == Cout goes to the depthwise kernel
+    cout = 4 if where == "depthwise" else 6
+    shape_x, shape_y = (3, 4, 5, 5), (3, cout, 5, 5)
     dtype = torch.float16
-    if where == "input":
+    if where in ("input", "depthwise"):
         x, x_values = _huge_strided(shape_x, batch_stride, dtype, g)
         residual = res_values = torch.randn(shape_y, generator=g).to(dtype)
     else:
         x = x_values = torch.randn(shape_x, generator=g).to(dtype)
         residual, res_values = _huge_strided(shape_y, batch_stride, dtype, g)
-    weight = (torch.randn(6, 4, 3, 3, generator=g) / 6).to(dtype)
-    scale, shift = torch.rand(6, generator=g) + 0.5, torch.randn(6, generator=g)
-    assert max(s * (n - 1) for s, n in zip((x if where == "input" else residual).stride(), shape_x)) > 2**31
+    weight = (torch.randn(cout, 4 // groups, 3, 3, generator=g) / 4).to(dtype)
+    scale, shift = torch.rand(cout, generator=g) + 0.5, torch.randn(cout, generator=g)
+    assert max(s * (n - 1) for s, n in zip((residual if where == "residual" else x).stride(), shape_x)) > 2**31
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        out = conv_bn_act(x, weight, scale, shift, padding=1, activation="relu", residual=residual)
-    expected = conv_bn_act_ref(x_values, weight, scale, shift, padding=1, activation="relu", residual=res_values)
+        out = conv_bn_act(x, weight, scale, shift, padding=1, groups=groups, activation="relu", residual=residual)
+    expected = conv_bn_act_ref(x_values, weight, scale, shift, padding=1, groups=groups, activation="relu",
+                               residual=res_values)
     assert out.shape == expected.shape
     assert max_rel_error(out, expected) < TOLERANCE[dtype]
 

@@ -290,7 +290,38 @@ def test_partial_sum_keeps_the_other_operand():
     assert len(report.fused) == 1 and report.max_rel_error < FP32_TOL
     counts = count_ops(out_model, x, skip)
     assert counts["convolution"] == 1 and batch_norm_count(counts) == 0
-    assert max_rel_error(out_model(x, skip), model(x, skip)) < FP32_TOL
+    with torch.no_grad():
+        assert max_rel_error(out_model(x, skip), model(x, skip)) < FP32_TOL
+
+
+class LayerScaleMixer(nn.Module):
+    """FastViT's RepMixer: x + layer_scale * (mixer(x) - norm(x)), mixer a depthwise conv+BN, norm a BN."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.mixer = MobileOneBlock(c, c, 3, 1, groups=c, num_conv_branches=1)
+        self.mixer.activation = nn.Identity()
+        self.norm = nn.BatchNorm2d(c)
+        self.layer_scale = nn.Parameter(torch.rand(c, 1, 1) + 0.5)
+
+    def forward(self, x):
+        return x + self.layer_scale * (self.mixer(x) - self.norm(x))
+
+
+def test_layer_scale_distributes_over_inner_sum():
+    _, report = _check_block(LayerScaleMixer(6), torch.randn(2, 6, 7, 9))
+    assert [r.scope for r in report.fused] == ["mixer", ""], str(report)
+
+
+def test_half_precision_block():
+    model = _prepare(RepVGGBlock(8, 8)).half()
+    x = torch.randn(2, 8, 9, 9).half()
+    out_model, report = reparameterize(model, return_report=True)
+    assert len(report.fused) == 1 and out_model.reparam_conv.weight.dtype == torch.float16
+    with torch.no_grad():
+        ref64 = _prepare(RepVGGBlock(8, 8)).double()(x.double())  # same seed: same weights, in float64
+        assert max_rel_error(out_model(x), ref64) < 1e-2
+        assert max_rel_error(model(x), ref64) < 1e-2
 
 
 # ---------------------------------------------------------------------------------------------- left alone
@@ -419,10 +450,11 @@ def test_regroup_and_compose_match_torch():
 
 # ---------------------------------------------------------------------------------------------- timm models
 def _convert_with_reparam(model):
-    """convert() reparameterizes first once it calls reparameterize(); until then do it explicitly."""
+    """convert() reparameterizes first (reparam rows in its report); should it not, do it explicitly (on the
+    copy convert returned: these models have no nn.Sequential conv -> BN runs for convert to have taken)."""
     out, report = fusedconv.convert(model, return_report=True)
     if not any(r.kind == "reparam" for r in report.rows):
-        out = fusedconv.convert(reparameterize(model))
+        out = fusedconv.convert(reparameterize(out, inplace=True), inplace=True)
     return out
 
 
@@ -445,4 +477,11 @@ def test_timm_models_through_convert(name, block_class):
     assert counts["convolution"] == n_blocks  # every conv in these models sits in a block: one per block
     assert batch_norm_count(counts) == 0
     timm_counts = count_ops(reparameterize_model(model), x)
-    assert sum(counts.values()) <= sum(timm_counts.values()), (counts, timm_counts)
+    # detach / alias create views for autograd bookkeeping and launch no kernel (FusedConv2d's weight-cache
+    # check issues some): not counted against convert, but reparameterize alone must match timm op for op.
+    no_kernel = ("detach", "alias")
+    assert sum(v for k, v in counts.items() if k not in no_kernel) <= sum(timm_counts.values()), \
+        (counts, timm_counts)
+    reparam_counts = count_ops(reparameterize(model), x)
+    assert sum(reparam_counts.values()) <= sum(timm_counts.values()), (reparam_counts, timm_counts)
+    assert reparam_counts["convolution"] == n_blocks and batch_norm_count(reparam_counts) == 0

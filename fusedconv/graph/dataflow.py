@@ -304,7 +304,7 @@ class ScopePass:
         return None
 
     def run(self) -> nn.Module:
-        chains = []
+        chains, claimed = [], set()
         for node in list(self.graph.nodes):
             if node.op != "call_module":
                 continue
@@ -323,12 +323,18 @@ class ScopePass:
                 continue
             if ch.reason is None and tail is not None:
                 ch.reason = self._tail_ok(ch)
+            if ch.add is not None and ch.add in claimed:
+                # `bn_a(..) + bn_b(..)`: both chains reach the add; the first one takes it as its residual.
+                ch.add, ch.act, ch.act_spec = None, None, ActivationSpec()
+                if ch.bn is None:
+                    continue
+            claimed.update(ch.nodes)
             chains.append(ch)
         good = []
         for ch in chains:
             if ch.reason is None:
                 try:
-                    ch.fused = self._fused_module(ch)
+                    ch.fused = self._fused_module(ch).train(ch.conv_module.training)
                 except (ValueError, TypeError, RuntimeError) as e:
                     ch.reason = str(e)
             if ch.reason is not None:
@@ -346,7 +352,7 @@ class ScopePass:
                 if ch.tail is None:
                     self._set(self.module, ch.conv.target, ch.fused)
                 for n in ch.nodes[1:]:
-                    self._set(self.module, n.target, nn.Identity())
+                    self._set(self.module, n.target, nn.Identity().train(self._mod(n).training))
                 self._report(ch)
             return self.module
         return self._rewrite_graph(good)
@@ -396,7 +402,7 @@ class ScopePass:
                 graph.erase_node(n)
         graph.lint()
         gm = fx.GraphModule(root, graph, class_name=type(module).__name__)
-        gm.train(module.training)
+        gm.training = module.training  # not .train(): that would reset every child's flag too
         # Keep simple configuration attributes (e.g. a block's `stride`) that user code may read.
         for k, v in module.__dict__.items():
             if (not k.startswith("_") and k != "training" and k not in gm.__dict__

@@ -403,6 +403,13 @@ class ScopePass:
             consumed.update(inner)
             self.try_merge(node, terms, const)
         if self.merged:
+            # nn.Identity calls (timm's `attn`, `drop_path` at inference) between the merged conv and its
+            # activation would hide the conv -> act chain from convert(): drop them in the rewritten scope.
+            for node in list(self.graph.nodes):
+                if node.op == "call_module" and type(self._module(node)) is nn.Identity and \
+                        len(node.args) == 1 and not node.kwargs and isinstance(node.args[0], fx.Node):
+                    node.replace_all_uses_with(node.args[0])
+                    self.graph.erase_node(node)
             self.graph.eliminate_dead_code()
             self.gm.delete_all_unused_submodules()
             self.graph.lint()
@@ -430,13 +437,15 @@ class ScopePass:
         rest = [t for t in terms if source not in t.nodes]
         if any(t.post for t in rest):
             return  # rebuilding a factor around the leftover operands is not worth the risk
-        convs = [p for t in group for p in t.pieces[:t.nodes.index(source)] if p.kind in ("conv", "pool")]
+        group_pieces = [p for t in group for p in t.pieces[:t.nodes.index(source)] + t.post]
+        convs = [p for p in group_pieces if p.kind in ("conv", "pool")]
         if not convs:
             return  # nothing spatial to merge into (e.g. x + bn(x)): shapes unknown, leave it to other passes
         names = tuple(self._qual(p.node) for t in group for p in reversed(t.pieces[:t.nodes.index(source)])
                       if p.node.op == "call_module" and p.kind != "identity")
         try:
-            dev = convs[0].module.weight.device if convs[0].kind == "conv" else None
+            dev = next((t.device for p in group_pieces if p.module is not None
+                        for t in list(p.module.parameters()) + list(p.module.buffers())), None)
             channels = self._input_channels(group, source)
             maps = [self.term_map(t, source, channels, dev) for t in group]
             merged = merge_sum(maps)

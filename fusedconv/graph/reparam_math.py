@@ -239,8 +239,10 @@ def apply_map(m: ConvMap, x: torch.Tensor) -> torch.Tensor:
 
 def to_conv2d(m: ConvMap, dtype: torch.dtype, device) -> nn.Conv2d:
     """An nn.Conv2d with bias holding `m` in `dtype` on `device` (eval mode, no grad needed for inference)."""
-    conv = nn.Conv2d(m.in_channels, m.out_channels, m.kernel_size, stride=m.stride, padding=m.padding,
-                     dilation=m.dilation, groups=m.groups, bias=True, device=device, dtype=dtype)
+    # skip_init: the random initialisation would be overwritten anyway (and costs seconds on big models).
+    conv = nn.utils.skip_init(nn.Conv2d, m.in_channels, m.out_channels, m.kernel_size, stride=m.stride,
+                              padding=m.padding, dilation=m.dilation, groups=m.groups, bias=True, device=device,
+                              dtype=dtype)
     with torch.no_grad():
         conv.weight.copy_(m.weight.to(dtype))
         conv.bias.copy_(m.bias.to(dtype))

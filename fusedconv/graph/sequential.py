@@ -75,14 +75,14 @@ def fuse_sequential(seq: nn.Sequential, scope: str, uses: Counter, report: Conve
             report.add(scope, chain, KIND, "skipped", reason)
             i += len(chain)
             continue
-        fused_mod = FusedConv2d.from_modules(conv, bn, act_spec)
+        fused_mod = FusedConv2d.from_modules(conv, bn, act_spec).train(conv.training)
         if owner is None:
             seq._modules[chain[0]] = fused_mod
         else:
             owner._modules[conv_name] = fused_mod  # the container stays; its tail conv is fused
             chain[0] = f"{chain[0]}.{conv_name}" if len(path) == 1 else f"{chain[0]}.(...).{conv_name}"
         for n in chain[1:]:
-            seq._modules[n] = nn.Identity()
+            seq._modules[n] = nn.Identity().train(seq._modules[n].training)
         detail = "+".join((["bn"] if bn is not None else []) + ([str(act_spec)] if act_spec is not None else []))
         report.add(scope, chain, KIND, "fused", detail)
         fused += 1

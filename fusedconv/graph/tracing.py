@@ -40,7 +40,8 @@ def _restore(module: nn.Module, snap: dict) -> list[str]:
     changed = []
     for k in _STATE_DICTS:
         current = module.__dict__.get(k, {})
-        if current != snap[k] or list(current) != list(snap[k]):
+        # Compare by identity: tensors' == is elementwise.
+        if [(n, id(v)) for n, v in current.items()] != [(n, id(v)) for n, v in snap[k].items()]:
             changed.append(k)
             current.clear()
             current.update(snap[k])

@@ -1,0 +1,356 @@
+"""convert() on small adversarial models: every chain is fused only where exactly equivalent.
+
+Each case compares the converted model with the original (PyTorch's own Conv2d -> BatchNorm2d(eval) -> act),
+counts the batch_norm ops still executing, and checks the report says why a chain was left alone.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from test_convert_helpers import check_convert, output_error  # noqa: E402
+from util import randomize_bn  # noqa: E402
+
+import fusedconv  # noqa: E402
+from fusedconv import FusedConv2d  # noqa: E402
+from fusedconv.graph.dataflow import fuse_dataflow  # noqa: E402
+from fusedconv.report import ConversionReport  # noqa: E402
+
+
+def _x(c=4, size=10, seed=0):
+    return torch.randn(2, c, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def _prep(model, seed=0):
+    torch.manual_seed(seed)
+    for m in model.modules():  # non-trivial conv biases / weights where present
+        if isinstance(m, nn.Conv2d) and m.bias is not None:
+            nn.init.normal_(m.bias, std=0.3)
+    return randomize_bn(model, seed).eval()
+
+
+class ConvBN(nn.Module):
+    """conv -> bn -> f(y) where f is given (the forward under test)."""
+
+    def __init__(self, f, bias=False, padding_mode="zeros", bn=None):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 6, 3, padding=1, bias=bias, padding_mode=padding_mode)
+        self.bn = bn if bn is not None else nn.BatchNorm2d(6)
+        self.f = f
+
+    def forward(self, x):
+        return self.f(self.bn(self.conv(x)))
+
+
+FUNCTIONAL_ACTS = {
+    "F.relu": (lambda y: F.relu(y), "relu"),
+    "torch.relu": (lambda y: torch.relu(y), "relu"),
+    "method relu": (lambda y: y.relu(), "relu"),
+    "F.relu inplace": (lambda y: F.relu(y, inplace=True), "relu"),
+    "F.leaky_relu": (lambda y: F.leaky_relu(y, 0.2), "leaky_relu(0.2)"),
+    "F.hardtanh(0,6)": (lambda y: F.hardtanh(y, 0.0, 6.0), "relu6"),
+    "F.silu": (lambda y: F.silu(y), "silu"),
+    "F.hardswish": (lambda y: F.hardswish(y), "hardswish"),
+    "F.gelu tanh": (lambda y: F.gelu(y, approximate="tanh"), "gelu_tanh"),
+}
+
+
+@pytest.mark.parametrize("key", list(FUNCTIONAL_ACTS))
+@pytest.mark.parametrize("bias", [False, True])
+def test_functional_activation(key, bias):
+    f, name = FUNCTIONAL_ACTS[key]
+    model = _prep(ConvBN(f, bias=bias))
+    converted, report = check_convert(model, _x())
+    assert [r.detail for r in report.fused] == [f"bn+{name}"]
+    # A functional activation needs the graph: the block is rewritten but keeps its class name.
+    assert type(converted).__name__ == "ConvBN"
+
+
+@pytest.mark.parametrize("act", [nn.ReLU(), nn.ReLU6(), nn.LeakyReLU(0.3), nn.SiLU(), nn.Hardswish(), nn.GELU(),
+                                 nn.Hardtanh(0.0, 6.0)])
+def test_module_activation_keeps_class_and_names(act):
+    model = _prep(ConvBN(act, padding_mode="reflect", bias=True))
+    converted, report = check_convert(model, _x())
+    assert type(converted) is ConvBN  # children swapped, not a GraphModule
+    assert isinstance(converted.conv, FusedConv2d) and type(converted.bn) is nn.Identity
+    assert converted.conv.padding_mode == "reflect"
+    assert len(report.fused) == 1
+
+
+class ConvUsedTwice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        c = self.conv(x)
+        return F.relu(self.bn(c)) + c
+
+
+def test_conv_output_used_twice_is_not_folded():
+    converted, report = check_convert(_prep(ConvUsedTwice()), _x(), bn_left=1)
+    assert len(report.skipped) == 1 and "used 2 times" in report.skipped[0].detail
+
+
+class SharedReLU(nn.Module):
+    """One ReLU module at two call sites; the second applies to a sum that is not a chain output."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.proj = nn.Conv2d(4, 4, 1)
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        y = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(y - self.proj(x))
+
+
+def test_shared_activation_module_stays_where_needed():
+    converted, report = check_convert(_prep(SharedReLU()), _x())
+    assert [r.detail for r in report.fused] == ["bn+relu"]
+    assert "relu" in dict(converted.named_children())  # still needed by the second call site
+    assert (converted(_x()) >= 0).all()
+
+
+def test_activation_shared_between_sequentials_is_not_replaced():
+    relu = nn.ReLU()
+    model = _prep(nn.Sequential(nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), relu),
+                                nn.Sequential(nn.Conv2d(4, 4, 1), relu)))
+    model[1][0].bias.data.fill_(-0.5)
+    converted, report = check_convert(model, _x(), bn_left=1)
+    assert "shared" in report.skipped[0].detail
+    assert isinstance(converted[1][1], nn.ReLU)
+
+
+class BNUsedTwice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2, self.bn = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return F.relu(self.bn(self.conv1(x))) * self.bn(self.conv2(x))
+
+
+def test_bn_module_called_twice_folds_into_each_conv():
+    converted, report = check_convert(_prep(BNUsedTwice()), _x())
+    assert len(report.fused) == 2
+
+
+class FunctionalBN(nn.Module):
+    def __init__(self, training_flag=False):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(4, 6, 3, padding=1), nn.BatchNorm2d(6, eps=1e-3)
+        self.training_flag = training_flag
+
+    def forward(self, x):
+        b = self.bn
+        y = F.batch_norm(self.conv(x), b.running_mean, b.running_var, b.weight, b.bias, self.training_flag, 0.1,
+                         b.eps)
+        return F.silu(y)
+
+
+def test_functional_batch_norm_with_module_buffers():
+    converted, report = check_convert(_prep(FunctionalBN()), _x())
+    assert [r.detail for r in report.fused] == ["F.batch_norm+silu"]
+
+
+def test_functional_batch_norm_training_true_is_skipped():
+    model = _prep(FunctionalBN(training_flag=True))
+    with torch.no_grad():
+        ref = model(_x())
+    converted, report = fusedconv.convert(model, return_report=True)
+    assert "training=True" in report.skipped[0].detail
+    with torch.no_grad():
+        assert output_error(converted(_x()), ref) == 0.0
+
+
+def test_training_mode_model_is_refused():
+    model = _prep(ConvBN(nn.ReLU()))
+    model.bn.train()
+    with pytest.raises(RuntimeError, match="eval mode.*'bn'"):
+        fusedconv.convert(model)
+
+
+def test_training_mode_bn_is_skipped_by_the_pass():
+    model = _prep(ConvBN(nn.ReLU()))
+    model.bn.train()
+    report = ConversionReport()
+    fuse_dataflow(model, report)
+    assert not report.fused and "training mode" in report.skipped[0].detail
+
+
+def test_bn_without_running_stats_is_skipped():
+    model = _prep(ConvBN(nn.ReLU(), bn=nn.BatchNorm2d(6, track_running_stats=False)))
+    converted, report = check_convert(model, _x(), bn_left=1)
+    assert "running statistics" in report.skipped[0].detail
+
+
+class ScaledBN(nn.BatchNorm2d):
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+def test_bn_subclass_with_custom_forward_is_skipped():
+    converted, report = check_convert(_prep(ConvBN(nn.ReLU(), bn=ScaledBN(6))), _x(), bn_left=1)
+    assert "overrides its forward" in report.skipped[0].detail
+
+
+def test_sequential_bn_subclass_and_syncbn():
+    model = _prep(nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), ScaledBN(4), nn.ReLU(),
+                                nn.Conv2d(4, 4, 3, padding=1, bias=True), nn.SyncBatchNorm(4), nn.ReLU6()))
+    converted, report = check_convert(model, _x(), bn_left=1)
+    assert [r.status for r in report.rows] == ["skipped", "fused"]
+    assert report.fused[0].detail == "bn+relu6"
+
+
+def test_frozen_batchnorm():
+    from torchvision.ops import FrozenBatchNorm2d
+
+    bn = FrozenBatchNorm2d(6)
+    bn.running_mean.normal_()
+    bn.running_var.uniform_(0.5, 2)
+    bn.weight.uniform_(0.5, 1.5)
+    bn.bias.normal_()
+    model = _prep(ConvBN(lambda y: y.relu(), bn=bn))
+    converted, report = check_convert(model, _x())
+    assert len(report.fused) == 1
+
+
+class Residual(nn.Module):
+    """conv2 -> bn2 -> (+ other) -> relu, other being the input, another chain, a parameter, or itself."""
+
+    def __init__(self, other):
+        super().__init__()
+        self.conv2, self.bn2 = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.convd, self.bnd = nn.Conv2d(4, 4, 1, bias=False), nn.BatchNorm2d(4)
+        self.param = nn.Parameter(torch.randn(4, 1, 1))
+        self.relu = nn.ReLU(inplace=True)
+        self.other = other
+
+    def forward(self, x):
+        y = self.bn2(self.conv2(x))
+        if self.other == "input":
+            y = y + x
+        elif self.other == "input_first":
+            y = x + y
+        elif self.other == "chain":
+            y += self.bnd(self.convd(x))
+        elif self.other == "param":
+            y = y + self.param
+        elif self.other == "self":
+            y = y + y
+        elif self.other == "inplace_other":
+            z = x * 1.0
+            z.add_(y)
+            return self.relu(z), z
+        return self.relu(y)
+
+
+@pytest.mark.parametrize("other,details", [
+    ("input", ["bn+add+relu"]), ("input_first", ["bn+add+relu"]), ("chain", ["bn", "bn+add+relu"]),
+    ("param", ["bn"]), ("self", ["bn"]), ("inplace_other", ["bn"]),
+])
+def test_residual_add(other, details):
+    # reparameterize=False: re-parameterization would merge "conv + bn + identity" into one conv first.
+    converted, report = check_convert(_prep(Residual(other)), _x(), reparameterize=False)
+    assert sorted(r.detail for r in report.fused) == sorted(details)
+
+
+class Grandchildren(nn.Module):
+    """Chain members reached by indexing a ModuleList: the fused module gets a flat new name."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)])
+
+    def forward(self, x):
+        return F.relu(self.layers[1](self.layers[0](x)) + x)
+
+
+def test_chain_through_modulelist_indexing():
+    converted, report = check_convert(_prep(Grandchildren()), _x(), reparameterize=False)
+    assert [r.detail for r in report.fused] == ["bn+add+relu"]
+    assert isinstance(converted.layers_0, FusedConv2d)
+
+
+class ConvCalledTwice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn1, self.bn2 = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn1(self.conv(x)) + self.bn2(self.conv(x * 2))
+
+
+def test_conv_module_called_twice_is_skipped():
+    converted, report = check_convert(_prep(ConvCalledTwice()), _x(), bn_left=2, reparameterize=False)
+    assert "called 2 times" in report.skipped[0].detail
+
+
+class SideEffect(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.calls = 0
+
+    def forward(self, x):
+        self.last_shape = x.shape
+        return self.bn(self.conv(x))
+
+
+def test_forward_with_side_effects_is_not_rewritten():
+    model = _prep(SideEffect())
+    converted, report = check_convert(model, _x(), bn_left=1)
+    assert "not traceable" in report.skipped[0].detail and "last_shape" in report.skipped[0].detail
+    assert not hasattr(model, "last_shape") or isinstance(model.last_shape, torch.Size)
+
+
+def test_timm_batchnormact_with_drop_is_skipped():
+    timm_layers = pytest.importorskip("timm.layers")
+    bn = timm_layers.BatchNormAct2d(6, act_layer=nn.ReLU, drop_layer=lambda: nn.Dropout(0.1))
+    converted, report = check_convert(_prep(ConvBN(nn.Identity(), bn=bn)), _x(), bn_left=1)
+    assert "Dropout" in report.skipped[0].detail
+    bn = timm_layers.BatchNormAct2d(6, act_layer=nn.Mish)
+    converted, report = check_convert(_prep(ConvBN(nn.Identity(), bn=bn)), _x(), bn_left=1)
+    assert "Mish" in report.skipped[0].detail
+    bn = timm_layers.BatchNormAct2d(6, act_layer=nn.Hardswish)
+    converted, report = check_convert(_prep(ConvBN(nn.Identity(), bn=bn)), _x())
+    assert report.fused[0].detail == "bn+hardswish"
+
+
+def test_inplace_and_idempotent():
+    model = _prep(ConvBN(nn.ReLU()))
+    with torch.no_grad():
+        ref = model(_x())
+    same = fusedconv.convert(model, inplace=True)
+    assert same is model and isinstance(model.conv, FusedConv2d)
+    again, report = fusedconv.convert(model, return_report=True)
+    assert not report.rows
+    with torch.no_grad():
+        assert output_error(again(_x()), ref) < 1e-5
+
+
+def test_bad_arguments():
+    with pytest.raises(TypeError, match="model: expected a torch.nn.Module"):
+        fusedconv.convert(lambda x: x)
+    with pytest.raises(TypeError, match="example_inputs: expected a tensor"):
+        fusedconv.convert(_prep(ConvBN(nn.ReLU())), example_inputs={"x": _x()})
+    with pytest.raises(ValueError, match="tolerance"):
+        fusedconv.convert(_prep(ConvBN(nn.ReLU())), tolerance=-1)
+
+
+def test_self_check_raises_above_tolerance():
+    model = _prep(ConvBN(nn.ReLU()))
+    with pytest.raises(RuntimeError, match=r"differ from the original's by .* above the tolerance 0"):
+        fusedconv.convert(model, example_inputs=_x(), tolerance=0.0)
+    _, report = fusedconv.convert(model, example_inputs=(_x(),), return_report=True)
+    assert 0 < report.max_rel_error < 1e-5

@@ -1,0 +1,129 @@
+"""A converted model composes with the PyTorch toolchain: torch.compile(fullgraph=True), torch.export, ONNX
+export + onnxruntime, deepcopy, state_dict save/load (weights_only=True), .half(), channels_last."""
+
+from __future__ import annotations
+
+import copy
+import io
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from test_convert_helpers import check_convert  # noqa: E402
+from util import max_rel_error, randomize_bn  # noqa: E402
+
+import fusedconv  # noqa: E402
+from fusedconv import FusedConv2d  # noqa: E402
+
+torchvision = pytest.importorskip("torchvision")
+
+
+def _x(size=32, seed=0):
+    return torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def _tiny_resnet(seed=0):
+    """Stem + one BasicBlock with a downsample + head: every pattern of a ResNet, small enough to compile."""
+    from torchvision.models.resnet import BasicBlock
+
+    torch.manual_seed(seed)
+    down = nn.Sequential(nn.Conv2d(8, 16, 1, stride=2, bias=False), nn.BatchNorm2d(16))
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(inplace=True),
+                          BasicBlock(8, 16, stride=2, downsample=down),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5))
+    return randomize_bn(model, seed).eval()
+
+
+@pytest.fixture(scope="module")
+def resnet18_pair():
+    model = randomize_bn(torchvision.models.resnet18(weights=None, num_classes=10), seed=11).eval()
+    converted = fusedconv.convert(model)
+    with torch.no_grad():
+        converted(_x())  # compute the fallback's folded weights once (as a deployment warm-up would)
+    return model, converted
+
+
+@torch.no_grad()
+def test_torch_compile_fullgraph():
+    model = _tiny_resnet()
+    converted, report = check_convert(model, _x(16))
+    assert any("add" in r.detail for r in report.fused)
+    compiled = torch.compile(converted, fullgraph=True)
+    assert max_rel_error(compiled(_x(16, seed=1)), model(_x(16, seed=1))) < 1e-5
+
+
+@torch.no_grad()
+def test_torch_export(resnet18_pair):
+    model, converted = resnet18_pair
+    ep = torch.export.export(converted, (_x(),))
+    targets = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
+    assert not any("batch_norm" in t for t in targets), targets
+    assert max_rel_error(ep.module()(_x(seed=2)), model(_x(seed=2))) < 1e-5
+
+
+def test_onnx_export_no_batchnorm_matches_onnxruntime(resnet18_pair):
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    model, converted = resnet18_pair
+    x = _x()
+    buf = io.BytesIO()
+    program = torch.onnx.export(converted, (x,), dynamo=True, verbose=False)
+    program.save(buf) if hasattr(program, "save") else None
+    proto = onnx.load_from_string(buf.getvalue())
+    ops = {n.op_type for n in proto.graph.node}
+    assert "BatchNormalization" not in ops, ops
+    assert "Conv" in ops and "Relu" in ops and "Add" in ops
+    # FusedConv2d's traced path folds the BN scale into the weight in the graph (weight * scale): such a Mul
+    # only reads initializers (constant, folded by onnxruntime at load); none may touch activations.
+    constants = {i.name for i in proto.graph.initializer}
+    for node in proto.graph.node:
+        if node.op_type == "Mul":
+            assert all(i in constants for i in node.input), f"Mul on activations: {node.input}"
+    session = ort.InferenceSession(buf.getvalue(), providers=["CPUExecutionProvider"])
+    (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        ref = model(x)
+    assert max_rel_error(torch.from_numpy(out), ref) < 1e-4
+
+
+@torch.no_grad()
+def test_deepcopy_and_state_dict_round_trip(resnet18_pair):
+    model, converted = resnet18_pair
+    x = _x(seed=3)
+    ref = model(x)
+    clone = copy.deepcopy(converted)
+    assert max_rel_error(clone(x), ref) < 1e-5
+    buf = io.BytesIO()
+    torch.save(converted.state_dict(), buf)
+    buf.seek(0)
+    state = torch.load(buf, weights_only=True)
+    assert not any("running_mean" in k for k in state)
+    # Load into a freshly converted copy of an untrained model of the same architecture.
+    fresh = fusedconv.convert(torchvision.models.resnet18(weights=None, num_classes=10).eval())
+    fresh.load_state_dict(state)
+    assert max_rel_error(fresh(x), ref) < 1e-5
+
+
+@torch.no_grad()
+def test_channels_last_and_dtypes():
+    model = _tiny_resnet(seed=1)
+    converted = fusedconv.convert(model)
+    x = _x(16, seed=4)
+    ref = model(x)
+    cl = copy.deepcopy(converted).to(memory_format=torch.channels_last)
+    assert max_rel_error(cl(x.to(memory_format=torch.channels_last)), ref) < 1e-5
+    # .double() of a model converted in fp32 keeps the fp32-rounded scale / shift: fp32-level agreement.
+    dbl = copy.deepcopy(converted).double()
+    assert max_rel_error(dbl(x.double()), copy.deepcopy(model).double()(x.double())) < 1e-6
+    half = copy.deepcopy(converted).half()
+    assert all(m.scale.dtype == torch.float32 for m in half.modules() if isinstance(m, FusedConv2d))
+    try:
+        out = half(x.half())
+    except RuntimeError as e:  # some CPU builds lack fp16 convolution
+        pytest.skip(f"fp16 conv unavailable on this CPU: {e}")
+    assert out.dtype == torch.float16 and max_rel_error(out.float(), ref) < 1e-2

@@ -239,7 +239,7 @@ def run_reparam(args, device, results: dict) -> None:
         results["reparam"] = [{"status": f"n/a: import failed: {type(e).__name__}: {e}"}]
         return
     try:
-        rows = mod.run(device, args.quick)
+        rows = mod.run(str(device), args.quick)  # its API takes the device as a string ("cpu", "cuda")
         results["reparam"] = [dict(r) for r in rows]
     except Exception as e:
         results["reparam"] = [{"status": f"n/a: {type(e).__name__}: {str(e).strip()[:200]}"}]

@@ -94,8 +94,10 @@ def _build_smp(arch: str, encoder: str):
     except ImportError as e:
         raise CLIError("model spec smp:...: expected segmentation_models_pytorch to be installed, got ImportError") \
             from e
+    import torch
+
     archs = {n.lower(): n for n in dir(smp) if isinstance(getattr(smp, n), type)
-             and issubclass(getattr(smp, n), __import__("torch").nn.Module)}
+             and issubclass(getattr(smp, n), torch.nn.Module)}
     if arch.lower() not in archs:
         raise CLIError(f"model spec: unknown smp architecture {arch!r} (e.g. Unet, FPN, DeepLabV3Plus)")
     encoders = set(smp.encoders.get_encoder_names()) if hasattr(smp.encoders, "get_encoder_names") else None
@@ -554,9 +556,9 @@ def cmd_convert(args) -> int:
         how = f"torch.export ExportedProgram for input {tuple(size)} (load with torch.export.load)"
     else:
         how = f"ONNX ({export_onnx(fused, example, args.output)} exporter) for input {tuple(size)}"
-        if args.check:
-            status = max(status, _check_onnx(out, args.output, fused, example))
     out.line(f"Wrote {args.output}: {how}")
+    if args.check:
+        status = max(status, _check_written(out, ext, args, fused, example))
     return status
 
 
@@ -586,23 +588,34 @@ def _self_check(out, args, model, fused, example) -> int:
     return EXIT_CHECK_FAILED
 
 
-def _check_onnx(out, path: str, fused, example) -> int:
+def _check_written(out, ext: str, args, fused, example) -> int:
+    """Load the file just written back the way a user would and compare it with the converted model."""
     import torch
 
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        out.line("ONNX check skipped: onnxruntime is not installed")
-        return EXIT_OK
-    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-    got = sess.run(None, {sess.get_inputs()[0].name: example.numpy()})
-    with torch.inference_mode():
-        ref = fused(example)
-    err = max_rel_error([torch.from_numpy(g) for g in got], ref)
+    if ext == ".onnx":
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            out.line("Check of the written file skipped: onnxruntime is not installed")
+            return EXIT_OK
+        sess = ort.InferenceSession(args.output, providers=["CPUExecutionProvider"])
+        got = [torch.from_numpy(g) for g in sess.run(None, {sess.get_inputs()[0].name: example.numpy()})]
+        how = "onnxruntime"
+    elif ext == ".pt2":
+        with torch.no_grad():
+            got = torch.export.load(args.output).module()(example)
+        how = "torch.export.load"
+    else:
+        loaded = load_converted(args.output, trust_pickle=args.trust_pickle)
+        with torch.no_grad():
+            got = loaded(example)
+        how = "fusedconv.cli.load_converted"
+    with torch.no_grad():
+        err = max_rel_error(got, fused(example))
     tol = CHECK_TOLERANCE["float32"]
-    out.line(f"ONNX check (onnxruntime vs the converted model): max relative error {err:.2e}")
-    if err > tol:
-        print(f"fusedconv: error: ONNX check failed: max relative error {err:.2e} > tolerance {tol:g}",
+    out.line(f"Check of {args.output} ({how}) vs the converted model: max relative error {err:.2e}")
+    if not err <= tol:
+        print(f"fusedconv: error: the written file's check failed: max relative error {err:.2e} > tolerance {tol:g}",
               file=sys.stderr)
         return EXIT_CHECK_FAILED
     return EXIT_OK

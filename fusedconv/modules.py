@@ -5,6 +5,12 @@ which runs one Triton kernel with BN scale/shift, the residual add and the activ
 Everywhere else it runs the standard-conv fallback: BN's scale is folded into a cached copy of the weight
 (computed in float32 from the stored weight, checked to be exactly representable enough in the weight's dtype),
 so a single `F.conv2d` with bias does conv + BN and the activation runs in place — no separate BN pass.
+When the scale does not fit the weight's dtype (fp16 overflow or subnormals) it is applied to the conv output
+in fp32 instead. The cache is keyed on the tensors' identities and version counters (edits through `.data`
+need `refresh()`); under torch.compile / torch.export the fold is traced instead, so nothing is mutated.
+
+Inputs: (N, C, H, W) or unbatched (C, H, W) like nn.Conv2d; empty batches and empty spatial outputs give empty
+outputs of the right shape; any strides; the output follows the input's memory format.
 
 State (the state_dict, stable names): `weight` (Cout, Cin/groups, KH, KW) in the conv's dtype, `scale` and
 `shift` (Cout,) in float32 (float64 when the module is float64). The scale/shift stay float32 when the module is
@@ -169,6 +175,9 @@ class FusedConv2d(nn.Module):
         for name in ("scale", "shift"):
             t = state_dict.get(prefix + name)
             if isinstance(t, torch.Tensor) and t.is_floating_point():
+                if not bool(torch.isfinite(t).all()):
+                    error_msgs.append(f"{prefix}{name}: expected finite values, got "
+                                      f"{int((~torch.isfinite(t)).sum())} non-finite")
                 # Keep our own fp32/fp64 dtype even if the saved copy was cast.
                 state_dict[prefix + name] = t.to(getattr(self, name).dtype)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,

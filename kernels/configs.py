@@ -76,8 +76,12 @@ def block_k_values() -> frozenset[int]:
     return frozenset(row[2] for row in _CONFIGS_16BIT + _CONFIGS_32BIT)
 
 
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def _pow2_at_least_16(n: int) -> int:
-    return max(16, triton.next_power_of_2(max(int(n), 1)))
+    return max(16, 1 << (max(int(n), 1) - 1).bit_length())
 
 
 def prune_configs(configs, named_args, **kwargs):
@@ -126,10 +130,10 @@ def choose_split_k(m: int, cout_g: int, groups: int, k_iters: int, num_sms: int)
     Estimated with 64x64 tiles (the size small problems tune to). Each slice keeps at least 4 K iterations so
     the pipeline still has work; a power of two at most 16 bounds the workspace and the epilogue's reads.
     """
-    tiles = triton.cdiv(m, 64) * triton.cdiv(cout_g, 64) * groups
+    tiles = _cdiv(m, 64) * _cdiv(cout_g, 64) * groups
     if num_sms <= 0 or tiles * 2 > num_sms or k_iters < 8:
         return 1
-    split = min(triton.cdiv(num_sms, tiles), k_iters // 4, 16)
+    split = min(_cdiv(num_sms, tiles), k_iters // 4, 16)
     power = 1
     while power * 2 <= split:
         power *= 2

@@ -25,6 +25,8 @@ the plain kernel with one small config.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -226,39 +228,51 @@ def _pair(name, value):
     return pair
 
 
-def _max_offset(t: torch.Tensor) -> int:
-    """Largest element offset a strided tensor addresses (0 for empty tensors)."""
-    if t.numel() == 0:
-        return 0
-    return sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))
+def _cdiv(a: int, b: int) -> int:
+    # Host-side ceil division (triton.cdiv is a jit function: calling it from Python costs ~10 us).
+    return -(-a // b)
 
 
-def _check(x, weight, scale, shift, residual, groups, activation, act_param, stride, padding, dilation):
+def _check_tensors(x, weight, scale, shift, residual) -> None:
+    """Per-call checks of the tensor objects themselves (types, same device); the rest is in _plan."""
     for name, t in (("input", x), ("weight", weight), ("scale", scale), ("shift", shift)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-    if x.dim() != 4:
-        raise ValueError(f"input: expected a 4-d (N, C, H, W) tensor, got shape {tuple(x.shape)}")
-    if weight.dim() != 4:
-        raise ValueError(f"weight: expected a 4-d (Cout, Cin/groups, KH, KW) tensor, got shape {tuple(weight.shape)}")
-    if x.dtype not in _KERNEL_DTYPES:
-        raise TypeError(f"input: expected dtype float16, bfloat16 or float32 for the Triton kernel, got {x.dtype}")
-    if weight.dtype != x.dtype:
-        raise TypeError(f"weight: expected dtype {x.dtype} (the input's), got {weight.dtype}")
-    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
-        raise ValueError(f"groups: expected a positive int, got {groups!r}")
-    cout = weight.shape[0]
-    if cout % groups:
-        raise ValueError(f"groups: expected to divide Cout={cout}, got {groups}")
-    if x.shape[1] != weight.shape[1] * groups:
-        raise ValueError(f"input: expected {weight.shape[1] * groups} channels (weight.shape[1] * groups), "
-                         f"got {x.shape[1]}")
-    for name, t in (("scale", scale), ("shift", shift)):
-        if t.shape != (cout,):
-            raise ValueError(f"{name}: expected shape ({cout},) (one value per output channel), got {tuple(t.shape)}")
+    if residual is not None and not isinstance(residual, torch.Tensor):
+        raise TypeError(f"residual: expected a torch.Tensor or None, got {type(residual).__name__}")
     for name, t in (("weight", weight), ("scale", scale), ("shift", shift), ("residual", residual)):
         if t is not None and t.device != x.device:
             raise RuntimeError(f"{name}: expected device {x.device} (the input's), got {t.device}")
+
+
+def _check_device(x) -> None:
+    if x.device.type != "cuda" and not interpreting():
+        raise RuntimeError(f"input: the Triton kernel runs on CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), "
+                           f"got a tensor on {x.device}")
+
+
+def _check_meta(x_shape, x_dtype, w_shape, w_dtype, scale_shape, shift_shape, res_meta, groups, activation,
+                act_param, stride, padding, dilation):
+    """Argument checks on shapes / dtypes / geometry; returns the output shape."""
+    if len(x_shape) != 4:
+        raise ValueError(f"input: expected a 4-d (N, C, H, W) tensor, got shape {tuple(x_shape)}")
+    if len(w_shape) != 4:
+        raise ValueError(f"weight: expected a 4-d (Cout, Cin/groups, KH, KW) tensor, got shape {tuple(w_shape)}")
+    if x_dtype not in _KERNEL_DTYPES:
+        raise TypeError(f"input: expected dtype float16, bfloat16 or float32 for the Triton kernel, got {x_dtype}")
+    if w_dtype != x_dtype:
+        raise TypeError(f"weight: expected dtype {x_dtype} (the input's), got {w_dtype}")
+    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
+        raise ValueError(f"groups: expected a positive int, got {groups!r}")
+    cout = w_shape[0]
+    if cout % groups:
+        raise ValueError(f"groups: expected to divide Cout={cout}, got {groups}")
+    if x_shape[1] != w_shape[1] * groups:
+        raise ValueError(f"input: expected {w_shape[1] * groups} channels (weight.shape[1] * groups), "
+                         f"got {x_shape[1]}")
+    for name, shape in (("scale", scale_shape), ("shift", shift_shape)):
+        if tuple(shape) != (cout,):
+            raise ValueError(f"{name}: expected shape ({cout},) (one value per output channel), got {tuple(shape)}")
     if activation not in _activation_names():
         raise ValueError(f"activation: expected one of {_activation_names()}, got {activation!r}")
     if activation != "leaky_relu" and act_param not in (0, 0.0):
@@ -266,20 +280,16 @@ def _check(x, weight, scale, shift, residual, groups, activation, act_param, str
     if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:
         raise ValueError(f"stride/dilation: expected >= 1 and padding >= 0, got stride={stride}, "
                          f"padding={padding}, dilation={dilation}")
-    out_shape = output_shape(x.shape, weight.shape, stride, padding, dilation)
+    out_shape = output_shape(x_shape, w_shape, stride, padding, dilation)
     if out_shape[2] < 1 or out_shape[3] < 1:
-        raise ValueError(f"input: spatial size {tuple(x.shape[2:])} is too small for kernel "
-                         f"{tuple(weight.shape[2:])} with padding {padding} and dilation {dilation}")
-    if residual is not None:
-        if not isinstance(residual, torch.Tensor):
-            raise TypeError(f"residual: expected a torch.Tensor or None, got {type(residual).__name__}")
-        if tuple(residual.shape) != out_shape:
-            raise ValueError(f"residual: expected the output's shape {out_shape}, got {tuple(residual.shape)}")
-        if not residual.is_floating_point():
-            raise TypeError(f"residual: expected a floating-point tensor, got {residual.dtype}")
-    if x.device.type != "cuda" and not interpreting():
-        raise RuntimeError(f"input: the Triton kernel runs on CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), "
-                           f"got a tensor on {x.device}")
+        raise ValueError(f"input: spatial size {tuple(x_shape[2:])} is too small for kernel "
+                         f"{tuple(w_shape[2:])} with padding {padding} and dilation {dilation}")
+    if res_meta is not None:
+        res_shape, _, res_dtype = res_meta
+        if tuple(res_shape) != out_shape:
+            raise ValueError(f"residual: expected the output's shape {out_shape}, got {tuple(res_shape)}")
+        if not res_dtype.is_floating_point:
+            raise TypeError(f"residual: expected a floating-point tensor, got {res_dtype}")
     return out_shape
 
 
@@ -304,6 +314,64 @@ def _depthwise_launcher():
     return depthwise_conv_bn_act
 
 
+def _span(shape, strides) -> int:
+    """Largest element offset a strided tensor addresses (0 when empty)."""
+    if any(size == 0 for size in shape):
+        return 0
+    return sum((size - 1) * abs(st) for size, st in zip(shape, strides))
+
+
+def _dense_strides(shape, channels_last: bool) -> tuple[int, int, int, int]:
+    n, c, h, w = shape
+    if channels_last:
+        return (h * w * c, 1, w * c, c)
+    return (c * h * w, h * w, w, 1)
+
+
+def _plan(x_shape, x_stride, x_dtype, device, w_shape, w_stride, w_dtype, scale_shape, shift_shape, res_meta,
+          stride, padding, dilation, groups, activation, act_param, split_k, tf32, channels_last):
+    """Everything about a launch that depends only on metadata: validation, output shape, split-K, int64,
+    the integer arguments and constexpr flags. Pure, so the launcher caches it per distinct call signature."""
+    out_shape = _check_meta(x_shape, x_dtype, w_shape, w_dtype, scale_shape, shift_shape, res_meta, groups,
+                            activation, act_param, stride, padding, dilation)
+    n, cout, oh, ow = out_shape
+    cin = x_shape[1]
+    cin_g, cout_g = cin // groups, cout // groups
+    depthwise = groups > 1 and groups == cin == cout and split_k is None
+    kh, kw = w_shape[2], w_shape[3]
+    m = n * oh * ow
+    interp = interpreting()
+    if split_k is None:
+        block_k_guess = _configs.INTERPRET_CONFIG["BLOCK_K"] if interp else 64
+        k_iters = kh * kw * _cdiv(cin_g, block_k_guess)
+        split_k = 1 if interp else _configs.choose_split_k(m, cout_g, groups, k_iters, _num_sms(device))
+    if not isinstance(split_k, int) or isinstance(split_k, bool) or not 1 <= split_k <= 64:
+        raise ValueError(f"split_k: expected None or an int in 1..64, got {split_k!r}")
+    y_stride = _dense_strides(out_shape, channels_last)
+    res_stride = tuple(res_meta[1]) if res_meta is not None else (0, 0, 0, 0)
+    extents = [_span(x_shape, x_stride), _span(w_shape, w_stride), _span(out_shape, y_stride), split_k * m * cout]
+    if res_meta is not None:
+        extents.append(_span(res_meta[0], res_stride))
+    use_int64 = max(extents) > _INT32_LIMIT
+    int_args = (n, x_shape[2], x_shape[3], oh, ow, m, cin_g, cout_g,
+                stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
+                *x_stride, *w_stride, *res_stride, *y_stride)
+    flags = dict(KH=kh, KW=kw, ACTIVATION=activation_id(activation), HAS_RESIDUAL=res_meta is not None,
+                 IS_1X1=kh == 1 and kw == 1 and padding == (0, 0), USE_INT64=use_int64,
+                 INPUT_PRECISION="tf32" if tf32 else "ieee", SPLIT_K=split_k)
+    if interp:
+        even_k = cin_g % _configs.INTERPRET_CONFIG["BLOCK_K"] == 0
+    else:
+        # EVEN_K depends on the config's BLOCK_K, so it is only set when every candidate BLOCK_K divides Cin_g.
+        even_k = all(cin_g % bk == 0 for bk in _configs.block_k_values())
+    flags["EVEN_K"] = even_k
+    return dict(out_shape=out_shape, depthwise=depthwise, m=m, cout=cout, cout_g=cout_g, oh=oh, ow=ow,
+                split_k=split_k, int_args=int_args, flags=flags, res_stride=res_stride, y_stride=y_stride)
+
+
+_plan_cached = functools.lru_cache(maxsize=2048)(_plan)
+
+
 def conv_bn_act(x, weight, scale, shift, *, stride=1, padding=0, dilation=1, groups=1, activation="relu",
                 act_param=0.0, residual=None, split_k=None):
     """act(conv2d(x, weight) * scale + shift [+ residual]) in one Triton kernel launch.
@@ -312,76 +380,67 @@ def conv_bn_act(x, weight, scale, shift, *, stride=1, padding=0, dilation=1, gro
     KH, KW) in x's dtype, any strides (`pack_weight` gives the fastest). scale, shift: (Cout,) — applied in fp32.
     residual: None or a tensor of the output's shape, any strides. activation: a name of
     `reference.ACTIVATIONS`; act_param is leaky_relu's slope. Returns a tensor in x's dtype and memory format.
-    Runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1. `split_k` overrides the automatic
-    split-K choice (tests use it to exercise the split-K path).
+    Runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1. Depthwise convs (groups == Cin == Cout)
+    go to `kernels.depthwise` when it is present. `split_k` overrides the automatic split-K choice and keeps
+    the conv on this GEMM kernel (tests use it to exercise those paths).
+
+    The metadata-only part of a launch (checks, split-K, int64, integer arguments) is cached per distinct call
+    signature, so a repeated call costs little more than the allocation and the kernel launch.
     """
     stride, padding, dilation = _pair("stride", stride), _pair("padding", padding), _pair("dilation", dilation)
-    out_shape = _check(x, weight, scale, shift, residual, groups, activation, act_param, stride, padding, dilation)
-    n, cout, oh, ow = out_shape
-    cin = x.shape[1]
-    cin_g, cout_g = cin // groups, cout // groups
+    _check_tensors(x, weight, scale, shift, residual)
+    tf32 = x.dtype == torch.float32 and x.is_cuda and torch.backends.cudnn.allow_tf32
+    fmt = output_memory_format(x)
+    res_meta = None if residual is None else (tuple(residual.shape), tuple(residual.stride()), residual.dtype)
+    key = (tuple(x.shape), tuple(x.stride()), x.dtype, x.device, tuple(weight.shape), tuple(weight.stride()),
+           weight.dtype, tuple(scale.shape), tuple(shift.shape), res_meta, stride, padding, dilation, groups,
+           activation, act_param, split_k, tf32, fmt == torch.channels_last)
+    try:
+        plan = _plan_cached(*key)
+    except TypeError:
+        # Symbolic shapes (torch.compile with dynamic shapes) are unhashable: plan without the cache. (A
+        # TypeError from the argument checks is raised again by this call.)
+        plan = _plan(*key)
+    _check_device(x)  # after the argument checks, so a bad argument is reported as such on any device
 
-    if groups > 1 and groups == cin == cout and split_k is None:
+    if plan["depthwise"]:
         depthwise = _depthwise_launcher()
         if depthwise is not None:
             return depthwise(x, weight, scale, shift, stride=stride, padding=padding, dilation=dilation,
                              activation=activation, act_param=act_param, residual=residual)
 
-    y = torch.empty(out_shape, dtype=x.dtype, device=x.device, memory_format=output_memory_format(x))
+    y = torch.empty(plan["out_shape"], dtype=x.dtype, device=x.device, memory_format=fmt)
     if y.numel() == 0:
         return y
-    scale = scale.to(torch.float32).contiguous()
-    shift = shift.to(torch.float32).contiguous()
-    kh, kw = weight.shape[2], weight.shape[3]
-    m = n * oh * ow
-    is_1x1 = kh == 1 and kw == 1 and padding == (0, 0)
-    interp = interpreting()
-
-    block_k_guess = _configs.INTERPRET_CONFIG["BLOCK_K"] if interp else 64
-    if split_k is None:
-        k_iters = kh * kw * triton.cdiv(cin_g, block_k_guess)
-        split_k = 1 if interp else _configs.choose_split_k(m, cout_g, groups, k_iters, _num_sms(x.device))
-    if not isinstance(split_k, int) or isinstance(split_k, bool) or not 1 <= split_k <= 64:
-        raise ValueError(f"split_k: expected None or an int in 1..64, got {split_k!r}")
-
-    extents = [_max_offset(x), _max_offset(weight), _max_offset(y), split_k * m * cout]
-    if residual is not None:
-        extents.append(_max_offset(residual))
-    use_int64 = max(extents) > _INT32_LIMIT
-
-    tf32 = x.dtype == torch.float32 and x.is_cuda and torch.backends.cudnn.allow_tf32
+    if tuple(y.stride()) != plan["y_stride"]:  # the plan's output strides must be the ones torch allocated
+        raise RuntimeError(f"internal: output strides {tuple(y.stride())} differ from the planned {plan['y_stride']}")
+    if scale.dtype != torch.float32 or not scale.is_contiguous():
+        scale = scale.to(torch.float32).contiguous()
+    if shift.dtype != torch.float32 or not shift.is_contiguous():
+        shift = shift.to(torch.float32).contiguous()
+    split_k, m, cout, cout_g = plan["split_k"], plan["m"], plan["cout"], plan["cout_g"]
     res = residual if residual is not None else y  # dummy pointer when HAS_RESIDUAL is False
-    res_strides = residual.stride() if residual is not None else (0, 0, 0, 0)
     workspace = (torch.empty((split_k, m, cout), dtype=torch.float32, device=x.device) if split_k > 1
                  else scale)  # dummy pointer when SPLIT_K == 1
-    act_id = activation_id(activation)
+    flags = plan["flags"]
+    args = (x, weight, scale, shift, res, y, workspace, *plan["int_args"], float(act_param))
 
-    args = (x, weight, scale, shift, res, y, workspace,
-            n, x.shape[2], x.shape[3], oh, ow, m, cin_g, cout_g,
-            stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
-            *x.stride(), *weight.stride(), *res_strides, *y.stride(),
-            float(act_param))
-    flags = dict(KH=kh, KW=kw, ACTIVATION=act_id, HAS_RESIDUAL=residual is not None, IS_1X1=is_1x1,
-                 USE_INT64=use_int64, INPUT_PRECISION="tf32" if tf32 else "ieee", SPLIT_K=split_k)
-
-    if interp:
+    if interpreting():
         cfg = _configs.INTERPRET_CONFIG
-        grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(cout_g, cfg["BLOCK_N"]), groups, split_k)
-        _conv_gemm_kernel[grid](*args, EVEN_K=cin_g % cfg["BLOCK_K"] == 0, **flags, **cfg)
+        grid = (_cdiv(m, cfg["BLOCK_M"]) * _cdiv(cout_g, cfg["BLOCK_N"]), groups, split_k)
+        _conv_gemm_kernel[grid](*args, **flags, **cfg)
     else:
-        # EVEN_K depends on the config's BLOCK_K, so it is only set when every candidate BLOCK_K divides Cin_g.
-        even_k = all(cin_g % bk == 0 for bk in _configs.block_k_values())
-
         def grid(meta):
-            return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(cout_g, meta["BLOCK_N"]), groups, split_k)
+            return (_cdiv(m, meta["BLOCK_M"]) * _cdiv(cout_g, meta["BLOCK_N"]), groups, split_k)
 
-        traceable(_get_autotuned_kernel())[grid](*args, EVEN_K=even_k, **flags)
+        traceable(_get_autotuned_kernel())[grid](*args, **flags)
 
     if split_k > 1:
-        block = 32 if interp else 64
-        grid2 = (triton.cdiv(m, block), triton.cdiv(cout, block))
-        epi = _splitk_epilogue_kernel if interp else traceable(_splitk_epilogue_kernel)
-        epi[grid2](workspace, scale, shift, res, y, m, cout, oh, ow, *res_strides, *y.stride(), float(act_param),
-                   SPLIT_K=split_k, ACTIVATION=act_id, HAS_RESIDUAL=residual is not None, USE_INT64=use_int64,
-                   BLOCK_M=block, BLOCK_N=block)
+        block = 32 if interpreting() else 64
+        grid2 = (_cdiv(m, block), _cdiv(cout, block))
+        epi = _splitk_epilogue_kernel if interpreting() else traceable(_splitk_epilogue_kernel)
+        epi[grid2](workspace, scale, shift, res, y, m, cout, plan["oh"], plan["ow"], *plan["res_stride"],
+                   *plan["y_stride"], float(act_param), SPLIT_K=split_k, ACTIVATION=flags["ACTIVATION"],
+                   HAS_RESIDUAL=flags["HAS_RESIDUAL"], USE_INT64=flags["USE_INT64"], BLOCK_M=block,
+                   BLOCK_N=block)
     return y

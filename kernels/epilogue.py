@@ -21,6 +21,7 @@ tanh primitive (not available in every Triton version / the interpreter) and is 
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
@@ -56,24 +57,27 @@ def traceable(kernel):
     wrap_triton turns every eager call into a higher-order-op dispatch (pure Python overhead per launch).
     Torch without wrap_triton also gets the plain kernel (the op is then opaque to tracing anyway).
     """
-    try:
-        import torch
-        from torch.library import wrap_triton
-    except ImportError:
+    if _wrap_triton is None or not _tracing():
         return kernel
-    if not _tracing(torch):
-        return kernel
-    return wrap_triton(kernel)
+    return _wrap_triton(kernel)
 
 
-def _tracing(torch) -> bool:
+def _tracing() -> bool:
     if torch.compiler.is_compiling():
         return True
-    try:
-        from torch.utils._python_dispatch import is_in_torch_dispatch_mode
-    except ImportError:  # cannot tell: wrapping is always correct, only slower
+    if _in_dispatch_mode is None:  # cannot tell: wrapping is always correct, only slower
         return True
-    return is_in_torch_dispatch_mode()
+    return _in_dispatch_mode()
+
+
+try:
+    from torch.library import wrap_triton as _wrap_triton
+except ImportError:
+    _wrap_triton = None
+try:
+    from torch.utils._python_dispatch import is_in_torch_dispatch_mode as _in_dispatch_mode
+except ImportError:
+    _in_dispatch_mode = None
 
 
 @triton.jit

@@ -68,6 +68,7 @@ def test_convert_pt_round_trip_with_weights(tmp_path, resnet18_weights):
                    "--input-size", SIZE_ARG, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "Self-check passed" in proc.stdout and "fused" in proc.stdout
+    assert "(fusedconv.cli.load_converted) vs the converted model" in proc.stdout
     loaded = cli.load_converted(str(out))
     x = torch.randn(2, 3, 48, 48)
     with torch.no_grad():
@@ -94,7 +95,7 @@ def test_convert_onnx_round_trip(tmp_path, resnet18_weights):
     proc = run_cli("convert", "torchvision:resnet18", "-o", str(out), "--weights", weights, "--check",
                    "--input-size", SIZE_ARG, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert "ONNX check" in proc.stdout
+    assert "(onnxruntime) vs the converted model" in proc.stdout
     sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     x = torch.randn(*SIZE)
     got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]

@@ -354,3 +354,29 @@ def test_self_check_raises_above_tolerance():
         fusedconv.convert(model, example_inputs=_x(), tolerance=0.0)
     _, report = fusedconv.convert(model, example_inputs=(_x(),), return_report=True)
     assert 0 < report.max_rel_error < 1e-5
+
+
+class PaddedConv(nn.Conv2d):
+    """A Conv2d subclass that pads in forward (like timm's Conv2dSame): not assumed to be a plain conv."""
+
+    def forward(self, x):
+        return super().forward(F.pad(x, (1, 0, 1, 0)))
+
+
+def test_conv_subclass_is_reported_not_fused():
+    model = _prep(nn.Sequential(PaddedConv(4, 4, 2), nn.BatchNorm2d(4), nn.ReLU()))
+    converted, report = check_convert(model, _x(), bn_left=1)
+    assert "PaddedConv subclasses Conv2d" in report.skipped[0].detail
+    block = _prep(ConvBN(nn.ReLU()))
+    block.conv = PaddedConv(4, 6, 2)
+    converted, report = check_convert(block, _x(), bn_left=1)
+    assert "PaddedConv subclasses Conv2d" in report.skipped[0].detail
+
+
+@pytest.mark.parametrize("kernel,fused", [(3, True), (4, False)])
+def test_padding_same(kernel, fused):
+    model = _prep(nn.Sequential(nn.Conv2d(4, 4, kernel, padding="same"), nn.BatchNorm2d(4), nn.ReLU()))
+    converted, report = check_convert(model, _x(), bn_left=0 if fused else 1)
+    assert bool(report.fused) == fused
+    if not fused:
+        assert "asymmetric" in report.skipped[0].detail

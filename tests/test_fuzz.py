@@ -5,8 +5,9 @@
    dtype-rounded tensors: random kernel sizes, strides, paddings, dilations, groups (incl. depthwise and
    channel multipliers), channel counts, spatial sizes (incl. 1 and primes), batch, memory layout (NCHW,
    channels_last, sliced views), activation, residual, split-K and fp32/fp16 — KERNEL_EXAMPLES examples.
-2. `fusedconv.convert` on randomly generated models (plain Sequential chains and residual blocks, random BN
-   statistics) against the unconverted model, plus FusedConv2d's fallback against nn modules.
+2. `fusedconv.convert` on randomly generated models (plain Sequential chains, modules calling functional
+   activations, residual blocks; random BN statistics) against the unconverted model, plus FusedConv2d's
+   fallback against nn modules.
 
 The number of kernel examples run is written to the terminal (and checked to be >= 200) by a companion test
 in the parent process, so the CI log shows it. A failure that hypothesis finds is shrunk to a minimal example
@@ -223,6 +224,23 @@ class Residual(nn.Module):
         return self.act(self.body(x) + x)
 
 
+FUNCTIONAL_ACTS = {"relu": torch.relu, "silu": nn.functional.silu, "relu6": nn.functional.relu6,
+                   "gelu": nn.functional.gelu, "identity": lambda t: t}
+
+
+class ConvBNFunctional(nn.Module):
+    """F.act(bn(conv(x))) with the activation called as a function in forward (found by tracing only)."""
+
+    def __init__(self, cin, cout, conv_kwargs, act):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, **conv_kwargs)
+        self.bn = nn.BatchNorm2d(cout)
+        self.act = act
+
+    def forward(self, x):
+        return FUNCTIONAL_ACTS[self.act](self.bn(self.conv(x)))
+
+
 def conv_bn_act(cin, cout, conv_kwargs, act):
     return nn.Sequential(nn.Conv2d(cin, cout, **conv_kwargs), nn.BatchNorm2d(cout), ACT_MODULES[act]())
 
@@ -233,9 +251,14 @@ def models(draw):
     channels = cin
     layers = []
     for _ in range(draw(st.integers(1, 4))):
-        if draw(st.booleans()):
+        kind = draw(st.sampled_from(["sequential", "functional", "residual"]))
+        if kind == "sequential":
             cout, kw, act = draw(block_specs(channels))
             layers.append(conv_bn_act(channels, cout, kw, act))
+            channels = cout
+        elif kind == "functional":
+            cout, kw, _ = draw(block_specs(channels))
+            layers.append(ConvBNFunctional(channels, cout, kw, draw(st.sampled_from(sorted(FUNCTIONAL_ACTS)))))
             channels = cout
         else:  # residual block: two convs keeping channels and size
             mid = draw(st.integers(1, 6))

@@ -228,10 +228,21 @@ def test_int64_offsets_path(monkeypatch):
 
     launcher = importlib.import_module("fusedconv.kernels.conv_bn_act")
     monkeypatch.setattr(launcher, "_INT32_LIMIT", 0)
-    case = next(c for c in CASES if c.name == "3x3_prime_stride2")
-    run_case(case, torch.float16, "channels_last", "leaky_relu", with_residual=True)
-    run_case(case, torch.float32, "nchw", "hardswish", with_residual=True, split_k=2)
-    monkeypatch.setattr(launcher, "_INT32_LIMIT", 2**31 - 1)
+    launcher._plan_cached.cache_clear()  # launch plans (which hold USE_INT64) are cached per call signature
+    try:
+        assert launcher._plan(*_plan_key_example())["flags"]["USE_INT64"]
+        case = next(c for c in CASES if c.name == "3x3_prime_stride2")
+        run_case(case, torch.float16, "channels_last", "leaky_relu", with_residual=True)
+        run_case(case, torch.float32, "nchw", "hardswish", with_residual=True, split_k=2)
+    finally:
+        monkeypatch.setattr(launcher, "_INT32_LIMIT", 2**31 - 1)
+        launcher._plan_cached.cache_clear()
+
+
+def _plan_key_example():
+    """Arguments of the launcher's _plan for a small fp32 3x3 conv."""
+    return ((1, 4, 5, 5), (100, 25, 5, 1), torch.float32, torch.device("cpu"), (6, 4, 3, 3), (36, 9, 3, 1),
+            torch.float32, (6,), (6,), None, (1, 1), (1, 1), (1, 1), 1, "relu", 0.0, None, False, False)
 
 
 # ------------------------------------------------------------------------------- in-process (no interpreter)

@@ -385,3 +385,16 @@ def test_cache_filled_in_inference_mode_works_with_autograd():
     x = torch.randn(1, 4, 8, 8, requires_grad=True)
     fused(x).sum().backward()
     assert x.grad is not None and x.grad.shape == x.shape
+
+
+@torch.no_grad()
+def test_onnx_export_runs_in_onnxruntime(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    ref, fused = make_block(act="silu", bias=True)
+    x = torch.randn(1, 4, 8, 8)
+    path = tmp_path / "fused.onnx"
+    torch.onnx.export(fused, (x,), str(path), dynamo=True)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    assert max_rel_error(torch.from_numpy(out), ref(x)) < 1e-5

@@ -168,3 +168,38 @@ def test_warmup_converted_model_on_cpu_is_harmless():
     tuning.warmup(model, x, torch.randn(2, 3, 8, 8))
     with torch.no_grad():
         assert torch.equal(model(x), before)
+
+
+def test_op_decomposes_into_traceable_triton_kernels(monkeypatch):
+    """What torch.compile does on CUDA, checked without a GPU: with fake CUDA tensors, AOT tracing of the op
+    runs the launcher's own code and records the Triton launches (autotuned GEMM + split-K epilogue) as
+    wrap_triton higher-order ops instead of failing on fake tensors or breaking the graph."""
+    import importlib
+
+    from functorch.compile import aot_function
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    launcher = importlib.import_module("fusedconv.kernels.conv_bn_act")
+    if launcher.interpreting():
+        pytest.skip("kernels are interpreter functions in this process")
+    monkeypatch.setattr(ops, "kernel_available", lambda: True)
+    monkeypatch.setattr(launcher, "_num_sms", lambda device: 132)  # no device to ask
+    graphs = []
+
+    def keep(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    def block(x, w, scale, shift, residual):
+        return ops.conv_bn_act(x, w, scale, shift, residual, (1, 1), (1, 1), (1, 1), 1, "relu", 0.0)
+
+    with FakeTensorMode():
+        x = torch.empty(1, 64, 7, 7, device="cuda", dtype=torch.float16).contiguous(memory_format=torch.channels_last)
+        w = ops.pack_weight(torch.empty(64, 64, 3, 3, device="cuda", dtype=torch.float16), 1)
+        scale, shift = torch.empty(64, device="cuda"), torch.empty(64, device="cuda")
+        residual = torch.empty(1, 64, 7, 7, device="cuda", dtype=torch.float16)
+        out = aot_function(block, fw_compiler=keep)(x, w, scale, shift, residual)
+    assert out.shape == (1, 64, 7, 7) and out.device.type == "cuda"
+    code = graphs[0].code
+    assert code.count("triton_kernel_wrapper_functional") >= 2, code  # GEMM (split-K here) + its epilogue
+    assert "fusedconv.conv_bn_act" not in code  # decomposed: the kernels themselves are visible

@@ -17,7 +17,9 @@ sys.path.insert(0, os.path.dirname(__file__))
 from util import batch_norm_count, count_ops, max_rel_error, randomize_bn  # noqa: E402
 
 import fusedconv  # noqa: E402
-from fusedconv.graph.reparam_math import ConvMap, NotMergeable, compose, merge_sum, regroup  # noqa: E402
+from fusedconv.graph.reparam_math import (  # noqa: E402
+    ConvMap, NotMergeable, compose, grouped_conv2d, merge_sum, regroup,
+)
 from fusedconv.reparam import reparameterize  # noqa: E402
 
 FP32_TOL = 1e-5
@@ -108,6 +110,23 @@ class BNAndPadLayer(nn.Module):
         return output
 
 
+class IdentityBasedConv1x1(nn.Conv2d):
+    """DBB's 1x1 conv initialised as the identity: forward adds a fixed identity kernel to the weight."""
+
+    def __init__(self, channels, groups=1):
+        super().__init__(channels, channels, 1, 1, 0, groups=groups, bias=False)
+        input_dim = channels // groups
+        id_value = torch.zeros(channels, input_dim, 1, 1)
+        for i in range(channels):
+            id_value[i, i % input_dim, 0, 0] = 1
+        self.id_tensor = id_value
+        nn.init.zeros_(self.weight)
+
+    def forward(self, input):
+        kernel = self.weight + self.id_tensor.to(self.weight.device).type_as(self.weight)
+        return F.conv2d(input, kernel, None, stride=1, padding=0, dilation=self.dilation, groups=self.groups)
+
+
 class DiverseBranchBlock(nn.Module):
     """DBB (Ding et al. 2021): kxk, 1x1, 1x1 -> avg pool, 1x1 -> kxk branches, each ending in BN.
 
@@ -134,7 +153,10 @@ class DiverseBranchBlock(nn.Module):
             self.dbb_1x1_kxk.add_module("conv1", nn.Conv2d(cin, internal, 1, 1, p, groups=groups, bias=False))
             self.dbb_1x1_kxk.add_module("bn1", nn.BatchNorm2d(internal))
         else:
-            self.dbb_1x1_kxk.add_module("conv1", nn.Conv2d(cin, internal, 1, 1, 0, groups=groups, bias=False))
+            if internal == cin:  # as published: the 1x1 starts as the identity
+                self.dbb_1x1_kxk.add_module("idconv1", IdentityBasedConv1x1(cin, groups))
+            else:
+                self.dbb_1x1_kxk.add_module("conv1", nn.Conv2d(cin, internal, 1, 1, 0, groups=groups, bias=False))
             self.dbb_1x1_kxk.add_module("bn1", BNAndPadLayer(p, internal))
         self.dbb_1x1_kxk.add_module("conv2", nn.Conv2d(internal, cout, k, stride, 0, groups=groups, bias=False))
         self.dbb_1x1_kxk.add_module("bn2", nn.BatchNorm2d(cout))
@@ -250,7 +272,8 @@ def test_acnet(cin, cout, k, stride, groups):
     (8, 8, 3, 1, 1, False),
     (8, 16, 3, 2, 1, False),
     (8, 8, 5, 1, 2, False),
-    (8, 8, 3, 1, 8, False),  # depthwise: the avg branch is a bare avg pool (padded)
+    (8, 8, 3, 1, 8, False),  # depthwise: the avg branch is a bare avg pool (padded), 1x1 -> kxk widens
+    (8, 8, 3, 1, 2, False),  # grouped, identity-based 1x1
     (8, 8, 3, 1, 1, True),  # border-exact padding written as a padded 1x1 conv
 ])
 def test_dbb(cin, cout, k, stride, groups, pad_in_1x1):
@@ -322,6 +345,28 @@ def test_half_precision_block():
         ref64 = _prepare(RepVGGBlock(8, 8)).double()(x.double())  # same seed: same weights, in float64
         assert max_rel_error(out_model(x), ref64) < 1e-2
         assert max_rel_error(model(x), ref64) < 1e-2
+
+
+def test_unmergeable_wider_group_falls_back_to_the_closer_input():
+    class Stacked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.a, self.b, self.c = conv_bn(4, 4, 3), conv_bn(4, 4, 3), conv_bn(4, 4, 1, padding=0), \
+                conv_bn(4, 4, 3)
+
+        def forward(self, x):
+            y = self.stem(x)  # every branch is linear in x too, but stem -> a is 3x3 after 3x3: not one conv
+            return F.relu(self.a(y) + self.b(y) + self.c(x))
+
+    model = _prepare(Stacked())
+    x = torch.randn(1, 4, 8, 8)
+    out_model, report = reparameterize(model, return_report=True)
+    assert len(report.fused) == 1 and report.fused[0].detail.startswith("2 branches"), str(report)
+    with torch.no_grad():
+        assert max_rel_error(out_model(x), model(x)) < FP32_TOL
+    counts = count_ops(out_model, x)
+    # stem, merged a+b, c; the BNs of stem and c stay (single conv -> BN chains are convert's to fold).
+    assert counts["convolution"] == 3 and batch_norm_count(counts) == 2
 
 
 # ---------------------------------------------------------------------------------------------- left alone
@@ -444,6 +489,12 @@ def test_regroup_and_compose_match_torch():
     ab = compose(a, b)
     ref = F.conv2d(F.conv2d(x, a.weight, None, 1, 1, groups=2), b.weight, b.bias, 2, 0, groups=2)
     assert torch.allclose(F.conv2d(x, ab.weight, ab.bias, ab.stride, ab.padding, ab.dilation, ab.groups), ref)
+    # The float64 self-check's conv (unfold + batched matmul) is F.conv2d.
+    for groups, stride, padding, dilation, k in ((1, 1, 1, 1, 3), (4, 2, 1, 1, 3), (8, 1, 2, 2, 3), (2, 2, 0, 1, 1)):
+        wg = torch.randn(8, 8 // groups, k, k, dtype=torch.float64, generator=g)
+        bias = torch.randn(8, dtype=torch.float64, generator=g)
+        got = grouped_conv2d(x, wg, bias, (stride, stride), (padding, padding), (dilation, dilation), groups)
+        assert torch.allclose(got, F.conv2d(x, wg, bias, stride, padding, dilation, groups))
     with pytest.raises(NotMergeable, match="strides differ"):
         merge_sum([ab, ConvMap(ab.weight, ab.bias, (1, 1), ab.padding, ab.dilation, ab.groups)])
 

@@ -143,3 +143,39 @@ def test_conv_output_hw_matches_pytorch():
     for hw, k, s, p, d in [((9, 8), (3, 3), (2, 1), (1, 0), (1, 2)), ((7, 7), (1, 5), (3, 2), (0, 2), (1, 1))]:
         conv = nn.Conv2d(1, 1, k, s, p, d)
         assert conv_output_hw(hw, k, s, p, d) == tuple(conv(torch.randn(1, 1, *hw)).shape[2:])
+
+
+# ------------------------------------------------------------------------------------- public model entry points
+def _tiny_model() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+
+
+@pytest.mark.parametrize("entry", ["convert", "reparameterize"])
+def test_model_entry_points_name_the_argument(entry):
+    import fusedconv
+
+    fn = getattr(fusedconv, entry)
+    with pytest.raises(TypeError, match=r"model: expected a torch.nn.Module, got str"):
+        fn("resnet18")
+    with pytest.raises(RuntimeError, match=r"model: expected a model in eval mode \(call model.eval\(\) first\), "
+                                           r"got \d+ module\(s\) in training mode"):
+        fn(_tiny_model().train())
+    with pytest.raises(TypeError, match=r"example_inputs: expected a tensor or a tuple"):
+        fn(_tiny_model().eval(), example_inputs=3)
+
+
+def test_convert_rejects_bad_tolerance():
+    import fusedconv
+
+    with pytest.raises(ValueError, match=r"tolerance: expected a non-negative number or None, got -1"):
+        fusedconv.convert(_tiny_model().eval(), tolerance=-1)
+
+
+def test_convert_leaves_a_training_mode_model_untouched():
+    import fusedconv
+
+    model = _tiny_model().train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(RuntimeError):
+        fusedconv.convert(model)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()) and model.training

@@ -35,8 +35,8 @@ import torch.nn.functional as F
 
 from fusedconv import fold
 from fusedconv.activations import ActivationSpec, spec_from_call, spec_from_module
-from fusedconv.graph.legality import (batchnorm_verdict, conv_skip_reason, is_fusable_conv, is_leaf_type,
-                                      module_use_counts, tail_conv)
+from fusedconv.graph.legality import (batchnorm_verdict, conv_skip_reason, conv_subclass_reason, is_fusable_conv,
+                                      is_leaf_type, module_use_counts, tail_conv)
 from fusedconv.graph.sequential import KIND, fuse_sequential, is_plain_sequential
 from fusedconv.graph.tracing import trace_scope
 from fusedconv.modules import FusedConv2d
@@ -310,6 +310,10 @@ class ScopePass:
                 continue
             found = tail_conv(self._mod(node))
             if found is None:
+                why = conv_subclass_reason(self._mod(node))
+                bn_users = [u for u in node.users if u.op == "call_module" and fold.is_batchnorm(self._mod(u))]
+                if why is not None and bn_users:
+                    self.report.add(self.scope, [str(node.target), str(bn_users[0].target)], KIND, "skipped", why)
                 continue
             owner, name, conv_mod, path = found
             tail = None if owner is None else (owner, name, path)
@@ -414,10 +418,10 @@ class ScopePass:
 def _traceable_candidates(module: nn.Module) -> bool:
     """Worth tracing: a Conv2d among its children (or the children of a container child)."""
     for child in module.children():
-        if is_fusable_conv(child):
+        if isinstance(child, nn.Conv2d):
             return True
         if isinstance(child, (nn.ModuleList, nn.ModuleDict, nn.Sequential)):
-            if any(is_fusable_conv(c) for c in child.children()):
+            if any(isinstance(c, nn.Conv2d) for c in child.children()):
                 return True
     return False
 

@@ -56,8 +56,11 @@ def batchnorm_verdict(bn: nn.Module) -> BatchNormVerdict:
             return BatchNormVerdict(f"{name}'s activation {type(inner).__name__} is not one the epilogue computes")
         if name == "FrozenBatchNormAct2d":
             return BatchNormVerdict(None, act)
+    elif type(bn).forward is not nn.BatchNorm2d.forward and isinstance(bn, nn.BatchNorm2d):
+        return BatchNormVerdict(f"{name} subclasses BatchNorm2d and overrides its forward; its meaning is unknown")
     else:
-        return BatchNormVerdict(f"{name} subclasses a BatchNorm and overrides its forward; its meaning is unknown")
+        return BatchNormVerdict(f"{name} is not a BatchNorm whose forward fusedconv knows (BatchNorm2d, "
+                                "SyncBatchNorm, FrozenBatchNorm2d, timm's BatchNormAct2d)")
     try:
         fold.check_foldable(bn)
     except (RuntimeError, ValueError, TypeError) as e:
@@ -68,6 +71,13 @@ def batchnorm_verdict(bn: nn.Module) -> BatchNormVerdict:
 def is_fusable_conv(module: nn.Module) -> bool:
     """Exactly nn.Conv2d (subclasses such as timm's Conv2dSame compute padding in forward: not assumed)."""
     return type(module) is nn.Conv2d
+
+
+def conv_subclass_reason(module: nn.Module) -> str | None:
+    """For a Conv2d subclass (e.g. timm's Conv2dSame, which pads in forward): why it is not fused."""
+    if isinstance(module, nn.Conv2d) and not is_fusable_conv(module):
+        return f"{type(module).__name__} subclasses Conv2d and may compute differently in forward"
+    return None
 
 
 def conv_skip_reason(conv: nn.Conv2d, bn: nn.Module | None) -> str | None:

@@ -2,9 +2,11 @@
 module's own forward (torch.fx), merge them into one nn.Conv2d, and return the rewritten scope.
 
 How a scope is read:
-- it is traced with torch.fx; convs, batch norms (any subclass), FusedConv2d and DBB's BN-and-pad layer stay
-  leaves, other user modules are traced through, so a branch like `self.conv_kxk(x)` (a ConvNormAct) shows as
-  its conv and BN nodes;
+- it is traced with torch.fx; convs (any subclass), batch norms (any subclass), FusedConv2d and DBB's
+  BN-and-pad layer stay leaves, other user modules are traced through, so a branch like `self.conv_kxk(x)` (a
+  ConvNormAct) shows as its conv and BN nodes. Leaves are trusted only when their forward is known: plain
+  nn.Conv2d, DBB's IdentityBasedConv1x1, BatchNorm2d / SyncBatchNorm / FrozenBatchNorm2d, timm's
+  BatchNormAct2d without activation, nn.AvgPool2d, nn.Identity, eval nn.Dropout;
 - only sums created by this module's own forward are examined (sums inside children were examined at the
   child's own, smaller, scope);
 - a sum is flattened through single-use additions / subtractions (and identity modules or numeric factors
@@ -26,8 +28,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from fusedconv import fold
 from fusedconv.graph.reparam_math import (
-    ConvMap, NotMergeable, apply_map, avg_pool_map, compose, conv_map, identity_map, merge_sum, scale_shift,
-    to_conv2d,
+    ConvMap, NotMergeable, apply_map, as_pair, avg_pool_map, compose, conv_map, identity_map, merge_sum,
+    scale_shift, to_conv2d,
 )
 from fusedconv.modules import FusedConv2d
 from fusedconv.report import ConversionReport
@@ -51,6 +53,13 @@ def is_bn_and_pad(module: nn.Module) -> bool:
             and isinstance(getattr(module, "pad_pixels", None), int))
 
 
+def is_identity_based_conv(module: nn.Module) -> bool:
+    """DBB's IdentityBasedConv1x1: a bias-free 1x1 conv whose forward adds a fixed identity to its weight."""
+    return (type(module).__name__ == "IdentityBasedConv1x1" and isinstance(module, nn.Conv2d)
+            and isinstance(getattr(module, "id_tensor", None), torch.Tensor) and module.bias is None
+            and module.kernel_size == (1, 1) and module.id_tensor.shape == module.weight.shape)
+
+
 def plain_bn_reason(bn: nn.Module) -> str | None:
     """None when `bn`'s forward is exactly the BatchNorm formula (in eval mode), else why it is not."""
     cls = type(bn)
@@ -66,6 +75,7 @@ def plain_bn_reason(bn: nn.Module) -> str | None:
 
 
 def is_plain_conv(module: nn.Module) -> bool:
+    """nn.Conv2d or a subclass that keeps its forward (so its weight/geometry say everything)."""
     return isinstance(module, nn.Conv2d) and type(module).forward is nn.Conv2d.forward
 
 
@@ -81,7 +91,7 @@ class ReparamTracer(fx.Tracer):
 
 @dataclass
 class Piece:
-    """One linear step of a branch: `kind` in conv / bn / bnpad / pool / identity / scale."""
+    """One linear step of a branch: `kind` in conv / idconv / bn / bnpad / pool / identity / scale."""
 
     kind: str
     node: fx.Node
@@ -94,6 +104,8 @@ class Piece:
 
 @dataclass
 class Term:
+    """One operand of a sum, `coef * post(node)`, with the linear pieces that lead back from `node`."""
+
     node: fx.Node
     coef: float
     nodes: list[fx.Node] = field(default_factory=list)  # node, its linear input, ..., the first non-linear one
@@ -129,6 +141,7 @@ def _sum_operands(node: fx.Node):
 
 
 def _flat(args) -> list:
+    """Nested tuples / lists of arguments as one flat list."""
     out = []
     for a in args:
         out.extend(_flat(a) if isinstance(a, (tuple, list)) else [a])
@@ -201,6 +214,8 @@ class ScopePass:
             src = node.args[0]
             if is_plain_conv(m) and m.weight.dim() == 4:
                 return src, Piece("conv", node, m)
+            if is_identity_based_conv(m):
+                return src, Piece("idconv", node, m)
             if is_bn_and_pad(m):
                 return src, Piece("bnpad", node, m)
             if fold.is_batchnorm(m) and isinstance(m, (nn.BatchNorm2d, nn.SyncBatchNorm)) or \
@@ -225,8 +240,8 @@ class ScopePass:
             for x, f in ((a, b), (b, a)):
                 factor = self._factor(f)
                 if isinstance(x, fx.Node) and factor is not None and x.op != "get_attr":
-                    if node.target == "mul_" and x is not a:
-                        continue
+                    if node.target in ("mul_", operator.imul) and (x is not a or len(x.users) > 1):
+                        continue  # an in-place scale another user of x would see: not a private branch step
                     return x, Piece("scale", node, factor=factor)
         if node.op == "call_function" and node.target is operator.truediv and len(node.args) == 2:
             a, b = node.args
@@ -295,7 +310,7 @@ class ScopePass:
             j = t.nodes.index(source)
             for piece in reversed(t.pieces[:j]):
                 m = piece.module
-                if piece.kind == "conv":
+                if piece.kind in ("conv", "idconv"):
                     return m.in_channels
                 if piece.kind == "bn":
                     return m.running_mean.numel() if m.running_mean is not None else m.num_features
@@ -307,6 +322,10 @@ class ScopePass:
         mod = piece.module
         if piece.kind == "conv":
             return compose(m, conv_map(mod))
+        if piece.kind == "idconv":  # its forward: conv2d(x, weight + id_tensor, stride 1, padding 0)
+            w = mod.weight.detach().to(torch.float64) + mod.id_tensor.detach().to(mod.weight.device, torch.float64)
+            return compose(m, ConvMap(w, torch.zeros(w.shape[0], dtype=torch.float64, device=w.device),
+                                      dilation=as_pair(mod.dilation), groups=mod.groups))
         if piece.kind in ("bn", "bnpad"):
             bn = mod.bn if piece.kind == "bnpad" else mod
             reason = plain_bn_reason(bn)
@@ -364,6 +383,8 @@ class ScopePass:
                 return y * (f if isinstance(f, float) else f.detach().to(torch.float64))
             if piece.kind == "identity":
                 return y
+            if piece.kind == "conv":  # a plain nn.Conv2d (checked): its formula, computed fast in float64
+                return apply_map(conv_map(piece.module), y)
             # The module's own forward, with its floating-point state swapped for float64 copies.
             state = {k: (v.detach().to(torch.float64) if v.is_floating_point() else v)
                      for k, v in list(piece.module.named_parameters()) + list(piece.module.named_buffers())}
@@ -416,36 +437,34 @@ class ScopePass:
             self.gm.recompile()
         return self.merged
 
-    def _pick_source(self, terms: list[Term]):
-        """The latest node that the most terms reach through linear pieces only (at least two of them)."""
+    def _sources(self, terms: list[Term]) -> list[fx.Node]:
+        """Candidate common inputs, best first: nodes two or more terms reach through linear pieces only,
+        the most terms first, then the latest (the closest to the sum)."""
         counts = {}
         for t in terms:
             for n in set(t.nodes):
                 counts[n] = counts.get(n, 0) + 1
-        best = None
-        for n, c in counts.items():
-            if c >= 2 and (best is None or (c, self.order[n]) > (counts[best], self.order[best])):
-                best = n
-        return best
+        shared = [n for n, c in counts.items() if c >= 2]
+        return sorted(shared, key=lambda n: (counts[n], self.order[n]), reverse=True)
 
-    def try_merge(self, root: fx.Node, term_nodes, const: float) -> None:
-        terms = [self.chain(n, c, post) for n, c, post in term_nodes]
-        source = self._pick_source(terms)
-        if source is None:
-            return
+    def _merge_over(self, terms: list[Term], source: fx.Node, const: float):
+        """(merged ConvMap, group, rest, names, dtype) for the terms reading `source`, None when there is
+        nothing to merge there; raises NotMergeable with the reason when it cannot be done exactly."""
         group = [t for t in terms if source in t.nodes]
         rest = [t for t in terms if source not in t.nodes]
         if any(t.post for t in rest):
-            return  # rebuilding a factor around the leftover operands is not worth the risk
+            return None  # rebuilding a factor around the leftover operands is not worth the risk
         group_pieces = [p for t in group for p in t.pieces[:t.nodes.index(source)] + t.post]
-        convs = [p for p in group_pieces if p.kind in ("conv", "pool")]
-        if not convs:
-            return  # nothing spatial to merge into (e.g. x + bn(x)): shapes unknown, leave it to other passes
+        if not any(p.kind in ("conv", "idconv", "pool") for p in group_pieces):
+            return None  # nothing spatial to merge into (e.g. x + bn(x)): shapes unknown, leave it to other passes
         names = tuple(self._qual(p.node) for t in group for p in reversed(t.pieces[:t.nodes.index(source)])
                       if p.node.op == "call_module" and p.kind != "identity")
+        state = [t for p in group_pieces if p.module is not None
+                 for t in list(p.module.parameters()) + list(p.module.buffers()) if t.is_floating_point()]
+        dev = state[0].device if state else None
+        conv_weights = [p.module.weight for p in group_pieces if p.kind in ("conv", "idconv")]
+        dtype = conv_weights[0].dtype if conv_weights else (state[0].dtype if state else torch.get_default_dtype())
         try:
-            dev = next((t.device for p in group_pieces if p.module is not None
-                        for t in list(p.module.parameters()) + list(p.module.buffers())), None)
             channels = self._input_channels(group, source)
             maps = [self.term_map(t, source, channels, dev) for t in group]
             merged = merge_sum(maps)
@@ -457,14 +476,29 @@ class ScopePass:
                 raise NotMergeable(f"self-check failed: merged conv differs from the branches by {err:.2e} "
                                    "relative (a branch does something this pass does not model)")
         except NotMergeable as e:
-            self.report.add(self.scope, names, KIND, "skipped", str(e))
-            return
+            raise NotMergeable(str(e), names) from None
         except Exception as e:  # noqa: BLE001 - a model this pass misreads must not break the conversion
-            self.report.add(self.scope, names, KIND, "skipped",
-                            f"internal error while merging ({type(e).__name__}: {e}); please report it")
+            raise NotMergeable(f"internal error while merging ({type(e).__name__}: {e}); please report it",
+                               names) from None
+        return merged, group, rest, names, dtype
+
+    def try_merge(self, root: fx.Node, term_nodes, const: float) -> None:
+        terms = [self.chain(n, c, post) for n, c, post in term_nodes]
+        first_failure = None
+        for source in self._sources(terms):
+            try:
+                found = self._merge_over(terms, source, const)
+            except NotMergeable as e:
+                first_failure = first_failure or e
+                continue
+            if found is not None:
+                break
+        else:
+            if first_failure is not None:
+                reason, names = first_failure.args
+                self.report.add(self.scope, names, KIND, "skipped", reason)
             return
-        ref = next(p.module for p in convs if p.kind == "conv") if any(p.kind == "conv" for p in convs) else None
-        dtype = ref.weight.dtype if ref is not None else torch.get_default_dtype()
+        merged, group, rest, names, dtype = found
         conv = to_conv2d(merged, dtype, merged.weight.device)
         conv.train(False)
         name = MERGED_NAME
@@ -489,7 +523,7 @@ class ScopePass:
     def _describe(self, t: Term, source: fx.Node) -> str:
         parts = []
         for p in reversed(t.pieces[:t.nodes.index(source)]):
-            if p.kind == "conv":
+            if p.kind in ("conv", "idconv"):
                 parts.append(f"conv{p.module.kernel_size[0]}x{p.module.kernel_size[1]}")
             elif p.kind in ("bn", "bnpad", "pool"):
                 parts.append({"bn": "bn", "bnpad": "bn+pad", "pool": "avgpool"}[p.kind])

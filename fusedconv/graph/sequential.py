@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from fusedconv.activations import spec_from_module
 from fusedconv import fold
-from fusedconv.graph.legality import batchnorm_verdict, conv_skip_reason, tail_conv
+from fusedconv.graph.legality import batchnorm_verdict, conv_skip_reason, conv_subclass_reason, tail_conv
 from fusedconv.modules import FusedConv2d
 from fusedconv.report import ConversionReport
 
@@ -37,6 +37,9 @@ def fuse_sequential(seq: nn.Sequential, scope: str, uses: Counter, report: Conve
     while i < len(names):
         found = tail_conv(seq._modules[names[i]]) if seq._modules[names[i]] is not None else None
         if found is None:
+            why = conv_subclass_reason(seq._modules[names[i]])
+            if why is not None and i + 1 < len(names) and fold.is_batchnorm(seq._modules[names[i + 1]]):
+                report.add(scope, names[i:i + 2], KIND, "skipped", why)
             i += 1
             continue
         owner, conv_name, conv, path = found  # owner: a nested Sequential that ends with the conv, or None

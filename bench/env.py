@@ -75,6 +75,22 @@ def _version(module_name: str) -> str | None:
         return None
 
 
+def load_average() -> float | None:
+    """The 1-minute load average (None where the OS has none): other work competing for the cores."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (OSError, AttributeError):
+        return None
+
+
+def busy_note(load: float | None, cpus: int | None, when: str) -> str | None:
+    """A warning for the results when other work was running: timings on shared cores are unreliable."""
+    if load is None or not cpus or load <= 0.5 * cpus:
+        return None
+    return (f"the machine was busy {when} (1-minute load average {load:g} on {cpus} logical cores): other "
+            "processes competed for the cores, so these timings are not representative")
+
+
 def environment(device: torch.device, argv: list[str] | None = None) -> dict:
     """Everything needed to interpret (and reproduce) a results file."""
     now = _dt.datetime.now(_dt.timezone.utc)
@@ -104,6 +120,7 @@ def environment(device: torch.device, argv: list[str] | None = None) -> dict:
         "cudnn_allow_tf32": bool(torch.backends.cudnn.allow_tf32) if cuda else None,
         "matmul_allow_tf32": bool(torch.backends.cuda.matmul.allow_tf32) if cuda else None,
         "mkldnn": bool(torch.backends.mkldnn.is_available()),
+        "load_average_1m_at_start": load_average(),
     }
     if cuda:
         props = torch.cuda.get_device_properties(device)

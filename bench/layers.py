@@ -170,7 +170,7 @@ def run_case(case: LayerCase, batch: int, dtype: torch.dtype, layout: str, provi
     if ready:
         try:
             timings = time_cpu_interleaved({n: fn for n, (fn, _) in ready.items()},
-                                           min_run_time=(cpu_min_run_time or (0.1 if quick else 0.3)) * len(ready))
+                                           min_run_time=(cpu_min_run_time or (0.1 if quick else 0.25)) * len(ready))
             for name, (_, row) in ready.items():
                 _record(row, timings[name], flops, nbytes, peak_c, peak_b)
         except Exception as e:

@@ -185,7 +185,7 @@ def run_model(spec: str, batch: int, dtype: torch.dtype, device: torch.device, p
         except Exception as e:  # a provider failing is a result, never a crash of the suite
             row["status"] = _na(e)
     if ready:
-        per = min_run_time if min_run_time is not None else (0.5 if quick else 2.0)
+        per = min_run_time if min_run_time is not None else (0.5 if quick else 1.5)
         try:
             timings = time_cpu_interleaved({p: fn for p, (fn, _) in ready.items()},
                                            min_run_time=per * len(ready))

@@ -26,11 +26,22 @@ def write_json(results: dict, path: str) -> None:
     os.replace(tmp, path)  # a run killed mid-write leaves the previous complete file
 
 
+def _ms(v: float) -> str:
+    """Milliseconds with about three significant digits, never in exponent notation."""
+    if v >= 100:
+        return f"{v:.0f}"
+    if v >= 10:
+        return f"{v:.1f}"
+    if v >= 1:
+        return f"{v:.2f}"
+    return f"{v:.3f}"
+
+
 def _fmt_ms(row: dict) -> str:
     if row.get("status") != "ok":
         return "n/a"
     key = "latency_ms" if "latency_ms" in row else "time_ms"
-    return f"{row[key]:.3g} ±{row['iqr_ms']:.2g}"
+    return f"{_ms(row[key])} ±{_ms(row['iqr_ms'])}"
 
 
 def _fmt(v, spec: str = ".3g") -> str:

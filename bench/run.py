@@ -97,6 +97,9 @@ defaults by device:
     p.add_argument("--tag", default=None, help="suffix for the result file names")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--verbose", action="store_true", help="show library warnings")
+    p.add_argument("--note", action="append", default=[], help="a note to record with the results (repeatable)")
+    p.add_argument("--render", metavar="JSON", default=None,
+                   help="only re-write the .md table and plots of an existing results file (no benchmarking)")
     return p
 
 
@@ -207,7 +210,7 @@ def run_models(args, device, p: dict, results: dict) -> None:
     compile_ok = True if not args.quick else quick_skip
     if "compile" in (args.model_providers or "") and args.quick:
         compile_ok = True  # asked for explicitly
-    min_time = args.min_time  # None: the suite's default per provider (0.5 s quick, 2 s full)
+    min_time = args.min_time  # None: the suite's default per provider (0.5 s quick, 1.5 s full)
     try:
         for spec in p["models"]:
             for batch in p["model_batches"]:
@@ -259,6 +262,8 @@ def write(results: dict, out_dir: str, stem: str, with_plots: bool) -> list[str]
 
 def main(argv: list[str] | None = None, prog: str = "python -m bench") -> int:
     args = build_parser(prog).parse_args(argv)
+    if args.render:
+        return render(args.render, with_plots=not args.no_plots)
     suites = _choices("--suite", args.suite, SUITES)
     if not args.verbose:
         # torch.jit / torch.onnx deprecation notices would bury the progress bar; the results record versions.
@@ -282,6 +287,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m bench") -> int:
     out_dir = os.path.join(args.out, env["device_slug"])
     results = {"schema": 1, "environment": env, "quick": args.quick, "plan": p, "peak": peak, "notes": [],
                "_t0": time.perf_counter()}
+    results["notes"] += list(args.note)
+    note = bench_env.busy_note(env["load_average_1m_at_start"], env["cpu_count"], "at the start")
+    if note:
+        results["notes"].append(note)
     if device.type == "cpu":
         results["notes"].append(f"CPU timings use {args.threads} torch threads (torch.set_num_threads); "
                                 "onnxruntime uses the same intra-op thread count.")
@@ -290,17 +299,39 @@ def main(argv: list[str] | None = None, prog: str = "python -m bench") -> int:
     print(f"fusedconv bench: {env['device_name']} ({device}), suites {', '.join(suites)}"
           f"{' (quick)' if args.quick else ''}; torch threads {torch.get_num_threads()}", file=sys.stderr)
     files = []
-    with torch.inference_mode(False):
-        for suite in suites:
-            if suite == "layers":
-                run_layers(args, device, p, key, results)
-            elif suite == "models":
-                run_models(args, device, p, results)
-            else:
-                run_reparam(args, device, results)
-            files = write(results, out_dir, stem, with_plots=not args.no_plots)
+    for suite in suites:
+        if suite == "layers":
+            run_layers(args, device, p, key, results)
+        elif suite == "models":
+            run_models(args, device, p, results)
+        else:
+            run_reparam(args, device, results)
+        files = write(results, out_dir, stem, with_plots=not args.no_plots)
+    results["load_average_1m_at_end"] = bench_env.load_average()
+    note = bench_env.busy_note(results["load_average_1m_at_end"], env["cpu_count"], "at the end")
+    if note:
+        results["notes"].append(note)
+    files = write(results, out_dir, stem, with_plots=not args.no_plots)
     _print_summary(results)
+    for n in results["notes"]:
+        print(f"note: {n}")
     print("wrote:\n  " + "\n  ".join(files))
+    return 0
+
+
+def render(path: str, with_plots: bool = True) -> int:
+    """Rebuild `<stem>.md` and the plots next to an existing `<stem>.json`."""
+    import json
+
+    if not path.endswith(".json") or not os.path.isfile(path):
+        raise SystemExit(f"bench: error: --render: expected an existing results .json file, got {path!r}")
+    with open(path) as f:
+        results = json.load(f)
+    out_dir, stem = os.path.dirname(os.path.abspath(path)), os.path.basename(path)[:-len(".json")]
+    pngs = report.plots(results, out_dir, stem) if with_plots else []
+    with open(os.path.join(out_dir, stem + ".md"), "w") as f:
+        f.write(report.markdown(results, pngs))
+    print("wrote:\n  " + "\n  ".join([os.path.join(out_dir, stem + ".md")] + pngs))
     return 0
 
 

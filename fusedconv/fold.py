@@ -47,15 +47,15 @@ def bn_scale_shift(
     if running_mean is None or running_var is None:
         raise ValueError("bn: expected running statistics (track_running_stats=True), got running_mean/var = None")
     c = running_mean.numel()
-    named = {"running_mean": running_mean, "running_var": running_var, "weight": weight, "bias": bias,
+    named = {"bn running_mean": running_mean, "bn running_var": running_var, "bn weight": weight, "bn bias": bias,
              "conv bias": conv_bias}
     for name, t in named.items():
         if t is None:
             continue
         if t.numel() != c:
-            raise ValueError(f"bn {name}: expected {c} values (one per channel), got shape {tuple(t.shape)}")
+            raise ValueError(f"{name}: expected {c} values (one per channel), got shape {tuple(t.shape)}")
         if not torch.isfinite(t).all():
-            raise ValueError(f"bn {name}: expected finite values, got {int((~torch.isfinite(t)).sum())} non-finite")
+            raise ValueError(f"{name}: expected finite values, got {int((~torch.isfinite(t)).sum())} non-finite")
     if not (eps >= 0.0):
         raise ValueError(f"bn eps: expected a non-negative number, got {eps!r}")
     var = running_var.detach().to(torch.float64).reshape(-1)
@@ -104,6 +104,8 @@ def conv_bn_scale_shift(conv: nn.Module, bn: nn.Module | None,
     """(scale, shift) of `bn(conv(x))` relative to the bias-free conv; bn=None gives (1, conv bias or 0)."""
     _check_conv(conv)
     cout = conv.out_channels
+    if bn is not None:
+        check_foldable(bn)  # first, so a wrong module type is named as such rather than by its size
     if bn is None:
         scale = torch.ones(cout, dtype=dtype, device=conv.weight.device)
         shift = (torch.zeros(cout, dtype=dtype, device=conv.weight.device) if conv.bias is None
@@ -121,4 +123,10 @@ def fold_conv_bn_weights(conv: nn.Module, bn: nn.Module) -> tuple[torch.Tensor, 
     w = conv.weight.detach()
     view = (-1,) + (1,) * (w.dim() - 1)
     folded = (w.to(torch.float64) * scale.view(view)).to(w.dtype)
-    return folded, shift.to(w.dtype)
+    bias = shift.to(w.dtype)
+    for name, t in (("conv weight", folded), ("conv bias", bias)):
+        if not bool(torch.isfinite(t).all()):
+            # e.g. a tiny running_var folded into fp16 weights: refuse rather than return inf weights.
+            raise ValueError(f"{name}: expected the folded values to fit {w.dtype}, got {int((~torch.isfinite(t)).sum())} "
+                             f"that overflow (max |scale| = {float(scale.abs().max()):.3g}); fold in float32 instead")
+    return folded, bias

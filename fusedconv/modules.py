@@ -226,7 +226,9 @@ class FusedConv2d(nn.Module):
             lost = (folded.abs() < torch.finfo(w.dtype).tiny) & (wf != 0)
             if bool(lost.any()):
                 return None, None
-        return folded, bias
+        # Plain contiguous (the stored weight may carry the kernel's packed strides): the conv's output then
+        # follows the input's memory format, as F.conv2d's does with an nn.Conv2d weight.
+        return folded.contiguous(), bias
 
     def _folded(self):
         sources = self._fold_sources()

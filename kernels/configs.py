@@ -97,7 +97,8 @@ def prune_configs(configs, named_args, **kwargs):
     table = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) for c in autotune_configs(dtype_bytes)}
     cap_m = _pow2_at_least_16(args["M"])
     cap_n = _pow2_at_least_16(args["COUT_G"])
-    cap_k = _pow2_at_least_16(args["CIN_G"])
+    k_extent = args["CIN_G"] * args["KH"] * args["KW"] if args.get("FLAT_K") else args["CIN_G"]
+    cap_k = _pow2_at_least_16(k_extent)
     kept, seen = [], set()
     for cfg in configs:
         bm, bn, bk = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
@@ -131,7 +132,7 @@ def choose_split_k(m: int, cout_g: int, groups: int, k_iters: int, num_sms: int)
     the pipeline still has work; a power of two at most 16 bounds the workspace and the epilogue's reads.
     """
     tiles = _cdiv(m, 64) * _cdiv(cout_g, 64) * groups
-    if num_sms <= 0 or tiles * 2 > num_sms or k_iters < 8:
+    if tiles == 0 or num_sms <= 0 or tiles * 2 > num_sms or k_iters < 8:
         return 1
     split = min(_cdiv(num_sms, tiles), k_iters // 4, 16)
     power = 1
@@ -152,7 +153,8 @@ def _kernel_signature(dtype: str, int64_strides: bool = False) -> dict[str, str]
                  "syn", "syc", "syh", "syw"):
         sig[name] = i
     sig["ACT_PARAM"] = "fp32"
-    for name in ("KH", "KW", "ACTIVATION", "HAS_RESIDUAL", "IS_1X1", "EVEN_K", "USE_INT64", "INPUT_PRECISION",
+    for name in ("KH", "KW", "ACTIVATION", "HAS_RESIDUAL", "IS_1X1", "FLAT_K", "EVEN_K", "USE_INT64",
+                 "INPUT_PRECISION",
                  "SPLIT_K", "BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"):
         sig[name] = "constexpr"
     return sig
@@ -191,7 +193,8 @@ def aot_variants() -> list[dict]:
     Covered: for each dtype, every config of its table for the general (3x3, padded) and the 1x1 fast-path
     kernels — the activation, the residual flag and EVEN_K rotate over these entries so every activation and
     flag is compiled without multiplying the count (compile time is CI time); the split-K partial-sum kernel
-    and its epilogue kernel; the int64-offset variant; fp32 with IEEE precision.
+    and its epilogue kernel; the flattened-K (small Cin) loop per dtype; the int64-offset variant; fp32 with
+    IEEE precision.
     """
     import importlib
 
@@ -201,22 +204,24 @@ def aot_variants() -> list[dict]:
     short = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
     variants: list[dict] = []
 
-    def add(name, dtype, cfg, *, kh=3, kw=3, act="relu", residual=True, is_1x1=False, even_k=True,
+    def add(name, dtype, cfg, *, kh=3, kw=3, act="relu", residual=True, is_1x1=False, flat_k=False, even_k=True,
             int64=False, precision=None, split_k=1):
         if precision is None:  # as the launcher passes it: TF32 is the fp32 default; 16-bit dtypes ignore it
             precision = "tf32" if dtype == "float32" else "ieee"
         constexprs = {"KH": kh, "KW": kw, "ACTIVATION": ACTIVATION_IDS[act], "HAS_RESIDUAL": residual,
-                      "IS_1X1": is_1x1, "EVEN_K": even_k, "USE_INT64": int64, "INPUT_PRECISION": precision,
+                      "IS_1X1": is_1x1, "FLAT_K": flat_k, "EVEN_K": even_k, "USE_INT64": int64, "INPUT_PRECISION": precision,
                       "SPLIT_K": split_k, **cfg.kwargs}
         signature = _kernel_signature(short[dtype], int64)
+        # FLAT_K means Cin_g < 16: then Cin_g and the channels_last pixel stride (= Cin) are not multiples of 16.
+        divisible = tuple(a for a in _DIVISIBLE_ARGS if not (flat_k and a in ("CIN_G", "sxw")))
         # Launches specialise ints equal to 1 into constexprs: the channels_last / packed-weight unit strides.
         for unit in _UNIT_STRIDES:
             signature[unit] = "constexpr"
             constexprs[unit] = 1
         variants.append({
             "name": name, "fn": conv_mod._conv_gemm_kernel, "signature": signature, "constexprs": constexprs,
-            "attrs": _divisibility_attrs(conv_mod._conv_gemm_kernel, signature, _DIVISIBLE_ARGS),
-            "divisible_by_16": tuple(a for a in _DIVISIBLE_ARGS if signature.get(a) != "constexpr"),
+            "attrs": _divisibility_attrs(conv_mod._conv_gemm_kernel, signature, divisible),
+            "divisible_by_16": tuple(a for a in divisible if signature.get(a) != "constexpr"),
             "num_warps": cfg.num_warps, "num_stages": cfg.num_stages, "dtype": dtype,
             "expects_tensor_cores": dtype != "float32" or precision == "tf32",
         })
@@ -233,6 +238,10 @@ def aot_variants() -> list[dict]:
                 add(f"{kind}_{act}_{'res_' if residual else ''}{'' if even_k else 'oddk_'}{short[dtype]}_{tag}",
                     dtype, cfg, act=act, residual=residual, even_k=even_k, **flags)
     base16 = autotune_configs(2)[4]
+    for dtype in ("float16", "bfloat16", "float32"):  # the flattened-K loop (RGB stem, small Cin_g)
+        cfg = autotune_configs(4 if dtype == "float32" else 2)[2 if dtype == "float32" else 4]
+        add(f"conv7x7_stem_flatk_{short[dtype]}", dtype, cfg, kh=7, kw=7, residual=False, flat_k=True,
+            even_k=False)
     add("conv3x3_splitk_partial_fp16", "float16", base16, split_k=4)
     add("conv7x7_int64_fp16", "float16", base16, kh=7, kw=7, int64=True)
     add("conv3x3_relu_fp32_ieee", "float32", autotune_configs(4)[3], precision="ieee")

@@ -13,7 +13,8 @@ inputs use TF32 when `torch.backends.cudnn.allow_tf32` (as cuDNN would) else IEE
 the output's strides (the output follows x's memory format).
 
 Specialisations (constexprs): IS_1X1 (1x1 kernel without padding: a plain GEMM over strided rows, no spatial
-masks), EVEN_K (Cin_g multiple of BLOCK_K: no channel masks), USE_INT64 (offsets in int64, chosen by the
+masks), FLAT_K (Cin_g < 16 with a spatial kernel: K chunks run over the flattened (kh, kw, c) index instead of
+padding each tap's few channels up to BLOCK_K), EVEN_K (Cin_g multiple of BLOCK_K: no channel masks), USE_INT64 (offsets in int64, chosen by the
 launcher only when some tensor spans more than 2^31 elements, so small problems keep cheap int32 math),
 SPLIT_K (see configs.choose_split_k: partial sums go to an fp32 workspace and `_splitk_epilogue_kernel`
 finishes them).
@@ -39,6 +40,9 @@ from fusedconv.kernels.reference import output_memory_format
 __all__ = ["conv_bn_act", "output_memory_format", "output_shape", "interpreting"]
 
 _INT32_LIMIT = 2**31 - 1
+# Spatial convs with fewer input channels per group than this use the flattened-K loop (FLAT_K): the smallest
+# tensor-core K step is 16.
+_FLAT_K_BELOW = 16
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -54,7 +58,7 @@ def _conv_gemm_kernel(
     ACT_PARAM,
     KH: tl.constexpr, KW: tl.constexpr,
     ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    IS_1X1: tl.constexpr, EVEN_K: tl.constexpr, USE_INT64: tl.constexpr,
+    IS_1X1: tl.constexpr, FLAT_K: tl.constexpr, EVEN_K: tl.constexpr, USE_INT64: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -99,7 +103,10 @@ def _conv_gemm_kernel(
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_chunks = tl.cdiv(CIN_G, BLOCK_K)
-    k_total = KH * KW * k_chunks
+    if FLAT_K:
+        k_total = tl.cdiv(KH * KW * CIN_G, BLOCK_K)
+    else:
+        k_total = KH * KW * k_chunks
     k_per_split = tl.cdiv(k_total, SPLIT_K)
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, k_total)
@@ -117,6 +124,24 @@ def _conv_gemm_kernel(
             else:
                 a = tl.load(a_ptrs, mask=mask_m[:, None] & (c[None, :] < CIN_G), other=0.0)
                 b = tl.load(b_ptrs, mask=mask_n[None, :] & (c[:, None] < CIN_G), other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    elif FLAT_K:
+        # Few input channels (the RGB stem, grouped convs with Cin_g < 16): a K chunk spans several taps,
+        # k -> (kh, kw, c), so the tensor cores are not fed mostly zero padding (Cin_g = 3 would use 3 of 16).
+        k_len = KH * KW * CIN_G
+        for it in range(k_start, k_end):
+            kk = it * BLOCK_K + offs_k
+            c = kk % CIN_G
+            tap = kk // CIN_G
+            kh = tap // KW
+            kw = tap - kh * KW
+            k_ok = kk < k_len
+            ih = ih0[:, None] + (kh * dil_h)[None, :]
+            iw = iw0[:, None] + (kw * dil_w)[None, :]
+            a_mask = mask_m[:, None] & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            a = tl.load(x_rows[:, None] + ih * sxh + iw * sxw + (c * sxc)[None, :], mask=a_mask, other=0.0)
+            b_ptrs = w_cols[None, :] + (c * swi + kh * swh + kw * sww)[:, None]
+            b = tl.load(b_ptrs, mask=mask_n[None, :] & k_ok[:, None], other=0.0)
             acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
     else:
         for it in range(k_start, k_end):
@@ -343,7 +368,10 @@ def _plan(x_shape, x_stride, x_dtype, device, w_shape, w_stride, w_dtype, scale_
     interp = interpreting()
     if split_k is None:
         block_k_guess = _configs.INTERPRET_CONFIG["BLOCK_K"] if interp else 64
-        k_iters = kh * kw * _cdiv(cin_g, block_k_guess)
+        if kh * kw > 1 and cin_g < _FLAT_K_BELOW:
+            k_iters = _cdiv(kh * kw * cin_g, block_k_guess)
+        else:
+            k_iters = kh * kw * _cdiv(cin_g, block_k_guess)
         split_k = 1 if interp else _configs.choose_split_k(m, cout_g, groups, k_iters, _num_sms(device))
     if not isinstance(split_k, int) or isinstance(split_k, bool) or not 1 <= split_k <= 64:
         raise ValueError(f"split_k: expected None or an int in 1..64, got {split_k!r}")
@@ -356,10 +384,14 @@ def _plan(x_shape, x_stride, x_dtype, device, w_shape, w_stride, w_dtype, scale_
     int_args = (n, x_shape[2], x_shape[3], oh, ow, m, cin_g, cout_g,
                 stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
                 *x_stride, *w_stride, *res_stride, *y_stride)
+    is_1x1 = kh == 1 and kw == 1 and padding == (0, 0)
+    flat_k = not is_1x1 and kh * kw > 1 and cin_g < _FLAT_K_BELOW
     flags = dict(KH=kh, KW=kw, ACTIVATION=activation_id(activation), HAS_RESIDUAL=res_meta is not None,
-                 IS_1X1=kh == 1 and kw == 1 and padding == (0, 0), USE_INT64=use_int64,
-                 INPUT_PRECISION="tf32" if tf32 else "ieee", SPLIT_K=split_k)
-    if interp:
+                 IS_1X1=is_1x1, FLAT_K=flat_k, USE_INT64=use_int64, INPUT_PRECISION="tf32" if tf32 else "ieee",
+                 SPLIT_K=split_k)
+    if flat_k:
+        even_k = False  # the flattened loop masks K itself
+    elif interp:
         even_k = cin_g % _configs.INTERPRET_CONFIG["BLOCK_K"] == 0
     else:
         # EVEN_K depends on the config's BLOCK_K, so it is only set when every candidate BLOCK_K divides Cin_g.

@@ -246,6 +246,10 @@ class Residual(nn.Module):
             y += self.bnd(self.convd(x))
         elif self.other == "param":
             y = y + self.param
+        elif self.other == "per_channel":  # a computed (N, C, 1, 1) tensor: broadcasts, not a residual
+            y = y + x.mean((2, 3), keepdim=True)
+        elif self.other == "indexed":
+            y = y + x.amax(1)[:, None]
         elif self.other == "self":
             y = y + y
         elif self.other == "inplace_other":
@@ -257,7 +261,7 @@ class Residual(nn.Module):
 
 @pytest.mark.parametrize("other,details", [
     ("input", ["bn+add+relu"]), ("input_first", ["bn+add+relu"]), ("chain", ["bn", "bn+add+relu"]),
-    ("param", ["bn"]), ("self", ["bn"]), ("inplace_other", ["bn"]),
+    ("param", ["bn"]), ("self", ["bn"]), ("inplace_other", ["bn"]), ("per_channel", ["bn"]), ("indexed", ["bn"]),
 ])
 def test_residual_add(other, details):
     # reparameterize=False: re-parameterization would merge "conv + bn + identity" into one conv first.
@@ -373,6 +377,7 @@ def test_conv_subclass_is_reported_not_fused():
     assert "PaddedConv subclasses Conv2d" in report.skipped[0].detail
 
 
+@pytest.mark.filterwarnings("ignore:Using padding='same'")
 @pytest.mark.parametrize("kernel,fused", [(3, True), (4, False)])
 def test_padding_same(kernel, fused):
     model = _prep(nn.Sequential(nn.Conv2d(4, 4, kernel, padding="same"), nn.BatchNorm2d(4), nn.ReLU()))
@@ -380,3 +385,62 @@ def test_padding_same(kernel, fused):
     assert bool(report.fused) == fused
     if not fused:
         assert "asymmetric" in report.skipped[0].detail
+
+
+class DropPathResidual(nn.Module):
+    """bn -> dropout / identity (no-ops in eval) -> + x -> relu, as in timm's blocks (drop_path before the add)."""
+
+    def __init__(self, drop):
+        super().__init__()
+        self.conv, self.bn, self.drop = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), drop
+
+    def forward(self, x):
+        return F.relu(self.drop(self.bn(self.conv(x))) + x)
+
+
+@pytest.mark.parametrize("drop", [nn.Identity(), nn.Dropout(0.5)])
+def test_eval_noop_between_bn_and_residual(drop):
+    converted, report = check_convert(_prep(DropPathResidual(drop)), _x(), reparameterize=False)
+    assert [r.detail for r in report.fused] == ["bn+add+relu"]
+
+
+class ReadsConvBias(nn.Module):
+    """forward also reads the conv's parameters: the conv must stay where it is."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x)) + x) + self.conv.bias.view(1, -1, 1, 1)
+
+
+def test_conv_parameters_read_elsewhere():
+    model = _prep(ReadsConvBias())
+    converted, report = check_convert(model, _x(), reparameterize=False)
+    assert [r.detail for r in report.fused] == ["bn+add+relu"]
+    assert isinstance(converted.conv_fused, FusedConv2d)
+    assert torch.equal(converted.conv.bias, model.conv.bias)  # still there for forward to read
+
+
+class SequentialThen(nn.Module):
+    """A Sequential ending in conv -> BN, then (+ x) and / or an activation in the parent's forward."""
+
+    def __init__(self, residual: bool, act: nn.Module):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                                  nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)))
+        self.residual, self.act = residual, act
+
+    def forward(self, x):
+        y = self.body(x)
+        return self.act(y + x) if self.residual else self.act(y)
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_add_and_activation_after_a_sequential_join_its_last_conv(residual):
+    converted, report = check_convert(_prep(SequentialThen(residual, nn.Hardswish())), _x(), reparameterize=False)
+    details = [r.detail for r in report.fused]
+    assert details[-1] == ("add+hardswish" if residual else "hardswish") + " into body.3.0"
+    assert type(converted.body) is nn.Sequential and converted.body[3][0].act.name == "hardswish"
+    assert (type(converted) is SequentialThen) != residual  # an activation module alone: children swapped

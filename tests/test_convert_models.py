@@ -40,6 +40,11 @@ def test_torchvision_classifiers(name):
     converted, report = check_convert(model, _x())
     assert not report.skipped, str(report)
     assert not _bn_modules(converted)
+    if name in ("mobilenet_v3_small", "efficientnet_b0"):
+        # Inverted-residual blocks: `block(x)` (a Sequential ending in conv + BN) + x joins the last conv's
+        # epilogue; the block keeps its class and the Sequential stays a Sequential.
+        assert any(r.detail.startswith("add into block.") for r in report.fused), str(report)
+        assert all(type(m.block) is nn.Sequential for m in converted.modules() if hasattr(m, "block"))
 
 
 def test_resnet18_residual_joins_epilogue():

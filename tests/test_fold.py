@@ -207,3 +207,22 @@ def test_wrong_module_types_are_refused():
         fold.conv_bn_scale_shift(nn.ConvTranspose2d(3, 4, 1), random_bn(nn.BatchNorm2d, 4))
     with pytest.raises(TypeError, match=r"conv: expected.*got Linear"):
         fold.fold_conv_bn_weights(nn.Linear(3, 4), random_bn(nn.BatchNorm2d, 4))
+
+
+def test_folded_weights_that_overflow_the_dtype_are_refused():
+    """fold_conv_bn_weights casts to the conv's dtype: a scale of 1e5 on fp16 weights ~1 would give inf."""
+    conv = nn.Conv2d(3, 4, 3, bias=False).half()
+    with torch.no_grad():
+        conv.weight.fill_(1.0)
+    bn = nn.BatchNorm2d(4, eps=1e-10).eval()
+    bn.running_var.zero_()
+    with pytest.raises(ValueError, match=r"conv weight: expected the folded values to fit torch.float16, got 108 "):
+        fold.fold_conv_bn_weights(conv, bn)
+    # The scale/shift themselves are fine (float32), which is what FusedConv2d keeps.
+    scale, _ = fold.conv_bn_scale_shift(conv, bn)
+    assert scale.dtype == torch.float32 and torch.isfinite(scale).all()
+
+
+def test_wrong_bn_type_is_named_before_its_size():
+    with pytest.raises(TypeError, match=r"bn: expected a BatchNorm module.*got LayerNorm"):
+        fold.conv_bn_scale_shift(nn.Conv2d(3, 4, 1), nn.LayerNorm(7))

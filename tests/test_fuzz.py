@@ -197,8 +197,9 @@ ACT_MODULES = {
 
 
 @st.composite
-def block_specs(draw, cin: int):
-    """(cout, Conv2d kwargs, activation name) of one block that keeps the spatial size >= 1 with input >= 3."""
+def block_specs(draw, cin: int, size: int = 3):
+    """(cout, Conv2d kwargs, activation name) of one block valid for a `size` x `size` input (>= 1 output;
+    reflect padding only where the input is larger than the padding, as PyTorch requires)."""
     kind = draw(st.sampled_from(["dense", "depthwise", "grouped"]))
     if kind == "depthwise":
         cout, groups = cin, cin
@@ -207,8 +208,9 @@ def block_specs(draw, cin: int):
     else:
         cout, groups = draw(st.integers(1, 8)), 1
     k = draw(st.sampled_from([1, 3]))
+    modes = ["zeros", "zeros", "reflect"] if size > k // 2 else ["zeros"]
     return cout, dict(kernel_size=k, padding=k // 2, stride=draw(st.sampled_from([1, 1, 2])), groups=groups,
-                      bias=draw(st.booleans()), padding_mode=draw(st.sampled_from(["zeros", "zeros", "reflect"]))), \
+                      bias=draw(st.booleans()), padding_mode=draw(st.sampled_from(modes))), \
         draw(st.sampled_from(sorted(ACT_MODULES)))
 
 
@@ -248,25 +250,26 @@ def conv_bn_act(cin, cout, conv_kwargs, act):
 @st.composite
 def models(draw):
     cin = draw(st.integers(1, 6))
+    input_size = size = draw(st.sampled_from([3, 5, 8]))
     channels = cin
     layers = []
     for _ in range(draw(st.integers(1, 4))):
         kind = draw(st.sampled_from(["sequential", "functional", "residual"]))
-        if kind == "sequential":
-            cout, kw, act = draw(block_specs(channels))
-            layers.append(conv_bn_act(channels, cout, kw, act))
+        if kind in ("sequential", "functional"):
+            cout, kw, act = draw(block_specs(channels, size))
+            if kind == "sequential":
+                layers.append(conv_bn_act(channels, cout, kw, act))
+            else:
+                layers.append(ConvBNFunctional(channels, cout, kw, draw(st.sampled_from(sorted(FUNCTIONAL_ACTS)))))
             channels = cout
-        elif kind == "functional":
-            cout, kw, _ = draw(block_specs(channels))
-            layers.append(ConvBNFunctional(channels, cout, kw, draw(st.sampled_from(sorted(FUNCTIONAL_ACTS)))))
-            channels = cout
+            size = (size - 1) // kw["stride"] + 1  # 'same' padding: only the stride changes the size
         else:  # residual block: two convs keeping channels and size
             mid = draw(st.integers(1, 6))
             body = nn.Sequential(
                 conv_bn_act(channels, mid, dict(kernel_size=3, padding=1, bias=False), draw(st.sampled_from(["relu", "silu"]))),
                 nn.Conv2d(mid, channels, 1, bias=False), nn.BatchNorm2d(channels))
             layers.append(Residual(body, ACT_MODULES[draw(st.sampled_from(["relu", "identity", "hardswish"]))]()))
-    return cin, nn.Sequential(*layers), draw(st.integers(0, 2**16)), draw(st.sampled_from([3, 5, 8]))
+    return cin, nn.Sequential(*layers), draw(st.integers(0, 2**16)), input_size
 
 
 @settings(max_examples=CONVERT_EXAMPLES, **FUZZ_SETTINGS)

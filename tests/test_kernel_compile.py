@@ -45,7 +45,7 @@ _MMA_TYPE = {"float16": ".f16", "bfloat16": ".bf16", "float32": ".tf32"}
 
 
 # ------------------------------------------------------------------------------------------------ compiling
-def _attrs_for(fn, signature: dict, divisible: tuple, target):
+def _attrs_for(signature: dict, divisible: tuple, target):
     """ASTSource attrs marking `divisible` arguments as multiples of 16, in this triton's format ({} if unknown)."""
     if not divisible:
         return {}
@@ -68,7 +68,7 @@ def make_source(fn, signature: dict, constexprs: dict, divisible: tuple, target)
 
     params = inspect.signature(ASTSource.__init__).parameters
     if "constexprs" in params:
-        return ASTSource(fn, signature, constexprs=constexprs, attrs=_attrs_for(fn, signature, divisible, target))
+        return ASTSource(fn, signature, constexprs=constexprs, attrs=_attrs_for(signature, divisible, target))
     names = list(signature)
     old_sig = {i: t for i, (n, t) in enumerate(signature.items()) if t != "constexpr"}
     constants = {names.index(k): v for k, v in constexprs.items()}

@@ -7,7 +7,7 @@ public launcher `fusedconv.kernels.conv_bn_act` with the BN folded to (scale, sh
 
 The cases are a chosen product, not the full cartesian one (the interpreter is slow): every geometry (1x1,
 1x1/stride 2, 3x3, 7x7/stride 2, dilation 2, groups 2, depthwise, channel multiplier, rectangular kernel, prime
-sizes, batch 1) runs once as fp32/NCHW and once as fp16/channels_last with the activation and residual rotating;
+sizes, batch 1; Cin/groups < 16 takes the kernel's flattened-K loop, larger Cin the per-tap loop) runs once as fp32/NCHW and once as fp16/channels_last with the activation and residual rotating;
 every activation runs in both dtypes; then split-K, packed / odd weight strides, non-contiguous inputs and
 residuals. Unmarked tests (argument checking, packing, configs) run in-process without the interpreter.
 The `CASES` / `run_case` helpers are reused by test_kernel_gpu.py.
@@ -68,13 +68,14 @@ CASES = [
     ConvCase("3x3", 1, 5, 7, 7, 6, (3, 3), padding=(1, 1)),
     ConvCase("3x3_prime_stride2", 2, 7, 11, 13, 11, (3, 3), stride=(2, 2), padding=(1, 1)),
     ConvCase("7x7_stride2", 1, 3, 13, 13, 8, (7, 7), stride=(2, 2), padding=(3, 3)),
-    ConvCase("3x3_dilation2", 1, 4, 9, 9, 6, (3, 3), padding=(2, 2), dilation=(2, 2)),
+    ConvCase("3x3_dilation2", 1, 17, 9, 9, 6, (3, 3), padding=(2, 2), dilation=(2, 2)),
     ConvCase("3x3_groups2", 2, 6, 5, 5, 10, (3, 3), padding=(1, 1), groups=2),
     ConvCase("depthwise", 2, 8, 6, 5, 8, (3, 3), padding=(1, 1), groups=8),
     ConvCase("depthwise_x2", 1, 4, 5, 5, 8, (3, 3), stride=(2, 2), padding=(1, 1), groups=4),
     ConvCase("rect_1x3", 1, 5, 4, 7, 3, (1, 3), stride=(1, 2), padding=(0, 1)),
     ConvCase("3x3_batch1_k_chunks", 1, 19, 5, 3, 5, (3, 3), padding=(1, 1)),
     ConvCase("3x3_even_k_two_chunks", 1, 32, 4, 5, 18, (3, 3), padding=(1, 1)),  # no K masks, 2 N tiles
+    ConvCase("3x3_dilation2_small_cin", 2, 3, 8, 7, 5, (3, 3), stride=(1, 2), padding=(2, 1), dilation=(2, 1)),
 ]
 LAYOUT_DTYPES = [("nchw", torch.float32), ("channels_last", torch.float16)]
 
@@ -161,7 +162,7 @@ def test_geometry(case, layout, dtype, activation, with_residual):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("activation", ACTIVATION_NAMES)
 def test_every_activation(activation, dtype):
-    case = ConvCase("3x3_act", 1, 5, 5, 6, 7, (3, 3), padding=(1, 1))
+    case = ConvCase("3x3_act", 1, 18, 5, 6, 7, (3, 3), padding=(1, 1))  # Cin 18: per-tap K chunks, K masks
     layout = "channels_last" if dtype == torch.float32 else "nchw"
     run_case(case, dtype, layout, activation, with_residual=True)
 
@@ -180,6 +181,13 @@ def test_depthwise_through_gemm_path():
     """An explicit split_k keeps depthwise convs on the GEMM kernel (the launcher otherwise dispatches them)."""
     case = next(c for c in CASES if c.name == "depthwise")
     run_case(case, torch.float32, "channels_last", "relu6", with_residual=True, split_k=1)
+
+
+@pytest.mark.interpret
+def test_empty_batch():
+    x = torch.randn(0, 4, 5, 5).contiguous(memory_format=torch.channels_last)
+    out = conv_bn_act(x, torch.randn(6, 4, 3, 3), torch.ones(6), torch.zeros(6), padding=1)
+    assert out.shape == (0, 6, 5, 5)
 
 
 def _odd_strides(weight, groups):
@@ -231,9 +239,10 @@ def test_int64_offsets_path(monkeypatch):
     launcher._plan_cached.cache_clear()  # launch plans (which hold USE_INT64) are cached per call signature
     try:
         assert launcher._plan(*_plan_key_example())["flags"]["USE_INT64"]
-        case = next(c for c in CASES if c.name == "3x3_prime_stride2")
-        run_case(case, torch.float16, "channels_last", "leaky_relu", with_residual=True)
-        run_case(case, torch.float32, "nchw", "hardswish", with_residual=True, split_k=2)
+        flat = next(c for c in CASES if c.name == "3x3_prime_stride2")  # flattened-K loop
+        run_case(flat, torch.float16, "channels_last", "leaky_relu", with_residual=True)
+        per_tap = next(c for c in CASES if c.name == "3x3_batch1_k_chunks")  # per-tap loop + split-K
+        run_case(per_tap, torch.float32, "nchw", "hardswish", with_residual=True, split_k=2)
     finally:
         monkeypatch.setattr(launcher, "_INT32_LIMIT", 2**31 - 1)
         launcher._plan_cached.cache_clear()
@@ -329,8 +338,9 @@ def test_choose_split_k():
     assert kconfigs.choose_split_k(49, 512, 1, 9 * 8, 132) > 1
     # batch 32 fills the GPU with tiles: no split.
     assert kconfigs.choose_split_k(32 * 49, 512, 1, 9 * 8, 132) == 1
-    # short K: no split.
+    # short K: no split; empty problem: no split.
     assert kconfigs.choose_split_k(49, 64, 1, 2, 132) == 1
+    assert kconfigs.choose_split_k(0, 64, 1, 72, 132) == 1
 
 
 def test_aot_variants_are_well_formed():

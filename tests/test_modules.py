@@ -398,3 +398,29 @@ def test_onnx_export_runs_in_onnxruntime(tmp_path):
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
     assert max_rel_error(torch.from_numpy(out), ref(x)) < 1e-5
+
+
+# ---------------------------------------------------------------------------------- CUDA (marker gpu; skipped here)
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "unbatched", "empty"])
+@torch.no_grad()
+def test_cuda_kernel_path_matches_pytorch(dtype, layout):
+    ref, fused = make_block(act="silu", groups=2)
+    ref, fused = ref.cuda(), fused.cuda().to(dtype)
+    assert fused.scale.dtype == torch.float32 and fused.scale.is_cuda
+    n = 0 if layout == "empty" else 2
+    x = torch.randn(n, 4, 10, 9, device="cuda")
+    r = torch.randn(n, 6, 10, 9, device="cuda")
+    expected = reference_with_residual(ref.double(), x.to(dtype).double(), r.to(dtype).double())
+    if layout == "channels_last":
+        x, r = x.contiguous(memory_format=torch.channels_last), r.contiguous(memory_format=torch.channels_last)
+    if layout == "unbatched":
+        x, r, expected = x[0], r[0], expected[0]
+    out = fused(x.to(dtype), r.to(dtype))
+    assert out.dtype == dtype and out.shape == expected.shape
+    if layout == "channels_last":
+        assert out.is_contiguous(memory_format=torch.channels_last)
+    if out.numel():
+        tol = {torch.float32: 1e-3, torch.float16: 1e-2, torch.bfloat16: 3e-2}[dtype]  # fp32 may use TF32
+        assert max_rel_error(out, expected) < tol

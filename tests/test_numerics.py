@@ -98,9 +98,8 @@ def test_extreme_statistics_low_precision_model(case, dtype):
     if dtype == torch.float16:
         # Naive folding into the fp16 weight breaks in every case (inf, or weights lost to subnormals): the
         # scenario is really extreme, so the assertion above is not vacuous.
-        w, b = fold.fold_conv_bn_weights(conv.half(), bn)
-        naive = F.conv2d(x.half(), w, b, padding=1)
-        conv.float()
+        w = (conv.weight.double() * scale64.view(-1, 1, 1, 1)).half()
+        naive = F.conv2d(x.half(), w, shift64.half(), padding=1)
         assert not torch.isfinite(naive).all() or max_rel_error(naive, truth) > TOLERANCE[dtype]
 
 
@@ -218,3 +217,27 @@ def test_fused_module_with_huge_strided_input_on_fallback():
     fused = FusedConv2d(torch.randn(6, 4, 3, 3, generator=g), torch.rand(6, generator=g) + 0.5,
                         torch.randn(6, generator=g), padding=1, activation="relu")
     assert max_rel_error(fused(x), fused(x_values)) < 1e-6
+
+
+@pytest.mark.gpu
+@torch.no_grad()
+def test_kernel_int64_addressing_on_gpu():
+    """The same huge-stride view on a real GPU (needs ~4 GiB of device memory for the strided storage)."""
+    from fusedconv.kernels import conv_bn_act
+
+    g = torch.Generator().manual_seed(2)
+    batch_stride = 2**30 + 64
+    try:
+        storage = torch.empty(2 * batch_stride + 4 * 5 * 5, dtype=torch.float16, device="cuda")
+    except torch.cuda.OutOfMemoryError:
+        pytest.skip("not enough GPU memory for the 4 GiB strided storage")
+    x = storage.as_strided((3, 4, 5, 5), (batch_stride, 25, 5, 1))
+    values = torch.randn(3, 4, 5, 5, generator=g).half()
+    x.copy_(values.cuda())
+    weight = (torch.randn(6, 4, 3, 3, generator=g) / 6).half()
+    scale, shift = torch.rand(6, generator=g) + 0.5, torch.randn(6, generator=g)
+    out = conv_bn_act(x, weight.cuda(), scale.cuda(), shift.cuda(), padding=1, activation="relu")
+    expected = conv_bn_act_ref(values.float(), weight.float(), scale, shift, padding=1, activation="relu")
+    assert max_rel_error(out.cpu(), expected) < TOLERANCE[torch.float16]
+    del storage, x
+    torch.cuda.empty_cache()

@@ -284,6 +284,7 @@ def test_dbb(cin, cout, k, stride, groups, pad_in_1x1):
 
 @pytest.mark.parametrize("cin,cout,k,stride,groups,branches", [
     (8, 8, 3, 1, 1, 3), (8, 16, 3, 2, 1, 4), (8, 8, 3, 1, 8, 2), (8, 8, 1, 1, 1, 3), (8, 8, 5, 2, 8, 2),
+    (8, 16, 1, 1, 1, 1),  # a single branch summed onto zeros (timm mobileone_s4's expansion blocks)
 ])
 def test_mobileone(cin, cout, k, stride, groups, branches):
     _check_block(MobileOneBlock(cin, cout, k, stride, groups, branches), torch.randn(2, cin, 10, 11))
@@ -404,6 +405,36 @@ def test_nonlinear_branch_is_left_alone():
             return self.a(x) + torch.relu(self.b(x))
 
     _assert_untouched(NonLinear(), torch.randn(1, 4, 6, 6))
+
+
+def test_branch_used_outside_the_sum_is_left_alone():
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = conv_bn(4, 4, 3), conv_bn(4, 4, 1, padding=0)
+
+        def forward(self, x):
+            y = self.a(x)
+            return y + self.b(x), y  # y is needed anyway: merging would add a conv
+
+    model = _prepare(Shared())
+    x = torch.randn(1, 4, 6, 6)
+    out_model, report = reparameterize(model, return_report=True)
+    assert not report.fused and "also used outside the sum" in report.skipped[0].detail, str(report)
+
+
+def test_hardswish_written_out_is_left_alone():
+    class HardSwishByHand(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.cb = conv_bn(4, 4, 3)
+
+        def forward(self, x):
+            y = self.cb(x)
+            return y * F.relu6(y + 3.0) / 6.0  # `y + 3` is a one-branch sum, but y has another user
+
+    report = _assert_untouched(HardSwishByHand(), torch.randn(1, 4, 6, 6))
+    assert not report.rows
 
 
 def test_bn_with_activation_in_branch_is_reported():

@@ -48,6 +48,13 @@ _BN_FUNCTIONS = (F.batch_norm,)
 _BN_PARAMS = list(inspect.signature(F.batch_norm).parameters)
 # Nodes that produce Python numbers / shapes rather than tensors (cannot be a residual).
 _NON_TENSOR_METHODS = ("size", "dim", "numel", "item", "tolist")
+# Nodes whose output usually has another shape than a conv output (per-channel or per-sample vectors,
+# pooled maps): added to one they broadcast, which the fused epilogue does not do, so they are not residuals.
+_RESHAPING_METHODS = ("view", "reshape", "unsqueeze", "expand", "flatten", "mean", "sum", "amax", "amin",
+                      "max", "min", "squeeze", "permute", "transpose", "__getitem__")
+_RESHAPING_FUNCTIONS = (operator.getitem, torch.reshape, torch.unsqueeze, torch.flatten, torch.mean, torch.sum,
+                        torch.amax, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.linear)
+_RESHAPING_MODULES = (nn.Linear, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Flatten, nn.Unflatten)
 
 
 def _short(e: BaseException) -> str:
@@ -68,13 +75,19 @@ class Chain:
     act: fx.Node | None = None                  # activation call (module, function or method)
     act_spec: ActivationSpec = field(default_factory=ActivationSpec)
     add: fx.Node | None = None
+    passthrough: list = field(default_factory=list)  # identity-in-eval calls between BN and the add / act
     reason: str | None = None                   # why it is skipped (None: fuse it)
     fused: FusedConv2d | None = None            # the replacement, once built
 
     @property
     def nodes(self) -> list[fx.Node]:
         """The chain's call sites in data-flow order (the first is the conv, or the Sequential ending in it)."""
-        return [n for n in (self.conv, self.bn, self.add, self.act) if n is not None]
+        return [n for n in (self.conv, self.bn, *self.passthrough, self.add, self.act) if n is not None]
+
+    @property
+    def value(self) -> fx.Node:
+        """The node whose output the add / activation reads (the chain's value before them)."""
+        return ([n for n in (self.conv, self.bn) if n is not None] + self.passthrough)[-1]
 
     @property
     def last(self) -> fx.Node:
@@ -82,7 +95,7 @@ class Chain:
 
     def module_only(self) -> bool:
         """Conv, BN and activation are module calls, no add: fusable by swapping children."""
-        return (self.add is None and self.bn_tensors is None
+        return (self.add is None and self.bn_tensors is None and not self.passthrough
                 and all(n.op == "call_module" for n in self.nodes))
 
     def detail(self) -> str:
@@ -94,6 +107,45 @@ class Chain:
         if not self.act_spec.is_identity:
             parts.append(str(self.act_spec))
         return "+".join(parts)
+
+
+@dataclass
+class Absorb:
+    """A plain Sequential whose last op is an already fused FusedConv2d (identity activation), followed in this
+    scope by an add and / or an activation: they join that FusedConv2d's epilogue. With an add, the Sequential
+    call is inlined into its children's calls so the last one can take the residual."""
+
+    seq: fx.Node
+    leaves: list                                # qualified names of the Sequential's non-Identity leaves
+    fused: FusedConv2d
+    passthrough: list = field(default_factory=list)
+    add: fx.Node | None = None
+    act: fx.Node | None = None
+    act_spec: ActivationSpec = field(default_factory=ActivationSpec)
+
+    @property
+    def nodes(self) -> list[fx.Node]:
+        return [n for n in (self.seq, *self.passthrough, self.add, self.act) if n is not None]
+
+    @property
+    def value(self) -> fx.Node:
+        return ([self.seq] + self.passthrough)[-1]
+
+    def detail(self) -> str:
+        parts = (["add"] if self.add is not None else []) + ([str(self.act_spec)] if self.act is not None else [])
+        return "+".join(parts) + f" into {self.leaves[-1]}"
+
+
+def _flatten_sequential(seq: nn.Module, prefix: str, out: list, containers: list) -> None:
+    """Qualified names and modules of a plain Sequential's leaves, nested plain Sequentials expanded."""
+    for name, child in seq._modules.items():
+        if child is None:
+            continue
+        if is_plain_sequential(child):
+            containers.append(child)
+            _flatten_sequential(child, f"{prefix}.{name}", out, containers)
+        elif type(child) is not nn.Identity:
+            out.append((f"{prefix}.{name}", child))
 
 
 def _node_name(node: fx.Node) -> str:
@@ -173,7 +225,26 @@ class ScopePass:
             return None, "adds a non-tensor value"
         if other.op == "call_function" and other.target is getattr:
             return None, "adds a non-tensor value"
+        if ((other.op == "call_method" and other.target in _RESHAPING_METHODS)
+                or (other.op == "call_function" and other.target in _RESHAPING_FUNCTIONS)
+                or (other.op == "call_module" and isinstance(self._mod(other), _RESHAPING_MODULES))):
+            return None, f"adds the output of {_node_name(other)} (may broadcast)"
         return other, None
+
+    def _is_passthrough(self, node: fx.Node, value: fx.Node) -> bool:
+        """`node` returns `value` unchanged in eval mode: nn.Identity, dropout, drop-path / stochastic depth."""
+        if node.op != "call_module" or node.args != (value,) or node.kwargs:
+            return False
+        m = self._mod(node)
+        if type(m) is nn.Identity:
+            return True
+        if m.training:
+            return False
+        if type(m) in (nn.Dropout, nn.Dropout2d, nn.AlphaDropout):
+            return True
+        # Drop-path layers are the identity in eval mode (timm's DropPath, torchvision's StochasticDepth).
+        return ((type(m).__name__ == "DropPath" and (type(m).__module__ or "").startswith("timm."))
+                or (type(m).__name__ == "StochasticDepth" and (type(m).__module__ or "").startswith("torchvision.")))
 
     def _functional_bn(self, node: fx.Node, conv: fx.Node):
         """(owner module or None, (mean, var, weight, bias, eps), reason) for an F.batch_norm call on `conv`."""
@@ -253,14 +324,18 @@ class ScopePass:
         if not ch.act_spec.is_identity:
             return ch
         nxt = self._sole_user(cur)
+        passthrough = []
+        while nxt is not None and self._is_passthrough(nxt, cur):
+            passthrough.append(nxt)
+            cur, nxt = nxt, self._sole_user(nxt)
         if nxt is not None:
             spec = self._activation(nxt, cur)
             if spec is not None:
-                ch.act, ch.act_spec = nxt, spec
+                ch.act, ch.act_spec, ch.passthrough = nxt, spec, passthrough
                 return ch
             other, why = self._residual_of(nxt, cur) if tail is None else (None, None)
-            if other is not None and not self._depends_on(other, {conv, cur}):
-                ch.add = nxt
+            if other is not None and not self._depends_on(other, {conv, ch.bn, *passthrough} - {None}):
+                ch.add, ch.passthrough = nxt, passthrough
                 after = self._sole_user(nxt)
                 spec = self._activation(after, nxt) if after is not None else None
                 if spec is not None:
@@ -329,11 +404,12 @@ class ScopePass:
                 ch.reason = self._tail_ok(ch)
             if ch.add is not None and ch.add in claimed:
                 # `bn_a(..) + bn_b(..)`: both chains reach the add; the first one takes it as its residual.
-                ch.add, ch.act, ch.act_spec = None, None, ActivationSpec()
+                ch.add, ch.act, ch.act_spec, ch.passthrough = None, None, ActivationSpec(), []
                 if ch.bn is None:
                     continue
             claimed.update(ch.nodes)
             chains.append(ch)
+        absorbs = [a for a in (self.match_absorb(n, claimed) for n in list(self.graph.nodes)) if a is not None]
         good = []
         for ch in chains:
             if ch.reason is None:
@@ -345,21 +421,86 @@ class ScopePass:
                 self.report.add(self.scope, [_node_name(n) for n in ch.nodes], KIND, "skipped", ch.reason)
             else:
                 good.append(ch)
-        if not good:
+        if not good and not absorbs:
             return self.module
-        for ch in good:  # a conv ending a Sequential is replaced inside it, whichever way the scope is rewritten
-            if ch.tail is not None:
-                owner, name, _ = ch.tail
-                owner._modules[name] = ch.fused
-        if all(self._swappable(ch) for ch in good):
+        if all(self._swappable(ch) for ch in good) and all(self._swappable_absorb(a) for a in absorbs):
             for ch in good:
-                if ch.tail is None:
-                    self._set(self.module, ch.conv.target, ch.fused)
+                self._place(ch)
                 for n in ch.nodes[1:]:
                     self._set(self.module, n.target, nn.Identity().train(self._mod(n).training))
                 self._report(ch)
+            for a in absorbs:
+                a.fused.act = a.act_spec
+                self._set(self.module, a.act.target, nn.Identity().train(self._mod(a.act).training))
+                self.report.add(self.scope, [_node_name(n) for n in a.nodes], KIND, "fused", a.detail())
             return self.module
-        return self._rewrite_graph(good)
+        try:
+            gm = self._rewrite_graph(good, absorbs)
+        except Exception as e:  # noqa: BLE001 - an unforeseen graph: leave the scope exactly as it was
+            for ch in good:
+                self.report.add(self.scope, [_node_name(n) for n in ch.nodes], KIND, "skipped",
+                                f"could not rewrite the scope's graph ({_short(e)})")
+            self.report.notes.append(f"{self.scope or '<root>'}: could not rewrite the graph ({_short(e)})")
+            return self.module
+        for ch in good:
+            if ch.tail is not None:
+                self._place(ch)
+            self._report(ch)
+        for a in absorbs:
+            a.fused.act = a.act_spec
+            self.report.add(self.scope, [_node_name(n) for n in a.nodes], KIND, "fused", a.detail())
+        return gm
+
+    def match_absorb(self, node: fx.Node, claimed: set) -> Absorb | None:
+        """An Absorb when `node` calls a plain Sequential ending in a FusedConv2d that an add / act follows."""
+        if node.op != "call_module" or node in claimed or len(node.args) != 1 or node.kwargs:
+            return None
+        seq = self._mod(node)
+        if not is_plain_sequential(seq) or self.calls[node.target] != 1 or self.uses[id(seq)] != 1:
+            return None
+        leaves, containers = [], []
+        _flatten_sequential(seq, str(node.target), leaves, containers)
+        if not leaves or type(leaves[-1][1]) is not FusedConv2d or not leaves[-1][1].act.is_identity:
+            return None
+        fused = leaves[-1][1]
+        if any(self.uses[id(m)] > 1 for m in containers) or self.uses[id(fused)] > 1:
+            return None
+        if any(isinstance(m, nn.Sequential) or not isinstance(m, nn.Module) for _, m in leaves):
+            return None
+        a = Absorb(node, [t for t, _ in leaves], fused)
+        cur, nxt = node, self._sole_user(node)
+        while nxt is not None and self._is_passthrough(nxt, cur):
+            a.passthrough.append(nxt)
+            cur, nxt = nxt, self._sole_user(nxt)
+        if nxt is None or nxt in claimed:
+            return None
+        spec = self._activation(nxt, cur)
+        if spec is not None:
+            a.act, a.act_spec = nxt, spec
+        else:
+            other, _ = self._residual_of(nxt, cur)
+            if other is None or self._depends_on(other, {node, *a.passthrough}):
+                return None
+            a.add = nxt
+            after = self._sole_user(nxt)
+            spec = self._activation(after, nxt) if after is not None and after not in claimed else None
+            if spec is not None:
+                a.act, a.act_spec = after, spec
+        claimed.update(a.nodes)
+        return a
+
+    def _swappable_absorb(self, a: Absorb) -> bool:
+        """An activation module right after the Sequential: set it on the FusedConv2d, swap it for Identity."""
+        return (a.add is None and not a.passthrough and a.act.op == "call_module"
+                and self.calls[a.act.target] == 1 and self.uses[id(self._mod(a.act))] == 1)
+
+    def _place(self, ch: Chain) -> None:
+        """Put the fused module where the conv was (inside its Sequential when the conv ends one)."""
+        if ch.tail is not None:
+            owner, name, _ = ch.tail
+            owner._modules[name] = ch.fused
+        else:
+            self._set(self.module, ch.conv.target, ch.fused)
 
     def _report(self, ch: Chain) -> None:
         self.report.add(self.scope, [_node_name(n) for n in ch.nodes], KIND, "fused", ch.detail())
@@ -370,43 +511,64 @@ class ScopePass:
         owner = root.get_submodule(parent) if parent else root
         owner._modules[name] = value
 
-    def _rewrite_graph(self, chains: list[Chain]) -> nn.Module:
+    def _rewrite_graph(self, chains: list[Chain], absorbs: list[Absorb]) -> nn.Module:
         module, graph = self.module, self.graph
         # Build the GraphModule from a shallow copy so the new children never touch the original object.
         root = copy.copy(module)
         root.__dict__["_modules"] = dict(module._modules)
         for ch in chains:
-            if ch.tail is not None:  # the Sequential's last conv already computes the chain: drop the rest
+            if ch.tail is not None:  # the Sequential's last conv will compute the chain: drop the rest
                 ch.last.replace_all_uses_with(ch.conv)
                 for n in reversed(ch.nodes[1:]):
                     graph.erase_node(n)
-                self._report(ch)
                 continue
             name = str(ch.conv.target)
-            if "." in name:  # a grandchild (self.block[0]): register the fused module flat, under a new name
-                base = name.replace(".", "_")
+            if "." in name or any(str(t).startswith(f"{name}.") for t in self.attr_uses):
+                # A grandchild (self.block[0]), or a conv whose parameters forward also reads: register the
+                # fused module under a new flat name and leave the conv where it is.
+                base = name.replace(".", "_") + ("" if "." in name else "_fused")
                 name, k = base, 1
-                while name in root._modules:
+                while name in root._modules or hasattr(root, name):
                     name, k = f"{base}_{k}", k + 1
             root._modules[name] = ch.fused
             last = ch.last
             residual = None
             if ch.add is not None:  # read it now: an earlier rewrite may have replaced that node
                 a, b = ch.add.args
-                residual = b if a is ch.bn or a is ch.conv else a
+                residual = b if a is ch.value else a
             with graph.inserting_before(last):
                 args = (ch.conv.args[0],) if residual is None else (ch.conv.args[0], residual)
                 new = graph.call_module(name, args)
             last.replace_all_uses_with(new)
             for n in reversed(ch.nodes):
                 graph.erase_node(n)
-            self._report(ch)
+        inlined = []
+        for a in absorbs:
+            if a.add is None:  # the activation moves into the FusedConv2d: the Sequential's output is final
+                a.act.replace_all_uses_with(a.act.args[0])
+                graph.erase_node(a.act)
+                continue
+            a_, b_ = a.add.args
+            residual = b_ if a_ is a.value else a_
+            prev = a.seq.args[0]
+            with graph.inserting_before(a.seq):
+                for target in a.leaves[:-1]:
+                    prev = graph.call_module(target, (prev,))
+            with graph.inserting_before(a.last if hasattr(a, "last") else a.nodes[-1]):
+                new = graph.call_module(a.leaves[-1], (prev, residual))
+            a.nodes[-1].replace_all_uses_with(new)
+            for n in reversed(a.nodes):
+                graph.erase_node(n)
+            inlined.append(str(a.seq.target))
         for n in list(graph.nodes):  # buffers only F.batch_norm read
             if n.op == "get_attr" and not n.users:
                 graph.erase_node(n)
         graph.lint()
         gm = fx.GraphModule(root, graph, class_name=type(module).__name__)
         gm.training = module.training  # not .train(): that would reset every child's flag too
+        for target in inlined:  # the graph calls its children one by one; keep the Sequential itself there
+            if "." not in target:
+                gm._modules[target] = module._modules[target]
         # Keep simple configuration attributes (e.g. a block's `stride`) that user code may read.
         for k, v in module.__dict__.items():
             if (not k.startswith("_") and k != "training" and k not in gm.__dict__
@@ -416,12 +578,13 @@ class ScopePass:
 
 
 def _traceable_candidates(module: nn.Module) -> bool:
-    """Worth tracing: a Conv2d among its children (or the children of a container child)."""
+    """Worth tracing: a Conv2d (or an already fused FusedConv2d) among its children, or inside containers
+    (Sequential, ModuleList, ModuleDict) among its children."""
     for child in module.children():
-        if isinstance(child, nn.Conv2d):
+        if isinstance(child, (nn.Conv2d, FusedConv2d)):
             return True
-        if isinstance(child, (nn.ModuleList, nn.ModuleDict, nn.Sequential)):
-            if any(isinstance(c, nn.Conv2d) for c in child.children()):
+        if type(child) in (nn.ModuleList, nn.ModuleDict) or is_plain_sequential(child):
+            if _traceable_candidates(child):
                 return True
     return False
 

@@ -440,6 +440,10 @@ class ScopePass:
     def _sources(self, terms: list[Term]) -> list[fx.Node]:
         """Candidate common inputs, best first: nodes two or more terms reach through linear pieces only,
         the most terms first, then the latest (the closest to the sum)."""
+        if len(terms) == 1:
+            # A "sum" of one branch and numeric zeros / constants (MobileOne's `0 + conv_bn(x) + 0` when the
+            # block has a single branch): the branch itself, from its farthest linear input inwards.
+            return list(reversed(terms[0].nodes[1:]))
         counts = {}
         for t in terms:
             for n in set(t.nodes):
@@ -459,6 +463,12 @@ class ScopePass:
             return None  # nothing spatial to merge into (e.g. x + bn(x)): shapes unknown, leave it to other passes
         names = tuple(self._qual(p.node) for t in group for p in reversed(t.pieces[:t.nodes.index(source)])
                       if p.node.op == "call_module" and p.kind != "identity")
+        shared = [n for t in group for n in t.nodes[:t.nodes.index(source)] if len(n.users) > 1]
+        if shared:
+            # The branch would have to run anyway for its other user: merging would add a conv, not remove one.
+            if len(group) == 1:
+                return None
+            raise NotMergeable(f"branch value {shared[0].name} is also used outside the sum", names)
         state = [t for p in group_pieces if p.module is not None
                  for t in list(p.module.parameters()) + list(p.module.buffers()) if t.is_floating_point()]
         dev = state[0].device if state else None
@@ -518,7 +528,8 @@ class ScopePass:
         self.merged += 1
         kinds = "; ".join(self._describe(t, source) for t in group)
         self.report.add(self.scope, names, KIND, "fused",
-                        f"{len(group)} branches ({kinds}) -> {name} {merged.describe()}")
+                        f"{len(group)} branch{'es' if len(group) > 1 else ''} ({kinds}) -> {name} "
+                        f"{merged.describe()}")
 
     def _describe(self, t: Term, source: fx.Node) -> str:
         parts = []

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import sys
 import time
@@ -268,6 +269,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m bench") -> int:
     if not args.verbose:
         # torch.jit / torch.onnx deprecation notices would bury the progress bar; the results record versions.
         warnings.filterwarnings("ignore")
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # a CUDA_HOME notice on CPU boxes
     if args.threads < 1:
         raise SystemExit(f"bench: error: --threads: expected a positive int, got {args.threads}")
     try:

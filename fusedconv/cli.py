@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import inspect
 import io
+import logging
 import os
 import sys
 import time
@@ -397,33 +398,46 @@ def _first_line(e: BaseException) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- latency
-def measure_latency(fn, device, *, min_run_time: float = 1.0) -> float:
-    """Median seconds per call: torch.utils.benchmark on CPU, do_bench / CUDA events on GPU."""
+def measure_latencies(fns: dict, device, *, min_run_time: float = 1.0, rounds: int = 4) -> dict:
+    """Median seconds per call of each callable: do_bench / CUDA events on GPU; on CPU torch.utils.benchmark in
+    interleaved rounds (A B A B ...) so that load from other processes affects both alike."""
     import torch
 
     with torch.inference_mode():
-        fn()
-        fn()
+        for fn in fns.values():
+            fn()
+            fn()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-            try:
-                from triton.testing import do_bench
-
-                return do_bench(fn, warmup=50, rep=int(min_run_time * 1000), return_mode="median") / 1e3
-            except ImportError:
-                times = []
-                for _ in range(50):
-                    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    s.record()
-                    fn()
-                    e.record()
-                    torch.cuda.synchronize(device)
-                    times.append(s.elapsed_time(e) / 1e3)
-                return sorted(times)[len(times) // 2]
+            return {name: _cuda_latency(fn, device, min_run_time) for name, fn in fns.items()}
         from torch.utils import benchmark
 
-        timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-        return timer.blocked_autorange(min_run_time=min_run_time).median
+        timers = {name: benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+                  for name, fn in fns.items()}
+        times = {name: [] for name in fns}
+        for _ in range(rounds):
+            for name, timer in timers.items():
+                times[name] += list(timer.blocked_autorange(min_run_time=min_run_time / rounds).times)
+    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+
+
+def _cuda_latency(fn, device, min_run_time: float) -> float:
+    import torch
+
+    try:
+        from triton.testing import do_bench
+
+        return do_bench(fn, warmup=50, rep=int(min_run_time * 1000), return_mode="median") / 1e3
+    except ImportError:
+        times = []
+        for _ in range(50):
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            fn()
+            e.record()
+            torch.cuda.synchronize(device)
+            times.append(s.elapsed_time(e) / 1e3)
+        return sorted(times)[len(times) // 2]
 
 
 def _pick_device(name: str):
@@ -498,14 +512,14 @@ def cmd_demo(args) -> int:
              f"{'OK' if ok else 'FAILED'}")
 
     out.heading(f"Latency ({_device_label(device)}, {dtype_name}, batch {args.batch}, {args.size}x{args.size})")
-    with out.status("Timing the original"):
-        before = measure_latency(lambda: model(x), device, min_run_time=args.min_time)
-    with out.status("Timing the converted model"):
-        after = measure_latency(lambda: fused(x), device, min_run_time=args.min_time)
+    with out.status("Timing the original and the converted model"):
+        lat = measure_latencies({"original": lambda: model(x), "fused": lambda: fused(x)}, device,
+                                min_run_time=args.min_time)
+    before, after = lat["original"], lat["fused"]
     out.line(f"Original:  {before * 1e3:9.3f} ms")
     out.line(f"fusedconv: {after * 1e3:9.3f} ms   ({before / after:.2f}x)")
     if device.type == "cpu":
-        out.line(f"(CPU, {torch.get_num_threads()} threads; medians of torch.utils.benchmark)")
+        out.line(f"(CPU, {torch.get_num_threads()} threads; medians of torch.utils.benchmark, interleaved rounds)")
     return EXIT_OK if ok else EXIT_CHECK_FAILED
 
 
@@ -669,7 +683,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda[:N]")
     demo.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: float16 on CUDA, "
                                                    "float32 on CPU)")
-    demo.add_argument("--min-time", type=float, default=1.0, help="seconds of timing per model (default 1)")
+    demo.add_argument("--min-time", type=float, default=2.0, help="seconds of timing per model (default 2)")
     demo.add_argument("--seed", type=int, default=0, help="seed for the input and BN statistics")
     demo.set_defaults(func=cmd_demo)
 
@@ -717,6 +731,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     if not args.debug:
         warnings.filterwarnings("ignore")
+        # torch.utils.benchmark imports cpp_extension, which logs a CUDA_HOME notice on machines without CUDA.
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     try:
         return args.func(args)
     except CLIError as e:

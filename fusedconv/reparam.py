@@ -18,6 +18,7 @@ A module whose forward cannot be traced, and that has its own `reparameterize()`
 from __future__ import annotations
 
 import copy
+import inspect
 
 import torch
 import torch.nn as nn
@@ -45,9 +46,16 @@ def _own_forward_has_no_sums(module: nn.Module) -> bool:
 
 
 def _fallback_method(module: nn.Module):
+    """The first of FALLBACK_METHODS the module's class defines and that can be called without arguments."""
     for name in FALLBACK_METHODS:
         fn = getattr(type(module), name, None)
-        if callable(fn):
+        if not callable(fn):
+            continue
+        try:
+            params = list(inspect.signature(fn).parameters.values())[1:]  # after self
+        except (TypeError, ValueError):
+            continue
+        if all(p.default is not p.empty or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params):
             return name
     return None
 

@@ -16,8 +16,9 @@ stores once.
 The tile's orientation follows the memory layout so that a warp's lanes walk the contiguous dimension:
 channels_last (the fast path) holds the tile as [pixels, channels] (channels innermost, vectorised loads);
 NCHW holds it as [channels, pixels] (output columns innermost). Both read the tensors through their strides, so
-neither layout is copied. The output follows the input's memory format (the same rule as the op's fake
-implementation). Offsets switch to int64 (constexpr USE_INT64) when any tensor spans 2^31 elements or more.
+neither layout is copied. The output follows the input's memory format (`reference.output_memory_format`, the
+rule the op's fake implementation and the GEMM launcher use). Offsets switch to int64 (constexpr USE_INT64)
+when any tensor spans 2^31 elements or more.
 
 On a GPU the block sizes are autotuned (`depthwise_configs`, keyed on shape, layout and dtype); under
 TRITON_INTERPRET=1 one small config (`INTERPRET_CONFIG`) runs directly. `aot_variants()` lists the variants and
@@ -34,6 +35,7 @@ import triton
 import triton.language as tl
 
 from fusedconv.kernels.epilogue import activation_id, epilogue, load_scale_shift, traceable
+from fusedconv.kernels.reference import output_memory_format
 
 __all__ = ["depthwise_conv_bn_act", "pack_depthwise_weight", "is_depthwise_packed", "depthwise_configs",
            "aot_variants", "INTERPRET_CONFIG"]
@@ -249,13 +251,6 @@ def _span(t: torch.Tensor) -> int:
     return 1 + sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride()) if s > 0)
 
 
-def _output_format(x: torch.Tensor) -> torch.memory_format:
-    # Same rule as the op's fake implementation, so traced and eager outputs agree.
-    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        return torch.channels_last
-    return torch.contiguous_format
-
-
 def depthwise_conv_bn_act(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, *,
                           stride=1, padding=0, dilation=1, activation: str = "relu", act_param: float = 0.0,
                           residual: torch.Tensor | None = None) -> torch.Tensor:
@@ -320,7 +315,7 @@ def depthwise_conv_bn_act(x: torch.Tensor, weight: torch.Tensor, scale: torch.Te
     scale = scale.to(torch.float32).contiguous()
     shift = shift.to(torch.float32).contiguous()
     y = torch.empty((n_batch, channels, out_h, out_w), dtype=x.dtype, device=x.device,
-                    memory_format=_output_format(x))
+                    memory_format=output_memory_format(x))
     if y.numel() == 0:
         return y
     res = residual if residual is not None else y  # a valid pointer the kernel never reads

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from test_convert_helpers import check_convert, output_error  # noqa: E402
+from test_convert_helpers import check_convert, fused, output_error, skipped  # noqa: E402
 from util import randomize_bn  # noqa: E402
 
 import fusedconv  # noqa: E402
@@ -69,7 +69,7 @@ def test_functional_activation(key, bias):
     f, name = FUNCTIONAL_ACTS[key]
     model = _prep(ConvBN(f, bias=bias))
     converted, report = check_convert(model, _x())
-    assert [r.detail for r in report.fused] == [f"bn+{name}"]
+    assert [r.detail for r in fused(report)] == [f"bn+{name}"]
     # A functional activation needs the graph: the block is rewritten but keeps its class name.
     assert type(converted).__name__ == "ConvBN"
 
@@ -82,7 +82,7 @@ def test_module_activation_keeps_class_and_names(act):
     assert type(converted) is ConvBN  # children swapped, not a GraphModule
     assert isinstance(converted.conv, FusedConv2d) and type(converted.bn) is nn.Identity
     assert converted.conv.padding_mode == "reflect"
-    assert len(report.fused) == 1
+    assert len(fused(report)) == 1
 
 
 class ConvUsedTwice(nn.Module):
@@ -97,7 +97,7 @@ class ConvUsedTwice(nn.Module):
 
 def test_conv_output_used_twice_is_not_folded():
     converted, report = check_convert(_prep(ConvUsedTwice()), _x(), bn_left=1)
-    assert len(report.skipped) == 1 and "used 2 times" in report.skipped[0].detail
+    assert len(skipped(report)) == 1 and "used 2 times" in skipped(report)[0].detail
 
 
 class SharedReLU(nn.Module):
@@ -116,7 +116,7 @@ class SharedReLU(nn.Module):
 
 def test_shared_activation_module_stays_where_needed():
     converted, report = check_convert(_prep(SharedReLU()), _x())
-    assert [r.detail for r in report.fused] == ["bn+relu"]
+    assert [r.detail for r in fused(report)] == ["bn+relu"]
     assert "relu" in dict(converted.named_children())  # still needed by the second call site
     assert (converted(_x()) >= 0).all()
 
@@ -127,7 +127,7 @@ def test_activation_shared_between_sequentials_is_not_replaced():
                                 nn.Sequential(nn.Conv2d(4, 4, 1), relu)))
     model[1][0].bias.data.fill_(-0.5)
     converted, report = check_convert(model, _x(), bn_left=1)
-    assert "shared" in report.skipped[0].detail
+    assert "shared" in skipped(report)[0].detail
     assert isinstance(converted[1][1], nn.ReLU)
 
 
@@ -142,7 +142,7 @@ class BNUsedTwice(nn.Module):
 
 def test_bn_module_called_twice_folds_into_each_conv():
     converted, report = check_convert(_prep(BNUsedTwice()), _x())
-    assert len(report.fused) == 2
+    assert len(fused(report)) == 2
 
 
 class FunctionalBN(nn.Module):
@@ -160,7 +160,7 @@ class FunctionalBN(nn.Module):
 
 def test_functional_batch_norm_with_module_buffers():
     converted, report = check_convert(_prep(FunctionalBN()), _x())
-    assert [r.detail for r in report.fused] == ["F.batch_norm+silu"]
+    assert [r.detail for r in fused(report)] == ["F.batch_norm+silu"]
 
 
 def test_functional_batch_norm_training_true_is_skipped():
@@ -168,7 +168,7 @@ def test_functional_batch_norm_training_true_is_skipped():
     with torch.no_grad():
         ref = model(_x())
     converted, report = fusedconv.convert(model, return_report=True)
-    assert "training=True" in report.skipped[0].detail
+    assert "training=True" in skipped(report)[0].detail
     with torch.no_grad():
         assert output_error(converted(_x()), ref) == 0.0
 
@@ -185,13 +185,13 @@ def test_training_mode_bn_is_skipped_by_the_pass():
     model.bn.train()
     report = ConversionReport()
     fuse_dataflow(model, report)
-    assert not report.fused and "training mode" in report.skipped[0].detail
+    assert not fused(report) and "training mode" in skipped(report)[0].detail
 
 
 def test_bn_without_running_stats_is_skipped():
     model = _prep(ConvBN(nn.ReLU(), bn=nn.BatchNorm2d(6, track_running_stats=False)))
     converted, report = check_convert(model, _x(), bn_left=1)
-    assert "running statistics" in report.skipped[0].detail
+    assert "running statistics" in skipped(report)[0].detail
 
 
 class ScaledBN(nn.BatchNorm2d):
@@ -201,7 +201,7 @@ class ScaledBN(nn.BatchNorm2d):
 
 def test_bn_subclass_with_custom_forward_is_skipped():
     converted, report = check_convert(_prep(ConvBN(nn.ReLU(), bn=ScaledBN(6))), _x(), bn_left=1)
-    assert "overrides its forward" in report.skipped[0].detail
+    assert "overrides its forward" in skipped(report)[0].detail
 
 
 def test_sequential_bn_subclass_and_syncbn():
@@ -209,7 +209,7 @@ def test_sequential_bn_subclass_and_syncbn():
                                 nn.Conv2d(4, 4, 3, padding=1, bias=True), nn.SyncBatchNorm(4), nn.ReLU6()))
     converted, report = check_convert(model, _x(), bn_left=1)
     assert [r.status for r in report.rows] == ["skipped", "fused"]
-    assert report.fused[0].detail == "bn+relu6"
+    assert fused(report)[0].detail == "bn+relu6"
 
 
 def test_frozen_batchnorm():
@@ -222,7 +222,7 @@ def test_frozen_batchnorm():
     bn.bias.normal_()
     model = _prep(ConvBN(lambda y: y.relu(), bn=bn))
     converted, report = check_convert(model, _x())
-    assert len(report.fused) == 1
+    assert len(fused(report)) == 1
 
 
 class Residual(nn.Module):
@@ -266,7 +266,7 @@ class Residual(nn.Module):
 def test_residual_add(other, details):
     # reparameterize=False: re-parameterization would merge "conv + bn + identity" into one conv first.
     converted, report = check_convert(_prep(Residual(other)), _x(), reparameterize=False)
-    assert sorted(r.detail for r in report.fused) == sorted(details)
+    assert sorted(r.detail for r in fused(report)) == sorted(details)
 
 
 class Grandchildren(nn.Module):
@@ -282,7 +282,7 @@ class Grandchildren(nn.Module):
 
 def test_chain_through_modulelist_indexing():
     converted, report = check_convert(_prep(Grandchildren()), _x(), reparameterize=False)
-    assert [r.detail for r in report.fused] == ["bn+add+relu"]
+    assert [r.detail for r in fused(report)] == ["bn+add+relu"]
     assert isinstance(converted.layers_0, FusedConv2d)
 
 
@@ -297,7 +297,7 @@ class ConvCalledTwice(nn.Module):
 
 def test_conv_module_called_twice_is_skipped():
     converted, report = check_convert(_prep(ConvCalledTwice()), _x(), bn_left=2, reparameterize=False)
-    assert "called 2 times" in report.skipped[0].detail
+    assert "called 2 times" in skipped(report)[0].detail
 
 
 class SideEffect(nn.Module):
@@ -314,7 +314,7 @@ class SideEffect(nn.Module):
 def test_forward_with_side_effects_is_not_rewritten():
     model = _prep(SideEffect())
     converted, report = check_convert(model, _x(), bn_left=1)
-    assert "not traceable" in report.skipped[0].detail and "last_shape" in report.skipped[0].detail
+    assert "not traceable" in skipped(report)[0].detail and "last_shape" in skipped(report)[0].detail
     assert not hasattr(model, "last_shape") or isinstance(model.last_shape, torch.Size)
 
 
@@ -322,13 +322,13 @@ def test_timm_batchnormact_with_drop_is_skipped():
     timm_layers = pytest.importorskip("timm.layers")
     bn = timm_layers.BatchNormAct2d(6, act_layer=nn.ReLU, drop_layer=lambda: nn.Dropout(0.1))
     converted, report = check_convert(_prep(ConvBN(nn.Identity(), bn=bn)), _x(), bn_left=1)
-    assert "Dropout" in report.skipped[0].detail
+    assert "Dropout" in skipped(report)[0].detail
     bn = timm_layers.BatchNormAct2d(6, act_layer=nn.Mish)
     converted, report = check_convert(_prep(ConvBN(nn.Identity(), bn=bn)), _x(), bn_left=1)
-    assert "Mish" in report.skipped[0].detail
+    assert "Mish" in skipped(report)[0].detail
     bn = timm_layers.BatchNormAct2d(6, act_layer=nn.Hardswish)
     converted, report = check_convert(_prep(ConvBN(nn.Identity(), bn=bn)), _x())
-    assert report.fused[0].detail == "bn+hardswish"
+    assert fused(report)[0].detail == "bn+hardswish"
 
 
 def test_inplace_and_idempotent():
@@ -370,21 +370,21 @@ class PaddedConv(nn.Conv2d):
 def test_conv_subclass_is_reported_not_fused():
     model = _prep(nn.Sequential(PaddedConv(4, 4, 2), nn.BatchNorm2d(4), nn.ReLU()))
     converted, report = check_convert(model, _x(), bn_left=1)
-    assert "PaddedConv subclasses Conv2d" in report.skipped[0].detail
+    assert "PaddedConv subclasses Conv2d" in skipped(report)[0].detail
     block = _prep(ConvBN(nn.ReLU()))
     block.conv = PaddedConv(4, 6, 2)
     converted, report = check_convert(block, _x(), bn_left=1)
-    assert "PaddedConv subclasses Conv2d" in report.skipped[0].detail
+    assert "PaddedConv subclasses Conv2d" in skipped(report)[0].detail
 
 
 @pytest.mark.filterwarnings("ignore:Using padding='same'")
-@pytest.mark.parametrize("kernel,fused", [(3, True), (4, False)])
-def test_padding_same(kernel, fused):
+@pytest.mark.parametrize("kernel,expect_fused", [(3, True), (4, False)])
+def test_padding_same(kernel, expect_fused):
     model = _prep(nn.Sequential(nn.Conv2d(4, 4, kernel, padding="same"), nn.BatchNorm2d(4), nn.ReLU()))
-    converted, report = check_convert(model, _x(), bn_left=0 if fused else 1)
-    assert bool(report.fused) == fused
-    if not fused:
-        assert "asymmetric" in report.skipped[0].detail
+    converted, report = check_convert(model, _x(), bn_left=0 if expect_fused else 1)
+    assert bool(fused(report)) == expect_fused
+    if not expect_fused:
+        assert "asymmetric" in skipped(report)[0].detail
 
 
 class DropPathResidual(nn.Module):
@@ -401,7 +401,7 @@ class DropPathResidual(nn.Module):
 @pytest.mark.parametrize("drop", [nn.Identity(), nn.Dropout(0.5)])
 def test_eval_noop_between_bn_and_residual(drop):
     converted, report = check_convert(_prep(DropPathResidual(drop)), _x(), reparameterize=False)
-    assert [r.detail for r in report.fused] == ["bn+add+relu"]
+    assert [r.detail for r in fused(report)] == ["bn+add+relu"]
 
 
 class ReadsConvBias(nn.Module):
@@ -418,7 +418,7 @@ class ReadsConvBias(nn.Module):
 def test_conv_parameters_read_elsewhere():
     model = _prep(ReadsConvBias())
     converted, report = check_convert(model, _x(), reparameterize=False)
-    assert [r.detail for r in report.fused] == ["bn+add+relu"]
+    assert [r.detail for r in fused(report)] == ["bn+add+relu"]
     assert isinstance(converted.conv_fused, FusedConv2d)
     assert torch.equal(converted.conv.bias, model.conv.bias)  # still there for forward to read
 
@@ -440,7 +440,16 @@ class SequentialThen(nn.Module):
 @pytest.mark.parametrize("residual", [False, True])
 def test_add_and_activation_after_a_sequential_join_its_last_conv(residual):
     converted, report = check_convert(_prep(SequentialThen(residual, nn.Hardswish())), _x(), reparameterize=False)
-    details = [r.detail for r in report.fused]
+    details = [r.detail for r in fused(report)]
     assert details[-1] == ("add+hardswish" if residual else "hardswish") + " into body.3.0"
     assert type(converted.body) is nn.Sequential and converted.body[3][0].act.name == "hardswish"
     assert (type(converted) is SequentialThen) != residual  # an activation module alone: children swapped
+
+
+def test_fx_graphmodule_input_and_converting_twice():
+    """A model the user already traced with fx: nested call targets ("body.0") and fx's own containers."""
+    model = torch.fx.symbolic_trace(_prep(SequentialThen(True, nn.ReLU())))
+    converted, report = check_convert(model, _x(), reparameterize=False)
+    assert len(fused(report)) == 2
+    again, report = fusedconv.convert(converted, return_report=True)
+    assert not report.rows

@@ -66,3 +66,12 @@ def check_convert(model: nn.Module, *inputs, tol: float = 1e-5, bn_left: int = 0
     assert left == bn_left, f"{left} batch_norm ops still execute (expected {bn_left})\n{report}"
     assert_untouched(model, snap)
     return converted, report
+
+
+def fused(report) -> list:
+    """The report's fused Conv -> BN (-> act) rows (re-parameterization rows are another pass's)."""
+    return [r for r in report.fused if r.kind == "conv_bn_act"]
+
+
+def skipped(report) -> list:
+    return [r for r in report.skipped if r.kind == "conv_bn_act"]

@@ -17,7 +17,8 @@ import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from test_convert_helpers import assert_untouched, check_convert, output_error, snapshot  # noqa: E402
+from test_convert_helpers import (assert_untouched, check_convert, fused, output_error, skipped,  # noqa: E402
+                                  snapshot)
 from util import batch_norm_count, count_ops, randomize_bn  # noqa: E402
 
 import fusedconv  # noqa: E402
@@ -38,12 +39,12 @@ def _bn_modules(model):
 def test_torchvision_classifiers(name):
     model = randomize_bn(getattr(torchvision.models, name)(weights=None), seed=1)
     converted, report = check_convert(model, _x())
-    assert not report.skipped, str(report)
+    assert not skipped(report), str(report)
     assert not _bn_modules(converted)
     if name in ("mobilenet_v3_small", "efficientnet_b0"):
         # Inverted-residual blocks: `block(x)` (a Sequential ending in conv + BN) + x joins the last conv's
         # epilogue; the block keeps its class and the Sequential stays a Sequential.
-        assert any(r.detail.startswith("add into block.") for r in report.fused), str(report)
+        assert any(r.detail.startswith("add into block.") for r in fused(report)), str(report)
         assert all(type(m.block) is nn.Sequential for m in converted.modules() if hasattr(m, "block"))
 
 
@@ -54,7 +55,7 @@ def test_resnet18_residual_joins_epilogue():
     # The block keeps its class name and attribute names; conv2 takes the identity as its residual.
     assert type(block).__name__ == "BasicBlock"
     assert isinstance(block.conv2, FusedConv2d) and block.conv2.act.name == "relu"
-    assert sum("add" in r.detail for r in report.fused) == 8
+    assert sum("add" in r.detail for r in fused(report)) == 8
     # Blocks without a residual join keep their own class: the root model is still a ResNet.
     assert type(converted) is torchvision.models.ResNet
 
@@ -78,7 +79,7 @@ def test_resnet50_fewer_ops_than_fx_fuse(monkeypatch):
     monkeypatch.setattr(fusedconv.ops, "use_kernel", lambda x, w: True)
     op_counts = count_ops(converted, x)
     del op_counts["detach"]
-    assert op_counts["conv_bn_act"] == len(report.fused) == 53
+    assert op_counts["conv_bn_act"] == len(fused(report)) == 53
     assert op_counts["convolution"] == 0 and op_counts["batch_norm"] == 0
     assert op_counts["relu_"] + op_counts["relu"] == 0 and op_counts["add"] + op_counts["add_"] == 0
     assert sum(op_counts.values()) < sum(fx_counts.values()), (op_counts, fx_counts)
@@ -95,7 +96,7 @@ def test_detection_model_untraceable_root():
     snap = snapshot(model)
     converted, report = fusedconv.convert(model, return_report=True)
     assert_untouched(model, snap)
-    assert report.fused and not report.skipped, str(report)
+    assert fused(report) and not skipped(report), str(report)
     with pytest.raises(Exception):  # the whole model is not fx-traceable (list inputs, control flow)
         torch.fx.symbolic_trace(copy.deepcopy(model))
     # Compare everything before the box post-processing: with random weights the scores are near-ties, so
@@ -114,7 +115,7 @@ def test_segmentation_model():
     seg = torchvision.models.segmentation
     model = randomize_bn(seg.lraspp_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=3), seed=5)
     converted, report = check_convert(model, _x())
-    assert not report.skipped and not _bn_modules(converted)
+    assert not skipped(report) and not _bn_modules(converted)
 
 
 def test_timm_batchnormact():
@@ -122,9 +123,9 @@ def test_timm_batchnormact():
     model = randomize_bn(timm.create_model("efficientnet_b0", pretrained=False, num_classes=10), seed=6)
     assert any(type(m).__name__ == "BatchNormAct2d" for m in model.modules())
     converted, report = check_convert(model, _x())
-    assert not report.skipped
+    assert not skipped(report)
     # BatchNormAct2d's SiLU joined the epilogue, and the root keeps its class and methods.
-    assert Counter(r.detail for r in report.fused)["bn+silu"] > 10
+    assert Counter(r.detail for r in fused(report))["bn+silu"] > 10
     assert type(converted).__name__ == "EfficientNet" and hasattr(converted, "forward_features")
 
 
@@ -138,7 +139,7 @@ def test_smp_unet_every_conv2drelu_fused():
         block = converted.get_submodule(name)
         assert isinstance(block[0], FusedConv2d) and block[0].act.name == "relu", name
         assert not any("BatchNorm" in type(m).__name__ for m in block.modules()), name
-    assert not report.skipped
+    assert not skipped(report)
 
 
 def test_smp_deeplabv3plus_not_fx_traceable():
@@ -147,9 +148,9 @@ def test_smp_deeplabv3plus_not_fx_traceable():
     with pytest.raises(Exception):
         torch.fx.symbolic_trace(model)
     converted, report = check_convert(model, _x())
-    assert not report.skipped and not _bn_modules(converted)
+    assert not skipped(report) and not _bn_modules(converted)
     # SeparableConv2d (a Sequential ending in a conv) followed by BN: the BN folds into that last conv.
-    assert any(".(...)." in " ".join(r.nodes) or ".1" in " ".join(r.nodes) for r in report.fused)
+    assert any(".(...)." in " ".join(r.nodes) or ".1" in " ".join(r.nodes) for r in fused(report))
 
 
 def test_self_check_with_example_inputs():

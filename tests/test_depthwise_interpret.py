@@ -205,3 +205,19 @@ def test_bad_inputs_name_the_argument(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match=r"CPU tensors only under TRITON_INTERPRET=1"):
         call(x, weight, scale, shift, padding=1)
+
+
+def test_autotune_configs_respect_caps():
+    """Configs come from a function, per layout; caps for small layers shrink blocks and drop duplicates."""
+    from fusedconv.kernels.depthwise import depthwise_configs
+
+    for channels_last in (True, False):
+        full = depthwise_configs(channels_last)
+        assert full and all(c.kwargs["BLOCK_P"] * c.kwargs["BLOCK_C"] >= 1024 for c in full)
+        capped = depthwise_configs(channels_last, max_c=8, max_p=32)
+        assert capped and all(c.kwargs["BLOCK_C"] <= 8 and c.kwargs["BLOCK_P"] <= 32 for c in capped)
+        sigs = [(c.kwargs["BLOCK_P"], c.kwargs["BLOCK_C"], c.num_warps) for c in capped]
+        assert len(sigs) == len(set(sigs))
+    # channels_last favours wide channel blocks, NCHW wide pixel blocks.
+    assert max(c.kwargs["BLOCK_C"] for c in depthwise_configs(True)) > \
+        max(c.kwargs["BLOCK_C"] for c in depthwise_configs(False))

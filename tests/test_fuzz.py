@@ -45,9 +45,8 @@ SPATIAL = [1, 2, 3, 5, 7, 11, 13]
 # path the parent chooses at import time (the child inherits the environment).
 _COUNT_ENV = "FUSEDCONV_FUZZ_COUNT_FILE"
 if not os.environ.get(_COUNT_ENV) and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-    _fd, _path = tempfile.mkstemp(prefix="fusedconv-fuzz-count-", suffix=".json")
-    os.close(_fd)
-    os.environ[_COUNT_ENV] = _path
+    # Only a name: the file exists only once the child has written it (the companion test deletes it).
+    os.environ[_COUNT_ENV] = os.path.join(tempfile.gettempdir(), f"fusedconv-fuzz-count-{os.getpid()}.json")
 
 FUZZ_SETTINGS = dict(derandomize=True, database=None, deadline=None, print_blob=True,
                      suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

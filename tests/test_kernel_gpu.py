@@ -23,6 +23,7 @@ pytestmark = pytest.mark.gpu
 # (dtype, tf32) combos; TF32 keeps a 10-bit mantissa, so its tolerance is that of 16-bit inputs.
 DTYPE_MODES = [(torch.float16, False), (torch.bfloat16, False), (torch.float32, False), (torch.float32, True)]
 TF32_TOLERANCE = 5e-3
+DEVICE = "cuda"
 
 
 @pytest.fixture
@@ -38,7 +39,7 @@ def _tolerance(dtype, tf32):
 
 def _check(case, dtype, tf32, layout, activation, residual, tf32_mode, **kw):
     tf32_mode(tf32)
-    run_case(case, dtype, layout, activation, residual, device="cuda", tolerance=_tolerance(dtype, tf32), **kw)
+    run_case(case, dtype, layout, activation, residual, device=DEVICE, tolerance=_tolerance(dtype, tf32), **kw)
 
 
 @pytest.mark.parametrize("dtype,tf32", DTYPE_MODES, ids=["fp16", "bf16", "fp32", "tf32"])

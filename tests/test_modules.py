@@ -323,7 +323,7 @@ def test_source_modules_untouched():
 def test_torch_compile_fullgraph_does_not_mutate():
     ref, fused = make_block(act="silu")
     x, r = torch.randn(2, 4, 8, 8), torch.randn(2, 6, 8, 8)
-    compiled = torch.compile(fused, fullgraph=True, backend="eager")
+    compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
     assert max_rel_error(compiled(x, r), reference_with_residual(ref, x, r)) < TOL[torch.float32]
     assert fused._fold_cache is None  # the traced call did not fill the eager cache
 
@@ -333,7 +333,7 @@ def test_torch_compile_fullgraph_half_uses_fp32_epilogue():
     ref, fused = make_block(act="relu")
     fused.half()
     x = torch.randn(2, 4, 8, 8)
-    compiled = torch.compile(fused, fullgraph=True, backend="eager")
+    compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
     assert max_rel_error(compiled(x.half()), ref(x)) < TOL[torch.float16]
 
 
@@ -422,5 +422,5 @@ def test_cuda_kernel_path_matches_pytorch(dtype, layout):
     if layout == "channels_last":
         assert out.is_contiguous(memory_format=torch.channels_last)
     if out.numel():
-        tol = {torch.float32: 1e-3, torch.float16: 1e-2, torch.bfloat16: 3e-2}[dtype]  # fp32 may use TF32
+        tol = {torch.float32: 5e-3, torch.float16: 1e-2, torch.bfloat16: 3e-2}[dtype]  # fp32 may use TF32
         assert max_rel_error(out, expected) < tol

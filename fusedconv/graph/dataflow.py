@@ -6,10 +6,16 @@ inputs, ...) are not a dead end: their children are visited and tried in turn, a
 are fused without tracing (`sequential.py`).
 
 A chain is fused only when the graph proves it is exactly equivalent:
-  * the conv's output feeds the BN and nothing else, and the BN's output feeds only the activation / add;
-  * the add's other operand is a computed tensor (not a parameter or constant that may broadcast) that does
-    not depend on the chain, and an in-place add updates the chain's value, not the other operand;
-  * the BN's forward is understood (`legality.batchnorm_verdict`), with eval-mode running statistics.
+  * the conv's output feeds the BN and nothing else, and the BN's output feeds only the activation / add
+    (through calls that are the identity in eval mode: nn.Identity, dropout, drop-path);
+  * the add's other operand is a computed tensor that does not depend on the chain and is not one that
+    usually broadcasts (a parameter, a constant, a reduction / reshape / indexing result), and an in-place add
+    updates the chain's value, not the other operand;
+  * the BN's forward is understood (`legality.batchnorm_verdict`), with eval-mode running statistics;
+  * the conv is exactly nn.Conv2d, called at one call site (subclasses may compute differently: reported).
+"Conv" may also be a plain nn.Sequential that ends in a conv (a BN after it folds into that last conv), and a
+plain nn.Sequential ending in an already fused FusedConv2d passes a following add / activation into that
+module's epilogue (the Sequential call is then inlined into its children's calls: `Absorb`).
 
 How a scope is rewritten:
   * if every chain is made of module calls (conv, BN, activation module) each called once and held in one
@@ -566,6 +572,10 @@ class ScopePass:
         graph.lint()
         gm = fx.GraphModule(root, graph, class_name=type(module).__name__)
         gm.training = module.training  # not .train(): that would reset every child's flag too
+        known = {id(m) for m in root.modules()}
+        for m in gm.modules():  # containers GraphModule created for nested targets ("conv.bias")
+            if id(m) not in known:
+                m.training = module.training
         for target in inlined:  # the graph calls its children one by one; keep the Sequential itself there
             if "." not in target:
                 gm._modules[target] = module._modules[target]

@@ -507,6 +507,8 @@ class ScopePass:
             if first_failure is not None:
                 reason, names = first_failure.args
                 self.report.add(self.scope, names, KIND, "skipped", reason)
+            else:
+                self._report_nonlinear(terms)
             return
         merged, group, rest, names, dtype = found
         conv = to_conv2d(merged, dtype, merged.weight.device)
@@ -530,6 +532,29 @@ class ScopePass:
         self.report.add(self.scope, names, KIND, "fused",
                         f"{len(group)} branch{'es' if len(group) > 1 else ''} ({kinds}) -> {name} "
                         f"{merged.describe()}")
+
+    def _report_nonlinear(self, terms: list[Term]) -> None:
+        """Report a term that is directly a non-linear op (e.g. relu(bn(conv1x1(x)))) over a conv branch of an
+        input another term also reads: a RepVGG-like block that is not linear before its sum. Terms that end
+        in linear pieces after the non-linearity (a ResNet block's main path) are ordinary residuals: not
+        reported."""
+        for t in terms:
+            if t.pieces or len(terms) < 2:
+                continue
+            args = [a for a in t.node.args if isinstance(a, fx.Node)]
+            if t.node.op not in ("call_module", "call_function", "call_method") or not args:
+                continue
+            inner = self.chain(args[0], 1.0, [])
+            if not any(p.kind in ("conv", "idconv") for p in inner.pieces):
+                continue
+            others = {n for o in terms if o is not t for n in o.nodes}
+            if others.intersection(inner.nodes[1:]):
+                what = str(t.node.target) if t.node.op == "call_module" else getattr(t.node.target, "__name__",
+                                                                                      str(t.node.target))
+                names = tuple(self._qual(p.node) for p in reversed(inner.pieces) if p.node.op == "call_module")
+                self.report.add(self.scope, names + (self._qual(t.node),), KIND, "skipped",
+                                f"a branch is not linear before the sum ({what} after its conv): left as is")
+                return
 
     def _describe(self, t: Term, source: fx.Node) -> str:
         parts = []

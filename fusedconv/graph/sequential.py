@@ -3,7 +3,9 @@
 An nn.Sequential (whose forward is not overridden) feeds each child only into the next one, so its data flow
 is its order. That makes consecutive children a proven chain without tracing — as long as none of the modules
 is also reachable from elsewhere in the model (a shared module may be called on another path too).
-A Conv2d followed directly by an activation (no BatchNorm, e.g. after re-parameterization) is fused as well.
+A Conv2d followed directly by an activation (no BatchNorm, e.g. after re-parameterization) is fused as well,
+and a child that is itself a plain Sequential ending in a Conv2d (smp's SeparableConv2d, timm's deep stems)
+counts as that conv: a BatchNorm after it folds into its last conv.
 """
 
 from __future__ import annotations

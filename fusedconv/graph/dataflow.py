@@ -593,7 +593,8 @@ def _traceable_candidates(module: nn.Module) -> bool:
     for child in module.children():
         if isinstance(child, (nn.Conv2d, FusedConv2d)):
             return True
-        if type(child) in (nn.ModuleList, nn.ModuleDict) or is_plain_sequential(child):
+        # (plain nn.Module: the containers fx's GraphModule creates for nested call targets)
+        if type(child) in (nn.ModuleList, nn.ModuleDict, nn.Module) or is_plain_sequential(child):
             if _traceable_candidates(child):
                 return True
     return False

@@ -47,6 +47,7 @@ _COUNT_ENV = "FUSEDCONV_FUZZ_COUNT_FILE"
 if not os.environ.get(_COUNT_ENV) and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
     # Only a name: the file exists only once the child has written it (the companion test deletes it).
     os.environ[_COUNT_ENV] = os.path.join(tempfile.gettempdir(), f"fusedconv-fuzz-count-{os.getpid()}.json")
+    Path(os.environ[_COUNT_ENV]).unlink(missing_ok=True)  # never read a count left by an earlier process
 
 FUZZ_SETTINGS = dict(derandomize=True, database=None, deadline=None, print_blob=True,
                      suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

@@ -130,9 +130,8 @@ def representative(cases: list[LayerCase], n: int = 3) -> list[LayerCase]:
     by_flops = sorted(cases, key=lambda c: -(c.shape.cin // c.shape.groups) * c.shape.cout * c.shape.kh * c.shape.kw
                       * c.shape.out_hw[0] * c.shape.out_hw[1])
     special = [c for c in cases if c.shape.depthwise] or [c for c in cases if c.residual]
-    for c in by_flops[:1] + special[:1] + cases[len(cases) // 2:]:
-        if len(picked) >= n:
-            break
-        if c not in picked:
-            picked.append(c)
+    for group in (by_flops, special, cases[len(cases) // 2:]):
+        extra = next((c for c in group if c not in picked), None)  # the group's first not already chosen
+        if extra is not None and len(picked) < n:
+            picked.append(extra)
     return picked

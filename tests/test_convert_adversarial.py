@@ -453,3 +453,25 @@ def test_fx_graphmodule_input_and_converting_twice():
     assert len(fused(report)) == 2
     again, report = fusedconv.convert(converted, return_report=True)
     assert not report.rows
+
+
+class MutatesInputBeforeAdd(nn.Module):
+    """x is changed in place after conv read it and before the add: the residual cannot be fused (the fused
+    module would run at the add and read the changed x)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        x = x * 1.0
+        y = self.bn(self.conv(x))
+        r = torch.sigmoid(x)
+        x.mul_(2.0)
+        return self.relu(y + r)
+
+
+def test_in_place_change_of_conv_input_blocks_the_residual():
+    converted, report = check_convert(_prep(MutatesInputBeforeAdd()), _x(), reparameterize=False)
+    assert [r.detail for r in fused(report)] == ["bn"]

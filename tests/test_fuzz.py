@@ -7,7 +7,7 @@
    channels_last, sliced views), activation, residual, split-K and fp32/fp16 — KERNEL_EXAMPLES examples.
 2. `fusedconv.convert` on randomly generated models (plain Sequential chains, modules calling functional
    activations, residual blocks; random BN statistics) against the unconverted model, plus FusedConv2d's
-   fallback against nn modules.
+   fallback (fp32 / fp16 / bf16, any layout, unbatched, empty batch) against float64 nn modules.
 
 The number of kernel examples run is written to the terminal (and checked to be >= 200) by a companion test
 in the parent process, so the CI log shows it. A failure that hypothesis finds is shrunk to a minimal example
@@ -307,28 +307,33 @@ def test_convert_fuzz_random_models(spec):
 @given(spec=block_specs(4), act=st.sampled_from(sorted(ACT_MODULES)), n=st.integers(0, 3),
        hw=st.tuples(st.sampled_from(SPATIAL[2:]), st.sampled_from(SPATIAL[2:])),
        layout=st.sampled_from(["nchw", "channels_last", "sliced", "unbatched"]), residual=st.booleans(),
+       dtype=st.sampled_from([torch.float32, torch.float32, torch.float16, torch.bfloat16]),
        seed=st.integers(0, 2**16))
 @torch.no_grad()
-def test_fused_module_fallback_fuzz(spec, act, n, hw, layout, residual, seed):
+def test_fused_module_fallback_fuzz(spec, act, n, hw, layout, residual, dtype, seed):
     from fusedconv.modules import FusedConv2d
 
     cout, conv_kwargs, _ = spec
     torch.manual_seed(seed)
     ref = conv_bn_act(4, cout, conv_kwargs, act)
     randomize_bn(ref, seed).eval()
-    fused = FusedConv2d.from_modules(*ref)
-    x = torch.randn(max(n, 1) if layout == "unbatched" else n, 4, *hw)
-    expected_main = ref[1](ref[0](x))
-    r = torch.randn_like(expected_main) if residual else None
-    expected = ref[2](expected_main + r) if residual else ref(x)
+    fused = FusedConv2d.from_modules(*ref).to(dtype)
+    # The truth: the same nn modules in float64, with the conv weight rounded to `dtype` as the module holds it.
+    ref64 = copy.deepcopy(ref).double()
+    ref64[0].weight.copy_(ref[0].weight.to(dtype))
+    x = torch.randn(max(n, 1) if layout == "unbatched" else n, 4, *hw).to(dtype)
+    expected_main = ref64[1](ref64[0](x.double()))
+    r = torch.randn(expected_main.shape).to(dtype) if residual else None
+    expected = ref64[2](expected_main + r.double()) if residual else ref64[2](expected_main)
     if layout == "unbatched":
         x, r, expected = x[0], None if r is None else r[0], expected[0]
     elif layout != "nchw":
         x = _layout(x, layout)
     out = fused(x, r)
-    assert out.shape == expected.shape
+    assert out.dtype == dtype and out.shape == expected.shape
     if out.numel():
-        assert max_rel_error(out, expected) < 1e-5
+        tol = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 2e-2}[dtype]
+        assert max_rel_error(out, expected) < tol
 
 
 # ------------------------------------------------------------------------- minimised failures (regular tests)

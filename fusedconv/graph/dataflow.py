@@ -237,6 +237,24 @@ class ScopePass:
             return None, f"adds the output of {_node_name(other)} (may broadcast)"
         return other, None
 
+    def _mutated_between(self, value, start: fx.Node, end: fx.Node) -> bool:
+        """Whether a visible in-place operation on `value` runs after `start` and before `end` (the fused module
+        then runs at `end` and must read `value` as `start` did)."""
+        if not isinstance(value, fx.Node):
+            return False
+        node = start.next
+        while node is not end and node.op != "output":
+            if node.args and node.args[0] is value:
+                if node.op == "call_method" and str(node.target).endswith("_"):
+                    return True
+                if node.op == "call_function" and (node.kwargs.get("inplace") or node.target is operator.iadd
+                                                   or str(getattr(node.target, "__name__", "")).endswith("_")):
+                    return True
+                if node.op == "call_module" and getattr(self._mod(node), "inplace", False):
+                    return True
+            node = node.next
+        return False
+
     def _is_passthrough(self, node: fx.Node, value: fx.Node) -> bool:
         """`node` returns `value` unchanged in eval mode: nn.Identity, dropout, drop-path / stochastic depth."""
         if node.op != "call_module" or node.args != (value,) or node.kwargs:
@@ -340,7 +358,8 @@ class ScopePass:
                 ch.act, ch.act_spec, ch.passthrough = nxt, spec, passthrough
                 return ch
             other, why = self._residual_of(nxt, cur) if tail is None else (None, None)
-            if other is not None and not self._depends_on(other, {conv, ch.bn, *passthrough} - {None}):
+            if (other is not None and not self._depends_on(other, {conv, ch.bn, *passthrough} - {None})
+                    and not self._mutated_between(conv.args[0], conv, nxt)):
                 ch.add, ch.passthrough = nxt, passthrough
                 after = self._sole_user(nxt)
                 spec = self._activation(after, nxt) if after is not None else None
@@ -542,7 +561,9 @@ class ScopePass:
             if ch.add is not None:  # read it now: an earlier rewrite may have replaced that node
                 a, b = ch.add.args
                 residual = b if a is ch.value else a
-            with graph.inserting_before(last):
+            # Run the fused module where its inputs were read: at the conv (input only) or at the add (input
+            # and residual), so no later operation of the scope can have changed them in between.
+            with graph.inserting_before(ch.conv if residual is None else ch.add):
                 args = (ch.conv.args[0],) if residual is None else (ch.conv.args[0], residual)
                 new = graph.call_module(name, args)
             last.replace_all_uses_with(new)
@@ -560,7 +581,7 @@ class ScopePass:
             with graph.inserting_before(a.seq):
                 for target in a.leaves[:-1]:
                     prev = graph.call_module(target, (prev,))
-            with graph.inserting_before(a.last if hasattr(a, "last") else a.nodes[-1]):
+            with graph.inserting_before(a.add):
                 new = graph.call_module(a.leaves[-1], (prev, residual))
             a.nodes[-1].replace_all_uses_with(new)
             for n in reversed(a.nodes):
@@ -607,6 +628,7 @@ class DataflowWalk:
         self.report = report
         self.uses = module_use_counts(model)
         self.done: dict[int, nn.Module] = {}
+        self.rewritten: list[str] = []  # scopes replaced by a GraphModule (their own methods are not kept)
 
     def visit(self, module: nn.Module, scope: str = "") -> nn.Module:
         key = id(module)
@@ -633,7 +655,10 @@ class DataflowWalk:
         except Exception as e:  # noqa: BLE001 - any failure means fx cannot see this forward
             self._untraceable(module, scope, e)
             return module
-        return ScopePass(module, graph, scope, self.uses, self.report).run()
+        result = ScopePass(module, graph, scope, self.uses, self.report).run()
+        if result is not module:
+            self.rewritten.append(f"{scope or '<root>'} ({type(module).__name__})")
+        return result
 
     def _untraceable(self, module: nn.Module, scope: str, err: BaseException) -> None:
         convs = [n for n, c in module.named_children() if is_fusable_conv(c)]
@@ -648,4 +673,11 @@ class DataflowWalk:
 
 def fuse_dataflow(model: nn.Module, report: ConversionReport) -> nn.Module:
     """Fuse every provable chain of `model` in place; returns the model (the root itself may be replaced)."""
-    return DataflowWalk(model, report).visit(model, "")
+    walk = DataflowWalk(model, report)
+    model = walk.visit(model, "")
+    if walk.rewritten:
+        shown = ", ".join(walk.rewritten[:4]) + (f" and {len(walk.rewritten) - 4} more" if len(walk.rewritten) > 4 else "")
+        report.notes.append(f"{len(walk.rewritten)} block(s) rewritten as fx GraphModules of the same class name "
+                            f"(a residual add or a functional op joined the epilogue; their own methods other "
+                            f"than forward are not kept): {shown}")
+    return model

@@ -6,8 +6,10 @@
 from fusedconv._version import __version__
 from fusedconv.activations import ActivationSpec
 from fusedconv.convert import convert
-from fusedconv.modules import FusedConv2d
+from fusedconv.modules import FusedConv2d, check_state_dict
 from fusedconv.reparam import reparameterize
 from fusedconv.report import ConversionReport, ReportRow
+from fusedconv.tuning import warmup
 
-__all__ = ["ActivationSpec", "ConversionReport", "FusedConv2d", "ReportRow", "__version__", "convert"]
+__all__ = ["ActivationSpec", "ConversionReport", "FusedConv2d", "ReportRow", "__version__", "check_state_dict",
+           "convert", "reparameterize", "warmup"]

@@ -28,6 +28,7 @@ import os
 
 import torch
 
+from fusedconv.validation import check_inputs
 from fusedconv.kernels.reference import conv_bn_act_ref, conv_output_shape, output_memory_format
 
 __all__ = ["OP_REGISTRATION", "conv_bn_act", "kernel_available", "pack_weight", "use_kernel"]
@@ -76,6 +77,8 @@ def _conv_bn_act_impl(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
 
         return _launch(x, weight, scale, shift, stride=stride, padding=padding, dilation=dilation, groups=groups,
                        activation=activation, act_param=act_param, residual=residual)
+    # The launcher validates its own inputs; the fallback gets the same named errors instead of F.conv2d's.
+    check_inputs(x, weight, groups, residual, stride=stride, padding=padding, dilation=dilation)
     y = conv_bn_act_ref(x, weight, scale, shift, stride=stride, padding=padding, dilation=dilation,
                         groups=groups, activation=activation, act_param=act_param, residual=residual)
     # F.conv2d's CPU kernels do not always keep channels_last; the op's contract is x's memory format.

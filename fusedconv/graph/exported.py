@@ -422,12 +422,22 @@ def _rewrite(gm: fx.GraphModule, chain: _Chain, replaced: dict) -> None:
 
 def _delete_unused_attrs(gm: fx.GraphModule, before: set[str]) -> None:
     """Drop the parameters / buffers only the removed BN calls read (they would stay in the state dict)."""
+    for node in list(gm.graph.nodes):
+        if node.op == "get_attr" and not node.users:  # reads nothing uses (e.g. a BN's num_batches_tracked)
+            gm.graph.erase_node(node)
     used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    emptied = set()
     for target in sorted(before - used):
         owner, _, name = target.rpartition(".")
         mod = _get_attr(gm, owner) if owner else gm
         if isinstance(mod, torch.nn.Module) and (name in mod._parameters or name in mod._buffers):
             delattr(mod, name)
+            emptied.add(mod)
+    for mod in emptied:
+        # A BN's step counter is in the state dict but never read in eval: drop it once its BN is gone.
+        left = set(mod._parameters) | set(mod._buffers)
+        if left == {"num_batches_tracked"} and not mod._modules:
+            delattr(mod, "num_batches_tracked")
 
 
 def fuse_graph_module(gm: fx.GraphModule, report: ConversionReport | None = None) -> ConversionReport:
@@ -436,7 +446,7 @@ def fuse_graph_module(gm: fx.GraphModule, report: ConversionReport | None = None
     if not isinstance(gm, fx.GraphModule):
         raise TypeError(f"gm: expected a torch.fx.GraphModule, got {type(gm).__name__}")
     report = ConversionReport() if report is None else report
-    before = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    before = {n.target for n in gm.graph.nodes if n.op == "get_attr" and n.users}
     claimed: set = set()
     chains = []
     for node in list(gm.graph.nodes):
@@ -466,9 +476,9 @@ def fuse_graph_module(gm: fx.GraphModule, report: ConversionReport | None = None
             report.add(_scope(chain), names, KIND, "skipped", str(e))
             continue
         report.add(_scope(chain), names, KIND, "fused", chain.detail())
+    _delete_unused_attrs(gm, before)
     gm.graph.lint()
     gm.recompile()
-    _delete_unused_attrs(gm, before)
     return report
 
 

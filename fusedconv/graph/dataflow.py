@@ -51,6 +51,7 @@ from fusedconv.report import ConversionReport
 _ADD_FUNCTIONS = (operator.add, torch.add, operator.iadd)
 _ADD_METHODS = ("add", "add_")
 _BN_FUNCTIONS = (F.batch_norm,)
+_INPLACE_FUNCTIONS = (operator.iadd, operator.setitem)
 _BN_PARAMS = list(inspect.signature(F.batch_norm).parameters)
 # Nodes that produce Python numbers / shapes rather than tensors (cannot be a residual).
 _NON_TENSOR_METHODS = ("size", "dim", "numel", "item", "tolist")
@@ -247,7 +248,7 @@ class ScopePass:
             if node.args and node.args[0] is value:
                 if node.op == "call_method" and str(node.target).endswith("_"):
                     return True
-                if node.op == "call_function" and (node.kwargs.get("inplace") or node.target is operator.iadd
+                if node.op == "call_function" and (node.kwargs.get("inplace") or node.target in _INPLACE_FUNCTIONS
                                                    or str(getattr(node.target, "__name__", "")).endswith("_")):
                     return True
                 if node.op == "call_module" and getattr(self._mod(node), "inplace", False):

@@ -11,7 +11,8 @@ checked on the way.
 
 Recognised, on torch 2.11 .. 2.14 (training IR from `torch.export.export`, core ATen after
 `run_decompositions`):
-  conv   aten.conv2d.default, aten.convolution.default (transposed=False), 4-d input and weight
+  conv   aten.conv2d.default / .padding ("valid", symmetric "same"), aten.convolution.default
+         (transposed=False); 4-d input and weight
   bn     aten.batch_norm.default (training=False), aten._native_batch_norm_legit_no_training.default,
          aten.native_batch_norm.default / aten._native_batch_norm_legit.default (training=False),
          aten._batch_norm_no_update.default — the tuple-returning ones only when just output 0 is used
@@ -57,8 +58,7 @@ def _overloads(*names: str) -> tuple:
     return tuple(found)
 
 
-_CONV_OPS = _overloads("conv2d.default", "convolution.default")
-_CONV2D_PADDING_STR = _overloads("conv2d.padding")
+_CONV_OPS = _overloads("conv2d.default", "conv2d.padding", "convolution.default")
 # BN ops returning one tensor, and those returning (out, save_mean, save_invstd, ...) of which we need out.
 _BN_SINGLE = _overloads("batch_norm.default")
 _BN_TUPLE = _overloads("_native_batch_norm_legit_no_training.default", "native_batch_norm.default",
@@ -178,12 +178,27 @@ def _parse_conv(chain: _Chain) -> None:
         raise _Skip(f"conv is not 2-d on a batched input (input {xv.dim()}-d, weight {wv.dim()}-d)")
     if not xv.is_floating_point() or wv.dtype != xv.dtype:
         raise _Skip(f"conv dtypes {xv.dtype} / {wv.dtype} are not one floating dtype")
+    padding = a["padding"]
+    if isinstance(padding, str):
+        padding = _string_padding(padding, wv, _pair(a["dilation"], "dilation"), _pair(a["stride"], "stride"))
     chain.conv_args = {
         "x": x, "weight": w, "weight_target": _attr_target(w, "conv weight", allow_none=False),
         "bias_target": _attr_target(b, "conv bias"),
-        "stride": _pair(a["stride"], "stride"), "padding": _pair(a["padding"], "padding"),
+        "stride": _pair(a["stride"], "stride"), "padding": _pair(padding, "padding"),
         "dilation": _pair(a["dilation"], "dilation"), "groups": int(a["groups"]),
     }
+
+
+def _string_padding(padding: str, wv: torch.Tensor, dilation: list[int], stride: list[int]) -> list[int]:
+    """conv2d's padding="valid" / "same" as explicit numbers, when they are symmetric (else _Skip)."""
+    if padding == "valid":
+        return [0, 0]
+    if padding != "same":
+        raise _Skip(f"conv padding {padding!r} is not 'valid' or 'same'")
+    total = [d * (k - 1) for d, k in zip(dilation, wv.shape[2:])]
+    if not all(isinstance(t, int) for t in total) or any(t % 2 for t in total) or stride != [1, 1]:
+        raise _Skip("conv padding='same' pads asymmetrically here (even kernel extent), which the op cannot express")
+    return [t // 2 for t in total]
 
 
 def _parse_bn(chain: _Chain, bn: fx.Node) -> None:
@@ -237,7 +252,7 @@ def _activation(node: fx.Node, value: fx.Node) -> ActivationSpec | None:
             if lo == 0 and hi is None and not isinstance(lo, bool):
                 return ActivationSpec("relu")
             if lo == 0 and hi == 6 and not isinstance(lo, bool) and not isinstance(hi, bool):
-                return ActivationSpec("relu6")
+                return ActivationSpec("relu")
             return None
         if t in _CLAMP_MIN:
             lo = a.get("min")
@@ -281,7 +296,9 @@ def _match(conv: fx.Node, claimed: set) -> _Chain:
     if _bind(bn)["input"] is not conv:
         raise _Skip(f"conv output is not the input of batch norm {bn.name}")
     _parse_bn(chain, bn)
-    nxt = _only_user(chain.value, "batch norm")
+    # The BN's value may have several users (the fused call then feeds them all); the activation / add
+    # join the epilogue only when they are its one user.
+    nxt = _only_user_or_none(chain.value)
     if nxt is not None and nxt not in claimed:
         spec = _activation(nxt, chain.value)
         if spec is not None:
@@ -376,9 +393,15 @@ def _set_buffer(gm: fx.GraphModule, target: str, value: torch.Tensor) -> None:
     mod.register_buffer(name, value)
 
 
-def _scope(chain: _Chain) -> str:
-    owner = chain.conv_args["weight_target"].rpartition(".")[0]  # e.g. layer1.0.conv1
-    return owner.rpartition(".")[0]
+def _scope(conv: fx.Node) -> str:
+    """The module path that held the conv (e.g. "layer1.0" for layer1.0.conv1.weight), "" if unknown."""
+    try:
+        weight = _bind(conv)["weight"]
+    except Exception:  # noqa: BLE001 - only used for the report
+        return ""
+    if not isinstance(weight, fx.Node) or weight.op != "get_attr":
+        return ""
+    return weight.target.rpartition(".")[0].rpartition(".")[0]
 
 
 def _rewrite(gm: fx.GraphModule, chain: _Chain, replaced: dict) -> None:
@@ -452,18 +475,15 @@ def fuse_graph_module(gm: fx.GraphModule, report: ConversionReport | None = None
     for node in list(gm.graph.nodes):
         if node.op != "call_function":
             continue
-        if node.target in _CONV2D_PADDING_STR:
-            report.add("", (node.name,), KIND, "skipped", "conv with string padding ('same' / 'valid')")
-            continue
         if node.target not in _CONV_OPS:
             continue
         try:
             chain = _match(node, claimed)
         except _Skip as e:
-            report.add("", (node.name,), KIND, "skipped", str(e))
+            report.add(_scope(node), (node.name,), KIND, "skipped", str(e))
             continue
         except Exception as e:  # noqa: BLE001 - an unexpected graph shape must not abort the whole conversion
-            report.add("", (node.name,), KIND, "skipped", f"not understood ({type(e).__name__}: {e})")
+            report.add(_scope(node), (node.name,), KIND, "skipped", f"not understood ({type(e).__name__}: {e})")
             continue
         claimed.update(chain.nodes)
         chains.append(chain)
@@ -473,9 +493,9 @@ def fuse_graph_module(gm: fx.GraphModule, report: ConversionReport | None = None
         try:
             _rewrite(gm, chain, replaced)
         except ValueError as e:  # statistics fold refused (non-finite, negative variance)
-            report.add(_scope(chain), names, KIND, "skipped", str(e))
+            report.add(_scope(chain.conv), names, KIND, "skipped", str(e))
             continue
-        report.add(_scope(chain), names, KIND, "fused", chain.detail())
+        report.add(_scope(chain.conv), names, KIND, "fused", chain.detail())
     _delete_unused_attrs(gm, before)
     gm.graph.lint()
     gm.recompile()

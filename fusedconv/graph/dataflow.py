@@ -44,7 +44,7 @@ from fusedconv.activations import ActivationSpec, spec_from_call, spec_from_modu
 from fusedconv.graph.legality import (batchnorm_verdict, conv_skip_reason, conv_subclass_reason, is_fusable_conv,
                                       is_leaf_type, module_use_counts, tail_conv)
 from fusedconv.graph.sequential import KIND, fuse_sequential, is_plain_sequential
-from fusedconv.graph.tracing import trace_scope
+from fusedconv.graph.tracing import ScopeGraphModule, trace_scope
 from fusedconv.modules import FusedConv2d
 from fusedconv.report import ConversionReport
 
@@ -592,7 +592,7 @@ class ScopePass:
             if n.op == "get_attr" and not n.users:
                 graph.erase_node(n)
         graph.lint()
-        gm = fx.GraphModule(root, graph, class_name=type(module).__name__)
+        gm = ScopeGraphModule(root, graph, type(module).__name__)
         gm.training = module.training  # not .train(): that would reset every child's flag too
         known = {id(m) for m in root.modules()}
         for m in gm.modules():  # containers GraphModule created for nested targets ("conv.bias")

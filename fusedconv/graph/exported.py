@@ -252,7 +252,7 @@ def _activation(node: fx.Node, value: fx.Node) -> ActivationSpec | None:
             if lo == 0 and hi is None and not isinstance(lo, bool):
                 return ActivationSpec("relu")
             if lo == 0 and hi == 6 and not isinstance(lo, bool) and not isinstance(hi, bool):
-                return ActivationSpec("relu")
+                return ActivationSpec("relu6")
             return None
         if t in _CLAMP_MIN:
             lo = a.get("min")

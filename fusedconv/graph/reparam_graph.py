@@ -32,6 +32,7 @@ from fusedconv.graph.reparam_math import (
     scale_shift, to_conv2d,
 )
 from fusedconv.modules import FusedConv2d
+from fusedconv.graph.tracing import ScopeGraphModule
 from fusedconv.report import ConversionReport
 
 KIND = "reparam"
@@ -160,7 +161,7 @@ class ScopePass:
         self.scope = scope
         self.report = report
         graph = ReparamTracer().trace(module)
-        self.gm = fx.GraphModule(module, graph, class_name=type(module).__name__)
+        self.gm = ScopeGraphModule(module, graph, type(module).__name__)
         self.graph = self.gm.graph
         self.order = {n: i for i, n in enumerate(self.graph.nodes)}
         self.merged = 0

@@ -92,3 +92,35 @@ def proxy_leak_guard(model: nn.Module, notes: list[str]):
                     else:
                         del m.__dict__[k]
                     notes.append(f"repaired {type(m).__name__}.{k}, left holding fx Proxies by tracing")
+
+
+class ScopeGraphModule(fx.GraphModule):
+    """The fx.GraphModule that stands in for one rewritten module scope, under that module's class name.
+
+    A plain GraphModule forgets its `class_name` when deep-copied (convert copies the model) or pickled, so a
+    user's `ResidualBlock` would turn into `GraphModule` after `copy.deepcopy` or `torch.save(model)`; this
+    keeps the name through both.
+    """
+
+    def __init__(self, root, graph: fx.Graph, class_name: str = "GraphModule"):
+        super().__init__(root, graph, class_name)
+        self._graphmodule_cls_name = class_name  # GraphModule's unpickler reads this attribute
+
+    def __deepcopy__(self, memo):
+        res = super().__deepcopy__(memo)
+        type(res).__name__ = self._graphmodule_cls_name  # type(res) is res's own per-instance subclass
+        return res
+
+    def __reduce__(self):
+        func, args = super().__reduce__()
+        return _rebuild_scope_graph_module, (func, args)
+
+
+def _rebuild_scope_graph_module(func, args) -> ScopeGraphModule:
+    plain = func(*args)
+    res = ScopeGraphModule(plain, plain.graph, getattr(plain, "_graphmodule_cls_name", type(plain).__name__))
+    for k, v in plain.__dict__.items():  # attributes the graph does not reference, as GraphModule keeps them
+        if k not in res.__dict__:
+            res.__dict__[k] = v
+    res.training = plain.training
+    return res

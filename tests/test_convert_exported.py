@@ -40,7 +40,7 @@ def resnet18_programs():
     model = randomize_bn(torchvision.models.resnet18(weights=None).eval(), seed=3)
     with torch.no_grad():
         ep = torch.export.export(model, (_x(1, 3, 64, 64),))
-    converted, report = convert_exported(ep, return_report=True)
+    converted, report = convert_exported(ep, check=True, return_report=True)
     return model, ep, converted, report
 
 
@@ -53,6 +53,7 @@ def test_resnet18_program_fused_and_equal(resnet18_programs):
     assert _targets(converted)[FUSED_OP] == convs == 20
     assert len(converted.graph.nodes) < len(ep.graph.nodes)
     assert len(report.fused) == 20 and not report.skipped
+    assert report.max_rel_error is not None and report.max_rel_error < TOL[torch.float32]
     # every BasicBlock's second conv takes the residual add and the ReLU after it into the epilogue
     assert sum("add" in r.detail for r in report.fused) == 8
     # folded BN tensors are gone from the program's state
@@ -250,6 +251,23 @@ def test_training_mode_batch_norm_left_alone():
     ep = torch.export.export(model, (_x(2, 3, 8, 8),))
     converted, report = convert_exported(ep, return_report=True)
     assert converted is ep and "training mode" in report.skipped[0].detail
+
+
+@torch.no_grad()
+def test_self_check_catches_a_wrong_fold(monkeypatch):
+    import fusedconv.graph.exported as exported
+
+    real = exported.bn_scale_shift
+
+    def off_by_a_bit(*args, **kwargs):
+        scale, shift = real(*args, **kwargs)
+        return scale, shift + 0.05
+
+    monkeypatch.setattr(exported, "bn_scale_shift", off_by_a_bit)
+    model = _mixed()
+    ep = torch.export.export(model, (_x(1, 3, 16, 16), _x(1, 8, 8, 8, seed=1)))
+    with pytest.raises(RuntimeError, match="outputs differ from the original's"):
+        convert_exported(ep, check=True)
 
 
 def test_rejects_a_module():

@@ -575,27 +575,68 @@ def _dynamic_shapes(ep, gm: fx.GraphModule, args: tuple, kwargs: dict):
     return shapes
 
 
-def convert_exported(ep, *, return_report: bool = False):
+def _random_like(args: tuple, kwargs: dict, seed: int = 0) -> tuple[tuple, dict]:
+    """The example inputs with every floating tensor replaced by seeded normal values (zeros hide mistakes)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def fill(v):
+        if isinstance(v, torch.Tensor) and v.is_floating_point():
+            return torch.randn(v.shape, generator=gen, dtype=torch.float64).to(v.dtype).to(v.device)
+        return v
+
+    return torch.utils._pytree.tree_map(fill, (args, kwargs))
+
+
+def _self_check(ep, converted, args: tuple, kwargs: dict, report: ConversionReport) -> None:
+    from fusedconv.convert import SELF_CHECK_TOLERANCE, compare_outputs  # the same rule as convert(check)
+
+    args, kwargs = _random_like(args, kwargs)
+    with torch.no_grad():
+        ref = torch.utils._pytree.tree_flatten(ep.module()(*args, **kwargs))
+        ref = ([t.detach().clone() if isinstance(t, torch.Tensor) else t for t in ref[0]], ref[1])
+        err, tol = compare_outputs(converted.module()(*args, **kwargs), *ref)
+    report.max_rel_error = err
+    if err > tol:
+        raise RuntimeError(f"convert_exported: the converted program's outputs differ from the original's by "
+                           f"{err:.3e} (max |diff| / max |original|), above the tolerance {tol:g} "
+                           f"(per dtype: {({str(k): v for k, v in SELF_CHECK_TOLERANCE.items()})}); "
+                           f"please report this as a bug.\n{report}")
+
+
+def convert_exported(ep, *, check: bool = False, return_report: bool = False):
     """Fuse the conv -> batch_norm (-> act) (-> + residual -> act) chains of a torch.export ExportedProgram.
 
-    Returns a new ExportedProgram (the input is not modified) in which each provably equivalent chain is one
-    `torch.ops.fusedconv.conv_bn_act` call with the BN folded into fp32 `scale` / `shift` buffers (float64
-    for a float64 conv); the program is re-exported from its rewritten module with its own example inputs
-    and dynamic dimensions. A program in the core-ATen dialect (after `run_decompositions`) is decomposed
-    again, so the result stays in that dialect. With `return_report=True` returns `(program, report)`.
+    Returns a new ExportedProgram (the input is not modified; unchanged weights are shared with it, not
+    copied) in which each provably equivalent chain is one `torch.ops.fusedconv.conv_bn_act` call with the BN
+    folded into fp32 `scale` / `shift` buffers (float64 for a float64 conv); the program is re-exported from
+    its rewritten module with its own example inputs (zeros of its input shapes when it stores none) and
+    dynamic dimensions. A program in the core-ATen dialect (after `run_decompositions`) is decomposed again,
+    so the result stays in that dialect. When nothing can be fused the input program itself is returned.
+
+    `check=True` runs both programs on seeded random inputs of the example shapes and stores the maximum
+    relative error in `report.max_rel_error`; a RuntimeError is raised above `fusedconv.convert`'s
+    per-dtype tolerance. With `return_report=True` returns `(program, report)`.
+    Loading a saved converted program needs `import fusedconv` first (it registers the op).
     """
     if not isinstance(ep, torch.export.ExportedProgram):
         raise TypeError(f"ep: expected a torch.export.ExportedProgram (torch.export.export / torch.export.load), "
                         f"got {type(ep).__name__}")
-    gm = ep.module()  # a fresh unlifted copy: the input program is left untouched
+    gm = ep.module()  # a fresh unlifted module: rewriting it leaves the input program untouched
     report = fuse_graph_module(gm)
     if not report.fused:
         report.notes.append("no chain was fused: the program is returned unchanged")
         return (ep, report) if return_report else ep
     args, kwargs = _example_inputs(ep, gm)
     dynamic_shapes = _dynamic_shapes(ep, gm, args, kwargs)
-    with torch.no_grad():
-        out = torch.export.export(gm, args, kwargs or None, dynamic_shapes=dynamic_shapes, strict=False)
-    if getattr(ep, "dialect", "TRAINING") != "TRAINING":
-        out = out.run_decompositions()
+    try:
+        with torch.no_grad():
+            out = torch.export.export(gm, args, kwargs or None, dynamic_shapes=dynamic_shapes, strict=False)
+        if getattr(ep, "dialect", "TRAINING") != "TRAINING":
+            out = out.run_decompositions()
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        raise RuntimeError(f"convert_exported: re-exporting the rewritten program failed "
+                           f"({type(e).__name__}: {first}); the original program is unchanged") from e
+    if check:
+        _self_check(ep, out, args, kwargs, report)
     return (out, report) if return_report else out

@@ -161,7 +161,7 @@ def run_case(case: LayerCase, batch: int, dtype: torch.dtype, layout: str, provi
                     row["status"] = f"n/a: wrong result (max rel error {err:.2e} vs eager)"
                     continue
                 if device.type == "cuda":
-                    t = time_fn(fn, device, quick=quick)
+                    t = time_fn(fn, device, quick=quick, cuda_graph=True)
                     _record(row, t, flops, nbytes, peak_c, peak_b)
                 else:
                     ready[name] = (fn, row)

@@ -344,18 +344,27 @@ def load_converted(path: str, *, trust_pickle: bool = False, map_location="cpu")
 
 
 def export_onnx(model, example, path: str) -> str:
-    """torch.onnx.export, the dynamo exporter first and the TorchScript one if that fails; returns which."""
+    """ONNX export: `fusedconv.export.export_onnx` (dynamo exporter, BN fold constant-folded into the Conv
+    initializers), the TorchScript exporter if that fails; returns which exporter was used."""
     import torch
 
+    from fusedconv.export import export_onnx as export_folded
+
     errors = []
-    for dynamo in (True, False):
-        try:
-            with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                torch.onnx.export(model, (example,), path, dynamo=dynamo, external_data=False)
-            return "dynamo" if dynamo else "torchscript"
-        except Exception as e:  # record and try the other exporter
-            errors.append(f"{'dynamo' if dynamo else 'torchscript'} exporter: {type(e).__name__}: {_first_line(e)}")
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            export_folded(model, (example,), path)
+        return "dynamo"
+    except Exception as e:  # record and try the other exporter
+        errors.append(f"dynamo exporter: {type(e).__name__}: {_first_line(e)}")
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, (example,), path, dynamo=False)
+        return "torchscript"
+    except Exception as e:
+        errors.append(f"torchscript exporter: {type(e).__name__}: {_first_line(e)}")
     raise CLIError("ONNX export failed (" + "; ".join(errors) + ")")
 
 

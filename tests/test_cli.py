@@ -96,6 +96,9 @@ def test_convert_onnx_round_trip(tmp_path, resnet18_weights):
                    "--input-size", SIZE_ARG, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "(onnxruntime) vs the converted model" in proc.stdout
+    onnx = pytest.importorskip("onnx")
+    op_types = {n.op_type for n in onnx.load(str(out)).graph.node}
+    assert "BatchNormalization" not in op_types and "Mul" not in op_types, op_types
     sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     x = torch.randn(*SIZE)
     got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]

@@ -273,3 +273,52 @@ def test_self_check_catches_a_wrong_fold(monkeypatch):
 def test_rejects_a_module():
     with pytest.raises(TypeError, match="ep: expected a torch.export.ExportedProgram.*got ConvUsedTwice"):
         convert_exported(ConvUsedTwice())
+
+
+class WritesInput(nn.Module):
+    """The conv's input is written in place after the conv read it and before the chain ends."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        h = x * 1.0
+        y = self.bn(self.conv(h))
+        h.mul_(3.0)
+        return torch.relu(y) + h
+
+
+class WritesOtherBranch(nn.Module):
+    """An in-place activation on the residual's branch runs inside the chain's span, before the add reads it."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.c2, self.b2 = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        p = self.c2(x)
+        a = torch.relu_(self.b1(self.c1(x)))
+        return torch.relu(self.b2(p) + a)
+
+
+@torch.no_grad()
+def test_write_into_chain_input_left_alone():
+    model = randomize_bn(WritesInput().eval())
+    x = _x(1, 4, 8, 8)
+    ep = torch.export.export(model, (x,))
+    converted, report = convert_exported(ep, return_report=True)
+    assert not report.fused and "writes into an input of the chain" in report.skipped[0].detail, str(report)
+    assert max_rel_error(converted.module()(x), model(x)) < 1e-7
+
+
+@torch.no_grad()
+def test_write_before_the_residual_is_read_is_fine():
+    model = randomize_bn(WritesOtherBranch().eval())
+    x = _x(1, 4, 8, 8)
+    ep = torch.export.export(model, (x,))
+    converted, report = convert_exported(ep, return_report=True)
+    assert len(report.fused) == 2 and not report.skipped, str(report)
+    assert "bn+add+relu" in {r.detail for r in report.fused}
+    assert max_rel_error(converted.module()(x), model(x)) < TOL[torch.float32]

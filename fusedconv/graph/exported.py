@@ -111,13 +111,6 @@ class _Skip(Exception):
     """A chain (or the part of it being matched) cannot be rewritten; the message is the report's reason."""
 
 
-def _is_mutating(node: fx.Node) -> bool:
-    schema = getattr(node.target, "_schema", None)
-    if node.op != "call_function" or schema is None:
-        return False
-    return any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments)
-
-
 class _Chain:
     """One matched conv -> bn (-> act) (-> add -> act) chain of the graph and what the op call needs."""
 
@@ -328,14 +321,54 @@ def _only_user_or_none(node: fx.Node) -> fx.Node | None:
     return users[0] if len(users) == 1 else None
 
 
+def _alias_root(value):
+    """The node whose storage `value` shares: followed back through views, in-place ops (their schemas mark
+    the aliased argument) and tuple indexing. Different roots cannot alias (custom ops never return views)."""
+    node = value
+    for _ in range(10_000):
+        if not isinstance(node, fx.Node) or node.op != "call_function":
+            return node
+        if node.target is operator.getitem:  # an element of a tuple result: as the whole result (conservative)
+            node = node.args[0]
+            continue
+        schema = getattr(node.target, "_schema", None)
+        out = schema.returns[0].alias_info if schema is not None and schema.returns else None
+        if out is None:
+            return node
+        src = None
+        for arg, v in zip(schema.arguments, _bind(node).values()):
+            if arg.alias_info is not None and set(arg.alias_info.before_set) & set(out.before_set):
+                src = v
+                break
+        if not isinstance(src, fx.Node):
+            return node
+        node = src
+    return node
+
+
+def _written(node: fx.Node) -> list:
+    """The arguments a mutating aten call writes to (empty for everything else)."""
+    schema = getattr(node.target, "_schema", None)
+    if node.op != "call_function" or schema is None:
+        return []
+    return [v for arg, v in zip(schema.arguments, _bind(node).values())
+            if arg.alias_info is not None and arg.alias_info.is_write]
+
+
 def _check_order(chain: _Chain) -> None:
-    """No mutating op may run between the chain's first and last node: the fused call reads x and the
-    residual where the last node was, so a write to them in between would change what it reads."""
+    """The fused call reads x, the weight and the residual where the chain's last node was, while the
+    original read x and the weight at the conv and the residual at the add: a write to any of them (or to a
+    view of them) after its original read and before the chain's end would change what the call reads."""
     inside = set(chain.nodes) | set(chain.extra)
+    roots = {_alias_root(chain.conv_args["x"]), _alias_root(chain.conv_args["weight"])}
     node = chain.conv.next
     while node is not chain.value and node.op != "root":
-        if node not in inside and _is_mutating(node):
-            raise _Skip(f"mutating op {node.name} ({node.target}) runs between the chain's nodes")
+        if node is chain.add:
+            roots.add(_alias_root(chain.residual))
+        if node not in inside:
+            for v in _written(node):
+                if _alias_root(v) in roots:
+                    raise _Skip(f"{node.name} ({node.target}) writes into an input of the chain before its end")
         node = node.next
 
 

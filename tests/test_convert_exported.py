@@ -1,5 +1,6 @@
-"""convert_exported: aten conv -> batch_norm (-> act) (-> add -> act) chains of a torch.export ExportedProgram
-become torch.ops.fusedconv.conv_bn_act calls, compared with the original PyTorch model (random weights,
+"""convert_exported / convert_torchscript: aten conv -> batch_norm (-> act) (-> add -> act) chains of a
+torch.export ExportedProgram (or of a TorchScript module, via torch's converter) become
+torch.ops.fusedconv.conv_bn_act calls, compared with the original PyTorch model (random weights,
 randomized BN statistics); chains that are not provably equivalent are left alone and reported."""
 
 from __future__ import annotations
@@ -14,12 +15,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from util import max_rel_error, randomize_bn  # noqa: E402
+from util import batch_norm_count, count_ops, max_rel_error, randomize_bn  # noqa: E402
 
-from fusedconv.graph.exported import convert_exported  # noqa: E402
+from fusedconv.graph.exported import convert_exported, convert_torchscript, decompose_fused  # noqa: E402
 
 FUSED_OP = "fusedconv.conv_bn_act.default"
-TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
+TOL = {torch.float16: 1e-2, torch.bfloat16: 5e-2, torch.float32: 1e-5, torch.float64: 1e-12}
 
 
 def _targets(ep) -> Counter:
@@ -61,6 +62,8 @@ def test_resnet18_program_fused_and_equal(resnet18_programs):
     x = _x(1, 3, 64, 64, seed=1)
     ref = model(x)
     assert max_rel_error(converted.module()(x), ref) < TOL[torch.float32]
+    counts = count_ops(converted.module(), x)  # what actually runs
+    assert batch_norm_count(counts) == 0 and counts["conv_bn_act"] == 20, counts
     # the input program is untouched
     assert _batch_norms(ep) == 20
     assert max_rel_error(ep.module()(x), ref) < 1e-6
@@ -84,10 +87,10 @@ class Mixed(nn.Module):
         super().__init__()
         self.c1, self.b1 = nn.Conv2d(3, 8, 3, padding=1, bias=True), nn.BatchNorm2d(8)
         self.c2, self.b2 = nn.Conv2d(8, 8, 3, padding=2, dilation=2, groups=8), nn.BatchNorm2d(8)
-        self.c3, self.b3 = nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8)
+        self.c3, self.b3 = nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8, eps=1e-3)
         self.c4, self.b4 = nn.Conv2d(8, 8, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(8)
         self.c5, self.b5 = nn.Conv2d(8, 8, 3, padding="same"), nn.BatchNorm2d(8)
-        self.c6, self.b6 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.c6, self.b6 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8, affine=False)
         self.c7, self.b7 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
         self.c8, self.b8 = nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8)
 
@@ -111,7 +114,7 @@ def _mixed(dtype=torch.float32):
     return model.to(dtype)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 @torch.no_grad()
 def test_activations_and_conv_geometry(dtype):
     model = _mixed(dtype)
@@ -227,6 +230,16 @@ def test_partial_chains_reported():
 
 
 @torch.no_grad()
+def test_unfoldable_statistics_left_alone():
+    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).eval())
+    model[1].running_var[0] = -1.0  # var + eps < 0: no real scale exists
+    ep = torch.export.export(model, (_x(1, 3, 8, 8),))
+    converted, report = convert_exported(ep, return_report=True)
+    assert converted is ep and not report.fused
+    assert "running_var" in report.skipped[0].detail and report.skipped[0].nodes[0] == "conv2d"
+
+
+@torch.no_grad()
 def test_inplace_add_into_residual_not_fused():
     class M(nn.Module):
         def __init__(self):
@@ -322,3 +335,62 @@ def test_write_before_the_residual_is_read_is_fine():
     assert len(report.fused) == 2 and not report.skipped, str(report)
     assert "bn+add+relu" in {r.detail for r in report.fused}
     assert max_rel_error(converted.module()(x), model(x)) < TOL[torch.float32]
+
+
+# torch.jit.* warn that TorchScript is deprecated: these tests use it on purpose.
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+@torch.no_grad()
+def test_torchscript_file_traced_resnet18(resnet18_programs, tmp_path):
+    model = resnet18_programs[0]
+    x = _x(2, 3, 64, 64)
+    path = tmp_path / "resnet18_traced.pt"
+    torch.jit.save(torch.jit.trace(model, (x,)), str(path))
+    converted, report = convert_torchscript(str(path), (x,), check=True, return_report=True)
+    assert isinstance(converted, torch.export.ExportedProgram)
+    assert len(report.fused) == 20 and _batch_norms(converted) == 0
+    x2 = _x(3, 3, 48, 56, seed=4)  # the converter keeps batch (example size 2) and H, W dynamic
+    assert max_rel_error(converted.module()(x2), model(x2)) < TOL[torch.float32]
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+@torch.no_grad()
+def test_torchscript_scripted_module():
+    model = _mixed()
+    args = (_x(2, 3, 16, 16), _x(2, 8, 8, 8, seed=1))
+    converted, report = convert_torchscript(torch.jit.script(model), args, return_report=True)
+    assert len(report.fused) == 8 and _batch_norms(converted) == 0, str(report)
+    new = (_x(2, 3, 16, 16, seed=2), _x(2, 8, 8, 8, seed=3))
+    assert max_rel_error(converted.module()(*new), model(*new)) < TOL[torch.float32]
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_torchscript_bad_inputs(tmp_path):
+    with pytest.raises(FileNotFoundError, match="path_or_module: expected a TorchScript file.*no such file"):
+        convert_torchscript(str(tmp_path / "missing.pt"), (_x(1, 3, 8, 8),))
+    not_ts = tmp_path / "weights.pt"
+    torch.save({"w": torch.ones(1)}, str(not_ts))
+    with pytest.raises(ValueError, match="torch.jit.load cannot read"):
+        convert_torchscript(str(not_ts), (_x(1, 3, 8, 8),))
+    with pytest.raises(TypeError, match="path_or_module: expected .* got Mixed"):
+        convert_torchscript(Mixed(), (_x(1, 3, 8, 8),))
+    scripted = torch.jit.script(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).train())
+    with pytest.raises(RuntimeError, match="expected a TorchScript module in eval mode"):
+        convert_torchscript(scripted, (_x(1, 3, 8, 8),))
+
+
+@pytest.mark.filterwarnings("ignore")
+@torch.no_grad()
+def test_decomposed_program_exports_to_onnx(tmp_path):
+    """The op has no ONNX translation; decompose_fused spells it in aten ops that onnxruntime runs."""
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU6()).eval())
+    x = _x(1, 3, 8, 8)
+    converted = convert_exported(torch.export.export(model, (x,)))
+    plain = decompose_fused(converted)
+    assert FUSED_OP not in _targets(plain) and _batch_norms(plain) == 0
+    path = str(tmp_path / "fused.onnx")
+    torch.onnx.export(plain, (x,), path, dynamo=True, verbose=False)
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    assert max_rel_error(torch.from_numpy(got), model(x)) < TOL[torch.float32]

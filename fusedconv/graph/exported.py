@@ -24,6 +24,10 @@ conv bias and BN tensors are parameters / buffers of the program (get_attr nodes
 come from the chain, an in-place add writes into the chain's value, no mutating op runs between the chain's
 first and last node, and the result keeps the original's dtype, shape and memory format. Everything else is
 left alone and reported with the reason.
+
+TorchScript (`convert_torchscript`): converted to an ExportedProgram with torch's TorchScript-to-export
+converter, then as above; the result is an ExportedProgram, not TorchScript.
+`decompose_fused` spells the op back in standard aten ops, for ONNX export and runtimes without fusedconv.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ from fusedconv.activations import ActivationSpec
 from fusedconv.fold import bn_scale_shift
 from fusedconv.report import ConversionReport
 
-__all__ = ["KIND", "convert_exported", "fuse_graph_module"]
+__all__ = ["KIND", "convert_exported", "convert_torchscript", "decompose_fused", "fuse_graph_module"]
 
 KIND = "conv_bn_act"
 
@@ -448,7 +452,8 @@ def _rewrite(gm: fx.GraphModule, chain: _Chain, replaced: dict) -> None:
                                   _get_attr(gm, ca["bias_target"]), dtype=dtype)
     device = _get_attr(gm, ca["weight_target"]).device
     owner = ca["weight_target"].rpartition(".")[0]
-    scale_target, shift_target = _fresh_attr(gm, owner, "fused_scale"), None
+    # New buffers next to the conv's weight (layer1.0.conv1.fused_scale): the state dict stays readable.
+    scale_target = _fresh_attr(gm, owner, "fused_scale")
     _set_buffer(gm, scale_target, scale.to(device))
     shift_target = _fresh_attr(gm, owner, "fused_shift")
     _set_buffer(gm, shift_target, shift.to(device))
@@ -548,9 +553,18 @@ def _concrete_dim(d, ranges: dict) -> int:
     return max(lower, 2)
 
 
+def _in_spec(ep, gm: fx.GraphModule):
+    """The pytree spec of the program's (args, kwargs)."""
+    spec = getattr(gm, "_in_spec", None)
+    return spec if spec is not None else ep.call_spec.in_spec
+
+
 def _example_inputs(ep, gm: fx.GraphModule) -> tuple[tuple, dict]:
     """(args, kwargs) to export `gm` with: the program's stored example inputs, else zeros of its input shapes."""
-    stored = getattr(ep, "example_inputs", None)
+    try:
+        stored = ep.example_inputs
+    except Exception:  # noqa: BLE001 - older programs may not record them
+        stored = None
     if stored is not None:
         args, kwargs = stored
         return tuple(args), dict(kwargs)
@@ -566,11 +580,11 @@ def _example_inputs(ep, gm: fx.GraphModule) -> tuple[tuple, dict]:
             leaves.append(v)
         else:  # a SymInt input
             leaves.append(_concrete_dim(v, ep.range_constraints))
-    args, kwargs = torch.utils._pytree.tree_unflatten(leaves, gm._in_spec)
+    args, kwargs = torch.utils._pytree.tree_unflatten(leaves, _in_spec(ep, gm))
     return tuple(args), dict(kwargs)
 
 
-def _dynamic_shapes(ep, gm: fx.GraphModule, args: tuple, kwargs: dict):
+def _dynamic_shapes(ep, gm: fx.GraphModule):
     """The program's symbolic input dimensions as Dim specs (one Dim per symbol, shared where shared)."""
     if not ep.range_constraints:
         return None
@@ -601,7 +615,7 @@ def _dynamic_shapes(ep, gm: fx.GraphModule, args: tuple, kwargs: dict):
                 dims[name] = Dim(name, min=lo, max=hi) if hi is not None else Dim(name, min=lo)
             spec[i] = dims[name]
         specs.append(spec or None)
-    nested_args, nested_kwargs = torch.utils._pytree.tree_unflatten(specs, gm._in_spec)
+    nested_args, nested_kwargs = torch.utils._pytree.tree_unflatten(specs, _in_spec(ep, gm))
     names = list(inspect.signature(gm.forward).parameters)
     shapes = dict(zip(names, nested_args))
     shapes.update(nested_kwargs)
@@ -636,6 +650,28 @@ def _self_check(ep, converted, args: tuple, kwargs: dict, report: ConversionRepo
                            f"please report this as a bug.\n{report}")
 
 
+def _export(gm: fx.GraphModule, args: tuple, kwargs: dict, dynamic_shapes, report: ConversionReport):
+    """torch.export.export of the rewritten module. A program whose recorded dimension ranges are wider than
+    its graph's own guards (e.g. one converted from TorchScript, whose H and W may be 2 although the graph
+    needs 3) fails with a constraint violation; it is then exported again with Dim.AUTO for its symbolic
+    dimensions, which lets torch derive the ranges, and the new ranges are noted in the report."""
+    with torch.no_grad():
+        try:
+            return torch.export.export(gm, args, kwargs or None, dynamic_shapes=dynamic_shapes, strict=False)
+        except Exception as e:
+            if dynamic_shapes is None or "Constraints violated" not in str(e):
+                raise
+        from torch.export import Dim
+
+        auto = torch.utils._pytree.tree_map(lambda d: Dim.AUTO if not isinstance(d, int) else d, dynamic_shapes,
+                                            is_leaf=lambda d: d is None or not isinstance(d, (dict, list, tuple)))
+        out = torch.export.export(gm, args, kwargs or None, dynamic_shapes=auto, strict=False)
+    ranges = ", ".join(f"{k}: [{v.lower}, {v.upper}]" for k, v in out.range_constraints.items()) or "none"
+    report.notes.append(f"the program's dimension ranges did not match its graph; re-derived by torch.export "
+                        f"(Dim.AUTO): {ranges}")
+    return out
+
+
 def convert_exported(ep, *, check: bool = False, return_report: bool = False):
     """Fuse the conv -> batch_norm (-> act) (-> + residual -> act) chains of a torch.export ExportedProgram.
 
@@ -660,10 +696,9 @@ def convert_exported(ep, *, check: bool = False, return_report: bool = False):
         report.notes.append("no chain was fused: the program is returned unchanged")
         return (ep, report) if return_report else ep
     args, kwargs = _example_inputs(ep, gm)
-    dynamic_shapes = _dynamic_shapes(ep, gm, args, kwargs)
+    dynamic_shapes = _dynamic_shapes(ep, gm)
     try:
-        with torch.no_grad():
-            out = torch.export.export(gm, args, kwargs or None, dynamic_shapes=dynamic_shapes, strict=False)
+        out = _export(gm, args, kwargs, dynamic_shapes, report)
         if getattr(ep, "dialect", "TRAINING") != "TRAINING":
             out = out.run_decompositions()
     except Exception as e:
@@ -673,3 +708,77 @@ def convert_exported(ep, *, check: bool = False, return_report: bool = False):
     if check:
         _self_check(ep, out, args, kwargs, report)
     return (out, report) if return_report else out
+
+
+def _conv_bn_act_decomposition(x, weight, scale, shift, residual, stride, padding, dilation, groups, activation,
+                               act_param):
+    from fusedconv.kernels.reference import conv_bn_act_ref
+
+    return conv_bn_act_ref(x, weight, scale, shift, stride=stride, padding=padding, dilation=dilation,
+                           groups=groups, activation=activation, act_param=act_param, residual=residual)
+
+
+def decompose_fused(ep):
+    """The program with every `fusedconv.conv_bn_act` call spelled in standard aten ops (conv2d, then the
+    fp32 scale / shift / residual / activation epilogue): for consumers that do not know the op, e.g.
+    `torch.onnx.export(decompose_fused(ep), ...)` or a runtime without fusedconv installed."""
+    if not isinstance(ep, torch.export.ExportedProgram):
+        raise TypeError(f"ep: expected a torch.export.ExportedProgram, got {type(ep).__name__}")
+    return ep.run_decompositions({torch.ops.fusedconv.conv_bn_act.default: _conv_bn_act_decomposition})
+
+
+# --------------------------------------------------------------------------------------------- TorchScript
+def convert_torchscript(path_or_module, example_inputs, *, check: bool = False, return_report: bool = False):
+    """Fuse the conv -> batch_norm chains of a TorchScript module (a `torch.jit.save` file or a loaded /
+    scripted / traced module) and return the result as a torch.export ExportedProgram.
+
+    TorchScript code cannot be rewritten in place safely, so the module is first converted to an
+    ExportedProgram with torch's TorchScript-to-export converter (`torch._export.converter.TS2EPConverter`,
+    a private API present in torch 2.4 .. 2.14) on `example_inputs` (a tensor or a tuple of positional
+    arguments), then passed to `convert_exported`. The converter keeps the spatial dimensions dynamic and
+    specialises dimensions whose example size is 0 or 1 (use a batch of 2 or more for a dynamic batch).
+    The module must be in eval mode. Save the result with `torch.export.save` (a `.pt2` file).
+    """
+    if isinstance(path_or_module, (str, bytes)) or hasattr(path_or_module, "__fspath__"):
+        import os
+
+        path = os.fsdecode(path_or_module)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"path_or_module: expected a TorchScript file, got {path!r} (no such file)")
+        try:
+            module = torch.jit.load(path, map_location="cpu")
+        except Exception as e:
+            raise ValueError(f"path_or_module: expected a TorchScript file (torch.jit.save), got {path!r} which "
+                             f"torch.jit.load cannot read ({type(e).__name__})") from e
+    elif isinstance(path_or_module, torch.jit.ScriptModule):
+        module = path_or_module
+    else:
+        raise TypeError(f"path_or_module: expected a TorchScript file path or a torch.jit.ScriptModule, got "
+                        f"{type(path_or_module).__name__}")
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    if not isinstance(example_inputs, (tuple, list)):
+        raise TypeError(f"example_inputs: expected a tensor or a tuple of positional arguments, got "
+                        f"{type(example_inputs).__name__}")
+    training = [name or "<root>" for name, m in module.named_modules() if m.training]
+    if training:
+        raise RuntimeError(f"path_or_module: expected a TorchScript module in eval mode (call .eval() before "
+                           f"torch.jit.save, or pass the loaded module after .eval()), got {len(training)} "
+                           f"module(s) in training mode, e.g. {training[0]!r}")
+    try:
+        from torch._export.converter import TS2EPConverter
+    except ImportError as e:
+        raise RuntimeError(f"convert_torchscript: this torch ({torch.__version__}) has no TorchScript-to-export "
+                           "converter (torch._export.converter); export the source model instead") from e
+    import warnings
+
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            # The converter warns about every unused BN step counter it copies; nothing the user can act on.
+            warnings.filterwarnings("ignore", message="Manually populate")
+            ep = TS2EPConverter(module, tuple(example_inputs)).convert()
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        raise RuntimeError(f"convert_torchscript: converting the TorchScript module to an ExportedProgram failed "
+                           f"({type(e).__name__}: {first})") from e
+    return convert_exported(ep, check=check, return_report=return_report)

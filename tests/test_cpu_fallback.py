@@ -1,0 +1,208 @@
+"""FusedConv2d's oneDNN CPU fast path (fusedconv/cpu.py) against PyTorch itself.
+
+The fast path runs for float32 channels_last input on CPU: a oneDNN conv with a pre-packed folded weight and the
+activation (and the residual add) as post-ops. Each case compares it with nn.Conv2d -> nn.BatchNorm2d(eval,
+random statistics) -> activation (+ residual) and checks the path really ran (`_onednn_ok`), that the output
+keeps the input's memory format, that NCHW input and grad-requiring input stay on the F.conv2d fallback, and
+that a changed weight is repacked.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from util import max_rel_error, randomize_bn  # noqa: E402
+
+from fusedconv import cpu  # noqa: E402
+from fusedconv.activations import ACTIVATIONS  # noqa: E402
+from fusedconv.modules import FusedConv2d  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not cpu.available(), reason="this PyTorch build has no oneDNN pointwise conv ops")
+
+TOL_FP32 = 1e-5
+CL = torch.channels_last
+
+ACT_MODULES = {
+    "identity": nn.Identity(),
+    "relu": nn.ReLU(),
+    "relu6": nn.ReLU6(),
+    "leaky_relu": nn.LeakyReLU(0.2),
+    "silu": nn.SiLU(),
+    "hardswish": nn.Hardswish(),
+    "gelu": nn.GELU(),
+    "gelu_tanh": nn.GELU(approximate="tanh"),
+}
+
+
+def make_block(cin=8, cout=12, k=3, stride=1, padding=1, dilation=1, groups=1, act="relu", seed=0):
+    """A reference Conv2d -> BatchNorm2d(eval, random stats) -> activation and its FusedConv2d."""
+    torch.manual_seed(seed)
+    ref = nn.Sequential(nn.Conv2d(cin, cout, k, stride, padding, dilation, groups, bias=False),
+                        nn.BatchNorm2d(cout), ACT_MODULES[act]).eval()
+    randomize_bn(ref, seed)
+    return ref, FusedConv2d.from_modules(ref[0], ref[1], ref[2])
+
+
+def run_both(ref, fused, x, residual=None):
+    with torch.no_grad():
+        y = fused(x, residual)
+        z = ref[1](ref[0](x))
+        expected = ref[2](z if residual is None else z + residual)
+    return y, expected
+
+
+def is_channels_last(t):
+    return t.is_contiguous(memory_format=CL) and not t.is_contiguous()
+
+
+def test_every_activation_is_covered():
+    assert set(ACT_MODULES) == set(ACTIVATIONS)
+
+
+@pytest.mark.parametrize("act", ACTIVATIONS)
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_activation_and_residual_channels_last(act, with_residual):
+    ref, fused = make_block(act=act)
+    x = torch.randn(2, 8, 9, 10).contiguous(memory_format=CL)
+    residual = torch.randn(2, 12, 9, 10).contiguous(memory_format=CL) if with_residual else None
+    y, expected = run_both(ref, fused, x, residual)
+    assert fused._onednn_ok is True, "the oneDNN path did not run"
+    assert max_rel_error(y, expected) < TOL_FP32
+    assert is_channels_last(y)
+
+
+@pytest.mark.parametrize("cin,cout,k,stride,padding,dilation,groups", [
+    (8, 12, 1, 1, 0, 1, 1),      # pointwise
+    (8, 8, 3, 1, 1, 1, 8),       # depthwise
+    (16, 32, 3, 2, 1, 1, 4),     # grouped, strided
+    (8, 12, 3, 1, 2, 2, 1),      # dilated
+    (8, 12, 5, 2, 0, 1, 1),      # no padding, stride 2
+    (8, 24, 3, 1, 1, 1, 8),      # depthwise with channel multiplier
+    (6, 10, (1, 3), (1, 2), (0, 1), 1, 1),  # non-square kernel / stride / padding
+])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_geometry(cin, cout, k, stride, padding, dilation, groups, with_residual):
+    ref, fused = make_block(cin, cout, k, stride, padding, dilation, groups, act="relu6", seed=1)
+    x = torch.randn(2, cin, 11, 13).contiguous(memory_format=CL)
+    out_shape = ref[0](x).shape
+    residual = torch.randn(out_shape) if with_residual else None  # NCHW residual with channels_last input
+    y, expected = run_both(ref, fused, x, residual)
+    assert fused._onednn_ok is True
+    assert y.shape == expected.shape
+    assert max_rel_error(y, expected) < TOL_FP32
+    assert is_channels_last(y)
+
+
+def test_nchw_input_stays_on_standard_fallback_and_stays_nchw():
+    ref, fused = make_block(act="silu")
+    x = torch.randn(1, 8, 9, 9)
+    y, expected = run_both(ref, fused, x, torch.randn(1, 12, 9, 9))
+    assert fused._onednn_ok is None, "NCHW input must not take the oneDNN path (it was measured slower)"
+    assert max_rel_error(y, expected) < TOL_FP32
+    assert y.is_contiguous()
+
+
+def test_varying_input_sizes_reuse_the_packed_weight():
+    ref, fused = make_block(act="relu")
+    for shape in [(1, 8, 9, 9), (3, 8, 17, 5), (1, 8, 3, 3)]:
+        x = torch.randn(shape).contiguous(memory_format=CL)
+        y, expected = run_both(ref, fused, x)
+        assert max_rel_error(y, expected) < TOL_FP32
+    assert fused._onednn_ok is True
+
+
+def test_weight_change_is_repacked():
+    ref, fused = make_block(act="relu")
+    x = torch.randn(1, 8, 9, 9).contiguous(memory_format=CL)
+    run_both(ref, fused, x)
+    first_packed = fused._onednn_cache[2]
+    with torch.no_grad():
+        fused.weight.mul_(-2.0)
+        ref[0].weight.mul_(-2.0)
+    y, expected = run_both(ref, fused, x)
+    assert fused._onednn_cache[2] is not first_packed
+    assert max_rel_error(y, expected) < TOL_FP32
+
+
+def test_grad_requiring_input_uses_autograd_fallback():
+    ref, fused = make_block(act="relu")
+    x = torch.randn(1, 8, 9, 9).contiguous(memory_format=CL).requires_grad_()
+    y = fused(x)
+    y.sum().backward()
+    assert x.grad is not None and fused._onednn_ok is None
+
+
+def test_disabled_switch_and_results_agree():
+    ref, fused = make_block(act="hardswish")
+    x = torch.randn(2, 8, 9, 9).contiguous(memory_format=CL)
+    residual = torch.randn(2, 12, 9, 9).contiguous(memory_format=CL)
+    y_fast, expected = run_both(ref, fused, x, residual)
+    cpu.enabled = False
+    try:
+        y_plain, _ = run_both(ref, fused, x, residual)
+    finally:
+        cpu.enabled = True
+    assert max_rel_error(y_fast, expected) < TOL_FP32
+    assert max_rel_error(y_plain, expected) < TOL_FP32
+
+
+def test_failure_falls_back_and_is_remembered(monkeypatch):
+    ref, fused = make_block(act="relu")
+    calls = []
+
+    def broken(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("oneDNN refused")
+
+    monkeypatch.setattr(cpu, "conv_act", broken)
+    x = torch.randn(1, 8, 9, 9).contiguous(memory_format=CL)
+    for _ in range(2):
+        y, expected = run_both(ref, fused, x)
+        assert max_rel_error(y, expected) < TOL_FP32
+        assert is_channels_last(y)
+    assert fused._onednn_ok is False and len(calls) == 1
+
+
+def test_converted_resnet_block_channels_last():
+    torchvision = pytest.importorskip("torchvision")
+    import fusedconv
+    model = torchvision.models.resnet18(weights=None).eval()
+    randomize_bn(model, 3)
+    # layer1 only (small): a real stem + residual blocks through convert().
+    small = nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool, model.layer1).eval()
+    converted = fusedconv.convert(small).to(memory_format=CL)
+    x = torch.randn(1, 3, 64, 64).contiguous(memory_format=CL)
+    with torch.no_grad():
+        y, expected = converted(x), small(x)
+    assert any(getattr(m, "_onednn_ok", None) is True for m in converted.modules())
+    assert max_rel_error(y, expected) < TOL_FP32
+    assert is_channels_last(y)
+
+
+def test_jit_trace_records_standard_conv():
+    """torch.jit.trace (used by the legacy ONNX exporter) must record aten convolution, not the oneDNN op."""
+    ref, fused = make_block(act="relu")
+    x = torch.randn(1, 8, 9, 9).contiguous(memory_format=CL)
+    with torch.no_grad():
+        traced = torch.jit.trace(fused, (x,), check_trace=False)
+    graph = str(traced.inlined_graph)
+    assert "mkldnn::_convolution_pointwise" not in graph and "aten::_convolution" in graph
+    with torch.no_grad():
+        y, expected = traced(x), ref(x)
+    assert max_rel_error(y, expected) < TOL_FP32
+
+
+def test_inference_mode_then_no_grad():
+    ref, fused = make_block(act="silu")
+    x = torch.randn(1, 8, 9, 9).contiguous(memory_format=CL)
+    with torch.inference_mode():
+        y_inf = fused(x)
+    y, expected = run_both(ref, fused, x)
+    assert fused._onednn_ok is True
+    assert max_rel_error(y_inf, expected) < TOL_FP32 and max_rel_error(y, expected) < TOL_FP32

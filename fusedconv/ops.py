@@ -27,9 +27,10 @@ import functools
 import os
 
 import torch
+import torch.nn.functional as F
 
 from fusedconv.validation import check_inputs
-from fusedconv.kernels.reference import conv_bn_act_ref, conv_output_shape, output_memory_format
+from fusedconv.kernels.reference import apply_activation, conv_bn_act_ref, conv_output_shape, output_memory_format
 
 __all__ = ["OP_REGISTRATION", "conv_bn_act", "kernel_available", "pack_weight", "use_kernel"]
 
@@ -79,8 +80,17 @@ def _conv_bn_act_impl(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
                        activation=activation, act_param=act_param, residual=residual)
     # The launcher validates its own inputs; the fallback gets the same named errors instead of F.conv2d's.
     check_inputs(x, weight, groups, residual, stride=stride, padding=padding, dilation=dilation)
-    y = conv_bn_act_ref(x, weight, scale, shift, stride=stride, padding=padding, dilation=dilation,
-                        groups=groups, activation=activation, act_param=act_param, residual=residual)
+    if x.dtype in (torch.float32, torch.float64) and weight.dtype == x.dtype:
+        # Standard-conv fallback: scale folded into the weight (exact to rounding at fp32 / fp64), so one conv
+        # with bias does conv + BN, then the residual add and the activation in place — no extra passes.
+        folded = weight * scale.to(x.dtype).view(-1, 1, 1, 1)
+        y = F.conv2d(x, folded, shift.to(x.dtype), stride, padding, dilation, groups)
+        if residual is not None:
+            y.add_(residual)
+        y = apply_activation(y, activation, act_param, inplace=True)
+    else:  # half precision: keep the fp32 epilogue (a folded fp16 weight could overflow or lose precision)
+        y = conv_bn_act_ref(x, weight, scale, shift, stride=stride, padding=padding, dilation=dilation,
+                            groups=groups, activation=activation, act_param=act_param, residual=residual)
     # F.conv2d's CPU kernels do not always keep channels_last; the op's contract is x's memory format.
     return y.contiguous(memory_format=output_memory_format(x))
 

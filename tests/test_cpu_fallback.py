@@ -69,10 +69,13 @@ def test_every_activation_is_covered():
 @pytest.mark.parametrize("with_residual", [False, True])
 def test_activation_and_residual_channels_last(act, with_residual):
     ref, fused = make_block(act=act)
-    x = torch.randn(2, 8, 9, 10).contiguous(memory_format=CL)
-    residual = torch.randn(2, 12, 9, 10).contiguous(memory_format=CL) if with_residual else None
+    # Scaled so pre-activations span well past relu6's clamp and into every activation's interesting range.
+    x = (4 * torch.randn(2, 8, 9, 10)).contiguous(memory_format=CL)
+    residual = (4 * torch.randn(2, 12, 9, 10)).contiguous(memory_format=CL) if with_residual else None
     y, expected = run_both(ref, fused, x, residual)
     assert fused._onednn_ok is True, "the oneDNN path did not run"
+    if act == "relu6":
+        assert bool((expected == 6).any()), "inputs too small to exercise the clamp"
     assert max_rel_error(y, expected) < TOL_FP32
     assert is_channels_last(y)
 
@@ -89,7 +92,7 @@ def test_activation_and_residual_channels_last(act, with_residual):
 @pytest.mark.parametrize("with_residual", [False, True])
 def test_geometry(cin, cout, k, stride, padding, dilation, groups, with_residual):
     ref, fused = make_block(cin, cout, k, stride, padding, dilation, groups, act="relu6", seed=1)
-    x = torch.randn(2, cin, 11, 13).contiguous(memory_format=CL)
+    x = (4 * torch.randn(2, cin, 11, 13)).contiguous(memory_format=CL)
     out_shape = ref[0](x).shape
     residual = torch.randn(out_shape) if with_residual else None  # NCHW residual with channels_last input
     y, expected = run_both(ref, fused, x, residual)

@@ -37,11 +37,10 @@ model specs:
   Nothing is downloaded: models are built with random weights; pass trained ones with --weights FILE
   (a state_dict, loaded with torch.load(weights_only=True)).
 
-  Not supported as input: TorchScript files (torch.jit.save) and ExportedPrograms (.pt2, torch.export.save).
-  fusedconv rewrites the nn.Module layers of a Python model; a TorchScript module's forward is compiled code
-  and an ExportedProgram is a functional aten graph with no Conv2d / BatchNorm modules left, so neither can be
-  converted faithfully. Such files are recognised and refused with an explanation; convert the model they
-  came from instead (export *after* converting: `-o model.pt2` / `-o model.onnx`).
+  FILE.pt2              a torch.export ExportedProgram: its aten conv -> batch_norm (-> act) (-> add -> act)
+                        chains are fused at the graph level (fusedconv.graph.exported); output .pt2 or .onnx.
+  FILE (TorchScript)    a torch.jit.save file: converted to an ExportedProgram (example input from
+                        --input-size, default 2,3,224,224), then fused the same way; output .pt2 or .onnx.
 """
 
 
@@ -113,12 +112,9 @@ def _load_model_file(path: str, trust_pickle: bool):
     if not os.path.isfile(path):
         raise CLIError(f"model spec: expected torchvision:NAME, timm:NAME, smp:ARCH:ENCODER or an existing file, "
                        f"got {path!r} (no such file)")
-    if path.endswith(".pt2"):
-        raise CLIError(f"model spec {path!r}: ExportedPrograms (.pt2) cannot be converted — they hold a functional "
-                       "aten graph without Conv2d/BatchNorm modules; convert the source model, then export")
-    if _is_torchscript(path):
-        raise CLIError(f"model spec {path!r}: TorchScript files cannot be converted — their forward is compiled "
-                       "code, not nn.Module layers; convert the source model, then export")
+    if path.endswith(".pt2") or _is_torchscript(path):
+        raise CLIError(f"model spec {path!r}: an ExportedProgram / TorchScript file is not an nn.Module; "
+                       "`fusedconv convert` converts it at the graph level (see --help)")
     if not trust_pickle:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -551,7 +547,9 @@ def cmd_convert(args) -> int:
     if not os.path.isdir(out_dir):
         raise CLIError(f"-o/--output: expected an existing directory for {args.output!r}, got {out_dir!r} "
                        "(no such directory)")
-    kind, _ = _parse_spec(args.spec)
+    kind, parts = _parse_spec(args.spec)
+    if kind == "file" and os.path.isfile(parts[0]) and (parts[0].endswith(".pt2") or _is_torchscript(parts[0])):
+        return _convert_program_file(out, args, parts[0], ext)
     if kind == "file" and ext == ".pt":
         raise CLIError("-o/--output: a .pt output stores a spec to rebuild the model from; a pickled-module input "
                        "has none — write .pt2 or .onnx instead")
@@ -583,6 +581,43 @@ def cmd_convert(args) -> int:
     if args.check:
         status = max(status, _check_written(out, ext, args, fused, example))
     return status
+
+
+def _convert_program_file(out, args, path: str, ext: str) -> int:
+    """`fusedconv convert` of an ExportedProgram (.pt2) or TorchScript file: the graph-level pass
+    (`fusedconv.graph.exported`), written as .pt2 or, decomposed to standard aten ops, as .onnx."""
+    import torch
+
+    from fusedconv.graph.exported import convert_exported, convert_torchscript, decompose_fused
+
+    if ext == ".pt":
+        raise CLIError("-o/--output: a .pt output stores a spec to rebuild the model from; an ExportedProgram / "
+                       "TorchScript input has none — write .pt2 or .onnx instead")
+    if args.weights:
+        raise CLIError("--weights: not supported for .pt2 / TorchScript inputs (their weights are inside the file)")
+    try:
+        if path.endswith(".pt2"):
+            ep = torch.export.load(path)
+            fused, report = convert_exported(ep, check=args.check, return_report=True)
+        else:
+            size = parse_input_size(args.input_size) if args.input_size else (2, 3, 224, 224)
+            example = torch.randn(*size, generator=torch.Generator().manual_seed(0))
+            fused, report = convert_torchscript(path, (example,), check=args.check, return_report=True)
+    except (RuntimeError, ValueError, TypeError, FileNotFoundError) as e:
+        raise CLIError(f"model spec {path!r}: {_first_line(e)}") from e
+    out.heading(f"Conversion report: {path}")
+    out.line(str(report))
+    if ext == ".pt2":
+        torch.export.save(fused, args.output)
+        how = "torch.export ExportedProgram (load with torch.export.load after `import fusedconv`)"
+    else:
+        args_in = fused.example_inputs[0] if fused.example_inputs else None
+        if args_in is None:
+            raise CLIError("-o/--output: the converted program stores no example inputs to export ONNX with")
+        torch.onnx.export(decompose_fused(fused), tuple(args_in), args.output, dynamo=True)
+        how = "ONNX (the fused op spelled in standard ops)"
+    out.line(f"Wrote {args.output}: {how}")
+    return EXIT_OK
 
 
 def _self_check(out, args, model, fused, example) -> int:

@@ -164,13 +164,39 @@ def test_torchscript_state_dict_and_weight_mismatch_are_explained(tmp_path, caps
         warnings.simplefilter("ignore")  # torch.jit is deprecated in recent torch; users still have such files
         torch.jit.save(torch.jit.script(net), tmp_path / "net.ts")
     run = lambda *a: main_in_process(capsys, monkeypatch, tmp_path, *a)  # noqa: E731
-    assert_one_line_error(run("convert", "net.ts", "-o", "o.pt2"), "TorchScript")
+    assert_one_line_error(run("convert", "net.ts", "-o", "o.pt"), "-o/--output", "TorchScript", ".pt2")
+    assert_one_line_error(run("convert", "net.ts", "-o", "o.pt2", "--weights", "sd.pth"), "--weights")
     torch.save(net.state_dict(), tmp_path / "sd.pth")
     assert_one_line_error(run("convert", "sd.pth", "-o", "o.pt2"), "state_dict", "--weights")
     assert_one_line_error(run("convert", "torchvision:resnet18", "-o", "o.pt", "--weights", "sd.pth"),
                           "--weights", "missing key")
     torch.save(net, tmp_path / "module.pt")
     assert_one_line_error(run("convert", "module.pt", "-o", "o.pt2"), "--trust-pickle")
+
+
+@pytest.mark.parametrize("source", ["torchscript", "exported"])
+def test_convert_program_files(tmp_path, capsys, monkeypatch, source):
+    net = cli.randomize_batchnorm(torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1, bias=False), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 4, 1), torch.nn.BatchNorm2d(4)), seed=3).eval()
+    x = torch.randn(2, 3, 12, 12)
+    if source == "torchscript":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.jit.save(torch.jit.trace(net, x), tmp_path / "net.ts")
+        spec = "net.ts"
+    else:
+        torch.export.save(torch.export.export(net, (x,)), tmp_path / "net.pt2")
+        spec = "net.pt2"
+    result = main_in_process(capsys, monkeypatch, tmp_path, "convert", spec, "-o", "fused.pt2", "--check",
+                             "--input-size", "2,3,12,12")
+    assert result.returncode == 0, result.stderr
+    assert "2 fused" in result.stdout
+    program = torch.export.load(str(tmp_path / "fused.pt2"))
+    targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    assert not any("batch_norm" in t for t in targets) and any("conv_bn_act" in t for t in targets), targets
+    with torch.no_grad():
+        assert rel_err(program.module()(x), net(x)) < 1e-5
 
 
 def test_bench_subcommand_runs_a_tiny_suite(tmp_path):

@@ -209,3 +209,21 @@ def test_inference_mode_then_no_grad():
     y, expected = run_both(ref, fused, x)
     assert fused._onednn_ok is True
     assert max_rel_error(y_inf, expected) < TOL_FP32 and max_rel_error(y, expected) < TOL_FP32
+
+
+def test_deepcopy_and_pickle_after_packing():
+    """The packed oneDNN weight is derived state: copies drop it and rebuild their own."""
+    import copy
+    import io
+    ref, fused = make_block(act="relu")
+    x = torch.randn(1, 8, 9, 9).contiguous(memory_format=CL)
+    run_both(ref, fused, x)
+    assert fused._onednn_cache is not None
+    buffer = io.BytesIO()
+    torch.save(fused, buffer)
+    buffer.seek(0)
+    for clone in (copy.deepcopy(fused), torch.load(buffer, weights_only=False)):
+        assert clone._onednn_cache is None
+        assert set(clone.state_dict()) == {"weight", "scale", "shift"}
+        y, expected = run_both(ref, clone, x)
+        assert max_rel_error(y, expected) < TOL_FP32

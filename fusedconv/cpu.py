@@ -13,7 +13,7 @@ import torch
 
 from fusedconv.activations import apply_activation
 
-# FusedConv2d activation name -> (oneDNN unary attr, scalars, algorithm). Absent names are applied after the conv.
+# FusedConv2d activation name -> (oneDNN unary attr, scalars, algorithm); leaky_relu is built in unary_attr.
 _UNARY = {
     "identity": ("none", [], ""),
     "relu": ("relu", [], ""),

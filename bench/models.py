@@ -3,6 +3,8 @@
 Providers:
 - eager               the model as built (random weights, randomized BN statistics).
 - fusedconv           fusedconv.convert(model).
+- fusedconv_cl        fusedconv.convert(model).to(memory_format=torch.channels_last), fed a channels_last input:
+                      the documented fast path on CPU (oneDNN fused conv + activation with pre-packed weights).
 - fx_fuse             torch.fx.experimental.optimization.fuse (folds Conv+BN of symbolically traceable models).
 - jit                 torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.script(m))), traced when
                       scripting fails (recorded).
@@ -29,7 +31,7 @@ import torch
 from bench.timing import time_cpu_interleaved, time_fn
 
 MODELS = ("torchvision:resnet50", "torchvision:mobilenet_v2", "timm:repvgg_a0", "smp:Unet:resnet34")
-PROVIDERS = ("eager", "fusedconv", "fx_fuse", "jit", "compile", "fusedconv_compile", "onnxruntime")
+PROVIDERS = ("eager", "fusedconv", "fusedconv_cl", "fx_fuse", "jit", "compile", "fusedconv_compile", "onnxruntime")
 # Errors above this (relative to eager in the same dtype) mean the provider computes something else.
 TOLERANCE = {torch.float32: 1e-3, torch.float16: 5e-2, torch.bfloat16: 1e-1}
 
@@ -61,7 +63,7 @@ def prepare(provider: str, model, x: torch.Tensor, *, compile_mode: str, threads
     info: dict = {}
     if provider == "eager":
         return (lambda: model(x)), info
-    if provider in ("fusedconv", "fusedconv_compile"):
+    if provider in ("fusedconv", "fusedconv_cl", "fusedconv_compile"):
         from fusedconv.cli import run_convert
 
         t0 = time.perf_counter()
@@ -69,6 +71,11 @@ def prepare(provider: str, model, x: torch.Tensor, *, compile_mode: str, threads
         info.update(convert_s=time.perf_counter() - t0, fused=len(report.fused), skipped=len(report.skipped))
         if provider == "fusedconv":
             return (lambda: fused(x)), info
+        if provider == "fusedconv_cl":
+            fused_cl = fused.to(memory_format=torch.channels_last)
+            x_cl = x.contiguous(memory_format=torch.channels_last)
+            info["layout"] = "channels_last"
+            return (lambda: fused_cl(x_cl)), info
         compiled = torch.compile(fused, mode=compile_mode)
         info["compile_mode"] = compile_mode
         return (lambda: compiled(x)), info

@@ -152,8 +152,8 @@ def plan(args, device: torch.device) -> dict:
     if model_dtype not in DTYPES or (not cuda and model_dtype != "float32"):
         raise SystemExit(f"bench: error: --model-dtype: expected float32 on CPU or one of {', '.join(DTYPES)} on "
                          f"CUDA, got {model_dtype!r}")
-    default_mp = ["eager", "fusedconv", "fx_fuse", "jit", "compile"] + (["fusedconv_compile"] if cuda
-                                                                        else ["onnxruntime"])
+    default_mp = (["eager", "fusedconv"] + ([] if cuda else ["fusedconv_cl"]) + ["fx_fuse", "jit", "compile"]
+                  + (["fusedconv_compile"] if cuda else ["onnxruntime"]))
     model_providers = _choices("--model-providers", args.model_providers, model_suite.PROVIDERS) or default_mp
     return {"nets": nets, "batches": batches, "dtypes": dtypes, "layouts": layouts,
             "layer_providers": layer_providers, "compile_scope": compile_scope,

@@ -35,6 +35,7 @@ import triton
 import triton.language as tl
 
 from fusedconv.kernels.epilogue import activation_id, epilogue, load_scale_shift, traceable
+from fusedconv.kernels.packing import is_packed, pack_weight
 from fusedconv.kernels.reference import output_memory_format
 
 __all__ = ["depthwise_conv_bn_act", "pack_depthwise_weight", "is_depthwise_packed", "depthwise_configs",
@@ -221,14 +222,12 @@ def pack_depthwise_weight(weight: torch.Tensor) -> torch.Tensor:
     if not isinstance(weight, torch.Tensor) or weight.dim() != 4 or weight.shape[1] != 1:
         got = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
         raise ValueError(f"weight: expected a depthwise weight of shape (C, 1, KH, KW), got {got}")
-    if is_depthwise_packed(weight):
-        return weight
-    return weight.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
+    return pack_weight(weight, weight.shape[0])
 
 
 def is_depthwise_packed(weight: torch.Tensor) -> bool:
     """Whether a (C, 1, KH, KW) weight is stored in (KH, KW, C) order."""
-    return weight.permute(2, 3, 1, 0).is_contiguous()
+    return is_packed(weight)
 
 
 # --------------------------------------------------------------------------------------------------------------

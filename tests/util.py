@@ -8,24 +8,12 @@ import torch
 import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from fusedconv import fold
+from fusedconv.cli import randomize_batchnorm
 
 
-@torch.no_grad()
 def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
     """Give every BatchNorm non-default statistics and affine parameters (defaults hide folding mistakes)."""
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if not fold.is_batchnorm(m) or getattr(m, "running_mean", None) is None:
-            continue
-        c = m.running_mean.numel()
-        m.running_mean.copy_(torch.randn(c, generator=g) * 0.5)
-        m.running_var.copy_(torch.rand(c, generator=g) * 1.5 + 0.5)
-        if getattr(m, "weight", None) is not None:
-            m.weight.copy_(torch.rand(c, generator=g) + 0.5)
-        if getattr(m, "bias", None) is not None:
-            m.bias.copy_(torch.randn(c, generator=g) * 0.2)
-    return model
+    return randomize_batchnorm(model, seed)
 
 
 def max_rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:

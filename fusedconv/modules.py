@@ -203,7 +203,9 @@ class FusedConv2d(nn.Module):
         """What the folded weight was computed from: the tensors (held strongly by the cache, so a freed weight's
         memory cannot be reused by a new tensor that would then look identical) and a snapshot of their
         identity and version counters (taken now: the tensors' own counters keep moving)."""
-        tensors = (self.weight.detach(), self.scale.detach(), self.shift.detach())
+        # The tensors themselves, not .detach() views: a view shares the version counter anyway, and creating
+        # three per call was a measurable part of a small layer's Python overhead.
+        tensors = (self.weight, self.scale, self.shift)
         if any(t.is_inference() for t in tensors):
             # Inference tensors (a module built under torch.inference_mode) have no version counter, so an
             # in-place edit could not be seen: never cache them.
@@ -321,7 +323,8 @@ class FusedConv2d(nn.Module):
             self._onednn_ok = False
             self._onednn_cache = None
             return None
-        self._onednn_ok = True
+        if self._onednn_ok is not True:  # nn.Module.__setattr__ costs microseconds: set it once, not per call
+            self._onednn_ok = True
         # oneDNN writes channels_last; the output follows the input's memory format.
         return y.contiguous(memory_format=fmt)
 

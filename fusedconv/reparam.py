@@ -25,6 +25,7 @@ import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from fusedconv.graph.reparam_graph import KIND, ReparamTracer, ScopePass, reparameterize_scope
+from fusedconv.graph.tracing import visit_children
 from fusedconv.modules import FusedConv2d
 from fusedconv.report import ConversionReport
 
@@ -80,7 +81,7 @@ class _Walk:
 
     def _visit(self, module: nn.Module, scope: str) -> nn.Module:
         if _own_forward_has_no_sums(module):
-            self._children(module, scope)
+            visit_children(module, scope, self.visit)
             return module
         method = _fallback_method(module)
         if method is not None:
@@ -89,7 +90,7 @@ class _Walk:
                 ReparamTracer().trace(module)
             except Exception as e:  # noqa: BLE001 - any tracing failure means "graph not visible"
                 return self._fallback(module, scope, method, e)
-        self._children(module, scope)
+        visit_children(module, scope, self.visit)
         try:
             traced = ScopePass(module, scope, self.report)
         except Exception as e:  # noqa: BLE001 - any tracing failure means "graph not visible"
@@ -97,14 +98,6 @@ class _Walk:
                                      "own forward were not examined")
             return module
         return reparameterize_scope(module, scope, self.report, traced)
-
-    def _children(self, module: nn.Module, scope: str) -> None:
-        for name, child in list(module._modules.items()):
-            if child is None:
-                continue
-            new = self.visit(child, f"{scope}.{name}" if scope else name)
-            if new is not child:
-                module._modules[name] = new
 
     def _fallback(self, module: nn.Module, scope: str, method: str, err: BaseException) -> nn.Module:
         why = f"graph not traceable ({_short(err)})"

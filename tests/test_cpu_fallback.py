@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from util import max_rel_error, randomize_bn  # noqa: E402
+from util import ACT_MODULES, max_rel_error, randomize_bn  # noqa: E402
 
 from fusedconv import cpu  # noqa: E402
 from fusedconv.activations import ACTIVATIONS  # noqa: E402
@@ -27,17 +27,6 @@ pytestmark = pytest.mark.skipif(not cpu.available(), reason="this PyTorch build 
 
 TOL_FP32 = 1e-5
 CL = torch.channels_last
-
-ACT_MODULES = {
-    "identity": nn.Identity(),
-    "relu": nn.ReLU(),
-    "relu6": nn.ReLU6(),
-    "leaky_relu": nn.LeakyReLU(0.2),
-    "silu": nn.SiLU(),
-    "hardswish": nn.Hardswish(),
-    "gelu": nn.GELU(),
-    "gelu_tanh": nn.GELU(approximate="tanh"),
-}
 
 
 def make_block(cin=8, cout=12, k=3, stride=1, padding=1, dilation=1, groups=1, act="relu", seed=0):

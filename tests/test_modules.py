@@ -16,24 +16,13 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from util import max_rel_error, randomize_bn  # noqa: E402
+from util import ACT_MODULES, max_rel_error, randomize_bn  # noqa: E402
 
 from fusedconv.activations import ACTIVATIONS  # noqa: E402
 from fusedconv.modules import FusedConv2d  # noqa: E402
 
 # Relative tolerance (max |out - ref| / max |ref|) per dtype; the same numbers are documented in docs/SUPPORT.md.
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 2e-2}
-
-ACT_MODULES = {
-    "identity": nn.Identity(),
-    "relu": nn.ReLU(),
-    "relu6": nn.ReLU6(),
-    "leaky_relu": nn.LeakyReLU(0.2),
-    "silu": nn.SiLU(),
-    "hardswish": nn.Hardswish(),
-    "gelu": nn.GELU(),
-    "gelu_tanh": nn.GELU(approximate="tanh"),
-}
 
 
 def make_block(cin=4, cout=6, k=3, stride=1, padding=1, dilation=1, groups=1, bias=False, padding_mode="zeros",

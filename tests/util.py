@@ -11,6 +11,19 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from fusedconv.cli import randomize_batchnorm
 
 
+#: One activation module per epilogue activation name (stateless, so tests may share the instances).
+ACT_MODULES = {
+    "identity": nn.Identity(),
+    "relu": nn.ReLU(),
+    "relu6": nn.ReLU6(),
+    "leaky_relu": nn.LeakyReLU(0.2),
+    "silu": nn.SiLU(),
+    "hardswish": nn.Hardswish(),
+    "gelu": nn.GELU(),
+    "gelu_tanh": nn.GELU(approximate="tanh"),
+}
+
+
 def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
     """Give every BatchNorm non-default statistics and affine parameters (defaults hide folding mistakes)."""
     return randomize_batchnorm(model, seed)

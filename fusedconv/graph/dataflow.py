@@ -44,7 +44,7 @@ from fusedconv.activations import ActivationSpec, spec_from_call, spec_from_modu
 from fusedconv.graph.legality import (batchnorm_verdict, conv_skip_reason, conv_subclass_reason, is_fusable_conv,
                                       is_leaf_type, module_use_counts, tail_conv)
 from fusedconv.graph.sequential import KIND, fuse_sequential, is_plain_sequential
-from fusedconv.graph.tracing import ScopeGraphModule, trace_scope
+from fusedconv.graph.tracing import ScopeGraphModule, trace_scope, visit_children
 from fusedconv.modules import FusedConv2d
 from fusedconv.report import ConversionReport
 
@@ -640,12 +640,7 @@ class DataflowWalk:
     def _visit(self, module: nn.Module, scope: str) -> nn.Module:
         if is_leaf_type(module):
             return module
-        for name, child in list(module._modules.items()):
-            if child is None:
-                continue
-            new = self.visit(child, f"{scope}.{name}" if scope else name)
-            if new is not child:
-                module._modules[name] = new
+        visit_children(module, scope, self.visit)
         if is_plain_sequential(module):
             fuse_sequential(module, scope, self.uses, self.report)
             return module

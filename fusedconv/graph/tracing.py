@@ -94,6 +94,17 @@ def proxy_leak_guard(model: nn.Module, notes: list[str]):
                     notes.append(f"repaired {type(m).__name__}.{k}, left holding fx Proxies by tracing")
 
 
+def visit_children(module: nn.Module, scope: str, visit) -> None:
+    """Call `visit(child, dotted_scope)` on each child of `module` and put back whatever it returns (a pass
+    replaces a child by returning a new module)."""
+    for name, child in list(module._modules.items()):
+        if child is None:
+            continue
+        new = visit(child, f"{scope}.{name}" if scope else name)
+        if new is not child:
+            module._modules[name] = new
+
+
 class ScopeGraphModule(fx.GraphModule):
     """The fx.GraphModule that stands in for one rewritten module scope, under that module's class name.
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 
 from bench import metrics
 
@@ -188,6 +189,8 @@ def plots(results: dict, out_dir: str, stem: str) -> list[str]:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        print("bench: matplotlib is not installed, so no plots were written (pip install -e \".[bench]\")",
+              file=sys.stderr)
         return []
     written = []
     title = f"{results['environment']['device_name']} — {results['environment']['date']}"

@@ -121,3 +121,12 @@ def load_scale_shift(scale_ptr, shift_ptr, offs_c, mask_c):
     scale = tl.load(scale_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
     shift = tl.load(shift_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
     return scale, shift
+
+
+@triton.jit
+def post_affine(y, post_scale, post_shift, HAS_POST: tl.constexpr):
+    """y * post_scale + post_shift when HAS_POST (a BatchNorm after the activation, folded to per-channel fp32
+    scale/shift), else y unchanged: the last step of act(acc * scale + shift [+ residual]) * s2 + t2."""
+    if HAS_POST:
+        y = y * post_scale + post_shift
+    return y

@@ -1,0 +1,421 @@
+"""Fused inference layers beyond Conv2d: FusedConv1d / FusedConv3d, FusedConvTranspose1d/2d/3d (and FusedLinear in
+fused_linear.py), all computing
+
+    y = act(layer(x) * scale + shift [+ residual]) [* post_scale + post_shift]
+
+where `scale`/`shift` are the BatchNorm after the layer (with the layer's bias) and the optional post-affine is a
+BatchNorm after the activation (ConvMixer's Conv -> GELU -> BN).
+
+Conventions shared with FusedConv2d: the state_dict holds `weight` in the layer's own layout and dtype, `scale` /
+`shift` (and `post_scale` / `post_shift` when present) in float32 (float64 for float64 modules), kept at that
+precision by `.half()` / `.to(bf16)` because the epilogue applies them to an fp32 accumulator; an unfused
+layer's checkpoint is refused by name; modules are born in eval mode; `from_modules(layer, bn, act, post_bn=None)`
+builds them without touching the sources.
+
+Where they run: FusedConv3d on CUDA calls `torch.ops.fusedconv.conv3d_bn_act` (the Triton 3-D kernel with the
+whole epilogue); FusedConv1d on CUDA runs the 2-D kernel op with H = 1 (post-affine then one extra elementwise
+op). Everything else — CPU, float64, transposed convs on any device — is the standard op with the scale folded
+into a cached copy of the weight (fp32 / fp64) or applied to the output in fp32 (fp16 / bf16), then the epilogue.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fusedconv import fold, ops, ops_nd
+from fusedconv.activations import ActivationSpec, apply_activation, as_spec
+
+_PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+_UNFUSED_KEYS = ("bias", "running_mean", "running_var", "num_batches_tracked")
+
+
+def epilogue_dtype(weight_dtype: torch.dtype) -> torch.dtype:
+    """scale/shift dtype: float64 for float64 modules, float32 for every other dtype."""
+    return torch.float64 if weight_dtype == torch.float64 else torch.float32
+
+
+def int_tuple(name: str, value, n: int, minimum: int) -> tuple[int, ...]:
+    """`value` (an int or n ints) as an n-tuple, with a clear error naming the argument."""
+    vals = (value,) * n if isinstance(value, int) and not isinstance(value, bool) else tuple(value) \
+        if isinstance(value, (tuple, list)) else None
+    if vals is None or len(vals) != n or not all(isinstance(v, int) and not isinstance(v, bool) for v in vals):
+        raise TypeError(f"{name}: expected an int or {n} ints, got {value!r}")
+    if any(v < minimum for v in vals):
+        raise ValueError(f"{name}: expected values >= {minimum}, got {value!r}")
+    return vals
+
+
+def check_channel_vector(name: str, t, c: int) -> None:
+    if not isinstance(t, torch.Tensor) or tuple(t.shape) != (c,):
+        got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(f"{name}: expected shape ({c},) (one value per output channel), got {got}")
+    if not t.is_floating_point() or not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name}: expected finite floating-point values")
+
+
+class FusedAffineLayer(nn.Module):
+    """Base of the fused layers: weight + per-channel scale/shift + activation + optional post-affine.
+
+    Subclasses set `_LAYER` (the name used in messages), implement `_layer(x, weight, bias)` (the standard op)
+    and `_scale_weight(weight, scale)` (the scale folded along the weight's output-channel axis).
+    """
+
+    _LAYER = "layer"
+    _EXTRA_STATE = ("scale", "shift", "post_scale", "post_shift")
+
+    def _init_affine(self, weight, scale, shift, activation, post_scale, post_shift, cout: int) -> None:
+        if not weight.is_floating_point():
+            raise TypeError(f"weight: expected a floating-point tensor, got dtype {weight.dtype}")
+        epi = epilogue_dtype(weight.dtype)
+        dev = weight.device
+        scale = torch.ones(cout, dtype=epi, device=dev) if scale is None else scale
+        shift = torch.zeros(cout, dtype=epi, device=dev) if shift is None else shift
+        if (post_scale is None) != (post_shift is None):
+            raise ValueError("post_scale/post_shift: expected both or neither, got only one")
+        named = [("scale", scale), ("shift", shift)]
+        if post_scale is not None:
+            named += [("post_scale", post_scale), ("post_shift", post_shift)]
+        for name, t in named:
+            check_channel_vector(name, t, cout)
+        self.act = as_spec(activation)
+        self.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
+        for name in self._EXTRA_STATE:
+            t = dict(named).get(name)
+            self.register_buffer(name, None if t is None else t.detach().to(device=dev, dtype=epi).clone())
+        self._fold_cache = None
+        self.train(False)
+
+    # ------------------------------------------------------------------ dtype / state handling
+    def _apply(self, fn, recurse=True):
+        saved = {n: getattr(self, n) for n in self._EXTRA_STATE}
+        super()._apply(fn, recurse)
+        epi = epilogue_dtype(self.weight.dtype)
+        for n, t in saved.items():  # follow the device, never a downcast of the epilogue precision
+            if t is not None:
+                setattr(self, n, t.to(device=self.weight.device, dtype=epi))
+        self._fold_cache = None
+        return self
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        unfused = [k for k in state_dict if k.startswith(prefix) and k[len(prefix):] in _UNFUSED_KEYS
+                   and not (k[len(prefix):] == "bias" and getattr(self, "bias", None) is not None)]
+        if prefix + "weight" in state_dict and prefix + "scale" not in state_dict and self.scale is not None:
+            unfused.insert(0, prefix + "weight (without scale/shift)")
+        if unfused:
+            error_msgs.append(
+                f"state_dict: expected a {type(self).__name__} state ({prefix}weight, {prefix}scale, {prefix}shift), "
+                f"got keys of an unfused {self._LAYER}/BatchNorm layer ({', '.join(unfused[:4])}); load the "
+                "checkpoint into the unfused model first and call fusedconv.convert() on it")
+        for name in self._EXTRA_STATE:
+            t = state_dict.get(prefix + name)
+            own = getattr(self, name, None)
+            if isinstance(t, torch.Tensor) and own is not None:
+                if not bool(torch.isfinite(t).all()):
+                    error_msgs.append(f"{prefix}{name}: expected finite values, got "
+                                      f"{int((~torch.isfinite(t)).sum())} non-finite")
+                state_dict[prefix + name] = t.to(own.dtype)
+            elif isinstance(t, torch.Tensor) and own is None:
+                error_msgs.append(f"{prefix}{name}: this {type(self).__name__} has no post-activation BatchNorm, "
+                                  "but the state_dict has one; build the module with post_bn / post_scale")
+                state_dict.pop(prefix + name)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        self._fold_cache = None
+
+    def refresh(self) -> None:
+        """Drop the cached folded weight (needed only after editing `.data` of weight / scale / shift in place)."""
+        self._fold_cache = None
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_fold_cache"] = None
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        if isinstance(self.__dict__.get("act"), str):
+            self.act = ActivationSpec(self.__dict__["act"])
+        self.__dict__.setdefault("_fold_cache", None)
+
+    # ------------------------------------------------------------------ the computation
+    def _layer(self, x, weight, bias, *args):
+        raise NotImplementedError
+
+    def _scale_weight(self, weight, scale):
+        raise NotImplementedError
+
+    def _channel_view(self, y: torch.Tensor) -> tuple[int, ...]:
+        """Shape that broadcasts a per-channel vector over `y` (channels on dim 1, or dim 0 when unbatched)."""
+        return (1, -1) + (1,) * (y.dim() - 2)
+
+    def _folded(self):
+        """(weight * scale, shift) in the weight's dtype, cached per weight / scale / shift version."""
+        tensors = (self.weight, self.scale, self.shift)
+        key = None if any(t.is_inference() for t in tensors) else tuple(
+            (t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
+        cache = self._fold_cache
+        if key is None or cache is None or cache[0] != key:
+            folded = self._scale_weight(self.weight, self.scale.to(self.weight.dtype))
+            cache = (key, tensors, folded, self.shift.to(self.weight.dtype))
+            if key is not None:
+                self._fold_cache = cache
+        return cache[2], cache[3]
+
+    def _epilogue_rest(self, y, residual):
+        """[+ residual], activation, [post-affine] on a tensor already holding layer(x) * scale + shift."""
+        if residual is not None:
+            y = y + residual.to(y.dtype)
+        y = apply_activation(y, self.act.name, self.act.param, inplace=residual is not None)
+        if self.post_scale is not None:
+            view = self._channel_view(y)
+            y = y * self.post_scale.to(y.dtype).view(view) + self.post_shift.to(y.dtype).view(view)
+        return y
+
+    def _fallback(self, x, residual, *layer_args):
+        """The standard op with the BN folded (fp32 / fp64), or applied to the output in fp32 (fp16 / bf16)."""
+        acc = epilogue_dtype(self.weight.dtype)
+        if self.weight.dtype == acc:
+            if torch.compiler.is_compiling() or torch.jit.is_tracing():
+                # Traced graphs must not mutate the module: the fold is part of the graph (exported as a constant).
+                wf, bf = self._scale_weight(self.weight, self.scale), self.shift
+            else:
+                wf, bf = self._folded()
+            return self._epilogue_rest(self._layer(x, wf, bf, *layer_args), residual)
+        y = self._layer(x, self.weight, None, *layer_args)
+        view = self._channel_view(y)
+        y = y.to(acc) * self.scale.view(view) + self.shift.view(view)
+        y = self._epilogue_rest(y, None if residual is None else residual.to(acc))
+        return y.to(x.dtype)
+
+    def _check_x(self, x, residual, nd: int, cin: int) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"input: expected a torch.Tensor, got {type(x).__name__}")
+        if x.dim() not in (nd + 1, nd + 2):
+            raise ValueError(f"input: expected a {nd + 2}-d (N, C, ...) or unbatched {nd + 1}-d tensor for "
+                             f"{type(self).__name__}, got shape {tuple(x.shape)}")
+        c = x.shape[x.dim() - nd - 1]
+        if c != cin:
+            raise ValueError(f"input: expected {cin} channels, got {c} (shape {tuple(x.shape)})")
+        if x.dtype != self.weight.dtype:
+            raise TypeError(f"input: expected dtype {self.weight.dtype} to match the module's weight, got {x.dtype}")
+        if x.device != self.weight.device:
+            raise RuntimeError(f"input: expected device {self.weight.device} to match the module's weight, "
+                               f"got {x.device}")
+        if residual is not None:
+            if not isinstance(residual, torch.Tensor) or residual.dim() != x.dim():
+                raise ValueError(f"residual: expected a {x.dim()}-d tensor like the input, got "
+                                 f"{tuple(residual.shape) if isinstance(residual, torch.Tensor) else residual!r}")
+            if residual.dtype != x.dtype or residual.device != x.device:
+                raise TypeError(f"residual: expected dtype {x.dtype} on {x.device} like the input, got "
+                                f"{residual.dtype} on {residual.device}")
+
+
+class FusedConvNd(FusedAffineLayer):
+    """act(convNd(x) * scale + shift [+ residual]) [* post_scale + post_shift], N = `_ND` (1 or 3)."""
+
+    _ND = 0
+    _CONV = None  # nn.Conv1d / nn.Conv3d
+
+    def __init__(self, weight: torch.Tensor, scale=None, shift=None, *, stride=1, padding=0, dilation=1,
+                 groups: int = 1, padding_mode: str = "zeros", activation=None, post_scale=None, post_shift=None):
+        super().__init__()
+        nd = self._ND
+        if not isinstance(weight, torch.Tensor) or weight.dim() != nd + 2:
+            got = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
+            raise ValueError(f"weight: expected a {nd + 2}-d tensor (Cout, Cin/groups, {', '.join('k' * nd)}), "
+                             f"got {got}")
+        if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1 or weight.shape[0] % groups:
+            raise ValueError(f"groups: expected a positive int dividing out_channels={weight.shape[0]}, got {groups!r}")
+        if padding_mode not in _PADDING_MODES:
+            raise ValueError(f"padding_mode: expected one of {_PADDING_MODES}, got {padding_mode!r}")
+        if isinstance(padding, str):
+            raise ValueError(f"padding: expected an int or {nd} ints (resolve 'same'/'valid' first), got {padding!r}")
+        self.stride = int_tuple("stride", stride, nd, 1)
+        self.padding = int_tuple("padding", padding, nd, 0)
+        self.dilation = int_tuple("dilation", dilation, nd, 1)
+        self.groups, self.padding_mode = groups, padding_mode
+        self.in_channels, self.out_channels = weight.shape[1] * groups, weight.shape[0]
+        self.kernel_size = tuple(weight.shape[2:])
+        if nd == 3:
+            from fusedconv.kernels.conv3d import pack_weight_3d
+
+            weight = pack_weight_3d(weight.detach())  # same values and shape, kernel-friendly strides
+        self._init_affine(weight, scale, shift, activation, post_scale, post_shift, weight.shape[0])
+
+    @classmethod
+    def from_modules(cls, conv: nn.Module, bn: nn.Module | None = None, act=None, post_bn: nn.Module | None = None):
+        """Fuse `post_bn(act(bn(conv(x))))`; `bn`, `act` and `post_bn` may each be None."""
+        if type(conv) is not cls._CONV and not (isinstance(conv, cls._CONV) and
+                                                type(conv).forward is cls._CONV.forward):
+            raise TypeError(f"conv: expected nn.{cls._CONV.__name__} (or a subclass without its own forward), "
+                            f"got {type(conv).__name__}")
+        scale, shift = fold.layer_bn_scale_shift(conv, bn, dtype=torch.float64)
+        post = (None, None) if post_bn is None else fold.post_affine(post_bn, torch.float64)
+        if post_bn is not None and post[0].numel() != conv.out_channels:
+            raise ValueError(f"post_bn: expected {conv.out_channels} features, got {post[0].numel()}")
+        padding = conv.padding
+        if isinstance(padding, str):
+            padding = _resolve_string_padding(conv)
+        return cls(conv.weight.detach(), scale, shift, stride=conv.stride, padding=padding, dilation=conv.dilation,
+                   groups=conv.groups, padding_mode=conv.padding_mode, activation=act, post_scale=post[0],
+                   post_shift=post[1])
+
+    def _scale_weight(self, weight, scale):
+        return (weight * scale.view((-1,) + (1,) * (self._ND + 1))).contiguous()
+
+    def _layer(self, x, weight, bias, padding):
+        fn = F.conv1d if self._ND == 1 else F.conv3d
+        return fn(x, weight, bias, self.stride, padding, self.dilation, self.groups)
+
+    def _pad_input(self, x):
+        if self.padding_mode == "zeros" or not any(self.padding):
+            return x, self.padding
+        pads = [p for p in reversed(self.padding) for _ in range(2)]
+        return F.pad(x, pads, mode=self.padding_mode), (0,) * self._ND
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """act(conv(x) * scale + shift [+ residual]) [* post_scale + post_shift]; batched or unbatched input."""
+        self._check_x(x, residual, self._ND, self.in_channels)
+        if x.dim() == self._ND + 1:
+            y = self.forward(x.unsqueeze(0), None if residual is None else residual.unsqueeze(0))
+            return y.squeeze(0)
+        x, pad = self._pad_input(x)
+        if x.numel() > 0 and self._ND == 3 and ops_nd.use_kernel_3d(x, self.weight):
+            return ops_nd.conv3d_bn_act(x, self.weight, self.scale, self.shift, residual, self.post_scale,
+                                        self.post_shift, self.stride, pad, self.dilation, self.groups,
+                                        self.act.name, self.act.param)
+        if x.numel() > 0 and self._ND == 1 and ops.use_kernel(x, self.weight):
+            y = ops.conv_bn_act(x.unsqueeze(2), self.weight.unsqueeze(2), self.scale, self.shift,
+                                None if residual is None else residual.unsqueeze(2), (1, self.stride[0]),
+                                (0, pad[0]), (1, self.dilation[0]), self.groups, self.act.name,
+                                self.act.param).squeeze(2)
+            if self.post_scale is not None:
+                y = (y.float() * self.post_scale.view(1, -1, 1) + self.post_shift.view(1, -1, 1)).to(x.dtype)
+            return y
+        return self._fallback(x, residual, pad)
+
+    def extra_repr(self) -> str:
+        s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+             f"padding={self.padding}")
+        if any(d != 1 for d in self.dilation):
+            s += f", dilation={self.dilation}"
+        if self.groups != 1:
+            s += f", groups={self.groups}"
+        if self.padding_mode != "zeros":
+            s += f", padding_mode={self.padding_mode!r}"
+        return s + f", act={self.act}" + (", post_bn" if self.post_scale is not None else "")
+
+
+class FusedConv1d(FusedConvNd):
+    """Conv1d + BatchNorm1d + activation (+ BatchNorm1d after it); the CUDA path is the 2-D kernel with H = 1."""
+
+    _ND, _CONV, _LAYER = 1, nn.Conv1d, "Conv1d"
+
+
+class FusedConv3d(FusedConvNd):
+    """Conv3d + BatchNorm3d + activation (+ BatchNorm3d after it); the CUDA path is the Triton 3-D kernel."""
+
+    _ND, _CONV, _LAYER = 3, nn.Conv3d, "Conv3d"
+
+
+class FusedConvTransposeNd(FusedAffineLayer):
+    """act(conv_transposeNd(x) * scale + shift [+ residual]) [* post_scale + post_shift].
+
+    weight (Cin, Cout/groups, k...) as nn.ConvTransposeNd stores it. Every device runs the standard transposed
+    conv with the scale folded into the weight (fp32 / fp64) plus the epilogue: no Triton kernel (yet).
+    """
+
+    _ND = 0
+    _CONV = None
+
+    def __init__(self, weight: torch.Tensor, scale=None, shift=None, *, stride=1, padding=0, output_padding=0,
+                 dilation=1, groups: int = 1, activation=None, post_scale=None, post_shift=None):
+        super().__init__()
+        nd = self._ND
+        if not isinstance(weight, torch.Tensor) or weight.dim() != nd + 2:
+            got = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
+            raise ValueError(f"weight: expected a {nd + 2}-d tensor (Cin, Cout/groups, {', '.join('k' * nd)}), got {got}")
+        if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1 or weight.shape[0] % groups:
+            raise ValueError(f"groups: expected a positive int dividing in_channels={weight.shape[0]}, got {groups!r}")
+        self.stride = int_tuple("stride", stride, nd, 1)
+        self.padding = int_tuple("padding", padding, nd, 0)
+        self.output_padding = int_tuple("output_padding", output_padding, nd, 0)
+        self.dilation = int_tuple("dilation", dilation, nd, 1)
+        if any(op >= max(s, d) for op, s, d in zip(self.output_padding, self.stride, self.dilation)):
+            raise ValueError(f"output_padding: expected each value < max(stride, dilation), got "
+                             f"{self.output_padding} with stride {self.stride} and dilation {self.dilation}")
+        self.groups = groups
+        self.in_channels, self.out_channels = weight.shape[0], weight.shape[1] * groups
+        self.kernel_size = tuple(weight.shape[2:])
+        self._init_affine(weight, scale, shift, activation, post_scale, post_shift, self.out_channels)
+
+    @classmethod
+    def from_modules(cls, conv: nn.Module, bn: nn.Module | None = None, act=None, post_bn: nn.Module | None = None):
+        """Fuse `post_bn(act(bn(conv_transpose(x))))`; `bn`, `act` and `post_bn` may each be None."""
+        if type(conv) is not cls._CONV:
+            raise TypeError(f"conv: expected nn.{cls._CONV.__name__}, got {type(conv).__name__}")
+        if conv.padding_mode != "zeros":
+            raise ValueError(f"conv padding_mode: transposed convs support only 'zeros', got {conv.padding_mode!r}")
+        scale, shift = fold.layer_bn_scale_shift(conv, bn, dtype=torch.float64)
+        post = (None, None) if post_bn is None else fold.post_affine(post_bn, torch.float64)
+        if post_bn is not None and post[0].numel() != conv.out_channels:
+            raise ValueError(f"post_bn: expected {conv.out_channels} features, got {post[0].numel()}")
+        return cls(conv.weight.detach(), scale, shift, stride=conv.stride, padding=conv.padding,
+                   output_padding=conv.output_padding, dilation=conv.dilation, groups=conv.groups, activation=act,
+                   post_scale=post[0], post_shift=post[1])
+
+    def _scale_weight(self, weight, scale):
+        g = self.groups
+        cin, cout_g = weight.shape[0], weight.shape[1]
+        view = (g, 1, cout_g) + (1,) * self._ND
+        return (weight.reshape(g, cin // g, cout_g, *weight.shape[2:]) * scale.view(view)).reshape(weight.shape)
+
+    def _layer(self, x, weight, bias):
+        fn = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[self._ND - 1]
+        return fn(x, weight, bias, self.stride, self.padding, self.output_padding, self.groups, self.dilation)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """act(conv_transpose(x) * scale + shift [+ residual]) [* post_scale + post_shift]."""
+        self._check_x(x, residual, self._ND, self.in_channels)
+        if x.dim() == self._ND + 1:
+            y = self.forward(x.unsqueeze(0), None if residual is None else residual.unsqueeze(0))
+            return y.squeeze(0)
+        return self._fallback(x, residual)
+
+    def extra_repr(self) -> str:
+        s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+             f"padding={self.padding}, output_padding={self.output_padding}")
+        if any(d != 1 for d in self.dilation):
+            s += f", dilation={self.dilation}"
+        if self.groups != 1:
+            s += f", groups={self.groups}"
+        return s + f", act={self.act}" + (", post_bn" if self.post_scale is not None else "")
+
+
+class FusedConvTranspose1d(FusedConvTransposeNd):
+    _ND, _CONV, _LAYER = 1, nn.ConvTranspose1d, "ConvTranspose1d"
+
+
+class FusedConvTranspose2d(FusedConvTransposeNd):
+    _ND, _CONV, _LAYER = 2, nn.ConvTranspose2d, "ConvTranspose2d"
+
+
+class FusedConvTranspose3d(FusedConvTransposeNd):
+    _ND, _CONV, _LAYER = 3, nn.ConvTranspose3d, "ConvTranspose3d"
+
+
+def _resolve_string_padding(conv: nn.Module) -> tuple[int, ...]:
+    """padding='valid'/'same' as explicit symmetric padding (refusing 'same' that needs asymmetry)."""
+    if conv.padding == "valid":
+        return (0,) * len(conv.kernel_size)
+    pads = []
+    for k, d in zip(conv.kernel_size, conv.dilation):
+        total = d * (k - 1)
+        if total % 2:
+            raise ValueError(f"conv padding: 'same' with kernel {conv.kernel_size} and dilation {conv.dilation} "
+                             "needs asymmetric padding, which the fused layers do not support")
+        pads.append(total // 2)
+    return tuple(pads)

@@ -214,7 +214,7 @@ class FusedAffineLayer(nn.Module):
 
 
 class FusedConvNd(FusedAffineLayer):
-    """act(convNd(x) * scale + shift [+ residual]) [* post_scale + post_shift], N = `_ND` (1 or 3)."""
+    """act(convNd(x) * scale + shift [+ residual]) [* post_scale + post_shift], N = `_ND` (1, 2 or 3)."""
 
     _ND = 0
     _CONV = None  # nn.Conv1d / nn.Conv3d
@@ -267,7 +267,7 @@ class FusedConvNd(FusedAffineLayer):
         return (weight * scale.view((-1,) + (1,) * (self._ND + 1))).contiguous()
 
     def _layer(self, x, weight, bias, padding):
-        fn = F.conv1d if self._ND == 1 else F.conv3d
+        fn = (F.conv1d, F.conv2d, F.conv3d)[self._ND - 1]
         return fn(x, weight, bias, self.stride, padding, self.dilation, self.groups)
 
     def _pad_input(self, x):
@@ -287,13 +287,18 @@ class FusedConvNd(FusedAffineLayer):
             return ops_nd.conv3d_bn_act(x, self.weight, self.scale, self.shift, residual, self.post_scale,
                                         self.post_shift, self.stride, pad, self.dilation, self.groups,
                                         self.act.name, self.act.param)
-        if x.numel() > 0 and self._ND == 1 and ops.use_kernel(x, self.weight):
-            y = ops.conv_bn_act(x.unsqueeze(2), self.weight.unsqueeze(2), self.scale, self.shift,
-                                None if residual is None else residual.unsqueeze(2), (1, self.stride[0]),
-                                (0, pad[0]), (1, self.dilation[0]), self.groups, self.act.name,
-                                self.act.param).squeeze(2)
+        if x.numel() > 0 and self._ND in (1, 2) and ops.use_kernel(x, self.weight):
+            # The 2-D kernel (Conv1d as H = 1); a post-affine is one more elementwise op after it.
+            as2d = (lambda t: t.unsqueeze(2)) if self._ND == 1 else (lambda t: t)
+            geo = [((1, v[0]) if self._ND == 1 else v) for v in (self.stride, pad, self.dilation)]
+            geo[1] = (0, pad[0]) if self._ND == 1 else pad
+            y = ops.conv_bn_act(as2d(x), as2d(self.weight), self.scale, self.shift,
+                                None if residual is None else as2d(residual), *geo, self.groups, self.act.name,
+                                self.act.param)
+            y = y.squeeze(2) if self._ND == 1 else y
             if self.post_scale is not None:
-                y = (y.float() * self.post_scale.view(1, -1, 1) + self.post_shift.view(1, -1, 1)).to(x.dtype)
+                view = self._channel_view(y)
+                y = (y.float() * self.post_scale.view(view) + self.post_shift.view(view)).to(x.dtype)
             return y
         return self._fallback(x, residual, pad)
 
@@ -313,6 +318,16 @@ class FusedConv1d(FusedConvNd):
     """Conv1d + BatchNorm1d + activation (+ BatchNorm1d after it); the CUDA path is the 2-D kernel with H = 1."""
 
     _ND, _CONV, _LAYER = 1, nn.Conv1d, "Conv1d"
+
+
+class FusedConv2dPostBN(FusedConvNd):
+    """Conv2d [+ BatchNorm2d] + activation + BatchNorm2d after the activation (ConvMixer's Conv -> GELU -> BN).
+
+    FusedConv2d has no post-affine; this member of the shared N-d family covers the chains that need one. On
+    CUDA it runs the 2-D kernel op and then the post-affine as one elementwise op.
+    """
+
+    _ND, _CONV, _LAYER = 2, nn.Conv2d, "Conv2d"
 
 
 class FusedConv3d(FusedConvNd):

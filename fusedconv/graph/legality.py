@@ -128,3 +128,45 @@ def tail_conv(module: nn.Module) -> tuple[nn.Module, str, nn.Conv2d, list[nn.Mod
             return module, name, last, path
         module = last
     return None
+
+
+# ------------------------------------------------------------------------------------------------ other layer kinds
+# Conv1d / Conv3d / ConvTranspose1d-3d / Linear chains (and Conv2d chains with a BatchNorm after the activation)
+# are fused by `graph/sequential_layers.py`. Base layer class -> report kind.
+LAYER_KINDS = {
+    nn.Conv1d: "conv1d_bn_act",
+    nn.Conv3d: "conv3d_bn_act",
+    nn.ConvTranspose1d: "conv_transpose1d_bn_act",
+    nn.ConvTranspose2d: "conv_transpose2d_bn_act",
+    nn.ConvTranspose3d: "conv_transpose3d_bn_act",
+    nn.Linear: "linear_bn_act",
+}
+# Batch norms whose forward is the plain formula over dim 1 (any rank).
+PLAIN_BATCHNORMS_ND = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+def layer_base(module: nn.Module) -> type | None:
+    """The LAYER_KINDS class `module` computes exactly as: its own exact class, or — for Conv1d / Conv3d only —
+    a subclass that overrides neither forward nor _conv_forward (torchvision's Conv3DSimple /
+    Conv3DNoTemporal only set up the geometry). None for anything else (Conv2d is handled elsewhere)."""
+    t = type(module)
+    if t in LAYER_KINDS:
+        return t
+    for base in (nn.Conv1d, nn.Conv3d):
+        if isinstance(module, base) and t.forward is base.forward and t._conv_forward is base._conv_forward:
+            return base
+    return None
+
+
+def plain_bn_reason(bn: nn.Module, channels: int | None) -> str | None:
+    """Why `bn` (after a layer, or after an activation) cannot be folded as a per-channel affine on dim 1 of a
+    tensor with `channels` channels (None: not known statically, e.g. a Linear's 3-D output); None when it can."""
+    if type(bn) not in PLAIN_BATCHNORMS_ND:
+        return f"{type(bn).__name__} is not a BatchNorm whose forward fusedconv knows (BatchNorm1d/2d/3d, SyncBatchNorm)"
+    try:
+        fold.check_foldable(bn)
+    except (RuntimeError, ValueError, TypeError) as e:
+        return str(e)
+    if channels is not None and bn.running_mean.numel() != channels:
+        return f"BatchNorm has {bn.running_mean.numel()} features, the layer has {channels} output channels"
+    return None

@@ -33,8 +33,10 @@ def fuse_sequential(seq: nn.Sequential, scope: str, uses: Counter, report: Conve
     The fused module takes the conv's name; the BN and activation become nn.Identity, so the names and the
     indices of every other child stay as they were.
     """
+    from fusedconv.graph.sequential_layers import fuse_layer_chains  # other layer kinds; imports the fused modules
+
+    fused = fuse_layer_chains(seq, scope, uses, report)
     names = list(seq._modules.keys())
-    fused = 0
     i = 0
     while i < len(names):
         found = tail_conv(seq._modules[names[i]]) if seq._modules[names[i]] is not None else None

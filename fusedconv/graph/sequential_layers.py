@@ -3,7 +3,7 @@
 
 Consecutive children of a plain nn.Sequential form a proven chain (see sequential.py). Patterns, in order:
     layer, [bn], [act], [post_bn]
-with at least one of bn / act / post_bn, where `post_bn` (a BatchNorm right after the activation — ConvMixer's
+with a bn or a post_bn (a layer + activation alone is left as it is: nothing to fold), where `post_bn` (a BatchNorm right after the activation — ConvMixer's
 Conv -> GELU -> BN) needs an activation before it. A Conv2d chain is taken here only when it has a post_bn (the
 Conv2d pass in sequential.py handles the rest and makes FusedConv2d). The fused module takes the layer's name;
 the other children become nn.Identity, so names and indices stay as they were.
@@ -92,8 +92,8 @@ def _match(seq: nn.Sequential, names: list[str], i: int):
                     chain.append(names[j])
     if base is nn.Conv2d and post is None:
         return None  # the Conv2d pass fuses it into a FusedConv2d
-    if bn is None and post is None and (act is None or act.is_identity):
-        return None  # a lone layer, or layer + identity: nothing to fuse
+    if bn is None and post is None:
+        return None  # no BatchNorm to fold: a layer + activation gains nothing from a fused module here
     return base, chain, bn, act, post, reason, tail
 
 

@@ -146,3 +146,17 @@ def test_r3d_18_onnx_export_has_no_batchnorm_and_matches_onnxruntime(tmp_path):
                                    providers=["CPUExecutionProvider"])
     (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
     assert max_rel_error(torch.from_numpy(out), model(x)) < 1e-4
+
+
+@torch.no_grad()
+def test_converting_twice_changes_nothing():
+    torch.manual_seed(7)
+    model = randomize_bn(nn.Sequential(
+        nn.Conv1d(3, 6, 3, padding=1), nn.BatchNorm1d(6), nn.ReLU(), nn.BatchNorm1d(6),
+        nn.ConvTranspose1d(6, 4, 4, 2, 1), nn.BatchNorm1d(4), nn.Flatten(), nn.Linear(128, 5), nn.BatchNorm1d(5))).eval()
+    x = torch.randn(3, 3, 16)
+    once, report = fusedconv.convert(model, return_report=True)
+    assert len(report.fused) == 3, str(report)
+    twice, report2 = fusedconv.convert(once, return_report=True)
+    assert not report2.rows, str(report2)
+    assert torch.equal(twice(x), once(x)) and max_rel_error(once(x), model(x)) < 1e-5

@@ -15,7 +15,8 @@ import torch
 import torch.nn as nn
 
 import fusedconv
-from fusedconv.fused_layers import FusedConv3d, FusedConvTranspose2d
+from fusedconv.fused_layers import FusedConv3d
+from fusedconv.fused_transpose import FusedConvTranspose2d
 from fusedconv.fused_linear import FusedLinear
 from util import batch_norm_count, count_ops, max_rel_error, randomize_bn
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from fusedconv.fused_layers import (FusedConv1d, FusedConv3d, FusedConvTranspose1d, FusedConvTranspose2d,
-                                    FusedConvTranspose3d)
+from fusedconv.fused_layers import FusedConv1d, FusedConv3d
+from fusedconv.fused_transpose import FusedConvTranspose1d, FusedConvTranspose2d, FusedConvTranspose3d
 from fusedconv.fused_linear import FusedLinear
 from util import ACT_MODULES, max_rel_error, randomize_bn
 

@@ -17,8 +17,8 @@ import torch.nn as nn
 
 from fusedconv import fold
 from fusedconv.activations import spec_from_module
-from fusedconv.fused_layers import (FusedConv1d, FusedConv2dPostBN, FusedConv3d, FusedConvTranspose1d,
-                                    FusedConvTranspose2d, FusedConvTranspose3d)
+from fusedconv.fused_layers import FusedConv1d, FusedConv2dPostBN, FusedConv3d
+from fusedconv.fused_transpose import FusedConvTranspose1d, FusedConvTranspose2d, FusedConvTranspose3d
 from fusedconv.fused_linear import FusedLinear
 from fusedconv.graph.legality import LAYER_KINDS, is_fusable_conv, layer_base, plain_bn_reason
 from fusedconv.report import ConversionReport

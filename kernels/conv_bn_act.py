@@ -27,12 +27,14 @@ the plain kernel with one small config.
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
 import triton.language as tl
 
 from fusedconv.kernels import configs as _configs
+from fusedconv.kernels import conv_tma as _tma
 from fusedconv.kernels.conv_kloops import k_loop_1x1, k_loop_flat, k_loop_rows, k_loop_taps
 from fusedconv.kernels.epilogue import activation_id, epilogue, load_scale_shift, traceable
 from fusedconv.kernels.reference import conv_output_shape as output_shape
@@ -47,6 +49,8 @@ _FLAT_K_BELOW = 16
 # ...and of those, the ones whose kernel row holds at most this many (kw, c) pairs use the row-K loop (ROW_K).
 _ROW_K_MAX_WIDTH = 64
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+#: Whether eligible 1x1 convs take the TMA-descriptor kernel by default (see conv_bn_act's `tma`).
+TMA_DEFAULT = os.environ.get("FUSEDCONV_TMA", "0") == "1"
 
 
 @triton.jit
@@ -409,7 +413,7 @@ _plan_cached = functools.lru_cache(maxsize=2048)(_plan)
 
 
 def conv_bn_act(x, weight, scale, shift, *, stride=1, padding=0, dilation=1, groups=1, activation="relu",
-                act_param=0.0, residual=None, split_k=None):
+                act_param=0.0, residual=None, split_k=None, tma=None):
     """act(conv2d(x, weight) * scale + shift [+ residual]) in one Triton kernel launch.
 
     x: (N, Cin, H, W) fp16 / bf16 / fp32, any strides (channels_last is the fast path). weight: (Cout, Cin/groups,
@@ -419,6 +423,10 @@ def conv_bn_act(x, weight, scale, shift, *, stride=1, padding=0, dilation=1, gro
     Runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1. Depthwise convs (groups == Cin == Cout)
     go to `kernels.depthwise` when it is present. `split_k` overrides the automatic split-K choice and keeps
     the conv on this GEMM kernel (tests use it to exercise those paths).
+
+    `tma`: run eligible 1x1 convs (see `conv_tma.tma_1x1_eligible`) through the TMA-descriptor GEMM kernel
+    (True), never (False), or as `TMA_DEFAULT` says (None: off unless FUSEDCONV_TMA=1 at import, until a GPU
+    check has validated that kernel on hardware). Ineligible convs always run the pointer kernel.
 
     The metadata-only part of a launch (checks, split-K, int64, integer arguments) is cached per distinct call
     signature, so a repeated call costs little more than the allocation and the kernel launch.
@@ -460,6 +468,14 @@ def conv_bn_act(x, weight, scale, shift, *, stride=1, padding=0, dilation=1, gro
                  else scale)  # dummy pointer when SPLIT_K == 1
     flags = plan["flags"]
     args = (x, weight, scale, shift, res, y, workspace, *plan["int_args"], float(act_param))
+
+    use_tma = TMA_DEFAULT if tma is None else bool(tma)
+    if use_tma and flags["IS_1X1"] and split_k == 1 and \
+            _tma.tma_1x1_eligible(x, weight, groups, stride, padding, split_k):
+        return _tma.conv1x1_tma_launch(
+            x, weight, scale, shift, residual, y, flags["ACTIVATION"], act_param, tf32, plan["res_stride"],
+            None if interpreting() else traceable(_tma.autotuned_kernel()),
+            interpret_cfg=_configs.INTERPRET_CONFIG if interpreting() else None)
 
     if interpreting():
         cfg = _configs.INTERPRET_CONFIG

@@ -7,16 +7,21 @@ tiles; 64-wide and 32-wide tiles for small layers), BLOCK_K of 64 for 16-bit dty
 take twice the shared memory), 3-4 pipeline stages and a GROUP_M=8 swizzle for L2 reuse of the input tiles.
 
 `autotune_configs(dtype_bytes)` returns the candidate list; `prune_configs(configs, named_args)` (the
-autotuner's early_config_prune) keeps, per problem, the configs whose tiles fit the problem and shared memory,
-so the tuning time per distinct shape stays small. The autotuner keys on the shape arguments and the tensor
+autotuner's early_config_prune) caps each config's tiles to the problem (a 24-channel layer gets N = 32 tiles
+rather than losing every candidate), applies the warp rule (spatial convs run at most SPATIAL_MAX_WARPS warps,
+a guard against Triton's 8-warp miscompile of this loop shape) and the shared-memory budget, and removes
+duplicates, so the tuning time per distinct shape stays small. The autotuner keys on the shape arguments and the tensor
 dtypes, so every distinct layer shape / dtype is tuned once.
 
 Batch-1 layers (M tiny, K large: ResNet's 7x7 stage has M = 49, K = 4608) cannot fill the GPU with output
 tiles alone. Split-K over a grid axis fixes that, but the activation is non-linear, so the epilogue needs the
 full sum: each K slice writes an fp32 partial tile into a workspace and a small epilogue kernel sums the slices
-and applies scale/shift/residual/activation. `choose_split_k` picks the number of slices from the tile count and
-the SM count (it is a launch decision, not an autotuned one, because the workspace and the second kernel depend
-on it; the autotuner key includes it).
+and applies scale/shift/residual/activation. `choose_split_k` picks the number of slices with a small cost model
+(`estimate_time`: waves of tiles on the SM count, per-tile MMA time, the workspace round trip); it is a launch
+decision, not an autotuned one, because the workspace and the second kernel depend on it (the autotuner key
+includes it). The model splits batch-1 late-stage layers; for batch-32 sub-wave layers (ResNet-50 stage 3/4
+3x3: 0.74 / 0.39 waves of 128x128 tiles) it finds no split that pays for its fp32 workspace, so they stay
+unsplit — filling those needs stream-K or persistent tiles, which this kernel does not have yet.
 
 Under TRITON_INTERPRET=1 nothing is autotuned: `INTERPRET_CONFIG` (one small tile) is used directly.
 

@@ -2,10 +2,8 @@
 
 The convolution is computed as a GEMM without materialising im2col:
     M = N*OH*OW output pixels (rows), N = Cout/groups output channels (columns), K = KH*KW*Cin/groups.
-Each program computes a BLOCK_M x BLOCK_N output tile of one group (groups are grid axis 1). The K loop is a
-single flattened loop over (kh, kw) taps x Cin_g chunks of BLOCK_K, so the software pipeliner sees one long loop
-even when Cin_g fits in one chunk (a nested tap loop would give it a one-iteration inner loop to pipeline).
-A tiles are gathered from x by strides: with channels_last input each row of the tile is a contiguous run of
+Each program computes a BLOCK_M x BLOCK_N output tile of one group (groups are grid axis 1). The K loops live in
+`conv_kloops` (one per loop shape, chosen by constexpr flags; see there). A tiles are gathered from x by strides: with channels_last input each row of the tile is a contiguous run of
 channels (the fast path); NCHW works through the same code without a copy. B tiles come from the weight by its
 strides; `pack_weight` stores it (KH, KW, Cin_g, Cout) so they are contiguous. The accumulator is fp32; fp32
 inputs use TF32 when `torch.backends.cudnn.allow_tf32` (as cuDNN would) else IEEE. The epilogue
@@ -13,15 +11,18 @@ inputs use TF32 when `torch.backends.cudnn.allow_tf32` (as cuDNN would) else IEE
 the output's strides (the output follows x's memory format).
 
 Specialisations (constexprs): IS_1X1 (1x1 kernel without padding: a plain GEMM over strided rows, no spatial
-masks), FLAT_K (Cin_g < 16 with a spatial kernel: K chunks run over the flattened (kh, kw, c) index instead of
-padding each tap's few channels up to BLOCK_K), EVEN_K (Cin_g multiple of BLOCK_K: no channel masks), USE_INT64 (offsets in int64, chosen by the
-launcher only when some tensor spans more than 2^31 elements, so small problems keep cheap int32 math),
-SPLIT_K (see configs.choose_split_k: partial sums go to an fp32 workspace and `_splitk_epilogue_kernel`
-finishes them).
+masks), ROW_K / ROW_WIDTH (Cin_g < 16 and KW * Cin_g <= 64, e.g. the RGB stem: one K step per kernel row),
+FLAT_K (other Cin_g < 16 spatial convs: K chunks over the flattened (kh, kw, c) index), neither (the per-tap
+loop with carried counters), EVEN_K (Cin_g multiple of BLOCK_K: no channel masks), CH_ALIGN (8 when channel
+counts and strides are multiples of 8 but not all of 16: the kernel restates them as multiples of 8 so the
+compiler builds vector loads), USE_INT64 (offsets in int64, chosen by the launcher only when some tensor spans
+more than 2^31 elements, so small problems keep cheap int32 math), SPLIT_K (see configs.choose_split_k:
+partial sums go to an fp32 workspace and `_splitk_epilogue_kernel` finishes them).
 
 The public launcher `conv_bn_act(...)` validates, dispatches depthwise convs to `kernels.depthwise` when that
-module is present, picks split-K, and launches the autotuned kernel — or, under TRITON_INTERPRET=1 (CPU tensors),
-the plain kernel with one small config.
+module is present, eligible 1x1 convs to the TMA-descriptor kernel of `conv_tma` when asked (`tma`), picks
+split-K, and launches the autotuned kernel — or, under TRITON_INTERPRET=1 (CPU tensors), the plain kernel with
+one small config.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import triton.language as tl
 
 from fusedconv.kernels import configs as _configs
 from fusedconv.kernels import conv_tma as _tma
+from fusedconv.kernels import conv_tma_kxk as _tma_kxk
 from fusedconv.kernels.conv_kloops import k_loop_1x1, k_loop_flat, k_loop_rows, k_loop_taps
 from fusedconv.kernels.epilogue import activation_id, epilogue, load_scale_shift, traceable
 from fusedconv.kernels.reference import conv_output_shape as output_shape
@@ -424,7 +426,8 @@ def conv_bn_act(x, weight, scale, shift, *, stride=1, padding=0, dilation=1, gro
     go to `kernels.depthwise` when it is present. `split_k` overrides the automatic split-K choice and keeps
     the conv on this GEMM kernel (tests use it to exercise those paths).
 
-    `tma`: run eligible 1x1 convs (see `conv_tma.tma_1x1_eligible`) through the TMA-descriptor GEMM kernel
+    `tma`: run eligible 1x1 convs (see `conv_tma.tma_1x1_eligible`) through the TMA-descriptor GEMM kernel and
+    eligible stride-1 KxK convs (`conv_tma_kxk.tma_kxk_eligible`) through the 4-D NHWC descriptor kernel
     (True), never (False), or as `TMA_DEFAULT` says (None: off unless FUSEDCONV_TMA=1 at import, until a GPU
     check has validated that kernel on hardware). Ineligible convs always run the pointer kernel.
 
@@ -476,6 +479,11 @@ def conv_bn_act(x, weight, scale, shift, *, stride=1, padding=0, dilation=1, gro
             x, weight, scale, shift, residual, y, flags["ACTIVATION"], act_param, tf32, plan["res_stride"],
             None if interpreting() else traceable(_tma.autotuned_kernel()),
             interpret_cfg=_configs.INTERPRET_CONFIG if interpreting() else None)
+    if use_tma and not flags["IS_1X1"] and split_k == 1 and _tma_kxk.tma_kxk_eligible(x, weight, groups, stride,
+                                                                                        split_k):
+        return _tma_kxk.conv_kxk_tma_launch(
+            x, weight, scale, shift, residual, y, padding, dilation, flags["ACTIVATION"], act_param, tf32,
+            plan["res_stride"], traceable, interpret_cfg=_tma_kxk.INTERPRET_CONFIG if interpreting() else None)
 
     if interpreting():
         cfg = _configs.INTERPRET_CONFIG

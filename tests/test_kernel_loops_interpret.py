@@ -139,3 +139,35 @@ def _launch_flags_for(x, w, case: ConvCase) -> dict:
            (case.cout,), (case.cout,), None, case.stride, case.padding, case.dilation, case.groups, "relu", 0.0,
            None, False, True)
     return launcher._plan(*key)["flags"]
+
+
+def launch_with_config(x, weight, scale, shift, *, padding, block, num_warps, num_stages, activation="relu"):
+    """Run `_conv_gemm_kernel` itself with one explicit config (bypassing the autotuner and its warp rule), on
+    the launcher's own plan. test_kernel_gpu uses it to check 8-warp spatial configs on real hardware."""
+    stride, dilation = (1, 1), (1, 1)
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    key = (tuple(x.shape), tuple(x.stride()), x.dtype, x.device, tuple(weight.shape), tuple(weight.stride()),
+           weight.dtype, tuple(scale.shape), tuple(shift.shape), None, stride, padding, dilation, 1, activation,
+           0.0, 1, False, channels_last)
+    plan = launcher._plan(*key)
+    y = torch.empty(plan["out_shape"], dtype=x.dtype, device=x.device,
+                    memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    bm, bn, bk = block
+    grid = (-(-plan["m"] // bm) * -(-plan["cout_g"] // bn), 1, 1)
+    extra = {} if launcher.interpreting() else dict(num_warps=num_warps, num_stages=num_stages)
+    launcher._conv_gemm_kernel[grid](x, weight, scale.float(), shift.float(), y, y, scale.float(),
+                                     *plan["int_args"], 0.0, **plan["flags"], BLOCK_M=bm, BLOCK_N=bn,
+                                     BLOCK_K=bk, GROUP_M=8, **extra)
+    return y
+
+
+@pytest.mark.interpret
+def test_launch_with_config_matches_the_launcher():
+    """The explicit-config helper computes what the launcher does (so its GPU use checks the kernel, not itself)."""
+    case = ConvCase("helper", 1, 16, 5, 6, 16, (3, 3), padding=(1, 1))
+    inputs, _ = build_case(case, torch.float16, "channels_last", "relu", False)
+    weight = pack_weight(inputs["weight"])
+    expected = conv_bn_act(inputs["x"], weight, inputs["scale"], inputs["shift"], padding=case.padding)
+    got = launch_with_config(inputs["x"], weight, inputs["scale"], inputs["shift"], padding=case.padding,
+                             block=(16, 16, 16), num_warps=8, num_stages=4)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)

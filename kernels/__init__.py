@@ -31,11 +31,21 @@ except ImportError as _exc:  # triton not installed
 
 def aot_variants() -> list[dict]:
     """Every kernel variant x autotune config to compile ahead of time: the GEMM kernel's
-    (`kernels.configs.aot_variants`, see there for the dict format) followed by the depthwise kernel's
+    (`kernels.configs.aot_variants`, see there for the dict format), the TMA 1x1 kernel's
+    and stride-1 KxK kernel's (`kernels.conv_tma.aot_variants`, `kernels.conv_tma_kxk.aot_variants`, which add
+    `expects_tma`) and the depthwise kernel's
     (`kernels.depthwise.aot_variants`) when that module exists."""
     from fusedconv.kernels.configs import aot_variants as _gemm_variants
 
     variants = list(_gemm_variants())
+    try:
+        from fusedconv.kernels.conv_tma import aot_variants as _tma_variants
+        from fusedconv.kernels.conv_tma_kxk import aot_variants as _tma_kxk_variants
+    except ImportError:
+        pass
+    else:
+        variants.extend(_tma_variants())
+        variants.extend(_tma_kxk_variants())
     try:
         from fusedconv.kernels import depthwise
     except ImportError:

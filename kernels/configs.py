@@ -7,16 +7,21 @@ tiles; 64-wide and 32-wide tiles for small layers), BLOCK_K of 64 for 16-bit dty
 take twice the shared memory), 3-4 pipeline stages and a GROUP_M=8 swizzle for L2 reuse of the input tiles.
 
 `autotune_configs(dtype_bytes)` returns the candidate list; `prune_configs(configs, named_args)` (the
-autotuner's early_config_prune) keeps, per problem, the configs whose tiles fit the problem and shared memory,
-so the tuning time per distinct shape stays small. The autotuner keys on the shape arguments and the tensor
+autotuner's early_config_prune) caps each config's tiles to the problem (a 24-channel layer gets N = 32 tiles
+rather than losing every candidate), applies the warp rule (spatial convs run at most SPATIAL_MAX_WARPS warps,
+a guard against Triton's 8-warp miscompile of this loop shape) and the shared-memory budget, and removes
+duplicates, so the tuning time per distinct shape stays small. The autotuner keys on the shape arguments and the tensor
 dtypes, so every distinct layer shape / dtype is tuned once.
 
 Batch-1 layers (M tiny, K large: ResNet's 7x7 stage has M = 49, K = 4608) cannot fill the GPU with output
 tiles alone. Split-K over a grid axis fixes that, but the activation is non-linear, so the epilogue needs the
 full sum: each K slice writes an fp32 partial tile into a workspace and a small epilogue kernel sums the slices
-and applies scale/shift/residual/activation. `choose_split_k` picks the number of slices from the tile count and
-the SM count (it is a launch decision, not an autotuned one, because the workspace and the second kernel depend
-on it; the autotuner key includes it).
+and applies scale/shift/residual/activation. `choose_split_k` picks the number of slices with a small cost model
+(`estimate_time`: waves of tiles on the SM count, per-tile MMA time, the workspace round trip); it is a launch
+decision, not an autotuned one, because the workspace and the second kernel depend on it (the autotuner key
+includes it). The model splits batch-1 late-stage layers; for batch-32 sub-wave layers (ResNet-50 stage 3/4
+3x3: 0.74 / 0.39 waves of 128x128 tiles) it finds no split that pays for its fp32 workspace, so they stay
+unsplit — filling those needs stream-K or persistent tiles, which this kernel does not have yet.
 
 Under TRITON_INTERPRET=1 nothing is autotuned: `INTERPRET_CONFIG` (one small tile) is used directly.
 
@@ -84,61 +89,126 @@ def _pow2_at_least_16(n: int) -> int:
     return max(16, 1 << (max(int(n), 1) - 1).bit_length())
 
 
-def prune_configs(configs, named_args, **kwargs):
-    """early_config_prune: keep the configs that suit this problem's dtype, M, N, K and shared memory.
+#: Largest warp count a spatial (non-1x1) config may use. Triton has miscompiled the flattened (kh, kw, c) K
+#: loop at 8 warps (triton-lang/triton#1254; reproduced on an H100 in pytorch/pytorch#173068 with most outputs
+#: wrong); Inductor caps its conv template at 4 warps for it. Until a GPU check validates 8-warp spatial
+#: configs on real hardware, they run at 4 warps (tiles that would then spill are dropped).
+SPATIAL_MAX_WARPS = 4
+# Largest accumulator tile (BLOCK_M * BLOCK_N) one 4-warp program holds without spilling (128 fp32 / thread).
+_MAX_TILE_4_WARPS = 128 * 128
+# Row cap of the element-gather loops (ROW_K, FLAT_K).
+_GATHER_MAX_M = 64
 
-    Tiles larger than the (power-of-two-rounded) problem only waste work, so each block size is capped by its
-    dimension; configs over the shared-memory budget are dropped; duplicates after capping are removed. Never
+
+def safe_num_warps(num_warps: int, is_1x1: bool) -> int:
+    """The warp count a config may run with: 1x1 GEMMs keep theirs, spatial convs at most SPATIAL_MAX_WARPS."""
+    return num_warps if is_1x1 else min(num_warps, SPATIAL_MAX_WARPS)
+
+
+def row_width(kw: int, cin_g: int) -> int:
+    """K width of one kernel row in the row-K loop (KW * Cin_g padded to a power of two >= 16)."""
+    return _pow2_at_least_16(kw * cin_g)
+
+
+def prune_configs(configs, named_args, **kwargs):
+    """early_config_prune: the configs of this problem's dtype, capped to its M, N, K and to the warp rule.
+
+    Tiles larger than the (power-of-two-rounded) problem would only waste work, so each block size is capped
+    to its dimension (not dropped: a problem with 24 output channels still gets every tile shape, at N = 32);
+    spatial convs run at most SPATIAL_MAX_WARPS warps (see there); configs over the shared-memory budget are
+    dropped; duplicates after capping are removed. The row-K loop (ROW_K) fixes its own K width. Never
     returns an empty list.
     """
     args = {**named_args, **kwargs}
     x = args["x_ptr"]
     dtype_bytes = x.element_size() if hasattr(x, "element_size") else 2
     table = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) for c in autotune_configs(dtype_bytes)}
+    is_1x1 = bool(args.get("IS_1X1", False))
     cap_m = _pow2_at_least_16(args["M"])
+    if args.get("ROW_K") or args.get("FLAT_K"):
+        # Small-Cin_g loops gather A element by element (2-byte loads): 128-row tiles double the gathers per
+        # thread and exceed ~400 loop instructions; 64 rows keep the loop short and spill-free.
+        cap_m = min(cap_m, _GATHER_MAX_M)
     cap_n = _pow2_at_least_16(args["COUT_G"])
     k_extent = args["CIN_G"] * args["KH"] * args["KW"] if args.get("FLAT_K") else args["CIN_G"]
     cap_k = _pow2_at_least_16(k_extent)
+    own = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) in table]
     kept, seen = [], set()
-    for cfg in configs:
-        bm, bn, bk = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
-        if (bm, bn, bk) not in table:
-            continue  # a config of the other dtype class
-        if bm > cap_m or bn > cap_n or bk > cap_k:
-            continue
+    for cfg in own:
+        bm, bn = min(cfg.kwargs["BLOCK_M"], cap_m), min(cfg.kwargs["BLOCK_N"], cap_n)
+        bk = args["ROW_WIDTH"] if args.get("ROW_K") else min(cfg.kwargs["BLOCK_K"], cap_k)
+        warps = safe_num_warps(cfg.num_warps, is_1x1)
+        if warps < cfg.num_warps and bm * bn > _MAX_TILE_4_WARPS:
+            continue  # this tile needs 8 warps to hold its accumulator
         smem = (bm * bk + bk * bn) * dtype_bytes * cfg.num_stages
         if smem > _SMEM_BUDGET:
             continue
-        sig = (bm, bn, bk, cfg.num_stages, cfg.num_warps)
+        sig = (bm, bn, bk, cfg.num_stages, warps)
         if sig not in seen:
             seen.add(sig)
-            kept.append(cfg)
-    if not kept:
-        # Problem smaller than every tile: the smallest config of the right dtype class.
-        own = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) in table]
-        kept = [min(own or configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"])]
+            kept.append(triton.Config({**cfg.kwargs, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk},
+                                      num_stages=cfg.num_stages, num_warps=warps))
+    if not kept:  # only when even the smallest tile is over the shared-memory budget (very wide ROW_K rows)
+        smallest = min(own or configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])
+        kept = [triton.Config(dict(smallest.kwargs), num_stages=2,
+                              num_warps=safe_num_warps(smallest.num_warps, is_1x1))]
     return kept
 
 
-#: Autotuner key: the problem shape (and layout: sxc is 1 for channels_last), plus the launch-time split-K.
+#: Autotuner key: the problem shape (and layout: sxc is 1 for channels_last), plus the launch-time split-K and
+#: the loop / alignment flags the launcher derives from shape and strides.
 AUTOTUNE_KEY = ["M", "CIN_G", "COUT_G", "H", "W", "OW", "stride_h", "stride_w", "dil_h", "sxc", "syc", "KH", "KW",
-                "SPLIT_K", "IS_1X1"]
+                "SPLIT_K", "IS_1X1", "ROW_K", "CH_ALIGN"]
+
+# Split-K cost model (an H100-class part; only ratios matter): fp16 dense tensor-core rate, HBM bandwidth, the
+# extra launch of the split-K epilogue, and the relative per-SM efficiency of the tile shapes a sub-wave
+# problem tunes to (smaller tiles re-read more operands per FLOP and issue more instructions per MMA).
+_PEAK_FLOPS = 750e12
+_HBM_BYTES_PER_S = 3e12
+_EPILOGUE_LAUNCH_S = 1.5e-6
+_TILE_EFFICIENCY = ((128, 128, 1.0), (64, 128, 0.8), (64, 64, 0.6))
+_SPLITS = (1, 2, 4, 8, 16)
+
+
+def estimate_time(m: int, cout_g: int, groups: int, k_iters: int, num_sms: int, split: int,
+                  block_k: int = 64) -> tuple[float, tuple[int, int]]:
+    """Modelled seconds of a conv GEMM with `split` K slices, and the tile that achieves it.
+
+    Each tile shape runs ceil(tiles * split / num_sms) waves of programs that each take (tile FLOPs / split) /
+    (per-SM rate * tile efficiency); a split adds the fp32 workspace round trip (written once, read once by
+    the epilogue kernel) and the epilogue launch.
+    """
+    per_sm = _PEAK_FLOPS / max(num_sms, 1)
+    best = (float("inf"), (128, 128))
+    for bm, bn, eff in _TILE_EFFICIENCY:
+        tiles = _cdiv(m, bm) * _cdiv(cout_g, bn) * groups * split
+        waves = _cdiv(tiles, max(num_sms, 1))
+        t = waves * (2.0 * bm * bn * block_k * _cdiv(k_iters, split)) / (per_sm * eff)
+        if split > 1:
+            t += 2.0 * split * m * cout_g * groups * 4 / _HBM_BYTES_PER_S + _EPILOGUE_LAUNCH_S
+        if t < best[0]:
+            best = (t, (bm, bn))
+    return best
 
 
 def choose_split_k(m: int, cout_g: int, groups: int, k_iters: int, num_sms: int) -> int:
-    """Number of K slices for a problem whose output tiles alone cannot fill `num_sms` SMs.
+    """Number of K slices: the power of two (1..16) with the lowest `estimate_time` on `num_sms` SMs.
 
-    Estimated with 64x64 tiles (the size small problems tune to). Each slice keeps at least 4 K iterations so
-    the pipeline still has work; a power of two at most 16 bounds the workspace and the epilogue's reads.
+    Deterministic (a function of the shape and the SM count only; the epilogue sums slices in a fixed order).
+    A split only counts when each slice keeps at least 4 K iterations, so the pipeline still has work. A
+    problem whose output tiles already fill the GPU gets 1; a sub-wave one (batch 1, or a batch-32 stage-4
+    layer) gets a split when the extra waves it fills are worth more than the fp32 workspace traffic.
     """
-    tiles = _cdiv(m, 64) * _cdiv(cout_g, 64) * groups
-    if tiles == 0 or num_sms <= 0 or tiles * 2 > num_sms or k_iters < 8:
+    if m <= 0 or cout_g <= 0 or num_sms <= 0 or k_iters < 8:
         return 1
-    split = min(_cdiv(num_sms, tiles), k_iters // 4, 16)
-    power = 1
-    while power * 2 <= split:
-        power *= 2
-    return power
+    best_split, best_time = 1, estimate_time(m, cout_g, groups, k_iters, num_sms, 1)[0]
+    for split in _SPLITS[1:]:
+        if k_iters // split < 4:
+            break
+        t = estimate_time(m, cout_g, groups, k_iters, num_sms, split)[0]
+        if t < best_time * 0.95:  # a split must win clearly: the model is coarse
+            best_split, best_time = split, t
+    return best_split
 
 
 def _kernel_signature(dtype: str, int64_strides: bool = False) -> dict[str, str]:
@@ -153,9 +223,8 @@ def _kernel_signature(dtype: str, int64_strides: bool = False) -> dict[str, str]
                  "syn", "syc", "syh", "syw"):
         sig[name] = i
     sig["ACT_PARAM"] = "fp32"
-    for name in ("KH", "KW", "ACTIVATION", "HAS_RESIDUAL", "IS_1X1", "FLAT_K", "EVEN_K", "USE_INT64",
-                 "INPUT_PRECISION",
-                 "SPLIT_K", "BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"):
+    for name in ("KH", "KW", "ACTIVATION", "HAS_RESIDUAL", "IS_1X1", "ROW_K", "ROW_WIDTH", "FLAT_K", "EVEN_K",
+                 "CH_ALIGN", "USE_INT64", "INPUT_PRECISION", "SPLIT_K", "BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"):
         sig[name] = "constexpr"
     return sig
 
@@ -205,24 +274,33 @@ def aot_variants() -> list[dict]:
     variants: list[dict] = []
 
     def add(name, dtype, cfg, *, kh=3, kw=3, act="relu", residual=True, is_1x1=False, flat_k=False, even_k=True,
-            int64=False, precision=None, split_k=1):
+            int64=False, precision=None, split_k=1, row_k=False, cin_g=None, ch_align=1):
         if precision is None:  # as the launcher passes it: TF32 is the fp32 default; 16-bit dtypes ignore it
             precision = "tf32" if dtype == "float32" else "ieee"
+        kwargs = dict(cfg.kwargs)
+        if row_k:
+            kwargs["BLOCK_K"] = row_width(kw, cin_g)  # as prune_configs sets it
         constexprs = {"KH": kh, "KW": kw, "ACTIVATION": ACTIVATION_IDS[act], "HAS_RESIDUAL": residual,
-                      "IS_1X1": is_1x1, "FLAT_K": flat_k, "EVEN_K": even_k, "USE_INT64": int64, "INPUT_PRECISION": precision,
-                      "SPLIT_K": split_k, **cfg.kwargs}
+                      "IS_1X1": is_1x1, "ROW_K": row_k, "ROW_WIDTH": row_width(kw, cin_g) if row_k else 16,
+                      "FLAT_K": flat_k, "EVEN_K": even_k, "CH_ALIGN": ch_align, "USE_INT64": int64,
+                      "INPUT_PRECISION": precision, "SPLIT_K": split_k, **kwargs}
         signature = _kernel_signature(short[dtype], int64)
-        # FLAT_K means Cin_g < 16: then Cin_g and the channels_last pixel stride (= Cin) are not multiples of 16.
-        divisible = tuple(a for a in _DIVISIBLE_ARGS if not (flat_k and a in ("CIN_G", "sxw")))
+        # Small Cin_g (ROW_K / FLAT_K) or channel counts aligned to 8 only (CH_ALIGN): Cin_g and the pixel
+        # strides are then not multiples of 16.
+        narrow = ("CIN_G", "sxn", "sxh", "sxw")
+        if ch_align > 1:
+            narrow += ("COUT_G", "swi", "swh", "sww", "srn", "srh", "srw", "syn", "syh", "syw")
+        divisible = tuple(a for a in _DIVISIBLE_ARGS if not ((flat_k or row_k or ch_align > 1) and a in narrow))
         # Launches specialise ints equal to 1 into constexprs: the channels_last / packed-weight unit strides.
         for unit in _UNIT_STRIDES:
             signature[unit] = "constexpr"
             constexprs[unit] = 1
+        warps = safe_num_warps(cfg.num_warps, is_1x1)
         variants.append({
             "name": name, "fn": conv_mod._conv_gemm_kernel, "signature": signature, "constexprs": constexprs,
             "attrs": _divisibility_attrs(conv_mod._conv_gemm_kernel, signature, divisible),
             "divisible_by_16": tuple(a for a in divisible if signature.get(a) != "constexpr"),
-            "num_warps": cfg.num_warps, "num_stages": cfg.num_stages, "dtype": dtype,
+            "num_warps": warps, "num_stages": cfg.num_stages, "dtype": dtype,
             "expects_tensor_cores": dtype != "float32" or precision == "tf32",
         })
 
@@ -230,18 +308,30 @@ def aot_variants() -> list[dict]:
     turn = 0
     for dtype in ("float16", "bfloat16", "float32"):
         for cfg in autotune_configs(4 if dtype == "float32" else 2):
-            tag = "m{BLOCK_M}n{BLOCK_N}k{BLOCK_K}".format(**cfg.kwargs) + f"s{cfg.num_stages}w{cfg.num_warps}"
             for kind in ("conv3x3", "conv1x1"):
+                is_1x1 = kind == "conv1x1"
+                warps = safe_num_warps(cfg.num_warps, is_1x1)
+                if warps < cfg.num_warps and cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_N"] > _MAX_TILE_4_WARPS:
+                    continue  # prune_configs drops this spatial tile (see SPATIAL_MAX_WARPS)
+                tag = "m{BLOCK_M}n{BLOCK_N}k{BLOCK_K}".format(**cfg.kwargs) + f"s{cfg.num_stages}w{warps}"
                 act, residual, even_k = acts[turn % len(acts)], turn % 2 == 0, turn % 3 != 2
                 turn += 1
-                flags = dict(kh=1, kw=1, is_1x1=True) if kind == "conv1x1" else {}
+                flags = dict(kh=1, kw=1, is_1x1=True) if is_1x1 else {}
                 add(f"{kind}_{act}_{'res_' if residual else ''}{'' if even_k else 'oddk_'}{short[dtype]}_{tag}",
                     dtype, cfg, act=act, residual=residual, even_k=even_k, **flags)
     base16 = autotune_configs(2)[4]
-    for dtype in ("float16", "bfloat16", "float32"):  # the flattened-K loop (RGB stem, small Cin_g)
-        cfg = autotune_configs(4 if dtype == "float32" else 2)[2 if dtype == "float32" else 4]
-        add(f"conv7x7_stem_flatk_{short[dtype]}", dtype, cfg, kh=7, kw=7, residual=False, flat_k=True,
-            even_k=False)
+    for dtype in ("float16", "bfloat16", "float32"):  # the row-K loop (RGB stem: 7x7, Cin 3)
+        table = autotune_configs(4 if dtype == "float32" else 2)
+        for cfg in (table[2],) if dtype == "float32" else (table[4], table[5]):  # 64x128, 64x64
+            tag = "m{BLOCK_M}n{BLOCK_N}".format(**cfg.kwargs)
+            add(f"conv7x7_stem_rowk_{short[dtype]}_{tag}", dtype, cfg, kh=7, kw=7, residual=False, row_k=True,
+                cin_g=3, even_k=False)
+    # the flattened-K loop (small Cin_g, kernel rows wider than 64: here 7 x 12)
+    add("conv7x7_flatk_fp16", "float16", autotune_configs(2)[5], kh=7, kw=7, residual=False, flat_k=True, even_k=False)
+    # channel counts that are multiples of 8 but not 16 (24, 40, 56): vector loads through CH_ALIGN
+    add("align8_conv3x3_relu6_fp16", "float16", base16, act="relu6", residual=False, even_k=False, ch_align=8)
+    add("align8_conv1x1_identity_res_fp16", "float16", autotune_configs(2)[5], kh=1, kw=1, is_1x1=True, act="identity",
+        even_k=False, ch_align=8)
     add("conv3x3_splitk_partial_fp16", "float16", base16, split_k=4)
     add("conv7x7_int64_fp16", "float16", base16, kh=7, kw=7, int64=True)
     add("conv3x3_relu_fp32_ieee", "float32", autotune_configs(4)[3], precision="ieee")

@@ -2,10 +2,8 @@
 
 The convolution is computed as a GEMM without materialising im2col:
     M = N*OH*OW output pixels (rows), N = Cout/groups output channels (columns), K = KH*KW*Cin/groups.
-Each program computes a BLOCK_M x BLOCK_N output tile of one group (groups are grid axis 1). The K loop is a
-single flattened loop over (kh, kw) taps x Cin_g chunks of BLOCK_K, so the software pipeliner sees one long loop
-even when Cin_g fits in one chunk (a nested tap loop would give it a one-iteration inner loop to pipeline).
-A tiles are gathered from x by strides: with channels_last input each row of the tile is a contiguous run of
+Each program computes a BLOCK_M x BLOCK_N output tile of one group (groups are grid axis 1). The K loops live in
+`conv_kloops` (one per loop shape, chosen by constexpr flags; see there). A tiles are gathered from x by strides: with channels_last input each row of the tile is a contiguous run of
 channels (the fast path); NCHW works through the same code without a copy. B tiles come from the weight by its
 strides; `pack_weight` stores it (KH, KW, Cin_g, Cout) so they are contiguous. The accumulator is fp32; fp32
 inputs use TF32 when `torch.backends.cudnn.allow_tf32` (as cuDNN would) else IEEE. The epilogue
@@ -13,26 +11,33 @@ inputs use TF32 when `torch.backends.cudnn.allow_tf32` (as cuDNN would) else IEE
 the output's strides (the output follows x's memory format).
 
 Specialisations (constexprs): IS_1X1 (1x1 kernel without padding: a plain GEMM over strided rows, no spatial
-masks), FLAT_K (Cin_g < 16 with a spatial kernel: K chunks run over the flattened (kh, kw, c) index instead of
-padding each tap's few channels up to BLOCK_K), EVEN_K (Cin_g multiple of BLOCK_K: no channel masks), USE_INT64 (offsets in int64, chosen by the
-launcher only when some tensor spans more than 2^31 elements, so small problems keep cheap int32 math),
-SPLIT_K (see configs.choose_split_k: partial sums go to an fp32 workspace and `_splitk_epilogue_kernel`
-finishes them).
+masks), ROW_K / ROW_WIDTH (Cin_g < 16 and KW * Cin_g <= 64, e.g. the RGB stem: one K step per kernel row),
+FLAT_K (other Cin_g < 16 spatial convs: K chunks over the flattened (kh, kw, c) index), neither (the per-tap
+loop with carried counters), EVEN_K (Cin_g multiple of BLOCK_K: no channel masks), CH_ALIGN (8 when channel
+counts and strides are multiples of 8 but not all of 16: the kernel restates them as multiples of 8 so the
+compiler builds vector loads), USE_INT64 (offsets in int64, chosen by the launcher only when some tensor spans
+more than 2^31 elements, so small problems keep cheap int32 math), SPLIT_K (see configs.choose_split_k:
+partial sums go to an fp32 workspace and `_splitk_epilogue_kernel` finishes them).
 
 The public launcher `conv_bn_act(...)` validates, dispatches depthwise convs to `kernels.depthwise` when that
-module is present, picks split-K, and launches the autotuned kernel — or, under TRITON_INTERPRET=1 (CPU tensors),
-the plain kernel with one small config.
+module is present, eligible 1x1 convs to the TMA-descriptor kernel of `conv_tma` when asked (`tma`), picks
+split-K, and launches the autotuned kernel — or, under TRITON_INTERPRET=1 (CPU tensors), the plain kernel with
+one small config.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
 import triton.language as tl
 
 from fusedconv.kernels import configs as _configs
+from fusedconv.kernels import conv_tma as _tma
+from fusedconv.kernels import conv_tma_kxk as _tma_kxk
+from fusedconv.kernels.conv_kloops import k_loop_1x1, k_loop_flat, k_loop_rows, k_loop_taps
 from fusedconv.kernels.epilogue import activation_id, epilogue, load_scale_shift, traceable
 from fusedconv.kernels.reference import conv_output_shape as output_shape
 from fusedconv.kernels.reference import output_memory_format
@@ -43,7 +48,11 @@ _INT32_LIMIT = 2**31 - 1
 # Spatial convs with fewer input channels per group than this use the flattened-K loop (FLAT_K): the smallest
 # tensor-core K step is 16.
 _FLAT_K_BELOW = 16
+# ...and of those, the ones whose kernel row holds at most this many (kw, c) pairs use the row-K loop (ROW_K).
+_ROW_K_MAX_WIDTH = 64
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+#: Whether eligible 1x1 convs take the TMA-descriptor kernel by default (see conv_bn_act's `tma`).
+TMA_DEFAULT = os.environ.get("FUSEDCONV_TMA", "0") == "1"
 
 
 @triton.jit
@@ -58,13 +67,32 @@ def _conv_gemm_kernel(
     ACT_PARAM,
     KH: tl.constexpr, KW: tl.constexpr,
     ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    IS_1X1: tl.constexpr, FLAT_K: tl.constexpr, EVEN_K: tl.constexpr, USE_INT64: tl.constexpr,
+    IS_1X1: tl.constexpr, ROW_K: tl.constexpr, ROW_WIDTH: tl.constexpr, FLAT_K: tl.constexpr,
+    EVEN_K: tl.constexpr, CH_ALIGN: tl.constexpr, USE_INT64: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid = tl.program_id(0)
     g = tl.program_id(1)
     pid_k = tl.program_id(2)
+    if CH_ALIGN > 1:
+        # The launcher checked these are multiples of CH_ALIGN (8): saying so lets the compiler build 16-byte
+        # vector loads and the async copies of the software pipeline for channel counts like 24, 40, 56 that
+        # Triton's own specialisation (multiples of 16 only) would leave as scalar 2-byte gathers.
+        CIN_G = (CIN_G // CH_ALIGN) * CH_ALIGN
+        COUT_G = (COUT_G // CH_ALIGN) * CH_ALIGN
+        sxn = (sxn // CH_ALIGN) * CH_ALIGN
+        sxh = (sxh // CH_ALIGN) * CH_ALIGN
+        sxw = (sxw // CH_ALIGN) * CH_ALIGN
+        swi = (swi // CH_ALIGN) * CH_ALIGN
+        swh = (swh // CH_ALIGN) * CH_ALIGN
+        sww = (sww // CH_ALIGN) * CH_ALIGN
+        syn = (syn // CH_ALIGN) * CH_ALIGN
+        syh = (syh // CH_ALIGN) * CH_ALIGN
+        syw = (syw // CH_ALIGN) * CH_ALIGN
+        srn = (srn // CH_ALIGN) * CH_ALIGN
+        srh = (srh // CH_ALIGN) * CH_ALIGN
+        srw = (srw // CH_ALIGN) * CH_ALIGN
 
     # GROUP_M swizzle: consecutive programs sweep GROUP_M row tiles per column tile, so the input rows they
     # gather stay in L2 while the weight columns are reused.
@@ -102,65 +130,31 @@ def _conv_gemm_kernel(
     w_cols = w_ptr + co * swo                            # [BLOCK_N] pointers to (co, 0, 0, 0)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    k_chunks = tl.cdiv(CIN_G, BLOCK_K)
-    if FLAT_K:
+    if IS_1X1:
+        k_total = tl.cdiv(CIN_G, BLOCK_K)
+    elif ROW_K:
+        k_total = KH
+    elif FLAT_K:
         k_total = tl.cdiv(KH * KW * CIN_G, BLOCK_K)
     else:
-        k_total = KH * KW * k_chunks
+        k_total = KH * KW * tl.cdiv(CIN_G, BLOCK_K)
     k_per_split = tl.cdiv(k_total, SPLIT_K)
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, k_total)
 
     if IS_1X1:
-        # Plain GEMM: rows are fixed input pixels (no padding, so always in bounds), K is channels only.
-        a_rows = x_rows + ih0 * sxh + iw0 * sxw
-        for it in range(k_start, k_end):
-            c = it * BLOCK_K + offs_k
-            a_ptrs = a_rows[:, None] + c[None, :] * sxc
-            b_ptrs = w_cols[None, :] + c[:, None] * swi
-            if EVEN_K:
-                a = tl.load(a_ptrs, mask=mask_m[:, None], other=0.0)
-                b = tl.load(b_ptrs, mask=mask_n[None, :], other=0.0)
-            else:
-                a = tl.load(a_ptrs, mask=mask_m[:, None] & (c[None, :] < CIN_G), other=0.0)
-                b = tl.load(b_ptrs, mask=mask_n[None, :] & (c[:, None] < CIN_G), other=0.0)
-            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        acc = k_loop_1x1(acc, x_rows + ih0 * sxh + iw0 * sxw, w_cols, mask_m, mask_n, offs_k, k_start, k_end,
+                         CIN_G, sxc, swi, EVEN_K, INPUT_PRECISION, BLOCK_K)
+    elif ROW_K:
+        acc = k_loop_rows(acc, x_rows, w_cols, ih0, iw0, mask_m, mask_n, k_start, k_end, H, W, CIN_G,
+                          dil_h, dil_w, sxc, sxh, sxw, swi, swh, sww, KW, INPUT_PRECISION, ROW_WIDTH)
     elif FLAT_K:
-        # Few input channels (the RGB stem, grouped convs with Cin_g < 16): a K chunk spans several taps,
-        # k -> (kh, kw, c), so the tensor cores are not fed mostly zero padding (Cin_g = 3 would use 3 of 16).
-        k_len = KH * KW * CIN_G
-        for it in range(k_start, k_end):
-            kk = it * BLOCK_K + offs_k
-            c = kk % CIN_G
-            tap = kk // CIN_G
-            kh = tap // KW
-            kw = tap - kh * KW
-            k_ok = kk < k_len
-            ih = ih0[:, None] + (kh * dil_h)[None, :]
-            iw = iw0[:, None] + (kw * dil_w)[None, :]
-            a_mask = mask_m[:, None] & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            a = tl.load(x_rows[:, None] + ih * sxh + iw * sxw + (c * sxc)[None, :], mask=a_mask, other=0.0)
-            b_ptrs = w_cols[None, :] + (c * swi + kh * swh + kw * sww)[:, None]
-            b = tl.load(b_ptrs, mask=mask_n[None, :] & k_ok[:, None], other=0.0)
-            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        acc = k_loop_flat(acc, x_rows, w_cols, ih0, iw0, mask_m, mask_n, offs_k, k_start, k_end, H, W, CIN_G,
+                          dil_h, dil_w, sxc, sxh, sxw, swi, swh, sww, KH, KW, INPUT_PRECISION, BLOCK_K)
     else:
-        for it in range(k_start, k_end):
-            tap = it // k_chunks
-            c = (it - tap * k_chunks) * BLOCK_K + offs_k
-            kh = tap // KW
-            kw = tap - kh * KW
-            ih = ih0 + kh * dil_h
-            iw = iw0 + kw * dil_w
-            row_ok = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            a_ptrs = (x_rows + ih * sxh + iw * sxw)[:, None] + c[None, :] * sxc
-            b_ptrs = (w_cols + kh * swh + kw * sww)[None, :] + c[:, None] * swi
-            if EVEN_K:
-                a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
-                b = tl.load(b_ptrs, mask=mask_n[None, :], other=0.0)
-            else:
-                a = tl.load(a_ptrs, mask=row_ok[:, None] & (c[None, :] < CIN_G), other=0.0)
-                b = tl.load(b_ptrs, mask=mask_n[None, :] & (c[:, None] < CIN_G), other=0.0)
-            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        acc = k_loop_taps(acc, x_rows, w_cols, ih0, iw0, mask_m, mask_n, offs_k, k_start, k_end, H, W, CIN_G,
+                          dil_h, dil_w, sxc, sxh, sxw, swi, swh, sww, KH, KW, EVEN_K, INPUT_PRECISION,
+                          BLOCK_M, BLOCK_K)
 
     mask_mn = mask_m[:, None] & mask_n[None, :]
     if SPLIT_K > 1:
@@ -353,6 +347,17 @@ def _dense_strides(shape, channels_last: bool) -> tuple[int, int, int, int]:
     return (c * h * w, h * w, w, 1)
 
 
+def _channel_alignment(cin_g, cout_g, x_stride, w_stride, res_stride, y_stride) -> int:
+    """CH_ALIGN: 8 when the channel counts and every pixel / weight stride are multiples of 8 but some are not
+    multiples of 16 (Triton's own specialisation already covers that case), else 1. The kernel then tells the
+    compiler these values are multiples of 8, which makes channel runs 16-byte vector loads."""
+    values = (cin_g, cout_g, x_stride[0], x_stride[2], x_stride[3], *w_stride[1:], res_stride[0],
+              *res_stride[2:], y_stride[0], *y_stride[2:])
+    if all(v % 16 == 0 for v in values) or any(v % 8 for v in values):
+        return 1
+    return 8
+
+
 def _plan(x_shape, x_stride, x_dtype, device, w_shape, w_stride, w_dtype, scale_shape, shift_shape, res_meta,
           stride, padding, dilation, groups, activation, act_param, split_k, tf32, channels_last):
     """Everything about a launch that depends only on metadata: validation, output shape, split-K, int64,
@@ -366,9 +371,15 @@ def _plan(x_shape, x_stride, x_dtype, device, w_shape, w_stride, w_dtype, scale_
     kh, kw = w_shape[2], w_shape[3]
     m = n * oh * ow
     interp = interpreting()
+    is_1x1 = kh == 1 and kw == 1 and padding == (0, 0)
+    small_cin = not is_1x1 and kh * kw > 1 and cin_g < _FLAT_K_BELOW
+    row_k = small_cin and kw * cin_g <= _ROW_K_MAX_WIDTH
+    flat_k = small_cin and not row_k
     if split_k is None:
         block_k_guess = _configs.INTERPRET_CONFIG["BLOCK_K"] if interp else 64
-        if kh * kw > 1 and cin_g < _FLAT_K_BELOW:
+        if row_k:
+            k_iters = kh
+        elif flat_k:
             k_iters = _cdiv(kh * kw * cin_g, block_k_guess)
         else:
             k_iters = kh * kw * _cdiv(cin_g, block_k_guess)
@@ -384,13 +395,12 @@ def _plan(x_shape, x_stride, x_dtype, device, w_shape, w_stride, w_dtype, scale_
     int_args = (n, x_shape[2], x_shape[3], oh, ow, m, cin_g, cout_g,
                 stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
                 *x_stride, *w_stride, *res_stride, *y_stride)
-    is_1x1 = kh == 1 and kw == 1 and padding == (0, 0)
-    flat_k = not is_1x1 and kh * kw > 1 and cin_g < _FLAT_K_BELOW
     flags = dict(KH=kh, KW=kw, ACTIVATION=activation_id(activation), HAS_RESIDUAL=res_meta is not None,
-                 IS_1X1=is_1x1, FLAT_K=flat_k, USE_INT64=use_int64, INPUT_PRECISION="tf32" if tf32 else "ieee",
-                 SPLIT_K=split_k)
-    if flat_k:
-        even_k = False  # the flattened loop masks K itself
+                 IS_1X1=is_1x1, ROW_K=row_k, ROW_WIDTH=_configs.row_width(kw, cin_g) if row_k else 16,
+                 FLAT_K=flat_k, CH_ALIGN=_channel_alignment(cin_g, cout_g, x_stride, w_stride, res_stride, y_stride),
+                 USE_INT64=use_int64, INPUT_PRECISION="tf32" if tf32 else "ieee", SPLIT_K=split_k)
+    if small_cin:
+        even_k = False  # the row-K and flattened loops mask K themselves
     elif interp:
         even_k = cin_g % _configs.INTERPRET_CONFIG["BLOCK_K"] == 0
     else:
@@ -405,7 +415,7 @@ _plan_cached = functools.lru_cache(maxsize=2048)(_plan)
 
 
 def conv_bn_act(x, weight, scale, shift, *, stride=1, padding=0, dilation=1, groups=1, activation="relu",
-                act_param=0.0, residual=None, split_k=None):
+                act_param=0.0, residual=None, split_k=None, tma=None):
     """act(conv2d(x, weight) * scale + shift [+ residual]) in one Triton kernel launch.
 
     x: (N, Cin, H, W) fp16 / bf16 / fp32, any strides (channels_last is the fast path). weight: (Cout, Cin/groups,
@@ -415,6 +425,11 @@ def conv_bn_act(x, weight, scale, shift, *, stride=1, padding=0, dilation=1, gro
     Runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1. Depthwise convs (groups == Cin == Cout)
     go to `kernels.depthwise` when it is present. `split_k` overrides the automatic split-K choice and keeps
     the conv on this GEMM kernel (tests use it to exercise those paths).
+
+    `tma`: run eligible 1x1 convs (see `conv_tma.tma_1x1_eligible`) through the TMA-descriptor GEMM kernel and
+    eligible stride-1 KxK convs (`conv_tma_kxk.tma_kxk_eligible`) through the 4-D NHWC descriptor kernel
+    (True), never (False), or as `TMA_DEFAULT` says (None: off unless FUSEDCONV_TMA=1 at import, until a GPU
+    check has validated that kernel on hardware). Ineligible convs always run the pointer kernel.
 
     The metadata-only part of a launch (checks, split-K, int64, integer arguments) is cached per distinct call
     signature, so a repeated call costs little more than the allocation and the kernel launch.
@@ -456,6 +471,19 @@ def conv_bn_act(x, weight, scale, shift, *, stride=1, padding=0, dilation=1, gro
                  else scale)  # dummy pointer when SPLIT_K == 1
     flags = plan["flags"]
     args = (x, weight, scale, shift, res, y, workspace, *plan["int_args"], float(act_param))
+
+    use_tma = TMA_DEFAULT if tma is None else bool(tma)
+    if use_tma and flags["IS_1X1"] and split_k == 1 and \
+            _tma.tma_1x1_eligible(x, weight, groups, stride, padding, split_k):
+        return _tma.conv1x1_tma_launch(
+            x, weight, scale, shift, residual, y, flags["ACTIVATION"], act_param, tf32, plan["res_stride"],
+            None if interpreting() else traceable(_tma.autotuned_kernel()),
+            interpret_cfg=_configs.INTERPRET_CONFIG if interpreting() else None)
+    if use_tma and not flags["IS_1X1"] and split_k == 1 and _tma_kxk.tma_kxk_eligible(x, weight, groups, stride,
+                                                                                        split_k):
+        return _tma_kxk.conv_kxk_tma_launch(
+            x, weight, scale, shift, residual, y, padding, dilation, flags["ACTIVATION"], act_param, tf32,
+            plan["res_stride"], traceable, interpret_cfg=_tma_kxk.INTERPRET_CONFIG if interpreting() else None)
 
     if interpreting():
         cfg = _configs.INTERPRET_CONFIG

@@ -41,6 +41,8 @@ MAX_WORKERS = 8
 
 # A tensor-core instruction: optional predicate, then mma.* / wgmma.* with its type suffixes.
 _TENSOR_CORE_RE = re.compile(r"^\s*(?:@!?%\w+\s+)?((?:wgmma|mma)\.[\w.]+)", re.MULTILINE)
+# A TMA bulk-tensor copy (global -> shared through a tensor descriptor).
+_BULK_TENSOR_RE = re.compile(r"\bcp\.async\.bulk\.tensor\.")
 _MMA_TYPE = {"float16": ".f16", "bfloat16": ".bf16", "float32": ".tf32"}
 
 
@@ -92,6 +94,7 @@ def compile_one(variant: dict, cap: int) -> dict:
             ptx = ptx.decode()
         return {"ok": True, "ptx_chars": len(ptx), "cubin": bool(kernel.asm.get("cubin")),
                 "tensor_core_ops": sorted(set(_TENSOR_CORE_RE.findall(ptx))),
+                "bulk_tensor_copies": len(_BULK_TENSOR_RE.findall(ptx)),
                 "target_line": next((ln.strip() for ln in ptx.splitlines() if ln.startswith(".target")), ""),
                 "seconds": round(time.perf_counter() - start, 2)}
     except Exception as exc:  # reported per variant by the tests
@@ -138,7 +141,8 @@ def _variant_meta() -> list[dict]:
     pytest.importorskip("triton")
     from fusedconv.kernels import aot_variants
 
-    return [{k: v[k] for k in ("name", "dtype", "expects_tensor_cores")} for v in aot_variants()]
+    return [{**{k: v[k] for k in ("name", "dtype", "expects_tensor_cores")}, "expects_tma": v.get("expects_tma", False)}
+            for v in aot_variants()]
 
 
 _VARIANTS = _variant_meta() if __name__ != "__main__" else []  # script mode needs no collection
@@ -163,7 +167,7 @@ def test_every_kernel_dtype_is_covered():
 @pytest.fixture(scope="module")
 def compile_results(request):
     """Compile the selected (variant, target) pairs in parallel worker processes; {name: {cap: summary}}."""
-    pairs = sorted({(item.callspec.params["variant"]["name"], item.callspec.params["cap"])
+    pairs = sorted({(item.callspec.params["variant"]["name"], item.callspec.params.get("cap", 90))
                     for item in request.session.items
                     if item.module is request.module and hasattr(item, "callspec")
                     and "variant" in item.callspec.params})
@@ -232,6 +236,15 @@ def test_compiles_to_ptx(compile_results, variant, cap):
             f"expected {type_tag} tensor-core instructions for {variant['dtype']}, found {used}"
     else:
         assert not ops, f"variant expects no tensor cores (IEEE fp32 / direct kernel) but its PTX has {ops}"
+
+
+@pytest.mark.parametrize("variant", [v for v in _VARIANTS if v["expects_tma"]], ids=lambda v: v["name"])
+def test_tma_variants_use_bulk_tensor_copies_and_wgmma(compile_results, variant):
+    """On sm_90 the TMA kernels load through the copy engine (cp.async.bulk.tensor) into wgmma; a silent fallback
+    to per-thread loads would still compile and pass the other checks."""
+    result = _result(compile_results, variant["name"], 90)
+    assert result["bulk_tensor_copies"] > 0, "no cp.async.bulk.tensor in the sm_90 PTX"
+    assert any(op.startswith("wgmma.") for op in result["tensor_core_ops"]), result["tensor_core_ops"]
 
 
 # ------------------------------------------------------------------------------------------------ script mode

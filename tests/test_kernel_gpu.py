@@ -149,3 +149,46 @@ def test_converted_model_compile_and_cuda_graph(dtype, tf32_mode):
         graph.replay()
         torch.cuda.synchronize()
         assert max_rel_error(static_y.float(), model(xd * 0.5).float()) == 0.0
+
+
+# ------------------------------------------------------------------------------------------- kernel v2 checks
+from test_kernel_loops_interpret import LOOP_CASES, launch_with_config  # noqa: E402
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("case", [c for c, _, _ in LOOP_CASES], ids=lambda c: c.name)
+def test_v2_loops(case, dtype, tf32_mode):
+    """The per-tap (carried counters, tap bits), row-K, flat-K and CH_ALIGN paths, compiled and autotuned."""
+    i = [c for c, _, _ in LOOP_CASES].index(case)
+    _check(case, dtype, False, "channels_last", ACTIVATION_NAMES[i % len(ACTIVATION_NAMES)], i % 2 == 0, tf32_mode,
+           weight_fn=pack_weight)
+
+
+@pytest.mark.parametrize("case", [ConvCase("1x1_256_64", 2, 256, 28, 28, 64, (1, 1)),
+                                  ConvCase("1x1_64_256_tail", 3, 64, 13, 11, 256, (1, 1)),
+                                  ConvCase("1x1_24_40", 2, 24, 9, 9, 40, (1, 1))], ids=lambda c: c.name)
+def test_tma_1x1_on_hopper(case, tf32_mode, monkeypatch):
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA needs sm_90+")
+    from fusedconv.kernels import conv_tma
+
+    calls = []
+    real = conv_tma.conv1x1_tma_launch
+    monkeypatch.setattr(conv_tma, "conv1x1_tma_launch", lambda *a, **k: calls.append(1) or real(*a, **k))
+    _check(case, torch.float16, False, "channels_last", "relu", True, tf32_mode, weight_fn=pack_weight, tma=True)
+    assert calls, "the TMA kernel was not used"
+
+
+@pytest.mark.parametrize("block,warps,stages", [((128, 128, 64), 8, 4), ((128, 256, 64), 8, 3),
+                                                ((256, 128, 64), 8, 3)])
+@pytest.mark.parametrize("cin,h", [(64, 28), (256, 14)])
+def test_spatial_8_warp_configs(block, warps, stages, cin, h):
+    """The check that would lift configs.SPATIAL_MAX_WARPS: 8-warp tiles on the per-tap loop, on this GPU."""
+    torch.manual_seed(0)
+    x = torch.randn(4, cin, h, h, device="cuda", dtype=torch.float16).contiguous(memory_format=torch.channels_last)
+    w = pack_weight((torch.randn(cin, cin, 3, 3, device="cuda") / (3 * cin ** 0.5)).half())
+    scale, shift = torch.rand(cin, device="cuda") + 0.5, torch.randn(cin, device="cuda") * 0.1
+    y = launch_with_config(x, w, scale, shift, padding=(1, 1), block=block, num_warps=warps, num_stages=stages)
+    truth = torch.relu(F.conv2d(x.double(), w.double(), padding=1) * scale.double().view(1, -1, 1, 1)
+                       + shift.double().view(1, -1, 1, 1))
+    assert max_rel_error(y, truth) <= TOLERANCE[torch.float16]

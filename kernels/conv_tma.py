@@ -1,0 +1,225 @@
+"""1x1 conv as a GEMM over TMA tensor descriptors (Hopper bulk-tensor copies), BN/residual/activation fused.
+
+A stride-1, unpadded 1x1 conv on a dense channels_last input with a packed weight is exactly a GEMM
+    y[M, Cout] = x[M, Cin] @ w[Cin, Cout],  M = N*H*W pixels,
+and both operands are plain 2-D row-major matrices: x as [M, Cin] (row stride Cin), the packed weight as
+[Cin, Cout] (row stride Cout). Each K step loads a BLOCK_M x BLOCK_K tile of x and a BLOCK_K x BLOCK_N tile of w
+through host-built `TensorDescriptor`s; the hardware copy engine (TMA) moves whole tiles into shared memory with
+no per-thread address arithmetic, and its out-of-bounds zero fill replaces every mask (M tail, K tail, N tail).
+The epilogue (scale/shift, residual by its strides, activation, cast, store) is the pointer kernel's.
+
+When it applies (`tma_1x1_eligible`): 16-bit or fp32 CUDA/interpreter tensors, groups 1, kernel 1x1, stride 1,
+padding 0, x dense channels_last, weight packed (`pack_weight`), no split-K, and every descriptor constraint:
+16-byte aligned base pointers and 16-byte aligned row strides (Cin and Cout times the element size multiples
+of 16). Anything else — unaligned strides included — runs the pointer kernel, never a faulting descriptor.
+
+The descriptor's block shape depends on the tile config, so the autotuner's configs carry a pre_hook that sets
+it before each launch (the descriptors are built once per call with a placeholder block shape).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fusedconv.kernels.epilogue import epilogue, load_scale_shift
+
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # triton without host-side tensor descriptors: the pointer kernel covers everything
+    TensorDescriptor = None
+
+#: (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps) for 16-bit inputs; fp32 halves BLOCK_K.
+_TMA_CONFIGS_16BIT = (
+    (128, 256, 64, 3, 8),
+    (128, 128, 64, 4, 8),
+    (128, 64, 64, 4, 4),
+    (64, 128, 64, 4, 4),
+    (64, 64, 64, 4, 4),
+)
+_TMA_CONFIGS_32BIT = ((128, 128, 32, 3, 8), (128, 64, 32, 4, 4), (64, 64, 32, 4, 4))
+GROUP_M = 8
+
+
+@triton.jit
+def _conv1x1_tma_kernel(
+    a_desc, b_desc, scale_ptr, shift_ptr, res_ptr, y_ptr,
+    M, CIN, COUT, OH, OW,
+    srn, src, srh, srw,
+    syn, syc, syh, syw,
+    ACT_PARAM,
+    ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(COUT, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+    m0 = pid_m * BLOCK_M
+    n0 = pid_n * BLOCK_N
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(CIN, BLOCK_K)):
+        # Tiles past M, CIN or COUT come back zero-filled: no masks in the loop.
+        a = a_desc.load([m0, k * BLOCK_K])
+        b = b_desc.load([k * BLOCK_K, n0])
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < COUT
+    mask_mn = mask_m[:, None] & mask_n[None, :]
+    ow_idx = offs_m % OW
+    t = offs_m // OW
+    oh_idx = t % OH
+    n_idx = t // OH
+    scale, shift = load_scale_shift(scale_ptr, shift_ptr, offs_n, mask_n)
+    residual = 0.0
+    if HAS_RESIDUAL:
+        r_ptrs = res_ptr + (n_idx * srn + oh_idx * srh + ow_idx * srw)[:, None] + (offs_n * src)[None, :]
+        residual = tl.load(r_ptrs, mask=mask_mn, other=0.0)
+    out = epilogue(acc, scale[None, :], shift[None, :], residual, HAS_RESIDUAL, ACTIVATION, ACT_PARAM)
+    y_ptrs = y_ptr + (n_idx * syn + oh_idx * syh + ow_idx * syw)[:, None] + (offs_n * syc)[None, :]
+    tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=mask_mn)
+
+
+def _set_block_shapes(nargs):
+    """Autotune pre_hook: the descriptors' block shapes follow the config being launched."""
+    nargs["a_desc"].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_K"]]
+    nargs["b_desc"].block_shape = [nargs["BLOCK_K"], nargs["BLOCK_N"]]
+
+
+def tma_configs(dtype_bytes: int) -> list:
+    table = _TMA_CONFIGS_16BIT if dtype_bytes <= 2 else _TMA_CONFIGS_32BIT
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": GROUP_M}, num_stages=s,
+                          num_warps=w, pre_hook=_set_block_shapes) for bm, bn, bk, s, w in table]
+
+
+def _prune_tma(configs, named_args, **kwargs):
+    """Configs of the input's dtype class, tiles capped to the problem (as configs.prune_configs does)."""
+    args = {**named_args, **kwargs}
+    dtype_bytes = args["a_desc"].base.element_size()
+    own = {(c[0], c[1], c[2]) for c in (_TMA_CONFIGS_16BIT if dtype_bytes <= 2 else _TMA_CONFIGS_32BIT)}
+
+    def cap(n):
+        return max(16, 1 << (max(int(n), 1) - 1).bit_length())
+
+    kept, seen = [], set()
+    for c in configs:
+        if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) not in own:
+            continue
+        bm, bn = min(c.kwargs["BLOCK_M"], cap(args["M"])), min(c.kwargs["BLOCK_N"], cap(args["COUT"]))
+        bk = min(c.kwargs["BLOCK_K"], cap(args["CIN"]))
+        sig = (bm, bn, bk, c.num_stages, c.num_warps)
+        if sig not in seen:
+            seen.add(sig)
+            kept.append(triton.Config({**c.kwargs, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk},
+                                      num_stages=c.num_stages, num_warps=c.num_warps, pre_hook=_set_block_shapes))
+    return kept
+
+
+def tma_1x1_eligible(x, weight, groups, stride, padding, split_k) -> bool:
+    """Whether `conv1x1_tma` can run this conv (see the module docstring); False means: use the pointer kernel."""
+    if TensorDescriptor is None or groups != 1 or split_k not in (None, 1):
+        return False
+    if x.is_cuda and torch.cuda.get_device_capability(x.device)[0] < 9:
+        return False  # bulk-tensor copies are a Hopper (sm_90+) feature
+    if tuple(weight.shape[2:]) != (1, 1) or tuple(stride) != (1, 1) or tuple(padding) != (0, 0):
+        return False
+    n, cin, h, w = x.shape
+    cout = weight.shape[0]
+    esize = x.element_size()
+    if x.stride() != (h * w * cin, 1, w * cin, cin):  # dense channels_last
+        return False
+    if weight.stride(0) != 1 or weight.stride(1) != cout:  # packed: Cout innermost, rows of Cout
+        return False
+    if (cin * esize) % 16 or (cout * esize) % 16:  # TMA row strides must be 16-byte multiples
+        return False
+    return x.data_ptr() % 16 == 0 and weight.data_ptr() % 16 == 0 and n * h * w > 0
+
+
+def conv1x1_tma_launch(x, weight, scale, shift, residual, y, activation_id, act_param, tf32, res_stride, autotuned,
+                       interpret_cfg=None):
+    """Launch `_conv1x1_tma_kernel` on an eligible problem (the caller checked `tma_1x1_eligible`)."""
+    n, cin, h, w = x.shape
+    cout = weight.shape[0]
+    m = n * h * w
+    x2d = x.permute(0, 2, 3, 1).reshape(m, cin)  # a view: x is dense channels_last
+    w2d = weight.permute(1, 2, 3, 0).reshape(cin, cout)  # a view: the packed weight is (Cin, Cout) row-major
+    first = interpret_cfg or {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 16}
+    a_desc = TensorDescriptor(x2d, [m, cin], [cin, 1], [first["BLOCK_M"], first["BLOCK_K"]])
+    b_desc = TensorDescriptor(w2d, [cin, cout], [cout, 1], [first["BLOCK_K"], first["BLOCK_N"]])
+    res = residual if residual is not None else y
+    args = (a_desc, b_desc, scale, shift, res, y, m, cin, cout, h, w, *res_stride, *y.stride(), float(act_param))
+    flags = dict(ACTIVATION=activation_id, HAS_RESIDUAL=residual is not None,
+                 INPUT_PRECISION="tf32" if tf32 else "ieee")
+
+    def grid(meta):
+        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(cout, meta["BLOCK_N"]),)
+
+    if interpret_cfg is not None:
+        _conv1x1_tma_kernel[grid(interpret_cfg)](*args, **flags, **interpret_cfg)
+    else:
+        autotuned[grid](*args, **flags)
+    return y
+
+
+_autotuned = None
+
+
+def autotuned_kernel():
+    """The autotuner around `_conv1x1_tma_kernel`, built on first GPU use."""
+    global _autotuned
+    if _autotuned is None:
+        _autotuned = triton.autotune(configs=tma_configs(2) + tma_configs(4),
+                                     key=["M", "CIN", "COUT", "OW", "HAS_RESIDUAL", "ACTIVATION"],
+                                     prune_configs_by={"early_config_prune": _prune_tma})(_conv1x1_tma_kernel)
+    return _autotuned
+
+
+def aot_variants() -> list[dict]:
+    """The TMA kernel's configs described for ahead-of-time compile tests (format: configs.aot_variants), with
+    `expects_tma` True: the sm_90 build must contain bulk-tensor copies (cp.async.bulk.tensor)."""
+    from fusedconv.kernels.epilogue import ACTIVATION_IDS
+
+    short = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
+    acts = list(ACTIVATION_IDS)
+    variants = []
+    turn = 0
+    for dtype in ("float16", "bfloat16", "float32"):
+        for cfg in tma_configs(4 if dtype == "float32" else 2):
+            bm, bn, bk = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
+            t = short[dtype]
+            sig = {"a_desc": f"tensordesc<{t}[{bm},{bk}]>", "b_desc": f"tensordesc<{t}[{bk},{bn}]>",
+                   "scale_ptr": "*fp32", "shift_ptr": "*fp32", "res_ptr": f"*{t}", "y_ptr": f"*{t}"}
+            for name in ("M", "CIN", "COUT", "OH", "OW", "srn", "src", "srh", "srw", "syn", "syc", "syh", "syw"):
+                sig[name] = "i32"
+            sig["ACT_PARAM"] = "fp32"
+            act, residual = acts[turn % len(acts)], turn % 2 == 0
+            turn += 1
+            constexprs = dict(ACTIVATION=ACTIVATION_IDS[act], HAS_RESIDUAL=residual,
+                              INPUT_PRECISION="tf32" if dtype == "float32" else "ieee", **cfg.kwargs)
+            for name in constexprs:
+                sig[name] = "constexpr"
+            # Channels_last unit strides are specialised to constexpr 1 by real launches.
+            for unit in ("src", "syc"):
+                sig[unit] = "constexpr"
+                constexprs[unit] = 1
+            divisible = tuple(a for a in ("scale_ptr", "shift_ptr", "res_ptr", "y_ptr", "CIN", "COUT", "srn", "srh",
+                                          "srw", "syn", "syh", "syw") if sig[a] != "constexpr")
+            variants.append({
+                "name": f"tma_conv1x1_{act}_{'res_' if residual else ''}{t}_m{bm}n{bn}k{bk}s{cfg.num_stages}"
+                        f"w{cfg.num_warps}",
+                "fn": _conv1x1_tma_kernel, "signature": sig, "constexprs": constexprs,
+                "attrs": {(_conv1x1_tma_kernel.arg_names.index(a),): [["tt.divisibility", 16]] for a in divisible},
+                "divisible_by_16": divisible, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
+                "dtype": dtype, "expects_tensor_cores": True, "expects_tma": True,
+            })
+    return variants

@@ -90,7 +90,14 @@ class ScopeRewrite:
                 continue
             if _signature(g2, a2) == want and (not swap or sp.swappable(g2, a2)):
                 plans.append((pattern, trace, sp, g2, a2))
-        if swap and _proven_independent(module, self.params, [t for _, t in self.traced], primary.graph):
+        if isinstance(module, fx.GraphModule):
+            # Its forward is its graph: straight-line code over its inputs, so the rewritten graph computes
+            # the same function for every call; it replaces the graph in place, unguarded.
+            plans = plans[:1]
+            if swap:
+                self._swap(good, absorbs)
+                return module, None
+        elif swap and _proven_independent(module, self.params, [t for _, t in self.traced], primary.graph):
             self._swap(good, absorbs)
             return module, None
         sources = []
@@ -106,6 +113,10 @@ class ScopeRewrite:
             if not sources:
                 return module, None
             roles = self._install_graph(good, absorbs, sources[0][3])
+            if isinstance(module, fx.GraphModule):
+                module.graph = sources[0][4]
+                module.recompile()
+                return module, None
         else:
             roles = self._swap(good, absorbs)
         expect: list = []
@@ -118,7 +129,7 @@ class ScopeRewrite:
             else:
                 found = [s for s in sources if s[0] is pattern]
                 if found:
-                    _, src, glb, _ = found[0]
+                    _, src, glb, _, _ = found[0]
                     entries.append(Specialization(guard.expression(), guard.described, src, glb))
         table = GuardTable(type(module), self.params, entries, expect, roles)
         install(module, table)
@@ -156,7 +167,7 @@ class ScopeRewrite:
         return str(ch.conv.target), ch.fused, ConvRole(ch.fused, ch.conv_module.bias)
 
     def _rewrite_graphs(self, plans, good: list[Chain]) -> list:
-        """(pattern, source, globals, names) per pattern whose rewritten graph calls no changed child
+        """(pattern, source, globals, names, graph) per pattern whose rewritten graph calls no changed child
         otherwise than through its chains; the primary's failure raises."""
         taken: set = set()
         names: dict[str, str] = {}
@@ -183,7 +194,7 @@ class ScopeRewrite:
                 if k == 0:
                     raise
                 continue
-            out.append((pattern, code.src, code.globals, names))
+            out.append((pattern, code.src, code.globals, names, sp.graph))
         return out
 
     def _changed_paths(self, good: list[Chain], absorbs: list[Absorb], names: dict) -> set:

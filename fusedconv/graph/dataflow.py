@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from fusedconv import fold
 from fusedconv.activations import ActivationSpec, spec_from_call, spec_from_module
 from fusedconv.graph.legality import (batchnorm_verdict, conv_skip_reason, conv_subclass_reason, is_fusable_conv,
-                                      is_leaf_type, module_use_counts, tail_conv)
+                                      has_hooks, hook_reason, is_leaf_type, module_use_counts, tail_conv)
 from fusedconv.graph.sequential import KIND, fuse_sequential, is_plain_sequential
 from fusedconv.graph.patterns import UnsupportedSignature, call_patterns, forward_params
 from fusedconv.graph.specialize import guard_table
@@ -199,7 +199,8 @@ class ScopePass:
             return None
         if node.op == "call_module":
             spec = spec_from_module(self._mod(node))
-            ok = spec is not None and len(node.args) == 1 and not node.kwargs
+            # An activation module carrying hooks stays a call of its own (the chain stops before it).
+            ok = spec is not None and len(node.args) == 1 and not node.kwargs and not has_hooks(self._mod(node))
             return spec if ok and not spec.is_identity else None
         if node.op in ("call_function", "call_method"):
             if any(isinstance(a, fx.Node) for a in list(node.args[1:]) + list(node.kwargs.values())):
@@ -262,6 +263,8 @@ class ScopePass:
         if node.op != "call_module" or node.args != (value,) or node.kwargs:
             return False
         m = self._mod(node)
+        if has_hooks(m):
+            return False
         if type(m) is nn.Identity:
             return True
         if m.training:
@@ -345,6 +348,12 @@ class ScopePass:
                 ch.bn_tensors = tensors
             cur = bn
         ch.reason = conv_skip_reason(conv_mod, ch.bn_module)
+        if ch.reason is None:
+            named = [(str(conv.target), self._mod(conv))] + [(f"{conv.target}.<tail conv>", m)
+                                                             for m in (tail[2] if tail else []) + [conv_mod]]
+            if ch.bn is not None and ch.bn.op == "call_module":
+                named.append((str(ch.bn.target), ch.bn_module))
+            ch.reason = hook_reason(named)
         if ch.reason is not None:
             return ch
         if not ch.act_spec.is_identity:
@@ -469,6 +478,8 @@ class ScopePass:
             return None
         fused = leaves[-1][1]
         if any(self.uses[id(m)] > 1 for m in containers) or self.uses[id(fused)] > 1:
+            return None
+        if any(has_hooks(m) for m in [seq, *containers, fused]):
             return None
         if any(isinstance(m, nn.Sequential) or not isinstance(m, nn.Module) for _, m in leaves):
             return None

@@ -95,7 +95,8 @@ def call_patterns(params: list[Param]) -> list[CallPattern]:
 @dataclass
 class Guard:
     """The assumptions of one traced pattern, as source text over `d` (the block's __dict__), `m` (its
-    _modules), `e` (the list of objects compared by identity) and the parameter names."""
+    _modules), `e` (the list of objects compared by identity), `MISSING` (a sentinel no attribute holds) and
+    the parameter names."""
 
     terms: list[str] = field(default_factory=list)
     described: list[str] = field(default_factory=list)
@@ -137,19 +138,23 @@ def build_guard(module: nn.Module, params: list[Param], pattern: CallPattern, tr
         if attr in seen or attr in MODULE_INTERNALS or attr.startswith("__") or attr.startswith("_fusedconv"):
             continue
         seen.add(attr)
+        # (.get with a sentinel: nn.Module moves a name between __dict__ and _modules when it is reassigned)
         if attr in d:
-            g.terms.append(_value_term(f"d[{attr!r}]" if attr != "training" else "d['training']", d[attr], expect))
-            if attr != "training" or d[attr]:
-                g.described.append(f"self.{attr}={d[attr]!r}" if _plain_value(d[attr])
+            value = d[attr]
+            g.terms.append(_value_term(f"d.get({attr!r}, MISSING)", value, expect))
+            if value is None:
+                g.described.append(f"self.{attr} is None")
+            elif attr != "training" or value:
+                g.described.append(f"self.{attr}={value!r}" if _plain_value(value)
                                    else f"self.{attr} is the same object")
         elif attr in d.get("_modules", {}):
-            g.terms.append(_value_term(f"m.get({attr!r})", d["_modules"][attr], expect))
+            g.terms.append(_value_term(f"m.get({attr!r}, MISSING)", d["_modules"][attr], expect))
             if d["_modules"][attr] is None:
                 g.described.append(f"self.{attr} is None")
         else:
             for slot in ("_parameters", "_buffers"):
                 if attr in d.get(slot, {}):
                     none = d[slot][attr] is None
-                    g.terms.append(f"(d[{slot!r}].get({attr!r}) is None) is {none}")
+                    g.terms.append(f"(d[{slot!r}].get({attr!r}, MISSING) is None) is {none}")
                     g.described.append(f"self.{attr} is {'' if none else 'not '}None")
     return g

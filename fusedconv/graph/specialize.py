@@ -26,6 +26,7 @@ from fusedconv.graph.roles import substitute
 
 _GUARDS = "_fusedconv_guards"
 _CLASSES: dict[type, type] = {}
+_MISSING = object()  # what a guard reads for an attribute the block no longer has
 
 
 class Specialization:
@@ -93,7 +94,7 @@ class GuardTable:
         positional, by_kind = self._call_args(False), self._call_args(True)
         lines = [f"def dispatch(self{', ' if args else ''}{args}):",
                  "    d = self.__dict__", "    m = d['_modules']"]
-        namespace = {"e": self.expect, "Tensor": torch.Tensor, "fallback": self.fallback,
+        namespace = {"e": self.expect, "Tensor": torch.Tensor, "MISSING": _MISSING, "fallback": self.fallback,
                      "original": self.original.forward}
         for k, s in enumerate(self.entries):
             lines.append(f"    if {s.guard}:")

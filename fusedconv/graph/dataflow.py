@@ -17,13 +17,15 @@ A chain is fused only when the graph proves it is exactly equivalent:
 plain nn.Sequential ending in an already fused FusedConv2d passes a following add / activation into that
 module's epilogue (the Sequential call is then inlined into its children's calls: `Absorb`).
 
-How a scope is rewritten:
+How a scope is rewritten (`scope_rewrite.py`): each call pattern of its forward is traced (`patterns.py`),
+the chains found here become FusedConv2d modules, and the block stays the same object:
   * if every chain is made of module calls (conv, BN, activation module) each called once and held in one
-    place only, the conv child becomes the FusedConv2d and the others nn.Identity: the user's class, methods
-    and attribute names are untouched;
+    place only, the conv child becomes the FusedConv2d and the others nn.Identity;
   * otherwise (a residual add joins the epilogue, a functional activation or F.batch_norm, an activation
-    module used at two call sites as in torchvision's BasicBlock) the scope is replaced by an fx.GraphModule of
-    the same class name whose graph calls the FusedConv2d, registered under the conv's attribute name.
+    module used at two call sites as in torchvision's BasicBlock) each pattern's graph is rewritten to call
+    the FusedConv2d, registered under the conv's attribute name, and runs as that pattern's specialization.
+Unless the forward is proven to depend on nothing but its tensor inputs, the block dispatches through guards
+(`specialize.py`) with its own forward over role children (`roles.py`) as the exact fallback.
 """
 
 from __future__ import annotations
@@ -172,7 +174,7 @@ def _get_attr(module: nn.Module, target: str):
 
 
 class ScopePass:
-    """Finds and rewrites the chains of one traced scope."""
+    """Finds the chains of one traced scope (`plan`) and rewrites its graph around them (`rewrite_graph`)."""
 
     def __init__(self, module: nn.Module, graph: fx.Graph, scope: str, uses: Counter, report: ConversionReport):
         self.module = module

@@ -134,6 +134,7 @@ def build_guard(module: nn.Module, params: list[Param], pattern: CallPattern, tr
             g.described.append(f"{p.name}={value!r}" if value is not None else f"{p.name} is None")
     d = module.__dict__
     seen = set()
+    children: list[str] = []
     for attr in trace.reads:
         if attr in seen or attr in MODULE_INTERNALS or attr.startswith("__") or attr.startswith("_fusedconv"):
             continue
@@ -151,10 +152,14 @@ def build_guard(module: nn.Module, params: list[Param], pattern: CallPattern, tr
             g.terms.append(_value_term(f"m.get({attr!r}, MISSING)", d["_modules"][attr], expect))
             if d["_modules"][attr] is None:
                 g.described.append(f"self.{attr} is None")
+            else:
+                children.append(attr)
         else:
             for slot in ("_parameters", "_buffers"):
                 if attr in d.get(slot, {}):
                     none = d[slot][attr] is None
                     g.terms.append(f"(d[{slot!r}].get({attr!r}, MISSING) is None) is {none}")
                     g.described.append(f"self.{attr} is {'' if none else 'not '}None")
+    if children:
+        g.described.append(f"children {', '.join(children)} not replaced")
     return g

@@ -343,6 +343,9 @@ def test_dla_like_tree():
     assert _fallbacks(converted) == 0
     assert sorted(_fused(report)) == ["bn", "bn+add+relu", "bn+add+relu", "bn+relu", "bn+relu"]
     assert converted.tree1.conv2.residual_required and converted.tree2.conv2.residual_required
+    # `children` changes nothing the graph computes: its two patterns merge; `shortcut`'s two stay apart.
+    described = guard_table(converted.tree2).describe()
+    assert len(described) == 2 and [d.split(";")[0] for d in described] == ["shortcut is not None", "shortcut is None"]
     assert batch_norm_count(count_ops(converted, x)) == 0
 
 

@@ -30,6 +30,7 @@ MAX_OPTIONAL_PARAMS = 3
 
 PROXY = "proxy"      # traced as a Proxy: any value that is not None (a tensor if the forward checked the type)
 CONCRETE = "value"   # fixed to a concrete value
+ANY = "any"          # two patterns (Proxy and None) merged: the graph is the same either way, no guard
 
 
 class UnsupportedSignature(ValueError):
@@ -92,6 +93,29 @@ def call_patterns(params: list[Param]) -> list[CallPattern]:
     return [CallPattern(tuple(s)) for s in itertools.product(*choices)]
 
 
+def merge_patterns(items: list) -> list:
+    """Merge traced patterns that differ only in one parameter being given (Proxy) or None, when both ran
+    the same code (equal `key`: the rewritten graph's normalized source) and read the same attributes: the
+    parameter then needs no guard. `items` are (pattern, trace, key, payload); returns the merged list."""
+    items = list(items)
+    merged = True
+    while merged:
+        merged = False
+        for i, j in itertools.combinations(range(len(items)), 2):
+            (pa, ta, ka, xa), (pb, tb, kb, _) = items[i], items[j]
+            if ka != kb or set(ta.reads) != set(tb.reads) or ta.type_checked != tb.type_checked:
+                continue
+            diff = [k for k, (a, b) in enumerate(zip(pa.slots, pb.slots)) if a != b]
+            if len(diff) == 1 and {pa.slots[diff[0]], pb.slots[diff[0]]} == {(PROXY, None), (CONCRETE, None)}:
+                slots = list(pa.slots)
+                slots[diff[0]] = (ANY, None)
+                items[i] = (CallPattern(tuple(slots)), ta, ka, xa)
+                del items[j]
+                merged = True
+                break
+    return items
+
+
 @dataclass
 class Guard:
     """The assumptions of one traced pattern, as source text over `d` (the block's __dict__), `m` (its
@@ -121,6 +145,8 @@ def build_guard(module: nn.Module, params: list[Param], pattern: CallPattern, tr
     g = Guard()
     for p, (kind, value) in zip(params, pattern.slots):
         name = local[p.name]
+        if kind == ANY:
+            continue
         if kind == PROXY:
             if p.name in trace.type_checked:
                 g.terms.append(f"isinstance({name}, Tensor)")
@@ -161,5 +187,5 @@ def build_guard(module: nn.Module, params: list[Param], pattern: CallPattern, tr
                     g.terms.append(f"(d[{slot!r}].get({attr!r}, MISSING) is None) is {none}")
                     g.described.append(f"self.{attr} is {'' if none else 'not '}None")
     if children:
-        g.described.append(f"children {', '.join(children)} not replaced")
+        g.described.append(f"submodules {', '.join(children)} not replaced")
     return g

@@ -19,12 +19,13 @@ children (`roles.py`), which is the original function.
 from __future__ import annotations
 
 import inspect
+import re
 
 import torch.fx as fx
 import torch.nn as nn
 
 from fusedconv.graph.dataflow import KIND, Absorb, Chain, ScopePass, _node_name, _short
-from fusedconv.graph.patterns import MODULE_INTERNALS, CallPattern, Param, build_guard
+from fusedconv.graph.patterns import MODULE_INTERNALS, CallPattern, Param, build_guard, merge_patterns
 from fusedconv.graph.roles import AffineRole, BNRole, ConvRole
 from fusedconv.graph.specialize import GuardTable, Specialization, install
 from fusedconv.graph.tracing import ScopeTrace
@@ -36,6 +37,15 @@ def _signature(chains: list[Chain], absorbs: list[Absorb]) -> tuple:
     return (tuple(sorted((str(ch.conv.target), ch.detail(), tuple(_node_name(n) for n in ch.nodes))
                          for ch in chains)),
             tuple(sorted((str(a.seq.target), a.detail(), tuple(_node_name(n) for n in a.nodes)) for a in absorbs)))
+
+
+def _normalized(src: str, graph: fx.Graph) -> str:
+    """The generated body with placeholders renamed by position (fx names them after the parameters, with a
+    suffix when a pattern fixed them), so two patterns that run the same code compare equal."""
+    body = src.split("):\n", 1)[-1]  # the signature differs in annotations only
+    for i, n in enumerate(n for n in graph.nodes if n.op == "placeholder"):
+        body = re.sub(rf"\b{re.escape(n.name)}\b", f"__param{i}", body)
+    return body
 
 
 def _tail_path(ch: Chain) -> str:
@@ -119,18 +129,17 @@ class ScopeRewrite:
                 return module, None
         else:
             roles = self._swap(good, absorbs)
+        if swap:
+            items = [(pattern, trace, "swap", None) for pattern, trace, _, _, _ in plans]
+        else:
+            items = [(pattern, trace, _normalized(src, graph), (src, glb)) for pattern, src, glb, _, graph in sources
+                     for pat, trace, _, _, _ in plans if pat is pattern]
         expect: list = []
         entries = []
-        for k, (pattern, trace, sp, _, _) in enumerate(plans):
+        for pattern, trace, _, payload in merge_patterns(items):
             local = {p.name: f"a{i}" for i, p in enumerate(self.params)}
             guard = build_guard(module, self.params, pattern, trace, local, expect)
-            if swap:
-                entries.append(Specialization(guard.expression(), guard.described))
-            else:
-                found = [s for s in sources if s[0] is pattern]
-                if found:
-                    _, src, glb, _, _ = found[0]
-                    entries.append(Specialization(guard.expression(), guard.described, src, glb))
+            entries.append(Specialization(guard.expression(), guard.described, *(payload or ())))
         table = GuardTable(type(module), self.params, entries, expect, roles)
         install(module, table)
         return module, table.describe()

@@ -3,7 +3,7 @@ each timed with its guards (the normal converted model) and with every guarded b
 direct call of its first specialization (the same fused code, no guard check), interleaved in one run; plus
 the guard expressions alone timed per forward (`guard_check_us`), which machine load cannot hide.
 
-    python bench/bench_guards.py [--device cpu|cuda] [--quick] [--batch 1] [--rounds 5]
+    python bench/bench_guards.py [--device cpu|cuda] [--quick] [--batch 1] [--rounds 7] [--threads 1]
 
 `run(device, quick)` returns one dict per model (the bench suite collects these).
 """
@@ -124,7 +124,10 @@ def main() -> None:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--rounds", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     for row in run(args.device, args.quick, args.batch, args.rounds):
         print(json.dumps(row))
 

@@ -159,6 +159,7 @@ def test_flag_attribute_flipped_after_convert():
     x = _t(2, 6, 8, 8)
     _same(converted(x), original(x))
     assert "self.use_residual=True" in report.guards[0][2][0]
+    assert "guarded: <root> (Flagged)" in str(report) and report.to_dict()["guards"][0]["class"] == "Flagged"
     for m in (original, converted):
         m.use_residual = False
         m.scale = 0.5
@@ -435,3 +436,29 @@ def test_timm_hook_feature_extractor():
         ref, out = model(x), converted(x)
     assert len(ref) == 5 and len(out) == 5
     _same(out, ref)
+
+
+class OptionalFlag(nn.Module):
+    """`getattr(self, "skip", False)`: an attribute absent at convert time and set later."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(6, 6, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(6)
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        if getattr(self, "skip", False):
+            y = y + x
+        return self.relu(y)
+
+
+def test_attribute_absent_at_convert_and_set_later():
+    original, converted, report = _convert(OptionalFlag())
+    x = _t(2, 6, 8, 8)
+    _same(converted(x), original(x))
+    assert "self.skip is not set" in report.guards[0][2][0]
+    original.skip = converted.skip = True
+    _same(converted(x), original(x))
+    assert _fallbacks(converted) == 1

@@ -180,12 +180,16 @@ def build_guard(module: nn.Module, params: list[Param], pattern: CallPattern, tr
                 g.described.append(f"self.{attr} is None")
             else:
                 children.append(attr)
-        else:
+        elif any(attr in d.get(slot, {}) for slot in ("_parameters", "_buffers")):
             for slot in ("_parameters", "_buffers"):
                 if attr in d.get(slot, {}):
                     none = d[slot][attr] is None
                     g.terms.append(f"(d[{slot!r}].get({attr!r}, MISSING) is None) is {none}")
                     g.described.append(f"self.{attr} is {'' if none else 'not '}None")
+        elif not hasattr(type(module), attr):
+            # Read but absent (`getattr(self, "flag", False)`): setting it later may change the path.
+            g.terms.append(f"d.get({attr!r}, MISSING) is MISSING and m.get({attr!r}, MISSING) is MISSING")
+            g.described.append(f"self.{attr} is not set")
     if children:
         g.described.append(f"submodules {', '.join(children)} not replaced")
     return g

@@ -69,7 +69,7 @@ def _proven_independent(module: nn.Module, params: list[Param], traces: list[Sco
         if attr in d.get("_modules", {}):
             if attr not in called:
                 return False
-        elif attr in d or attr in d.get("_parameters", {}) or attr in d.get("_buffers", {}):
+        elif attr in d or not hasattr(type(module), attr):  # a plain attribute, parameter, buffer, or absent
             return False
     return True
 

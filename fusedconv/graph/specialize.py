@@ -15,13 +15,14 @@ as source text plus an import block, like an fx GraphModule, so `torch.save` / `
 from __future__ import annotations
 
 import copy
+import inspect
 
 import torch
 import torch.nn as nn
 from torch.fx.graph_module import _format_import_block
 from torch.package import sys_importer
 
-from fusedconv.graph.patterns import Param
+from fusedconv.graph.patterns import Param, forward_params
 from fusedconv.graph.roles import substitute
 
 _GUARDS = "_fusedconv_guards"
@@ -146,7 +147,7 @@ def _forward_source(params: list[Param]) -> str:
         if p.keyword_only and not star:
             sig.append("*")
             star = True
-        sig.append(p.name if p.default is _EMPTY else f"{p.name}=_fusedconv_defaults[{i}]")
+        sig.append(p.name if p.default is inspect.Parameter.empty else f"{p.name}=_fusedconv_defaults[{i}]")
         call.append(p.name)
     head = ", ".join(["_fusedconv_self"] + sig)
     body = ", ".join(["_fusedconv_self"] + call)
@@ -166,8 +167,6 @@ def guarded_class(original: type) -> type:
     """The subclass of `original` whose forward dispatches through the instance's GuardTable (one per class)."""
     cls = _CLASSES.get(original)
     if cls is None:
-        from fusedconv.graph.patterns import forward_params
-
         probe = object.__new__(original)
         params = forward_params(probe)
         namespace = {"_fusedconv_defaults": [p.default for p in params]}
@@ -179,9 +178,6 @@ def guarded_class(original: type) -> type:
             "__module__": original.__module__, "__qualname__": original.__qualname__})
         _CLASSES[original] = cls
     return cls
-
-
-_EMPTY = __import__("inspect").Parameter.empty
 
 
 def install(block: nn.Module, table: GuardTable) -> None:

@@ -462,3 +462,13 @@ def test_attribute_absent_at_convert_and_set_later():
     original.skip = converted.skip = True
     _same(converted(x), original(x))
     assert _fallbacks(converted) == 1
+
+
+@pytest.mark.slow
+def test_guarded_blocks_compile_fullgraph_and_export():
+    original, converted, _ = _convert(Tree())
+    x = _t(2, 4, 8, 8)
+    with torch.no_grad():
+        ref = original(x)
+        _same(torch.compile(converted, fullgraph=True)(x), ref)
+        _same(torch.export.export(converted, (x,)).module()(x), ref)

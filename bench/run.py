@@ -24,7 +24,7 @@ from bench import models as model_suite
 from bench import report
 from bench.shapes import NETS, layer_cases, representative
 
-SUITES = ("layers", "models", "reparam")
+SUITES = ("layers", "models", "reparam", "guards")
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
@@ -73,7 +73,8 @@ defaults by device:
   layers: compiling ~60 layer shapes per configuration takes far longer than timing them.
 """)
     p.add_argument("--quick", action="store_true", help="a small subset with short timings (smoke test / CI)")
-    p.add_argument("--suite", default="layers,models,reparam", help="comma-separated: layers, models, reparam")
+    p.add_argument("--suite", default="layers,models,reparam,guards",
+                   help="comma-separated: layers, models, reparam, guards")
     p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: CUDA when available)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2; also onnxruntime's)")
     p.add_argument("--nets", default=None, help=f"layers suite nets, comma-separated from {', '.join(NETS)}")
@@ -232,21 +233,21 @@ def run_models(args, device, p: dict, results: dict) -> None:
         results["models"] = rows
 
 
-def run_reparam(args, device, results: dict) -> None:
-    """bench/bench_reparam.py (written by the re-parameterization work) exposes run(device, quick) -> rows."""
+def run_reparam(args, device, results: dict, suite: str = "reparam") -> None:
+    """bench/bench_<suite>.py (reparam, guards) exposes run(device, quick) -> rows."""
     try:
-        mod = importlib.import_module("bench.bench_reparam")
+        mod = importlib.import_module(f"bench.bench_{suite}")
     except ModuleNotFoundError as e:
-        if e.name in ("bench.bench_reparam",):
-            results["notes"].append("reparam suite: bench/bench_reparam.py not present, skipped")
+        if e.name in (f"bench.bench_{suite}",):
+            results["notes"].append(f"{suite} suite: bench/bench_{suite}.py not present, skipped")
             return
-        results["reparam"] = [{"status": f"n/a: import failed: {type(e).__name__}: {e}"}]
+        results[suite] = [{"status": f"n/a: import failed: {type(e).__name__}: {e}"}]
         return
     try:
         rows = mod.run(str(device), args.quick)  # its API takes the device as a string ("cpu", "cuda")
-        results["reparam"] = [dict(r) for r in rows]
+        results[suite] = [dict(r) for r in rows]
     except Exception as e:
-        results["reparam"] = [{"status": f"n/a: {type(e).__name__}: {str(e).strip()[:200]}"}]
+        results[suite] = [{"status": f"n/a: {type(e).__name__}: {str(e).strip()[:200]}"}]
 
 
 def write(results: dict, out_dir: str, stem: str, with_plots: bool) -> list[str]:
@@ -307,7 +308,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m bench") -> int:
         elif suite == "models":
             run_models(args, device, p, results)
         else:
-            run_reparam(args, device, results)
+            run_reparam(args, device, results, suite)
         files = write(results, out_dir, stem, with_plots=not args.no_plots)
     results["load_average_1m_at_end"] = bench_env.load_average()
     note = bench_env.busy_note(results["load_average_1m_at_end"], env["cpu_count"], "at the end")

@@ -103,8 +103,9 @@ def convert(model: nn.Module, *, inplace: bool = False, example_inputs=None, rep
     """Fuse every provable Conv2d -> BatchNorm (-> activation) (-> + residual -> activation) chain of an
     eval-mode `model`.
 
-    Returns a new model (the input is never modified) unless `inplace=True`; always use the return value, as
-    a rewritten scope (and possibly the model itself) is replaced by an fx.GraphModule of the same class name.
+    Returns a new model (the input is never modified) unless `inplace=True`. A rewritten block stays the same
+    object, an instance of its own class whose forward runs the fused code for the call patterns it was traced
+    with (guarded) and its own forward, exactly, for any other call (`report.guards` lists the assumptions).
     `reparameterize=True` first merges multi-branch blocks (RepVGG, ...) with `fusedconv.reparameterize`.
     With `example_inputs` (a tensor or a tuple of positional arguments) both models are run and the maximum
     relative error is stored in `report.max_rel_error`; a RuntimeError is raised when it exceeds the output

@@ -62,7 +62,11 @@ class FusedConv2d(nn.Module):
 
     Build it from modules with `FusedConv2d.from_modules(conv, bn, act)`, or directly from tensors.
     `forward(x, residual=None)` computes `act(conv(x, weight) * scale + shift + residual)`.
+    `residual_required=True` (set by convert on a module whose epilogue took over a residual add) makes a call
+    without `residual` an error instead of silently skipping the add.
     """
+
+    residual_required = False
 
     def __init__(
         self,
@@ -256,6 +260,9 @@ class FusedConv2d(nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """act(conv(x) * scale + shift [+ residual]). `x` is (N, C, H, W) or unbatched (C, H, W) like nn.Conv2d
         takes; `residual`, when given, has exactly the output's shape. The output follows x's memory format."""
+        if residual is None and self.residual_required:
+            raise TypeError("FusedConv2d.forward: missing argument 'residual' (this module was built with a "
+                            "residual add in its epilogue; expected a tensor of the output's shape)")
         out_shape = check_inputs(x, self.weight, self.groups, residual, stride=self.stride, padding=self.padding,
                                  dilation=self.dilation)
         if x.dim() == 3:

@@ -34,6 +34,11 @@ class ConversionReport:
     rows: list[ReportRow] = field(default_factory=list)
     max_rel_error: float | None = None  # set by the self-check when example inputs were given
     notes: list[str] = field(default_factory=list)
+    # Per guarded block: (scope, class name, one line per specialization saying which assumptions it checks).
+    guards: list[tuple[str, str, list[str]]] = field(default_factory=list)
+
+    def add_guards(self, scope: str, class_name: str, specializations: list[str]) -> None:
+        self.guards.append((scope, class_name, list(specializations)))
 
     def add(self, scope: str, nodes, kind: str, status: str, detail: str = "") -> ReportRow:
         row = ReportRow(scope, tuple(nodes), kind, status, detail)
@@ -43,6 +48,7 @@ class ConversionReport:
     def extend(self, other: "ConversionReport") -> None:
         self.rows.extend(other.rows)
         self.notes.extend(other.notes)
+        self.guards.extend(other.guards)
 
     @property
     def fused(self) -> list[ReportRow]:
@@ -54,7 +60,8 @@ class ConversionReport:
 
     def to_dict(self) -> dict:
         return {"rows": [asdict(r) for r in self.rows], "fused": len(self.fused), "skipped": len(self.skipped),
-                "max_rel_error": self.max_rel_error, "notes": list(self.notes)}
+                "max_rel_error": self.max_rel_error, "notes": list(self.notes),
+                "guards": [{"scope": s, "class": c, "specializations": list(g)} for s, c, g in self.guards]}
 
     def summary(self) -> str:
         s = f"{len(self.fused)} fused, {len(self.skipped)} skipped"
@@ -69,6 +76,9 @@ class ConversionReport:
         fmt = "  ".join("{:<%d}" % w for w in widths)
         lines = [fmt.format(*headers), fmt.format(*("-" * w for w in widths))]
         lines += [fmt.format(*row) for row in body]
+        for scope, cls, specs in self.guards:
+            lines.append(f"guarded: {scope or '<root>'} ({cls}) runs its fused graph when "
+                         + " | ".join(f"[{g}]" for g in specs) + "; any other call runs its own forward exactly")
         lines += [f"note: {n}" for n in self.notes]
         lines.append(self.summary())
         return "\n".join(lines)

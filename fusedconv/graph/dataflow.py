@@ -17,18 +17,19 @@ A chain is fused only when the graph proves it is exactly equivalent:
 plain nn.Sequential ending in an already fused FusedConv2d passes a following add / activation into that
 module's epilogue (the Sequential call is then inlined into its children's calls: `Absorb`).
 
-How a scope is rewritten:
+How a scope is rewritten (`scope_rewrite.py`): each call pattern of its forward is traced (`patterns.py`),
+the chains found here become FusedConv2d modules, and the block stays the same object:
   * if every chain is made of module calls (conv, BN, activation module) each called once and held in one
-    place only, the conv child becomes the FusedConv2d and the others nn.Identity: the user's class, methods
-    and attribute names are untouched;
+    place only, the conv child becomes the FusedConv2d and the others nn.Identity;
   * otherwise (a residual add joins the epilogue, a functional activation or F.batch_norm, an activation
-    module used at two call sites as in torchvision's BasicBlock) the scope is replaced by an fx.GraphModule of
-    the same class name whose graph calls the FusedConv2d, registered under the conv's attribute name.
+    module used at two call sites as in torchvision's BasicBlock) each pattern's graph is rewritten to call
+    the FusedConv2d, registered under the conv's attribute name, and runs as that pattern's specialization.
+Unless the forward is proven to depend on nothing but its tensor inputs, the block dispatches through guards
+(`specialize.py`) with its own forward over role children (`roles.py`) as the exact fallback.
 """
 
 from __future__ import annotations
 
-import copy
 import inspect
 import operator
 from collections import Counter
@@ -42,9 +43,11 @@ import torch.nn.functional as F
 from fusedconv import fold
 from fusedconv.activations import ActivationSpec, spec_from_call, spec_from_module
 from fusedconv.graph.legality import (batchnorm_verdict, conv_skip_reason, conv_subclass_reason, is_fusable_conv,
-                                      is_leaf_type, module_use_counts, tail_conv)
+                                      has_hooks, hook_reason, is_leaf_type, module_use_counts, tail_conv)
 from fusedconv.graph.sequential import KIND, fuse_sequential, is_plain_sequential
-from fusedconv.graph.tracing import ScopeGraphModule, trace_scope, visit_children
+from fusedconv.graph.patterns import UnsupportedSignature, call_patterns, forward_params
+from fusedconv.graph.specialize import guard_table
+from fusedconv.graph.tracing import trace_scope, visit_children
 from fusedconv.modules import FusedConv2d
 from fusedconv.report import ConversionReport
 
@@ -171,7 +174,7 @@ def _get_attr(module: nn.Module, target: str):
 
 
 class ScopePass:
-    """Finds and rewrites the chains of one traced scope."""
+    """Finds the chains of one traced scope (`plan`) and rewrites its graph around them (`rewrite_graph`)."""
 
     def __init__(self, module: nn.Module, graph: fx.Graph, scope: str, uses: Counter, report: ConversionReport):
         self.module = module
@@ -198,7 +201,8 @@ class ScopePass:
             return None
         if node.op == "call_module":
             spec = spec_from_module(self._mod(node))
-            ok = spec is not None and len(node.args) == 1 and not node.kwargs
+            # An activation module carrying hooks stays a call of its own (the chain stops before it).
+            ok = spec is not None and len(node.args) == 1 and not node.kwargs and not has_hooks(self._mod(node))
             return spec if ok and not spec.is_identity else None
         if node.op in ("call_function", "call_method"):
             if any(isinstance(a, fx.Node) for a in list(node.args[1:]) + list(node.kwargs.values())):
@@ -261,6 +265,8 @@ class ScopePass:
         if node.op != "call_module" or node.args != (value,) or node.kwargs:
             return False
         m = self._mod(node)
+        if has_hooks(m):
+            return False
         if type(m) is nn.Identity:
             return True
         if m.training:
@@ -344,6 +350,12 @@ class ScopePass:
                 ch.bn_tensors = tensors
             cur = bn
         ch.reason = conv_skip_reason(conv_mod, ch.bn_module)
+        if ch.reason is None:
+            named = [(str(conv.target), self._mod(conv))] + [(f"{conv.target}.<tail conv>", m)
+                                                             for m in (tail[2] if tail else []) + [conv_mod]]
+            if ch.bn is not None and ch.bn.op == "call_module":
+                named.append((str(ch.bn.target), ch.bn_module))
+            ch.reason = hook_reason(named)
         if ch.reason is not None:
             return ch
         if not ch.act_spec.is_identity:
@@ -404,7 +416,9 @@ class ScopePass:
             return f"{ch.conv.target} or its last conv is shared with another part of the model"
         return None
 
-    def run(self) -> nn.Module:
+    def plan(self) -> tuple[list[Chain], list[Absorb]]:
+        """The chains (with their FusedConv2d built) and absorbs this graph proves fusable; skipped chains are
+        reported. Nothing is changed yet (`scope_rewrite` applies them)."""
         chains, claimed = [], set()
         for node in list(self.graph.nodes):
             if node.op != "call_module":
@@ -447,35 +461,11 @@ class ScopePass:
                 self.report.add(self.scope, [_node_name(n) for n in ch.nodes], KIND, "skipped", ch.reason)
             else:
                 good.append(ch)
-        if not good and not absorbs:
-            return self.module
-        if all(self._swappable(ch) for ch in good) and all(self._swappable_absorb(a) for a in absorbs):
-            for ch in good:
-                self._place(ch)
-                for n in ch.nodes[1:]:
-                    self._set(self.module, n.target, nn.Identity().train(self._mod(n).training))
-                self._report(ch)
-            for a in absorbs:
-                a.fused.act = a.act_spec
-                self._set(self.module, a.act.target, nn.Identity().train(self._mod(a.act).training))
-                self.report.add(self.scope, [_node_name(n) for n in a.nodes], KIND, "fused", a.detail())
-            return self.module
-        try:
-            gm = self._rewrite_graph(good, absorbs)
-        except Exception as e:  # noqa: BLE001 - an unforeseen graph: leave the scope exactly as it was
-            for ch in good:
-                self.report.add(self.scope, [_node_name(n) for n in ch.nodes], KIND, "skipped",
-                                f"could not rewrite the scope's graph ({_short(e)})")
-            self.report.notes.append(f"{self.scope or '<root>'}: could not rewrite the graph ({_short(e)})")
-            return self.module
-        for ch in good:
-            if ch.tail is not None:
-                self._place(ch)
-            self._report(ch)
-        for a in absorbs:
-            a.fused.act = a.act_spec
-            self.report.add(self.scope, [_node_name(n) for n in a.nodes], KIND, "fused", a.detail())
-        return gm
+        return good, absorbs
+
+    def swappable(self, chains: list[Chain], absorbs: list[Absorb]) -> bool:
+        """Every chain is module calls only: fusable by swapping children, the forward left as it is."""
+        return all(self._swappable(ch) for ch in chains) and all(self._swappable_absorb(a) for a in absorbs)
 
     def match_absorb(self, node: fx.Node, claimed: set) -> Absorb | None:
         """An Absorb when `node` calls a plain Sequential ending in a FusedConv2d that an add / act follows."""
@@ -490,6 +480,8 @@ class ScopePass:
             return None
         fused = leaves[-1][1]
         if any(self.uses[id(m)] > 1 for m in containers) or self.uses[id(fused)] > 1:
+            return None
+        if any(has_hooks(m) for m in [seq, *containers, fused]):
             return None
         if any(isinstance(m, nn.Sequential) or not isinstance(m, nn.Module) for _, m in leaves):
             return None
@@ -520,43 +512,40 @@ class ScopePass:
         return (a.add is None and not a.passthrough and a.act.op == "call_module"
                 and self.calls[a.act.target] == 1 and self.uses[id(self._mod(a.act))] == 1)
 
-    def _place(self, ch: Chain) -> None:
-        """Put the fused module where the conv was (inside its Sequential when the conv ends one)."""
-        if ch.tail is not None:
-            owner, name, _ = ch.tail
-            owner._modules[name] = ch.fused
-        else:
-            self._set(self.module, ch.conv.target, ch.fused)
-
-    def _report(self, ch: Chain) -> None:
-        self.report.add(self.scope, [_node_name(n) for n in ch.nodes], KIND, "fused", ch.detail())
-
     @staticmethod
     def _set(root: nn.Module, target: str, value: nn.Module) -> None:
         parent, _, name = target.rpartition(".")
         owner = root.get_submodule(parent) if parent else root
         owner._modules[name] = value
 
-    def _rewrite_graph(self, chains: list[Chain], absorbs: list[Absorb]) -> nn.Module:
-        module, graph = self.module, self.graph
-        # Build the GraphModule from a shallow copy so the new children never touch the original object.
-        root = copy.copy(module)
-        root.__dict__["_modules"] = dict(module._modules)
+    def fused_name(self, ch: Chain, taken: set) -> str | None:
+        """The child name the rewritten graph calls `ch`'s FusedConv2d by (None: it ends a Sequential)."""
+        if ch.tail is not None:
+            return None
+        name = str(ch.conv.target)
+        if "." in name or any(str(t).startswith(f"{name}.") for t in self.attr_uses):
+            # A grandchild (self.block[0]), or a conv whose parameters forward also reads: register the
+            # fused module under a new flat name and leave the conv where it is.
+            base = name.replace(".", "_") + ("" if "." in name else "_fused")
+            name, k = base, 1
+            while name in self.module._modules or hasattr(self.module, name) or name in taken:
+                name, k = f"{base}_{k}", k + 1
+        taken.add(name)
+        return name
+
+    def rewrite_graph(self, chains: list[Chain], absorbs: list[Absorb], names: dict[str, str]) -> set:
+        """Edit the graph in place so each chain runs as one call of its FusedConv2d (`names`: conv target ->
+        the child name to call). Returns the call nodes kept on purpose (Sequentials ending in a fused conv)."""
+        graph = self.graph
+        kept = set()
         for ch in chains:
             if ch.tail is not None:  # the Sequential's last conv will compute the chain: drop the rest
                 ch.last.replace_all_uses_with(ch.conv)
                 for n in reversed(ch.nodes[1:]):
                     graph.erase_node(n)
+                kept.add(ch.conv)
                 continue
-            name = str(ch.conv.target)
-            if "." in name or any(str(t).startswith(f"{name}.") for t in self.attr_uses):
-                # A grandchild (self.block[0]), or a conv whose parameters forward also reads: register the
-                # fused module under a new flat name and leave the conv where it is.
-                base = name.replace(".", "_") + ("" if "." in name else "_fused")
-                name, k = base, 1
-                while name in root._modules or hasattr(root, name):
-                    name, k = f"{base}_{k}", k + 1
-            root._modules[name] = ch.fused
+            name = names[str(ch.conv.target)]
             last = ch.last
             residual = None
             if ch.add is not None:  # read it now: an earlier rewrite may have replaced that node
@@ -567,14 +556,15 @@ class ScopePass:
             with graph.inserting_before(ch.conv if residual is None else ch.add):
                 args = (ch.conv.args[0],) if residual is None else (ch.conv.args[0], residual)
                 new = graph.call_module(name, args)
+            kept.add(new)
             last.replace_all_uses_with(new)
             for n in reversed(ch.nodes):
                 graph.erase_node(n)
-        inlined = []
         for a in absorbs:
             if a.add is None:  # the activation moves into the FusedConv2d: the Sequential's output is final
                 a.act.replace_all_uses_with(a.act.args[0])
                 graph.erase_node(a.act)
+                kept.add(a.seq)
                 continue
             a_, b_ = a.add.args
             residual = b_ if a_ is a.value else a_
@@ -584,29 +574,15 @@ class ScopePass:
                     prev = graph.call_module(target, (prev,))
             with graph.inserting_before(a.add):
                 new = graph.call_module(a.leaves[-1], (prev, residual))
+            kept.add(new)
             a.nodes[-1].replace_all_uses_with(new)
             for n in reversed(a.nodes):
                 graph.erase_node(n)
-            inlined.append(str(a.seq.target))
         for n in list(graph.nodes):  # buffers only F.batch_norm read
             if n.op == "get_attr" and not n.users:
                 graph.erase_node(n)
         graph.lint()
-        gm = ScopeGraphModule(root, graph, type(module).__name__)
-        gm.training = module.training  # not .train(): that would reset every child's flag too
-        known = {id(m) for m in root.modules()}
-        for m in gm.modules():  # containers GraphModule created for nested targets ("conv.bias")
-            if id(m) not in known:
-                m.training = module.training
-        for target in inlined:  # the graph calls its children one by one; keep the Sequential itself there
-            if "." not in target:
-                gm._modules[target] = module._modules[target]
-        # Keep simple configuration attributes (e.g. a block's `stride`) that user code may read.
-        for k, v in module.__dict__.items():
-            if (not k.startswith("_") and k != "training" and k not in gm.__dict__
-                    and isinstance(v, (bool, int, float, str, tuple, type(None)))):
-                gm.__dict__[k] = v
-        return gm
+        return kept
 
 
 def _traceable_candidates(module: nn.Module) -> bool:
@@ -629,7 +605,6 @@ class DataflowWalk:
         self.report = report
         self.uses = module_use_counts(model)
         self.done: dict[int, nn.Module] = {}
-        self.rewritten: list[str] = []  # scopes replaced by a GraphModule (their own methods are not kept)
 
     def visit(self, module: nn.Module, scope: str = "") -> nn.Module:
         key = id(module)
@@ -646,15 +621,37 @@ class DataflowWalk:
             return module
         if type(module).forward is nn.Module.forward or not _traceable_candidates(module):  # no forward of its own
             return module
-        try:
-            graph = trace_scope(module)
-        except Exception as e:  # noqa: BLE001 - any failure means fx cannot see this forward
-            self._untraceable(module, scope, e)
+        if guard_table(module) is not None:  # converted before: its chains are fused already
             return module
-        result = ScopePass(module, graph, scope, self.uses, self.report).run()
-        if result is not module:
-            self.rewritten.append(f"{scope or '<root>'} ({type(module).__name__})")
+        # (imported here: scope_rewrite builds on ScopePass from this module)
+        from fusedconv.graph.scope_rewrite import ScopeRewrite
+
+        try:
+            params = forward_params(module)
+        except UnsupportedSignature as e:
+            self._unguardable(module, scope, str(e))
+            return module
+        traced, first_error = [], None
+        for pattern in call_patterns(params):
+            try:
+                traced.append((pattern, trace_scope(module, pattern.concrete_args(params) or None)))
+            except Exception as e:  # noqa: BLE001 - any failure means fx cannot see this call pattern
+                first_error = first_error or e
+        if not traced:
+            self._untraceable(module, scope, first_error)
+            return module
+        result, guards = ScopeRewrite(module, scope, params, traced, self.uses, self.report).run()
+        if guards is not None:
+            self.report.add_guards(scope, type(module).__name__, guards)
         return result
+
+    def _unguardable(self, module: nn.Module, scope: str, why: str) -> None:
+        """A forward whose call pattern cannot be guarded: its own chains stay as they are."""
+        convs = [n for n, c in module.named_children() if is_fusable_conv(c)]
+        has_bn = any(fold.is_batchnorm(c) for c in module.children())
+        if convs and has_bn:
+            self.report.add(scope, convs, KIND, "skipped", f"{why}: its call pattern cannot be guarded; only its "
+                                                         "children were converted")
 
     def _untraceable(self, module: nn.Module, scope: str, err: BaseException) -> None:
         convs = [n for n, c in module.named_children() if is_fusable_conv(c)]
@@ -668,12 +665,5 @@ class DataflowWalk:
 
 
 def fuse_dataflow(model: nn.Module, report: ConversionReport) -> nn.Module:
-    """Fuse every provable chain of `model` in place; returns the model (the root itself may be replaced)."""
-    walk = DataflowWalk(model, report)
-    model = walk.visit(model, "")
-    if walk.rewritten:
-        shown = ", ".join(walk.rewritten[:4]) + (f" and {len(walk.rewritten) - 4} more" if len(walk.rewritten) > 4 else "")
-        report.notes.append(f"{len(walk.rewritten)} block(s) rewritten as fx GraphModules of the same class name "
-                            f"(a residual add or a functional op joined the epilogue; their own methods other "
-                            f"than forward are not kept): {shown}")
-    return model
+    """Fuse every provable chain of `model` in place; returns the model (always the same object)."""
+    return DataflowWalk(model, report).visit(model, "")

@@ -170,3 +170,20 @@ def plain_bn_reason(bn: nn.Module, channels: int | None) -> str | None:
     if channels is not None and bn.running_mean.numel() != channels:
         return f"BatchNorm has {bn.running_mean.numel()} features, the layer has {channels} output channels"
     return None
+
+
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
+
+
+def has_hooks(module: nn.Module | None) -> bool:
+    """Whether user code registered forward / backward hooks or pre-hooks on `module` itself."""
+    return module is not None and any(getattr(module, d, None) for d in _HOOK_DICTS)
+
+
+def hook_reason(named: list) -> str | None:
+    """Why a chain made of the (name, module) pairs `named` is left alone: a module carrying hooks would no
+    longer be called (or would see other tensors) once fused."""
+    for name, m in named:
+        if has_hooks(m):
+            return f"{name} has forward / backward hooks, which must keep seeing its own output"
+    return None

@@ -16,7 +16,8 @@ import torch.nn as nn
 
 from fusedconv.activations import spec_from_module
 from fusedconv import fold
-from fusedconv.graph.legality import batchnorm_verdict, conv_skip_reason, conv_subclass_reason, tail_conv
+from fusedconv.graph.legality import (batchnorm_verdict, conv_skip_reason, conv_subclass_reason, has_hooks, hook_reason,
+                                      tail_conv)
 from fusedconv.modules import FusedConv2d
 from fusedconv.report import ConversionReport
 
@@ -62,7 +63,7 @@ def fuse_sequential(seq: nn.Sequential, scope: str, uses: Counter, report: Conve
         j = i + len(chain)
         if reason is None and not act_from_bn and j < len(names):
             spec = spec_from_module(seq._modules[names[j]])
-            if spec is not None and not spec.is_identity:
+            if spec is not None and not spec.is_identity and not has_hooks(seq._modules[names[j]]):
                 act_spec = spec
                 chain.append(names[j])
         if bn is None and act_spec is None:
@@ -73,6 +74,9 @@ def fuse_sequential(seq: nn.Sequential, scope: str, uses: Counter, report: Conve
             continue
         if reason is None:
             reason = conv_skip_reason(conv, bn)
+        if reason is None:
+            named = [(n, seq._modules[n]) for n in chain] + [(f"{names[i]}.<tail conv>", m) for m in path[1:] + [conv]]
+            reason = hook_reason(named)
         if reason is None:
             shared = [n for n in chain if uses[id(seq._modules[n])] > 1]
             shared += [f"{names[i]}.<tail conv>" for m in path + [conv] if uses[id(m)] > 1][:1]

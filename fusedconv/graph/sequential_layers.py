@@ -20,7 +20,7 @@ from fusedconv.activations import spec_from_module
 from fusedconv.fused_layers import FusedConv1d, FusedConv2dPostBN, FusedConv3d
 from fusedconv.fused_transpose import FusedConvTranspose1d, FusedConvTranspose2d, FusedConvTranspose3d
 from fusedconv.fused_linear import FusedLinear
-from fusedconv.graph.legality import LAYER_KINDS, is_fusable_conv, layer_base, plain_bn_reason
+from fusedconv.graph.legality import LAYER_KINDS, hook_reason, is_fusable_conv, layer_base, plain_bn_reason
 from fusedconv.report import ConversionReport
 
 FUSED_CLASS = {
@@ -116,6 +116,10 @@ def fuse_layer_chains(seq: nn.Sequential, scope: str, uses: Counter, report: Con
                 shared.append(f"{chain[0]}.<tail layer>")
             if shared:
                 reason = f"module(s) {shared} are shared with another part of the model"
+        if reason is None:
+            named = [(n, seq._modules[n]) for n in chain]
+            named += [(f"{chain[0]}.<tail layer>", m) for m in (tail[3][1:] + [layer] if tail is not None else [])]
+            reason = hook_reason(named)
         if reason is None and not layer.weight.is_floating_point():
             reason = f"layer weight has dtype {layer.weight.dtype}"
         new = None

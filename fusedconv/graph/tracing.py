@@ -10,18 +10,62 @@ same repair for a whole model around a pass that traces modules (used around re-
 from __future__ import annotations
 
 import contextlib
+import linecache
+import operator
+import sys
+from dataclasses import dataclass
 
+import torch
 import torch.fx as fx
 import torch.nn as nn
 
 _STATE_DICTS = ("_modules", "_parameters", "_buffers")
 
 
+def _is_isinstance_call(frame) -> bool:
+    """Whether `frame` is executing a Python-level `isinstance(...)` / `issubclass(...)` call (read from the
+    source span of its current instruction), as opposed to C code (e.g. torch.cat's argument parser) testing
+    an object's type while called from that line."""
+    try:
+        lineno, _, col, _ = list(frame.f_code.co_positions())[frame.f_lasti // 2]
+    except (AttributeError, IndexError, TypeError):
+        return False
+    if lineno is None or col is None:
+        return False
+    text = linecache.getline(frame.f_code.co_filename, lineno)[col:]
+    return text.startswith(("isinstance(", "issubclass("))
+
+
+class _ParamProxy(fx.Proxy):
+    """A forward parameter's Proxy that answers the forward's own `isinstance(p, T)` as a tensor would.
+
+    isinstance reads `p.__class__` once the check on the Proxy type fails. To the traced code's isinstance it
+    answers torch.Tensor, so the trace takes the tensor branch, and the guard of that call pattern then
+    requires a tensor (instead of just "not None"). torch's own code and C-level checks get the true class.
+    """
+
+    @property
+    def __class__(self):
+        frame = sys._getframe(1)
+        caller = frame.f_globals.get("__name__", "")
+        if caller == "torch" or caller.startswith("torch.") or not _is_isinstance_call(frame):
+            return type(self)
+        self.tracer.type_checked.add(self.node.target)
+        return torch.Tensor
+
+
 class ScopeTracer(fx.Tracer):
     """Traces one module's own forward: every submodule it calls is a leaf (its inside is another scope)."""
 
+    def __init__(self):
+        super().__init__()
+        self.type_checked: set[str] = set()  # placeholders whose type the forward inspected
+
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return True
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _ParamProxy(node, self) if node.op == "placeholder" else fx.Proxy(node, self)
 
 
 class SideEffectError(RuntimeError):
@@ -55,16 +99,64 @@ def _restore(module: nn.Module, snap: dict) -> list[str]:
     return changed
 
 
-def trace_scope(module: nn.Module) -> fx.Graph:
-    """fx graph of `module`'s forward with all submodules as leaves; raises if it cannot be traced."""
-    snap = _snapshot(module)
+@dataclass
+class ScopeTrace:
+    """One traced call pattern of a scope: the graph, the attribute names the forward read on the module
+    (directly or through its own methods) and the parameters whose type it inspected."""
+
+    graph: fx.Graph
+    reads: list[str]
+    type_checked: set[str]
+
+
+@contextlib.contextmanager
+def _recording_reads(module: nn.Module):
+    """Log every attribute name read on `module` (the instance only) while the block runs, by giving it a
+    throwaway subclass with a logging __getattribute__; the class is restored afterwards."""
+    cls = type(module)
+    log: list[str] = []
+
+    def __getattribute__(self, name):
+        if self is module:
+            log.append(name)
+        return super(recorder, self).__getattribute__(name)
+
+    recorder = type(cls.__name__, (cls,), {"__getattribute__": __getattribute__, "__module__": cls.__module__})
+    module.__class__ = recorder
     try:
-        graph = ScopeTracer().trace(module)
+        yield log
+    finally:
+        module.__class__ = cls
+
+
+def _drop_fx_asserts(graph: fx.Graph) -> None:
+    """Remove the checks fx inserts for concrete arguments: the guards of the call pattern check them before
+    the graph runs, so they would only cost time."""
+    for node in list(graph.nodes):
+        if node.op == "call_function" and (node.target is torch.fx._symbolic_trace._assert_is_none
+                                           or node.target is torch._assert) and not node.users:
+            inputs = node.all_input_nodes
+            graph.erase_node(node)
+            for inp in inputs:
+                if inp.op == "call_function" and not inp.users and inp.target is operator.eq:
+                    graph.erase_node(inp)
+
+
+def trace_scope(module: nn.Module, concrete_args: dict | None = None) -> ScopeTrace:
+    """fx graph of `module`'s forward with all submodules as leaves (parameters in `concrete_args` fixed to
+    those values); raises if it cannot be traced."""
+    snap = _snapshot(module)
+    tracer = ScopeTracer()
+    try:
+        with _recording_reads(module) as reads:
+            graph = tracer.trace(module, concrete_args=concrete_args)
     finally:
         changed = _restore(module, snap)
     if changed:
         raise SideEffectError(f"forward assigns module attributes {changed} while running")
-    return graph
+    if concrete_args:
+        _drop_fx_asserts(graph)
+    return ScopeTrace(graph, reads, tracer.type_checked)
 
 
 def _holds_proxy(value, depth: int = 0) -> bool:

@@ -1,0 +1,195 @@
+"""Call patterns of a block's forward and the guards that recognise them.
+
+A traced graph is only valid for the calls that would take the same Python path as the trace did. What a
+trace of one scope can depend on, and how each dependency is recorded here:
+  * each forward parameter: traced as a Proxy (the forward sees "not None", and a tensor if it inspects the
+    type), or fixed to a concrete value through fx `concrete_args` (None, or a plain Python default);
+  * attributes the forward read on the block (`tracing.trace_scope` logs them): plain values (flags, ints,
+    strings; `training`) by value, other objects and submodules (which may be None) by identity, parameter and
+    buffer slots by whether they are None.
+`CallPattern` is one assignment of parameters; `Guard` turns a pattern plus the reads of its trace into one
+Python boolean expression evaluated before each call (`specialize.GuardTable` compiles them).
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+from dataclasses import dataclass, field
+
+import torch.nn as nn
+
+from fusedconv.graph.tracing import ScopeTrace
+
+# Concrete values a guard compares by value (anything else is compared by identity).
+_PLAIN = (bool, int, float, str, type(None))
+# nn.Module's own bookkeeping attributes: reading them decides nothing about the computation.
+MODULE_INTERNALS = frozenset(nn.Module().__dict__) - {"training"}
+# At most this many parameters defaulting to None get both of their patterns traced (2**n traces).
+MAX_OPTIONAL_PARAMS = 3
+
+PROXY = "proxy"      # traced as a Proxy: any value that is not None (a tensor if the forward checked the type)
+CONCRETE = "value"   # fixed to a concrete value
+ANY = "any"          # two patterns (Proxy and None) merged: the graph is the same either way, no guard
+
+
+class UnsupportedSignature(ValueError):
+    """The forward's signature has a shape the guards do not handle (*args / **kwargs)."""
+
+
+def _plain_value(v) -> bool:
+    if isinstance(v, tuple):
+        return all(_plain_value(x) for x in v)
+    return type(v) in _PLAIN
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    keyword_only: bool
+    default: object  # inspect.Parameter.empty when required
+
+
+def forward_params(module: nn.Module) -> list[Param]:
+    """The parameters of `type(module).forward` after self; raises UnsupportedSignature for *args/**kwargs."""
+    sig = inspect.signature(type(module).forward)
+    params = []
+    for p in list(sig.parameters.values())[1:]:
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            raise UnsupportedSignature(f"forward takes {'*' if p.kind is p.VAR_POSITIONAL else '**'}{p.name}")
+        if p.kind is p.POSITIONAL_ONLY:
+            raise UnsupportedSignature(f"forward has positional-only parameter {p.name}")
+        params.append(Param(p.name, p.kind is p.KEYWORD_ONLY, p.default))
+    return params
+
+
+@dataclass(frozen=True)
+class CallPattern:
+    """For each parameter, (PROXY, None) or (CONCRETE, value)."""
+
+    slots: tuple
+
+    def concrete_args(self, params: list[Param]) -> dict:
+        return {p.name: v for p, (kind, v) in zip(params, self.slots) if kind == CONCRETE}
+
+
+def call_patterns(params: list[Param]) -> list[CallPattern]:
+    """The patterns to trace, the one fx traces by default (every parameter a Proxy, except non-None plain
+    defaults, which are fixed) first: then each parameter that defaults to None as None too."""
+    choices = []
+    optional = 0
+    for p in params:
+        if p.default is inspect.Parameter.empty:
+            choices.append([(PROXY, None)])
+        elif p.default is None:
+            optional += 1
+            choices.append([(PROXY, None), (CONCRETE, None)])
+        else:
+            choices.append([(CONCRETE, p.default)])
+    if optional > MAX_OPTIONAL_PARAMS:  # all given, or all left out
+        first = tuple(c[0] for c in choices)
+        last = tuple(c[-1] for c in choices)
+        return [CallPattern(first), CallPattern(last)]
+    return [CallPattern(tuple(s)) for s in itertools.product(*choices)]
+
+
+def merge_patterns(items: list) -> list:
+    """Merge traced patterns that differ only in one parameter being given (Proxy) or None, when both ran
+    the same code (equal `key`: the rewritten graph's normalized source) and read the same attributes: the
+    parameter then needs no guard. `items` are (pattern, trace, key, payload); returns the merged list."""
+    items = list(items)
+    merged = True
+    while merged:
+        merged = False
+        for i, j in itertools.combinations(range(len(items)), 2):
+            (pa, ta, ka, xa), (pb, tb, kb, _) = items[i], items[j]
+            if ka != kb or set(ta.reads) != set(tb.reads) or ta.type_checked != tb.type_checked:
+                continue
+            diff = [k for k, (a, b) in enumerate(zip(pa.slots, pb.slots)) if a != b]
+            if len(diff) == 1 and {pa.slots[diff[0]], pb.slots[diff[0]]} == {(PROXY, None), (CONCRETE, None)}:
+                slots = list(pa.slots)
+                slots[diff[0]] = (ANY, None)
+                items[i] = (CallPattern(tuple(slots)), ta, ka, xa)
+                del items[j]
+                merged = True
+                break
+    return items
+
+
+@dataclass
+class Guard:
+    """The assumptions of one traced pattern, as source text over `d` (the block's __dict__), `m` (its
+    _modules), `e` (the list of objects compared by identity), `MISSING` (a sentinel no attribute holds) and
+    the parameter names."""
+
+    terms: list[str] = field(default_factory=list)
+    described: list[str] = field(default_factory=list)
+
+    def expression(self) -> str:
+        return " and ".join(self.terms) if self.terms else "True"
+
+
+def _value_term(expr: str, value, expect: list) -> str:
+    if value is None or isinstance(value, bool):
+        return f"{expr} is {value!r}"
+    if _plain_value(value) and eval(repr(value)) == value:  # noqa: S307 - repr of a plain constant
+        return f"(type({expr}) is {type(value).__name__} and {expr} == {value!r})"
+    expect.append(value)
+    return f"{expr} is e[{len(expect) - 1}]"
+
+
+def build_guard(module: nn.Module, params: list[Param], pattern: CallPattern, trace: ScopeTrace,
+                local: dict[str, str], expect: list) -> Guard:
+    """The guard of `pattern` traced as `trace`. `local` maps parameter names to the names the generated
+    dispatcher uses for them; objects compared by identity are appended to `expect`."""
+    g = Guard()
+    for p, (kind, value) in zip(params, pattern.slots):
+        name = local[p.name]
+        if kind == ANY:
+            continue
+        if kind == PROXY:
+            if p.name in trace.type_checked:
+                g.terms.append(f"isinstance({name}, Tensor)")
+                g.described.append(f"{p.name} is a tensor")
+            else:
+                g.terms.append(f"{name} is not None")
+                if p.default is None:
+                    g.described.append(f"{p.name} is not None")
+        else:
+            g.terms.append(_value_term(name, value, expect))
+            g.described.append(f"{p.name}={value!r}" if value is not None else f"{p.name} is None")
+    d = module.__dict__
+    seen = set()
+    children: list[str] = []
+    for attr in trace.reads:
+        if attr in seen or attr in MODULE_INTERNALS or attr.startswith("__") or attr.startswith("_fusedconv"):
+            continue
+        seen.add(attr)
+        # (.get with a sentinel: nn.Module moves a name between __dict__ and _modules when it is reassigned)
+        if attr in d:
+            value = d[attr]
+            g.terms.append(_value_term(f"d.get({attr!r}, MISSING)", value, expect))
+            if value is None:
+                g.described.append(f"self.{attr} is None")
+            elif attr != "training" or value:
+                g.described.append(f"self.{attr}={value!r}" if _plain_value(value)
+                                   else f"self.{attr} is the same object")
+        elif attr in d.get("_modules", {}):
+            g.terms.append(_value_term(f"m.get({attr!r}, MISSING)", d["_modules"][attr], expect))
+            if d["_modules"][attr] is None:
+                g.described.append(f"self.{attr} is None")
+            else:
+                children.append(attr)
+        elif any(attr in d.get(slot, {}) for slot in ("_parameters", "_buffers")):
+            for slot in ("_parameters", "_buffers"):
+                if attr in d.get(slot, {}):
+                    none = d[slot][attr] is None
+                    g.terms.append(f"(d[{slot!r}].get({attr!r}, MISSING) is None) is {none}")
+                    g.described.append(f"self.{attr} is {'' if none else 'not '}None")
+        elif not hasattr(type(module), attr):
+            # Read but absent (`getattr(self, "flag", False)`): setting it later may change the path.
+            g.terms.append(f"d.get({attr!r}, MISSING) is MISSING and m.get({attr!r}, MISSING) is MISSING")
+            g.described.append(f"self.{attr} is not set")
+    if children:
+        g.described.append(f"submodules {', '.join(children)} not replaced")
+    return g

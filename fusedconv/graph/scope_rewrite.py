@@ -1,0 +1,256 @@
+"""Rewriting one module scope under guards: trace each call pattern, fuse, specialize, keep an exact fallback.
+
+For a block's forward, `patterns.call_patterns` lists the call patterns worth tracing (each parameter that
+defaults to None both given and left out; plain defaults fixed). The first pattern that traces decides the
+chains and builds their FusedConv2d modules (`ScopePass.plan`); every other pattern is kept as a
+specialization only when its graph has exactly the same chains, so all specializations share those modules.
+
+Then the block is changed once:
+  * swap: every chain is module calls: the conv child becomes the FusedConv2d, BN / activation children
+    nn.Identity, and the block's own forward runs unchanged — the specializations are that forward itself;
+  * graph: each pattern's graph is rewritten to call the FusedConv2d (with the residual and activation in its
+    epilogue); the specializations are those graphs' code.
+A swap is left unguarded when the forward is proven independent of every assumption (only required
+parameters, no type test on them, no attribute read besides the children it calls). Otherwise the block
+becomes guarded (`specialize.install`): calls no guard accepts run the block's own forward over role
+children (`roles.py`), which is the original function.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+
+import torch.fx as fx
+import torch.nn as nn
+
+from fusedconv.graph.dataflow import KIND, Absorb, Chain, ScopePass, _node_name, _short
+from fusedconv.graph.patterns import MODULE_INTERNALS, CallPattern, Param, build_guard, merge_patterns
+from fusedconv.graph.roles import AffineRole, BNRole, ConvRole
+from fusedconv.graph.specialize import GuardTable, Specialization, install
+from fusedconv.graph.tracing import ScopeTrace
+from fusedconv.report import ConversionReport
+
+
+def _signature(chains: list[Chain], absorbs: list[Absorb]) -> tuple:
+    """What a graph's fusion plan is, comparable across the call patterns of one block."""
+    return (tuple(sorted((str(ch.conv.target), ch.detail(), tuple(_node_name(n) for n in ch.nodes))
+                         for ch in chains)),
+            tuple(sorted((str(a.seq.target), a.detail(), tuple(_node_name(n) for n in a.nodes)) for a in absorbs)))
+
+
+def _normalized(src: str, graph: fx.Graph) -> str:
+    """The generated body with placeholders renamed by position (fx names them after the parameters, with a
+    suffix when a pattern fixed them), so two patterns that run the same code compare equal."""
+    body = src.split("):\n", 1)[-1]  # the signature differs in annotations only
+    for i, n in enumerate(n for n in graph.nodes if n.op == "placeholder"):
+        body = re.sub(rf"\b{re.escape(n.name)}\b", f"__param{i}", body)
+    return body
+
+
+def _tail_path(ch: Chain) -> str:
+    """Dotted path from the scope to the conv that ends the Sequential `ch.conv` calls."""
+    _, name, containers = ch.tail
+    names = [str(ch.conv.target)]
+    for c in containers:
+        names.append(list(c._modules)[-1])
+    return ".".join(names)
+
+
+def _proven_independent(module: nn.Module, params: list[Param], traces: list[ScopeTrace], graph: fx.Graph) -> bool:
+    """The forward depends on nothing but its tensor inputs and the children it calls."""
+    if len(traces) != 1 or traces[0].type_checked or any(p.default is not inspect.Parameter.empty for p in params):
+        return False
+    called = {str(n.target).split(".")[0] for n in graph.nodes if n.op in ("call_module", "get_attr")}
+    d = module.__dict__
+    for attr in set(traces[0].reads):
+        if attr.startswith("__") or attr in MODULE_INTERNALS:
+            continue
+        if attr in d.get("_modules", {}):
+            if attr not in called:
+                return False
+        elif attr in d or not hasattr(type(module), attr):  # a plain attribute, parameter, buffer, or absent
+            return False
+    return True
+
+
+class ScopeRewrite:
+    """Fuses one traced scope over all its call patterns; `run()` returns the module (the same object)."""
+
+    def __init__(self, module: nn.Module, scope: str, params: list[Param],
+                 traced: list[tuple[CallPattern, ScopeTrace]], uses, report: ConversionReport):
+        self.module, self.scope, self.params, self.traced = module, scope, params, traced
+        self.uses, self.report = uses, report
+
+    def run(self) -> tuple[nn.Module, list[str] | None]:
+        """(module, guard descriptions or None when unguarded / unchanged)."""
+        module = self.module
+        primary = ScopePass(module, self.traced[0][1].graph, self.scope, self.uses, self.report)
+        good, absorbs = primary.plan()
+        if not good and not absorbs:
+            return module, None
+        swap = primary.swappable(good, absorbs)
+        plans = [(self.traced[0][0], self.traced[0][1], primary, good, absorbs)]
+        want = _signature(good, absorbs)
+        for pattern, trace in self.traced[1:]:
+            sp = ScopePass(module, trace.graph, self.scope, self.uses, ConversionReport())
+            try:
+                g2, a2 = sp.plan()
+            except Exception:  # noqa: BLE001 - this pattern then takes the fallback
+                continue
+            if _signature(g2, a2) == want and (not swap or sp.swappable(g2, a2)):
+                plans.append((pattern, trace, sp, g2, a2))
+        if isinstance(module, fx.GraphModule):
+            # Its forward is its graph: straight-line code over its inputs, so the rewritten graph computes
+            # the same function for every call; it replaces the graph in place, unguarded.
+            plans = plans[:1]
+            if swap:
+                self._swap(good, absorbs)
+                return module, None
+        elif swap and _proven_independent(module, self.params, [t for _, t in self.traced], primary.graph):
+            self._swap(good, absorbs)
+            return module, None
+        sources = []
+        if not swap:
+            try:
+                sources = self._rewrite_graphs(plans, good)
+            except Exception as e:  # noqa: BLE001 - an unforeseen graph: leave the scope exactly as it was
+                for ch in good:
+                    self.report.add(self.scope, [_node_name(n) for n in ch.nodes], KIND, "skipped",
+                                    f"could not rewrite the scope's graph ({_short(e)})")
+                self.report.notes.append(f"{self.scope or '<root>'}: could not rewrite the graph ({_short(e)})")
+                return module, None
+            if not sources:
+                return module, None
+            roles = self._install_graph(good, absorbs, sources[0][3])
+            if isinstance(module, fx.GraphModule):
+                module.graph = sources[0][4]
+                module.recompile()
+                return module, None
+        else:
+            roles = self._swap(good, absorbs)
+        if swap:
+            items = [(pattern, trace, "swap", None) for pattern, trace, _, _, _ in plans]
+        else:
+            items = [(pattern, trace, _normalized(src, graph), (src, glb)) for pattern, src, glb, _, graph in sources
+                     for pat, trace, _, _, _ in plans if pat is pattern]
+        expect: list = []
+        entries = []
+        for pattern, trace, _, payload in merge_patterns(items):
+            local = {p.name: f"a{i}" for i, p in enumerate(self.params)}
+            guard = build_guard(module, self.params, pattern, trace, local, expect)
+            entries.append(Specialization(guard.expression(), guard.described, *(payload or ())))
+        table = GuardTable(type(module), self.params, entries, expect, roles)
+        install(module, table)
+        return module, table.describe()
+
+    # ------------------------------------------------------------------ changing the block
+    def _swap(self, good: list[Chain], absorbs: list[Absorb]) -> list:
+        sp = ScopePass(self.module, self.traced[0][1].graph, self.scope, self.uses, ConversionReport())
+        roles = []
+        for ch in good:
+            roles.append(self._place(ch, sp))
+            for n in ch.nodes[1:]:
+                old = sp._mod(n)
+                stand_in = nn.Identity().train(old.training)
+                sp._set(self.module, n.target, stand_in)
+                role = BNRole(ch.fused, ch.conv_module.bias) if n is ch.bn else old
+                roles.append((str(n.target), stand_in, role))
+            self.report.add(self.scope, [_node_name(n) for n in ch.nodes], KIND, "fused", ch.detail())
+        for a in absorbs:
+            old = sp._mod(a.act)
+            a.fused.act = a.act_spec
+            stand_in = nn.Identity().train(old.training)
+            sp._set(self.module, a.act.target, stand_in)
+            roles += [(str(a.act.target), stand_in, old), (a.leaves[-1], a.fused, AffineRole(a.fused))]
+            self.report.add(self.scope, [_node_name(n) for n in a.nodes], KIND, "fused", a.detail())
+        return roles
+
+    def _place(self, ch: Chain, sp: ScopePass) -> tuple:
+        """Put the fused module where the conv was (inside its Sequential when the conv ends one)."""
+        if ch.tail is not None:
+            owner, name, _ = ch.tail
+            owner._modules[name] = ch.fused
+            return _tail_path(ch), ch.fused, ConvRole(ch.fused, ch.conv_module.bias)
+        sp._set(self.module, ch.conv.target, ch.fused)
+        return str(ch.conv.target), ch.fused, ConvRole(ch.fused, ch.conv_module.bias)
+
+    def _rewrite_graphs(self, plans, good: list[Chain]) -> list:
+        """(pattern, source, globals, names, graph) per pattern whose rewritten graph calls no changed child
+        otherwise than through its chains; the primary's failure raises."""
+        taken: set = set()
+        names: dict[str, str] = {}
+        primary_sp = plans[0][2]
+        for ch in good:
+            name = primary_sp.fused_name(ch, taken)
+            if name is not None:
+                names[str(ch.conv.target)] = name
+        by_conv = {str(ch.conv.target): ch.fused for ch in good}
+        changed = self._changed_paths(good, plans[0][4], names)
+        out = []
+        for k, (pattern, trace, sp, chains, absorbs) in enumerate(plans):
+            for ch in chains:
+                ch.fused = by_conv[str(ch.conv.target)]
+            try:
+                kept = sp.rewrite_graph(chains, absorbs, names)
+                bad = [n for n in sp.graph.nodes if n.op in ("call_module", "get_attr") and n not in kept
+                       and any(str(n.target) == p or str(n.target).startswith(p + ".") or p.startswith(f"{n.target}.")
+                               for p in changed)]
+                if bad:
+                    raise RuntimeError(f"the graph still calls {bad[0].target}, which the rewrite changes")
+                code = sp.graph.python_code(root_module="self")
+            except Exception:
+                if k == 0:
+                    raise
+                continue
+            out.append((pattern, code.src, code.globals, names, sp.graph))
+        return out
+
+    def _changed_paths(self, good: list[Chain], absorbs: list[Absorb], names: dict) -> set:
+        paths = set()
+        for ch in good:
+            if ch.tail is not None:
+                paths.add(_tail_path(ch))
+            elif names[str(ch.conv.target)] == str(ch.conv.target):
+                paths.add(str(ch.conv.target))
+            if self._bn_replaceable(ch):
+                paths.add(str(ch.bn.target))
+        for a in absorbs:
+            paths.add(a.leaves[-1])
+        return paths
+
+    def _bn_replaceable(self, ch: Chain) -> bool:
+        """The BN child may become an nn.Identity (called once here, held nowhere else, a direct child)."""
+        if ch.bn is None or ch.bn.op != "call_module" or "." in str(ch.bn.target):
+            return False
+        bn = self.module._modules.get(str(ch.bn.target))
+        count = sum(1 for n in self.traced[0][1].graph.nodes if n.op == "call_module" and n.target == ch.bn.target)
+        return bn is not None and self.uses[id(bn)] == 1 and count <= 1
+
+    def _install_graph(self, good: list[Chain], absorbs: list[Absorb], names: dict) -> list:
+        roles = []
+        mods = self.module._modules
+        for ch in good:
+            ch.fused.residual_required = ch.add is not None
+            role_conv = ConvRole(ch.fused, ch.conv_module.bias)
+            if ch.tail is not None:
+                owner, name, _ = ch.tail
+                owner._modules[name] = ch.fused
+                roles.append((_tail_path(ch), ch.fused, role_conv))
+            else:
+                name = names[str(ch.conv.target)]
+                mods[name] = ch.fused
+                if name == str(ch.conv.target):
+                    roles.append((name, ch.fused, role_conv))
+            if self._bn_replaceable(ch):
+                old = mods[str(ch.bn.target)]
+                stand_in = nn.Identity().train(old.training)
+                mods[str(ch.bn.target)] = stand_in
+                roles.append((str(ch.bn.target), stand_in, BNRole(ch.fused, ch.conv_module.bias)))
+            self.report.add(self.scope, [_node_name(n) for n in ch.nodes], KIND, "fused", ch.detail())
+        for a in absorbs:
+            a.fused.act = a.act_spec
+            a.fused.residual_required = a.add is not None
+            roles.append((a.leaves[-1], a.fused, AffineRole(a.fused)))
+            self.report.add(self.scope, [_node_name(n) for n in a.nodes], KIND, "fused", a.detail())
+        return roles

@@ -1,0 +1,194 @@
+"""Guarded specializations: a rewritten block runs a traced graph only for calls that match its trace.
+
+A rewritten block stays the same object, of a subclass of its own class (`isinstance`, its other methods,
+attributes and hooks keep working) made by `guarded_class`. Its forward hands the call to the block's
+`GuardTable`, whose generated `dispatch` checks each specialization's guard (`patterns.build_guard`: the call
+pattern of the parameters and the attributes the traced forward read) and runs the first one that holds:
+either the rewritten graph's code (run with `self` = the block, so it calls the block's own children) or the
+class's own forward over the swapped children. A call no guard accepts takes the exact fallback: the class's
+own forward with every changed child bound to its role (`roles.py`), i.e. what the original model computes.
+
+The table is rebuilt, not shared, by `copy.deepcopy` (objects guarded by identity are the copies) and pickles
+as source text plus an import block, like an fx GraphModule, so `torch.save` / `torch.load` keep the block.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+
+import torch
+import torch.nn as nn
+from torch.fx.graph_module import _format_import_block
+from torch.package import sys_importer
+
+from fusedconv.graph.patterns import Param, forward_params
+from fusedconv.graph.roles import substitute
+
+_GUARDS = "_fusedconv_guards"
+_CLASSES: dict[type, type] = {}
+_MISSING = object()  # what a guard reads for an attribute the block no longer has
+
+
+class Specialization:
+    """One guarded entry: a guard expression and what runs when it holds (graph source, or None for the
+    class's own forward over the block's current children)."""
+
+    def __init__(self, guard: str, described: list[str], src: str | None = None, fx_globals: dict | None = None):
+        self.guard = guard
+        self.described = list(described)
+        self.src = src
+        self.fx_globals = fx_globals
+        self.fn = None
+        if src is not None:
+            self._compile()
+
+    def _compile(self) -> None:
+        namespace = dict(self.fx_globals)
+        exec(compile(self.src, "<fusedconv specialization>", "exec"), namespace)  # noqa: S102 - fx codegen
+        self.fn = namespace["forward"]
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["fn"] = None
+        if self.src is not None:  # globals are objects: pickle them as the imports that name them
+            state["fx_globals"] = None
+            state["import_block"] = _format_import_block(self.fx_globals, sys_importer)
+        return state
+
+    def __setstate__(self, state):
+        block = state.pop("import_block", None)
+        self.__dict__.update(state)
+        if self.src is not None:
+            if self.fx_globals is None:
+                namespace: dict = {}
+                exec(compile(block, "<fusedconv imports>", "exec"), namespace)  # noqa: S102
+                self.fx_globals = namespace
+            self._compile()
+
+
+class GuardTable:
+    """Per block: its specializations, the objects they compare by identity, the roles of the fallback."""
+
+    def __init__(self, original: type, params: list[Param], entries: list[Specialization], expect: list,
+                 roles: list[tuple[str, nn.Module, nn.Module]]):
+        self.original = original
+        self.params = list(params)
+        self.entries = list(entries)
+        self.expect = expect
+        self.roles = list(roles)  # (dotted child path, object installed there, role for the fallback)
+        self.fallback_calls = 0   # how often the fallback ran (tests and the report read it)
+        self._compile()
+
+    def describe(self) -> list[str]:
+        return ["; ".join(s.described) or "no assumptions" for s in self.entries]
+
+    # ------------------------------------------------------------------ dispatch
+    def _call_args(self, keyword_only: bool) -> str:
+        parts = []
+        for i, p in enumerate(self.params):
+            parts.append(f"{p.name}=a{i}" if (keyword_only and p.keyword_only) else f"a{i}")
+        return ", ".join(["self"] + parts)
+
+    def _compile(self) -> None:
+        args = ", ".join(f"a{i}" for i in range(len(self.params)))
+        positional, by_kind = self._call_args(False), self._call_args(True)
+        lines = [f"def dispatch(self{', ' if args else ''}{args}):",
+                 "    d = self.__dict__", "    m = d['_modules']"]
+        namespace = {"e": self.expect, "Tensor": torch.Tensor, "MISSING": _MISSING, "fallback": self.fallback,
+                     "original": self.original.forward}
+        for k, s in enumerate(self.entries):
+            lines.append(f"    if {s.guard}:")
+            if s.fn is None:
+                lines.append(f"        return original({by_kind})")
+            else:
+                namespace[f"s{k}"] = s.fn
+                lines.append(f"        return s{k}({positional})")
+        lines.append(f"    return fallback({by_kind})")
+        exec(compile("\n".join(lines), "<fusedconv dispatch>", "exec"), namespace)  # noqa: S102
+        self.dispatch = namespace["dispatch"]
+
+    def fallback(self, block: nn.Module, *args, **kwargs):
+        """The class's own forward, over the block's children with each changed one bound to its role."""
+        self.fallback_calls += 1
+        view = object.__new__(self.original)
+        view.__dict__.update(block.__dict__)
+        modules = dict(block.__dict__["_modules"])
+        for path, installed, role in self.roles:
+            substitute(modules, path, installed, role)
+        view.__dict__["_modules"] = modules
+        return self.original.forward(view, *args, **kwargs)
+
+    # ------------------------------------------------------------------ copying
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        del state["dispatch"]
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._compile()
+
+    def __deepcopy__(self, memo):
+        new = object.__new__(GuardTable)
+        memo[id(self)] = new
+        state = self.__getstate__()
+        state["entries"] = list(self.entries)  # immutable once built: shared
+        for k in ("expect", "roles"):
+            state[k] = copy.deepcopy(state[k], memo)
+        new.__setstate__(state)
+        return new
+
+
+def _forward_source(params: list[Param]) -> str:
+    sig, call = [], []
+    star = False
+    for i, p in enumerate(params):
+        if p.keyword_only and not star:
+            sig.append("*")
+            star = True
+        sig.append(p.name if p.default is inspect.Parameter.empty else f"{p.name}=_fusedconv_defaults[{i}]")
+        call.append(p.name)
+    head = ", ".join(["_fusedconv_self"] + sig)
+    body = ", ".join(["_fusedconv_self"] + call)
+    return f"def forward({head}):\n    return _fusedconv_self.__dict__[{_GUARDS!r}].dispatch({body})\n"
+
+
+def _rebuild(original: type) -> nn.Module:
+    """Unpickling: an empty instance of the guarded class (its state is set afterwards)."""
+    return object.__new__(guarded_class(original))
+
+
+def _reduce_ex(self, protocol):
+    return _rebuild, (type(self).__fusedconv_original__,), self.__dict__.copy()
+
+
+def guarded_class(original: type) -> type:
+    """The subclass of `original` whose forward dispatches through the instance's GuardTable (one per class)."""
+    cls = _CLASSES.get(original)
+    if cls is None:
+        probe = object.__new__(original)
+        params = forward_params(probe)
+        namespace = {"_fusedconv_defaults": [p.default for p in params]}
+        exec(compile(_forward_source(params), "<fusedconv forward>", "exec"), namespace)  # noqa: S102
+        forward = namespace["forward"]
+        forward.__doc__ = original.forward.__doc__
+        cls = type(original.__name__, (original,), {
+            "forward": forward, "__reduce_ex__": _reduce_ex, "__fusedconv_original__": original,
+            "__module__": original.__module__, "__qualname__": original.__qualname__})
+        _CLASSES[original] = cls
+    return cls
+
+
+def install(block: nn.Module, table: GuardTable) -> None:
+    """Make `block` (still the same object) dispatch through `table`."""
+    block.__dict__[_GUARDS] = table
+    block.__class__ = guarded_class(table.original)
+
+
+def guard_table(module: nn.Module) -> GuardTable | None:
+    return module.__dict__.get(_GUARDS)
+
+
+def original_class(module: nn.Module) -> type:
+    return getattr(type(module), "__fusedconv_original__", type(module))

@@ -165,14 +165,12 @@ def test_converting_twice_changes_nothing():
 
 def test_layer_chain_with_hooked_module_is_left_alone():
     """A BatchNorm carrying a forward hook must keep being called (and seeing its own output): not folded."""
-    import fusedconv as _fc
-
     model = torch.nn.Sequential(torch.nn.Conv1d(3, 4, 3), torch.nn.BatchNorm1d(4), torch.nn.ReLU()).eval()
     seen = []
     model[1].register_forward_hook(lambda m, i, o: seen.append(o.detach().clone()))
     x = torch.randn(2, 3, 9)
     ref = model(x)
-    converted, report = _fc.convert(model, return_report=True)
+    converted, report = fusedconv.convert(model, return_report=True)
     assert [r.status for r in report.rows if r.kind == "conv1d_bn_act"] == ["skipped"]
     assert "hooks" in report.rows[0].detail
     seen.clear()

@@ -24,7 +24,7 @@ from bench import models as model_suite
 from bench import report
 from bench.shapes import NETS, layer_cases, representative
 
-SUITES = ("layers", "models", "reparam")
+SUITES = ("layers", "models", "reparam", "static")
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
@@ -73,7 +73,8 @@ defaults by device:
   layers: compiling ~60 layer shapes per configuration takes far longer than timing them.
 """)
     p.add_argument("--quick", action="store_true", help="a small subset with short timings (smoke test / CI)")
-    p.add_argument("--suite", default="layers,models,reparam", help="comma-separated: layers, models, reparam")
+    p.add_argument("--suite", default="layers,models,reparam",
+                   help="comma-separated: layers, models, reparam; or static alone (no GPU: compiled-kernel report)")
     p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: CUDA when available)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2; also onnxruntime's)")
     p.add_argument("--nets", default=None, help=f"layers suite nets, comma-separated from {', '.join(NETS)}")
@@ -99,6 +100,8 @@ defaults by device:
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--verbose", action="store_true", help="show library warnings")
     p.add_argument("--note", action="append", default=[], help="a note to record with the results (repeatable)")
+    p.add_argument("--targets", default=None, help="static suite: compute capabilities, e.g. 90,80 (the default)")
+    p.add_argument("--jobs", type=int, default=2, help="static suite: parallel compile processes (default 2)")
     p.add_argument("--render", metavar="JSON", default=None,
                    help="only re-write the .md table and plots of an existing results file (no benchmarking)")
     return p
@@ -266,6 +269,13 @@ def main(argv: list[str] | None = None, prog: str = "python -m bench") -> int:
     if args.render:
         return render(args.render, with_plots=not args.no_plots)
     suites = _choices("--suite", args.suite, SUITES)
+    if "static" in suites:
+        if suites != ["static"]:
+            raise SystemExit("bench: error: --suite: static runs alone (it compiles, it does not time), "
+                             f"got {args.suite!r}")
+        from bench import static_report
+
+        return static_report.run_suite(args, prog.split() + list(sys.argv[1:] if argv is None else argv))
     if not args.verbose:
         # torch.jit / torch.onnx deprecation notices would bury the progress bar; the results record versions.
         warnings.filterwarnings("ignore")

@@ -102,6 +102,13 @@ defaults by device:
     p.add_argument("--note", action="append", default=[], help="a note to record with the results (repeatable)")
     p.add_argument("--targets", default=None, help="static suite: compute capabilities, e.g. 90,80 (the default)")
     p.add_argument("--jobs", type=int, default=2, help="static suite: parallel compile processes (default 2)")
+    p.add_argument("--gpu-check", action="store_true",
+                   help="the first thing to run on a GPU: every config's correctness, ResNet-50 layers vs cuDNN, "
+                        "models under CUDA graphs; <= 8 min on an H200 (bench/gpu_check.py)")
+    p.add_argument("--dry-run", action="store_true", help="--gpu-check on the CPU (interpreter, tiny shapes)")
+    p.add_argument("--budget-s", type=float, default=420.0, help="--gpu-check: seconds for all parts (default 420)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="--gpu-check: correctness worker processes (default: CPU count - 2, at most 16)")
     p.add_argument("--render", metavar="JSON", default=None,
                    help="only re-write the .md table and plots of an existing results file (no benchmarking)")
     return p
@@ -268,6 +275,14 @@ def main(argv: list[str] | None = None, prog: str = "python -m bench") -> int:
     args = build_parser(prog).parse_args(argv)
     if args.render:
         return render(args.render, with_plots=not args.no_plots)
+    if args.gpu_check or args.dry_run:
+        if not args.gpu_check:
+            raise SystemExit("bench: error: --dry-run: only applies to --gpu-check")
+        if args.budget_s <= 0:
+            raise SystemExit(f"bench: error: --budget-s: expected a positive number of seconds, got {args.budget_s}")
+        from bench import gpu_check
+
+        return gpu_check.main(args, prog.split() + list(sys.argv[1:] if argv is None else argv))
     suites = _choices("--suite", args.suite, SUITES)
     if "static" in suites:
         if suites != ["static"]:

@@ -13,6 +13,8 @@ install and the write-out fit 8 minutes):
       with % of the measured roofline (CUDA-graph timing, bench/timing.py).
   (c) resnet50 and mobilenet_v2 end to end, fp16 channels_last, batch 1 and 32: eager vs fusedconv, both
       replayed from CUDA graphs after `fusedconv.warmup`.
+Then the autotune table of (b) and (c) is saved as the package default for this GPU + triton
+(`fusedconv/tuned/`), so `fusedconv.warmup` on the same GPU starts tuned.
 Results: `bench/results/<gpu>/<date>-check.{json,md}`, rewritten after every step, so a run cut short still
 leaves what it finished. Installs nothing. `--dry-run` runs the same code on the CPU under TRITON_INTERPRET=1
 with tiny shapes (a CI test does), writing `<date>-check-dry.*`.
@@ -84,6 +86,8 @@ def main(args, argv: list[str]) -> int:
     part("correctness", lambda r, d: run_correctness(r, d, device, args.dry_run, args.workers, save))
     part("layers", lambda r, d: run_layers(r, d, device, args.dry_run, save))
     part("models", lambda r, d: run_models(r, d, device, args.dry_run, save))
+    if not args.dry_run:
+        part("tuned_table", lambda r, d: r.update(tuned_table=save_default_table()))
     save()
     failed = [row for row in results.get("correctness", {}).get("rows", []) if not row.get("ok")]
     print(f"wrote {os.path.join(out_dir, stem)}.{{json,md}}; {len(failed)} failing configs", file=sys.stderr)
@@ -105,6 +109,17 @@ def measure_ceilings(device) -> dict:
     torch.cuda.empty_cache()
     return {"copy_tb_s": 2 * 2**31 / (copy_ms * 1e-3) / 1e12, "fp16_matmul_tflops": 2 * 8192**3 / (mm_ms * 1e-3) / 1e12,
             "method": "triton.testing.do_bench median: 2 GiB copy_, 8192^3 fp16 matmul on random data"}
+
+
+def save_default_table() -> str | None:
+    """Write what this run autotuned (layers and models) as the package's default table for this GPU."""
+    from fusedconv import tuning
+
+    import triton
+
+    name = tuning.table_name(torch.cuda.get_device_name(), triton.__version__)
+    path = tuning.save_tuning(path=os.path.join(tuning.DEFAULTS_DIR, name))
+    return os.path.relpath(path, REPO_ROOT) if path else None
 
 
 # --------------------------------------------------------------------------------------------- (a)

@@ -76,7 +76,7 @@ def _layers(rows) -> list[str]:
         cells += [_f(fc.get("speedup_vs_cudnn_relu"), ".2f"), _f(fc.get("speedup_vs_folded"), ".2f"),
                   _f(fc.get("pct_roofline_measured", fc.get("pct_roofline")), ".0f")]
         body.append(cells)
-    return ["## (b) ResNet-50 layers, channels_last (µs, CUDA-graph medians)", ""] + report._table(
+    return ["## (b) ResNet-50 layers, channels_last (µs; medians, CUDA-graph replays on a GPU)", ""] + report._table(
         ["layer", "shape", "batch", "eager", "folded+epilogue", "cudnn fused relu", "fusedconv", "x vs cudnn fused",
          "x vs folded", "fusedconv % roofline"], body) + [""]
 
@@ -86,7 +86,7 @@ def _models(rows) -> list[str]:
         return []
     body = [[r["model"], r["batch"], r["dtype"], _f(r.get("eager_ms"), ".3f"), _f(r.get("fusedconv_ms"), ".3f"),
              _f(r.get("speedup"), ".2f"), _f(r.get("max_rel_error_vs_eager"), ".1e"), r.get("status")] for r in rows]
-    return ["## (c) Models end to end, channels_last, CUDA graphs after warmup (ms)", ""] + report._table(
+    return ["## (c) Models end to end, channels_last, after warmup (ms; CUDA-graph replays on a GPU)", ""] + report._table(
         ["model", "batch", "dtype", "eager", "fusedconv", "speed-up", "max rel err", "status"], body) + [""]
 
 

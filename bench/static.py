@@ -157,7 +157,7 @@ def _job_init(jobs: dict) -> None:
 
 
 def _analyse_job(key: str, cap: int, cache_dir: str) -> tuple[str, dict]:
-    """Worker side: rebuild nothing, the spec came with the pool's initializer (JITFunctions pickle by name)."""
+    """Worker side: the specs were handed to the pool's initializer and inherited through fork (not pickled)."""
     return key, aot.analyse(_WORKER_SPECS[key], cap, cache_dir)
 
 

@@ -53,7 +53,8 @@ def markdown(result: dict) -> str:
     env, rated = result["environment"], result["rated_against"]
     lines = [f"# Static kernel report, {result['target']} — {env['date']}", "",
              f"triton {env['triton']}, torch {env['torch']}, commit {env['git_commit']}; {result['dtype']} "
-             f"{result['layout']}; `{env['command']}`; {result['distinct_kernels']} distinct kernels "
+             f"{result['layout']}; nets {', '.join(result['nets'])}; batch {', '.join(map(str, result['batches']))}; "
+             f"`{env['command']}`; {result['distinct_kernels']} distinct kernels "
              f"({result['compiled_now']} compiled in this run, {result['failed']} failed), {result['elapsed_s']} s.", "",
              "Compiled ahead of time (no GPU): per layer the configs the autotuner keeps after pruning, each "
              "specialised as a real launch would be. **best candidate** = lowest issue ratio among spill-free "

@@ -94,12 +94,15 @@ def drop_denied(configs, args: dict, *, gpu_name: str | None = None, deny_file: 
     rather than run a known-wrong kernel.
     """
     x = args.get("x_ptr")
-    if not getattr(x, "is_cuda", False):
-        return configs
+    if not getattr(x, "is_cuda", False) or not _entries(deny_file):
+        return configs  # nothing to drop: no GPU name lookup (fake CUDA tensors during tracing have no device)
     import triton
 
     if gpu_name is None:
-        gpu_name = _gpu_name(x.device.index if x.device.index is not None else 0)
+        try:
+            gpu_name = _gpu_name(x.device.index if x.device.index is not None else 0)
+        except (RuntimeError, AssertionError):  # no driver: nothing can launch here anyway
+            return configs
     deny = denied(gpu_name, triton.__version__, "gemm", str(x.dtype).replace("torch.", ""), launch_path(args),
                   deny_file)
     if not deny:

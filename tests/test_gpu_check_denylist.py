@@ -67,3 +67,10 @@ def test_committed_denylist_is_well_formed():
     assert isinstance(data["entries"], list)
     for e in data["entries"]:
         assert {"gpu", "triton", "config"} <= set(e) and len(e["config"]) == 5, e
+
+
+def test_empty_denylist_needs_no_device(tmp_path):
+    """With nothing denied, pruning never asks for the GPU name (torch.compile traces with fake CUDA tensors)."""
+    configs = kconfigs.autotune_configs(2)
+    path = str(tmp_path / "missing.json")
+    assert denylist.drop_denied(configs, {"x_ptr": _CudaLike()}, deny_file=path) == configs

@@ -10,6 +10,9 @@ Providers:
                       scripting fails (recorded).
 - compile             torch.compile(model, mode=...); compile time recorded separately.
 - fusedconv_compile   torch.compile(fusedconv.convert(model)) — the two composed (GPU by default).
+- compile_freeze      torch.compile(model) with Inductor freezing (torch._inductor.config.freezing, weights
+                      folded as constants, oneDNN weight prepacking on CPU), under no_grad: the strongest
+                      in-PyTorch CPU path (CPU default; skipped by --quick like the other compiles).
 - onnxruntime         the eager model exported to ONNX, run by onnxruntime's CPU execution provider with the
                       same thread count as torch (CPU only).
 
@@ -31,7 +34,8 @@ import torch
 from bench.timing import time_cpu_interleaved, time_fn
 
 MODELS = ("torchvision:resnet50", "torchvision:mobilenet_v2", "timm:repvgg_a0", "smp:Unet:resnet34")
-PROVIDERS = ("eager", "fusedconv", "fusedconv_cl", "fx_fuse", "jit", "compile", "fusedconv_compile", "onnxruntime")
+PROVIDERS = ("eager", "fusedconv", "fusedconv_cl", "fx_fuse", "jit", "compile", "fusedconv_compile", "onnxruntime",
+             "compile_freeze")
 # Errors above this (relative to eager in the same dtype) mean the provider computes something else.
 TOLERANCE = {torch.float32: 1e-3, torch.float16: 5e-2, torch.bfloat16: 1e-1}
 
@@ -102,6 +106,17 @@ def prepare(provider: str, model, x: torch.Tensor, *, compile_mode: str, threads
         compiled = torch.compile(model, mode=compile_mode)
         info["compile_mode"] = compile_mode
         return (lambda: compiled(x)), info
+    if provider == "compile_freeze":
+        import torch._inductor.config as inductor_config
+
+        compiled = torch.compile(model, mode=compile_mode)
+        info.update(compile_mode=compile_mode, inductor_freezing=True)
+
+        def run_frozen():
+            # Freezing is read when Inductor compiles (the first call, or a recompile): keep it on for every call.
+            with torch.no_grad(), inductor_config.patch(freezing=True):
+                return compiled(x)
+        return run_frozen, info
     if provider == "onnxruntime":
         if x.device.type != "cpu":
             raise _Unavailable("n/a: run on CPU only in this suite")
@@ -164,7 +179,7 @@ def run_model(spec: str, batch: int, dtype: torch.dtype, device: torch.device, p
         rows.append(row)
         if progress is not None:
             progress(f"{spec} b{batch} {provider}")
-        if provider in ("compile", "fusedconv_compile") and compile_ok is not True:
+        if provider in ("compile", "fusedconv_compile", "compile_freeze") and compile_ok is not True:
             row["status"] = compile_ok
             continue
         try:

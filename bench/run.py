@@ -24,7 +24,7 @@ from bench import models as model_suite
 from bench import report
 from bench.shapes import NETS, layer_cases, representative
 
-SUITES = ("layers", "models", "reparam", "guards")
+SUITES = ("layers", "models", "reparam", "guards", "static")
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
@@ -65,7 +65,8 @@ def build_parser(prog: str = "python -m bench") -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog="""
 defaults by device:
   CPU   layers: batch 1,8, float32, NCHW + channels_last; providers eager, folded, compile, fusedconv
-        models: batch 1, float32; eager, fusedconv, fx_fuse, jit, compile, onnxruntime
+        models: batch 1, float32; eager, fusedconv, fusedconv_cl, fx_fuse, jit, compile, compile_freeze,
+                onnxruntime
   CUDA  layers: batch 1,8,32,128, float16,bfloat16,float32, channels_last + NCHW; + cudnn_relu
         models: batch 1,32, float16 channels_last; eager, fusedconv, fx_fuse, jit, compile, fusedconv_compile
   --quick: 3 representative layers per net at one batch, no torch.compile, short timings (< 5 min on CPU).
@@ -74,7 +75,8 @@ defaults by device:
 """)
     p.add_argument("--quick", action="store_true", help="a small subset with short timings (smoke test / CI)")
     p.add_argument("--suite", default="layers,models,reparam,guards",
-                   help="comma-separated: layers, models, reparam, guards")
+                   help="comma-separated: layers, models, reparam, guards; or static alone (no GPU: compiled-kernel "
+                        "report)")
     p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: CUDA when available)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2; also onnxruntime's)")
     p.add_argument("--nets", default=None, help=f"layers suite nets, comma-separated from {', '.join(NETS)}")
@@ -100,6 +102,15 @@ defaults by device:
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--verbose", action="store_true", help="show library warnings")
     p.add_argument("--note", action="append", default=[], help="a note to record with the results (repeatable)")
+    p.add_argument("--targets", default=None, help="static suite: compute capabilities, e.g. 90,80 (the default)")
+    p.add_argument("--jobs", type=int, default=2, help="static suite: parallel compile processes (default 2)")
+    p.add_argument("--gpu-check", action="store_true",
+                   help="the first thing to run on a GPU: every config's correctness, ResNet-50 layers vs cuDNN, "
+                        "models under CUDA graphs; <= 8 min on an H200 (bench/gpu_check.py)")
+    p.add_argument("--dry-run", action="store_true", help="--gpu-check on the CPU (interpreter, tiny shapes)")
+    p.add_argument("--budget-s", type=float, default=420.0, help="--gpu-check: seconds for all parts (default 420)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="--gpu-check: correctness worker processes (default: CPU count - 2, at most 16)")
     p.add_argument("--render", metavar="JSON", default=None,
                    help="only re-write the .md table and plots of an existing results file (no benchmarking)")
     return p
@@ -154,7 +165,7 @@ def plan(args, device: torch.device) -> dict:
         raise SystemExit(f"bench: error: --model-dtype: expected float32 on CPU or one of {', '.join(DTYPES)} on "
                          f"CUDA, got {model_dtype!r}")
     default_mp = (["eager", "fusedconv"] + ([] if cuda else ["fusedconv_cl"]) + ["fx_fuse", "jit", "compile"]
-                  + (["fusedconv_compile"] if cuda else ["onnxruntime"]))
+                  + (["fusedconv_compile"] if cuda else ["compile_freeze", "onnxruntime"]))
     model_providers = _choices("--model-providers", args.model_providers, model_suite.PROVIDERS) or default_mp
     return {"nets": nets, "batches": batches, "dtypes": dtypes, "layouts": layouts,
             "layer_providers": layer_providers, "compile_scope": compile_scope,
@@ -266,7 +277,22 @@ def main(argv: list[str] | None = None, prog: str = "python -m bench") -> int:
     args = build_parser(prog).parse_args(argv)
     if args.render:
         return render(args.render, with_plots=not args.no_plots)
+    if args.gpu_check or args.dry_run:
+        if not args.gpu_check:
+            raise SystemExit("bench: error: --dry-run: only applies to --gpu-check")
+        if args.budget_s <= 0:
+            raise SystemExit(f"bench: error: --budget-s: expected a positive number of seconds, got {args.budget_s}")
+        from bench import gpu_check
+
+        return gpu_check.main(args, prog.split() + list(sys.argv[1:] if argv is None else argv))
     suites = _choices("--suite", args.suite, SUITES)
+    if "static" in suites:
+        if suites != ["static"]:
+            raise SystemExit("bench: error: --suite: static runs alone (it compiles, it does not time), "
+                             f"got {args.suite!r}")
+        from bench import static_report
+
+        return static_report.run_suite(args, prog.split() + list(sys.argv[1:] if argv is None else argv))
     if not args.verbose:
         # torch.jit / torch.onnx deprecation notices would bury the progress bar; the results record versions.
         warnings.filterwarnings("ignore")

@@ -222,6 +222,9 @@ def _get_autotuned_kernel():
             key=_configs.AUTOTUNE_KEY,
             prune_configs_by={"early_config_prune": _configs.prune_configs},
         )(_conv_gemm_kernel)
+        from fusedconv.kernels.tuning_cache import bucket_m
+
+        bucket_m(_autotuned_kernel, _configs.AUTOTUNE_KEY)  # a new batch size reuses its M bucket's config
     return _autotuned_kernel
 
 

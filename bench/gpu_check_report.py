@@ -1,0 +1,100 @@
+"""Writing the GPU check's results: `<date>-check.json` (everything) and `.md` (readable at a glance)."""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+
+from bench import report
+
+
+def _f(value, spec=".3g") -> str:
+    return "—" if value is None else format(value, spec)
+
+
+def markdown(results: dict) -> str:
+    env = results["environment"]
+    lines = [f"# GPU check — {env['device_name']} — {env['timestamp_utc']}" + (" (CPU dry run)" if results["dry_run"]
+                                                                              else ""), "",
+             f"torch {env['torch']}, triton {env['triton']}, CUDA {env.get('cuda')}, cuDNN {env.get('cudnn')}, "
+             f"commit {env['git_commit']}; `{env['command']}`; {results.get('elapsed_s')} s of a "
+             f"{results['budget_s']} s budget.", ""]
+    lines += report._table(["part", "status", "elapsed s"],
+                           [[k, v.get("status"), _f(v.get("elapsed_s"), ".1f")] for k, v in results["parts"].items()])
+    lines.append("")
+    ceil = results.get("ceilings")
+    if ceil:
+        lines += [f"Measured ceilings: copy {ceil['copy_tb_s']:.2f} TB/s, fp16 matmul {ceil['fp16_matmul_tflops']:.0f} "
+                  f"TFLOP/s ({ceil['method']}).", ""]
+    lines += _correctness(results.get("correctness")) + _layers(results.get("layers")) + _models(results.get("models"))
+    if results.get("notes"):
+        lines += ["## Notes", ""] + [f"- {n}" for n in results["notes"]]
+    return "\n".join(lines) + "\n"
+
+
+def _correctness(sec) -> list[str]:
+    if not sec:
+        return []
+    rows = sec["rows"]
+    by_dtype = Counter((r["dtype"], bool(r.get("ok"))) for r in rows)
+    dtypes = sorted({d for d, _ in by_dtype})
+    out = ["## (a) Correctness of every candidate config vs float64 Conv→BN→act", "",
+           f"{sec.get('items_done', '?')} of {sec['items_total']} (layer, batch, dtype) items checked with "
+           f"{sec['workers']} workers; {len(rows)} config runs; deny-list entries added: "
+           f"{sec.get('denylist_added', 0)}." + (f" {sec['note']}." if sec.get("note") else ""), ""]
+    out += report._table(["dtype", "configs passed", "configs failed"],
+                         [[d, by_dtype[(d, True)], by_dtype[(d, False)]] for d in dtypes])
+    failed = [r for r in rows if not r.get("ok")]
+    if failed:
+        out += ["", "**Failing configs:**", ""]
+        out += report._table(["layer", "batch", "dtype", "path", "config", "rel error", "worst", "error"],
+                             [[r["geometry"], r["batch"], r["dtype"], r["path"], r["config"], _f(r.get("rel_error")),
+                               _f(r.get("max_error")), (r.get("error") or "")[:120]] for r in failed[:60]])
+    worst = max((r for r in rows if r.get("ok")), key=lambda r: r["rel_error"], default=None)
+    if worst:
+        out += ["", f"Largest passing error: {worst['rel_error']:.2e} relative ({worst['geometry']} b{worst['batch']} "
+                    f"{worst['dtype']} {worst['config']})."]
+    if sec.get("not_run"):
+        out += ["", f"Not run (time box): {len(sec['not_run'])} items, first: {', '.join(sec['not_run'][:8])}."]
+    return out + [""]
+
+
+def _layers(rows) -> list[str]:
+    if not rows:
+        return []
+    table = {}
+    for r in rows:
+        key = (r["layer"], r["shape"], r["batch"])
+        table.setdefault(key, {})[r["provider"]] = r
+    body = []
+    for (layer, shape, batch), per in table.items():
+        fc = per.get("fusedconv", {})
+        cells = [layer, shape, batch]
+        for p in ("eager", "folded", "cudnn_relu", "fusedconv"):
+            r = per.get(p, {})
+            cells.append(_f(r.get("time_ms") * 1e3, ".1f") if r.get("status") == "ok" else (r.get("status") or "—")[:24])
+        cells += [_f(fc.get("speedup_vs_cudnn_relu"), ".2f"), _f(fc.get("speedup_vs_folded"), ".2f"),
+                  _f(fc.get("pct_roofline_measured", fc.get("pct_roofline")), ".0f")]
+        body.append(cells)
+    return ["## (b) ResNet-50 layers, channels_last (µs; medians, CUDA-graph replays on a GPU)", ""] + report._table(
+        ["layer", "shape", "batch", "eager", "folded+epilogue", "cudnn fused relu", "fusedconv", "x vs cudnn fused",
+         "x vs folded", "fusedconv % roofline"], body) + [""]
+
+
+def _models(rows) -> list[str]:
+    if not rows:
+        return []
+    body = [[r["model"], r["batch"], r["dtype"], _f(r.get("eager_ms"), ".3f"), _f(r.get("fusedconv_ms"), ".3f"),
+             _f(r.get("speedup"), ".2f"), _f(r.get("max_rel_error_vs_eager"), ".1e"), r.get("status")] for r in rows]
+    return ["## (c) Models end to end, channels_last, after warmup (ms; CUDA-graph replays on a GPU)", ""] + report._table(
+        ["model", "batch", "dtype", "eager", "fusedconv", "speed-up", "max rel err", "status"], body) + [""]
+
+
+def write(results: dict, out_dir: str, stem: str) -> list[str]:
+    os.makedirs(out_dir, exist_ok=True)
+    json_path, md_path = os.path.join(out_dir, stem + ".json"), os.path.join(out_dir, stem + ".md")
+    report.write_json(results, json_path)
+    with open(md_path + ".tmp", "w") as f:
+        f.write(markdown(results))
+    os.replace(md_path + ".tmp", md_path)
+    return [json_path, md_path]

@@ -1,0 +1,265 @@
+"""The static suite: what the compiler made of every kernel variant the autotuner may pick, without a GPU.
+
+`python -m bench --suite static` takes the bench layer shapes (ResNet-50, MobileNetV2, RepVGG-A0; fp16
+channels_last, batch 32 and 1), plans each launch exactly as the launcher does (split-K for the target's SM
+count, int64 offsets, EVEN_K / FLAT_K / IS_1X1 flags, packed weight strides), lists the configs the autotuner
+keeps after pruning, and compiles each specialisation for sm_90 and sm_80 (`bench.aot`). Per variant it records
+registers, stack (spill) bytes, shared memory, warps / stages, the MMA kind, whether global loads are
+asynchronous, the K-loop SASS instruction count and the issue ratio (`bench.sass.issue_ratio`); per layer the
+roofline bound and the best candidate: the lowest issue ratio among spill-free tensor-core variants.
+
+Results: `bench/results/static-sm90/<date>.{json,md}` and `static-sm80/`. Analyses are cached on disk
+(`.cache/static/`, keyed by triton version, kernel source and specialisation), so a rerun takes seconds.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as futures
+import multiprocessing
+import os
+import sys
+import time
+
+import torch
+
+from bench import aot, metrics, sass
+from bench.shapes import NETS, LayerCase, layer_cases
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_CACHE = os.path.join(REPO_ROOT, ".cache", "static")
+
+#: Per target: the device whose numbers rate it. sm_90: H200 (the GPU machine) with measured ceilings; sm_80:
+#: A100 SXM datasheet. mma_flop_per_cycle: dense fp16 tensor-core FLOP per cycle per SM.
+TARGETS = {
+    90: {"device": "H200", "tflops": 790.0, "tb_s": 4.3, "source": "measured on the project's H200 (bf16 GEMM, copy)",
+         "sms": 132, "mma_flop_per_cycle": 4096},
+    80: {"device": "A100 SXM", "tflops": 312.0, "tb_s": 2.0, "source": "vendor datasheet (dense fp16)",
+         "sms": 108, "mma_flop_per_cycle": 2048},
+}
+_SHORT = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
+
+
+# --------------------------------------------------------------------------------------------- planning
+def _packed_weight_strides(shape) -> tuple[int, ...]:
+    from fusedconv.kernels.packing import pack_weight
+
+    w = torch.empty(shape.cout, shape.cin // shape.groups, shape.kh, shape.kw, device="meta")
+    return tuple(pack_weight(w, groups=shape.groups).stride())
+
+
+def _cl_strides(n, c, h, w) -> tuple[int, int, int, int]:
+    return (h * w * c, 1, w * c, c)
+
+
+def gemm_variants(case: LayerCase, batch: int, dtype: str, sms: int) -> tuple[dict, list[dict]]:
+    """(launch summary, [variant]) for a non-depthwise layer: one variant per config the autotuner keeps."""
+    import importlib
+
+    from fusedconv.kernels import configs as cfgs
+
+    # The package binds the launcher function over its module's name: import the module itself.
+    cba = importlib.import_module("fusedconv.kernels.conv_bn_act")
+
+    s, tdtype = case.shape, getattr(torch, dtype)
+    x_shape = (batch, s.cin, s.h, s.w)
+    w_shape = (s.cout, s.cin // s.groups, s.kh, s.kw)
+    oh, ow = s.out_hw
+    out_shape = (batch, s.cout, oh, ow)
+    cin_g, cout_g, m = s.cin // s.groups, s.cout // s.groups, batch * oh * ow
+    # The launcher's split-K choice, with the target's SM count instead of the local device's.
+    if s.kh * s.kw > 1 and cin_g < 16:
+        k_iters = -(-(s.kh * s.kw * cin_g) // 64)
+    else:
+        k_iters = s.kh * s.kw * -(-cin_g // 64)
+    split_k = cfgs.choose_split_k(m, cout_g, s.groups, k_iters, sms)
+    res_meta = (out_shape, _cl_strides(*out_shape), tdtype) if case.residual else None
+    plan = cba._plan(x_shape, _cl_strides(*x_shape), tdtype, torch.device("cpu"), w_shape,
+                     _packed_weight_strides(s), tdtype, (s.cout,), (s.cout,), res_meta, (s.stride, s.stride),
+                     (s.padding, s.padding), (s.dilation, s.dilation), s.groups, case.activation, 0.0, split_k,
+                     False, True)
+    fn = cba._conv_gemm_kernel
+    int_names = fn.arg_names[7:7 + len(plan["int_args"])]
+    values = dict(zip(int_names, plan["int_args"]))
+    flags = plan["flags"]
+    named = {"x_ptr": torch.empty(0, dtype=tdtype, device="meta"), "M": m, "COUT_G": cout_g, "CIN_G": cin_g,
+             "KH": s.kh, "KW": s.kw, "FLAT_K": flags["FLAT_K"]}
+    kept = cfgs.prune_configs(cfgs.all_autotune_configs(), named)
+    base = cfgs._kernel_signature(_SHORT[dtype], flags["USE_INT64"])
+    path = "1x1" if flags["IS_1X1"] else ("flatk" if flags["FLAT_K"] else f"{s.kh}x{s.kw}")
+    variants = []
+    for cfg in kept:
+        kw = cfg.kwargs
+        spec = aot.spec_from_args(fn, base, values, {**flags, **kw}, num_warps=cfg.num_warps,
+                                  num_stages=cfg.num_stages)
+        tiles = -(-m // kw["BLOCK_M"]) * -(-cout_g // kw["BLOCK_N"]) * s.groups * split_k
+        variants.append({"config": f"{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']} w{cfg.num_warps}/s{cfg.num_stages}",
+                         "block": (kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"]), "num_warps": cfg.num_warps,
+                         "num_stages": cfg.num_stages, "tiles": tiles, "spec": spec})
+    launch = {"kernel": "gemm", "path": path, "split_k": split_k, "M": m, "N": cout_g, "K": cin_g * s.kh * s.kw,
+              "use_int64": flags["USE_INT64"], "even_k": flags["EVEN_K"]}
+    return launch, variants
+
+
+def depthwise_variants(case: LayerCase, batch: int, dtype: str, sms: int) -> tuple[dict, list[dict]]:
+    """(launch summary, [variant]) for a depthwise layer: the direct kernel's configs for this layer's caps."""
+    import triton
+
+    from fusedconv.kernels import depthwise as dw
+    from fusedconv.kernels.epilogue import activation_id
+
+    s = case.shape
+    oh, ow = s.out_hw
+    c, m = s.cin, batch * oh * ow
+    x_stride = _cl_strides(batch, c, s.h, s.w)
+    y_stride = _cl_strides(batch, c, oh, ow)
+    w_strides = _packed_weight_strides(s)
+    values = dict(zip(("M", "C", "H", "W", "OH", "OW", "stride_h", "stride_w", "pad_h", "pad_w", "dil_h", "dil_w"),
+                      (m, c, s.h, s.w, oh, ow, s.stride, s.stride, s.padding, s.padding, s.dilation, s.dilation)))
+    values.update(zip(("sxn", "sxc", "sxh", "sxw"), x_stride))
+    values.update(swc=w_strides[0], swh=w_strides[2], sww=w_strides[3])
+    values.update(zip(("srn", "src", "srh", "srw"), y_stride))
+    values.update(zip(("syn", "syc", "syh", "syw"), y_stride))
+    use_int64 = max(batch * c * s.h * s.w, batch * c * oh * ow, m + 1024) >= dw.INT64_THRESHOLD
+    consts = {"KH": s.kh, "KW": s.kw, "ACTIVATION": activation_id(case.activation), "HAS_RESIDUAL": case.residual,
+              "USE_INT64": use_int64, "PIXELS_INNER": False}
+    cap_c = min(max(2, triton.next_power_of_2(c)), 128)
+    cap_p = min(max(16, triton.next_power_of_2(m)), 1024)
+    base = dw._signature(_SHORT[dtype], use_int64, ())
+    variants = []
+    for cfg in dw.depthwise_configs(True, cap_c, cap_p):
+        kw = cfg.kwargs
+        spec = aot.spec_from_args(dw._depthwise_kernel, base, values, {**consts, **kw}, num_warps=cfg.num_warps,
+                                  num_stages=cfg.num_stages)
+        variants.append({"config": f"P{kw['BLOCK_P']}xC{kw['BLOCK_C']} w{cfg.num_warps}", "block": None,
+                         "num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
+                         "tiles": -(-m // kw["BLOCK_P"]) * -(-c // kw["BLOCK_C"]), "spec": spec})
+    return {"kernel": "depthwise", "path": "dw", "split_k": 1, "M": m, "N": c, "K": s.kh * s.kw,
+            "use_int64": use_int64, "even_k": None}, variants
+
+
+def roofline(case: LayerCase, batch: int, dtype: str, target: dict) -> dict:
+    """The layer's compulsory FLOPs and bytes against the target's ceilings: which one bounds it, and the floor."""
+    flops = metrics.conv_flops(case.shape, batch)
+    nbytes = metrics.conv_bytes(case.shape, batch, dtype, residual=case.residual)
+    t_compute = flops / (target["tflops"] * 1e12)
+    t_memory = nbytes / (target["tb_s"] * 1e12)
+    return {"gflop": flops / 1e9, "mbytes": nbytes / 1e6, "intensity": flops / nbytes,
+            "t_compute_us": t_compute * 1e6, "t_memory_us": t_memory * 1e6,
+            "bound": "compute" if t_compute >= t_memory else "memory"}
+
+
+# --------------------------------------------------------------------------------------------- running
+_WORKER_SPECS: dict = {}
+
+
+def _job_init(jobs: dict) -> None:
+    _WORKER_SPECS.update(jobs)
+
+
+def _analyse_job(key: str, cap: int, cache_dir: str) -> tuple[str, dict]:
+    """Worker side: the specs were handed to the pool's initializer and inherited through fork (not pickled)."""
+    return key, aot.analyse(_WORKER_SPECS[key], cap, cache_dir)
+
+
+def _plan_layers(nets, batches, dtype, cap, max_layers=None, layers=None):
+    target = TARGETS[cap]
+    planned = []
+    for net in nets:
+        cases = layer_cases(net)
+        if layers:
+            cases = [c for c in cases if c.name in layers]
+        if max_layers:
+            cases = cases[:max_layers]
+        for case in cases:
+            for batch in batches:
+                build = depthwise_variants if case.shape.depthwise else gemm_variants
+                launch, variants = build(case, batch, dtype, target["sms"])
+                planned.append((case, batch, launch, variants))
+    return planned
+
+
+def analyse_all(specs: dict, cap: int, cache_dir: str | None, jobs: int, progress=None) -> dict:
+    """{spec key: analysis} for every spec, compiled in `jobs` worker processes (cache hits in this one)."""
+    results, todo = {}, {}
+    for key, spec in specs.items():
+        path = os.path.join(cache_dir, f"{aot.spec_key(spec, cap)}.json") if cache_dir else None
+        if path and os.path.isfile(path):
+            results[key] = aot.analyse(spec, cap, cache_dir)
+        else:
+            todo[key] = spec
+    if not todo:
+        return results
+    if jobs <= 1:
+        for key, spec in todo.items():
+            results[key] = aot.analyse(spec, cap, cache_dir)
+            if progress:
+                progress(key)
+        return results
+    ctx = multiprocessing.get_context("fork")  # the specs (JIT functions) are inherited, not pickled
+    with futures.ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_job_init, initargs=(todo,)) as pool:
+        pending = [pool.submit(_analyse_job, key, cap, cache_dir) for key in todo]
+        for done in futures.as_completed(pending):
+            key, result = done.result()
+            results[key] = result
+            if progress:
+                progress(key)
+    return results
+
+
+def _variant_row(variant: dict, analysis: dict, cap: int) -> dict:
+    row = {k: variant[k] for k in ("config", "num_warps", "num_stages", "tiles")}
+    row["waves"] = round(variant["tiles"] / TARGETS[cap]["sms"], 2)
+    row.update({k: analysis.get(k) for k in ("ok", "registers", "stack_bytes", "local_bytes", "shared_bytes", "mma",
+                                             "async_loads", "spill_instructions", "compile_s")})
+    if not analysis.get("ok"):
+        row["error"] = analysis.get("error")
+        return row
+    loop = analysis.get("k_loop")
+    row["k_loop"] = loop
+    row["loop_instructions"] = loop["instructions"] if loop else None
+    if loop and variant["block"]:
+        bm, bn, bk = variant["block"]
+        row["issue_ratio"] = round(sass.issue_ratio(loop["instructions"], variant["num_warps"], bm, bn, bk,
+                                                    TARGETS[cap]["mma_flop_per_cycle"]), 3)
+    else:
+        row["issue_ratio"] = None
+    return row
+
+
+def best_candidate(rows: list[dict]) -> dict | None:
+    """Lowest issue ratio among compiled, spill-free tensor-core variants (None when there is none)."""
+    ok = [r for r in rows if r.get("ok") and r.get("issue_ratio") is not None and not r.get("stack_bytes")
+          and r.get("mma") in ("wgmma", "mma.sync")]
+    return min(ok, key=lambda r: (r["issue_ratio"], -r["tiles"])) if ok else None
+
+
+def run(cap: int, *, nets=NETS, batches=(32, 1), dtype="float16", cache_dir=DEFAULT_CACHE, jobs=2,
+        max_layers=None, layers=None, progress=None) -> dict:
+    """The static report for sm_`cap` as a JSON-able dict (see the module docstring)."""
+    if cap not in TARGETS:
+        raise ValueError(f"cap: expected one of {sorted(TARGETS)}, got {cap!r}")
+    start = time.perf_counter()
+    planned = _plan_layers(nets, batches, dtype, cap, max_layers, layers)
+    specs = {}
+    for _, _, _, variants in planned:
+        for v in variants:
+            v["key"] = aot.spec_key(v["spec"], cap)
+            specs[v["key"]] = v["spec"]
+    analyses = analyse_all(specs, cap, cache_dir, jobs, progress)
+    layers_out = []
+    for case, batch, launch, variants in planned:
+        rows = [_variant_row(v, analyses[v["key"]], cap) for v in variants]
+        best = best_candidate(rows)
+        layers_out.append({"net": case.net, "layer": case.name, "shape": case.shape.label(), "batch": batch,
+                           "activation": case.activation, "residual": case.residual, "count": case.count,
+                           **launch, "roofline": roofline(case, batch, dtype, TARGETS[cap]),
+                           "best": best["config"] if best else None, "variants": rows})
+    compiled = sum(1 for a in analyses.values() if not a.get("cached"))
+    return {"target": f"sm_{cap}", "rated_against": TARGETS[cap], "dtype": dtype, "layout": "channels_last",
+            "batches": list(batches), "nets": list(nets), "distinct_kernels": len(specs),
+            "compiled_now": compiled, "failed": sum(1 for a in analyses.values() if not a.get("ok")),
+            "layers": layers_out, "elapsed_s": round(time.perf_counter() - start, 1)}
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)

@@ -84,12 +84,15 @@ def test_checker_verdicts(monkeypatch, fault, passes):
 
 
 def test_candidate_configs_follow_pruning():
-    """A tiny layer keeps only small tiles; a big one keeps the large 8-warp tiles; depthwise uses its own."""
+    """A tiny layer keeps only small tiles; a big 3x3 one keeps large tiles at the spatial warp cap (the 8-warp
+    flattened-K miscompile rule); a big 1x1 keeps its 8-warp tiles; depthwise uses its own."""
     small = cc.candidate_configs(cc.Geometry("s", 16, 4, 4, 16, 1, 1), 1, "float16", torch.device("cpu"))
     big = cc.candidate_configs(cc.Geometry("b", 256, 56, 56, 256, 3, 3, padding=(1, 1)), 32, "float16",
                                torch.device("cpu"))
     assert max(c.kwargs["BLOCK_M"] for c in small) <= 16 < max(c.kwargs["BLOCK_M"] for c in big)
-    assert any(c.num_warps == 8 for c in big)
+    assert max(c.num_warps for c in big) == fk.configs.SPATIAL_MAX_WARPS
+    gemm = cc.candidate_configs(cc.Geometry("g", 256, 56, 56, 256, 1, 1), 32, "float16", torch.device("cpu"))
+    assert any(c.num_warps == 8 for c in gemm)
     dw = cc.candidate_configs(cc.Geometry("d", 32, 8, 8, 32, 3, 3, padding=(1, 1), groups=32), 1, "float16",
                               torch.device("cpu"))
     assert dw and all("BLOCK_P" in c.kwargs for c in dw)

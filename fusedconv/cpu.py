@@ -15,6 +15,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from fusedconv import ops
 from fusedconv.activations import apply_activation
 from fusedconv.validation import check_inputs
 
@@ -176,11 +177,13 @@ def eager_forward(module, x, residual):
     FusedConv2d.refresh). Version counters only grow, so their sum changes exactly when one of them does."""
     if type(x) is not torch.Tensor or not x.is_cpu or torch.compiler.is_compiling() or _is_tracing():
         return None
+    weight, scale, shift = module._parameters["weight"], module._buffers["scale"], module._buffers["shift"]
+    if ops.use_kernel(x, weight):  # FusedConv2d's documented (and patchable) routing to the op
+        return None
     state = module._cpu_state
     if state is None:
         state = EagerState(module)
         module._cpu_state = state
-    weight, scale, shift = module._parameters["weight"], module._buffers["scale"], module._buffers["shift"]
     if weight is not state.weight_src or scale is not state.scale_src or shift is not state.shift_src:
         _refold(module, state, weight, scale, shift)
     elif state.versions is None:

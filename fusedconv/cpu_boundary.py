@@ -47,19 +47,27 @@ class LayoutBoundary:
 
 def install(model: torch.nn.Module) -> None:
     """Add the boundary hooks to a converted model (once)."""
-    if isinstance(model.__dict__.get(ATTRIBUTE), LayoutBoundary):
+    if _enter in model._forward_pre_hooks.values():
         return
     model.__dict__[ATTRIBUTE] = LayoutBoundary()
     model.register_forward_pre_hook(_enter, with_kwargs=True)
     model.register_forward_hook(_leave, with_kwargs=True, always_call=True)
 
 
-def layout_used(model: torch.nn.Module, *args, **kwargs) -> str:
-    """'channels_last' or 'NCHW': the layout the converted model runs in for these inputs (checking it if needed)."""
+def _boundary(model) -> LayoutBoundary:
+    # Created on demand too: a copy that kept the hooks but not the attribute (fx.GraphModule copies) rebuilds it.
     boundary = model.__dict__.get(ATTRIBUTE)
-    if boundary is None or not _eligible(args, kwargs):
+    if boundary is None:
+        boundary = model.__dict__[ATTRIBUTE] = LayoutBoundary()
+    return boundary
+
+
+def layout_used(model: torch.nn.Module, *args, **kwargs) -> str:
+    """The layout the converted model runs in for these inputs: 'channels_last' when the boundary switches them
+    (checking it if needed), 'NCHW' for NCHW inputs it does not switch, else 'as given'."""
+    if _enter not in model._forward_pre_hooks.values() or not _eligible(args, kwargs):
         return "NCHW" if _nchw_inputs(args, kwargs) else "as given"
-    return "channels_last" if _checked(model, boundary, args, kwargs) else "NCHW"
+    return "channels_last" if _checked(model, _boundary(model), args, kwargs) else "NCHW"
 
 
 def _is_nchw(t) -> bool:
@@ -156,8 +164,7 @@ def _enter(model, args, kwargs):
         return None
     stack = _stack()
     stack.append(False)  # pushed before anything can raise, so _leave always pops this call's entry
-    boundary = model.__dict__.get(ATTRIBUTE)
-    if boundary is None or not _eligible(args, kwargs) or not _checked(model, boundary, args, kwargs):
+    if not _eligible(args, kwargs) or not _checked(model, _boundary(model), args, kwargs):
         return None
     stack[-1] = True
     return _to_channels_last(args, kwargs)

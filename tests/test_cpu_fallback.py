@@ -216,3 +216,50 @@ def test_deepcopy_and_pickle_after_packing():
         assert set(clone.state_dict()) == {"weight", "scale", "shift"}
         y, expected = run_both(ref, clone, x)
         assert max_rel_error(y, expected) < TOL_FP32
+
+
+def test_validation_and_routing_run_once_per_input_signature(monkeypatch):
+    ref, fused = make_block(act="relu")
+    calls = []
+    real = cpu.check_inputs
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cpu, "check_inputs", counting)
+    x = torch.randn(1, 8, 9, 9).contiguous(memory_format=CL)
+    for _ in range(3):
+        y, expected = run_both(ref, fused, x)
+        assert max_rel_error(y, expected) < TOL_FP32
+    assert len(calls) == 1
+    run_both(ref, fused, torch.randn(1, 8, 9, 9))  # a new signature (NCHW) is validated once more
+    assert len(calls) == 2
+    with pytest.raises(ValueError, match="input: expected 8 channels"):  # bad input still raises every time
+        fused(torch.randn(1, 5, 9, 9).contiguous(memory_format=CL))
+    with pytest.raises(TypeError, match="input: expected dtype"):
+        fused(torch.randn(1, 8, 9, 9, dtype=torch.float64).contiguous(memory_format=CL))
+
+
+@pytest.mark.parametrize("edit", ["scale_in_place", "weight_data_swap", "load_state_dict", "new_shift_tensor"])
+def test_every_documented_edit_is_seen_on_the_onednn_route(edit):
+    ref, fused = make_block(act="relu")
+    _, other = make_block(act="relu", seed=5)
+    x = torch.randn(1, 8, 9, 9).contiguous(memory_format=CL)
+    with torch.no_grad():
+        before = fused(x)
+        if edit == "scale_in_place":
+            fused.scale.mul_(-1.5)
+        elif edit == "weight_data_swap":
+            fused.weight.data = torch.randn_like(fused.weight)
+        elif edit == "load_state_dict":
+            fused.load_state_dict(other.state_dict())
+        else:
+            fused.shift = fused.shift + 3.0
+        after = fused(x)
+    fresh = FusedConv2d(fused.weight, fused.scale, fused.shift, padding=1, activation="relu")
+    with torch.no_grad():
+        expected = fresh(x.contiguous())  # NCHW: the F.conv2d route, built from the edited tensors
+    assert max_rel_error(after, expected) < TOL_FP32
+    assert max_rel_error(after, before) > 1e-3
+    assert fused._cpu_state.onednn_ok is True

@@ -4,8 +4,11 @@ Two routes of the eager CPU path (fusedconv/cpu.py), each against its own bare c
 - NCHW float32 -> `F.conv2d(x, folded_weight, bias, ...)` (identity activation, so nothing else runs);
 - channels_last float32 -> `torch.ops.mkldnn._convolution_pointwise(x, packed_weight, bias, ...)`.
 The tensor is tiny (1x4x8x8, 3x3 conv) so the conv itself costs a few microseconds and the difference is the
-Python work per call (signature lookup, cache check, dispatch). Timed in interleaved rounds (module, bare,
-module, bare, ...) with `timeit`; the overhead is the median of the per-round differences, in microseconds.
+Python work per call (nn.Module.__call__, signature lookup, cache check, dispatch); a third row times an
+nn.Identity call, the part of it no module can avoid. Timed in interleaved rounds (module, bare,
+module, bare, ...) with `timeit`, on one torch thread whatever the suite's thread count (with two threads on a
+shared machine each tiny conv waits on its second thread, and that wait, not Python, dominates); the overhead is
+the median of the per-round differences, in microseconds.
 
 Run alone: `python -m bench.bench_overhead [--rounds N]`; `python -m bench --suite overhead` records it too.
 """
@@ -41,11 +44,20 @@ def _interleaved_us(module_call, bare_call, rounds: int, number: int) -> tuple[f
 
 def run(quick: bool = False, rounds: int | None = None) -> list[dict]:
     """One row per route: module and bare medians and the overhead (us), with the setup that was timed."""
+    rounds = rounds or (15 if quick else 41)
+    number = 500 if quick else 2000
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _run(rounds, number)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(rounds: int, number: int) -> list[dict]:
     from fusedconv import cpu
     from fusedconv.modules import FusedConv2d
 
-    rounds = rounds or (15 if quick else 41)
-    number = 500 if quick else 2000
     torch.manual_seed(0)
     module = FusedConv2d(torch.randn(4, 4, 3, 3), torch.rand(4) + 0.5, torch.randn(4), padding=1)
     rows = []
@@ -76,15 +88,19 @@ def run(quick: bool = False, rounds: int | None = None) -> list[dict]:
             rows.append({"layout": layout, "route": route, "bare": bare_name, "shape": "1x4x8x8 k3 p1",
                          "threads": torch.get_num_threads(), "rounds": rounds, "calls_per_round": number,
                          "module_us": mod_us, "bare_us": bare_us, "overhead_us": over_us})
+        # The floor under any module: nn.Module.__call__ itself (an nn.Identity call against returning x).
+        identity, x = torch.nn.Identity(), torch.randn(1, 4, 8, 8)
+        mod_us, bare_us, over_us = _interleaved_us(lambda: identity(x), lambda: x, rounds, number)
+        rows.append({"layout": "-", "route": "nn.Identity", "bare": "x", "shape": "1x4x8x8",
+                     "threads": torch.get_num_threads(), "rounds": rounds, "calls_per_round": number,
+                     "module_us": mod_us, "bare_us": bare_us, "overhead_us": over_us})
     return rows
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.bench_overhead", description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 41)")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
     for r in run(rounds=args.rounds):
         print(f"{r['layout']:<13} {r['route']:<7} module {r['module_us']:7.2f} us  bare {r['bare']} "
               f"{r['bare_us']:7.2f} us  overhead {r['overhead_us']:6.2f} us (target <= {TARGET_US:g} us, "

@@ -24,7 +24,7 @@ from bench import models as model_suite
 from bench import report
 from bench.shapes import NETS, layer_cases, representative
 
-SUITES = ("layers", "models", "reparam", "guards", "static")
+SUITES = ("layers", "models", "reparam", "guards", "overhead", "static")
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
@@ -74,9 +74,9 @@ defaults by device:
   layers: compiling ~60 layer shapes per configuration takes far longer than timing them.
 """)
     p.add_argument("--quick", action="store_true", help="a small subset with short timings (smoke test / CI)")
-    p.add_argument("--suite", default="layers,models,reparam,guards",
-                   help="comma-separated: layers, models, reparam, guards; or static alone (no GPU: compiled-kernel "
-                        "report)")
+    p.add_argument("--suite", default="layers,models,reparam,guards,overhead",
+                   help="comma-separated: layers, models, reparam, guards, overhead; or static alone (no GPU: "
+                        "compiled-kernel report)")
     p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: CUDA when available)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2; also onnxruntime's)")
     p.add_argument("--nets", default=None, help=f"layers suite nets, comma-separated from {', '.join(NETS)}")
@@ -333,6 +333,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m bench") -> int:
             run_layers(args, device, p, key, results)
         elif suite == "models":
             run_models(args, device, p, results)
+        elif suite == "overhead":  # FusedConv2d's per-call CPU overhead (bench/bench_overhead.py)
+            results["overhead"] = importlib.import_module("bench.bench_overhead").run(args.quick)
         else:
             run_reparam(args, device, results, suite)
         files = write(results, out_dir, stem, with_plots=not args.no_plots)

@@ -503,8 +503,9 @@ def cmd_demo(args) -> int:
     out.line(f"Fused: {len(report.fused)} conv chain(s) ({len(report.skipped)} skipped), converted in "
              f"{convert_s:.2f} s")
 
-    # channels_last for both models: the fast layout of cuDNN, oneDNN and the fused kernels alike.
-    fmt = torch.channels_last
+    # CUDA: channels_last for both models (the fast layout of cuDNN and the fused kernels). CPU: what a user gets
+    # by default — NCHW model and input; the converted model picks its own layout inside (fusedconv/cpu_boundary.py).
+    fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     model = model.to(device=device, dtype=dtype, memory_format=fmt)
     fused = fused.to(device=device, dtype=dtype, memory_format=fmt)
     x = x.to(device=device, dtype=dtype, memory_format=fmt)
@@ -517,8 +518,14 @@ def cmd_demo(args) -> int:
     out.line(f"Max relative error vs the original: {err:.2e} ({dtype_name} on {device.type}, tolerance {tol:g}) "
              f"{'OK' if ok else 'FAILED'}")
 
+    if device.type == "cuda":
+        layout = "channels_last"
+    else:
+        from fusedconv.cpu_boundary import layout_used
+
+        layout = f"NCHW input; the converted model runs {layout_used(fused, x)} inside"
     out.heading(f"Latency ({_device_label(device)}, {dtype_name}, batch {args.batch}, {args.size}x{args.size}, "
-                "channels_last)")
+                f"{layout})")
     with out.status("Timing the original and the converted model"):
         lat = measure_latencies({"original": lambda: model(x), "fused": lambda: fused(x)}, device,
                                 min_run_time=args.min_time)

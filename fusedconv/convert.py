@@ -19,8 +19,10 @@ import torch
 import torch.nn as nn
 from torch.utils._pytree import tree_flatten
 
+from fusedconv.cpu_boundary import install as install_layout_boundary
 from fusedconv.graph.dataflow import fuse_dataflow
 from fusedconv.graph.tracing import proxy_leak_guard
+from fusedconv.modules import FusedConv2d
 from fusedconv.report import ConversionReport
 
 SELF_CHECK_TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
@@ -135,6 +137,9 @@ def convert(model: nn.Module, *, inplace: bool = False, example_inputs=None, rep
                 report.notes.append(f"reparameterization failed and was skipped ({type(e).__name__}: {e})")
                 model = copy.deepcopy(original)
         model = fuse_dataflow(model, report)
+        if any(isinstance(m, FusedConv2d) for m in model.modules()):
+            # CPU: NCHW float32 input runs channels_last inside the model, converted once at its boundary.
+            install_layout_boundary(model)
         if ref is not None:
             err, tol = compare_outputs(model(*args), *ref)
             tol = tol if tolerance is None else float(tolerance)

@@ -1,5 +1,6 @@
-"""Eager CPU fast path for FusedConv2d: oneDNN (mkldnn) convolution with a pre-packed weight and the activation
-(and the residual add) fused into the conv as oneDNN post-ops.
+"""Eager CPU path for FusedConv2d: routing decided once per input signature, the folded weight cached against
+the tensors' version counters, and for channels_last float32 input one oneDNN (mkldnn) convolution with a
+pre-packed weight and the activation (and the residual add) fused into the conv as oneDNN post-ops.
 
 These are the ops Inductor's CPU backend emits after freezing (`mkldnn::_reorder_convolution_weight`,
 `mkldnn::_convolution_pointwise` and its `.binary` overload). They are private PyTorch ops, so everything here is
@@ -9,9 +10,14 @@ on CPU is ever routed here. Never used while tracing (torch.compile / torch.expo
 
 from __future__ import annotations
 
-import torch
+import math
 
+import torch
+import torch.nn.functional as F
+
+from fusedconv import ops
 from fusedconv.activations import apply_activation
+from fusedconv.validation import check_inputs
 
 # FusedConv2d activation name -> (oneDNN unary attr, scalars, algorithm); leaky_relu is built in unary_attr.
 _UNARY = {
@@ -30,11 +36,14 @@ _BINARY_UNARY = ("identity", "relu")
 enabled = True
 
 _available: bool | None = None
+# The resolved `mkldnn::_convolution_pointwise` overload (set by available()): calling through the packet
+# `torch.ops.mkldnn._convolution_pointwise` resolves the overload again on every call.
+_pointwise = None
 
 
 def available() -> bool:
     """True when this PyTorch build has oneDNN and the pointwise-conv ops (checked once)."""
-    global _available
+    global _available, _pointwise
     if _available is None:
         try:
             ops = torch.ops.mkldnn
@@ -43,6 +52,7 @@ def available() -> bool:
                 and hasattr(ops, "_convolution_pointwise")
                 and hasattr(ops._convolution_pointwise, "binary")
                 and hasattr(ops, "_reorder_convolution_weight"))
+            _pointwise = ops._convolution_pointwise.default if _available else None
         except (AttributeError, RuntimeError):
             _available = False
     return _available
@@ -61,20 +71,165 @@ def pack_weight(weight: torch.Tensor, padding, stride, dilation, groups: int, in
         weight, list(padding), list(stride), list(dilation), groups, list(input_size))
 
 
-def conv_act(x, packed_weight, bias, padding, stride, dilation, groups, act_name, act_param, residual):
+def conv_act(x, packed_weight, bias, geometry, unary, residual):
     """act(conv(x) + bias [+ residual]) in one oneDNN call where oneDNN can fuse it, otherwise conv (+ add) fused
-    and the activation in place. Returns a channels_last tensor (oneDNN's output layout)."""
-    padding, stride, dilation = list(padding), list(stride), list(dilation)
+    and the activation in place. `geometry` is ([padding], [stride], [dilation], groups); `unary` is
+    (activation name, param, oneDNN unary attr). Returns a channels_last tensor (oneDNN's output layout)."""
+    padding, stride, dilation, groups = geometry
+    act_name, act_param, (attr, scalars, algorithm) = unary
     if residual is None:
-        attr, scalars, algorithm = unary_attr(act_name, act_param)
-        return torch.ops.mkldnn._convolution_pointwise(
-            x, packed_weight, bias, padding, stride, dilation, groups, attr, scalars, algorithm)
+        return _pointwise(x, packed_weight, bias, padding, stride, dilation, groups, attr, scalars, algorithm)
     # The binary post-op reads the residual in the output's layout.
     residual = residual.contiguous(memory_format=torch.channels_last)
     fused_act = act_name in _BINARY_UNARY
-    unary = ("relu" if act_name == "relu" else None) if fused_act else None
+    unary_name = ("relu" if act_name == "relu" else None) if fused_act else None
     y = torch.ops.mkldnn._convolution_pointwise.binary(
-        x, residual, packed_weight, bias, padding, stride, dilation, groups, "add", None, unary, [], "")
+        x, residual, packed_weight, bias, padding, stride, dilation, groups, "add", None, unary_name, [], "")
     if fused_act:
         return y
     return apply_activation(y, act_name, act_param, inplace=True)
+
+
+# ---------------------------------------------------------------------------------------------- the eager CPU path
+# How one FusedConv2d call is run, decided once per input signature (shape, strides, dtype, device, grad need):
+# GENERIC hands the call back to FusedConv2d's general path (CUDA, half precision, unbatched, empty, non-zero
+# padding modes, autograd); FOLDED is F.conv2d with the folded weight and bias, then residual and activation in
+# place (FOLDED_CL: the same for channels_last input, whose output is kept channels_last); ONEDNN is one oneDNN
+# conv with the packed weight and the activation (and residual add) as post-ops.
+GENERIC, FOLDED, FOLDED_CL, ONEDNN = "generic", "folded", "folded_channels_last", "onednn"
+# Signatures remembered per module; a model fed ever-changing shapes starts over rather than growing forever.
+_MAX_ROUTES = 64
+
+
+class EagerState:
+    """Derived, never saved: the routes chosen per input signature, the folded weight and bias with the tensors
+    and version counters they were computed from, the oneDNN-packed weight, and whether oneDNN accepted this
+    module (None: not tried yet; False: it raised once, stay on F.conv2d)."""
+
+    __slots__ = ("routes", "weight_src", "scale_src", "shift_src", "versions", "ptrs", "weight", "bias", "packed",
+                 "onednn_ok", "geometry", "unary")
+
+    def __init__(self, module):
+        self.routes = {}
+        self.weight_src = self.scale_src = self.shift_src = None
+        self.versions = None  # sum of the sources' version counters; None: nothing cacheable
+        self.ptrs = None
+        self.weight = self.bias = self.packed = None
+        self.onednn_ok = None
+        self.geometry = (list(module.padding), list(module.stride), list(module.dilation), module.groups)
+        self.unary = None
+
+
+def _refold(module, state: EagerState, weight, scale, shift) -> None:
+    """Recompute the folded weight and bias from the module's current tensors (packing is redone lazily)."""
+    state.weight_src, state.scale_src, state.shift_src = weight, scale, shift
+    # Every signature is validated again: a new weight may have another shape, dtype or device.
+    state.routes.clear()
+    state.packed = None
+    act = module.act
+    state.unary = (act.name, act.param, unary_attr(act.name, act.param) if available() else None)
+    if weight.is_inference() or scale.is_inference() or shift.is_inference():
+        # Inference tensors (a module built under torch.inference_mode) have no version counter, so an edit
+        # could not be seen: never cache them; the general path refolds on every call.
+        state.versions, state.weight, state.bias = None, None, None
+        return
+    state.weight, state.bias = module._compute_folded()
+    state.versions = weight._version + scale._version + shift._version
+    state.ptrs = (weight.data_ptr(), scale.data_ptr(), shift.data_ptr())
+
+
+def _choose_route(module, x, residual, needs_grad: bool) -> str:
+    """Validate one input signature (raising the module's usual errors) and pick its route."""
+    out_shape = check_inputs(x, module.weight, module.groups, residual, stride=module.stride,
+                             padding=module.padding, dilation=module.dilation)
+    if needs_grad or x.dim() != 4 or x.numel() == 0 or math.prod(out_shape) == 0:
+        return GENERIC
+    if module.padding_mode != "zeros" and module.padding != (0, 0):
+        return GENERIC
+    if x.dtype not in (torch.float32, torch.float64):
+        return GENERIC
+    if x.dtype == torch.float32 and _is_channels_last(x) and available():
+        # NCHW input stays on F.conv2d: oneDNN writes NHWC, and converting back after every layer was measured
+        # slower than eager (resnet50 40.7 vs 34.8 ms). Models get channels_last once, at their boundary.
+        return ONEDNN
+    return FOLDED_CL if _is_channels_last(x) else FOLDED
+
+
+def _is_channels_last(x) -> bool:
+    return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+_tracing_state = getattr(torch._C, "_get_tracing_state", None)
+_USE_KERNEL = ops.use_kernel
+
+
+def _is_tracing() -> bool:
+    # torch.jit.is_tracing() without its scripting check (a few hundred ns per call).
+    return _tracing_state() is not None if _tracing_state is not None else torch.jit.is_tracing()
+
+
+def eager_forward(module, x, residual):
+    """FusedConv2d.forward for plain CPU tensors outside tracing, or None to take the general path.
+
+    Validation and routing run once per input signature (shape, strides, dtype, whether autograd is needed);
+    each later call checks only the signature and that weight, scale and shift are the same tensors with the same
+    version counters and data pointers (in-place edits under no_grad, load_state_dict's copy, `.to()`,
+    reassignment and `.data = new_tensor` are seen; in-place edits through `.data` are not, as documented on
+    FusedConv2d.refresh). Version counters only grow, so their sum changes exactly when one of them does."""
+    if type(x) is not torch.Tensor or not x.is_cpu or torch.compiler.is_compiling() or _is_tracing():
+        return None
+    weight, scale, shift = module._parameters["weight"], module._buffers["scale"], module._buffers["shift"]
+    if ops.use_kernel is not _USE_KERNEL and ops.use_kernel(x, weight):
+        return None  # FusedConv2d's routing to the op was patched (as tests do); unpatched it is False on CPU
+    state = module._cpu_state
+    if state is None:
+        state = EagerState(module)
+        module._cpu_state = state
+    if weight is not state.weight_src or scale is not state.scale_src or shift is not state.shift_src:
+        _refold(module, state, weight, scale, shift)
+    elif state.versions is None:
+        return None  # inference tensors: nothing cached
+    elif (state.versions != weight._version + scale._version + shift._version
+          or state.ptrs != (weight.data_ptr(), scale.data_ptr(), shift.data_ptr())):
+        _refold(module, state, weight, scale, shift)
+    if state.weight is None:
+        return None  # inference tensors, or a fold the weight's dtype cannot hold: the general path
+    if residual is None:
+        key = (x.shape, x.stride(), x.dtype, x.requires_grad and torch.is_grad_enabled())
+    else:
+        if type(residual) is not torch.Tensor:
+            return None
+        key = (x.shape, x.stride(), x.dtype, (x.requires_grad or residual.requires_grad) and torch.is_grad_enabled(),
+               residual.shape, residual.stride(), residual.dtype, residual.device)
+    route = state.routes.get(key)
+    if route is None:
+        route = _choose_route(module, x, residual, key[3])
+        if len(state.routes) >= _MAX_ROUTES:
+            state.routes.clear()
+        state.routes[key] = route
+    if route is GENERIC:
+        return None
+    if route is ONEDNN and enabled and state.onednn_ok is not False:
+        try:
+            packed = state.packed
+            if packed is None:
+                padding, stride, dilation, groups = state.geometry
+                packed = state.packed = pack_weight(state.weight, padding, stride, dilation, groups, x.shape)
+            y = conv_act(x, packed, state.bias, state.geometry, state.unary, residual)
+            if state.onednn_ok is None:
+                state.onednn_ok = True
+            return y
+        except RuntimeError:
+            # oneDNN refused this module (an unusual geometry or build): remember, and use F.conv2d from now on.
+            state.onednn_ok = False
+            state.packed = None
+    padding, stride, dilation, groups = state.geometry
+    y = F.conv2d(x, state.weight, state.bias, stride, padding, dilation, groups)
+    if residual is not None:
+        y = y.add_(residual)
+    act = state.unary
+    y = apply_activation(y, act[0], act[1], inplace=True)
+    if route is not FOLDED and not y.is_contiguous(memory_format=torch.channels_last):
+        # F.conv2d's CPU kernels do not always keep channels_last; the output follows the input's layout.
+        y = y.contiguous(memory_format=torch.channels_last)
+    return y

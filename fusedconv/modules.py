@@ -122,10 +122,9 @@ class FusedConv2d(nn.Module):
         # Derived, never saved nor traced: (sources, folded weight, folded bias) of the eager fallback. A plain
         # attribute, not a buffer, so it never shows up in state_dict, named_buffers or an exported program.
         self._fold_cache = None
-        # Derived, never saved: (folded weight it was packed from, oneDNN-packed weight) of the CPU fast path,
-        # and whether that path works for this module (None: not tried yet; False: it raised once, stay off).
-        self._onednn_cache = None
-        self._onednn_ok = None
+        # Derived, never saved: the eager CPU path's routes per input signature and folded / packed weights
+        # (`cpu.EagerState`, built on the first CPU call).
+        self._cpu_state = None
         self._repack()
         # An inference module (no training behaviour): born in eval mode, so a converted model stays in eval.
         self.train(False)
@@ -164,7 +163,7 @@ class FusedConv2d(nn.Module):
         self.scale = scale.to(device=self.weight.device, dtype=epi_dtype)
         self.shift = shift.to(device=self.weight.device, dtype=epi_dtype)
         self._fold_cache = None
-        self._onednn_cache = None
+        self._cpu_state = None
         self._repack()
         return self
 
@@ -192,14 +191,14 @@ class FusedConv2d(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         self._fold_cache = None
-        self._onednn_cache = None
+        self._cpu_state = None
 
     def refresh(self) -> None:
         """Recompute derived state (folded weight, packing). Needed only after editing `weight.data`, `scale.data`
         or `shift.data` in place: edits through `.data` bypass the version counter the cache checks; every
         other edit (in-place ops under no_grad, load_state_dict, .to(), assigning new tensors) is seen."""
         self._fold_cache = None
-        self._onednn_cache = None
+        self._cpu_state = None
         self._repack()
 
     # ------------------------------------------------------------------ forward
@@ -263,6 +262,10 @@ class FusedConv2d(nn.Module):
         if residual is None and self.residual_required:
             raise TypeError("FusedConv2d.forward: missing argument 'residual' (this module was built with a "
                             "residual add in its epilogue; expected a tensor of the output's shape)")
+        # Plain CPU tensors in eager mode: validated and routed once per input signature (fusedconv/cpu.py).
+        y = cpu.eager_forward(self, x, residual)
+        if y is not None:
+            return y
         out_shape = check_inputs(x, self.weight, self.groups, residual, stride=self.stride, padding=self.padding,
                                  dilation=self.dilation)
         if x.dim() == 3:
@@ -287,53 +290,8 @@ class FusedConv2d(nn.Module):
             return self._conv_scaled(x, padding, residual)
         wf, bf = self._folded()
         if wf is not None:
-            if self._onednn_ok is not False and self._onednn_usable(x, wf, residual):
-                y = self._conv_onednn(x, wf, bf, padding, residual)
-                if y is not None:
-                    return y
             return self._conv_folded(x, wf, bf, padding, residual)
         return self._conv_scaled(x, padding, residual)
-
-    def _onednn_usable(self, x, wf, residual) -> bool:
-        # float32 on CPU only, and nothing that needs autograd (the oneDNN ops have no backward). channels_last
-        # input only: oneDNN writes NHWC, and turning that back into NCHW after every layer made NCHW models slower
-        # than plain F.conv2d (measured: resnet50 40.7 vs 34.8 ms), while channels_last models got much faster.
-        if not cpu.enabled or x.dtype != torch.float32 or wf.dtype != torch.float32 or x.device.type != "cpu":
-            return False
-        if _memory_format(x) != torch.channels_last:
-            return False
-        # Plain tensors only (no FakeTensor / subclasses), and never while torch.jit.trace (legacy ONNX export)
-        # records the graph: the packed weight is an opaque oneDNN tensor that belongs in no exported program.
-        if type(x) is not torch.Tensor or (residual is not None and type(residual) is not torch.Tensor):
-            return False
-        if torch.jit.is_tracing():
-            return False
-        if not cpu.available():
-            return False
-        if torch.is_grad_enabled() and (x.requires_grad or (residual is not None and residual.requires_grad)):
-            return False
-        return residual is None or (residual.dtype == torch.float32 and residual.device.type == "cpu")
-
-    def _conv_onednn(self, x, wf, bf, padding, residual):
-        """The oneDNN fused conv (+ residual) + activation with a weight packed once per folded weight, or None
-        (and the path switched off for this module) when oneDNN refuses it."""
-        fmt = _memory_format(x)
-        try:
-            cache = self._onednn_cache
-            if cache is None or cache[0] is not wf or cache[1] != padding:
-                packed = cpu.pack_weight(wf, padding, self.stride, self.dilation, self.groups, x.shape)
-                cache = (wf, padding, packed)
-                self._onednn_cache = cache
-            y = cpu.conv_act(x.contiguous(memory_format=fmt), cache[2], bf, padding, self.stride, self.dilation,
-                             self.groups, self.act.name, self.act.param, residual)
-        except RuntimeError:
-            self._onednn_ok = False
-            self._onednn_cache = None
-            return None
-        if self._onednn_ok is not True:  # nn.Module.__setattr__ costs microseconds: set it once, not per call
-            self._onednn_ok = True
-        # oneDNN writes channels_last; the output follows the input's memory format.
-        return y.contiguous(memory_format=fmt)
 
     def _conv_folded(self, x, wf, bf, padding, residual):
         y = F.conv2d(x, wf, bf, self.stride, padding, self.dilation, self.groups)
@@ -366,7 +324,7 @@ class FusedConv2d(nn.Module):
     def __getstate__(self):
         state = self.__dict__.copy()
         state["_fold_cache"] = None
-        state["_onednn_cache"] = None
+        state["_cpu_state"] = None
         return state
 
     # The activation is configuration, not state: keep it across pickling / deepcopy as a plain spec.
@@ -375,8 +333,10 @@ class FusedConv2d(nn.Module):
         if isinstance(self.__dict__.get("act"), str):
             self.act = ActivationSpec(self.__dict__["act"])
         self.__dict__.setdefault("_fold_cache", None)
-        self.__dict__.setdefault("_onednn_cache", None)
-        self.__dict__.setdefault("_onednn_ok", None)
+        self.__dict__.setdefault("_cpu_state", None)
+        # Pickles of earlier versions carry the old oneDNN cache fields.
+        self.__dict__.pop("_onednn_cache", None)
+        self.__dict__.pop("_onednn_ok", None)
 
 
 def check_state_dict(model: nn.Module, state_dict: dict) -> None:

@@ -59,6 +59,7 @@ def test_demo_prints_report_error_and_latencies():
     assert "Fused:" in out and "conv chain(s)" in out
     assert "Max relative error vs the original" in out and "OK" in out
     assert "Original:" in out and "fusedconv:" in out and " ms" in out
+    assert "channels_last" in out  # the layout the timed path used is stated
 
 
 def test_convert_pt_round_trip_with_weights(tmp_path, resnet18_weights):

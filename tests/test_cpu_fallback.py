@@ -2,7 +2,7 @@
 
 The fast path runs for float32 channels_last input on CPU: a oneDNN conv with a pre-packed folded weight and the
 activation (and the residual add) as post-ops. Each case compares it with nn.Conv2d -> nn.BatchNorm2d(eval,
-random statistics) -> activation (+ residual) and checks the path really ran (`_onednn_ok`), that the output
+random statistics) -> activation (+ residual) and checks the path really ran (`_cpu_state.onednn_ok`), that the output
 keeps the input's memory format, that NCHW input and grad-requiring input stay on the F.conv2d fallback, and
 that a changed weight is repacked.
 """
@@ -62,7 +62,7 @@ def test_activation_and_residual_channels_last(act, with_residual):
     x = (4 * torch.randn(2, 8, 9, 10)).contiguous(memory_format=CL)
     residual = (4 * torch.randn(2, 12, 9, 10)).contiguous(memory_format=CL) if with_residual else None
     y, expected = run_both(ref, fused, x, residual)
-    assert fused._onednn_ok is True, "the oneDNN path did not run"
+    assert fused._cpu_state.onednn_ok is True, "the oneDNN path did not run"
     if act == "relu6":
         assert bool((expected == 6).any()), "inputs too small to exercise the clamp"
     assert max_rel_error(y, expected) < TOL_FP32
@@ -85,7 +85,7 @@ def test_geometry(cin, cout, k, stride, padding, dilation, groups, with_residual
     out_shape = ref[0](x).shape
     residual = torch.randn(out_shape) if with_residual else None  # NCHW residual with channels_last input
     y, expected = run_both(ref, fused, x, residual)
-    assert fused._onednn_ok is True
+    assert fused._cpu_state.onednn_ok is True
     assert y.shape == expected.shape
     assert max_rel_error(y, expected) < TOL_FP32
     assert is_channels_last(y)
@@ -95,7 +95,7 @@ def test_nchw_input_stays_on_standard_fallback_and_stays_nchw():
     ref, fused = make_block(act="silu")
     x = torch.randn(1, 8, 9, 9)
     y, expected = run_both(ref, fused, x, torch.randn(1, 12, 9, 9))
-    assert fused._onednn_ok is None, "NCHW input must not take the oneDNN path (it was measured slower)"
+    assert fused._cpu_state.onednn_ok is None, "NCHW input must not take the oneDNN path (it was measured slower)"
     assert max_rel_error(y, expected) < TOL_FP32
     assert y.is_contiguous()
 
@@ -106,19 +106,19 @@ def test_varying_input_sizes_reuse_the_packed_weight():
         x = torch.randn(shape).contiguous(memory_format=CL)
         y, expected = run_both(ref, fused, x)
         assert max_rel_error(y, expected) < TOL_FP32
-    assert fused._onednn_ok is True
+    assert fused._cpu_state.onednn_ok is True
 
 
 def test_weight_change_is_repacked():
     ref, fused = make_block(act="relu")
     x = torch.randn(1, 8, 9, 9).contiguous(memory_format=CL)
     run_both(ref, fused, x)
-    first_packed = fused._onednn_cache[2]
+    first_packed = fused._cpu_state.packed
     with torch.no_grad():
         fused.weight.mul_(-2.0)
         ref[0].weight.mul_(-2.0)
     y, expected = run_both(ref, fused, x)
-    assert fused._onednn_cache[2] is not first_packed
+    assert fused._cpu_state.packed is not first_packed
     assert max_rel_error(y, expected) < TOL_FP32
 
 
@@ -127,7 +127,7 @@ def test_grad_requiring_input_uses_autograd_fallback():
     x = torch.randn(1, 8, 9, 9).contiguous(memory_format=CL).requires_grad_()
     y = fused(x)
     y.sum().backward()
-    assert x.grad is not None and fused._onednn_ok is None
+    assert x.grad is not None and fused._cpu_state.onednn_ok is None
 
 
 def test_disabled_switch_and_results_agree():
@@ -158,7 +158,7 @@ def test_failure_falls_back_and_is_remembered(monkeypatch):
         y, expected = run_both(ref, fused, x)
         assert max_rel_error(y, expected) < TOL_FP32
         assert is_channels_last(y)
-    assert fused._onednn_ok is False and len(calls) == 1
+    assert fused._cpu_state.onednn_ok is False and len(calls) == 1
 
 
 def test_converted_resnet_block_channels_last():
@@ -172,7 +172,7 @@ def test_converted_resnet_block_channels_last():
     x = torch.randn(1, 3, 64, 64).contiguous(memory_format=CL)
     with torch.no_grad():
         y, expected = converted(x), small(x)
-    assert any(getattr(m, "_onednn_ok", None) is True for m in converted.modules())
+    assert any(getattr(getattr(m, "_cpu_state", None), "onednn_ok", None) is True for m in converted.modules())
     assert max_rel_error(y, expected) < TOL_FP32
     assert is_channels_last(y)
 
@@ -196,7 +196,7 @@ def test_inference_mode_then_no_grad():
     with torch.inference_mode():
         y_inf = fused(x)
     y, expected = run_both(ref, fused, x)
-    assert fused._onednn_ok is True
+    assert fused._cpu_state.onednn_ok is True
     assert max_rel_error(y_inf, expected) < TOL_FP32 and max_rel_error(y, expected) < TOL_FP32
 
 
@@ -207,12 +207,59 @@ def test_deepcopy_and_pickle_after_packing():
     ref, fused = make_block(act="relu")
     x = torch.randn(1, 8, 9, 9).contiguous(memory_format=CL)
     run_both(ref, fused, x)
-    assert fused._onednn_cache is not None
+    assert fused._cpu_state.packed is not None
     buffer = io.BytesIO()
     torch.save(fused, buffer)
     buffer.seek(0)
     for clone in (copy.deepcopy(fused), torch.load(buffer, weights_only=False)):
-        assert clone._onednn_cache is None
+        assert clone._cpu_state is None
         assert set(clone.state_dict()) == {"weight", "scale", "shift"}
         y, expected = run_both(ref, clone, x)
         assert max_rel_error(y, expected) < TOL_FP32
+
+
+def test_validation_and_routing_run_once_per_input_signature(monkeypatch):
+    ref, fused = make_block(act="relu")
+    calls = []
+    real = cpu.check_inputs
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cpu, "check_inputs", counting)
+    x = torch.randn(1, 8, 9, 9).contiguous(memory_format=CL)
+    for _ in range(3):
+        y, expected = run_both(ref, fused, x)
+        assert max_rel_error(y, expected) < TOL_FP32
+    assert len(calls) == 1
+    run_both(ref, fused, torch.randn(1, 8, 9, 9))  # a new signature (NCHW) is validated once more
+    assert len(calls) == 2
+    with pytest.raises(ValueError, match="input: expected 8 channels"):  # bad input still raises every time
+        fused(torch.randn(1, 5, 9, 9).contiguous(memory_format=CL))
+    with pytest.raises(TypeError, match="input: expected dtype"):
+        fused(torch.randn(1, 8, 9, 9, dtype=torch.float64).contiguous(memory_format=CL))
+
+
+@pytest.mark.parametrize("edit", ["scale_in_place", "weight_data_swap", "load_state_dict", "new_shift_tensor"])
+def test_every_documented_edit_is_seen_on_the_onednn_route(edit):
+    ref, fused = make_block(act="relu")
+    _, other = make_block(act="relu", seed=5)
+    x = torch.randn(1, 8, 9, 9).contiguous(memory_format=CL)
+    with torch.no_grad():
+        before = fused(x)
+        if edit == "scale_in_place":
+            fused.scale.mul_(-1.5)
+        elif edit == "weight_data_swap":
+            fused.weight.data = torch.randn_like(fused.weight)
+        elif edit == "load_state_dict":
+            fused.load_state_dict(other.state_dict())
+        else:
+            fused.shift = fused.shift + 3.0
+        after = fused(x)
+    fresh = FusedConv2d(fused.weight, fused.scale, fused.shift, padding=1, activation="relu")
+    with torch.no_grad():
+        expected = fresh(x.contiguous())  # NCHW: the F.conv2d route, built from the edited tensors
+    assert max_rel_error(after, expected) < TOL_FP32
+    assert max_rel_error(after, before) > 1e-3
+    assert fused._cpu_state.onednn_ok is True

@@ -10,6 +10,7 @@ same repair for a whole model around a pass that traces modules (used around re-
 from __future__ import annotations
 
 import contextlib
+import copy
 import linecache
 import operator
 import sys
@@ -212,11 +213,25 @@ class ScopeGraphModule(fx.GraphModule):
     def __deepcopy__(self, memo):
         res = super().__deepcopy__(memo)
         type(res).__name__ = self._graphmodule_cls_name  # type(res) is res's own per-instance subclass
+        _keep_forward_hooks(res, copy.deepcopy({k: self.__dict__[k] for k in _FORWARD_HOOKS if k in self.__dict__},
+                                               memo))
         return res
 
     def __reduce__(self):
         func, args = super().__reduce__()
         return _rebuild_scope_graph_module, (func, args)
+
+
+# GraphModule drops forward hooks when it is deep-copied or unpickled (its __init__ makes new, empty hook dicts);
+# a converted model's root carries hooks of its own (the CPU layout boundary), so they are carried over.
+_FORWARD_HOOKS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
+                  "_forward_hooks_with_kwargs", "_forward_hooks_always_called")
+
+
+def _keep_forward_hooks(res: nn.Module, hooks: dict) -> None:
+    for k, v in hooks.items():
+        if v and not res.__dict__.get(k):
+            res.__dict__[k] = v
 
 
 def _rebuild_scope_graph_module(func, args) -> ScopeGraphModule:
@@ -225,5 +240,7 @@ def _rebuild_scope_graph_module(func, args) -> ScopeGraphModule:
     for k, v in plain.__dict__.items():  # attributes the graph does not reference, as GraphModule keeps them
         if k not in res.__dict__:
             res.__dict__[k] = v
+    body = args[0] if args and isinstance(args[0], dict) else {}
+    _keep_forward_hooks(res, {k: body[k] for k in _FORWARD_HOOKS if k in body})
     res.training = plain.training
     return res

@@ -1,0 +1,112 @@
+"""Per-call overhead of FusedConv2d on CPU: a call on a tiny tensor against the bare op it ends up running.
+
+Two routes of the eager CPU path (fusedconv/cpu.py), each against its own bare call with the same arguments:
+- NCHW float32 -> `F.conv2d(x, folded_weight, bias, ...)` (identity activation, so nothing else runs);
+- channels_last float32 -> `torch.ops.mkldnn._convolution_pointwise(x, packed_weight, bias, ...)`.
+The tensor is tiny (1x4x8x8, 3x3 conv) so the conv itself costs a few microseconds and the difference is the
+Python work per call (nn.Module.__call__, signature lookup, cache check, dispatch); a third row times an
+nn.Identity call, the part of it no module can avoid. Timed in interleaved rounds (module, bare,
+module, bare, ...) with `timeit`, on one torch thread whatever the suite's thread count (with two threads on a
+shared machine each tiny conv waits on its second thread, and that wait, not Python, dominates); the overhead is
+the median of the per-round differences, in microseconds.
+
+Run alone: `python -m bench.bench_overhead [--rounds N]`; `python -m bench --suite overhead` records it too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import timeit
+
+import torch
+import torch.nn.functional as F
+
+TARGET_US = 3.0  # the goal for the NCHW route (issue: <= 3 us over a bare F.conv2d)
+
+
+def _median(values):
+    s = sorted(values)
+    n = len(s)
+    return s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
+
+
+def _interleaved_us(module_call, bare_call, rounds: int, number: int) -> tuple[float, float, float]:
+    """(module median, bare median, median of per-round differences), microseconds per call."""
+    mod, bare, diff = [], [], []
+    for _ in range(rounds):
+        a = timeit.timeit(module_call, number=number) / number * 1e6
+        b = timeit.timeit(bare_call, number=number) / number * 1e6
+        mod.append(a)
+        bare.append(b)
+        diff.append(a - b)
+    return _median(mod), _median(bare), _median(diff)
+
+
+def run(quick: bool = False, rounds: int | None = None) -> list[dict]:
+    """One row per route: module and bare medians and the overhead (us), with the setup that was timed."""
+    rounds = rounds or (15 if quick else 41)
+    number = 500 if quick else 2000
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _run(rounds, number)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(rounds: int, number: int) -> list[dict]:
+    from fusedconv import cpu
+    from fusedconv.modules import FusedConv2d
+
+    torch.manual_seed(0)
+    module = FusedConv2d(torch.randn(4, 4, 3, 3), torch.rand(4) + 0.5, torch.randn(4), padding=1)
+    rows = []
+    with torch.no_grad():
+        for layout in ("NCHW", "channels_last"):
+            fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+            x = torch.randn(1, 4, 8, 8).contiguous(memory_format=fmt)
+            module(x)  # first call: validation, routing, fold (and packing) happen here, not in the timing
+            state = module._cpu_state
+            route = state.routes[next(reversed(state.routes))]
+            if route == cpu.ONEDNN:
+                packed, bias = state.packed, state.bias
+
+                def bare(x=x, packed=packed, bias=bias):
+                    return torch.ops.mkldnn._convolution_pointwise(x, packed, bias, [1, 1], [1, 1], [1, 1], 1,
+                                                                   "none", [], "")
+                bare_name = "mkldnn._convolution_pointwise"
+            else:
+                weight, bias = state.weight, state.bias
+
+                def bare(x=x, weight=weight, bias=bias):
+                    return F.conv2d(x, weight, bias, (1, 1), (1, 1), (1, 1), 1)
+                bare_name = "F.conv2d"
+            call = (lambda x=x: module(x))
+            for _ in range(3):
+                call(), bare()
+            mod_us, bare_us, over_us = _interleaved_us(call, bare, rounds, number)
+            rows.append({"layout": layout, "route": route, "bare": bare_name, "shape": "1x4x8x8 k3 p1",
+                         "threads": torch.get_num_threads(), "rounds": rounds, "calls_per_round": number,
+                         "module_us": mod_us, "bare_us": bare_us, "overhead_us": over_us})
+        # The floor under any module: nn.Module.__call__ itself (an nn.Identity call against returning x).
+        identity, x = torch.nn.Identity(), torch.randn(1, 4, 8, 8)
+        mod_us, bare_us, over_us = _interleaved_us(lambda: identity(x), lambda: x, rounds, number)
+        rows.append({"layout": "-", "route": "nn.Identity", "bare": "x", "shape": "1x4x8x8",
+                     "threads": torch.get_num_threads(), "rounds": rounds, "calls_per_round": number,
+                     "module_us": mod_us, "bare_us": bare_us, "overhead_us": over_us})
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.bench_overhead", description=__doc__.split("\n\n")[0])
+    p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 41)")
+    args = p.parse_args(argv)
+    for r in run(rounds=args.rounds):
+        print(f"{r['layout']:<13} {r['route']:<7} module {r['module_us']:7.2f} us  bare {r['bare']} "
+              f"{r['bare_us']:7.2f} us  overhead {r['overhead_us']:6.2f} us (target <= {TARGET_US:g} us, "
+              f"median of {r['rounds']} interleaved rounds x {r['calls_per_round']} calls)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

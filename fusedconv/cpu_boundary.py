@@ -1,0 +1,179 @@
+"""Channels_last at a converted model's boundary on CPU: the layout change happens once, when the model is entered.
+
+On CPU the fast route of FusedConv2d (one oneDNN conv with the activation and residual add fused, fusedconv/cpu.py)
+needs channels_last input, while most users feed NCHW. `convert()` therefore installs two hooks on the converted
+model's root module:
+
+- entering: plain CPU float32 4-d inputs (positional or keyword arguments, not nested in containers) that are
+  NCHW are made channels_last, once; every layer inside then sees channels_last from the layer before it (PyTorch's
+  pooling, add, upsample, concat ... keep the layout), so no layer converts anything;
+- leaving: 4-d outputs that came out channels_last are made contiguous again, so the caller gets the layout the
+  original model returns for NCHW input (`.view()` on an output keeps working).
+
+An arbitrary model may not be layout-agnostic (a `.view()` inside forward fails on channels_last; code may depend on
+strides), so the switch is checked before it is used: the first call with each input signature (argument
+positions, shapes) runs the model both ways — NCHW as given, then channels_last — and the switch is taken for
+that signature only when the channels_last run succeeds, gives the same outputs (the convert self-check tolerance)
+and, after the outputs are turned back, the same output strides. Otherwise that signature stays in NCHW and the
+layers take their F.conv2d route. That first call therefore runs forward three times (a model whose forward has
+side effects sees them three times, once). Nothing changes when the input is already channels_last, not float32,
+not on CPU, needs autograd, or while tracing / compiling / exporting (they see the model as written).
+`fusedconv.cpu.enabled = False` switches this off together with the oneDNN route.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+from torch.utils._pytree import tree_flatten, tree_map
+
+from fusedconv import cpu
+
+ATTRIBUTE = "_fusedconv_layout_boundary"
+# Which entered calls switched layout, innermost last, per thread (hooks of nested models pair up in LIFO order).
+_active = threading.local()
+
+
+class LayoutBoundary:
+    """Per converted model: input signature -> whether channels_last was checked to be safe for it."""
+
+    def __init__(self):
+        self.checked: dict[tuple, bool] = {}
+
+    def __repr__(self) -> str:
+        return f"LayoutBoundary({len(self.checked)} signature(s) checked)"
+
+
+def install(model: torch.nn.Module) -> None:
+    """Add the boundary hooks to a converted model (once)."""
+    if _enter in model._forward_pre_hooks.values():
+        return
+    model.__dict__[ATTRIBUTE] = LayoutBoundary()
+    model.register_forward_pre_hook(_enter, with_kwargs=True)
+    model.register_forward_hook(_leave, with_kwargs=True, always_call=True)
+
+
+def _boundary(model) -> LayoutBoundary:
+    # Created on demand too: a copy that kept the hooks but not the attribute (fx.GraphModule copies) rebuilds it.
+    boundary = model.__dict__.get(ATTRIBUTE)
+    if boundary is None:
+        boundary = model.__dict__[ATTRIBUTE] = LayoutBoundary()
+    return boundary
+
+
+def layout_used(model: torch.nn.Module, *args, **kwargs) -> str:
+    """The layout the converted model runs in for these inputs: 'channels_last' when the boundary switches them
+    (checking it if needed), 'NCHW' for NCHW inputs it does not switch, else 'as given'."""
+    if _enter not in model._forward_pre_hooks.values() or not _eligible(args, kwargs):
+        return "NCHW" if _nchw_inputs(args, kwargs) else "as given"
+    return "channels_last" if _checked(model, _boundary(model), args, kwargs) else "NCHW"
+
+
+def _is_nchw(t) -> bool:
+    return (type(t) is torch.Tensor and t.dim() == 4 and t.dtype == torch.float32 and t.is_cpu
+            and t.is_contiguous() and not t.is_contiguous(memory_format=torch.channels_last))
+
+
+def _nchw_inputs(args, kwargs) -> list:
+    return [t for t in (*args, *kwargs.values()) if _is_nchw(t)]
+
+
+def _tracing() -> bool:
+    return torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting()
+
+
+def _eligible(args, kwargs) -> bool:
+    if not cpu.enabled or not cpu.available():
+        return False
+    inputs = _nchw_inputs(args, kwargs)
+    if not inputs:
+        return False
+    if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad
+                                       for t in (*args, *kwargs.values())):
+        return False  # the oneDNN route has no backward: autograd callers get the model as written
+    return True
+
+
+def _signature(args, kwargs) -> tuple:
+    return (tuple(tuple(t.shape) if _is_nchw(t) else None for t in args),
+            tuple((k, tuple(v.shape)) for k, v in kwargs.items() if _is_nchw(v)))
+
+
+def _to_channels_last(args, kwargs):
+    def convert(t):
+        return t.contiguous(memory_format=torch.channels_last) if _is_nchw(t) else t
+    return tuple(convert(t) for t in args), {k: convert(v) for k, v in kwargs.items()}
+
+
+def _restore(output):
+    def back(t):
+        if (isinstance(t, torch.Tensor) and t.dim() == 4 and not t.is_contiguous()
+                and t.is_contiguous(memory_format=torch.channels_last)):
+            return t.contiguous()
+        return t
+    return tree_map(back, output)
+
+
+def _same_outputs(nchw_out, cl_out) -> bool:
+    """Same structure, values within the convert self-check tolerance, and the same strides."""
+    from fusedconv.convert import compare_outputs, _snapshot
+
+    try:
+        err, tol = compare_outputs(cl_out, *_snapshot(nchw_out))
+    except RuntimeError:
+        return False
+    if not err <= tol:
+        return False
+    ref, _ = tree_flatten(nchw_out)
+    out, _ = tree_flatten(cl_out)
+    return all(not isinstance(r, torch.Tensor) or _layout(r) == _layout(o) for r, o in zip(ref, out))
+
+
+def _layout(t: torch.Tensor) -> tuple:
+    # Strides of the dimensions longer than 1 (the others' strides are arbitrary and never matter to views).
+    return tuple(s for s, n in zip(t.stride(), t.shape) if n > 1)
+
+
+def _checked(model, boundary: LayoutBoundary, args, kwargs) -> bool:
+    key = _signature(args, kwargs)
+    ok = boundary.checked.get(key)
+    if ok is None:
+        cl_args, cl_kwargs = _to_channels_last(args, kwargs)
+        try:
+            with torch.no_grad():
+                nchw_out = model.forward(*args, **kwargs)
+                nchw_out = tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, nchw_out)
+                cl_out = _restore(model.forward(*cl_args, **cl_kwargs))
+            ok = _same_outputs(nchw_out, cl_out)
+        except Exception:  # noqa: BLE001 - any failure in channels_last means: keep this signature in NCHW
+            ok = False
+        boundary.checked[key] = ok
+    return ok
+
+
+def _stack() -> list:
+    stack = getattr(_active, "stack", None)
+    if stack is None:
+        stack = _active.stack = []
+    return stack
+
+
+def _enter(model, args, kwargs):
+    if _tracing():
+        return None
+    stack = _stack()
+    stack.append(False)  # pushed before anything can raise, so _leave always pops this call's entry
+    if not _eligible(args, kwargs) or not _checked(model, _boundary(model), args, kwargs):
+        return None
+    stack[-1] = True
+    return _to_channels_last(args, kwargs)
+
+
+def _leave(model, args, kwargs, output):
+    if _tracing():
+        return None
+    stack = _stack()
+    if not stack or not stack.pop() or output is None:
+        return None
+    return _restore(output)

@@ -6,10 +6,14 @@
 from fusedconv._version import __version__
 from fusedconv.activations import ActivationSpec
 from fusedconv.convert import convert
+from fusedconv.fused_layers import FusedConv1d, FusedConv2dPostBN, FusedConv3d
+from fusedconv.fused_linear import FusedLinear
+from fusedconv.fused_transpose import FusedConvTranspose1d, FusedConvTranspose2d, FusedConvTranspose3d
 from fusedconv.modules import FusedConv2d, check_state_dict
 from fusedconv.reparam import reparameterize
 from fusedconv.report import ConversionReport, ReportRow
 from fusedconv.tuning import warmup
 
-__all__ = ["ActivationSpec", "ConversionReport", "FusedConv2d", "ReportRow", "__version__", "check_state_dict",
-           "convert", "reparameterize", "warmup"]
+__all__ = ["ActivationSpec", "ConversionReport", "FusedConv1d", "FusedConv2d", "FusedConv2dPostBN", "FusedConv3d",
+           "FusedConvTranspose1d", "FusedConvTranspose2d", "FusedConvTranspose3d", "FusedLinear", "ReportRow",
+           "__version__", "check_state_dict", "convert", "reparameterize", "warmup"]

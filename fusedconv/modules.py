@@ -359,7 +359,8 @@ def check_state_dict(model: nn.Module, state_dict: dict) -> None:
         if prefix + "shift" not in state_dict or prefix + "weight" not in state_dict:
             continue
         owner = modules.get(prefix[:-1])
-        if owner is not None and not isinstance(owner, FusedConv2d):
+        # Fused layers of every kind (FusedConv2d, the N-d / transposed / linear ones) keep scale/shift buffers.
+        if owner is not None and not ("scale" in owner._buffers and "shift" in owner._buffers):
             raise ValueError(
                 f"state_dict: expected the state of an unconverted model, got a FusedConv2d layer's state at "
                 f"{prefix[:-1] or '<root>'!r} (keys {prefix}weight/scale/shift) where the model has "

@@ -176,3 +176,13 @@ def test_layer_chain_with_hooked_module_is_left_alone():
     seen.clear()
     torch.testing.assert_close(converted(x), ref)
     assert len(seen) == 1
+
+
+def test_check_state_dict_knows_every_fused_layer_kind():
+    """A converted model's own checkpoint passes check_state_dict; loading it into the unconverted model is refused."""
+    model = torch.nn.Sequential(torch.nn.Conv3d(2, 4, 3), torch.nn.BatchNorm3d(4), torch.nn.ReLU(),
+                                torch.nn.Flatten(), torch.nn.Linear(4 * 2 * 2 * 2, 5), torch.nn.BatchNorm1d(5)).eval()
+    converted = fusedconv.convert(model)
+    fusedconv.check_state_dict(converted, converted.state_dict())
+    with pytest.raises(ValueError, match="unconverted model"):
+        fusedconv.check_state_dict(model, converted.state_dict())

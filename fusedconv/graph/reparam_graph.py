@@ -31,6 +31,7 @@ from fusedconv.graph.reparam_math import (
     ConvMap, NotMergeable, apply_map, as_pair, avg_pool_map, compose, conv_map, identity_map, merge_sum,
     scale_shift, to_conv2d,
 )
+from fusedconv.fused_layers import FusedAffineLayer
 from fusedconv.modules import FusedConv2d
 from fusedconv.graph.tracing import ScopeGraphModule
 from fusedconv.report import ConversionReport
@@ -84,7 +85,7 @@ class ReparamTracer(fx.Tracer):
     """Keeps the modules the pass reasons about (and FusedConv2d, which checks its inputs eagerly) as leaves."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if isinstance(m, (nn.modules.conv._ConvNd, _BatchNorm, FusedConv2d)) or fold.is_batchnorm(m) \
+        if isinstance(m, (nn.modules.conv._ConvNd, _BatchNorm, FusedConv2d, FusedAffineLayer)) or fold.is_batchnorm(m) \
                 or is_bn_and_pad(m):
             return True
         return super().is_leaf_module(m, module_qualified_name)

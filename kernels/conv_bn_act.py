@@ -38,7 +38,7 @@ from fusedconv.kernels import configs as _configs
 from fusedconv.kernels import conv_tma as _tma
 from fusedconv.kernels import conv_tma_kxk as _tma_kxk
 from fusedconv.kernels.conv_kloops import k_loop_1x1, k_loop_flat, k_loop_rows, k_loop_taps
-from fusedconv.kernels.epilogue import activation_id, epilogue, load_scale_shift, traceable
+from fusedconv.kernels.epilogue import activation_id, epilogue_store, traceable
 from fusedconv.kernels.reference import conv_output_shape as output_shape
 from fusedconv.kernels.reference import output_memory_format
 
@@ -164,14 +164,9 @@ def _conv_gemm_kernel(
         ws_ptrs = ws_ptr + (pid_k * M + offs_m)[:, None] * cout + co[None, :]
         tl.store(ws_ptrs, acc, mask=mask_mn)
     else:
-        scale, shift = load_scale_shift(scale_ptr, shift_ptr, co, mask_n)
-        residual = 0.0
-        if HAS_RESIDUAL:
-            r_ptrs = res_ptr + (n_idx * srn + oh_idx * srh + ow_idx * srw)[:, None] + (co * src)[None, :]
-            residual = tl.load(r_ptrs, mask=mask_mn, other=0.0)
-        out = epilogue(acc, scale[None, :], shift[None, :], residual, HAS_RESIDUAL, ACTIVATION, ACT_PARAM)
-        y_ptrs = y_ptr + (n_idx * syn + oh_idx * syh + ow_idx * syw)[:, None] + (co * syc)[None, :]
-        tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=mask_mn)
+        epilogue_store(acc, scale_ptr, shift_ptr, res_ptr, y_ptr, n_idx * srn + oh_idx * srh + ow_idx * srw,
+                       n_idx * syn + oh_idx * syh + ow_idx * syw, co, src, syc, mask_n, mask_mn,
+                       HAS_RESIDUAL, ACTIVATION, ACT_PARAM)
 
 
 @triton.jit
@@ -200,14 +195,9 @@ def _splitk_epilogue_kernel(
     t = offs_m // OW
     oh_idx = t % OH
     n_idx = t // OH
-    scale, shift = load_scale_shift(scale_ptr, shift_ptr, offs_n, mask_n)
-    residual = 0.0
-    if HAS_RESIDUAL:
-        r_ptrs = res_ptr + (n_idx * srn + oh_idx * srh + ow_idx * srw)[:, None] + (offs_n * src)[None, :]
-        residual = tl.load(r_ptrs, mask=mask_mn, other=0.0)
-    out = epilogue(acc, scale[None, :], shift[None, :], residual, HAS_RESIDUAL, ACTIVATION, ACT_PARAM)
-    y_ptrs = y_ptr + (n_idx * syn + oh_idx * syh + ow_idx * syw)[:, None] + (offs_n * syc)[None, :]
-    tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=mask_mn)
+    epilogue_store(acc, scale_ptr, shift_ptr, res_ptr, y_ptr, n_idx * srn + oh_idx * srh + ow_idx * srw,
+                   n_idx * syn + oh_idx * syh + ow_idx * syw, offs_n, src, syc, mask_n, mask_mn,
+                   HAS_RESIDUAL, ACTIVATION, ACT_PARAM)
 
 
 _autotuned_kernel = None

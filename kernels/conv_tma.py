@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fusedconv.kernels.epilogue import epilogue, load_scale_shift
+from fusedconv.kernels.epilogue import epilogue_store
 
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -80,14 +80,9 @@ def _conv1x1_tma_kernel(
     t = offs_m // OW
     oh_idx = t % OH
     n_idx = t // OH
-    scale, shift = load_scale_shift(scale_ptr, shift_ptr, offs_n, mask_n)
-    residual = 0.0
-    if HAS_RESIDUAL:
-        r_ptrs = res_ptr + (n_idx * srn + oh_idx * srh + ow_idx * srw)[:, None] + (offs_n * src)[None, :]
-        residual = tl.load(r_ptrs, mask=mask_mn, other=0.0)
-    out = epilogue(acc, scale[None, :], shift[None, :], residual, HAS_RESIDUAL, ACTIVATION, ACT_PARAM)
-    y_ptrs = y_ptr + (n_idx * syn + oh_idx * syh + ow_idx * syw)[:, None] + (offs_n * syc)[None, :]
-    tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=mask_mn)
+    epilogue_store(acc, scale_ptr, shift_ptr, res_ptr, y_ptr, n_idx * srn + oh_idx * srh + ow_idx * srw,
+                   n_idx * syn + oh_idx * syh + ow_idx * syw, offs_n, src, syc, mask_n, mask_mn,
+                   HAS_RESIDUAL, ACTIVATION, ACT_PARAM)
 
 
 def _set_block_shapes(nargs):

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from fusedconv.kernels.conv_tma import TensorDescriptor
-from fusedconv.kernels.epilogue import epilogue, load_scale_shift
+from fusedconv.kernels.epilogue import epilogue_store
 
 #: (BLOCK_H, BLOCK_W, BLOCK_N, BLOCK_K, num_stages, num_warps), 16-bit inputs; fp32 halves BLOCK_K.
 _KXK_CONFIGS = (
@@ -92,14 +92,9 @@ def _conv_kxk_tma_kernel(
     mask_m = (oh < OH) & (ow < OW)
     mask_n = offs_n < COUT
     mask_mn = mask_m[:, None] & mask_n[None, :]
-    scale, shift = load_scale_shift(scale_ptr, shift_ptr, offs_n, mask_n)
-    residual = 0.0
-    if HAS_RESIDUAL:
-        r_ptrs = res_ptr + (n * srn + oh * srh + ow * srw)[:, None] + (offs_n * src)[None, :]
-        residual = tl.load(r_ptrs, mask=mask_mn, other=0.0)
-    out = epilogue(acc, scale[None, :], shift[None, :], residual, HAS_RESIDUAL, ACTIVATION, ACT_PARAM)
-    y_ptrs = y_ptr + (n * syn + oh * syh + ow * syw)[:, None] + (offs_n * syc)[None, :]
-    tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=mask_mn)
+    epilogue_store(acc, scale_ptr, shift_ptr, res_ptr, y_ptr, n * srn + oh * srh + ow * srw,
+                   n * syn + oh * syh + ow * syw, offs_n, src, syc, mask_n, mask_mn,
+                   HAS_RESIDUAL, ACTIVATION, ACT_PARAM)
 
 
 def _set_block_shapes(nargs):

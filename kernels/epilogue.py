@@ -124,6 +124,24 @@ def load_scale_shift(scale_ptr, shift_ptr, offs_c, mask_c):
 
 
 @triton.jit
+def epilogue_store(acc, scale_ptr, shift_ptr, res_ptr, y_ptr, res_rows, y_rows, offs_n, src, syc, mask_n, mask_mn,
+                   HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr, ACT_PARAM):
+    """The end of every GEMM-style conv kernel: load the channels' scale/shift (and the residual tile), apply
+    `epilogue` to the fp32 accumulator and store the tile in the output's dtype.
+
+    `res_rows` / `y_rows` are the per-pixel row offsets of the residual / output tile (the caller's layout:
+    n * s_n + oh * s_h + ow * s_w), `src` / `syc` their channel strides; `res_rows` is unused (and compiled
+    away) without HAS_RESIDUAL.
+    """
+    scale, shift = load_scale_shift(scale_ptr, shift_ptr, offs_n, mask_n)
+    residual = 0.0
+    if HAS_RESIDUAL:
+        residual = tl.load(res_ptr + res_rows[:, None] + (offs_n * src)[None, :], mask=mask_mn, other=0.0)
+    out = epilogue(acc, scale[None, :], shift[None, :], residual, HAS_RESIDUAL, ACTIVATION, ACT_PARAM)
+    tl.store(y_ptr + y_rows[:, None] + (offs_n * syc)[None, :], out.to(y_ptr.dtype.element_ty), mask=mask_mn)
+
+
+@triton.jit
 def post_affine(y, post_scale, post_shift, HAS_POST: tl.constexpr):
     """y * post_scale + post_shift when HAS_POST (a BatchNorm after the activation, folded to per-channel fp32
     scale/shift), else y unchanged: the last step of act(acc * scale + shift [+ residual]) * s2 + t2."""

@@ -7,9 +7,13 @@ Every module is examined at its own scope, children first: its forward is traced
 of branches that read the same input through linear pieces only (conv, eval BatchNorm, average pool, identity,
 numeric or learned scalar factors; DBB's 1x1 -> kxk with border-exact padding) is merged, in float64, into
 one nn.Conv2d with bias when that is exact (same input, same output size, kernel centres and strides lined up,
-compatible groups). A scope with a merge is replaced by an fx.GraphModule of the same class name; the merged
-conv is named `reparam_conv`. convert() then fuses the merged conv with the activation that follows like any
-other chain. Sums that read the same input but cannot be merged are left alone and reported with the reason.
+compatible groups). A block with a merge stays the same object, a guarded instance of its own class
+(`graph/reparam_scope.py`): each call pattern of its forward is traced and merged while its branches exist, its
+state holds the merged conv (`reparam_conv`) instead of the branches, and a call its guards reject (a flag
+flipped after reparameterize, a merged branch set back) raises `GuardMiss` naming what changed: the branches
+are gone, so nothing could compute it (see that module for why this is an error rather than a hidden copy of
+the branches). convert() then fuses the merged conv with the activation that follows like any other chain.
+Sums that read the same input but cannot be merged are left alone and reported with the reason.
 
 A module whose forward cannot be traced, and that has its own `reparameterize()`, `switch_to_deploy()` or
 `fuse()` method, is handed to that method instead, and the report says so.
@@ -24,7 +28,10 @@ import torch
 import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from fusedconv.graph.reparam_graph import KIND, ReparamTracer, ScopePass, reparameterize_scope
+from fusedconv.graph.reparam_graph import KIND
+from fusedconv.graph.reparam_leaves import ReparamTracer
+from fusedconv.graph.reparam_scope import reparameterize_scope
+from fusedconv.graph.specialize import guard_table
 from fusedconv.graph.tracing import visit_children
 from fusedconv.modules import FusedConv2d
 from fusedconv.report import ConversionReport
@@ -80,6 +87,8 @@ class _Walk:
         return result
 
     def _visit(self, module: nn.Module, scope: str) -> nn.Module:
+        if guard_table(module) is not None:  # rewritten before (re-parameterized or converted)
+            return module
         if _own_forward_has_no_sums(module):
             visit_children(module, scope, self.visit)
             return module
@@ -91,13 +100,7 @@ class _Walk:
             except Exception as e:  # noqa: BLE001 - any tracing failure means "graph not visible"
                 return self._fallback(module, scope, method, e)
         visit_children(module, scope, self.visit)
-        try:
-            traced = ScopePass(module, scope, self.report)
-        except Exception as e:  # noqa: BLE001 - any tracing failure means "graph not visible"
-            self.report.notes.append(f"reparam: could not trace {scope or '<root>'} ({_short(e)}); sums in its "
-                                     "own forward were not examined")
-            return module
-        return reparameterize_scope(module, scope, self.report, traced)
+        return reparameterize_scope(module, scope, self.report)
 
     def _fallback(self, module: nn.Module, scope: str, method: str, err: BaseException) -> nn.Module:
         why = f"graph not traceable ({_short(err)})"
@@ -146,8 +149,8 @@ def _tensors(out) -> list[torch.Tensor]:
 def reparameterize(model: nn.Module, *, inplace: bool = False, example_inputs=None, return_report: bool = False):
     """Merge the multi-branch sums of an eval-mode `model` into single convolutions where exactly equivalent.
 
-    Returns the new model (use the return value: a block, or the model itself, may be replaced by a
-    GraphModule), or `(model, report)` with `return_report=True`; report rows have kind "reparam".
+    Returns the new model (blocks with merges stay the same objects, guarded: `report.guards` lists what each
+    assumes), or `(model, report)` with `return_report=True`; report rows have kind "reparam".
     The input model is left untouched unless `inplace=True`. With `example_inputs` (a tensor or tuple of
     tensors) the result is compared to the original on them and the error is stored in `report.max_rel_error`.
     """

@@ -120,10 +120,17 @@ def merge_patterns(items: list) -> list:
 class Guard:
     """The assumptions of one traced pattern, as source text over `d` (the block's __dict__), `m` (its
     _modules), `e` (the list of objects compared by identity), `MISSING` (a sentinel no attribute holds) and
-    the parameter names."""
+    the parameter names. `labels[i]` says in words what `terms[i]` checks (for error messages)."""
 
     terms: list[str] = field(default_factory=list)
     described: list[str] = field(default_factory=list)
+    labels: list[str] = field(default_factory=list)
+
+    def check(self, term: str, label: str, describe: bool = True) -> None:
+        self.terms.append(term)
+        self.labels.append(label)
+        if describe:
+            self.described.append(label)
 
     def expression(self) -> str:
         return " and ".join(self.terms) if self.terms else "True"
@@ -139,9 +146,10 @@ def _value_term(expr: str, value, expect: list) -> str:
 
 
 def build_guard(module: nn.Module, params: list[Param], pattern: CallPattern, trace: ScopeTrace,
-                local: dict[str, str], expect: list) -> Guard:
+                local: dict[str, str], expect: list, removed: frozenset = frozenset()) -> Guard:
     """The guard of `pattern` traced as `trace`. `local` maps parameter names to the names the generated
-    dispatcher uses for them; objects compared by identity are appended to `expect`."""
+    dispatcher uses for them; objects compared by identity are appended to `expect`; `removed` names
+    attributes the rewrite took off the block (they must stay absent)."""
     g = Guard()
     for p, (kind, value) in zip(params, pattern.slots):
         name = local[p.name]
@@ -149,47 +157,52 @@ def build_guard(module: nn.Module, params: list[Param], pattern: CallPattern, tr
             continue
         if kind == PROXY:
             if p.name in trace.type_checked:
-                g.terms.append(f"isinstance({name}, Tensor)")
-                g.described.append(f"{p.name} is a tensor")
+                g.check(f"isinstance({name}, Tensor)", f"{p.name} is a tensor")
             else:
-                g.terms.append(f"{name} is not None")
-                if p.default is None:
-                    g.described.append(f"{p.name} is not None")
+                g.check(f"{name} is not None", f"{p.name} is not None", describe=p.default is None)
         else:
-            g.terms.append(_value_term(name, value, expect))
-            g.described.append(f"{p.name}={value!r}" if value is not None else f"{p.name} is None")
+            g.check(_value_term(name, value, expect), f"{p.name}={value!r}" if value is not None
+                    else f"{p.name} is None")
+    attribute_terms(g, module, trace.reads, "d", "m", "self", expect, removed)
+    return g
+
+
+def attribute_terms(g: Guard, module: nn.Module, reads, d_expr: str, m_expr: str, where: str, expect: list,
+                    removed: frozenset = frozenset()) -> None:
+    """Add to `g` a term per attribute of `module` in `reads`, over the expressions `d_expr` (its __dict__) and
+    `m_expr` (its _modules); `where` names the module in the descriptions ("self", "self.body")."""
     d = module.__dict__
     seen = set()
     children: list[str] = []
-    for attr in trace.reads:
+    for attr in reads:
         if attr in seen or attr in MODULE_INTERNALS or attr.startswith("__") or attr.startswith("_fusedconv"):
             continue
         seen.add(attr)
+        label = f"{where}.{attr}"
         # (.get with a sentinel: nn.Module moves a name between __dict__ and _modules when it is reassigned)
         if attr in d:
             value = d[attr]
-            g.terms.append(_value_term(f"d.get({attr!r}, MISSING)", value, expect))
-            if value is None:
-                g.described.append(f"self.{attr} is None")
-            elif attr != "training" or value:
-                g.described.append(f"self.{attr}={value!r}" if _plain_value(value)
-                                   else f"self.{attr} is the same object")
+            g.check(_value_term(f"{d_expr}.get({attr!r}, MISSING)", value, expect),
+                    f"{label} is None" if value is None else f"{label}={value!r}" if _plain_value(value)
+                    else f"{label} is the same object", describe=attr != "training" or bool(value))
         elif attr in d.get("_modules", {}):
-            g.terms.append(_value_term(f"m.get({attr!r}, MISSING)", d["_modules"][attr], expect))
-            if d["_modules"][attr] is None:
-                g.described.append(f"self.{attr} is None")
-            else:
+            child = d["_modules"][attr]
+            g.check(_value_term(f"{m_expr}.get({attr!r}, MISSING)", child, expect),
+                    f"{label} is None" if child is None else f"{label} is the same module",
+                    describe=child is None)
+            if child is not None:
                 children.append(attr)
         elif any(attr in d.get(slot, {}) for slot in ("_parameters", "_buffers")):
             for slot in ("_parameters", "_buffers"):
                 if attr in d.get(slot, {}):
                     none = d[slot][attr] is None
-                    g.terms.append(f"(d[{slot!r}].get({attr!r}, MISSING) is None) is {none}")
-                    g.described.append(f"self.{attr} is {'' if none else 'not '}None")
+                    g.check(f"({d_expr}[{slot!r}].get({attr!r}, MISSING) is None) is {none}",
+                            f"{label} is {'' if none else 'not '}None")
         elif not hasattr(type(module), attr):
-            # Read but absent (`getattr(self, "flag", False)`): setting it later may change the path.
-            g.terms.append(f"d.get({attr!r}, MISSING) is MISSING and m.get({attr!r}, MISSING) is MISSING")
-            g.described.append(f"self.{attr} is not set")
+            # Read but absent (`getattr(self, "flag", False)`), or taken off by the rewrite (a merged branch):
+            # setting it later may change the path.
+            g.check(f"{d_expr}.get({attr!r}, MISSING) is MISSING and {m_expr}.get({attr!r}, MISSING) is MISSING",
+                    f"{label} was merged away (must stay unset)" if attr in removed else f"{label} is not set")
     if children:
-        g.described.append(f"submodules {', '.join(children)} not replaced")
-    return g
+        g.described.append(f"submodules {', '.join(f'{where}.{c}' if where != 'self' else c for c in children)} "
+                           "not replaced")

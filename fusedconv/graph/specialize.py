@@ -30,13 +30,21 @@ _CLASSES: dict[type, type] = {}
 _MISSING = object()  # what a guard reads for an attribute the block no longer has
 
 
+class GuardMiss(RuntimeError):
+    """A call to a re-parameterized block that its merged weights cannot compute (e.g. a flag flipped after
+    reparameterize)."""
+
+
 class Specialization:
     """One guarded entry: a guard expression and what runs when it holds (graph source, or None for the
     class's own forward over the block's current children)."""
 
-    def __init__(self, guard: str, described: list[str], src: str | None = None, fx_globals: dict | None = None):
+    def __init__(self, guard: str, described: list[str], src: str | None = None, fx_globals: dict | None = None,
+                 checks: list[tuple[str, str]] | None = None, pattern=None):
         self.guard = guard
         self.described = list(described)
+        self.checks = list(checks or [])  # (term, what it checks in words): to say why a call missed
+        self.pattern = pattern  # the CallPattern it was traced with (a later pass re-traces it)
         self.src = src
         self.fx_globals = fx_globals
         self.fn = None
@@ -68,15 +76,26 @@ class Specialization:
 
 
 class GuardTable:
-    """Per block: its specializations, the objects they compare by identity, the roles of the fallback."""
+    """Per block: its specializations, the objects they compare by identity, the roles of the fallback.
+
+    `kind` is "convert" (the fallback is the class's own forward over role children) or "reparam" (branches
+    were merged away, so no forward of the block computes a call its guards reject: it raises `GuardMiss`).
+    A convert table built over a reparam one keeps it as `base`: its fallback runs the base's specialization
+    for the call over role children, or raises as the base would.
+    """
 
     def __init__(self, original: type, params: list[Param], entries: list[Specialization], expect: list,
-                 roles: list[tuple[str, nn.Module, nn.Module]]):
+                 roles: list[tuple[str, nn.Module, nn.Module]], kind: str = "convert", scope: str = "",
+                 base: "GuardTable | None" = None, merged: tuple = ()):
         self.original = original
         self.params = list(params)
         self.entries = list(entries)
         self.expect = expect
         self.roles = list(roles)  # (dotted child path, object installed there, role for the fallback)
+        self.kind = kind
+        self.scope = scope
+        self.base = base
+        self.merged = tuple(merged)  # reparam: the merged convs' names
         self.fallback_calls = 0   # how often the fallback ran (tests and the report read it)
         self._compile()
 
@@ -105,11 +124,21 @@ class GuardTable:
                 namespace[f"s{k}"] = s.fn
                 lines.append(f"        return s{k}({positional})")
         lines.append(f"    return fallback({by_kind})")
+        lines += [f"def select(self{', ' if args else ''}{args}):", "    d = self.__dict__", "    m = d['_modules']"]
+        lines += [f"    if {s.guard}:\n        return {k}" for k, s in enumerate(self.entries)]
+        lines.append("    return -1")
         exec(compile("\n".join(lines), "<fusedconv dispatch>", "exec"), namespace)  # noqa: S102
         self.dispatch = namespace["dispatch"]
+        self.select = namespace["select"]  # the index of the specialization a call takes, -1 for none
+
+    def _positional(self, args: tuple, kwargs: dict) -> list:
+        return list(args) + [kwargs[p.name] for p in self.params[len(args):]]
 
     def fallback(self, block: nn.Module, *args, **kwargs):
-        """The class's own forward, over the block's children with each changed one bound to its role."""
+        """The class's own forward (or the base table's specialization), over the block's children with each
+        changed one bound to its role; a reparam table raises GuardMiss instead."""
+        if self.kind == "reparam":
+            raise self.miss_error(block, self._positional(args, kwargs))
         self.fallback_calls += 1
         view = object.__new__(self.original)
         view.__dict__.update(block.__dict__)
@@ -117,12 +146,42 @@ class GuardTable:
         for path, installed, role in self.roles:
             substitute(modules, path, installed, role)
         view.__dict__["_modules"] = modules
-        return self.original.forward(view, *args, **kwargs)
+        if self.base is None:
+            return self.original.forward(view, *args, **kwargs)
+        positional = self._positional(args, kwargs)
+        k = self.base.select(block, *positional)  # the base's guards read the block as it is
+        if k < 0:
+            raise self.base.miss_error(block, positional)
+        view.__dict__[_GUARDS] = self.base
+        return self.base.entries[k].fn(view, *positional)
+
+    def miss_error(self, block: nn.Module, args: list) -> "GuardMiss":
+        """The error for a call no specialization of a reparam table accepts, naming what changed."""
+        namespace = {"e": self.expect, "Tensor": torch.Tensor, "MISSING": _MISSING, "d": block.__dict__,
+                     "m": block.__dict__["_modules"], **{f"a{i}": a for i, a in enumerate(args)}}
+        failed = []
+        for s in self.entries:
+            for term, label in s.checks:
+                try:
+                    ok = eval(term, namespace)  # noqa: S307 - a guard term this module generated
+                except Exception:  # noqa: BLE001 - e.g. a nested submodule is gone: the check fails
+                    ok = False
+                if not ok:
+                    failed.append(label)
+                    break
+        cls = self.original.__name__
+        return GuardMiss(
+            f"{cls} at {self.scope or '<root>'!r}: reparameterize merged its branches into "
+            f"{', '.join(self.merged) or 'one conv'} for calls where " + " | ".join(
+                f"[{'; '.join(s.described) or 'no assumptions'}]" for s in self.entries)
+            + f"; this call breaks: {'; '.join(dict.fromkeys(failed)) or 'the guard'}. The merged weights cannot "
+            "compute what the block's own forward would compute now (its branches are gone): re-parameterize "
+            "the original model after making this change.")
 
     # ------------------------------------------------------------------ copying
     def __getstate__(self):
         state = dict(self.__dict__)
-        del state["dispatch"]
+        del state["dispatch"], state["select"]
         return state
 
     def __setstate__(self, state):
@@ -134,7 +193,7 @@ class GuardTable:
         memo[id(self)] = new
         state = self.__getstate__()
         state["entries"] = list(self.entries)  # immutable once built: shared
-        for k in ("expect", "roles"):
+        for k in ("expect", "roles", "base"):
             state[k] = copy.deepcopy(state[k], memo)
         new.__setstate__(state)
         return new

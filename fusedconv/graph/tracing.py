@@ -14,7 +14,7 @@ import copy
 import linecache
 import operator
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
@@ -103,11 +103,13 @@ def _restore(module: nn.Module, snap: dict) -> list[str]:
 @dataclass
 class ScopeTrace:
     """One traced call pattern of a scope: the graph, the attribute names the forward read on the module
-    (directly or through its own methods) and the parameters whose type it inspected."""
+    (directly or through its own methods), the parameters whose type it inspected, and, for a tracer that
+    traces through submodules, the names read on each of those (by dotted path)."""
 
     graph: fx.Graph
     reads: list[str]
     type_checked: set[str]
+    nested_reads: dict[str, list[str]] = field(default_factory=dict)
 
 
 @contextlib.contextmanager
@@ -143,21 +145,49 @@ def _drop_fx_asserts(graph: fx.Graph) -> None:
                     graph.erase_node(inp)
 
 
-def trace_scope(module: nn.Module, concrete_args: dict | None = None) -> ScopeTrace:
-    """fx graph of `module`'s forward with all submodules as leaves (parameters in `concrete_args` fixed to
-    those values); raises if it cannot be traced."""
-    snap = _snapshot(module)
-    tracer = ScopeTracer()
+def traced_through(module: nn.Module, tracer: fx.Tracer) -> dict[str, nn.Module]:
+    """The submodules (by dotted path) whose forward `tracer` inlines into `module`'s graph."""
+    out: dict[str, nn.Module] = {}
+
+    def walk(m: nn.Module, prefix: str) -> None:
+        for name, child in m._modules.items():
+            path = f"{prefix}{name}"
+            if child is not None and not tracer.is_leaf_module(child, path):
+                out[path] = child
+                walk(child, path + ".")
+
+    walk(module, "")
+    return out
+
+
+# Attributes fx itself adds to the traced root (tensor constants met in the forward): not the forward's writes.
+_FX_CONSTANT = "_tensor_constant"
+
+
+def trace_scope(module: nn.Module, concrete_args: dict | None = None, tracer: ScopeTracer | None = None
+                ) -> ScopeTrace:
+    """fx graph of `module`'s forward (parameters in `concrete_args` fixed to those values); raises if it
+    cannot be traced. The default tracer keeps every submodule a leaf; another ScopeTracer may trace through
+    some, and the attributes read on those are recorded too (`ScopeTrace.nested_reads`)."""
+    tracer = tracer or ScopeTracer()
+    inner = traced_through(module, tracer)
+    snaps = [(m, _snapshot(m)) for m in [module, *inner.values()]]
+    constants: dict = {}
     try:
-        with _recording_reads(module) as reads:
+        with contextlib.ExitStack() as stack:
+            reads = stack.enter_context(_recording_reads(module))
+            nested = {path: stack.enter_context(_recording_reads(m)) for path, m in inner.items()}
             graph = tracer.trace(module, concrete_args=concrete_args)
+            constants = {k: v for k, v in module.__dict__.items() if k.startswith(_FX_CONSTANT)}
     finally:
-        changed = _restore(module, snap)
+        changed = [k for m, snap in snaps for k in _restore(m, snap)]
+    changed = [k for k in changed if not k.startswith(_FX_CONSTANT)]
     if changed:
         raise SideEffectError(f"forward assigns module attributes {changed} while running")
+    module.__dict__.update(constants)  # the graph reads them with get_attr
     if concrete_args:
         _drop_fx_asserts(graph)
-    return ScopeTrace(graph, reads, tracer.type_checked)
+    return ScopeTrace(graph, reads, tracer.type_checked, nested)
 
 
 def _holds_proxy(value, depth: int = 0) -> bool:

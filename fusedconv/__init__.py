@@ -8,6 +8,7 @@ from fusedconv.activations import ActivationSpec
 from fusedconv.convert import convert
 from fusedconv.fused_layers import FusedConv1d, FusedConv2dPostBN, FusedConv3d
 from fusedconv.fused_linear import FusedLinear
+from fusedconv.graph.specialize import GuardMiss
 from fusedconv.fused_transpose import FusedConvTranspose1d, FusedConvTranspose2d, FusedConvTranspose3d
 from fusedconv.modules import FusedConv2d, check_state_dict
 from fusedconv.reparam import reparameterize
@@ -15,5 +16,5 @@ from fusedconv.report import ConversionReport, ReportRow
 from fusedconv.tuning import warmup
 
 __all__ = ["ActivationSpec", "ConversionReport", "FusedConv1d", "FusedConv2d", "FusedConv2dPostBN", "FusedConv3d",
-           "FusedConvTranspose1d", "FusedConvTranspose2d", "FusedConvTranspose3d", "FusedLinear", "ReportRow",
+           "FusedConvTranspose1d", "FusedConvTranspose2d", "FusedConvTranspose3d", "FusedLinear", "GuardMiss", "ReportRow",
            "__version__", "check_state_dict", "convert", "reparameterize", "warmup"]

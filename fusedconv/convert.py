@@ -21,6 +21,7 @@ from torch.utils._pytree import tree_flatten
 
 from fusedconv.cpu_boundary import install as install_layout_boundary
 from fusedconv.graph.dataflow import fuse_dataflow
+from fusedconv.graph.reparam_convert import fuse_reparameterized
 from fusedconv.graph.tracing import proxy_leak_guard
 from fusedconv.modules import FusedConv2d
 from fusedconv.report import ConversionReport
@@ -137,6 +138,7 @@ def convert(model: nn.Module, *, inplace: bool = False, example_inputs=None, rep
                 report.notes.append(f"reparameterization failed and was skipped ({type(e).__name__}: {e})")
                 model = copy.deepcopy(original)
         model = fuse_dataflow(model, report)
+        fuse_reparameterized(model, report)
         if any(isinstance(m, FusedConv2d) for m in model.modules()):
             # CPU: NCHW float32 input runs channels_last inside the model, converted once at its boundary.
             install_layout_boundary(model)

@@ -38,6 +38,8 @@ class ConversionReport:
     guards: list[tuple[str, str, list[str]]] = field(default_factory=list)
 
     def add_guards(self, scope: str, class_name: str, specializations: list[str]) -> None:
+        """Record a block's guards (replacing what an earlier pass recorded for the same block)."""
+        self.guards = [g for g in self.guards if g[0] != scope]
         self.guards.append((scope, class_name, list(specializations)))
 
     def add(self, scope: str, nodes, kind: str, status: str, detail: str = "") -> ReportRow:
@@ -78,7 +80,8 @@ class ConversionReport:
         lines += [fmt.format(*row) for row in body]
         for scope, cls, specs in self.guards:
             lines.append(f"guarded: {scope or '<root>'} ({cls}) runs its fused graph when "
-                         + " | ".join(f"[{g}]" for g in specs) + "; any other call runs its own forward exactly")
+                         + " | ".join(f"[{g}]" for g in specs) + "; any other call runs its own forward exactly "
+                         "(a re-parameterized block, whose branches are gone, raises GuardMiss instead)")
         lines += [f"note: {n}" for n in self.notes]
         lines.append(self.summary())
         return "\n".join(lines)

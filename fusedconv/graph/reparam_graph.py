@@ -22,6 +22,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from fusedconv import fold
+from fusedconv.graph.legality import has_hooks
 from fusedconv.graph.reparam_branches import BranchReader, Piece, Term, _owned, _sum_operands
 from fusedconv.graph.reparam_leaves import ReparamTracer, plain_bn_reason
 from fusedconv.graph.reparam_math import (
@@ -221,6 +222,10 @@ class ScopePass(BranchReader):
             if len(group) == 1:
                 return None
             raise NotMergeable(f"branch value {shared[0].name} is also used outside the sum", names)
+        hooked = self._hooked(group_pieces)
+        if hooked is not None:  # merged away, the module would never run again: its hooks would go silent
+            raise NotMergeable(f"{hooked} has forward / backward hooks, which must keep seeing its own output",
+                               names)
         state = [t for p in group_pieces if p.module is not None
                  for t in list(p.module.parameters()) + list(p.module.buffers()) if t.is_floating_point()]
         dev = state[0].device if state else None
@@ -243,6 +248,18 @@ class ScopePass(BranchReader):
             raise NotMergeable(f"internal error while merging ({type(e).__name__}: {e}); please report it",
                                names) from None
         return merged, group, rest, names, dtype
+
+    def _hooked(self, pieces: list[Piece]) -> str | None:
+        """The first module of `pieces` (or container the trace went through to reach it) carrying hooks."""
+        for p in pieces:
+            if p.node.op != "call_module":
+                continue
+            parts = str(p.node.target).split(".")
+            for i in range(1, len(parts) + 1):
+                path = ".".join(parts[:i])
+                if has_hooks(self.module.get_submodule(path)):
+                    return f"{self.scope}.{path}" if self.scope else path
+        return None
 
     def try_merge(self, root: fx.Node, term_nodes, const: float) -> None:
         terms = [self.chain(n, c, post) for n, c, post in term_nodes]

@@ -4,7 +4,8 @@ Convs (any subclass), batch norms (any subclass), FusedConv2d / fused layers and
 leaves of the pass's trace; other user modules are traced through, so a branch like `self.conv_kxk(x)` (a
 ConvNormAct) shows as its conv and BN nodes. A leaf is trusted as a linear piece only when its forward is known:
 plain nn.Conv2d, DBB's IdentityBasedConv1x1, BatchNorm2d / SyncBatchNorm / FrozenBatchNorm2d, timm's
-BatchNormAct2d without activation.
+BatchNormAct2d without activation. A module carrying hooks is a leaf too, and a leaf that is no linear piece
+(so the branch through it stays as it is, and its hooks fire on real tensors).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from fusedconv import fold
 from fusedconv.fused_layers import FusedAffineLayer
+from fusedconv.graph.legality import has_hooks
 from fusedconv.graph.tracing import ScopeTracer
 from fusedconv.modules import FusedConv2d
 
@@ -59,6 +61,8 @@ class ReparamTracer(ScopeTracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if isinstance(m, (nn.modules.conv._ConvNd, _BatchNorm, FusedConv2d, FusedAffineLayer)) or fold.is_batchnorm(m) \
                 or is_bn_and_pad(m):
+            return True
+        if has_hooks(m):  # traced through, its hooks would run on Proxies and its call would vanish when merged
             return True
         return fx.Tracer.is_leaf_module(self, m, module_qualified_name)
 

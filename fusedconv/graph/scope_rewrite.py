@@ -78,18 +78,23 @@ class ScopeRewrite:
     """Fuses one traced scope over all its call patterns; `run()` returns the module (the same object)."""
 
     def __init__(self, module: nn.Module, scope: str, params: list[Param],
-                 traced: list[tuple[CallPattern, ScopeTrace]], uses, report: ConversionReport):
+                 traced: list[tuple[CallPattern, ScopeTrace]], uses, report: ConversionReport,
+                 base: GuardTable | None = None):
         self.module, self.scope, self.params, self.traced = module, scope, params, traced
         self.uses, self.report = uses, report
+        # A block guarded before (re-parameterized): `traced` are its specializations' graphs, in the order of
+        # base.entries; each new specialization keeps its base entry's guard, and the fallback is the base's.
+        self.base = base
 
     def run(self) -> tuple[nn.Module, list[str] | None]:
         """(module, guard descriptions or None when unguarded / unchanged)."""
         module = self.module
+        self.before = dict(module._modules)
         primary = ScopePass(module, self.traced[0][1].graph, self.scope, self.uses, self.report)
         good, absorbs = primary.plan()
         if not good and not absorbs:
             return module, None
-        swap = primary.swappable(good, absorbs)
+        swap = primary.swappable(good, absorbs) and self.base is None  # the base's code is not the forward
         plans = [(self.traced[0][0], self.traced[0][1], primary, good, absorbs)]
         want = _signature(good, absorbs)
         for pattern, trace in self.traced[1:]:
@@ -107,7 +112,7 @@ class ScopeRewrite:
             if swap:
                 self._swap(good, absorbs)
                 return module, None
-        elif swap and _proven_independent(module, self.params, [t for _, t in self.traced], primary.graph):
+        elif swap and self.base is None and _proven_independent(module, self.params, [t for _, t in self.traced], primary.graph):
             self._swap(good, absorbs)
             return module, None
         sources = []
@@ -132,17 +137,43 @@ class ScopeRewrite:
         if swap:
             items = [(pattern, trace, "swap", None) for pattern, trace, _, _, _ in plans]
         else:
-            items = [(pattern, trace, _normalized(src, graph), (src, glb)) for pattern, src, glb, _, graph in sources
+            items = [(pattern, trace, (_normalized(src, graph), self._base_index(pattern)), (src, glb))
+                     for pattern, src, glb, _, graph in sources
                      for pat, trace, _, _, _ in plans if pat is pattern]
-        expect: list = []
+        expect: list = [] if self.base is None else list(self.base.expect)
         entries = []
-        for pattern, trace, _, payload in merge_patterns(items):
+        for pattern, trace, key, payload in merge_patterns(items):
             local = {p.name: f"a{i}" for i, p in enumerate(self.params)}
             guard = build_guard(module, self.params, pattern, trace, local, expect)
-            entries.append(Specialization(guard.expression(), guard.described, *(payload or ())))
-        table = GuardTable(type(module), self.params, entries, expect, roles)
+            terms, described = guard.expression(), guard.described
+            checks = list(zip(guard.terms, guard.labels))
+            if self.base is not None:  # the base entry's assumptions first
+                b = self.base.entries[key[1]]
+                terms, described, checks = f"({b.guard}) and ({terms})", b.described + described, b.checks + checks
+            entries.append(Specialization(terms, described, *(payload or (None, None)), checks, pattern))
+        if self.base is None:
+            table = GuardTable(type(module), self.params, entries, expect, roles)
+        else:
+            self._rebind_base(expect)
+            table = GuardTable(self.base.original, self.params, entries, expect, roles, scope=self.scope,
+                               base=self.base)
         install(module, table)
         return module, table.describe()
+
+    def _base_index(self, pattern: CallPattern) -> int | None:
+        return None if self.base is None else next(k for k, s in enumerate(self.base.entries) if s.pattern == pattern)
+
+    def _rebind_base(self, expect: list) -> None:
+        """The base guards pinned the children this rewrite replaced (the merged conv): they now pin the
+        replacements, so the base still accepts the block as converted (its fallback binds the roles)."""
+        for name, old in self.before.items():
+            new = self.module._modules.get(name)
+            if new is not old:
+                for objects in (expect, self.base.expect):
+                    for i, v in enumerate(objects):
+                        if v is old:
+                            objects[i] = new
+        self.base._compile()
 
     # ------------------------------------------------------------------ changing the block
     def _swap(self, good: list[Chain], absorbs: list[Absorb]) -> list:

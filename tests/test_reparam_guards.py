@@ -1,0 +1,300 @@
+"""Guarded re-parameterization: a merged block computes the original function for every call it accepts, and
+raises GuardMiss (never a stale merge) for one its merged weights cannot compute.
+
+RepVGG-like blocks written here with adversarial forwards, plus timm's repvgg_a0 and mobileone_s0, each with
+random weights and randomized BN statistics, compared with the original in float64 after reparameterize and
+after convert, called in every way their users call them.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from util import batch_norm_count, count_ops, max_rel_error, randomize_bn  # noqa: E402
+
+import fusedconv  # noqa: E402
+from fusedconv import FusedConv2d, GuardMiss  # noqa: E402
+from fusedconv.graph.specialize import guard_table  # noqa: E402
+
+TOL = 1e-9  # float64: rounding is ~1e-15, a wrong merge O(1)
+
+
+def _t(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def conv_bn(cin, cout, k):
+    return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.BatchNorm2d(cout))
+
+
+class Branches(nn.Module):
+    """RepVGG's three branches; subclasses decide how the forward combines them."""
+
+    def __init__(self, c=4):
+        super().__init__()
+        self.dense, self.pw, self.idbn = conv_bn(c, c, 3), conv_bn(c, c, 1), nn.BatchNorm2d(c)
+        self.act = nn.ReLU()
+
+
+class OptionalSkip(Branches):
+    """An optional tensor added after the merged sum (`is not None` form): the merge is the same both ways."""
+
+    def forward(self, x, skip=None):
+        out = self.act(self.dense(x) + self.pw(x) + self.idbn(x))
+        if skip is not None:
+            out = out + skip
+        return out
+
+
+class SkipReplacesIdentity(Branches):
+    """`is None` form: the identity branch only when no skip is given, so each call pattern merges other
+    branches (two merged convs)."""
+
+    def forward(self, x, skip=None):
+        if skip is None:
+            return self.act(self.dense(x) + self.pw(x) + self.idbn(x))
+        return self.act(self.dense(x) + self.pw(x) + skip)
+
+
+class IdentityFlag(Branches):
+    """A plain flag decides whether the identity branch joins the sum (users flip such flags)."""
+
+    def __init__(self, c=4):
+        super().__init__(c)
+        self.use_identity = True
+
+    def forward(self, x):
+        out = self.dense(x) + self.pw(x)
+        if self.use_identity:
+            out = out + self.idbn(x)
+        return self.act(out)
+
+
+class IdentityIsNone(Branches):
+    """timm RepVggBlock's form: `if self.idbn is None` picks the branches."""
+
+    def forward(self, x):
+        if self.idbn is None:
+            return self.act(self.dense(x) + self.pw(x))
+        return self.act(self.dense(x) + self.pw(x) + self.idbn(x))
+
+
+class CalledTwoWays(nn.Module):
+    """The same block instance called with and without its optional argument in one forward."""
+
+    def __init__(self, block):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x):
+        y = self.block(x)
+        return self.block(y, x)
+
+
+def _prep(model, seed=0):
+    torch.manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.normal_(m.weight, 0.0, 0.3)
+    return randomize_bn(model, seed).double().eval()
+
+
+@torch.no_grad()
+def _close(out, ref):
+    err = max_rel_error(out, ref)
+    assert err < TOL, err
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("order", ["given_first", "omitted_first"])
+@pytest.mark.parametrize("block_cls,n_merged", [(OptionalSkip, 1), (SkipReplacesIdentity, 2)])
+@pytest.mark.parametrize("stage", ["reparameterize", "convert"])
+def test_optional_argument_every_way(block_cls, n_merged, order, stage):
+    model = _prep(block_cls())
+    x, skip = _t(2, 4, 7, 7), _t(2, 4, 7, 7, seed=1)
+    if stage == "reparameterize":
+        out, report = fusedconv.reparameterize(model, return_report=True)
+    else:
+        out, report = fusedconv.convert(model, return_report=True)
+    calls = [(x, skip), (x,), (x, None)]
+    for args in (calls if order == "given_first" else calls[::-1]):
+        _close(out(*args), model(*args))
+    assert type(out) is not block_cls and isinstance(out, block_cls)  # the guarded subclass of its own class
+    # Both call patterns were traced while the branches existed: merged, no BN left, either way.
+    for args in ((x,), (x, skip)):
+        counts = count_ops(out, *args)
+        assert batch_norm_count(counts) == 0, counts
+    convs = [n for n, m in out.named_modules() if isinstance(m, (nn.Conv2d, FusedConv2d))]
+    assert len(convs) == n_merged, convs
+    assert not any(k.startswith(("dense", "pw", "idbn")) for k in out.state_dict()), list(out.state_dict())
+    (scope, cls, specs), = report.guards
+    assert cls == block_cls.__name__ and specs
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("stage", ["reparameterize", "convert"])
+def test_same_instance_called_two_ways(stage):
+    model = _prep(CalledTwoWays(SkipReplacesIdentity()))
+    x = _t(1, 4, 6, 6)
+    out = getattr(fusedconv, stage)(model)
+    _close(out(x), model(x))
+    assert batch_norm_count(count_ops(out, x)) == 0
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("stage", ["reparameterize", "convert"])
+def test_flag_flipped_after_reparameterize_raises(stage):
+    model = _prep(IdentityFlag())
+    x = _t(1, 4, 6, 6)
+    out, report = getattr(fusedconv, stage)(model, return_report=True)
+    _close(out(x), model(x))
+    assert any("self.use_identity=True" in g for g in report.guards[0][2])
+    out.use_identity = False  # the original would now drop its identity branch: the merged conv has it
+    with pytest.raises(GuardMiss, match=r"IdentityFlag at '<root>'.*self\.use_identity=True"):
+        out(x)
+    out.use_identity = True
+    _close(out(x), model(x))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("stage", ["reparameterize", "convert"])
+def test_merged_branch_set_to_none_raises(stage):
+    model = _prep(IdentityIsNone())
+    x = _t(1, 4, 6, 6)
+    out = getattr(fusedconv, stage)(model)
+    _close(out(x), model(x))
+    assert not hasattr(out, "idbn")  # merged away, not in the state any more
+    out.idbn = None
+    with pytest.raises(GuardMiss, match=r"self\.idbn was merged away"):
+        out(x)
+    del out.idbn
+    _close(out(x), model(x))
+
+
+@torch.no_grad()
+def test_child_replaced_after_convert_takes_the_base_path_or_raises():
+    """convert over a re-parameterized block keeps the re-parameterization's guards as its base: replacing the
+    activation invalidates both, which raises rather than running the fused epilogue's stale activation."""
+    model = _prep(OptionalSkip())
+    x = _t(1, 4, 6, 6)
+    out = fusedconv.convert(model)
+    table = guard_table(out)
+    assert table.kind == "convert" and table.base is not None and table.base.kind == "reparam"
+    _close(out(x), model(x))
+    out.act = nn.Tanh()
+    with pytest.raises(GuardMiss, match="self.act"):
+        out(x)
+
+
+@torch.no_grad()
+def test_convert_fallback_over_the_base_is_exact():
+    """A call convert's guards reject but the base accepts runs the re-parameterized code over role children."""
+    model = _prep(OptionalSkip())
+    x = _t(1, 4, 6, 6)
+    out = fusedconv.convert(model)
+    table = guard_table(out)
+    for s in table.entries:  # make convert's own specializations miss (as a pattern it could not trace would)
+        s.guard = "False"
+    table._compile()
+    _close(out(x), model(x))
+    _close(out(x, x), model(x, x))
+    assert table.fallback_calls == 2
+
+
+@torch.no_grad()
+def test_hooked_branch_is_not_merged():
+    model = _prep(OptionalSkip())
+    seen = []
+    model.pw.register_forward_hook(lambda m, i, o: seen.append(o))
+    x = _t(1, 4, 6, 6)
+    out, report = fusedconv.reparameterize(model, return_report=True)
+    # The hooked branch stays a branch (the other two merge around it) and its hook sees real tensors only.
+    assert [r.detail.split(" (")[0] for r in report.fused] == ["2 branches"], str(report)
+    assert "pw.0.weight" in out.state_dict()
+    _close(out(x), model(x))
+    assert len(seen) == 2 and all(type(t) is torch.Tensor for t in seen)  # the copy's hook fired too
+    fired = []  # a hook on a merged block fires
+    merged = fusedconv.reparameterize(_prep(OptionalSkip()))
+    merged.register_forward_hook(lambda m, i, o: fired.append(o))
+    merged(x)
+    assert len(fired) == 1
+
+
+@torch.no_grad()
+def test_copies_pickle_and_dtype_moves_keep_the_guards():
+    model = _prep(nn.Sequential(IdentityFlag(), OptionalSkip()))
+    x = _t(1, 4, 6, 6)
+    out = fusedconv.reparameterize(model)
+    buf = io.BytesIO()
+    torch.save(out, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    for m in (copy.deepcopy(out), loaded):
+        _close(m(x), model(x))
+        m[0].use_identity = False
+        with pytest.raises(GuardMiss):
+            m(x)
+    half = copy.deepcopy(out).float()
+    assert max_rel_error(half(x.float()), model(x)) < 1e-5
+    state = out.state_dict()
+    assert sorted(state) == ["0.reparam_conv.bias", "0.reparam_conv.weight", "1.reparam_conv.bias",
+                             "1.reparam_conv.weight"]
+    fresh = fusedconv.reparameterize(_prep(nn.Sequential(IdentityFlag(), OptionalSkip()), seed=5))
+    fresh.load_state_dict(state)
+    _close(fresh(x), model(x))
+
+
+# ---------------------------------------------------------------------------------------------- timm models
+@pytest.fixture(scope="module", params=[("repvgg_a0", "RepVggBlock"), ("mobileone_s0", "MobileOneBlock")])
+def timm_model(request):
+    timm = pytest.importorskip("timm")
+    name, block = request.param
+    torch.manual_seed(0)
+    model = randomize_bn(timm.create_model(name, pretrained=False), seed=1).double().eval()
+    return model, block
+
+
+@torch.no_grad()
+def test_timm_models_float64(timm_model):
+    model, block = timm_model
+    n_blocks = sum(type(m).__name__ == block for m in model.modules())
+    x = _t(1, 3, 64, 64)
+    ref = model(x)
+    reparam, report = fusedconv.reparameterize(model, return_report=True)
+    _close(reparam(x), ref)
+    counts = count_ops(reparam, x)
+    assert counts["convolution"] == n_blocks and batch_norm_count(counts) == 0, counts
+    guarded = [(s, c, g) for s, c, g in report.guards if c == block]
+    assert len(guarded) == n_blocks and all(g for _, _, g in guarded)
+    # timm's own inference path reads `self.reparam_conv`: the merged conv sits there, as after its own
+    # reparameterize(), and the guard says so.
+    assert all(any("self.reparam_conv is None" not in d for d in g) for _, _, g in guarded)
+    assert sum(type(m).__name__ == block for m in reparam.modules()) == n_blocks  # blocks keep their class
+    converted, creport = fusedconv.convert(model, return_report=True)
+    _close(converted(x), ref)
+    counts = count_ops(converted, x)
+    assert counts["convolution"] + counts["_convolution_pointwise"] == n_blocks and batch_norm_count(counts) == 0
+    assert sum(isinstance(m, FusedConv2d) and m.act.name != "identity" for m in converted.modules()) == n_blocks
+    assert len([g for g in creport.guards if g[1] == block]) == n_blocks
+
+
+@torch.no_grad()
+def test_reparameterized_and_converted_compiles_and_exports():
+    model = _prep(nn.Sequential(IdentityFlag(), OptionalSkip())).float()
+    x = torch.randn(1, 4, 8, 8)
+    converted = fusedconv.convert(model)
+    ref = model(x)
+    compiled = torch.compile(converted, fullgraph=True)
+    assert max_rel_error(compiled(x), ref) < 1e-5
+    ep = torch.export.export(converted, (x,))
+    assert not any("batch_norm" in str(n.target) for n in ep.graph.nodes)
+    assert max_rel_error(ep.module()(x), ref) < 1e-5

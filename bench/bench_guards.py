@@ -1,5 +1,6 @@
 """Benchmark entry for the per-call cost of guarded rewrites: converted torchvision resnet50 and mobilenet_v2,
-each timed with its guards (the normal converted model) and with every guarded block's dispatch replaced by a
+and timm repvgg_a0 re-parameterized (`repvgg_a0:reparam`) and converted (`repvgg_a0`, whose blocks carry the
+re-parameterization's guards as the base of convert's), each timed with its guards (the normal converted model) and with every guarded block's dispatch replaced by a
 direct call of its first specialization (the same fused code, no guard check), interleaved in one run; plus
 the guard expressions alone timed per forward (`guard_check_us`), which machine load cannot hide.
 
@@ -85,16 +86,31 @@ def guard_check_us(model: nn.Module, x: torch.Tensor, iters: int = 20000) -> flo
     return total
 
 
-def run(device: str = "cpu", quick: bool = False, batch: int = 1, rounds: int | None = None) -> list[dict]:
-    import torchvision
+MODELS = ("resnet50", "mobilenet_v2", "repvgg_a0:reparam", "repvgg_a0")
 
+
+def _build(name: str, device: str) -> nn.Module:
+    """The rewritten model the bench times: converted, or only re-parameterized for a `:reparam` name."""
+    torch.manual_seed(0)
+    arch, _, stage = name.partition(":")
+    if arch.startswith("repvgg"):
+        import timm
+
+        model = timm.create_model(arch, pretrained=False).eval().to(device)
+    else:
+        import torchvision
+
+        model = getattr(torchvision.models, arch)().eval().to(device)
+    return fusedconv.reparameterize(model) if stage == "reparam" else fusedconv.convert(model)
+
+
+def run(device: str = "cpu", quick: bool = False, batch: int = 1, rounds: int | None = None,
+        models: tuple = MODELS) -> list[dict]:
     rounds = rounds or (3 if quick else 7)
     iters, warmup = (10, 3) if quick else (30, 5)
     rows = []
-    for name in ("resnet50", "mobilenet_v2"):
-        torch.manual_seed(0)
-        model = getattr(torchvision.models, name)().eval().to(device)
-        converted = fusedconv.convert(model)
+    for name in models:
+        converted = _build(name, device)
         x = torch.randn(batch, 3, 224, 224, device=device)
         with torch.no_grad():
             ref = converted(x)
@@ -125,10 +141,11 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--rounds", type=int, default=None)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--models", default=",".join(MODELS), help="comma-separated, from " + ", ".join(MODELS))
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    for row in run(args.device, args.quick, args.batch, args.rounds):
+    for row in run(args.device, args.quick, args.batch, args.rounds, tuple(args.models.split(","))):
         print(json.dumps(row))
 
 

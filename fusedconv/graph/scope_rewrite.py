@@ -147,9 +147,13 @@ class ScopeRewrite:
             guard = build_guard(module, self.params, pattern, trace, local, expect)
             terms, described = guard.expression(), guard.described
             checks = list(zip(guard.terms, guard.labels))
-            if self.base is not None:  # the base entry's assumptions first
+            if self.base is not None:  # the base entry's assumptions first; what it checks already is not repeated
                 b = self.base.entries[key[1]]
-                terms, described, checks = f"({b.guard}) and ({terms})", b.described + described, b.checks + checks
+                known = {label for _, label in b.checks}
+                checks = b.checks + [(t, label) for t, label in checks if label not in known]
+                terms = " and ".join(t for t, _ in checks) or "True"
+                described = b.described + [x for x in described if x not in b.described
+                                           and not x.startswith("submodules ")]
             entries.append(Specialization(terms, described, *(payload or (None, None)), checks, pattern))
         if self.base is None:
             table = GuardTable(type(module), self.params, entries, expect, roles)

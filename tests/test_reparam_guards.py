@@ -230,10 +230,11 @@ def test_hooked_branch_is_not_merged():
 
 
 @torch.no_grad()
-def test_copies_pickle_and_dtype_moves_keep_the_guards():
+@pytest.mark.parametrize("stage", ["reparameterize", "convert"])
+def test_copies_pickle_and_dtype_moves_keep_the_guards(stage):
     model = _prep(nn.Sequential(IdentityFlag(), OptionalSkip()))
     x = _t(1, 4, 6, 6)
-    out = fusedconv.reparameterize(model)
+    out = getattr(fusedconv, stage)(model)
     buf = io.BytesIO()
     torch.save(out, buf)
     buf.seek(0)
@@ -246,9 +247,9 @@ def test_copies_pickle_and_dtype_moves_keep_the_guards():
     half = copy.deepcopy(out).float()
     assert max_rel_error(half(x.float()), model(x)) < 1e-5
     state = out.state_dict()
-    assert sorted(state) == ["0.reparam_conv.bias", "0.reparam_conv.weight", "1.reparam_conv.bias",
-                             "1.reparam_conv.weight"]
-    fresh = fusedconv.reparameterize(_prep(nn.Sequential(IdentityFlag(), OptionalSkip()), seed=5))
+    params = ["bias", "weight"] if stage == "reparameterize" else ["scale", "shift", "weight"]
+    assert sorted(state) == [f"{i}.reparam_conv.{p}" for i in (0, 1) for p in params]
+    fresh = getattr(fusedconv, stage)(_prep(nn.Sequential(IdentityFlag(), OptionalSkip()), seed=5))
     fresh.load_state_dict(state)
     _close(fresh(x), model(x))
 

@@ -299,3 +299,19 @@ def test_reparameterized_and_converted_compiles_and_exports():
     ep = torch.export.export(converted, (x,))
     assert not any("batch_norm" in str(n.target) for n in ep.graph.nodes)
     assert max_rel_error(ep.module()(x), ref) < 1e-5
+
+
+def test_reparameterized_and_converted_onnx_matches_onnxruntime():
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    model = _prep(nn.Sequential(IdentityFlag(), OptionalSkip())).float()
+    x = torch.randn(1, 4, 8, 8)
+    converted = fusedconv.convert(model)
+    buf = io.BytesIO()
+    torch.onnx.export(converted, (x,), dynamo=True, verbose=False).save(buf)
+    ops = {n.op_type for n in onnx.load_from_string(buf.getvalue()).graph.node}
+    assert "BatchNormalization" not in ops and "Conv" in ops, ops
+    session = ort.InferenceSession(buf.getvalue(), providers=["CPUExecutionProvider"])
+    (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        assert max_rel_error(torch.from_numpy(out), model(x)) < 1e-4

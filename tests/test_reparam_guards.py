@@ -88,6 +88,31 @@ class IdentityIsNone(Branches):
         return self.act(self.dense(x) + self.pw(x) + self.idbn(x))
 
 
+class Gate(nn.Module):
+    """A stateless user module the re-parameterization trace goes through (its code is inlined), with a flag."""
+
+    def __init__(self):
+        super().__init__()
+        self.enabled = True
+
+    def forward(self, x):
+        return x * 2.0 if self.enabled else x
+
+
+class GatedBlock(Branches):
+    def __init__(self, c=4):
+        super().__init__(c)
+        self.gate = Gate()
+
+    def forward(self, x):
+        return self.act(self.gate(self.dense(x) + self.pw(x) + self.idbn(x)))
+
+
+class StarArgs(Branches):
+    def forward(self, x, *rest):
+        return self.act(self.dense(x) + self.pw(x) + self.idbn(x))
+
+
 class CalledTwoWays(nn.Module):
     """The same block instance called with and without its optional argument in one forward."""
 
@@ -178,6 +203,47 @@ def test_merged_branch_set_to_none_raises(stage):
         out(x)
     del out.idbn
     _close(out(x), model(x))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("stage", ["reparameterize", "convert"])
+def test_flag_on_a_traced_through_child_is_guarded(stage):
+    """The trace inlines Gate's forward: flipping its flag later must not leave the inlined `* 2` running."""
+    model = _prep(GatedBlock())
+    x = _t(1, 4, 6, 6)
+    out, report = getattr(fusedconv, stage)(model, return_report=True)
+    _close(out(x), model(x))
+    assert isinstance(out.gate, Gate)  # stateless children stay
+    out.gate.enabled = False
+    with pytest.raises(GuardMiss, match=r"self\.gate\.enabled=True"):
+        out(x)
+    out.gate.enabled = True
+    _close(out(x), model(x))
+
+
+@torch.no_grad()
+def test_reparameterize_then_convert_and_converting_twice():
+    model = _prep(nn.Sequential(IdentityFlag(), OptionalSkip()))
+    x = _t(1, 4, 6, 6)
+    merged = fusedconv.reparameterize(model)
+    assert fusedconv.reparameterize(merged, inplace=True) is merged  # merged blocks are not merged again
+    converted, report = fusedconv.convert(merged, return_report=True)
+    assert [r.kind for r in report.fused] == ["conv_bn_act", "conv_bn_act"]
+    _close(converted(x), model(x))
+    again, report = fusedconv.convert(converted, return_report=True)
+    assert not report.fused
+    _close(again(x), model(x))
+    assert all(guard_table(m).kind == "convert" for m in again if guard_table(m) is not None)
+
+
+@torch.no_grad()
+def test_star_args_forward_is_not_merged():
+    model = _prep(StarArgs())
+    x = _t(1, 4, 6, 6)
+    out, report = fusedconv.reparameterize(model, return_report=True)
+    assert not report.fused and any("cannot be guarded" in n for n in report.notes), str(report)
+    _close(out(x), model(x))
+    _close(out(x, 1, 2), model(x, 1, 2))
 
 
 @torch.no_grad()

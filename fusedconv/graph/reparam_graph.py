@@ -56,6 +56,7 @@ class ScopePass(BranchReader):
         self.merged = 0
         self.added: list[str] = []
         self.taken: set[str] = set()  # names the merged conv may not take (the block's own attributes)
+        self.sources: dict[str, tuple] = {}  # merged conv name -> the branch modules merged into it
 
     # ------------------------------------------------------------------ building maps
     def _input_channels(self, terms: list[Term], source: fx.Node) -> int:
@@ -289,6 +290,7 @@ class ScopePass(BranchReader):
             name = f"{MERGED_NAME}_{i}"
         self.gm.add_submodule(name, conv)
         self.added.append(name)
+        self.sources[name] = names
         with self.graph.inserting_before(root):
             new = self.graph.call_module(name, (source,))
             for t in rest:

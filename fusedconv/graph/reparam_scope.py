@@ -162,20 +162,25 @@ class ReparamRewrite:
     def _share_convs(self, passes, taken: set) -> dict[str, nn.Conv2d]:
         """One block-level name per distinct merged conv; each pattern's graph is renamed to call it."""
         merged: dict[str, nn.Conv2d] = {}
+        origin: dict[str, tuple] = {}
         for _, _, sp in passes:
+            rename = {}
             for name in sp.added:
                 conv = sp.gm.get_submodule(name)
-                same = next((n for n, c in merged.items() if _same_conv(c, conv)), None)
+                # The same merge: the same branch modules, giving the same conv (from another pattern only).
+                same = next((n for n, c in merged.items() if origin[n] == sp.sources[name] and
+                             n not in rename.values() and _same_conv(c, conv)), None)
                 if same is None:
                     same, i = MERGED_NAME, 0
                     while same in merged or same in taken:
                         i += 1
                         same = f"{MERGED_NAME}_{i}"
                     merged[same] = conv
-                if same != name:
-                    for node in sp.graph.nodes:
-                        if node.op == "call_module" and node.target == name:
-                            node.target = same
+                    origin[same] = sp.sources[name]
+                rename[name] = same
+            for node in sp.graph.nodes:  # all at once: a new name may be another conv's old one
+                if node.op == "call_module" and node.target in rename:
+                    node.target = rename[node.target]
         return merged
 
     def _table(self, params: list[Param], passes, removed: set[str], merged: tuple) -> GuardTable:

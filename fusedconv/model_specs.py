@@ -25,9 +25,11 @@ def _first_line(e: BaseException) -> str:
 
 
 def parse_spec(spec: str) -> tuple[str, list[str]]:
-    """(kind, parts) of a spec: ("torchvision", [NAME]), ("timm", [NAME]), ("smp", [ARCH, ENCODER]) or ("file", [PATH])."""
+    """(kind, parts) of a spec: ("torchvision", [NAME]), ("timm", [NAME]), ("smp", [ARCH, ENCODER]) or
+    ("file", [PATH])."""
     if not isinstance(spec, str) or not spec:
-        raise ModelSpecError(f"model spec: expected torchvision:NAME, timm:NAME, smp:ARCH:ENCODER or a file, got {spec!r}")
+        raise ModelSpecError(f"model spec: expected torchvision:NAME, timm:NAME, smp:ARCH:ENCODER or a file, "
+                             f"got {spec!r}")
     prefix, sep, rest = spec.partition(":")
     if sep and prefix in SPEC_PREFIXES:
         parts = rest.split(":")
@@ -68,8 +70,8 @@ def _build_smp(arch: str, encoder: str):
     try:
         import segmentation_models_pytorch as smp
     except ImportError as e:
-        raise ModelSpecError("model spec smp:...: expected segmentation_models_pytorch to be installed, got ImportError") \
-            from e
+        raise ModelSpecError("model spec smp:...: expected segmentation_models_pytorch to be installed, "
+                             "got ImportError") from e
     import torch
 
     archs = {n.lower(): n for n in dir(smp) if isinstance(getattr(smp, n), type)
@@ -87,10 +89,10 @@ def _load_model_file(path: str, trust_pickle: bool):
 
     if not os.path.isfile(path):
         raise ModelSpecError(f"model spec: expected torchvision:NAME, timm:NAME, smp:ARCH:ENCODER or an existing file, "
-                       f"got {path!r} (no such file)")
+                             f"got {path!r} (no such file)")
     if path.endswith(".pt2") or is_torchscript(path):
         raise ModelSpecError(f"model spec {path!r}: an ExportedProgram / TorchScript file is not an nn.Module; "
-                       "`fusedconv convert` converts it at the graph level (see --help)")
+                             "`fusedconv convert` converts it at the graph level (see --help)")
     if not trust_pickle:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -99,16 +101,16 @@ def _load_model_file(path: str, trust_pickle: bool):
         if isinstance(obj, dict):
             if obj.get("format") == CONVERTED_FORMAT:
                 raise ModelSpecError(f"model spec {path!r}: this file is already a fusedconv-converted model "
-                               "(load it with fusedconv.cli.load_converted)")
-            raise ModelSpecError(f"model spec {path!r}: this file holds a state_dict, not a model — give the architecture "
-                           "as SPEC and this file as --weights")
+                                     "(load it with fusedconv.cli.load_converted)")
+            raise ModelSpecError(f"model spec {path!r}: this file holds a state_dict, not a model — give the "
+                                 "architecture as SPEC and this file as --weights")
         raise ModelSpecError(f"model spec {path!r}: loading a pickled nn.Module runs code from the file; pass "
-                       "--trust-pickle if you trust it")
+                             "--trust-pickle if you trust it")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
         raise ModelSpecError(f"model spec {path!r}: expected a pickled nn.Module, could not load it "
-                       f"({type(e).__name__}: {_first_line(e)})") from e
+                             f"({type(e).__name__}: {_first_line(e)})") from e
     if not isinstance(obj, torch.nn.Module):
         raise ModelSpecError(f"model spec {path!r}: expected a pickled nn.Module, got {type(obj).__name__}")
     return obj
@@ -159,18 +161,19 @@ def load_weights(model, path: str) -> None:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise ModelSpecError(f"--weights {path!r}: expected a state_dict saved with torch.save, could not load it "
-                       f"({type(e).__name__}: {_first_line(e)})") from e
+                             f"({type(e).__name__}: {_first_line(e)})") from e
     if isinstance(state, dict):
         for key in ("state_dict", "model", "model_state_dict"):
             if isinstance(state.get(key), dict):
                 state = state[key]
                 break
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ModelSpecError(f"--weights {path!r}: expected a dict of tensors (a state_dict), got {type(state).__name__}")
+        raise ModelSpecError(f"--weights {path!r}: expected a dict of tensors (a state_dict), "
+                             f"got {type(state).__name__}")
     missing, unexpected = _state_dict_mismatch(model, state)
     if missing or unexpected:
         raise ModelSpecError(f"--weights {path!r}: does not match the model: {len(missing)} missing key(s) "
-                       f"{missing[:3]}, {len(unexpected)} unexpected key(s) {unexpected[:3]}")
+                             f"{missing[:3]}, {len(unexpected)} unexpected key(s) {unexpected[:3]}")
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:

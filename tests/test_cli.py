@@ -218,20 +218,6 @@ def test_parsers_in_process():
     assert cli.parse_input_size("3x64x48") == (1, 3, 64, 48)
     with pytest.raises(cli.CLIError, match="--input-size"):
         cli.parse_input_size("0,3,2,2")
-    assert model_specs.parse_spec("smp:Unet:resnet34") == ("smp", ["Unet", "resnet34"])
-    assert model_specs.parse_spec("some/file.pt") == ("file", ["some/file.pt"])
-    with pytest.raises(model_specs.ModelSpecError, match="timm:NAME"):
-        model_specs.parse_spec("timm:")
-
-
-def test_timm_and_smp_specs_build():
-    timm_model = model_specs.build_model("timm:resnet18")
-    assert not timm_model.training
-    assert model_specs.default_input_size("timm:resnet18", timm_model)[1:] == (3, 224, 224)
-    smp_model = model_specs.build_model("smp:unet:resnet18")  # architecture names are case-insensitive
-    assert type(smp_model).__name__ == "Unet"
-    with pytest.raises(model_specs.ModelSpecError, match="unknown smp encoder"):
-        model_specs.build_model("smp:Unet:no_such_encoder")
 
 
 def test_load_converted_rejects_other_files(tmp_path):

@@ -49,3 +49,13 @@ def test_staged_copy_is_what_grimp_reads(tmp_path):
                           env=dict(os.environ, PYTHONPATH=str(tmp_path)), timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "fusedconv.kernels.reference" in proc.stdout, proc.stdout
+
+
+if __name__ == "__main__":  # `python tests/test_architecture.py`: the full import-linter report, by hand
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as staged:
+        stage_installed_layout(staged)
+        result = lint(staged)
+        print(result.stdout + result.stderr)
+        sys.exit(result.returncode)

@@ -32,6 +32,8 @@ import warnings
 import torch
 
 from bench.timing import time_cpu_interleaved, time_fn
+from fusedconv.comparison import max_rel_error
+from fusedconv.model_specs import build_model, randomize_batchnorm, run_convert
 
 MODELS = ("torchvision:resnet50", "torchvision:mobilenet_v2", "timm:repvgg_a0", "smp:Unet:resnet34")
 PROVIDERS = ("eager", "fusedconv", "fusedconv_cl", "fx_fuse", "jit", "compile", "fusedconv_compile", "onnxruntime",
@@ -50,14 +52,10 @@ def _na(e: BaseException) -> str:
 
 
 def _max_rel_error(out, ref) -> float:
-    from fusedconv.cli import max_rel_error
-
     return max_rel_error(out, ref)
 
 
 def build(spec: str, seed: int = 0):
-    from fusedconv.cli import build_model, randomize_batchnorm
-
     torch.manual_seed(seed)
     return randomize_batchnorm(build_model(spec), seed)
 
@@ -68,8 +66,6 @@ def prepare(provider: str, model, x: torch.Tensor, *, compile_mode: str, threads
     if provider == "eager":
         return (lambda: model(x)), info
     if provider in ("fusedconv", "fusedconv_cl", "fusedconv_compile"):
-        from fusedconv.cli import run_convert
-
         t0 = time.perf_counter()
         fused, report = run_convert(copy.deepcopy(model), example_inputs=(x,))
         info.update(convert_s=time.perf_counter() - t0, fused=len(report.fused), skipped=len(report.skipped))

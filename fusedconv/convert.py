@@ -5,10 +5,8 @@ Steps: copy (unless inplace) -> structural re-parameterization (`fusedconv.repar
 (`fusedconv.graph.dataflow`: torch.fx per module scope, plain nn.Sequential chains without tracing) ->
 optional self-check on example inputs.
 
-Self-check tolerances (max |converted - original| / max |original| over every floating output), per output
-dtype: float64 1e-9, float32 1e-4, float16 1e-2, bfloat16 5e-2. Folding BN into the conv reorders a few
-floating-point operations, so fp32 results typically differ by ~1e-6 relative; 1e-4 leaves room for GPU
-kernels (different accumulation order) while still catching any real mistake, which shows up as O(1).
+The self-check tolerances and the output comparison are `fusedconv.comparison`'s (shared with the graph-level
+`convert_exported` and the CPU layout boundary).
 """
 
 from __future__ import annotations
@@ -17,16 +15,16 @@ import copy
 
 import torch
 import torch.nn as nn
-from torch.utils._pytree import tree_flatten
 
+# SELF_CHECK_TOLERANCE and compare_outputs are re-exported: they were defined here and users import them from here.
+from fusedconv.comparison import SELF_CHECK_TOLERANCE, compare_outputs  # noqa: F401
+from fusedconv.comparison import snapshot_outputs as _snapshot
 from fusedconv.cpu_boundary import install as install_layout_boundary
 from fusedconv.graph.dataflow import fuse_dataflow
 from fusedconv.graph.reparam_convert import fuse_reparameterized
 from fusedconv.graph.tracing import proxy_leak_guard
 from fusedconv.modules import FusedConv2d
 from fusedconv.report import ConversionReport
-
-SELF_CHECK_TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 
 
 def _check_model(model, name: str = "model") -> None:
@@ -49,44 +47,6 @@ def _as_args(example_inputs) -> tuple | None:
         return tuple(example_inputs)
     raise TypeError(f"example_inputs: expected a tensor or a tuple of positional arguments, "
                     f"got {type(example_inputs).__name__}")
-
-
-def _snapshot(out):
-    """The output's leaves, tensors cloned (a later in-place op in the model must not change the reference)."""
-    leaves, spec = tree_flatten(out)
-    return [t.detach().clone() if isinstance(t, torch.Tensor) else t for t in leaves], spec
-
-
-def compare_outputs(out, ref_leaves, ref_spec) -> tuple[float, float]:
-    """(max relative error, tolerance) between a model output and a snapshot of the reference output.
-
-    Raises RuntimeError when the structure, a shape or a non-floating value differs.
-    """
-    leaves, spec = tree_flatten(out)
-    if spec != ref_spec or len(leaves) != len(ref_leaves):
-        raise RuntimeError(f"convert: the converted model's output structure differs from the original's "
-                           f"({spec} vs {ref_spec})")
-    err, tol = 0.0, 0.0
-    for i, (o, r) in enumerate(zip(leaves, ref_leaves)):
-        if not isinstance(r, torch.Tensor):
-            if o != r:
-                raise RuntimeError(f"convert: output leaf {i} differs: {o!r} vs original {r!r}")
-            continue
-        if o.shape != r.shape:
-            raise RuntimeError(f"convert: output {i} has shape {tuple(o.shape)}, the original's "
-                               f"{tuple(r.shape)}")
-        if not r.is_floating_point():
-            if not torch.equal(o, r):
-                raise RuntimeError(f"convert: output {i} ({r.dtype}) differs from the original's")
-            continue
-        tol = max(tol, SELF_CHECK_TOLERANCE.get(r.dtype, 1e-4))
-        if r.numel():
-            o64, r64 = o.detach().double(), r.double()
-            e = float((o64 - r64).abs().max() / r64.abs().max().clamp_min(1e-30))
-            if not (o64.isfinite() == r64.isfinite()).all():
-                e = float("inf")
-            err = max(err, e)
-    return err, tol
 
 
 def _reparameterize(model: nn.Module, example_inputs, report: ConversionReport) -> nn.Module:

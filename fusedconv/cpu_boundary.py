@@ -29,6 +29,8 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_map
 
 from fusedconv import cpu
+from fusedconv.comparison import compare_outputs
+from fusedconv.comparison import snapshot_outputs as _snapshot
 
 ATTRIBUTE = "_fusedconv_layout_boundary"
 # Which entered calls switched layout, innermost last, per thread (hooks of nested models pair up in LIFO order).
@@ -117,8 +119,6 @@ def _restore(output):
 
 def _same_outputs(nchw_out, cl_out) -> bool:
     """Same structure, values within the convert self-check tolerance, and the same strides."""
-    from fusedconv.convert import compare_outputs, _snapshot
-
     try:
         err, tol = compare_outputs(cl_out, *_snapshot(nchw_out))
     except RuntimeError:

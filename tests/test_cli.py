@@ -16,7 +16,7 @@ import pytest
 import torch
 import torchvision
 
-from fusedconv import cli
+from fusedconv import cli, comparison, model_specs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = (1, 3, 32, 32)
@@ -39,13 +39,13 @@ def assert_one_line_error(proc, *needles):
 
 
 def rel_err(a, b):
-    return cli.max_rel_error(a, b)
+    return comparison.max_rel_error(a, b)
 
 
 @pytest.fixture(scope="module")
 def resnet18_weights(tmp_path_factory):
     """A resnet18 with random weights and randomized BN statistics, and its state_dict file."""
-    model = cli.randomize_batchnorm(torchvision.models.resnet18(weights=None), seed=3).eval()
+    model = model_specs.randomize_batchnorm(torchvision.models.resnet18(weights=None), seed=3).eval()
     path = tmp_path_factory.mktemp("weights") / "resnet18.pth"
     torch.save(model.state_dict(), path)
     return model, str(path)
@@ -108,7 +108,7 @@ def test_convert_onnx_round_trip(tmp_path, resnet18_weights):
 
 
 def test_pickled_module_with_trust_pickle(tmp_path):
-    model = cli.randomize_batchnorm(torch.nn.Sequential(
+    model = model_specs.randomize_batchnorm(torch.nn.Sequential(
         torch.nn.Conv2d(3, 8, 3, padding=1, bias=False), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
         torch.nn.Conv2d(8, 4, 1), torch.nn.BatchNorm2d(4)), seed=5).eval()
     path = tmp_path / "seq.pt"
@@ -177,7 +177,7 @@ def test_torchscript_state_dict_and_weight_mismatch_are_explained(tmp_path, caps
 
 @pytest.mark.parametrize("source", ["torchscript", "exported"])
 def test_convert_program_files(tmp_path, capsys, monkeypatch, source):
-    net = cli.randomize_batchnorm(torch.nn.Sequential(
+    net = model_specs.randomize_batchnorm(torch.nn.Sequential(
         torch.nn.Conv2d(3, 8, 3, padding=1, bias=False), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
         torch.nn.Conv2d(8, 4, 1), torch.nn.BatchNorm2d(4)), seed=3).eval()
     x = torch.randn(2, 3, 12, 12)
@@ -218,20 +218,6 @@ def test_parsers_in_process():
     assert cli.parse_input_size("3x64x48") == (1, 3, 64, 48)
     with pytest.raises(cli.CLIError, match="--input-size"):
         cli.parse_input_size("0,3,2,2")
-    assert cli._parse_spec("smp:Unet:resnet34") == ("smp", ["Unet", "resnet34"])
-    assert cli._parse_spec("some/file.pt") == ("file", ["some/file.pt"])
-    with pytest.raises(cli.CLIError, match="timm:NAME"):
-        cli._parse_spec("timm:")
-
-
-def test_timm_and_smp_specs_build():
-    timm_model = cli.build_model("timm:resnet18")
-    assert not timm_model.training
-    assert cli.default_input_size("timm:resnet18", timm_model)[1:] == (3, 224, 224)
-    smp_model = cli.build_model("smp:unet:resnet18")  # architecture names are case-insensitive
-    assert type(smp_model).__name__ == "Unet"
-    with pytest.raises(cli.CLIError, match="unknown smp encoder"):
-        cli.build_model("smp:Unet:no_such_encoder")
 
 
 def test_load_converted_rejects_other_files(tmp_path):
@@ -240,3 +226,21 @@ def test_load_converted_rejects_other_files(tmp_path):
         cli.load_converted(str(tmp_path / "plain.pt"))
     with pytest.raises(FileNotFoundError, match="no such file"):
         cli.load_converted(str(tmp_path / "absent.pt"))
+
+
+def test_bench_without_a_source_checkout_says_so_in_one_line(tmp_path, capsys, monkeypatch):
+    """An installed package has no bench/ beside it: `fusedconv bench` explains instead of failing on an import."""
+    from fusedconv.cli import bench_handoff
+
+    monkeypatch.setitem(sys.modules, "bench", None)  # `import bench` raises ImportError, as where it is not installed
+    monkeypatch.setattr(bench_handoff, "PACKAGE_PARENT", str(tmp_path))  # no bench/ beside the package either
+    result = main_in_process(capsys, monkeypatch, tmp_path, "bench", "--quick")
+    assert result.returncode == cli.EXIT_USAGE
+    assert_one_line_error(result, "needs a source checkout")
+
+
+def test_python_dash_m_fusedconv_is_the_command_line():
+    proc = subprocess.run([sys.executable, "-m", "fusedconv", "convert", "--help"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "torchvision:NAME" in proc.stdout and "--input-size" in proc.stdout

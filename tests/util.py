@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from fusedconv.cli import randomize_batchnorm
+from fusedconv.model_specs import randomize_batchnorm
 
 
 #: One activation module per epilogue activation name (stateless, so tests may share the instances).

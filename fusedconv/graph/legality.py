@@ -103,6 +103,10 @@ def is_leaf_type(module: nn.Module) -> bool:
             or spec_from_module(module) is not None)
 
 
+def is_plain_sequential(module: nn.Module) -> bool:
+    return isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
+
+
 def module_use_counts(model: nn.Module) -> Counter:
     """How many places in the module tree hold each module object (more than one = shared)."""
     return Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
@@ -115,8 +119,6 @@ def tail_conv(module: nn.Module) -> tuple[nn.Module, str, nn.Conv2d, list[nn.Mod
     it (through nested plain Sequentials): its output is the Sequential's output, so a BN that follows the
     Sequential folds into that conv. None when no conv ends it.
     """
-    from fusedconv.graph.sequential import is_plain_sequential
-
     if is_fusable_conv(module):
         return None, "", module, []
     path = []

@@ -16,16 +16,14 @@ import torch.nn as nn
 
 from fusedconv.activations import spec_from_module
 from fusedconv import fold
+# is_plain_sequential is re-exported: it lives in legality (which needs it) and callers know it from here.
 from fusedconv.graph.legality import (batchnorm_verdict, conv_skip_reason, conv_subclass_reason, has_hooks, hook_reason,
-                                      tail_conv)
+                                      is_plain_sequential, module_use_counts, tail_conv)
+from fusedconv.graph.sequential_layers import fuse_layer_chains  # other layer kinds
 from fusedconv.modules import FusedConv2d
 from fusedconv.report import ConversionReport
 
 KIND = "conv_bn_act"
-
-
-def is_plain_sequential(module: nn.Module) -> bool:
-    return isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
 
 
 def fuse_sequential(seq: nn.Sequential, scope: str, uses: Counter, report: ConversionReport) -> int:
@@ -34,8 +32,6 @@ def fuse_sequential(seq: nn.Sequential, scope: str, uses: Counter, report: Conve
     The fused module takes the conv's name; the BN and activation become nn.Identity, so the names and the
     indices of every other child stay as they were.
     """
-    from fusedconv.graph.sequential_layers import fuse_layer_chains  # other layer kinds; imports the fused modules
-
     fused = fuse_layer_chains(seq, scope, uses, report)
     names = list(seq._modules.keys())
     i = 0
@@ -103,8 +99,6 @@ def fuse_sequential(seq: nn.Sequential, scope: str, uses: Counter, report: Conve
 
 def fuse_sequential_chains(model: nn.Module, report: ConversionReport) -> int:
     """Run `fuse_sequential` on every plain nn.Sequential of `model` (the whole first-version pass)."""
-    from fusedconv.graph.legality import module_use_counts
-
     uses = module_use_counts(model)
     return sum(fuse_sequential(m, scope, uses, report) for scope, m in list(model.named_modules())
                if is_plain_sequential(m))

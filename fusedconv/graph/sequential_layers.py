@@ -20,7 +20,8 @@ from fusedconv.activations import spec_from_module
 from fusedconv.fused_layers import FusedConv1d, FusedConv2dPostBN, FusedConv3d
 from fusedconv.fused_transpose import FusedConvTranspose1d, FusedConvTranspose2d, FusedConvTranspose3d
 from fusedconv.fused_linear import FusedLinear
-from fusedconv.graph.legality import LAYER_KINDS, hook_reason, is_fusable_conv, layer_base, plain_bn_reason
+from fusedconv.graph.legality import (LAYER_KINDS, hook_reason, is_fusable_conv, is_plain_sequential, layer_base,
+                                      plain_bn_reason)
 from fusedconv.report import ConversionReport
 
 FUSED_CLASS = {
@@ -44,8 +45,6 @@ def _channels(layer: nn.Module, base: type) -> int | None:
 def tail_layer(module: nn.Module):
     """(owner, attribute name, layer, containers on the way) for the LAYER_KINDS layer that ends a plain
     nn.Sequential (through nested plain Sequentials, e.g. torchvision's Conv2Plus1D), or None."""
-    from fusedconv.graph.sequential import is_plain_sequential
-
     path = []
     while is_plain_sequential(module) and len(module) > 0:
         path.append(module)

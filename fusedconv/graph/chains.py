@@ -1,0 +1,138 @@
+"""What the data-flow pass finds in a traced scope: the chain records (`Chain`, `Absorb`), the fx calls that
+count as an add, a BatchNorm, an in-place write or a reshape, and small helpers over nodes and Sequentials."""
+
+from __future__ import annotations
+
+import inspect
+import operator
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fusedconv.activations import ActivationSpec
+from fusedconv.graph.legality import is_plain_sequential
+from fusedconv.modules import FusedConv2d
+
+_ADD_FUNCTIONS = (operator.add, torch.add, operator.iadd)
+_ADD_METHODS = ("add", "add_")
+_BN_FUNCTIONS = (F.batch_norm,)
+_INPLACE_FUNCTIONS = (operator.iadd, operator.setitem)
+_BN_PARAMS = list(inspect.signature(F.batch_norm).parameters)
+# Nodes that produce Python numbers / shapes rather than tensors (cannot be a residual).
+_NON_TENSOR_METHODS = ("size", "dim", "numel", "item", "tolist")
+# Nodes whose output usually has another shape than a conv output (per-channel or per-sample vectors,
+# pooled maps): added to one they broadcast, which the fused epilogue does not do, so they are not residuals.
+_RESHAPING_METHODS = ("view", "reshape", "unsqueeze", "expand", "flatten", "mean", "sum", "amax", "amin",
+                      "max", "min", "squeeze", "permute", "transpose", "__getitem__")
+_RESHAPING_FUNCTIONS = (operator.getitem, torch.reshape, torch.unsqueeze, torch.flatten, torch.mean, torch.sum,
+                        torch.amax, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.linear)
+_RESHAPING_MODULES = (nn.Linear, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Flatten, nn.Unflatten)
+
+
+def _short(e: BaseException) -> str:
+    msg = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {msg[0][:160]}" if msg else type(e).__name__
+
+
+@dataclass
+class Chain:
+    """One Conv -> [BN] -> [act] / [add -> act] chain found in a scope's graph."""
+
+    conv: fx.Node
+    conv_module: nn.Conv2d
+    tail: tuple | None = None                   # (owner Sequential, name, containers) when conv ends a Sequential
+    bn: fx.Node | None = None
+    bn_module: nn.Module | None = None          # the BN module (module call or functional BN's owner)
+    bn_tensors: tuple | None = None             # (mean, var, weight, bias, eps) of a functional F.batch_norm
+    act: fx.Node | None = None                  # activation call (module, function or method)
+    act_spec: ActivationSpec = field(default_factory=ActivationSpec)
+    add: fx.Node | None = None
+    passthrough: list = field(default_factory=list)  # identity-in-eval calls between BN and the add / act
+    reason: str | None = None                   # why it is skipped (None: fuse it)
+    fused: FusedConv2d | None = None            # the replacement, once built
+
+    @property
+    def nodes(self) -> list[fx.Node]:
+        """The chain's call sites in data-flow order (the first is the conv, or the Sequential ending in it)."""
+        return [n for n in (self.conv, self.bn, *self.passthrough, self.add, self.act) if n is not None]
+
+    @property
+    def value(self) -> fx.Node:
+        """The node whose output the add / activation reads (the chain's value before them)."""
+        return ([n for n in (self.conv, self.bn) if n is not None] + self.passthrough)[-1]
+
+    @property
+    def last(self) -> fx.Node:
+        return self.nodes[-1]
+
+    def module_only(self) -> bool:
+        """Conv, BN and activation are module calls, no add: fusable by swapping children."""
+        return (self.add is None and self.bn_tensors is None and not self.passthrough
+                and all(n.op == "call_module" for n in self.nodes))
+
+    def detail(self) -> str:
+        parts = []
+        if self.bn is not None:
+            parts.append("bn" if self.bn_tensors is None else "F.batch_norm")
+        if self.add is not None:
+            parts.append("add")
+        if not self.act_spec.is_identity:
+            parts.append(str(self.act_spec))
+        return "+".join(parts)
+
+
+@dataclass
+class Absorb:
+    """A plain Sequential whose last op is an already fused FusedConv2d (identity activation), followed in this
+    scope by an add and / or an activation: they join that FusedConv2d's epilogue. With an add, the Sequential
+    call is inlined into its children's calls so the last one can take the residual."""
+
+    seq: fx.Node
+    leaves: list                                # qualified names of the Sequential's non-Identity leaves
+    fused: FusedConv2d
+    passthrough: list = field(default_factory=list)
+    add: fx.Node | None = None
+    act: fx.Node | None = None
+    act_spec: ActivationSpec = field(default_factory=ActivationSpec)
+
+    @property
+    def nodes(self) -> list[fx.Node]:
+        return [n for n in (self.seq, *self.passthrough, self.add, self.act) if n is not None]
+
+    @property
+    def value(self) -> fx.Node:
+        return ([self.seq] + self.passthrough)[-1]
+
+    def detail(self) -> str:
+        parts = (["add"] if self.add is not None else []) + ([str(self.act_spec)] if self.act is not None else [])
+        return "+".join(parts) + f" into {self.leaves[-1]}"
+
+
+def _flatten_sequential(seq: nn.Module, prefix: str, out: list, containers: list) -> None:
+    """Qualified names and modules of a plain Sequential's leaves, nested plain Sequentials expanded."""
+    for name, child in seq._modules.items():
+        if child is None:
+            continue
+        if is_plain_sequential(child):
+            containers.append(child)
+            _flatten_sequential(child, f"{prefix}.{name}", out, containers)
+        elif type(child) is not nn.Identity:
+            out.append((f"{prefix}.{name}", child))
+
+
+def _node_name(node: fx.Node) -> str:
+    if node.op == "call_module":
+        return str(node.target)
+    if node.op == "call_method":
+        return f".{node.target}()"
+    return getattr(node.target, "__name__", str(node.target))
+
+
+def _get_attr(module: nn.Module, target: str):
+    obj = module
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj

@@ -2,7 +2,7 @@
 
 Two routes of the eager CPU path (fusedconv/cpu.py), each against its own bare call with the same arguments:
 - NCHW float32 -> `F.conv2d(x, folded_weight, bias, ...)` (identity activation, so nothing else runs);
-- channels_last float32 -> `torch.ops.mkldnn._convolution_pointwise(x, packed_weight, bias, ...)`.
+- channels_last float32 -> `torch.ops.mkldnn._convolution_pointwise.default(x, packed_weight, bias, ...)`.
 The tensor is tiny (1x4x8x8, 3x3 conv) so the conv itself costs a few microseconds and the difference is the
 Python work per call (nn.Module.__call__, signature lookup, cache check, dispatch); a third row times an
 nn.Identity call, the part of it no module can avoid. Timed in interleaved rounds (module, bare,
@@ -71,10 +71,12 @@ def _run(rounds: int, number: int) -> list[dict]:
             if route == cpu.ONEDNN:
                 packed, bias = state.packed, state.bias
 
-                def bare(x=x, packed=packed, bias=bias):
-                    return torch.ops.mkldnn._convolution_pointwise(x, packed, bias, [1, 1], [1, 1], [1, 1], 1,
-                                                                   "none", [], "")
-                bare_name = "mkldnn._convolution_pointwise"
+                # The resolved overload: calling the packet would time its overload lookup on the bare side too.
+                op = torch.ops.mkldnn._convolution_pointwise.default
+
+                def bare(x=x, packed=packed, bias=bias, op=op):
+                    return op(x, packed, bias, [1, 1], [1, 1], [1, 1], 1, "none", [], "")
+                bare_name = "mkldnn._convolution_pointwise.default"
             else:
                 weight, bias = state.weight, state.bias
 

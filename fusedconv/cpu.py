@@ -185,16 +185,17 @@ def _is_channels_last(x) -> bool:
     return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
 
-_tracing_state = getattr(torch._C, "_get_tracing_state", None)
+def _jit_tracing_state():
+    return True if torch.jit.is_tracing() else None
+
+
+# torch.jit tracing state, not None while tracing: the C function itself where this PyTorch has it (what
+# torch.jit.is_tracing() reads, without its Python frames and scripting check).
+_tracing_state = getattr(torch._C, "_get_tracing_state", None) or _jit_tracing_state
 _USE_KERNEL = ops.use_kernel
 _Tensor = torch.Tensor
 _grad_enabled = torch.is_grad_enabled
 _conv2d = torch.conv2d
-
-
-def _is_tracing() -> bool:
-    # torch.jit.is_tracing() without its scripting check (a few hundred ns per call).
-    return _tracing_state() is not None if _tracing_state is not None else torch.jit.is_tracing()
 
 
 def eager_forward(module, x, residual):
@@ -205,7 +206,7 @@ def eager_forward(module, x, residual):
     version counters and data pointers (in-place edits under no_grad, load_state_dict's copy, `.to()`,
     reassignment and `.data = new_tensor` are seen; in-place edits through `.data` are not, as documented on
     FusedConv2d.refresh). Version counters only grow, so their sum changes exactly when one of them does."""
-    if type(x) is not torch.Tensor or not x.is_cpu or torch.compiler.is_compiling() or _is_tracing():
+    if type(x) is not torch.Tensor or not x.is_cpu or torch.compiler.is_compiling() or _tracing_state() is not None:
         return None
     weight, scale, shift = module._parameters["weight"], module._buffers["scale"], module._buffers["shift"]
     if ops.use_kernel is not _USE_KERNEL and ops.use_kernel(x, weight):

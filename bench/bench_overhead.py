@@ -2,7 +2,7 @@
 
 Two routes of the eager CPU path (fusedconv/cpu.py), each against its own bare call with the same arguments:
 - NCHW float32 -> `F.conv2d(x, folded_weight, bias, ...)` (identity activation, so nothing else runs);
-- channels_last float32 -> `torch.ops.mkldnn._convolution_pointwise(x, packed_weight, bias, ...)`.
+- channels_last float32 -> `torch.ops.mkldnn._convolution_pointwise.default(x, packed_weight, bias, ...)`.
 The tensor is tiny (1x4x8x8, 3x3 conv) so the conv itself costs a few microseconds and the difference is the
 Python work per call (nn.Module.__call__, signature lookup, cache check, dispatch); a third row times an
 nn.Identity call, the part of it no module can avoid. Timed in interleaved rounds (module, bare,
@@ -10,12 +10,19 @@ module, bare, ...) with `timeit`, on one torch thread whatever the suite's threa
 shared machine each tiny conv waits on its second thread, and that wait, not Python, dominates); the overhead is
 the median of the per-round differences, in microseconds.
 
-Run alone: `python -m bench.bench_overhead [--rounds N]`; `python -m bench --suite overhead` records it too.
+Clock: the calling thread's CPU time (`time.thread_time`) by default, wall time with `--clock wall`. Both time
+the same single-threaded calls; on a shared machine the thread's CPU time leaves out the time other processes
+held the core, which otherwise lands at random on either side of a round and swamps a few-microsecond difference
+(cache and frequency effects of a busy machine remain in both).
+
+Run alone: `python -m bench.bench_overhead [--rounds N] [--clock thread|wall]`; `python -m bench --suite overhead`
+records it too (thread CPU time).
 """
 
 from __future__ import annotations
 
 import argparse
+import time
 import timeit
 
 import torch
@@ -30,31 +37,36 @@ def _median(values):
     return s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
 
 
-def _interleaved_us(module_call, bare_call, rounds: int, number: int) -> tuple[float, float, float]:
+CLOCKS = {"thread": time.thread_time, "wall": time.perf_counter}
+
+
+def _interleaved_us(module_call, bare_call, rounds: int, number: int, timer) -> tuple[float, float, float]:
     """(module median, bare median, median of per-round differences), microseconds per call."""
     mod, bare, diff = [], [], []
     for _ in range(rounds):
-        a = timeit.timeit(module_call, number=number) / number * 1e6
-        b = timeit.timeit(bare_call, number=number) / number * 1e6
+        a = timeit.timeit(module_call, number=number, timer=timer) / number * 1e6
+        b = timeit.timeit(bare_call, number=number, timer=timer) / number * 1e6
         mod.append(a)
         bare.append(b)
         diff.append(a - b)
     return _median(mod), _median(bare), _median(diff)
 
 
-def run(quick: bool = False, rounds: int | None = None) -> list[dict]:
+def run(quick: bool = False, rounds: int | None = None, clock: str = "thread") -> list[dict]:
     """One row per route: module and bare medians and the overhead (us), with the setup that was timed."""
+    if clock not in CLOCKS:
+        raise ValueError(f"clock: expected one of {tuple(CLOCKS)}, got {clock!r}")
     rounds = rounds or (15 if quick else 41)
     number = 500 if quick else 2000
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _run(rounds, number)
+        return [dict(row, clock=clock) for row in _run(rounds, number, CLOCKS[clock])]
     finally:
         torch.set_num_threads(threads)
 
 
-def _run(rounds: int, number: int) -> list[dict]:
+def _run(rounds: int, number: int, timer) -> list[dict]:
     from fusedconv import cpu
     from fusedconv.modules import FusedConv2d
 
@@ -71,10 +83,12 @@ def _run(rounds: int, number: int) -> list[dict]:
             if route == cpu.ONEDNN:
                 packed, bias = state.packed, state.bias
 
-                def bare(x=x, packed=packed, bias=bias):
-                    return torch.ops.mkldnn._convolution_pointwise(x, packed, bias, [1, 1], [1, 1], [1, 1], 1,
-                                                                   "none", [], "")
-                bare_name = "mkldnn._convolution_pointwise"
+                # The resolved overload: calling the packet would time its overload lookup on the bare side too.
+                op = torch.ops.mkldnn._convolution_pointwise.default
+
+                def bare(x=x, packed=packed, bias=bias, op=op):
+                    return op(x, packed, bias, [1, 1], [1, 1], [1, 1], 1, "none", [], "")
+                bare_name = "mkldnn._convolution_pointwise.default"
             else:
                 weight, bias = state.weight, state.bias
 
@@ -84,13 +98,13 @@ def _run(rounds: int, number: int) -> list[dict]:
             call = (lambda x=x: module(x))
             for _ in range(3):
                 call(), bare()
-            mod_us, bare_us, over_us = _interleaved_us(call, bare, rounds, number)
+            mod_us, bare_us, over_us = _interleaved_us(call, bare, rounds, number, timer)
             rows.append({"layout": layout, "route": route, "bare": bare_name, "shape": "1x4x8x8 k3 p1",
                          "threads": torch.get_num_threads(), "rounds": rounds, "calls_per_round": number,
                          "module_us": mod_us, "bare_us": bare_us, "overhead_us": over_us})
         # The floor under any module: nn.Module.__call__ itself (an nn.Identity call against returning x).
         identity, x = torch.nn.Identity(), torch.randn(1, 4, 8, 8)
-        mod_us, bare_us, over_us = _interleaved_us(lambda: identity(x), lambda: x, rounds, number)
+        mod_us, bare_us, over_us = _interleaved_us(lambda: identity(x), lambda: x, rounds, number, timer)
         rows.append({"layout": "-", "route": "nn.Identity", "bare": "x", "shape": "1x4x8x8",
                      "threads": torch.get_num_threads(), "rounds": rounds, "calls_per_round": number,
                      "module_us": mod_us, "bare_us": bare_us, "overhead_us": over_us})
@@ -100,11 +114,13 @@ def _run(rounds: int, number: int) -> list[dict]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.bench_overhead", description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 41)")
+    p.add_argument("--clock", choices=tuple(CLOCKS), default="thread",
+                   help="thread: the calling thread's CPU time (default); wall: elapsed time")
     args = p.parse_args(argv)
-    for r in run(rounds=args.rounds):
+    for r in run(rounds=args.rounds, clock=args.clock):
         print(f"{r['layout']:<13} {r['route']:<7} module {r['module_us']:7.2f} us  bare {r['bare']} "
               f"{r['bare_us']:7.2f} us  overhead {r['overhead_us']:6.2f} us (target <= {TARGET_US:g} us, "
-              f"median of {r['rounds']} interleaved rounds x {r['calls_per_round']} calls)")
+              f"median of {r['rounds']} interleaved rounds x {r['calls_per_round']} calls, {r['clock']} clock)")
     return 0
 
 

@@ -36,14 +36,25 @@ _BINARY_UNARY = ("identity", "relu")
 enabled = True
 
 _available: bool | None = None
-# The resolved `mkldnn::_convolution_pointwise` overload (set by available()): calling through the packet
-# `torch.ops.mkldnn._convolution_pointwise` resolves the overload again on every call.
+# The resolved `mkldnn::_convolution_pointwise` overloads (set by available()): calling through the packet
+# `torch.ops.mkldnn._convolution_pointwise` resolves the overload again on every call, and an OpOverload's own
+# __call__ is one more Python frame around the C++ callable it holds (`_op`), so the hot path calls that directly.
 _pointwise = None
+_pointwise_binary = None
+
+
+def _direct(overload):
+    # The C++ callable behind an OpOverload where this PyTorch exposes it and nothing is registered to intercept
+    # the call in Python (OpOverload.__call__ then does nothing but call it), else the overload itself.
+    op = getattr(overload, "_op", None)
+    if callable(op) and getattr(overload, "_pyobj_dispatcher", None) is None:
+        return op
+    return overload
 
 
 def available() -> bool:
     """True when this PyTorch build has oneDNN and the pointwise-conv ops (checked once)."""
-    global _available, _pointwise
+    global _available, _pointwise, _pointwise_binary
     if _available is None:
         try:
             ops = torch.ops.mkldnn
@@ -52,7 +63,9 @@ def available() -> bool:
                 and hasattr(ops, "_convolution_pointwise")
                 and hasattr(ops._convolution_pointwise, "binary")
                 and hasattr(ops, "_reorder_convolution_weight"))
-            _pointwise = ops._convolution_pointwise.default if _available else None
+            if _available:
+                _pointwise = _direct(ops._convolution_pointwise.default)
+                _pointwise_binary = _direct(ops._convolution_pointwise.binary)
         except (AttributeError, RuntimeError):
             _available = False
     return _available
@@ -71,23 +84,32 @@ def pack_weight(weight: torch.Tensor, padding, stride, dilation, groups: int, in
         weight, list(padding), list(stride), list(dilation), groups, list(input_size))
 
 
-def conv_act(x, packed_weight, bias, geometry, unary, residual):
-    """act(conv(x) + bias [+ residual]) in one oneDNN call where oneDNN can fuse it, otherwise conv (+ add) fused
-    and the activation in place. `geometry` is ([padding], [stride], [dilation], groups); `unary` is
-    (activation name, param, oneDNN unary attr). Returns a channels_last tensor (oneDNN's output layout)."""
+def onednn_call_args(geometry, act_name: str, act_param: float):
+    """The trailing arguments of the two oneDNN calls for one module, built once (never per call):
+    (unary-call tail, binary-call tail, activation left to apply after the binary call or None)."""
     padding, stride, dilation, groups = geometry
-    act_name, act_param, (attr, scalars, algorithm) = unary
+    attr, scalars, algorithm = unary_attr(act_name, act_param)
+    unary_tail = (padding, stride, dilation, groups, attr, scalars, algorithm)
+    # oneDNN fuses only these activations after a binary add; any other runs in place after the call.
+    fused_after_add = act_name in _BINARY_UNARY
+    binary_unary = "relu" if act_name == "relu" else None
+    binary_tail = (padding, stride, dilation, groups, "add", None, binary_unary, [], "")
+    return unary_tail, binary_tail, None if fused_after_add else (act_name, act_param)
+
+
+def conv_act(x, packed_weight, bias, call_args, residual):
+    """act(conv(x) + bias [+ residual]) in one oneDNN call where oneDNN can fuse it, otherwise conv (+ add) fused
+    and the activation in place. `call_args` comes from onednn_call_args. Returns a channels_last tensor
+    (oneDNN's output layout)."""
+    unary_tail, binary_tail, after_add = call_args
     if residual is None:
-        return _pointwise(x, packed_weight, bias, padding, stride, dilation, groups, attr, scalars, algorithm)
+        return _pointwise(x, packed_weight, bias, *unary_tail)
     # The binary post-op reads the residual in the output's layout.
-    residual = residual.contiguous(memory_format=torch.channels_last)
-    fused_act = act_name in _BINARY_UNARY
-    unary_name = ("relu" if act_name == "relu" else None) if fused_act else None
-    y = torch.ops.mkldnn._convolution_pointwise.binary(
-        x, residual, packed_weight, bias, padding, stride, dilation, groups, "add", None, unary_name, [], "")
-    if fused_act:
+    y = _pointwise_binary(x, residual.contiguous(memory_format=torch.channels_last), packed_weight, bias,
+                          *binary_tail)
+    if after_add is None:
         return y
-    return apply_activation(y, act_name, act_param, inplace=True)
+    return apply_activation(y, after_add[0], after_add[1], inplace=True)
 
 
 # ---------------------------------------------------------------------------------------------- the eager CPU path
@@ -103,21 +125,24 @@ _MAX_ROUTES = 64
 
 class EagerState:
     """Derived, never saved: the routes chosen per input signature, the folded weight and bias with the tensors
-    and version counters they were computed from, the oneDNN-packed weight, and whether oneDNN accepted this
-    module (None: not tried yet; False: it raised once, stay on F.conv2d)."""
+    and version counters they were computed from, the oneDNN-packed weight, whether oneDNN accepted this module
+    (None: not tried yet; False: it raised once, stay on F.conv2d), and the call arguments built once."""
 
     __slots__ = ("routes", "weight_src", "scale_src", "shift_src", "versions", "ptrs", "weight", "bias", "packed",
-                 "onednn_ok", "geometry", "unary")
+                 "onednn_ok", "geometry", "conv_args", "act", "onednn_args")
 
     def __init__(self, module):
         self.routes = {}
         self.weight_src = self.scale_src = self.shift_src = None
-        self.versions = None  # sum of the sources' version counters; None: nothing cacheable
+        self.versions = None  # sum of the sources' version counters; None: nothing cacheable (or not folded yet)
         self.ptrs = None
         self.weight = self.bias = self.packed = None
         self.onednn_ok = None
         self.geometry = (list(module.padding), list(module.stride), list(module.dilation), module.groups)
-        self.unary = None
+        # F.conv2d's trailing arguments (stride, padding, dilation, groups).
+        self.conv_args = (self.geometry[1], self.geometry[0], self.geometry[2], self.geometry[3])
+        self.act = None  # (activation name, param); None for identity (nothing to apply)
+        self.onednn_args = None
 
 
 def _refold(module, state: EagerState, weight, scale, shift) -> None:
@@ -127,7 +152,8 @@ def _refold(module, state: EagerState, weight, scale, shift) -> None:
     state.routes.clear()
     state.packed = None
     act = module.act
-    state.unary = (act.name, act.param, unary_attr(act.name, act.param) if available() else None)
+    state.act = None if act.name == "identity" else (act.name, act.param)
+    state.onednn_args = onednn_call_args(state.geometry, act.name, act.param) if available() else None
     if weight.is_inference() or scale.is_inference() or shift.is_inference():
         # Inference tensors (a module built under torch.inference_mode) have no version counter, so an edit
         # could not be seen: never cache them; the general path refolds on every call.
@@ -159,13 +185,17 @@ def _is_channels_last(x) -> bool:
     return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
 
-_tracing_state = getattr(torch._C, "_get_tracing_state", None)
+def _jit_tracing_state():
+    return True if torch.jit.is_tracing() else None
+
+
+# torch.jit tracing state, not None while tracing: the C function itself where this PyTorch has it (what
+# torch.jit.is_tracing() reads, without its Python frames and scripting check).
+_tracing_state = getattr(torch._C, "_get_tracing_state", None) or _jit_tracing_state
 _USE_KERNEL = ops.use_kernel
-
-
-def _is_tracing() -> bool:
-    # torch.jit.is_tracing() without its scripting check (a few hundred ns per call).
-    return _tracing_state() is not None if _tracing_state is not None else torch.jit.is_tracing()
+_Tensor = torch.Tensor
+_grad_enabled = torch.is_grad_enabled
+_conv2d = torch.conv2d
 
 
 def eager_forward(module, x, residual):
@@ -176,7 +206,7 @@ def eager_forward(module, x, residual):
     version counters and data pointers (in-place edits under no_grad, load_state_dict's copy, `.to()`,
     reassignment and `.data = new_tensor` are seen; in-place edits through `.data` are not, as documented on
     FusedConv2d.refresh). Version counters only grow, so their sum changes exactly when one of them does."""
-    if type(x) is not torch.Tensor or not x.is_cpu or torch.compiler.is_compiling() or _is_tracing():
+    if type(x) is not torch.Tensor or not x.is_cpu or torch.compiler.is_compiling() or _tracing_state() is not None:
         return None
     weight, scale, shift = module._parameters["weight"], module._buffers["scale"], module._buffers["shift"]
     if ops.use_kernel is not _USE_KERNEL and ops.use_kernel(x, weight):
@@ -215,7 +245,10 @@ def eager_forward(module, x, residual):
             if packed is None:
                 padding, stride, dilation, groups = state.geometry
                 packed = state.packed = pack_weight(state.weight, padding, stride, dilation, groups, x.shape)
-            y = conv_act(x, packed, state.bias, state.geometry, state.unary, residual)
+            if residual is None:  # the common call, without conv_act's frame
+                y = _pointwise(x, packed, state.bias, *state.onednn_args[0])
+            else:
+                y = conv_act(x, packed, state.bias, state.onednn_args, residual)
             if state.onednn_ok is None:
                 state.onednn_ok = True
             return y
@@ -223,12 +256,11 @@ def eager_forward(module, x, residual):
             # oneDNN refused this module (an unusual geometry or build): remember, and use F.conv2d from now on.
             state.onednn_ok = False
             state.packed = None
-    padding, stride, dilation, groups = state.geometry
-    y = F.conv2d(x, state.weight, state.bias, stride, padding, dilation, groups)
+    y = _conv2d(x, state.weight, state.bias, *state.conv_args)
     if residual is not None:
         y = y.add_(residual)
-    act = state.unary
-    y = apply_activation(y, act[0], act[1], inplace=True)
+    if state.act is not None:
+        y = apply_activation(y, state.act[0], state.act[1], inplace=True)
     if route is not FOLDED and not y.is_contiguous(memory_format=torch.channels_last):
         # F.conv2d's CPU kernels do not always keep channels_last; the output follows the input's layout.
         y = y.contiguous(memory_format=torch.channels_last)

@@ -152,13 +152,22 @@ def test_failure_falls_back_and_is_remembered(monkeypatch):
         calls.append(1)
         raise RuntimeError("oneDNN refused")
 
-    monkeypatch.setattr(cpu, "conv_act", broken)
+    # Both oneDNN entry points (the plain call and the one with a residual) refuse.
+    monkeypatch.setattr(cpu, "_pointwise", broken)
+    monkeypatch.setattr(cpu, "_pointwise_binary", broken)
     x = torch.randn(1, 8, 9, 9).contiguous(memory_format=CL)
     for _ in range(2):
         y, expected = run_both(ref, fused, x)
         assert max_rel_error(y, expected) < TOL_FP32
         assert is_channels_last(y)
     assert fused._cpu_state.onednn_ok is False and len(calls) == 1
+    ref, fused = make_block(act="relu", seed=1)
+    residual = torch.randn(1, 12, 9, 9).contiguous(memory_format=CL)
+    for _ in range(2):
+        y, expected = run_both(ref, fused, x, residual)
+        assert max_rel_error(y, expected) < TOL_FP32
+        assert is_channels_last(y)
+    assert fused._cpu_state.onednn_ok is False and len(calls) == 2
 
 
 def test_converted_resnet_block_channels_last():

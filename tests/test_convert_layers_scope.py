@@ -235,3 +235,35 @@ def test_batchnorm_of_another_rank_after_conv1d_is_not_folded():
     _, report = fusedconv.convert(model, return_report=True)
     assert not report.fused
     assert any("BatchNorm3d after Conv1d" in r.detail for r in report.skipped), str(report)
+
+
+class FlaggedUp(nn.Module):
+    """A transposed-conv block whose residual depends on a flag the guards pin."""
+
+    def __init__(self):
+        super().__init__()
+        self.up = nn.ConvTranspose1d(6, 4, 3, 2, 1, output_padding=1, bias=True)
+        self.bn = nn.BatchNorm1d(4)
+        self.use_skip = True
+
+    def forward(self, x, skip):
+        y = self.bn(self.up(x))
+        if self.use_skip:
+            y = y + skip
+        return torch.relu(y)
+
+
+@torch.no_grad()
+def test_transposed_and_linear_blocks_fall_back_exactly_over_their_roles():
+    torch.manual_seed(7)
+    original, converted, report = _check(FlaggedUp(), torch.randn(2, 6, 5), torch.randn(2, 4, 10))
+    assert [(r.kind, r.detail) for r in report.fused] == [("conv_transpose1d_bn_act", "bn+add+relu")]
+    x, skip = torch.randn(2, 6, 5, dtype=torch.float64), torch.randn(2, 4, 10, dtype=torch.float64)
+    original.use_skip = converted.use_skip = False  # the role conv (with its bias) and role BN compute it
+    assert max_rel_error(converted(x, skip), original(x, skip)) < TOL64 and _fallbacks(converted) == 1
+
+    original, converted, report = _check(MLP(), torch.randn(4, 10))
+    head = nn.Linear(12, 2).double()
+    original.head, converted.head = head, copy.deepcopy(head)  # a submodule replaced after convert
+    x = torch.randn(5, 10, dtype=torch.float64)
+    assert max_rel_error(converted(x), original(x)) < TOL64 and _fallbacks(converted) == 1

@@ -267,3 +267,14 @@ def test_transposed_and_linear_blocks_fall_back_exactly_over_their_roles():
     original.head, converted.head = head, copy.deepcopy(head)  # a submodule replaced after convert
     x = torch.randn(5, 10, dtype=torch.float64)
     assert max_rel_error(converted(x), original(x)) < TOL64 and _fallbacks(converted) == 1
+
+
+@torch.no_grad()
+def test_guarded_conv1d_block_exports_with_the_fused_modules():
+    torch.manual_seed(8)
+    original, converted, _ = _check(BasicBlock1d(4, 8, 2), torch.randn(2, 4, 16))
+    x = torch.randn(3, 4, 16, dtype=torch.float64)
+    program = torch.export.export(converted, (x,))
+    assert max_rel_error(program.module()(x), original(x)) < TOL64
+    targets = [str(n.target) for n in program.graph.nodes if n.op == "call_function"]
+    assert not any("batch_norm" in t for t in targets), targets

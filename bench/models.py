@@ -189,8 +189,9 @@ def run_model(spec: str, batch: int, dtype: torch.dtype, device: torch.device, p
     rows = []
     ready = {}  # CPU: timed together in interleaved rounds once every provider is prepared
     for provider in providers:
+        layout = "NCHW" if fmt == torch.contiguous_format else str(fmt).replace("torch.", "")
         row = {"model": spec, "batch": batch, "dtype": str(dtype).replace("torch.", ""), "image_size": image_size,
-               "layout": "NCHW" if fmt == torch.contiguous_format else str(fmt).replace("torch.", ""), "provider": provider}
+               "layout": layout, "provider": provider}
         rows.append(row)
         if progress is not None:
             progress(f"{spec} b{batch} {provider}")

@@ -1,7 +1,7 @@
 """One traced scope of the data-flow pass: plan which chains of its graph to fuse (and which already fused
-Sequentials absorb a following add / activation), build their fused modules (FusedConv2d for Conv2d chains; for
-Conv1d / Conv3d / ConvTranspose / Linear chains the member of the N-d family `sequential_layers.FUSED_CLASS` names), and rewrite the graph
-around them (`ScopePass.plan`, `ScopePass.rewrite_graph`; used by `scope_rewrite.py`)."""
+Sequentials absorb a following add / activation), build their fused modules (FusedConv2d for Conv2d chains;
+for Conv1d / Conv3d / ConvTranspose / Linear chains the member of the N-d family `sequential_layers.FUSED_CLASS`
+names), and rewrite the graph around them (`ScopePass.plan`, `ScopePass.rewrite_graph`; used by `scope_rewrite.py`)."""
 
 from __future__ import annotations
 

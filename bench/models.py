@@ -31,11 +31,29 @@ import warnings
 
 import torch
 
+from bench.nets1d import ResNet1d18
 from bench.timing import time_cpu_interleaved, time_fn
 from fusedconv.comparison import max_rel_error
 from fusedconv.model_specs import build_model, randomize_batchnorm, run_convert
 
-MODELS = ("torchvision:resnet50", "torchvision:mobilenet_v2", "timm:repvgg_a0", "smp:Unet:resnet34")
+MODELS = ("torchvision:resnet50", "torchvision:mobilenet_v2", "timm:repvgg_a0", "smp:Unet:resnet34",
+          "torchvision:r3d_18", "bench:resnet1d18")
+# Models built here (`bench:` specs), and inputs other than (batch, 3, image_size, image_size): a video clip
+# (C, T, H, W) and a 1-D signal (C, L).
+LOCAL_MODELS = {"bench:resnet1d18": ResNet1d18}
+INPUT_SHAPES = {"torchvision:r3d_18": (3, 8, 112, 112), "bench:resnet1d18": (2, 4096)}
+
+
+def input_shape(spec: str, batch: int, image_size: int) -> tuple[int, ...]:
+    return (batch, *INPUT_SHAPES.get(spec, (3, image_size, image_size)))
+
+
+def memory_format(spec: str, device: torch.device, image_size: int = 224) -> torch.memory_format:
+    """channels_last (channels_last_3d for video) on CUDA; 1-D signals and every CPU model stay contiguous."""
+    rank = len(input_shape(spec, 1, image_size))
+    if device.type != "cuda" or rank == 3:
+        return torch.contiguous_format
+    return torch.channels_last_3d if rank == 5 else torch.channels_last
 PROVIDERS = ("eager", "fusedconv", "fusedconv_cl", "fx_fuse", "jit", "compile", "fusedconv_compile", "onnxruntime",
              "compile_freeze")
 # Errors above this (relative to eager in the same dtype) mean the provider computes something else.
@@ -57,7 +75,8 @@ def _max_rel_error(out, ref) -> float:
 
 def build(spec: str, seed: int = 0):
     torch.manual_seed(seed)
-    return randomize_batchnorm(build_model(spec), seed)
+    model = LOCAL_MODELS[spec]().eval() if spec in LOCAL_MODELS else build_model(spec)
+    return randomize_batchnorm(model, seed)
 
 
 def prepare(provider: str, model, x: torch.Tensor, *, compile_mode: str, threads: int):
@@ -160,9 +179,9 @@ def run_model(spec: str, batch: int, dtype: torch.dtype, device: torch.device, p
               compile_ok, compile_mode: str, image_size: int = 224, min_run_time: float | None = None,
               progress=None) -> list[dict]:
     """One row per provider for `spec` at `batch`."""
-    fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    fmt = memory_format(spec, device, image_size)
     model = build(spec).to(device=device, dtype=dtype, memory_format=fmt)
-    x = torch.randn(batch, 3, image_size, image_size, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(input_shape(spec, batch, image_size), generator=torch.Generator().manual_seed(1))
     x = x.to(device=device, dtype=dtype, memory_format=fmt)
     with torch.no_grad():
         ref = model(x)
@@ -170,8 +189,9 @@ def run_model(spec: str, batch: int, dtype: torch.dtype, device: torch.device, p
     rows = []
     ready = {}  # CPU: timed together in interleaved rounds once every provider is prepared
     for provider in providers:
+        layout = "NCHW" if fmt == torch.contiguous_format else str(fmt).replace("torch.", "")
         row = {"model": spec, "batch": batch, "dtype": str(dtype).replace("torch.", ""), "image_size": image_size,
-               "layout": "channels_last" if fmt == torch.channels_last else "NCHW", "provider": provider}
+               "layout": layout, "provider": provider}
         rows.append(row)
         if progress is not None:
             progress(f"{spec} b{batch} {provider}")

@@ -64,6 +64,9 @@ class FusedAffineLayer(nn.Module):
 
     _LAYER = "layer"
     _EXTRA_STATE = ("scale", "shift", "post_scale", "post_shift")
+    # Set by convert on a module whose epilogue took over a residual add (as on FusedConv2d): a call without
+    # `residual` is then an error instead of silently skipping the add.
+    residual_required = False
 
     def _init_affine(self, weight, scale, shift, activation, post_scale, post_shift, cout: int) -> None:
         if not weight.is_floating_point():
@@ -191,6 +194,9 @@ class FusedAffineLayer(nn.Module):
         return y.to(x.dtype)
 
     def _check_x(self, x, residual, nd: int, cin: int) -> None:
+        if residual is None and self.residual_required:
+            raise TypeError(f"{type(self).__name__}.forward: missing argument 'residual' (this module was built with "
+                            "a residual add in its epilogue; expected a tensor of the output's shape)")
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"input: expected a torch.Tensor, got {type(x).__name__}")
         if x.dim() not in (nd + 1, nd + 2):

@@ -100,7 +100,9 @@ def test_conv1d_resnet():
     net = nn.Sequential(nn.Conv1d(3, 8, 7, 2, 3), nn.BatchNorm1d(8), nn.ReLU(), _Conv1dBlock(8), _Conv1dBlock(8, 2),
                         nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(16, 4))
     _, report = _check(net, torch.randn(2, 3, 64))
-    assert {r.kind for r in report.fused} == {"conv1d_bn_act"} and len(report.fused) == 6
+    assert {r.kind for r in report.fused} == {"conv1d_bn_act"} and len(report.fused) == 8
+    # each block's `relu(body(x) + short(x))` joins the epilogue of the conv ending `body`
+    assert sum(r.detail.startswith("add+relu into body.") for r in report.fused) == 2, str(report)
 
 
 @torch.no_grad()

@@ -1,4 +1,5 @@
-"""Matching one chain in a traced scope's graph: from a conv call, follow its single users through the BN, the
+"""Matching one chain in a traced scope's graph: from a layer call (Conv2d, or Conv1d / Conv3d / ConvTranspose /
+Linear: the same rules over every kind, see `legality.chain_base`), follow its single users through the BN, the
 identity-in-eval calls, the residual add and the activation, proving at each step that fusing is exact
 (`ChainMatcher.match`). `scope_pass.ScopePass` builds on it to plan a whole scope and rewrite its graph."""
 
@@ -16,7 +17,7 @@ from fusedconv.activations import ActivationSpec, spec_from_call, spec_from_modu
 from fusedconv.graph.chains import (_ADD_FUNCTIONS, _ADD_METHODS, _BN_FUNCTIONS, _BN_PARAMS, _INPLACE_FUNCTIONS,
                                     _NON_TENSOR_METHODS, _RESHAPING_FUNCTIONS, _RESHAPING_METHODS,
                                     _RESHAPING_MODULES, Chain, _get_attr, _node_name)
-from fusedconv.graph.legality import batchnorm_verdict, conv_skip_reason, has_hooks, hook_reason
+from fusedconv.graph.legality import RESIDUAL_BASES, has_hooks, hook_reason, layer_bn_verdict, layer_skip_reason
 from fusedconv.report import ConversionReport
 
 
@@ -162,8 +163,10 @@ class ChainMatcher:
             stack.extend(n.all_input_nodes)
         return False
 
-    def match(self, conv: fx.Node, conv_mod: nn.Conv2d, tail: tuple | None) -> Chain | None:
-        ch = Chain(conv, conv_mod, tail)
+    def match(self, conv: fx.Node, conv_mod: nn.Module, tail: tuple | None, base: type = nn.Conv2d) -> Chain | None:
+        """The chain starting at the call `conv` of the `base` layer `conv_mod` (`tail`: the Sequential that ends
+        in it), with `reason` set when it is found but may not be fused; None when there is nothing to fuse."""
+        ch = Chain(conv, conv_mod, tail, base=base)
         users = list(conv.users)
         bn_users = [u for u in users if (u.op == "call_module" and fold.is_batchnorm(self._mod(u)))
                     or (u.op == "call_function" and u.target in _BN_FUNCTIONS)]
@@ -184,12 +187,15 @@ class ChainMatcher:
                     ch.reason = "BatchNorm called with extra arguments"
                     return ch
                 ch.bn_module = self._mod(bn)
-                verdict = batchnorm_verdict(ch.bn_module)
+                verdict = layer_bn_verdict(ch.bn_module, base, conv_mod)
                 if not verdict.ok:
                     ch.reason = verdict.reason
                     return ch
                 if verdict.act is not None and not verdict.act.is_identity:
                     ch.act_spec = verdict.act  # the norm-act module applies it; nothing may follow in the epilogue
+            elif base not in (nn.Conv2d, nn.Conv1d, nn.Conv3d):
+                ch.reason = f"F.batch_norm after a {base.__name__} is not fused (only its BatchNorm module is)"
+                return ch
             else:
                 _, tensors, reason = self._functional_bn(bn, conv)
                 if reason is not None:
@@ -197,7 +203,9 @@ class ChainMatcher:
                     return ch
                 ch.bn_tensors = tensors
             cur = bn
-        ch.reason = conv_skip_reason(conv_mod, ch.bn_module)
+        if base is not nn.Conv2d and ch.bn is None:
+            return None  # another layer kind + activation alone: no BatchNorm to fold, nothing gained
+        ch.reason = layer_skip_reason(conv_mod, base, ch.bn_module)
         if ch.reason is None:
             named = [(str(conv.target), self._mod(conv))] + [(f"{conv.target}.<tail conv>", m)
                                                              for m in (tail[2] if tail else []) + [conv_mod]]
@@ -218,7 +226,9 @@ class ChainMatcher:
             if spec is not None:
                 ch.act, ch.act_spec, ch.passthrough = nxt, spec, passthrough
                 return ch
-            other, why = self._residual_of(nxt, cur) if tail is None else (None, None)
+            # (FusedLinear has no residual epilogue: a Linear chain stops before an add)
+            fusable_add = tail is None and base in RESIDUAL_BASES
+            other, why = self._residual_of(nxt, cur) if fusable_add else (None, None)
             if (other is not None and not self._depends_on(other, {conv, ch.bn, *passthrough} - {None})
                     and not self._mutated_between(conv.args[0], conv, nxt)):
                 ch.add, ch.passthrough = nxt, passthrough

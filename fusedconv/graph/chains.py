@@ -13,7 +13,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fusedconv.activations import ActivationSpec
-from fusedconv.graph.legality import is_plain_sequential
+from fusedconv.graph.legality import LAYER_KINDS, is_plain_sequential
+from fusedconv.graph.sequential import KIND
+from fusedconv.graph.sequential_layers import FUSED_CLASS
 from fusedconv.modules import FusedConv2d
 
 _ADD_FUNCTIONS = (operator.add, torch.add, operator.iadd)
@@ -39,10 +41,11 @@ def _short(e: BaseException) -> str:
 
 @dataclass
 class Chain:
-    """One Conv -> [BN] -> [act] / [add -> act] chain found in a scope's graph."""
+    """One layer -> [BN] -> [act] / [add -> act] chain found in a scope's graph. The layer ("conv") is a Conv2d,
+    or (`base`) a Conv1d / Conv3d / ConvTranspose1d-3d / Linear, which must be followed by a BatchNorm."""
 
     conv: fx.Node
-    conv_module: nn.Conv2d
+    conv_module: nn.Module
     tail: tuple | None = None                   # (owner Sequential, name, containers) when conv ends a Sequential
     bn: fx.Node | None = None
     bn_module: nn.Module | None = None          # the BN module (module call or functional BN's owner)
@@ -52,7 +55,13 @@ class Chain:
     add: fx.Node | None = None
     passthrough: list = field(default_factory=list)  # identity-in-eval calls between BN and the add / act
     reason: str | None = None                   # why it is skipped (None: fuse it)
-    fused: FusedConv2d | None = None            # the replacement, once built
+    fused: nn.Module | None = None              # the replacement (FusedConv2d, FusedConv1d, ...), once built
+    base: type = nn.Conv2d                      # the layer class the chain is fused as (legality.chain_base)
+
+    @property
+    def kind(self) -> str:
+        """The report's chain kind: conv_bn_act for Conv2d, conv3d_bn_act, linear_bn_act, ... for the others."""
+        return KIND if self.base is nn.Conv2d else LAYER_KINDS[self.base]
 
     @property
     def nodes(self) -> list[fx.Node]:
@@ -86,13 +95,14 @@ class Chain:
 
 @dataclass
 class Absorb:
-    """A plain Sequential whose last op is an already fused FusedConv2d (identity activation), followed in this
-    scope by an add and / or an activation: they join that FusedConv2d's epilogue. With an add, the Sequential
+    """A plain Sequential whose last op is an already fused module (FusedConv2d or one of the N-d / transposed /
+    linear family; identity activation, no post-affine), followed in this scope by an add (not for FusedLinear)
+    and / or an activation: they join that module's epilogue. With an add, the Sequential
     call is inlined into its children's calls so the last one can take the residual."""
 
     seq: fx.Node
     leaves: list                                # qualified names of the Sequential's non-Identity leaves
-    fused: FusedConv2d
+    fused: nn.Module
     passthrough: list = field(default_factory=list)
     add: fx.Node | None = None
     act: fx.Node | None = None
@@ -105,6 +115,12 @@ class Absorb:
     @property
     def value(self) -> fx.Node:
         return ([self.seq] + self.passthrough)[-1]
+
+    @property
+    def kind(self) -> str:
+        if type(self.fused) is FusedConv2d:
+            return KIND
+        return next(LAYER_KINDS[b] for b, cls in FUSED_CLASS.items() if type(self.fused) is cls and b in LAYER_KINDS)
 
     def detail(self) -> str:
         parts = (["add"] if self.add is not None else []) + ([str(self.act_spec)] if self.act is not None else [])

@@ -1,4 +1,5 @@
-"""The data-flow pass: find Conv2d -> BN (-> act) (-> + residual -> act) chains in what each module computes.
+"""The data-flow pass: find Conv2d -> BN (-> act) (-> + residual -> act) chains in what each module computes,
+and the same chains over Conv1d / Conv3d / ConvTranspose1d-3d / Linear (which need a BN; Linear takes no add).
 
 Every module scope is traced on its own with torch.fx, all of its submodules kept as leaves, so a chain is
 always found at the smallest scope that holds it. Scopes fx cannot trace (data-dependent control flow, list
@@ -12,7 +13,8 @@ A chain is fused only when the graph proves it is exactly equivalent:
     usually broadcasts (a parameter, a constant, a reduction / reshape / indexing result), and an in-place add
     updates the chain's value, not the other operand;
   * the BN's forward is understood (`legality.batchnorm_verdict`), with eval-mode running statistics;
-  * the conv is exactly nn.Conv2d, called at one call site (subclasses may compute differently: reported).
+  * the conv is exactly nn.Conv2d, called at one call site (subclasses may compute differently: reported), or
+    a layer `legality.chain_base` accepts, followed by a BatchNorm of its rank (`legality.BATCHNORMS_AFTER`).
 "Conv" may also be a plain nn.Sequential that ends in a conv (a BN after it folds into that last conv), and a
 plain nn.Sequential ending in an already fused FusedConv2d passes a following add / activation into that
 module's epilogue (the Sequential call is then inlined into its children's calls: `Absorb`).
@@ -39,7 +41,8 @@ from fusedconv import fold
 # Absorb, Chain, ScopePass and _node_name are re-exported (with KIND and _short, which this module uses):
 # scope_rewrite.py imports them from here, where they were defined.
 from fusedconv.graph.chains import Absorb, Chain, _node_name, _short  # noqa: F401
-from fusedconv.graph.legality import is_fusable_conv, is_leaf_type, module_use_counts
+from fusedconv.fused_layers import FusedAffineLayer
+from fusedconv.graph.legality import chain_base, is_leaf_type, module_use_counts
 from fusedconv.graph.patterns import UnsupportedSignature, call_patterns, forward_params
 from fusedconv.graph.scope_pass import ScopePass  # noqa: F401
 from fusedconv.graph.sequential import KIND, fuse_sequential, is_plain_sequential
@@ -50,16 +53,26 @@ from fusedconv.report import ConversionReport
 
 
 def _traceable_candidates(module: nn.Module) -> bool:
-    """Worth tracing: a Conv2d (or an already fused FusedConv2d) among its children, or inside containers
-    (Sequential, ModuleList, ModuleDict) among its children."""
+    """Worth tracing: a conv (any kind, or an already fused module) among its children, or inside containers
+    (Sequential, ModuleList, ModuleDict) among its children; a Linear counts only beside a BatchNorm (so
+    attention / MLP blocks without one are not traced for nothing)."""
+    seen = _candidate_children(module)
+    return seen["conv"] or (seen["linear"] and seen["bn"])
+
+
+def _candidate_children(module: nn.Module, seen: dict | None = None) -> dict:
+    seen = {"conv": False, "linear": False, "bn": False} if seen is None else seen
     for child in module.children():
-        if isinstance(child, (nn.Conv2d, FusedConv2d)):
-            return True
+        if isinstance(child, (nn.modules.conv._ConvNd, FusedConv2d, FusedAffineLayer)):
+            seen["conv"] = True
+        elif isinstance(child, nn.Linear):
+            seen["linear"] = True
+        elif fold.is_batchnorm(child):
+            seen["bn"] = True
         # (plain nn.Module: the containers fx's GraphModule creates for nested call targets)
-        if type(child) in (nn.ModuleList, nn.ModuleDict, nn.Module) or is_plain_sequential(child):
-            if _traceable_candidates(child):
-                return True
-    return False
+        elif type(child) in (nn.ModuleList, nn.ModuleDict, nn.Module) or is_plain_sequential(child):
+            _candidate_children(child, seen)
+    return seen
 
 
 class DataflowWalk:
@@ -112,14 +125,14 @@ class DataflowWalk:
 
     def _unguardable(self, module: nn.Module, scope: str, why: str) -> None:
         """A forward whose call pattern cannot be guarded: its own chains stay as they are."""
-        convs = [n for n, c in module.named_children() if is_fusable_conv(c)]
+        convs = [n for n, c in module.named_children() if chain_base(c) is not None]
         has_bn = any(fold.is_batchnorm(c) for c in module.children())
         if convs and has_bn:
             self.report.add(scope, convs, KIND, "skipped", f"{why}: its call pattern cannot be guarded; only its "
                                                          "children were converted")
 
     def _untraceable(self, module: nn.Module, scope: str, err: BaseException) -> None:
-        convs = [n for n, c in module.named_children() if is_fusable_conv(c)]
+        convs = [n for n, c in module.named_children() if chain_base(c) is not None]
         has_bn = any(fold.is_batchnorm(c) for c in module.children())
         if convs and has_bn:
             self.report.add(scope, convs, KIND, "skipped",

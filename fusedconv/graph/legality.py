@@ -16,6 +16,7 @@ import torch.nn as nn
 
 from fusedconv import fold
 from fusedconv.activations import ActivationSpec, spec_from_module
+from fusedconv.fused_layers import FusedAffineLayer
 from fusedconv.modules import FusedConv2d
 
 # BatchNorm classes whose forward is the plain formula.
@@ -98,8 +99,9 @@ def conv_skip_reason(conv: nn.Conv2d, bn: nn.Module | None) -> str | None:
 
 
 def is_leaf_type(module: nn.Module) -> bool:
-    """Modules the passes never look inside: convs, norms, activations and our own fused module."""
-    return (isinstance(module, (nn.modules.conv._ConvNd, FusedConv2d)) or fold.is_batchnorm(module)
+    """Modules the passes never look inside: convs, linears, norms, activations and our own fused modules."""
+    return (isinstance(module, (nn.modules.conv._ConvNd, nn.Linear, FusedConv2d, FusedAffineLayer))
+            or fold.is_batchnorm(module)
             or spec_from_module(module) is not None)
 
 
@@ -188,4 +190,47 @@ def hook_reason(named: list) -> str | None:
     for name, m in named:
         if has_hooks(m):
             return f"{name} has forward / backward hooks, which must keep seeing its own output"
+    return None
+
+
+# ------------------------------------------------------------------------------------------------ chains in a forward
+# The data-flow pass (chain_match.py) matches the same chains over every layer kind; what differs per kind is
+# which BatchNorm class may follow (one whose forward accepts the layer's output rank, so fusing never turns the
+# original's error into a result) and whether a residual add can join the epilogue.
+BATCHNORMS_AFTER = {
+    nn.Conv1d: (nn.BatchNorm1d, nn.SyncBatchNorm),
+    nn.Conv3d: (nn.BatchNorm3d, nn.SyncBatchNorm),
+    nn.ConvTranspose1d: (nn.BatchNorm1d, nn.SyncBatchNorm),
+    nn.ConvTranspose2d: (nn.BatchNorm2d, nn.SyncBatchNorm),
+    nn.ConvTranspose3d: (nn.BatchNorm3d, nn.SyncBatchNorm),
+    nn.Linear: (nn.BatchNorm1d,),
+}
+# Layer kinds whose fused module takes `forward(x, residual)` (FusedLinear has no residual epilogue).
+RESIDUAL_BASES = (nn.Conv2d, nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+def chain_base(module: nn.Module) -> type | None:
+    """The layer class a chain starting at `module` is fused as: nn.Conv2d for an exact Conv2d, else
+    `layer_base` (Conv1d / Conv3d and their geometry-only subclasses, ConvTranspose1d-3d, Linear), else None."""
+    return nn.Conv2d if is_fusable_conv(module) else layer_base(module)
+
+
+def layer_bn_verdict(bn: nn.Module, base: type, layer: nn.Module) -> BatchNormVerdict:
+    """Whether `bn` may be folded into the `base` layer `layer` before it (Conv2d: `batchnorm_verdict`)."""
+    if base is nn.Conv2d:
+        return batchnorm_verdict(bn)
+    allowed = BATCHNORMS_AFTER[base]
+    if type(bn) not in allowed:
+        names = "/".join(t.__name__ for t in allowed)
+        return BatchNormVerdict(f"{type(bn).__name__} after {base.__name__}: fusedconv folds only {names} there")
+    channels = None if base is nn.Linear else layer.out_channels
+    return BatchNormVerdict(plain_bn_reason(bn, channels))
+
+
+def layer_skip_reason(layer: nn.Module, base: type, bn: nn.Module | None) -> str | None:
+    """Why a `base` layer (followed by `bn`) cannot become a fused module, or None."""
+    if base is nn.Conv2d or base in (nn.Conv1d, nn.Conv3d):
+        return conv_skip_reason(layer, bn)
+    if not layer.weight.is_floating_point():
+        return f"layer weight has dtype {layer.weight.dtype}"
     return None

@@ -4,9 +4,11 @@ A rewritten block keeps its own forward as the exact fallback for calls its trac
 forward calls its children by name, but some children were changed by the rewrite (the conv is now a
 FusedConv2d with BN folded in, the BN an nn.Identity, an absorbed FusedConv2d carries the activation). For the
 fallback those names are bound to role modules that behave like the originals in isolation:
-  * ConvRole: the convolution alone (`conv(x, weight) + conv bias`);
-  * BNRole: the folded BatchNorm alone (`y * scale + bn_shift`, bn_shift = shift - scale * conv bias);
-  * AffineRole: a FusedConv2d as it was before an activation / residual joined its epilogue.
+  * ConvRole: the layer alone (`conv(x, weight) + conv bias`; a Conv1d / Conv3d / transposed conv / linear layer
+    for the other members of the fused family);
+  * BNRole: the folded BatchNorm alone (`y * scale + bn_shift`, bn_shift = shift - scale * conv bias; FusedLinear
+    keeps its bias apart from the shift, so there bn_shift = shift);
+  * AffineRole: a fused module as it was before an activation / residual joined its epilogue.
 They read the FusedConv2d's live tensors, so `.to()`, `.half()` and `load_state_dict` on the converted model
 keep them consistent. The conv's own bias (usually None before a BN) is kept at convert time.
 """
@@ -17,12 +19,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fusedconv.fused_layers import FusedAffineLayer, FusedConvNd
+from fusedconv.fused_linear import FusedLinear
 from fusedconv.modules import FusedConv2d
 
 
-def _channel(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """A per-channel vector shaped to broadcast over (N, C, H, W) or unbatched (C, H, W), in like's dtype."""
-    return t.to(device=like.device, dtype=like.dtype).view(-1, 1, 1)
+def _channel(t: torch.Tensor, like: torch.Tensor, fused: nn.Module) -> torch.Tensor:
+    """A per-channel vector in like's dtype, shaped to broadcast over (N, C, H, W) or unbatched (C, H, W) for a
+    FusedConv2d, and over dim 1 for the N-d family (where BatchNorm1d/3d normalise, for every input rank)."""
+    t = t.to(device=like.device, dtype=like.dtype)
+    return t.view(fused._channel_view(like)) if isinstance(fused, FusedAffineLayer) else t.view(-1, 1, 1)
 
 
 class _Role(nn.Module):
@@ -37,11 +43,19 @@ class _Role(nn.Module):
         b = self.__dict__["conv_bias"]
         return None if b is None else b.to(device=like.device, dtype=like.dtype)
 
-    def _conv(self, x: torch.Tensor) -> torch.Tensor:
+    def _conv(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """The layer alone with the role's bias (`bias` when given): unscaled weight, no epilogue."""
         f = self.__dict__["fused"]
-        x, padding = f._pad_input(x)
+        bias = self._bias(x) if bias is None else bias.to(device=x.device, dtype=x.dtype)
         w = f.weight.to(x.dtype)
-        return F.conv2d(x, w, self._bias(x), f.stride, padding, f.dilation, f.groups)
+        if isinstance(f, FusedLinear):
+            return F.linear(x, w, bias)
+        if isinstance(f, FusedAffineLayer) and not isinstance(f, FusedConvNd):  # transposed convs
+            return f._layer(x, w, bias)
+        x, padding = f._pad_input(x)
+        if isinstance(f, FusedConvNd):
+            return f._layer(x, w, bias, padding)
+        return F.conv2d(x, w, bias, f.stride, padding, f.dilation, f.groups)
 
 
 class ConvRole(_Role):
@@ -58,18 +72,19 @@ class BNRole(_Role):
         f = self.__dict__["fused"]
         shift = f.shift
         b = self.__dict__["conv_bias"]
-        if b is not None:
+        if b is not None and not isinstance(f, FusedLinear):
             shift = shift - f.scale * b.to(device=shift.device, dtype=shift.dtype)
-        return y * _channel(f.scale, y) + _channel(shift, y)
+        return y * _channel(f.scale, y, f) + _channel(shift, y, f)
 
 
 class AffineRole(_Role):
-    """A FusedConv2d before an activation or residual joined it: conv(x) * scale + shift."""
+    """A fused module before an activation or residual joined it: conv(x) * scale + shift (FusedLinear:
+    linear(x) with its own bias, then * scale + shift)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         f = self.__dict__["fused"]
-        y = self._conv(x)
-        return y * _channel(f.scale, y) + _channel(f.shift, y)
+        y = self._conv(x, f.bias if isinstance(f, FusedLinear) else None)
+        return y * _channel(f.scale, y, f) + _channel(f.shift, y, f)
 
 
 def substitute(modules: dict, path: str, installed: nn.Module, role) -> None:

@@ -1,6 +1,7 @@
 """One traced scope of the data-flow pass: plan which chains of its graph to fuse (and which already fused
-Sequentials absorb a following add / activation), build their FusedConv2d modules, and rewrite the graph
-around them (`ScopePass.plan`, `ScopePass.rewrite_graph`; used by `scope_rewrite.py`)."""
+Sequentials absorb a following add / activation), build their fused modules (FusedConv2d for Conv2d chains;
+for Conv1d / Conv3d / ConvTranspose / Linear chains the member of the N-d family `sequential_layers.FUSED_CLASS`
+names), and rewrite the graph around them (`ScopePass.plan`, `ScopePass.rewrite_graph`; used by `scope_rewrite.py`)."""
 
 from __future__ import annotations
 
@@ -12,17 +13,45 @@ from fusedconv import fold
 from fusedconv.activations import ActivationSpec
 from fusedconv.graph.chain_match import ChainMatcher
 from fusedconv.graph.chains import Absorb, Chain, _flatten_sequential, _node_name
-from fusedconv.graph.legality import conv_subclass_reason, has_hooks, is_plain_sequential, tail_conv
+from fusedconv.fused_layers import FusedAffineLayer
+from fusedconv.fused_linear import FusedLinear
+from fusedconv.graph.legality import (LAYER_KINDS, chain_base, conv_subclass_reason, has_hooks, is_plain_sequential,
+                                      layer_base, tail_conv)
 from fusedconv.graph.sequential import KIND
+from fusedconv.graph.sequential_layers import FUSED_CLASS, tail_layer
 from fusedconv.modules import FusedConv2d
+
+
+def chain_start(module: nn.Module) -> tuple | None:
+    """(owner, attribute name, layer, containers, base) for the layer whose output `module`'s call produces:
+    `module` itself (owner None) or the layer ending a plain Sequential; None when no fusable layer does."""
+    base = chain_base(module)
+    if base is not None:
+        return None, "", module, [], base
+    found = tail_conv(module)
+    if found is not None:
+        return (*found, nn.Conv2d)
+    found = tail_layer(module)
+    return None if found is None else (*found, layer_base(found[2]))
+
+
+def absorbable(module: nn.Module) -> bool:
+    """An already fused module whose epilogue can still take an activation (and, but for FusedLinear, a residual):
+    identity activation and no BatchNorm after it."""
+    if type(module) is FusedConv2d:
+        return module.act.is_identity
+    return (isinstance(module, FusedAffineLayer) and type(module) in FUSED_CLASS.values()
+            and module.act.is_identity and module.post_scale is None)
 
 
 class ScopePass(ChainMatcher):
     """Finds the chains of one traced scope (`plan`) and rewrites its graph around them (`rewrite_graph`)."""
 
     # ------------------------------------------------------------------ planning and rewriting
-    def _fused_module(self, ch: Chain) -> FusedConv2d:
+    def _fused_module(self, ch: Chain) -> nn.Module:
         conv = ch.conv_module
+        if ch.base is not nn.Conv2d:
+            return self._fused_layer(ch)
         if ch.bn_tensors is None:
             return FusedConv2d.from_modules(conv, ch.bn_module, ch.act_spec)
         mean, var, weight, bias, eps = ch.bn_tensors
@@ -32,6 +61,19 @@ class ScopePass(ChainMatcher):
         return FusedConv2d(conv.weight, scale.to(epi), shift.to(epi), stride=plain.stride, padding=plain.padding,
                            dilation=plain.dilation, groups=plain.groups, padding_mode=plain.padding_mode,
                            activation=ch.act_spec)
+
+    @staticmethod
+    def _fused_layer(ch: Chain) -> FusedAffineLayer:
+        """The N-d / transposed / linear fused module of a chain (a functional BN only after Conv1d / Conv3d)."""
+        cls, conv = FUSED_CLASS[ch.base], ch.conv_module
+        if ch.bn_tensors is None:
+            return cls.from_modules(conv, ch.bn_module, ch.act_spec)
+        mean, var, weight, bias, eps = ch.bn_tensors
+        scale, shift = fold.bn_scale_shift(mean, var, weight, bias, eps, conv.bias, dtype=torch.float64)
+        plain = cls.from_modules(conv, None, ch.act_spec)  # resolves padding='same' etc.
+        return cls(conv.weight.detach(), scale, shift, stride=plain.stride, padding=plain.padding,
+                   dilation=plain.dilation, groups=plain.groups, padding_mode=plain.padding_mode,
+                   activation=ch.act_spec)
 
     def _swappable(self, ch: Chain) -> bool:
         if not ch.module_only():
@@ -59,21 +101,22 @@ class ScopePass(ChainMatcher):
         for node in list(self.graph.nodes):
             if node.op != "call_module":
                 continue
-            found = tail_conv(self._mod(node))
+            found = chain_start(self._mod(node))
             if found is None:
                 why = conv_subclass_reason(self._mod(node))
                 bn_users = [u for u in node.users if u.op == "call_module" and fold.is_batchnorm(self._mod(u))]
                 if why is not None and bn_users:
                     self.report.add(self.scope, [str(node.target), str(bn_users[0].target)], KIND, "skipped", why)
                 continue
-            owner, name, conv_mod, path = found
+            owner, name, conv_mod, path, base = found
             tail = None if owner is None else (owner, name, path)
             if tail is None and self.calls[node.target] > 1:
                 if any(u.op == "call_module" and fold.is_batchnorm(self._mod(u)) for u in node.users):
-                    self.report.add(self.scope, [str(node.target)], KIND, "skipped",
-                                    f"conv module is called {self.calls[node.target]} times in forward")
+                    kind = KIND if base is nn.Conv2d else LAYER_KINDS[base]
+                    self.report.add(self.scope, [str(node.target)], kind, "skipped",
+                                    f"{base.__name__} module is called {self.calls[node.target]} times in forward")
                 continue
-            ch = self.match(node, conv_mod, tail)
+            ch = self.match(node, conv_mod, tail, base)
             if ch is None:
                 continue
             if ch.reason is None and tail is not None:
@@ -94,7 +137,7 @@ class ScopePass(ChainMatcher):
                 except (ValueError, TypeError, RuntimeError) as e:
                     ch.reason = str(e)
             if ch.reason is not None:
-                self.report.add(self.scope, [_node_name(n) for n in ch.nodes], KIND, "skipped", ch.reason)
+                self.report.add(self.scope, [_node_name(n) for n in ch.nodes], ch.kind, "skipped", ch.reason)
             else:
                 good.append(ch)
         return good, absorbs
@@ -104,7 +147,8 @@ class ScopePass(ChainMatcher):
         return all(self._swappable(ch) for ch in chains) and all(self._swappable_absorb(a) for a in absorbs)
 
     def match_absorb(self, node: fx.Node, claimed: set) -> Absorb | None:
-        """An Absorb when `node` calls a plain Sequential ending in a FusedConv2d that an add / act follows."""
+        """An Absorb when `node` calls a plain Sequential ending in a fused module (`absorbable`) that an add / act
+        follows."""
         if node.op != "call_module" or node in claimed or len(node.args) != 1 or node.kwargs:
             return None
         seq = self._mod(node)
@@ -112,7 +156,7 @@ class ScopePass(ChainMatcher):
             return None
         leaves, containers = [], []
         _flatten_sequential(seq, str(node.target), leaves, containers)
-        if not leaves or type(leaves[-1][1]) is not FusedConv2d or not leaves[-1][1].act.is_identity:
+        if not leaves or not absorbable(leaves[-1][1]):
             return None
         fused = leaves[-1][1]
         if any(self.uses[id(m)] > 1 for m in containers) or self.uses[id(fused)] > 1:
@@ -131,6 +175,8 @@ class ScopePass(ChainMatcher):
         spec = self._activation(nxt, cur)
         if spec is not None:
             a.act, a.act_spec = nxt, spec
+        elif isinstance(fused, FusedLinear):
+            return None  # its epilogue has no residual add
         else:
             other, _ = self._residual_of(nxt, cur)
             if other is None or self._depends_on(other, {node, *a.passthrough}):

@@ -24,7 +24,7 @@ import re
 import torch.fx as fx
 import torch.nn as nn
 
-from fusedconv.graph.dataflow import KIND, Absorb, Chain, ScopePass, _node_name, _short
+from fusedconv.graph.dataflow import Absorb, Chain, ScopePass, _node_name, _short
 from fusedconv.graph.patterns import MODULE_INTERNALS, CallPattern, Param, build_guard, merge_patterns
 from fusedconv.graph.roles import AffineRole, BNRole, ConvRole
 from fusedconv.graph.specialize import GuardTable, Specialization, install
@@ -121,7 +121,7 @@ class ScopeRewrite:
                 sources = self._rewrite_graphs(plans, good)
             except Exception as e:  # noqa: BLE001 - an unforeseen graph: leave the scope exactly as it was
                 for ch in good:
-                    self.report.add(self.scope, [_node_name(n) for n in ch.nodes], KIND, "skipped",
+                    self.report.add(self.scope, [_node_name(n) for n in ch.nodes], ch.kind, "skipped",
                                     f"could not rewrite the scope's graph ({_short(e)})")
                 self.report.notes.append(f"{self.scope or '<root>'}: could not rewrite the graph ({_short(e)})")
                 return module, None
@@ -191,14 +191,14 @@ class ScopeRewrite:
                 sp._set(self.module, n.target, stand_in)
                 role = BNRole(ch.fused, ch.conv_module.bias) if n is ch.bn else old
                 roles.append((str(n.target), stand_in, role))
-            self.report.add(self.scope, [_node_name(n) for n in ch.nodes], KIND, "fused", ch.detail())
+            self.report.add(self.scope, [_node_name(n) for n in ch.nodes], ch.kind, "fused", ch.detail())
         for a in absorbs:
             old = sp._mod(a.act)
             a.fused.act = a.act_spec
             stand_in = nn.Identity().train(old.training)
             sp._set(self.module, a.act.target, stand_in)
             roles += [(str(a.act.target), stand_in, old), (a.leaves[-1], a.fused, AffineRole(a.fused))]
-            self.report.add(self.scope, [_node_name(n) for n in a.nodes], KIND, "fused", a.detail())
+            self.report.add(self.scope, [_node_name(n) for n in a.nodes], a.kind, "fused", a.detail())
         return roles
 
     def _place(self, ch: Chain, sp: ScopePass) -> tuple:
@@ -282,10 +282,10 @@ class ScopeRewrite:
                 stand_in = nn.Identity().train(old.training)
                 mods[str(ch.bn.target)] = stand_in
                 roles.append((str(ch.bn.target), stand_in, BNRole(ch.fused, ch.conv_module.bias)))
-            self.report.add(self.scope, [_node_name(n) for n in ch.nodes], KIND, "fused", ch.detail())
+            self.report.add(self.scope, [_node_name(n) for n in ch.nodes], ch.kind, "fused", ch.detail())
         for a in absorbs:
             a.fused.act = a.act_spec
             a.fused.residual_required = a.add is not None
             roles.append((a.leaves[-1], a.fused, AffineRole(a.fused)))
-            self.report.add(self.scope, [_node_name(n) for n in a.nodes], KIND, "fused", a.detail())
+            self.report.add(self.scope, [_node_name(n) for n in a.nodes], a.kind, "fused", a.detail())
         return roles

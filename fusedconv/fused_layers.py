@@ -202,6 +202,13 @@ class FusedAffineLayer(nn.Module):
         if x.dim() not in (nd + 1, nd + 2):
             raise ValueError(f"input: expected a {nd + 2}-d (N, C, ...) or unbatched {nd + 1}-d tensor for "
                              f"{type(self).__name__}, got shape {tuple(x.shape)}")
+        if nd == 1 and x.dim() == 2:
+            # BatchNorm1d reads a 2-d tensor as (N, C): on the unbatched (C, L) output of the original Conv1d it
+            # normalises along L (and works whenever L happens to equal its channel count), while the folded
+            # scale is per conv channel. Refuse rather than compute a different function.
+            raise ValueError(f"input: {type(self).__name__} folds a BatchNorm1d, which on an unbatched (C, L) conv "
+                             f"output normalises dim 1 (L) instead of the channels; expected a batched 3-d "
+                             f"(N, C, L) tensor, got shape {tuple(x.shape)}")
         c = x.shape[x.dim() - nd - 1]
         if c != cin:
             raise ValueError(f"input: expected {cin} channels, got {c} (shape {tuple(x.shape)})")

@@ -61,7 +61,26 @@ def test_fused_conv_nd_matches(nd, kwargs, act, post, dtype):
     assert not fused.training and fused.scale.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     x = torch.randn(2, 6, *SPATIAL[nd], dtype=dtype)
     assert max_rel_error(fused(x), seq(x)) < (1e-12 if dtype == torch.float64 else 1e-5)
-    assert max_rel_error(fused(x[0]), seq(x)[0]) < (1e-12 if dtype == torch.float64 else 1e-5)  # unbatched
+    if nd == 3:  # unbatched: BatchNorm3d normalises dim 0 of a 4-d tensor like dim 1 of a 5-d one
+        assert max_rel_error(fused(x[0]), seq(x)[0]) < (1e-12 if dtype == torch.float64 else 1e-5)
+    else:  # BatchNorm1d would read an unbatched (C, L) output as (N, C): refused, see below
+        with pytest.raises(ValueError, match=r"input: FusedConv1d folds a BatchNorm1d"):
+            fused(x[0])
+
+
+@torch.no_grad()
+def test_unbatched_conv1d_input_is_refused_where_batchnorm1d_would_normalise_the_length():
+    # Conv1d(6 -> 9) on an unbatched (6, 11) input gives (9, 9): BatchNorm1d(9) then normalises along the
+    # length, not the channels, and the original runs. A fused module must not return its per-channel result.
+    torch.manual_seed(5)
+    seq = _seq(nn.Conv1d(6, 9, 3), BN[1](9), nn.ReLU(), None, seed=5, dtype=torch.float64)
+    fused = _fused_from(FUSED_CONV[1], seq, True, True, False)
+    x = torch.randn(6, 11, dtype=torch.float64)
+    expected = seq(x)
+    assert expected.shape == (9, 9)
+    assert max_rel_error(fused(x.unsqueeze(0))[0], expected) > 1e-3  # a different function: the reason to refuse
+    with pytest.raises(ValueError, match=r"expected a batched 3-d \(N, C, L\) tensor"):
+        fused(x)
 
 
 @torch.no_grad()

@@ -38,13 +38,11 @@ from __future__ import annotations
 import torch.nn as nn
 
 from fusedconv import fold
-# Absorb, Chain, ScopePass and _node_name are re-exported (with KIND and _short, which this module uses):
-# scope_rewrite.py imports them from here, where they were defined.
-from fusedconv.graph.chains import Absorb, Chain, _node_name, _short  # noqa: F401
+from fusedconv.graph.chains import _short
 from fusedconv.fused_layers import FusedAffineLayer
 from fusedconv.graph.legality import chain_base, is_leaf_type, module_use_counts
 from fusedconv.graph.patterns import UnsupportedSignature, call_patterns, forward_params
-from fusedconv.graph.scope_pass import ScopePass  # noqa: F401
+from fusedconv.graph.scope_rewrite import ScopeRewrite
 from fusedconv.graph.sequential import KIND, fuse_sequential, is_plain_sequential
 from fusedconv.graph.specialize import guard_table
 from fusedconv.graph.tracing import trace_scope, visit_children
@@ -100,10 +98,6 @@ class DataflowWalk:
             return module
         if guard_table(module) is not None:  # converted before: its chains are fused already
             return module
-        # (imported here: scope_rewrite.py imports ScopePass and the chain records through this module; once it
-        # imports them from scope_pass.py / chains.py, this import can move to the top)
-        from fusedconv.graph.scope_rewrite import ScopeRewrite
-
         try:
             params = forward_params(module)
         except UnsupportedSignature as e:

@@ -24,9 +24,10 @@ import re
 import torch.fx as fx
 import torch.nn as nn
 
-from fusedconv.graph.dataflow import Absorb, Chain, ScopePass, _node_name, _short
+from fusedconv.graph.chains import Absorb, Chain, _node_name, _short
 from fusedconv.graph.patterns import MODULE_INTERNALS, CallPattern, Param, build_guard, merge_patterns
 from fusedconv.graph.roles import AffineRole, BNRole, ConvRole
+from fusedconv.graph.scope_pass import ScopePass
 from fusedconv.graph.specialize import GuardTable, Specialization, install
 from fusedconv.graph.tracing import ScopeTrace
 from fusedconv.report import ConversionReport

@@ -30,6 +30,8 @@ import torch.nn.functional as F
 #: fp32 accumulation order.
 TOLERANCE = {"float16": (2e-3, 1e-2), "bfloat16": (1e-2, 3e-2), "tf32": (5e-3, 2e-2), "float32": (1e-5, 1e-4)}
 DTYPE_MODES = ("float16", "bfloat16", "tf32", "float32")
+#: The GEMM schedules every non-depthwise item is checked under (their kernels and candidate configs differ).
+SCHEDULES = ("data-parallel", "stream-K")
 
 
 @dataclass(frozen=True)
@@ -89,8 +91,10 @@ def _conv_module():
     return importlib.import_module("fusedconv.kernels.conv_bn_act")
 
 
-def candidate_configs(g: Geometry, batch: int, dtype_mode: str, device: torch.device) -> list:
-    """The triton.Configs the autotuner may choose for this launch (after pruning, deny-list included)."""
+def candidate_configs(g: Geometry, batch: int, dtype_mode: str, device: torch.device,
+                      schedule: str = "data-parallel") -> list:
+    """The triton.Configs the autotuner may choose for this launch (after pruning, deny-list included), for
+    the data-parallel GEMM kernel or (`schedule="stream-K"`) the stream-K kernel."""
     import triton
 
     if g.depthwise:
@@ -109,6 +113,8 @@ def candidate_configs(g: Geometry, batch: int, dtype_mode: str, device: torch.de
     named = {"x_ptr": torch.empty(0, dtype=dtype, device=device), "M": batch * oh * ow, "COUT_G": g.cout // g.groups,
              "CIN_G": cin_g, "KH": g.kh, "KW": g.kw, "IS_1X1": is_1x1,
              "FLAT_K": not is_1x1 and g.kh * g.kw > 1 and cin_g < 16}
+    if schedule == "stream-K":
+        return cfgs.prune_streamk_configs(cfgs.all_autotune_configs(), named)
     return cfgs.prune_configs(cfgs.all_autotune_configs(), named)
 
 
@@ -142,12 +148,17 @@ def forced_config(cfg, depthwise: bool):
     if not hasattr(mod, "_autotuned_kernel"):
         raise RuntimeError("fusedconv.kernels.conv_bn_act has no _autotuned_kernel: the GPU check cannot force a "
                            "config; update bench/check_correctness.forced_config")
-    saved = mod._autotuned_kernel
+    saved = mod._autotuned_kernel, getattr(mod, "_autotuned_streamk", None)
     mod._autotuned_kernel = triton.autotune(configs=[cfg], key=mod._configs.AUTOTUNE_KEY)(mod._conv_gemm_kernel)
+    if hasattr(mod, "_conv_streamk_kernel"):
+        # The stream-K kernel gets the same config (only tiles that fit its workspace slots are ever run
+        # through it: `check_item` runs stream-K with stream-K candidates only).
+        mod._autotuned_streamk = triton.autotune(configs=[cfg], key=mod._configs.STREAMK_AUTOTUNE_KEY)(
+            mod._conv_streamk_kernel)
     try:
         yield
     finally:
-        mod._autotuned_kernel = saved
+        mod._autotuned_kernel, mod._autotuned_streamk = saved
 
 
 # --------------------------------------------------------------------------------------------- checking
@@ -186,8 +197,12 @@ def _path(g: Geometry) -> str:
     return "flatk" if g.kh * g.kw > 1 and g.cin // g.groups < 16 else "spatial"
 
 
-def check_item(g: Geometry, batch: int, dtype_mode: str, device, configs=None, seed: int = 0, emit=None) -> list[dict]:
-    """One row per candidate config: errors vs float64 and pass/fail."""
+def check_item(g: Geometry, batch: int, dtype_mode: str, device, configs=None, seed: int = 0, emit=None,
+               schedule: str = "data-parallel") -> list[dict]:
+    """One row per candidate config: errors vs float64 and pass/fail. `schedule`: "data-parallel" runs the
+    configs through the one-program-per-tile kernel (split-K as the launcher picks it), "stream-K" through the
+    stream-K kernel on every SM (whatever the schedule model would pick for this shape), so every candidate of
+    both kernels meets the float64 reference."""
     from fusedconv.kernels import conv_bn_act, pack_weight
 
     dtype = torch.float32 if dtype_mode in ("tf32", "float32") else getattr(torch, dtype_mode)
@@ -205,11 +220,13 @@ def check_item(g: Geometry, batch: int, dtype_mode: str, device, configs=None, s
     old_tf32 = torch.backends.cudnn.allow_tf32
     torch.backends.cudnn.allow_tf32 = dtype_mode == "tf32"  # the launcher picks TF32 as cuDNN would
     try:
-        for cfg in configs if configs is not None else candidate_configs(g, batch, dtype_mode, device):
+        streamk = schedule == "stream-K" and not g.depthwise
+        launch_schedule = {"stream_k": True} if streamk else ({} if g.depthwise else {"stream_k": False})
+        kernel = "depthwise" if g.depthwise else ("streamk" if streamk else "gemm")
+        for cfg in configs if configs is not None else candidate_configs(g, batch, dtype_mode, device, schedule):
             row = {"geometry": g.name, "batch": batch, "dtype": dtype_mode, "config": config_label(cfg),
                    "config_key": [*cfg.kwargs.values(), cfg.num_warps, cfg.num_stages],
-                   "kernel": "depthwise" if g.depthwise else "gemm",
-                   "path": _path(g)}
+                   "kernel": kernel, "path": _path(g)}
             start = time.perf_counter()
             try:
                 poison = torch.full(ref.shape, float("nan"), dtype=dtype, device=device)
@@ -217,7 +234,7 @@ def check_item(g: Geometry, batch: int, dtype_mode: str, device, configs=None, s
                 with forced_config(cfg, g.depthwise):
                     out = conv_bn_act(x, packed, scale, shift, stride=g.stride, padding=g.padding,
                                       dilation=g.dilation, groups=g.groups, activation=g.activation,
-                                      act_param=act_param, residual=res)
+                                      act_param=act_param, residual=res, **launch_schedule)
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 diff = out.double() - ref
@@ -252,10 +269,12 @@ def worker(items_path: str, out_path: str, deadline: float) -> int:
             if time.time() > deadline:
                 break
             g = Geometry(**{k: tuple(v) if isinstance(v, list) else v for k, v in item["geometry"].items()})
-            configs = candidate_configs(g, item["batch"], item["dtype"], device)
-            if item.get("max_configs"):
-                configs = configs[:item["max_configs"]]
-            check_item(g, item["batch"], item["dtype"], device, configs, seed=item.get("seed", 0), emit=emit)
+            for schedule in item.get("schedules", ("data-parallel",) if g.depthwise else SCHEDULES):
+                configs = candidate_configs(g, item["batch"], item["dtype"], device, schedule)
+                if item.get("max_configs"):
+                    configs = configs[:item["max_configs"]]
+                check_item(g, item["batch"], item["dtype"], device, configs, seed=item.get("seed", 0), emit=emit,
+                           schedule=schedule)
     return 0
 
 

@@ -66,25 +66,35 @@ def gemm_variants(case: LayerCase, batch: int, dtype: str, sms: int) -> tuple[di
     oh, ow = s.out_hw
     out_shape = (batch, s.cout, oh, ow)
     cin_g, cout_g, m = s.cin // s.groups, s.cout // s.groups, batch * oh * ow
-    # The launcher's split-K choice, with the target's SM count instead of the local device's.
+    # The launcher's schedule choice, with the target's SM count instead of the local device's.
     if s.kh * s.kw > 1 and cin_g < 16:
         k_iters = -(-(s.kh * s.kw * cin_g) // 64)
     else:
         k_iters = s.kh * s.kw * -(-cin_g // 64)
-    split_k = cfgs.choose_split_k(m, cout_g, s.groups, k_iters, sms)
+    kind, value = cfgs.choose_schedule(m, cout_g, s.groups, k_iters, sms)
+    split_k, stream_k = (1, value) if kind == "stream_k" else (value, False)
     res_meta = (out_shape, _cl_strides(*out_shape), tdtype) if case.residual else None
     plan = cba._plan(x_shape, _cl_strides(*x_shape), tdtype, torch.device("cpu"), w_shape,
                      _packed_weight_strides(s), tdtype, (s.cout,), (s.cout,), res_meta, (s.stride, s.stride),
                      (s.padding, s.padding), (s.dilation, s.dilation), s.groups, case.activation, 0.0, split_k,
-                     False, True)
-    fn = cba._conv_gemm_kernel
-    int_names = fn.arg_names[7:7 + len(plan["int_args"])]
-    values = dict(zip(int_names, plan["int_args"]))
+                     False, True, stream_k)
     flags = plan["flags"]
     named = {"x_ptr": torch.empty(0, dtype=tdtype, device="meta"), "M": m, "COUT_G": cout_g, "CIN_G": cin_g,
-             "KH": s.kh, "KW": s.kw, "FLAT_K": flags["FLAT_K"]}
-    kept = cfgs.prune_configs(cfgs.all_autotune_configs(), named)
-    base = cfgs._kernel_signature(_SHORT[dtype], flags["USE_INT64"])
+             "KH": s.kh, "KW": s.kw, "FLAT_K": flags["FLAT_K"], "ROW_K": flags["ROW_K"],
+             "ROW_WIDTH": flags["ROW_WIDTH"], "IS_1X1": flags["IS_1X1"]}
+    if stream_k:
+        fn = cba._conv_streamk_kernel
+        kept = cfgs.prune_streamk_configs(cfgs.all_autotune_configs(), named)
+        base = cfgs.streamk_kernel_signature(_SHORT[dtype], flags["USE_INT64"])
+        flags = {**{k: v for k, v in flags.items() if k != "SPLIT_K"}, "WS_TILE": cfgs.STREAMK_MAX_TILE}
+    else:
+        fn = cba._conv_gemm_kernel
+        kept = cfgs.prune_configs(cfgs.all_autotune_configs(), named)
+        base = cfgs._kernel_signature(_SHORT[dtype], flags["USE_INT64"])
+    int_names = fn.arg_names[fn.arg_names.index("N"):fn.arg_names.index("N") + len(plan["int_args"])]
+    values = dict(zip(int_names, plan["int_args"]))
+    if stream_k:
+        values["GROUPS"] = s.groups
     path = "1x1" if flags["IS_1X1"] else ("flatk" if flags["FLAT_K"] else f"{s.kh}x{s.kw}")
     variants = []
     for cfg in kept:
@@ -92,10 +102,16 @@ def gemm_variants(case: LayerCase, batch: int, dtype: str, sms: int) -> tuple[di
         spec = aot.spec_from_args(fn, base, values, {**flags, **kw}, num_warps=cfg.num_warps,
                                   num_stages=cfg.num_stages)
         tiles = -(-m // kw["BLOCK_M"]) * -(-cout_g // kw["BLOCK_N"]) * s.groups * split_k
+        if stream_k:  # persistent programs, each with an equal share of all tiles' K iterations
+            tiles = min(stream_k, tiles * k_iters)
         variants.append({"config": f"{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']} w{cfg.num_warps}/s{cfg.num_stages}",
                          "block": (kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"]), "num_warps": cfg.num_warps,
                          "num_stages": cfg.num_stages, "tiles": tiles, "spec": spec})
-    launch = {"kernel": "gemm", "path": path, "split_k": split_k, "M": m, "N": cout_g, "K": cin_g * s.kh * s.kw,
+    # Waves of the plain data-parallel grid of 128x128 tiles (what every layer launched before schedules).
+    dp_waves = round(-(-m // 128) * -(-cout_g // 128) * s.groups / sms, 2)
+    schedule = f"stream-K {stream_k}" if stream_k else (f"split-K {split_k}" if split_k > 1 else "data-parallel")
+    launch = {"kernel": "gemm", "path": path, "split_k": split_k, "stream_k": stream_k or 0, "schedule": schedule,
+              "dp_waves_128": dp_waves, "M": m, "N": cout_g, "K": cin_g * s.kh * s.kw,
               "use_int64": flags["USE_INT64"], "even_k": flags["EVEN_K"]}
     return launch, variants
 

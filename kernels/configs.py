@@ -32,6 +32,10 @@ from __future__ import annotations
 
 import triton
 
+# The schedule cost model lives in `schedule`; re-exported here, where callers have always found it.
+from fusedconv.kernels.schedule import (  # noqa: F401
+    STREAMK_MAX_TILE, choose_schedule, choose_split_k, estimate_streamk_time, estimate_time)
+
 #: The one config used under the interpreter (smallest tiles tl.dot accepts: interpreted time scales with size).
 INTERPRET_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 8}
 
@@ -110,7 +114,7 @@ def row_width(kw: int, cin_g: int) -> int:
     return _pow2_at_least_16(kw * cin_g)
 
 
-def prune_configs(configs, named_args, **kwargs):
+def prune_configs(configs, named_args, kernel: str = "gemm", **kwargs):
     """early_config_prune: the configs of this problem's dtype, capped to its M, N, K and to the warp rule.
 
     Tiles larger than the (power-of-two-rounded) problem would only waste work, so each block size is capped
@@ -122,7 +126,7 @@ def prune_configs(configs, named_args, **kwargs):
     args = {**named_args, **kwargs}
     from fusedconv.kernels.denylist import drop_denied
 
-    configs = drop_denied(configs, args)  # configs the GPU check found wrong on this GPU + triton
+    configs = drop_denied(configs, args, kernel=kernel)  # configs the GPU check found wrong on this GPU + triton
     x = args["x_ptr"]
     dtype_bytes = x.element_size() if hasattr(x, "element_size") else 2
     table = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) for c in autotune_configs(dtype_bytes)}
@@ -163,55 +167,20 @@ def prune_configs(configs, named_args, **kwargs):
 AUTOTUNE_KEY = ["M", "CIN_G", "COUT_G", "H", "W", "OW", "stride_h", "stride_w", "dil_h", "sxc", "syc", "KH", "KW",
                 "SPLIT_K", "IS_1X1", "ROW_K", "CH_ALIGN"]
 
-# Split-K cost model (an H100-class part; only ratios matter): fp16 dense tensor-core rate, HBM bandwidth, the
-# extra launch of the split-K epilogue, and the relative per-SM efficiency of the tile shapes a sub-wave
-# problem tunes to (smaller tiles re-read more operands per FLOP and issue more instructions per MMA).
-_PEAK_FLOPS = 750e12
-_HBM_BYTES_PER_S = 3e12
-_EPILOGUE_LAUNCH_S = 1.5e-6
-_TILE_EFFICIENCY = ((128, 128, 1.0), (64, 128, 0.8), (64, 64, 0.6))
-_SPLITS = (1, 2, 4, 8, 16)
+#: The stream-K kernel's key: the same shape arguments (it has no SPLIT_K; its program count is the SM count).
+STREAMK_AUTOTUNE_KEY = [k for k in AUTOTUNE_KEY if k != "SPLIT_K"]
 
 
-def estimate_time(m: int, cout_g: int, groups: int, k_iters: int, num_sms: int, split: int,
-                  block_k: int = 64) -> tuple[float, tuple[int, int]]:
-    """Modelled seconds of a conv GEMM with `split` K slices, and the tile that achieves it.
-
-    Each tile shape runs ceil(tiles * split / num_sms) waves of programs that each take (tile FLOPs / split) /
-    (per-SM rate * tile efficiency); a split adds the fp32 workspace round trip (written once, read once by
-    the epilogue kernel) and the epilogue launch.
-    """
-    per_sm = _PEAK_FLOPS / max(num_sms, 1)
-    best = (float("inf"), (128, 128))
-    for bm, bn, eff in _TILE_EFFICIENCY:
-        tiles = _cdiv(m, bm) * _cdiv(cout_g, bn) * groups * split
-        waves = _cdiv(tiles, max(num_sms, 1))
-        t = waves * (2.0 * bm * bn * block_k * _cdiv(k_iters, split)) / (per_sm * eff)
-        if split > 1:
-            t += 2.0 * split * m * cout_g * groups * 4 / _HBM_BYTES_PER_S + _EPILOGUE_LAUNCH_S
-        if t < best[0]:
-            best = (t, (bm, bn))
-    return best
-
-
-def choose_split_k(m: int, cout_g: int, groups: int, k_iters: int, num_sms: int) -> int:
-    """Number of K slices: the power of two (1..16) with the lowest `estimate_time` on `num_sms` SMs.
-
-    Deterministic (a function of the shape and the SM count only; the epilogue sums slices in a fixed order).
-    A split only counts when each slice keeps at least 4 K iterations, so the pipeline still has work. A
-    problem whose output tiles already fill the GPU gets 1; a sub-wave one (batch 1, or a batch-32 stage-4
-    layer) gets a split when the extra waves it fills are worth more than the fp32 workspace traffic.
-    """
-    if m <= 0 or cout_g <= 0 or num_sms <= 0 or k_iters < 8:
-        return 1
-    best_split, best_time = 1, estimate_time(m, cout_g, groups, k_iters, num_sms, 1)[0]
-    for split in _SPLITS[1:]:
-        if k_iters // split < 4:
-            break
-        t = estimate_time(m, cout_g, groups, k_iters, num_sms, split)[0]
-        if t < best_time * 0.95:  # a split must win clearly: the model is coarse
-            best_split, best_time = split, t
-    return best_split
+def prune_streamk_configs(configs, named_args, **kwargs):
+    """early_config_prune of the stream-K kernel: `prune_configs`, then only tiles that fit its workspace
+    slots (BLOCK_M * BLOCK_N <= STREAMK_MAX_TILE). Never empty (the smallest kept tile always fits)."""
+    kept = prune_configs(configs, named_args, kernel="streamk", **kwargs)
+    fitting = [c for c in kept if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= STREAMK_MAX_TILE]
+    if fitting:
+        return fitting
+    smallest = min(kept, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])
+    return [triton.Config({**smallest.kwargs, "BLOCK_M": 64, "BLOCK_N": 64}, num_stages=smallest.num_stages,
+                          num_warps=smallest.num_warps)]
 
 
 def _kernel_signature(dtype: str, int64_strides: bool = False) -> dict[str, str]:
@@ -229,6 +198,23 @@ def _kernel_signature(dtype: str, int64_strides: bool = False) -> dict[str, str]
     for name in ("KH", "KW", "ACTIVATION", "HAS_RESIDUAL", "IS_1X1", "ROW_K", "ROW_WIDTH", "FLAT_K", "EVEN_K",
                  "CH_ALIGN", "USE_INT64", "INPUT_PRECISION", "SPLIT_K", "BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"):
         sig[name] = "constexpr"
+    return sig
+
+
+def streamk_kernel_signature(dtype: str, int64_strides: bool = False) -> dict[str, str]:
+    """Triton signature of `conv_streamk._conv_streamk_kernel`: the GEMM kernel's plus the tile counters and
+    the group count, without SPLIT_K."""
+    sig = {}
+    for name, kind in _kernel_signature(dtype, int64_strides).items():
+        if name == "SPLIT_K":
+            continue
+        sig[name] = kind
+        if name == "ws_ptr":
+            sig["count_ptr"] = "*i32"
+        if name == "ACT_PARAM":
+            sig["GROUPS"] = "i32"
+        if name == "INPUT_PRECISION":
+            sig["WS_TILE"] = "constexpr"
     return sig
 
 

@@ -37,7 +37,8 @@ def test_dry_run_writes_every_part(tmp_path):
     sec = results["correctness"]
     assert sec["items_done"] == sec["items_total"] > 0 and not sec["not_run"]
     assert sec["rows"] and all(r["ok"] for r in sec["rows"]), [r for r in sec["rows"] if not r["ok"]]
-    assert {r["kernel"] for r in sec["rows"]} == {"gemm", "depthwise"}
+    # every GEMM candidate is checked under both schedules: the data-parallel and the stream-K kernel
+    assert {r["kernel"] for r in sec["rows"]} == {"gemm", "streamk", "depthwise"}
     fused = [r for r in results["layers"] if r["provider"] == "fusedconv"]
     assert fused and all(r["status"] == "ok" for r in fused), fused
     (model,) = results["models"]
@@ -62,7 +63,8 @@ def test_reference_is_conv_bn_act_modules_in_float64():
 @pytest.mark.parametrize("fault, passes", [(None, True), ("scaled", False), ("unwritten", False), ("raises", False)])
 def test_checker_verdicts(monkeypatch, fault, passes):
     """A kernel stand-in computing the right function passes; 1% off, a NaN corner or an exception fails."""
-    def stand_in(x, weight, scale, shift, **kw):
+    def stand_in(x, weight, scale, shift, stream_k=None, **kw):
+        assert stream_k is False  # the data-parallel check pins its schedule
         y = fk.conv_bn_act_ref(x, weight, scale, shift, **kw)
         if fault == "scaled":
             y = y * 1.01
@@ -81,6 +83,26 @@ def test_checker_verdicts(monkeypatch, fault, passes):
     assert len(rows) == 1 and rows[0]["ok"] is passes, rows
     if fault == "raises":
         assert "launch failed" in rows[0]["error"]
+
+
+def test_stream_k_schedule_checks_stream_k_candidates(monkeypatch):
+    """schedule="stream-K" runs the stream-K candidates (tiles that fit its workspace slots) through the
+    launcher with stream_k=True and labels the rows with that kernel (so failures deny-list it, not the GEMM)."""
+    seen = []
+
+    def stand_in(x, weight, scale, shift, stream_k=None, **kw):
+        seen.append(stream_k)
+        return fk.conv_bn_act_ref(x, weight, scale, shift, **kw)
+
+    monkeypatch.setattr(fk, "conv_bn_act", stand_in)
+    g = cc.Geometry("g", 256, 14, 14, 256, 3, 3, padding=(1, 1))
+    configs = cc.candidate_configs(g, 2, "float32", torch.device("cpu"), "stream-K")
+    assert configs and all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= fk.configs.STREAMK_MAX_TILE for c in configs)
+    gemm = cc.candidate_configs(g, 2, "float32", torch.device("cpu"))
+    assert {cc.config_label(c) for c in configs} <= {cc.config_label(c) for c in gemm}
+    rows = cc.check_item(g, 1, "float32", torch.device("cpu"), configs[:2], schedule="stream-K")
+    assert seen == [True, True] and all(r["ok"] and r["kernel"] == "streamk" for r in rows), rows
+    assert cc.SCHEDULES == ("data-parallel", "stream-K")
 
 
 def test_candidate_configs_follow_pruning():

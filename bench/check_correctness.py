@@ -30,8 +30,9 @@ import torch.nn.functional as F
 #: fp32 accumulation order.
 TOLERANCE = {"float16": (2e-3, 1e-2), "bfloat16": (1e-2, 3e-2), "tf32": (5e-3, 2e-2), "float32": (1e-5, 1e-4)}
 DTYPE_MODES = ("float16", "bfloat16", "tf32", "float32")
-#: The GEMM schedules every non-depthwise item is checked under (their kernels and candidate configs differ).
-SCHEDULES = ("data-parallel", "stream-K")
+#: The GEMM schedules every non-depthwise item is checked under (their kernels and candidate configs differ);
+#: "tma" only where a TMA-descriptor kernel is eligible (`tma_kernel`), else it has no candidates.
+SCHEDULES = ("data-parallel", "stream-K", "tma")
 
 
 @dataclass(frozen=True)
@@ -115,18 +116,56 @@ def candidate_configs(g: Geometry, batch: int, dtype_mode: str, device: torch.de
              "FLAT_K": not is_1x1 and g.kh * g.kw > 1 and cin_g < 16}
     if schedule == "stream-K":
         return cfgs.prune_streamk_configs(cfgs.all_autotune_configs(), named)
+    if schedule == "tma":
+        return _tma_candidates(g, batch, dtype, device)
     return cfgs.prune_configs(cfgs.all_autotune_configs(), named)
+
+
+def tma_kernel(g: Geometry, dtype: torch.dtype, device: torch.device) -> str | None:
+    """"tma1x1" / "tmakxk" when the launcher may run this geometry through a TMA-descriptor kernel (the
+    eligibility rules of conv_tma / conv_tma_kxk for a dense channels_last input and a packed weight: groups
+    1, stride 1, 16-byte channel rows, sm_90 or the CPU interpreter), else None."""
+    if g.groups != 1 or g.stride != (1, 1):
+        return None
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 9:
+        return None
+    esize = torch.empty(0, dtype=dtype).element_size()
+    if (g.cin * esize) % 16 or (g.cout * esize) % 16:
+        return None
+    if g.kh == g.kw == 1:
+        return "tma1x1" if g.padding == (0, 0) else None
+    return "tmakxk"
+
+
+def _tma_candidates(g: Geometry, batch: int, dtype: torch.dtype, device: torch.device) -> list:
+    from types import SimpleNamespace
+
+    from fusedconv.kernels import conv_tma, conv_tma_kxk
+
+    kernel = tma_kernel(g, dtype, device)
+    base = SimpleNamespace(base=torch.empty(0, dtype=dtype, device=device))
+    oh, ow = g.out_hw()
+    if kernel == "tma1x1":
+        return conv_tma._prune_tma(conv_tma.tma_configs(2) + conv_tma.tma_configs(4),
+                                   {"a_desc": base, "M": batch * oh * ow, "CIN": g.cin, "COUT": g.cout})
+    if kernel == "tmakxk":
+        return conv_tma_kxk._prune_kxk(conv_tma_kxk.kxk_configs(2) + conv_tma_kxk.kxk_configs(4),
+                                       {"x_desc": base, "CIN": g.cin, "COUT": g.cout})
+    return []
 
 
 def config_label(cfg) -> str:
     kw = cfg.kwargs
     if "BLOCK_P" in kw:
         return f"P{kw['BLOCK_P']}xC{kw['BLOCK_C']} w{cfg.num_warps}"
+    if "BLOCK_H" in kw:  # the TMA KxK kernel's box of output pixels
+        return (f"{kw['BLOCK_H']}x{kw['BLOCK_W']}px x{kw['BLOCK_N']}x{kw['BLOCK_K']} w{cfg.num_warps}"
+                f"/s{cfg.num_stages}")
     return f"{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']} w{cfg.num_warps}/s{cfg.num_stages}"
 
 
 @contextlib.contextmanager
-def forced_config(cfg, depthwise: bool):
+def forced_config(cfg, depthwise: bool, kernel: str = "gemm"):
     """Run the library's launcher with exactly `cfg` (an autotuner holding one config never benchmarks).
 
     Under TRITON_INTERPRET=1 the launcher runs its fixed interpreter config instead; nothing is forced there
@@ -143,6 +182,19 @@ def forced_config(cfg, depthwise: bool):
             yield
         finally:
             dw._autotuned = saved
+        return
+    if kernel in ("tma1x1", "tmakxk"):
+        tma_mod = importlib.import_module("fusedconv.kernels.conv_tma" if kernel == "tma1x1"
+                                          else "fusedconv.kernels.conv_tma_kxk")
+        fn = tma_mod._conv1x1_tma_kernel if kernel == "tma1x1" else tma_mod._conv_kxk_tma_kernel
+        keys = (["M", "CIN", "COUT", "OW", "HAS_RESIDUAL", "ACTIVATION"] if kernel == "tma1x1"
+                else ["N", "OH", "OW", "CIN", "COUT", "KH", "KW", "HAS_RESIDUAL"])
+        saved = tma_mod._autotuned
+        tma_mod._autotuned = triton.autotune(configs=[cfg], key=keys)(fn)
+        try:
+            yield
+        finally:
+            tma_mod._autotuned = saved
         return
     mod = _conv_module()
     if not hasattr(mod, "_autotuned_kernel"):
@@ -201,8 +253,8 @@ def check_item(g: Geometry, batch: int, dtype_mode: str, device, configs=None, s
                schedule: str = "data-parallel") -> list[dict]:
     """One row per candidate config: errors vs float64 and pass/fail. `schedule`: "data-parallel" runs the
     configs through the one-program-per-tile kernel (split-K as the launcher picks it), "stream-K" through the
-    stream-K kernel on every SM (whatever the schedule model would pick for this shape), so every candidate of
-    both kernels meets the float64 reference."""
+    stream-K kernel on every SM (whatever the schedule model would pick for this shape), "tma" through the
+    TMA-descriptor kernel where eligible, so every candidate of every kernel meets the float64 reference."""
     from fusedconv.kernels import conv_bn_act, pack_weight
 
     dtype = torch.float32 if dtype_mode in ("tf32", "float32") else getattr(torch, dtype_mode)
@@ -221,8 +273,15 @@ def check_item(g: Geometry, batch: int, dtype_mode: str, device, configs=None, s
     torch.backends.cudnn.allow_tf32 = dtype_mode == "tf32"  # the launcher picks TF32 as cuDNN would
     try:
         streamk = schedule == "stream-K" and not g.depthwise
-        launch_schedule = {"stream_k": True} if streamk else ({} if g.depthwise else {"stream_k": False})
-        kernel = "depthwise" if g.depthwise else ("streamk" if streamk else "gemm")
+        tma = tma_kernel(g, dtype, device) if schedule == "tma" and not g.depthwise else None
+        if g.depthwise:
+            launch_schedule, kernel = {}, "depthwise"
+        elif tma:
+            launch_schedule, kernel = {"tma": True, "stream_k": False}, tma
+        else:
+            # the pointer kernel, pinned: tma=False so an sm_90 launch does not pick the TMA kernel instead
+            launch_schedule = {"stream_k": True, "tma": False} if streamk else {"stream_k": False, "tma": False}
+            kernel = "streamk" if streamk else "gemm"
         for cfg in configs if configs is not None else candidate_configs(g, batch, dtype_mode, device, schedule):
             row = {"geometry": g.name, "batch": batch, "dtype": dtype_mode, "config": config_label(cfg),
                    "config_key": [*cfg.kwargs.values(), cfg.num_warps, cfg.num_stages],
@@ -231,7 +290,7 @@ def check_item(g: Geometry, batch: int, dtype_mode: str, device, configs=None, s
             try:
                 poison = torch.full(ref.shape, float("nan"), dtype=dtype, device=device)
                 del poison  # the allocator hands this NaN-filled block to the output next: unwritten shows
-                with forced_config(cfg, g.depthwise):
+                with forced_config(cfg, g.depthwise, kernel):
                     out = conv_bn_act(x, packed, scale, shift, stride=g.stride, padding=g.padding,
                                       dilation=g.dilation, groups=g.groups, activation=g.activation,
                                       act_param=act_param, residual=res, **launch_schedule)

@@ -24,6 +24,7 @@ import triton
 from fusedconv.kernels import configs as _configs
 from fusedconv.kernels import conv_tma as _tma
 from fusedconv.kernels import conv_tma_kxk as _tma_kxk
+from fusedconv.kernels import variant_choice as _variant_choice
 from fusedconv.kernels.conv_gemm import _conv_gemm_kernel, _splitk_epilogue_kernel
 from fusedconv.kernels.conv_plan import (_cdiv, _check_device, _check_meta, _check_tensors, _depthwise_launcher,  # noqa: F401
                                          _num_sms, _pair, _plan, interpreting)
@@ -34,8 +35,12 @@ from fusedconv.kernels.reference import output_memory_format
 
 __all__ = ["conv_bn_act", "output_memory_format", "output_shape", "interpreting"]
 
-#: Whether eligible 1x1 convs take the TMA-descriptor kernel by default (see conv_bn_act's `tma`).
-TMA_DEFAULT = os.environ.get("FUSEDCONV_TMA", "0") == "1"
+#: What `tma=None` means: "auto" (default: on sm_90 the TMA-descriptor kernels are candidates beside the pointer
+#: kernel wherever eligible, the faster kept per launch signature, see variant_choice), "on" (FUSEDCONV_TMA=1:
+#: always where eligible) or "off" (FUSEDCONV_TMA=0: never).
+TMA_MODE = {"1": "on", "0": "off"}.get(os.environ.get("FUSEDCONV_TMA", ""), "auto")
+#: Whether tma=None forces the TMA kernels wherever eligible (FUSEDCONV_TMA=1).
+TMA_DEFAULT = TMA_MODE == "on"
 
 _autotuned_kernel = None
 _autotuned_streamk = None
@@ -128,8 +133,11 @@ def conv_bn_act(x, weight, scale, shift, *, stride=1, padding=0, dilation=1, gro
 
     `tma`: run eligible 1x1 convs (see `conv_tma.tma_1x1_eligible`) through the TMA-descriptor GEMM kernel and
     eligible stride-1 KxK convs (`conv_tma_kxk.tma_kxk_eligible`) through the 4-D NHWC descriptor kernel
-    (True), never (False), or as `TMA_DEFAULT` says (None: off unless FUSEDCONV_TMA=1 at import, until a GPU
-    check has validated that kernel on hardware). Ineligible convs always run the pointer kernel.
+    (True), never (False), or as `TMA_MODE` says (None; default "auto": on an sm_90 GPU the TMA kernel and the
+    pointer kernel are both candidates for an eligible conv and the faster is kept per launch signature,
+    `variant_choice`; FUSEDCONV_TMA=1 / 0 at import forces on / off). Ineligible convs — unaligned strides
+    included — always run the pointer kernel, never a faulting descriptor. The GPU check runs every TMA config
+    against float64 and deny-lists failing ones.
 
     The metadata-only part of a launch (checks, split-K, int64, integer arguments) is cached per distinct call
     signature, so a repeated call costs little more than the allocation and the kernel launch.
@@ -165,29 +173,57 @@ def conv_bn_act(x, weight, scale, shift, *, stride=1, padding=0, dilation=1, gro
         scale = scale.to(torch.float32).contiguous()
     if shift.dtype != torch.float32 or not shift.is_contiguous():
         shift = shift.to(torch.float32).contiguous()
-    split_k, m, cout, cout_g = plan["split_k"], plan["m"], plan["cout"], plan["cout_g"]
+    split_k, m, cout = plan["split_k"], plan["m"], plan["cout"]
     res = residual if residual is not None else y  # dummy pointer when HAS_RESIDUAL is False
     workspace = (torch.empty((split_k, m, cout), dtype=torch.float32, device=x.device) if split_k > 1
                  else scale)  # dummy pointer when SPLIT_K == 1
-    flags = plan["flags"]
     args = (x, weight, scale, shift, res, y, workspace, *plan["int_args"], float(act_param))
 
+    def pointer():
+        return _launch_pointer(plan, x, weight, scale, shift, res, y, workspace, args, act_param)
+
+    tma_launch = _tma_candidate(plan, x, weight, scale, shift, residual, y, groups, stride, padding, dilation,
+                                act_param, tf32)
+    mode = TMA_MODE if tma is None else ("on" if tma else "off")
+    if tma_launch is None or mode == "off":
+        return pointer()
+    if mode == "on":
+        return tma_launch()
+    # "auto": both are autotune candidates on sm_90; the faster is kept per launch signature.
+    if x.is_cuda and not interpreting() and torch.cuda.get_device_capability(x.device)[0] == 9:
+        if _variant_choice.choose(key, {"pointer": pointer, "tma": tma_launch}, x.device) == "tma":
+            return tma_launch()
+    return pointer()
+
+
+def _tma_candidate(plan, x, weight, scale, shift, residual, y, groups, stride, padding, dilation, act_param, tf32):
+    """A zero-argument launch of the TMA-descriptor kernel for this conv, or None where it is not eligible
+    (unaligned strides, strided / grouped / unpacked layouts, pre-Hopper GPUs): those run the pointer kernel."""
+    flags, split_k = plan["flags"], plan["split_k"]
+    if split_k != 1:
+        return None
+    if flags["IS_1X1"] and _tma.tma_1x1_eligible(x, weight, groups, stride, padding, split_k):
+        def launch_1x1():
+            return _tma.conv1x1_tma_launch(
+                x, weight, scale, shift, residual, y, flags["ACTIVATION"], act_param, tf32, plan["res_stride"],
+                None if interpreting() else traceable(_tma.autotuned_kernel()),
+                interpret_cfg=_configs.INTERPRET_CONFIG if interpreting() else None)
+        return launch_1x1
+    if not flags["IS_1X1"] and _tma_kxk.tma_kxk_eligible(x, weight, groups, stride, split_k):
+        def launch_kxk():
+            return _tma_kxk.conv_kxk_tma_launch(
+                x, weight, scale, shift, residual, y, padding, dilation, flags["ACTIVATION"], act_param, tf32,
+                plan["res_stride"], traceable, interpret_cfg=_tma_kxk.INTERPRET_CONFIG if interpreting() else None)
+        return launch_kxk
+    return None
+
+
+def _launch_pointer(plan, x, weight, scale, shift, res, y, workspace, args, act_param):
+    """The pointer kernel family: stream-K when planned, else the data-parallel grid (+ split-K epilogue)."""
     if plan["streamk_programs"]:
         return _launch_streamk(plan, x, weight, scale, shift, res, y, act_param)
-
-    use_tma = TMA_DEFAULT if tma is None else bool(tma)
-    if use_tma and flags["IS_1X1"] and split_k == 1 and \
-            _tma.tma_1x1_eligible(x, weight, groups, stride, padding, split_k):
-        return _tma.conv1x1_tma_launch(
-            x, weight, scale, shift, residual, y, flags["ACTIVATION"], act_param, tf32, plan["res_stride"],
-            None if interpreting() else traceable(_tma.autotuned_kernel()),
-            interpret_cfg=_configs.INTERPRET_CONFIG if interpreting() else None)
-    if use_tma and not flags["IS_1X1"] and split_k == 1 and _tma_kxk.tma_kxk_eligible(x, weight, groups, stride,
-                                                                                        split_k):
-        return _tma_kxk.conv_kxk_tma_launch(
-            x, weight, scale, shift, residual, y, padding, dilation, flags["ACTIVATION"], act_param, tf32,
-            plan["res_stride"], traceable, interpret_cfg=_tma_kxk.INTERPRET_CONFIG if interpreting() else None)
-
+    flags, split_k, m, cout, cout_g = plan["flags"], plan["split_k"], plan["m"], plan["cout"], plan["cout_g"]
+    groups = cout // cout_g
     if interpreting():
         cfg = _configs.INTERPRET_CONFIG
         grid = (_cdiv(m, cfg["BLOCK_M"]) * _cdiv(cout_g, cfg["BLOCK_N"]), groups, split_k)

@@ -117,7 +117,11 @@ def _prune_tma(configs, named_args, **kwargs):
             seen.add(sig)
             kept.append(triton.Config({**c.kwargs, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk},
                                       num_stages=c.num_stages, num_warps=c.num_warps, pre_hook=_set_block_shapes))
-    return kept
+    from fusedconv.kernels.denylist import config_key, drop_denied
+
+    # configs the GPU check found wrong on this GPU + triton (keyed by every config value: see denylist)
+    return drop_denied(kept, {"IS_1X1": True}, kernel="tma1x1", tensor=args["a_desc"].base,
+                       key=config_key)
 
 
 def tma_1x1_eligible(x, weight, groups, stride, padding, split_k) -> bool:

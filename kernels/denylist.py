@@ -87,14 +87,20 @@ def launch_path(args: dict) -> str:
     return "1x1" if args.get("IS_1X1") else ("flatk" if args.get("FLAT_K") else "spatial")
 
 
+def config_key(cfg) -> tuple[int, ...]:
+    """Any kernel's triton.Config as a deny-list key: its int kwargs in order, then num_warps, num_stages (the
+    TMA kernels' entries use this form; the GEMM / stream-K kernels keep `config_tuple`)."""
+    return (*(int(v) for v in cfg.kwargs.values()), cfg.num_warps, cfg.num_stages)
+
+
 def drop_denied(configs, args: dict, *, gpu_name: str | None = None, deny_file: str = DENYLIST_PATH,
-                kernel: str = "gemm"):
+                kernel: str = "gemm", tensor=None, key=config_tuple):
     """`configs` without the ones denied for this launch's GPU, triton version, dtype and loop variant.
 
     Only CUDA launches are filtered (the interpreter runs one fixed config). Raises when every config is denied
     rather than run a known-wrong kernel.
     """
-    x = args.get("x_ptr")
+    x = args.get("x_ptr") if tensor is None else tensor
     if not getattr(x, "is_cuda", False) or not _entries(deny_file):
         return configs  # nothing to drop: no GPU name lookup (fake CUDA tensors during tracing have no device)
     import triton
@@ -108,7 +114,7 @@ def drop_denied(configs, args: dict, *, gpu_name: str | None = None, deny_file: 
                   deny_file)
     if not deny:
         return configs
-    kept = [c for c in configs if config_tuple(c) not in deny]
+    kept = [c for c in configs if key(c) not in deny]
     if not kept:
         raise RuntimeError(f"every autotune config of this conv is on the deny-list ({deny_file}) for this GPU "
                            f"and triton {triton.__version__}: no config is known to compute it correctly")

@@ -153,3 +153,28 @@ def test_tma_kxk_ineligible_falls_back(kxk_spy):
     case = ConvCase("3x3_s2", 1, 16, 7, 7, 16, (3, 3), stride=(2, 2), padding=(1, 1))
     run_case(case, torch.float16, "channels_last", "relu", True, weight_fn=pack_weight, tma=True)
     assert not kxk_spy
+
+
+def test_variant_choice_times_each_candidate_once_and_keeps_the_fastest(monkeypatch):
+    """kernels.variant_choice: the first call per launch signature runs every candidate (its autotuning), times
+    them and caches the fastest; later calls reuse the choice; without a way to time (CPU, tracing, graph
+    capture) the first candidate (the pointer kernel) runs and nothing is cached."""
+    import triton.testing
+
+    from fusedconv.kernels import variant_choice
+
+    calls = []
+    cands = {"pointer": lambda: calls.append("pointer"), "tma": lambda: calls.append("tma")}
+    fake_ms = {"pointer": 2.0, "tma": 1.0}
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kw: (fn(), fake_ms[calls[-1]])[1])
+    monkeypatch.setattr(variant_choice, "_choices", {})
+    cpu = torch.device("cpu")
+    assert variant_choice.choose("k", cands, cpu) == "pointer" and not calls  # cannot time on a CPU
+    monkeypatch.setattr(variant_choice, "_can_time", lambda device: True)
+    assert variant_choice.choose("k", cands, cpu) == "tma"
+    assert calls.count("pointer") == 2 and calls.count("tma") == 2  # one warm-up + one timed run each
+    calls.clear()
+    assert variant_choice.choose("k", cands, cpu) == "tma" and not calls  # cached
+    fake_ms["tma"] = 3.0
+    assert variant_choice.choose("other", cands, cpu) == "pointer"
+    assert variant_choice.chosen() == {"k": "tma", "other": "pointer"}

@@ -113,7 +113,7 @@ def candidate_configs(g: Geometry, batch: int, dtype_mode: str, device: torch.de
     cin_g = g.cin // g.groups
     named = {"x_ptr": torch.empty(0, dtype=dtype, device=device), "M": batch * oh * ow, "COUT_G": g.cout // g.groups,
              "CIN_G": cin_g, "KH": g.kh, "KW": g.kw, "IS_1X1": is_1x1,
-             "FLAT_K": not is_1x1 and g.kh * g.kw > 1 and cin_g < 16}
+             "FLAT_K": not is_1x1 and g.kh * g.kw > 1 and cin_g < 16, "HAS_RESIDUAL": g.residual}
     if schedule == "stream-K":
         return cfgs.prune_streamk_configs(cfgs.all_autotune_configs(), named)
     if schedule == "tma":
@@ -147,10 +147,11 @@ def _tma_candidates(g: Geometry, batch: int, dtype: torch.dtype, device: torch.d
     oh, ow = g.out_hw()
     if kernel == "tma1x1":
         return conv_tma._prune_tma(conv_tma.tma_configs(2) + conv_tma.tma_configs(4),
-                                   {"a_desc": base, "M": batch * oh * ow, "CIN": g.cin, "COUT": g.cout})
+                                   {"a_desc": base, "M": batch * oh * ow, "CIN": g.cin, "COUT": g.cout,
+                                    "HAS_RESIDUAL": g.residual})
     if kernel == "tmakxk":
         return conv_tma_kxk._prune_kxk(conv_tma_kxk.kxk_configs(2) + conv_tma_kxk.kxk_configs(4),
-                                       {"x_desc": base, "CIN": g.cin, "COUT": g.cout})
+                                       {"x_desc": base, "CIN": g.cin, "COUT": g.cout, "HAS_RESIDUAL": g.residual})
     return []
 
 

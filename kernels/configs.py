@@ -100,6 +100,10 @@ def _pow2_at_least_16(n: int) -> int:
 SPATIAL_MAX_WARPS = 4
 # Largest accumulator tile (BLOCK_M * BLOCK_N) one 4-warp program holds without spilling (128 fp32 / thread).
 _MAX_TILE_4_WARPS = 128 * 128
+# Accumulator elements per thread at which a tile with a residual spills in the epilogue (the 16-bit residual
+# tile and the fp32 accumulator are live together: 128x128 at 4 warps, 128x256 at 8 warps, 256 B of stack on
+# sm_90); such configs are dropped for residual launches, which keep the half-size tiles.
+_RESIDUAL_MAX_ACC_PER_THREAD = 128
 # Row cap of the element-gather loops (ROW_K, FLAT_K).
 _GATHER_MAX_M = 64
 
@@ -107,6 +111,12 @@ _GATHER_MAX_M = 64
 def safe_num_warps(num_warps: int, is_1x1: bool) -> int:
     """The warp count a config may run with: 1x1 GEMMs keep theirs, spatial convs at most SPATIAL_MAX_WARPS."""
     return num_warps if is_1x1 else min(num_warps, SPATIAL_MAX_WARPS)
+
+
+def residual_spills(block_m: int, block_n: int, num_warps: int) -> bool:
+    """Whether a tile with a residual holds too many accumulator elements per thread to finish its epilogue
+    without spilling (see _RESIDUAL_MAX_ACC_PER_THREAD); used by every conv kernel's pruning."""
+    return block_m * block_n >= _RESIDUAL_MAX_ACC_PER_THREAD * 32 * num_warps
 
 
 def row_width(kw: int, cin_g: int) -> int:
@@ -120,7 +130,8 @@ def prune_configs(configs, named_args, kernel: str = "gemm", **kwargs):
     Tiles larger than the (power-of-two-rounded) problem would only waste work, so each block size is capped
     to its dimension (not dropped: a problem with 24 output channels still gets every tile shape, at N = 32);
     spatial convs run at most SPATIAL_MAX_WARPS warps (see there); configs over the shared-memory budget are
-    dropped; duplicates after capping are removed. The row-K loop (ROW_K) fixes its own K width. Never
+    dropped, and so are configs whose accumulator and residual tile would spill in the epilogue (residual
+    launches with >= 128 accumulator elements per thread); duplicates after capping are removed. The row-K loop (ROW_K) fixes its own K width. Never
     returns an empty list.
     """
     args = {**named_args, **kwargs}
@@ -131,6 +142,7 @@ def prune_configs(configs, named_args, kernel: str = "gemm", **kwargs):
     dtype_bytes = x.element_size() if hasattr(x, "element_size") else 2
     table = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) for c in autotune_configs(dtype_bytes)}
     is_1x1 = bool(args.get("IS_1X1", False))
+    has_residual = bool(args.get("HAS_RESIDUAL", False))
     cap_m = _pow2_at_least_16(args["M"])
     if args.get("ROW_K") or args.get("FLAT_K"):
         # Small-Cin_g loops gather A element by element (2-byte loads): 128-row tiles double the gathers per
@@ -147,6 +159,8 @@ def prune_configs(configs, named_args, kernel: str = "gemm", **kwargs):
         warps = safe_num_warps(cfg.num_warps, is_1x1)
         if warps < cfg.num_warps and bm * bn > _MAX_TILE_4_WARPS:
             continue  # this tile needs 8 warps to hold its accumulator
+        if has_residual and residual_spills(bm, bn, warps):
+            continue  # accumulator + residual tile spill in the epilogue
         smem = (bm * bk + bk * bn) * dtype_bytes * cfg.num_stages
         if smem > _SMEM_BUDGET:
             continue
@@ -162,10 +176,11 @@ def prune_configs(configs, named_args, kernel: str = "gemm", **kwargs):
     return kept
 
 
-#: Autotuner key: the problem shape (and layout: sxc is 1 for channels_last), plus the launch-time split-K and
-#: the loop / alignment flags the launcher derives from shape and strides.
+#: Autotuner key: the problem shape (and layout: sxc is 1 for channels_last), the residual flag (it narrows the
+#: configs: `residual_spills`), plus the launch-time split-K and the loop / alignment flags the launcher
+#: derives from shape and strides.
 AUTOTUNE_KEY = ["M", "CIN_G", "COUT_G", "H", "W", "OW", "stride_h", "stride_w", "dil_h", "sxc", "syc", "KH", "KW",
-                "SPLIT_K", "IS_1X1", "ROW_K", "CH_ALIGN"]
+                "HAS_RESIDUAL", "SPLIT_K", "IS_1X1", "ROW_K", "CH_ALIGN"]
 
 #: The stream-K kernel's key: the same shape arguments (it has no SPLIT_K; its program count is the SM count).
 STREAMK_AUTOTUNE_KEY = [k for k in AUTOTUNE_KEY if k != "SPLIT_K"]
@@ -304,6 +319,8 @@ def aot_variants() -> list[dict]:
                     continue  # prune_configs drops this spatial tile (see SPATIAL_MAX_WARPS)
                 tag = "m{BLOCK_M}n{BLOCK_N}k{BLOCK_K}".format(**cfg.kwargs) + f"s{cfg.num_stages}w{warps}"
                 act, residual, even_k = acts[turn % len(acts)], turn % 2 == 0, turn % 3 != 2
+                # pruning never runs a residual launch on a tile that spills in its epilogue
+                residual = residual and not residual_spills(cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], warps)
                 turn += 1
                 flags = dict(kh=1, kw=1, is_1x1=True) if is_1x1 else {}
                 add(f"{kind}_{act}_{'res_' if residual else ''}{'' if even_k else 'oddk_'}{short[dtype]}_{tag}",

@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fusedconv.kernels.configs import residual_spills
 from fusedconv.kernels.epilogue import epilogue_store
 
 try:
@@ -113,6 +114,8 @@ def _prune_tma(configs, named_args, **kwargs):
         bm, bn = min(c.kwargs["BLOCK_M"], cap(args["M"])), min(c.kwargs["BLOCK_N"], cap(args["COUT"]))
         bk = min(c.kwargs["BLOCK_K"], cap(args["CIN"]))
         sig = (bm, bn, bk, c.num_stages, c.num_warps)
+        if args.get("HAS_RESIDUAL") and residual_spills(bm, bn, c.num_warps):
+            continue  # accumulator + residual tile spill in the epilogue (configs.residual_spills)
         if sig not in seen:
             seen.add(sig)
             kept.append(triton.Config({**c.kwargs, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk},

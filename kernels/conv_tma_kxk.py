@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from fusedconv.kernels.conv_tma import TensorDescriptor
+from fusedconv.kernels.configs import residual_spills
 from fusedconv.kernels.epilogue import epilogue_store
 
 #: (BLOCK_H, BLOCK_W, BLOCK_N, BLOCK_K, num_stages, num_warps), 16-bit inputs; fp32 halves BLOCK_K.
@@ -124,6 +125,8 @@ def _prune_kxk(configs, named_args, **kwargs):
             continue
         bn, bk = min(c.kwargs["BLOCK_N"], cap(args["COUT"])), min(c.kwargs["BLOCK_K"], cap(args["CIN"]))
         sig = (c.kwargs["BLOCK_H"], c.kwargs["BLOCK_W"], bn, bk, c.num_stages, c.num_warps)
+        if args.get("HAS_RESIDUAL") and residual_spills(c.kwargs["BLOCK_H"] * c.kwargs["BLOCK_W"], bn, c.num_warps):
+            continue  # accumulator + residual tile spill in the epilogue (configs.residual_spills)
         if sig not in seen:
             seen.add(sig)
             kept.append(triton.Config({**c.kwargs, "BLOCK_N": bn, "BLOCK_K": bk}, num_stages=c.num_stages,

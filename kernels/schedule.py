@@ -28,7 +28,16 @@ _HBM_BYTES_PER_S = 3e12
 # L2 read bandwidth shared by all SMs (H100-class, measured figures are ~5.5-7 TB/s: the low end).
 _L2_BYTES_PER_S = 5.5e12
 _EPILOGUE_LAUNCH_S = 1.5e-6
-_TILE_EFFICIENCY = ((128, 128, 1.0), (64, 128, 0.8), (64, 64, 0.6))
+
+
+def tile_efficiency(block_m: int, block_n: int) -> float:
+    """Relative per-SM tensor-core rate of a BLOCK_M x BLOCK_N tile: its operand intensity (FLOP per byte of
+    A and B fed to the MMAs, BM·BN / (BM + BN)) against a 128x128 tile's, to the power 0.7 (fits the usual
+    Hopper GEMM picture: 64x128 ~0.75, 64x64 ~0.6, 128x128 and larger 1.0)."""
+    return min(1.0, (block_m * block_n / (block_m + block_n)) / 64.0) ** 0.7
+
+
+_TILE_EFFICIENCY = tuple((bm, bn, tile_efficiency(bm, bn)) for bm, bn in ((128, 128), (64, 128), (64, 64)))
 _SPLITS = (1, 2, 4, 8, 16)
 # A schedule other than plain data-parallel must beat it by this factor to be chosen.
 _CLEAR_WIN = 0.95

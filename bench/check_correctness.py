@@ -124,17 +124,18 @@ def candidate_configs(g: Geometry, batch: int, dtype_mode: str, device: torch.de
 def tma_kernel(g: Geometry, dtype: torch.dtype, device: torch.device) -> str | None:
     """"tma1x1" / "tmakxk" when the launcher may run this geometry through a TMA-descriptor kernel (the
     eligibility rules of conv_tma / conv_tma_kxk for a dense channels_last input and a packed weight: groups
-    1, stride 1, 16-byte channel rows, sm_90 or the CPU interpreter), else None."""
-    if g.groups != 1 or g.stride != (1, 1):
+    1, stride 1 or a strided unpadded 1x1, 16-byte channel rows, sm_90 or the CPU interpreter), else None."""
+    strided_1x1 = g.kh == g.kw == 1 and g.padding == (0, 0) and g.stride != (1, 1)
+    if g.groups != 1 or (g.stride != (1, 1) and not strided_1x1):
         return None
     if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 9:
         return None
     esize = torch.empty(0, dtype=dtype).element_size()
     if (g.cin * esize) % 16 or (g.cout * esize) % 16:
         return None
-    if g.kh == g.kw == 1:
+    if g.kh == g.kw == 1 and not strided_1x1:
         return "tma1x1" if g.padding == (0, 0) else None
-    return "tmakxk"
+    return "tmakxk"  # stride-1 KxK, and strided 1x1 through the strided view
 
 
 def _tma_candidates(g: Geometry, batch: int, dtype: torch.dtype, device: torch.device) -> list:

@@ -134,8 +134,9 @@ def _k_steps(s, cin_g: int, block_k: int, flags: dict) -> int:
 
 def tma_variants(case: LayerCase, batch: int, dtype: str, plan: dict) -> list[dict]:
     """The TMA-descriptor kernel's candidates for a layer the launcher may run through it on sm_90 (dense
-    channels_last input, packed weight, groups 1, stride 1, 16-byte channel rows: `conv_tma.tma_1x1_eligible`
-    / `conv_tma_kxk.tma_kxk_eligible`), one per config its pruning keeps; [] where the pointer kernel is the
+    channels_last input, packed weight, groups 1, stride 1 — or a strided unpadded 1x1 through the strided
+    view, `conv_tma_kxk.strided_1x1_view` — and 16-byte channel rows: `conv_tma.tma_1x1_eligible` /
+    `conv_tma_kxk.tma_kxk_eligible`), one per config its pruning keeps; [] where the pointer kernel is the
     only path."""
     from types import SimpleNamespace
 
@@ -143,7 +144,8 @@ def tma_variants(case: LayerCase, batch: int, dtype: str, plan: dict) -> list[di
 
     s, t = case.shape, _SHORT[dtype]
     esize = torch.empty(0, dtype=getattr(torch, dtype)).element_size()
-    if s.groups != 1 or s.stride != 1 or (s.cin * esize) % 16 or (s.cout * esize) % 16:
+    strided_1x1 = s.kh == s.kw == 1 and s.padding == 0 and s.stride > 1
+    if s.groups != 1 or (s.stride != 1 and not strided_1x1) or (s.cin * esize) % 16 or (s.cout * esize) % 16:
         return []
     oh, ow = s.out_hw
     m = batch * oh * ow
@@ -152,13 +154,13 @@ def tma_variants(case: LayerCase, batch: int, dtype: str, plan: dict) -> list[di
     res_stride, y_stride = plan["res_stride"], plan["y_stride"]
     common = dict(ACTIVATION=flags["ACTIVATION"], HAS_RESIDUAL=flags["HAS_RESIDUAL"], INPUT_PRECISION="ieee")
     out = []
-    if flags["IS_1X1"]:
+    if flags["IS_1X1"] and not strided_1x1:
         fn = conv_tma._conv1x1_tma_kernel
         kept = conv_tma._prune_tma(conv_tma.tma_configs(esize), {"a_desc": base, "M": m, "CIN": s.cin,
                                                                   "COUT": s.cout, "HAS_RESIDUAL": case.residual})
         ints = dict(zip(("M", "CIN", "COUT", "OH", "OW", "srn", "src", "srh", "srw", "syn", "syc", "syh", "syw"),
                         (m, s.cin, s.cout, oh, ow, *res_stride, *y_stride)))
-    elif s.kh * s.kw > 1:
+    else:  # stride-1 KxK, or a strided 1x1 through the descriptor on the strided view (conv_tma_kxk)
         fn = conv_tma_kxk._conv_kxk_tma_kernel
         kept = conv_tma_kxk._prune_kxk(conv_tma_kxk.kxk_configs(esize), {"x_desc": base, "CIN": s.cin,
                                                                           "COUT": s.cout,
@@ -168,11 +170,9 @@ def tma_variants(case: LayerCase, batch: int, dtype: str, plan: dict) -> list[di
                         (batch, oh, ow, s.cin, s.cout, s.padding, s.padding, s.dilation, s.dilation, *res_stride,
                          *y_stride)))
         common.update(KH=s.kh, KW=s.kw)
-    else:
-        return []
     for cfg in kept:
         kw = {k: v for k, v in cfg.kwargs.items()}
-        if flags["IS_1X1"]:
+        if fn is conv_tma._conv1x1_tma_kernel:
             bm, bn, bk = kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"]
             descs = {"a_desc": f"tensordesc<{t}[{bm},{bk}]>", "b_desc": f"tensordesc<{t}[{bk},{bn}]>"}
             tiles = -(-m // bm) * -(-s.cout // bn)

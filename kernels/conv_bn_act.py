@@ -198,7 +198,9 @@ def conv_bn_act(x, weight, scale, shift, *, stride=1, padding=0, dilation=1, gro
 
 def _tma_candidate(plan, x, weight, scale, shift, residual, y, groups, stride, padding, dilation, act_param, tf32):
     """A zero-argument launch of the TMA-descriptor kernel for this conv, or None where it is not eligible
-    (unaligned strides, strided / grouped / unpacked layouts, pre-Hopper GPUs): those run the pointer kernel."""
+    (unaligned strides, stride-2 KxK, grouped / unpacked layouts, pre-Hopper GPUs): those run the pointer
+    kernel. Stride-1 1x1: the 2-D GEMM descriptors of conv_tma; strided 1x1 and stride-1 KxK: the 4-D NHWC
+    descriptor kernel of conv_tma_kxk (the former on the strided view of x)."""
     flags, split_k = plan["flags"], plan["split_k"]
     if split_k != 1:
         return None
@@ -209,13 +211,20 @@ def _tma_candidate(plan, x, weight, scale, shift, residual, y, groups, stride, p
                 None if interpreting() else traceable(_tma.autotuned_kernel()),
                 interpret_cfg=_configs.INTERPRET_CONFIG if interpreting() else None)
         return launch_1x1
-    if not flags["IS_1X1"] and _tma_kxk.tma_kxk_eligible(x, weight, groups, stride, split_k):
-        def launch_kxk():
-            return _tma_kxk.conv_kxk_tma_launch(
-                x, weight, scale, shift, residual, y, padding, dilation, flags["ACTIVATION"], act_param, tf32,
-                plan["res_stride"], traceable, interpret_cfg=_tma_kxk.INTERPRET_CONFIG if interpreting() else None)
-        return launch_kxk
-    return None
+    view = None
+    if flags["IS_1X1"]:
+        # stride-2 1x1 (downsample): a descriptor on the strided view, run as a 1x1 stride-1 conv
+        view = _tma_kxk.strided_1x1_view(x, weight, groups, stride, padding, split_k)
+    elif _tma_kxk.tma_kxk_eligible(x, weight, groups, stride, split_k):
+        view = x
+    if view is None:
+        return None
+
+    def launch_kxk():
+        return _tma_kxk.conv_kxk_tma_launch(
+            view, weight, scale, shift, residual, y, padding, dilation, flags["ACTIVATION"], act_param, tf32,
+            plan["res_stride"], traceable, interpret_cfg=_tma_kxk.INTERPRET_CONFIG if interpreting() else None)
+    return launch_kxk
 
 
 def _launch_pointer(plan, x, weight, scale, shift, res, y, workspace, args, act_param):

@@ -109,7 +109,8 @@ def test_stream_k_schedule_checks_stream_k_candidates(monkeypatch):
 def test_tma_schedule_checks_tma_candidates_where_eligible(monkeypatch):
     """schedule="tma" runs the TMA kernels' candidates with tma=True on eligible geometries (rows labelled
     tma1x1 / tmakxk, so failures deny-list that kernel) and has no candidates where the launcher would fall
-    back (stride 2, unaligned channel rows, groups)."""
+    back (stride-2 KxK, unaligned channel rows, groups); a stride-2 1x1 goes through the KxK descriptor kernel
+    on the strided view."""
     seen = []
 
     def stand_in(x, weight, scale, shift, stream_k=None, tma=None, **kw):
@@ -125,7 +126,8 @@ def test_tma_schedule_checks_tma_candidates_where_eligible(monkeypatch):
         assert configs
         rows = cc.check_item(g, 1, "float16", cpu, configs[:1], schedule="tma")
         assert seen[-1] is True and rows[0]["ok"] and rows[0]["kernel"] == kernel, rows
-    for g in (cc.Geometry("s2", 32, 6, 6, 16, 1, 1, stride=(2, 2)), cc.Geometry("u", 12, 6, 6, 16, 3, 3),
+    assert cc.tma_kernel(cc.Geometry("s2", 32, 6, 6, 16, 1, 1, stride=(2, 2)), torch.float16, cpu) == "tmakxk"
+    for g in (cc.Geometry("s2", 32, 6, 6, 16, 3, 3, stride=(2, 2)), cc.Geometry("u", 12, 6, 6, 16, 3, 3),
               cc.Geometry("g", 32, 6, 6, 32, 3, 3, groups=2)):
         assert cc.tma_kernel(g, torch.float16, cpu) is None
         assert cc.candidate_configs(g, 1, "float16", cpu, "tma") == []

@@ -178,3 +178,42 @@ def test_variant_choice_times_each_candidate_once_and_keeps_the_fastest(monkeypa
     fake_ms["tma"] = 3.0
     assert variant_choice.choose("other", cands, cpu) == "pointer"
     assert variant_choice.chosen() == {"k": "tma", "other": "pointer"}
+
+
+@pytest.fixture
+def kxk_spy(monkeypatch):
+    calls = []
+    real = conv_tma_kxk.conv_kxk_tma_launch
+
+    def spy(x, *args, **kwargs):
+        calls.append(tuple(x.stride()))
+        return real(x, *args, **kwargs)
+
+    monkeypatch.setattr(conv_tma_kxk, "conv_kxk_tma_launch", spy)
+    return calls
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("case", [ConvCase("s2_odd", 2, 16, 7, 9, 24, (1, 1), stride=(2, 2)),
+                                  ConvCase("s2x3_c40", 1, 40, 6, 7, 8, (1, 1), stride=(2, 3))],
+                         ids=["stride2_odd_sizes", "stride2x3_c40"])
+def test_tma_strided_1x1_through_a_strided_view(case, kxk_spy):
+    """Stride-2 (and 2x3) 1x1 convs run the 4-D descriptor kernel on x[:, :, ::sh, ::sw] — a view, no copy:
+    the descriptor's strides are the strided ones."""
+    out = run_case(case, torch.float16, "channels_last", "silu", True, weight_fn=pack_weight, tma=True)
+    assert kxk_spy, "the launcher did not take the TMA kernel"
+    h, w, c = case.h, case.w, case.cin
+    assert kxk_spy[0] == (h * w * c, 1, case.stride[0] * w * c, case.stride[1] * c)
+    assert out.shape[2:] == ((h - 1) // case.stride[0] + 1, (w - 1) // case.stride[1] + 1)
+
+
+def test_strided_1x1_view_eligibility():
+    w = pack_weight(torch.zeros(16, 32, 1, 1, dtype=torch.float16))
+    x = _x(1, 32, 6, 6)
+    assert conv_tma_kxk.strided_1x1_view(x, w, 1, (2, 2), (0, 0), 1) is not None
+    assert conv_tma_kxk.strided_1x1_view(x, w, 1, (1, 1), (0, 0), 1) is None      # stride 1: the 2-D GEMM kernel
+    assert conv_tma_kxk.strided_1x1_view(x, w, 1, (2, 2), (1, 1), 1) is None      # padded
+    assert conv_tma_kxk.strided_1x1_view(x, w, 1, (2, 2), (0, 0), 2) is None      # split-K
+    assert conv_tma_kxk.strided_1x1_view(_x(1, 32, 6, 6, channels_last=False), w, 1, (2, 2), (0, 0), 1) is None
+    w12 = pack_weight(torch.zeros(16, 12, 1, 1, dtype=torch.float16))
+    assert conv_tma_kxk.strided_1x1_view(_x(1, 12, 6, 6), w12, 1, (2, 2), (0, 0), 1) is None  # 24-byte rows

@@ -132,7 +132,7 @@ def test_static_plan_runs_sub_wave_layers_on_every_sm():
         assert pointer and all(v["tiles"] == 132 and v["spec"]["fn"].__name__ == "_conv_streamk_kernel"
                                for v in pointer)
         assert any(v["family"] == "tma" for v in variants)
-    assert not any(v["family"] == "tma" for v in by_name["layer4.0.conv2"][1])  # stride 2: pointer only
+    assert not any(v["family"] == "tma" for v in by_name["layer4.0.conv2"][1])  # stride-2 3x3: pointer only
     assert by_name["layer1.0.conv2"][0]["schedule"] == "data-parallel"  # 5.9 waves already
 
 

@@ -13,15 +13,12 @@ a guard against Triton's 8-warp miscompile of this loop shape) and the shared-me
 duplicates, so the tuning time per distinct shape stays small. The autotuner keys on the shape arguments and the tensor
 dtypes, so every distinct layer shape / dtype is tuned once.
 
-Batch-1 layers (M tiny, K large: ResNet's 7x7 stage has M = 49, K = 4608) cannot fill the GPU with output
-tiles alone. Split-K over a grid axis fixes that, but the activation is non-linear, so the epilogue needs the
-full sum: each K slice writes an fp32 partial tile into a workspace and a small epilogue kernel sums the slices
-and applies scale/shift/residual/activation. `choose_split_k` picks the number of slices with a small cost model
-(`estimate_time`: waves of tiles on the SM count, per-tile MMA time, the workspace round trip); it is a launch
-decision, not an autotuned one, because the workspace and the second kernel depend on it (the autotuner key
-includes it). The model splits batch-1 late-stage layers; for batch-32 sub-wave layers (ResNet-50 stage 3/4
-3x3: 0.74 / 0.39 waves of 128x128 tiles) it finds no split that pays for its fp32 workspace, so they stay
-unsplit — filling those needs stream-K or persistent tiles, which this kernel does not have yet.
+Which schedule a launch runs — the data-parallel grid, split-K (partial sums in an fp32 workspace, finished
+by an epilogue kernel) or stream-K (`conv_streamk`: SM-count programs share all tiles' K steps) — is a launch
+decision made by the cost model in `schedule` (`choose_schedule`, re-exported here with `choose_split_k` and
+`estimate_time`): batch-1 late-stage layers split K, batch-32 sub-wave layers (ResNet-50 stage 3/4 3x3: 0.74 /
+0.39 waves of 128x128 tiles on 132 SMs) run stream-K. `prune_streamk_configs` keeps the stream-K kernel's
+tiles within its workspace slots (STREAMK_MAX_TILE).
 
 Under TRITON_INTERPRET=1 nothing is autotuned: `INTERPRET_CONFIG` (one small tile) is used directly.
 
@@ -278,7 +275,7 @@ def aot_variants() -> list[dict]:
     variants: list[dict] = []
 
     def add(name, dtype, cfg, *, kh=3, kw=3, act="relu", residual=True, is_1x1=False, flat_k=False, even_k=True,
-            int64=False, precision=None, split_k=1, row_k=False, cin_g=None, ch_align=1):
+            int64=False, precision=None, split_k=1, row_k=False, cin_g=None, ch_align=1, stream_k=False):
         if precision is None:  # as the launcher passes it: TF32 is the fp32 default; 16-bit dtypes ignore it
             precision = "tf32" if dtype == "float32" else "ieee"
         kwargs = dict(cfg.kwargs)
@@ -300,9 +297,17 @@ def aot_variants() -> list[dict]:
             signature[unit] = "constexpr"
             constexprs[unit] = 1
         warps = safe_num_warps(cfg.num_warps, is_1x1)
+        fn = conv_mod._conv_gemm_kernel
+        if stream_k:  # the stream-K kernel: same arguments plus counters / groups / WS_TILE, no SPLIT_K
+            fn = conv_mod._conv_streamk_kernel
+            signature = {**streamk_kernel_signature(short[dtype], int64),
+                         **{u: "constexpr" for u in _UNIT_STRIDES}}
+            constexprs.pop("SPLIT_K")
+            constexprs["WS_TILE"] = STREAMK_MAX_TILE
+            divisible += ("count_ptr",)
         variants.append({
-            "name": name, "fn": conv_mod._conv_gemm_kernel, "signature": signature, "constexprs": constexprs,
-            "attrs": _divisibility_attrs(conv_mod._conv_gemm_kernel, signature, divisible),
+            "name": name, "fn": fn, "signature": signature, "constexprs": constexprs,
+            "attrs": _divisibility_attrs(fn, signature, divisible),
             "divisible_by_16": tuple(a for a in divisible if signature.get(a) != "constexpr"),
             "num_warps": warps, "num_stages": cfg.num_stages, "dtype": dtype,
             "expects_tensor_cores": dtype != "float32" or precision == "tf32",
@@ -339,6 +344,10 @@ def aot_variants() -> list[dict]:
     add("align8_conv1x1_identity_res_fp16", "float16", autotune_configs(2)[5], kh=1, kw=1, is_1x1=True, act="identity",
         even_k=False, ch_align=8)
     add("conv3x3_splitk_partial_fp16", "float16", base16, split_k=4)
+    # stream-K (sub-wave layers): the largest tile it runs, with and without a residual, and fp32 / TF32
+    add("conv3x3_streamk_fp16_m128n128", "float16", autotune_configs(2)[2], residual=False, stream_k=True)
+    add("conv3x3_streamk_silu_res_bf16_m64n128", "bfloat16", autotune_configs(2)[4], act="silu", stream_k=True)
+    add("conv1x1_streamk_relu_fp32", "float32", autotune_configs(4)[1], kh=1, kw=1, is_1x1=True, stream_k=True)
     add("conv7x7_int64_fp16", "float16", base16, kh=7, kw=7, int64=True)
     add("conv3x3_relu_fp32_ieee", "float32", autotune_configs(4)[3], precision="ieee")
 

@@ -345,9 +345,9 @@ def aot_variants() -> list[dict]:
         even_k=False, ch_align=8)
     add("conv3x3_splitk_partial_fp16", "float16", base16, split_k=4)
     # stream-K (sub-wave layers): the largest tile it runs, with and without a residual, and fp32 / TF32
-    add("conv3x3_streamk_fp16_m128n128", "float16", autotune_configs(2)[2], residual=False, stream_k=True)
-    add("conv3x3_streamk_silu_res_bf16_m64n128", "bfloat16", autotune_configs(2)[4], act="silu", stream_k=True)
-    add("conv1x1_streamk_relu_fp32", "float32", autotune_configs(4)[1], kh=1, kw=1, is_1x1=True, stream_k=True)
+    add("streamk_conv3x3_fp16_m128n128", "float16", autotune_configs(2)[2], residual=False, stream_k=True)
+    add("streamk_conv3x3_silu_res_bf16_m64n128", "bfloat16", autotune_configs(2)[4], act="silu", stream_k=True)
+    add("streamk_conv1x1_relu_fp32", "float32", autotune_configs(4)[1], kh=1, kw=1, is_1x1=True, stream_k=True)
     add("conv7x7_int64_fp16", "float16", base16, kh=7, kw=7, int64=True)
     add("conv3x3_relu_fp32_ieee", "float32", autotune_configs(4)[3], precision="ieee")
 

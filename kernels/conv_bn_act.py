@@ -26,10 +26,11 @@ from fusedconv.kernels import conv_tma as _tma
 from fusedconv.kernels import conv_tma_kxk as _tma_kxk
 from fusedconv.kernels import variant_choice as _variant_choice
 from fusedconv.kernels.conv_gemm import _conv_gemm_kernel, _splitk_epilogue_kernel
-from fusedconv.kernels.conv_plan import (_cdiv, _check_device, _check_meta, _check_tensors, _depthwise_launcher,  # noqa: F401
-                                         _num_sms, _pair, _plan, interpreting)
+from fusedconv.kernels import conv_plan as _conv_plan
+from fusedconv.kernels.conv_plan import _cdiv, _check_device, _check_tensors, _depthwise_launcher, _pair, interpreting
+from fusedconv.kernels.conv_plan import _num_sms  # noqa: F401  (looked up here at plan time: tests patch it)
 from fusedconv.kernels.conv_streamk import _conv_streamk_kernel
-from fusedconv.kernels.epilogue import traceable
+from fusedconv.kernels.epilogue import _tracing, traceable
 from fusedconv.kernels.reference import conv_output_shape as output_shape
 from fusedconv.kernels.reference import output_memory_format
 
@@ -73,6 +74,11 @@ def _get_autotuned_streamk():
     return _autotuned_streamk
 
 
+def _plan(*args, **kwargs):
+    """`conv_plan._plan` with this module's `_num_sms` (looked up per call, so it can be replaced)."""
+    return _conv_plan._plan(*args, sm_count=lambda device: _num_sms(device), **kwargs)
+
+
 _plan_cached = functools.lru_cache(maxsize=2048)(_plan)
 
 # Self-resetting stream-K tile counters, one zeroed buffer per (device, stream): launches on one stream run in
@@ -81,7 +87,7 @@ _streamk_counters: dict = {}
 
 
 def _counters(device, numel: int) -> torch.Tensor:
-    if device.type != "cuda":
+    if device.type != "cuda" or _tracing():
         return torch.zeros(numel, dtype=torch.int32, device=device)
     if torch.cuda.is_current_stream_capturing():
         # Never cache memory from a graph's private pool; the capture records a memset instead.
@@ -182,18 +188,26 @@ def conv_bn_act(x, weight, scale, shift, *, stride=1, padding=0, dilation=1, gro
     def pointer():
         return _launch_pointer(plan, x, weight, scale, shift, res, y, workspace, args, act_param)
 
+    mode = TMA_MODE if tma is None else ("on" if tma else "off")
+    # "auto": on an sm_90 GPU (eager: no timing while tracing) the TMA kernel is a candidate beside the pointer
+    # kernel and the faster is kept per launch signature; elsewhere the pointer kernel runs.
+    if mode == "off" or (mode == "auto" and (interpreting() or not _variant_choice.can_time(x.device)
+                                             or _sm_major(x.device) != 9)):
+        return pointer()
     tma_launch = _tma_candidate(plan, x, weight, scale, shift, residual, y, groups, stride, padding, dilation,
                                 act_param, tf32)
-    mode = TMA_MODE if tma is None else ("on" if tma else "off")
-    if tma_launch is None or mode == "off":
+    if tma_launch is None:
         return pointer()
-    if mode == "on":
+    if mode == "on" or _variant_choice.choose(key, {"pointer": pointer, "tma": tma_launch}, x.device) == "tma":
         return tma_launch()
-    # "auto": both are autotune candidates on sm_90; the faster is kept per launch signature.
-    if x.is_cuda and not interpreting() and torch.cuda.get_device_capability(x.device)[0] == 9:
-        if _variant_choice.choose(key, {"pointer": pointer, "tma": tma_launch}, x.device) == "tma":
-            return tma_launch()
     return pointer()
+
+
+def _sm_major(device) -> int:
+    try:
+        return torch.cuda.get_device_capability(device)[0]
+    except (RuntimeError, AssertionError):  # no driver (fake CUDA tensors while tracing)
+        return 0
 
 
 def _tma_candidate(plan, x, weight, scale, shift, residual, y, groups, stride, padding, dilation, act_param, tf32):

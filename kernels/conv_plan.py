@@ -169,24 +169,26 @@ def _k_iterations_guess(kh, kw, cin_g, row_k, flat_k, block_k) -> int:
     return kh * kw * _cdiv(cin_g, block_k)
 
 
-def _schedule(split_k, stream_k, m, cout_g, groups, k_iters, device, interp):
-    """(split_k, stream-K programs or 0) from the caller's overrides, else `schedule.choose_schedule`."""
+def _schedule(split_k, stream_k, m, cout_g, groups, k_iters, device, interp, sm_count=None):
+    """(split_k, stream-K programs or 0) from the caller's overrides, else `schedule.choose_schedule`.
+    `sm_count(device)` gives the SM count (default `_num_sms`)."""
+    _num_sms_of = sm_count or _num_sms
     if stream_k is not None and (not isinstance(stream_k, int) or (not isinstance(stream_k, bool) and stream_k < 1)):
         raise ValueError(f"stream_k: expected None, a bool or a positive int (programs), got {stream_k!r}")
     if stream_k is not None and stream_k is not False and split_k not in (None, 1):
         raise ValueError(f"split_k: expected None or 1 with stream_k={stream_k!r}, got {split_k!r}")
     if stream_k is True:
-        return 1, (INTERPRET_STREAMK_PROGRAMS if interp else max(_num_sms(device), 1))
+        return 1, (INTERPRET_STREAMK_PROGRAMS if interp else max(_num_sms_of(device), 1))
     if stream_k:
         return 1, int(stream_k)
     if split_k is None:
         if interp:
             return 1, 0
         if stream_k is None:
-            kind, value = _configs.choose_schedule(m, cout_g, groups, k_iters, _num_sms(device))
+            kind, value = _configs.choose_schedule(m, cout_g, groups, k_iters, _num_sms_of(device))
             if kind == "stream_k":
                 return 1, value
-        split_k = _configs.choose_split_k(m, cout_g, groups, k_iters, _num_sms(device))
+        split_k = _configs.choose_split_k(m, cout_g, groups, k_iters, _num_sms_of(device))
     if not isinstance(split_k, int) or isinstance(split_k, bool) or not 1 <= split_k <= 64:
         raise ValueError(f"split_k: expected None or an int in 1..64, got {split_k!r}")
     return split_k, 0
@@ -194,9 +196,10 @@ def _schedule(split_k, stream_k, m, cout_g, groups, k_iters, device, interp):
 
 def _plan(x_shape, x_stride, x_dtype, device, w_shape, w_stride, w_dtype, scale_shape, shift_shape, res_meta,
           stride, padding, dilation, groups, activation, act_param, split_k, tf32, channels_last,
-          stream_k=None):
+          stream_k=None, sm_count=None):
     """Everything about a launch that depends only on metadata: validation, output shape, split-K, int64,
-    the integer arguments and constexpr flags. Pure, so the launcher caches it per distinct call signature."""
+    the integer arguments and constexpr flags. Pure, so the launcher caches it per distinct call signature.
+    `sm_count(device)`: how the schedule learns the SM count (default `_num_sms`)."""
     out_shape = _check_meta(x_shape, x_dtype, w_shape, w_dtype, scale_shape, shift_shape, res_meta, groups,
                             activation, act_param, stride, padding, dilation)
     n, cout, oh, ow = out_shape
@@ -215,9 +218,10 @@ def _plan(x_shape, x_stride, x_dtype, device, w_shape, w_stride, w_dtype, scale_
     k_iters = _k_iterations_guess(kh, kw, cin_g, row_k, flat_k, block_k_guess)
     if depthwise:
         # The depthwise kernel has its own schedule; the split only matters if that module is absent.
-        split_k, streamk_programs = _schedule(split_k, False, m, cout_g, groups, k_iters, device, interp)
+        split_k, streamk_programs = _schedule(split_k, False, m, cout_g, groups, k_iters, device, interp, sm_count)
     else:
-        split_k, streamk_programs = _schedule(split_k, stream_k, m, cout_g, groups, k_iters, device, interp)
+        split_k, streamk_programs = _schedule(split_k, stream_k, m, cout_g, groups, k_iters, device, interp,
+                                              sm_count)
     y_stride = _dense_strides(out_shape, channels_last)
     res_stride = tuple(res_meta[1]) if res_meta is not None else (0, 0, 0, 0)
     extents = [_span(x_shape, x_stride), _span(w_shape, w_stride), _span(out_shape, y_stride), split_k * m * cout]

@@ -19,12 +19,16 @@ import torch
 _choices: dict = {}
 
 
-def _can_time(device: torch.device) -> bool:
+def can_time(device: torch.device) -> bool:
+    """Whether a launch on `device` may be timed now (eager CUDA, not tracing, not capturing a graph)."""
     from fusedconv.kernels.epilogue import _tracing
 
     if device.type != "cuda" or _tracing():
         return False
-    return not torch.cuda.is_current_stream_capturing()
+    try:
+        return not torch.cuda.is_current_stream_capturing()
+    except (RuntimeError, AssertionError):  # no driver
+        return False
 
 
 def choose(key, candidates: dict, device: torch.device) -> str:
@@ -33,7 +37,7 @@ def choose(key, candidates: dict, device: torch.device) -> str:
     if name is not None:
         return name
     first = next(iter(candidates))
-    if len(candidates) == 1 or not _can_time(device):
+    if len(candidates) == 1 or not can_time(device):
         return first
     import triton.testing
 

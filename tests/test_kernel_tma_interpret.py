@@ -114,9 +114,9 @@ def kxk_spy(monkeypatch):
     calls = []
     real = conv_tma_kxk.conv_kxk_tma_launch
 
-    def spy(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
+    def spy(x, *args, **kwargs):
+        calls.append(tuple(x.stride()))  # the strides the descriptor is built on
+        return real(x, *args, **kwargs)
 
     monkeypatch.setattr(conv_tma_kxk, "conv_kxk_tma_launch", spy)
     return calls
@@ -170,7 +170,7 @@ def test_variant_choice_times_each_candidate_once_and_keeps_the_fastest(monkeypa
     monkeypatch.setattr(variant_choice, "_choices", {})
     cpu = torch.device("cpu")
     assert variant_choice.choose("k", cands, cpu) == "pointer" and not calls  # cannot time on a CPU
-    monkeypatch.setattr(variant_choice, "_can_time", lambda device: True)
+    monkeypatch.setattr(variant_choice, "can_time", lambda device: True)
     assert variant_choice.choose("k", cands, cpu) == "tma"
     assert calls.count("pointer") == 2 and calls.count("tma") == 2  # one warm-up + one timed run each
     calls.clear()
@@ -178,19 +178,6 @@ def test_variant_choice_times_each_candidate_once_and_keeps_the_fastest(monkeypa
     fake_ms["tma"] = 3.0
     assert variant_choice.choose("other", cands, cpu) == "pointer"
     assert variant_choice.chosen() == {"k": "tma", "other": "pointer"}
-
-
-@pytest.fixture
-def kxk_spy(monkeypatch):
-    calls = []
-    real = conv_tma_kxk.conv_kxk_tma_launch
-
-    def spy(x, *args, **kwargs):
-        calls.append(tuple(x.stride()))
-        return real(x, *args, **kwargs)
-
-    monkeypatch.setattr(conv_tma_kxk, "conv_kxk_tma_launch", spy)
-    return calls
 
 
 @pytest.mark.interpret

@@ -51,7 +51,7 @@ def _cl_strides(n, c, h, w) -> tuple[int, int, int, int]:
     return (h * w * c, 1, w * c, c)
 
 
-def gemm_variants(case: LayerCase, batch: int, dtype: str, sms: int) -> tuple[dict, list[dict]]:
+def gemm_variants(case: LayerCase, batch: int, dtype: str, sms: int, cap: int = 90) -> tuple[dict, list[dict]]:
     """(launch summary, [variant]) for a non-depthwise layer: one variant per config the autotuner keeps."""
     import importlib
 
@@ -111,7 +111,8 @@ def gemm_variants(case: LayerCase, batch: int, dtype: str, sms: int) -> tuple[di
                          "block": (kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"]), "num_warps": cfg.num_warps,
                          "num_stages": cfg.num_stages, "tiles": tiles, "steps": steps, "spec": spec,
                          "family": "pointer"})
-    variants += tma_variants(case, batch, dtype, plan)
+    if cap >= 90:  # TMA bulk copies are Hopper's: the launcher never runs these kernels on sm_80
+        variants += tma_variants(case, batch, dtype, plan)
     # Waves of the plain data-parallel grid of 128x128 tiles (what every layer launched before schedules).
     dp_waves = round(-(-m // 128) * -(-cout_g // 128) * s.groups / sms, 2)
     schedule = f"stream-K {stream_k}" if stream_k else (f"split-K {split_k}" if split_k > 1 else "data-parallel")
@@ -267,8 +268,10 @@ def _plan_layers(nets, batches, dtype, cap, max_layers=None, layers=None):
             cases = cases[:max_layers]
         for case in cases:
             for batch in batches:
-                build = depthwise_variants if case.shape.depthwise else gemm_variants
-                launch, variants = build(case, batch, dtype, target["sms"])
+                if case.shape.depthwise:
+                    launch, variants = depthwise_variants(case, batch, dtype, target["sms"])
+                else:
+                    launch, variants = gemm_variants(case, batch, dtype, target["sms"], cap)
                 planned.append((case, batch, launch, variants))
     return planned
 

@@ -30,6 +30,9 @@ import torch.nn.functional as F
 #: fp32 accumulation order.
 TOLERANCE = {"float16": (2e-3, 1e-2), "bfloat16": (1e-2, 3e-2), "tf32": (5e-3, 2e-2), "float32": (1e-5, 1e-4)}
 DTYPE_MODES = ("float16", "bfloat16", "tf32", "float32")
+#: The GEMM schedules every non-depthwise item is checked under (their kernels and candidate configs differ);
+#: "tma" only where a TMA-descriptor kernel is eligible (`tma_kernel`), else it has no candidates.
+SCHEDULES = ("data-parallel", "stream-K", "tma")
 
 
 @dataclass(frozen=True)
@@ -89,8 +92,10 @@ def _conv_module():
     return importlib.import_module("fusedconv.kernels.conv_bn_act")
 
 
-def candidate_configs(g: Geometry, batch: int, dtype_mode: str, device: torch.device) -> list:
-    """The triton.Configs the autotuner may choose for this launch (after pruning, deny-list included)."""
+def candidate_configs(g: Geometry, batch: int, dtype_mode: str, device: torch.device,
+                      schedule: str = "data-parallel") -> list:
+    """The triton.Configs the autotuner may choose for this launch (after pruning, deny-list included), for
+    the data-parallel GEMM kernel or (`schedule="stream-K"`) the stream-K kernel."""
     import triton
 
     if g.depthwise:
@@ -108,19 +113,61 @@ def candidate_configs(g: Geometry, batch: int, dtype_mode: str, device: torch.de
     cin_g = g.cin // g.groups
     named = {"x_ptr": torch.empty(0, dtype=dtype, device=device), "M": batch * oh * ow, "COUT_G": g.cout // g.groups,
              "CIN_G": cin_g, "KH": g.kh, "KW": g.kw, "IS_1X1": is_1x1,
-             "FLAT_K": not is_1x1 and g.kh * g.kw > 1 and cin_g < 16}
+             "FLAT_K": not is_1x1 and g.kh * g.kw > 1 and cin_g < 16, "HAS_RESIDUAL": g.residual}
+    if schedule == "stream-K":
+        return cfgs.prune_streamk_configs(cfgs.all_autotune_configs(), named)
+    if schedule == "tma":
+        return _tma_candidates(g, batch, dtype, device)
     return cfgs.prune_configs(cfgs.all_autotune_configs(), named)
+
+
+def tma_kernel(g: Geometry, dtype: torch.dtype, device: torch.device) -> str | None:
+    """"tma1x1" / "tmakxk" when the launcher may run this geometry through a TMA-descriptor kernel (the
+    eligibility rules of conv_tma / conv_tma_kxk for a dense channels_last input and a packed weight: groups
+    1, stride 1 or a strided unpadded 1x1, 16-byte channel rows, sm_90 or the CPU interpreter), else None."""
+    strided_1x1 = g.kh == g.kw == 1 and g.padding == (0, 0) and g.stride != (1, 1)
+    if g.groups != 1 or (g.stride != (1, 1) and not strided_1x1):
+        return None
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 9:
+        return None
+    esize = torch.empty(0, dtype=dtype).element_size()
+    if (g.cin * esize) % 16 or (g.cout * esize) % 16:
+        return None
+    if g.kh == g.kw == 1 and not strided_1x1:
+        return "tma1x1" if g.padding == (0, 0) else None
+    return "tmakxk"  # stride-1 KxK, and strided 1x1 through the strided view
+
+
+def _tma_candidates(g: Geometry, batch: int, dtype: torch.dtype, device: torch.device) -> list:
+    from types import SimpleNamespace
+
+    from fusedconv.kernels import conv_tma, conv_tma_kxk
+
+    kernel = tma_kernel(g, dtype, device)
+    base = SimpleNamespace(base=torch.empty(0, dtype=dtype, device=device))
+    oh, ow = g.out_hw()
+    if kernel == "tma1x1":
+        return conv_tma._prune_tma(conv_tma.tma_configs(2) + conv_tma.tma_configs(4),
+                                   {"a_desc": base, "M": batch * oh * ow, "CIN": g.cin, "COUT": g.cout,
+                                    "HAS_RESIDUAL": g.residual})
+    if kernel == "tmakxk":
+        return conv_tma_kxk._prune_kxk(conv_tma_kxk.kxk_configs(2) + conv_tma_kxk.kxk_configs(4),
+                                       {"x_desc": base, "CIN": g.cin, "COUT": g.cout, "HAS_RESIDUAL": g.residual})
+    return []
 
 
 def config_label(cfg) -> str:
     kw = cfg.kwargs
     if "BLOCK_P" in kw:
         return f"P{kw['BLOCK_P']}xC{kw['BLOCK_C']} w{cfg.num_warps}"
+    if "BLOCK_H" in kw:  # the TMA KxK kernel's box of output pixels
+        return (f"{kw['BLOCK_H']}x{kw['BLOCK_W']}px x{kw['BLOCK_N']}x{kw['BLOCK_K']} w{cfg.num_warps}"
+                f"/s{cfg.num_stages}")
     return f"{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']} w{cfg.num_warps}/s{cfg.num_stages}"
 
 
 @contextlib.contextmanager
-def forced_config(cfg, depthwise: bool):
+def forced_config(cfg, depthwise: bool, kernel: str = "gemm"):
     """Run the library's launcher with exactly `cfg` (an autotuner holding one config never benchmarks).
 
     Under TRITON_INTERPRET=1 the launcher runs its fixed interpreter config instead; nothing is forced there
@@ -138,16 +185,34 @@ def forced_config(cfg, depthwise: bool):
         finally:
             dw._autotuned = saved
         return
+    if kernel in ("tma1x1", "tmakxk"):
+        tma_mod = importlib.import_module("fusedconv.kernels.conv_tma" if kernel == "tma1x1"
+                                          else "fusedconv.kernels.conv_tma_kxk")
+        fn = tma_mod._conv1x1_tma_kernel if kernel == "tma1x1" else tma_mod._conv_kxk_tma_kernel
+        keys = (["M", "CIN", "COUT", "OW", "HAS_RESIDUAL", "ACTIVATION"] if kernel == "tma1x1"
+                else ["N", "OH", "OW", "CIN", "COUT", "KH", "KW", "HAS_RESIDUAL"])
+        saved = tma_mod._autotuned
+        tma_mod._autotuned = triton.autotune(configs=[cfg], key=keys)(fn)
+        try:
+            yield
+        finally:
+            tma_mod._autotuned = saved
+        return
     mod = _conv_module()
     if not hasattr(mod, "_autotuned_kernel"):
         raise RuntimeError("fusedconv.kernels.conv_bn_act has no _autotuned_kernel: the GPU check cannot force a "
                            "config; update bench/check_correctness.forced_config")
-    saved = mod._autotuned_kernel
+    saved = mod._autotuned_kernel, getattr(mod, "_autotuned_streamk", None)
     mod._autotuned_kernel = triton.autotune(configs=[cfg], key=mod._configs.AUTOTUNE_KEY)(mod._conv_gemm_kernel)
+    if hasattr(mod, "_conv_streamk_kernel"):
+        # The stream-K kernel gets the same config (only tiles that fit its workspace slots are ever run
+        # through it: `check_item` runs stream-K with stream-K candidates only).
+        mod._autotuned_streamk = triton.autotune(configs=[cfg], key=mod._configs.STREAMK_AUTOTUNE_KEY)(
+            mod._conv_streamk_kernel)
     try:
         yield
     finally:
-        mod._autotuned_kernel = saved
+        mod._autotuned_kernel, mod._autotuned_streamk = saved
 
 
 # --------------------------------------------------------------------------------------------- checking
@@ -186,8 +251,12 @@ def _path(g: Geometry) -> str:
     return "flatk" if g.kh * g.kw > 1 and g.cin // g.groups < 16 else "spatial"
 
 
-def check_item(g: Geometry, batch: int, dtype_mode: str, device, configs=None, seed: int = 0, emit=None) -> list[dict]:
-    """One row per candidate config: errors vs float64 and pass/fail."""
+def check_item(g: Geometry, batch: int, dtype_mode: str, device, configs=None, seed: int = 0, emit=None,
+               schedule: str = "data-parallel") -> list[dict]:
+    """One row per candidate config: errors vs float64 and pass/fail. `schedule`: "data-parallel" runs the
+    configs through the one-program-per-tile kernel (split-K as the launcher picks it), "stream-K" through the
+    stream-K kernel on every SM (whatever the schedule model would pick for this shape), "tma" through the
+    TMA-descriptor kernel where eligible, so every candidate of every kernel meets the float64 reference."""
     from fusedconv.kernels import conv_bn_act, pack_weight
 
     dtype = torch.float32 if dtype_mode in ("tf32", "float32") else getattr(torch, dtype_mode)
@@ -205,19 +274,28 @@ def check_item(g: Geometry, batch: int, dtype_mode: str, device, configs=None, s
     old_tf32 = torch.backends.cudnn.allow_tf32
     torch.backends.cudnn.allow_tf32 = dtype_mode == "tf32"  # the launcher picks TF32 as cuDNN would
     try:
-        for cfg in configs if configs is not None else candidate_configs(g, batch, dtype_mode, device):
+        streamk = schedule == "stream-K" and not g.depthwise
+        tma = tma_kernel(g, dtype, device) if schedule == "tma" and not g.depthwise else None
+        if g.depthwise:
+            launch_schedule, kernel = {}, "depthwise"
+        elif tma:
+            launch_schedule, kernel = {"tma": True, "stream_k": False}, tma
+        else:
+            # the pointer kernel, pinned: tma=False so an sm_90 launch does not pick the TMA kernel instead
+            launch_schedule = {"stream_k": True, "tma": False} if streamk else {"stream_k": False, "tma": False}
+            kernel = "streamk" if streamk else "gemm"
+        for cfg in configs if configs is not None else candidate_configs(g, batch, dtype_mode, device, schedule):
             row = {"geometry": g.name, "batch": batch, "dtype": dtype_mode, "config": config_label(cfg),
                    "config_key": [*cfg.kwargs.values(), cfg.num_warps, cfg.num_stages],
-                   "kernel": "depthwise" if g.depthwise else "gemm",
-                   "path": _path(g)}
+                   "kernel": kernel, "path": _path(g)}
             start = time.perf_counter()
             try:
                 poison = torch.full(ref.shape, float("nan"), dtype=dtype, device=device)
                 del poison  # the allocator hands this NaN-filled block to the output next: unwritten shows
-                with forced_config(cfg, g.depthwise):
+                with forced_config(cfg, g.depthwise, kernel):
                     out = conv_bn_act(x, packed, scale, shift, stride=g.stride, padding=g.padding,
                                       dilation=g.dilation, groups=g.groups, activation=g.activation,
-                                      act_param=act_param, residual=res)
+                                      act_param=act_param, residual=res, **launch_schedule)
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 diff = out.double() - ref
@@ -252,10 +330,12 @@ def worker(items_path: str, out_path: str, deadline: float) -> int:
             if time.time() > deadline:
                 break
             g = Geometry(**{k: tuple(v) if isinstance(v, list) else v for k, v in item["geometry"].items()})
-            configs = candidate_configs(g, item["batch"], item["dtype"], device)
-            if item.get("max_configs"):
-                configs = configs[:item["max_configs"]]
-            check_item(g, item["batch"], item["dtype"], device, configs, seed=item.get("seed", 0), emit=emit)
+            for schedule in item.get("schedules", ("data-parallel",) if g.depthwise else SCHEDULES):
+                configs = candidate_configs(g, item["batch"], item["dtype"], device, schedule)
+                if item.get("max_configs"):
+                    configs = configs[:item["max_configs"]]
+                check_item(g, item["batch"], item["dtype"], device, configs, seed=item.get("seed", 0), emit=emit,
+                           schedule=schedule)
     return 0
 
 

@@ -199,16 +199,20 @@ def _collect(sec: dict, outs: list[str]) -> None:
 
 
 def update_denylist(rows: list[dict], env: dict) -> int:
-    """Add every failing GEMM config (wrong result or failed launch, not out-of-memory) to the deny-list."""
+    """Add every failing GEMM, stream-K or TMA config (wrong result or failed launch, not out-of-memory) to
+    the deny-list, under its kernel."""
     from fusedconv.kernels import denylist
 
     new = []
     for r in rows:
-        if r.get("ok") or r["kernel"] != "gemm" or "OutOfMemory" in r.get("error", ""):
+        if r.get("ok") or r["kernel"] not in ("gemm", "streamk", "tma1x1", "tmakxk") \
+                or "OutOfMemory" in r.get("error", ""):
             continue
         dtype = "float32" if r["dtype"] == "tf32" else r["dtype"]
-        new.append({"gpu": env["device_name"], "triton": env["triton"], "kernel": "gemm",
-                    "config": r["config_key"][:3] + r["config_key"][-2:], "dtype": dtype, "path": r["path"],
+        new.append({"gpu": env["device_name"], "triton": env["triton"], "kernel": r["kernel"],
+                    # GEMM / stream-K: denylist.config_tuple; the TMA kernels: every config value (config_key)
+                    "config": r["config_key"] if r["kernel"].startswith("tma")
+                    else r["config_key"][:3] + r["config_key"][-2:], "dtype": dtype, "path": r["path"],
                     "layer": f"{r['geometry']} b{r['batch']} {r['dtype']}", "date": env["date"],
                     "error": r.get("error") or f"rel error {r.get('rel_error'):.3g}, worst {r.get('max_error'):.3g}"})
     return denylist.add_entries(new)

@@ -32,9 +32,9 @@ DEFAULT_CACHE = os.path.join(REPO_ROOT, ".cache", "static")
 #: A100 SXM datasheet. mma_flop_per_cycle: dense fp16 tensor-core FLOP per cycle per SM.
 TARGETS = {
     90: {"device": "H200", "tflops": 790.0, "tb_s": 4.3, "source": "measured on the project's H200 (bf16 GEMM, copy)",
-         "sms": 132, "mma_flop_per_cycle": 4096},
+         "sms": 132, "mma_flop_per_cycle": 4096, "clock_ghz": 1.755},
     80: {"device": "A100 SXM", "tflops": 312.0, "tb_s": 2.0, "source": "vendor datasheet (dense fp16)",
-         "sms": 108, "mma_flop_per_cycle": 2048},
+         "sms": 108, "mma_flop_per_cycle": 2048, "clock_ghz": 1.41},
 }
 _SHORT = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 
@@ -51,7 +51,7 @@ def _cl_strides(n, c, h, w) -> tuple[int, int, int, int]:
     return (h * w * c, 1, w * c, c)
 
 
-def gemm_variants(case: LayerCase, batch: int, dtype: str, sms: int) -> tuple[dict, list[dict]]:
+def gemm_variants(case: LayerCase, batch: int, dtype: str, sms: int, cap: int = 90) -> tuple[dict, list[dict]]:
     """(launch summary, [variant]) for a non-depthwise layer: one variant per config the autotuner keeps."""
     import importlib
 
@@ -66,25 +66,35 @@ def gemm_variants(case: LayerCase, batch: int, dtype: str, sms: int) -> tuple[di
     oh, ow = s.out_hw
     out_shape = (batch, s.cout, oh, ow)
     cin_g, cout_g, m = s.cin // s.groups, s.cout // s.groups, batch * oh * ow
-    # The launcher's split-K choice, with the target's SM count instead of the local device's.
+    # The launcher's schedule choice, with the target's SM count instead of the local device's.
     if s.kh * s.kw > 1 and cin_g < 16:
         k_iters = -(-(s.kh * s.kw * cin_g) // 64)
     else:
         k_iters = s.kh * s.kw * -(-cin_g // 64)
-    split_k = cfgs.choose_split_k(m, cout_g, s.groups, k_iters, sms)
+    kind, value = cfgs.choose_schedule(m, cout_g, s.groups, k_iters, sms)
+    split_k, stream_k = (1, value) if kind == "stream_k" else (value, False)
     res_meta = (out_shape, _cl_strides(*out_shape), tdtype) if case.residual else None
     plan = cba._plan(x_shape, _cl_strides(*x_shape), tdtype, torch.device("cpu"), w_shape,
                      _packed_weight_strides(s), tdtype, (s.cout,), (s.cout,), res_meta, (s.stride, s.stride),
                      (s.padding, s.padding), (s.dilation, s.dilation), s.groups, case.activation, 0.0, split_k,
-                     False, True)
-    fn = cba._conv_gemm_kernel
-    int_names = fn.arg_names[7:7 + len(plan["int_args"])]
-    values = dict(zip(int_names, plan["int_args"]))
+                     False, True, stream_k)
     flags = plan["flags"]
     named = {"x_ptr": torch.empty(0, dtype=tdtype, device="meta"), "M": m, "COUT_G": cout_g, "CIN_G": cin_g,
-             "KH": s.kh, "KW": s.kw, "FLAT_K": flags["FLAT_K"]}
-    kept = cfgs.prune_configs(cfgs.all_autotune_configs(), named)
-    base = cfgs._kernel_signature(_SHORT[dtype], flags["USE_INT64"])
+             "KH": s.kh, "KW": s.kw, "FLAT_K": flags["FLAT_K"], "ROW_K": flags["ROW_K"],
+             "ROW_WIDTH": flags["ROW_WIDTH"], "IS_1X1": flags["IS_1X1"], "HAS_RESIDUAL": flags["HAS_RESIDUAL"]}
+    if stream_k:
+        fn = cba._conv_streamk_kernel
+        kept = cfgs.prune_streamk_configs(cfgs.all_autotune_configs(), named)
+        base = cfgs.streamk_kernel_signature(_SHORT[dtype], flags["USE_INT64"])
+        flags = {**{k: v for k, v in flags.items() if k != "SPLIT_K"}, "WS_TILE": cfgs.STREAMK_MAX_TILE}
+    else:
+        fn = cba._conv_gemm_kernel
+        kept = cfgs.prune_configs(cfgs.all_autotune_configs(), named)
+        base = cfgs._kernel_signature(_SHORT[dtype], flags["USE_INT64"])
+    int_names = fn.arg_names[fn.arg_names.index("N"):fn.arg_names.index("N") + len(plan["int_args"])]
+    values = dict(zip(int_names, plan["int_args"]))
+    if stream_k:
+        values["GROUPS"] = s.groups
     path = "1x1" if flags["IS_1X1"] else ("flatk" if flags["FLAT_K"] else f"{s.kh}x{s.kw}")
     variants = []
     for cfg in kept:
@@ -92,12 +102,98 @@ def gemm_variants(case: LayerCase, batch: int, dtype: str, sms: int) -> tuple[di
         spec = aot.spec_from_args(fn, base, values, {**flags, **kw}, num_warps=cfg.num_warps,
                                   num_stages=cfg.num_stages)
         tiles = -(-m // kw["BLOCK_M"]) * -(-cout_g // kw["BLOCK_N"]) * s.groups * split_k
+        k_steps = _k_steps(s, cin_g, kw["BLOCK_K"], flags)
+        steps = -(-k_steps // split_k)
+        if stream_k:  # persistent programs, each with an equal share of all tiles' K iterations
+            steps = -(-(tiles * k_steps) // stream_k)
+            tiles = min(stream_k, tiles * k_steps)
         variants.append({"config": f"{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']} w{cfg.num_warps}/s{cfg.num_stages}",
                          "block": (kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"]), "num_warps": cfg.num_warps,
-                         "num_stages": cfg.num_stages, "tiles": tiles, "spec": spec})
-    launch = {"kernel": "gemm", "path": path, "split_k": split_k, "M": m, "N": cout_g, "K": cin_g * s.kh * s.kw,
+                         "num_stages": cfg.num_stages, "tiles": tiles, "steps": steps, "spec": spec,
+                         "family": "pointer"})
+    if cap >= 90:  # TMA bulk copies are Hopper's: the launcher never runs these kernels on sm_80
+        variants += tma_variants(case, batch, dtype, plan)
+    # Waves of the plain data-parallel grid of 128x128 tiles (what every layer launched before schedules).
+    dp_waves = round(-(-m // 128) * -(-cout_g // 128) * s.groups / sms, 2)
+    schedule = f"stream-K {stream_k}" if stream_k else (f"split-K {split_k}" if split_k > 1 else "data-parallel")
+    launch = {"kernel": "gemm", "path": path, "split_k": split_k, "stream_k": stream_k or 0, "schedule": schedule,
+              "dp_waves_128": dp_waves, "M": m, "N": cout_g, "K": cin_g * s.kh * s.kw,
               "use_int64": flags["USE_INT64"], "even_k": flags["EVEN_K"]}
     return launch, variants
+
+
+def _k_steps(s, cin_g: int, block_k: int, flags: dict) -> int:
+    """K steps of one output tile for the pointer kernel's loop shape and this BLOCK_K."""
+    if flags["IS_1X1"]:
+        return -(-cin_g // block_k)
+    if flags["ROW_K"]:
+        return s.kh
+    if flags["FLAT_K"]:
+        return -(-(s.kh * s.kw * cin_g) // block_k)
+    return s.kh * s.kw * -(-cin_g // block_k)
+
+
+def tma_variants(case: LayerCase, batch: int, dtype: str, plan: dict) -> list[dict]:
+    """The TMA-descriptor kernel's candidates for a layer the launcher may run through it on sm_90 (dense
+    channels_last input, packed weight, groups 1, stride 1 — or a strided unpadded 1x1 through the strided
+    view, `conv_tma_kxk.strided_1x1_view` — and 16-byte channel rows: `conv_tma.tma_1x1_eligible` /
+    `conv_tma_kxk.tma_kxk_eligible`), one per config its pruning keeps; [] where the pointer kernel is the
+    only path."""
+    from types import SimpleNamespace
+
+    from fusedconv.kernels import conv_tma, conv_tma_kxk
+
+    s, t = case.shape, _SHORT[dtype]
+    esize = torch.empty(0, dtype=getattr(torch, dtype)).element_size()
+    strided_1x1 = s.kh == s.kw == 1 and s.padding == 0 and s.stride > 1
+    if s.groups != 1 or (s.stride != 1 and not strided_1x1) or (s.cin * esize) % 16 or (s.cout * esize) % 16:
+        return []
+    oh, ow = s.out_hw
+    m = batch * oh * ow
+    flags = plan["flags"]
+    base = SimpleNamespace(base=torch.empty(0, dtype=getattr(torch, dtype), device="meta"))
+    res_stride, y_stride = plan["res_stride"], plan["y_stride"]
+    common = dict(ACTIVATION=flags["ACTIVATION"], HAS_RESIDUAL=flags["HAS_RESIDUAL"], INPUT_PRECISION="ieee")
+    out = []
+    if flags["IS_1X1"] and not strided_1x1:
+        fn = conv_tma._conv1x1_tma_kernel
+        kept = conv_tma._prune_tma(conv_tma.tma_configs(esize), {"a_desc": base, "M": m, "CIN": s.cin,
+                                                                  "COUT": s.cout, "HAS_RESIDUAL": case.residual})
+        ints = dict(zip(("M", "CIN", "COUT", "OH", "OW", "srn", "src", "srh", "srw", "syn", "syc", "syh", "syw"),
+                        (m, s.cin, s.cout, oh, ow, *res_stride, *y_stride)))
+    else:  # stride-1 KxK, or a strided 1x1 through the descriptor on the strided view (conv_tma_kxk)
+        fn = conv_tma_kxk._conv_kxk_tma_kernel
+        kept = conv_tma_kxk._prune_kxk(conv_tma_kxk.kxk_configs(esize), {"x_desc": base, "CIN": s.cin,
+                                                                          "COUT": s.cout,
+                                                                          "HAS_RESIDUAL": case.residual})
+        ints = dict(zip(("N", "OH", "OW", "CIN", "COUT", "pad_h", "pad_w", "dil_h", "dil_w", "srn", "src", "srh",
+                         "srw", "syn", "syc", "syh", "syw"),
+                        (batch, oh, ow, s.cin, s.cout, s.padding, s.padding, s.dilation, s.dilation, *res_stride,
+                         *y_stride)))
+        common.update(KH=s.kh, KW=s.kw)
+    for cfg in kept:
+        kw = {k: v for k, v in cfg.kwargs.items()}
+        if fn is conv_tma._conv1x1_tma_kernel:
+            bm, bn, bk = kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"]
+            descs = {"a_desc": f"tensordesc<{t}[{bm},{bk}]>", "b_desc": f"tensordesc<{t}[{bk},{bn}]>"}
+            tiles = -(-m // bm) * -(-s.cout // bn)
+            label = f"tma {bm}x{bn}x{bk} w{cfg.num_warps}/s{cfg.num_stages}"
+        else:
+            bh, bw, bn, bk = kw["BLOCK_H"], kw["BLOCK_W"], kw["BLOCK_N"], kw["BLOCK_K"]
+            bm = bh * bw
+            descs = {"x_desc": f"tensordesc<{t}[1,{bh},{bw},{bk}]>", "w_desc": f"tensordesc<{t}[1,{bk},{bn}]>"}
+            tiles = batch * -(-oh // bh) * -(-ow // bw) * -(-s.cout // bn)
+            label = f"tma {bh}x{bw}px x{bn}x{bk} w{cfg.num_warps}/s{cfg.num_stages}"
+        sig = {**descs, "scale_ptr": "*fp32", "shift_ptr": "*fp32", "res_ptr": f"*{t}", "y_ptr": f"*{t}",
+               **{name: "i32" for name in ints}, "ACT_PARAM": "fp32"}
+        constexprs = {**common, **kw}
+        sig.update({name: "constexpr" for name in constexprs})
+        sig = {name: sig[name] for name in fn.arg_names}  # parameter order
+        spec = aot.spec_from_args(fn, sig, ints, constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        steps = s.kh * s.kw * -(-s.cin // bk)
+        out.append({"config": label, "block": (bm, bn, bk), "num_warps": cfg.num_warps,
+                    "num_stages": cfg.num_stages, "tiles": tiles, "steps": steps, "spec": spec, "family": "tma"})
+    return out
 
 
 def depthwise_variants(case: LayerCase, batch: int, dtype: str, sms: int) -> tuple[dict, list[dict]]:
@@ -172,8 +268,10 @@ def _plan_layers(nets, batches, dtype, cap, max_layers=None, layers=None):
             cases = cases[:max_layers]
         for case in cases:
             for batch in batches:
-                build = depthwise_variants if case.shape.depthwise else gemm_variants
-                launch, variants = build(case, batch, dtype, target["sms"])
+                if case.shape.depthwise:
+                    launch, variants = depthwise_variants(case, batch, dtype, target["sms"])
+                else:
+                    launch, variants = gemm_variants(case, batch, dtype, target["sms"], cap)
                 planned.append((case, batch, launch, variants))
     return planned
 
@@ -208,6 +306,8 @@ def analyse_all(specs: dict, cap: int, cache_dir: str | None, jobs: int, progres
 
 def _variant_row(variant: dict, analysis: dict, cap: int) -> dict:
     row = {k: variant[k] for k in ("config", "num_warps", "num_stages", "tiles")}
+    row["family"] = variant.get("family", "pointer")
+    row["steps"] = variant.get("steps")
     row["waves"] = round(variant["tiles"] / TARGETS[cap]["sms"], 2)
     row.update({k: analysis.get(k) for k in ("ok", "registers", "stack_bytes", "local_bytes", "shared_bytes", "mma",
                                              "async_loads", "spill_instructions", "compile_s")})
@@ -221,16 +321,36 @@ def _variant_row(variant: dict, analysis: dict, cap: int) -> dict:
         bm, bn, bk = variant["block"]
         row["issue_ratio"] = round(sass.issue_ratio(loop["instructions"], variant["num_warps"], bm, bn, bk,
                                                     TARGETS[cap]["mma_flop_per_cycle"]), 3)
+        row["est_us"] = estimated_us(variant, row["issue_ratio"], cap)
     else:
         row["issue_ratio"] = None
     return row
 
 
+def estimated_us(variant: dict, issue_ratio: float, cap: int) -> float | None:
+    """A static time estimate of the variant's main loop: waves of programs (ceil(programs / SMs)) x K steps per
+    program x the cycles of one K step — its tensor-core cycles (2·BM·BN·BK / FLOP per cycle per SM), or its
+    issue cycles when the loop is issue-bound (issue ratio > 1), over the tile shape's efficiency
+    (`schedule.tile_efficiency`) — at the target's clock. Counts wasted tiles
+    (tile tails, TMA boxes past the image edge) and idle SMs; ignores memory bandwidth and the epilogue."""
+    if not variant.get("steps") or not variant["block"]:
+        return None
+    bm, bn, bk = variant["block"]
+    target = TARGETS[cap]
+    waves = -(-variant["tiles"] // target["sms"])
+    from fusedconv.kernels.schedule import tile_efficiency
+
+    cycles = waves * variant["steps"] * (2.0 * bm * bn * bk / target["mma_flop_per_cycle"]) * max(1.0, issue_ratio)
+    cycles /= tile_efficiency(bm, bn)  # the schedule model's rate of this tile shape (operand intensity)
+    return round(cycles / (target["clock_ghz"] * 1e3), 2)
+
+
 def best_candidate(rows: list[dict]) -> dict | None:
-    """Lowest issue ratio among compiled, spill-free tensor-core variants (None when there is none)."""
+    """Among compiled, spill-free tensor-core variants, the lowest `estimated_us` (then issue ratio); None when
+    there is none."""
     ok = [r for r in rows if r.get("ok") and r.get("issue_ratio") is not None and not r.get("stack_bytes")
           and r.get("mma") in ("wgmma", "mma.sync")]
-    return min(ok, key=lambda r: (r["issue_ratio"], -r["tiles"])) if ok else None
+    return min(ok, key=lambda r: (r.get("est_us") or float("inf"), r["issue_ratio"], -r["tiles"])) if ok else None
 
 
 def run(cap: int, *, nets=NETS, batches=(32, 1), dtype="float16", cache_dir=DEFAULT_CACHE, jobs=2,
@@ -250,6 +370,10 @@ def run(cap: int, *, nets=NETS, batches=(32, 1), dtype="float16", cache_dir=DEFA
     for case, batch, launch, variants in planned:
         rows = [_variant_row(v, analyses[v["key"]], cap) for v in variants]
         best = best_candidate(rows)
+        per_family = {fam: best_candidate([r for r in rows if r["family"] == fam]) for fam in ("pointer", "tma")}
+        launch = {**launch, **{f"best_{fam}": (b["config"], b["issue_ratio"], b["est_us"]) if b else None
+                               for fam, b in per_family.items()},
+                  "tma_candidates": sum(1 for r in rows if r["family"] == "tma")}
         layers_out.append({"net": case.net, "layer": case.name, "shape": case.shape.label(), "batch": batch,
                            "activation": case.activation, "residual": case.residual, "count": case.count,
                            **launch, "roofline": roofline(case, batch, dtype, TARGETS[cap]),

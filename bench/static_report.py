@@ -33,8 +33,10 @@ def _layer_row(layer: dict) -> list[str]:
         note.append(f"{len(spills)} spill ({max(v['stack_bytes'] for v in spills)} B max)")
     if failed:
         note.append(f"{len(failed)} FAILED")
-    if layer["split_k"] > 1:
-        note.append(f"split-K {layer['split_k']}")
+    def fam(key):
+        b = layer.get(key)
+        return f"{b[0]} ({b[1]:.2f}, {_fmt(b[2] if len(b) > 2 else None, '.1f')} µs)" if b else "—"
+
     return [layer["net"], f"{layer['layer']}" + (f" (x{layer['count']})" if layer["count"] > 1 else ""),
             layer["shape"], layer["path"], f"{layer['M']}/{layer['N']}/{layer['K']}",
             f"{roof['bound']} ({roof['intensity']:.0f})", f"{max(roof['t_compute_us'], roof['t_memory_us']):.1f}",
@@ -42,11 +44,14 @@ def _layer_row(layer: dict) -> list[str]:
             _fmt(shown.get("registers")), _fmt(shown.get("stack_bytes")),
             _fmt(None if shown.get("shared_bytes") is None else shown["shared_bytes"] / 1024, ".0f"),
             _fmt(shown.get("mma")), _fmt(shown.get("async_loads")), _fmt(shown.get("loop_instructions")),
-            _fmt(shown.get("issue_ratio"), ".2f"), _fmt(shown.get("waves"), ".2f"), "; ".join(note)]
+            _fmt(shown.get("issue_ratio"), ".2f"), _fmt(shown.get("est_us"), ".1f"), layer.get("schedule", "—"),
+            f"{_fmt(layer.get('dp_waves_128'), '.2f')} → {_fmt(shown.get('waves'), '.2f')}",
+            fam("best_pointer"), fam("best_tma") if layer["kernel"] == "gemm" else "—", "; ".join(note)]
 
 
 HEADERS = ["net", "layer", "shape", "path", "M/N/K", "bound (FLOP/B)", "floor µs", "cands", "best candidate",
-           "regs", "spill B", "smem KB", "MMA", "loads", "loop insns", "issue ratio", "waves", "notes"]
+           "regs", "spill B", "smem KB", "MMA", "loads", "loop insns", "issue ratio", "est µs", "schedule",
+           "waves (128² grid → best)", "best pointer (ratio, est)", "best TMA (ratio, est)", "notes"]
 
 
 def markdown(result: dict) -> str:
@@ -57,15 +62,24 @@ def markdown(result: dict) -> str:
              f"`{env['command']}`; {result['distinct_kernels']} distinct kernels "
              f"({result['compiled_now']} compiled in this run, {result['failed']} failed), {result['elapsed_s']} s.", "",
              "Compiled ahead of time (no GPU): per layer the configs the autotuner keeps after pruning, each "
-             "specialised as a real launch would be. **best candidate** = lowest issue ratio among spill-free "
+             "specialised as a real launch would be. **est µs** = waves of programs x K steps per program x the "
+             "cycles of a K step (tensor-core cycles, or issue cycles when the issue ratio exceeds 1, over the "
+             "tile shape's efficiency `schedule.tile_efficiency`) at "
+             f"{rated.get('clock_ghz', '?')} GHz: counts idle SMs and wasted tiles, ignores memory and the "
+             "epilogue (a static proxy, not a measurement). **best candidate** = lowest est µs among spill-free "
              "tensor-core variants; its registers, spill (stack) bytes, shared memory, MMA kind, load kind "
              "(cp.async / tma / sync) and K loop follow. A config in parentheses is shown only because no "
              "variant qualified. **issue ratio** = K-loop SASS instructions x warps / 4 schedulers over the "
              f"tensor-core cycles of one K step (2·BM·BN·BK / {rated['mma_flop_per_cycle']} FLOP/cycle/SM); "
              "near or above 1 the SM spends its issue slots on address arithmetic, not on feeding the MMAs. "
              f"**bound** and **floor** rate the layer's compulsory FLOPs and bytes against {rated['device']} "
-             f"({rated['tflops']:g} TFLOP/s, {rated['tb_s']:g} TB/s; {rated['source']}); **waves** = output "
-             f"tiles / {rated['sms']} SMs. Every variant's numbers are in the JSON beside this file.", ""]
+             f"({rated['tflops']:g} TFLOP/s, {rated['tb_s']:g} TB/s; {rated['source']}); **waves** = programs "
+             f"/ {rated['sms']} SMs: first for a plain grid of 128x128 tiles, then for the best candidate under "
+             "the layer's **schedule** (`kernels/schedule.py`: data-parallel, split-K, or stream-K, whose SM-count "
+             "programs share all tiles' K steps equally). Candidates are the pointer kernel's configs and, where "
+             "eligible (stride 1, groups 1, 16-byte channel rows), the TMA-descriptor kernel's (`tma ...`; the "
+             "launcher times both per shape on sm_90); the best of each family is shown. Every variant's numbers "
+             "are in the JSON beside this file.", ""] + summary(result)
     for batch in result["batches"]:
         rows = [_layer_row(layer) for layer in result["layers"] if layer["batch"] == batch]
         lines += [f"## Batch {batch}", ""] + report._table(HEADERS, rows) + [""]
@@ -79,6 +93,44 @@ def markdown(result: dict) -> str:
     if failures:
         lines += ["## Compile failures", ""] + [f"- {name} b{b} {cfg}: `{err[:300]}`" for name, b, cfg, err in failures]
     return "\n".join(lines) + "\n"
+
+
+def summary(result: dict) -> list[str]:
+    """The headline numbers: median issue ratio of the best candidates, spills, and the waves of the stage 3/4
+    ResNet-50 layers (and every layer under one wave)."""
+    import statistics
+
+    lines = ["## Summary", ""]
+    for batch in result["batches"]:
+        layers = [layer for layer in result["layers"] if layer["batch"] == batch]
+        ratios = []
+        for layer in layers:
+            best = next((v for v in layer["variants"] if v["config"] == layer["best"]), None)
+            if best and best.get("issue_ratio") is not None:
+                ratios.append(best["issue_ratio"])
+        spilled = [v for layer in layers for v in layer["variants"] if v.get("stack_bytes")]
+        best_spills = sum(1 for layer in layers for v in layer["variants"]
+                          if v["config"] == layer["best"] and v.get("stack_bytes"))
+        sub_wave = []
+        for layer in layers:
+            best = next((v for v in layer["variants"] if v["config"] == layer["best"]), None)
+            if layer["kernel"] == "gemm" and best and best["waves"] < 1:
+                sub_wave.append(f"{layer['net']} {layer['layer']} {best['waves']:.2f}")
+        tma_best = sum(1 for layer in layers if str(layer["best"] or "").startswith("tma"))
+        lines.append(f"- batch {batch}: median issue ratio of the best candidates "
+                     f"{statistics.median(ratios) if ratios else float('nan'):.3f} over {len(ratios)} layers; "
+                     f"{len(spilled)} variants with a stack frame (max {max((v['stack_bytes'] for v in spilled), default=0)} B), "
+                     f"{best_spills} of them a layer's best; TMA candidate best on {tma_best} layers; "
+                     f"GEMM layers whose best candidate runs under one wave: {len(sub_wave)}"
+                     + (f" ({', '.join(sub_wave)})" if sub_wave else ""))
+        stage = [layer for layer in layers if layer["net"] == "resnet50" and layer["kernel"] == "gemm"
+                 and layer["layer"].startswith(("layer3", "layer4"))]
+        for layer in stage:
+            best = next((v for v in layer["variants"] if v["config"] == layer["best"]), None)
+            lines.append(f"  - {layer['layer']}: {layer.get('schedule', '—')}, waves "
+                         f"{_fmt(layer.get('dp_waves_128'), '.2f')} (128² grid) → "
+                         f"{_fmt(best and best['waves'], '.2f')} ({layer['best']})")
+    return lines + [""]
 
 
 def write(result: dict, out_root: str, stem: str) -> list[str]:

@@ -13,15 +13,12 @@ a guard against Triton's 8-warp miscompile of this loop shape) and the shared-me
 duplicates, so the tuning time per distinct shape stays small. The autotuner keys on the shape arguments and the tensor
 dtypes, so every distinct layer shape / dtype is tuned once.
 
-Batch-1 layers (M tiny, K large: ResNet's 7x7 stage has M = 49, K = 4608) cannot fill the GPU with output
-tiles alone. Split-K over a grid axis fixes that, but the activation is non-linear, so the epilogue needs the
-full sum: each K slice writes an fp32 partial tile into a workspace and a small epilogue kernel sums the slices
-and applies scale/shift/residual/activation. `choose_split_k` picks the number of slices with a small cost model
-(`estimate_time`: waves of tiles on the SM count, per-tile MMA time, the workspace round trip); it is a launch
-decision, not an autotuned one, because the workspace and the second kernel depend on it (the autotuner key
-includes it). The model splits batch-1 late-stage layers; for batch-32 sub-wave layers (ResNet-50 stage 3/4
-3x3: 0.74 / 0.39 waves of 128x128 tiles) it finds no split that pays for its fp32 workspace, so they stay
-unsplit — filling those needs stream-K or persistent tiles, which this kernel does not have yet.
+Which schedule a launch runs — the data-parallel grid, split-K (partial sums in an fp32 workspace, finished
+by an epilogue kernel) or stream-K (`conv_streamk`: SM-count programs share all tiles' K steps) — is a launch
+decision made by the cost model in `schedule` (`choose_schedule`, re-exported here with `choose_split_k` and
+`estimate_time`): batch-1 late-stage layers split K, batch-32 sub-wave layers (ResNet-50 stage 3/4 3x3: 0.74 /
+0.39 waves of 128x128 tiles on 132 SMs) run stream-K. `prune_streamk_configs` keeps the stream-K kernel's
+tiles within its workspace slots (STREAMK_MAX_TILE).
 
 Under TRITON_INTERPRET=1 nothing is autotuned: `INTERPRET_CONFIG` (one small tile) is used directly.
 
@@ -31,6 +28,10 @@ Under TRITON_INTERPRET=1 nothing is autotuned: `INTERPRET_CONFIG` (one small til
 from __future__ import annotations
 
 import triton
+
+# The schedule cost model lives in `schedule`; re-exported here, where callers have always found it.
+from fusedconv.kernels.schedule import (  # noqa: F401
+    STREAMK_MAX_TILE, choose_schedule, choose_split_k, estimate_streamk_time, estimate_time)
 
 #: The one config used under the interpreter (smallest tiles tl.dot accepts: interpreted time scales with size).
 INTERPRET_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 8}
@@ -96,6 +97,10 @@ def _pow2_at_least_16(n: int) -> int:
 SPATIAL_MAX_WARPS = 4
 # Largest accumulator tile (BLOCK_M * BLOCK_N) one 4-warp program holds without spilling (128 fp32 / thread).
 _MAX_TILE_4_WARPS = 128 * 128
+# Accumulator elements per thread at which a tile with a residual spills in the epilogue (the 16-bit residual
+# tile and the fp32 accumulator are live together: 128x128 at 4 warps, 128x256 at 8 warps, 256 B of stack on
+# sm_90); such configs are dropped for residual launches, which keep the half-size tiles.
+_RESIDUAL_MAX_ACC_PER_THREAD = 128
 # Row cap of the element-gather loops (ROW_K, FLAT_K).
 _GATHER_MAX_M = 64
 
@@ -105,28 +110,36 @@ def safe_num_warps(num_warps: int, is_1x1: bool) -> int:
     return num_warps if is_1x1 else min(num_warps, SPATIAL_MAX_WARPS)
 
 
+def residual_spills(block_m: int, block_n: int, num_warps: int) -> bool:
+    """Whether a tile with a residual holds too many accumulator elements per thread to finish its epilogue
+    without spilling (see _RESIDUAL_MAX_ACC_PER_THREAD); used by every conv kernel's pruning."""
+    return block_m * block_n >= _RESIDUAL_MAX_ACC_PER_THREAD * 32 * num_warps
+
+
 def row_width(kw: int, cin_g: int) -> int:
     """K width of one kernel row in the row-K loop (KW * Cin_g padded to a power of two >= 16)."""
     return _pow2_at_least_16(kw * cin_g)
 
 
-def prune_configs(configs, named_args, **kwargs):
+def prune_configs(configs, named_args, kernel: str = "gemm", **kwargs):
     """early_config_prune: the configs of this problem's dtype, capped to its M, N, K and to the warp rule.
 
     Tiles larger than the (power-of-two-rounded) problem would only waste work, so each block size is capped
     to its dimension (not dropped: a problem with 24 output channels still gets every tile shape, at N = 32);
     spatial convs run at most SPATIAL_MAX_WARPS warps (see there); configs over the shared-memory budget are
-    dropped; duplicates after capping are removed. The row-K loop (ROW_K) fixes its own K width. Never
+    dropped, and so are configs whose accumulator and residual tile would spill in the epilogue (residual
+    launches with >= 128 accumulator elements per thread); duplicates after capping are removed. The row-K loop (ROW_K) fixes its own K width. Never
     returns an empty list.
     """
     args = {**named_args, **kwargs}
     from fusedconv.kernels.denylist import drop_denied
 
-    configs = drop_denied(configs, args)  # configs the GPU check found wrong on this GPU + triton
+    configs = drop_denied(configs, args, kernel=kernel)  # configs the GPU check found wrong on this GPU + triton
     x = args["x_ptr"]
     dtype_bytes = x.element_size() if hasattr(x, "element_size") else 2
     table = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) for c in autotune_configs(dtype_bytes)}
     is_1x1 = bool(args.get("IS_1X1", False))
+    has_residual = bool(args.get("HAS_RESIDUAL", False))
     cap_m = _pow2_at_least_16(args["M"])
     if args.get("ROW_K") or args.get("FLAT_K"):
         # Small-Cin_g loops gather A element by element (2-byte loads): 128-row tiles double the gathers per
@@ -143,6 +156,8 @@ def prune_configs(configs, named_args, **kwargs):
         warps = safe_num_warps(cfg.num_warps, is_1x1)
         if warps < cfg.num_warps and bm * bn > _MAX_TILE_4_WARPS:
             continue  # this tile needs 8 warps to hold its accumulator
+        if has_residual and residual_spills(bm, bn, warps):
+            continue  # accumulator + residual tile spill in the epilogue
         smem = (bm * bk + bk * bn) * dtype_bytes * cfg.num_stages
         if smem > _SMEM_BUDGET:
             continue
@@ -158,60 +173,26 @@ def prune_configs(configs, named_args, **kwargs):
     return kept
 
 
-#: Autotuner key: the problem shape (and layout: sxc is 1 for channels_last), plus the launch-time split-K and
-#: the loop / alignment flags the launcher derives from shape and strides.
+#: Autotuner key: the problem shape (and layout: sxc is 1 for channels_last), the residual flag (it narrows the
+#: configs: `residual_spills`), plus the launch-time split-K and the loop / alignment flags the launcher
+#: derives from shape and strides.
 AUTOTUNE_KEY = ["M", "CIN_G", "COUT_G", "H", "W", "OW", "stride_h", "stride_w", "dil_h", "sxc", "syc", "KH", "KW",
-                "SPLIT_K", "IS_1X1", "ROW_K", "CH_ALIGN"]
+                "HAS_RESIDUAL", "SPLIT_K", "IS_1X1", "ROW_K", "CH_ALIGN"]
 
-# Split-K cost model (an H100-class part; only ratios matter): fp16 dense tensor-core rate, HBM bandwidth, the
-# extra launch of the split-K epilogue, and the relative per-SM efficiency of the tile shapes a sub-wave
-# problem tunes to (smaller tiles re-read more operands per FLOP and issue more instructions per MMA).
-_PEAK_FLOPS = 750e12
-_HBM_BYTES_PER_S = 3e12
-_EPILOGUE_LAUNCH_S = 1.5e-6
-_TILE_EFFICIENCY = ((128, 128, 1.0), (64, 128, 0.8), (64, 64, 0.6))
-_SPLITS = (1, 2, 4, 8, 16)
+#: The stream-K kernel's key: the same shape arguments (it has no SPLIT_K; its program count is the SM count).
+STREAMK_AUTOTUNE_KEY = [k for k in AUTOTUNE_KEY if k != "SPLIT_K"]
 
 
-def estimate_time(m: int, cout_g: int, groups: int, k_iters: int, num_sms: int, split: int,
-                  block_k: int = 64) -> tuple[float, tuple[int, int]]:
-    """Modelled seconds of a conv GEMM with `split` K slices, and the tile that achieves it.
-
-    Each tile shape runs ceil(tiles * split / num_sms) waves of programs that each take (tile FLOPs / split) /
-    (per-SM rate * tile efficiency); a split adds the fp32 workspace round trip (written once, read once by
-    the epilogue kernel) and the epilogue launch.
-    """
-    per_sm = _PEAK_FLOPS / max(num_sms, 1)
-    best = (float("inf"), (128, 128))
-    for bm, bn, eff in _TILE_EFFICIENCY:
-        tiles = _cdiv(m, bm) * _cdiv(cout_g, bn) * groups * split
-        waves = _cdiv(tiles, max(num_sms, 1))
-        t = waves * (2.0 * bm * bn * block_k * _cdiv(k_iters, split)) / (per_sm * eff)
-        if split > 1:
-            t += 2.0 * split * m * cout_g * groups * 4 / _HBM_BYTES_PER_S + _EPILOGUE_LAUNCH_S
-        if t < best[0]:
-            best = (t, (bm, bn))
-    return best
-
-
-def choose_split_k(m: int, cout_g: int, groups: int, k_iters: int, num_sms: int) -> int:
-    """Number of K slices: the power of two (1..16) with the lowest `estimate_time` on `num_sms` SMs.
-
-    Deterministic (a function of the shape and the SM count only; the epilogue sums slices in a fixed order).
-    A split only counts when each slice keeps at least 4 K iterations, so the pipeline still has work. A
-    problem whose output tiles already fill the GPU gets 1; a sub-wave one (batch 1, or a batch-32 stage-4
-    layer) gets a split when the extra waves it fills are worth more than the fp32 workspace traffic.
-    """
-    if m <= 0 or cout_g <= 0 or num_sms <= 0 or k_iters < 8:
-        return 1
-    best_split, best_time = 1, estimate_time(m, cout_g, groups, k_iters, num_sms, 1)[0]
-    for split in _SPLITS[1:]:
-        if k_iters // split < 4:
-            break
-        t = estimate_time(m, cout_g, groups, k_iters, num_sms, split)[0]
-        if t < best_time * 0.95:  # a split must win clearly: the model is coarse
-            best_split, best_time = split, t
-    return best_split
+def prune_streamk_configs(configs, named_args, **kwargs):
+    """early_config_prune of the stream-K kernel: `prune_configs`, then only tiles that fit its workspace
+    slots (BLOCK_M * BLOCK_N <= STREAMK_MAX_TILE). Never empty (the smallest kept tile always fits)."""
+    kept = prune_configs(configs, named_args, kernel="streamk", **kwargs)
+    fitting = [c for c in kept if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= STREAMK_MAX_TILE]
+    if fitting:
+        return fitting
+    smallest = min(kept, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])
+    return [triton.Config({**smallest.kwargs, "BLOCK_M": 64, "BLOCK_N": 64}, num_stages=smallest.num_stages,
+                          num_warps=smallest.num_warps)]
 
 
 def _kernel_signature(dtype: str, int64_strides: bool = False) -> dict[str, str]:
@@ -229,6 +210,23 @@ def _kernel_signature(dtype: str, int64_strides: bool = False) -> dict[str, str]
     for name in ("KH", "KW", "ACTIVATION", "HAS_RESIDUAL", "IS_1X1", "ROW_K", "ROW_WIDTH", "FLAT_K", "EVEN_K",
                  "CH_ALIGN", "USE_INT64", "INPUT_PRECISION", "SPLIT_K", "BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"):
         sig[name] = "constexpr"
+    return sig
+
+
+def streamk_kernel_signature(dtype: str, int64_strides: bool = False) -> dict[str, str]:
+    """Triton signature of `conv_streamk._conv_streamk_kernel`: the GEMM kernel's plus the tile counters and
+    the group count, without SPLIT_K."""
+    sig = {}
+    for name, kind in _kernel_signature(dtype, int64_strides).items():
+        if name == "SPLIT_K":
+            continue
+        sig[name] = kind
+        if name == "ws_ptr":
+            sig["count_ptr"] = "*i32"
+        if name == "ACT_PARAM":
+            sig["GROUPS"] = "i32"
+        if name == "INPUT_PRECISION":
+            sig["WS_TILE"] = "constexpr"
     return sig
 
 
@@ -277,7 +275,7 @@ def aot_variants() -> list[dict]:
     variants: list[dict] = []
 
     def add(name, dtype, cfg, *, kh=3, kw=3, act="relu", residual=True, is_1x1=False, flat_k=False, even_k=True,
-            int64=False, precision=None, split_k=1, row_k=False, cin_g=None, ch_align=1):
+            int64=False, precision=None, split_k=1, row_k=False, cin_g=None, ch_align=1, stream_k=False):
         if precision is None:  # as the launcher passes it: TF32 is the fp32 default; 16-bit dtypes ignore it
             precision = "tf32" if dtype == "float32" else "ieee"
         kwargs = dict(cfg.kwargs)
@@ -299,9 +297,17 @@ def aot_variants() -> list[dict]:
             signature[unit] = "constexpr"
             constexprs[unit] = 1
         warps = safe_num_warps(cfg.num_warps, is_1x1)
+        fn = conv_mod._conv_gemm_kernel
+        if stream_k:  # the stream-K kernel: same arguments plus counters / groups / WS_TILE, no SPLIT_K
+            fn = conv_mod._conv_streamk_kernel
+            signature = {**streamk_kernel_signature(short[dtype], int64),
+                         **{u: "constexpr" for u in _UNIT_STRIDES}}
+            constexprs.pop("SPLIT_K")
+            constexprs["WS_TILE"] = STREAMK_MAX_TILE
+            divisible += ("count_ptr",)
         variants.append({
-            "name": name, "fn": conv_mod._conv_gemm_kernel, "signature": signature, "constexprs": constexprs,
-            "attrs": _divisibility_attrs(conv_mod._conv_gemm_kernel, signature, divisible),
+            "name": name, "fn": fn, "signature": signature, "constexprs": constexprs,
+            "attrs": _divisibility_attrs(fn, signature, divisible),
             "divisible_by_16": tuple(a for a in divisible if signature.get(a) != "constexpr"),
             "num_warps": warps, "num_stages": cfg.num_stages, "dtype": dtype,
             "expects_tensor_cores": dtype != "float32" or precision == "tf32",
@@ -318,6 +324,8 @@ def aot_variants() -> list[dict]:
                     continue  # prune_configs drops this spatial tile (see SPATIAL_MAX_WARPS)
                 tag = "m{BLOCK_M}n{BLOCK_N}k{BLOCK_K}".format(**cfg.kwargs) + f"s{cfg.num_stages}w{warps}"
                 act, residual, even_k = acts[turn % len(acts)], turn % 2 == 0, turn % 3 != 2
+                # pruning never runs a residual launch on a tile that spills in its epilogue
+                residual = residual and not residual_spills(cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], warps)
                 turn += 1
                 flags = dict(kh=1, kw=1, is_1x1=True) if is_1x1 else {}
                 add(f"{kind}_{act}_{'res_' if residual else ''}{'' if even_k else 'oddk_'}{short[dtype]}_{tag}",
@@ -336,6 +344,10 @@ def aot_variants() -> list[dict]:
     add("align8_conv1x1_identity_res_fp16", "float16", autotune_configs(2)[5], kh=1, kw=1, is_1x1=True, act="identity",
         even_k=False, ch_align=8)
     add("conv3x3_splitk_partial_fp16", "float16", base16, split_k=4)
+    # stream-K (sub-wave layers): the largest tile it runs, with and without a residual, and fp32 / TF32
+    add("streamk_conv3x3_fp16_m128n128", "float16", autotune_configs(2)[2], residual=False, stream_k=True)
+    add("streamk_conv3x3_silu_res_bf16_m64n128", "bfloat16", autotune_configs(2)[4], act="silu", stream_k=True)
+    add("streamk_conv1x1_relu_fp32", "float32", autotune_configs(4)[1], kh=1, kw=1, is_1x1=True, stream_k=True)
     add("conv7x7_int64_fp16", "float16", base16, kh=7, kw=7, int64=True)
     add("conv3x3_relu_fp32_ieee", "float32", autotune_configs(4)[3], precision="ieee")
 

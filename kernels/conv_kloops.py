@@ -1,4 +1,4 @@
-"""The K loops of the implicit-GEMM conv kernel (`conv_bn_act._conv_gemm_kernel`), one @triton.jit helper each.
+"""The K loops of the implicit-GEMM conv kernels (`conv_gemm.gemm_tile`), one @triton.jit helper each.
 
 Each helper takes the fp32 accumulator of one BLOCK_M x BLOCK_N output tile, runs the K iterations
 [k_start, k_end) of its loop shape and returns the accumulator. The kernel picks one by constexpr flags:

@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fusedconv.kernels.configs import residual_spills
 from fusedconv.kernels.epilogue import epilogue_store
 
 try:
@@ -113,11 +114,17 @@ def _prune_tma(configs, named_args, **kwargs):
         bm, bn = min(c.kwargs["BLOCK_M"], cap(args["M"])), min(c.kwargs["BLOCK_N"], cap(args["COUT"]))
         bk = min(c.kwargs["BLOCK_K"], cap(args["CIN"]))
         sig = (bm, bn, bk, c.num_stages, c.num_warps)
+        if args.get("HAS_RESIDUAL") and residual_spills(bm, bn, c.num_warps):
+            continue  # accumulator + residual tile spill in the epilogue (configs.residual_spills)
         if sig not in seen:
             seen.add(sig)
             kept.append(triton.Config({**c.kwargs, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk},
                                       num_stages=c.num_stages, num_warps=c.num_warps, pre_hook=_set_block_shapes))
-    return kept
+    from fusedconv.kernels.denylist import config_key, drop_denied
+
+    # configs the GPU check found wrong on this GPU + triton (keyed by every config value: see denylist)
+    return drop_denied(kept, {"IS_1X1": True}, kernel="tma1x1", tensor=args["a_desc"].base,
+                       key=config_key)
 
 
 def tma_1x1_eligible(x, weight, groups, stride, padding, split_k) -> bool:

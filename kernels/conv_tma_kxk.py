@@ -10,8 +10,14 @@ zero-filled too. The (tap, channel-chunk) position is a carried counter as in `c
 
 When it applies (`tma_kxk_eligible`): stride 1, groups 1, a spatial kernel, x dense channels_last, weight packed,
 16-byte aligned bases and rows (Cin and Cout times the element size multiples of 16), no split-K, sm_90+ on CUDA
-(any CPU tensor under the interpreter). Otherwise the pointer kernel runs. Opt-in like `conv_tma` (`tma=True`).
-Spatial configs keep the 4-warp rule of `configs.SPATIAL_MAX_WARPS` until validated on hardware.
+(any CPU tensor under the interpreter). Otherwise the pointer kernel runs. A candidate beside the pointer
+kernel (see conv_bn_act's `tma`). Spatial configs keep the 4-warp rule of `configs.SPATIAL_MAX_WARPS` until
+validated on hardware.
+
+Strided 1x1 convs (`strided_1x1_view`): a stride-s unpadded 1x1 conv reads exactly the pixels of the strided
+view x[:, :, ::s, ::s], which is again a regular 4-D NHWC tensor (strides s*W*C and s*C: 16-byte multiples
+whenever the dense ones are), so this kernel runs it as a 1x1 stride-1 conv over a descriptor on that view —
+ResNet's stride-2 downsample convs get TMA loads without a copy.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import triton
 import triton.language as tl
 
 from fusedconv.kernels.conv_tma import TensorDescriptor
+from fusedconv.kernels.configs import residual_spills
 from fusedconv.kernels.epilogue import epilogue_store
 
 #: (BLOCK_H, BLOCK_W, BLOCK_N, BLOCK_K, num_stages, num_warps), 16-bit inputs; fp32 halves BLOCK_K.
@@ -124,11 +131,17 @@ def _prune_kxk(configs, named_args, **kwargs):
             continue
         bn, bk = min(c.kwargs["BLOCK_N"], cap(args["COUT"])), min(c.kwargs["BLOCK_K"], cap(args["CIN"]))
         sig = (c.kwargs["BLOCK_H"], c.kwargs["BLOCK_W"], bn, bk, c.num_stages, c.num_warps)
+        if args.get("HAS_RESIDUAL") and residual_spills(c.kwargs["BLOCK_H"] * c.kwargs["BLOCK_W"], bn, c.num_warps):
+            continue  # accumulator + residual tile spill in the epilogue (configs.residual_spills)
         if sig not in seen:
             seen.add(sig)
             kept.append(triton.Config({**c.kwargs, "BLOCK_N": bn, "BLOCK_K": bk}, num_stages=c.num_stages,
                                       num_warps=c.num_warps, pre_hook=_set_block_shapes))
-    return kept
+    from fusedconv.kernels.denylist import config_key, drop_denied
+
+    # configs the GPU check found wrong on this GPU + triton (keyed by every config value: see denylist)
+    return drop_denied(kept, {"IS_1X1": False}, kernel="tmakxk", tensor=args["x_desc"].base,
+                       key=config_key)
 
 
 def tma_kxk_eligible(x, weight, groups, stride, split_k) -> bool:
@@ -147,6 +160,27 @@ def tma_kxk_eligible(x, weight, groups, stride, split_k) -> bool:
     if (cin * esize) % 16 or (cout * esize) % 16:
         return False
     return x.data_ptr() % 16 == 0 and weight.data_ptr() % 16 == 0 and n * h * w > 0
+
+
+def strided_1x1_view(x, weight, groups, stride, padding, split_k):
+    """x[:, :, ::sh, ::sw] when this kernel can run a strided, unpadded 1x1 conv on that view (groups 1, x dense
+    channels_last, packed weight, 16-byte rows, sm_90+ or the interpreter, no split-K), else None."""
+    if TensorDescriptor is None or groups != 1 or split_k not in (None, 1) or tuple(stride) == (1, 1):
+        return None
+    if tuple(weight.shape[2:]) != (1, 1) or tuple(padding) != (0, 0):
+        return None
+    if x.is_cuda and torch.cuda.get_device_capability(x.device)[0] < 9:
+        return None
+    n, cin, h, w = x.shape
+    cout = weight.shape[0]
+    esize = x.element_size()
+    if x.stride() != (h * w * cin, 1, w * cin, cin) or weight.stride(0) != 1 or weight.stride(1) != cout:
+        return None
+    if (cin * esize) % 16 or (cout * esize) % 16 or n * h * w == 0:
+        return None
+    if x.data_ptr() % 16 or weight.data_ptr() % 16:
+        return None
+    return x[:, :, ::stride[0], ::stride[1]]
 
 
 _autotuned = None

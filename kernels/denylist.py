@@ -6,7 +6,7 @@ check (`python -m bench --gpu-check`) runs every candidate config against a floa
 ones that fail in `denylist.json` beside this file (committed). `prune_configs` drops them for launches on a
 matching device and triton version.
 
-An entry: {"gpu": "NVIDIA H200", "triton": "3.6.0", "kernel": "gemm", "config": [BLOCK_M, BLOCK_N, BLOCK_K,
+An entry: {"gpu": "NVIDIA H200", "triton": "3.6.0", "kernel": "gemm" (or "streamk"), "config": [BLOCK_M, BLOCK_N, BLOCK_K,
 num_warps, num_stages], optional "dtype" ("float16", ...) and "path" ("1x1", "flatk", "spatial") narrowing it,
 and the evidence ("layer", "error", "date")}. A GPU name matches exactly (torch.cuda.get_device_name); a
 triton version matches exactly.
@@ -87,13 +87,20 @@ def launch_path(args: dict) -> str:
     return "1x1" if args.get("IS_1X1") else ("flatk" if args.get("FLAT_K") else "spatial")
 
 
-def drop_denied(configs, args: dict, *, gpu_name: str | None = None, deny_file: str = DENYLIST_PATH):
+def config_key(cfg) -> tuple[int, ...]:
+    """Any kernel's triton.Config as a deny-list key: its int kwargs in order, then num_warps, num_stages (the
+    TMA kernels' entries use this form; the GEMM / stream-K kernels keep `config_tuple`)."""
+    return (*(int(v) for v in cfg.kwargs.values()), cfg.num_warps, cfg.num_stages)
+
+
+def drop_denied(configs, args: dict, *, gpu_name: str | None = None, deny_file: str = DENYLIST_PATH,
+                kernel: str = "gemm", tensor=None, key=config_tuple):
     """`configs` without the ones denied for this launch's GPU, triton version, dtype and loop variant.
 
     Only CUDA launches are filtered (the interpreter runs one fixed config). Raises when every config is denied
     rather than run a known-wrong kernel.
     """
-    x = args.get("x_ptr")
+    x = args.get("x_ptr") if tensor is None else tensor
     if not getattr(x, "is_cuda", False) or not _entries(deny_file):
         return configs  # nothing to drop: no GPU name lookup (fake CUDA tensors during tracing have no device)
     import triton
@@ -103,11 +110,11 @@ def drop_denied(configs, args: dict, *, gpu_name: str | None = None, deny_file: 
             gpu_name = _gpu_name(x.device.index if x.device.index is not None else 0)
         except (RuntimeError, AssertionError):  # no driver: nothing can launch here anyway
             return configs
-    deny = denied(gpu_name, triton.__version__, "gemm", str(x.dtype).replace("torch.", ""), launch_path(args),
+    deny = denied(gpu_name, triton.__version__, kernel, str(x.dtype).replace("torch.", ""), launch_path(args),
                   deny_file)
     if not deny:
         return configs
-    kept = [c for c in configs if config_tuple(c) not in deny]
+    kept = [c for c in configs if key(c) not in deny]
     if not kept:
         raise RuntimeError(f"every autotune config of this conv is on the deny-list ({deny_file}) for this GPU "
                            f"and triton {triton.__version__}: no config is known to compute it correctly")

@@ -37,7 +37,9 @@ def test_dry_run_writes_every_part(tmp_path):
     sec = results["correctness"]
     assert sec["items_done"] == sec["items_total"] > 0 and not sec["not_run"]
     assert sec["rows"] and all(r["ok"] for r in sec["rows"]), [r for r in sec["rows"] if not r["ok"]]
-    assert {r["kernel"] for r in sec["rows"]} == {"gemm", "depthwise"}
+    # every GEMM candidate is checked under both schedules: the data-parallel and the stream-K kernel
+    assert {"gemm", "streamk", "depthwise"} <= {r["kernel"] for r in sec["rows"]} <= {
+        "gemm", "streamk", "depthwise", "tma1x1", "tmakxk"}
     fused = [r for r in results["layers"] if r["provider"] == "fusedconv"]
     assert fused and all(r["status"] == "ok" for r in fused), fused
     (model,) = results["models"]
@@ -62,7 +64,8 @@ def test_reference_is_conv_bn_act_modules_in_float64():
 @pytest.mark.parametrize("fault, passes", [(None, True), ("scaled", False), ("unwritten", False), ("raises", False)])
 def test_checker_verdicts(monkeypatch, fault, passes):
     """A kernel stand-in computing the right function passes; 1% off, a NaN corner or an exception fails."""
-    def stand_in(x, weight, scale, shift, **kw):
+    def stand_in(x, weight, scale, shift, stream_k=None, tma=None, **kw):
+        assert stream_k is False and tma is False  # the data-parallel check pins the pointer kernel
         y = fk.conv_bn_act_ref(x, weight, scale, shift, **kw)
         if fault == "scaled":
             y = y * 1.01
@@ -81,6 +84,53 @@ def test_checker_verdicts(monkeypatch, fault, passes):
     assert len(rows) == 1 and rows[0]["ok"] is passes, rows
     if fault == "raises":
         assert "launch failed" in rows[0]["error"]
+
+
+def test_stream_k_schedule_checks_stream_k_candidates(monkeypatch):
+    """schedule="stream-K" runs the stream-K candidates (tiles that fit its workspace slots) through the
+    launcher with stream_k=True and labels the rows with that kernel (so failures deny-list it, not the GEMM)."""
+    seen = []
+
+    def stand_in(x, weight, scale, shift, stream_k=None, tma=None, **kw):
+        seen.append((stream_k, tma))
+        return fk.conv_bn_act_ref(x, weight, scale, shift, **kw)
+
+    monkeypatch.setattr(fk, "conv_bn_act", stand_in)
+    g = cc.Geometry("g", 256, 14, 14, 256, 3, 3, padding=(1, 1))
+    configs = cc.candidate_configs(g, 2, "float32", torch.device("cpu"), "stream-K")
+    assert configs and all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= fk.configs.STREAMK_MAX_TILE for c in configs)
+    gemm = cc.candidate_configs(g, 2, "float32", torch.device("cpu"))
+    assert {cc.config_label(c) for c in configs} <= {cc.config_label(c) for c in gemm}
+    rows = cc.check_item(g, 1, "float32", torch.device("cpu"), configs[:2], schedule="stream-K")
+    assert seen == [(True, False)] * 2 and all(r["ok"] and r["kernel"] == "streamk" for r in rows), rows
+    assert cc.SCHEDULES == ("data-parallel", "stream-K", "tma")
+
+
+def test_tma_schedule_checks_tma_candidates_where_eligible(monkeypatch):
+    """schedule="tma" runs the TMA kernels' candidates with tma=True on eligible geometries (rows labelled
+    tma1x1 / tmakxk, so failures deny-list that kernel) and has no candidates where the launcher would fall
+    back (stride-2 KxK, unaligned channel rows, groups); a stride-2 1x1 goes through the KxK descriptor kernel
+    on the strided view."""
+    seen = []
+
+    def stand_in(x, weight, scale, shift, stream_k=None, tma=None, **kw):
+        seen.append(tma)
+        return fk.conv_bn_act_ref(x, weight, scale, shift, **kw)
+
+    monkeypatch.setattr(fk, "conv_bn_act", stand_in)
+    cpu = torch.device("cpu")
+    for g, kernel in ((cc.Geometry("p", 32, 6, 6, 16, 1, 1), "tma1x1"),
+                      (cc.Geometry("k", 16, 6, 6, 32, 3, 3, padding=(1, 1)), "tmakxk")):
+        assert cc.tma_kernel(g, torch.float16, cpu) == kernel
+        configs = cc.candidate_configs(g, 1, "float16", cpu, "tma")
+        assert configs
+        rows = cc.check_item(g, 1, "float16", cpu, configs[:1], schedule="tma")
+        assert seen[-1] is True and rows[0]["ok"] and rows[0]["kernel"] == kernel, rows
+    assert cc.tma_kernel(cc.Geometry("s2", 32, 6, 6, 16, 1, 1, stride=(2, 2)), torch.float16, cpu) == "tmakxk"
+    for g in (cc.Geometry("s2", 32, 6, 6, 16, 3, 3, stride=(2, 2)), cc.Geometry("u", 12, 6, 6, 16, 3, 3),
+              cc.Geometry("g", 32, 6, 6, 32, 3, 3, groups=2)):
+        assert cc.tma_kernel(g, torch.float16, cpu) is None
+        assert cc.candidate_configs(g, 1, "float16", cpu, "tma") == []
 
 
 def test_candidate_configs_follow_pruning():

@@ -235,7 +235,8 @@ def test_int64_offsets_path(monkeypatch):
     import importlib
 
     launcher = importlib.import_module("fusedconv.kernels.conv_bn_act")
-    monkeypatch.setattr(launcher, "_INT32_LIMIT", 0)
+    planning = importlib.import_module("fusedconv.kernels.conv_plan")  # where the launcher's threshold lives
+    monkeypatch.setattr(planning, "_INT32_LIMIT", 0)
     launcher._plan_cached.cache_clear()  # launch plans (which hold USE_INT64) are cached per call signature
     try:
         assert launcher._plan(*_plan_key_example())["flags"]["USE_INT64"]
@@ -243,8 +244,9 @@ def test_int64_offsets_path(monkeypatch):
         run_case(flat, torch.float16, "channels_last", "leaky_relu", with_residual=True)
         per_tap = next(c for c in CASES if c.name == "3x3_batch1_k_chunks")  # per-tap loop + split-K
         run_case(per_tap, torch.float32, "nchw", "hardswish", with_residual=True, split_k=2)
+        run_case(per_tap, torch.float16, "channels_last", "silu", with_residual=True, stream_k=4)
     finally:
-        monkeypatch.setattr(launcher, "_INT32_LIMIT", 2**31 - 1)
+        monkeypatch.setattr(planning, "_INT32_LIMIT", 2**31 - 1)
         launcher._plan_cached.cache_clear()
 
 

@@ -114,9 +114,9 @@ def kxk_spy(monkeypatch):
     calls = []
     real = conv_tma_kxk.conv_kxk_tma_launch
 
-    def spy(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
+    def spy(x, *args, **kwargs):
+        calls.append(tuple(x.stride()))  # the strides the descriptor is built on
+        return real(x, *args, **kwargs)
 
     monkeypatch.setattr(conv_tma_kxk, "conv_kxk_tma_launch", spy)
     return calls
@@ -153,3 +153,54 @@ def test_tma_kxk_ineligible_falls_back(kxk_spy):
     case = ConvCase("3x3_s2", 1, 16, 7, 7, 16, (3, 3), stride=(2, 2), padding=(1, 1))
     run_case(case, torch.float16, "channels_last", "relu", True, weight_fn=pack_weight, tma=True)
     assert not kxk_spy
+
+
+def test_variant_choice_times_each_candidate_once_and_keeps_the_fastest(monkeypatch):
+    """kernels.variant_choice: the first call per launch signature runs every candidate (its autotuning), times
+    them and caches the fastest; later calls reuse the choice; without a way to time (CPU, tracing, graph
+    capture) the first candidate (the pointer kernel) runs and nothing is cached."""
+    import triton.testing
+
+    from fusedconv.kernels import variant_choice
+
+    calls = []
+    cands = {"pointer": lambda: calls.append("pointer"), "tma": lambda: calls.append("tma")}
+    fake_ms = {"pointer": 2.0, "tma": 1.0}
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kw: (fn(), fake_ms[calls[-1]])[1])
+    monkeypatch.setattr(variant_choice, "_choices", {})
+    cpu = torch.device("cpu")
+    assert variant_choice.choose("k", cands, cpu) == "pointer" and not calls  # cannot time on a CPU
+    monkeypatch.setattr(variant_choice, "can_time", lambda device: True)
+    assert variant_choice.choose("k", cands, cpu) == "tma"
+    assert calls.count("pointer") == 2 and calls.count("tma") == 2  # one warm-up + one timed run each
+    calls.clear()
+    assert variant_choice.choose("k", cands, cpu) == "tma" and not calls  # cached
+    fake_ms["tma"] = 3.0
+    assert variant_choice.choose("other", cands, cpu) == "pointer"
+    assert variant_choice.chosen() == {"k": "tma", "other": "pointer"}
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("case", [ConvCase("s2_odd", 2, 16, 7, 9, 24, (1, 1), stride=(2, 2)),
+                                  ConvCase("s2x3_c40", 1, 40, 6, 7, 8, (1, 1), stride=(2, 3))],
+                         ids=["stride2_odd_sizes", "stride2x3_c40"])
+def test_tma_strided_1x1_through_a_strided_view(case, kxk_spy):
+    """Stride-2 (and 2x3) 1x1 convs run the 4-D descriptor kernel on x[:, :, ::sh, ::sw] — a view, no copy:
+    the descriptor's strides are the strided ones."""
+    out = run_case(case, torch.float16, "channels_last", "silu", True, weight_fn=pack_weight, tma=True)
+    assert kxk_spy, "the launcher did not take the TMA kernel"
+    h, w, c = case.h, case.w, case.cin
+    assert kxk_spy[0] == (h * w * c, 1, case.stride[0] * w * c, case.stride[1] * c)
+    assert out.shape[2:] == ((h - 1) // case.stride[0] + 1, (w - 1) // case.stride[1] + 1)
+
+
+def test_strided_1x1_view_eligibility():
+    w = pack_weight(torch.zeros(16, 32, 1, 1, dtype=torch.float16))
+    x = _x(1, 32, 6, 6)
+    assert conv_tma_kxk.strided_1x1_view(x, w, 1, (2, 2), (0, 0), 1) is not None
+    assert conv_tma_kxk.strided_1x1_view(x, w, 1, (1, 1), (0, 0), 1) is None      # stride 1: the 2-D GEMM kernel
+    assert conv_tma_kxk.strided_1x1_view(x, w, 1, (2, 2), (1, 1), 1) is None      # padded
+    assert conv_tma_kxk.strided_1x1_view(x, w, 1, (2, 2), (0, 0), 2) is None      # split-K
+    assert conv_tma_kxk.strided_1x1_view(_x(1, 32, 6, 6, channels_last=False), w, 1, (2, 2), (0, 0), 1) is None
+    w12 = pack_weight(torch.zeros(16, 12, 1, 1, dtype=torch.float16))
+    assert conv_tma_kxk.strided_1x1_view(_x(1, 12, 6, 6), w12, 1, (2, 2), (0, 0), 1) is None  # 24-byte rows

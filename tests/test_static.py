@@ -100,13 +100,40 @@ def test_static_report_numbers_are_sane(one_layer):
         assert loop and loop["instructions"] > loop["mma"] > 0, v
         assert v["issue_ratio"] > 0
         # Hopper: 64-row tiles and up use warpgroup MMA (a warpgroup's tile is 64 rows), smaller ones mma.sync.
-        block_m = int(v["config"].split("x")[0])
+        block_m = int(v["config"].removeprefix("tma ").split("x")[0])
         assert v["mma"] == ("wgmma" if block_m >= 64 else "mma.sync"), v["config"]
         assert v["async_loads"] in ("cp.async", "tma", "tma+cp.async")
+        assert v["async_loads"] != "cp.async" if v["family"] == "tma" else v["async_loads"] == "cp.async"
+        assert v["est_us"] > 0
+    # a stride-1 1x1 layer with 16-byte channel rows: the TMA kernel's configs are candidates too
+    assert {v["family"] for v in layer["variants"]} == {"pointer", "tma"} and layer["tma_candidates"] > 0
     best = next(v for v in layer["variants"] if v["config"] == layer["best"])
-    assert best["issue_ratio"] == min(v["issue_ratio"] for v in layer["variants"] if not v["stack_bytes"])
+    assert best["est_us"] == min(v["est_us"] for v in layer["variants"] if not v["stack_bytes"])
+    for family in ("pointer", "tma"):
+        config, ratio, est = layer[f"best_{family}"]
+        assert config.startswith("tma") == (family == "tma") and ratio > 0 and est >= best["est_us"]
     roof = layer["roofline"]
     assert roof["bound"] == "memory"  # a 1x1 64->64 layer does 32 FLOP per byte, far under the ridge
+
+
+def test_static_plan_runs_sub_wave_layers_on_every_sm():
+    """The static plan follows the launcher's schedule: ResNet-50 layer3/4 3x3 at batch 32 on sm_90's 132 SMs
+    (0.74 / 0.39 waves of 128x128 tiles) run stream-K on 132 programs, one full wave; stride-2 layers and
+    grouped ones have no TMA candidate (the launcher would fall back), stride-1 3x3 layers do."""
+    from bench import static
+
+    planned = static._plan_layers(["resnet50"], [32], "float16", 90,
+                                  layers=["layer3.1.conv2", "layer4.1.conv2", "layer4.0.conv2", "layer1.0.conv2"])
+    by_name = {case.name: (launch, variants) for case, _, launch, variants in planned}
+    for name, dp_waves in (("layer3.1.conv2", 0.74), ("layer4.1.conv2", 0.39)):
+        launch, variants = by_name[name]
+        assert launch["schedule"] == "stream-K 132" and launch["dp_waves_128"] == dp_waves
+        pointer = [v for v in variants if v["family"] == "pointer"]
+        assert pointer and all(v["tiles"] == 132 and v["spec"]["fn"].__name__ == "_conv_streamk_kernel"
+                               for v in pointer)
+        assert any(v["family"] == "tma" for v in variants)
+    assert not any(v["family"] == "tma" for v in by_name["layer4.0.conv2"][1])  # stride-2 3x3: pointer only
+    assert by_name["layer1.0.conv2"][0]["schedule"] == "data-parallel"  # 5.9 waves already
 
 
 def test_static_cache_hit_gives_the_same_analysis(one_layer):

@@ -11,8 +11,8 @@ install and the write-out fit 8 minutes):
   (b) the layers suite for ResNet-50, fp16 channels_last, batch 32 and 1: fusedconv vs cuDNN's fused
       conv+bias+ReLU (+add) on the folded weight, folded cuDNN conv + separate epilogue, eager Conv->BN->act,
       with % of the measured roofline (CUDA-graph timing, bench/timing.py).
-  (c) resnet50 and mobilenet_v2 end to end, fp16 channels_last, batch 1 and 32: eager vs fusedconv, both
-      replayed from CUDA graphs after `fusedconv.warmup`.
+  (c) resnet50 and mobilenet_v2 end to end, fp16 channels_last, batch 32 and 1, then r3d_18 (the 3-D kernel,
+      channels_last_3d) and a Conv1d ResNet-18: eager vs fusedconv, both replayed from CUDA graphs after `fusedconv.warmup`.
 Then the autotune table of (b) and (c) is saved as the package default for this GPU + triton
 (`fusedconv/tuned/`), so `fusedconv.warmup` on the same GPU starts tuned.
 Results: `bench/results/<gpu>/<date>-check.{json,md}`, rewritten after every step, so a run cut short still
@@ -259,37 +259,42 @@ def run_models(results: dict, deadline: float, device, dry_run: bool, save) -> N
     batches, size = ([1], 32) if dry_run else ([32, 1], 224)
     dtype = torch.float32 if dry_run else torch.float16
     rows = results.setdefault("models", [])
-    for batch in batches:  # batch 32 of both models before batch 1: the time box may cut the tail
-        for spec in specs:
-            if time.perf_counter() > deadline:
-                results.setdefault("notes", []).append(f"models: time box reached before {spec} b{batch}")
-                return
-            row = {"model": spec, "batch": batch, "dtype": str(dtype).replace("torch.", ""), "image_size": size}
-            rows.append(row)
-            try:
-                start = time.perf_counter()
-                model = model_suite.build(spec).eval().to(device=device, dtype=dtype, memory_format=torch.channels_last)
-                x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(1))
-                x = x.to(device=device, dtype=dtype, memory_format=torch.channels_last)
-                fused = fusedconv.convert(model)
-                fusedconv.warmup(fused, x)
-                row["setup_s"] = round(time.perf_counter() - start, 1)
+    # Batch 32 of the image models before batch 1, then the other layer kinds (video r3d_18 through the 3-D
+    # kernel, a Conv1d ResNet through the 2-D kernel with H = 1): the time box may cut the tail.
+    plan = [(batch, spec) for batch in batches for spec in specs]
+    if not dry_run:
+        plan += [(batch, spec) for spec in ("torchvision:r3d_18", "bench:resnet1d18") for batch in batches]
+    for batch, spec in plan:
+        if time.perf_counter() > deadline:
+            results.setdefault("notes", []).append(f"models: time box reached before {spec} b{batch}")
+            return
+        row = {"model": spec, "batch": batch, "dtype": str(dtype).replace("torch.", ""), "image_size": size}
+        rows.append(row)
+        try:
+            start = time.perf_counter()
+            fmt = model_suite.memory_format(spec, device, size)
+            model = model_suite.build(spec).eval().to(device=device, dtype=dtype, memory_format=fmt)
+            x = torch.randn(model_suite.input_shape(spec, batch, size), generator=torch.Generator().manual_seed(1))
+            x = x.to(device=device, dtype=dtype, memory_format=fmt)
+            fused = fusedconv.convert(model)
+            fusedconv.warmup(fused, x)
+            row["setup_s"] = round(time.perf_counter() - start, 1)
+            with torch.no_grad():
+                ref, out = model(x), fused(x)
+            row["max_rel_error_vs_eager"] = model_suite._max_rel_error(out, ref)
+            if not row["max_rel_error_vs_eager"] <= model_suite.TOLERANCE[dtype]:
+                row["status"] = f"wrong result (max rel error {row['max_rel_error_vs_eager']:.2e} vs eager)"
+                continue
+            for name, m in (("eager", model), ("fusedconv", fused)):
                 with torch.no_grad():
-                    ref, out = model(x), fused(x)
-                row["max_rel_error_vs_eager"] = model_suite._max_rel_error(out, ref)
-                if not row["max_rel_error_vs_eager"] <= model_suite.TOLERANCE[dtype]:
-                    row["status"] = f"wrong result (max rel error {row['max_rel_error_vs_eager']:.2e} vs eager)"
-                    continue
-                for name, m in (("eager", model), ("fusedconv", fused)):
-                    with torch.no_grad():
-                        t = time_fn(lambda m=m: m(x), device, quick=True, cuda_graph=True)
-                    row[f"{name}_ms"], row[f"{name}_iqr_ms"], row[f"{name}_timer"] = (t.median_s * 1e3,
-                                                                                      t.iqr_s * 1e3, t.method)
-                row["speedup"] = row["eager_ms"] / row["fusedconv_ms"]
-                row["status"] = "ok"
-            except Exception as exc:
-                row["status"] = f"n/a: {type(exc).__name__}: {str(exc).strip()[:300]}"
-            finally:
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-                save()
+                    t = time_fn(lambda m=m: m(x), device, quick=True, cuda_graph=True)
+                row[f"{name}_ms"], row[f"{name}_iqr_ms"], row[f"{name}_timer"] = (t.median_s * 1e3,
+                                                                                  t.iqr_s * 1e3, t.method)
+            row["speedup"] = row["eager_ms"] / row["fusedconv_ms"]
+            row["status"] = "ok"
+        except Exception as exc:
+            row["status"] = f"n/a: {type(exc).__name__}: {str(exc).strip()[:300]}"
+        finally:
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            save()

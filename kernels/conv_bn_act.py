@@ -198,7 +198,8 @@ def conv_bn_act(x, weight, scale, shift, *, stride=1, padding=0, dilation=1, gro
                                 act_param, tf32)
     if tma_launch is None:
         return pointer()
-    if mode == "on" or _variant_choice.choose(key, {"pointer": pointer, "tma": tma_launch}, x.device) == "tma":
+    if mode == "on" or _variant_choice.choose(key, {"pointer": pointer, "tma": tma_launch}, x.device,
+                                                     output=y) == "tma":
         return tma_launch()
     return pointer()
 

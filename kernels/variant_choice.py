@@ -6,13 +6,18 @@ the pointer kernel's cp.async gathers, the pointer path's split-K / stream-K sch
 running both. `choose(key, candidates)` does that once per launch signature: each candidate launch runs once
 (its own autotuner tunes then), then both are timed with `triton.testing.do_bench` and the fastest name is
 cached. Outputs are identical in meaning (every candidate writes the whole output), so timing the real call's
-launches is harmless.
+launches is harmless — and checkable: given the `output` tensor the candidates write, each candidate's result
+is compared with the first's (the pointer kernel's) before it may be timed, and one that disagrees beyond its
+dtype's rounding (a kernel that is wrong on this GPU / driver / triton, which no CPU test can see) is dropped
+for good with a warning, so a faster but wrong variant can never be chosen silently.
 
 No timing while torch traces the launcher or a CUDA graph captures (nothing may synchronise there): the
 first candidate (the pointer kernel) runs until an eager call has made the choice.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 
@@ -31,8 +36,28 @@ def can_time(device: torch.device) -> bool:
         return False
 
 
-def choose(key, candidates: dict, device: torch.device) -> str:
-    """Name of the fastest candidate for `key` ({name: zero-argument launch}); the first name until timed."""
+#: Largest relative difference (max |a - b| / max |first|) two correct kernels' outputs may show: both
+#: accumulate in fp32 and differ only in summation order and the final rounding (TF32 inputs for float32).
+AGREEMENT_TOL = {torch.float16: 1e-2, torch.bfloat16: 5e-2, torch.float32: 1e-2, torch.float64: 1e-9}
+
+
+def disagreement(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |out - ref| / max |ref| (inf where the non-finite entries differ), computed in float64."""
+    o, r = out.double(), ref.double()
+    if not torch.equal(torch.isfinite(o), torch.isfinite(r)):
+        return float("inf")
+    finite = torch.isfinite(r)
+    o, r = o[finite], r[finite]
+    if r.numel() == 0:
+        return 0.0
+    return float((o - r).abs().max() / r.abs().max().clamp_min(1e-30))
+
+
+def choose(key, candidates: dict, device: torch.device, output: torch.Tensor | None = None) -> str:
+    """Name of the fastest candidate for `key` ({name: zero-argument launch}); the first name until timed.
+
+    With `output` (the tensor every candidate writes), a candidate whose result disagrees with the first
+    candidate's is dropped (warned once) instead of timed."""
     name = _choices.get(key)
     if name is not None:
         return name
@@ -41,9 +66,19 @@ def choose(key, candidates: dict, device: torch.device) -> str:
         return first
     import triton.testing
 
-    times = {}
+    times, reference = {}, None
     for cand, launch in candidates.items():
         launch()  # compile and autotune outside the timing
+        if output is not None:
+            if reference is None:
+                reference = output.clone()
+            else:
+                err = disagreement(output, reference)
+                if not err <= AGREEMENT_TOL.get(output.dtype, 1e-2):
+                    warnings.warn(f"fusedconv: the {cand!r} kernel disagrees with the {first!r} kernel on this "
+                                  f"device (relative difference {err:.3g}) for launch {key!r}; it is not used",
+                                  RuntimeWarning, stacklevel=3)
+                    continue
         times[cand] = triton.testing.do_bench(launch, warmup=5, rep=20)
     name = min(times, key=times.get)
     _choices[key] = name

@@ -24,6 +24,8 @@ from fusedconv.graph.dataflow import fuse_dataflow
 from fusedconv.graph.reparam_convert import fuse_reparameterized
 from fusedconv.graph.tracing import proxy_leak_guard
 from fusedconv.modules import FusedConv2d
+# (named apart: convert's own `reparameterize` flag would shadow it)
+from fusedconv.reparam import reparameterize as reparameterize_model
 from fusedconv.report import ConversionReport
 
 
@@ -50,13 +52,8 @@ def _as_args(example_inputs) -> tuple | None:
 
 
 def _reparameterize(model: nn.Module, example_inputs, report: ConversionReport) -> nn.Module:
-    try:
-        from fusedconv.reparam import reparameterize
-    except ImportError as e:
-        report.notes.append(f"reparameterization skipped: fusedconv.reparam is not available ({e})")
-        return model
     with proxy_leak_guard(model, report.notes):
-        model, rep = reparameterize(model, inplace=True, example_inputs=example_inputs, return_report=True)
+        model, rep = reparameterize_model(model, inplace=True, example_inputs=example_inputs, return_report=True)
     report.extend(rep)
     return model
 

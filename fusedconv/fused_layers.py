@@ -261,8 +261,10 @@ class FusedConvNd(FusedAffineLayer):
     @classmethod
     def from_modules(cls, conv: nn.Module, bn: nn.Module | None = None, act=None, post_bn: nn.Module | None = None):
         """Fuse `post_bn(act(bn(conv(x))))`; `bn`, `act` and `post_bn` may each be None."""
-        if type(conv) is not cls._CONV and not (isinstance(conv, cls._CONV) and
-                                                type(conv).forward is cls._CONV.forward):
+        # `computes_as`: a subclass whose forward only refuses inputs (bn_folded_layers.BNFoldedConv1d) and
+        # that computes exactly as the base on every input it accepts; the fused module refuses the same ones.
+        if type(conv) is not cls._CONV and getattr(type(conv), "computes_as", None) is not cls._CONV and not (
+                isinstance(conv, cls._CONV) and type(conv).forward is cls._CONV.forward):
             raise TypeError(f"conv: expected nn.{cls._CONV.__name__} (or a subclass without its own forward), "
                             f"got {type(conv).__name__}")
         scale, shift = fold.layer_bn_scale_shift(conv, bn, dtype=torch.float64)

@@ -156,6 +156,8 @@ def layer_base(module: nn.Module) -> type | None:
     t = type(module)
     if t in LAYER_KINDS:
         return t
+    if getattr(t, "computes_as", None) is nn.Conv1d:  # bn_folded_layers.BNFoldedConv1d: see its docstring
+        return nn.Conv1d
     for base in (nn.Conv1d, nn.Conv3d):
         if isinstance(module, base) and t.forward is base.forward and t._conv_forward is base._conv_forward:
             return base

@@ -19,6 +19,7 @@ from fusedconv import fold
 # is_plain_sequential is re-exported: it lives in legality (which needs it) and callers know it from here.
 from fusedconv.graph.legality import (batchnorm_verdict, conv_skip_reason, conv_subclass_reason, has_hooks, hook_reason,
                                       is_plain_sequential, module_use_counts, tail_conv)
+from fusedconv.graph.bn_before import fold_bn_before_layers
 from fusedconv.graph.sequential_layers import fuse_layer_chains  # other layer kinds
 from fusedconv.modules import FusedConv2d
 from fusedconv.report import ConversionReport
@@ -32,7 +33,8 @@ def fuse_sequential(seq: nn.Sequential, scope: str, uses: Counter, report: Conve
     The fused module takes the conv's name; the BN and activation become nn.Identity, so the names and the
     indices of every other child stay as they were.
     """
-    fused = fuse_layer_chains(seq, scope, uses, report)
+    fused = fold_bn_before_layers(seq, scope, uses, report)  # a BN no layer before it can take
+    fused += fuse_layer_chains(seq, scope, uses, report)
     names = list(seq._modules.keys())
     i = 0
     while i < len(names):

@@ -38,7 +38,7 @@ from bench import metrics
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: Share of the budget by which each part must be done (cumulative).
-PART_END = {"correctness": 0.55, "layers": 0.78, "models": 1.0}
+PART_END = {"correctness": 0.55, "layers": 0.78, "models": 0.94, "layers3d": 1.0}
 DTYPE_ORDER = ("float16", "tf32", "float32", "bfloat16")
 
 
@@ -87,6 +87,9 @@ def main(args, argv: list[str]) -> int:
     part("layers", lambda r, d: run_layers(r, d, device, args.dry_run, save))
     part("models", lambda r, d: run_models(r, d, device, args.dry_run, save))
     if not args.dry_run:
+        # r3d_18's Conv3d layers (bench/bench_layers3d.py): eager / folded cuDNN / the Triton 3-D kernel, fp16
+        # channels_last_3d, batch 1, a 4x56x56 clip; layers not started by the deadline are recorded as such.
+        part("layers3d", lambda r, d: run_layers3d(r, d, device))
         part("tuned_table", lambda r, d: r.update(tuned_table=save_default_table()))
     save()
     failed = [row for row in results.get("correctness", {}).get("rows", []) if not row.get("ok")]
@@ -298,3 +301,10 @@ def run_models(results: dict, deadline: float, device, dry_run: bool, save) -> N
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             save()
+
+
+# --------------------------------------------------------------------------------------------- 3-D layers
+def run_layers3d(results: dict, deadline: float, device) -> None:
+    from bench import bench_layers3d  # as the other parts: fusedconv is imported only when a part runs
+
+    results["layers3d"] = bench_layers3d.run(device, quick=True, deadline=deadline)

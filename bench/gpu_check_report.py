@@ -27,6 +27,7 @@ def markdown(results: dict) -> str:
         lines += [f"Measured ceilings: copy {ceil['copy_tb_s']:.2f} TB/s, fp16 matmul {ceil['fp16_matmul_tflops']:.0f} "
                   f"TFLOP/s ({ceil['method']}).", ""]
     lines += _correctness(results.get("correctness")) + _layers(results.get("layers")) + _models(results.get("models"))
+    lines += _layers3d(results.get("layers3d"))
     if results.get("notes"):
         lines += ["## Notes", ""] + [f"- {n}" for n in results["notes"]]
     return "\n".join(lines) + "\n"
@@ -88,6 +89,16 @@ def _models(rows) -> list[str]:
              _f(r.get("speedup"), ".2f"), _f(r.get("max_rel_error_vs_eager"), ".1e"), r.get("status")] for r in rows]
     return ["## (c) Models end to end, channels_last, after warmup (ms; CUDA-graph replays on a GPU)", ""] + report._table(
         ["model", "batch", "dtype", "eager", "fusedconv", "speed-up", "max rel err", "status"], body) + [""]
+
+
+def _layers3d(rows) -> list[str]:
+    if not rows:
+        return []
+    body = [[r.get("layer"), r.get("shape"), r.get("provider"), _f(r.get("median_ms"), ".3f"),
+             _f(r.get("speedup_vs_eager"), ".2f"), _f(r.get("max_rel_error_vs_eager"), ".1e"), r.get("status")]
+            for r in rows]
+    return ["## (d) r3d_18 Conv3d layers, fp16 channels_last_3d, batch 1 (ms; CUDA-graph replays)", ""] + report._table(
+        ["layer", "shape", "provider", "ms", "vs eager", "max rel err", "status"], body) + [""]
 
 
 def write(results: dict, out_dir: str, stem: str) -> list[str]:

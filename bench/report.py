@@ -89,13 +89,15 @@ def markdown(results: dict, plots: list[str]) -> str:
     layers = results.get("layers") or []
     if layers:
         lines += _layers_section(results, layers)
-    reparam = results.get("reparam") or []
-    if reparam:
-        lines += ["## Re-parameterization", ""]
-        keys = []
-        for r in reparam:
-            keys += [k for k in r if k not in keys]
-        lines += _table(keys, [[_fmt(r.get(k)) for k in keys] for r in reparam]) + [""]
+    for suite, title in (("reparam", "Re-parameterization"), ("layers3d", "3-D layers (r3d_18)"),
+                         ("guards", "Guard cost"), ("overhead", "Per-call overhead")):
+        rows = results.get(suite) or []
+        if rows:
+            lines += [f"## {title}", ""]
+            keys = []
+            for r in rows:
+                keys += [k for k in r if k not in keys]
+            lines += _table(keys, [[_fmt(r.get(k)) for k in keys] for r in rows]) + [""]
     if plots:
         lines += ["## Plots", ""]
         lines += [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in plots] + [""]

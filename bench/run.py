@@ -24,7 +24,7 @@ from bench import models as model_suite
 from bench import report
 from bench.shapes import NETS, layer_cases, representative
 
-SUITES = ("layers", "models", "reparam", "guards", "overhead", "static")
+SUITES = ("layers", "models", "reparam", "guards", "overhead", "layers3d", "static")
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
@@ -75,7 +75,8 @@ defaults by device:
 """)
     p.add_argument("--quick", action="store_true", help="a small subset with short timings (smoke test / CI)")
     p.add_argument("--suite", default="layers,models,reparam,guards,overhead",
-                   help="comma-separated: layers, models, reparam, guards, overhead; or static alone (no GPU: "
+                   help="comma-separated: layers, models, reparam, guards, overhead, layers3d (r3d_18's Conv3d "
+                        "layers); or static alone (no GPU: "
                         "compiled-kernel report)")
     p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: CUDA when available)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2; also onnxruntime's)")
@@ -245,7 +246,7 @@ def run_models(args, device, p: dict, results: dict) -> None:
 
 
 def run_reparam(args, device, results: dict, suite: str = "reparam") -> None:
-    """bench/bench_<suite>.py (reparam, guards) exposes run(device, quick) -> rows."""
+    """bench/bench_<suite>.py (reparam, guards, layers3d) exposes run(device, quick) -> rows."""
     try:
         mod = importlib.import_module(f"bench.bench_{suite}")
     except ModuleNotFoundError as e:

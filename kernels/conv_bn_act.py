@@ -214,10 +214,13 @@ def _sm_major(device) -> int:
 def _tma_candidate(plan, x, weight, scale, shift, residual, y, groups, stride, padding, dilation, act_param, tf32):
     """A zero-argument launch of the TMA-descriptor kernel for this conv, or None where it is not eligible
     (unaligned strides, stride-2 KxK, grouped / unpacked layouts, pre-Hopper GPUs): those run the pointer
-    kernel. Stride-1 1x1: the 2-D GEMM descriptors of conv_tma; strided 1x1 and stride-1 KxK: the 4-D NHWC
+    kernel. Nor where the schedule rule gave the layer split-K or stream-K (`schedule.choose_schedule`: its
+    data-parallel grid would leave SMs idle): the TMA kernels run a data-parallel grid only, so there the
+    pointer kernel's full-wave schedule runs; where the layer stays data-parallel the two families are timed
+    against each other (variant_choice). Stride-1 1x1: the 2-D GEMM descriptors of conv_tma; strided 1x1 and stride-1 KxK: the 4-D NHWC
     descriptor kernel of conv_tma_kxk (the former on the strided view of x)."""
     flags, split_k = plan["flags"], plan["split_k"]
-    if split_k != 1:
+    if split_k != 1 or plan["streamk_programs"]:
         return None
     if flags["IS_1X1"] and _tma.tma_1x1_eligible(x, weight, groups, stride, padding, split_k):
         def launch_1x1():

@@ -13,6 +13,7 @@ import torch
 import triton
 
 from fusedconv.kernels import configs as _configs
+from fusedconv.kernels import schedule as _schedule_model
 from fusedconv.kernels.conv_gemm import _conv_gemm_kernel
 from fusedconv.kernels.epilogue import activation_id
 from fusedconv.kernels.reference import conv_output_shape as output_shape
@@ -169,9 +170,9 @@ def _k_iterations_guess(kh, kw, cin_g, row_k, flat_k, block_k) -> int:
     return kh * kw * _cdiv(cin_g, block_k)
 
 
-def _schedule(split_k, stream_k, m, cout_g, groups, k_iters, device, interp, sm_count=None):
+def _schedule(split_k, stream_k, m, cout_g, groups, k_iters, device, interp, sm_count=None, nbytes=None):
     """(split_k, stream-K programs or 0) from the caller's overrides, else `schedule.choose_schedule`.
-    `sm_count(device)` gives the SM count (default `_num_sms`)."""
+    `sm_count(device)` gives the SM count (default `_num_sms`); `nbytes` the layer's compulsory bytes."""
     _num_sms_of = sm_count or _num_sms
     if stream_k is not None and (not isinstance(stream_k, int) or (not isinstance(stream_k, bool) and stream_k < 1)):
         raise ValueError(f"stream_k: expected None, a bool or a positive int (programs), got {stream_k!r}")
@@ -185,10 +186,12 @@ def _schedule(split_k, stream_k, m, cout_g, groups, k_iters, device, interp, sm_
         if interp:
             return 1, 0
         if stream_k is None:
-            kind, value = _configs.choose_schedule(m, cout_g, groups, k_iters, _num_sms_of(device))
+            kind, value = _configs.choose_schedule(m, cout_g, groups, k_iters, _num_sms_of(device), nbytes=nbytes)
             if kind == "stream_k":
                 return 1, value
-        split_k = _configs.choose_split_k(m, cout_g, groups, k_iters, _num_sms_of(device))
+            split_k = value
+        else:
+            split_k = _configs.choose_split_k(m, cout_g, groups, k_iters, _num_sms_of(device), nbytes=nbytes)
     if not isinstance(split_k, int) or isinstance(split_k, bool) or not 1 <= split_k <= 64:
         raise ValueError(f"split_k: expected None or an int in 1..64, got {split_k!r}")
     return split_k, 0
@@ -220,8 +223,10 @@ def _plan(x_shape, x_stride, x_dtype, device, w_shape, w_stride, w_dtype, scale_
         # The depthwise kernel has its own schedule; the split only matters if that module is absent.
         split_k, streamk_programs = _schedule(split_k, False, m, cout_g, groups, k_iters, device, interp, sm_count)
     else:
+        nbytes = _schedule_model.layer_bytes(m, cout_g, groups, k_iters, block_k_guess, input_k=cin_g,
+                                             elem_bytes=x_dtype.itemsize)
         split_k, streamk_programs = _schedule(split_k, stream_k, m, cout_g, groups, k_iters, device, interp,
-                                              sm_count)
+                                              sm_count, nbytes)
     y_stride = _dense_strides(out_shape, channels_last)
     res_stride = tuple(res_meta[1]) if res_meta is not None else (0, 0, 0, 0)
     extents = [_span(x_shape, x_stride), _span(w_shape, w_stride), _span(out_shape, y_stride), split_k * m * cout]

@@ -4,30 +4,59 @@ The schedule is a launch decision, not an autotuned one: split-K needs a workspa
 stream-K another kernel with a workspace and tile counters, so the launcher fixes it per shape and SM count
 before the autotuner (whose key includes it) picks tiles.
 
-The model (an H100-class part; only ratios matter): programs of a tile shape run in waves on `num_sms` SMs,
-each at the per-SM share of the fp16 dense tensor-core rate times the tile shape's efficiency (smaller tiles
-re-read more operands per FLOP and issue more instructions per MMA).
+The model (an H100-class part; only ratios matter) rates each tile shape of the pointer kernel's config table
+(128x128 down to 16x64, capped to the problem as the config pruning caps them) under each schedule:
 
-* Data-parallel / split-K (`estimate_time`): ceil(tiles * split / num_sms) waves of programs that each run
-  ceil(k_iters / split) K steps; a split adds the fp32 workspace round trip through HBM (written once, read
-  once by the epilogue kernel) and the epilogue launch.
-* Stream-K (`estimate_streamk_time`, kernel in conv_streamk): every program runs ceil(tiles * k_iters /
-  num_sms) K steps — no wave quantisation — and the program that completes a shared tile reads the other
-  contributors' fp32 partial tiles from L2 on its critical path (k_iters / steps-per-program of them on
-  average), at its per-SM share of the L2 bandwidth. Counters are self-resetting (no memset launch).
+* compute: the programs run in waves on `num_sms` SMs, each at the per-SM share of the fp16 dense tensor-core
+  rate times the tile shape's efficiency (smaller tiles re-read more operands per FLOP);
+* memory latency: a program keeps about `_STAGES_IN_FLIGHT` K steps of loads in flight (the pipeline
+  depth), so by Little's law one K step takes at least `_LOAD_LATENCY_S / _STAGES_IN_FLIGHT` however small the
+  tile — small tiles and short grids are latency-bound, which is why spreading K over more SMs pays at batch 1;
+* memory bandwidth: the layer's compulsory bytes (input, weight, output; a split adds its fp32 workspace,
+  written once and read once; stream-K its partial tiles) move at most at `_HBM_BYTES_PER_S`, so splitting a
+  layer that is already bandwidth-bound buys nothing and its extra bytes cost time;
+* fixed costs: every tile a program starts pays one load latency before its pipeline streams
+  (`_LOAD_LATENCY_S`); a split pays the epilogue kernel's launch; a stream-K tile shared by several programs
+  pays, on the completing program's critical path, reading the other contributors' fp32 partial tiles from L2
+  at that program's share of the L2 bandwidth.
 
-`choose_schedule` takes the fastest, and stream-K or a split only when it wins clearly (the model is coarse):
-ResNet-50 stage 3/4 3x3 at batch 32 (0.74 / 0.39 waves of 128x128 tiles on 132 SMs) get stream-K; layers
-whose tiles already fill whole waves stay data-parallel.
+A schedule's time is max(K loop + tile latencies, bytes / HBM bandwidth) plus its fixed costs. `choose_schedule` takes the fastest and
+leaves data-parallel only when another schedule wins clearly (the model is coarse). The constants are
+assumptions of this model, not measurements: the GPU check is what calibrates them.
+
+Work units: one K step of one output tile. No schedule can keep more programs busy than a layer has work
+units (a stream-K program needs at least one K step), so `achievable_waves` — the units of the smallest tile
+over the SM count, capped at 1 — is the most of the GPU any schedule can fill; the static report states every
+layer against it.
 """
 
 from __future__ import annotations
 
 _PEAK_FLOPS = 750e12
 _HBM_BYTES_PER_S = 3e12
+# Loaded-HBM latency of a K step's loads, and how many K steps a program keeps in flight (num_stages - 1 of
+# the 3-4 stage configs): assumptions of the model, for the GPU check to calibrate.
+_LOAD_LATENCY_S = 0.8e-6
+_STAGES_IN_FLIGHT = 3
 # L2 read bandwidth shared by all SMs (H100-class, measured figures are ~5.5-7 TB/s: the low end).
 _L2_BYTES_PER_S = 5.5e12
 _EPILOGUE_LAUNCH_S = 1.5e-6
+
+#: Tile shapes the model rates (the pointer kernel's 16-bit config table, largest accumulator first).
+MODEL_TILES = ((128, 128), (64, 128), (64, 64), (32, 64), (16, 64))
+_SPLITS = (1, 2, 4, 8, 16)
+# A schedule other than plain data-parallel must beat it by this factor to be chosen.
+_CLEAR_WIN = 0.95
+#: A schedule that fills the GPU is preferred while modelled at most this factor slower than the fastest.
+FILL_TOLERANCE = 1.10
+#: Share of the achievable waves that counts as filling the GPU (see `fills`).
+FILL_FRACTION = 0.9
+# A split slice keeps at least this many K iterations (each slice's pipeline still streams).
+_MIN_SPLIT_STEPS = 2
+#: Stream-K needs at least this many K iterations per tile (with one there is nothing to share).
+STREAMK_MIN_K_ITERS = 2
+#: Largest stream-K tile (BLOCK_M * BLOCK_N): sizes the per-program workspace slots.
+STREAMK_MAX_TILE = 128 * 128
 
 
 def tile_efficiency(block_m: int, block_n: int) -> float:
@@ -37,80 +66,192 @@ def tile_efficiency(block_m: int, block_n: int) -> float:
     return min(1.0, (block_m * block_n / (block_m + block_n)) / 64.0) ** 0.7
 
 
-_TILE_EFFICIENCY = tuple((bm, bn, tile_efficiency(bm, bn)) for bm, bn in ((128, 128), (64, 128), (64, 64)))
-_SPLITS = (1, 2, 4, 8, 16)
-# A schedule other than plain data-parallel must beat it by this factor to be chosen.
-_CLEAR_WIN = 0.95
-#: Largest stream-K tile (BLOCK_M * BLOCK_N): sizes the per-program workspace slots.
-STREAMK_MAX_TILE = 128 * 128
-
-
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def _pow2_at_least_16(n: int) -> int:
+    return max(16, 1 << (max(int(n), 1) - 1).bit_length())
+
+
+def model_tiles(m: int, cout_g: int) -> list[tuple[int, int]]:
+    """MODEL_TILES capped to the problem like the config pruning caps them (M and N to the power of two >= 16
+    at or above them), duplicates removed."""
+    cap_m, cap_n = _pow2_at_least_16(m), _pow2_at_least_16(cout_g)
+    out = []
+    for bm, bn in MODEL_TILES:
+        tile = (min(bm, cap_m), min(bn, cap_n))
+        if tile not in out:
+            out.append(tile)
+    return out
+
+
+def work_units(m: int, cout_g: int, groups: int, k_iters: int, block_m: int, block_n: int) -> int:
+    """K steps of all output tiles of a BLOCK_M x BLOCK_N tiling: the most programs any schedule can keep busy."""
+    return _cdiv(m, block_m) * _cdiv(cout_g, block_n) * groups * max(k_iters, 1)
+
+
+def achievable_waves(m: int, cout_g: int, groups: int, k_iters: int, num_sms: int) -> float:
+    """The largest fraction of `num_sms` SMs any schedule can fill (capped at 1.0): the work units of the
+    smallest model tile over the SM count. Below 1.0 the layer has less work than the GPU has SMs."""
+    if num_sms <= 0 or m <= 0 or cout_g <= 0:
+        return 0.0
+    units = max(work_units(m, cout_g, groups, k_iters, bm, bn) for bm, bn in model_tiles(m, cout_g))
+    return min(1.0, units / num_sms)
+
+
+def layer_bytes(m: int, cout_g: int, groups: int, k_iters: int, block_k: int = 64, input_k: int | None = None,
+                elem_bytes: int = 2) -> float:
+    """Compulsory bytes of the conv GEMM: the input (`input_k` channels per output row and group, default the
+    GEMM's K: a kxk conv re-reads its halo from L2, not HBM), the weight and the output."""
+    k = k_iters * block_k
+    input_k = k if input_k is None else input_k
+    return float(elem_bytes * groups * (m * input_k + cout_g * k + m * cout_g))
+
+
+def _step_s(bm: int, bn: int, block_k: int, num_sms: int) -> float:
+    """One K step of one program: its tensor-core time at the per-SM rate, or the latency floor."""
+    compute = 2.0 * bm * bn * block_k / (_PEAK_FLOPS / max(num_sms, 1) * tile_efficiency(bm, bn))
+    return max(compute, _LOAD_LATENCY_S / _STAGES_IN_FLIGHT)
+
+
 def estimate_time(m: int, cout_g: int, groups: int, k_iters: int, num_sms: int, split: int,
-                  block_k: int = 64) -> tuple[float, tuple[int, int]]:
-    """Modelled seconds of a data-parallel conv GEMM with `split` K slices, and the tile that achieves it."""
-    per_sm = _PEAK_FLOPS / max(num_sms, 1)
+                  block_k: int = 64, nbytes: float | None = None,
+                  tiles: tuple | None = None) -> tuple[float, tuple[int, int]]:
+    """Modelled seconds of a data-parallel conv GEMM with `split` K slices, and the tile that achieves it
+    (among `tiles`, default `model_tiles`)."""
+    nbytes = layer_bytes(m, cout_g, groups, k_iters, block_k) if nbytes is None else nbytes
+    sms = max(num_sms, 1)
     best = (float("inf"), (128, 128))
-    for bm, bn, eff in _TILE_EFFICIENCY:
-        tiles = _cdiv(m, bm) * _cdiv(cout_g, bn) * groups * split
-        waves = _cdiv(tiles, max(num_sms, 1))
-        t = waves * (2.0 * bm * bn * block_k * _cdiv(k_iters, split)) / (per_sm * eff)
+    for bm, bn in tiles or model_tiles(m, cout_g):
+        programs = _cdiv(m, bm) * _cdiv(cout_g, bn) * groups * split
+        waves = _cdiv(programs, sms)
+        loop = waves * (_cdiv(k_iters, split) * _step_s(bm, bn, block_k, sms) + _LOAD_LATENCY_S)
+        moved = nbytes + (2.0 * split * m * cout_g * groups * 4 if split > 1 else 0.0)
+        t = max(loop, moved / _HBM_BYTES_PER_S)
         if split > 1:
-            t += 2.0 * split * m * cout_g * groups * 4 / _HBM_BYTES_PER_S + _EPILOGUE_LAUNCH_S
+            t += _EPILOGUE_LAUNCH_S
         if t < best[0]:
             best = (t, (bm, bn))
     return best
+
+
+def streamk_fixup_s(block_m: int, block_n: int, k_iters: int, per_prog: int, num_sms: int) -> float:
+    """Critical-path seconds a shared stream-K tile adds: the completing program reads the other contributors'
+    fp32 partial tiles (k_iters / per_prog - 1 of them on average, at least one) from L2 at its share of the L2
+    bandwidth; 0 when every program covers whole tiles."""
+    if per_prog % k_iters == 0:
+        return 0.0
+    partials = max(1.0, k_iters / per_prog - 1.0) if per_prog < k_iters else 1.0
+    return partials * block_m * block_n * 4 / (_L2_BYTES_PER_S / max(num_sms, 1))
 
 
 def estimate_streamk_time(m: int, cout_g: int, groups: int, k_iters: int, num_sms: int,
-                          block_k: int = 64) -> tuple[float, tuple[int, int]]:
-    """Modelled seconds of the stream-K schedule on `num_sms` programs, and the tile that achieves it."""
-    per_sm = _PEAK_FLOPS / max(num_sms, 1)
-    l2_per_sm = _L2_BYTES_PER_S / max(num_sms, 1)
+                          block_k: int = 64, nbytes: float | None = None,
+                          tiles: tuple | None = None) -> tuple[float, tuple[int, int]]:
+    """Modelled seconds of the stream-K schedule on `num_sms` programs, and the tile that achieves it (among
+    `tiles`, default `model_tiles`)."""
+    nbytes = layer_bytes(m, cout_g, groups, k_iters, block_k) if nbytes is None else nbytes
+    sms = max(num_sms, 1)
     best = (float("inf"), (128, 128))
-    for bm, bn, eff in _TILE_EFFICIENCY:
+    for bm, bn in tiles or model_tiles(m, cout_g):
+        if bm * bn > STREAMK_MAX_TILE:
+            continue
         tiles = _cdiv(m, bm) * _cdiv(cout_g, bn) * groups
-        per_prog = _cdiv(tiles * k_iters, max(num_sms, 1))
-        t = per_prog * (2.0 * bm * bn * block_k) / (per_sm * eff)
-        if per_prog % k_iters:  # some tiles are shared: the completing program reads the others' partials
-            t += (k_iters / per_prog) * bm * bn * 4 / l2_per_sm
+        units = tiles * k_iters
+        per_prog = _cdiv(units, sms)
+        touched = min(tiles, _cdiv(per_prog, k_iters) + 1)  # tiles one program's slice touches, at most
+        loop = per_prog * _step_s(bm, bn, block_k, sms) + touched * _LOAD_LATENCY_S
+        shared_tiles = 0 if per_prog % k_iters == 0 else min(tiles, sms)
+        moved = nbytes + 2.0 * shared_tiles * bm * bn * 4  # partials written once, read once
+        t = max(loop, moved / _HBM_BYTES_PER_S)
+        t += streamk_fixup_s(bm, bn, k_iters, per_prog, sms)
         if t < best[0]:
             best = (t, (bm, bn))
     return best
 
 
-def choose_split_k(m: int, cout_g: int, groups: int, k_iters: int, num_sms: int) -> int:
+def choose_split_k(m: int, cout_g: int, groups: int, k_iters: int, num_sms: int, *,
+                   nbytes: float | None = None) -> int:
     """Number of K slices of the data-parallel kernel: the power of two (1..16) with the lowest
     `estimate_time` on `num_sms` SMs.
 
     Deterministic (a function of the shape and the SM count only; the epilogue sums slices in a fixed order).
-    A split only counts when each slice keeps at least 4 K iterations, so the pipeline still has work.
+    A split only counts when each slice keeps at least _MIN_SPLIT_STEPS K iterations and wins clearly.
     """
-    if m <= 0 or cout_g <= 0 or num_sms <= 0 or k_iters < 8:
+    if m <= 0 or cout_g <= 0 or num_sms <= 0 or k_iters < 2 * _MIN_SPLIT_STEPS:
         return 1
-    best_split, best_time = 1, estimate_time(m, cout_g, groups, k_iters, num_sms, 1)[0]
+    best_split, best_time = 1, estimate_time(m, cout_g, groups, k_iters, num_sms, 1, nbytes=nbytes)[0]
     for split in _SPLITS[1:]:
-        if k_iters // split < 4:
+        if k_iters // split < _MIN_SPLIT_STEPS:
             break
-        t = estimate_time(m, cout_g, groups, k_iters, num_sms, split)[0]
+        t = estimate_time(m, cout_g, groups, k_iters, num_sms, split, nbytes=nbytes)[0]
         if t < best_time * _CLEAR_WIN:  # a split must win clearly: the model is coarse
             best_split, best_time = split, t
     return best_split
 
 
-def choose_schedule(m: int, cout_g: int, groups: int, k_iters: int, num_sms: int) -> tuple[str, int]:
+def schedule_options(m: int, cout_g: int, groups: int, k_iters: int, num_sms: int, *,
+                     nbytes: float | None = None) -> list[dict]:
+    """Every (schedule, tile) the rule weighs: data-parallel and each split the K allows, stream-K where the K
+    allows, at each model tile — with its modelled seconds and the fraction of the SMs its programs (or work
+    units, for stream-K) keep busy, capped at 1. Data-parallel at the largest tile comes first."""
+    sms = max(num_sms, 1)
+    out = []
+    for split in _SPLITS:
+        if split > 1 and (k_iters < 2 * _MIN_SPLIT_STEPS or k_iters // split < _MIN_SPLIT_STEPS):
+            break
+        for bm, bn in model_tiles(m, cout_g):
+            t = estimate_time(m, cout_g, groups, k_iters, num_sms, split, nbytes=nbytes, tiles=((bm, bn),))[0]
+            programs = _cdiv(m, bm) * _cdiv(cout_g, bn) * groups * split
+            out.append({"kind": "split_k", "value": split, "time": t, "tile": (bm, bn),
+                        "waves": min(1.0, programs / sms)})
+    if k_iters >= STREAMK_MIN_K_ITERS:
+        for bm, bn in model_tiles(m, cout_g):
+            if bm * bn > STREAMK_MAX_TILE:
+                continue
+            t = estimate_streamk_time(m, cout_g, groups, k_iters, num_sms, nbytes=nbytes, tiles=((bm, bn),))[0]
+            units = work_units(m, cout_g, groups, k_iters, bm, bn)
+            out.append({"kind": "stream_k", "value": num_sms, "time": t, "tile": (bm, bn),
+                        "waves": min(1.0, units / sms)})
+    return out
+
+
+def pick(options: list[dict], achievable: float) -> dict:
+    """The rule over `schedule_options` (see `choose_schedule`)."""
+    fastest = min(o["time"] for o in options)
+    pool = [o for o in options if fills(o["waves"], achievable) and o["time"] <= fastest * FILL_TOLERANCE]
+    pool = pool or options
+    best = min(pool, key=lambda o: (o["time"], -o["waves"]))
+    plain = min((o for o in pool if o["kind"] == "split_k" and o["value"] == 1),
+                key=lambda o: (o["time"], -o["waves"]), default=None)
+    if plain is not None and plain["time"] * _CLEAR_WIN <= best["time"]:
+        best = plain
+    return best
+
+
+def fills(waves: float, achievable: float) -> bool:
+    """Whether a schedule keeping `waves` of the SMs busy fills the GPU as far as the layer allows: at least
+    FILL_FRACTION of `achievable` (split-K's slice counts are powers of two, so 128 programs on 132 SMs is a
+    split-K schedule at its best)."""
+    return waves >= FILL_FRACTION * min(1.0, achievable) - 1e-9
+
+
+def choose_schedule(m: int, cout_g: int, groups: int, k_iters: int, num_sms: int, *,
+                    nbytes: float | None = None) -> tuple[str, int]:
     """("stream_k", num_sms) or ("split_k", slices) — slices 1 is the plain data-parallel grid.
 
-    Stream-K when its modelled time beats the best split-K choice clearly; it needs at least 4 K steps per
-    tile (a shorter K is memory-bound: spreading it buys nothing) and a GPU (num_sms > 0).
+    The rule: fill the GPU, then be fast. Among `schedule_options`, those that fill the SMs as far as the layer
+    allows (`fills` against `achievable_waves`) are preferred as long as one of them is modelled within
+    FILL_TOLERANCE of the fastest option of all (ties go to the option with more SMs busy) — an idle SM is a certain loss, the model's rating of the
+    filling schedule's extra costs is not; where none is, the fastest option runs (the static report names such
+    layers). Within the preferred options the fastest wins, but data-parallel stays unless another option beats
+    it clearly (_CLEAR_WIN). Stream-K needs STREAMK_MIN_K_ITERS K steps per tile, a split _MIN_SPLIT_STEPS per
+    slice; without SMs (num_sms 0: no GPU) the plain grid. `nbytes`: the layer's compulsory bytes (default
+    `layer_bytes` of a 1x1-like fp16 GEMM).
     """
-    split = choose_split_k(m, cout_g, groups, k_iters, num_sms)
-    if m <= 0 or cout_g <= 0 or num_sms <= 0 or k_iters < 4:
-        return "split_k", split
-    t_split = estimate_time(m, cout_g, groups, k_iters, num_sms, split)[0]
-    if estimate_streamk_time(m, cout_g, groups, k_iters, num_sms)[0] < t_split * _CLEAR_WIN:
-        return "stream_k", num_sms
-    return "split_k", split
+    if m <= 0 or cout_g <= 0 or num_sms <= 0:
+        return "split_k", 1
+    options = schedule_options(m, cout_g, groups, k_iters, num_sms, nbytes=nbytes)
+    best = pick(options, achievable_waves(m, cout_g, groups, k_iters, num_sms))
+    return best["kind"], best["value"]

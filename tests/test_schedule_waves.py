@@ -1,0 +1,139 @@
+"""The schedule rule (kernels/schedule.py): full waves where the work allows, honest costs where it does not.
+
+Pure functions of the shape and the SM count, checked on the ResNet-50 / MobileNetV2 fp16 layers the static
+report rates (132 SMs): the sub-wave stage 3/4 3x3 layers at batch 32 and the long-K layers at batch 1 get a
+schedule that fills the GPU; full layers stay data-parallel; a layer with fewer work units than SMs is rated
+against what it can reach (`achievable_waves`), never above it; splitting a bandwidth-bound layer is not
+modelled as free; and the rule never takes an option its own model rates more than FILL_TOLERANCE slower than
+the fastest. The interpreter tests of the schedules it picks are in test_streamk_waves_interpret.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from fusedconv.kernels import schedule
+
+SMS = 132
+
+
+def _layer(batch, hw, cin, cout, kh, stride=1):
+    """(m, cout_g, groups, k_iters, nbytes) of an fp16 conv as the launcher plans it (BLOCK_K 64)."""
+    oh = hw // stride
+    m = batch * oh * oh
+    k_iters = kh * kh * -(-cin // 64)
+    return m, cout, 1, k_iters, schedule.layer_bytes(m, cout, 1, k_iters, input_k=cin)
+
+
+def _choose(layer, sms=SMS):
+    m, n, g, k, nbytes = layer
+    return schedule.choose_schedule(m, n, g, k, sms, nbytes=nbytes)
+
+
+def _waves_of(layer, kind, value, sms=SMS):
+    """Fraction of the SMs the chosen schedule keeps busy, at the best tile the model gives it."""
+    m, n, g, k, nbytes = layer
+    options = schedule.schedule_options(m, n, g, k, sms, nbytes=nbytes)
+    return schedule.pick(options, schedule.achievable_waves(m, n, g, k, sms))["waves"]
+
+
+# ResNet-50 layers: (batch, input hw, cin, cout, kernel, stride)
+STAGE34_B32 = {"layer3.x.conv2": (32, 14, 256, 256, 3), "layer4.x.conv2": (32, 7, 512, 512, 3),
+               "layer4.1.conv1": (32, 7, 2048, 512, 1)}
+LONG_K_B1 = {"layer3.1.conv2": (1, 14, 256, 256, 3), "layer4.1.conv2": (1, 7, 512, 512, 3),
+             "layer4.1.conv1": (1, 7, 2048, 512, 1), "layer4.0.downsample": (1, 7, 1024, 2048, 1),
+             "mbv2 features.15.conv.2": (1, 7, 960, 160, 1), "mbv2 features.17.conv.2": (1, 7, 960, 320, 1)}
+
+
+@pytest.mark.parametrize("name", sorted(STAGE34_B32))
+def test_sub_wave_batch32_layers_get_stream_k(name):
+    layer = _layer(*STAGE34_B32[name])
+    kind, value = _choose(layer)
+    assert (kind, value) == ("stream_k", SMS)
+    assert _waves_of(layer, kind, value) == 1.0
+
+
+@pytest.mark.parametrize("name", sorted(LONG_K_B1))
+def test_long_k_batch1_layers_fill_the_gpu(name):
+    layer = _layer(*LONG_K_B1[name])
+    kind, value = _choose(layer)
+    assert kind == "stream_k" or value > 1, "a long-K batch-1 layer must not run a plain sub-wave grid"
+    m, n, g, k, _ = layer
+    assert schedule.fills(_waves_of(layer, kind, value), schedule.achievable_waves(m, n, g, k, SMS))
+
+
+@pytest.mark.parametrize("layer", [(32, 56, 64, 64, 3), (32, 56, 64, 256, 1), (32, 28, 128, 512, 1),
+                                   (32, 224, 3, 64, 7, 2)])
+def test_layers_with_many_waves_stay_data_parallel(layer):
+    assert _choose(_layer(*layer)) == ("split_k", 1)
+
+
+def test_achievable_waves_counts_work_units_of_the_smallest_tile():
+    # MobileNetV2 features.7.conv.2 at batch 1: M=196, N=64, K=384 (6 steps): 16x64 tiles -> 13 tiles x 6
+    # steps = 78 work units on 132 SMs.
+    assert schedule.achievable_waves(196, 64, 1, 6, SMS) == pytest.approx(78 / SMS)
+    assert schedule.achievable_waves(6272, 256, 1, 36, SMS) == 1.0
+    assert schedule.achievable_waves(196, 64, 1, 6, 0) == 0.0
+    # the rule's pick never claims more of the GPU than the layer has work for
+    layer = (196, 64, 1, 6, schedule.layer_bytes(196, 64, 1, 6, input_k=384))
+    m, n, g, k, nbytes = layer
+    best = schedule.pick(schedule.schedule_options(m, n, g, k, SMS, nbytes=nbytes),
+                         schedule.achievable_waves(m, n, g, k, SMS))
+    assert best["waves"] <= schedule.achievable_waves(m, n, g, k, SMS) + 1e-12
+
+
+def test_splitting_a_bandwidth_bound_layer_is_not_free():
+    # A 1x1 with a short K over a huge M (MobileNetV2 features.2.conv.0.0 at batch 32): the bytes bound it,
+    # and a split adds its fp32 workspace round trip.
+    m, n, k = 401408, 96, 1
+    nbytes = schedule.layer_bytes(m, n, 1, k, input_k=16)
+    one = schedule.estimate_time(m, n, 1, k, SMS, 1, nbytes=nbytes)[0]
+    assert one >= nbytes / schedule._HBM_BYTES_PER_S
+    m, n, k = 25088, 512, 4  # a K long enough to split
+    nbytes = schedule.layer_bytes(m, n, 1, k, input_k=256)
+    t1 = schedule.estimate_time(m, n, 1, k, SMS, 1, nbytes=nbytes)[0]
+    t2 = schedule.estimate_time(m, n, 1, k, SMS, 2, nbytes=nbytes)[0]
+    assert t2 > t1
+    assert schedule.choose_schedule(m, n, 1, k, SMS, nbytes=nbytes) == ("split_k", 1)
+
+
+def test_stream_k_pays_for_shared_tiles():
+    assert schedule.streamk_fixup_s(128, 128, 36, 36, SMS) == 0.0  # whole tiles: nothing to read back
+    one = schedule.streamk_fixup_s(64, 64, 36, 18, SMS)
+    many = schedule.streamk_fixup_s(64, 64, 36, 4, SMS)
+    assert 0.0 < one < many
+
+
+def test_short_k_never_splits_below_the_minimum_slice():
+    for k in (1, 2, 3):
+        opts = schedule.schedule_options(3136, 64, 1, k, SMS)
+        assert all(o["value"] == 1 for o in opts if o["kind"] == "split_k")
+        assert (k >= schedule.STREAMK_MIN_K_ITERS) == any(o["kind"] == "stream_k" for o in opts)
+
+
+@pytest.mark.parametrize("layer", list(STAGE34_B32.values()) + list(LONG_K_B1.values())
+                         + [(1, 56, 64, 64, 1), (1, 14, 1024, 256, 1), (1, 7, 576, 160, 3), (32, 14, 1024, 256, 1)])
+def test_the_rule_stays_within_its_tolerance_of_the_fastest(layer):
+    m, n, g, k, nbytes = _layer(*layer)
+    options = schedule.schedule_options(m, n, g, k, SMS, nbytes=nbytes)
+    best = schedule.pick(options, schedule.achievable_waves(m, n, g, k, SMS))
+    fastest = min(o["time"] for o in options)
+    assert best["time"] <= fastest * schedule.FILL_TOLERANCE
+    if not schedule.fills(best["waves"], schedule.achievable_waves(m, n, g, k, SMS)):
+        # nothing that fills is within the tolerance: then the fastest option runs
+        assert best["time"] <= fastest / schedule._CLEAR_WIN
+
+
+def test_the_rule_depends_on_the_sm_count():
+    layer = _layer(*STAGE34_B32["layer3.x.conv2"])
+    assert _choose(layer, 98) == ("split_k", 1)  # 98 tiles of 128x128: exactly one full wave
+    assert _choose(layer, 16) == ("stream_k", 16)  # 6.1 waves: stream-K evens out the last one
+    assert _choose(layer, 132) == ("stream_k", 132)
+    assert _choose(layer, 0) == ("split_k", 1)
+    m, n, g, k, nbytes = layer
+    assert schedule.choose_schedule(m, n, g, k, 0) == ("split_k", 1)
+
+
+def test_model_tiles_are_capped_like_the_config_pruning():
+    assert schedule.model_tiles(49, 24) == [(64, 32), (32, 32), (16, 32)]
+    assert (128, 128) in schedule.model_tiles(6272, 256)

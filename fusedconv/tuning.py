@@ -13,7 +13,10 @@ once, after `convert(...)` and `.to(device, dtype)`, with inputs of every shape 
 Tuning survives the process: on CUDA, `warmup` first loads the tuned table for this GPU and triton version
 (the package's committed default under `fusedconv/tuned/`, then the user's table in `tuning_dir()`,
 `~/.cache/fusedconv/` or $FUSEDCONV_TUNING_DIR), so known shapes are not benchmarked again, and afterwards
-saves the table with whatever it tuned. The GEMM kernel's autotuner buckets M (N*OH*OW) to powers of two
+saves the table with whatever it tuned. The table also holds the launcher's per-launch-signature choice between
+kernel families (pointer vs TMA, `fusedconv.kernels.variant_choice`), so a restarted process does not time
+them again; a table whose choices are malformed or name an unknown kernel is refused with an error naming the
+file and the entry. The GEMM kernel's autotuner buckets M (N*OH*OW) to powers of two
 (`fusedconv.kernels.tuning_cache`), so a new batch size in a known bucket is not retuned either. Each
 positional example is one forward call: a tensor is the single argument, a tuple/list is the positional
 arguments, a dict the keyword arguments. Calls whose (shape, dtype, device, memory format) signature repeats an
@@ -67,13 +70,15 @@ def _context(device) -> tuple[str, str]:
 
 
 def load_tuning(device=None, paths=None) -> int:
-    """Load tuned configs for this GPU + triton into the autotuner (committed default, then the user's table).
+    """Load tuned configs and kernel-family choices for this GPU + triton (committed default, then the user's
+    table) into the autotuner and `variant_choice`.
 
-    Configs on the deny-list for this GPU are skipped. Returns how many keys were added."""
+    Configs on the deny-list for this GPU are skipped. A table written for another GPU or triton version, or
+    with malformed / unknown choices, raises ValueError naming the file. Returns how many entries were added."""
     tuner = _gemm_autotuner()
     if tuner is None or not torch.cuda.is_available():
         return 0
-    from fusedconv.kernels import denylist, tuning_cache
+    from fusedconv.kernels import denylist, tuning_cache, variant_choice
 
     gpu, version = _context(device)
     name = table_name(gpu, version)
@@ -83,31 +88,42 @@ def load_tuning(device=None, paths=None) -> int:
     for path in paths or (os.path.join(DEFAULTS_DIR, name), os.path.join(tuning_dir(), name)):
         if os.path.isfile(path):
             with open(path) as f:
-                entries = json.load(f).get("entries", [])
-            added += tuning_cache.import_table(tuner, entries,
+                table = json.load(f)
+            if not isinstance(table, dict):
+                raise ValueError(f"{path}: expected a tuning table (a JSON object), got {type(table).__name__}")
+            for field, want in (("gpu", gpu), ("triton", version)):
+                if table.get(field, want) != want:
+                    raise ValueError(f"{path}: table is for {field} {table[field]!r}, this process runs {want!r}")
+            choices = variant_choice.validate_choices(table.get("choices", []), path)  # before anything is used
+            added += tuning_cache.import_table(tuner, table.get("entries", []),
                                                allowed=lambda c: denylist.config_tuple(c) not in denied)
+            added += variant_choice.import_choices([{"key": k, "choice": v} for k, v in choices.items()], path)
     return added
 
 
 def save_tuning(device=None, path: str | None = None) -> str | None:
-    """Write the autotuner's table for this GPU + triton (merged with what the file held); returns the path."""
+    """Write the autotuner's table and the kernel-family choices for this GPU + triton (merged with what the
+    file held); returns the path."""
     tuner = _gemm_autotuner()
     if tuner is None or not torch.cuda.is_available():
         return None
-    from fusedconv.kernels import tuning_cache
+    from fusedconv.kernels import tuning_cache, variant_choice
 
     gpu, version = _context(device)
     path = path or os.path.join(tuning_dir(), table_name(gpu, version))
-    entries = {}
+    entries, choices = {}, {}
     if os.path.isfile(path):
         with open(path) as f:
-            entries = {json.dumps(e["key"]): e for e in json.load(f).get("entries", [])}
+            old = json.load(f)
+        entries = {json.dumps(e["key"]): e for e in old.get("entries", [])}
+        choices = variant_choice.validate_choices(old.get("choices", []), path)
     for e in tuning_cache.export_table(tuner):
         entries[json.dumps(e["key"])] = e
+    choices.update({e["key"]: e["choice"] for e in variant_choice.export_choices()})
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path + ".tmp", "w") as f:
-        json.dump({"gpu": gpu, "triton": version, "kernel": "conv_gemm", "entries": list(entries.values())}, f,
-                  indent=0)
+        json.dump({"gpu": gpu, "triton": version, "kernel": "conv_gemm", "entries": list(entries.values()),
+                   "choices": [{"key": k, "choice": v} for k, v in sorted(choices.items())]}, f, indent=0)
     os.replace(path + ".tmp", path)
     return path
 

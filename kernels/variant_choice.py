@@ -13,6 +13,14 @@ for good with a warning, so a faster but wrong variant can never be chosen silen
 
 No timing while torch traces the launcher or a CUDA graph captures (nothing may synchronise there): the
 first candidate (the pointer kernel) runs until an eager call has made the choice.
+
+Choices survive the process: `export_choices()` / `import_choices(entries, source)` turn them into JSON-able
+entries keyed by a portable form of the launch signature (dtypes by name, the device by its type: the table
+is kept per GPU model and triton version by `fusedconv.tuning`) and back. Import validates every entry —
+a malformed entry or an unknown candidate name is an error naming the source and the entry, never silently
+used — and a loaded choice is taken without timing, as long as that candidate is offered for the launch.
+(The schedule — data-parallel, split-K, stream-K — needs no persisting: it is a pure function of the shape
+and the SM count, `schedule.choose_schedule`.)
 """
 
 from __future__ import annotations
@@ -22,6 +30,11 @@ import warnings
 import torch
 
 _choices: dict = {}
+# Choices loaded from a saved table: portable key -> candidate name (see `portable_key`).
+_loaded: dict = {}
+
+#: Candidate names a saved choice may hold (the launcher's candidate dict uses these names).
+CANDIDATE_NAMES = {"pointer", "tma"}
 
 
 def can_time(device: torch.device) -> bool:
@@ -61,6 +74,11 @@ def choose(key, candidates: dict, device: torch.device, output: torch.Tensor | N
     name = _choices.get(key)
     if name is not None:
         return name
+    if _loaded:
+        name = _loaded.get(portable_key(key))
+        if name in candidates:  # a saved choice: no timing (one no longer offered here is timed anew)
+            _choices[key] = name
+            return name
     first = next(iter(candidates))
     if len(candidates) == 1 or not can_time(device):
         return first
@@ -88,3 +106,71 @@ def choose(key, candidates: dict, device: torch.device, output: torch.Tensor | N
 def chosen() -> dict:
     """Every choice made so far ({launch signature: name}), for reports."""
     return dict(_choices)
+
+
+def _portable(value):
+    import torch as _torch
+
+    if isinstance(value, _torch.dtype):
+        return str(value).replace("torch.", "")
+    if isinstance(value, _torch.device):
+        return value.type
+    if isinstance(value, (tuple, list)):
+        return [_portable(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"launch signature: cannot persist a {type(value).__name__} ({value!r})")
+
+
+def portable_key(key) -> str:
+    """The launch signature as a JSON string: dtypes by name, devices by type (stable across processes)."""
+    import json
+
+    return json.dumps(_portable(key), separators=(",", ":"))
+
+
+def export_choices() -> list[dict]:
+    """[{"key": portable key, "choice": name}] for every choice made or loaded (made ones win)."""
+    merged = dict(_loaded)
+    for key, name in _choices.items():
+        try:
+            merged[portable_key(key)] = name
+        except TypeError:  # a signature that cannot be written (symbolic sizes): kept in memory only
+            continue
+    return [{"key": k, "choice": v} for k, v in sorted(merged.items())]
+
+
+def validate_choices(entries, source: str) -> dict:
+    """{portable key: name} from `export_choices` entries; raises ValueError naming `source` and the entry for
+    anything that is not a list of {"key": JSON string of a list, "choice": a known candidate name}."""
+    import json
+
+    if not isinstance(entries, list):
+        raise ValueError(f"{source}: 'choices' must be a list of {{'key', 'choice'}} entries, "
+                         f"got {type(entries).__name__}")
+    out = {}
+    for i, e in enumerate(entries):
+        where = f"{source}: choices[{i}]"
+        if not isinstance(e, dict) or set(e) != {"key", "choice"}:
+            raise ValueError(f"{where}: expected an object with exactly 'key' and 'choice', got {e!r}")
+        key, name = e["key"], e["choice"]
+        if not isinstance(name, str) or name not in CANDIDATE_NAMES:
+            raise ValueError(f"{where}: unknown candidate {name!r}; expected one of {sorted(CANDIDATE_NAMES)}")
+        try:
+            parsed = json.loads(key) if isinstance(key, str) else None
+        except ValueError:
+            parsed = None
+        if not isinstance(parsed, list) or not parsed:
+            raise ValueError(f"{where}: 'key' must be a launch signature written by export_choices "
+                             f"(a JSON list), got {key!r}")
+        out[key] = name
+    return out
+
+
+def import_choices(entries, source: str) -> int:
+    """Validate `entries` (see `validate_choices`, all or nothing) and keep them as loaded choices; returns
+    how many were new."""
+    table = validate_choices(entries, source)
+    added = sum(1 for k in table if k not in _loaded)
+    _loaded.update(table)
+    return added

@@ -71,7 +71,10 @@ def gemm_variants(case: LayerCase, batch: int, dtype: str, sms: int, cap: int = 
         k_iters = -(-(s.kh * s.kw * cin_g) // 64)
     else:
         k_iters = s.kh * s.kw * -(-cin_g // 64)
-    kind, value = cfgs.choose_schedule(m, cout_g, s.groups, k_iters, sms)
+    from fusedconv.kernels import schedule as sched
+
+    nbytes = sched.layer_bytes(m, cout_g, s.groups, k_iters, input_k=cin_g, elem_bytes=tdtype.itemsize)
+    kind, value = cfgs.choose_schedule(m, cout_g, s.groups, k_iters, sms, nbytes=nbytes)
     split_k, stream_k = (1, value) if kind == "stream_k" else (value, False)
     res_meta = (out_shape, _cl_strides(*out_shape), tdtype) if case.residual else None
     plan = cba._plan(x_shape, _cl_strides(*x_shape), tdtype, torch.device("cpu"), w_shape,
@@ -111,13 +114,17 @@ def gemm_variants(case: LayerCase, batch: int, dtype: str, sms: int, cap: int = 
                          "block": (kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"]), "num_warps": cfg.num_warps,
                          "num_stages": cfg.num_stages, "tiles": tiles, "steps": steps, "spec": spec,
                          "family": "pointer"})
-    if cap >= 90:  # TMA bulk copies are Hopper's: the launcher never runs these kernels on sm_80
+    if cap >= 90 and split_k == 1 and not stream_k:
+        # TMA bulk copies are Hopper's (the launcher never runs these kernels on sm_80), and their grid is
+        # data-parallel: the launcher offers them only where the schedule keeps the layer data-parallel.
         variants += tma_variants(case, batch, dtype, plan)
     # Waves of the plain data-parallel grid of 128x128 tiles (what every layer launched before schedules).
     dp_waves = round(-(-m // 128) * -(-cout_g // 128) * s.groups / sms, 2)
     schedule = f"stream-K {stream_k}" if stream_k else (f"split-K {split_k}" if split_k > 1 else "data-parallel")
     launch = {"kernel": "gemm", "path": path, "split_k": split_k, "stream_k": stream_k or 0, "schedule": schedule,
-              "dp_waves_128": dp_waves, "M": m, "N": cout_g, "K": cin_g * s.kh * s.kw,
+              "dp_waves_128": dp_waves, "achievable_waves": round(sched.achievable_waves(m, cout_g, s.groups,
+                                                                                        k_iters, sms), 2),
+              "M": m, "N": cout_g, "K": cin_g * s.kh * s.kw,
               "use_int64": flags["USE_INT64"], "even_k": flags["EVEN_K"]}
     return launch, variants
 
@@ -345,6 +352,19 @@ def estimated_us(variant: dict, issue_ratio: float, cap: int) -> float | None:
     return round(cycles / (target["clock_ghz"] * 1e3), 2)
 
 
+def waves_status(launch: dict, best: dict | None) -> str | None:
+    """How the best candidate fills the GPU: "full" (>= 1 wave of programs), "at max" (under one wave, but at
+    least `schedule.FILL_FRACTION` of what the layer's work units allow: `achievable_waves`), "short"
+    (neither), None for layers without a rated GEMM candidate (depthwise)."""
+    from fusedconv.kernels import schedule as sched
+
+    if launch.get("kernel") != "gemm" or best is None:
+        return None
+    if best["waves"] >= 1.0:
+        return "full"
+    return "at max" if sched.fills(best["waves"], launch["achievable_waves"]) else "short"
+
+
 def best_candidate(rows: list[dict]) -> dict | None:
     """Among compiled, spill-free tensor-core variants, the lowest `estimated_us` (then issue ratio); None when
     there is none."""
@@ -374,6 +394,7 @@ def run(cap: int, *, nets=NETS, batches=(32, 1), dtype="float16", cache_dir=DEFA
         launch = {**launch, **{f"best_{fam}": (b["config"], b["issue_ratio"], b["est_us"]) if b else None
                                for fam, b in per_family.items()},
                   "tma_candidates": sum(1 for r in rows if r["family"] == "tma")}
+        launch["waves_status"] = waves_status(launch, best)
         layers_out.append({"net": case.net, "layer": case.name, "shape": case.shape.label(), "batch": batch,
                            "activation": case.activation, "residual": case.residual, "count": case.count,
                            **launch, "roofline": roofline(case, batch, dtype, TARGETS[cap]),

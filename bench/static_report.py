@@ -45,13 +45,14 @@ def _layer_row(layer: dict) -> list[str]:
             _fmt(None if shown.get("shared_bytes") is None else shown["shared_bytes"] / 1024, ".0f"),
             _fmt(shown.get("mma")), _fmt(shown.get("async_loads")), _fmt(shown.get("loop_instructions")),
             _fmt(shown.get("issue_ratio"), ".2f"), _fmt(shown.get("est_us"), ".1f"), layer.get("schedule", "—"),
-            f"{_fmt(layer.get('dp_waves_128'), '.2f')} → {_fmt(shown.get('waves'), '.2f')}",
+            f"{_fmt(layer.get('dp_waves_128'), '.2f')} → {_fmt(shown.get('waves'), '.2f')} "
+            f"(max {_fmt(layer.get('achievable_waves'), '.2f')}{', ' + layer['waves_status'] if layer.get('waves_status') else ''})",
             fam("best_pointer"), fam("best_tma") if layer["kernel"] == "gemm" else "—", "; ".join(note)]
 
 
 HEADERS = ["net", "layer", "shape", "path", "M/N/K", "bound (FLOP/B)", "floor µs", "cands", "best candidate",
            "regs", "spill B", "smem KB", "MMA", "loads", "loop insns", "issue ratio", "est µs", "schedule",
-           "waves (128² grid → best)", "best pointer (ratio, est)", "best TMA (ratio, est)", "notes"]
+           "waves (128² grid → best (achievable, status))", "best pointer (ratio, est)", "best TMA (ratio, est)", "notes"]
 
 
 def markdown(result: dict) -> str:
@@ -76,7 +77,12 @@ def markdown(result: dict) -> str:
              f"({rated['tflops']:g} TFLOP/s, {rated['tb_s']:g} TB/s; {rated['source']}); **waves** = programs "
              f"/ {rated['sms']} SMs: first for a plain grid of 128x128 tiles, then for the best candidate under "
              "the layer's **schedule** (`kernels/schedule.py`: data-parallel, split-K, or stream-K, whose SM-count "
-             "programs share all tiles' K steps equally). Candidates are the pointer kernel's configs and, where "
+             "programs share all tiles' K steps equally; a stream-K candidate counts its work units in flight, "
+             "min(programs, tiles x K steps)), then the layer's **achievable** maximum (work units of the "
+             "smallest tile / SMs, capped at 1: no schedule keeps more SMs busy) and the status: *full* "
+             "(>= 1 wave), *at max* (under one wave but >= 90 % of the achievable), *short* (neither). TMA "
+             "candidates are listed only where the schedule keeps the layer data-parallel (their grid is "
+             "data-parallel; elsewhere the launcher runs the pointer kernel's full-wave schedule). Candidates are the pointer kernel's configs and, where "
              "eligible (stride 1, groups 1, 16-byte channel rows), the TMA-descriptor kernel's (`tma ...`; the "
              "launcher times both per shape on sm_90); the best of each family is shown. Every variant's numbers "
              "are in the JSON beside this file.", ""] + summary(result)
@@ -123,6 +129,16 @@ def summary(result: dict) -> list[str]:
                      f"{best_spills} of them a layer's best; TMA candidate best on {tma_best} layers; "
                      f"GEMM layers whose best candidate runs under one wave: {len(sub_wave)}"
                      + (f" ({', '.join(sub_wave)})" if sub_wave else ""))
+        status = {k: [layer for layer in layers if layer.get("waves_status") == k]
+                  for k in ("full", "at max", "short")}
+        lines.append(f"  - waves criterion, batch {batch}: {len(status['full'])} GEMM layers at >= 1 wave; "
+                     f"{len(status['at max'])} below 1 wave at their achievable maximum (>= 90 % of it: "
+                     + ", ".join(f"{l['net']} {l['layer']} {_best_waves(l):.2f} of {l['achievable_waves']:.2f}"
+                                 for l in status["at max"])
+                     + f"); {len(status['short'])} neither"
+                     + (" (" + ", ".join(f"{l['net']} {l['layer']} {l.get('schedule')} {_best_waves(l):.2f} of "
+                                         f"{l['achievable_waves']:.2f}" for l in status["short"]) + ")"
+                        if status["short"] else ""))
         stage = [layer for layer in layers if layer["net"] == "resnet50" and layer["kernel"] == "gemm"
                  and layer["layer"].startswith(("layer3", "layer4"))]
         for layer in stage:
@@ -131,6 +147,11 @@ def summary(result: dict) -> list[str]:
                          f"{_fmt(layer.get('dp_waves_128'), '.2f')} (128² grid) → "
                          f"{_fmt(best and best['waves'], '.2f')} ({layer['best']})")
     return lines + [""]
+
+
+def _best_waves(layer: dict) -> float:
+    best = next((v for v in layer["variants"] if v["config"] == layer["best"]), None)
+    return best["waves"] if best else float("nan")
 
 
 def write(result: dict, out_root: str, stem: str) -> list[str]:

@@ -118,8 +118,9 @@ def test_static_report_numbers_are_sane(one_layer):
 
 def test_static_plan_runs_sub_wave_layers_on_every_sm():
     """The static plan follows the launcher's schedule: ResNet-50 layer3/4 3x3 at batch 32 on sm_90's 132 SMs
-    (0.74 / 0.39 waves of 128x128 tiles) run stream-K on 132 programs, one full wave; stride-2 layers and
-    grouped ones have no TMA candidate (the launcher would fall back), stride-1 3x3 layers do."""
+    (0.74 / 0.39 waves of 128x128 tiles) run stream-K on 132 programs, one full wave ("full"), and offer no
+    data-parallel TMA candidate (the launcher runs the pointer kernel's stream-K there); stride-2 layers have
+    no TMA candidate either; a stride-1 3x3 layer that stays data-parallel does."""
     from bench import static
 
     planned = static._plan_layers(["resnet50"], [32], "float16", 90,
@@ -131,9 +132,25 @@ def test_static_plan_runs_sub_wave_layers_on_every_sm():
         pointer = [v for v in variants if v["family"] == "pointer"]
         assert pointer and all(v["tiles"] == 132 and v["spec"]["fn"].__name__ == "_conv_streamk_kernel"
                                for v in pointer)
-        assert any(v["family"] == "tma" for v in variants)
+        assert not any(v["family"] == "tma" for v in variants)
+        assert launch["achievable_waves"] == 1.0
     assert not any(v["family"] == "tma" for v in by_name["layer4.0.conv2"][1])  # stride-2 3x3: pointer only
     assert by_name["layer1.0.conv2"][0]["schedule"] == "data-parallel"  # 5.9 waves already
+    assert any(v["family"] == "tma" for v in by_name["layer1.0.conv2"][1])
+
+
+def test_waves_status_classifies_against_the_achievable_maximum():
+    from bench import static
+
+    gemm = {"kernel": "gemm", "achievable_waves": 1.0}
+    assert static.waves_status(gemm, {"waves": 1.48}) == "full"
+    assert static.waves_status(gemm, {"waves": 0.97}) == "at max"  # split-K 16 x 8 tiles on 132 SMs
+    assert static.waves_status(gemm, {"waves": 0.74}) == "short"
+    small = {"kernel": "gemm", "achievable_waves": 0.59}
+    assert static.waves_status(small, {"waves": 0.59}) == "at max"  # every work unit in flight
+    assert static.waves_status(small, {"waves": 0.10}) == "short"
+    assert static.waves_status({"kernel": "depthwise"}, {"waves": 0.1}) is None
+    assert static.waves_status(gemm, None) is None
 
 
 def test_static_cache_hit_gives_the_same_analysis(one_layer):

@@ -99,6 +99,7 @@ def gemm_variants(case: LayerCase, batch: int, dtype: str, sms: int, cap: int = 
     if stream_k:
         values["GROUPS"] = s.groups
     path = "1x1" if flags["IS_1X1"] else ("flatk" if flags["FLAT_K"] else f"{s.kh}x{s.kw}")
+    nbytes_roof = metrics.conv_bytes(s, batch, dtype, residual=case.residual)
     variants = []
     for cfg in kept:
         kw = cfg.kwargs
@@ -107,10 +108,13 @@ def gemm_variants(case: LayerCase, batch: int, dtype: str, sms: int, cap: int = 
         tiles = -(-m // kw["BLOCK_M"]) * -(-cout_g // kw["BLOCK_N"]) * s.groups * split_k
         k_steps = _k_steps(s, cin_g, kw["BLOCK_K"], flags)
         steps = -(-k_steps // split_k)
+        sched_info = {"kind": "split_k", "split": split_k, "k_tile": k_steps, "tile_count": tiles,
+                      "nbytes": nbytes_roof}
         if stream_k:  # persistent programs, each with an equal share of all tiles' K iterations
+            sched_info["kind"] = "stream_k"
             steps = -(-(tiles * k_steps) // stream_k)
             tiles = min(stream_k, tiles * k_steps)
-        variants.append({"config": f"{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']} w{cfg.num_warps}/s{cfg.num_stages}",
+        variants.append({"schedule": sched_info, "config": f"{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']} w{cfg.num_warps}/s{cfg.num_stages}",
                          "block": (kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"]), "num_warps": cfg.num_warps,
                          "num_stages": cfg.num_stages, "tiles": tiles, "steps": steps, "spec": spec,
                          "family": "pointer"})
@@ -198,7 +202,9 @@ def tma_variants(case: LayerCase, batch: int, dtype: str, plan: dict) -> list[di
         sig = {name: sig[name] for name in fn.arg_names}  # parameter order
         spec = aot.spec_from_args(fn, sig, ints, constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         steps = s.kh * s.kw * -(-s.cin // bk)
-        out.append({"config": label, "block": (bm, bn, bk), "num_warps": cfg.num_warps,
+        out.append({"schedule": {"kind": "split_k", "split": 1, "k_tile": steps, "tile_count": tiles,
+                                 "nbytes": metrics.conv_bytes(s, batch, dtype, residual=case.residual)},
+                    "config": label, "block": (bm, bn, bk), "num_warps": cfg.num_warps,
                     "num_stages": cfg.num_stages, "tiles": tiles, "steps": steps, "spec": spec, "family": "tma"})
     return out
 
@@ -335,21 +341,47 @@ def _variant_row(variant: dict, analysis: dict, cap: int) -> dict:
 
 
 def estimated_us(variant: dict, issue_ratio: float, cap: int) -> float | None:
-    """A static time estimate of the variant's main loop: waves of programs (ceil(programs / SMs)) x K steps per
-    program x the cycles of one K step — its tensor-core cycles (2·BM·BN·BK / FLOP per cycle per SM), or its
-    issue cycles when the loop is issue-bound (issue ratio > 1), over the tile shape's efficiency
-    (`schedule.tile_efficiency`) — at the target's clock. Counts wasted tiles
-    (tile tails, TMA boxes past the image edge) and idle SMs; ignores memory bandwidth and the epilogue."""
+    """A static time estimate of the variant under its schedule, with the terms of the schedule rule's model
+    (`kernels/schedule.py`) at the target's clock, SM count and bandwidth:
+
+    * K loop: waves of programs (ceil(programs / SMs)) x K steps per program x the cycles of one K step — its
+      tensor-core cycles (2·BM·BN·BK / FLOP per cycle per SM), or its issue cycles when the loop is issue-bound
+      (issue ratio > 1), over the tile shape's efficiency (`schedule.tile_efficiency`), but never under the
+      latency floor (`schedule.LOAD_LATENCY_S` over the num_stages - 1 K steps the pipeline keeps in flight) —
+      plus one load latency per tile a program starts;
+    * memory: the layer's compulsory bytes (+ a split's fp32 workspace, written and read) at the target's
+      bandwidth; the estimate is the larger of the two;
+    * fixed: a split's epilogue launch, a stream-K tile's partial read-back (`schedule.streamk_fixup_s`).
+
+    Counts wasted tiles (tile tails, TMA boxes past the image edge) and idle SMs; one program per SM at a time
+    (occupancy is not modelled). A model, not a measurement."""
     if not variant.get("steps") or not variant["block"]:
         return None
+    from fusedconv.kernels import schedule as sched
+
     bm, bn, bk = variant["block"]
     target = TARGETS[cap]
-    waves = -(-variant["tiles"] // target["sms"])
-    from fusedconv.kernels.schedule import tile_efficiency
-
-    cycles = waves * variant["steps"] * (2.0 * bm * bn * bk / target["mma_flop_per_cycle"]) * max(1.0, issue_ratio)
-    cycles /= tile_efficiency(bm, bn)  # the schedule model's rate of this tile shape (operand intensity)
-    return round(cycles / (target["clock_ghz"] * 1e3), 2)
+    clock = target["clock_ghz"] * 1e9
+    info = variant.get("schedule") or {"kind": "split_k", "split": 1, "k_tile": variant["steps"],
+                                       "tile_count": variant["tiles"], "nbytes": 0}
+    latency = sched.LOAD_LATENCY_S * clock
+    step = (2.0 * bm * bn * bk / target["mma_flop_per_cycle"]) * max(1.0, issue_ratio) / sched.tile_efficiency(bm, bn)
+    step = max(step, latency / max(1, variant["num_stages"] - 1))
+    nbytes, fixed = float(info["nbytes"]), 0.0
+    if info["kind"] == "stream_k":
+        per_prog, k_tile = variant["steps"], info["k_tile"]
+        touched = min(info["tile_count"], -(-per_prog // k_tile) + 1)
+        loop = per_prog * step + touched * latency
+        fixed = sched.streamk_fixup_s(bm, bn, k_tile, per_prog, target["sms"]) * clock
+    else:
+        waves = -(-variant["tiles"] // target["sms"])
+        loop = waves * (variant["steps"] * step + latency)
+        if info["split"] > 1:
+            m_out = info["tile_count"] // info["split"] * bm * bn  # M x N, tile tails included
+            nbytes += 2.0 * info["split"] * m_out * 4
+            fixed = sched.EPILOGUE_LAUNCH_S * clock
+    memory = nbytes / (target["tb_s"] * 1e12) * clock
+    return round((max(loop, memory) + fixed) / (target["clock_ghz"] * 1e3), 2)
 
 
 def waves_status(launch: dict, best: dict | None) -> str | None:

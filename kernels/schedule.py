@@ -9,14 +9,14 @@ The model (an H100-class part; only ratios matter) rates each tile shape of the 
 
 * compute: the programs run in waves on `num_sms` SMs, each at the per-SM share of the fp16 dense tensor-core
   rate times the tile shape's efficiency (smaller tiles re-read more operands per FLOP);
-* memory latency: a program keeps about `_STAGES_IN_FLIGHT` K steps of loads in flight (the pipeline
-  depth), so by Little's law one K step takes at least `_LOAD_LATENCY_S / _STAGES_IN_FLIGHT` however small the
+* memory latency: a program keeps about `STAGES_IN_FLIGHT` K steps of loads in flight (the pipeline
+  depth), so by Little's law one K step takes at least `LOAD_LATENCY_S / STAGES_IN_FLIGHT` however small the
   tile — small tiles and short grids are latency-bound, which is why spreading K over more SMs pays at batch 1;
 * memory bandwidth: the layer's compulsory bytes (input, weight, output; a split adds its fp32 workspace,
   written once and read once; stream-K its partial tiles) move at most at `_HBM_BYTES_PER_S`, so splitting a
   layer that is already bandwidth-bound buys nothing and its extra bytes cost time;
 * fixed costs: every tile a program starts pays one load latency before its pipeline streams
-  (`_LOAD_LATENCY_S`); a split pays the epilogue kernel's launch; a stream-K tile shared by several programs
+  (`LOAD_LATENCY_S`); a split pays the epilogue kernel's launch; a stream-K tile shared by several programs
   pays, on the completing program's critical path, reading the other contributors' fp32 partial tiles from L2
   at that program's share of the L2 bandwidth.
 
@@ -36,11 +36,11 @@ _PEAK_FLOPS = 750e12
 _HBM_BYTES_PER_S = 3e12
 # Loaded-HBM latency of a K step's loads, and how many K steps a program keeps in flight (num_stages - 1 of
 # the 3-4 stage configs): assumptions of the model, for the GPU check to calibrate.
-_LOAD_LATENCY_S = 0.8e-6
-_STAGES_IN_FLIGHT = 3
+LOAD_LATENCY_S = 0.8e-6
+STAGES_IN_FLIGHT = 3
 # L2 read bandwidth shared by all SMs (H100-class, measured figures are ~5.5-7 TB/s: the low end).
 _L2_BYTES_PER_S = 5.5e12
-_EPILOGUE_LAUNCH_S = 1.5e-6
+EPILOGUE_LAUNCH_S = 1.5e-6
 
 #: Tile shapes the model rates (the pointer kernel's 16-bit config table, largest accumulator first).
 MODEL_TILES = ((128, 128), (64, 128), (64, 64), (32, 64), (16, 64))
@@ -112,7 +112,7 @@ def layer_bytes(m: int, cout_g: int, groups: int, k_iters: int, block_k: int = 6
 def _step_s(bm: int, bn: int, block_k: int, num_sms: int) -> float:
     """One K step of one program: its tensor-core time at the per-SM rate, or the latency floor."""
     compute = 2.0 * bm * bn * block_k / (_PEAK_FLOPS / max(num_sms, 1) * tile_efficiency(bm, bn))
-    return max(compute, _LOAD_LATENCY_S / _STAGES_IN_FLIGHT)
+    return max(compute, LOAD_LATENCY_S / STAGES_IN_FLIGHT)
 
 
 def estimate_time(m: int, cout_g: int, groups: int, k_iters: int, num_sms: int, split: int,
@@ -126,11 +126,11 @@ def estimate_time(m: int, cout_g: int, groups: int, k_iters: int, num_sms: int, 
     for bm, bn in tiles or model_tiles(m, cout_g):
         programs = _cdiv(m, bm) * _cdiv(cout_g, bn) * groups * split
         waves = _cdiv(programs, sms)
-        loop = waves * (_cdiv(k_iters, split) * _step_s(bm, bn, block_k, sms) + _LOAD_LATENCY_S)
+        loop = waves * (_cdiv(k_iters, split) * _step_s(bm, bn, block_k, sms) + LOAD_LATENCY_S)
         moved = nbytes + (2.0 * split * m * cout_g * groups * 4 if split > 1 else 0.0)
         t = max(loop, moved / _HBM_BYTES_PER_S)
         if split > 1:
-            t += _EPILOGUE_LAUNCH_S
+            t += EPILOGUE_LAUNCH_S
         if t < best[0]:
             best = (t, (bm, bn))
     return best
@@ -161,7 +161,7 @@ def estimate_streamk_time(m: int, cout_g: int, groups: int, k_iters: int, num_sm
         units = tiles * k_iters
         per_prog = _cdiv(units, sms)
         touched = min(tiles, _cdiv(per_prog, k_iters) + 1)  # tiles one program's slice touches, at most
-        loop = per_prog * _step_s(bm, bn, block_k, sms) + touched * _LOAD_LATENCY_S
+        loop = per_prog * _step_s(bm, bn, block_k, sms) + touched * LOAD_LATENCY_S
         shared_tiles = 0 if per_prog % k_iters == 0 else min(tiles, sms)
         moved = nbytes + 2.0 * shared_tiles * bm * bn * 4  # partials written once, read once
         t = max(loop, moved / _HBM_BYTES_PER_S)

@@ -340,8 +340,9 @@ def test_prune_configs_fits_problem():
 def test_choose_split_k():
     # ResNet-50 batch 1, last stage 3x3: M = 49, Cout = 512, K = 9 * 512 -> split on a 132-SM H100.
     assert kconfigs.choose_split_k(49, 512, 1, 9 * 8, 132) > 1
-    # batch 32 fills the GPU with tiles: no split.
-    assert kconfigs.choose_split_k(32 * 49, 512, 1, 9 * 8, 132) == 1
+    # layer1 3x3 at batch 32 fills the GPU with ~6 waves of tiles: no split. (Batch-32 layer4, 52 tiles of
+    # 128x128 on 132 SMs, does not: the schedule rule runs it stream-K, and its best split is not 1.)
+    assert kconfigs.choose_split_k(32 * 56 * 56, 64, 1, 9, 132) == 1
     # short K: no split; empty problem: no split.
     assert kconfigs.choose_split_k(49, 64, 1, 2, 132) == 1
     assert kconfigs.choose_split_k(0, 64, 1, 72, 132) == 1

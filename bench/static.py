@@ -24,18 +24,13 @@ import torch
 
 from bench import aot, metrics, sass
 from bench.shapes import NETS, LayerCase, layer_cases
+# re-exported: callers and tests reach these through bench.static
+from bench.static_estimate import TARGETS, best_candidate, estimated_us, waves_status  # noqa: F401
+from fusedconv.kernels import schedule as sched
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CACHE = os.path.join(REPO_ROOT, ".cache", "static")
 
-#: Per target: the device whose numbers rate it. sm_90: H200 (the GPU machine) with measured ceilings; sm_80:
-#: A100 SXM datasheet. mma_flop_per_cycle: dense fp16 tensor-core FLOP per cycle per SM.
-TARGETS = {
-    90: {"device": "H200", "tflops": 790.0, "tb_s": 4.3, "source": "measured on the project's H200 (bf16 GEMM, copy)",
-         "sms": 132, "mma_flop_per_cycle": 4096, "clock_ghz": 1.755},
-    80: {"device": "A100 SXM", "tflops": 312.0, "tb_s": 2.0, "source": "vendor datasheet (dense fp16)",
-         "sms": 108, "mma_flop_per_cycle": 2048, "clock_ghz": 1.41},
-}
 _SHORT = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 
 
@@ -71,8 +66,6 @@ def gemm_variants(case: LayerCase, batch: int, dtype: str, sms: int, cap: int = 
         k_iters = -(-(s.kh * s.kw * cin_g) // 64)
     else:
         k_iters = s.kh * s.kw * -(-cin_g // 64)
-    from fusedconv.kernels import schedule as sched
-
     nbytes = sched.layer_bytes(m, cout_g, s.groups, k_iters, input_k=cin_g, elem_bytes=tdtype.itemsize)
     kind, value = cfgs.choose_schedule(m, cout_g, s.groups, k_iters, sms, nbytes=nbytes)
     split_k, stream_k = (1, value) if kind == "stream_k" else (value, False)
@@ -114,7 +107,8 @@ def gemm_variants(case: LayerCase, batch: int, dtype: str, sms: int, cap: int = 
             sched_info["kind"] = "stream_k"
             steps = -(-(tiles * k_steps) // stream_k)
             tiles = min(stream_k, tiles * k_steps)
-        variants.append({"schedule": sched_info, "config": f"{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']} w{cfg.num_warps}/s{cfg.num_stages}",
+        variants.append({"schedule": sched_info,
+                         "config": f"{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']} w{cfg.num_warps}/s{cfg.num_stages}",
                          "block": (kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"]), "num_warps": cfg.num_warps,
                          "num_stages": cfg.num_stages, "tiles": tiles, "steps": steps, "spec": spec,
                          "family": "pointer"})
@@ -338,71 +332,6 @@ def _variant_row(variant: dict, analysis: dict, cap: int) -> dict:
     else:
         row["issue_ratio"] = None
     return row
-
-
-def estimated_us(variant: dict, issue_ratio: float, cap: int) -> float | None:
-    """A static time estimate of the variant under its schedule, with the terms of the schedule rule's model
-    (`kernels/schedule.py`) at the target's clock, SM count and bandwidth:
-
-    * K loop: waves of programs (ceil(programs / SMs)) x K steps per program x the cycles of one K step — its
-      tensor-core cycles (2·BM·BN·BK / FLOP per cycle per SM), or its issue cycles when the loop is issue-bound
-      (issue ratio > 1), over the tile shape's efficiency (`schedule.tile_efficiency`), but never under the
-      latency floor (`schedule.LOAD_LATENCY_S` over the num_stages - 1 K steps the pipeline keeps in flight) —
-      plus one load latency per tile a program starts;
-    * memory: the layer's compulsory bytes (+ a split's fp32 workspace, written and read) at the target's
-      bandwidth; the estimate is the larger of the two;
-    * fixed: a split's epilogue launch, a stream-K tile's partial read-back (`schedule.streamk_fixup_s`).
-
-    Counts wasted tiles (tile tails, TMA boxes past the image edge) and idle SMs; one program per SM at a time
-    (occupancy is not modelled). A model, not a measurement."""
-    if not variant.get("steps") or not variant["block"]:
-        return None
-    from fusedconv.kernels import schedule as sched
-
-    bm, bn, bk = variant["block"]
-    target = TARGETS[cap]
-    clock = target["clock_ghz"] * 1e9
-    info = variant.get("schedule") or {"kind": "split_k", "split": 1, "k_tile": variant["steps"],
-                                       "tile_count": variant["tiles"], "nbytes": 0}
-    latency = sched.LOAD_LATENCY_S * clock
-    step = (2.0 * bm * bn * bk / target["mma_flop_per_cycle"]) * max(1.0, issue_ratio) / sched.tile_efficiency(bm, bn)
-    step = max(step, latency / max(1, variant["num_stages"] - 1))
-    nbytes, fixed = float(info["nbytes"]), 0.0
-    if info["kind"] == "stream_k":
-        per_prog, k_tile = variant["steps"], info["k_tile"]
-        touched = min(info["tile_count"], -(-per_prog // k_tile) + 1)
-        loop = per_prog * step + touched * latency
-        fixed = sched.streamk_fixup_s(bm, bn, k_tile, per_prog, target["sms"]) * clock
-    else:
-        waves = -(-variant["tiles"] // target["sms"])
-        loop = waves * (variant["steps"] * step + latency)
-        if info["split"] > 1:
-            m_out = info["tile_count"] // info["split"] * bm * bn  # M x N, tile tails included
-            nbytes += 2.0 * info["split"] * m_out * 4
-            fixed = sched.EPILOGUE_LAUNCH_S * clock
-    memory = nbytes / (target["tb_s"] * 1e12) * clock
-    return round((max(loop, memory) + fixed) / (target["clock_ghz"] * 1e3), 2)
-
-
-def waves_status(launch: dict, best: dict | None) -> str | None:
-    """How the best candidate fills the GPU: "full" (>= 1 wave of programs), "at max" (under one wave, but at
-    least `schedule.FILL_FRACTION` of what the layer's work units allow: `achievable_waves`), "short"
-    (neither), None for layers without a rated GEMM candidate (depthwise)."""
-    from fusedconv.kernels import schedule as sched
-
-    if launch.get("kernel") != "gemm" or best is None:
-        return None
-    if best["waves"] >= 1.0:
-        return "full"
-    return "at max" if sched.fills(best["waves"], launch["achievable_waves"]) else "short"
-
-
-def best_candidate(rows: list[dict]) -> dict | None:
-    """Among compiled, spill-free tensor-core variants, the lowest `estimated_us` (then issue ratio); None when
-    there is none."""
-    ok = [r for r in rows if r.get("ok") and r.get("issue_ratio") is not None and not r.get("stack_bytes")
-          and r.get("mma") in ("wgmma", "mma.sync")]
-    return min(ok, key=lambda r: (r.get("est_us") or float("inf"), r["issue_ratio"], -r["tiles"])) if ok else None
 
 
 def run(cap: int, *, nets=NETS, batches=(32, 1), dtype="float16", cache_dir=DEFAULT_CACHE, jobs=2,

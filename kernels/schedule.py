@@ -20,9 +20,11 @@ The model (an H100-class part; only ratios matter) rates each tile shape of the 
   pays, on the completing program's critical path, reading the other contributors' fp32 partial tiles from L2
   at that program's share of the L2 bandwidth.
 
-A schedule's time is max(K loop + tile latencies, bytes / HBM bandwidth) plus its fixed costs. `choose_schedule` takes the fastest and
-leaves data-parallel only when another schedule wins clearly (the model is coarse). The constants are
-assumptions of this model, not measurements: the GPU check is what calibrates them.
+A schedule's time is max(K loop + tile latencies, bytes / HBM bandwidth) plus its fixed costs.
+`choose_schedule` fills the GPU first — it prefers a schedule that keeps the SMs busy as far as the layer's
+work allows while that is modelled within FILL_TOLERANCE of the fastest — then takes the fastest, and leaves
+data-parallel only when another schedule wins clearly (the model is coarse). The constants are assumptions
+of this model, not measurements: the GPU check is what calibrates them.
 
 Work units: one K step of one output tile. No schedule can keep more programs busy than a layer has work
 units (a stream-K program needs at least one K step), so `achievable_waves` — the units of the smallest tile
@@ -243,9 +245,9 @@ def choose_schedule(m: int, cout_g: int, groups: int, k_iters: int, num_sms: int
 
     The rule: fill the GPU, then be fast. Among `schedule_options`, those that fill the SMs as far as the layer
     allows (`fills` against `achievable_waves`) are preferred as long as one of them is modelled within
-    FILL_TOLERANCE of the fastest option of all (ties go to the option with more SMs busy) — an idle SM is a certain loss, the model's rating of the
-    filling schedule's extra costs is not; where none is, the fastest option runs (the static report names such
-    layers). Within the preferred options the fastest wins, but data-parallel stays unless another option beats
+    FILL_TOLERANCE of the fastest option of all (ties go to the option with more SMs busy) — an idle SM is a
+    certain loss, the model's rating of the filling schedule's extra costs is not; where none is, the fastest
+    option runs (the static report names such layers). Within the preferred options the fastest wins, but data-parallel stays unless another option beats
     it clearly (_CLEAR_WIN). Stream-K needs STREAMK_MIN_K_ITERS K steps per tile, a split _MIN_SPLIT_STEPS per
     slice; without SMs (num_sms 0: no GPU) the plain grid. `nbytes`: the layer's compulsory bytes (default
     `layer_bytes` of a 1x1-like fp16 GEMM).

@@ -68,6 +68,12 @@ def gemm_variants(case: LayerCase, batch: int, dtype: str, sms: int, cap: int = 
         k_iters = s.kh * s.kw * -(-cin_g // 64)
     nbytes = sched.layer_bytes(m, cout_g, s.groups, k_iters, input_k=cin_g, elem_bytes=tdtype.itemsize)
     kind, value = cfgs.choose_schedule(m, cout_g, s.groups, k_iters, sms, nbytes=nbytes)
+    # The rule's own view: its chosen option's modelled time against the fastest schedule that fills the GPU.
+    options = sched.schedule_options(m, cout_g, s.groups, k_iters, sms, nbytes=nbytes)
+    reach = sched.achievable_waves(m, cout_g, s.groups, k_iters, sms)
+    chosen = sched.pick(options, reach)
+    filling = [o for o in options if sched.fills(o["waves"], reach)]
+    rule_fill_cost = round(min(o["time"] for o in filling) / chosen["time"] - 1, 3) if filling else None
     split_k, stream_k = (1, value) if kind == "stream_k" else (value, False)
     res_meta = (out_shape, _cl_strides(*out_shape), tdtype) if case.residual else None
     plan = cba._plan(x_shape, _cl_strides(*x_shape), tdtype, torch.device("cpu"), w_shape,
@@ -122,7 +128,7 @@ def gemm_variants(case: LayerCase, batch: int, dtype: str, sms: int, cap: int = 
     launch = {"kernel": "gemm", "path": path, "split_k": split_k, "stream_k": stream_k or 0, "schedule": schedule,
               "dp_waves_128": dp_waves, "achievable_waves": round(sched.achievable_waves(m, cout_g, s.groups,
                                                                                         k_iters, sms), 2),
-              "M": m, "N": cout_g, "K": cin_g * s.kh * s.kw,
+              "rule_fill_cost": rule_fill_cost, "M": m, "N": cout_g, "K": cin_g * s.kh * s.kw,
               "use_int64": flags["USE_INT64"], "even_k": flags["EVEN_K"]}
     return launch, variants
 
@@ -328,7 +334,7 @@ def _variant_row(variant: dict, analysis: dict, cap: int) -> dict:
         bm, bn, bk = variant["block"]
         row["issue_ratio"] = round(sass.issue_ratio(loop["instructions"], variant["num_warps"], bm, bn, bk,
                                                     TARGETS[cap]["mma_flop_per_cycle"]), 3)
-        row["est_us"] = estimated_us(variant, row["issue_ratio"], cap)
+        row["est_us"] = estimated_us(variant, row["issue_ratio"], cap, analysis)
     else:
         row["issue_ratio"] = None
     return row
@@ -356,6 +362,9 @@ def run(cap: int, *, nets=NETS, batches=(32, 1), dtype="float16", cache_dir=DEFA
                                for fam, b in per_family.items()},
                   "tma_candidates": sum(1 for r in rows if r["family"] == "tma")}
         launch["waves_status"] = waves_status(launch, best)
+        if launch["waves_status"] == "short":  # what filling would cost: the best candidate that fills
+            filling = best_candidate([r for r in rows if waves_status(launch, r) != "short"])
+            launch["best_filling"] = (filling["config"], filling["waves"], filling["est_us"]) if filling else None
         layers_out.append({"net": case.net, "layer": case.name, "shape": case.shape.label(), "batch": batch,
                            "activation": case.activation, "residual": case.residual, "count": case.count,
                            **launch, "roofline": roofline(case, batch, dtype, TARGETS[cap]),

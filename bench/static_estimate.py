@@ -20,7 +20,7 @@ TARGETS = {
 }
 
 
-def estimated_us(variant: dict, issue_ratio: float, cap: int) -> float | None:
+def estimated_us(variant: dict, issue_ratio: float, cap: int, analysis: dict | None = None) -> float | None:
     """A static time estimate of the variant under its schedule, with the terms of the schedule rule's model
     (`kernels/schedule.py`) at the target's clock, SM count and bandwidth:
 
@@ -33,8 +33,10 @@ def estimated_us(variant: dict, issue_ratio: float, cap: int) -> float | None:
       bandwidth; the estimate is the larger of the two;
     * fixed: a split's epilogue launch, a stream-K tile's partial read-back (`schedule.streamk_fixup_s`).
 
-    Counts wasted tiles (tile tails, TMA boxes past the image edge) and idle SMs; one program per SM at a time
-    (occupancy is not modelled). A model, not a measurement."""
+    Data-parallel programs share an SM as far as its shared memory and registers allow (from the compiled
+    variant's `analysis`: `schedule.resident_programs`): they run in rounds of SMs x residents, and co-resident
+    programs share the tensor cores but overlap their load latency. Counts wasted tiles (tile tails, TMA boxes
+    past the image edge) and idle SMs. A model, not a measurement."""
     if not variant.get("steps") or not variant["block"]:
         return None
     bm, bn, bk = variant["block"]
@@ -43,8 +45,10 @@ def estimated_us(variant: dict, issue_ratio: float, cap: int) -> float | None:
     info = variant.get("schedule") or {"kind": "split_k", "split": 1, "k_tile": variant["steps"],
                                        "tile_count": variant["tiles"], "nbytes": 0}
     latency = sched.LOAD_LATENCY_S * clock
-    step = (2.0 * bm * bn * bk / target["mma_flop_per_cycle"]) * max(1.0, issue_ratio) / sched.tile_efficiency(bm, bn)
-    step = max(step, latency / max(1, variant["num_stages"] - 1))
+    step_mma = (2.0 * bm * bn * bk / target["mma_flop_per_cycle"]) * max(1.0, issue_ratio)
+    step_mma /= sched.tile_efficiency(bm, bn)
+    floor = latency / max(1, variant["num_stages"] - 1)
+    step = max(step_mma, floor)
     nbytes, fixed = float(info["nbytes"]), 0.0
     if info["kind"] == "stream_k":
         per_prog, k_tile = variant["steps"], info["k_tile"]
@@ -52,8 +56,14 @@ def estimated_us(variant: dict, issue_ratio: float, cap: int) -> float | None:
         loop = per_prog * step + touched * latency
         fixed = sched.streamk_fixup_s(bm, bn, k_tile, per_prog, target["sms"]) * clock
     else:
-        waves = -(-variant["tiles"] // target["sms"])
-        loop = waves * (variant["steps"] * step + latency)
+        resident = 1
+        if analysis and analysis.get("shared_bytes") and analysis.get("registers"):
+            resident = sched.resident_programs(analysis["shared_bytes"], analysis["registers"],
+                                               variant["num_warps"])
+        per_sm = min(resident, -(-variant["tiles"] // target["sms"]))
+        rounds = -(-variant["tiles"] // (target["sms"] * per_sm))
+        mma = step_mma * per_sm
+        loop = rounds * (variant["steps"] * max(mma, floor) + latency)
         if info["split"] > 1:
             m_out = info["tile_count"] // info["split"] * bm * bn  # M x N, tile tails included
             nbytes += 2.0 * info["split"] * m_out * 4
@@ -74,8 +84,9 @@ def waves_status(launch: dict, best: dict | None) -> str | None:
 
 
 def best_candidate(rows: list[dict]) -> dict | None:
-    """Among compiled, spill-free tensor-core variants, the lowest `estimated_us` (then issue ratio); None when
-    there is none."""
+    """Among compiled, spill-free tensor-core variants, the lowest `estimated_us` (of equal ones the one keeping
+    more SMs busy, as the schedule rule breaks ties, then the lower issue ratio); None when there is none."""
     ok = [r for r in rows if r.get("ok") and r.get("issue_ratio") is not None and not r.get("stack_bytes")
           and r.get("mma") in ("wgmma", "mma.sync")]
-    return min(ok, key=lambda r: (r.get("est_us") or float("inf"), r["issue_ratio"], -r["tiles"])) if ok else None
+    return min(ok, key=lambda r: (r.get("est_us") or float("inf"), -min(1.0, r["waves"]), r["issue_ratio"],
+                                  -r["tiles"])) if ok else None

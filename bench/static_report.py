@@ -136,8 +136,7 @@ def summary(result: dict) -> list[str]:
                      + ", ".join(f"{l['net']} {l['layer']} {_best_waves(l):.2f} of {l['achievable_waves']:.2f}"
                                  for l in status["at max"])
                      + f"); {len(status['short'])} neither"
-                     + (" (" + ", ".join(f"{l['net']} {l['layer']} {l.get('schedule')} {_best_waves(l):.2f} of "
-                                         f"{l['achievable_waves']:.2f}" for l in status["short"]) + ")"
+                     + (" (" + ", ".join(_short(layer) for layer in status["short"]) + ")"
                         if status["short"] else ""))
         stage = [layer for layer in layers if layer["net"] == "resnet50" and layer["kernel"] == "gemm"
                  and layer["layer"].startswith(("layer3", "layer4"))]
@@ -147,6 +146,22 @@ def summary(result: dict) -> list[str]:
                          f"{_fmt(layer.get('dp_waves_128'), '.2f')} (128² grid) → "
                          f"{_fmt(best and best['waves'], '.2f')} ({layer['best']})")
     return lines + [""]
+
+
+def _short(layer: dict) -> str:
+    """A layer below its achievable waves, with what the best filling candidate would cost by the estimate."""
+    best = next((v for v in layer["variants"] if v["config"] == layer["best"]), None)
+    text = (f"{layer['net']} {layer['layer']} {layer.get('schedule')} {_best_waves(layer):.2f} of "
+            f"{layer['achievable_waves']:.2f}")
+    fill = layer.get("best_filling")
+    if fill and best and best.get("est_us"):
+        text += f" [filling: {fill[0]} {fill[1]:.2f} waves, est {fill[2] / best['est_us'] - 1:+.0%}]"
+    elif best:
+        text += " [no candidate of this schedule fills]"
+    cost = layer.get("rule_fill_cost")
+    text += (f" [rule: fastest filling schedule modelled {cost:+.0%}]" if cost is not None
+             else " [rule: no schedule fills]")
+    return text
 
 
 def _best_waves(layer: dict) -> float:

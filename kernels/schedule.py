@@ -7,11 +7,13 @@ before the autotuner (whose key includes it) picks tiles.
 The model (an H100-class part; only ratios matter) rates each tile shape of the pointer kernel's config table
 (128x128 down to 16x64, capped to the problem as the config pruning caps them) under each schedule:
 
-* compute: the programs run in waves on `num_sms` SMs, each at the per-SM share of the fp16 dense tensor-core
-  rate times the tile shape's efficiency (smaller tiles re-read more operands per FLOP);
+* compute: the programs run in rounds on `num_sms` SMs — as many at once per SM as its shared memory and
+  registers hold (`resident_programs`) — sharing the per-SM share of the fp16 dense tensor-core rate times the
+  tile shape's efficiency (smaller tiles re-read more operands per FLOP);
 * memory latency: a program keeps about `STAGES_IN_FLIGHT` K steps of loads in flight (the pipeline
   depth), so by Little's law one K step takes at least `LOAD_LATENCY_S / STAGES_IN_FLIGHT` however small the
-  tile — small tiles and short grids are latency-bound, which is why spreading K over more SMs pays at batch 1;
+  tile (co-resident programs overlap theirs) — small tiles and short grids are latency-bound, which is why
+  spreading K over more SMs, or more programs per SM, pays at batch 1;
 * memory bandwidth: the layer's compulsory bytes (input, weight, output; a split adds its fp32 workspace,
   written once and read once; stream-K its partial tiles) move at most at `_HBM_BYTES_PER_S`, so splitting a
   layer that is already bandwidth-bound buys nothing and its extra bytes cost time;
@@ -43,6 +45,11 @@ STAGES_IN_FLIGHT = 3
 # L2 read bandwidth shared by all SMs (H100-class, measured figures are ~5.5-7 TB/s: the low end).
 _L2_BYTES_PER_S = 5.5e12
 EPILOGUE_LAUNCH_S = 1.5e-6
+
+#: Shared memory and registers of one SM (H100-class), and the most programs the model lets share it.
+SMEM_PER_SM = 227 * 1024
+REGISTERS_PER_SM = 65536
+_MAX_RESIDENT = 16
 
 #: Tile shapes the model rates (the pointer kernel's 16-bit config table, largest accumulator first).
 MODEL_TILES = ((128, 128), (64, 128), (64, 64), (32, 64), (16, 64))
@@ -111,10 +118,27 @@ def layer_bytes(m: int, cout_g: int, groups: int, k_iters: int, block_k: int = 6
     return float(elem_bytes * groups * (m * input_k + cout_g * k + m * cout_g))
 
 
-def _step_s(bm: int, bn: int, block_k: int, num_sms: int) -> float:
-    """One K step of one program: its tensor-core time at the per-SM rate, or the latency floor."""
+def _step_s(bm: int, bn: int, block_k: int, num_sms: int, resident: int = 1) -> float:
+    """One K step of `resident` programs sharing an SM: their tensor-core time at the per-SM rate, or the
+    latency floor (which co-resident programs overlap)."""
     compute = 2.0 * bm * bn * block_k / (_PEAK_FLOPS / max(num_sms, 1) * tile_efficiency(bm, bn))
-    return max(compute, LOAD_LATENCY_S / STAGES_IN_FLIGHT)
+    return max(resident * compute, LOAD_LATENCY_S / STAGES_IN_FLIGHT)
+
+
+def resident_programs(shared_bytes: float, registers: int, num_warps: int) -> int:
+    """How many programs of a kernel fit on one SM at once (shared memory, registers; at most
+    _MAX_RESIDENT): small tiles hide each other's load latency."""
+    by_smem = int(SMEM_PER_SM // max(shared_bytes, 1))
+    by_regs = REGISTERS_PER_SM // max(registers * 32 * num_warps, 1)
+    return max(1, min(by_smem, by_regs, _MAX_RESIDENT))
+
+
+def model_resident(bm: int, bn: int, block_k: int = 64, elem_bytes: int = 2) -> int:
+    """`resident_programs` of a model tile as the config table builds it: 8 warps from 128x128 up (3 stages),
+    else 4 warps (4 stages); about 64 registers per thread besides the accumulator."""
+    warps, stages = (8, 3) if bm * bn >= 128 * 128 else (4, 4)
+    smem = (bm + bn) * block_k * elem_bytes * stages
+    return resident_programs(smem, bm * bn // (32 * warps) + 64, warps)
 
 
 def estimate_time(m: int, cout_g: int, groups: int, k_iters: int, num_sms: int, split: int,
@@ -127,8 +151,9 @@ def estimate_time(m: int, cout_g: int, groups: int, k_iters: int, num_sms: int, 
     best = (float("inf"), (128, 128))
     for bm, bn in tiles or model_tiles(m, cout_g):
         programs = _cdiv(m, bm) * _cdiv(cout_g, bn) * groups * split
-        waves = _cdiv(programs, sms)
-        loop = waves * (_cdiv(k_iters, split) * _step_s(bm, bn, block_k, sms) + LOAD_LATENCY_S)
+        per_sm = min(model_resident(bm, bn, block_k), _cdiv(programs, sms))  # programs sharing an SM
+        rounds = _cdiv(programs, sms * per_sm)
+        loop = rounds * (_cdiv(k_iters, split) * _step_s(bm, bn, block_k, sms, per_sm) + LOAD_LATENCY_S)
         moved = nbytes + (2.0 * split * m * cout_g * groups * 4 if split > 1 else 0.0)
         t = max(loop, moved / _HBM_BYTES_PER_S)
         if split > 1:
@@ -195,27 +220,35 @@ def choose_split_k(m: int, cout_g: int, groups: int, k_iters: int, num_sms: int,
 
 def schedule_options(m: int, cout_g: int, groups: int, k_iters: int, num_sms: int, *,
                      nbytes: float | None = None) -> list[dict]:
-    """Every (schedule, tile) the rule weighs: data-parallel and each split the K allows, stream-K where the K
-    allows, at each model tile — with its modelled seconds and the fraction of the SMs its programs (or work
-    units, for stream-K) keep busy, capped at 1. Data-parallel at the largest tile comes first."""
+    """Every schedule the rule weighs: data-parallel and each split the K allows, stream-K where the K allows —
+    each with its modelled seconds and the fraction of the SMs its programs (or work units, for stream-K) keep
+    busy, capped at 1, both at the schedule's best tile (the fastest; of equally fast ones the busiest). The
+    launcher fixes the schedule, the autotuner the tile: so a schedule counts as filling the GPU only if it
+    does so at the tile it would most likely run with. Data-parallel comes first."""
     sms = max(num_sms, 1)
     out = []
+
+    def best_of(kind, value, rated):
+        best = min(rated, key=lambda r: (r[0], -r[1]))
+        out.append({"kind": kind, "value": value, "time": best[0], "waves": best[1], "tile": best[2]})
+
     for split in _SPLITS:
         if split > 1 and (k_iters < 2 * _MIN_SPLIT_STEPS or k_iters // split < _MIN_SPLIT_STEPS):
             break
+        rated = []
         for bm, bn in model_tiles(m, cout_g):
             t = estimate_time(m, cout_g, groups, k_iters, num_sms, split, nbytes=nbytes, tiles=((bm, bn),))[0]
             programs = _cdiv(m, bm) * _cdiv(cout_g, bn) * groups * split
-            out.append({"kind": "split_k", "value": split, "time": t, "tile": (bm, bn),
-                        "waves": min(1.0, programs / sms)})
+            rated.append((t, min(1.0, programs / sms), (bm, bn)))
+        best_of("split_k", split, rated)
     if k_iters >= STREAMK_MIN_K_ITERS:
+        rated = []
         for bm, bn in model_tiles(m, cout_g):
             if bm * bn > STREAMK_MAX_TILE:
                 continue
             t = estimate_streamk_time(m, cout_g, groups, k_iters, num_sms, nbytes=nbytes, tiles=((bm, bn),))[0]
-            units = work_units(m, cout_g, groups, k_iters, bm, bn)
-            out.append({"kind": "stream_k", "value": num_sms, "time": t, "tile": (bm, bn),
-                        "waves": min(1.0, units / sms)})
+            rated.append((t, min(1.0, work_units(m, cout_g, groups, k_iters, bm, bn) / sms), (bm, bn)))
+        best_of("stream_k", num_sms, rated)
     return out
 
 
@@ -225,9 +258,8 @@ def pick(options: list[dict], achievable: float) -> dict:
     pool = [o for o in options if fills(o["waves"], achievable) and o["time"] <= fastest * FILL_TOLERANCE]
     pool = pool or options
     best = min(pool, key=lambda o: (o["time"], -o["waves"]))
-    plain = min((o for o in pool if o["kind"] == "split_k" and o["value"] == 1),
-                key=lambda o: (o["time"], -o["waves"]), default=None)
-    if plain is not None and plain["time"] * _CLEAR_WIN <= best["time"]:
+    plain = options[0]  # data-parallel
+    if plain in pool and plain["time"] * _CLEAR_WIN <= best["time"]:
         best = plain
     return best
 

@@ -15,8 +15,9 @@ The model (an H100-class part; only ratios matter) rates each tile shape of the 
   tile (co-resident programs overlap theirs) — small tiles and short grids are latency-bound, which is why
   spreading K over more SMs, or more programs per SM, pays at batch 1;
 * memory bandwidth: the layer's compulsory bytes (input, weight, output; a split adds its fp32 workspace,
-  written once and read once; stream-K its partial tiles) move at most at `_HBM_BYTES_PER_S`, so splitting a
-  layer that is already bandwidth-bound buys nothing and its extra bytes cost time;
+  written once and read once) move at most at `_HBM_BYTES_PER_S`, stream-K's partial tiles (written and read
+  back while the grid runs) through L2 at `_L2_BYTES_PER_S`: so splitting a layer that is already
+  bandwidth-bound buys nothing and its extra bytes cost time;
 * fixed costs: every tile a program starts pays one load latency before its pipeline streams
   (`LOAD_LATENCY_S`); a split pays the epilogue kernel's launch; a stream-K tile shared by several programs
   pays, on the completing program's critical path, reading the other contributors' fp32 partial tiles from L2
@@ -190,8 +191,9 @@ def estimate_streamk_time(m: int, cout_g: int, groups: int, k_iters: int, num_sm
         touched = min(tiles, _cdiv(per_prog, k_iters) + 1)  # tiles one program's slice touches, at most
         loop = per_prog * _step_s(bm, bn, block_k, sms) + touched * LOAD_LATENCY_S
         shared_tiles = 0 if per_prog % k_iters == 0 else min(tiles, sms)
-        moved = nbytes + 2.0 * shared_tiles * bm * bn * 4  # partials written once, read once
-        t = max(loop, moved / _HBM_BYTES_PER_S)
+        # partials are written once and read once right after, by programs running at the same time: L2 traffic
+        partials = 2.0 * shared_tiles * bm * bn * 4
+        t = max(loop, nbytes / _HBM_BYTES_PER_S + partials / _L2_BYTES_PER_S)
         t += streamk_fixup_s(bm, bn, k_iters, per_prog, sms)
         if t < best[0]:
             best = (t, (bm, bn))

@@ -11,12 +11,13 @@ from __future__ import annotations
 from fusedconv.kernels import schedule as sched
 
 #: Per target: the device whose numbers rate it. sm_90: H200 (the GPU machine) with measured ceilings; sm_80:
-#: A100 SXM datasheet. mma_flop_per_cycle: dense fp16 tensor-core FLOP per cycle per SM.
+#: A100 SXM datasheet. mma_flop_per_cycle: dense fp16 tensor-core FLOP per cycle per SM; smem_per_sm: shared
+#: memory one SM gives its resident programs.
 TARGETS = {
     90: {"device": "H200", "tflops": 790.0, "tb_s": 4.3, "source": "measured on the project's H200 (bf16 GEMM, copy)",
-         "sms": 132, "mma_flop_per_cycle": 4096, "clock_ghz": 1.755},
+         "sms": 132, "mma_flop_per_cycle": 4096, "clock_ghz": 1.755, "smem_per_sm": 227 * 1024},
     80: {"device": "A100 SXM", "tflops": 312.0, "tb_s": 2.0, "source": "vendor datasheet (dense fp16)",
-         "sms": 108, "mma_flop_per_cycle": 2048, "clock_ghz": 1.41},
+         "sms": 108, "mma_flop_per_cycle": 2048, "clock_ghz": 1.41, "smem_per_sm": 163 * 1024},
 }
 
 
@@ -59,7 +60,7 @@ def estimated_us(variant: dict, issue_ratio: float, cap: int, analysis: dict | N
         resident = 1
         if analysis and analysis.get("shared_bytes") and analysis.get("registers"):
             resident = sched.resident_programs(analysis["shared_bytes"], analysis["registers"],
-                                               variant["num_warps"])
+                                               variant["num_warps"], target["smem_per_sm"])
         per_sm = min(resident, -(-variant["tiles"] // target["sms"]))
         rounds = -(-variant["tiles"] // (target["sms"] * per_sm))
         mma = step_mma * per_sm

@@ -126,10 +126,11 @@ def _step_s(bm: int, bn: int, block_k: int, num_sms: int, resident: int = 1) -> 
     return max(resident * compute, LOAD_LATENCY_S / STAGES_IN_FLIGHT)
 
 
-def resident_programs(shared_bytes: float, registers: int, num_warps: int) -> int:
+def resident_programs(shared_bytes: float, registers: int, num_warps: int,
+                      smem_per_sm: int = SMEM_PER_SM) -> int:
     """How many programs of a kernel fit on one SM at once (shared memory, registers; at most
     _MAX_RESIDENT): small tiles hide each other's load latency."""
-    by_smem = int(SMEM_PER_SM // max(shared_bytes, 1))
+    by_smem = int(smem_per_sm // max(shared_bytes, 1))
     by_regs = REGISTERS_PER_SM // max(registers * 32 * num_warps, 1)
     return max(1, min(by_smem, by_regs, _MAX_RESIDENT))
 
@@ -281,10 +282,11 @@ def choose_schedule(m: int, cout_g: int, groups: int, k_iters: int, num_sms: int
     allows (`fills` against `achievable_waves`) are preferred as long as one of them is modelled within
     FILL_TOLERANCE of the fastest option of all (ties go to the option with more SMs busy) — an idle SM is a
     certain loss, the model's rating of the filling schedule's extra costs is not; where none is, the fastest
-    option runs (the static report names such layers). Within the preferred options the fastest wins, but data-parallel stays unless another option beats
-    it clearly (_CLEAR_WIN). Stream-K needs STREAMK_MIN_K_ITERS K steps per tile, a split _MIN_SPLIT_STEPS per
-    slice; without SMs (num_sms 0: no GPU) the plain grid. `nbytes`: the layer's compulsory bytes (default
-    `layer_bytes` of a 1x1-like fp16 GEMM).
+    option runs (the static report names such layers). Within the preferred options the fastest wins, but
+    data-parallel stays unless another option beats it clearly (_CLEAR_WIN). Stream-K needs
+    STREAMK_MIN_K_ITERS K steps per tile, a split _MIN_SPLIT_STEPS per slice; without SMs (num_sms 0: no GPU)
+    the plain grid. `nbytes`: the layer's compulsory bytes (default `layer_bytes` of a 1x1-like fp16 GEMM; a
+    kxk conv passes input_k = its input channels).
     """
     if m <= 0 or cout_g <= 0 or num_sms <= 0:
         return "split_k", 1

@@ -137,3 +137,27 @@ def test_the_rule_depends_on_the_sm_count():
 def test_model_tiles_are_capped_like_the_config_pruning():
     assert schedule.model_tiles(49, 24) == [(64, 32), (32, 32), (16, 32)]
     assert (128, 128) in schedule.model_tiles(6272, 256)
+
+
+def test_resident_programs_from_shared_memory_and_registers():
+    assert schedule.resident_programs(40 * 1024, 96, 4) == 5  # 16x64 tile, 4 stages: smem-bound
+    assert schedule.resident_programs(160 * 1024, 240, 8) == 1  # 128x256 tile: one per SM
+    assert schedule.resident_programs(8 * 1024, 32, 1) == schedule._MAX_RESIDENT
+    assert schedule.resident_programs(40 * 1024, 96, 4, smem_per_sm=80 * 1024) == 2
+
+
+def test_co_resident_small_tiles_share_one_round():
+    # ResNet-50 layer1.0.conv1 at batch 1 (M 3136, N 64, one K step): 196 tiles of 16x64 fit 132 SMs at two
+    # per SM, so they cost one round — not the two waves a one-program-per-SM model would charge.
+    one_round = schedule.estimate_time(3136, 64, 1, 1, SMS, 1, tiles=((16, 64),))[0]
+    single = schedule.estimate_time(3136, 64, 1, 1, 196, 1, tiles=((16, 64),))[0]  # one program per SM
+    assert one_round == pytest.approx(single, rel=0.05)
+
+
+def test_the_launcher_offers_no_data_parallel_tma_kernel_where_the_rule_chose_another_schedule():
+    import importlib
+
+    launcher = importlib.import_module("fusedconv.kernels.conv_bn_act")
+    for plan in ({"flags": {}, "split_k": 1, "streamk_programs": 132},
+                 {"flags": {}, "split_k": 4, "streamk_programs": 0}):
+        assert launcher._tma_candidate(plan, *([None] * 12)) is None

@@ -33,7 +33,8 @@ _choices: dict = {}
 # Choices loaded from a saved table: portable key -> candidate name (see `portable_key`).
 _loaded: dict = {}
 
-#: Candidate names a saved choice may hold (the launcher's candidate dict uses these names).
+#: Candidate names a choice may hold: `choose` refuses others, so a new kernel family registers its name here
+#: and a saved table naming it loads.
 CANDIDATE_NAMES = {"pointer", "tma"}
 
 
@@ -71,6 +72,10 @@ def choose(key, candidates: dict, device: torch.device, output: torch.Tensor | N
 
     With `output` (the tensor every candidate writes), a candidate whose result disagrees with the first
     candidate's is dropped (warned once) instead of timed."""
+    unknown = set(candidates) - CANDIDATE_NAMES
+    if unknown:
+        raise ValueError(f"candidates: unknown kernel family {sorted(unknown)}; register it in "
+                         f"variant_choice.CANDIDATE_NAMES (known: {sorted(CANDIDATE_NAMES)})")
     name = _choices.get(key)
     if name is not None:
         return name

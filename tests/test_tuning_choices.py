@@ -131,3 +131,8 @@ def test_portable_key_names_dtypes_and_device_types():
     assert key[2] == "float16" and key[3] == "cuda"
     with pytest.raises(TypeError, match="cannot persist"):
         variant_choice.portable_key((object(),))
+
+
+def test_choose_refuses_an_unregistered_kernel_family(gpu_context):
+    with pytest.raises(ValueError, match=r"candidates: unknown kernel family \['fancy'\].*CANDIDATE_NAMES"):
+        variant_choice.choose(_key(), {"pointer": None, "fancy": None}, torch.device("cuda", 0))

@@ -213,7 +213,12 @@ _compiler = torch.compiler
 
 
 def _new_route(module, state: EagerState, key, x, residual) -> str:
-    route = _choose_route(module, x, residual, key[3])
+    if state.weight is None:
+        # The fold was refused (the weight's dtype cannot hold scale * weight): every signature takes the
+        # general path, which applies the scale to the conv output. Routes are chosen again after an edit.
+        route = GENERIC
+    else:
+        route = _choose_route(module, x, residual, key[3])
     if len(state.routes) >= _MAX_ROUTES:
         state.routes.clear()
     state.routes[key] = route
@@ -221,14 +226,15 @@ def _new_route(module, state: EagerState, key, x, residual) -> str:
 
 
 def _sources_changed(module, state, weight, scale, shift) -> bool:
-    """Refold if weight / scale / shift are other tensors or were edited; False when nothing can be cached."""
+    """Refold if weight / scale / shift are other tensors or were edited; False when nothing can be cached
+    (inference tensors). A refused fold is cached too: its signatures all route to GENERIC (_new_route)."""
     if weight is not state.weight_src or scale is not state.scale_src or shift is not state.shift_src:
         _refold(module, state, weight, scale, shift)
     elif state.snapshot is None:
         return False  # inference tensors: nothing cached
     elif state.snapshot != _snapshot(weight, scale, shift):
         _refold(module, state, weight, scale, shift)
-    return state.weight is not None
+    return state.snapshot is not None
 
 
 def eager_forward(module, x, residual):
@@ -253,7 +259,7 @@ def eager_forward(module, x, residual):
             or state.snapshot != (weight._version, scale._version, shift._version,
                                   weight.data_ptr(), scale.data_ptr(), shift.data_ptr())):
         if not _sources_changed(module, state, weight, scale, shift):
-            return None  # inference tensors, or a fold the weight's dtype cannot hold: the general path
+            return None  # inference tensors: the general path
     if residual is None:
         key = (x.shape, x.stride(), x.dtype, x.requires_grad and _grad_enabled())
     else:

@@ -148,3 +148,29 @@ def test_export_after_eager_calls_records_standard_aten_ops():
     with torch.no_grad():
         y = program.module()(x, residual)
     assert max_rel_error(y.double(), reference64(ref, x, residual)) < TOL_FP32
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, CL], ids=["nchw", "channels_last"])
+def test_a_fold_the_dtype_cannot_hold_stays_on_the_general_path(fmt):
+    """scale * weight overflows float32 although conv(x) * scale does not: the folded weight is refused, and
+    every call (not only the first) takes the general path, which applies the scale to the conv output."""
+    weight = torch.full((2, 2, 1, 1), 10.0)
+    scale = torch.tensor([1e38, 1.0])
+    shift = torch.tensor([0.5, -0.5])
+    fused = FusedConv2d(weight, scale, shift, activation="relu")
+    x = torch.full((1, 2, 3, 3), 1e-3).contiguous(memory_format=fmt)
+    conv = torch.nn.functional.conv2d(x.double(), weight.double())
+    expected = torch.relu(conv * scale.double().view(1, -1, 1, 1) + shift.double().view(1, -1, 1, 1))
+    with torch.no_grad():
+        outs = [fused(x) for _ in range(CALLS)]
+    for y in outs:
+        assert torch.isfinite(y).all()
+        assert max_rel_error(y.double(), expected) < TOL_FP32
+    assert route_of(fused) == cpu.GENERIC
+    with torch.no_grad():
+        fused.scale.fill_(2.0)  # now the fold fits: the edit is seen and the signature is routed again
+        outs = [fused(x) for _ in range(CALLS)]
+    assert route_of(fused) != cpu.GENERIC
+    expected = torch.relu(conv * 2.0 + shift.double().view(1, -1, 1, 1))
+    for y in outs:
+        assert max_rel_error(y.double(), expected) < TOL_FP32

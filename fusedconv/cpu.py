@@ -272,11 +272,17 @@ def eager_forward(module, x, residual):
         route = _new_route(module, state, key, x, residual)
     if route is ONEDNN:
         if enabled and state.onednn_ok:
-            # The common call: packed weight and oneDNN already accepted this module.
-            if residual is None:
-                return _pointwise(x, state.packed, state.bias, *state.unary_tail)
-            return conv_act(x, state.packed, state.bias, state.onednn_args, residual)
-        if enabled and state.onednn_ok is None:
+            # The common call: packed weight and oneDNN already accepted this module. (A try block costs
+            # nothing until it catches.)
+            try:
+                if residual is None:
+                    return _pointwise(x, state.packed, state.bias, *state.unary_tail)
+                return conv_act(x, state.packed, state.bias, state.onednn_args, residual)
+            except RuntimeError:
+                # oneDNN refused a later signature: as on the first call, F.conv2d from now on.
+                state.onednn_ok = False
+                state.packed = None
+        elif enabled and state.onednn_ok is None:
             y = _first_onednn_call(state, x, residual)
             if y is not None:
                 return y

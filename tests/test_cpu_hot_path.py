@@ -174,3 +174,28 @@ def test_a_fold_the_dtype_cannot_hold_stays_on_the_general_path(fmt):
     expected = torch.relu(conv * 2.0 + shift.double().view(1, -1, 1, 1))
     for y in outs:
         assert max_rel_error(y.double(), expected) < TOL_FP32
+
+
+@pytest.mark.skipif(not cpu.available(), reason="this PyTorch build has no oneDNN pointwise conv ops")
+def test_onednn_refusing_a_later_call_falls_back_and_is_remembered(monkeypatch):
+    """oneDNN accepted the module, then raises for a new signature: that call and the later ones take
+    F.conv2d (exact, channels_last kept) instead of surfacing oneDNN's error."""
+    ref, fused = make_block("relu")
+    x = torch.randn(1, 8, 9, 9).contiguous(memory_format=CL)
+    with torch.no_grad():
+        fused(x)
+    assert fused._cpu_state.onednn_ok is True
+    calls = []
+
+    def broken(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("oneDNN refused")
+
+    monkeypatch.setattr(cpu, "_pointwise", broken)
+    bigger = torch.randn(2, 8, 11, 11).contiguous(memory_format=CL)
+    with torch.no_grad():
+        outs = [fused(bigger) for _ in range(CALLS)]
+    assert fused._cpu_state.onednn_ok is False and len(calls) == 1
+    expected = reference64(ref, bigger)
+    for y in outs:
+        assert y.is_contiguous(memory_format=CL) and max_rel_error(y.double(), expected) < TOL_FP32

@@ -5,7 +5,9 @@ Two routes of the eager CPU path (fusedconv/cpu.py), each against its own bare c
 - channels_last float32 -> `torch.ops.mkldnn._convolution_pointwise.default(x, packed_weight, bias, ...)`.
 The tensor is tiny (1x4x8x8, 3x3 conv) so the conv itself costs a few microseconds and the difference is the
 Python work per call (nn.Module.__call__, signature lookup, cache check, dispatch); a third row times an
-nn.Identity call, the part of it no module can avoid. Timed in interleaved rounds (module, bare,
+nn.Identity call, the part of it no module can avoid. Each route's overhead is also split in two by timing
+`module.forward(x)` in the same rounds: `module_call_us` (nn.Module.__call__ around forward) and
+`forward_path_us` (FusedConv2d.forward plus the eager path's tracing / weight / signature checks). Timed in interleaved rounds (module, bare,
 module, bare, ...) with `timeit`, on one torch thread whatever the suite's thread count (with two threads on a
 shared machine each tiny conv waits on its second thread, and that wait, not Python, dominates); the overhead is
 the median of the per-round differences, in microseconds.
@@ -42,14 +44,27 @@ CLOCKS = {"thread": time.thread_time, "wall": time.perf_counter}
 
 def _interleaved_us(module_call, bare_call, rounds: int, number: int, timer) -> tuple[float, float, float]:
     """(module median, bare median, median of per-round differences), microseconds per call."""
-    mod, bare, diff = [], [], []
+    med, to_bare, _ = _interleaved_split({"module": module_call, "bare": bare_call}, rounds, number, timer)
+    return med["module"], med["bare"], to_bare["module"]
+
+
+def _interleaved_split(calls: dict, rounds: int, number: int, timer) -> tuple[dict, dict, dict]:
+    """Each callable timed in turn, round after round; microseconds per call. Returns the median of each, the
+    median per-round difference of each to the last one (the bare call), and to the next one in `calls`
+    (consecutive differences split a call into its layers)."""
+    names = list(calls)
+    times = {n: [] for n in names}
+    to_last = {n: [] for n in names[:-1]}
+    to_next = {n: [] for n in names[:-1]}
     for _ in range(rounds):
-        a = timeit.timeit(module_call, number=number, timer=timer) / number * 1e6
-        b = timeit.timeit(bare_call, number=number, timer=timer) / number * 1e6
-        mod.append(a)
-        bare.append(b)
-        diff.append(a - b)
-    return _median(mod), _median(bare), _median(diff)
+        now = {n: timeit.timeit(calls[n], number=number, timer=timer) / number * 1e6 for n in names}
+        for n in names:
+            times[n].append(now[n])
+        for a, b in zip(names, names[1:]):
+            to_last[a].append(now[a] - now[names[-1]])
+            to_next[a].append(now[a] - now[b])
+    return ({n: _median(v) for n, v in times.items()}, {n: _median(v) for n, v in to_last.items()},
+            {n: _median(v) for n, v in to_next.items()})
 
 
 def run(quick: bool = False, rounds: int | None = None, clock: str = "thread") -> list[dict]:
@@ -83,12 +98,13 @@ def _run(rounds: int, number: int, timer) -> list[dict]:
             if route == cpu.ONEDNN:
                 packed, bias = state.packed, state.bias
 
-                # The resolved overload: calling the packet would time its overload lookup on the bare side too.
-                op = torch.ops.mkldnn._convolution_pointwise.default
+                # The C++ callable the module's hot path calls (cpu._pointwise): the OpOverload, or worse the
+                # packet, would add its own Python frames to the bare side and hide part of the overhead.
+                op = cpu._pointwise
 
                 def bare(x=x, packed=packed, bias=bias, op=op):
                     return op(x, packed, bias, [1, 1], [1, 1], [1, 1], 1, "none", [], "")
-                bare_name = "mkldnn._convolution_pointwise.default"
+                bare_name = "mkldnn._convolution_pointwise"
             else:
                 weight, bias = state.weight, state.bias
 
@@ -96,12 +112,18 @@ def _run(rounds: int, number: int, timer) -> list[dict]:
                     return F.conv2d(x, weight, bias, (1, 1), (1, 1), (1, 1), 1)
                 bare_name = "F.conv2d"
             call = (lambda x=x: module(x))
+            forward = (lambda x=x, f=module.forward: f(x))  # the same, without nn.Module.__call__
             for _ in range(3):
-                call(), bare()
-            mod_us, bare_us, over_us = _interleaved_us(call, bare, rounds, number, timer)
+                call(), forward(), bare()
+            med, to_bare, to_next = _interleaved_split({"module": call, "forward": forward, "bare": bare},
+                                                       rounds, number, timer)
+            # overhead splits into module_call (nn.Module.__call__ around forward) and forward_path
+            # (FusedConv2d.forward and the eager CPU path's checks around the bare op); all three are medians
+            # of per-round differences, so the parts add up to the overhead only approximately.
             rows.append({"layout": layout, "route": route, "bare": bare_name, "shape": "1x4x8x8 k3 p1",
                          "threads": torch.get_num_threads(), "rounds": rounds, "calls_per_round": number,
-                         "module_us": mod_us, "bare_us": bare_us, "overhead_us": over_us})
+                         "module_us": med["module"], "bare_us": med["bare"], "overhead_us": to_bare["module"],
+                         "module_call_us": to_next["module"], "forward_path_us": to_next["forward"]})
         # The floor under any module: nn.Module.__call__ itself (an nn.Identity call against returning x).
         identity, x = torch.nn.Identity(), torch.randn(1, 4, 8, 8)
         mod_us, bare_us, over_us = _interleaved_us(lambda: identity(x), lambda: x, rounds, number, timer)
@@ -118,8 +140,11 @@ def main(argv=None) -> int:
                    help="thread: the calling thread's CPU time (default); wall: elapsed time")
     args = p.parse_args(argv)
     for r in run(rounds=args.rounds, clock=args.clock):
+        split = ""
+        if "module_call_us" in r:
+            split = (f" = nn.Module.__call__ {r['module_call_us']:5.2f} + forward path {r['forward_path_us']:5.2f}")
         print(f"{r['layout']:<13} {r['route']:<7} module {r['module_us']:7.2f} us  bare {r['bare']} "
-              f"{r['bare_us']:7.2f} us  overhead {r['overhead_us']:6.2f} us (target <= {TARGET_US:g} us, "
+              f"{r['bare_us']:7.2f} us  overhead {r['overhead_us']:6.2f} us{split} (target <= {TARGET_US:g} us, "
               f"median of {r['rounds']} interleaved rounds x {r['calls_per_round']} calls, {r['clock']} clock)")
     return 0
 

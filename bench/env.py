@@ -6,9 +6,11 @@ import datetime as _dt
 import os
 import platform
 import re
+import resource
 import shlex
 import subprocess
 import sys
+import time
 
 import torch
 
@@ -83,12 +85,87 @@ def load_average() -> float | None:
         return None
 
 
-def busy_note(load: float | None, cpus: int | None, when: str) -> str | None:
-    """A warning for the results when other work was running: timings on shared cores are unreliable."""
+def busy_note(load: float | None, cpus: int | None, when: str, *, what: str = "1-minute load average") -> str | None:
+    """A warning for the results when other work was running: timings on shared cores are unreliable. `load` is
+    a number of busy cores that the benchmark itself did not cause (see OtherCPUUse for the run itself)."""
     if load is None or not cpus or load <= 0.5 * cpus:
         return None
-    return (f"the machine was busy {when} (1-minute load average {load:g} on {cpus} logical cores): other "
+    return (f"the machine was busy {when} ({what} {load:g} on {cpus} logical cores): other "
             "processes competed for the cores, so these timings are not representative")
+
+
+def _machine_busy_seconds() -> float | None:
+    """CPU seconds all cores together spent running anything since boot (Linux /proc/stat), else None."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+        # cpu  user nice system idle iowait irq softirq steal ...: busy = user + nice + system + irq + softirq
+        # (steal is time the hypervisor gave to other machines, not work on this one).
+        if fields[0] != "cpu" or len(fields) < 8:
+            return None
+        ticks = sum(int(fields[i]) for i in (1, 2, 3, 6, 7))
+        return ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _descendants_cpu_seconds(root: int) -> float:
+    """CPU seconds of the live processes below `root` (Inductor's compile workers and the compilers they run:
+    not waited for by this process, so getrusage does not count them), with the children they reaped."""
+    tick = os.sysconf("SC_CLK_TCK")
+    parent, used = {}, {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                rest = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # exited while we looked
+        # After "pid (comm)": state ppid ... utime(12th) stime cutime cstime.
+        parent[int(name)] = int(rest[1])
+        used[int(name)] = sum(int(v) for v in rest[11:15]) / tick
+    total, frontier = 0.0, [root]
+    while frontier:
+        pid = frontier.pop()
+        for child, ppid in parent.items():
+            if ppid == pid:
+                total += used[child]
+                frontier.append(child)
+    return total
+
+
+def _own_cpu_seconds() -> float:
+    """CPU seconds this process (all its threads), the children it waited for and its live descendants used."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    try:
+        below = _descendants_cpu_seconds(os.getpid())
+    except OSError:
+        below = 0.0
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime + below
+
+
+class OtherCPUUse:
+    """How many cores other processes kept busy while the benchmark ran, on average.
+
+    The load average cannot say this at the end of a run: the benchmark's own threads are in it (a 2-thread run
+    on 2 cores reads as "busy" on an idle machine). Here the machine's busy CPU time over the run (/proc/stat)
+    minus the CPU time of this process and the processes it started, divided by the elapsed time, is what
+    everything else used.
+    `cores()` is None where the OS has no /proc/stat."""
+
+    def __init__(self):
+        self.start = (time.monotonic(), _machine_busy_seconds(), _own_cpu_seconds())
+
+    def cores(self) -> float | None:
+        t0, busy0, own0 = self.start
+        busy1 = _machine_busy_seconds()
+        elapsed = time.monotonic() - t0
+        if busy0 is None or busy1 is None or elapsed <= 0:
+            return None
+        others = (busy1 - busy0) - (_own_cpu_seconds() - own0)
+        return round(max(others, 0.0) / elapsed, 2)
 
 
 def environment(device: torch.device, argv: list[str] | None = None) -> dict:

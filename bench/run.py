@@ -318,7 +318,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m bench") -> int:
     results = {"schema": 1, "environment": env, "quick": args.quick, "plan": p, "peak": peak, "notes": [],
                "_t0": time.perf_counter()}
     results["notes"] += list(args.note)
+    # The load average before any benchmark thread has run (this process has only imported so far).
     note = bench_env.busy_note(env["load_average_1m_at_start"], env["cpu_count"], "at the start")
+    other_use = bench_env.OtherCPUUse()
     if note:
         results["notes"].append(note)
     if device.type == "cpu":
@@ -340,7 +342,17 @@ def main(argv: list[str] | None = None, prog: str = "python -m bench") -> int:
             run_reparam(args, device, results, suite)
         files = write(results, out_dir, stem, with_plots=not args.no_plots)
     results["load_average_1m_at_end"] = bench_env.load_average()
-    note = bench_env.busy_note(results["load_average_1m_at_end"], env["cpu_count"], "at the end")
+    # Not the load average at the end: it counts this benchmark's own threads (on an idle 2-core machine a
+    # 2-thread run reads as busy). What other processes used while it ran, measured directly:
+    others = results["other_processes_cores_busy"] = other_use.cores()
+    if others is not None:
+        note = bench_env.busy_note(others, env["cpu_count"], "during the run",
+                                   what="cores kept busy by other processes, on average,")
+    else:  # no /proc/stat: the load average, less the threads this benchmark kept busy itself
+        load = results["load_average_1m_at_end"]
+        note = bench_env.busy_note(None if load is None else round(max(load - args.threads, 0.0), 2),
+                                   env["cpu_count"], "at the end",
+                                   what=f"1-minute load average less this run's {args.threads} threads,")
     if note:
         results["notes"].append(note)
     files = write(results, out_dir, stem, with_plots=not args.no_plots)

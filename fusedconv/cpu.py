@@ -125,17 +125,18 @@ _MAX_ROUTES = 64
 
 class EagerState:
     """Derived, never saved: the routes chosen per input signature, the folded weight and bias with the tensors
-    and version counters they were computed from, the oneDNN-packed weight, whether oneDNN accepted this module
-    (None: not tried yet; False: it raised once, stay on F.conv2d), and the call arguments built once."""
+    (and a snapshot of their version counters and data pointers) they were computed from, the oneDNN-packed
+    weight, whether oneDNN accepted this module (None: not tried yet; False: it raised once, stay on F.conv2d),
+    and the call arguments built once."""
 
-    __slots__ = ("routes", "weight_src", "scale_src", "shift_src", "versions", "ptrs", "weight", "bias", "packed",
-                 "onednn_ok", "geometry", "conv_args", "act", "onednn_args")
+    __slots__ = ("routes", "weight_src", "scale_src", "shift_src", "snapshot", "weight", "bias", "packed",
+                 "onednn_ok", "geometry", "conv_args", "act", "onednn_args", "unary_tail")
 
     def __init__(self, module):
         self.routes = {}
         self.weight_src = self.scale_src = self.shift_src = None
-        self.versions = None  # sum of the sources' version counters; None: nothing cacheable (or not folded yet)
-        self.ptrs = None
+        # (versions..., data pointers...) of weight, scale, shift when folded; None: nothing cacheable (yet).
+        self.snapshot = None
         self.weight = self.bias = self.packed = None
         self.onednn_ok = None
         self.geometry = (list(module.padding), list(module.stride), list(module.dilation), module.groups)
@@ -143,6 +144,13 @@ class EagerState:
         self.conv_args = (self.geometry[1], self.geometry[0], self.geometry[2], self.geometry[3])
         self.act = None  # (activation name, param); None for identity (nothing to apply)
         self.onednn_args = None
+        self.unary_tail = None  # onednn_args[0], kept apart so the common call indexes nothing
+
+
+def _snapshot(weight, scale, shift) -> tuple:
+    # One tuple, compared in one step on every call (eager_forward spells it out inline): an in-place edit moves
+    # a version counter, `.data = t` (which keeps the counter) moves a data pointer.
+    return (weight._version, scale._version, shift._version, weight.data_ptr(), scale.data_ptr(), shift.data_ptr())
 
 
 def _refold(module, state: EagerState, weight, scale, shift) -> None:
@@ -151,17 +159,19 @@ def _refold(module, state: EagerState, weight, scale, shift) -> None:
     # Every signature is validated again: a new weight may have another shape, dtype or device.
     state.routes.clear()
     state.packed = None
+    if state.onednn_ok:
+        state.onednn_ok = None  # pack the new weight on the next oneDNN call (a refusal, False, is kept)
     act = module.act
     state.act = None if act.name == "identity" else (act.name, act.param)
     state.onednn_args = onednn_call_args(state.geometry, act.name, act.param) if available() else None
+    state.unary_tail = state.onednn_args[0] if state.onednn_args is not None else None
     if weight.is_inference() or scale.is_inference() or shift.is_inference():
         # Inference tensors (a module built under torch.inference_mode) have no version counter, so an edit
         # could not be seen: never cache them; the general path refolds on every call.
-        state.versions, state.weight, state.bias = None, None, None
+        state.snapshot, state.weight, state.bias = None, None, None
         return
     state.weight, state.bias = module._compute_folded()
-    state.versions = weight._version + scale._version + shift._version
-    state.ptrs = (weight.data_ptr(), scale.data_ptr(), shift.data_ptr())
+    state.snapshot = _snapshot(weight, scale, shift)
 
 
 def _choose_route(module, x, residual, needs_grad: bool) -> str:
@@ -198,6 +208,35 @@ _grad_enabled = torch.is_grad_enabled
 _conv2d = torch.conv2d
 
 
+# torch.compiler itself (its is_compiling is looked up per call, so a patched one is honoured).
+_compiler = torch.compiler
+
+
+def _new_route(module, state: EagerState, key, x, residual) -> str:
+    if state.weight is None:
+        # The fold was refused (the weight's dtype cannot hold scale * weight): every signature takes the
+        # general path, which applies the scale to the conv output. Routes are chosen again after an edit.
+        route = GENERIC
+    else:
+        route = _choose_route(module, x, residual, key[3])
+    if len(state.routes) >= _MAX_ROUTES:
+        state.routes.clear()
+    state.routes[key] = route
+    return route
+
+
+def _sources_changed(module, state, weight, scale, shift) -> bool:
+    """Refold if weight / scale / shift are other tensors or were edited; False when nothing can be cached
+    (inference tensors). A refused fold is cached too: its signatures all route to GENERIC (_new_route)."""
+    if weight is not state.weight_src or scale is not state.scale_src or shift is not state.shift_src:
+        _refold(module, state, weight, scale, shift)
+    elif state.snapshot is None:
+        return False  # inference tensors: nothing cached
+    elif state.snapshot != _snapshot(weight, scale, shift):
+        _refold(module, state, weight, scale, shift)
+    return state.snapshot is not None
+
+
 def eager_forward(module, x, residual):
     """FusedConv2d.forward for plain CPU tensors outside tracing, or None to take the general path.
 
@@ -205,57 +244,50 @@ def eager_forward(module, x, residual):
     each later call checks only the signature and that weight, scale and shift are the same tensors with the same
     version counters and data pointers (in-place edits under no_grad, load_state_dict's copy, `.to()`,
     reassignment and `.data = new_tensor` are seen; in-place edits through `.data` are not, as documented on
-    FusedConv2d.refresh). Version counters only grow, so their sum changes exactly when one of them does."""
-    if type(x) is not torch.Tensor or not x.is_cpu or torch.compiler.is_compiling() or _tracing_state() is not None:
+    FusedConv2d.refresh). The common call (same tensors, unchanged, a signature seen before) runs straight
+    through; everything else goes through the helpers above."""
+    if type(x) is not _Tensor or not x.is_cpu or _compiler.is_compiling() or _tracing_state() is not None:
         return None
     weight, scale, shift = module._parameters["weight"], module._buffers["scale"], module._buffers["shift"]
     if ops.use_kernel is not _USE_KERNEL and ops.use_kernel(x, weight):
         return None  # FusedConv2d's routing to the op was patched (as tests do); unpatched it is False on CPU
     state = module._cpu_state
     if state is None:
-        state = EagerState(module)
-        module._cpu_state = state
-    if weight is not state.weight_src or scale is not state.scale_src or shift is not state.shift_src:
-        _refold(module, state, weight, scale, shift)
-    elif state.versions is None:
-        return None  # inference tensors: nothing cached
-    elif (state.versions != weight._version + scale._version + shift._version
-          or state.ptrs != (weight.data_ptr(), scale.data_ptr(), shift.data_ptr())):
-        _refold(module, state, weight, scale, shift)
-    if state.weight is None:
-        return None  # inference tensors, or a fold the weight's dtype cannot hold: the general path
+        state = module._cpu_state = EagerState(module)
+    if (weight is not state.weight_src or scale is not state.scale_src or shift is not state.shift_src
+            or state.snapshot is None
+            or state.snapshot != (weight._version, scale._version, shift._version,
+                                  weight.data_ptr(), scale.data_ptr(), shift.data_ptr())):
+        if not _sources_changed(module, state, weight, scale, shift):
+            return None  # inference tensors: the general path
     if residual is None:
-        key = (x.shape, x.stride(), x.dtype, x.requires_grad and torch.is_grad_enabled())
+        key = (x.shape, x.stride(), x.dtype, x.requires_grad and _grad_enabled())
     else:
-        if type(residual) is not torch.Tensor:
+        if type(residual) is not _Tensor:
             return None
-        key = (x.shape, x.stride(), x.dtype, (x.requires_grad or residual.requires_grad) and torch.is_grad_enabled(),
+        key = (x.shape, x.stride(), x.dtype, (x.requires_grad or residual.requires_grad) and _grad_enabled(),
                residual.shape, residual.stride(), residual.dtype, residual.device)
     route = state.routes.get(key)
     if route is None:
-        route = _choose_route(module, x, residual, key[3])
-        if len(state.routes) >= _MAX_ROUTES:
-            state.routes.clear()
-        state.routes[key] = route
-    if route is GENERIC:
+        route = _new_route(module, state, key, x, residual)
+    if route is ONEDNN:
+        if enabled and state.onednn_ok:
+            # The common call: packed weight and oneDNN already accepted this module. (A try block costs
+            # nothing until it catches.)
+            try:
+                if residual is None:
+                    return _pointwise(x, state.packed, state.bias, *state.unary_tail)
+                return conv_act(x, state.packed, state.bias, state.onednn_args, residual)
+            except RuntimeError:
+                # oneDNN refused a later signature: as on the first call, F.conv2d from now on.
+                state.onednn_ok = False
+                state.packed = None
+        elif enabled and state.onednn_ok is None:
+            y = _first_onednn_call(state, x, residual)
+            if y is not None:
+                return y
+    elif route is GENERIC:
         return None
-    if route is ONEDNN and enabled and state.onednn_ok is not False:
-        try:
-            packed = state.packed
-            if packed is None:
-                padding, stride, dilation, groups = state.geometry
-                packed = state.packed = pack_weight(state.weight, padding, stride, dilation, groups, x.shape)
-            if residual is None:  # the common call, without conv_act's frame
-                y = _pointwise(x, packed, state.bias, *state.onednn_args[0])
-            else:
-                y = conv_act(x, packed, state.bias, state.onednn_args, residual)
-            if state.onednn_ok is None:
-                state.onednn_ok = True
-            return y
-        except RuntimeError:
-            # oneDNN refused this module (an unusual geometry or build): remember, and use F.conv2d from now on.
-            state.onednn_ok = False
-            state.packed = None
     y = _conv2d(x, state.weight, state.bias, *state.conv_args)
     if residual is not None:
         y = y.add_(residual)
@@ -264,4 +296,23 @@ def eager_forward(module, x, residual):
     if route is not FOLDED and not y.is_contiguous(memory_format=torch.channels_last):
         # F.conv2d's CPU kernels do not always keep channels_last; the output follows the input's layout.
         y = y.contiguous(memory_format=torch.channels_last)
+    return y
+
+
+def _first_onednn_call(state: EagerState, x, residual):
+    """Pack the weight and try oneDNN once for this module: its output, or None (remembered) when it raises."""
+    try:
+        if state.packed is None:
+            padding, stride, dilation, groups = state.geometry
+            state.packed = pack_weight(state.weight, padding, stride, dilation, groups, x.shape)
+        if residual is None:
+            y = _pointwise(x, state.packed, state.bias, *state.unary_tail)
+        else:
+            y = conv_act(x, state.packed, state.bias, state.onednn_args, residual)
+    except RuntimeError:
+        # oneDNN refused this module (an unusual geometry or build): remember, and use F.conv2d from now on.
+        state.onednn_ok = False
+        state.packed = None
+        return None
+    state.onednn_ok = True
     return y

@@ -29,6 +29,25 @@ def test_rows_name_the_route_the_bare_op_and_the_clock(clock):
     for r in rows:
         assert r["clock"] == clock and r["rounds"] == 1 and r["threads"] == 1
         assert r["module_us"] > 0 and r["bare_us"] > 0
+    for layout in ("NCHW", "channels_last"):  # each route's overhead is split into its two layers
+        assert {"module_call_us", "forward_path_us"} <= set(by_layout[layout])
+
+
+def test_split_differences_are_per_round_and_consecutive():
+    """_interleaved_split's bookkeeping, with a fake clock: each call advances it by a known amount."""
+    clock = [0.0]
+    cost = {"a": 5e-6, "b": 3e-6, "c": 1e-6}
+
+    def timed(name):
+        def call():
+            clock[0] += cost[name]
+        return call
+
+    med, to_last, to_next = bench_overhead._interleaved_split({n: timed(n) for n in cost}, rounds=3, number=10,
+                                                              timer=lambda: clock[0])
+    assert med == pytest.approx({"a": 5.0, "b": 3.0, "c": 1.0})
+    assert to_last == pytest.approx({"a": 4.0, "b": 2.0})
+    assert to_next == pytest.approx({"a": 2.0, "b": 2.0})
 
 
 def test_unknown_clock_is_refused():

@@ -200,6 +200,7 @@ def _capturing(device) -> bool:
 # ------------------------------------------------------------------------------------------- the choice
 _failed: set = set()  # choice keys whose cuDNN probe raised (or whose fold was unusable)
 _warned: set = set()  # distinct errors already warned about
+_decided: set = set()  # choice keys variant_choice has decided (timed eagerly): later calls only look them up
 
 
 def choice_key(key) -> tuple:
@@ -217,11 +218,14 @@ def choose(key, candidates: dict, device, output, variant_choice) -> str:
     others = {k: v for k, v in candidates.items() if k != "cudnn"}
     if ckey in _failed:
         return variant_choice.choose(key, others, device, output=output) if len(others) > 1 else "pointer"
-    if ckey not in variant_choice.chosen() and variant_choice.can_time(device):
-        if not _probe(ckey, launch):
-            return variant_choice.choose(key, others, device, output=output) if len(others) > 1 else "pointer"
-        launch = _writes_output_once(launch, output)
-    return variant_choice.choose(ckey, {**others, "cudnn": launch}, device, output=output)
+    if ckey in _decided or not variant_choice.can_time(device):
+        return variant_choice.choose(ckey, candidates, device, output=output)  # the cached choice, or "pointer"
+    if not _probe(ckey, launch):
+        return variant_choice.choose(key, others, device, output=output) if len(others) > 1 else "pointer"
+    name = variant_choice.choose(ckey, {**others, "cudnn": _writes_output_once(launch, output)}, device,
+                                 output=output)
+    _decided.add(ckey)
+    return name
 
 
 def _probe(ckey, launch) -> bool:

@@ -135,6 +135,7 @@ def fake_cudnn(monkeypatch):
     monkeypatch.setattr(cudnn_fused, "FOLDS", cudnn_fused.FoldCache())
     monkeypatch.setattr(cudnn_fused, "_failed", set())
     monkeypatch.setattr(cudnn_fused, "_warned", set())
+    monkeypatch.setattr(cudnn_fused, "_decided", set())
     monkeypatch.setattr(variant_choice, "_choices", {})
     monkeypatch.setattr(variant_choice, "can_time", lambda device: True)
     monkeypatch.setattr(triton.testing, "do_bench", lambda fn, warmup, rep: fake.times[fn.name])
@@ -187,6 +188,21 @@ def test_a_faster_agreeing_cudnn_candidate_is_chosen_and_computes_the_contract(f
     assert float((out.double() - ref).abs().max() / ref.abs().max()) < 1e-5
     assert cudnn_fused.FOLDS.folds == 1  # probe, compared run, timed runs and the chosen call: folded once
     assert cudnn_fused.choose("k", cands, CPU, y, variant_choice) == "cudnn"  # cached
+
+
+def test_without_timing_the_eager_choice_is_replayed_or_the_pointer_kernel_runs(fake_cudnn, monkeypatch):
+    """A CUDA-graph capture (no timing) before any eager call runs the pointer kernel and decides nothing; after
+    an eager choice of cuDNN, a capture runs cuDNN too (the choice does not change)."""
+    x, w, scale, shift, res, act = _call()
+    y = torch.empty(2, 8, 6, 6)
+    cands = _candidates(fake_cudnn, x, w, scale, shift, res, act, y)
+    monkeypatch.setattr(variant_choice, "can_time", lambda device: False)
+    assert cudnn_fused.choose("k", cands, CPU, y, variant_choice) == "pointer"
+    assert not variant_choice.chosen() and cudnn_fused.FOLDS.folds == 0
+    monkeypatch.setattr(variant_choice, "can_time", lambda device: True)
+    assert cudnn_fused.choose("k", cands, CPU, y, variant_choice) == "cudnn"
+    monkeypatch.setattr(variant_choice, "can_time", lambda device: False)
+    assert cudnn_fused.choose("k", cands, CPU, y, variant_choice) == "cudnn"
 
 
 def test_a_slower_cudnn_candidate_is_not_chosen(fake_cudnn):

@@ -18,7 +18,7 @@ Nothing else gets a cuDNN candidate (`ineligibility` says why, as a pure functio
 The folded weight is derived data: `FoldCache` computes it once per (weight, scale, shift) identity and version
 counter, and again only when one of them changed (an in-place edit bumps `_version`; `.data` reassignment
 changes `data_ptr`). A weight whose fold does not fit the dtype (fp16 overflow, or weights flushed into the
-subnormal range) gets no candidate. Inference tensors carry no version counter: no candidate for them either,
+subnormal range) gets no candidate. A layer whose choice is not cuDNN drops its folded copy again. Inference tensors carry no version counter: no candidate for them either,
 since folding per call is what the cache exists to avoid.
 
 `choose` puts the candidate through `variant_choice.choose` beside the Triton candidates: one probe run first
@@ -138,6 +138,10 @@ class FoldCache:
         self._entries[key] = (tuple(weakref.ref(t) for t in tensors), snap, value)
         return value
 
+    def discard(self, weight, scale, shift, memory_format) -> None:
+        """Forget the fold of these tensors (a layer that did not choose cuDNN need not keep a weight copy)."""
+        self._entries.pop((id(weight), id(scale), id(shift), memory_format), None)
+
     def _prune(self) -> None:
         dead = [k for k, e in self._entries.items() if any(r() is None for r in e[0])]
         for k in dead:
@@ -185,6 +189,7 @@ def candidate(x, weight, scale, shift, residual, stride, padding, dilation, grou
                 compute=compute)
         return fallback() if y is None else y
     launch.folded_ok = lambda: FOLDS.get(weight, scale, shift, memory_format) is not None
+    launch.discard_fold = lambda: FOLDS.discard(weight, scale, shift, memory_format)
     return launch
 
 
@@ -225,6 +230,8 @@ def choose(key, candidates: dict, device, output, variant_choice) -> str:
     name = variant_choice.choose(ckey, {**others, "cudnn": _writes_output_once(launch, output)}, device,
                                  output=output)
     _decided.add(ckey)
+    if name != "cudnn":
+        launch.discard_fold()  # the folded copy is only kept for layers that run cuDNN
     return name
 
 
@@ -239,6 +246,7 @@ def _probe(ckey, launch) -> bool:
         return True
     except Exception as exc:  # cuDNN without an engine for this shape / dtype, or no fused op in this build
         _failed.add(ckey)
+        launch.discard_fold()
         msg = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
         if msg not in _warned:
             _warned.add(msg)

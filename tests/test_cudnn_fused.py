@@ -211,6 +211,7 @@ def test_a_slower_cudnn_candidate_is_not_chosen(fake_cudnn):
     y = torch.empty(2, 8, 6, 6)
     assert cudnn_fused.choose("k", _candidates(fake_cudnn, x, w, scale, shift, res, act, y), CPU, y,
                               variant_choice) == "pointer"
+    assert cudnn_fused.FOLDS.folds == 1 and len(cudnn_fused.FOLDS) == 0  # the unused folded copy is not kept
 
 
 def test_a_wrong_cudnn_candidate_is_dropped_with_a_warning(fake_cudnn):

@@ -8,6 +8,8 @@ install and the write-out fit 8 minutes):
       parallel worker processes (compiling hundreds of specialisations is the cost). Failing GEMM configs are
       added to the committed deny-list `kernels/denylist.json` for this GPU + triton version, which the
       library's pruning reads from then on.
+  cuDNN candidate: the `gpu` tests of tests/test_cudnn_fused.py (cuDNN's fused op on the BN-folded weight vs
+      float64, the launcher's cuDNN candidate), in a child pytest.
   (b) the layers suite for ResNet-50, fp16 channels_last, batch 32 and 1: fusedconv vs cuDNN's fused
       conv+bias+ReLU (+add) on the folded weight, folded cuDNN conv + separate epilogue, eager Conv->BN->act,
       with % of the measured roofline (CUDA-graph timing, bench/timing.py); fusedconv twice: as shipped (the
@@ -27,11 +29,11 @@ from __future__ import annotations
 
 import json
 import os
-from collections import Counter
 import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 
 import torch
 
@@ -88,6 +90,10 @@ def main(args, argv: list[str]) -> int:
     if not args.dry_run:
         part("ceilings", lambda r, d: r.update(ceilings=measure_ceilings(device)))
     part("correctness", lambda r, d: run_correctness(r, d, device, args.dry_run, args.workers, save))
+    if not args.dry_run:
+        # cuDNN's fused op (the launcher's cuDNN candidate) against float64 Conv -> BN -> ReLU (+ add), the
+        # `gpu` tests of tests/test_cudnn_fused.py: a minute at most, before the layers suite relies on it.
+        part("cudnn_candidate", lambda r, d: r.update(cudnn_candidate=run_gpu_tests("tests/test_cudnn_fused.py")))
     part("layers", lambda r, d: run_layers(r, d, device, args.dry_run, save))
     part("models", lambda r, d: run_models(r, d, device, args.dry_run, save))
     if not args.dry_run:
@@ -223,6 +229,19 @@ def update_denylist(rows: list[dict], env: dict) -> int:
                     "layer": f"{r['geometry']} b{r['batch']} {r['dtype']}", "date": env["date"],
                     "error": r.get("error") or f"rel error {r.get('rel_error'):.3g}, worst {r.get('max_error'):.3g}"})
     return denylist.add_entries(new)
+
+
+def run_gpu_tests(path: str, timeout_s: int = 120) -> dict:
+    """`python -m pytest -q -m gpu <path>` in a child process: its exit code and summary line."""
+    try:
+        out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", path],
+                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return {"tests": path, "returncode": None, "summary": f"timed out after {timeout_s} s"}
+    lines = [ln for ln in out.stdout.strip().splitlines() if ln.strip()]
+    failed = [ln for ln in lines if ln.startswith("FAILED")]
+    return {"tests": path, "returncode": out.returncode, "summary": lines[-1] if lines else out.stderr[-300:],
+            "failed": failed[:20]}
 
 
 # --------------------------------------------------------------------------------------------- (b)

@@ -26,7 +26,8 @@ def markdown(results: dict) -> str:
     if ceil:
         lines += [f"Measured ceilings: copy {ceil['copy_tb_s']:.2f} TB/s, fp16 matmul {ceil['fp16_matmul_tflops']:.0f} "
                   f"TFLOP/s ({ceil['method']}).", ""]
-    lines += _correctness(results.get("correctness")) + _layers(results.get("layers")) + _models(results.get("models"))
+    lines += _correctness(results.get("correctness")) + _cudnn_candidate(results.get("cudnn_candidate"))
+    lines += _layers(results.get("layers")) + _models(results.get("models"))
     lines += _layers3d(results.get("layers3d"))
     if results.get("notes"):
         lines += ["## Notes", ""] + [f"- {n}" for n in results["notes"]]
@@ -57,6 +58,15 @@ def _correctness(sec) -> list[str]:
                     f"{worst['dtype']} {worst['config']})."]
     if sec.get("not_run"):
         out += ["", f"Not run (time box): {len(sec['not_run'])} items, first: {', '.join(sec['not_run'][:8])}."]
+    return out + [""]
+
+
+def _cudnn_candidate(sec) -> list[str]:
+    if not sec:
+        return []
+    out = ["## cuDNN candidate vs float64 (`pytest -m gpu " + sec["tests"] + "`)", "",
+           f"exit code {sec['returncode']}: {sec['summary']}"]
+    out += [f"- {ln}" for ln in sec.get("failed") or []]
     return out + [""]
 
 

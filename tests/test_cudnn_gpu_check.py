@@ -54,3 +54,16 @@ def test_models_markdown_counts_layers_per_backend():
            "backends": {"triton pointer": 40, "cudnn": 9, "triton tma": 4}}
     md = "\n".join(gpu_check_report._models([row]))
     assert "40 triton pointer, 9 cudnn, 4 triton tma" in md
+
+
+def test_run_gpu_tests_reports_the_child_pytest(tmp_path):
+    """The GPU check's cuDNN step runs the `gpu` tests in a child pytest and keeps its verdict."""
+    path = tmp_path / "test_stand_in.py"
+    path.write_text("import pytest\n\n\n@pytest.mark.gpu\ndef test_ok():\n    pass\n\n\n@pytest.mark.gpu\n"
+                    "def test_bad():\n    assert 1 == 2\n\n\ndef test_not_gpu():\n    pass\n")
+    got = gpu_check.run_gpu_tests(str(path))
+    assert got["returncode"] == 1
+    assert "1 failed, 1 passed, 1 deselected" in got["summary"]
+    assert len(got["failed"]) == 1 and "test_bad" in got["failed"][0]
+    md = "\n".join(gpu_check_report._cudnn_candidate(got))
+    assert "exit code 1" in md and "test_bad" in md

@@ -354,3 +354,42 @@ def test_real_cudnn_candidate_matches_float64(dtype, layout, residual):
     assert out.is_contiguous(memory_format=layout) and out.dtype == dtype
     err = float((out.double().cpu() - ref).abs().max() / ref.abs().max())
     assert err < (2e-2 if dtype == F16 else 1e-2), err  # fp32 may run TF32, as the Triton kernel then does
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("residual", [False, True])
+def test_real_cudnn_through_the_launcher_eager_and_in_a_cuda_graph(monkeypatch, residual):
+    """The launcher made to choose cuDNN (its timing replaced so cuDNN wins): the eager result matches float64,
+    the backend is cuDNN, and a CUDA-graph capture afterwards replays cuDNN with the same result."""
+    from fusedconv.kernels import conv_bn_act, pack_weight
+
+    monkeypatch.setattr(variant_choice, "_choices", {})
+    monkeypatch.setattr(cudnn_fused, "_decided", set())
+    monkeypatch.setattr(cudnn_fused, "_failed", set())
+    # the cuDNN launch is the only candidate variant_choice gets wrapped (functools.wraps sets __wrapped__)
+    monkeypatch.setattr(triton.testing, "do_bench",
+                        lambda fn, warmup, rep, **kw: 0.5 if hasattr(fn, "__wrapped__") else 2.0)
+    dev = torch.device("cuda")
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(8, 64, 28, 28, generator=g)
+    w = torch.randn(64, 64, 3, 3, generator=g) * (2 / (64 * 9)) ** 0.5
+    scale, shift = torch.rand(64, generator=g) + 0.5, torch.randn(64, generator=g) * 0.2
+    res = torch.randn(8, 64, 28, 28, generator=g) if residual else None
+    ref = conv_bn_act_ref(x.double(), w.double(), scale.double(), shift.double(), stride=(1, 1), padding=(1, 1),
+                          dilation=(1, 1), groups=1, activation="relu",
+                          residual=None if res is None else res.double())
+    cl = torch.channels_last
+    xd = x.to(dev, F16).contiguous(memory_format=cl)
+    resd = None if res is None else res.to(dev, F16).contiguous(memory_format=cl)
+    wd, sd, hd = pack_weight(w.to(dev, F16), 1), scale.to(dev), shift.to(dev)
+    with backend_log.recording() as log:
+        eager = conv_bn_act(xd, wd, sd, hd, padding=1, residual=resd)
+        eager = conv_bn_act(xd, wd, sd, hd, padding=1, residual=resd)
+    assert log == ["cudnn", "cudnn"]
+    assert float((eager.double().cpu() - ref).abs().max() / ref.abs().max()) < 2e-2
+    graph = torch.cuda.CUDAGraph()
+    with backend_log.recording() as log, torch.cuda.graph(graph):
+        captured = conv_bn_act(xd, wd, sd, hd, padding=1, residual=resd)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert log == ["cudnn"] and torch.equal(captured, eager)

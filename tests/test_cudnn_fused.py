@@ -311,6 +311,14 @@ def test_launcher_offers_cudnn_and_runs_the_choice(fake_cudnn, monkeypatch, resi
     assert float((out.double() - ref).abs().max() / ref.abs().max()) < 1e-4
     (key, name), = variant_choice.chosen().items()
     assert name == "cudnn" and key[-1] == "cudnn"
+    out = conv_bn_act(x, w, scale, shift, stride=1, padding=1, residual=res)  # the choice is made: cuDNN runs
+    assert cudnn_fused.FOLDS.folds == 1  # probe, comparison, timing and two calls: one fold
+    with torch.no_grad():
+        w.mul_(-0.5)  # an in-place edit of the weight: refolded on the next call, and the result follows it
+    out = conv_bn_act(x, w, scale, shift, stride=1, padding=1, residual=res)
+    assert cudnn_fused.FOLDS.folds == 2
+    ref = _reference(x, w, scale, shift, res, act)
+    assert float((out.double() - ref).abs().max() / ref.abs().max()) < 1e-4
     with backend_log.recording() as log:
         out = conv_bn_act(x, w, scale, shift, stride=1, padding=1, residual=res, cudnn=False)
     assert log == ["triton pointer"]

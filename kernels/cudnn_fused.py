@@ -79,9 +79,14 @@ def layout_of(x: torch.Tensor) -> str:
     return "nchw" if x.is_contiguous() else "strided"
 
 
+@functools.cache
+def _cudnn_built() -> bool:
+    return torch.backends.cudnn.is_available()  # fixed for the process; a few µs per call, so asked once
+
+
 def available(device: torch.device) -> bool:
-    """Whether cuDNN can run on `device` (tests on CPU replace this together with `cudnn_ops`)."""
-    return device.type == "cuda" and torch.backends.cudnn.is_available() and torch.backends.cudnn.enabled
+    """Whether cuDNN can run on `device` now (tests on CPU replace this together with `cudnn_ops`)."""
+    return device.type == "cuda" and _cudnn_built() and torch.backends.cudnn.enabled
 
 
 def cudnn_ops():
@@ -176,7 +181,9 @@ def candidate(x, weight, scale, shift, residual, stride, padding, dilation, grou
     """A zero-argument launch through cuDNN for this call, or None where there is none (switched off, no
     cuDNN, tracing, ineligible). Inside a CUDA-graph capture the launch runs `fallback` unless the folded
     weight is already cached (nothing is computed or cached from inside a capture)."""
-    if not (MODE == "auto" if enabled is None else enabled) or tracing or not available(x.device):
+    if activation != "relu" or not (MODE == "auto" if enabled is None else enabled) or tracing:
+        return None  # (ReLU first: the cheapest test, and what most launches that get no candidate fail)
+    if not available(x.device):
         return None
     reason = ineligibility(activation, x.dtype, None if residual is None else residual.dtype, groups,
                            x.shape[1], weight.shape[0], layout_of(x), pinned_schedule)

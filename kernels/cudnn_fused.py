@@ -111,9 +111,14 @@ def fold(weight: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, memory_
 
 
 def _snapshot(tensors) -> tuple | None:
-    if any(t.is_inference() for t in tensors):
-        return None  # no version counter: an in-place edit could not be seen
-    return tuple((t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape), t.stride()) for t in tensors)
+    """What a fold depends on besides identity: storage, version counter, shape and strides (a `.data`
+    reassignment may keep the object and the version). Checked per call, so kept to what can change."""
+    w, s, h = tensors
+    try:
+        return (w.data_ptr(), w._version, w.shape, w.stride(), s.data_ptr(), s._version, s.shape,
+                h.data_ptr(), h._version, h.shape)
+    except RuntimeError:  # inference tensors have no version counter: an in-place edit could not be seen
+        return None
 
 
 class FoldCache:
@@ -133,8 +138,10 @@ class FoldCache:
             return None
         key = (id(weight), id(scale), id(shift), memory_format)
         entry = self._entries.get(key)
-        if entry is not None and all(r() is t for r, t in zip(entry[0], tensors)) and entry[1] == snap:
-            return entry[2]
+        if entry is not None and entry[1] == snap:
+            rw, rs, rh = entry[0]  # the same objects, not new ones that reuse a freed one's id
+            if rw() is weight and rs() is scale and rh() is shift:
+                return entry[2]
         if not compute:
             return None
         value = fold(weight, scale, shift, memory_format)

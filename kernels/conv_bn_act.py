@@ -5,7 +5,9 @@ flags, the schedule), then dispatches: depthwise convs to `kernels.depthwise` wh
 eligible 1x1 / stride-1 KxK convs to the TMA-descriptor kernels of `conv_tma` / `conv_tma_kxk` when asked
 (`tma`), sub-wave layers to the stream-K kernel (`conv_streamk`) when the schedule model picks it, and
 everything else to the data-parallel pointer kernel (`conv_gemm`, with split-K when the model splits) —
-autotuned on a GPU, or under TRITON_INTERPRET=1 (CPU tensors) the plain kernel with one small config.
+autotuned on a GPU, or under TRITON_INTERPRET=1 (CPU tensors) the plain kernel with one small config. A ReLU
+conv may instead run cuDNN's own fused conv + bias (+ add) + ReLU on the BN-folded weight where that candidate
+agrees with the pointer kernel and was timed faster (`cudnn_fused`); `backend_log` records what each launch ran.
 
 The kernels live beside this file, one family per file: `conv_gemm` (pointer implicit GEMM and split-K),
 `conv_streamk`, `conv_tma`, `conv_tma_kxk`, `depthwise`; their configs in `configs`, the schedule model in

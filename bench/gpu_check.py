@@ -8,11 +8,16 @@ install and the write-out fit 8 minutes):
       parallel worker processes (compiling hundreds of specialisations is the cost). Failing GEMM configs are
       added to the committed deny-list `kernels/denylist.json` for this GPU + triton version, which the
       library's pruning reads from then on.
+  cuDNN candidate: the `gpu` tests of tests/test_cudnn_fused.py (cuDNN's fused op on the BN-folded weight vs
+      float64, the launcher's cuDNN candidate), in a child pytest.
   (b) the layers suite for ResNet-50, fp16 channels_last, batch 32 and 1: fusedconv vs cuDNN's fused
       conv+bias+ReLU (+add) on the folded weight, folded cuDNN conv + separate epilogue, eager Conv->BN->act,
-      with % of the measured roofline (CUDA-graph timing, bench/timing.py).
+      with % of the measured roofline (CUDA-graph timing, bench/timing.py); fusedconv twice: as shipped (the
+      launcher may choose cuDNN's fused op where faster; the backend it chose is recorded) and with the cuDNN
+      candidate off (the best Triton kernel alone).
   (c) resnet50 and mobilenet_v2 end to end, fp16 channels_last, batch 32 and 1, then r3d_18 (the 3-D kernel,
-      channels_last_3d) and a Conv1d ResNet-18: eager vs fusedconv, both replayed from CUDA graphs after `fusedconv.warmup`.
+      channels_last_3d) and a Conv1d ResNet-18: eager vs fusedconv, both replayed from CUDA graphs after `fusedconv.warmup`,
+      with how many layers run each backend (triton pointer / triton tma / cudnn / triton depthwise).
 Then the autotune table of (b) and (c) is saved as the package default for this GPU + triton
 (`fusedconv/tuned/`), so `fusedconv.warmup` on the same GPU starts tuned.
 Results: `bench/results/<gpu>/<date>-check.{json,md}`, rewritten after every step, so a run cut short still
@@ -28,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 
 import torch
 
@@ -84,6 +90,10 @@ def main(args, argv: list[str]) -> int:
     if not args.dry_run:
         part("ceilings", lambda r, d: r.update(ceilings=measure_ceilings(device)))
     part("correctness", lambda r, d: run_correctness(r, d, device, args.dry_run, args.workers, save))
+    if not args.dry_run:
+        # cuDNN's fused op (the launcher's cuDNN candidate) against float64 Conv -> BN -> ReLU (+ add), the
+        # `gpu` tests of tests/test_cudnn_fused.py: a minute at most, before the layers suite relies on it.
+        part("cudnn_candidate", lambda r, d: r.update(cudnn_candidate=run_gpu_tests("tests/test_cudnn_fused.py")))
     part("layers", lambda r, d: run_layers(r, d, device, args.dry_run, save))
     part("models", lambda r, d: run_models(r, d, device, args.dry_run, save))
     if not args.dry_run:
@@ -221,6 +231,19 @@ def update_denylist(rows: list[dict], env: dict) -> int:
     return denylist.add_entries(new)
 
 
+def run_gpu_tests(path: str, timeout_s: int = 120) -> dict:
+    """`python -m pytest -q -m gpu <path>` in a child process: its exit code and summary line."""
+    try:
+        out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", path],
+                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return {"tests": path, "returncode": None, "summary": f"timed out after {timeout_s} s"}
+    lines = [ln for ln in out.stdout.strip().splitlines() if ln.strip()]
+    failed = [ln for ln in lines if ln.startswith("FAILED")]
+    return {"tests": path, "returncode": out.returncode, "summary": lines[-1] if lines else out.stderr[-300:],
+            "failed": failed[:20]}
+
+
 # --------------------------------------------------------------------------------------------- (b)
 def run_layers(results: dict, deadline: float, device, dry_run: bool, save) -> None:
     from bench import layers as layer_suite
@@ -239,10 +262,17 @@ def run_layers(results: dict, deadline: float, device, dry_run: bool, save) -> N
             if time.perf_counter() > deadline:
                 results.setdefault("notes", []).append(f"layers: time box reached at batch {batch}, {case.name}")
                 return
-            new = layer_suite.run_case(case, batch, torch.float16 if not dry_run else torch.float32,
-                                       "channels_last", providers, device, quick=True,
-                                       peak_key=metrics.peak_key(results["environment"]["device_name"]),
-                                       tf32=False, compile_ok="n/a: not in the GPU check", compile_mode="default")
+
+            def run(provs):
+                return layer_suite.run_case(case, batch, torch.float16 if not dry_run else torch.float32,
+                                            "channels_last", provs, device, quick=True,
+                                            peak_key=metrics.peak_key(results["environment"]["device_name"]),
+                                            tf32=False, compile_ok="n/a: not in the GPU check",
+                                            compile_mode="default")
+            new = run_with_backend(run, providers, "fusedconv", cudnn=True)
+            # The same layer with the cuDNN candidate switched off: the best Triton kernel alone, so each row
+            # shows triton best / cuDNN fused / what the launcher chose.
+            new += run_with_backend(run, ["fusedconv"], "fusedconv_triton", cudnn=False)
             for r in new:
                 if r.get("status") == "ok" and ceil:
                     t = r["time_ms"] * 1e-3
@@ -252,9 +282,29 @@ def run_layers(results: dict, deadline: float, device, dry_run: bool, save) -> N
             save()
 
 
+def run_with_backend(run, providers: list[str], fused_name: str, *, cudnn: bool) -> list[dict]:
+    """`run(providers)` with the launcher's cuDNN candidate on or off; the fusedconv row is renamed
+    `fused_name` and gets `backend`: what its last launch ran (the timed runs come after the launcher's choice),
+    or "fallback" when no fused kernel ran (CPU)."""
+    from fusedconv.kernels import backend_log, cudnn_fused
+
+    saved = cudnn_fused.MODE
+    cudnn_fused.MODE = "auto" if cudnn else "off"
+    try:
+        with backend_log.recording() as log:
+            rows = run(providers)
+    finally:
+        cudnn_fused.MODE = saved
+    for r in rows:
+        if r["provider"] == "fusedconv":
+            r["provider"], r["backend"] = fused_name, (log[-1] if log else "fallback")
+    return rows
+
+
 # --------------------------------------------------------------------------------------------- (c)
 def run_models(results: dict, deadline: float, device, dry_run: bool, save) -> None:
     import fusedconv
+    from fusedconv.report import layer_backends
     from bench import models as model_suite
     from bench.timing import time_fn
 
@@ -282,6 +332,7 @@ def run_models(results: dict, deadline: float, device, dry_run: bool, save) -> N
             fused = fusedconv.convert(model)
             fusedconv.warmup(fused, x)
             row["setup_s"] = round(time.perf_counter() - start, 1)
+            row["backends"] = dict(Counter(layer_backends(fused, x).values()))  # per backend: fused layers
             with torch.no_grad():
                 ref, out = model(x), fused(x)
             row["max_rel_error_vs_eager"] = model_suite._max_rel_error(out, ref)

@@ -26,7 +26,8 @@ def markdown(results: dict) -> str:
     if ceil:
         lines += [f"Measured ceilings: copy {ceil['copy_tb_s']:.2f} TB/s, fp16 matmul {ceil['fp16_matmul_tflops']:.0f} "
                   f"TFLOP/s ({ceil['method']}).", ""]
-    lines += _correctness(results.get("correctness")) + _layers(results.get("layers")) + _models(results.get("models"))
+    lines += _correctness(results.get("correctness")) + _cudnn_candidate(results.get("cudnn_candidate"))
+    lines += _layers(results.get("layers")) + _models(results.get("models"))
     lines += _layers3d(results.get("layers3d"))
     if results.get("notes"):
         lines += ["## Notes", ""] + [f"- {n}" for n in results["notes"]]
@@ -60,6 +61,15 @@ def _correctness(sec) -> list[str]:
     return out + [""]
 
 
+def _cudnn_candidate(sec) -> list[str]:
+    if not sec:
+        return []
+    out = ["## cuDNN candidate vs float64 (`pytest -m gpu " + sec["tests"] + "`)", "",
+           f"exit code {sec['returncode']}: {sec['summary']}"]
+    out += [f"- {ln}" for ln in sec.get("failed") or []]
+    return out + [""]
+
+
 def _layers(rows) -> list[str]:
     if not rows:
         return []
@@ -71,24 +81,45 @@ def _layers(rows) -> list[str]:
     for (layer, shape, batch), per in table.items():
         fc = per.get("fusedconv", {})
         cells = [layer, shape, batch]
-        for p in ("eager", "folded", "cudnn_relu", "fusedconv"):
+        for p in ("eager", "folded", "cudnn_relu", "fusedconv_triton", "fusedconv"):
             r = per.get(p, {})
             cells.append(_f(r.get("time_ms") * 1e3, ".1f") if r.get("status") == "ok" else (r.get("status") or "—")[:24])
-        cells += [_f(fc.get("speedup_vs_cudnn_relu"), ".2f"), _f(fc.get("speedup_vs_folded"), ".2f"),
+        cells += [fc.get("backend") or "—", _f(_ratio(per, "cudnn_relu", "fusedconv_triton"), ".2f"),
+                  _f(fc.get("speedup_vs_cudnn_relu"), ".2f"), _f(fc.get("speedup_vs_folded"), ".2f"),
                   _f(fc.get("pct_roofline_measured", fc.get("pct_roofline")), ".0f")]
         body.append(cells)
-    return ["## (b) ResNet-50 layers, channels_last (µs; medians, CUDA-graph replays on a GPU)", ""] + report._table(
-        ["layer", "shape", "batch", "eager", "folded+epilogue", "cudnn fused relu", "fusedconv", "x vs cudnn fused",
-         "x vs folded", "fusedconv % roofline"], body) + [""]
+    return ["## (b) ResNet-50 layers, channels_last (µs; medians, CUDA-graph replays on a GPU)", "",
+            "`triton best`: fusedconv with its cuDNN candidate off; `chosen`: fusedconv as shipped, which keeps "
+            "cuDNN's fused op for a ReLU layer where that is faster and agrees; `backend`: what it chose.", ""
+            ] + report._table(
+        ["layer", "shape", "batch", "eager", "folded+epilogue", "cudnn fused relu", "triton best", "chosen",
+         "backend", "triton x vs cudnn fused", "chosen x vs cudnn fused", "chosen x vs folded",
+         "chosen % roofline"], body) + [""]
+
+
+def _ratio(per: dict, base: str, new: str) -> float | None:
+    """time(base) / time(new) where both ran."""
+    b, n = per.get(base, {}), per.get(new, {})
+    if b.get("status") == "ok" and n.get("status") == "ok" and n.get("time_ms"):
+        return b["time_ms"] / n["time_ms"]
+    return None
 
 
 def _models(rows) -> list[str]:
     if not rows:
         return []
     body = [[r["model"], r["batch"], r["dtype"], _f(r.get("eager_ms"), ".3f"), _f(r.get("fusedconv_ms"), ".3f"),
-             _f(r.get("speedup"), ".2f"), _f(r.get("max_rel_error_vs_eager"), ".1e"), r.get("status")] for r in rows]
+             _f(r.get("speedup"), ".2f"), _f(r.get("max_rel_error_vs_eager"), ".1e"), _backends(r.get("backends")),
+             r.get("status")] for r in rows]
     return ["## (c) Models end to end, channels_last, after warmup (ms; CUDA-graph replays on a GPU)", ""] + report._table(
-        ["model", "batch", "dtype", "eager", "fusedconv", "speed-up", "max rel err", "status"], body) + [""]
+        ["model", "batch", "dtype", "eager", "fusedconv", "speed-up", "max rel err", "fused layers per backend",
+         "status"], body) + [""]
+
+
+def _backends(counts) -> str:
+    if not counts:
+        return "—"
+    return ", ".join(f"{n} {b}" for b, n in sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
 def _layers3d(rows) -> list[str]:

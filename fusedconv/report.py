@@ -1,11 +1,18 @@
 """The conversion report: one row per pattern seen, fused or skipped with the reason, plus the self-check.
 
 Available programmatically (`rows`, `fused`, `skipped`, `to_dict()`) and printable as a table (`str(report)`).
+After a warm-up on CUDA, `layer_backends(model, x)` says which backend each fused layer runs ("triton pointer",
+"triton tma", "cudnn", "triton depthwise"); store it in `report.backends` to print it with the report.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import asdict, dataclass, field
+
+import torch
+
+from fusedconv.kernels import backend_log
 
 
 @dataclass
@@ -36,6 +43,8 @@ class ConversionReport:
     notes: list[str] = field(default_factory=list)
     # Per guarded block: (scope, class name, one line per specialization saying which assumptions it checks).
     guards: list[tuple[str, str, list[str]]] = field(default_factory=list)
+    # Per fused layer (module name in the converted model): the backend its launches ran (`layer_backends`).
+    backends: dict[str, str] = field(default_factory=dict)
 
     def add_guards(self, scope: str, class_name: str, specializations: list[str]) -> None:
         """Record a block's guards (replacing what an earlier pass recorded for the same block)."""
@@ -63,7 +72,8 @@ class ConversionReport:
     def to_dict(self) -> dict:
         return {"rows": [asdict(r) for r in self.rows], "fused": len(self.fused), "skipped": len(self.skipped),
                 "max_rel_error": self.max_rel_error, "notes": list(self.notes),
-                "guards": [{"scope": s, "class": c, "specializations": list(g)} for s, c, g in self.guards]}
+                "guards": [{"scope": s, "class": c, "specializations": list(g)} for s, c, g in self.guards],
+                "backends": dict(self.backends)}
 
     def summary(self) -> str:
         s = f"{len(self.fused)} fused, {len(self.skipped)} skipped"
@@ -83,5 +93,50 @@ class ConversionReport:
                          + " | ".join(f"[{g}]" for g in specs) + "; any other call runs its own forward exactly "
                          "(a re-parameterized block, whose branches are gone, raises GuardMiss instead)")
         lines += [f"note: {n}" for n in self.notes]
+        if self.backends:
+            lines.append(backends_text(self.backends))
         lines.append(self.summary())
         return "\n".join(lines)
+
+
+def backends_text(backends: dict[str, str]) -> str:
+    """"backends after warm-up: 40 triton pointer, 9 triton tma, 4 cudnn" and one line per layer."""
+    counts = Counter(backends.values())
+    lines = ["backends after warm-up: " + ", ".join(f"{n} {b}" for b, n in counts.most_common())]
+    lines += [f"  {name or '<root>'}: {backend}" for name, backend in backends.items()]
+    return "\n".join(lines)
+
+
+def layer_backends(model: torch.nn.Module, *args, **kwargs) -> dict[str, str]:
+    """Run `model(*args, **kwargs)` once under no_grad and return {module name: backend} for every module whose
+    own forward launched a fused kernel (each launch is credited to the innermost module running it), in call
+    order. A module whose launches ran different backends lists them joined by " + ". Empty where no fused
+    kernel ran (CPU, the standard-conv fallback). Meant for after a warm-up: the first call of a layer is when
+    the launcher times its candidates and makes its choice."""
+    owners: dict[int, str] = {}
+    stack: list[int] = []
+    handles = []
+
+    def pre(module, inputs, name):
+        stack.append(len(log))
+
+    def post(module, inputs, output, name):
+        start = stack.pop()
+        for i in range(start, len(log)):
+            owners.setdefault(i, name)
+
+    for name, module in model.named_modules():
+        handles.append(module.register_forward_pre_hook(lambda m, i, n=name: pre(m, i, n)))
+        handles.append(module.register_forward_hook(lambda m, i, o, n=name: post(m, i, o, n)))
+    try:
+        with backend_log.recording() as log, torch.no_grad():
+            model(*args, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    result: dict[str, list[str]] = {}
+    for i, backend in enumerate(log):
+        seen = result.setdefault(owners.get(i, ""), [])
+        if backend not in seen:
+            seen.append(backend)
+    return {name: " + ".join(b) for name, b in result.items()}

@@ -5,7 +5,9 @@ flags, the schedule), then dispatches: depthwise convs to `kernels.depthwise` wh
 eligible 1x1 / stride-1 KxK convs to the TMA-descriptor kernels of `conv_tma` / `conv_tma_kxk` when asked
 (`tma`), sub-wave layers to the stream-K kernel (`conv_streamk`) when the schedule model picks it, and
 everything else to the data-parallel pointer kernel (`conv_gemm`, with split-K when the model splits) —
-autotuned on a GPU, or under TRITON_INTERPRET=1 (CPU tensors) the plain kernel with one small config.
+autotuned on a GPU, or under TRITON_INTERPRET=1 (CPU tensors) the plain kernel with one small config. A ReLU
+conv may instead run cuDNN's own fused conv + bias (+ add) + ReLU on the BN-folded weight where that candidate
+agrees with the pointer kernel and was timed faster (`cudnn_fused`); `backend_log` records what each launch ran.
 
 The kernels live beside this file, one family per file: `conv_gemm` (pointer implicit GEMM and split-K),
 `conv_streamk`, `conv_tma`, `conv_tma_kxk`, `depthwise`; their configs in `configs`, the schedule model in
@@ -21,7 +23,9 @@ import os
 import torch
 import triton
 
+from fusedconv.kernels import backend_log as _backend_log
 from fusedconv.kernels import configs as _configs
+from fusedconv.kernels import cudnn_fused as _cudnn
 from fusedconv.kernels import conv_tma as _tma
 from fusedconv.kernels import conv_tma_kxk as _tma_kxk
 from fusedconv.kernels import variant_choice as _variant_choice
@@ -122,7 +126,7 @@ def _launch_streamk(plan, x, weight, scale, shift, res, y, act_param):
 
 
 def conv_bn_act(x, weight, scale, shift, *, stride=1, padding=0, dilation=1, groups=1, activation="relu",
-                act_param=0.0, residual=None, split_k=None, tma=None, stream_k=None):
+                act_param=0.0, residual=None, split_k=None, tma=None, stream_k=None, cudnn=None):
     """act(conv2d(x, weight) * scale + shift [+ residual]) in one Triton kernel launch.
 
     x: (N, Cin, H, W) fp16 / bf16 / fp32, any strides (channels_last is the fast path). weight: (Cout, Cin/groups,
@@ -144,6 +148,11 @@ def conv_bn_act(x, weight, scale, shift, *, stride=1, padding=0, dilation=1, gro
     `variant_choice`; FUSEDCONV_TMA=1 / 0 at import forces on / off). Ineligible convs — unaligned strides
     included — always run the pointer kernel, never a faulting descriptor. The GPU check runs every TMA config
     against float64 and deny-lists failing ones.
+
+    `cudnn`: offer cuDNN's own fused conv + bias (+ add) + ReLU on the BN-folded weight as a further
+    candidate where it computes this call exactly (ReLU only; see `cudnn_fused`), kept only if it agrees with
+    the pointer kernel and is faster (None: as `cudnn_fused.MODE` says, default on, FUSEDCONV_CUDNN=0 at import
+    turns it off; False: never). Never while tracing: the traced graph holds the Triton kernel.
 
     The metadata-only part of a launch (checks, split-K, int64, integer arguments) is cached per distinct call
     signature, so a repeated call costs little more than the allocation and the kernel launch.
@@ -167,6 +176,7 @@ def conv_bn_act(x, weight, scale, shift, *, stride=1, padding=0, dilation=1, gro
     if plan["depthwise"]:
         depthwise = _depthwise_launcher()
         if depthwise is not None:
+            _backend_log.record("depthwise")
             return depthwise(x, weight, scale, shift, stride=stride, padding=padding, dilation=dilation,
                              activation=activation, act_param=act_param, residual=residual)
 
@@ -175,6 +185,8 @@ def conv_bn_act(x, weight, scale, shift, *, stride=1, padding=0, dilation=1, gro
         return y
     if tuple(y.stride()) != plan["y_stride"]:  # the plan's output strides must be the ones torch allocated
         raise RuntimeError(f"internal: output strides {tuple(y.stride())} differ from the planned {plan['y_stride']}")
+    pinned_schedule = split_k is not None or stream_k is not None
+    scale_src, shift_src = scale, shift  # the caller's tensors: the cuDNN fold is cached on their identity
     if scale.dtype != torch.float32 or not scale.is_contiguous():
         scale = scale.to(torch.float32).contiguous()
     if shift.dtype != torch.float32 or not shift.is_contiguous():
@@ -189,19 +201,30 @@ def conv_bn_act(x, weight, scale, shift, *, stride=1, padding=0, dilation=1, gro
         return _launch_pointer(plan, x, weight, scale, shift, res, y, workspace, args, act_param)
 
     mode = TMA_MODE if tma is None else ("on" if tma else "off")
-    # "auto": on an sm_90 GPU (eager: no timing while tracing) the TMA kernel is a candidate beside the pointer
-    # kernel and the faster is kept per launch signature; elsewhere the pointer kernel runs.
-    if mode == "off" or (mode == "auto" and (interpreting() or not _variant_choice.can_time(x.device)
-                                             or _sm_major(x.device) != 9)):
-        return pointer()
-    tma_launch = _tma_candidate(plan, x, weight, scale, shift, residual, y, groups, stride, padding, dilation,
-                                act_param, tf32)
-    if tma_launch is None:
-        return pointer()
-    if mode == "on" or _variant_choice.choose(key, {"pointer": pointer, "tma": tma_launch}, x.device,
-                                                     output=y) == "tma":
+    tracing = _tracing()
+    # "auto": on an sm_90 GPU the TMA kernel is a candidate beside the pointer kernel and the faster is kept per
+    # launch signature (variant_choice: timed in eager calls only; a CUDA-graph capture replays the eager
+    # choice); while tracing the pointer kernel runs.
+    tma_launch = None
+    if mode == "on" or (mode == "auto" and not interpreting() and not tracing and _sm_major(x.device) == 9):
+        tma_launch = _tma_candidate(plan, x, weight, scale, shift, residual, y, groups, stride, padding, dilation,
+                                    act_param, tf32)
+    if mode == "on" and tma_launch is not None:
+        _backend_log.record("tma")
         return tma_launch()
-    return pointer()
+    candidates = {"pointer": pointer}
+    if tma_launch is not None:
+        candidates["tma"] = tma_launch
+    cudnn_launch = _cudnn.candidate(x, weight, scale_src, shift_src, residual, stride, padding, dilation, groups,
+                                    activation, fmt, enabled=cudnn, pinned_schedule=pinned_schedule,
+                                    fallback=pointer, tracing=tracing)
+    if cudnn_launch is not None:
+        candidates["cudnn"] = cudnn_launch
+    name = "pointer" if len(candidates) == 1 else _cudnn.choose(key, candidates, x.device, y, _variant_choice)
+    if name not in candidates:  # a choice cached for a candidate this call does not offer
+        name = "pointer"
+    _backend_log.record(name)
+    return candidates[name]()
 
 
 def _sm_major(device) -> int:

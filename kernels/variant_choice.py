@@ -35,7 +35,7 @@ _loaded: dict = {}
 
 #: Candidate names a choice may hold: `choose` refuses others, so a new kernel family registers its name here
 #: and a saved table naming it loads.
-CANDIDATE_NAMES = {"pointer", "tma"}
+CANDIDATE_NAMES = {"pointer", "tma", "cudnn"}
 
 
 def can_time(device: torch.device) -> bool:

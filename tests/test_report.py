@@ -1,14 +1,17 @@
-"""ConversionReport: rows, fused/skipped views, to_dict, the printed table, merging another report."""
+"""ConversionReport: rows, fused/skipped views, to_dict, the printed table, merging another report; the
+per-layer backend report (`layer_backends`)."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
+import torch
 import torch.nn as nn
 
 import fusedconv
-from fusedconv.report import ConversionReport, ReportRow
+from fusedconv.kernels import backend_log
+from fusedconv.report import ConversionReport, ReportRow, layer_backends
 
 
 def _report() -> ConversionReport:
@@ -68,3 +71,42 @@ def test_convert_report_for_a_model():
     _, report = fusedconv.convert(model, return_report=True)
     assert [(r.nodes, r.detail) for r in report.fused] == [(("0", "1", "2"), "bn+relu"), (("3", "4"), "silu")]
     assert "0 -> 1 -> 2" in str(report)
+
+
+class _Launches(torch.nn.Module):
+    """Stands in for a fused layer: its forward 'launches' the given backends (as the launcher records them)."""
+
+    def __init__(self, *names):
+        super().__init__()
+        self.names = names
+
+    def forward(self, x):
+        for n in self.names:
+            backend_log.record(n)
+        return x + 1
+
+
+class _Block(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = _Launches("cudnn")
+        self.inner = torch.nn.Sequential(_Launches("pointer"), torch.nn.ReLU(), _Launches("tma", "pointer"))
+
+    def forward(self, x):
+        backend_log.record("depthwise")  # a launch of the block's own forward (not of a child)
+        return self.inner(self.a(x))
+
+
+def test_layer_backends_credits_each_launch_to_the_innermost_module_and_prints():
+    model = _Block()
+    backends = layer_backends(model, torch.zeros(2))
+    assert backends == {"": "triton depthwise", "a": "cudnn", "inner.0": "triton pointer",
+                        "inner.2": "triton tma + triton pointer"}
+    assert not model._forward_hooks and not model.a._forward_pre_hooks  # hooks removed
+    report = ConversionReport()
+    report.backends = backends
+    text = str(report)
+    assert "backends after warm-up: 1 triton depthwise, 1 cudnn, 1 triton pointer, 1 triton tma + triton pointer" \
+        in text and "  inner.2: triton tma + triton pointer" in text
+    assert report.to_dict()["backends"] == backends
+    assert layer_backends(torch.nn.ReLU(), torch.zeros(2)) == {}  # nothing launched (CPU fallback)

@@ -1,5 +1,6 @@
 """`fusedconv demo`: build a model, convert it, print the report, the error against the original and the
-latency before and after on the best device present."""
+latency before and after on the best device present; on CUDA, which backend each fused layer chose after the
+timed runs (Triton pointer / TMA kernel or cuDNN's fused op)."""
 
 from __future__ import annotations
 
@@ -100,6 +101,14 @@ def cmd_demo(args) -> int:
     out.line(f"fusedconv: {after * 1e3:9.3f} ms   ({before / after:.2f}x)")
     if device.type == "cpu":
         out.line(f"(CPU, {torch.get_num_threads()} threads; medians of torch.utils.benchmark, interleaved rounds)")
+    else:
+        # After the timed runs every layer has made its choice (Triton pointer / TMA kernel or cuDNN's fused op).
+        from fusedconv.report import backends_text, layer_backends
+
+        report.backends = layer_backends(fused, x)
+        if report.backends:
+            out.heading("Backend per fused layer")
+            out.line(backends_text(report.backends))
     return EXIT_OK if ok else EXIT_CHECK_FAILED
 
 

@@ -1,0 +1,31 @@
+"""Which backend each launch ran ("triton pointer", "triton tma", "cudnn", ...), recorded only while asked.
+
+The launcher calls `record(name)` after it has decided; outside a `recording()` block that is one global
+check. Reports attribute the records to layers (fusedconv.report.layer_backends runs a model under hooks).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+#: Launcher candidate name -> the backend name reports show.
+LABELS = {"pointer": "triton pointer", "tma": "triton tma", "cudnn": "cudnn", "depthwise": "triton depthwise"}
+
+_log: list | None = None
+
+
+def record(name: str) -> None:
+    """Note that a launch ran `name` (a key of LABELS, or a label itself) when a recording is active."""
+    if _log is not None:
+        _log.append(LABELS.get(name, name))
+
+
+@contextlib.contextmanager
+def recording():
+    """Collect the backend of every launch in the block into the yielded list (in launch order)."""
+    global _log
+    previous, _log = _log, []
+    try:
+        yield _log
+    finally:
+        _log = previous

@@ -194,7 +194,7 @@ def environment(device: torch.device, argv: list[str] | None = None) -> dict:
         "git_commit": git_commit(),
         "cuda": torch.version.cuda if cuda else None,
         "cudnn": torch.backends.cudnn.version() if cuda and torch.backends.cudnn.is_available() else None,
-        "cudnn_allow_tf32": bool(torch.backends.cudnn.allow_tf32) if cuda else None,
+        "cudnn_allow_tf32": _cudnn_conv_allows_tf32() if cuda else None,
         "matmul_allow_tf32": bool(torch.backends.cuda.matmul.allow_tf32) if cuda else None,
         "mkldnn": bool(torch.backends.mkldnn.is_available()),
         "load_average_1m_at_start": load_average(),
@@ -205,3 +205,10 @@ def environment(device: torch.device, argv: list[str] | None = None) -> dict:
         info["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
         info["gpu_multiprocessors"] = props.multi_processor_count
     return info
+
+
+def _cudnn_conv_allows_tf32() -> bool:
+    # Imported when asked: importing fusedconv.kernels imports triton, which must see TRITON_INTERPRET first.
+    from fusedconv.kernels.precision import cudnn_conv_allows_tf32
+
+    return cudnn_conv_allows_tf32()

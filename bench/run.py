@@ -186,7 +186,7 @@ def run_layers(args, device, p: dict, peak_key, results: dict) -> None:
         cases_by_net[net] = (chosen, set(c.key for c in representative(cases)))
     configs = [(case, b, d, lay, case.key in rep) for net, (cases, rep) in cases_by_net.items() for case in cases
                for b in p["batches"] for d in p["dtypes"] for lay in p["layouts"]]
-    tf32 = bool(torch.backends.cudnn.allow_tf32) if device.type == "cuda" else False
+    tf32 = _cudnn_conv_allows_tf32() if device.type == "cuda" else False
     bar = Progress(len(configs), "layers")
     rows = []
     try:
@@ -310,7 +310,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m bench") -> int:
     key = metrics.peak_key(env["device_name"]) if device.type == "cuda" else None
     peak = None
     if key is not None:
-        tf32 = bool(torch.backends.cudnn.allow_tf32)
+        tf32 = _cudnn_conv_allows_tf32()
         peak = {"name": key, "tb_s": metrics.peak_tb_s(key), "source": "vendor datasheet (dense)",
                 "tflops": {d: metrics.peak_tflops(key, d, tf32=tf32) for d in p["dtypes"]}}
     stem = env["date"] + ("-quick" if args.quick else "") + (f"-{bench_env.slugify(args.tag)}" if args.tag else "")
@@ -393,3 +393,10 @@ def _print_summary(results: dict) -> None:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _cudnn_conv_allows_tf32() -> bool:
+    # Imported when asked: importing fusedconv.kernels imports triton, which must see TRITON_INTERPRET first.
+    from fusedconv.kernels.precision import cudnn_conv_allows_tf32
+
+    return cudnn_conv_allows_tf32()

@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from fusedconv.kernels.epilogue import activation_id, epilogue, load_scale_shift, post_affine, traceable
+from fusedconv.kernels import precision as _precision
 
 __all__ = ["conv3d_bn_act", "conv3d_output_shape", "output_memory_format_3d", "pack_weight_3d", "configs_3d",
            "aot_variants"]
@@ -329,7 +330,7 @@ def conv3d_bn_act(x, weight, scale, shift, *, stride=1, padding=0, dilation=1, g
                _span(res.shape, res_stride), m * cout]
     use_int64 = max(extents) > _INT32_LIMIT
     flat_k = kd * kh * kw > 1 and cin_g < _FLAT_K_BELOW
-    tf32 = x.dtype == torch.float32 and x.is_cuda and torch.backends.cudnn.allow_tf32
+    tf32 = x.dtype == torch.float32 and x.is_cuda and _precision.cudnn_conv_allows_tf32()
     interp = interpreting()
     block_ks = (INTERPRET_CONFIG["BLOCK_K"],) if interp else tuple({c.kwargs["BLOCK_K"] for c in
                                                                     configs_3d(x.element_size())})

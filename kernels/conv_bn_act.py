@@ -29,6 +29,7 @@ from fusedconv.kernels import cudnn_fused as _cudnn
 from fusedconv.kernels import conv_tma as _tma
 from fusedconv.kernels import conv_tma_kxk as _tma_kxk
 from fusedconv.kernels import variant_choice as _variant_choice
+from fusedconv.kernels import precision as _precision
 from fusedconv.kernels.conv_gemm import _conv_gemm_kernel, _splitk_epilogue_kernel
 from fusedconv.kernels import conv_plan as _conv_plan
 from fusedconv.kernels.conv_plan import _cdiv, _check_device, _check_tensors, _depthwise_launcher, _pair, interpreting
@@ -159,7 +160,7 @@ def conv_bn_act(x, weight, scale, shift, *, stride=1, padding=0, dilation=1, gro
     """
     stride, padding, dilation = _pair("stride", stride), _pair("padding", padding), _pair("dilation", dilation)
     _check_tensors(x, weight, scale, shift, residual)
-    tf32 = x.dtype == torch.float32 and x.is_cuda and torch.backends.cudnn.allow_tf32
+    tf32 = x.dtype == torch.float32 and x.is_cuda and _precision.cudnn_conv_allows_tf32()
     fmt = output_memory_format(x)
     res_meta = None if residual is None else (tuple(residual.shape), tuple(residual.stride()), residual.dtype)
     key = (tuple(x.shape), tuple(x.stride()), x.dtype, x.device, tuple(weight.shape), tuple(weight.stride()),

@@ -79,16 +79,21 @@ def k_loop_taps(acc, x_rows, w_cols, ih0, iw0, mask_m, mask_n, offs_k, k_start, 
     b_base = w_cols[None, :] + offs_k[:, None] * swi
     a_off = x_tap + c_off * sxc
     b_off = w_tap + c_off * swi
-    # Offset steps. Within a tap: the next BLOCK_K channels. At a tap's end c_off has reached span (all its
-    # chunks), so the step to the next tap in the kernel row, or to the first tap of the next kernel row, is
-    # the tap step minus the channels walked.
+    # Offset steps. Within a tap: the next BLOCK_K channels. From a tap's last chunk (at span - BLOCK_K, span =
+    # all its chunks) to the next tap in the kernel row, or to the first tap of the next kernel row: the tap
+    # step minus the channels walked. Each is one select and one add per iteration.
     span = k_chunks * BLOCK_K
     a_chunk = BLOCK_K * sxc
     b_chunk = BLOCK_K * swi
-    a_col_step = dil_w * sxw - span * sxc
-    a_row_step = dil_h * sxh - (KW - 1) * dil_w * sxw - span * sxc
-    b_col_step = sww - span * swi
-    b_row_step = swh - (KW - 1) * sww - span * swi
+    a_col_step = dil_w * sxw - (span - BLOCK_K) * sxc
+    a_row_step = dil_h * sxh - (KW - 1) * dil_w * sxw - (span - BLOCK_K) * sxc
+    b_col_step = sww - (span - BLOCK_K) * swi
+    b_row_step = swh - (KW - 1) * sww - (span - BLOCK_K) * swi
+    if USE_BITS:
+        # Bits of the taps that end a kernel row: tap_bit against it says "row end" without a kw counter.
+        row_end_bits = tl.zeros([1], dtype=BITS_TYPE).sum(0)
+        for r in tl.static_range(KH):
+            row_end_bits = row_end_bits | (row_end_bits * 0 + 1) << (r * KW + KW - 1)
     for _ in range(k_start, k_end):
         if USE_BITS:
             row_ok = (tap_ok & tap_bit) != 0
@@ -107,11 +112,14 @@ def k_loop_taps(acc, x_rows, w_cols, ih0, iw0, mask_m, mask_n, offs_k, k_start, 
         # Advance (c-chunk, kw, kh) by scalar selects: no division, no branch in the loop.
         c_off += BLOCK_K
         next_tap = c_off >= CIN_G
-        row_end = next_tap & (kw == KW - 1)
+        if USE_BITS:
+            row_end = next_tap & ((tap_bit & row_end_bits) != 0)
+        else:
+            row_end = next_tap & (kw == KW - 1)
+            kw = tl.where(next_tap, tl.where(row_end, 0, kw + 1), kw)
         c_off = tl.where(next_tap, 0, c_off)
-        kw = tl.where(next_tap, tl.where(row_end, 0, kw + 1), kw)
-        a_off += a_chunk + tl.where(next_tap, tl.where(row_end, a_row_step, a_col_step), 0)
-        b_off += b_chunk + tl.where(next_tap, tl.where(row_end, b_row_step, b_col_step), 0)
+        a_off += tl.where(next_tap, tl.where(row_end, a_row_step, a_col_step), a_chunk)
+        b_off += tl.where(next_tap, tl.where(row_end, b_row_step, b_col_step), b_chunk)
         if USE_BITS:
             tap_bit = tl.where(next_tap, tap_bit << 1, tap_bit)
         else:

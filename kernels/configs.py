@@ -349,6 +349,9 @@ def aot_variants() -> list[dict]:
             tag = "m{BLOCK_M}n{BLOCK_N}".format(**cfg.kwargs)
             add(f"conv7x7_stem_rowk_{short[dtype]}_{tag}", dtype, cfg, kh=7, kw=7, residual=False, row_k=True,
                 cin_g=3, even_k=False)
+    # the row-K loop with several kernel rows per step (3x3 RGB stem: the whole kernel in one 32-column step)
+    add("conv3x3_stem_rowk_fp16_m64n64", "float16", autotune_configs(2)[5], kh=3, kw=3, act="relu6", residual=False,
+        row_k=True, cin_g=3, even_k=False)
     # the flattened-K loop (small Cin_g, kernel rows wider than 64: here 7 x 12)
     add("conv7x7_flatk_fp16", "float16", autotune_configs(2)[5], kh=7, kw=7, residual=False, flat_k=True, even_k=False)
     # channel counts that are multiples of 8 but not 16 (24, 40, 56): vector loads through CH_ALIGN

@@ -161,7 +161,6 @@ def k_loop_rows(acc, x_rows, w_cols, ih0, iw0, mask_m, mask_n, k_start, k_end, H
     # Loop-invariant pointer tiles at kernel row 0: an iteration adds one scalar row offset to each.
     a_base = (x_rows + ih0 * sxh)[:, None] + (j_r * dil_h * sxh + j_c * sxc)[None, :] + iw * sxw
     b_cols = w_cols[None, :] + (j_r * swh + j_kw * sww + j_c * swi)[:, None]
-    b_mask = mask_n[None, :] & j_ok[:, None]
     # The element gathers dominate this loop, so each element's mask for every step is precomputed into a
     # bit set (bit t: kernel row t of this element's column reads inside the image, and t < KH); an
     # iteration tests one bit per element instead of combining width and height bounds.
@@ -172,19 +171,30 @@ def k_loop_rows(acc, x_rows, w_cols, ih0, iw0, mask_m, mask_n, k_start, k_end, H
             ih_t = ih0 + t * dil_h
             h_bits = h_bits | (((ih_t >= 0) & (ih_t < H)).to(tl.int32) << t)
         a_bits = tl.where(a_mask_w, h_bits[:, None] >> j_r[None, :], 0)
+        # The weight's rows: bit t of column j set while kernel row t + j_r exists (t + j_r < KH).
+        b_bits = tl.where(j_ok, ((1 << KH) - 1) >> j_r, 0)
         step_bit = (k_start * 0 + 1) << (k_start * rows)
-    for it in range(k_start, k_end):
-        kh0 = it * rows  # the step's first kernel row
+    # Carried scalar offsets of the step's first kernel row: no multiply per iteration.
+    a_row = k_start * rows * dil_h * sxh
+    b_row = k_start * rows * swh
+    kh0 = k_start * rows
+    for _ in range(k_start, k_end):
         if USE_BITS:
             a_mask = (a_bits & step_bit) != 0
+            # The last step's rows past KH are outside the weight: masked (a zero A column would not cancel
+            # a NaN read from past the weight).
+            b_ok = (b_bits & step_bit) != 0
             step_bit = step_bit << rows
         else:
             ih = ih0[:, None] + ((kh0 + j_r) * dil_h)[None, :]
             a_mask = a_mask_w & (ih >= 0) & (ih < H) & ((kh0 + j_r) < KH)[None, :]
-        a = tl.load(a_base + kh0 * dil_h * sxh, mask=a_mask, other=0.0)
-        # The last step's rows past KH are outside the weight: masked (a zero A column would not cancel a NaN).
-        b = tl.load(b_cols + kh0 * swh, mask=b_mask & (j_r < KH - kh0)[:, None], other=0.0)
+            b_ok = j_ok & (j_r < KH - kh0)
+            kh0 += rows
+        a = tl.load(a_base + a_row, mask=a_mask, other=0.0)
+        b = tl.load(b_cols + b_row, mask=mask_n[None, :] & b_ok[:, None], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        a_row += rows * dil_h * sxh
+        b_row += rows * swh
     return acc
 
 

@@ -102,7 +102,7 @@ def gemm_tile(pid_m, pid_n, g, k_start, k_end,
     else:
         acc = k_loop_taps(acc, x_rows, w_cols, ih0, iw0, mask_m, mask_n, offs_k, k_start, k_end, H, W, CIN_G,
                           dil_h, dil_w, sxc, sxh, sxw, swi, swh, sww, KH, KW, EVEN_K, INPUT_PRECISION,
-                          BLOCK_M, BLOCK_K)
+                          BLOCK_M, BLOCK_N, BLOCK_K)
     mask_mn = mask_m[:, None] & mask_n[None, :]
     return acc, offs_m, n_idx, oh_idx, ow_idx, co, mask_n, mask_mn
 

@@ -48,7 +48,7 @@ def k_loop_1x1(acc, a_rows, w_cols, mask_m, mask_n, offs_k, k_start, k_end, CIN_
 def k_loop_taps(acc, x_rows, w_cols, ih0, iw0, mask_m, mask_n, offs_k, k_start, k_end, H, W, CIN_G,
                 dil_h, dil_w, sxc, sxh, sxw, swi, swh, sww,
                 KH: tl.constexpr, KW: tl.constexpr, EVEN_K: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Spatial conv, Cin_g >= 16: (kh, kw, channel-chunk) iterations with carried counters."""
     k_chunks = tl.cdiv(CIN_G, BLOCK_K)
     # Per-row bit set of the taps that read inside the image (rows past M: none). Up to 32 taps fit an int32,
@@ -75,7 +75,11 @@ def k_loop_taps(acc, x_rows, w_cols, ih0, iw0, mask_m, mask_n, offs_k, k_start, 
     # Loop-invariant 2-D pointer tiles at tap (0, 0), channel 0. An iteration adds one carried scalar offset
     # to each (a_off, b_off: this tap's offset plus the chunk's channels), so every vector of a tile costs one
     # wide add instead of re-deriving row + tap + channel per element.
-    a_base = (x_rows + ih0 * sxh + iw0 * sxw)[:, None] + offs_k[None, :] * sxc
+    a_rows = x_rows + ih0 * sxh + iw0 * sxw
+    a_base = a_rows[:, None] + offs_k[None, :] * sxc
+    # A 128x128 tile at 4 warps has no registers left for the pointer tiles (it spilled 16-24 B): there A and B
+    # are re-derived per iteration from the row / column pointers and the chunk's channels, as before.
+    B_TILE: tl.constexpr = BLOCK_M * BLOCK_N < 128 * 128
     b_base = w_cols[None, :] + offs_k[:, None] * swi
     a_off = x_tap + c_off * sxc
     b_off = w_tap + c_off * swi
@@ -101,13 +105,20 @@ def k_loop_taps(acc, x_rows, w_cols, ih0, iw0, mask_m, mask_n, offs_k, k_start, 
             ih = ih0 + dh
             iw = iw0 + dw
             row_ok = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        if B_TILE:
+            a_ptrs = a_base + a_off
+            b_ptrs = b_base + b_off
+        else:
+            c = c_off + offs_k
+            a_ptrs = (a_rows + (a_off - c_off * sxc))[:, None] + c[None, :] * sxc
+            b_ptrs = (w_cols + (b_off - c_off * swi))[None, :] + c[:, None] * swi
         if EVEN_K:
-            a = tl.load(a_base + a_off, mask=row_ok[:, None], other=0.0)
-            b = tl.load(b_base + b_off, mask=mask_n[None, :], other=0.0)
+            a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
+            b = tl.load(b_ptrs, mask=mask_n[None, :], other=0.0)
         else:
             k_ok = offs_k < CIN_G - c_off  # the chunk's channels that exist
-            a = tl.load(a_base + a_off, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            b = tl.load(b_base + b_off, mask=mask_n[None, :] & k_ok[:, None], other=0.0)
+            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=mask_n[None, :] & k_ok[:, None], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
         # Advance (c-chunk, kw, kh) by scalar selects: no division, no branch in the loop.
         c_off += BLOCK_K
@@ -135,7 +146,7 @@ def row_k_rows(CIN_G, KH: tl.constexpr, KW: tl.constexpr):
 
     Why 32: the columns are gathered element by element, and a 64-wide step of the 7x7 stem (three rows)
     compiled to 298 loop instructions and 247 registers for no fewer instructions per tile than seven 32-wide
-    steps at 136 and 127. A single kernel row wider than 32 keeps its own width (up to 64).
+    steps at 140 and 128. A single kernel row wider than 32 keeps its own width (up to 64).
     """
     STEP_WIDTH: tl.constexpr = 32  # configs.ROW_K_MAX_WIDTH
     return tl.maximum(tl.minimum(STEP_WIDTH // (KW * CIN_G), KH), 1)

@@ -48,6 +48,8 @@ LOOP_CASES = [
     (ConvCase("3x3_stem_c3_stride2_odd", 2, 3, 9, 11, 16, (3, 3), stride=(2, 2), padding=(1, 1)), "rows", 1),
     (ConvCase("3x3_c3_pad0", 1, 3, 6, 5, 8, (3, 3)), "rows", 1),
     (ConvCase("5x5_c3_two_rows_per_step", 1, 3, 7, 8, 8, (5, 5), padding=(2, 2)), "rows", 1),
+    # 33 kernel rows: more than the row bit set holds, so per-step bounds compares (10 rows per step)
+    (ConvCase("33x3_c1_rows_compares", 1, 1, 35, 4, 8, (33, 3), padding=(1, 1)), "rows", 1),
     (ConvCase("7x7_c12_flat", 1, 12, 8, 7, 8, (7, 7), padding=(3, 3)), "flat", 1),
     (ConvCase("1x1_c24_to_c40_align8", 2, 24, 5, 3, 40, (1, 1)), "1x1", 8),
     (ConvCase("1x1_c64_stride2", 1, 64, 7, 7, 16, (1, 1), stride=(2, 2)), "1x1", 1),

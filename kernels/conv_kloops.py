@@ -93,8 +93,9 @@ def k_loop_taps(acc, x_rows, w_cols, ih0, iw0, mask_m, mask_n, offs_k, k_start, 
     a_row_step = dil_h * sxh - (KW - 1) * dil_w * sxw - (span - BLOCK_K) * sxc
     b_col_step = sww - (span - BLOCK_K) * swi
     b_row_step = swh - (KW - 1) * sww - (span - BLOCK_K) * swi
-    if USE_BITS:
-        # Bits of the taps that end a kernel row: tap_bit against it says "row end" without a kw counter.
+    if USE_BITS and B_TILE:
+        # Bits of the taps that end a kernel row: tap_bit against it says "row end" without a kw counter
+        # (not for 128x128 tiles: with it their stream-K kernel spilled 8 B).
         row_end_bits = tl.zeros([1], dtype=BITS_TYPE).sum(0)
         for r in tl.static_range(KH):
             row_end_bits = row_end_bits | (row_end_bits * 0 + 1) << (r * KW + KW - 1)
@@ -123,7 +124,7 @@ def k_loop_taps(acc, x_rows, w_cols, ih0, iw0, mask_m, mask_n, offs_k, k_start, 
         # Advance (c-chunk, kw, kh) by scalar selects: no division, no branch in the loop.
         c_off += BLOCK_K
         next_tap = c_off >= CIN_G
-        if USE_BITS:
+        if USE_BITS and B_TILE:
             row_end = next_tap & ((tap_bit & row_end_bits) != 0)
         else:
             row_end = next_tap & (kw == KW - 1)

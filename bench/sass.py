@@ -6,6 +6,12 @@ The K loop of a GEMM-like kernel is taken to be the innermost loop that issues t
 the regions spanned by a backward branch (a branch whose target label comes before it), the smallest one that
 contains an HGMMA (Hopper wgmma) or HMMA (mma.sync) instruction. Its instruction count per iteration is what
 the SM's four warp schedulers must issue besides the MMAs for every K step of the tile.
+
+A K loop with a small constant trip count (the 3x3 RGB stems: three kernel rows) is unrolled by the compiler
+into straight-line code with no backward branch. For wgmma kernels `k_loop` then measures the unrolled steps:
+the span from the first global load or copy to the last HGMMA, divided by the number of K steps (each step's
+last HGMMA closes its group with `gsb0`); the result says `unrolled: True`. It includes the pipeline's
+prologue, so it overstates a step slightly.
 """
 
 from __future__ import annotations
@@ -96,16 +102,39 @@ def k_loop(instrs: list[Instr]) -> dict | None:
         body = instrs[first:last + 1]
         if count(body, WGMMA_OPS + MMA_SYNC_OPS) and (best is None or last - first < best[1] - best[0]):
             best = (first, last)
+    steps = 1
     if best is None:
-        return None
+        best, steps = _unrolled_span(instrs)
+        if best is None:
+            return None
     body = instrs[best[0]:best[1] + 1]
     bases = Counter(ins.base for ins in body)
-    return {"instructions": len(body), "start_address": body[0].address, "end_address": body[-1].address,
-            "mma": count(body, WGMMA_OPS + MMA_SYNC_OPS), "ldgsts": bases.get("LDGSTS", 0),
+    # Unrolled: per K step, the span's average (the opcode counts below stay the whole span's).
+    summary = {"instructions": -(-len(body) // steps), "start_address": body[0].address,
+               "end_address": body[-1].address,
+               "mma": count(body, WGMMA_OPS + MMA_SYNC_OPS), "ldgsts": bases.get("LDGSTS", 0),
             "tma": count(body, TMA_OPS), "ldg": bases.get("LDG", 0), "sts": bases.get("STS", 0),
             "lds": bases.get("LDS", 0) + bases.get("LDSM", 0), "spill": count(body, ("STL", "LDL")),
             "imad": bases.get("IMAD", 0), "isetp": bases.get("ISETP", 0), "sel": bases.get("SEL", 0),
             "top_opcodes": dict(bases.most_common(8))}
+    if steps > 1:
+        summary.update(unrolled=True, steps=steps, span_instructions=len(body))
+    return summary
+
+
+_GLOBAL_LOADS = ("LDG", "LDGSTS", "UTMALDG", "UBLKCP")
+
+
+def _unrolled_span(instrs: list[Instr]) -> tuple[tuple[int, int] | None, int]:
+    """((first, last), K steps) of a fully unrolled wgmma K loop: first global load to last HGMMA, one step
+    per HGMMA carrying `gsb0`; (None, 0) when there are no such steps."""
+    mma = [i for i, ins in enumerate(instrs) if ins.base in WGMMA_OPS]
+    steps = sum(1 for i in mma if "gsb0" in instrs[i].operands)
+    if not mma or steps < 2:
+        return None, 0
+    loads = [i for i in range(mma[0]) if instrs[i].base in _GLOBAL_LOADS]
+    first = loads[0] if loads else mma[0]
+    return (first, mma[-1]), steps
 
 
 def mma_kind(instrs: list[Instr], ptx: str = "") -> str:

@@ -137,8 +137,10 @@ def _k_steps(s, cin_g: int, block_k: int, flags: dict) -> int:
     """K steps of one output tile for the pointer kernel's loop shape and this BLOCK_K."""
     if flags["IS_1X1"]:
         return -(-cin_g // block_k)
-    if flags["ROW_K"]:
-        return s.kh
+    if flags["ROW_K"]:  # whole kernel rows per step (configs.row_k_rows)
+        from fusedconv.kernels.configs import row_k_rows
+
+        return -(-s.kh // row_k_rows(s.kh, s.kw, cin_g))
     if flags["FLAT_K"]:
         return -(-(s.kh * s.kw * cin_g) // block_k)
     return s.kh * s.kw * -(-cin_g // block_k)

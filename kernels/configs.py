@@ -28,7 +28,6 @@ Under TRITON_INTERPRET=1 nothing is autotuned: `INTERPRET_CONFIG` (one small til
 from __future__ import annotations
 
 import triton
-
 # The schedule cost model lives in `schedule`; re-exported here, where callers have always found it.
 from fusedconv.kernels.schedule import (  # noqa: F401
     STREAMK_MAX_TILE, choose_schedule, choose_split_k, estimate_streamk_time, estimate_time)
@@ -116,9 +115,22 @@ def residual_spills(block_m: int, block_n: int, num_warps: int) -> bool:
     return block_m * block_n >= _RESIDUAL_MAX_ACC_PER_THREAD * 32 * num_warps
 
 
-def row_width(kw: int, cin_g: int) -> int:
-    """K width of one kernel row in the row-K loop (KW * Cin_g padded to a power of two >= 16)."""
-    return _pow2_at_least_16(kw * cin_g)
+#: Widest K step of the row-K loop that packs several kernel rows; the kernel's `conv_kloops.row_k_rows` applies
+#: the same rule (a test checks they agree), so ROW_WIDTH = row_width(...) always holds its rows.
+ROW_K_MAX_WIDTH = 32
+
+
+def row_k_rows(kh: int, kw: int, cin_g: int) -> int:
+    """Kernel rows one K step of the row-K loop covers: as many whole rows of KW * Cin_g as fit
+    ROW_K_MAX_WIDTH, at least one, at most KH (the 3x3 RGB stem: all three, one K step; the 7x7: one)."""
+    return max(1, min(kh, ROW_K_MAX_WIDTH // (kw * cin_g)))
+
+
+def row_width(kw: int, cin_g: int, kh: int) -> int:
+    """K width of one step of the row-K loop: its `row_k_rows` kernel rows of KW * Cin_g, padded to a power
+    of two >= 16. The kernel computes the same rows per step (`conv_kloops.row_k_rows`) and needs ROW_WIDTH
+    at least this wide."""
+    return _pow2_at_least_16(row_k_rows(kh, kw, cin_g) * kw * cin_g)
 
 
 def prune_configs(configs, named_args, kernel: str = "gemm", **kwargs):
@@ -280,9 +292,9 @@ def aot_variants() -> list[dict]:
             precision = "tf32" if dtype == "float32" else "ieee"
         kwargs = dict(cfg.kwargs)
         if row_k:
-            kwargs["BLOCK_K"] = row_width(kw, cin_g)  # as prune_configs sets it
+            kwargs["BLOCK_K"] = row_width(kw, cin_g, kh)  # as prune_configs sets it
         constexprs = {"KH": kh, "KW": kw, "ACTIVATION": ACTIVATION_IDS[act], "HAS_RESIDUAL": residual,
-                      "IS_1X1": is_1x1, "ROW_K": row_k, "ROW_WIDTH": row_width(kw, cin_g) if row_k else 16,
+                      "IS_1X1": is_1x1, "ROW_K": row_k, "ROW_WIDTH": row_width(kw, cin_g, kh) if row_k else 16,
                       "FLAT_K": flat_k, "EVEN_K": even_k, "CH_ALIGN": ch_align, "USE_INT64": int64,
                       "INPUT_PRECISION": precision, "SPLIT_K": split_k, **kwargs}
         signature = _kernel_signature(short[dtype], int64)
@@ -337,6 +349,9 @@ def aot_variants() -> list[dict]:
             tag = "m{BLOCK_M}n{BLOCK_N}".format(**cfg.kwargs)
             add(f"conv7x7_stem_rowk_{short[dtype]}_{tag}", dtype, cfg, kh=7, kw=7, residual=False, row_k=True,
                 cin_g=3, even_k=False)
+    # the row-K loop with several kernel rows per step (3x3 RGB stem: the whole kernel in one 32-column step)
+    add("conv3x3_stem_rowk_fp16_m64n64", "float16", autotune_configs(2)[5], kh=3, kw=3, act="relu6", residual=False,
+        row_k=True, cin_g=3, even_k=False)
     # the flattened-K loop (small Cin_g, kernel rows wider than 64: here 7 x 12)
     add("conv7x7_flatk_fp16", "float16", autotune_configs(2)[5], kh=7, kw=7, residual=False, flat_k=True, even_k=False)
     # channel counts that are multiples of 8 but not 16 (24, 40, 56): vector loads through CH_ALIGN

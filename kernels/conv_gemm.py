@@ -18,7 +18,7 @@ stores it (KH, KW, Cin_g, Cout) so they are contiguous. The accumulator is fp32;
 scale, shift, residual and the activation in fp32, then one cast and store in the output's strides.
 
 Specialisations (constexprs): IS_1X1 (1x1 kernel without padding: a plain GEMM over strided rows, no spatial
-masks), ROW_K / ROW_WIDTH (Cin_g < 16 and KW * Cin_g <= 64, e.g. the RGB stem: one K step per kernel row),
+masks), ROW_K / ROW_WIDTH (Cin_g < 16 and KW * Cin_g <= 64, e.g. the RGB stems: whole kernel rows per K step),
 FLAT_K (other Cin_g < 16 spatial convs: K chunks over the flattened (kh, kw, c) index), neither (the per-tap
 loop with carried counters), EVEN_K (Cin_g multiple of BLOCK_K: no channel masks), CH_ALIGN (8 when channel
 counts and strides are multiples of 8 but not all of 16: the kernel restates them as multiples of 8 so the
@@ -31,7 +31,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from fusedconv.kernels.conv_kloops import k_loop_1x1, k_loop_flat, k_loop_rows, k_loop_taps
+from fusedconv.kernels.conv_kloops import k_loop_1x1, k_loop_flat, k_loop_rows, k_loop_taps, row_k_rows
 from fusedconv.kernels.epilogue import epilogue_store
 
 
@@ -42,7 +42,7 @@ def k_iterations(CIN_G, KH: tl.constexpr, KW: tl.constexpr, IS_1X1: tl.constexpr
     if IS_1X1:
         k_total = tl.cdiv(CIN_G, BLOCK_K)
     elif ROW_K:
-        k_total = KH + 0 * CIN_G
+        k_total = tl.cdiv(KH, row_k_rows(CIN_G, KH, KW))
     elif FLAT_K:
         k_total = tl.cdiv(KH * KW * CIN_G, BLOCK_K)
     else:
@@ -94,14 +94,15 @@ def gemm_tile(pid_m, pid_n, g, k_start, k_end,
                          CIN_G, sxc, swi, EVEN_K, INPUT_PRECISION, BLOCK_K)
     elif ROW_K:
         acc = k_loop_rows(acc, x_rows, w_cols, ih0, iw0, mask_m, mask_n, k_start, k_end, H, W, CIN_G,
-                          dil_h, dil_w, sxc, sxh, sxw, swi, swh, sww, KW, INPUT_PRECISION, ROW_WIDTH)
+                          dil_h, dil_w, sxc, sxh, sxw, swi, swh, sww, KH, KW, INPUT_PRECISION, ROW_WIDTH,
+                          BLOCK_M)
     elif FLAT_K:
         acc = k_loop_flat(acc, x_rows, w_cols, ih0, iw0, mask_m, mask_n, offs_k, k_start, k_end, H, W, CIN_G,
                           dil_h, dil_w, sxc, sxh, sxw, swi, swh, sww, KH, KW, INPUT_PRECISION, BLOCK_K)
     else:
         acc = k_loop_taps(acc, x_rows, w_cols, ih0, iw0, mask_m, mask_n, offs_k, k_start, k_end, H, W, CIN_G,
                           dil_h, dil_w, sxc, sxh, sxw, swi, swh, sww, KH, KW, EVEN_K, INPUT_PRECISION,
-                          BLOCK_M, BLOCK_K)
+                          BLOCK_M, BLOCK_N, BLOCK_K)
     mask_mn = mask_m[:, None] & mask_n[None, :]
     return acc, offs_m, n_idx, oh_idx, ow_idx, co, mask_n, mask_mn
 

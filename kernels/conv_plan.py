@@ -164,7 +164,7 @@ def _channel_alignment(cin_g, cout_g, x_stride, w_stride, res_stride, y_stride) 
 def _k_iterations_guess(kh, kw, cin_g, row_k, flat_k, block_k) -> int:
     """K iterations per output tile for the schedule model (BLOCK_K as the common 16-bit configs have it)."""
     if row_k:
-        return kh
+        return _cdiv(kh, _configs.row_k_rows(kh, kw, cin_g))
     if flat_k:
         return _cdiv(kh * kw * cin_g, block_k)
     return kh * kw * _cdiv(cin_g, block_k)
@@ -237,7 +237,7 @@ def _plan(x_shape, x_stride, x_dtype, device, w_shape, w_stride, w_dtype, scale_
                 stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
                 *x_stride, *w_stride, *res_stride, *y_stride)
     flags = dict(KH=kh, KW=kw, ACTIVATION=activation_id(activation), HAS_RESIDUAL=res_meta is not None,
-                 IS_1X1=is_1x1, ROW_K=row_k, ROW_WIDTH=_configs.row_width(kw, cin_g) if row_k else 16,
+                 IS_1X1=is_1x1, ROW_K=row_k, ROW_WIDTH=_configs.row_width(kw, cin_g, kh) if row_k else 16,
                  FLAT_K=flat_k, CH_ALIGN=_channel_alignment(cin_g, cout_g, x_stride, w_stride, res_stride, y_stride),
                  USE_INT64=use_int64, INPUT_PRECISION="tf32" if tf32 else "ieee", SPLIT_K=split_k)
     if small_cin:

@@ -76,7 +76,11 @@ def test_small_channel_layers_keep_capped_candidates(m, cin, cout, kernel):
 def test_row_k_configs_use_the_row_width_and_64_rows():
     cfgs = _prune(M=32 * 112 * 112, CIN_G=3, COUT_G=64, KH=7, KW=7, ROW_K=True, ROW_WIDTH=32)
     assert cfgs and all(c.kwargs["BLOCK_K"] == 32 and c.kwargs["BLOCK_M"] <= 64 for c in cfgs)
-    assert kconfigs.row_width(7, 3) == 32 and kconfigs.row_width(3, 5) == 16 and kconfigs.row_width(7, 9) == 64
+    assert kconfigs.row_width(7, 3, 7) == 32 and kconfigs.row_width(7, 9, 7) == 64
+    assert kconfigs.row_width(3, 5, 1) == 16 and kconfigs.row_width(3, 5, 3) == 32  # 1 row of 15; 2 rows
+    # several kernel rows per step where they fit 32 columns: the 3x3 RGB stem in one step of 27 -> 32
+    assert kconfigs.row_k_rows(3, 3, 3) == 3 and kconfigs.row_width(3, 3, 3) == 32
+    assert kconfigs.row_k_rows(7, 7, 3) == 1 and kconfigs.row_k_rows(5, 5, 3) == 2 and kconfigs.row_k_rows(7, 7, 9) == 1
 
 
 def test_split_k_batch1_late_layers_split():

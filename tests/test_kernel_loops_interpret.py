@@ -2,7 +2,7 @@
 
 The loop is chosen by the launcher from the shape: 1x1 GEMM, the per-tap loop with carried (kh, kw, chunk)
 counters and a per-row tap bit set (int32 up to 32 taps, int64 up to 64, bounds compares beyond), the row-K
-loop for small Cin_g (one K step per kernel row; the RGB stem), the flattened-K loop for small Cin_g with wide
+loop for small Cin_g (whole kernel rows per K step; the RGB stems), the flattened-K loop for small Cin_g with wide
 kernel rows, and the CH_ALIGN=8 hint for channel counts that are multiples of 8 but not 16. Each case checks
 first that the launcher really takes the loop it is meant to cover (so a change of the dispatch rule cannot
 silently leave a loop untested), then the values against Conv2d -> BatchNorm2d(eval) (+ residual) -> activation
@@ -18,8 +18,12 @@ import importlib
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
+from fusedconv.kernels import configs as kconfigs
 from fusedconv.kernels import conv_bn_act, pack_weight
+from fusedconv.kernels.conv_kloops import row_k_rows
 from test_kernel_interpret import ACTIVATION_NAMES, ConvCase, build_case, run_case
 
 launcher = importlib.import_module("fusedconv.kernels.conv_bn_act")
@@ -39,6 +43,13 @@ LOOP_CASES = [
     (ConvCase("3x3_c8_rowk_dil2", 1, 8, 7, 9, 8, (3, 3), padding=(2, 2), dilation=(2, 2)), "rows", 8),
     (ConvCase("5x5_c8_rowk_groups2_stride2", 1, 16, 9, 7, 8, (5, 5), stride=(2, 2), padding=(1, 1), groups=2),
      "rows", 1),
+    # several kernel rows per K step: the 3x3 RGB stem in one step (27 of 32 columns), 5x5 x 3 channels in
+    # steps of two rows whose last step has one row past KH (masked in A and in the weight)
+    (ConvCase("3x3_stem_c3_stride2_odd", 2, 3, 9, 11, 16, (3, 3), stride=(2, 2), padding=(1, 1)), "rows", 1),
+    (ConvCase("3x3_c3_pad0", 1, 3, 6, 5, 8, (3, 3)), "rows", 1),
+    (ConvCase("5x5_c3_two_rows_per_step", 1, 3, 7, 8, 8, (5, 5), padding=(2, 2)), "rows", 1),
+    # 33 kernel rows: more than the row bit set holds, so per-step bounds compares (10 rows per step)
+    (ConvCase("33x3_c1_rows_compares", 1, 1, 35, 4, 8, (33, 3), padding=(1, 1)), "rows", 1),
     (ConvCase("7x7_c12_flat", 1, 12, 8, 7, 8, (7, 7), padding=(3, 3)), "flat", 1),
     (ConvCase("1x1_c24_to_c40_align8", 2, 24, 5, 3, 40, (1, 1)), "1x1", 8),
     (ConvCase("1x1_c64_stride2", 1, 64, 7, 7, 16, (1, 1), stride=(2, 2)), "1x1", 1),
@@ -104,6 +115,8 @@ SPLIT_CASES = [
     # 7 kernel rows in 2 slices: the second starts at kh = 4.
     (ConvCase("split_rows", 1, 3, 9, 9, 8, (7, 7), stride=(2, 2), padding=(3, 3)), 2),
     (ConvCase("split_flat", 1, 12, 6, 6, 8, (7, 7), padding=(3, 3)), 3),
+    # 5x5 x 3 channels: 3 steps of two kernel rows in 2 slices; the second starts at kh = 4 (its only row).
+    (ConvCase("split_row_pairs", 1, 3, 7, 6, 8, (5, 5), stride=(2, 2), padding=(2, 2)), 2),
 ]
 
 
@@ -111,6 +124,23 @@ SPLIT_CASES = [
 @pytest.mark.parametrize("case,split_k", SPLIT_CASES, ids=[c.name for c, _ in SPLIT_CASES])
 def test_split_k_starts_mid_loop(case, split_k):
     run_case(case, torch.float32, "channels_last", "silu", with_residual=True, split_k=split_k)
+
+
+@triton.jit
+def _rows_kernel(out_ptr, CIN_G, KH: tl.constexpr, KW: tl.constexpr):
+    tl.store(out_ptr, row_k_rows(CIN_G, KH, KW))
+
+
+@pytest.mark.interpret
+def test_row_k_rows_per_step_agree_between_host_and_kernel():
+    """The host pads ROW_WIDTH to `configs.row_k_rows` kernel rows and the kernel walks `conv_kloops.row_k_rows`
+    rows per step: if they disagreed, a step would leave columns out (wrong sums) or overrun its tile."""
+    out = torch.zeros(1, dtype=torch.int32)
+    for kh, kw, cin_g in [(3, 3, 3), (7, 7, 3), (5, 5, 3), (3, 3, 1), (7, 7, 1), (3, 3, 8), (5, 5, 8), (7, 7, 9),
+                          (1, 7, 3), (7, 1, 3), (2, 2, 15)]:
+        _rows_kernel[(1,)](out, cin_g, kh, kw)
+        assert int(out) == kconfigs.row_k_rows(kh, kw, cin_g), (kh, kw, cin_g)
+        assert kconfigs.row_width(kw, cin_g, kh) >= int(out) * kw * cin_g
 
 
 @pytest.mark.interpret

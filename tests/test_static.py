@@ -189,3 +189,32 @@ def test_sm80_compiles_to_mma_sync():
     assert analysis["ok"], analysis.get("error")
     assert analysis["mma"] == "mma.sync" and analysis["registers"] > 0
     assert analysis["k_loop"]["instructions"] > analysis["k_loop"]["mma"] > 0
+
+
+# A K loop of three steps the compiler unrolled (the 3x3 RGB stem): no backward branch, one HGMMA group per step.
+UNROLLED = """
+_kernel:
+        /*0000*/                   LDC R1, c[0x0][0x28] ;
+        /*0010*/                   IMAD R2, R3, R4, R5 ;
+        /*0020*/                   LDG.E.U16 R6, desc[UR4][R8.64] ;
+        /*0030*/                   STS.U16 [R9], R6 ;
+        /*0040*/                   HGMMA.64x64x16.F32 R24, gdesc[UR4].tnspB, R24, gsb0 ;
+        /*0050*/                   LDG.E.U16 R6, desc[UR4][R10.64] ;
+        /*0060*/                   STS.U16 [R9], R6 ;
+        /*0070*/                   HGMMA.64x64x16.F32 R24, gdesc[UR4].tnspB, R24, gsb0 ;
+        /*0080*/                   LDG.E.U16 R6, desc[UR4][R12.64] ;
+        /*0090*/                   HGMMA.64x64x16.F32 R24, gdesc[UR4].tnspB, R24 ;
+        /*00a0*/                   HGMMA.64x64x16.F32 R24, gdesc[UR4].tnspB, R24, gsb0 ;
+        /*00b0*/                   EXIT ;
+"""
+
+
+def test_unrolled_k_loop_is_measured_per_step():
+    loop = sass.k_loop(sass.parse(UNROLLED))
+    # first global load (0x20) to last HGMMA (0xa0): 9 instructions over 3 steps (HGMMAs carrying gsb0)
+    assert loop["unrolled"] and loop["steps"] == 3 and loop["span_instructions"] == 9
+    assert loop["instructions"] == 3 and loop["mma"] == 4 and loop["ldg"] == 3
+    # one group only: nothing to average over, and mma.sync has no group marker: no loop reported
+    single = UNROLLED.replace(", gsb0", "")
+    assert sass.k_loop(sass.parse(single)) is None
+    assert sass.k_loop(sass.parse(UNROLLED.replace("HGMMA.64x64x16.F32", "HMMA.16816.F32"))) is None

@@ -11,7 +11,7 @@ timed with the calling thread's CPU time, min and median per forward in ms. Vari
   residual (what Inductor emits; a measurement only: the recorded residuals are overwritten);
 - fc_alone_inplace_downsample_only: the same for the residuals a block produces itself (torchvision's downsample
   branch), the only ones a proof local to the block could allow.
-Then each recorded conv call timed alone (min of 5 x 3 calls), summed per (input shape, weight shape, stride) for
+Then each recorded conv call timed alone (min over 5 interleaved rounds of 3 calls), summed per (input shape, weight shape, stride) for
 both sides. A measurement tool, not a results table: `python -m bench.cpu_gap [spec] [rounds]`.
 """
 
@@ -150,32 +150,34 @@ def main(spec: str = "torchvision:resnet50", rounds: int = 9) -> None:
     for name, ts in times.items():
         print(f"{name:34s} min {min(ts):7.2f}  median {statistics.median(ts):7.2f} ms")
 
-    def alone(fn, args, kwargs=None):
-        best = float("inf")
-        for _ in range(5):
-            t0 = time.thread_time()
-            for _ in range(3):
-                fn(*args, **(kwargs or {}))
-            best = min(best, (time.thread_time() - t0) / 3)
-        return best * 1e3
+    # Each recorded call timed alone (3 calls per sample), both sides interleaved round by round, min per call.
+    def sample(fn, args, kwargs):
+        t0 = time.thread_time()
+        for _ in range(3):
+            fn(*args, **kwargs)
+        return (time.thread_time() - t0) / 3 * 1e3
 
-    per_shape = collections.defaultdict(lambda: [0.0, 0.0, 0, 0])
+    timed = []  # (key, side, fn, args, kwargs): side 0 fusedconv, 1 Inductor
+    for kind, args, _ in fc_calls:
+        key = _conv_key(kind, args[0], args[2] if kind == "b" else args[1], args[5] if kind == "b" else args[4])
+        timed.append((key[:3], 0, binary if kind == "b" else unary, args, {}))
+    for op, args, kwargs in ind_calls:
+        if "_mkl_linear" in str(op):
+            continue
+        if "binary" in str(op):  # (residual written in place, input, weight, bias, padding, stride, ...)
+            key = _conv_key("b", args[1], args[2], args[5])
+        else:
+            key = _conv_key("u", args[0], args[1], args[4])
+        timed.append((key[:3], 1, op, args, kwargs))
+    best = [float("inf")] * len(timed)
     with torch.no_grad():
-        for kind, args, _ in fc_calls:
-            key = _conv_key(kind, args[0], args[2] if kind == "b" else args[1], args[5] if kind == "b" else args[4])
-            row = per_shape[key[:3]]
-            row[0] += alone(binary if kind == "b" else unary, args)
-            row[2] += 1
-        for op, args, kwargs in ind_calls:
-            if "_mkl_linear" in str(op):
-                continue
-            if "binary" in str(op):  # (residual written in place, input, weight, bias, padding, stride, ...)
-                key = _conv_key("b", args[1], args[2], args[5])
-            else:
-                key = _conv_key("u", args[0], args[1], args[4])
-            row = per_shape[key[:3]]
-            row[1] += alone(op, args, kwargs)
-            row[3] += 1
+        for _ in range(5):
+            for i, (_, _, fn, args, kwargs) in enumerate(timed):
+                best[i] = min(best[i], sample(fn, args, kwargs))
+    per_shape = collections.defaultdict(lambda: [0.0, 0.0, 0, 0])
+    for (key, side, _, _, _), t in zip(timed, best):
+        per_shape[key][side] += t
+        per_shape[key][side + 2] += 1
     print("input shape | weight shape | stride | fusedconv ms (calls) | Inductor ms (calls) | difference")
     for key, (a, b, na, nb) in sorted(per_shape.items(), key=lambda kv: kv[1][1] - kv[1][0]):
         print(f"{key[0]} | {key[1]} | {key[2]} | {a:.2f} ({na}) | {b:.2f} ({nb}) | {a - b:+.2f}")

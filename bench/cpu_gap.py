@@ -12,7 +12,8 @@ timed with the calling thread's CPU time, min and median per forward in ms. Vari
 - fc_alone_inplace_downsample_only: the same for the residuals a block produces itself (torchvision's downsample
   branch), the only ones a proof local to the block could allow.
 Then each recorded conv call timed alone (min over 5 rounds of 3 calls, both sides' calls interleaved in each
-round), summed per (input shape, weight shape, stride) for both sides. A measurement tool, not a results table: `python -m bench.cpu_gap [spec] [rounds]`.
+round), summed per (input shape, weight shape, stride) for both sides.
+A measurement tool, not a results table: `python -m bench.cpu_gap [spec] [rounds]`.
 """
 
 from __future__ import annotations

@@ -10,7 +10,8 @@ timed with the calling thread's CPU time, min and median per forward in ms. Vari
 - fc_alone_inplace_residual: fusedconv's recorded calls with every residual conv written in place into its
   residual (what Inductor emits; a measurement only: the recorded residuals are overwritten);
 - fc_alone_inplace_downsample_only: the same for the residuals a block produces itself (torchvision's downsample
-  branch), the only ones a proof local to the block could allow.
+  branch), the only ones a proof local to the block allows (with fusedconv's in-place route on, convert already
+  takes it for those: then this equals fc_onednn_alone).
 Then each recorded conv call timed alone (min over 5 rounds of 3 calls, both sides' calls interleaved in each
 round), summed per (input shape, weight shape, stride) for both sides.
 A measurement tool, not a results table: `python -m bench.cpu_gap [spec] [rounds]`.
@@ -27,24 +28,30 @@ import torch
 
 
 def _record_fusedconv(fc, x):
-    """(kind, args, output) of every oneDNN call one fusedconv forward makes; kind 'u' unary, 'b' binary."""
+    """(kind, args, output, id of the output tensor) of every oneDNN call one fusedconv forward makes; kind 'u'
+    unary, 'b' binary, 'i' binary written in place into its residual (args[0]: a copy of the residual taken before
+    the call, so a replay writes into that copy). `output` is a copy taken right after the call (a later in-place
+    call may overwrite the tensor itself). Returns (calls, unary op, binary op, in-place binary op)."""
     from fusedconv import cpu
     calls = []
-    unary, binary = cpu._pointwise, cpu._pointwise_binary
+    unary, binary, in_place = cpu._pointwise, cpu._pointwise_binary, cpu._pointwise_binary_inplace
 
     def wrap(kind, fn):
         def call(*args):
+            before = (args[0].clone(memory_format=torch.preserve_format),) + args[1:] if kind == "i" else args
             y = fn(*args)
-            calls.append((kind, args, y))
+            calls.append((kind, before, y.clone(memory_format=torch.preserve_format), id(y)))
             return y
         return call
 
     cpu._pointwise, cpu._pointwise_binary = wrap("u", unary), wrap("b", binary)
+    if in_place is not None:
+        cpu._pointwise_binary_inplace = wrap("i", in_place)
     try:
         fc(x)
     finally:
-        cpu._pointwise, cpu._pointwise_binary = unary, binary
-    return calls, unary, binary
+        cpu._pointwise, cpu._pointwise_binary, cpu._pointwise_binary_inplace = unary, binary, in_place
+    return calls, unary, binary, in_place
 
 
 def _record_inductor(compiled, x):
@@ -92,28 +99,29 @@ def main(spec: str = "torchvision:resnet50", rounds: int = 9) -> None:
         fc = fusedconv.convert(model)
         compiled = torch.compile(model)
         compiled(x), fc(x)
-        fc_calls, unary, binary = _record_fusedconv(fc, x)
+        fc_calls, unary, binary, fc_in_place = _record_fusedconv(fc, x)
         ind_calls = _record_inductor(compiled, x)
-    print("fusedconv oneDNN calls:", collections.Counter(k for k, _, _ in fc_calls))
+    print("fusedconv oneDNN calls:", collections.Counter(k for k, _, _, _ in fc_calls))
     print("Inductor calls:", collections.Counter(str(op) for op, _, _ in ind_calls))
     in_place = torch.ops.mkldnn._convolution_pointwise_.binary
+    ops_of = {"u": unary, "b": binary, "i": fc_in_place}
     # Outputs of unary calls with no post-op (a downsample branch's conv + folded BN): residuals made in the block.
-    made_in_block = {id(y) for kind, args, y in fc_calls if kind == "u" and args[7] == "none"}
+    made_in_block = {y_id for kind, args, _, y_id in fc_calls if kind == "u" and args[7] == "none"}
 
     def replay_fc(in_place_when=lambda residual: False):
-        for kind, args, _ in fc_calls:
+        for kind, args, _, _ in fc_calls:
             if kind == "b" and in_place_when(args[1]):
                 x_, residual, w, b, pad, stride, dil, groups, _, _, unary_attr, scalars, algorithm = args
                 in_place(residual, x_, w, b, pad, stride, dil, groups, "add", 1.0, unary_attr, scalars, algorithm)
             else:
-                (binary if kind == "b" else unary)(*args)
+                ops_of[kind](*args)
 
     def replay_inductor():
         for op, args, kwargs in ind_calls:
             if "_mkl_linear" not in str(op):
                 op(*args, **kwargs)
 
-    canned = [y for _, _, y in fc_calls]
+    canned = [y for _, _, y, _ in fc_calls]
     position = [0]
 
     def recorded_output(*args):
@@ -123,11 +131,11 @@ def main(spec: str = "torchvision:resnet50", rounds: int = 9) -> None:
 
     def fc_without_convs():
         position[0] = 0
-        cpu._pointwise, cpu._pointwise_binary = recorded_output, recorded_output
+        cpu._pointwise = cpu._pointwise_binary = cpu._pointwise_binary_inplace = recorded_output
         try:
             fc(x)
         finally:
-            cpu._pointwise, cpu._pointwise_binary = unary, binary
+            cpu._pointwise, cpu._pointwise_binary, cpu._pointwise_binary_inplace = unary, binary, fc_in_place
 
     variants = {
         "fusedconv": lambda: fc(x),
@@ -159,9 +167,12 @@ def main(spec: str = "torchvision:resnet50", rounds: int = 9) -> None:
         return (time.thread_time() - t0) / 3 * 1e3
 
     timed = []  # (key, side, fn, args, kwargs): side 0 fusedconv, 1 Inductor
-    for kind, args, _ in fc_calls:
-        key = _conv_key(kind, args[0], args[2] if kind == "b" else args[1], args[5] if kind == "b" else args[4])
-        timed.append((key[:3], 0, binary if kind == "b" else unary, args, {}))
+    for kind, args, _, _ in fc_calls:
+        if kind == "i":  # (residual, input, weight, bias, padding, stride, ...)
+            key = _conv_key("b", args[1], args[2], args[5])
+        else:
+            key = _conv_key(kind, args[0], args[2] if kind == "b" else args[1], args[5] if kind == "b" else args[4])
+        timed.append((key[:3], 0, ops_of[kind], args, {}))
     for op, args, kwargs in ind_calls:
         if "_mkl_linear" in str(op):
             continue

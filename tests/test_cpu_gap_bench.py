@@ -1,7 +1,7 @@
 """The CPU-gap A/B tool (bench/cpu_gap.py) records the oneDNN calls a converted model really makes.
 
-No timing is asserted: this checks that the recorder sees one call per fused layer of one forward (binary for the
-layer that took the residual), that replaying the recorded arguments reproduces the recorded outputs, that the
+No timing is asserted: this checks that the recorder sees one call per fused layer of one forward (binary, in
+place where the residual is private to the block, for the layer that took the residual), that replaying the recorded arguments reproduces the recorded outputs, that the
 recorded forward's output is the model's, and that the recorder leaves the eager path unpatched.
 """
 
@@ -44,17 +44,21 @@ def test_recorder_sees_each_fused_call_once_and_replays_exactly():
         bn.running_mean.uniform_(-0.5, 0.5)
         bn.running_var.uniform_(0.5, 2.0)
     x = torch.randn(1, 3, 16, 16)
-    unary_before, binary_before = cpu._pointwise, cpu._pointwise_binary
+    before = (cpu._pointwise, cpu._pointwise_binary, cpu._pointwise_binary_inplace)
     with torch.no_grad():
         fc = fusedconv.convert(model)
         expected = fc(x)
-        calls, unary, binary = cpu_gap._record_fusedconv(fc, x)
-        assert cpu._pointwise is unary_before and cpu._pointwise_binary is binary_before
-        assert unary is unary_before and binary is binary_before
-        kinds = sorted(kind for kind, _, _ in calls)
-        assert kinds == ["b", "u", "u"], kinds
-        for kind, args, y in calls:
-            again = (binary if kind == "b" else unary)(*args)
+        calls, *recorded_ops = cpu_gap._record_fusedconv(fc, x)
+        assert (cpu._pointwise, cpu._pointwise_binary, cpu._pointwise_binary_inplace) == before
+        assert tuple(recorded_ops) == before
+        ops_of = dict(zip("ubi", recorded_ops))
+        kinds = sorted(kind for kind, _, _, _ in calls)
+        # The residual is the downsample's output, private to the block: written in place where the build can.
+        assert kinds == ["i" if cpu._pointwise_binary_inplace is not None else "b", "u", "u"], kinds
+        for kind, args, y, _ in calls:
+            if kind == "i":  # writes into its first argument: replay into another copy of the residual
+                args = (args[0].clone(memory_format=torch.preserve_format),) + args[1:]
+            again = ops_of[kind](*args)
             assert torch.equal(again, y)
         # The recorded forward ran the model: its last call's output is the model's output (same values).
         assert torch.allclose(calls[-1][2], expected, rtol=0, atol=0)

@@ -3,6 +3,8 @@
 One process, one torch thread, batch 1, 224x224 float32; every variant runs in interleaved rounds (A B C ... A B C)
 timed with the calling thread's CPU time, min and median per forward in ms. Variants:
 - fusedconv / compile_freeze: the whole forwards (fusedconv fed NCHW, its default path);
+- fusedconv_no_inplace: the fusedconv forward with its in-place residual route refused (`cpu._writable` answering
+  False), the A/B of that route;
 - fc_onednn_alone: the oneDNN calls one fusedconv forward made (recorded with their arguments), replayed alone;
 - ind_conv_alone: the `mkldnn::_convolution_pointwise` calls (.default and the in-place `_convolution_pointwise_
   .binary`) one compiled forward made, recorded by wrapping the overloads Inductor's wrapper code calls, replayed;
@@ -137,8 +139,17 @@ def main(spec: str = "torchvision:resnet50", rounds: int = 9) -> None:
         finally:
             cpu._pointwise, cpu._pointwise_binary, cpu._pointwise_binary_inplace = unary, binary, fc_in_place
 
+    def fc_no_inplace():
+        writable = cpu._writable
+        cpu._writable = lambda x, residual: False
+        try:
+            fc(x)
+        finally:
+            cpu._writable = writable
+
     variants = {
         "fusedconv": lambda: fc(x),
+        "fusedconv_no_inplace": fc_no_inplace,
         "compile_freeze": lambda: compiled(x),
         "fc_onednn_alone": replay_fc,
         "ind_conv_alone": replay_inductor,

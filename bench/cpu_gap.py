@@ -16,7 +16,8 @@ timed with the calling thread's CPU time, min and median per forward in ms. Vari
   takes it for those: then this equals fc_onednn_alone).
 Then each recorded conv call timed alone (min over 5 rounds of 3 calls, both sides' calls interleaved in each
 round), summed per (input shape, weight shape, stride) for both sides.
-A measurement tool, not a results table: `python -m bench.cpu_gap [spec] [rounds]`.
+A measurement tool, not a results table: `python -m bench.cpu_gap [spec] [rounds]`; `python -m bench.cpu_gap
+[spec] [rounds] inplace` times only fusedconv against fusedconv_no_inplace (no compile, more rounds per minute).
 """
 
 from __future__ import annotations
@@ -82,6 +83,42 @@ def _record_inductor(compiled, x):
 
 def _conv_key(kind, inp, weight, stride):
     return tuple(inp.shape), tuple(weight.shape), tuple(stride), kind
+
+
+def inplace_ab(spec: str = "torchvision:resnet50", rounds: int = 41) -> None:
+    """fusedconv with and without its in-place residual route, interleaved (one thread, thread CPU time)."""
+    torch.set_num_threads(1)
+    import fusedconv
+    from fusedconv import cpu
+    from fusedconv.model_specs import build_model, randomize_batchnorm
+
+    torch.manual_seed(0)
+    model = build_model(spec).eval()
+    randomize_batchnorm(model)
+    x = torch.randn(1, 3, 224, 224)
+    fc = fusedconv.convert(model)
+    writable = cpu._writable
+
+    def run(allow):
+        cpu._writable = writable if allow else (lambda x, residual: False)
+        try:
+            fc(x)
+        finally:
+            cpu._writable = writable
+
+    times = {"fusedconv": [], "fusedconv_no_inplace": []}
+    with torch.no_grad():
+        run(True), run(False)
+        for _ in range(rounds):
+            for name, allow in (("fusedconv", True), ("fusedconv_no_inplace", False)):
+                t0 = time.thread_time()
+                for _ in range(5):
+                    run(allow)
+                times[name].append((time.thread_time() - t0) / 5 * 1e3)
+    diffs = [a - b for a, b in zip(times["fusedconv"], times["fusedconv_no_inplace"])]
+    for name, ts in times.items():
+        print(f"{name:22s} min {min(ts):7.2f}  median {statistics.median(ts):7.2f} ms")
+    print(f"per-round difference (fusedconv - no_inplace): median {statistics.median(diffs):+.2f} ms")
 
 
 def main(spec: str = "torchvision:resnet50", rounds: int = 9) -> None:
@@ -209,4 +246,6 @@ def main(spec: str = "torchvision:resnet50", rounds: int = 9) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "torchvision:resnet50", int(sys.argv[2]) if len(sys.argv) > 2 else 9)
+    _spec = sys.argv[1] if len(sys.argv) > 1 else "torchvision:resnet50"
+    _rounds = int(sys.argv[2]) if len(sys.argv) > 2 else 9
+    (inplace_ab if sys.argv[3:4] == ["inplace"] else main)(_spec, _rounds)

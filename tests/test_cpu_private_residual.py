@@ -192,3 +192,20 @@ def test_skip_connection_used_as_identity_residual_is_never_overwritten(inplace_
             out, skip = fc(x)
             assert max_rel_error(out, ref_out) < TOL and max_rel_error(skip, ref_skip) < TOL
     assert not inplace_calls
+
+
+def test_saved_and_loaded_model_keeps_the_route_and_its_check(inplace_calls, tmp_path):
+    model, fc = _pair(Net)
+    torch.save(fc, tmp_path / "m.pt")
+    loaded = torch.load(tmp_path / "m.pt", weights_only=False)
+    x = torch.randn(2, 3, 16, 16)
+    ref = _ref64(model, x)
+    with torch.no_grad():
+        for _ in range(3):
+            assert max_rel_error(loaded(x), ref) < TOL
+    assert inplace_calls
+    inplace_calls.clear()
+    loaded.block.downsample.register_forward_hook(lambda m, i, o: None)  # the loaded check still sees hooks
+    with torch.no_grad():
+        loaded(x), loaded(x)
+    assert not inplace_calls

@@ -274,7 +274,7 @@ def eager_forward(module, x, residual, residual_private: bool = False):
     through; everything else goes through the helpers above.
 
     `residual_private=True` says no one but this call can read `residual` afterwards (convert passes it only where
-    the block's graph and a check on every call prove it: fusedconv.graph.scope_pass.residual_private); the
+    the block's graph and a check on every call prove it: fusedconv.graph.private_residual); the
     oneDNN route then writes the output in place into the residual and returns it."""
     if type(x) is not _Tensor or not x.is_cpu or _compiler.is_compiling() or _tracing_state() is not None:
         return None

@@ -209,3 +209,25 @@ def test_saved_and_loaded_model_keeps_the_route_and_its_check(inplace_calls, tmp
     with torch.no_grad():
         loaded(x), loaded(x)
     assert not inplace_calls
+
+
+def test_per_call_check_accepts_only_fused_sequentials_without_hooks():
+    from fusedconv.graph.private_residual import residual_private
+    from fusedconv.modules import FusedConv2d
+
+    def fused():
+        return FusedConv2d.from_modules(nn.Conv2d(4, 4, 1, bias=False), nn.BatchNorm2d(4).eval(), nn.ReLU())
+
+    assert residual_private(fused())
+    assert residual_private(nn.Sequential(fused(), nn.Identity()))
+    assert not residual_private(nn.Identity())  # returns its input: the caller's tensor
+    assert not residual_private(nn.Sequential(nn.Identity()))
+    assert not residual_private(nn.Sequential(fused(), nn.ReLU()))  # other module code between
+    assert not residual_private(nn.Conv2d(4, 4, 1))
+
+    class Keeps(nn.Sequential):  # a subclass may keep what it returns
+        pass
+    assert not residual_private(Keeps(fused()))
+    hooked = nn.Sequential(fused())
+    hooked.register_forward_pre_hook(lambda m, i: None)
+    assert not residual_private(hooked)

@@ -7,9 +7,9 @@ can prove that no one else reads that tensor afterwards. The proof has two halve
 - in the block's graph (`mark`, at rewrite time): the residual is the output of a child module call of the same
   scope (not a block input, which belongs to the caller) whose only user is the fused call;
 - on every call (`residual_private`, evaluated by the rewritten code just before the fused call): that child is a
-  plain nn.Sequential of FusedConv2d / nn.Identity modules ending in a FusedConv2d (or a FusedConv2d itself), so
-  its output is a tensor the FusedConv2d has just allocated and no module code kept, and no forward hook (on those
-  modules or global) could have kept it either. Hooks or children added after convert are seen here, at the call.
+  plain nn.Sequential of FusedConv2d / nn.Identity modules with at least one FusedConv2d (or a FusedConv2d
+  itself), so its output is a tensor the last FusedConv2d has just allocated and no module code kept, and no
+  forward hook (on those modules or global) could have kept it either. Hooks or children added after convert are seen here, at the call.
 
 Anything else — a Unet encoder's stage outputs kept for the decoder, a residual that is also returned, a
 downsample with a hook that stores features — takes the ordinary out-of-place call.
@@ -39,10 +39,8 @@ def residual_private(producer) -> bool:
     if type(producer) is not nn.Sequential or has_hooks(producer):
         return False
     children = list(producer._modules.values())
-    last_fused = max((i for i, c in enumerate(children) if type(c) is FusedConv2d), default=-1)
-    if last_fused < 0:
-        return False
-    return all(type(c) in (FusedConv2d, nn.Identity) and not has_hooks(c) for c in children)
+    return (any(type(c) is FusedConv2d for c in children)
+            and all(type(c) in (FusedConv2d, nn.Identity) and not has_hooks(c) for c in children))
 
 
 def mark(graph: fx.Graph, residual, fused_module, at: fx.Node) -> tuple[dict, fx.Node | None]:

@@ -41,6 +41,9 @@ _available: bool | None = None
 # __call__ is one more Python frame around the C++ callable it holds (`_op`), so the hot path calls that directly.
 _pointwise = None
 _pointwise_binary = None
+# `mkldnn::_convolution_pointwise_.binary`: the residual conv written in place into the residual (None where this
+# PyTorch lacks it). Used only for a residual convert proved private to the call (eager_forward, residual_private).
+_pointwise_binary_inplace = None
 
 
 def _direct(overload):
@@ -54,7 +57,7 @@ def _direct(overload):
 
 def available() -> bool:
     """True when this PyTorch build has oneDNN and the pointwise-conv ops (checked once)."""
-    global _available, _pointwise, _pointwise_binary
+    global _available, _pointwise, _pointwise_binary, _pointwise_binary_inplace
     if _available is None:
         try:
             ops = torch.ops.mkldnn
@@ -66,6 +69,9 @@ def available() -> bool:
             if _available:
                 _pointwise = _direct(ops._convolution_pointwise.default)
                 _pointwise_binary = _direct(ops._convolution_pointwise.binary)
+                inplace = getattr(ops, "_convolution_pointwise_", None)
+                if inplace is not None and hasattr(inplace, "binary"):
+                    _pointwise_binary_inplace = _direct(inplace.binary)
         except (AttributeError, RuntimeError):
             _available = False
     return _available
@@ -95,6 +101,23 @@ def onednn_call_args(geometry, act_name: str, act_param: float):
     binary_unary = "relu" if act_name == "relu" else None
     binary_tail = (padding, stride, dilation, groups, "add", None, binary_unary, [], "")
     return unary_tail, binary_tail, None if fused_after_add else (act_name, act_param)
+
+
+def inplace_tail(geometry, act_name: str):
+    """Trailing arguments of the in-place binary call (residual, x, weight, bias, *tail), or None when the
+    activation is not one oneDNN fuses after the add (the in-place route is then not taken)."""
+    if act_name not in _BINARY_UNARY:
+        return None
+    padding, stride, dilation, groups = geometry
+    return (padding, stride, dilation, groups, "add", 1.0, "relu" if act_name == "relu" else None, [], "")
+
+
+def _writable(x, residual) -> bool:
+    """The residual itself can take the output: float32, channels_last and dense (the layout oneDNN writes), not
+    a view, not an inference tensor, needing no gradient, and not the conv's own input."""
+    return (residual.dtype is torch.float32 and residual._base is None and not residual.requires_grad
+            and not residual.is_inference() and residual.is_contiguous(memory_format=torch.channels_last)
+            and residual.data_ptr() != x.data_ptr())
 
 
 def conv_act(x, packed_weight, bias, call_args, residual):
@@ -130,7 +153,7 @@ class EagerState:
     and the call arguments built once."""
 
     __slots__ = ("routes", "weight_src", "scale_src", "shift_src", "snapshot", "weight", "bias", "packed",
-                 "onednn_ok", "geometry", "conv_args", "act", "onednn_args", "unary_tail")
+                 "onednn_ok", "geometry", "conv_args", "act", "onednn_args", "unary_tail", "inplace_tail")
 
     def __init__(self, module):
         self.routes = {}
@@ -145,6 +168,7 @@ class EagerState:
         self.act = None  # (activation name, param); None for identity (nothing to apply)
         self.onednn_args = None
         self.unary_tail = None  # onednn_args[0], kept apart so the common call indexes nothing
+        self.inplace_tail = None  # inplace_tail(); None: no in-place residual route for this activation
 
 
 def _snapshot(weight, scale, shift) -> tuple:
@@ -165,6 +189,8 @@ def _refold(module, state: EagerState, weight, scale, shift) -> None:
     state.act = None if act.name == "identity" else (act.name, act.param)
     state.onednn_args = onednn_call_args(state.geometry, act.name, act.param) if available() else None
     state.unary_tail = state.onednn_args[0] if state.onednn_args is not None else None
+    state.inplace_tail = (inplace_tail(state.geometry, act.name)
+                          if state.onednn_args is not None and _pointwise_binary_inplace is not None else None)
     if weight.is_inference() or scale.is_inference() or shift.is_inference():
         # Inference tensors (a module built under torch.inference_mode) have no version counter, so an edit
         # could not be seen: never cache them; the general path refolds on every call.
@@ -237,7 +263,7 @@ def _sources_changed(module, state, weight, scale, shift) -> bool:
     return state.snapshot is not None
 
 
-def eager_forward(module, x, residual):
+def eager_forward(module, x, residual, residual_private: bool = False):
     """FusedConv2d.forward for plain CPU tensors outside tracing, or None to take the general path.
 
     Validation and routing run once per input signature (shape, strides, dtype, whether autograd is needed);
@@ -245,7 +271,11 @@ def eager_forward(module, x, residual):
     version counters and data pointers (in-place edits under no_grad, load_state_dict's copy, `.to()`,
     reassignment and `.data = new_tensor` are seen; in-place edits through `.data` are not, as documented on
     FusedConv2d.refresh). The common call (same tensors, unchanged, a signature seen before) runs straight
-    through; everything else goes through the helpers above."""
+    through; everything else goes through the helpers above.
+
+    `residual_private=True` says no one but this call can read `residual` afterwards (convert passes it only where
+    the block's graph and a check on every call prove it: fusedconv.graph.private_residual); the
+    oneDNN route then writes the output in place into the residual and returns it."""
     if type(x) is not _Tensor or not x.is_cpu or _compiler.is_compiling() or _tracing_state() is not None:
         return None
     weight, scale, shift = module._parameters["weight"], module._buffers["scale"], module._buffers["shift"]
@@ -277,6 +307,8 @@ def eager_forward(module, x, residual):
             try:
                 if residual is None:
                     return _pointwise(x, state.packed, state.bias, *state.unary_tail)
+                if residual_private and state.inplace_tail is not None and _writable(x, residual):
+                    return _pointwise_binary_inplace(residual, x, state.packed, state.bias, *state.inplace_tail)
                 return conv_act(x, state.packed, state.bias, state.onednn_args, residual)
             except RuntimeError:
                 # oneDNN refused a later signature: as on the first call, F.conv2d from now on.

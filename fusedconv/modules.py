@@ -256,14 +256,17 @@ class FusedConv2d(nn.Module):
         ph, pw = self.padding
         return F.pad(x, (pw, pw, ph, ph), mode=self.padding_mode), (0, 0)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None,
+                residual_private: bool = False) -> torch.Tensor:
         """act(conv(x) * scale + shift [+ residual]). `x` is (N, C, H, W) or unbatched (C, H, W) like nn.Conv2d
-        takes; `residual`, when given, has exactly the output's shape. The output follows x's memory format."""
+        takes; `residual`, when given, has exactly the output's shape. The output follows x's memory format.
+        `residual_private=True` (set by convert's rewritten blocks only) allows the CPU path to write the output
+        into `residual` itself: pass it only when nothing else can read that tensor afterwards."""
         if residual is None and self.residual_required:
             raise TypeError("FusedConv2d.forward: missing argument 'residual' (this module was built with a "
                             "residual add in its epilogue; expected a tensor of the output's shape)")
         # Plain CPU tensors in eager mode: validated and routed once per input signature (fusedconv/cpu.py).
-        y = cpu.eager_forward(self, x, residual)
+        y = cpu.eager_forward(self, x, residual, residual_private)
         if y is not None:
             return y
         out_shape = check_inputs(x, self.weight, self.groups, residual, stride=self.stride, padding=self.padding,

@@ -15,6 +15,7 @@ from fusedconv.graph.chain_match import ChainMatcher
 from fusedconv.graph.chains import Absorb, Chain, _flatten_sequential, _node_name
 from fusedconv.fused_layers import FusedAffineLayer
 from fusedconv.fused_linear import FusedLinear
+from fusedconv.graph import private_residual
 from fusedconv.graph.legality import (LAYER_KINDS, chain_base, conv_subclass_reason, has_hooks, is_plain_sequential,
                                       layer_base, tail_conv)
 from fusedconv.graph.sequential import KIND
@@ -235,9 +236,14 @@ class ScopePass(ChainMatcher):
                 residual = b if a is ch.value else a
             # Run the fused module where its inputs were read: at the conv (input only) or at the add (input
             # and residual), so no later operation of the scope can have changed them in between.
+            kwargs = {}
+            if residual is not None:  # the residual conv may write into a residual the block proves private
+                kwargs, producer = private_residual.mark(graph, residual, ch.fused, ch.add)
+                if producer is not None:
+                    kept.add(producer)
             with graph.inserting_before(ch.conv if residual is None else ch.add):
                 args = (ch.conv.args[0],) if residual is None else (ch.conv.args[0], residual)
-                new = graph.call_module(name, args)
+                new = graph.call_module(name, args, kwargs)
             kept.add(new)
             last.replace_all_uses_with(new)
             for n in reversed(ch.nodes):

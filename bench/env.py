@@ -168,6 +168,22 @@ class OtherCPUUse:
         return round(max(others, 0.0) / elapsed, 2)
 
 
+def busy_at_start(cpus: int | None, load_average_1m: float | None, window_s: float = 1.0
+                  ) -> tuple[float | None, str | None]:
+    """(cores other processes kept busy, note or None) over `window_s` seconds before the run starts.
+
+    Not the 1-minute load average: it still holds whatever ran in the minute before (a previous benchmark that
+    just finished reads as "busy" on an idle machine). The load average is the fallback where the OS has no
+    /proc/stat."""
+    probe = OtherCPUUse()
+    time.sleep(window_s)
+    cores = probe.cores()
+    if cores is None:
+        return None, busy_note(load_average_1m, cpus, "at the start")
+    return cores, busy_note(cores, cpus, "at the start",
+                            what=f"cores kept busy by other processes over the {window_s:g} s before the run,")
+
+
 def environment(device: torch.device, argv: list[str] | None = None) -> dict:
     """Everything needed to interpret (and reproduce) a results file."""
     now = _dt.datetime.now(_dt.timezone.utc)

@@ -318,8 +318,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m bench") -> int:
     results = {"schema": 1, "environment": env, "quick": args.quick, "plan": p, "peak": peak, "notes": [],
                "_t0": time.perf_counter()}
     results["notes"] += list(args.note)
-    # The load average before any benchmark thread has run (this process has only imported so far).
-    note = bench_env.busy_note(env["load_average_1m_at_start"], env["cpu_count"], "at the start")
+    # What other processes use just before any benchmark thread runs (this process has only imported so far).
+    results["other_processes_cores_busy_at_start"], note = bench_env.busy_at_start(
+        env["cpu_count"], env["load_average_1m_at_start"])
     other_use = bench_env.OtherCPUUse()
     if note:
         results["notes"].append(note)

@@ -68,3 +68,26 @@ def test_machine_busy_seconds_grow_with_work():
     while time.process_time() - t0 < 0.2:
         pass
     assert bench_env._machine_busy_seconds() - first >= 0.2 - 0.02
+
+
+def test_start_note_counts_others_over_a_window_not_the_load_average(monkeypatch):
+    readings = {"clock": 100.0, "machine": 1000.0, "own": 50.0}
+    monkeypatch.setattr(bench_env.time, "monotonic", lambda: readings["clock"])
+    monkeypatch.setattr(bench_env, "_machine_busy_seconds", lambda: readings["machine"])
+    monkeypatch.setattr(bench_env, "_own_cpu_seconds", lambda: readings["own"])
+
+    def sleep(seconds, busy):  # the window passes: the machine was busy `busy` core-seconds, none of them ours
+        readings.update(clock=readings["clock"] + seconds, machine=readings["machine"] + busy)
+
+    # A previous run just ended: load average 1.9 on 2 cores, but nothing else runs now -> no note.
+    monkeypatch.setattr(bench_env.time, "sleep", lambda s: sleep(s, 0.05 * s))
+    cores, note = bench_env.busy_at_start(2, 1.9)
+    assert cores == pytest.approx(0.05) and note is None
+    # Another process keeps 1.5 cores busy -> the note, with that number.
+    monkeypatch.setattr(bench_env.time, "sleep", lambda s: sleep(s, 1.5 * s))
+    cores, note = bench_env.busy_at_start(2, 0.0)
+    assert cores == pytest.approx(1.5) and note is not None and "1.5 on 2 logical cores" in note
+    # No /proc/stat: the load average decides.
+    monkeypatch.setattr(bench_env, "_machine_busy_seconds", lambda: None)
+    cores, note = bench_env.busy_at_start(2, 1.9)
+    assert cores is None and note is not None and "load average 1.9" in note

@@ -112,7 +112,7 @@ def gemm_variants(case: LayerCase, batch: int, dtype: str, sms: int, cap: int = 
         if stream_k:  # persistent programs, each with an equal share of all tiles' K iterations
             sched_info["kind"] = "stream_k"
             steps = -(-(tiles * k_steps) // stream_k)
-            tiles = min(stream_k, tiles * k_steps)
+            tiles = -(-(tiles * k_steps) // steps)  # programs with work (the last ones may get none)
         variants.append({"schedule": sched_info,
                          "config": f"{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']} w{cfg.num_warps}/s{cfg.num_stages}",
                          "block": (kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"]), "num_warps": cfg.num_warps,

@@ -26,17 +26,18 @@ def estimated_us(variant: dict, issue_ratio: float, cap: int, analysis: dict | N
     (`kernels/schedule.py`) at the target's clock, SM count and bandwidth:
 
     * K loop: waves of programs (ceil(programs / SMs)) x K steps per program x the cycles of one K step — its
-      tensor-core cycles (2·BM·BN·BK / FLOP per cycle per SM), or its issue cycles when the loop is issue-bound
-      (issue ratio > 1), over the tile shape's efficiency (`schedule.tile_efficiency`), but never under the
-      latency floor (`schedule.LOAD_LATENCY_S` over the num_stages - 1 K steps the pipeline keeps in flight) —
+      tensor-core cycles (2·BM·BN·BK / FLOP per cycle per SM) over the tile shape's efficiency
+      (`schedule.tile_efficiency`), or its issue cycles when longer (issue ratio x tensor-core cycles), never
+      under the latency floor (`schedule.LOAD_LATENCY_S` over the num_stages - 1 K steps the pipeline keeps in flight) —
       plus one load latency per tile a program starts;
     * memory: the layer's compulsory bytes (+ a split's fp32 workspace, written and read) at the target's
       bandwidth; the estimate is the larger of the two;
-    * fixed: a split's epilogue launch, a stream-K tile's partial read-back (`schedule.streamk_fixup_s`).
+    * fixed: a split's epilogue launch, a stream-K tile's partial read-back (`schedule.streamk_fixup_s`) and
+      its partial tiles' round trip through L2 (`schedule.streamk_slices`: segments, tiles touched per slice).
 
     Data-parallel programs share an SM as far as its shared memory and registers allow (from the compiled
-    variant's `analysis`: `schedule.resident_programs`): they run in rounds of SMs x residents, and co-resident
-    programs share the tensor cores but overlap their load latency. Counts wasted tiles (tile tails, TMA boxes
+    variant's `analysis`: `schedule.resident_programs`), and so do stream-K programs beyond the SM count:
+    they run in rounds of SMs x residents, and co-resident programs share the tensor cores but overlap their load latency. Counts wasted tiles (tile tails, TMA boxes
     past the image edge) and idle SMs. A model, not a measurement."""
     if not variant.get("steps") or not variant["block"]:
         return None
@@ -46,30 +47,38 @@ def estimated_us(variant: dict, issue_ratio: float, cap: int, analysis: dict | N
     info = variant.get("schedule") or {"kind": "split_k", "split": 1, "k_tile": variant["steps"],
                                        "tile_count": variant["tiles"], "nbytes": 0}
     latency = sched.LOAD_LATENCY_S * clock
-    step_mma = (2.0 * bm * bn * bk / target["mma_flop_per_cycle"]) * max(1.0, issue_ratio)
-    step_mma /= sched.tile_efficiency(bm, bn)
+    mma = 2.0 * bm * bn * bk / target["mma_flop_per_cycle"]
+    # Issue slots (the issue ratio is relative to the raw tensor-core cycles) and the operand feed of the tile
+    # shape (`schedule.tile_efficiency`) are separate limits of one K step that overlap: the longer one counts.
+    step_mma = max(mma / sched.tile_efficiency(bm, bn), mma * issue_ratio)
     floor = latency / max(1, variant["num_stages"] - 1)
-    step = max(step_mma, floor)
     nbytes, fixed = float(info["nbytes"]), 0.0
+    resident = 1
+    if analysis and analysis.get("shared_bytes") and analysis.get("registers"):
+        resident = sched.resident_programs(analysis["shared_bytes"], analysis["registers"],
+                                           variant["num_warps"], target["smem_per_sm"])
     if info["kind"] == "stream_k":
-        per_prog, k_tile = variant["steps"], info["k_tile"]
-        touched = min(info["tile_count"], -(-per_prog // k_tile) + 1)
-        loop = per_prog * step + touched * latency
-        fixed = sched.streamk_fixup_s(bm, bn, k_tile, per_prog, target["sms"]) * clock
+        # the kernel's slicing of the layer's units over its programs (`schedule.streamk_slices`)
+        k_tile = info["k_tile"]
+        # programs: a variant with more programs than units slices exactly as one with as many as units
+        slices = sched.streamk_slices(info["tile_count"] * k_tile, k_tile, info.get("programs", variant["tiles"]))
+        per_sm = min(resident, -(-slices["busy"] // target["sms"]))  # programs beyond the SMs share them
+        rounds = -(-slices["busy"] // (target["sms"] * per_sm))
+        loop = rounds * (slices["per_prog"] * max(step_mma * per_sm, floor) + slices["touched"] * latency)
+        concurrent = max(target["sms"], min(slices["busy"], target["sms"] * per_sm))
+        fixed = sched.streamk_fixup_s(bm, bn, k_tile, slices["per_prog"], concurrent) * clock
+        partials = 2.0 * slices["segments"] * bm * bn * 4  # written once, read back once, through L2
+        partials_l2 = partials / sched._L2_BYTES_PER_S * clock
     else:
-        resident = 1
-        if analysis and analysis.get("shared_bytes") and analysis.get("registers"):
-            resident = sched.resident_programs(analysis["shared_bytes"], analysis["registers"],
-                                               variant["num_warps"], target["smem_per_sm"])
+        partials_l2 = 0.0
         per_sm = min(resident, -(-variant["tiles"] // target["sms"]))
         rounds = -(-variant["tiles"] // (target["sms"] * per_sm))
-        mma = step_mma * per_sm
-        loop = rounds * (variant["steps"] * max(mma, floor) + latency)
+        loop = rounds * (variant["steps"] * max(step_mma * per_sm, floor) + latency)
         if info["split"] > 1:
             m_out = info["tile_count"] // info["split"] * bm * bn  # M x N, tile tails included
             nbytes += 2.0 * info["split"] * m_out * 4
             fixed = sched.EPILOGUE_LAUNCH_S * clock
-    memory = nbytes / (target["tb_s"] * 1e12) * clock
+    memory = nbytes / (target["tb_s"] * 1e12) * clock + partials_l2
     return round((max(loop, memory) + fixed) / (target["clock_ghz"] * 1e3), 2)
 
 

@@ -67,6 +67,10 @@ _MIN_SPLIT_STEPS = 2
 STREAMK_MIN_K_ITERS = 2
 #: Largest stream-K tile (BLOCK_M * BLOCK_N): sizes the per-program workspace slots.
 STREAMK_MAX_TILE = 128 * 128
+# Most stream-K programs per SM the rule launches: the launcher gives every program two workspace slots of
+# STREAMK_MAX_TILE fp32 values (128 KiB), so two per SM already reserve ~34 MB on 132 SMs; one-step slices
+# that would need more programs run as longer slices instead.
+_STREAMK_PROGRAMS_PER_SM = 2
 
 
 def tile_efficiency(block_m: int, block_n: int) -> float:
@@ -168,34 +172,83 @@ def estimate_time(m: int, cout_g: int, groups: int, k_iters: int, num_sms: int, 
 def streamk_fixup_s(block_m: int, block_n: int, k_iters: int, per_prog: int, num_sms: int) -> float:
     """Critical-path seconds a shared stream-K tile adds: the completing program reads the other contributors'
     fp32 partial tiles (k_iters / per_prog - 1 of them on average, at least one) from L2 at its share of the L2
-    bandwidth; 0 when every program covers whole tiles."""
+    bandwidth (`num_sms`: the programs sharing it at once); 0 when every program covers whole tiles."""
     if per_prog % k_iters == 0:
         return 0.0
     partials = max(1.0, k_iters / per_prog - 1.0) if per_prog < k_iters else 1.0
     return partials * block_m * block_n * 4 / (_L2_BYTES_PER_S / max(num_sms, 1))
 
 
+def streamk_slices(units: int, k_iters: int, programs: int) -> dict:
+    """How `programs` stream-K programs split `units` work units (tile-major, `k_iters` per tile), as the
+    kernel does (`conv_streamk`: equal contiguous slices of ceil(units / programs) units):
+
+    `per_prog` units per program; `busy` programs with a non-empty slice; `touched` the most tiles one slice
+    may touch (each costs its program a pipeline start): a slice of L units starting at any offset of a
+    k-unit tile touches at most ceil((L - 1) / k) + 1 tiles — one when it is a single K step. The bound holds
+    for any offset because where slices start within tiles depends on the tile the autotuner picks, not
+    the model's. `segments`: the tile segments that are not a whole tile (each is written to the workspace
+    once and read back once), counted for this tiling.
+    """
+    k = max(k_iters, 1)
+    per_prog = _cdiv(units, max(programs, 1))
+    busy = _cdiv(units, per_prog) if units > 0 else 0
+    tiles = _cdiv(units, k)
+    touched = min(tiles, _cdiv(per_prog - 1, k) + 1) if busy else 0
+    segments = 0
+    for p in range(busy):
+        start, end = p * per_prog, min((p + 1) * per_prog, units)
+        first, last = start // k, (end - 1) // k
+        # only a slice's first and last tile can be partial; the tiles between are whole
+        segments += int(start > first * k or end < (first + 1) * k)
+        segments += int(last != first and end < (last + 1) * k)
+    return {"per_prog": per_prog, "busy": busy, "touched": touched, "segments": segments}
+
+
+def streamk_program_counts(m: int, cout_g: int, groups: int, k_iters: int, num_sms: int) -> list[int]:
+    """Program counts the rule weighs for stream-K: one per SM, and counts up to _STREAMK_PROGRAMS_PER_SM per
+    SM that give each program a whole number of K steps of a model tile's units (ceil(units / s) for s = 1, 2,
+    ...): at batch 1 a layer with a few more work units than SMs (MobileNetV2 features.4.conv.2: 49 tiles of
+    16x32 x 3 K steps = 147 units) otherwise runs slices of 2 steps that straddle tiles — two pipeline
+    starts — where 147 programs of one step each, two per SM on some SMs, pay one."""
+    counts = {num_sms}
+    for bm, bn in model_tiles(m, cout_g):
+        if bm * bn > STREAMK_MAX_TILE:
+            continue
+        units = work_units(m, cout_g, groups, k_iters, bm, bn)
+        for steps in range(1, max(k_iters, 1) + 1):
+            programs = _cdiv(units, steps)
+            if programs <= num_sms:
+                break
+            if programs <= _STREAMK_PROGRAMS_PER_SM * num_sms:
+                counts.add(programs)
+    return sorted(counts)
+
+
 def estimate_streamk_time(m: int, cout_g: int, groups: int, k_iters: int, num_sms: int,
                           block_k: int = 64, nbytes: float | None = None,
-                          tiles: tuple | None = None) -> tuple[float, tuple[int, int]]:
-    """Modelled seconds of the stream-K schedule on `num_sms` programs, and the tile that achieves it (among
-    `tiles`, default `model_tiles`)."""
+                          tiles: tuple | None = None, programs: int | None = None) -> tuple[float, tuple[int, int]]:
+    """Modelled seconds of the stream-K schedule on `programs` programs (default `num_sms`), and the tile that
+    achieves it (among `tiles`, default `model_tiles`). Programs beyond the SM count share SMs as far as
+    `model_resident` allows (their tensor-core time adds up, their load latencies overlap) and run in rounds
+    beyond that, as data-parallel programs do in `estimate_time`."""
     nbytes = layer_bytes(m, cout_g, groups, k_iters, block_k) if nbytes is None else nbytes
     sms = max(num_sms, 1)
+    programs = sms if programs is None else max(programs, 1)
     best = (float("inf"), (128, 128))
     for bm, bn in tiles or model_tiles(m, cout_g):
         if bm * bn > STREAMK_MAX_TILE:
             continue
-        tiles = _cdiv(m, bm) * _cdiv(cout_g, bn) * groups
-        units = tiles * k_iters
-        per_prog = _cdiv(units, sms)
-        touched = min(tiles, _cdiv(per_prog, k_iters) + 1)  # tiles one program's slice touches, at most
-        loop = per_prog * _step_s(bm, bn, block_k, sms) + touched * LOAD_LATENCY_S
-        shared_tiles = 0 if per_prog % k_iters == 0 else min(tiles, sms)
+        slices = streamk_slices(work_units(m, cout_g, groups, k_iters, bm, bn), k_iters, programs)
+        per_sm = min(model_resident(bm, bn, block_k), _cdiv(slices["busy"], sms))
+        rounds = _cdiv(slices["busy"], sms * per_sm)
+        loop = rounds * (slices["per_prog"] * _step_s(bm, bn, block_k, sms, per_sm)
+                         + slices["touched"] * LOAD_LATENCY_S)
         # partials are written once and read once right after, by programs running at the same time: L2 traffic
-        partials = 2.0 * shared_tiles * bm * bn * 4
+        partials = 2.0 * slices["segments"] * bm * bn * 4
         t = max(loop, nbytes / _HBM_BYTES_PER_S + partials / _L2_BYTES_PER_S)
-        t += streamk_fixup_s(bm, bn, k_iters, per_prog, sms)
+        # the read-back runs at one SM's share of L2, or less where co-resident programs read at once
+        t += streamk_fixup_s(bm, bn, k_iters, slices["per_prog"], max(sms, min(slices["busy"], sms * per_sm)))
         if t < best[0]:
             best = (t, (bm, bn))
     return best
@@ -245,13 +298,17 @@ def schedule_options(m: int, cout_g: int, groups: int, k_iters: int, num_sms: in
             rated.append((t, min(1.0, programs / sms), (bm, bn)))
         best_of("split_k", split, rated)
     if k_iters >= STREAMK_MIN_K_ITERS:
-        rated = []
-        for bm, bn in model_tiles(m, cout_g):
-            if bm * bn > STREAMK_MAX_TILE:
-                continue
-            t = estimate_streamk_time(m, cout_g, groups, k_iters, num_sms, nbytes=nbytes, tiles=((bm, bn),))[0]
-            rated.append((t, min(1.0, work_units(m, cout_g, groups, k_iters, bm, bn) / sms), (bm, bn)))
-        best_of("stream_k", num_sms, rated)
+        for programs in streamk_program_counts(m, cout_g, groups, k_iters, sms):
+            rated = []
+            for bm, bn in model_tiles(m, cout_g):
+                if bm * bn > STREAMK_MAX_TILE:
+                    continue
+                t = estimate_streamk_time(m, cout_g, groups, k_iters, num_sms, nbytes=nbytes, tiles=((bm, bn),),
+                                          programs=programs)[0]
+                # programs with work: ceil(units / programs) units each leaves the last ones empty
+                busy = streamk_slices(work_units(m, cout_g, groups, k_iters, bm, bn), k_iters, programs)["busy"]
+                rated.append((t, min(1.0, busy / sms), (bm, bn)))
+            best_of("stream_k", programs, rated)
     return out
 
 

@@ -8,6 +8,7 @@
   fixed K width.
 * Split-K: the rule is a deterministic function of shape and SM count, splits batch-1 late-stage layers,
   leaves layers whose tiles already fill the GPU alone and never picks a split its own model rates slower.
+* Plan: the launcher's plan carries the rule's stream-K program count, more programs than SMs included.
 """
 
 from __future__ import annotations
@@ -111,3 +112,23 @@ def test_split_k_scales_with_sm_count():
     # The same batch-1 layer on a small part needs fewer slices to fill it.
     assert kconfigs.choose_split_k(49, 512, 1, 72, 16) <= kconfigs.choose_split_k(49, 512, 1, 72, 132)
     assert kconfigs.choose_split_k(49, 512, 1, 72, 0) == 1
+
+
+def _plan_b1(cin, hw, cout, sms):
+    """The launcher's plan of a batch-1 fp16 channels_last 1x1 conv on a GPU with `sms` SMs."""
+    from fusedconv.kernels import conv_plan
+
+    x_shape, w_shape = (1, cin, hw, hw), (cout, cin, 1, 1)
+    x_stride = (hw * hw * cin, 1, hw * cin, cin)
+    return conv_plan._plan(x_shape, x_stride, torch.float16, torch.device("cpu"), w_shape, (cin, 1, cin, cin),
+                           torch.float16, (cout,), (cout,), None, (1, 1), (0, 0), (1, 1), 1, "relu6", 0.0, None,
+                           False, True, sm_count=lambda device: sms)
+
+
+def test_plan_runs_short_k_batch1_layers_on_more_programs_than_sms():
+    # MobileNetV2 features.4.conv.2 at batch 1 (M 784, N 32, K 144: 3 K steps): one K step per program
+    plan = _plan_b1(144, 28, 32, 132)
+    assert (plan["split_k"], plan["streamk_programs"]) == (1, 147)
+    # the same channels at 112x112 have many waves of tiles: the plain grid
+    plan = _plan_b1(144, 112, 32, 132)
+    assert (plan["split_k"], plan["streamk_programs"]) == (1, 0)

@@ -50,7 +50,9 @@ def test_sub_wave_batch32_layers_get_stream_k(name):
     layer = _layer(*STAGE34_B32[name])
     kind, value = _choose(layer)
     assert (kind, value) == ("stream_k", SMS)
-    assert _waves_of(layer, kind, value) == 1.0
+    # the kernel's equal slices of ceil(units / programs) may leave the last programs without work
+    # (layer3.x.conv2: 98 tiles x 36 steps = 3528 units, 27 per program: 131 of 132 busy)
+    assert _waves_of(layer, kind, value) >= 0.95 and schedule.fills(_waves_of(layer, kind, value), 1.0)
 
 
 @pytest.mark.parametrize("name", sorted(LONG_K_B1))
@@ -161,3 +163,101 @@ def test_the_launcher_offers_no_data_parallel_tma_kernel_where_the_rule_chose_an
     for plan in ({"flags": {}, "split_k": 1, "streamk_programs": 132},
                  {"flags": {}, "split_k": 4, "streamk_programs": 0}):
         assert launcher._tma_candidate(plan, *([None] * 12)) is None
+
+
+# MobileNetV2 / ResNet-50 / RepVGG-A0 layers at batch 1 with short K whose plain grid fills under 0.9 of the
+# GPU: (m, cout, k_iters of 64 channels, input channels) as the static report plans them.
+SHORT_K_B1 = {"mbv2 features.4.conv.2": (784, 32, 3, 144), "mbv2 features.5.conv.2": (784, 32, 3, 192),
+              "mbv2 features.7.conv.2": (196, 64, 3, 192), "mbv2 features.12.conv.0.0": (196, 576, 2, 96),
+              "mbv2 features.15.conv.0.0": (49, 960, 3, 160), "mbv2 features.18.0": (49, 1280, 5, 320),
+              "mbv2 features.2.conv.2": (3136, 24, 2, 96), "repvgg stages.2.0 3x3/s2": (196, 192, 18, 96)}
+
+
+def _short_k(name):
+    m, n, k, cin = SHORT_K_B1[name]
+    return m, n, 1, k, schedule.layer_bytes(m, n, 1, k, input_k=cin)
+
+
+@pytest.mark.parametrize("name", sorted(SHORT_K_B1))
+def test_short_k_batch1_layers_fill_as_far_as_their_work_allows(name):
+    layer = _short_k(name)
+    m, n, g, k, nbytes = layer
+    kind, value = _choose(layer)
+    reach = schedule.achievable_waves(m, n, g, k, SMS)
+    assert schedule.fills(_waves_of(layer, kind, value), reach), (kind, value)
+    options = schedule.schedule_options(m, n, g, k, SMS, nbytes=nbytes)
+    # filling is preferred only within FILL_TOLERANCE of the plain grid (features.18.0: +6 %)
+    assert schedule.pick(options, reach)["time"] <= options[0]["time"] * schedule.FILL_TOLERANCE
+
+
+def test_a_few_more_units_than_sms_run_one_k_step_per_program():
+    # features.4.conv.2: 49 tiles of 16x32 x 3 K steps = 147 units. 132 programs would run 2-step slices
+    # that straddle tiles (two pipeline starts); 147 programs of one step, two per SM on 15 SMs, pay one.
+    layer = _short_k("mbv2 features.4.conv.2")
+    assert _choose(layer) == ("stream_k", 147)
+    m, n, g, k, nbytes = layer
+    one_step = schedule.estimate_streamk_time(m, n, g, k, SMS, nbytes=nbytes, tiles=((16, 32),), programs=147)[0]
+    two_step = schedule.estimate_streamk_time(m, n, g, k, SMS, nbytes=nbytes, tiles=((16, 32),), programs=SMS)[0]
+    assert one_step < two_step
+    # programs beyond what one round holds pay a second round
+    assert schedule.estimate_streamk_time(m, n, g, k, 8, nbytes=nbytes, tiles=((16, 32),), programs=147)[0] > \
+        schedule.estimate_streamk_time(m, n, g, k, 8, nbytes=nbytes, tiles=((16, 32),), programs=16)[0] / 2
+
+
+def _kernel_slices(units, k, programs):
+    """The stream-K kernel's slicing, walked unit by unit: per program the tiles it touches and which of its
+    segments cover a whole tile."""
+    per_prog = -(-units // programs)
+    out = []
+    for p in range(programs):
+        mine = [u for u in range(p * per_prog, min((p + 1) * per_prog, units))]
+        if mine:
+            tiles = sorted({u // k for u in mine})
+            out.append((tiles, [t for t in tiles if sum(1 for u in mine if u // k == t) < k]))
+    return per_prog, out
+
+
+@pytest.mark.parametrize("units,k,programs", [(147, 3, 147), (147, 3, 132), (39, 3, 132), (3528, 36, 132),
+                                              (400, 5, 200), (75, 3, 147), (8, 8, 3), (96, 4, 24), (7, 1, 3)])
+def test_streamk_slices_match_the_kernels_slicing(units, k, programs):
+    per_prog, walked = _kernel_slices(units, k, programs)
+    slices = schedule.streamk_slices(units, k, programs)
+    assert slices["per_prog"] == per_prog and slices["busy"] == len(walked)
+    assert slices["segments"] == sum(len(partial) for _, partial in walked)
+    most = max(len(tiles) for tiles, _ in walked)
+    # the bound holds for any slice offset: at least what this tiling touches, at most one tile more
+    assert most <= slices["touched"] <= most + 1
+    assert slices["touched"] == min(-(-units // k), -(-(per_prog - 1) // k) + 1)
+    if per_prog == 1:
+        assert slices["touched"] == 1
+
+
+@pytest.mark.parametrize("batch,hw,cin,cout,kh,stride", [
+    (1, 28, 144, 32, 1, 1), (1, 14, 96, 576, 1, 1), (1, 7, 160, 960, 1, 1), (1, 7, 320, 1280, 1, 1),
+    (1, 56, 96, 24, 1, 1), (1, 14, 256, 256, 3, 1), (1, 7, 2048, 512, 1, 1), (32, 14, 256, 256, 3, 1),
+    (32, 7, 512, 512, 3, 1), (1, 3, 64, 40, 3, 1), (1, 1, 16, 8, 1, 1), (1, 2, 1024, 16, 1, 1)])
+@pytest.mark.parametrize("sms", [2, 16, 132])
+def test_every_option_is_one_the_kernels_can_run(batch, hw, cin, cout, kh, stride, sms):
+    """No option with a split slice under the minimum (never an empty one), a stream-K program count under 1
+    or over _STREAMK_PROGRAMS_PER_SM per SM, or a stream-K tile over the workspace slot; every stream-K
+    program count leaves some program work at every model tile."""
+    m, n, g, k, nbytes = _layer(batch, hw, cin, cout, kh, stride)
+    for o in schedule.schedule_options(m, n, g, k, sms, nbytes=nbytes):
+        if o["kind"] == "split_k":
+            assert o["value"] == 1 or k // o["value"] >= schedule._MIN_SPLIT_STEPS >= 1
+        else:
+            assert k >= schedule.STREAMK_MIN_K_ITERS
+            assert 1 <= o["value"] <= schedule._STREAMK_PROGRAMS_PER_SM * sms
+            assert o["tile"][0] * o["tile"][1] <= schedule.STREAMK_MAX_TILE
+            for bm, bn in schedule.model_tiles(m, n):
+                units = schedule.work_units(m, n, g, k, bm, bn)
+                slices = schedule.streamk_slices(units, k, o["value"])
+                assert slices["per_prog"] >= 1 and 1 <= slices["busy"] <= o["value"]
+        assert 0.0 < o["waves"] <= 1.0 and o["time"] > 0.0
+
+
+def test_streamk_program_counts_stay_within_two_per_sm():
+    counts = schedule.streamk_program_counts(784, 32, 1, 3, SMS)
+    assert counts[0] == SMS and 147 in counts and max(counts) <= 2 * SMS
+    # a layer with fewer units than SMs only gets the one-per-SM count (its slices are single steps already)
+    assert schedule.streamk_program_counts(196, 64, 1, 3, SMS) == [SMS]

@@ -118,7 +118,8 @@ def test_static_report_numbers_are_sane(one_layer):
 
 def test_static_plan_runs_sub_wave_layers_on_every_sm():
     """The static plan follows the launcher's schedule: ResNet-50 layer3/4 3x3 at batch 32 on sm_90's 132 SMs
-    (0.74 / 0.39 waves of 128x128 tiles) run stream-K on 132 programs, one full wave ("full"), and offer no
+    (0.74 / 0.39 waves of 128x128 tiles) run stream-K on 132 programs, of which all but the last few get a
+    slice of ceil(units / 132) K steps (the kernel's slicing: at least 90 % of the SMs busy), and offer no
     data-parallel TMA candidate (the launcher runs the pointer kernel's stream-K there); stride-2 layers have
     no TMA candidate either; a stride-1 3x3 layer that stays data-parallel does."""
     from bench import static
@@ -130,8 +131,11 @@ def test_static_plan_runs_sub_wave_layers_on_every_sm():
         launch, variants = by_name[name]
         assert launch["schedule"] == "stream-K 132" and launch["dp_waves_128"] == dp_waves
         pointer = [v for v in variants if v["family"] == "pointer"]
-        assert pointer and all(v["tiles"] == 132 and v["spec"]["fn"].__name__ == "_conv_streamk_kernel"
-                               for v in pointer)
+        assert pointer and all(v["spec"]["fn"].__name__ == "_conv_streamk_kernel" for v in pointer)
+        for v in pointer:
+            units = v["schedule"]["tile_count"] * v["schedule"]["k_tile"]
+            per_program = -(-units // 132)
+            assert v["steps"] == per_program and v["tiles"] == -(-units // per_program) >= 0.9 * 132
         assert not any(v["family"] == "tma" for v in variants)
         assert launch["achievable_waves"] == 1.0
     assert not any(v["family"] == "tma" for v in by_name["layer4.0.conv2"][1])  # stride-2 3x3: pointer only

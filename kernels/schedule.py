@@ -23,6 +23,12 @@ The model (an H100-class part; only ratios matter) rates each tile shape of the 
   pays, on the completing program's critical path, reading the other contributors' fp32 partial tiles from L2
   at that program's share of the L2 bandwidth.
 
+Stream-K runs one program per SM, or — where a small tile's work units number between one and two per SM —
+as many programs as give each a whole number of K steps (`streamk_program_counts`): at batch 1 a short-K
+layer then runs one K step per program, so no program pays a second tile's pipeline start, and the extra
+programs share SMs (`model_resident`) while their load latencies overlap. A slice's cost counts the tiles it
+may touch and the partial tiles it leaves (`streamk_slices`, the kernel's slicing).
+
 A schedule's time is max(K loop + tile latencies, bytes / HBM bandwidth) plus its fixed costs.
 `choose_schedule` fills the GPU first — it prefers a schedule that keeps the SMs busy as far as the layer's
 work allows while that is modelled within FILL_TOLERANCE of the fastest — then takes the fastest, and leaves

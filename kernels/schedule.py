@@ -43,6 +43,8 @@ layer against it.
 
 from __future__ import annotations
 
+import math
+
 _PEAK_FLOPS = 750e12
 _HBM_BYTES_PER_S = 3e12
 # Loaded-HBM latency of a K step's loads, and how many K steps a program keeps in flight (num_stages - 1 of
@@ -202,31 +204,43 @@ def streamk_slices(units: int, k_iters: int, programs: int) -> dict:
     tiles = _cdiv(units, k)
     touched = min(tiles, _cdiv(per_prog - 1, k) + 1) if busy else 0
     segments = 0
-    for p in range(busy):
-        start, end = p * per_prog, min((p + 1) * per_prog, units)
-        first, last = start // k, (end - 1) // k
-        # only a slice's first and last tile can be partial; the tiles between are whole
-        segments += int(start > first * k or end < (first + 1) * k)
-        segments += int(last != first and end < (last + 1) * k)
+    if busy:
+        # Only a slice's first and last tile can be partial (the tiles between are whole), and a full slice's
+        # partial count depends only on where it starts within a tile, which repeats every k / gcd(L, k)
+        # programs: count one period (or the programs before the last, if fewer) and the last one apart.
+        full = busy - 1
+        period = k // math.gcd(per_prog, k)
+        counted = min(full, period)
+        once = [_partial_segments(p * per_prog, (p + 1) * per_prog, k) for p in range(counted)]
+        if full > period:
+            segments = (full // period) * sum(once) + sum(once[:full % period])
+        else:
+            segments = sum(once)
+        segments += _partial_segments(full * per_prog, units, k)
     return {"per_prog": per_prog, "busy": busy, "touched": touched, "segments": segments}
 
 
+def _partial_segments(start: int, end: int, k: int) -> int:
+    """Partial tiles (0-2) of the slice [start, end) of k-unit tiles: its first and its last tile."""
+    first, last = start // k, (end - 1) // k
+    return int(start > first * k or end < (first + 1) * k) + int(last != first and end < (last + 1) * k)
+
+
 def streamk_program_counts(m: int, cout_g: int, groups: int, k_iters: int, num_sms: int) -> list[int]:
-    """Program counts the rule weighs for stream-K: one per SM, and counts up to _STREAMK_PROGRAMS_PER_SM per
-    SM that give each program a whole number of K steps of a model tile's units (ceil(units / s) for s = 1, 2,
-    ...): at batch 1 a layer with a few more work units than SMs (MobileNetV2 features.4.conv.2: 49 tiles of
-    16x32 x 3 K steps = 147 units) otherwise runs slices of 2 steps that straddle tiles — two pipeline
-    starts — where 147 programs of one step each, two per SM on some SMs, pay one."""
+    """Program counts the rule weighs for stream-K: one per SM and, for each model tile with more work units
+    than SMs, the most programs up to _STREAMK_PROGRAMS_PER_SM per SM that split its units into equal whole
+    slices (ceil(units / s) programs of s units, s the shortest slice that fits): at batch 1 a layer with a
+    few more work units than SMs (MobileNetV2 features.4.conv.2: 49 tiles of 16x32 x 3 K steps = 147 units)
+    otherwise runs slices of 2 steps that straddle tiles — two pipeline starts — where 147 programs of one
+    step each, two per SM on some SMs, pay one."""
     counts = {num_sms}
     for bm, bn in model_tiles(m, cout_g):
         if bm * bn > STREAMK_MAX_TILE:
             continue
         units = work_units(m, cout_g, groups, k_iters, bm, bn)
-        for steps in range(1, max(k_iters, 1) + 1):
-            programs = _cdiv(units, steps)
-            if programs <= num_sms:
-                break
-            if programs <= _STREAMK_PROGRAMS_PER_SM * num_sms:
+        if units > num_sms:
+            programs = _cdiv(units, _cdiv(units, _STREAMK_PROGRAMS_PER_SM * num_sms))
+            if programs > num_sms:
                 counts.add(programs)
     return sorted(counts)
 

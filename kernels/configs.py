@@ -14,11 +14,13 @@ duplicates, so the tuning time per distinct shape stays small. The autotuner key
 dtypes, so every distinct layer shape / dtype is tuned once.
 
 Which schedule a launch runs — the data-parallel grid, split-K (partial sums in an fp32 workspace, finished
-by an epilogue kernel) or stream-K (`conv_streamk`: SM-count programs share all tiles' K steps) — is a launch
-decision made by the cost model in `schedule` (`choose_schedule`, re-exported here with `choose_split_k` and
-`estimate_time`): batch-1 late-stage layers split K, batch-32 sub-wave layers (ResNet-50 stage 3/4 3x3: 0.74 /
-0.39 waves of 128x128 tiles on 132 SMs) run stream-K. `prune_streamk_configs` keeps the stream-K kernel's
-tiles within its workspace slots (STREAMK_MAX_TILE).
+by an epilogue kernel) or stream-K (`conv_streamk`: one program per SM, or up to two per SM, share all tiles'
+K steps) — is a launch decision made by the cost model in `schedule` (`choose_schedule`, re-exported here with
+`choose_split_k` and `estimate_time`): batch-1 long-K late-stage layers split K, batch-32 sub-wave layers
+(ResNet-50 stage 3/4 3x3: 0.74 / 0.39 waves of 128x128 tiles on 132 SMs) run stream-K, and so do batch-1
+short-K layers with a few more work units than SMs (one K step per program). `prune_streamk_configs` keeps the
+stream-K kernel's tiles within its workspace slots (STREAMK_MAX_TILE); the small capped tiles those layers rate
+(16x32, 16x64) are among them.
 
 Under TRITON_INTERPRET=1 nothing is autotuned: `INTERPRET_CONFIG` (one small tile) is used directly.
 

@@ -73,13 +73,27 @@ def _conv_kxk_tma_kernel(
     ow0 = tw * BLOCK_W
     n0 = pid_n * BLOCK_N
 
+    acc = k_loop_tma_kxk(x_desc, w_desc, n, oh0, ow0, n0, 0, KH * KW * tl.cdiv(CIN, BLOCK_K), CIN, pad_h, pad_w,
+                         dil_h, dil_w, KW, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+    epilogue_kxk(acc, n, oh0, ow0, n0, scale_ptr, shift_ptr, res_ptr, y_ptr, OH, OW, COUT, srn, src, srh, srw,
+                 syn, syc, syh, syw, ACT_PARAM, ACTIVATION, HAS_RESIDUAL, BLOCK_H, BLOCK_W, BLOCK_N)
+
+
+@triton.jit
+def k_loop_tma_kxk(x_desc, w_desc, n, oh0, ow0, n0, k_lo, k_hi, CIN, pad_h, pad_w, dil_h, dil_w,
+                   KW: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr):
+    """fp32 accumulator of the patch at (n, oh0, ow0), channels n0.., over K steps [k_lo, k_hi) of the
+    (tap, channel-chunk) order."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_chunks = tl.cdiv(CIN, BLOCK_K)
-    kh = 0
-    kw = 0
-    tap = 0
-    c0 = 0
-    for _ in range(0, KH * KW * k_chunks):
+    # The first position (a stream-K range may start mid-tile): the only divisions, once per tile; with
+    # k_lo == 0 (the data-parallel kernel) they fold away.
+    tap = k_lo // k_chunks
+    c0 = (k_lo - tap * k_chunks) * BLOCK_K
+    kh = tap // KW
+    kw = tap - kh * KW
+    for _ in range(k_lo, k_hi):
         a = x_desc.load([n, oh0 - pad_h + kh * dil_h, ow0 - pad_w + kw * dil_w, c0])
         b = w_desc.load([tap, c0, n0])
         acc = tl.dot(tl.reshape(a, [BLOCK_M, BLOCK_K]), tl.reshape(b, [BLOCK_K, BLOCK_N]), acc,
@@ -91,8 +105,15 @@ def _conv_kxk_tma_kernel(
         tap = tl.where(next_tap, tap + 1, tap)
         kw = tl.where(next_tap, tl.where(row_end, 0, kw + 1), kw)
         kh = tl.where(row_end, kh + 1, kh)
+    return acc
 
-    rows = tl.arange(0, BLOCK_M)
+
+@triton.jit
+def epilogue_kxk(acc, n, oh0, ow0, n0, scale_ptr, shift_ptr, res_ptr, y_ptr, OH, OW, COUT, srn, src, srh, srw,
+                 syn, syc, syh, syw, ACT_PARAM, ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                 BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The fused epilogue of the BLOCK_H x BLOCK_W output patch at (n, oh0, ow0), channels n0.."""
+    rows = tl.arange(0, BLOCK_H * BLOCK_W)
     oh = oh0 + rows // BLOCK_W  # BLOCK_W is a power-of-two constexpr: a shift
     ow = ow0 + rows % BLOCK_W
     offs_n = n0 + tl.arange(0, BLOCK_N)

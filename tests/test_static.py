@@ -118,9 +118,10 @@ def test_static_report_numbers_are_sane(one_layer):
 
 def test_static_plan_runs_sub_wave_layers_on_every_sm():
     """The static plan follows the launcher's schedule: ResNet-50 layer3/4 3x3 at batch 32 on sm_90's 132 SMs
-    (0.74 / 0.39 waves of 128x128 tiles) run stream-K on 132 programs, one full wave ("full"), and offer no
-    data-parallel TMA candidate (the launcher runs the pointer kernel's stream-K there); stride-2 layers have
-    no TMA candidate either; a stride-1 3x3 layer that stays data-parallel does."""
+    (0.74 / 0.39 waves of 128x128 tiles) run stream-K on 132 programs, one full wave ("full"), and their TMA
+    candidates are the TMA stream-K kernel's on the same 132 programs (never the data-parallel TMA grid);
+    stride-2 3x3 layers have no TMA candidate; a stride-1 3x3 layer that stays data-parallel has the
+    data-parallel TMA kernel's."""
     from bench import static
 
     planned = static._plan_layers(["resnet50"], [32], "float16", 90,
@@ -132,11 +133,18 @@ def test_static_plan_runs_sub_wave_layers_on_every_sm():
         pointer = [v for v in variants if v["family"] == "pointer"]
         assert pointer and all(v["tiles"] == 132 and v["spec"]["fn"].__name__ == "_conv_streamk_kernel"
                                for v in pointer)
-        assert not any(v["family"] == "tma" for v in variants)
+        tma = [v for v in variants if v["family"] == "tma"]
+        assert tma and all(v["tiles"] == 132 and v["schedule"]["kind"] == "stream_k"
+                           and v["spec"]["fn"].__name__ == "_conv_kxk_tma_streamk_kernel" for v in tma)
+        for v in tma:  # a program's share of all tiles' K steps, as the kernel splits them
+            k_tile, tile_count = v["schedule"]["k_tile"], v["schedule"]["tile_count"]
+            assert v["steps"] == -(-(k_tile * tile_count) // 132)
+            assert v["block"][0] * v["block"][1] <= v["spec"]["constexprs"]["WS_TILE"]
         assert launch["achievable_waves"] == 1.0
     assert not any(v["family"] == "tma" for v in by_name["layer4.0.conv2"][1])  # stride-2 3x3: pointer only
     assert by_name["layer1.0.conv2"][0]["schedule"] == "data-parallel"  # 5.9 waves already
-    assert any(v["family"] == "tma" for v in by_name["layer1.0.conv2"][1])
+    dp_tma = [v for v in by_name["layer1.0.conv2"][1] if v["family"] == "tma"]
+    assert dp_tma and all(v["spec"]["fn"].__name__ == "_conv_kxk_tma_kernel" for v in dp_tma)
 
 
 def test_waves_status_classifies_against_the_achievable_maximum():

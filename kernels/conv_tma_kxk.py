@@ -73,27 +73,37 @@ def _conv_kxk_tma_kernel(
     ow0 = tw * BLOCK_W
     n0 = pid_n * BLOCK_N
 
-    acc = k_loop_tma_kxk(x_desc, w_desc, n, oh0, ow0, n0, 0, KH * KW * tl.cdiv(CIN, BLOCK_K), CIN, pad_h, pad_w,
-                         dil_h, dil_w, KW, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+    # The whole K range from tap (0, 0), channel 0: constant start counters. (An assigned 0 is an int32 scalar,
+    # as loop-carried counters must be; a literal argument would arrive as a constexpr.) The accumulator is
+    # made here and the counters passed in this order: the loop then compiles to the same SASS as when it was
+    # written inline (a different order of loop-carried values cost 1-2 instructions per K step).
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    zero = 0
+    acc = k_loop_tma_kxk(acc, x_desc, w_desc, n, oh0, ow0, n0, KH * KW * tl.cdiv(CIN, BLOCK_K), zero, zero, zero,
+                         zero, CIN, pad_h, pad_w, dil_h, dil_w, KW, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
     epilogue_kxk(acc, n, oh0, ow0, n0, scale_ptr, shift_ptr, res_ptr, y_ptr, OH, OW, COUT, srn, src, srh, srw,
                  syn, syc, syh, syw, ACT_PARAM, ACTIVATION, HAS_RESIDUAL, BLOCK_H, BLOCK_W, BLOCK_N)
 
 
 @triton.jit
-def k_loop_tma_kxk(x_desc, w_desc, n, oh0, ow0, n0, k_lo, k_hi, CIN, pad_h, pad_w, dil_h, dil_w,
-                   KW: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_K: tl.constexpr):
-    """fp32 accumulator of the patch at (n, oh0, ow0), channels n0.., over K steps [k_lo, k_hi) of the
-    (tap, channel-chunk) order."""
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+def tap_position(k_lo, CIN, KW: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(kh, kw, tap, c0) of K step k_lo in the (tap, channel-chunk) order: where a K range that starts mid-tile
+    (stream-K) begins. The only divisions of such a range, once per tile."""
     k_chunks = tl.cdiv(CIN, BLOCK_K)
-    # The first position (a stream-K range may start mid-tile): the only divisions, once per tile; with
-    # k_lo == 0 (the data-parallel kernel) they fold away.
     tap = k_lo // k_chunks
     c0 = (k_lo - tap * k_chunks) * BLOCK_K
     kh = tap // KW
     kw = tap - kh * KW
-    for _ in range(k_lo, k_hi):
+    return kh, kw, tap, c0
+
+
+@triton.jit
+def k_loop_tma_kxk(acc, x_desc, w_desc, n, oh0, ow0, n0, steps, kh, kw, tap, c0, CIN, pad_h, pad_w, dil_h,
+                   dil_w, KW: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr):
+    """`acc` plus the patch at (n, oh0, ow0), channels n0.., over `steps` K steps of the (tap, channel-chunk)
+    order from position (kh, kw, tap, c0) (`tap_position`); carried counters, no division in the loop."""
+    for _ in range(0, steps):
         a = x_desc.load([n, oh0 - pad_h + kh * dil_h, ow0 - pad_w + kw * dil_w, c0])
         b = w_desc.load([tap, c0, n0])
         acc = tl.dot(tl.reshape(a, [BLOCK_M, BLOCK_K]), tl.reshape(b, [BLOCK_K, BLOCK_N]), acc,

@@ -9,7 +9,7 @@ whole ends in the fused epilogue, and a shared tile's partials meet in the works
 that completes the tile's counter sums them in program order and resets the counter (`conv_streamk`'s
 `streamk_slice` / `streamk_fixup`, shared: no spin-waits, so the schedule runs in Triton's CPU interpreter).
 Only the loads of a tile's K range differ: the TMA K loops of `conv_tma.k_loop_tma_1x1` and
-`conv_tma_kxk.k_loop_tma_kxk`, started at any (tap, channel-chunk) position.
+`conv_tma_kxk.k_loop_tma_kxk`, started at any (tap, channel-chunk) position (`tap_position`).
 
 Split-K is not offered for the TMA kernels: where the model picks split-K (batch-1 layers with a handful of
 tiles) the pointer kernel runs it; the stream-K kernels here cover every layer the model gives stream-K.
@@ -29,7 +29,7 @@ from fusedconv.kernels import conv_tma as _tma
 from fusedconv.kernels import conv_tma_kxk as _kxk
 from fusedconv.kernels.conv_streamk import streamk_fixup, streamk_slice
 from fusedconv.kernels.conv_tma import epilogue_1x1, k_loop_tma_1x1
-from fusedconv.kernels.conv_tma_kxk import epilogue_kxk, k_loop_tma_kxk
+from fusedconv.kernels.conv_tma_kxk import epilogue_kxk, k_loop_tma_kxk, tap_position
 from fusedconv.kernels.schedule import STREAMK_MAX_TILE
 
 
@@ -95,8 +95,10 @@ def _conv_kxk_tma_streamk_kernel(
         n = r // tiles_h
         oh0 = th * BLOCK_H
         ow0 = tw * BLOCK_W
-        acc = k_loop_tma_kxk(x_desc, w_desc, n, oh0, ow0, n0, k_lo, k_hi, CIN, pad_h, pad_w, dil_h, dil_w, KW,
-                             INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+        kh, kw, tap, c0 = tap_position(k_lo, CIN, KW, BLOCK_K)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc = k_loop_tma_kxk(acc, x_desc, w_desc, n, oh0, ow0, n0, k_hi - k_lo, kh, kw, tap, c0, CIN, pad_h,
+                             pad_w, dil_h, dil_w, KW, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
         acc, finish = streamk_fixup(acc, t, tile_lo, k_lo, k_hi, k_tile, start, per_prog, pid, ws_ptr, count_ptr,
                                     WS_TILE, BLOCK_M, BLOCK_N)
         if finish:

@@ -2,10 +2,11 @@
 
 test_kernel_compile.py compiles every variant of `aot_variants()` (these included) for sm_80 / sm_90 with this
 triton and with the GPU machine's triton 3.6, and checks the PTX for bulk-tensor copies and wgmma. This file
-adds what only the cubin shows: the stream-K form keeps the data-parallel TMA kernels' properties — its K loop
-loads through the copy engine (cp.async.bulk.tensor in the PTX, a TMA load inside the SASS K loop), multiplies with wgmma,
-and neither the per-tile K-range bookkeeping nor the partial-tile fix-up spills (no stack frame, no local
-loads / stores), for every tile the stream-K pruning can pick at 16 bits and one bf16 / fp32 tile.
+adds what only the cubin shows: the stream-K form keeps the data-parallel TMA kernels' properties — its K
+loop loads through the copy engine (cp.async.bulk.tensor in the PTX, a TMA load inside the SASS K loop),
+multiplies with wgmma, and neither the per-tile K-range bookkeeping nor the partial-tile fix-up spills (no
+stack frame, no local loads / stores) — for the largest and smallest slot-fitting fp16 tiles of each kernel
+and one bf16 and one fp32 tile (`conv_tma_streamk._AOT_PICKS`).
 """
 
 from __future__ import annotations

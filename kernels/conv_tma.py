@@ -13,6 +13,9 @@ padding 0, x dense channels_last, weight packed (`pack_weight`), no split-K, and
 16-byte aligned base pointers and 16-byte aligned row strides (Cin and Cout times the element size multiples
 of 16). Anything else — unaligned strides included — runs the pointer kernel, never a faulting descriptor.
 
+Stream-K layers (`schedule.choose_schedule`) run this K loop (`k_loop_tma_1x1`) and epilogue (`epilogue_1x1`)
+in the stream-K kernel of `conv_tma_streamk`; split-K layers run the pointer kernel.
+
 The descriptor's block shape depends on the tile config, so the autotuner's configs carry a pre_hook that sets
 it before each launch (the descriptors are built once per call with a placeholder block shape).
 """

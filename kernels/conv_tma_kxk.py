@@ -14,6 +14,9 @@ When it applies (`tma_kxk_eligible`): stride 1, groups 1, a spatial kernel, x de
 kernel (see conv_bn_act's `tma`). Spatial configs keep the 4-warp rule of `configs.SPATIAL_MAX_WARPS` until
 validated on hardware.
 
+Stream-K layers run this K loop (`k_loop_tma_kxk`, from any `tap_position`) and epilogue in the stream-K
+kernel of `conv_tma_streamk`; split-K layers run the pointer kernel.
+
 Strided 1x1 convs (`strided_1x1_view`): a stride-s unpadded 1x1 conv reads exactly the pixels of the strided
 view x[:, :, ::s, ::s], which is again a regular 4-D NHWC tensor (strides s*W*C and s*C: 16-byte multiples
 whenever the dense ones are), so this kernel runs it as a 1x1 stride-1 conv over a descriptor on that view —

@@ -10,7 +10,8 @@ more programs than K iterations (idle programs). The truth is nn.Conv2d -> nn.Ba
 the same buffer serves a second launch with the same (correct) result.
 
 Unmarked tests check the launcher's choice of TMA kernel per schedule (stream-K: the stream-K form; split-K:
-none, the pointer kernel runs) and that the stream-K configs fit the workspace slots.
+none, the pointer kernel runs) and that the stream-K configs fit the workspace slots; `gpu` tests run the
+autotuned kernels on every SM of a Hopper GPU (skipped without one).
 """
 
 from __future__ import annotations
@@ -160,3 +161,18 @@ def test_streamk_tma_configs_fit_the_workspace_slots():
                    for c in kept_kxk)
     # the 128x256 1x1 tile of the data-parallel kernel would overrun a slot: not a stream-K candidate
     assert not any(c.kwargs["BLOCK_N"] == 256 for c in conv_tma_streamk.configs_1x1(2))
+
+
+# ------------------------------------------------------------------------------------------------ on a GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", [ConvCase("1x1_256_to_64", 4, 256, 14, 14, 64, (1, 1)),
+                                  ConvCase("1x1_512_to_128_stride2", 2, 512, 14, 14, 128, (1, 1), stride=(2, 2)),
+                                  ConvCase("3x3_64_odd", 3, 64, 13, 11, 64, (3, 3), padding=(1, 1))],
+                         ids=lambda c: c.name)
+def test_tma_streamk_on_hopper(case, spy):
+    """Every SM's program (stream_k=True) through the autotuned TMA stream-K kernels, against float64."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA needs sm_90+")
+    run_case(case, torch.float16, "channels_last", "relu", True, device="cuda", weight_fn=pack_weight, tma=True,
+             stream_k=True)
+    assert spy, "the TMA stream-K kernel was not used"

@@ -118,10 +118,11 @@ def gemm_variants(case: LayerCase, batch: int, dtype: str, sms: int, cap: int = 
                          "block": (kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"]), "num_warps": cfg.num_warps,
                          "num_stages": cfg.num_stages, "tiles": tiles, "steps": steps, "spec": spec,
                          "family": "pointer"})
-    if cap >= 90 and split_k == 1 and not stream_k:
-        # TMA bulk copies are Hopper's (the launcher never runs these kernels on sm_80), and their grid is
-        # data-parallel: the launcher offers them only where the schedule keeps the layer data-parallel.
-        variants += tma_variants(case, batch, dtype, plan)
+    if cap >= 90 and split_k == 1:
+        # TMA bulk copies are Hopper's (the launcher never runs these kernels on sm_80). The launcher offers
+        # them under the layer's schedule: data-parallel, or stream-K (conv_tma_streamk); split-K layers run
+        # the pointer kernel only.
+        variants += tma_variants(case, batch, dtype, plan, stream_k or 0)
     # Waves of the plain data-parallel grid of 128x128 tiles (what every layer launched before schedules).
     dp_waves = round(-(-m // 128) * -(-cout_g // 128) * s.groups / sms, 2)
     schedule = f"stream-K {stream_k}" if stream_k else (f"split-K {split_k}" if split_k > 1 else "data-parallel")
@@ -146,15 +147,17 @@ def _k_steps(s, cin_g: int, block_k: int, flags: dict) -> int:
     return s.kh * s.kw * -(-cin_g // block_k)
 
 
-def tma_variants(case: LayerCase, batch: int, dtype: str, plan: dict) -> list[dict]:
+def tma_variants(case: LayerCase, batch: int, dtype: str, plan: dict, stream_k: int = 0) -> list[dict]:
     """The TMA-descriptor kernel's candidates for a layer the launcher may run through it on sm_90 (dense
     channels_last input, packed weight, groups 1, stride 1 — or a strided unpadded 1x1 through the strided
     view, `conv_tma_kxk.strided_1x1_view` — and 16-byte channel rows: `conv_tma.tma_1x1_eligible` /
     `conv_tma_kxk.tma_kxk_eligible`), one per config its pruning keeps; [] where the pointer kernel is the
-    only path."""
+    only path. With `stream_k` programs (the layer's schedule), the stream-K forms of `conv_tma_streamk`
+    with their pruning (tiles that fit the workspace slots)."""
     from types import SimpleNamespace
 
-    from fusedconv.kernels import conv_tma, conv_tma_kxk
+    from fusedconv.kernels import conv_tma, conv_tma_kxk, conv_tma_streamk
+    from fusedconv.kernels.schedule import STREAMK_MAX_TILE
 
     s, t = case.shape, _SHORT[dtype]
     esize = torch.empty(0, dtype=getattr(torch, dtype)).element_size()
@@ -168,17 +171,20 @@ def tma_variants(case: LayerCase, batch: int, dtype: str, plan: dict) -> list[di
     res_stride, y_stride = plan["res_stride"], plan["y_stride"]
     common = dict(ACTIVATION=flags["ACTIVATION"], HAS_RESIDUAL=flags["HAS_RESIDUAL"], INPUT_PRECISION="ieee")
     out = []
+    if stream_k:
+        common["WS_TILE"] = STREAMK_MAX_TILE
     if flags["IS_1X1"] and not strided_1x1:
-        fn = conv_tma._conv1x1_tma_kernel
-        kept = conv_tma._prune_tma(conv_tma.tma_configs(esize), {"a_desc": base, "M": m, "CIN": s.cin,
-                                                                  "COUT": s.cout, "HAS_RESIDUAL": case.residual})
+        fn = conv_tma_streamk._conv1x1_tma_streamk_kernel if stream_k else conv_tma._conv1x1_tma_kernel
+        prune = conv_tma_streamk._prune_1x1 if stream_k else conv_tma._prune_tma
+        kept = prune(conv_tma.tma_configs(esize), {"a_desc": base, "M": m, "CIN": s.cin, "COUT": s.cout,
+                                                   "HAS_RESIDUAL": case.residual})
         ints = dict(zip(("M", "CIN", "COUT", "OH", "OW", "srn", "src", "srh", "srw", "syn", "syc", "syh", "syw"),
                         (m, s.cin, s.cout, oh, ow, *res_stride, *y_stride)))
     else:  # stride-1 KxK, or a strided 1x1 through the descriptor on the strided view (conv_tma_kxk)
-        fn = conv_tma_kxk._conv_kxk_tma_kernel
-        kept = conv_tma_kxk._prune_kxk(conv_tma_kxk.kxk_configs(esize), {"x_desc": base, "CIN": s.cin,
-                                                                          "COUT": s.cout,
-                                                                          "HAS_RESIDUAL": case.residual})
+        fn = conv_tma_streamk._conv_kxk_tma_streamk_kernel if stream_k else conv_tma_kxk._conv_kxk_tma_kernel
+        prune = conv_tma_streamk._prune_kxk if stream_k else conv_tma_kxk._prune_kxk
+        kept = prune(conv_tma_kxk.kxk_configs(esize), {"x_desc": base, "CIN": s.cin, "COUT": s.cout,
+                                                       "HAS_RESIDUAL": case.residual})
         ints = dict(zip(("N", "OH", "OW", "CIN", "COUT", "pad_h", "pad_w", "dil_h", "dil_w", "srn", "src", "srh",
                          "srw", "syn", "syc", "syh", "syw"),
                         (batch, oh, ow, s.cin, s.cout, s.padding, s.padding, s.dilation, s.dilation, *res_stride,
@@ -186,7 +192,7 @@ def tma_variants(case: LayerCase, batch: int, dtype: str, plan: dict) -> list[di
         common.update(KH=s.kh, KW=s.kw)
     for cfg in kept:
         kw = {k: v for k, v in cfg.kwargs.items()}
-        if fn is conv_tma._conv1x1_tma_kernel:
+        if "a_desc" in fn.arg_names:  # the 1x1 GEMM kernels (data-parallel or stream-K)
             bm, bn, bk = kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"]
             descs = {"a_desc": f"tensordesc<{t}[{bm},{bk}]>", "b_desc": f"tensordesc<{t}[{bk},{bn}]>"}
             tiles = -(-m // bm) * -(-s.cout // bn)
@@ -198,14 +204,19 @@ def tma_variants(case: LayerCase, batch: int, dtype: str, plan: dict) -> list[di
             tiles = batch * -(-oh // bh) * -(-ow // bw) * -(-s.cout // bn)
             label = f"tma {bh}x{bw}px x{bn}x{bk} w{cfg.num_warps}/s{cfg.num_stages}"
         sig = {**descs, "scale_ptr": "*fp32", "shift_ptr": "*fp32", "res_ptr": f"*{t}", "y_ptr": f"*{t}",
-               **{name: "i32" for name in ints}, "ACT_PARAM": "fp32"}
+               "ws_ptr": "*fp32", "count_ptr": "*i32", **{name: "i32" for name in ints}, "ACT_PARAM": "fp32"}
         constexprs = {**common, **kw}
         sig.update({name: "constexpr" for name in constexprs})
         sig = {name: sig[name] for name in fn.arg_names}  # parameter order
         spec = aot.spec_from_args(fn, sig, ints, constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         steps = s.kh * s.kw * -(-s.cin // bk)
-        out.append({"schedule": {"kind": "split_k", "split": 1, "k_tile": steps, "tile_count": tiles,
-                                 "nbytes": metrics.conv_bytes(s, batch, dtype, residual=case.residual)},
+        sched_info = {"kind": "split_k", "split": 1, "k_tile": steps, "tile_count": tiles,
+                      "nbytes": metrics.conv_bytes(s, batch, dtype, residual=case.residual)}
+        if stream_k:  # as the pointer stream-K variants: each program's share of all tiles' K steps
+            sched_info["kind"] = "stream_k"
+            steps = -(-(tiles * steps) // stream_k)
+            tiles = min(stream_k, tiles * sched_info["k_tile"])
+        out.append({"schedule": sched_info,
                     "config": label, "block": (bm, bn, bk), "num_warps": cfg.num_warps,
                     "num_stages": cfg.num_stages, "tiles": tiles, "steps": steps, "spec": spec, "family": "tma"})
     return out

@@ -87,9 +87,10 @@ def markdown(result: dict) -> str:
              "ceil(tiles x K steps / programs) units give work), then the layer's **achievable** maximum (work units of the "
              "smallest tile / SMs, capped at 1: no schedule keeps more SMs busy) and the status: *full* "
              "(>= 1 wave), *at max* (under one wave but >= 90 % of the achievable), *short* (neither). TMA "
-             "candidates are listed only where the schedule keeps the layer data-parallel (their grid is "
-             "data-parallel; elsewhere the launcher runs the pointer kernel's full-wave schedule). Candidates are "
-             "the pointer kernel's configs and, where "
+             "candidates run the layer's schedule: data-parallel, or on stream-K layers the TMA kernels' "
+             "stream-K form (`kernels/conv_tma_streamk.py`, same programs and fix-up as the pointer stream-K "
+             "kernel, tiles that fit its workspace slots); split-K layers list none (the launcher runs the "
+             "pointer kernel's split). Candidates are the pointer kernel's configs and, where "
              "eligible (stride 1, groups 1, 16-byte channel rows), the TMA-descriptor kernel's (`tma ...`; the "
              "launcher times both per shape on sm_90); the best of each family is shown. Every variant's numbers "
              "are in the JSON beside this file.", ""] + summary(result)

@@ -33,7 +33,7 @@ def aot_variants() -> list[dict]:
     """Every kernel variant x autotune config to compile ahead of time: the GEMM kernel's
     (`kernels.configs.aot_variants`, see there for the dict format), the TMA 1x1 kernel's
     and stride-1 KxK kernel's (`kernels.conv_tma.aot_variants`, `kernels.conv_tma_kxk.aot_variants`, which add
-    `expects_tma`) and the depthwise kernel's
+    `expects_tma`), their stream-K forms' (`kernels.conv_tma_streamk.aot_variants`) and the depthwise kernel's
     (`kernels.depthwise.aot_variants`) when that module exists."""
     from fusedconv.kernels.configs import aot_variants as _gemm_variants
 
@@ -41,11 +41,13 @@ def aot_variants() -> list[dict]:
     try:
         from fusedconv.kernels.conv_tma import aot_variants as _tma_variants
         from fusedconv.kernels.conv_tma_kxk import aot_variants as _tma_kxk_variants
+        from fusedconv.kernels.conv_tma_streamk import aot_variants as _tma_streamk_variants
     except ImportError:
         pass
     else:
         variants.extend(_tma_variants())
         variants.extend(_tma_kxk_variants())
+        variants.extend(_tma_streamk_variants())
     try:
         from fusedconv.kernels import depthwise
     except ImportError:

@@ -3,15 +3,16 @@
 `conv_bn_act(...)` plans the call (`conv_plan._plan`, cached per call signature: checks, output shape, loop
 flags, the schedule), then dispatches: depthwise convs to `kernels.depthwise` when that module is present,
 eligible 1x1 / stride-1 KxK convs to the TMA-descriptor kernels of `conv_tma` / `conv_tma_kxk` when asked
-(`tma`), sub-wave layers to the stream-K kernel (`conv_streamk`) when the schedule model picks it, and
+(`tma`; their stream-K forms, `conv_tma_streamk`, on stream-K layers), sub-wave layers to the stream-K kernel
+(`conv_streamk`) when the schedule model picks it, and
 everything else to the data-parallel pointer kernel (`conv_gemm`, with split-K when the model splits) —
 autotuned on a GPU, or under TRITON_INTERPRET=1 (CPU tensors) the plain kernel with one small config. A ReLU
 conv may instead run cuDNN's own fused conv + bias (+ add) + ReLU on the BN-folded weight where that candidate
 agrees with the pointer kernel and was timed faster (`cudnn_fused`); `backend_log` records what each launch ran.
 
 The kernels live beside this file, one family per file: `conv_gemm` (pointer implicit GEMM and split-K),
-`conv_streamk`, `conv_tma`, `conv_tma_kxk`, `depthwise`; their configs in `configs`, the schedule model in
-`schedule`. Names other modules and tests reach through this module (`_conv_gemm_kernel`, `_plan`,
+`conv_streamk`, `conv_tma`, `conv_tma_kxk`, `conv_tma_streamk`, `depthwise`; their configs in `configs`, the
+schedule model in `schedule`. Names other modules and tests reach through this module (`_conv_gemm_kernel`, `_plan`,
 `interpreting`, ...) are re-exported here.
 """
 
@@ -28,12 +29,14 @@ from fusedconv.kernels import configs as _configs
 from fusedconv.kernels import cudnn_fused as _cudnn
 from fusedconv.kernels import conv_tma as _tma
 from fusedconv.kernels import conv_tma_kxk as _tma_kxk
+from fusedconv.kernels import conv_tma_streamk as _tma_streamk
 from fusedconv.kernels import variant_choice as _variant_choice
 from fusedconv.kernels import precision as _precision
 from fusedconv.kernels.conv_gemm import _conv_gemm_kernel, _splitk_epilogue_kernel
 from fusedconv.kernels import conv_plan as _conv_plan
 from fusedconv.kernels.conv_plan import _cdiv, _check_device, _check_tensors, _depthwise_launcher, _pair, interpreting
 from fusedconv.kernels.conv_plan import _num_sms  # noqa: F401  (looked up here at plan time: tests patch it)
+from fusedconv.kernels import conv_streamk as _streamk
 from fusedconv.kernels.conv_streamk import _conv_streamk_kernel
 from fusedconv.kernels.epilogue import _tracing, traceable
 from fusedconv.kernels.reference import conv_output_shape as output_shape
@@ -86,25 +89,6 @@ def _plan(*args, **kwargs):
 
 _plan_cached = functools.lru_cache(maxsize=2048)(_plan)
 
-# Self-resetting stream-K tile counters, one zeroed buffer per (device, stream): launches on one stream run in
-# order, and each launch leaves its counters at 0 again.
-_streamk_counters: dict = {}
-
-
-def _counters(device, numel: int) -> torch.Tensor:
-    if device.type != "cuda" or _tracing():
-        return torch.zeros(numel, dtype=torch.int32, device=device)
-    if torch.cuda.is_current_stream_capturing():
-        # Never cache memory from a graph's private pool; the capture records a memset instead.
-        return torch.zeros(numel, dtype=torch.int32, device=device)
-    key = (device, torch.cuda.current_stream(device).cuda_stream)
-    buf = _streamk_counters.get(key)
-    if buf is None or buf.numel() < numel:
-        buf = torch.zeros(max(numel, 1024), dtype=torch.int32, device=device)
-        _streamk_counters[key] = buf
-    return buf
-
-
 def _launch_streamk(plan, x, weight, scale, shift, res, y, act_param):
     """Stream-K launch: `plan['streamk_programs']` programs, per-program workspace slots, tile counters."""
     programs, m, cout_g = plan["streamk_programs"], plan["m"], plan["cout_g"]
@@ -114,8 +98,8 @@ def _launch_streamk(plan, x, weight, scale, shift, res, y, act_param):
         tile, min_bm, min_bn = cfg["BLOCK_M"] * cfg["BLOCK_N"], cfg["BLOCK_M"], cfg["BLOCK_N"]
     else:
         tile, min_bm, min_bn = _configs.STREAMK_MAX_TILE, 16, 16
-    workspace = torch.empty((2 * programs, tile), dtype=torch.float32, device=x.device)
-    counters = _counters(x.device, _cdiv(m, min_bm) * _cdiv(cout_g, min_bn) * groups)
+    workspace = _streamk.partial_workspace(programs, tile, x.device)
+    counters = _streamk.tile_counters(x.device, _cdiv(m, min_bm) * _cdiv(cout_g, min_bn) * groups)
     args = (x, weight, scale, shift, res, y, workspace, counters, *plan["int_args"], float(act_param), groups)
     flags = {k: v for k, v in plan["flags"].items() if k != "SPLIT_K"}
     flags["WS_TILE"] = tile
@@ -237,35 +221,51 @@ def _sm_major(device) -> int:
 
 def _tma_candidate(plan, x, weight, scale, shift, residual, y, groups, stride, padding, dilation, act_param, tf32):
     """A zero-argument launch of the TMA-descriptor kernel for this conv, or None where it is not eligible
-    (unaligned strides, stride-2 KxK, grouped / unpacked layouts, pre-Hopper GPUs): those run the pointer
-    kernel. Nor where the schedule rule gave the layer split-K or stream-K (`schedule.choose_schedule`: its
-    data-parallel grid would leave SMs idle): the TMA kernels run a data-parallel grid only, so there the
-    pointer kernel's full-wave schedule runs; where the layer stays data-parallel the two families are timed
-    against each other (variant_choice). Stride-1 1x1: the 2-D GEMM descriptors of conv_tma; strided 1x1 and stride-1 KxK: the 4-D NHWC
-    descriptor kernel of conv_tma_kxk (the former on the strided view of x)."""
-    flags, split_k = plan["flags"], plan["split_k"]
-    if split_k != 1 or plan["streamk_programs"]:
+    (unaligned strides, stride-2 KxK, grouped / unpacked layouts, pre-Hopper GPUs, triton without host-side
+    descriptors): those run the pointer kernel. The TMA kernel runs the layer's schedule: data-parallel, or
+    where the schedule rule gave the layer stream-K (`schedule.choose_schedule`) the TMA stream-K kernels of
+    `conv_tma_streamk` with the same program count, so the two families are timed under the same schedule
+    (variant_choice). Split-K layers have no TMA candidate: the pointer kernel's split runs. Stride-1 1x1: the
+    2-D GEMM descriptors of conv_tma; strided 1x1 and stride-1 KxK: the 4-D NHWC descriptor kernel of
+    conv_tma_kxk (the former on the strided view of x)."""
+    flags, split_k, programs = plan["flags"], plan["split_k"], plan["streamk_programs"]
+    if split_k != 1:
         return None
-    if flags["IS_1X1"] and _tma.tma_1x1_eligible(x, weight, groups, stride, padding, split_k):
+    interp = interpreting()
+    if flags["IS_1X1"] and _tma.tma_1x1_eligible(x, weight, groups, stride, padding, None):
+        if programs:
+            def launch_1x1_streamk():
+                return _tma_streamk.conv1x1_tma_streamk_launch(
+                    x, weight, scale, shift, residual, y, flags["ACTIVATION"], act_param, tf32, plan["res_stride"],
+                    programs, traceable, interpret_cfg=_configs.INTERPRET_CONFIG if interp else None)
+            return launch_1x1_streamk
+
         def launch_1x1():
             return _tma.conv1x1_tma_launch(
                 x, weight, scale, shift, residual, y, flags["ACTIVATION"], act_param, tf32, plan["res_stride"],
-                None if interpreting() else traceable(_tma.autotuned_kernel()),
-                interpret_cfg=_configs.INTERPRET_CONFIG if interpreting() else None)
+                None if interp else traceable(_tma.autotuned_kernel()),
+                interpret_cfg=_configs.INTERPRET_CONFIG if interp else None)
         return launch_1x1
     view = None
     if flags["IS_1X1"]:
         # stride-2 1x1 (downsample): a descriptor on the strided view, run as a 1x1 stride-1 conv
-        view = _tma_kxk.strided_1x1_view(x, weight, groups, stride, padding, split_k)
-    elif _tma_kxk.tma_kxk_eligible(x, weight, groups, stride, split_k):
+        view = _tma_kxk.strided_1x1_view(x, weight, groups, stride, padding, None)
+    elif _tma_kxk.tma_kxk_eligible(x, weight, groups, stride, None):
         view = x
     if view is None:
         return None
+    cfg = _tma_kxk.INTERPRET_CONFIG if interp else None
+    if programs:
+        def launch_kxk_streamk():
+            return _tma_streamk.conv_kxk_tma_streamk_launch(
+                view, weight, scale, shift, residual, y, padding, dilation, flags["ACTIVATION"], act_param, tf32,
+                plan["res_stride"], programs, traceable, interpret_cfg=cfg)
+        return launch_kxk_streamk
 
     def launch_kxk():
         return _tma_kxk.conv_kxk_tma_launch(
             view, weight, scale, shift, residual, y, padding, dilation, flags["ACTIVATION"], act_param, tf32,
-            plan["res_stride"], traceable, interpret_cfg=_tma_kxk.INTERPRET_CONFIG if interpreting() else None)
+            plan["res_stride"], traceable, interpret_cfg=cfg)
     return launch_kxk
 
 

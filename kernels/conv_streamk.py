@@ -20,15 +20,20 @@ Workspace: [P * 2, WS_TILE] fp32 (WS_TILE: the largest stream-K tile, a constexp
 tile against at compile time); counters: one int32 per
 tile of the smallest stream-K tile. Both are small and L2-resident on the layers this schedule is chosen for
 (see configs.choose_schedule).
+
+The slice split (`streamk_slice`), the partial-tile fix-up (`streamk_fixup`) and the host-side buffers
+(`tile_counters`, `partial_workspace`) are shared with the TMA-descriptor stream-K kernels (`conv_tma_streamk`),
+which differ only in how a tile's K range is loaded.
 """
 
 from __future__ import annotations
 
-import triton.language as tl
+import torch
 import triton
+import triton.language as tl
 
 from fusedconv.kernels.conv_gemm import gemm_tile, k_iterations
-from fusedconv.kernels.epilogue import epilogue_store
+from fusedconv.kernels.epilogue import _tracing, epilogue_store
 
 
 @triton.jit
@@ -73,11 +78,7 @@ def _conv_streamk_kernel(
     num_pid_n = tl.cdiv(COUT_G, BLOCK_N)
     tiles_per_group = num_pid_m * num_pid_n
     k_tile = k_iterations(CIN_G, KH, KW, IS_1X1, ROW_K, FLAT_K, BLOCK_K)
-    total = tiles_per_group * GROUPS * k_tile
-    per_prog = tl.cdiv(total, num_progs)
-    start = pid * per_prog
-    end = tl.minimum(start + per_prog, total)
-    tile_elems = WS_TILE
+    per_prog, start, end = streamk_slice(tiles_per_group * GROUPS * k_tile, pid, num_progs)
 
     # Tiles this program's slice touches (an empty range when the slice is empty: start >= total).
     for t in range(start // k_tile, (end + k_tile - 1) // k_tile):
@@ -95,27 +96,79 @@ def _conv_streamk_kernel(
             BLOCK_M, BLOCK_N, BLOCK_K)
         res_rows = n_idx * srn + oh_idx * srh + ow_idx * srw
         y_rows = n_idx * syn + oh_idx * syh + ow_idx * syw
-        finish = (k_lo == 0) & (k_hi == k_tile)
-        if not finish:
-            # The segment that starts this program's slice goes to slot 0, the one that ends it to slot 1.
-            slot = 2 * pid + (tile_lo + k_lo != start).to(tl.int32)
-            # Built here, not before the tile loop: a BLOCK_M x BLOCK_N index tensor live across the K loop
-            # costs a register per accumulator element.
-            tile_offs = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
-            tl.store(ws_ptr + slot * tile_elems + tile_offs, acc)
-            tl.debug_barrier()  # every thread's partial is written before the counter says so
-            done = tl.atomic_add(count_ptr + t, k_hi - k_lo, sem="acq_rel")
-            tl.debug_barrier()
-            finish = done + (k_hi - k_lo) == k_tile
-            if finish:
-                # Last contributor: sum all contributors' partials in program order (deterministic), then
-                # reset the counter for the next launch.
-                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-                # num_stages=1: a software-pipelined prefetch of whole fp32 tiles would only add registers.
-                for c in tl.range(tile_lo // per_prog, (tile_lo + k_tile - 1) // per_prog + 1, num_stages=1):
-                    c_slot = 2 * c + (c * per_prog < tile_lo).to(tl.int32)
-                    acc += tl.load(ws_ptr + c_slot * tile_elems + tile_offs, cache_modifier=".cg")
-                tl.atomic_xchg(count_ptr + t, 0, sem="relaxed")
+        acc, finish = streamk_fixup(acc, t, tile_lo, k_lo, k_hi, k_tile, start, per_prog, pid, ws_ptr, count_ptr,
+                                    WS_TILE, BLOCK_M, BLOCK_N)
         if finish:  # the tile's full K sum is in acc: one epilogue site for whole and completed shared tiles
             epilogue_store(acc, scale_ptr, shift_ptr, res_ptr, y_ptr, res_rows, y_rows, co, src, syc, mask_n,
                            mask_mn, HAS_RESIDUAL, ACTIVATION, ACT_PARAM)
+
+
+@triton.jit
+def streamk_slice(total, pid, num_progs):
+    """(per_prog, start, end): program `pid`'s contiguous share [start, end) of `total` flattened (tile-major)
+    K iterations; empty (start >= total) for programs past the work."""
+    per_prog = tl.cdiv(total, num_progs)
+    start = pid * per_prog
+    end = tl.minimum(start + per_prog, total)
+    return per_prog, start, end
+
+
+@triton.jit
+def streamk_fixup(acc, t, tile_lo, k_lo, k_hi, k_tile, start, per_prog, pid, ws_ptr, count_ptr,
+                  WS_TILE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(acc, finish) for tile t after this program's K iterations [k_lo, k_hi) of it (of k_tile).
+
+    A tile covered whole finishes at once. A shared tile's partial goes to this program's workspace slot and
+    its iteration count to the tile's counter; the contributor that completes the count sums every
+    contributor's partial in program order, resets the counter and finishes (acc then holds the full sum).
+    Every stream-K kernel (pointer gathers or TMA loads) ends its per-tile K range with this."""
+    finish = (k_lo == 0) & (k_hi == k_tile)
+    if not finish:
+        # The segment that starts this program's slice goes to slot 0, the one that ends it to slot 1.
+        slot = 2 * pid + (tile_lo + k_lo != start).to(tl.int32)
+        # Built here, not before the tile loop: a BLOCK_M x BLOCK_N index tensor live across the K loop
+        # costs a register per accumulator element.
+        tile_offs = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+        tl.store(ws_ptr + slot * WS_TILE + tile_offs, acc)
+        tl.debug_barrier()  # every thread's partial is written before the counter says so
+        done = tl.atomic_add(count_ptr + t, k_hi - k_lo, sem="acq_rel")
+        tl.debug_barrier()
+        finish = done + (k_hi - k_lo) == k_tile
+        if finish:
+            # Last contributor: sum all contributors' partials in program order (deterministic), then
+            # reset the counter for the next launch.
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            # num_stages=1: a software-pipelined prefetch of whole fp32 tiles would only add registers.
+            for c in tl.range(tile_lo // per_prog, (tile_lo + k_tile - 1) // per_prog + 1, num_stages=1):
+                c_slot = 2 * c + (c * per_prog < tile_lo).to(tl.int32)
+                acc += tl.load(ws_ptr + c_slot * WS_TILE + tile_offs, cache_modifier=".cg")
+            tl.atomic_xchg(count_ptr + t, 0, sem="relaxed")
+    return acc, finish
+
+
+# --------------------------------------------------------------------------------------------- host side
+# Self-resetting tile counters, one zeroed buffer per (device, stream): launches on one stream run in order,
+# and each launch leaves its counters at 0 again.
+_tile_counters: dict = {}
+
+
+def tile_counters(device, numel: int) -> torch.Tensor:
+    """An int32 buffer of at least `numel` zeros for a stream-K launch's tile counters (cached per stream on
+    CUDA; fresh while tracing or capturing a CUDA graph, where no memory may be cached)."""
+    if device.type != "cuda" or _tracing():
+        return torch.zeros(numel, dtype=torch.int32, device=device)
+    if torch.cuda.is_current_stream_capturing():
+        # Never cache memory from a graph's private pool; the capture records a memset instead.
+        return torch.zeros(numel, dtype=torch.int32, device=device)
+    key = (device, torch.cuda.current_stream(device).cuda_stream)
+    buf = _tile_counters.get(key)
+    if buf is None or buf.numel() < numel:
+        buf = torch.zeros(max(numel, 1024), dtype=torch.int32, device=device)
+        _tile_counters[key] = buf
+    return buf
+
+
+def partial_workspace(programs: int, ws_tile: int, device) -> torch.Tensor:
+    """The fp32 partial-tile slots of a stream-K launch: two per program (the shared tile at each end of
+    its slice), `ws_tile` values each (the kernel's WS_TILE)."""
+    return torch.empty((2 * programs, ws_tile), dtype=torch.float32, device=device)

@@ -13,6 +13,9 @@ padding 0, x dense channels_last, weight packed (`pack_weight`), no split-K, and
 16-byte aligned base pointers and 16-byte aligned row strides (Cin and Cout times the element size multiples
 of 16). Anything else — unaligned strides included — runs the pointer kernel, never a faulting descriptor.
 
+Stream-K layers (`schedule.choose_schedule`) run this K loop (`k_loop_tma_1x1`) and epilogue (`epilogue_1x1`)
+in the stream-K kernel of `conv_tma_streamk`; split-K layers run the pointer kernel.
+
 The descriptor's block shape depends on the tile config, so the autotuner's configs carry a pre_hook that sets
 it before each launch (the descriptors are built once per call with a placeholder block shape).
 """
@@ -65,13 +68,30 @@ def _conv1x1_tma_kernel(
     m0 = pid_m * BLOCK_M
     n0 = pid_n * BLOCK_N
 
+    acc = k_loop_tma_1x1(a_desc, b_desc, m0, n0, 0, tl.cdiv(CIN, BLOCK_K), INPUT_PRECISION, BLOCK_M, BLOCK_N,
+                         BLOCK_K)
+    epilogue_1x1(acc, m0, n0, scale_ptr, shift_ptr, res_ptr, y_ptr, M, COUT, OH, OW, srn, src, srh, srw,
+                 syn, syc, syh, syw, ACT_PARAM, ACTIVATION, HAS_RESIDUAL, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def k_loop_tma_1x1(a_desc, b_desc, m0, n0, k_lo, k_hi, INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """fp32 accumulator of the tile at rows m0, columns n0 over K steps [k_lo, k_hi) (BLOCK_K channels each)."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, tl.cdiv(CIN, BLOCK_K)):
+    for k in range(k_lo, k_hi):
         # Tiles past M, CIN or COUT come back zero-filled: no masks in the loop.
         a = a_desc.load([m0, k * BLOCK_K])
         b = b_desc.load([k * BLOCK_K, n0])
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    return acc
 
+
+@triton.jit
+def epilogue_1x1(acc, m0, n0, scale_ptr, shift_ptr, res_ptr, y_ptr, M, COUT, OH, OW, srn, src, srh, srw,
+                 syn, syc, syh, syw, ACT_PARAM, ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The fused epilogue of the GEMM tile at (m0, n0): rows are output pixels n*OH*OW + oh*OW + ow."""
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_n = n0 + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M

@@ -14,6 +14,9 @@ When it applies (`tma_kxk_eligible`): stride 1, groups 1, a spatial kernel, x de
 kernel (see conv_bn_act's `tma`). Spatial configs keep the 4-warp rule of `configs.SPATIAL_MAX_WARPS` until
 validated on hardware.
 
+Stream-K layers run this K loop (`k_loop_tma_kxk`, from any `tap_position`) and epilogue in the stream-K
+kernel of `conv_tma_streamk`; split-K layers run the pointer kernel.
+
 Strided 1x1 convs (`strided_1x1_view`): a stride-s unpadded 1x1 conv reads exactly the pixels of the strided
 view x[:, :, ::s, ::s], which is again a regular 4-D NHWC tensor (strides s*W*C and s*C: 16-byte multiples
 whenever the dense ones are), so this kernel runs it as a 1x1 stride-1 conv over a descriptor on that view —
@@ -73,13 +76,37 @@ def _conv_kxk_tma_kernel(
     ow0 = tw * BLOCK_W
     n0 = pid_n * BLOCK_N
 
+    # The whole K range from tap (0, 0), channel 0: constant start counters. (An assigned 0 is an int32 scalar,
+    # as loop-carried counters must be; a literal argument would arrive as a constexpr.) The accumulator is
+    # made here and the counters passed in this order: the loop then compiles to the same SASS as when it was
+    # written inline (a different order of loop-carried values cost 1-2 instructions per K step).
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    zero = 0
+    acc = k_loop_tma_kxk(acc, x_desc, w_desc, n, oh0, ow0, n0, KH * KW * tl.cdiv(CIN, BLOCK_K), zero, zero, zero,
+                         zero, CIN, pad_h, pad_w, dil_h, dil_w, KW, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+    epilogue_kxk(acc, n, oh0, ow0, n0, scale_ptr, shift_ptr, res_ptr, y_ptr, OH, OW, COUT, srn, src, srh, srw,
+                 syn, syc, syh, syw, ACT_PARAM, ACTIVATION, HAS_RESIDUAL, BLOCK_H, BLOCK_W, BLOCK_N)
+
+
+@triton.jit
+def tap_position(k_lo, CIN, KW: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(kh, kw, tap, c0) of K step k_lo in the (tap, channel-chunk) order: where a K range that starts mid-tile
+    (stream-K) begins. The only divisions of such a range, once per tile."""
     k_chunks = tl.cdiv(CIN, BLOCK_K)
-    kh = 0
-    kw = 0
-    tap = 0
-    c0 = 0
-    for _ in range(0, KH * KW * k_chunks):
+    tap = k_lo // k_chunks
+    c0 = (k_lo - tap * k_chunks) * BLOCK_K
+    kh = tap // KW
+    kw = tap - kh * KW
+    return kh, kw, tap, c0
+
+
+@triton.jit
+def k_loop_tma_kxk(acc, x_desc, w_desc, n, oh0, ow0, n0, steps, kh, kw, tap, c0, CIN, pad_h, pad_w, dil_h,
+                   dil_w, KW: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr):
+    """`acc` plus the patch at (n, oh0, ow0), channels n0.., over `steps` K steps of the (tap, channel-chunk)
+    order from position (kh, kw, tap, c0) (`tap_position`); carried counters, no division in the loop."""
+    for _ in range(0, steps):
         a = x_desc.load([n, oh0 - pad_h + kh * dil_h, ow0 - pad_w + kw * dil_w, c0])
         b = w_desc.load([tap, c0, n0])
         acc = tl.dot(tl.reshape(a, [BLOCK_M, BLOCK_K]), tl.reshape(b, [BLOCK_K, BLOCK_N]), acc,
@@ -91,8 +118,15 @@ def _conv_kxk_tma_kernel(
         tap = tl.where(next_tap, tap + 1, tap)
         kw = tl.where(next_tap, tl.where(row_end, 0, kw + 1), kw)
         kh = tl.where(row_end, kh + 1, kh)
+    return acc
 
-    rows = tl.arange(0, BLOCK_M)
+
+@triton.jit
+def epilogue_kxk(acc, n, oh0, ow0, n0, scale_ptr, shift_ptr, res_ptr, y_ptr, OH, OW, COUT, srn, src, srh, srw,
+                 syn, syc, syh, syw, ACT_PARAM, ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                 BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The fused epilogue of the BLOCK_H x BLOCK_W output patch at (n, oh0, ow0), channels n0.."""
+    rows = tl.arange(0, BLOCK_H * BLOCK_W)
     oh = oh0 + rows // BLOCK_W  # BLOCK_W is a power-of-two constexpr: a shift
     ow = ow0 + rows % BLOCK_W
     offs_n = n0 + tl.arange(0, BLOCK_N)

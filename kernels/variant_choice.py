@@ -20,7 +20,9 @@ is kept per GPU model and triton version by `fusedconv.tuning`) and back. Import
 a malformed entry or an unknown candidate name is an error naming the source and the entry, never silently
 used — and a loaded choice is taken without timing, as long as that candidate is offered for the launch.
 (The schedule — data-parallel, split-K, stream-K — needs no persisting: it is a pure function of the shape
-and the SM count, `schedule.choose_schedule`.)
+and the SM count, `schedule.choose_schedule`. Both families run it: a stream-K layer's "tma" candidate is the
+TMA stream-K kernel, so a saved "tma" choice means the TMA kernel under the layer's schedule; split-K layers
+offer no "tma" candidate, and a saved choice naming one is timed anew as any choice not offered.)
 """
 
 from __future__ import annotations

@@ -159,12 +159,24 @@ def test_co_resident_small_tiles_share_one_round():
 
 
 def test_the_launcher_offers_no_data_parallel_tma_kernel_where_the_rule_chose_another_schedule():
+    """Split-K: no TMA candidate (the pointer split runs); stream-K: the TMA kernels' stream-K form on the same
+    programs, never the data-parallel TMA grid (more cases in test_kernel_tma_streamk_interpret.py)."""
     import importlib
 
+    import torch
+
+    from fusedconv.kernels import pack_weight
+
     launcher = importlib.import_module("fusedconv.kernels.conv_bn_act")
-    for plan in ({"flags": {}, "split_k": 1, "streamk_programs": 132},
-                 {"flags": {}, "split_k": 4, "streamk_programs": 0}):
-        assert launcher._tma_candidate(plan, *([None] * 12)) is None
+    assert launcher._tma_candidate({"flags": {}, "split_k": 4, "streamk_programs": 0}, *([None] * 12)) is None
+    x = torch.zeros(1, 32, 6, 6, dtype=torch.float16).contiguous(memory_format=torch.channels_last)
+    for w, padding in ((pack_weight(torch.zeros(16, 32, 1, 1, dtype=torch.float16)), (0, 0)),
+                       (pack_weight(torch.zeros(16, 32, 3, 3, dtype=torch.float16)), (1, 1))):
+        plan = launcher._plan(tuple(x.shape), x.stride(), x.dtype, x.device, tuple(w.shape), w.stride(), w.dtype,
+                              (16,), (16,), None, (1, 1), padding, (1, 1), 1, "relu", 0.0, None, False, True, 132)
+        assert plan["streamk_programs"] == 132
+        launch = launcher._tma_candidate(plan, x, w, None, None, None, None, 1, (1, 1), padding, (1, 1), 0.0, False)
+        assert launch is not None and launch.__name__.endswith("_streamk")
 
 
 # MobileNetV2 / ResNet-50 / RepVGG-A0 layers at batch 1 with short K whose plain grid fills under 0.9 of the

@@ -119,9 +119,10 @@ def test_static_report_numbers_are_sane(one_layer):
 def test_static_plan_runs_sub_wave_layers_on_every_sm():
     """The static plan follows the launcher's schedule: ResNet-50 layer3/4 3x3 at batch 32 on sm_90's 132 SMs
     (0.74 / 0.39 waves of 128x128 tiles) run stream-K on 132 programs, of which all but the last few get a
-    slice of ceil(units / 132) K steps (the kernel's slicing: at least 90 % of the SMs busy), and offer no
-    data-parallel TMA candidate (the launcher runs the pointer kernel's stream-K there); stride-2 layers have
-    no TMA candidate either; a stride-1 3x3 layer that stays data-parallel does."""
+    slice of ceil(units / 132) K steps (the kernel's slicing: at least 90 % of the SMs busy); their TMA
+    candidates are the TMA stream-K kernel's on the same programs (never the data-parallel TMA grid);
+    stride-2 3x3 layers have no TMA candidate; a stride-1 3x3 layer that stays data-parallel has the
+    data-parallel TMA kernel's."""
     from bench import static
 
     planned = static._plan_layers(["resnet50"], [32], "float16", 90,
@@ -132,15 +133,20 @@ def test_static_plan_runs_sub_wave_layers_on_every_sm():
         assert launch["schedule"] == "stream-K 132" and launch["dp_waves_128"] == dp_waves
         pointer = [v for v in variants if v["family"] == "pointer"]
         assert pointer and all(v["spec"]["fn"].__name__ == "_conv_streamk_kernel" for v in pointer)
-        for v in pointer:
+        tma = [v for v in variants if v["family"] == "tma"]
+        assert tma and all(v["schedule"]["kind"] == "stream_k"
+                           and v["spec"]["fn"].__name__ == "_conv_kxk_tma_streamk_kernel" for v in tma)
+        for v in pointer + tma:  # a program's share of all tiles' K steps, as the kernel splits them
             units = v["schedule"]["tile_count"] * v["schedule"]["k_tile"]
             per_program = -(-units // 132)
             assert v["steps"] == per_program and v["tiles"] == -(-units // per_program) >= 0.9 * 132
-        assert not any(v["family"] == "tma" for v in variants)
+        for v in tma:
+            assert v["block"][0] * v["block"][1] <= v["spec"]["constexprs"]["WS_TILE"]
         assert launch["achievable_waves"] == 1.0
     assert not any(v["family"] == "tma" for v in by_name["layer4.0.conv2"][1])  # stride-2 3x3: pointer only
     assert by_name["layer1.0.conv2"][0]["schedule"] == "data-parallel"  # 5.9 waves already
-    assert any(v["family"] == "tma" for v in by_name["layer1.0.conv2"][1])
+    dp_tma = [v for v in by_name["layer1.0.conv2"][1] if v["family"] == "tma"]
+    assert dp_tma and all(v["spec"]["fn"].__name__ == "_conv_kxk_tma_kernel" for v in dp_tma)
 
 
 def test_waves_status_classifies_against_the_achievable_maximum():

@@ -232,10 +232,11 @@ _USE_KERNEL = ops.use_kernel
 _Tensor = torch.Tensor
 _grad_enabled = torch.is_grad_enabled
 _conv2d = torch.conv2d
-
-
-# torch.compiler itself (its is_compiling is looked up per call, so a patched one is honoured).
-_compiler = torch.compiler
+# Dynamo (torch.compile, strict torch.export) reads this function as True while it traces; in eager it is a bare
+# `return False`, a third of torch.compiler.is_compiling()'s cost. The other tracers never reach the tensor
+# checks below with a plain tensor: non-strict torch.export and make_fx pass FakeTensors / FunctionalTensors,
+# torch.fx passes Proxies (both fail `type(x) is _Tensor`), and torch.jit.trace sets the tracing state.
+_is_dynamo_compiling = getattr(torch.compiler, "is_dynamo_compiling", None) or torch.compiler.is_compiling
 
 
 def _new_route(module, state: EagerState, key, x, residual) -> str:
@@ -276,9 +277,10 @@ def eager_forward(module, x, residual, residual_private: bool = False):
     `residual_private=True` says no one but this call can read `residual` afterwards (convert passes it only where
     the block's graph and a check on every call prove it: fusedconv.graph.private_residual); the
     oneDNN route then writes the output in place into the residual and returns it."""
-    if type(x) is not _Tensor or not x.is_cpu or _compiler.is_compiling() or _tracing_state() is not None:
+    if type(x) is not _Tensor or not x.is_cpu or _is_dynamo_compiling() or _tracing_state() is not None:
         return None
-    weight, scale, shift = module._parameters["weight"], module._buffers["scale"], module._buffers["shift"]
+    buffers = module._buffers
+    weight, scale, shift = module._parameters["weight"], buffers["scale"], buffers["shift"]
     if ops.use_kernel is not _USE_KERNEL and ops.use_kernel(x, weight):
         return None  # FusedConv2d's routing to the op was patched (as tests do); unpatched it is False on CPU
     state = module._cpu_state

@@ -174,8 +174,8 @@ class EagerState:
 
 
 def _snapshot(weight, scale, shift) -> tuple:
-    # One tuple, compared in one step on every call (eager_forward spells it out inline): an in-place edit moves
-    # a version counter, `.data = t` (which keeps the counter) moves a data pointer.
+    # The snapshot the fold was computed from, laid out as eager_forward's call tuple holds it (`call[4:10]`): an
+    # in-place edit moves a version counter, `.data = t` (which keeps the counter) moves a data pointer.
     return (weight._version, scale._version, shift._version, weight.data_ptr(), scale.data_ptr(), shift.data_ptr())
 
 
@@ -292,8 +292,9 @@ def eager_forward(module, x, residual, residual_private: bool = False):
     each later call checks only the signature and that weight, scale and shift are the same tensors with the same
     version counters and data pointers (in-place edits under no_grad, load_state_dict's copy, `.to()`,
     reassignment and `.data = new_tensor` are seen; in-place edits through `.data` are not, as documented on
-    FusedConv2d.refresh). The common call (same tensors, unchanged, a signature seen before) runs straight
-    through; everything else goes through the helpers above.
+    FusedConv2d.refresh). The common call (same tensors, unchanged, the same signature as the module's last
+    call) is one tuple compare and runs straight through; everything else goes through `_route` (another
+    signature seen before: a dict lookup; a new one: validation; an edit: a refold).
 
     `residual_private=True` says no one but this call can read `residual` afterwards (convert passes it only where
     the block's graph and a check on every call prove it: fusedconv.graph.private_residual); the
@@ -304,17 +305,18 @@ def eager_forward(module, x, residual, residual_private: bool = False):
     weight, scale, shift = module._parameters["weight"], buffers["scale"], buffers["shift"]
     if ops.use_kernel is not _USE_KERNEL and ops.use_kernel(x, weight):
         return None  # FusedConv2d's routing to the op was patched (as tests do); unpatched it is False on CPU
-    # The whole call in one tuple: the input's signature (route key) followed by the snapshot of weight, scale
-    # and shift (version counters: in-place edits; data pointers: `.data = t`). Equal to the last call's and the
+    # The whole call in one tuple: the input's signature (route key; the grad mode read first, since under
+    # no_grad it settles the gradient question alone) followed by the snapshot of weight, scale and shift
+    # (version counters: in-place edits; data pointers: `.data = t`). Equal to the last call's and the
     # same three tensor objects: the last call's route holds, with no dict lookup and no second compare.
     try:
         if residual is None:
-            call = (x.shape, x.stride(), x.dtype, x.requires_grad and _grad_enabled(), weight._version,
+            call = (x.shape, x.stride(), x.dtype, _grad_enabled() and x.requires_grad, weight._version,
                     scale._version, shift._version, weight.data_ptr(), scale.data_ptr(), shift.data_ptr())
         else:
             if type(residual) is not _Tensor:
                 return None
-            call = (x.shape, x.stride(), x.dtype, (x.requires_grad or residual.requires_grad) and _grad_enabled(),
+            call = (x.shape, x.stride(), x.dtype, _grad_enabled() and (x.requires_grad or residual.requires_grad),
                     weight._version, scale._version, shift._version, weight.data_ptr(), scale.data_ptr(),
                     shift.data_ptr(), residual.shape, residual.stride(), residual.dtype, residual.device)
     except RuntimeError:

@@ -31,6 +31,8 @@ records it too (thread CPU time).
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import time
 import timeit
 
@@ -170,6 +172,22 @@ def _run(rounds: int, number: int, timer, null_op: bool) -> list[dict]:
     return rows
 
 
+def _recorded_run(args) -> tuple[list[dict], dict]:
+    """run() with the environment and the other processes' CPU use before and during it (bench/env.py)."""
+    from bench import env
+
+    cpus = os.cpu_count()
+    busy_before, note_before = env.busy_at_start(cpus, env.load_average())
+    during = env.OtherCPUUse()
+    rows = run(rounds=args.rounds, clock=args.clock, op=args.op)
+    busy_during = during.cores()
+    notes = [n for n in (note_before, env.busy_note(busy_during, cpus, "during the run",
+                                                   what="cores kept busy by other processes,")) if n]
+    record = {"environment": env.environment(torch.device("cpu")), "other_cores_busy_before": busy_before,
+              "other_cores_busy_during": busy_during, "busy_notes": notes, "rows": rows}
+    return rows, record
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.bench_overhead", description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 41)")
@@ -177,8 +195,14 @@ def main(argv=None) -> int:
                    help="thread: the calling thread's CPU time (default); wall: elapsed time")
     p.add_argument("--op", choices=OPS, default="real",
                    help="real: against the bare op (default); null: the op swapped for a no-op on both sides")
+    p.add_argument("--json", default=None, metavar="PATH",
+                   help="also write the rows, the environment and how busy the machine was to PATH")
     args = p.parse_args(argv)
-    for r in run(rounds=args.rounds, clock=args.clock, op=args.op):
+    rows, record = _recorded_run(args) if args.json else (run(rounds=args.rounds, clock=args.clock, op=args.op), None)
+    if record is not None:
+        with open(args.json, "w") as f:
+            json.dump(record, f, indent=1)
+    for r in rows:
         split = ""
         if "module_call_us" in r:
             split = (f" = nn.Module.__call__ {r['module_call_us']:5.2f} + forward path {r['forward_path_us']:5.2f}")

@@ -92,3 +92,15 @@ def test_unknown_op_is_refused():
 def test_unknown_clock_is_refused():
     with pytest.raises(ValueError, match="clock: expected one of"):
         bench_overhead.run(quick=True, rounds=1, clock="cycles")
+
+
+def test_json_record_holds_the_rows_the_environment_and_the_busy_notes(tmp_path, capsys):
+    import json
+
+    path = tmp_path / "overhead.json"
+    assert bench_overhead.main(["--rounds", "1", "--op", "null", "--json", str(path)]) == 0
+    record = json.loads(path.read_text())
+    assert {r["layout"] for r in record["rows"]} == {"NCHW", "channels_last", "-"}
+    assert all(r["op"] == "null" for r in record["rows"])
+    assert record["environment"]["torch"] and "busy_notes" in record
+    assert "overhead" in capsys.readouterr().out

@@ -24,7 +24,8 @@ the same single-threaded calls; on a shared machine the thread's CPU time leaves
 held the core, which otherwise lands at random on either side of a round and swamps a few-microsecond difference
 (cache and frequency effects of a busy machine remain in both).
 
-Run alone: `python -m bench.bench_overhead [--rounds N] [--clock thread|wall] [--op real|null]`; `python -m bench --suite overhead`
+Run alone: `python -m bench.bench_overhead [--rounds N] [--clock thread|wall] [--op real|null] [--json PATH]`;
+`python -m bench --suite overhead`
 records it too (thread CPU time).
 """
 
@@ -209,7 +210,8 @@ def main(argv=None) -> int:
         print(f"{r['layout']:<13} {r['route']:<7} module {r['module_us']:7.2f} us  bare {r['bare']} "
               f"{r['bare_us']:7.2f} us  overhead {r['overhead_us']:6.2f} us "
               f"(IQR {r['overhead_p25_us']:.2f}-{r['overhead_p75_us']:.2f}){split} (target <= {TARGET_US:g} us, "
-              f"median of {r['rounds']} interleaved rounds x {r['calls_per_round']} calls, {r['clock']} clock, {r['op']} op)")
+              f"median of {r['rounds']} interleaved rounds x {r['calls_per_round']} calls, {r['clock']} clock, "
+              f"{r['op']} op)")
     return 0
 
 

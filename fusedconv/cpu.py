@@ -152,8 +152,9 @@ class EagerState:
     weight, whether oneDNN accepted this module (None: not tried yet; False: it raised once, stay on F.conv2d),
     and the call arguments built once."""
 
-    __slots__ = ("routes", "last_call", "last_route", "weight_src", "scale_src", "shift_src", "snapshot", "weight", "bias", "packed",
-                 "onednn_ok", "geometry", "conv_args", "act", "onednn_args", "unary_tail", "inplace_tail")
+    __slots__ = ("routes", "last_call", "last_route", "weight_src", "scale_src", "shift_src", "snapshot", "weight",
+                 "bias", "packed", "onednn_ok", "geometry", "conv_args", "act", "onednn_args", "unary_tail",
+                 "inplace_tail")
 
     def __init__(self, module):
         self.routes = {}

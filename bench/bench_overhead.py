@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 import timeit
 
@@ -173,7 +174,7 @@ def _run(rounds: int, number: int, timer, null_op: bool) -> list[dict]:
     return rows
 
 
-def _recorded_run(args) -> tuple[list[dict], dict]:
+def _recorded_run(args, command: list[str]) -> tuple[list[dict], dict]:
     """run() with the environment and the other processes' CPU use before and during it (bench/env.py)."""
     from bench import env
 
@@ -184,7 +185,8 @@ def _recorded_run(args) -> tuple[list[dict], dict]:
     busy_during = during.cores()
     notes = [n for n in (note_before, env.busy_note(busy_during, cpus, "during the run",
                                                    what="cores kept busy by other processes,")) if n]
-    record = {"environment": env.environment(torch.device("cpu")), "other_cores_busy_before": busy_before,
+    # The command as typed (`python -m ...`), not sys.argv[0]'s absolute path on the machine that ran it.
+    record = {"environment": env.environment(torch.device("cpu"), command), "other_cores_busy_before": busy_before,
               "other_cores_busy_during": busy_during, "busy_notes": notes, "rows": rows}
     return rows, record
 
@@ -199,7 +201,9 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None, metavar="PATH",
                    help="also write the rows, the environment and how busy the machine was to PATH")
     args = p.parse_args(argv)
-    rows, record = _recorded_run(args) if args.json else (run(rounds=args.rounds, clock=args.clock, op=args.op), None)
+    command = ["python", "-m", "bench.bench_overhead", *(sys.argv[1:] if argv is None else argv)]
+    rows, record = (_recorded_run(args, command) if args.json
+                    else (run(rounds=args.rounds, clock=args.clock, op=args.op), None))
     if record is not None:
         with open(args.json, "w") as f:
             json.dump(record, f, indent=1)

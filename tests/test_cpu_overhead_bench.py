@@ -103,4 +103,5 @@ def test_json_record_holds_the_rows_the_environment_and_the_busy_notes(tmp_path,
     assert {r["layout"] for r in record["rows"]} == {"NCHW", "channels_last", "-"}
     assert all(r["op"] == "null" for r in record["rows"])
     assert record["environment"]["torch"] and "busy_notes" in record
+    assert record["environment"]["command"].startswith("python -m bench.bench_overhead --rounds 1")
     assert "overhead" in capsys.readouterr().out

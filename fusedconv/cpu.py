@@ -152,11 +152,14 @@ class EagerState:
     weight, whether oneDNN accepted this module (None: not tried yet; False: it raised once, stay on F.conv2d),
     and the call arguments built once."""
 
-    __slots__ = ("routes", "weight_src", "scale_src", "shift_src", "snapshot", "weight", "bias", "packed",
-                 "onednn_ok", "geometry", "conv_args", "act", "onednn_args", "unary_tail", "inplace_tail")
+    __slots__ = ("routes", "last_call", "last_route", "weight_src", "scale_src", "shift_src", "snapshot", "weight",
+                 "bias", "packed", "onednn_ok", "geometry", "conv_args", "act", "onednn_args", "unary_tail",
+                 "inplace_tail")
 
     def __init__(self, module):
         self.routes = {}
+        # The last call's signature + snapshot tuple (eager_forward) and its route; None: no call remembered.
+        self.last_call = self.last_route = None
         self.weight_src = self.scale_src = self.shift_src = None
         # (versions..., data pointers...) of weight, scale, shift when folded; None: nothing cacheable (yet).
         self.snapshot = None
@@ -172,8 +175,8 @@ class EagerState:
 
 
 def _snapshot(weight, scale, shift) -> tuple:
-    # One tuple, compared in one step on every call (eager_forward spells it out inline): an in-place edit moves
-    # a version counter, `.data = t` (which keeps the counter) moves a data pointer.
+    # The snapshot the fold was computed from, laid out as eager_forward's call tuple holds it (`call[4:10]`): an
+    # in-place edit moves a version counter, `.data = t` (which keeps the counter) moves a data pointer.
     return (weight._version, scale._version, shift._version, weight.data_ptr(), scale.data_ptr(), shift.data_ptr())
 
 
@@ -232,10 +235,11 @@ _USE_KERNEL = ops.use_kernel
 _Tensor = torch.Tensor
 _grad_enabled = torch.is_grad_enabled
 _conv2d = torch.conv2d
-
-
-# torch.compiler itself (its is_compiling is looked up per call, so a patched one is honoured).
-_compiler = torch.compiler
+# Dynamo (torch.compile, strict torch.export) reads this function as True while it traces; in eager it is a bare
+# `return False`, a third of torch.compiler.is_compiling()'s cost. The other tracers never reach the tensor
+# checks below with a plain tensor: non-strict torch.export and make_fx pass FakeTensors / FunctionalTensors,
+# torch.fx passes Proxies (both fail `type(x) is _Tensor`), and torch.jit.trace sets the tracing state.
+_is_dynamo_compiling = getattr(torch.compiler, "is_dynamo_compiling", None) or torch.compiler.is_compiling
 
 
 def _new_route(module, state: EagerState, key, x, residual) -> str:
@@ -263,6 +267,25 @@ def _sources_changed(module, state, weight, scale, shift) -> bool:
     return state.snapshot is not None
 
 
+def _route(module, x, residual, weight, scale, shift, call):
+    """Everything but the repeated call: build the state, refold after an edit, look the signature up (or choose
+    its route), and remember this call as the last one. None when nothing can be cached (inference tensors)."""
+    state = module._cpu_state
+    if state is None:
+        state = module._cpu_state = EagerState(module)
+    if (weight is not state.weight_src or scale is not state.scale_src or shift is not state.shift_src
+            or state.snapshot is None or state.snapshot != call[4:10]):
+        if not _sources_changed(module, state, weight, scale, shift):
+            state.last_call = None
+            return None
+    key = call[:4] + call[10:]  # the input's signature without the snapshot
+    route = state.routes.get(key)
+    if route is None:
+        route = _new_route(module, state, key, x, residual)
+    state.last_call, state.last_route = call, route
+    return route
+
+
 def eager_forward(module, x, residual, residual_private: bool = False):
     """FusedConv2d.forward for plain CPU tensors outside tracing, or None to take the general path.
 
@@ -270,36 +293,46 @@ def eager_forward(module, x, residual, residual_private: bool = False):
     each later call checks only the signature and that weight, scale and shift are the same tensors with the same
     version counters and data pointers (in-place edits under no_grad, load_state_dict's copy, `.to()`,
     reassignment and `.data = new_tensor` are seen; in-place edits through `.data` are not, as documented on
-    FusedConv2d.refresh). The common call (same tensors, unchanged, a signature seen before) runs straight
-    through; everything else goes through the helpers above.
+    FusedConv2d.refresh). The common call (same tensors, unchanged, the same signature as the module's last
+    call) is one tuple compare and runs straight through; everything else goes through `_route` (another
+    signature seen before: a dict lookup; a new one: validation; an edit: a refold).
 
     `residual_private=True` says no one but this call can read `residual` afterwards (convert passes it only where
     the block's graph and a check on every call prove it: fusedconv.graph.private_residual); the
     oneDNN route then writes the output in place into the residual and returns it."""
-    if type(x) is not _Tensor or not x.is_cpu or _compiler.is_compiling() or _tracing_state() is not None:
+    if type(x) is not _Tensor or not x.is_cpu or _is_dynamo_compiling() or _tracing_state() is not None:
         return None
-    weight, scale, shift = module._parameters["weight"], module._buffers["scale"], module._buffers["shift"]
+    buffers = module._buffers
+    weight, scale, shift = module._parameters["weight"], buffers["scale"], buffers["shift"]
     if ops.use_kernel is not _USE_KERNEL and ops.use_kernel(x, weight):
         return None  # FusedConv2d's routing to the op was patched (as tests do); unpatched it is False on CPU
+    # The whole call in one tuple: the input's signature (route key; the grad mode read first, since under
+    # no_grad it settles the gradient question alone) followed by the snapshot of weight, scale and shift
+    # (version counters: in-place edits; data pointers: `.data = t`). Equal to the last call's and the
+    # same three tensor objects: the last call's route holds, with no dict lookup and no second compare.
+    try:
+        if residual is None:
+            call = (x.shape, x.stride(), x.dtype, _grad_enabled() and x.requires_grad, weight._version,
+                    scale._version, shift._version, weight.data_ptr(), scale.data_ptr(), shift.data_ptr())
+        else:
+            if type(residual) is not _Tensor:
+                return None
+            call = (x.shape, x.stride(), x.dtype, _grad_enabled() and (x.requires_grad or residual.requires_grad),
+                    weight._version, scale._version, shift._version, weight.data_ptr(), scale.data_ptr(),
+                    shift.data_ptr(), residual.shape, residual.stride(), residual.dtype, residual.device)
+    except RuntimeError:
+        # Inference tensors (a module built under torch.inference_mode) have no version counter, so an edit
+        # could not be seen: nothing is cached for them, the general path refolds on every call.
+        return None
     state = module._cpu_state
-    if state is None:
-        state = module._cpu_state = EagerState(module)
-    if (weight is not state.weight_src or scale is not state.scale_src or shift is not state.shift_src
-            or state.snapshot is None
-            or state.snapshot != (weight._version, scale._version, shift._version,
-                                  weight.data_ptr(), scale.data_ptr(), shift.data_ptr())):
-        if not _sources_changed(module, state, weight, scale, shift):
-            return None  # inference tensors: the general path
-    if residual is None:
-        key = (x.shape, x.stride(), x.dtype, x.requires_grad and _grad_enabled())
+    if (state is not None and call == state.last_call and weight is state.weight_src and scale is state.scale_src
+            and shift is state.shift_src):
+        route = state.last_route
     else:
-        if type(residual) is not _Tensor:
-            return None
-        key = (x.shape, x.stride(), x.dtype, (x.requires_grad or residual.requires_grad) and _grad_enabled(),
-               residual.shape, residual.stride(), residual.dtype, residual.device)
-    route = state.routes.get(key)
-    if route is None:
-        route = _new_route(module, state, key, x, residual)
+        route = _route(module, x, residual, weight, scale, shift, call)
+        if route is None:
+            return None  # inference tensors: the general path
+        state = module._cpu_state
     if route is ONEDNN:
         if enabled and state.onednn_ok:
             # The common call: packed weight and oneDNN already accepted this module. (A try block costs

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.fx as fx
 import torch.nn.functional as F
 
+from fusedconv.fx_leaf import leaf_call
 from fusedconv import fold
 from fusedconv.fused_layers import FusedAffineLayer, check_channel_vector, epilogue_dtype
 
@@ -84,6 +86,8 @@ class FusedLinear(FusedAffineLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """post_bn(act(bn(linear(x)))): x is (N, in_features) or (N, C, in_features) with a BatchNorm, any
         (..., in_features) without one."""
+        if isinstance(x, fx.Proxy):  # torch.fx symbolic tracing: record one leaf call (fusedconv/fx_leaf.py)
+            return leaf_call(self, (x,), {})
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"input: expected a torch.Tensor, got {type(x).__name__}")
         if x.dim() < 1 or x.shape[-1] != self.in_features:

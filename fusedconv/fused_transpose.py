@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.fx as fx
 import torch.nn.functional as F
 
+from fusedconv.fx_leaf import leaf_call
 from fusedconv import fold
 from fusedconv.fused_layers import FusedAffineLayer, int_tuple
 
@@ -74,6 +76,8 @@ class FusedConvTransposeNd(FusedAffineLayer):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """act(conv_transpose(x) * scale + shift [+ residual]) [* post_scale + post_shift]."""
+        if isinstance(x, fx.Proxy):  # torch.fx symbolic tracing: record one leaf call (fusedconv/fx_leaf.py)
+            return leaf_call(self, (x, residual), {})
         self._check_x(x, residual, self._ND, self.in_channels)
         if x.dim() == self._ND + 1:
             y = self.forward(x.unsqueeze(0), None if residual is None else residual.unsqueeze(0))

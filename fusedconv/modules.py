@@ -29,6 +29,7 @@ from torch.nn.modules import module as _nn_module
 from torch.nn.modules.utils import _pair
 
 from fusedconv import cpu, fold, ops
+from fusedconv.fx_leaf import leaf_call
 from fusedconv.validation import check_inputs
 from fusedconv.activations import ActivationSpec, apply_activation, as_spec
 
@@ -223,6 +224,10 @@ class FusedConv2d(nn.Module):
                 or _nn_module._global_backward_pre_hooks or _nn_module._global_backward_hooks
                 or self._compiled_call_impl is not None or _tracing_state() is not None
                 or nn.Module.__call__ is not _MODULE_CALL or nn.Module._call_impl is not _MODULE_CALL_IMPL):
+            # torch.fx's symbolic tracer (it patches nn.Module.__call__) records this module as one leaf call.
+            traced = leaf_call(self, args, kwargs)
+            if traced is not None:
+                return traced
             return nn.Module.__call__(self, *args, **kwargs)
         return self.forward(*args, **kwargs)
 

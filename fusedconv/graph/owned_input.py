@@ -44,7 +44,7 @@ _module_call_impl = nn.Module._call_impl
 _sequential_forward = nn.Sequential.forward
 # fx symbolic tracing in progress (the narrower query where this PyTorch has it: the wider one warns that it
 # also answers for torch.export, which torch.compiler.is_compiling() covers anyway).
-_fx_tracing = getattr(torch.fx._symbolic_trace, "is_fx_tracing_symbolic_tracing", None) \
+_fx_tracing = getattr(torch.fx._symbolic_trace, "is_fx_symbolic_tracing", None) \
     or torch.fx._symbolic_trace.is_fx_tracing
 
 

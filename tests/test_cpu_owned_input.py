@@ -338,3 +338,18 @@ def test_the_mark_never_reaches_another_call(inplace_calls):
         y = fc.stage[2](t)
     assert torch.equal(t, s) and max_rel_error(y, _ref64(model.stage[2], s)) < TOL
     assert inplace_calls  # the Sequential itself did take the route meanwhile
+
+
+@pytest.mark.parametrize("conv,arg", [("conv1", 0), ("conv2", 1)])
+def test_hooks_on_a_block_s_own_convs_keep_seeing_its_input(conv, arg, inplace_calls):
+    """A hook on the conv reading the block input (conv1) or on the fused conv taking it as its residual (conv2,
+    argument 1) sees the input as the caller passed it: that block writes nothing in place."""
+    torchvision = pytest.importorskip("torchvision")
+    model, fc = _pair(lambda: torchvision.models.resnet18(weights=None))
+    x = torch.randn(1, 3, 64, 64)
+    kept, kept64 = [], []
+    getattr(fc.layer1[1], conv).register_forward_hook(lambda m, i, o: kept.append(i[arg]))
+    model.layer1[1].register_forward_pre_hook(lambda m, i: kept64.append(i[0]))
+    y, n = _steady(fc, x, inplace_calls)
+    ref = _ref64(model, x)
+    assert n == 6 and max_rel_error(y, ref) < TOL and max_rel_error(kept[-1], kept64[-1]) < TOL

@@ -33,9 +33,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from fusedconv.graph.legality import has_hooks
-from fusedconv.graph.private_residual import _fused_chain, global_hooks
-from fusedconv.graph.specialize import _GUARDS, guarded_class
+from fusedconv.graph.private_residual import _fused_chain, global_hooks, hooked
+from fusedconv.graph.specialize import _CLASSES, _GUARDS
 from fusedconv.modules import FusedConv2d
 
 _Tensor = torch.Tensor
@@ -48,15 +47,21 @@ _fx_tracing = getattr(torch.fx._symbolic_trace, "is_fx_symbolic_tracing", None) 
     or torch.fx._symbolic_trace.is_fx_tracing
 
 
+_grad_enabled = torch.is_grad_enabled
+_compiler = torch.compiler  # its is_compiling looked up per call (a patched one is honoured)
+# torch.jit tracing state, not None while tracing (what torch.jit.is_tracing() reads).
+_jit_tracing_state = torch._C._get_tracing_state
+
+
 def _plain_call_only(x) -> bool:
     """Calls that must see nn.Sequential.forward as written (no owned mark, no direct specialization call)."""
-    return (type(x) is not _Tensor or torch.is_grad_enabled() or torch.compiler.is_compiling()
-            or torch.jit.is_tracing() or torch.jit.is_scripting() or _fx_tracing())
+    return (type(x) is not _Tensor or _grad_enabled() or _compiler.is_compiling()
+            or _jit_tracing_state() is not None or _fx_tracing())
 
 
-def _submodule(module: nn.Module, target: str):
-    for name in target.split("."):
-        module = module._modules.get(name) if isinstance(module, nn.Module) else None
+def _submodule(module: nn.Module, path: tuple):
+    for name in path:
+        module = module.__dict__["_modules"].get(name) if isinstance(module, nn.Module) else None
     return module
 
 
@@ -64,10 +69,11 @@ def _direct_entry(module: nn.Module, x):
     """The specialization a plain call `module(x)` would run, when calling its code directly is the same call
     (no hooks, nothing that wraps or replaces forward); else None."""
     table = module.__dict__.get(_GUARDS)
-    if (table is None or len(table.params) != 1 or table.params[0].keyword_only or has_hooks(module)
-            or type(module) is not guarded_class(table.original) or "forward" in module.__dict__
+    cls = type(module)
+    if (table is None or hooked(module) or cls is not _CLASSES.get(table.original) or len(table.params) != 1
+            or table.params[0].keyword_only or "forward" in module.__dict__
             or module.__dict__.get("_compiled_call_impl") is not None
-            or type(module).__call__ is not _module_call or type(module)._call_impl is not _module_call_impl):
+            or cls.__call__ is not _module_call or cls._call_impl is not _module_call_impl):
         return None
     k = table.select(module, x)
     if k < 0:
@@ -81,9 +87,9 @@ def _direct_entry(module: nn.Module, x):
 def call_child(module: nn.Module, x, owned: bool):
     """(module(x), whether that output is fresh), passing the owned mark where the child's graph takes it."""
     if type(module) is FusedConv2d:
-        fresh = not has_hooks(module)
+        fresh = not hooked(module)
         y = module(x)
-        return y, fresh and not has_hooks(module)
+        return y, fresh and not hooked(module)
     entry = _direct_entry(module, x)
     if entry is None:
         return module(x), False
@@ -99,7 +105,7 @@ class OwnedInputSequential(nn.Sequential):
     """nn.Sequential that tells a child block when its input is a tensor no one else holds (module doc)."""
 
     def forward(self, input):
-        if _plain_call_only(input) or global_hooks() or has_hooks(self) or type(self).__iter__ is not _iter:
+        if _plain_call_only(input) or global_hooks() or hooked(self) or type(self).__iter__ is not _iter:
             return _sequential_forward(self, input)
         fresh = False  # the Sequential's own input belongs to its caller
         for module in self._modules.values():

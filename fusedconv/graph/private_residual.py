@@ -35,7 +35,6 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.nn.modules import module as _module_globals
 
-from fusedconv.graph.legality import has_hooks
 from fusedconv.modules import FusedConv2d
 
 # The extra parameter of a graph whose identity residual may be written in place (default False: not owned).
@@ -49,22 +48,32 @@ def global_hooks() -> bool:
                 or g._global_backward_pre_hooks or getattr(g, "_global_forward_hooks_always_called", None))
 
 
+def hooked(module) -> bool:
+    """Whether user code registered forward / backward hooks or pre-hooks on `module` (legality.has_hooks,
+    spelled out for the per-call checks: they run on every block call). None has none."""
+    if module is None:
+        return False
+    d = module.__dict__
+    return bool(d.get("_forward_pre_hooks") or d.get("_forward_hooks") or d.get("_backward_pre_hooks")
+                or d.get("_backward_hooks"))
+
+
 def _fused_chain(module) -> bool:
     """A FusedConv2d, or a plain nn.Sequential of FusedConv2d / nn.Identity with at least one FusedConv2d, none
     with hooks: it keeps neither its input nor its output, and its output is a tensor it has just allocated."""
     if type(module) is FusedConv2d:
-        return not has_hooks(module)
-    if type(module) is not nn.Sequential or has_hooks(module):
+        return not hooked(module)
+    if type(module) is not nn.Sequential or hooked(module):
         return False
     children = list(module._modules.values())
     return (any(type(c) is FusedConv2d for c in children)
-            and all(type(c) in (FusedConv2d, nn.Identity) and not has_hooks(c) for c in children))
+            and all(type(c) in (FusedConv2d, nn.Identity) and not hooked(c) for c in children))
 
 
 def residual_private(producer, fused=None) -> bool:
     """True when what `producer(...)` just returned can be held by no one but the caller (see the module doc);
     `fused`, the module about to take it as its residual, must carry no hook either (a pre-hook could keep it)."""
-    if global_hooks() or has_hooks(fused):
+    if global_hooks() or hooked(fused):
         return False
     return _fused_chain(producer)
 
@@ -72,7 +81,7 @@ def residual_private(producer, fused=None) -> bool:
 def owned_residual(owned, fused, *readers) -> bool:
     """The per-call half for an identity residual: the caller said the input is owned, and the fused module and
     every other module of the block that reads the input can keep no reference to it."""
-    if owned is not True or global_hooks() or type(fused) is not FusedConv2d or has_hooks(fused):
+    if owned is not True or global_hooks() or type(fused) is not FusedConv2d or hooked(fused):
         return False
     return all(_fused_chain(m) for m in readers)
 
@@ -126,14 +135,14 @@ def takes_owned(graph: fx.Graph) -> bool:
     return any(n.op == "placeholder" and n.target == OWNED for n in graph.nodes)
 
 
-def fresh_output(graph: fx.Graph) -> str | None:
-    """The target of the module call whose result the graph returns and nothing else in it uses, or None: when
-    that module is a `_fused_chain` at call time, the block's output is a tensor no one else holds (a fused
-    call's fresh output, or a residual the block proved private and wrote in place)."""
+def fresh_output(graph: fx.Graph) -> tuple[str, ...] | None:
+    """The path (names from the block down) of the module call whose result the graph returns and nothing else
+    in it uses, or None: when that module is a `_fused_chain` at call time, the block's output is a tensor no
+    one else holds (a fused call's fresh output, or a residual the block proved private and wrote in place)."""
     out = next((n for n in graph.nodes if n.op == "output"), None)
     if out is None or not isinstance(out.args[0], fx.Node):
         return None
     value = out.args[0]
     if value.op != "call_module" or len(value.users) != 1:
         return None
-    return str(value.target)
+    return tuple(str(value.target).split("."))

@@ -40,7 +40,7 @@ class Specialization:
     class's own forward over the block's current children)."""
 
     # Facts about the graph for owned_input.OwnedInputSequential (set by scope_rewrite): whether its code takes
-    # the `_fusedconv_input_owned` parameter, and the module call whose result it returns (private_residual).
+    # the `_fusedconv_input_owned` parameter, and the path of the module whose result it returns (private_residual).
     owned_input = False
     fresh_output = None
 

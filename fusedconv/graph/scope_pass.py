@@ -245,7 +245,7 @@ class ScopePass(ChainMatcher):
                 args = (ch.conv.args[0],) if residual is None else (ch.conv.args[0], residual)
                 new = graph.call_module(name, args, kwargs)
             kept.add(new)
-            if residual is not None and not kwargs:
+            if residual is not None and not kwargs and type(ch.fused) is FusedConv2d:
                 residual_calls.append(new)
             last.replace_all_uses_with(new)
             for n in reversed(ch.nodes):
@@ -265,7 +265,8 @@ class ScopePass(ChainMatcher):
             with graph.inserting_before(a.add):
                 new = graph.call_module(a.leaves[-1], (prev, residual))
             kept.add(new)
-            residual_calls.append(new)
+            if type(a.fused) is FusedConv2d:  # (only FusedConv2d takes residual_private)
+                residual_calls.append(new)
             a.nodes[-1].replace_all_uses_with(new)
             for n in reversed(a.nodes):
                 graph.erase_node(n)

@@ -300,6 +300,9 @@ def test_grad_mode_and_tracing_take_the_plain_path(inplace_calls):
         s = fc.stem(x).contiguous(memory_format=CL)
         inplace_calls.clear()
         assert max_rel_error(gm(s.clone()), _ref64(model.stage, s)) < TOL and not inplace_calls
+        # torch.compile (dynamo only: the eager backend) traces the plain loop and standard ops.
+        compiled = torch.compile(copy.deepcopy(fc.stage), backend="eager")
+        assert max_rel_error(compiled(s.clone()), _ref64(model.stage, s)) < TOL and not inplace_calls
 
 
 def test_the_mark_never_reaches_another_call(inplace_calls):

@@ -23,8 +23,9 @@ passes on is fresh:
 
 The mark is an argument of one function call, never state, so it cannot leak into another call: a user calling
 the block directly (`model.layer1[1](x)`), re-entrant or concurrent calls, an exception half-way, another model
-sharing the block — all reach the specialization through `forward` with the default False. Grad mode, tracing,
-scripting, torch.compile / torch.export, fx symbolic tracing, and any input that is not a plain Tensor take
+sharing the block — all reach the specialization through `forward` with the default False. Grad mode (an
+in-place write could invalidate a tensor autograd saved), torch.jit tracing, torch.compile / torch.export, fx
+symbolic tracing, global hooks, hooks on the Sequential, and any input that is not a plain Tensor take
 nn.Sequential.forward unchanged.
 """
 
@@ -105,15 +106,13 @@ class OwnedInputSequential(nn.Sequential):
     """nn.Sequential that tells a child block when its input is a tensor no one else holds (module doc)."""
 
     def forward(self, input):
-        if _plain_call_only(input) or global_hooks() or hooked(self) or type(self).__iter__ is not _iter:
+        if _plain_call_only(input) or global_hooks() or hooked(self):
             return _sequential_forward(self, input)
         fresh = False  # the Sequential's own input belongs to its caller
         for module in self._modules.values():
             input, fresh = call_child(module, input, fresh)
         return input
 
-
-_iter = nn.Sequential.__iter__
 
 
 def _owns_a_child_input(seq: nn.Sequential) -> bool:

@@ -17,7 +17,8 @@ timed with the calling thread's CPU time, min and median per forward in ms. Vari
 Then each recorded conv call timed alone (min over 5 rounds of 3 calls, both sides' calls interleaved in each
 round), summed per (input shape, weight shape, stride) for both sides.
 A measurement tool, not a results table: `python -m bench.cpu_gap [spec] [rounds]`; `python -m bench.cpu_gap
-[spec] [rounds] inplace` times only fusedconv against fusedconv_no_inplace (no compile, more rounds per minute).
+[spec] [rounds] inplace` times only fusedconv against fusedconv_no_owned_input (identity residuals not written in
+place: graph/owned_input.py off) and fusedconv_no_inplace (no compile, more rounds per minute).
 """
 
 from __future__ import annotations
@@ -86,10 +87,14 @@ def _conv_key(kind, inp, weight, stride):
 
 
 def inplace_ab(spec: str = "torchvision:resnet50", rounds: int = 41) -> None:
-    """fusedconv with and without its in-place residual route, interleaved (one thread, thread CPU time)."""
+    """fusedconv with its in-place residual routes, with the identity-residual one off (the residuals blocks make
+    themselves only) and with both off, interleaved (one thread, thread CPU time)."""
     torch.set_num_threads(1)
+    import torch.nn as nn
+
     import fusedconv
     from fusedconv import cpu
+    from fusedconv.graph.owned_input import OwnedInputSequential
     from fusedconv.model_specs import build_model, randomize_batchnorm
 
     torch.manual_seed(0)
@@ -97,28 +102,36 @@ def inplace_ab(spec: str = "torchvision:resnet50", rounds: int = 41) -> None:
     randomize_batchnorm(model)
     x = torch.randn(1, 3, 224, 224)
     fc = fusedconv.convert(model)
-    writable = cpu._writable
+    writable, owned_forward = cpu._writable, OwnedInputSequential.forward
 
-    def run(allow):
+    def run(allow, owned):
         cpu._writable = writable if allow else (lambda x, residual: False)
+        # Without the owned mark the Sequentials run nn.Sequential's loop: no block input is written in place.
+        OwnedInputSequential.forward = owned_forward if owned else nn.Sequential.forward
         try:
             fc(x)
         finally:
-            cpu._writable = writable
+            cpu._writable, OwnedInputSequential.forward = writable, owned_forward
 
-    times = {"fusedconv": [], "fusedconv_no_inplace": []}
+    variants = {"fusedconv": (True, True), "fusedconv_no_owned_input": (True, False),
+                "fusedconv_no_inplace": (False, False)}
+    times = {name: [] for name in variants}
     with torch.no_grad():
-        run(True), run(False)
+        for args in variants.values():
+            run(*args)
         for _ in range(rounds):
-            for name, allow in (("fusedconv", True), ("fusedconv_no_inplace", False)):
+            for name, args in variants.items():
                 t0 = time.thread_time()
                 for _ in range(5):
-                    run(allow)
+                    run(*args)
                 times[name].append((time.thread_time() - t0) / 5 * 1e3)
-    diffs = [a - b for a, b in zip(times["fusedconv"], times["fusedconv_no_inplace"])]
     for name, ts in times.items():
-        print(f"{name:22s} min {min(ts):7.2f}  median {statistics.median(ts):7.2f} ms")
-    print(f"per-round difference (fusedconv - no_inplace): median {statistics.median(diffs):+.2f} ms")
+        print(f"{name:26s} min {min(ts):7.2f}  median {statistics.median(ts):7.2f} ms")
+    for other in ("fusedconv_no_owned_input", "fusedconv_no_inplace"):
+        diffs = sorted(a - b for a, b in zip(times["fusedconv"], times[other]))
+        q = len(diffs) // 4
+        print(f"per-round difference (fusedconv - {other}): median {statistics.median(diffs):+.2f} ms, "
+              f"quartiles {diffs[q]:+.2f} / {diffs[-q - 1]:+.2f} ms")
 
 
 def main(spec: str = "torchvision:resnet50", rounds: int = 9) -> None:

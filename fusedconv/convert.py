@@ -21,6 +21,7 @@ from fusedconv.comparison import SELF_CHECK_TOLERANCE, compare_outputs  # noqa: 
 from fusedconv.comparison import snapshot_outputs as _snapshot
 from fusedconv.cpu_boundary import install as install_layout_boundary
 from fusedconv.graph.dataflow import fuse_dataflow
+from fusedconv.graph.owned_input import install as install_owned_inputs
 from fusedconv.graph.reparam_convert import fuse_reparameterized
 from fusedconv.graph.tracing import proxy_leak_guard
 from fusedconv.modules import FusedConv2d
@@ -96,6 +97,8 @@ def convert(model: nn.Module, *, inplace: bool = False, example_inputs=None, rep
                 model = copy.deepcopy(original)
         model = fuse_dataflow(model, report)
         fuse_reparameterized(model, report)
+        # Sequentials whose blocks may write an identity residual into an input no one else holds.
+        install_owned_inputs(model)
         if any(isinstance(m, FusedConv2d) for m in model.modules()):
             # CPU: NCHW float32 input runs channels_last inside the model, converted once at its boundary.
             install_layout_boundary(model)

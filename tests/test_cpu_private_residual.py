@@ -231,3 +231,19 @@ def test_per_call_check_accepts_only_fused_sequentials_without_hooks():
     hooked = nn.Sequential(fused())
     hooked.register_forward_pre_hook(lambda m, i: None)
     assert not residual_private(hooked)
+
+
+def test_hook_on_the_fused_conv_keeps_seeing_its_residual(inplace_calls):
+    """A hook added on the fused conv itself sees (input, residual): the residual must stay the downsample's
+    output, so the conv is not written into it."""
+    model, fc = _pair(Net)
+    kept = []
+    fc.block.conv2.register_forward_hook(lambda m, i, o: kept.append(i[1]))
+    x = torch.randn(2, 3, 16, 16)
+    ref = _ref64(model, x)
+    ref_identity = _ref64(model.block.downsample, _ref64(model.stem, x).float())
+    with torch.no_grad():
+        for _ in range(3):
+            assert max_rel_error(fc(x), ref) < TOL
+    assert not inplace_calls
+    assert all(max_rel_error(r, ref_identity) < TOL for r in kept)

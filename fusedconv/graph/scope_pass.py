@@ -221,6 +221,7 @@ class ScopePass(ChainMatcher):
         the child name to call). Returns the call nodes kept on purpose (Sequentials ending in a fused conv)."""
         graph = self.graph
         kept = set()
+        residual_calls = []  # fused calls with a residual not proved private yet (it may be the block's input)
         for ch in chains:
             if ch.tail is not None:  # the Sequential's last conv will compute the chain: drop the rest
                 ch.last.replace_all_uses_with(ch.conv)
@@ -238,13 +239,14 @@ class ScopePass(ChainMatcher):
             # and residual), so no later operation of the scope can have changed them in between.
             kwargs = {}
             if residual is not None:  # the residual conv may write into a residual the block proves private
-                kwargs, producer = private_residual.mark(graph, residual, ch.fused, ch.add)
-                if producer is not None:
-                    kept.add(producer)
+                kwargs, readers = private_residual.mark(graph, residual, ch.fused, ch.add, name)
+                kept.update(readers)
             with graph.inserting_before(ch.conv if residual is None else ch.add):
                 args = (ch.conv.args[0],) if residual is None else (ch.conv.args[0], residual)
                 new = graph.call_module(name, args, kwargs)
             kept.add(new)
+            if residual is not None and not kwargs and type(ch.fused) is FusedConv2d:
+                residual_calls.append(new)
             last.replace_all_uses_with(new)
             for n in reversed(ch.nodes):
                 graph.erase_node(n)
@@ -263,11 +265,18 @@ class ScopePass(ChainMatcher):
             with graph.inserting_before(a.add):
                 new = graph.call_module(a.leaves[-1], (prev, residual))
             kept.add(new)
+            if type(a.fused) is FusedConv2d:  # (only FusedConv2d takes residual_private)
+                residual_calls.append(new)
             a.nodes[-1].replace_all_uses_with(new)
             for n in reversed(a.nodes):
                 graph.erase_node(n)
         for n in list(graph.nodes):  # buffers only F.batch_norm read
             if n.op == "get_attr" and not n.users:
                 graph.erase_node(n)
+        # An identity residual (the block's input) read last by its fused call: written in place when the caller
+        # owns the input (private_residual.mark_owned_input, owned_input.OwnedInputSequential).
+        # (Not in an fx.GraphModule scope: its graph is its forward, whose signature must not change.)
+        if not isinstance(self.module, fx.GraphModule):
+            kept.update(private_residual.mark_owned_input(graph, residual_calls))
         graph.lint()
         return kept

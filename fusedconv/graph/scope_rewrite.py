@@ -24,6 +24,7 @@ import re
 import torch.fx as fx
 import torch.nn as nn
 
+from fusedconv.graph import private_residual
 from fusedconv.graph.chains import Absorb, Chain, _node_name, _short
 from fusedconv.graph.patterns import MODULE_INTERNALS, CallPattern, Param, build_guard, merge_patterns
 from fusedconv.graph.roles import AffineRole, BNRole, ConvRole
@@ -156,6 +157,11 @@ class ScopeRewrite:
                 described = b.described + [x for x in described if x not in b.described
                                            and not x.startswith("submodules ")]
             entries.append(Specialization(terms, described, *(payload or (None, None)), checks, pattern))
+        if not swap:  # what owned_input.OwnedInputSequential needs to know of each graph
+            facts = {src: (private_residual.takes_owned(graph), private_residual.fresh_output(graph))
+                     for _, src, _, _, graph in sources}
+            for entry in entries:
+                entry.owned_input, entry.fresh_output = facts.get(entry.src, (False, None))
         if self.base is None:
             table = GuardTable(type(module), self.params, entries, expect, roles)
         else:

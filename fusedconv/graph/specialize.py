@@ -39,6 +39,11 @@ class Specialization:
     """One guarded entry: a guard expression and what runs when it holds (graph source, or None for the
     class's own forward over the block's current children)."""
 
+    # Facts about the graph for owned_input.OwnedInputSequential (set by scope_rewrite): whether its code takes
+    # the `_fusedconv_input_owned` parameter, and the path of the module whose result it returns (private_residual).
+    owned_input = False
+    fresh_output = None
+
     def __init__(self, guard: str, described: list[str], src: str | None = None, fx_globals: dict | None = None,
                  checks: list[tuple[str, str]] | None = None, pattern=None):
         self.guard = guard

@@ -109,10 +109,10 @@ def gemm_variants(case: LayerCase, batch: int, dtype: str, sms: int, cap: int = 
         steps = -(-k_steps // split_k)
         sched_info = {"kind": "split_k", "split": split_k, "k_tile": k_steps, "tile_count": tiles,
                       "nbytes": nbytes_roof}
-        if stream_k:  # persistent programs, each with an equal share of all tiles' K iterations
-            sched_info["kind"] = "stream_k"
-            steps = -(-(tiles * k_steps) // stream_k)
-            tiles = -(-(tiles * k_steps) // steps)  # programs with work (the last ones may get none)
+        if stream_k:  # persistent programs, each with a balanced share of all tiles' K iterations
+            sched_info["kind"], sched_info["programs"] = "stream_k", stream_k
+            slices = sched.streamk_slices(tiles * k_steps, k_steps, stream_k)  # the kernel's slicing
+            steps, tiles = slices["per_prog"], slices["busy"]  # longest slice; programs with work
         variants.append({"schedule": sched_info,
                          "config": f"{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']} w{cfg.num_warps}/s{cfg.num_stages}",
                          "block": (kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"]), "num_warps": cfg.num_warps,
@@ -213,9 +213,9 @@ def tma_variants(case: LayerCase, batch: int, dtype: str, plan: dict, stream_k: 
         sched_info = {"kind": "split_k", "split": 1, "k_tile": steps, "tile_count": tiles,
                       "nbytes": metrics.conv_bytes(s, batch, dtype, residual=case.residual)}
         if stream_k:  # as the pointer stream-K variants: each program's share of all tiles' K steps
-            sched_info["kind"] = "stream_k"
-            steps = -(-(tiles * steps) // stream_k)
-            tiles = min(stream_k, tiles * sched_info["k_tile"])
+            sched_info["kind"], sched_info["programs"] = "stream_k", stream_k
+            slices = sched.streamk_slices(tiles * steps, steps, stream_k)
+            steps, tiles = slices["per_prog"], slices["busy"]
         out.append({"schedule": sched_info,
                     "config": label, "block": (bm, bn, bk), "num_warps": cfg.num_warps,
                     "num_stages": cfg.num_stages, "tiles": tiles, "steps": steps, "spec": spec, "family": "tma"})

@@ -74,6 +74,9 @@ def gemm_variants(case: LayerCase, batch: int, dtype: str, sms: int, cap: int = 
     chosen = sched.pick(options, reach)
     filling = [o for o in options if sched.fills(o["waves"], reach)]
     rule_fill_cost = round(min(o["time"] for o in filling) / chosen["time"] - 1, 3) if filling else None
+    # What a GPU decides at warm-up where the rule's pick does not fill: the launcher also times the filling
+    # stream-K schedule (schedule.schedule_candidates; the same function the launcher's plan calls).
+    warmup_streamk = sched.filling_streamk(m, cout_g, s.groups, k_iters, sms, nbytes=nbytes)
     split_k, stream_k = (1, value) if kind == "stream_k" else (value, False)
     res_meta = (out_shape, _cl_strides(*out_shape), tdtype) if case.residual else None
     plan = cba._plan(x_shape, _cl_strides(*x_shape), tdtype, torch.device("cpu"), w_shape,
@@ -129,7 +132,8 @@ def gemm_variants(case: LayerCase, batch: int, dtype: str, sms: int, cap: int = 
     launch = {"kernel": "gemm", "path": path, "split_k": split_k, "stream_k": stream_k or 0, "schedule": schedule,
               "dp_waves_128": dp_waves, "achievable_waves": round(sched.achievable_waves(m, cout_g, s.groups,
                                                                                         k_iters, sms), 2),
-              "rule_fill_cost": rule_fill_cost, "M": m, "N": cout_g, "K": cin_g * s.kh * s.kw,
+              "rule_fill_cost": rule_fill_cost, "warmup_streamk": warmup_streamk,
+              "rule_tile": list(chosen["tile"]), "rule_fills": sched.fills(chosen["waves"], reach), "M": m, "N": cout_g, "K": cin_g * s.kh * s.kw,
               "use_int64": flags["USE_INT64"], "even_k": flags["EVEN_K"]}
     return launch, variants
 

@@ -353,6 +353,38 @@ def pick(options: list[dict], achievable: float) -> dict:
     return best
 
 
+def schedule_candidates(m: int, cout_g: int, groups: int, k_iters: int, num_sms: int, *,
+                        nbytes: float | None = None) -> list[dict]:
+    """The schedules a launch weighs, as `schedule_options` entries: the rule's pick (`pick`, what
+    `choose_schedule` returns) first and, where that pick does not fill the GPU (`fills` against
+    `achievable_waves`) but a stream-K option does, the fastest such option as well (ties: the busier).
+
+    Why: the rule fixes the schedule from an uncalibrated model before the autotuner runs, and on a few
+    layers (ResNet-50 layer3.1.conv1 at batch 32, ...) that model rates every filling schedule 8-58 % slower
+    than a data-parallel grid that leaves SMs idle. Only a GPU can say which is right, so the launcher times
+    the second entry at warm-up beside the first (`variant_choice`, candidate "streamk") and keeps the faster.
+    Empty without SMs or work."""
+    if m <= 0 or cout_g <= 0 or num_sms <= 0:
+        return []
+    options = schedule_options(m, cout_g, groups, k_iters, num_sms, nbytes=nbytes)
+    reach = achievable_waves(m, cout_g, groups, k_iters, num_sms)
+    best = pick(options, reach)
+    out = [best]
+    if not fills(best["waves"], reach):
+        filling = [o for o in options if o["kind"] == "stream_k" and fills(o["waves"], reach)]
+        if filling:
+            out.append(min(filling, key=lambda o: (o["time"], -o["waves"])))
+    return out
+
+
+def filling_streamk(m: int, cout_g: int, groups: int, k_iters: int, num_sms: int, *,
+                    nbytes: float | None = None) -> int:
+    """Programs of the filling stream-K schedule timed at warm-up beside the rule's pick (the second entry of
+    `schedule_candidates`), or 0 where there is none (the pick fills, or no stream-K option does)."""
+    cands = schedule_candidates(m, cout_g, groups, k_iters, num_sms, nbytes=nbytes)
+    return cands[1]["value"] if len(cands) > 1 else 0
+
+
 def fills(waves: float, achievable: float) -> bool:
     """Whether a schedule keeping `waves` of the SMs busy fills the GPU as far as the layer allows: at least
     FILL_FRACTION of `achievable` (split-K's slice counts are powers of two, so 128 programs on 132 SMs is a

@@ -127,7 +127,10 @@ def streamk_owner(unit, base, extra):
     """The program whose `streamk_slice` holds flattened iteration `unit` (the first `extra` slices have
     base + 1 iterations, the rest base)."""
     long_end = extra * (base + 1)
-    return tl.where(unit < long_end, unit // (base + 1), extra + (unit - long_end) // tl.maximum(base, 1))
+    in_long = unit < long_end
+    # one runtime division, not one per branch (tl.where evaluates both)
+    return tl.where(in_long, 0, extra) + (unit - tl.where(in_long, 0, long_end)) // tl.where(
+        in_long, base + 1, tl.maximum(base, 1))
 
 
 @triton.jit

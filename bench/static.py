@@ -74,6 +74,9 @@ def gemm_variants(case: LayerCase, batch: int, dtype: str, sms: int, cap: int = 
     chosen = sched.pick(options, reach)
     filling = [o for o in options if sched.fills(o["waves"], reach)]
     rule_fill_cost = round(min(o["time"] for o in filling) / chosen["time"] - 1, 3) if filling else None
+    # What a GPU decides at warm-up where the rule's pick does not fill: the launcher also times the filling
+    # stream-K schedule (schedule.schedule_candidates; the same function the launcher's plan calls).
+    warmup_streamk = sched.filling_streamk(m, cout_g, s.groups, k_iters, sms, nbytes=nbytes)
     split_k, stream_k = (1, value) if kind == "stream_k" else (value, False)
     res_meta = (out_shape, _cl_strides(*out_shape), tdtype) if case.residual else None
     plan = cba._plan(x_shape, _cl_strides(*x_shape), tdtype, torch.device("cpu"), w_shape,
@@ -109,10 +112,10 @@ def gemm_variants(case: LayerCase, batch: int, dtype: str, sms: int, cap: int = 
         steps = -(-k_steps // split_k)
         sched_info = {"kind": "split_k", "split": split_k, "k_tile": k_steps, "tile_count": tiles,
                       "nbytes": nbytes_roof}
-        if stream_k:  # persistent programs, each with an equal share of all tiles' K iterations
-            sched_info["kind"] = "stream_k"
-            steps = -(-(tiles * k_steps) // stream_k)
-            tiles = -(-(tiles * k_steps) // steps)  # programs with work (the last ones may get none)
+        if stream_k:  # persistent programs, each with a balanced share of all tiles' K iterations
+            sched_info["kind"], sched_info["programs"] = "stream_k", stream_k
+            slices = sched.streamk_slices(tiles * k_steps, k_steps, stream_k)  # the kernel's slicing
+            steps, tiles = slices["per_prog"], slices["busy"]  # longest slice; programs with work
         variants.append({"schedule": sched_info,
                          "config": f"{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']} w{cfg.num_warps}/s{cfg.num_stages}",
                          "block": (kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"]), "num_warps": cfg.num_warps,
@@ -129,7 +132,8 @@ def gemm_variants(case: LayerCase, batch: int, dtype: str, sms: int, cap: int = 
     launch = {"kernel": "gemm", "path": path, "split_k": split_k, "stream_k": stream_k or 0, "schedule": schedule,
               "dp_waves_128": dp_waves, "achievable_waves": round(sched.achievable_waves(m, cout_g, s.groups,
                                                                                         k_iters, sms), 2),
-              "rule_fill_cost": rule_fill_cost, "M": m, "N": cout_g, "K": cin_g * s.kh * s.kw,
+              "rule_fill_cost": rule_fill_cost, "warmup_streamk": warmup_streamk,
+              "rule_tile": list(chosen["tile"]), "rule_fills": sched.fills(chosen["waves"], reach), "M": m, "N": cout_g, "K": cin_g * s.kh * s.kw,
               "use_int64": flags["USE_INT64"], "even_k": flags["EVEN_K"]}
     return launch, variants
 
@@ -213,9 +217,9 @@ def tma_variants(case: LayerCase, batch: int, dtype: str, plan: dict, stream_k: 
         sched_info = {"kind": "split_k", "split": 1, "k_tile": steps, "tile_count": tiles,
                       "nbytes": metrics.conv_bytes(s, batch, dtype, residual=case.residual)}
         if stream_k:  # as the pointer stream-K variants: each program's share of all tiles' K steps
-            sched_info["kind"] = "stream_k"
-            steps = -(-(tiles * steps) // stream_k)
-            tiles = min(stream_k, tiles * sched_info["k_tile"])
+            sched_info["kind"], sched_info["programs"] = "stream_k", stream_k
+            slices = sched.streamk_slices(tiles * steps, steps, stream_k)
+            steps, tiles = slices["per_prog"], slices["busy"]
         out.append({"schedule": sched_info,
                     "config": label, "block": (bm, bn, bk), "num_warps": cfg.num_warps,
                     "num_stages": cfg.num_stages, "tiles": tiles, "steps": steps, "spec": spec, "family": "tma"})

@@ -83,10 +83,13 @@ def markdown(result: dict) -> str:
              f"/ {rated['sms']} SMs: first for a plain grid of 128x128 tiles, then for the best candidate under "
              "the layer's **schedule** (`kernels/schedule.py`: data-parallel, split-K, or stream-K, whose programs — "
              "one per SM, or up to two per SM where that gives each a whole number of a small tile's K steps — "
-             "share all tiles' K steps in equal slices; a stream-K candidate counts the programs its slices of "
-             "ceil(tiles x K steps / programs) units give work), then the layer's **achievable** maximum (work units of the "
+             "share all tiles' K steps in balanced slices of floor or ceil(tiles x K steps / programs) units; a "
+             "stream-K candidate counts the programs with work, min(programs, tiles x K steps)), then the layer's **achievable** maximum (work units of the "
              "smallest tile / SMs, capped at 1: no schedule keeps more SMs busy) and the status: *full* "
-             "(>= 1 wave), *at max* (under one wave but >= 90 % of the achievable), *short* (neither). TMA "
+             "(>= 1 wave), *at max* (under one wave but >= 90 % of the achievable), *short* (neither) — by the "
+             "model's best estimate; where the rule's schedule does not fill, a GPU's warm-up also times the "
+             "filling stream-K schedule and keeps the faster (noted per short layer; the status does not "
+             "assume it wins). TMA "
              "candidates run the layer's schedule: data-parallel, or on stream-K layers the TMA kernels' "
              "stream-K form (`kernels/conv_tma_streamk.py`, same programs and fix-up as the pointer stream-K "
              "kernel, tiles that fit its workspace slots); split-K layers list none (the launcher runs the "
@@ -169,7 +172,18 @@ def _short(layer: dict) -> str:
     cost = layer.get("rule_fill_cost")
     text += (f" [rule: fastest filling schedule modelled {cost:+.0%}]" if cost is not None
              else " [rule: no schedule fills]")
-    return text
+    return text + _warmup_note(layer)
+
+
+def _warmup_note(layer: dict) -> str:
+    """What a GPU decides for a short layer at warm-up (the status stays the model's best estimate)."""
+    if layer.get("warmup_streamk"):
+        return f" [GPU warm-up also times the filling stream-K {layer['warmup_streamk']} schedule, keeps the faster]"
+    if layer.get("rule_fills") and layer.get("rule_tile"):
+        bm, bn = layer["rule_tile"]
+        return (f" [the rule's schedule fills at its {bm}x{bn} model tile: the autotuner times the filling "
+                f"tiles on a GPU]")
+    return ""
 
 
 def _best_waves(layer: dict) -> float:

@@ -14,8 +14,8 @@ Tuning survives the process: on CUDA, `warmup` first loads the tuned table for t
 (the package's committed default under `fusedconv/tuned/`, then the user's table in `tuning_dir()`,
 `~/.cache/fusedconv/` or $FUSEDCONV_TUNING_DIR), so known shapes are not benchmarked again, and afterwards
 saves the table with whatever it tuned. The table also holds the launcher's per-launch-signature choice between
-kernel families (pointer vs TMA, `fusedconv.kernels.variant_choice`), so a restarted process does not time
-them again; a table whose choices are malformed or name an unknown kernel is refused with an error naming the
+kernel families (pointer, TMA, cuDNN, and the filling stream-K schedule timed where the model's schedule
+leaves the GPU short: `fusedconv.kernels.variant_choice`), so a restarted process does not time them again; a table whose choices are malformed or name an unknown kernel is refused with an error naming the
 file and the entry. The GEMM kernel's autotuner buckets M (N*OH*OW) to powers of two
 (`fusedconv.kernels.tuning_cache`), so a new batch size in a known bucket is not retuned either. Each
 positional example is one forward call: a tensor is the single argument, a tuple/list is the positional

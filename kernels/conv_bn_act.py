@@ -4,7 +4,8 @@
 flags, the schedule), then dispatches: depthwise convs to `kernels.depthwise` when that module is present,
 eligible 1x1 / stride-1 KxK convs to the TMA-descriptor kernels of `conv_tma` / `conv_tma_kxk` when asked
 (`tma`; their stream-K forms, `conv_tma_streamk`, on stream-K layers), sub-wave layers to the stream-K kernel
-(`conv_streamk`) when the schedule model picks it, and
+(`conv_streamk`) when the schedule model picks it (and where the model's pick leaves the GPU short, the
+filling stream-K schedule is a further candidate timed at warm-up, "streamk"), and
 everything else to the data-parallel pointer kernel (`conv_gemm`, with split-K when the model splits) —
 autotuned on a GPU, or under TRITON_INTERPRET=1 (CPU tensors) the plain kernel with one small config. A ReLU
 conv may instead run cuDNN's own fused conv + bias (+ add) + ReLU on the BN-folded weight where that candidate
@@ -200,6 +201,14 @@ def conv_bn_act(x, weight, scale, shift, *, stride=1, padding=0, dilation=1, gro
     candidates = {"pointer": pointer}
     if tma_launch is not None:
         candidates["tma"] = tma_launch
+    if plan["filling_streamk"] and x.is_cuda and not tracing:
+        # The rule's schedule leaves SMs idle and the model rates the filling stream-K schedule slower: only
+        # timing on this GPU can tell (variant_choice keeps the faster; the traced graph keeps the rule's).
+        filling_plan = {**plan, "streamk_programs": plan["filling_streamk"]}
+
+        def streamk():
+            return _launch_streamk(filling_plan, x, weight, scale, shift, res, y, act_param)
+        candidates["streamk"] = streamk
     cudnn_launch = _cudnn.candidate(x, weight, scale_src, shift_src, residual, stride, padding, dilation, groups,
                                     activation, fmt, enabled=cudnn, pinned_schedule=pinned_schedule,
                                     fallback=pointer, tracing=tracing)

@@ -3,7 +3,8 @@
 Everything here depends only on metadata (shapes, strides, dtypes, geometry, the SM count), so the launcher
 (`conv_bn_act`) caches `_plan` per distinct call signature and a repeated call costs little more than the
 allocation and the launch. The plan says which schedule runs (`schedule.choose_schedule`: data-parallel,
-split-K or stream-K), which K loop (IS_1X1 / ROW_K / FLAT_K / per-tap), whether K masks can go (EVEN_K),
+split-K or stream-K; where that leaves the GPU short, `filling_streamk` names the stream-K schedule the
+launcher also times at warm-up), which K loop (IS_1X1 / ROW_K / FLAT_K / per-tap), whether K masks can go (EVEN_K),
 whether 8-aligned channels get vector loads (CH_ALIGN) and whether offsets need int64.
 """
 
@@ -219,14 +220,21 @@ def _plan(x_shape, x_stride, x_dtype, device, w_shape, w_stride, w_dtype, scale_
     flat_k = small_cin and not row_k
     block_k_guess = _configs.INTERPRET_CONFIG["BLOCK_K"] if interp else 64
     k_iters = _k_iterations_guess(kh, kw, cin_g, row_k, flat_k, block_k_guess)
+    filling_streamk = 0
     if depthwise:
         # The depthwise kernel has its own schedule; the split only matters if that module is absent.
         split_k, streamk_programs = _schedule(split_k, False, m, cout_g, groups, k_iters, device, interp, sm_count)
     else:
         nbytes = _schedule_model.layer_bytes(m, cout_g, groups, k_iters, block_k_guess, input_k=cin_g,
                                              elem_bytes=x_dtype.itemsize)
+        auto = split_k is None and stream_k is None and not interp
         split_k, streamk_programs = _schedule(split_k, stream_k, m, cout_g, groups, k_iters, device, interp,
                                               sm_count, nbytes)
+        if auto:
+            # Where the rule's schedule leaves the GPU short, the stream-K schedule that fills it is timed at
+            # warm-up beside it (the model alone cannot tell which is faster there).
+            filling_streamk = _schedule_model.filling_streamk(m, cout_g, groups, k_iters,
+                                                              (sm_count or _num_sms)(device), nbytes=nbytes)
     y_stride = _dense_strides(out_shape, channels_last)
     res_stride = tuple(res_meta[1]) if res_meta is not None else (0, 0, 0, 0)
     extents = [_span(x_shape, x_stride), _span(w_shape, w_stride), _span(out_shape, y_stride), split_k * m * cout]
@@ -249,7 +257,8 @@ def _plan(x_shape, x_stride, x_dtype, device, w_shape, w_stride, w_dtype, scale_
         even_k = all(cin_g % bk == 0 for bk in _configs.block_k_values())
     flags["EVEN_K"] = even_k
     return dict(out_shape=out_shape, depthwise=depthwise, m=m, cout=cout, cout_g=cout_g, oh=oh, ow=ow,
-                split_k=split_k, streamk_programs=streamk_programs, int_args=int_args, flags=flags,
+                split_k=split_k, streamk_programs=streamk_programs, filling_streamk=filling_streamk,
+                int_args=int_args, flags=flags,
                 res_stride=res_stride, y_stride=y_stride)
 
 

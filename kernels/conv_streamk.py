@@ -4,7 +4,8 @@ Why: a layer with fewer output tiles than SMs (ResNet-50 stage 3/4 3x3 at batch 
 on 132 SMs) leaves SMs idle for its whole run in the one-program-per-tile grid, and split-K only helps when the
 split count happens to round the tile count up to whole waves. Stream-K flattens all tiles' K iterations into
 one range (tile-major: tile t owns iterations [t * K_TILE, (t + 1) * K_TILE)) and gives each of the P
-programs (P = the SM count) an equal contiguous slice, so every SM runs the same number of MMA steps.
+programs (P = the SM count) a balanced contiguous slice — floor(total / P) iterations, the first total % P
+programs one more — so every SM runs the same number of MMA steps, give or take one.
 
 A program walks the tiles its slice touches. A tile it covers whole ends in the fused epilogue at once. A tile
 shared with other programs: each contributor stores its fp32 partial tile into its own workspace slot (slot 0
@@ -78,10 +79,10 @@ def _conv_streamk_kernel(
     num_pid_n = tl.cdiv(COUT_G, BLOCK_N)
     tiles_per_group = num_pid_m * num_pid_n
     k_tile = k_iterations(CIN_G, KH, KW, IS_1X1, ROW_K, FLAT_K, BLOCK_K)
-    per_prog, start, end = streamk_slice(tiles_per_group * GROUPS * k_tile, pid, num_progs)
+    base, extra, start, end, t_lo, t_hi = streamk_slice(tiles_per_group * GROUPS * k_tile, k_tile, pid, num_progs)
 
-    # Tiles this program's slice touches (an empty range when the slice is empty: start >= total).
-    for t in range(start // k_tile, (end + k_tile - 1) // k_tile):
+    # Tiles this program's slice touches (an empty range when the slice is empty).
+    for t in range(t_lo, t_hi):
         tile_lo = t * k_tile
         k_lo = tl.maximum(start, tile_lo) - tile_lo
         k_hi = tl.minimum(end, tile_lo + k_tile) - tile_lo
@@ -96,7 +97,7 @@ def _conv_streamk_kernel(
             BLOCK_M, BLOCK_N, BLOCK_K)
         res_rows = n_idx * srn + oh_idx * srh + ow_idx * srw
         y_rows = n_idx * syn + oh_idx * syh + ow_idx * syw
-        acc, finish = streamk_fixup(acc, t, tile_lo, k_lo, k_hi, k_tile, start, per_prog, pid, ws_ptr, count_ptr,
+        acc, finish = streamk_fixup(acc, t, tile_lo, k_lo, k_hi, k_tile, start, base, extra, pid, ws_ptr, count_ptr,
                                     WS_TILE, BLOCK_M, BLOCK_N)
         if finish:  # the tile's full K sum is in acc: one epilogue site for whole and completed shared tiles
             epilogue_store(acc, scale_ptr, shift_ptr, res_ptr, y_ptr, res_rows, y_rows, co, src, syc, mask_n,
@@ -104,17 +105,36 @@ def _conv_streamk_kernel(
 
 
 @triton.jit
-def streamk_slice(total, pid, num_progs):
-    """(per_prog, start, end): program `pid`'s contiguous share [start, end) of `total` flattened (tile-major)
-    K iterations; empty (start >= total) for programs past the work."""
-    per_prog = tl.cdiv(total, num_progs)
-    start = pid * per_prog
-    end = tl.minimum(start + per_prog, total)
-    return per_prog, start, end
+def streamk_slice(total, k_tile, pid, num_progs):
+    """(base, extra, start, end, t_lo, t_hi): program `pid`'s contiguous share [start, end) of `total` flattened
+    (tile-major, `k_tile` per tile) K iterations and the tiles [t_lo, t_hi) it touches.
+
+    Balanced: every program gets `base` = total // num_progs iterations and the first `extra` = total % num_progs
+    one more, so no program runs a step more than ceil(total / num_progs) and, unlike equal slices of that
+    ceiling, none is left short or idle while others work (with more programs than iterations the last ones
+    get none: an empty tile range). Computed once per program, outside every K loop."""
+    base = total // num_progs
+    extra = total - base * num_progs
+    start = pid * base + tl.minimum(pid, extra)
+    end = start + base + (pid < extra).to(tl.int32)
+    t_lo = start // k_tile
+    t_hi = tl.where(end > start, (end + k_tile - 1) // k_tile, t_lo)
+    return base, extra, start, end, t_lo, t_hi
 
 
 @triton.jit
-def streamk_fixup(acc, t, tile_lo, k_lo, k_hi, k_tile, start, per_prog, pid, ws_ptr, count_ptr,
+def streamk_owner(unit, base, extra):
+    """The program whose `streamk_slice` holds flattened iteration `unit` (the first `extra` slices have
+    base + 1 iterations, the rest base)."""
+    long_end = extra * (base + 1)
+    in_long = unit < long_end
+    # one runtime division, not one per branch (tl.where evaluates both)
+    return tl.where(in_long, 0, extra) + (unit - tl.where(in_long, 0, long_end)) // tl.where(
+        in_long, base + 1, tl.maximum(base, 1))
+
+
+@triton.jit
+def streamk_fixup(acc, t, tile_lo, k_lo, k_hi, k_tile, start, base, extra, pid, ws_ptr, count_ptr,
                   WS_TILE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """(acc, finish) for tile t after this program's K iterations [k_lo, k_hi) of it (of k_tile).
 
@@ -139,8 +159,12 @@ def streamk_fixup(acc, t, tile_lo, k_lo, k_hi, k_tile, start, per_prog, pid, ws_
             # reset the counter for the next launch.
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             # num_stages=1: a software-pipelined prefetch of whole fp32 tiles would only add registers.
-            for c in tl.range(tile_lo // per_prog, (tile_lo + k_tile - 1) // per_prog + 1, num_stages=1):
-                c_slot = 2 * c + (c * per_prog < tile_lo).to(tl.int32)
+            # (`base`, `extra`: the slice split of `streamk_slice`; contributor c's slice starts at
+            # c * base + min(c, extra), and its end segment is in slot 1 when that lies before this tile.)
+            c_first = streamk_owner(tile_lo, base, extra)
+            c_last = streamk_owner(tile_lo + k_tile - 1, base, extra)
+            for c in tl.range(c_first, c_last + 1, num_stages=1):
+                c_slot = 2 * c + (c * base + tl.minimum(c, extra) < tile_lo).to(tl.int32)
                 acc += tl.load(ws_ptr + c_slot * WS_TILE + tile_offs, cache_modifier=".cg")
             tl.atomic_xchg(count_ptr + t, 0, sem="relaxed")
     return acc, finish

@@ -4,7 +4,7 @@ The TMA kernels of `conv_tma` (1x1 GEMM over 2-D descriptors) and `conv_tma_kxk`
 NHWC descriptor, also strided 1x1 convs through the strided view) run one program per output tile. Where the
 schedule model (`schedule.choose_schedule`) gives a layer stream-K, that grid would leave SMs idle, so these
 kernels run the same schedule as `conv_streamk._conv_streamk_kernel`: P programs (the plan's count, the SM
-count on a GPU) each take an equal contiguous slice of all tiles' K iterations (tile-major), a tile covered
+count on a GPU) each take a balanced contiguous slice of all tiles' K iterations (tile-major), a tile covered
 whole ends in the fused epilogue, and a shared tile's partials meet in the workspace where the contributor
 that completes the tile's counter sums them in program order and resets the counter (`conv_streamk`'s
 `streamk_slice` / `streamk_fixup`, shared: no spin-waits, so the schedule runs in Triton's CPU interpreter).
@@ -47,8 +47,9 @@ def _conv1x1_tma_streamk_kernel(
     pid = tl.program_id(0)
     num_pid_n = tl.cdiv(COUT, BLOCK_N)
     k_tile = tl.cdiv(CIN, BLOCK_K)
-    per_prog, start, end = streamk_slice(tl.cdiv(M, BLOCK_M) * num_pid_n * k_tile, pid, tl.num_programs(0))
-    for t in range(start // k_tile, (end + k_tile - 1) // k_tile):
+    base, extra, start, end, t_lo, t_hi = streamk_slice(tl.cdiv(M, BLOCK_M) * num_pid_n * k_tile, k_tile, pid,
+                                                        tl.num_programs(0))
+    for t in range(t_lo, t_hi):
         tile_lo = t * k_tile
         k_lo = tl.maximum(start, tile_lo) - tile_lo
         k_hi = tl.minimum(end, tile_lo + k_tile) - tile_lo
@@ -56,7 +57,7 @@ def _conv1x1_tma_streamk_kernel(
         m0 = pid_m * BLOCK_M
         n0 = (t - pid_m * num_pid_n) * BLOCK_N
         acc = k_loop_tma_1x1(a_desc, b_desc, m0, n0, k_lo, k_hi, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
-        acc, finish = streamk_fixup(acc, t, tile_lo, k_lo, k_hi, k_tile, start, per_prog, pid, ws_ptr, count_ptr,
+        acc, finish = streamk_fixup(acc, t, tile_lo, k_lo, k_hi, k_tile, start, base, extra, pid, ws_ptr, count_ptr,
                                     WS_TILE, BLOCK_M, BLOCK_N)
         if finish:
             epilogue_1x1(acc, m0, n0, scale_ptr, shift_ptr, res_ptr, y_ptr, M, COUT, OH, OW, srn, src, srh, srw,
@@ -82,8 +83,9 @@ def _conv_kxk_tma_streamk_kernel(
     tiles_w = tl.cdiv(OW, BLOCK_W)
     num_pid_n = tl.cdiv(COUT, BLOCK_N)
     k_tile = KH * KW * tl.cdiv(CIN, BLOCK_K)
-    per_prog, start, end = streamk_slice(N * tiles_h * tiles_w * num_pid_n * k_tile, pid, tl.num_programs(0))
-    for t in range(start // k_tile, (end + k_tile - 1) // k_tile):
+    base, extra, start, end, t_lo, t_hi = streamk_slice(N * tiles_h * tiles_w * num_pid_n * k_tile, k_tile, pid,
+                                                        tl.num_programs(0))
+    for t in range(t_lo, t_hi):
         tile_lo = t * k_tile
         k_lo = tl.maximum(start, tile_lo) - tile_lo
         k_hi = tl.minimum(end, tile_lo + k_tile) - tile_lo
@@ -99,7 +101,7 @@ def _conv_kxk_tma_streamk_kernel(
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc = k_loop_tma_kxk(acc, x_desc, w_desc, n, oh0, ow0, n0, k_hi - k_lo, kh, kw, tap, c0, CIN, pad_h,
                              pad_w, dil_h, dil_w, KW, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
-        acc, finish = streamk_fixup(acc, t, tile_lo, k_lo, k_hi, k_tile, start, per_prog, pid, ws_ptr, count_ptr,
+        acc, finish = streamk_fixup(acc, t, tile_lo, k_lo, k_hi, k_tile, start, base, extra, pid, ws_ptr, count_ptr,
                                     WS_TILE, BLOCK_M, BLOCK_N)
         if finish:
             epilogue_kxk(acc, n, oh0, ow0, n0, scale_ptr, shift_ptr, res_ptr, y_ptr, OH, OW, COUT, srn, src, srh,

@@ -27,7 +27,9 @@ Stream-K runs one program per SM, or — where a small tile's work units number 
 as many programs as give each a whole number of K steps (`streamk_program_counts`): at batch 1 a short-K
 layer then runs one K step per program, so no program pays a second tile's pipeline start, and the extra
 programs share SMs (`model_resident`) while their load latencies overlap. A slice's cost counts the tiles it
-may touch and the partial tiles it leaves (`streamk_slices`, the kernel's slicing).
+may touch and the partial tiles it leaves (`streamk_slices`, the kernel's balanced slicing: floor(units /
+programs) units per program, the first units % programs one more, so no program is idle or short while
+another runs, unless there are fewer units than programs).
 
 A schedule's time is max(K loop + tile latencies, bytes / HBM bandwidth) plus its fixed costs.
 `choose_schedule` fills the GPU first — it prefers a schedule that keeps the SMs busy as far as the layer's
@@ -189,9 +191,11 @@ def streamk_fixup_s(block_m: int, block_n: int, k_iters: int, per_prog: int, num
 
 def streamk_slices(units: int, k_iters: int, programs: int) -> dict:
     """How `programs` stream-K programs split `units` work units (tile-major, `k_iters` per tile), as the
-    kernel does (`conv_streamk`: equal contiguous slices of ceil(units / programs) units):
+    kernel does (`conv_streamk.streamk_slice`: balanced contiguous slices, floor(units / programs) units each
+    and the first units % programs one more):
 
-    `per_prog` units per program; `busy` programs with a non-empty slice; `touched` the most tiles one slice
+    `per_prog` the longest slice (ceil(units / programs): the critical path); `busy` programs with a non-empty
+    slice (all of them, unless there are fewer units than programs); `touched` the most tiles one slice
     may touch (each costs its program a pipeline start): a slice of L units starting at any offset of a
     k-unit tile touches at most ceil((L - 1) / k) + 1 tiles — one when it is a single K step. The bound holds
     for any offset because where slices start within tiles depends on the tile the autotuner picks, not
@@ -199,25 +203,30 @@ def streamk_slices(units: int, k_iters: int, programs: int) -> dict:
     once and read back once), counted for this tiling.
     """
     k = max(k_iters, 1)
-    per_prog = _cdiv(units, max(programs, 1))
-    busy = _cdiv(units, per_prog) if units > 0 else 0
+    programs = max(programs, 1)
+    base, extra = divmod(max(units, 0), programs)
+    per_prog = base + (1 if extra else 0)
+    busy = min(programs, max(units, 0))
     tiles = _cdiv(units, k)
     touched = min(tiles, _cdiv(per_prog - 1, k) + 1) if busy else 0
     segments = 0
     if busy:
-        # Only a slice's first and last tile can be partial (the tiles between are whole), and a full slice's
-        # partial count depends only on where it starts within a tile, which repeats every k / gcd(L, k)
-        # programs: count one period (or the programs before the last, if fewer) and the last one apart.
-        full = busy - 1
-        period = k // math.gcd(per_prog, k)
-        counted = min(full, period)
-        once = [_partial_segments(p * per_prog, (p + 1) * per_prog, k) for p in range(counted)]
-        if full > period:
-            segments = (full // period) * sum(once) + sum(once[:full % period])
-        else:
-            segments = sum(once)
-        segments += _partial_segments(full * per_prog, units, k)
+        # the `extra` long slices from unit 0, then the short ones (none when base is 0)
+        segments = _run_segments(0, base + 1, extra, k)
+        if base:
+            segments += _run_segments(extra * (base + 1), base, programs - extra, k)
     return {"per_prog": per_prog, "busy": busy, "touched": touched, "segments": segments}
+
+
+def _run_segments(offset: int, length: int, count: int, k: int) -> int:
+    """Partial tile segments of `count` back-to-back slices of `length` units from unit `offset`. Only a
+    slice's first and last tile can be partial (the tiles between are whole), and that depends only on where
+    it starts within a tile, which repeats every k / gcd(length, k) slices: count one period and scale."""
+    if count <= 0 or length <= 0:
+        return 0
+    period = k // math.gcd(length, k)
+    once = [_partial_segments(offset + p * length, offset + (p + 1) * length, k) for p in range(min(count, period))]
+    return (count // period) * sum(once) + sum(once[:count % period]) if count > period else sum(once)
 
 
 def _partial_segments(start: int, end: int, k: int) -> int:
@@ -228,8 +237,8 @@ def _partial_segments(start: int, end: int, k: int) -> int:
 
 def streamk_program_counts(m: int, cout_g: int, groups: int, k_iters: int, num_sms: int) -> list[int]:
     """Program counts the rule weighs for stream-K: one per SM and, for each model tile with more work units
-    than SMs, the most programs up to _STREAMK_PROGRAMS_PER_SM per SM that split its units into equal whole
-    slices (ceil(units / s) programs of s units, s the shortest slice that fits): at batch 1 a layer with a
+    than SMs, the most programs up to _STREAMK_PROGRAMS_PER_SM per SM that split its units into whole slices
+    of at most s units (ceil(units / s) programs, s the shortest slice that fits): at batch 1 a layer with a
     few more work units than SMs (MobileNetV2 features.4.conv.2: 49 tiles of 16x32 x 3 K steps = 147 units)
     otherwise runs slices of 2 steps that straddle tiles — two pipeline starts — where 147 programs of one
     step each, two per SM on some SMs, pay one."""
@@ -325,7 +334,7 @@ def schedule_options(m: int, cout_g: int, groups: int, k_iters: int, num_sms: in
                     continue
                 t = estimate_streamk_time(m, cout_g, groups, k_iters, num_sms, nbytes=nbytes, tiles=((bm, bn),),
                                           programs=programs)[0]
-                # programs with work: ceil(units / programs) units each leaves the last ones empty
+                # programs with work: all, unless the tile has fewer units than programs
                 busy = streamk_slices(work_units(m, cout_g, groups, k_iters, bm, bn), k_iters, programs)["busy"]
                 rated.append((t, min(1.0, busy / sms), (bm, bn)))
             best_of("stream_k", programs, rated)
@@ -342,6 +351,38 @@ def pick(options: list[dict], achievable: float) -> dict:
     if plain in pool and plain["time"] * _CLEAR_WIN <= best["time"]:
         best = plain
     return best
+
+
+def schedule_candidates(m: int, cout_g: int, groups: int, k_iters: int, num_sms: int, *,
+                        nbytes: float | None = None) -> list[dict]:
+    """The schedules a launch weighs, as `schedule_options` entries: the rule's pick (`pick`, what
+    `choose_schedule` returns) first and, where that pick does not fill the GPU (`fills` against
+    `achievable_waves`) but a stream-K option does, the fastest such option as well (ties: the busier).
+
+    Why: the rule fixes the schedule from an uncalibrated model before the autotuner runs, and on a few
+    layers (ResNet-50 layer3.1.conv1 at batch 32, ...) that model rates every filling schedule 8-58 % slower
+    than a data-parallel grid that leaves SMs idle. Only a GPU can say which is right, so the launcher times
+    the second entry at warm-up beside the first (`variant_choice`, candidate "streamk") and keeps the faster.
+    Empty without SMs or work."""
+    if m <= 0 or cout_g <= 0 or num_sms <= 0:
+        return []
+    options = schedule_options(m, cout_g, groups, k_iters, num_sms, nbytes=nbytes)
+    reach = achievable_waves(m, cout_g, groups, k_iters, num_sms)
+    best = pick(options, reach)
+    out = [best]
+    if not fills(best["waves"], reach):
+        filling = [o for o in options if o["kind"] == "stream_k" and fills(o["waves"], reach)]
+        if filling:
+            out.append(min(filling, key=lambda o: (o["time"], -o["waves"])))
+    return out
+
+
+def filling_streamk(m: int, cout_g: int, groups: int, k_iters: int, num_sms: int, *,
+                    nbytes: float | None = None) -> int:
+    """Programs of the filling stream-K schedule timed at warm-up beside the rule's pick (the second entry of
+    `schedule_candidates`), or 0 where there is none (the pick fills, or no stream-K option does)."""
+    cands = schedule_candidates(m, cout_g, groups, k_iters, num_sms, nbytes=nbytes)
+    return cands[1]["value"] if len(cands) > 1 else 0
 
 
 def fills(waves: float, achievable: float) -> bool:

@@ -19,8 +19,11 @@ entries keyed by a portable form of the launch signature (dtypes by name, the de
 is kept per GPU model and triton version by `fusedconv.tuning`) and back. Import validates every entry —
 a malformed entry or an unknown candidate name is an error naming the source and the entry, never silently
 used — and a loaded choice is taken without timing, as long as that candidate is offered for the launch.
-(The schedule — data-parallel, split-K, stream-K — needs no persisting: it is a pure function of the shape
-and the SM count, `schedule.choose_schedule`. Both families run it: a stream-K layer's "tma" candidate is the
+(The rule's schedule — data-parallel, split-K, stream-K — needs no persisting: it is a pure function of the
+shape and the SM count, `schedule.choose_schedule`. Where it leaves the GPU short and a stream-K schedule
+would fill it, that schedule is one more candidate, "streamk" (the pointer stream-K kernel on
+`schedule.filling_streamk` programs, also a function of the shape and SM count), timed and persisted like
+the others. Both families run the rule's schedule: a stream-K layer's "tma" candidate is the
 TMA stream-K kernel, so a saved "tma" choice means the TMA kernel under the layer's schedule; split-K layers
 offer no "tma" candidate, and a saved choice naming one is timed anew as any choice not offered.)
 """
@@ -37,7 +40,7 @@ _loaded: dict = {}
 
 #: Candidate names a choice may hold: `choose` refuses others, so a new kernel family registers its name here
 #: and a saved table naming it loads.
-CANDIDATE_NAMES = {"pointer", "tma", "cudnn"}
+CANDIDATE_NAMES = {"pointer", "tma", "cudnn", "streamk"}
 
 
 def can_time(device: torch.device) -> bool:

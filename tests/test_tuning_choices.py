@@ -136,3 +136,28 @@ def test_portable_key_names_dtypes_and_device_types():
 def test_choose_refuses_an_unregistered_kernel_family(gpu_context):
     with pytest.raises(ValueError, match=r"candidates: unknown kernel family \['fancy'\].*CANDIDATE_NAMES"):
         variant_choice.choose(_key(), {"pointer": None, "fancy": None}, torch.device("cuda", 0))
+
+
+def test_a_filling_streamk_choice_round_trips_and_is_used_without_timing(gpu_context, monkeypatch, tmp_path):
+    """The warm-up's "streamk" candidate (the filling stream-K schedule, schedule.filling_streamk) persists
+    like the kernel families: saved, loaded in a new process and taken without timing where offered."""
+    variant_choice._choices[_key(32)] = "streamk"
+    path = str(tmp_path / "table.json")
+    tuning.save_tuning(path=path)
+    saved = json.loads(open(path).read())["choices"]
+    assert saved == [{"key": variant_choice.portable_key(_key(32)), "choice": "streamk"}]
+    monkeypatch.setattr(variant_choice, "_choices", {})  # a new process
+    monkeypatch.setattr(variant_choice, "_loaded", {})
+    assert tuning.load_tuning(paths=[path]) == 1
+    candidates = {**_no_timing(monkeypatch), "streamk": lambda: None}
+    assert variant_choice.choose(_key(32), candidates, torch.device("cuda", 0)) == "streamk"
+
+
+def test_a_misspelt_schedule_choice_is_refused_naming_file_and_entry(gpu_context, tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps({"gpu": GPU, "triton": TRITON, "entries": [],
+                                "choices": [{"key": "[1]", "choice": "streamk"},
+                                            {"key": "[2]", "choice": "stream_k"}]}))
+    with pytest.raises(ValueError, match=r"choices\[1\]: unknown candidate 'stream_k'") as info:
+        tuning.load_tuning(paths=[str(path)])
+    assert str(path) in str(info.value) and variant_choice._loaded == {}

@@ -71,6 +71,19 @@ def test_fused_conv2d_gradcheck(with_residual, act, layout, groups):
         assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in inputs)
 
 
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_fused_conv2d_gradcheck_weights_only(with_residual, layout):
+    """Neither x nor the residual requires grad, only the module's tensors (fine-tuning a first layer, saliency
+    w.r.t. weights): the CPU fast path's cached fold must not be taken."""
+    module = _fused_conv2d(1, "relu6")
+    tensors = tuple(_requiring_grad(module))
+    x = torch.randn(2, 4, 5, 5, dtype=F64)
+    x = x.contiguous(memory_format=CL) if layout == "channels_last" else x
+    residual = torch.randn(2, 4, 5, 5, dtype=F64) if with_residual else None
+    assert torch.autograd.gradcheck(lambda w, s, b: module(x, residual), tensors, eps=1e-6, atol=1e-7, rtol=1e-6)
+
+
 def _reference_conv2d(x, weight, scale, shift, residual, module: FusedConv2d):
     """The same function from nn.functional ops and the module's own tensors: act(conv(x, w) * s + b [+ r])."""
     y = F.conv2d(x, weight, None, module.stride, module.padding, module.dilation, module.groups)
@@ -201,8 +214,8 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-def test_converted_resnet18_gradients_match_the_original(layout):
+@pytest.mark.parametrize("layout,x_grad", [("nchw", True), ("channels_last", True), ("nchw", False)])
+def test_converted_resnet18_gradients_match_the_original(layout, x_grad):
     """With every parameter and scale/shift of a converted resnet18 requiring grad, dL/dx and dL/dweight equal the
     original model's, and dL/dscale, dL/dshift mapped through the fold equal dL/dgamma, dL/dbeta (float64)."""
     torchvision = pytest.importorskip("torchvision")
@@ -227,12 +240,13 @@ def test_converted_resnet18_gradients_match_the_original(layout):
     if layout == "channels_last":
         x = x.contiguous(memory_format=CL)
     upstream = torch.randn(2, 1000, generator=g, dtype=F64)
-    x_fused, x_orig = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    x_fused, x_orig = x.clone().requires_grad_(x_grad), x.clone().requires_grad_(x_grad)
     (converted(x_fused) * upstream).sum().backward()
     (original(x_orig) * upstream).sum().backward()
 
     assert all(p.grad is not None for p in converted.parameters())
-    assert _rel(x_fused.grad, x_orig.grad) < 1e-9
+    if x_grad:
+        assert _rel(x_fused.grad, x_orig.grad) < 1e-9
     for name in ("weight", "bias"):
         assert _rel(getattr(converted.fc, name).grad, getattr(original.fc, name).grad) < 1e-9
     for name, fused in fused_layers.items():

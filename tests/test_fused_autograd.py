@@ -109,6 +109,23 @@ def test_fused_conv2d_gradients_equal_functional_reference(layout):
         torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
 
 
+def test_bfloat16_gradients_follow_the_float64_reference():
+    """Half precision applies scale / shift to the conv output in fp32 (no fold): gradients reach every tensor
+    and agree with the float64 reference to bfloat16 precision."""
+    module = _fused_conv2d(1, "silu").to(torch.bfloat16)
+    tensors = _requiring_grad(module)
+    x = torch.randn(1, 4, 6, 6, dtype=torch.bfloat16, requires_grad=True)
+    upstream = torch.randn(1, 4, 6, 6, dtype=F64)
+    inputs = [x, *tensors]
+    got = torch.autograd.grad((module(x).double() * upstream).sum(), inputs)
+    ref_inputs = [t.detach().double().requires_grad_(True) for t in inputs]
+    ref = _reference_conv2d(ref_inputs[0], *ref_inputs[1:], None, module)
+    want = torch.autograd.grad((ref * upstream).sum(), ref_inputs)
+    for g, w in zip(got, want):
+        rel = float((g.double() - w).norm() / w.norm())
+        assert rel < 3e-2, rel
+
+
 def test_no_grad_and_plain_calls_keep_the_cached_route():
     """Under no_grad (or when nothing requires grad) the eager CPU path keeps its cached, non-autograd route even
     when the module's tensors require grad; a grad-mode call then takes the general path (and gets gradients)."""

@@ -138,9 +138,10 @@ def conv_act(x, packed_weight, bias, call_args, residual):
 # ---------------------------------------------------------------------------------------------- the eager CPU path
 # How one FusedConv2d call is run, decided once per input signature (shape, strides, dtype, device, grad need):
 # GENERIC hands the call back to FusedConv2d's general path (CUDA, half precision, unbatched, empty, non-zero
-# padding modes, autograd); FOLDED is F.conv2d with the folded weight and bias, then residual and activation in
-# place (FOLDED_CL: the same for channels_last input, whose output is kept channels_last); ONEDNN is one oneDNN
-# conv with the packed weight and the activation (and residual add) as post-ops.
+# padding modes, autograd: a gradient for x, residual, weight, scale or shift); FOLDED is F.conv2d with the
+# folded weight and bias, then residual and activation in place (FOLDED_CL: the same for channels_last input,
+# whose output is kept channels_last); ONEDNN is one oneDNN conv with the packed weight and the activation (and
+# residual add) as post-ops.
 GENERIC, FOLDED, FOLDED_CL, ONEDNN = "generic", "folded", "folded_channels_last", "onednn"
 # Signatures remembered per module; a model fed ever-changing shapes starts over rather than growing forever.
 _MAX_ROUTES = 64
@@ -307,17 +308,24 @@ def eager_forward(module, x, residual, residual_private: bool = False):
     if ops.use_kernel is not _USE_KERNEL and ops.use_kernel(x, weight):
         return None  # FusedConv2d's routing to the op was patched (as tests do); unpatched it is False on CPU
     # The whole call in one tuple: the input's signature (route key; the grad mode read first, since under
-    # no_grad it settles the gradient question alone) followed by the snapshot of weight, scale and shift
-    # (version counters: in-place edits; data pointers: `.data = t`). Equal to the last call's and the
-    # same three tensor objects: the last call's route holds, with no dict lookup and no second compare.
+    # no_grad it settles the gradient question alone; in grad mode a gradient is needed when any of x, residual,
+    # weight, scale, shift requires grad, and such a call takes the general path, which is differentiable in
+    # all five — a user may set requires_grad on the module's tensors at any time) followed by the snapshot of
+    # weight, scale and shift (version counters: in-place edits; data pointers: `.data = t`). Equal to the last
+    # call's and the same three tensor objects: the last call's route holds, with no dict lookup and no second
+    # compare.
     try:
         if residual is None:
-            call = (x.shape, x.stride(), x.dtype, _grad_enabled() and x.requires_grad, weight._version,
+            call = (x.shape, x.stride(), x.dtype,
+                    _grad_enabled() and (x.requires_grad or weight.requires_grad or scale.requires_grad
+                                         or shift.requires_grad), weight._version,
                     scale._version, shift._version, weight.data_ptr(), scale.data_ptr(), shift.data_ptr())
         else:
             if type(residual) is not _Tensor:
                 return None
-            call = (x.shape, x.stride(), x.dtype, _grad_enabled() and (x.requires_grad or residual.requires_grad),
+            call = (x.shape, x.stride(), x.dtype,
+                    _grad_enabled() and (x.requires_grad or residual.requires_grad or weight.requires_grad
+                                         or scale.requires_grad or shift.requires_grad),
                     weight._version, scale._version, shift._version, weight.data_ptr(), scale.data_ptr(),
                     shift.data_ptr(), residual.shape, residual.stride(), residual.dtype, residual.device)
     except RuntimeError:

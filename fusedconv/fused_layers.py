@@ -16,6 +16,12 @@ Where they run: FusedConv3d on CUDA calls `torch.ops.fusedconv.conv3d_bn_act` (t
 whole epilogue); FusedConv1d on CUDA runs the 2-D kernel op with H = 1 (post-affine then one extra elementwise
 op). Everything else — CPU, float64, transposed convs on any device — is the standard op with the scale folded
 into a cached copy of the weight (fp32 / fp64) or applied to the output in fp32 (fp16 / bf16), then the epilogue.
+
+Autograd (as FusedConv2d): the weight is created with requires_grad=False, but whenever grad mode is on and the
+input, residual, weight, scale, shift, post_scale or post_shift (FusedLinear: also its bias) requires grad, the
+call skips the Triton ops (they have no backward) and the cached fold (built from detached tensors) and folds
+the scale in the graph, so every tensor that requires grad gets its exact gradient. Under no_grad /
+inference_mode, or when nothing requires grad, nothing changes.
 """
 
 from __future__ import annotations
@@ -156,15 +162,29 @@ class FusedAffineLayer(nn.Module):
         """Shape that broadcasts a per-channel vector over `y` (channels on dim 1, or dim 0 when unbatched)."""
         return (1, -1) + (1,) * (y.dim() - 2)
 
+    def _fold_tensors(self) -> tuple:
+        """The tensors the fold reads (FusedLinear adds its bias); a gradient for any of them needs the fold in
+        the graph (`_fold_in_graph`)."""
+        return self.weight, self.scale, self.shift
+
+    def _fold_in_graph(self) -> bool:
+        """Fold in the traced / autograd graph rather than from the cache: while tracing (a traced graph must not
+        mutate the module) and when autograd must reach the weight, scale or shift (the cache is detached)."""
+        return (torch.compiler.is_compiling() or torch.jit.is_tracing()
+                or ops.grad_needed(*self._fold_tensors()))
+
     def _folded(self):
-        """(weight * scale, shift) in the weight's dtype, cached per weight / scale / shift version."""
+        """(weight * scale, shift) in the weight's dtype, from detached tensors (no gradient reaches the sources
+        through it: calls needing one fold in the graph), cached per weight / scale / shift version and per
+        inference mode (a fold made inside inference_mode is an inference tensor autograd cannot save)."""
         tensors = (self.weight, self.scale, self.shift)
-        key = None if any(t.is_inference() for t in tensors) else tuple(
-            (t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
+        key = None if any(t.is_inference() for t in tensors) else (tuple(
+            (t.data_ptr(), t._version, t.dtype, t.device) for t in tensors), torch.is_inference_mode_enabled())
         cache = self._fold_cache
         if key is None or cache is None or cache[0] != key:
-            folded = self._scale_weight(self.weight, self.scale.to(self.weight.dtype))
-            cache = (key, tensors, folded, self.shift.to(self.weight.dtype))
+            weight = self.weight.detach()
+            folded = self._scale_weight(weight, self.scale.detach().to(weight.dtype))
+            cache = (key, tensors, folded, self.shift.detach().to(weight.dtype))
             if key is not None:
                 self._fold_cache = cache
         return cache[2], cache[3]
@@ -173,7 +193,9 @@ class FusedAffineLayer(nn.Module):
         """[+ residual], activation, [post-affine] on a tensor already holding layer(x) * scale + shift."""
         if residual is not None:
             y = y + residual.to(y.dtype)
-        y = apply_activation(y, self.act.name, self.act.param, inplace=residual is not None)
+        # In place only on the fresh sum and only when autograd is not recording (an in-place leaky_relu with a
+        # negative slope has no backward).
+        y = apply_activation(y, self.act.name, self.act.param, inplace=residual is not None and not y.requires_grad)
         if self.post_scale is not None:
             view = self._channel_view(y)
             y = y * self.post_scale.to(y.dtype).view(view) + self.post_shift.to(y.dtype).view(view)
@@ -183,8 +205,9 @@ class FusedAffineLayer(nn.Module):
         """The standard op with the BN folded (fp32 / fp64), or applied to the output in fp32 (fp16 / bf16)."""
         acc = epilogue_dtype(self.weight.dtype)
         if self.weight.dtype == acc:
-            if torch.compiler.is_compiling() or torch.jit.is_tracing():
-                # Traced graphs must not mutate the module: the fold is part of the graph (exported as a constant).
+            if self._fold_in_graph():
+                # Traced graphs must not mutate the module: the fold is part of the graph (exported as a constant);
+                # a gradient for weight / scale / shift flows through it.
                 wf, bf = self._scale_weight(self.weight, self.scale), self.shift
             else:
                 wf, bf = self._folded()
@@ -302,6 +325,9 @@ class FusedConvNd(FusedAffineLayer):
             y = self.forward(x.unsqueeze(0), None if residual is None else residual.unsqueeze(0))
             return y.squeeze(0)
         x, pad = self._pad_input(x)
+        if x.numel() > 0 and ops.grad_needed(x, residual, self.weight, self.scale, self.shift, self.post_scale,
+                                             self.post_shift):
+            return self._fallback(x, residual, pad)  # the ops have no backward: the differentiable path
         if x.numel() > 0 and self._ND == 3 and ops_nd.use_kernel_3d(x, self.weight):
             return ops_nd.conv3d_bn_act(x, self.weight, self.scale, self.shift, residual, self.post_scale,
                                         self.post_shift, self.stride, pad, self.dilation, self.groups,

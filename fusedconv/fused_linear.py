@@ -10,6 +10,10 @@ BatchNorm1d, act) for both input ranks, as PyTorch does.
 State: `weight` (out, in) and `bias` (out,) or None as nn.Linear keeps them, `scale` / `shift` (C,) of the BN
 (None when built without one), optional `post_scale` / `post_shift` of a BN after the activation; all of these
 but weight/bias in float32 (float64 for float64 modules). Every device runs the standard op plus the epilogue.
+
+Autograd: as the other fused layers (fused_layers.py), a call in grad mode where x, weight, bias, scale, shift
+or the post-affine requires grad folds in the graph (never from the detached cache), so each gets its exact
+gradient; the 3-D and no-BatchNorm paths apply the affine to the output and are differentiable as they are.
 """
 
 from __future__ import annotations
@@ -78,9 +82,13 @@ class FusedLinear(FusedAffineLayer):
     def _layer(self, x, weight, bias, *args):
         return F.linear(x, weight, bias)
 
+    def _fold_tensors(self) -> tuple:
+        return self.weight, self.bias, self.scale, self.shift
+
     def _folded(self):
         wf, shift = super()._folded()
-        bias = shift if self.bias is None else self.bias * self.scale.to(self.bias.dtype) + shift
+        # Detached like the cached weight: calls that need a gradient for these fold in the graph instead.
+        bias = shift if self.bias is None else self.bias.detach() * self.scale.detach().to(self.bias.dtype) + shift
         return wf, bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -109,7 +117,7 @@ class FusedLinear(FusedAffineLayer):
             return self._epilogue_rest(y, None)
         acc = epilogue_dtype(self.weight.dtype)
         if x.dim() == 2 and self.weight.dtype == acc:
-            if torch.compiler.is_compiling() or torch.jit.is_tracing():
+            if self._fold_in_graph():  # tracing, or a gradient for weight / bias / scale / shift
                 wf = self.weight * self.scale.view(-1, 1)
                 bf = self.shift if self.bias is None else self.bias * self.scale + self.shift
             else:

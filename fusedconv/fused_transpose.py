@@ -3,7 +3,9 @@
 The weight keeps nn.ConvTransposeNd's layout (Cin, Cout/groups, k...): output channel o = g * Cout_g + j sits on
 weight dim 1 within group g, so the BN scale folds along that axis, group by group (scaling dim 0 as for a conv
 is the classic bug). Every device runs the standard transposed conv (cuDNN on GPU) with the folded weight plus
-the epilogue; conventions (fp32 scale/shift, state_dict, errors) are those of `fused_layers.FusedAffineLayer`.
+the epilogue; conventions (fp32 scale/shift, state_dict, errors) and autograd (a call that needs a gradient for
+x, residual, weight, scale, shift or the post-affine folds in the graph, so each gets its exact gradient) are
+those of `fused_layers.FusedAffineLayer`.
 """
 
 from __future__ import annotations

@@ -9,6 +9,15 @@ When the scale does not fit the weight's dtype (fp16 overflow or subnormals) it 
 in fp32 instead. The cache is keyed on the tensors' identities and version counters (edits through `.data`
 need `refresh()`); under torch.compile / torch.export the fold is traced instead, so nothing is mutated.
 
+Autograd: an inference module that still gives exact gradients. Its weight is created with requires_grad=False,
+but whenever grad mode is on and x, the residual, the weight, scale or shift requires grad (a user fine-tuning
+or taking a saliency map), forward computes through differentiable standard ops: the Triton op (which has no
+backward) is routed around, the cached fold (computed from detached tensors) is bypassed and the scale is folded
+in the graph, `conv2d(x, weight * scale) + shift`, so every tensor that requires grad gets its exact gradient
+(the weight's through the chain rule of weight * scale); nothing is written in place into an input then (the
+CPU path's in-place residual route needs no gradient anywhere, fusedconv/cpu.py). Under no_grad /
+inference_mode, or when nothing requires grad, nothing changes.
+
 Inputs: (N, C, H, W) or unbatched (C, H, W) like nn.Conv2d; empty batches and empty spatial outputs give empty
 outputs of the right shape; any strides; the output follows the input's memory format.
 
@@ -256,9 +265,10 @@ class FusedConv2d(nn.Module):
         w = self.weight
         view = (-1, 1, 1, 1)
         acc = _epilogue_dtype(w.dtype)
-        wf = w.detach().to(acc) * self.scale.to(acc).view(view)
+        # Detached: the cache serves calls that need no gradient for these tensors (the others fold in the graph).
+        wf = w.detach().to(acc) * self.scale.detach().to(acc).view(view)
         folded = wf.to(w.dtype)
-        bias = self.shift.to(w.dtype)
+        bias = self.shift.detach().to(w.dtype)
         # "Exact enough": finite, and no weight flushed to zero or into the subnormal range where it loses its
         # precision; the shift must be finite in the weight's dtype too (|shift| > 65504 is inf in fp16).
         if not bool(torch.isfinite(folded).all()) or not bool(torch.isfinite(bias).all()):
@@ -307,7 +317,8 @@ class FusedConv2d(nn.Module):
             # Empty batch or empty spatial output: nothing to compute (and some backends refuse empty convs).
             return x.new_empty(out_shape).contiguous(memory_format=_memory_format(x))
         x, padding = self._pad_input(x)
-        if ops.use_kernel(x, self.weight):
+        # The op has no backward: a call autograd must record takes the differentiable fallback instead.
+        if ops.use_kernel(x, self.weight) and not ops.grad_needed(x, residual, self.weight, self.scale, self.shift):
             return ops.conv_bn_act(x, self.weight, self.scale, self.shift, residual, self.stride, padding,
                                    self.dilation, self.groups, self.act.name, self.act.param)
         return self._fallback(x, padding, residual)
@@ -320,6 +331,14 @@ class FusedConv2d(nn.Module):
                 wf = self.weight * self.scale.view(-1, 1, 1, 1)
                 return self._conv_folded(x, wf, self.shift, padding, residual)
             return self._conv_scaled(x, padding, residual)
+        if ops.grad_needed(self.weight, self.scale, self.shift):
+            # The cached fold is built from detached tensors: a gradient for weight / scale / shift needs the fold
+            # in the graph (fp32 / fp64; half precision scales the conv output, which is differentiable as is).
+            # Contiguous for the same reason as the cached fold (the output follows x's memory format).
+            if _epilogue_dtype(self.weight.dtype) == self.weight.dtype:
+                wf = (self.weight * self.scale.view(-1, 1, 1, 1)).contiguous()
+                return self._conv_folded(x, wf, self.shift, padding, residual)
+            return self._conv_scaled(x, padding, residual)
         wf, bf = self._folded()
         if wf is not None:
             return self._conv_folded(x, wf, bf, padding, residual)
@@ -329,7 +348,9 @@ class FusedConv2d(nn.Module):
         y = F.conv2d(x, wf, bf, self.stride, padding, self.dilation, self.groups)
         if residual is not None:
             y = y.add_(residual)
-        return apply_activation(y, self.act.name, self.act.param, inplace=True)
+        # In place saves a pass at inference; with autograd recording, out of place (an in-place leaky_relu with
+        # a negative slope has no backward, and nothing saved for backward is then overwritten).
+        return apply_activation(y, self.act.name, self.act.param, inplace=not y.requires_grad)
 
     def _conv_scaled(self, x, padding, residual):
         # Scale does not fit the weight's dtype: apply it to the conv output in the epilogue dtype.
@@ -338,7 +359,7 @@ class FusedConv2d(nn.Module):
         y = y.to(self.scale.dtype) * self.scale.view(1, -1, 1, 1) + self.shift.view(1, -1, 1, 1)
         if residual is not None:
             y = y + residual.to(y.dtype)
-        y = apply_activation(y, self.act.name, self.act.param, inplace=True)
+        y = apply_activation(y, self.act.name, self.act.param, inplace=not y.requires_grad)
         return y.to(x.dtype).contiguous(memory_format=fmt)
 
     def extra_repr(self) -> str:

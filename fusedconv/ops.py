@@ -19,6 +19,10 @@ Registration — chosen for torch 2.11 .. 2.14:
     triton_op is missing, or when FUSEDCONV_OPAQUE_OP=1 is set before import — the escape hatch if a future
     torch / triton pairing cannot trace the kernels.
 `OP_REGISTRATION` says which one is active.
+
+Autograd: the op is an inference op and registers no backward formula. The fused modules never call it on a
+graph that needs one: `grad_needed` is their routing test (grad mode on and any of the call's tensors requiring
+grad), and when it holds they compute through differentiable standard ops instead (see FusedConv2d).
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ import torch.nn.functional as F
 from fusedconv.validation import check_inputs
 from fusedconv.kernels.reference import apply_activation, conv_bn_act_ref, conv_output_shape, output_memory_format
 
-__all__ = ["OP_REGISTRATION", "conv_bn_act", "kernel_available", "pack_weight", "use_kernel"]
+__all__ = ["OP_REGISTRATION", "conv_bn_act", "grad_needed", "kernel_available", "pack_weight", "use_kernel"]
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_GROUPS = 65535  # CUDA grid y-dimension limit (groups are a grid axis of the GEMM kernel)
@@ -62,6 +66,19 @@ def _kernel_dtype_on_cuda(x: torch.Tensor, weight: torch.Tensor) -> bool:
 def use_kernel(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether FusedConv2d should call the op (CUDA + a kernel dtype) rather than its folded fallback."""
     return _kernel_dtype_on_cuda(x, weight)
+
+
+def grad_needed(*tensors) -> bool:
+    """True when autograd must record this call: grad mode is on and any given tensor (None entries are skipped)
+    requires grad. The op has no backward, so a fused module whose call this holds for takes a differentiable
+    path instead of the op; the requires_grad reads happen only in grad mode (never under no_grad /
+    inference_mode)."""
+    if not torch.is_grad_enabled():
+        return False
+    for t in tensors:
+        if t is not None and t.requires_grad:
+            return True
+    return False
 
 
 def _runs_kernel(x, weight, residual, groups) -> bool:

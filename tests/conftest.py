@@ -154,3 +154,20 @@ class _ChildRecorder:
     def pytest_sessionfinish(self, session):
         with open(self.path, "w") as f:
             json.dump(self.results, f)
+
+
+@pytest.fixture
+def inplace_calls(monkeypatch):
+    """The residual data pointers of every in-place oneDNN residual conv the CPU path runs (shared by the
+    private-residual and owned-input tests)."""
+    from fusedconv import cpu
+
+    calls = []
+    real = cpu._pointwise_binary_inplace
+
+    def counting(residual, *args):
+        calls.append(residual.data_ptr())
+        return real(residual, *args)
+
+    monkeypatch.setattr(cpu, "_pointwise_binary_inplace", counting)
+    return calls

@@ -55,19 +55,6 @@ class Net(nn.Module):
         return self.block(self.stem(x))
 
 
-@pytest.fixture
-def inplace_calls(monkeypatch):
-    calls = []
-    real = cpu._pointwise_binary_inplace
-
-    def counting(residual, *args):
-        calls.append(residual.data_ptr())
-        return real(residual, *args)
-
-    monkeypatch.setattr(cpu, "_pointwise_binary_inplace", counting)
-    return calls
-
-
 def _pair(model_cls, seed=0, **kw):
     torch.manual_seed(seed)
     model = randomize_bn(model_cls(**kw).eval(), seed)

@@ -17,16 +17,9 @@ import torch
 
 from fusedconv.kernels import conv_plan, schedule, variant_choice
 from test_kernel_interpret import ConvCase, run_case
+from test_schedule_waves import _layer
 
 SMS = 132
-
-
-def _layer(batch, hw, cin, cout, kh, stride=1):
-    """(m, cout_g, groups, k_iters, nbytes) of an fp16 conv as the launcher plans it (BLOCK_K 64)."""
-    oh = hw // stride
-    m = batch * oh * oh
-    k_iters = kh * kh * -(-cin // 64)
-    return m, cout, 1, k_iters, schedule.layer_bytes(m, cout, 1, k_iters, input_k=cin)
 
 
 # The batch-32 layers the static report (sm_90) lists as short: (batch, input hw, cin, cout, kernel, stride)

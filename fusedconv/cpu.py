@@ -114,10 +114,11 @@ def inplace_tail(geometry, act_name: str):
 
 def _writable(x, residual) -> bool:
     """The residual itself can take the output: float32, channels_last and dense (the layout oneDNN writes), not
-    a view, not an inference tensor, needing no gradient, and not the conv's own input."""
+    a view, needing no gradient, and not the conv's own input; an inference tensor only inside inference mode
+    (outside it PyTorch forbids in-place updates of inference tensors; inside it they are ordinary tensors)."""
     return (residual.dtype is torch.float32 and residual._base is None and not residual.requires_grad
-            and not residual.is_inference() and residual.is_contiguous(memory_format=torch.channels_last)
-            and residual.data_ptr() != x.data_ptr())
+            and (not residual.is_inference() or torch.is_inference_mode_enabled())
+            and residual.is_contiguous(memory_format=torch.channels_last) and residual.data_ptr() != x.data_ptr())
 
 
 def conv_act(x, packed_weight, bias, call_args, residual):

@@ -118,6 +118,23 @@ def test_torchvision_models_count_and_match_float64(name, count, inplace_calls):
         assert max_rel_error(fc64(x.double()), _ref64(model, x)) < 1e-10
 
 
+@pytest.mark.parametrize("name,count", [("resnet18", 7), ("mobilenet_v2", 5)])
+def test_inference_mode_writes_in_place_too(name, count, inplace_calls):
+    """Under torch.inference_mode every tensor is an inference tensor, which may be updated in place there: the
+    same residuals run in place as under no_grad, with the same result; the input stays untouched."""
+    torchvision = pytest.importorskip("torchvision")
+    model, fc = _pair(lambda: getattr(torchvision.models, name)(weights=None))
+    x = torch.randn(1, 3, 64, 64)
+    x_before = x.clone()
+    with torch.inference_mode():
+        for _ in range(3):
+            inplace_calls.clear()
+            y = fc(x)
+    assert len(inplace_calls) == count
+    assert max_rel_error(y, _ref64(model, x)) < TOL
+    assert torch.equal(x, x_before)
+
+
 def test_small_net_writes_blocks_after_the_first(inplace_calls):
     model, fc = _pair(lambda: Net(IdBlock, IdBlock, IdBlock))
     assert type(fc.stage) is OwnedInputSequential and isinstance(fc.stage, nn.Sequential)

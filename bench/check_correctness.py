@@ -11,6 +11,11 @@ Work items are (geometry, batch, dtype mode) with all their configs; `python -m 
 OUT DEADLINE` is the worker process the GPU check starts several of (compiling is single-threaded per
 process, so parallel workers cut the compile time of hundreds of specialisations). Each finished config is
 appended to OUT as one JSON line immediately, so a worker killed at its deadline loses nothing finished.
+
+Stream-K (pointer and TMA kernels) runs every config at each program count the schedule rule may launch the
+layer with on this GPU (`check_streamk`: one per SM, more than SMs on short-K layers, the filling count, and a
+count that leaves some programs one step more), and one short layer runs the launcher's "streamk" warm-up
+candidate itself.
 """
 
 from __future__ import annotations
@@ -33,6 +38,8 @@ DTYPE_MODES = ("float16", "bfloat16", "tf32", "float32")
 #: The GEMM schedules every non-depthwise item is checked under (their kernels and candidate configs differ);
 #: "tma" only where a TMA-descriptor kernel is eligible (`tma_kernel`), else it has no candidates.
 SCHEDULES = ("data-parallel", "stream-K", "tma")
+#: Kernel labels of the rows (and deny-list kernel names) of the stream-K schedules.
+STREAMK_KERNELS = ("streamk", "tma1x1_streamk", "tmakxk_streamk")
 
 
 @dataclass(frozen=True)
@@ -109,15 +116,23 @@ def candidate_configs(g: Geometry, batch: int, dtype_mode: str, device: torch.de
 
     oh, ow = g.out_hw()
     dtype = torch.float32 if dtype_mode in ("tf32", "float32") else getattr(torch, dtype_mode)
+    from fusedconv.kernels import conv_plan
+
     is_1x1 = g.kh == g.kw == 1 and g.padding == (0, 0)
     cin_g = g.cin // g.groups
+    # the launcher's loop flags (conv_plan._plan): they cap the tiles pruning keeps
+    small_cin = not is_1x1 and g.kh * g.kw > 1 and cin_g < conv_plan._FLAT_K_BELOW
+    row_k = small_cin and g.kw * cin_g <= conv_plan._ROW_K_MAX_WIDTH
     named = {"x_ptr": torch.empty(0, dtype=dtype, device=device), "M": batch * oh * ow, "COUT_G": g.cout // g.groups,
-             "CIN_G": cin_g, "KH": g.kh, "KW": g.kw, "IS_1X1": is_1x1,
-             "FLAT_K": not is_1x1 and g.kh * g.kw > 1 and cin_g < 16, "HAS_RESIDUAL": g.residual}
+             "CIN_G": cin_g, "KH": g.kh, "KW": g.kw, "IS_1X1": is_1x1, "FLAT_K": small_cin and not row_k,
+             "ROW_K": row_k, "ROW_WIDTH": cfgs.row_width(g.kw, cin_g, g.kh) if row_k else 16,
+             "HAS_RESIDUAL": g.residual}
     if schedule == "stream-K":
         return cfgs.prune_streamk_configs(cfgs.all_autotune_configs(), named)
     if schedule == "tma":
         return _tma_candidates(g, batch, dtype, device)
+    if schedule == "tma-stream-K":
+        return _tma_candidates(g, batch, dtype, device, streamk=True)
     return cfgs.prune_configs(cfgs.all_autotune_configs(), named)
 
 
@@ -138,14 +153,21 @@ def tma_kernel(g: Geometry, dtype: torch.dtype, device: torch.device) -> str | N
     return "tmakxk"  # stride-1 KxK, and strided 1x1 through the strided view
 
 
-def _tma_candidates(g: Geometry, batch: int, dtype: torch.dtype, device: torch.device) -> list:
+def _tma_candidates(g: Geometry, batch: int, dtype: torch.dtype, device: torch.device, streamk: bool = False) -> list:
     from types import SimpleNamespace
 
-    from fusedconv.kernels import conv_tma, conv_tma_kxk
+    from fusedconv.kernels import conv_tma, conv_tma_kxk, conv_tma_streamk
 
     kernel = tma_kernel(g, dtype, device)
     base = SimpleNamespace(base=torch.empty(0, dtype=dtype, device=device))
     oh, ow = g.out_hw()
+    if streamk and kernel == "tma1x1":  # the stream-K kernels' own pruning: workspace fit, their deny-list
+        return conv_tma_streamk._prune_1x1(conv_tma_streamk.configs_1x1(2) + conv_tma_streamk.configs_1x1(4),
+                                           {"a_desc": base, "M": batch * oh * ow, "CIN": g.cin, "COUT": g.cout,
+                                            "HAS_RESIDUAL": g.residual})
+    if streamk and kernel == "tmakxk":
+        return conv_tma_streamk._prune_kxk(conv_tma_streamk.configs_kxk(2) + conv_tma_streamk.configs_kxk(4),
+                                           {"x_desc": base, "CIN": g.cin, "COUT": g.cout, "HAS_RESIDUAL": g.residual})
     if kernel == "tma1x1":
         return conv_tma._prune_tma(conv_tma.tma_configs(2) + conv_tma.tma_configs(4),
                                    {"a_desc": base, "M": batch * oh * ow, "CIN": g.cin, "COUT": g.cout,
@@ -185,6 +207,17 @@ def forced_config(cfg, depthwise: bool, kernel: str = "gemm"):
         finally:
             dw._autotuned = saved
         return
+    if kernel in ("tma1x1_streamk", "tmakxk_streamk"):
+        sk = importlib.import_module("fusedconv.kernels.conv_tma_streamk")
+        fn = sk._conv1x1_tma_streamk_kernel if kernel == "tma1x1_streamk" else sk._conv_kxk_tma_streamk_kernel
+        single = triton.autotune(configs=[cfg], key=["M"] if kernel == "tma1x1_streamk" else ["N"])(fn)
+        saved = sk._autotuned_kernel
+        sk._autotuned_kernel = lambda kind, programs: single  # every program count: this config
+        try:
+            yield
+        finally:
+            sk._autotuned_kernel = saved
+        return
     if kernel in ("tma1x1", "tmakxk"):
         tma_mod = importlib.import_module("fusedconv.kernels.conv_tma" if kernel == "tma1x1"
                                           else "fusedconv.kernels.conv_tma_kxk")
@@ -202,17 +235,19 @@ def forced_config(cfg, depthwise: bool, kernel: str = "gemm"):
     if not hasattr(mod, "_autotuned_kernel"):
         raise RuntimeError("fusedconv.kernels.conv_bn_act has no _autotuned_kernel: the GPU check cannot force a "
                            "config; update bench/check_correctness.forced_config")
-    saved = mod._autotuned_kernel, getattr(mod, "_autotuned_streamk", None)
+    if not hasattr(mod, "_get_autotuned_streamk"):
+        raise RuntimeError("fusedconv.kernels.conv_bn_act has no _get_autotuned_streamk: the GPU check cannot force "
+                           "a stream-K config; update bench/check_correctness.forced_config")
+    saved = mod._autotuned_kernel, mod._get_autotuned_streamk
     mod._autotuned_kernel = triton.autotune(configs=[cfg], key=mod._configs.AUTOTUNE_KEY)(mod._conv_gemm_kernel)
-    if hasattr(mod, "_conv_streamk_kernel"):
-        # The stream-K kernel gets the same config (only tiles that fit its workspace slots are ever run
-        # through it: `check_item` runs stream-K with stream-K candidates only).
-        mod._autotuned_streamk = triton.autotune(configs=[cfg], key=mod._configs.STREAMK_AUTOTUNE_KEY)(
-            mod._conv_streamk_kernel)
+    # The stream-K kernel gets the same config at every program count (only tiles that fit its workspace
+    # slots are ever run through it: `check_item` runs stream-K with stream-K candidates only).
+    single_streamk = triton.autotune(configs=[cfg], key=mod._configs.STREAMK_AUTOTUNE_KEY)(mod._conv_streamk_kernel)
+    mod._get_autotuned_streamk = lambda programs: single_streamk
     try:
         yield
     finally:
-        mod._autotuned_kernel, mod._autotuned_streamk = saved
+        mod._autotuned_kernel, mod._get_autotuned_streamk = saved
 
 
 # --------------------------------------------------------------------------------------------- checking
@@ -252,11 +287,15 @@ def _path(g: Geometry) -> str:
 
 
 def check_item(g: Geometry, batch: int, dtype_mode: str, device, configs=None, seed: int = 0, emit=None,
-               schedule: str = "data-parallel") -> list[dict]:
-    """One row per candidate config: errors vs float64 and pass/fail. `schedule`: "data-parallel" runs the
-    configs through the one-program-per-tile kernel (split-K as the launcher picks it), "stream-K" through the
-    stream-K kernel on every SM (whatever the schedule model would pick for this shape), "tma" through the
-    TMA-descriptor kernel where eligible, so every candidate of every kernel meets the float64 reference."""
+               schedule: str = "data-parallel", counts: list[int] | None = None) -> list[dict]:
+    """One row per candidate config (and program count): errors vs float64 and pass/fail. `schedule`:
+    "data-parallel" runs the configs through the one-program-per-tile kernel (split-K as the launcher picks
+    it), "stream-K" / "tma-stream-K" through the pointer / TMA stream-K kernel at each of `counts` programs
+    (plus, per config, a count that splits its units unevenly: `check_streamk.config_program_counts`; without
+    `counts`: one program per SM), "tma" through the TMA-descriptor kernel where eligible, and
+    "streamk-warmup" the launcher's own "streamk" warm-up candidate (the variant choice pinned to it; a row
+    fails if the launcher does not offer it) — so every candidate of every kernel meets the float64 reference."""
+    from bench import check_streamk
     from fusedconv.kernels import conv_bn_act, pack_weight
 
     dtype = torch.float32 if dtype_mode in ("tf32", "float32") else getattr(torch, dtype_mode)
@@ -274,28 +313,46 @@ def check_item(g: Geometry, batch: int, dtype_mode: str, device, configs=None, s
     old_tf32 = torch.backends.cudnn.allow_tf32
     torch.backends.cudnn.allow_tf32 = dtype_mode == "tf32"  # the launcher picks TF32 as cuDNN would
     try:
-        streamk = schedule == "stream-K" and not g.depthwise
-        tma = tma_kernel(g, dtype, device) if schedule == "tma" and not g.depthwise else None
+        streamk = schedule in ("stream-K", "tma-stream-K") and not g.depthwise
+        tma = tma_kernel(g, dtype, device) if schedule in ("tma", "tma-stream-K") and not g.depthwise else None
         if g.depthwise:
             launch_schedule, kernel = {}, "depthwise"
+        elif schedule == "tma-stream-K":
+            launch_schedule, kernel = {"tma": True}, (tma + "_streamk" if tma else None)
         elif tma:
             launch_schedule, kernel = {"tma": True, "stream_k": False}, tma
+        elif schedule == check_streamk.WARMUP_SCHEDULE:
+            # the launcher's own schedule choice (stream_k None), its "streamk" candidate picked
+            launch_schedule, kernel = {"tma": False, "cudnn": False}, "streamk"
         else:
             # the pointer kernel, pinned: tma=False so an sm_90 launch does not pick the TMA kernel instead
             launch_schedule = {"stream_k": True, "tma": False} if streamk else {"stream_k": False, "tma": False}
             kernel = "streamk" if streamk else "gemm"
+        runs = []
         for cfg in configs if configs is not None else candidate_configs(g, batch, dtype_mode, device, schedule):
+            if not streamk or kernel is None:
+                runs.append((cfg, None, None))
+                continue
+            units = check_streamk.work_units(g, batch, cfg, kernel)
+            for p in check_streamk.config_program_counts(counts, units) if counts else [True]:
+                runs.append((cfg, p, units))
+        for cfg, programs, units in runs:
             row = {"geometry": g.name, "batch": batch, "dtype": dtype_mode, "config": config_label(cfg),
                    "config_key": [*cfg.kwargs.values(), cfg.num_warps, cfg.num_stages],
-                   "kernel": kernel, "path": _path(g)}
+                   "kernel": kernel, "path": _path(g), "schedule": schedule}
+            call = dict(launch_schedule)
+            if programs is not None:
+                call["stream_k"] = programs
+                row.update(programs=programs, units=units,
+                           uneven=programs is not True and check_streamk.uneven(units, programs))
             start = time.perf_counter()
             try:
                 poison = torch.full(ref.shape, float("nan"), dtype=dtype, device=device)
                 del poison  # the allocator hands this NaN-filled block to the output next: unwritten shows
-                with forced_config(cfg, g.depthwise, kernel):
+                with forced_config(cfg, g.depthwise, kernel), _pinned_warmup(schedule == check_streamk.WARMUP_SCHEDULE):
                     out = conv_bn_act(x, packed, scale, shift, stride=g.stride, padding=g.padding,
                                       dilation=g.dilation, groups=g.groups, activation=g.activation,
-                                      act_param=act_param, residual=res, **launch_schedule)
+                                      act_param=act_param, residual=res, **call)
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 diff = out.double() - ref
@@ -315,6 +372,31 @@ def check_item(g: Geometry, batch: int, dtype_mode: str, device, configs=None, s
     return rows
 
 
+@contextlib.contextmanager
+def _pinned_warmup(active: bool):
+    """While active, the launcher's variant choice takes its "streamk" warm-up candidate (no timing, nothing
+    cached); raises if the launcher does not offer one, so a layer planned to offer it fails loudly."""
+    if not active:
+        yield
+        return
+    mod = _conv_module()
+    saved = mod._variant_choice
+
+    class _PickStreamK:
+        @staticmethod
+        def choose(key, candidates, device, output=None):
+            if "streamk" not in candidates:
+                raise RuntimeError(f"the launcher offered no 'streamk' warm-up candidate (offered: "
+                                   f"{sorted(candidates)})")
+            return "streamk"
+
+    mod._variant_choice = _PickStreamK
+    try:
+        yield
+    finally:
+        mod._variant_choice = saved
+
+
 # --------------------------------------------------------------------------------------------- worker
 def worker(items_path: str, out_path: str, deadline: float) -> int:
     """Check the work items in `items_path` (JSON list) until `deadline` (time.time()); JSON lines to out_path."""
@@ -331,16 +413,26 @@ def worker(items_path: str, out_path: str, deadline: float) -> int:
                 break
             g = Geometry(**{k: tuple(v) if isinstance(v, list) else v for k, v in item["geometry"].items()})
             for schedule in item.get("schedules", ("data-parallel",) if g.depthwise else SCHEDULES):
-                configs = candidate_configs(g, item["batch"], item["dtype"], device, schedule)
+                # the warm-up candidate runs the stream-K kernel's autotuned pick: one run, any config
+                configs = candidate_configs(g, item["batch"], item["dtype"], device,
+                                            "stream-K" if schedule == "streamk-warmup" else schedule)
                 if item.get("max_configs"):
                     configs = configs[:item["max_configs"]]
                 check_item(g, item["batch"], item["dtype"], device, configs, seed=item.get("seed", 0), emit=emit,
-                           schedule=schedule)
+                           schedule=schedule, counts=item.get("streamk_counts"))
     return 0
 
 
-def item(g: Geometry, batch: int, dtype_mode: str, max_configs: int | None = None) -> dict:
-    return {"geometry": asdict(g), "batch": batch, "dtype": dtype_mode, "max_configs": max_configs}
+def item(g: Geometry, batch: int, dtype_mode: str, max_configs: int | None = None, schedules=None,
+         streamk_counts: list[int] | None = None) -> dict:
+    """A work item: `schedules` (default: every schedule, data-parallel only for depthwise), the stream-K
+    program counts (`check_streamk.rule_program_counts`; default one program per SM)."""
+    out = {"geometry": asdict(g), "batch": batch, "dtype": dtype_mode, "max_configs": max_configs}
+    if schedules is not None:
+        out["schedules"] = list(schedules)
+    if streamk_counts is not None:
+        out["streamk_counts"] = list(streamk_counts)
+    return out
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ from collections import Counter
 import torch
 
 from bench import check_correctness as cc
+from bench import check_streamk
 from bench import env as bench_env
 from bench import gpu_check_report as check_report
 from bench import metrics
@@ -136,11 +137,22 @@ def save_default_table() -> str | None:
 
 
 # --------------------------------------------------------------------------------------------- (a)
-def correctness_items(dry_run: bool, notes: list | None = None) -> list[dict]:
-    """Work items in priority order: the tests' edge cases, then the bench layers; fp16 first."""
+#: SM count the dry run plans its stream-K program counts for (the interpreter has no SMs; small, so the
+#: interpreted grid stays short).
+DRY_RUN_SMS = 4
+
+
+def correctness_items(dry_run: bool, notes: list | None = None, num_sms: int | None = None) -> list[dict]:
+    """Work items in priority order: the tests' edge cases, the "streamk" warm-up candidate on one short layer,
+    then the bench layers; fp16 first. Stream-K runs at the schedule rule's program counts for `num_sms` SMs
+    (default: this GPU's); the TMA stream-K kernels on the edge cases and on the layers the rule gives
+    stream-K (where the launcher runs them)."""
+    if num_sms is None:
+        num_sms = DRY_RUN_SMS if dry_run else torch.cuda.get_device_properties(0).multi_processor_count
     if dry_run:
         tiny = [g for g in cc.TEST_GEOMETRIES if g.name in ("t_1x1", "t_7x7_stride2_flatk", "t_depthwise")]
-        return [cc.item(g, 1, mode, max_configs=1) for mode in ("float32", "float16") for g in tiny]
+        return [_with_streamk(g, 1, mode, num_sms, True, max_configs=1)
+                for mode in ("float32", "float16") for g in tiny]
     from bench.shapes import NETS, layer_cases
 
     layers = []
@@ -151,14 +163,33 @@ def correctness_items(dry_run: bool, notes: list | None = None) -> list[dict]:
             if notes is not None:
                 notes.append(f"correctness: {net} layers skipped ({exc})")
     items = []
+    warmup = check_streamk.warmup_case(layers, (32, 1), torch.float16, num_sms)
+    if warmup is not None:
+        items.append(cc.item(warmup[0], warmup[1], "float16", schedules=[check_streamk.WARMUP_SCHEDULE]))
+    elif notes is not None:
+        notes.append(f"correctness: no bench layer offers the 'streamk' warm-up candidate on {num_sms} SMs")
     for mode in DTYPE_ORDER:
-        items += [cc.item(g, 2, mode) for g in cc.TEST_GEOMETRIES]
+        items += [_with_streamk(g, 2, mode, num_sms, True) for g in cc.TEST_GEOMETRIES]
         for batch in (32, 1):
             if mode != "float16" and batch == 1:
                 continue  # batch 1 for the other dtypes comes last (below)
-            items += [cc.item(g, batch, mode) for g in layers]
-    items += [cc.item(g, 1, mode) for mode in DTYPE_ORDER[1:] for g in layers]
+            items += [_with_streamk(g, batch, mode, num_sms) for g in layers]
+    items += [_with_streamk(g, 1, mode, num_sms) for mode in DTYPE_ORDER[1:] for g in layers]
     return items
+
+
+def _with_streamk(g, batch: int, mode: str, num_sms: int, tma_streamk: bool = False, max_configs=None) -> dict:
+    """A work item whose stream-K runs use the rule's program counts; the TMA stream-K schedule where asked or
+    where the rule gives the layer stream-K (its pick or the filling warm-up schedule)."""
+    if g.depthwise:
+        return cc.item(g, batch, mode, max_configs=max_configs)
+    dtype = torch.float32 if mode in ("tf32", "float32") else getattr(torch, mode)
+    plan = check_streamk.layer_plan(g, batch, dtype, num_sms)
+    schedules = list(cc.SCHEDULES)
+    if tma_streamk or plan["streamk_programs"] or plan["filling_streamk"]:
+        schedules.append("tma-stream-K")
+    return cc.item(g, batch, mode, max_configs=max_configs, schedules=schedules,
+                   streamk_counts=check_streamk.rule_program_counts(g, batch, dtype, num_sms))
 
 
 def run_correctness(results: dict, deadline: float, device, dry_run: bool, workers: int | None, save) -> None:
@@ -218,8 +249,12 @@ def update_denylist(rows: list[dict], env: dict) -> int:
 
     new = []
     for r in rows:
-        if r.get("ok") or r["kernel"] not in ("gemm", "streamk", "tma1x1", "tmakxk") \
+        if r.get("ok") or r["kernel"] not in ("gemm", "tma1x1", "tmakxk", *cc.STREAMK_KERNELS) \
                 or "OutOfMemory" in r.get("error", ""):
+            continue
+        if r.get("schedule") == check_streamk.WARMUP_SCHEDULE:
+            # the warm-up run: a missing candidate or a failure of the config the plan forced is evidence for
+            # the report, not a config key (the same configs run one by one under "stream-K")
             continue
         dtype = "float32" if r["dtype"] == "tf32" else r["dtype"]
         new.append({"gpu": env["device_name"], "triton": env["triton"], "kernel": r["kernel"],

@@ -71,16 +71,37 @@ def _get_autotuned_kernel():
     return _autotuned_kernel
 
 
-def _get_autotuned_streamk():
-    """The autotuner around _conv_streamk_kernel (tiles up to STREAMK_MAX_TILE), built on first GPU use."""
-    global _autotuned_streamk
-    if _autotuned_streamk is None:
-        _autotuned_streamk = triton.autotune(
+#: One stream-K autotuner per program count: the grid size is no kernel argument, so an autotuner's key cannot
+#: hold it, and a config tuned under one count (slices of one K step) would be reused under another.
+_autotuned_streamk: dict = {}
+
+
+def _get_autotuned_streamk(programs: int):
+    """The autotuner around _conv_streamk_kernel for launches of `programs` programs (tiles up to
+    STREAMK_MAX_TILE), built on first GPU use."""
+    tuner = _autotuned_streamk.get(programs)
+    if tuner is None:
+        tuner = triton.autotune(
             configs=_configs.all_autotune_configs(),
             key=_configs.STREAMK_AUTOTUNE_KEY,
             prune_configs_by={"early_config_prune": _configs.prune_streamk_configs},
         )(_conv_streamk_kernel)
-    return _autotuned_streamk
+        _autotuned_streamk[programs] = tuner
+    return tuner
+
+
+@functools.lru_cache(maxsize=1024)
+def streamk_workspace_tile(dtype, device, m, cout_g, cin_g, kh, kw, is_1x1, flat_k, row_k, row_width,
+                           has_residual) -> int:
+    """Values per workspace slot of a pointer stream-K launch: the largest BLOCK_M * BLOCK_N among the configs
+    the autotuner may run for it (`prune_streamk_configs` on the same arguments, deny-list included), not
+    STREAMK_MAX_TILE for every launch (a 16x64-tile layer on 264 programs needed 34 MB of 128x128 slots).
+    The kernel's static_assert still refuses a tile larger than its slot."""
+    named = {"x_ptr": torch.empty(0, dtype=dtype, device=device), "M": m, "COUT_G": cout_g, "CIN_G": cin_g,
+             "KH": kh, "KW": kw, "IS_1X1": is_1x1, "FLAT_K": flat_k, "ROW_K": row_k, "ROW_WIDTH": row_width,
+             "HAS_RESIDUAL": has_residual}
+    kept = _configs.prune_streamk_configs(_configs.all_autotune_configs(), named)
+    return max(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] for c in kept)
 
 
 def _plan(*args, **kwargs):
@@ -90,15 +111,24 @@ def _plan(*args, **kwargs):
 
 _plan_cached = functools.lru_cache(maxsize=2048)(_plan)
 
+def _streamk_tile(plan, x) -> int:
+    """WS_TILE of a pointer stream-K launch: the interpreter's one tile, else `streamk_workspace_tile`."""
+    if interpreting():
+        return _configs.INTERPRET_CONFIG["BLOCK_M"] * _configs.INTERPRET_CONFIG["BLOCK_N"]
+    f = plan["flags"]
+    return streamk_workspace_tile(x.dtype, x.device, plan["m"], plan["cout_g"], plan["int_args"][6], f["KH"],
+                                  f["KW"], f["IS_1X1"], f["FLAT_K"], f["ROW_K"], f["ROW_WIDTH"], f["HAS_RESIDUAL"])
+
+
 def _launch_streamk(plan, x, weight, scale, shift, res, y, act_param):
     """Stream-K launch: `plan['streamk_programs']` programs, per-program workspace slots, tile counters."""
     programs, m, cout_g = plan["streamk_programs"], plan["m"], plan["cout_g"]
     groups = plan["cout"] // cout_g
+    tile = _streamk_tile(plan, x)
     if interpreting():
-        cfg = _configs.INTERPRET_CONFIG
-        tile, min_bm, min_bn = cfg["BLOCK_M"] * cfg["BLOCK_N"], cfg["BLOCK_M"], cfg["BLOCK_N"]
+        min_bm, min_bn = _configs.INTERPRET_CONFIG["BLOCK_M"], _configs.INTERPRET_CONFIG["BLOCK_N"]
     else:
-        tile, min_bm, min_bn = _configs.STREAMK_MAX_TILE, 16, 16
+        min_bm, min_bn = 16, 16
     workspace = _streamk.partial_workspace(programs, tile, x.device)
     counters = _streamk.tile_counters(x.device, _cdiv(m, min_bm) * _cdiv(cout_g, min_bn) * groups)
     args = (x, weight, scale, shift, res, y, workspace, counters, *plan["int_args"], float(act_param), groups)
@@ -107,7 +137,7 @@ def _launch_streamk(plan, x, weight, scale, shift, res, y, act_param):
     if interpreting():
         _conv_streamk_kernel[(programs,)](*args, **flags, **_configs.INTERPRET_CONFIG)
     else:
-        traceable(_get_autotuned_streamk())[(programs,)](*args, **flags)
+        traceable(_get_autotuned_streamk(programs))[(programs,)](*args, **flags)
     return y
 
 

@@ -113,13 +113,27 @@ def fits_workspace(configs, block_m) -> list:
     return [c for c in configs if block_m(c) * c.kwargs["BLOCK_N"] <= STREAMK_MAX_TILE]
 
 
+#: Deny-list kernel names of the two stream-K TMA kernels: the GPU check runs them apart from the data-parallel
+#: TMA kernels (other programs, a fix-up), so a config failing here is denied here. Entries of the data-parallel
+#: kernel ("tma1x1" / "tmakxk") still apply: the K loop is the same code.
+DENY_KERNEL = {"1x1": "tma1x1_streamk", "kxk": "tmakxk_streamk"}
+
+
+def _drop_denied_streamk(kind: str, configs, tensor) -> list:
+    from fusedconv.kernels.denylist import config_key, drop_denied
+
+    return drop_denied(configs, {"IS_1X1": kind == "1x1"}, kernel=DENY_KERNEL[kind], tensor=tensor, key=config_key)
+
+
 def _prune_1x1(configs, named_args, **kwargs):
-    return fits_workspace(_tma._prune_tma(configs, named_args, **kwargs), lambda c: c.kwargs["BLOCK_M"])
+    kept = fits_workspace(_tma._prune_tma(configs, named_args, **kwargs), lambda c: c.kwargs["BLOCK_M"])
+    return _drop_denied_streamk("1x1", kept, named_args["a_desc"].base)
 
 
 def _prune_kxk(configs, named_args, **kwargs):
-    return fits_workspace(_kxk._prune_kxk(configs, named_args, **kwargs),
+    kept = fits_workspace(_kxk._prune_kxk(configs, named_args, **kwargs),
                           lambda c: c.kwargs["BLOCK_H"] * c.kwargs["BLOCK_W"])
+    return _drop_denied_streamk("kxk", kept, named_args["x_desc"].base)
 
 
 def configs_1x1(dtype_bytes: int) -> list:
@@ -131,22 +145,36 @@ def configs_kxk(dtype_bytes: int) -> list:
     return fits_workspace(_kxk.kxk_configs(dtype_bytes), lambda c: c.kwargs["BLOCK_H"] * c.kwargs["BLOCK_W"])
 
 
+#: Autotuners by (kind, programs): the program count is the grid, not a kernel argument, so it cannot be in an
+#: autotuner's key; one autotuner per count keeps a config tuned under one count from being reused under another.
 _autotuned = {}
 
 
-def _autotuned_kernel(kind: str):
-    """The autotuner around the 1x1 ("1x1") or KxK ("kxk") stream-K kernel, built on first GPU use."""
-    if kind not in _autotuned:
+def _autotuned_kernel(kind: str, programs: int):
+    """The autotuner around the 1x1 ("1x1") or KxK ("kxk") stream-K kernel for `programs` programs, built on
+    first GPU use."""
+    if (kind, programs) not in _autotuned:
         if kind == "1x1":
-            _autotuned[kind] = triton.autotune(
+            _autotuned[kind, programs] = triton.autotune(
                 configs=configs_1x1(2) + configs_1x1(4), key=["M", "CIN", "COUT", "HAS_RESIDUAL"],
                 prune_configs_by={"early_config_prune": _prune_1x1})(_conv1x1_tma_streamk_kernel)
         else:
-            _autotuned[kind] = triton.autotune(
+            _autotuned[kind, programs] = triton.autotune(
                 configs=configs_kxk(2) + configs_kxk(4),
                 key=["N", "OH", "OW", "CIN", "COUT", "KH", "KW", "HAS_RESIDUAL"],
                 prune_configs_by={"early_config_prune": _prune_kxk})(_conv_kxk_tma_streamk_kernel)
-    return _autotuned[kind]
+    return _autotuned[kind, programs]
+
+
+def workspace_tile(kind: str, named_args: dict) -> int:
+    """Values per workspace slot of a TMA stream-K launch: the largest tile (GEMM rows x BLOCK_N) among the
+    configs its autotuner may run for these arguments (the same pruning, deny-list included), so a small-tile
+    layer does not get STREAMK_MAX_TILE slots per program. The kernels' static_assert refuses a larger tile."""
+    if kind == "1x1":
+        kept = _prune_1x1(configs_1x1(2) + configs_1x1(4), named_args)
+        return max(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] for c in kept)
+    kept = _prune_kxk(configs_kxk(2) + configs_kxk(4), named_args)
+    return max(c.kwargs["BLOCK_H"] * c.kwargs["BLOCK_W"] * c.kwargs["BLOCK_N"] for c in kept)
 
 
 def _buffers(device, programs, ws_tile, tiles):
@@ -166,7 +194,9 @@ def conv1x1_tma_streamk_launch(x, weight, scale, shift, residual, y, activation_
     a_desc = _tma.TensorDescriptor(x2d, [m, cin], [cin, 1], [first["BLOCK_M"], first["BLOCK_K"]])
     b_desc = _tma.TensorDescriptor(w2d, [cin, cout], [cout, 1], [first["BLOCK_K"], first["BLOCK_N"]])
     # Slots sized for the largest tile a config may use; counters for the smallest (16x16: pruning's floor).
-    ws_tile = interpret_cfg["BLOCK_M"] * interpret_cfg["BLOCK_N"] if interpret_cfg else STREAMK_MAX_TILE
+    ws_tile = (interpret_cfg["BLOCK_M"] * interpret_cfg["BLOCK_N"] if interpret_cfg else
+               workspace_tile("1x1", {"a_desc": a_desc, "M": m, "CIN": cin, "COUT": cout,
+                                      "HAS_RESIDUAL": residual is not None}))
     workspace, counters = _buffers(x.device, programs, ws_tile, -(-m // 16) * -(-cout // 16))
     res = residual if residual is not None else y
     args = (a_desc, b_desc, scale, shift, res, y, workspace, counters, m, cin, cout, h, w, *res_stride, *y.stride(),
@@ -176,7 +206,7 @@ def conv1x1_tma_streamk_launch(x, weight, scale, shift, residual, y, activation_
     if interpret_cfg is not None:
         _conv1x1_tma_streamk_kernel[(programs,)](*args, **flags, **interpret_cfg)
     else:
-        trace(_autotuned_kernel("1x1"))[(programs,)](*args, **flags)
+        trace(_autotuned_kernel("1x1", programs))[(programs,)](*args, **flags)
     return y
 
 
@@ -198,7 +228,8 @@ def conv_kxk_tma_streamk_launch(x, weight, scale, shift, residual, y, padding, d
         ws_tile = interpret_cfg["BLOCK_H"] * interpret_cfg["BLOCK_W"] * interpret_cfg["BLOCK_N"]
         min_h, min_w = interpret_cfg["BLOCK_H"], interpret_cfg["BLOCK_W"]
     else:
-        ws_tile = STREAMK_MAX_TILE
+        ws_tile = workspace_tile("kxk", {"x_desc": x_desc, "CIN": cin, "COUT": cout,
+                                         "HAS_RESIDUAL": residual is not None})
         min_h = min(c.kwargs["BLOCK_H"] for c in _kxk.kxk_configs(2))
         min_w = min(c.kwargs["BLOCK_W"] for c in _kxk.kxk_configs(2))
     tiles = n * -(-oh // min_h) * -(-ow // min_w) * -(-cout // 16)
@@ -211,7 +242,7 @@ def conv_kxk_tma_streamk_launch(x, weight, scale, shift, residual, y, padding, d
     if interpret_cfg is not None:
         _conv_kxk_tma_streamk_kernel[(programs,)](*args, **flags, **interpret_cfg)
     else:
-        trace(_autotuned_kernel("kxk"))[(programs,)](*args, **flags)
+        trace(_autotuned_kernel("kxk", programs))[(programs,)](*args, **flags)
     return y
 
 

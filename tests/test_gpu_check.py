@@ -39,7 +39,9 @@ def test_dry_run_writes_every_part(tmp_path):
     assert sec["rows"] and all(r["ok"] for r in sec["rows"]), [r for r in sec["rows"] if not r["ok"]]
     # every GEMM candidate is checked under both schedules: the data-parallel and the stream-K kernel
     assert {"gemm", "streamk", "depthwise"} <= {r["kernel"] for r in sec["rows"]} <= {
-        "gemm", "streamk", "depthwise", "tma1x1", "tmakxk"}
+        "gemm", "streamk", "depthwise", "tma1x1", "tmakxk", "tma1x1_streamk", "tmakxk_streamk"}
+    # stream-K runs each config at several program counts (the rule's, planned for a few pretend SMs)
+    assert len({r["programs"] for r in sec["rows"] if r["kernel"] == "streamk"}) >= 2
     fused = [r for r in results["layers"] if r["provider"] == "fusedconv"]
     assert fused and all(r["status"] == "ok" for r in fused), fused
     (model,) = results["models"]

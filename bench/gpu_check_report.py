@@ -46,12 +46,23 @@ def _correctness(sec) -> list[str]:
            f"{sec.get('denylist_added', 0)}." + (f" {sec['note']}." if sec.get("note") else ""), ""]
     out += report._table(["dtype", "configs passed", "configs failed"],
                          [[d, by_dtype[(d, True)], by_dtype[(d, False)]] for d in dtypes])
+    # per kernel (stream-K ones at several program counts): runs, failures and time spent, compiles included
+    kernels = sorted({r.get("kernel", "?") for r in rows})
+    out += ["", *report._table(
+        ["kernel", "runs", "failed", "program counts", "uneven-slice runs", "seconds (sum over workers)"],
+        [[k, sum(1 for r in rows if r.get("kernel") == k), sum(1 for r in rows if r.get("kernel") == k
+                                                                  and not r.get("ok")),
+          len({r["programs"] for r in rows if r.get("kernel") == k and "programs" in r}) or "-",
+          sum(1 for r in rows if r.get("kernel") == k and r.get("uneven")),
+          round(sum(r.get("seconds", 0) for r in rows if r.get("kernel") == k), 1)] for k in kernels])]
     failed = [r for r in rows if not r.get("ok")]
     if failed:
         out += ["", "**Failing configs:**", ""]
-        out += report._table(["layer", "batch", "dtype", "path", "config", "rel error", "worst", "error"],
-                             [[r["geometry"], r["batch"], r["dtype"], r["path"], r["config"], _f(r.get("rel_error")),
-                               _f(r.get("max_error")), (r.get("error") or "")[:120]] for r in failed[:60]])
+        out += report._table(["layer", "batch", "dtype", "kernel", "programs", "path", "config", "rel error", "worst",
+                              "error"],
+                             [[r["geometry"], r["batch"], r["dtype"], r.get("kernel", "?"), r.get("programs", "-"),
+                               r["path"], r["config"], _f(r.get("rel_error")), _f(r.get("max_error")),
+                               (r.get("error") or "")[:120]] for r in failed[:60]])
     worst = max((r for r in rows if r.get("ok")), key=lambda r: r["rel_error"], default=None)
     if worst:
         out += ["", f"Largest passing error: {worst['rel_error']:.2e} relative ({worst['geometry']} b{worst['batch']} "

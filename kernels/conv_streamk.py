@@ -17,8 +17,9 @@ schedule needs no co-residency and runs unchanged in Triton's sequential CPU int
 program resets the counter to 0, so a counter buffer is clean again after every launch (the autotuner reruns
 a launch with the same arguments).
 
-Workspace: [P * 2, WS_TILE] fp32 (WS_TILE: the largest stream-K tile, a constexpr the kernel checks its
-tile against at compile time); counters: one int32 per
+Workspace: [P * 2, WS_TILE] fp32 (WS_TILE: the largest tile the autotuner may run for the launch — the
+launcher prunes the configs as the autotuner does — a constexpr the kernel checks its tile against at compile
+time); counters: one int32 per
 tile of the smallest stream-K tile. Both are small and L2-resident on the layers this schedule is chosen for
 (see configs.choose_schedule).
 

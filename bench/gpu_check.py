@@ -7,7 +7,9 @@ install and the write-out fit 8 minutes):
       kernel tests' geometries, fp16 / bf16 / fp32 with TF32 on and off, against float64 Conv -> BN -> act, in
       parallel worker processes (compiling hundreds of specialisations is the cost). Failing GEMM configs are
       added to the committed deny-list `kernels/denylist.json` for this GPU + triton version, which the
-      library's pruning reads from then on.
+      library's pruning reads from then on. Stream-K configs (pointer and TMA) run at every program count the
+      schedule rule may use on this GPU plus one with uneven slices (bench/check_streamk.py), and the first
+      item runs the launcher's "streamk" warm-up candidate on a short layer.
   cuDNN candidate: the `gpu` tests of tests/test_cudnn_fused.py (cuDNN's fused op on the BN-folded weight vs
       float64, the launcher's cuDNN candidate), in a child pytest.
   (b) the layers suite for ResNet-50, fp16 channels_last, batch 32 and 1: fusedconv vs cuDNN's fused
@@ -224,10 +226,14 @@ def run_correctness(results: dict, deadline: float, device, dry_run: bool, worke
         sec["worker_exit_codes"] = [p.returncode for p in procs]
         sec["worker_errors"] = [open(os.path.join(tmp, f"err{i}.txt")).read()[-1500:] for i in range(n)
                                 if procs[i].returncode not in (0, -9)]
-    done = {(r["geometry"], r["batch"], r["dtype"]) for r in sec["rows"]}
-    sec["items_done"] = sum(1 for it in items if (it["geometry"]["name"], it["batch"], it["dtype"]) in done)
-    sec["not_run"] = [f"{it['geometry']['name']} b{it['batch']} {it['dtype']}" for it in items
-                      if (it["geometry"]["name"], it["batch"], it["dtype"]) not in done]
+    # the warm-up item shares its layer, batch and dtype with that layer's own item: told apart by schedule
+    warm = check_streamk.WARMUP_SCHEDULE
+    done = {(r["geometry"], r["batch"], r["dtype"], r.get("schedule") == warm) for r in sec["rows"]}
+    key = lambda it: (it["geometry"]["name"], it["batch"], it["dtype"], it.get("schedules") == [warm])  # noqa: E731
+    sec["items_done"] = sum(1 for it in items if key(it) in done)
+    sec["not_run"] = [f"{it['geometry']['name']} b{it['batch']} {it['dtype']}" + (" (streamk warm-up)" if key(it)[3]
+                                                                                   else "")
+                      for it in items if key(it) not in done]
     if not dry_run:
         sec["denylist_added"] = update_denylist(sec["rows"], results["environment"])
     save()

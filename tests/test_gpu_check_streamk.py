@@ -206,3 +206,28 @@ def test_too_small_workspace_cannot_launch(monkeypatch, shrink):
     else:
         with pytest.raises(Exception, match="(?i)assert"):
             fk.conv_bn_act(x, fk.pack_weight(w), scale, shift, stream_k=2, tma=False)
+
+
+def test_too_small_workspace_cannot_compile_for_sm90():
+    """Ahead of time for sm_90 (as a GPU build would): a pointer and a TMA stream-K variant compile with slots of
+    their tile's size and are refused by the static_assert with half of it."""
+    import os
+
+    from bench import aot
+
+    os.environ.pop("TRITON_INTERPRET", None)
+    pointer = min((v for v in kconfigs.aot_variants() if "WS_TILE" in v["constexprs"]),
+                  key=lambda v: v["constexprs"]["BLOCK_M"] * v["constexprs"]["BLOCK_N"])
+    tma = min((v for v in conv_tma_streamk.aot_variants() if "BLOCK_M" in v["constexprs"]),
+              key=lambda v: v["constexprs"]["BLOCK_M"] * v["constexprs"]["BLOCK_N"])
+    for variant in (pointer, tma):
+        k = variant["constexprs"]
+        tile = k["BLOCK_M"] * k["BLOCK_N"]
+        for ws_tile, fits in ((tile, True), (tile // 2, False)):
+            spec = {key: variant[key] for key in ("fn", "signature", "divisible_by_16", "num_warps", "num_stages")}
+            spec["constexprs"] = {**k, "WS_TILE": ws_tile}
+            if fits:
+                assert aot.compile_cubin(spec, 90)[0], variant["name"]
+            else:
+                with pytest.raises(Exception, match="(?i)assert"):
+                    aot.compile_cubin(spec, 90)

@@ -20,8 +20,6 @@ candidate itself.
 
 from __future__ import annotations
 
-import contextlib
-import importlib
 import json
 import sys
 import time
@@ -29,6 +27,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
+
+from bench.check_forcing import forced_config, pinned_warmup  # noqa: F401  (forced_config: part of this API)
 
 #: Relative Frobenius error and worst-element error (over max |ref|) per dtype mode. A miscompiled config is
 #: off by O(1); these bound rounding: 16-bit output rounding (2^-11 fp16, 2^-8 bf16), TF32 operands (2^-11),
@@ -94,11 +94,6 @@ def from_layer_case(case) -> Geometry:
 
 
 # --------------------------------------------------------------------------------------------- configs
-def _conv_module():
-    # The package binds the launcher function over its module's name: import the module itself.
-    return importlib.import_module("fusedconv.kernels.conv_bn_act")
-
-
 def candidate_configs(g: Geometry, batch: int, dtype_mode: str, device: torch.device,
                       schedule: str = "data-parallel") -> list:
     """The triton.Configs the autotuner may choose for this launch (after pruning, deny-list included), for
@@ -186,68 +181,6 @@ def config_label(cfg) -> str:
         return (f"{kw['BLOCK_H']}x{kw['BLOCK_W']}px x{kw['BLOCK_N']}x{kw['BLOCK_K']} w{cfg.num_warps}"
                 f"/s{cfg.num_stages}")
     return f"{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']} w{cfg.num_warps}/s{cfg.num_stages}"
-
-
-@contextlib.contextmanager
-def forced_config(cfg, depthwise: bool, kernel: str = "gemm"):
-    """Run the library's launcher with exactly `cfg` (an autotuner holding one config never benchmarks).
-
-    Under TRITON_INTERPRET=1 the launcher runs its fixed interpreter config instead; nothing is forced there
-    (the CPU dry run exercises this code path, not the configs).
-    """
-    import triton
-
-    if depthwise:
-        dw = importlib.import_module("fusedconv.kernels.depthwise")
-        saved = dw._autotuned
-        single = triton.autotune(configs=[cfg], key=dw.AUTOTUNE_KEY)(dw._depthwise_kernel)
-        dw._autotuned = lambda *args: single
-        try:
-            yield
-        finally:
-            dw._autotuned = saved
-        return
-    if kernel in ("tma1x1_streamk", "tmakxk_streamk"):
-        sk = importlib.import_module("fusedconv.kernels.conv_tma_streamk")
-        fn = sk._conv1x1_tma_streamk_kernel if kernel == "tma1x1_streamk" else sk._conv_kxk_tma_streamk_kernel
-        single = triton.autotune(configs=[cfg], key=["M"] if kernel == "tma1x1_streamk" else ["N"])(fn)
-        saved = sk._autotuned_kernel
-        sk._autotuned_kernel = lambda kind, programs: single  # every program count: this config
-        try:
-            yield
-        finally:
-            sk._autotuned_kernel = saved
-        return
-    if kernel in ("tma1x1", "tmakxk"):
-        tma_mod = importlib.import_module("fusedconv.kernels.conv_tma" if kernel == "tma1x1"
-                                          else "fusedconv.kernels.conv_tma_kxk")
-        fn = tma_mod._conv1x1_tma_kernel if kernel == "tma1x1" else tma_mod._conv_kxk_tma_kernel
-        keys = (["M", "CIN", "COUT", "OW", "HAS_RESIDUAL", "ACTIVATION"] if kernel == "tma1x1"
-                else ["N", "OH", "OW", "CIN", "COUT", "KH", "KW", "HAS_RESIDUAL"])
-        saved = tma_mod._autotuned
-        tma_mod._autotuned = triton.autotune(configs=[cfg], key=keys)(fn)
-        try:
-            yield
-        finally:
-            tma_mod._autotuned = saved
-        return
-    mod = _conv_module()
-    if not hasattr(mod, "_autotuned_kernel"):
-        raise RuntimeError("fusedconv.kernels.conv_bn_act has no _autotuned_kernel: the GPU check cannot force a "
-                           "config; update bench/check_correctness.forced_config")
-    if not hasattr(mod, "_get_autotuned_streamk"):
-        raise RuntimeError("fusedconv.kernels.conv_bn_act has no _get_autotuned_streamk: the GPU check cannot force "
-                           "a stream-K config; update bench/check_correctness.forced_config")
-    saved = mod._autotuned_kernel, mod._get_autotuned_streamk
-    mod._autotuned_kernel = triton.autotune(configs=[cfg], key=mod._configs.AUTOTUNE_KEY)(mod._conv_gemm_kernel)
-    # The stream-K kernel gets the same config at every program count (only tiles that fit its workspace
-    # slots are ever run through it: `check_item` runs stream-K with stream-K candidates only).
-    single_streamk = triton.autotune(configs=[cfg], key=mod._configs.STREAMK_AUTOTUNE_KEY)(mod._conv_streamk_kernel)
-    mod._get_autotuned_streamk = lambda programs: single_streamk
-    try:
-        yield
-    finally:
-        mod._autotuned_kernel, mod._get_autotuned_streamk = saved
 
 
 # --------------------------------------------------------------------------------------------- checking
@@ -349,7 +282,8 @@ def check_item(g: Geometry, batch: int, dtype_mode: str, device, configs=None, s
             try:
                 poison = torch.full(ref.shape, float("nan"), dtype=dtype, device=device)
                 del poison  # the allocator hands this NaN-filled block to the output next: unwritten shows
-                with forced_config(cfg, g.depthwise, kernel), _pinned_warmup(schedule == check_streamk.WARMUP_SCHEDULE):
+                warm = schedule == check_streamk.WARMUP_SCHEDULE
+                with forced_config(cfg, g.depthwise, kernel), pinned_warmup(warm):
                     out = conv_bn_act(x, packed, scale, shift, stride=g.stride, padding=g.padding,
                                       dilation=g.dilation, groups=g.groups, activation=g.activation,
                                       act_param=act_param, residual=res, **call)
@@ -370,31 +304,6 @@ def check_item(g: Geometry, batch: int, dtype_mode: str, device, configs=None, s
     finally:
         torch.backends.cudnn.allow_tf32 = old_tf32
     return rows
-
-
-@contextlib.contextmanager
-def _pinned_warmup(active: bool):
-    """While active, the launcher's variant choice takes its "streamk" warm-up candidate (no timing, nothing
-    cached); raises if the launcher does not offer one, so a layer planned to offer it fails loudly."""
-    if not active:
-        yield
-        return
-    mod = _conv_module()
-    saved = mod._variant_choice
-
-    class _PickStreamK:
-        @staticmethod
-        def choose(key, candidates, device, output=None):
-            if "streamk" not in candidates:
-                raise RuntimeError(f"the launcher offered no 'streamk' warm-up candidate (offered: "
-                                   f"{sorted(candidates)})")
-            return "streamk"
-
-    mod._variant_choice = _PickStreamK
-    try:
-        yield
-    finally:
-        mod._variant_choice = saved
 
 
 # --------------------------------------------------------------------------------------------- worker

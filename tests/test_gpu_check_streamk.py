@@ -120,7 +120,7 @@ def test_check_item_runs_each_stream_k_config_at_each_count(monkeypatch):
 
 
 def test_warm_up_pin_takes_streamk_and_fails_loudly_without_it():
-    with cc._pinned_warmup(True):
+    with cc.pinned_warmup(True):
         choice = launcher._variant_choice
         assert choice.choose("k", {"pointer": None, "streamk": None}, CPU) == "streamk"
         with pytest.raises(RuntimeError, match="no 'streamk' warm-up candidate"):

@@ -21,6 +21,10 @@ without a split); tiles are those kernels' configs that fit the workspace slots 
 
 from __future__ import annotations
 
+import functools
+from types import SimpleNamespace
+
+import torch
 import triton
 import triton.language as tl
 
@@ -177,6 +181,14 @@ def workspace_tile(kind: str, named_args: dict) -> int:
     return max(c.kwargs["BLOCK_H"] * c.kwargs["BLOCK_W"] * c.kwargs["BLOCK_N"] for c in kept)
 
 
+@functools.lru_cache(maxsize=1024)
+def _launch_workspace_tile(kind: str, dtype, device, m: int, cin: int, cout: int, has_residual: bool) -> int:
+    """`workspace_tile` of a launch, cached per problem (pruning builds configs: kept off the per-call path)."""
+    base = SimpleNamespace(base=torch.empty(0, dtype=dtype, device=device))
+    return workspace_tile(kind, {"a_desc" if kind == "1x1" else "x_desc": base, "M": m, "CIN": cin, "COUT": cout,
+                                 "HAS_RESIDUAL": has_residual})
+
+
 def _buffers(device, programs, ws_tile, tiles):
     return _streamk.partial_workspace(programs, ws_tile, device), _streamk.tile_counters(device, tiles)
 
@@ -195,8 +207,7 @@ def conv1x1_tma_streamk_launch(x, weight, scale, shift, residual, y, activation_
     b_desc = _tma.TensorDescriptor(w2d, [cin, cout], [cout, 1], [first["BLOCK_K"], first["BLOCK_N"]])
     # Slots sized for the largest tile a config may use; counters for the smallest (16x16: pruning's floor).
     ws_tile = (interpret_cfg["BLOCK_M"] * interpret_cfg["BLOCK_N"] if interpret_cfg else
-               workspace_tile("1x1", {"a_desc": a_desc, "M": m, "CIN": cin, "COUT": cout,
-                                      "HAS_RESIDUAL": residual is not None}))
+               _launch_workspace_tile("1x1", x.dtype, x.device, m, cin, cout, residual is not None))
     workspace, counters = _buffers(x.device, programs, ws_tile, -(-m // 16) * -(-cout // 16))
     res = residual if residual is not None else y
     args = (a_desc, b_desc, scale, shift, res, y, workspace, counters, m, cin, cout, h, w, *res_stride, *y.stride(),
@@ -228,8 +239,7 @@ def conv_kxk_tma_streamk_launch(x, weight, scale, shift, residual, y, padding, d
         ws_tile = interpret_cfg["BLOCK_H"] * interpret_cfg["BLOCK_W"] * interpret_cfg["BLOCK_N"]
         min_h, min_w = interpret_cfg["BLOCK_H"], interpret_cfg["BLOCK_W"]
     else:
-        ws_tile = workspace_tile("kxk", {"x_desc": x_desc, "CIN": cin, "COUT": cout,
-                                         "HAS_RESIDUAL": residual is not None})
+        ws_tile = _launch_workspace_tile("kxk", x.dtype, x.device, 0, cin, cout, residual is not None)
         min_h = min(c.kwargs["BLOCK_H"] for c in _kxk.kxk_configs(2))
         min_w = min(c.kwargs["BLOCK_W"] for c in _kxk.kxk_configs(2))
     tiles = n * -(-oh // min_h) * -(-ow // min_w) * -(-cout // 16)

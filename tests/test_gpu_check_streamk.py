@@ -231,3 +231,14 @@ def test_too_small_workspace_cannot_compile_for_sm90():
             else:
                 with pytest.raises(Exception, match="(?i)assert"):
                     aot.compile_cubin(spec, 90)
+
+
+def test_launch_workspace_tile_matches_the_launch_pruning():
+    """The TMA stream-K launchers' cached slot size is `workspace_tile` of the launch's own arguments."""
+    for kind, named in (("1x1", {"M": 49, "CIN": 64, "COUT": 32}), ("kxk", {"M": 0, "CIN": 64, "COUT": 16})):
+        base = SimpleNamespace(base=torch.empty(0, dtype=torch.float16))
+        expected = conv_tma_streamk.workspace_tile(kind, {"a_desc" if kind == "1x1" else "x_desc": base, **named,
+                                                          "HAS_RESIDUAL": True})
+        got = conv_tma_streamk._launch_workspace_tile(kind, torch.float16, CPU, named["M"], named["CIN"],
+                                                      named["COUT"], True)
+        assert got == expected < kconfigs.STREAMK_MAX_TILE

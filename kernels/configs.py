@@ -193,7 +193,8 @@ def prune_configs(configs, named_args, kernel: str = "gemm", **kwargs):
 AUTOTUNE_KEY = ["M", "CIN_G", "COUT_G", "H", "W", "OW", "stride_h", "stride_w", "dil_h", "sxc", "syc", "KH", "KW",
                 "HAS_RESIDUAL", "SPLIT_K", "IS_1X1", "ROW_K", "CH_ALIGN"]
 
-#: The stream-K kernel's key: the same shape arguments (it has no SPLIT_K; its program count is the SM count).
+#: The stream-K kernel's key: the same shape arguments (it has no SPLIT_K; its program count is the grid size, not an
+#: argument, so the launcher keeps one autotuner per program count instead of a key entry).
 STREAMK_AUTOTUNE_KEY = [k for k in AUTOTUNE_KEY if k != "SPLIT_K"]
 
 

@@ -180,8 +180,11 @@ def tma_variants(case: LayerCase, batch: int, dtype: str, plan: dict, stream_k: 
     if flags["IS_1X1"] and not strided_1x1:
         fn = conv_tma_streamk._conv1x1_tma_streamk_kernel if stream_k else conv_tma._conv1x1_tma_kernel
         prune = conv_tma_streamk._prune_1x1 if stream_k else conv_tma._prune_tma
-        kept = prune(conv_tma.tma_configs(esize), {"a_desc": base, "M": m, "CIN": s.cin, "COUT": s.cout,
-                                                   "HAS_RESIDUAL": case.residual})
+        # the data-parallel kernel's candidates include its TMA-store-epilogue twins (the launcher's output is
+        # dense channels_last: it has an output descriptor); the stream-K kernel has none
+        table = conv_tma_streamk.configs_1x1(esize) if stream_k else conv_tma.dp_configs(esize)
+        kept = prune(table, {"a_desc": base, "y_desc": None if stream_k else base, "M": m, "CIN": s.cin,
+                             "COUT": s.cout, "HAS_RESIDUAL": case.residual})
         ints = dict(zip(("M", "CIN", "COUT", "OH", "OW", "srn", "src", "srh", "srw", "syn", "syc", "syh", "syw"),
                         (m, s.cin, s.cout, oh, ow, *res_stride, *y_stride)))
     else:  # stride-1 KxK, or a strided 1x1 through the descriptor on the strided view (conv_tma_kxk)
@@ -199,8 +202,14 @@ def tma_variants(case: LayerCase, batch: int, dtype: str, plan: dict, stream_k: 
         if "a_desc" in fn.arg_names:  # the 1x1 GEMM kernels (data-parallel or stream-K)
             bm, bn, bk = kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"]
             descs = {"a_desc": f"tensordesc<{t}[{bm},{bk}]>", "b_desc": f"tensordesc<{t}[{bk},{bn}]>"}
+            if "y_desc" in fn.arg_names:  # output / residual descriptors (conv_tma.conv1x1_tma_launch)
+                descs["y_desc"] = descs["r_desc"] = f"tensordesc<{t}[{bm},{bn}]>"
+                kw.setdefault("TMA_EPILOGUE", False)
+                if not case.residual:
+                    kw["r_desc"] = None  # no residual: the launcher passes no descriptor
             tiles = -(-m // bm) * -(-s.cout // bn)
-            label = f"tma {bm}x{bn}x{bk} w{cfg.num_warps}/s{cfg.num_stages}"
+            label = (f"tma {bm}x{bn}x{bk} w{cfg.num_warps}/s{cfg.num_stages}"
+                     f"{' tma-store' if kw.get('TMA_EPILOGUE') else ''}")
         else:
             bh, bw, bn, bk = kw["BLOCK_H"], kw["BLOCK_W"], kw["BLOCK_N"], kw["BLOCK_K"]
             bm = bh * bw

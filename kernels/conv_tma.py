@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from fusedconv.kernels.configs import residual_spills
-from fusedconv.kernels.epilogue import epilogue_store
+from fusedconv.kernels.epilogue import epilogue_store, epilogue_tile
 
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -48,13 +48,14 @@ GROUP_M = 8
 
 @triton.jit
 def _conv1x1_tma_kernel(
-    a_desc, b_desc, scale_ptr, shift_ptr, res_ptr, y_ptr,
+    a_desc, b_desc, y_desc, r_desc, scale_ptr, shift_ptr, res_ptr, y_ptr,
     M, CIN, COUT, OH, OW,
     srn, src, srh, srw,
     syn, syc, syh, syw,
     ACT_PARAM,
     ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    TMA_EPILOGUE: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -70,8 +71,12 @@ def _conv1x1_tma_kernel(
 
     acc = k_loop_tma_1x1(a_desc, b_desc, m0, n0, 0, tl.cdiv(CIN, BLOCK_K), INPUT_PRECISION, BLOCK_M, BLOCK_N,
                          BLOCK_K)
-    epilogue_1x1(acc, m0, n0, scale_ptr, shift_ptr, res_ptr, y_ptr, M, COUT, OH, OW, srn, src, srh, srw,
-                 syn, syc, syh, syw, ACT_PARAM, ACTIVATION, HAS_RESIDUAL, BLOCK_M, BLOCK_N)
+    if TMA_EPILOGUE and y_desc is not None:  # y_desc None: the output is not TMA-storable (tma_store_eligible)
+        epilogue_1x1_tma_store(acc, m0, n0, y_desc, r_desc, scale_ptr, shift_ptr, res_ptr, y_ptr, M, COUT, OH, OW,
+                               srn, src, srh, srw, ACT_PARAM, ACTIVATION, HAS_RESIDUAL, BLOCK_M, BLOCK_N)
+    else:
+        epilogue_1x1(acc, m0, n0, scale_ptr, shift_ptr, res_ptr, y_ptr, M, COUT, OH, OW, srn, src, srh, srw,
+                     syn, syc, syh, syw, ACT_PARAM, ACTIVATION, HAS_RESIDUAL, BLOCK_M, BLOCK_N)
 
 
 @triton.jit
@@ -106,21 +111,70 @@ def epilogue_1x1(acc, m0, n0, scale_ptr, shift_ptr, res_ptr, y_ptr, M, COUT, OH,
                    HAS_RESIDUAL, ACTIVATION, ACT_PARAM)
 
 
+@triton.jit
+def epilogue_1x1_tma_store(acc, m0, n0, y_desc, r_desc, scale_ptr, shift_ptr, res_ptr, y_ptr, M, COUT, OH, OW,
+                           srn, src, srh, srw, ACT_PARAM, ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The fused epilogue of the tile at (m0, n0) written by one bulk-tensor store of the [M, COUT] output
+    descriptor (the copy engine clips rows >= M and columns >= COUT: no masks, no per-thread addresses). The
+    residual tile comes through `r_desc` when the residual has the output's dense layout, else by its strides."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < COUT
+    residual = 0.0
+    if HAS_RESIDUAL:
+        if r_desc is not None:
+            residual = r_desc.load([m0, n0])
+        else:
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            ow_idx = offs_m % OW
+            t = offs_m // OW
+            res_rows = (t // OH) * srn + (t % OH) * srh + ow_idx * srw
+            residual = tl.load(res_ptr + res_rows[:, None] + (offs_n * src)[None, :],
+                               mask=(offs_m < M)[:, None] & mask_n[None, :], other=0.0)
+    y_desc.store([m0, n0], epilogue_tile(acc, scale_ptr, shift_ptr, offs_n, mask_n, residual, HAS_RESIDUAL,
+                                         ACTIVATION, ACT_PARAM).to(y_ptr.dtype.element_ty))
+
+
 def _set_block_shapes(nargs):
-    """Autotune pre_hook: the descriptors' block shapes follow the config being launched."""
+    """Autotune pre_hook: the descriptors' block shapes follow the config being launched (the output and
+    residual descriptors, where the launch has them, take the output tile's)."""
     nargs["a_desc"].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_K"]]
     nargs["b_desc"].block_shape = [nargs["BLOCK_K"], nargs["BLOCK_N"]]
+    for name in ("y_desc", "r_desc"):
+        if nargs.get(name) is not None:
+            nargs[name].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_N"]]
 
 
 def tma_configs(dtype_bytes: int) -> list:
+    """The pointer-store-epilogue configs (the stream-K kernels of conv_tma_streamk run these too)."""
     table = _TMA_CONFIGS_16BIT if dtype_bytes <= 2 else _TMA_CONFIGS_32BIT
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": GROUP_M}, num_stages=s,
                           num_warps=w, pre_hook=_set_block_shapes) for bm, bn, bk, s, w in table]
 
 
+#: Tiles (BLOCK_M * BLOCK_N) at least this large also get a TMA-store-epilogue twin. Why only these: the
+#: bulk store pays by replacing per-thread address arithmetic and masked vector stores, which grow with the
+#: elements per thread (128 at 128x128 / 8 warps, 64 at 128x64 / 4 warps), while its fixed cost — staging the
+#: tile in shared memory, a fence and the wait for the copy engine — does not; every twin also doubles that
+#: tile's share of the autotuning time.
+TMA_EPILOGUE_MIN_TILE = 128 * 128
+
+
+def dp_configs(dtype_bytes: int) -> list:
+    """The data-parallel kernel's autotune candidates: `tma_configs`, plus a TMA_EPILOGUE twin of each tile of
+    at least TMA_EPILOGUE_MIN_TILE (same tile, output written by a bulk-tensor store)."""
+    base = tma_configs(dtype_bytes)
+    twins = [triton.Config({**c.kwargs, "TMA_EPILOGUE": True}, num_stages=c.num_stages, num_warps=c.num_warps,
+                           pre_hook=_set_block_shapes)
+             for c in base if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] >= TMA_EPILOGUE_MIN_TILE]
+    return base + twins
+
+
 def _prune_tma(configs, named_args, **kwargs):
-    """Configs of the input's dtype class, tiles capped to the problem (as configs.prune_configs does)."""
+    """Configs of the input's dtype class, tiles capped to the problem (as configs.prune_configs does); the
+    TMA_EPILOGUE twins only where the launch has an output descriptor (`y_desc`, see tma_store_eligible)."""
     args = {**named_args, **kwargs}
+    store_ok = args.get("y_desc") is not None
     dtype_bytes = args["a_desc"].base.element_size()
     own = {(c[0], c[1], c[2]) for c in (_TMA_CONFIGS_16BIT if dtype_bytes <= 2 else _TMA_CONFIGS_32BIT)}
 
@@ -131,9 +185,11 @@ def _prune_tma(configs, named_args, **kwargs):
     for c in configs:
         if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) not in own:
             continue
+        if c.kwargs.get("TMA_EPILOGUE") and not store_ok:
+            continue
         bm, bn = min(c.kwargs["BLOCK_M"], cap(args["M"])), min(c.kwargs["BLOCK_N"], cap(args["COUT"]))
         bk = min(c.kwargs["BLOCK_K"], cap(args["CIN"]))
-        sig = (bm, bn, bk, c.num_stages, c.num_warps)
+        sig = (bm, bn, bk, c.num_stages, c.num_warps, bool(c.kwargs.get("TMA_EPILOGUE")))
         if args.get("HAS_RESIDUAL") and residual_spills(bm, bn, c.num_warps):
             continue  # accumulator + residual tile spill in the epilogue (configs.residual_spills)
         if sig not in seen:
@@ -167,9 +223,33 @@ def tma_1x1_eligible(x, weight, groups, stride, padding, split_k) -> bool:
     return x.data_ptr() % 16 == 0 and weight.data_ptr() % 16 == 0 and n * h * w > 0
 
 
+def tma_store_eligible(t) -> bool:
+    """Whether the 4-D tensor `t` (an output, or a residual read like one) can go through a 2-D [N*H*W, C]
+    tensor descriptor for the TMA-store epilogue: a CUDA tensor (sm_90+) or a CPU one (the interpreter), dense
+    channels_last, a 16-byte aligned base and 16-byte rows (C times the element size a multiple of 16), at
+    least one element. False means: the pointer stores / loads of `epilogue_store`, never a faulting descriptor
+    (TensorDescriptor asserts the same alignment rules, on triton 3.6 and 3.8 alike)."""
+    if TensorDescriptor is None or t is None or t.dim() != 4 or t.numel() == 0:
+        return False
+    if t.is_cuda and torch.cuda.get_device_capability(t.device)[0] < 9:
+        return False
+    n, c, h, w = t.shape
+    if t.stride() != (h * w * c, 1, w * c, c):
+        return False
+    return (c * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
+
+
+def _store_desc(t, block):
+    """The [N*H*W, C] descriptor of an eligible NCHW-shaped, channels_last tensor (a view: no copy)."""
+    n, c, h, w = t.shape
+    return TensorDescriptor(t.permute(0, 2, 3, 1).reshape(n * h * w, c), [n * h * w, c], [c, 1], block)
+
+
 def conv1x1_tma_launch(x, weight, scale, shift, residual, y, activation_id, act_param, tf32, res_stride, autotuned,
                        interpret_cfg=None):
-    """Launch `_conv1x1_tma_kernel` on an eligible problem (the caller checked `tma_1x1_eligible`)."""
+    """Launch `_conv1x1_tma_kernel` on an eligible problem (the caller checked `tma_1x1_eligible`). The output
+    (and the residual) get a descriptor where `tma_store_eligible`, else None: then every config, TMA_EPILOGUE
+    twins included, stores (loads) through pointers. `interpret_cfg` may set TMA_EPILOGUE to force the variant."""
     n, cin, h, w = x.shape
     cout = weight.shape[0]
     m = n * h * w
@@ -178,8 +258,12 @@ def conv1x1_tma_launch(x, weight, scale, shift, residual, y, activation_id, act_
     first = interpret_cfg or {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 16}
     a_desc = TensorDescriptor(x2d, [m, cin], [cin, 1], [first["BLOCK_M"], first["BLOCK_K"]])
     b_desc = TensorDescriptor(w2d, [cin, cout], [cout, 1], [first["BLOCK_K"], first["BLOCK_N"]])
+    y_desc = _store_desc(y, [first["BLOCK_M"], first["BLOCK_N"]]) if tma_store_eligible(y) else None
+    r_desc = None
+    if y_desc is not None and residual is not None and tma_store_eligible(residual):
+        r_desc = _store_desc(residual, [first["BLOCK_M"], first["BLOCK_N"]])
     res = residual if residual is not None else y
-    args = (a_desc, b_desc, scale, shift, res, y, m, cin, cout, h, w, *res_stride, *y.stride(), float(act_param))
+    args = (a_desc, b_desc, y_desc, r_desc, scale, shift, res, y, m, cin, cout, h, w, *res_stride, *y.stride(), float(act_param))
     flags = dict(ACTIVATION=activation_id, HAS_RESIDUAL=residual is not None,
                  INPUT_PRECISION="tf32" if tf32 else "ieee")
 
@@ -200,7 +284,7 @@ def autotuned_kernel():
     """The autotuner around `_conv1x1_tma_kernel`, built on first GPU use."""
     global _autotuned
     if _autotuned is None:
-        _autotuned = triton.autotune(configs=tma_configs(2) + tma_configs(4),
+        _autotuned = triton.autotune(configs=dp_configs(2) + dp_configs(4),
                                      key=["M", "CIN", "COUT", "OW", "HAS_RESIDUAL", "ACTIVATION"],
                                      prune_configs_by={"early_config_prune": _prune_tma})(_conv1x1_tma_kernel)
     return _autotuned
@@ -208,40 +292,62 @@ def autotuned_kernel():
 
 def aot_variants() -> list[dict]:
     """The TMA kernel's configs described for ahead-of-time compile tests (format: configs.aot_variants), with
-    `expects_tma` True: the sm_90 build must contain bulk-tensor copies (cp.async.bulk.tensor)."""
+    `expects_tma` True: the sm_90 build must contain bulk-tensor copies (cp.async.bulk.tensor). Every pointer-store
+    config per dtype (activation and residual rotating), and the TMA_EPILOGUE twins of fp16 and fp32 (bf16's
+    would compile the same store path again) with `expects_tma_store`: the sm_90 build must store through a
+    bulk-tensor copy (global.shared::cta) and not spill."""
     from fusedconv.kernels.epilogue import ACTIVATION_IDS
 
-    short = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
     acts = list(ACTIVATION_IDS)
     variants = []
     turn = 0
     for dtype in ("float16", "bfloat16", "float32"):
-        for cfg in tma_configs(4 if dtype == "float32" else 2):
-            bm, bn, bk = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
-            t = short[dtype]
-            sig = {"a_desc": f"tensordesc<{t}[{bm},{bk}]>", "b_desc": f"tensordesc<{t}[{bk},{bn}]>",
-                   "scale_ptr": "*fp32", "shift_ptr": "*fp32", "res_ptr": f"*{t}", "y_ptr": f"*{t}"}
-            for name in ("M", "CIN", "COUT", "OH", "OW", "srn", "src", "srh", "srw", "syn", "syc", "syh", "syw"):
-                sig[name] = "i32"
-            sig["ACT_PARAM"] = "fp32"
+        for cfg in dp_configs(4 if dtype == "float32" else 2):
+            twin = bool(cfg.kwargs.get("TMA_EPILOGUE"))
+            if twin and dtype == "bfloat16":
+                continue
             act, residual = acts[turn % len(acts)], turn % 2 == 0
             turn += 1
-            constexprs = dict(ACTIVATION=ACTIVATION_IDS[act], HAS_RESIDUAL=residual,
-                              INPUT_PRECISION="tf32" if dtype == "float32" else "ieee", **cfg.kwargs)
-            for name in constexprs:
-                sig[name] = "constexpr"
-            # Channels_last unit strides are specialised to constexpr 1 by real launches.
-            for unit in ("src", "syc"):
-                sig[unit] = "constexpr"
-                constexprs[unit] = 1
-            divisible = tuple(a for a in ("scale_ptr", "shift_ptr", "res_ptr", "y_ptr", "CIN", "COUT", "srn", "srh",
-                                          "srw", "syn", "syh", "syw") if sig[a] != "constexpr")
-            variants.append({
-                "name": f"tma_conv1x1_{act}_{'res_' if residual else ''}{t}_m{bm}n{bn}k{bk}s{cfg.num_stages}"
-                        f"w{cfg.num_warps}",
-                "fn": _conv1x1_tma_kernel, "signature": sig, "constexprs": constexprs,
-                "attrs": {(_conv1x1_tma_kernel.arg_names.index(a),): [["tt.divisibility", 16]] for a in divisible},
-                "divisible_by_16": divisible, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
-                "dtype": dtype, "expects_tensor_cores": True, "expects_tma": True,
-            })
+            if twin:  # the residual through its descriptor wherever pruning lets a residual launch have the tile
+                residual = not residual_spills(cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_warps)
+            variants.append(_aot_variant(dtype, cfg, act, residual))
     return variants
+
+
+def _aot_variant(dtype: str, cfg, act: str, residual: bool) -> dict:
+    """One aot_variants entry: `cfg` compiled as a real launch specialises it (dense channels_last tensors:
+    unit channel strides constexpr 1, 16-divisible pointers, channel counts and strides; output and residual
+    descriptors as the launcher builds them)."""
+    from fusedconv.kernels.epilogue import ACTIVATION_IDS
+
+    t = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}[dtype]
+    bm, bn, bk = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
+    twin = bool(cfg.kwargs.get("TMA_EPILOGUE"))
+    sig = {"a_desc": f"tensordesc<{t}[{bm},{bk}]>", "b_desc": f"tensordesc<{t}[{bk},{bn}]>",
+           "y_desc": f"tensordesc<{t}[{bm},{bn}]>", "r_desc": f"tensordesc<{t}[{bm},{bn}]>",
+           "scale_ptr": "*fp32", "shift_ptr": "*fp32", "res_ptr": f"*{t}", "y_ptr": f"*{t}"}
+    for name in ("M", "CIN", "COUT", "OH", "OW", "srn", "src", "srh", "srw", "syn", "syc", "syh", "syw"):
+        sig[name] = "i32"
+    sig["ACT_PARAM"] = "fp32"
+    constexprs = dict(ACTIVATION=ACTIVATION_IDS[act], HAS_RESIDUAL=residual,
+                      INPUT_PRECISION="tf32" if dtype == "float32" else "ieee")
+    constexprs.update({"TMA_EPILOGUE": False, **cfg.kwargs})  # the kernel's default where the config has none
+    if not residual:  # the launcher passes no residual descriptor then
+        constexprs["r_desc"] = None
+    for name in constexprs:
+        sig[name] = "constexpr"
+    # Channels_last unit strides are specialised to constexpr 1 by real launches.
+    for unit in ("src", "syc"):
+        sig[unit] = "constexpr"
+        constexprs[unit] = 1
+    sig = {name: sig[name] for name in _conv1x1_tma_kernel.arg_names}  # parameter order
+    divisible = tuple(a for a in ("scale_ptr", "shift_ptr", "res_ptr", "y_ptr", "CIN", "COUT", "srn", "srh",
+                                  "srw", "syn", "syh", "syw") if sig[a] != "constexpr")
+    return {
+        "name": f"tma_conv1x1_{act}_{'res_' if residual else ''}{t}_m{bm}n{bn}k{bk}s{cfg.num_stages}"
+                f"w{cfg.num_warps}{'_tmastore' if twin else ''}",
+        "fn": _conv1x1_tma_kernel, "signature": sig, "constexprs": constexprs,
+        "attrs": {(_conv1x1_tma_kernel.arg_names.index(a),): [["tt.divisibility", 16]] for a in divisible},
+        "divisible_by_16": divisible, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
+        "dtype": dtype, "expects_tensor_cores": True, "expects_tma": True, "expects_tma_store": twin,
+    }

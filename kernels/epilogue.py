@@ -9,6 +9,9 @@ loaded residual tile (any dtype; ignored unless HAS_RESIDUAL). The activation is
 activation compiles to its own straight-line code; `ACTIVATION_IDS` maps the names of
 `fusedconv.kernels.reference.ACTIVATIONS` to those integers, and `activation_id(name)` validates a name.
 
+`epilogue_store` ends every GEMM-style kernel with masked per-thread pointer stores; `epilogue_tile` is the same
+arithmetic without the store, for the TMA kernels' variant that writes the tile through a tensor descriptor.
+
 `traceable(kernel)` returns the kernel wrapped with `torch.library.wrap_triton` while torch is tracing: every
 launcher calls its GPU kernels through it, so the `fusedconv::conv_bn_act` triton_op can be traced by
 torch.compile / torch.export (an unwrapped kernel launched under tracing would see fake tensors and fail).
@@ -139,6 +142,16 @@ def epilogue_store(acc, scale_ptr, shift_ptr, res_ptr, y_ptr, res_rows, y_rows, 
         residual = tl.load(res_ptr + res_rows[:, None] + (offs_n * src)[None, :], mask=mask_mn, other=0.0)
     out = epilogue(acc, scale[None, :], shift[None, :], residual, HAS_RESIDUAL, ACTIVATION, ACT_PARAM)
     tl.store(y_ptr + y_rows[:, None] + (offs_n * syc)[None, :], out.to(y_ptr.dtype.element_ty), mask=mask_mn)
+
+
+@triton.jit
+def epilogue_tile(acc, scale_ptr, shift_ptr, offs_n, mask_n, residual, HAS_RESIDUAL: tl.constexpr,
+                  ACTIVATION: tl.constexpr, ACT_PARAM):
+    """`epilogue_store` without the store: the fp32 result tile act(acc * scale + shift [+ residual]) for the
+    channels `offs_n`, for kernels that write it themselves (the TMA kernels' bulk-tensor store epilogue, which
+    also loads `residual` itself: a tile of the accumulator's shape, ignored without HAS_RESIDUAL)."""
+    scale, shift = load_scale_shift(scale_ptr, shift_ptr, offs_n, mask_n)
+    return epilogue(acc, scale[None, :], shift[None, :], residual, HAS_RESIDUAL, ACTIVATION, ACT_PARAM)
 
 
 @triton.jit

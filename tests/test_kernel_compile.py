@@ -49,6 +49,8 @@ MAX_WORKERS = 8
 _TENSOR_CORE_RE = re.compile(r"^\s*(?:@!?%\w+\s+)?((?:wgmma|mma)\.[\w.]+)", re.MULTILINE)
 # A TMA bulk-tensor copy (global -> shared through a tensor descriptor).
 _BULK_TENSOR_RE = re.compile(r"\bcp\.async\.bulk\.tensor\.")
+# A TMA bulk-tensor store (shared -> global through a tensor descriptor: the TMA-store epilogue).
+_BULK_TENSOR_STORE_RE = re.compile(r"\bcp\.async\.bulk\.tensor\.\d+d\.global\.shared::cta")
 _MMA_TYPE = {"float16": ".f16", "bfloat16": ".bf16", "float32": ".tf32"}
 
 
@@ -101,11 +103,30 @@ def compile_one(variant: dict, cap: int) -> dict:
         return {"ok": True, "ptx_chars": len(ptx), "cubin": bool(kernel.asm.get("cubin")),
                 "tensor_core_ops": sorted(set(_TENSOR_CORE_RE.findall(ptx))),
                 "bulk_tensor_copies": len(_BULK_TENSOR_RE.findall(ptx)),
+                "bulk_tensor_stores": len(_BULK_TENSOR_STORE_RE.findall(ptx)),
+                "spill_bytes": _spill_bytes(kernel.asm.get("cubin")) if variant.get("expects_tma_store") else None,
                 "target_line": next((ln.strip() for ln in ptx.splitlines() if ln.startswith(".target")), ""),
                 "seconds": round(time.perf_counter() - start, 2)}
     except Exception as exc:  # reported per variant by the tests
         return {"ok": False, "error": f"{type(exc).__name__}: {exc}"[-4000:],
                 "seconds": round(time.perf_counter() - start, 2)}
+
+
+def _spill_bytes(cubin) -> int | None:
+    """Stack + local bytes of a cubin per `cuobjdump --dump-resource-usage` (Triton ships the tool), None without
+    the tool: the bytes a kernel spills registers to."""
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not cubin or not os.path.isfile(tool):
+        return None
+    with tempfile.TemporaryDirectory(prefix="fusedconv-cubin-") as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        out = subprocess.run([tool, "--dump-resource-usage", path], capture_output=True, text=True, timeout=120)
+    fields = dict(re.findall(r"\b(STACK|LOCAL):(\d+)", out.stdout))
+    return int(fields["STACK"]) + int(fields["LOCAL"]) if {"STACK", "LOCAL"} <= set(fields) else None
 
 
 def _cost(variant: dict) -> int:
@@ -147,8 +168,8 @@ def _variant_meta() -> list[dict]:
     pytest.importorskip("triton")
     from fusedconv.kernels import aot_variants
 
-    return [{**{k: v[k] for k in ("name", "dtype", "expects_tensor_cores")}, "expects_tma": v.get("expects_tma", False)}
-            for v in aot_variants()]
+    return [{**{k: v[k] for k in ("name", "dtype", "expects_tensor_cores")}, "expects_tma": v.get("expects_tma", False),
+             "expects_tma_store": v.get("expects_tma_store", False)} for v in aot_variants()]
 
 
 _VARIANTS = _variant_meta() if __name__ != "__main__" else []  # script mode needs no collection
@@ -251,6 +272,28 @@ def test_tma_variants_use_bulk_tensor_copies_and_wgmma(compile_results, variant)
     result = _result(compile_results, variant["name"], 90)
     assert result["bulk_tensor_copies"] > 0, "no cp.async.bulk.tensor in the sm_90 PTX"
     assert any(op.startswith("wgmma.") for op in result["tensor_core_ops"]), result["tensor_core_ops"]
+
+
+@pytest.mark.parametrize("variant", [v for v in _VARIANTS if v["expects_tma_store"]], ids=lambda v: v["name"])
+def test_tma_store_epilogue_variants_store_through_the_copy_engine(compile_results, variant):
+    """The TMA-store-epilogue variants (conv_tma's TMA_EPILOGUE configs) write their output tile with a bulk
+    tensor store on sm_90, keep wgmma, and spill nothing; the pointer-store variants have no such store."""
+    result = _result(compile_results, variant["name"], 90)
+    assert result["bulk_tensor_stores"] > 0, "no cp.async.bulk.tensor ... global.shared::cta store in the PTX"
+    assert any(op.startswith("wgmma.") for op in result["tensor_core_ops"]), result["tensor_core_ops"]
+    assert result["spill_bytes"] == 0, f"spills {result['spill_bytes']} bytes (stack + local)"
+
+
+def test_pointer_store_tma_variants_have_no_bulk_store(compile_results):
+    """Counterpart of the check above, so it cannot pass on a regex that matches the loads: a pointer-store
+    TMA 1x1 variant compiled in the same session has bulk-tensor loads and no bulk-tensor store."""
+    names = [v["name"] for v in _VARIANTS if v["expects_tma"] and not v["expects_tma_store"]
+             and v["name"].startswith("tma_conv1x1_") and v["name"] in compile_results]
+    if not names:
+        pytest.skip("no pointer-store TMA 1x1 variant selected in this session")
+    for name in names:
+        result = _result(compile_results, name, 90)
+        assert result["bulk_tensor_copies"] > 0 and result["bulk_tensor_stores"] == 0, (name, result)
 
 
 # ------------------------------------------------------------------------------------------------ other triton

@@ -168,9 +168,10 @@ def _tma_candidates(g: Geometry, batch: int, dtype: torch.dtype, device: torch.d
         return conv_tma._prune_tma(conv_tma.dp_configs(2) + conv_tma.dp_configs(4),
                                    {"a_desc": base, "y_desc": base, "M": batch * oh * ow, "CIN": g.cin,
                                     "COUT": g.cout, "HAS_RESIDUAL": g.residual})
-    if kernel == "tmakxk":
-        return conv_tma_kxk._prune_kxk(conv_tma_kxk.kxk_configs(2) + conv_tma_kxk.kxk_configs(4),
-                                       {"x_desc": base, "CIN": g.cin, "COUT": g.cout, "HAS_RESIDUAL": g.residual})
+    if kernel == "tmakxk":  # likewise with its 4-D output descriptor
+        return conv_tma_kxk._prune_kxk(conv_tma_kxk.dp_configs(2) + conv_tma_kxk.dp_configs(4),
+                                       {"x_desc": base, "y_desc": base, "CIN": g.cin, "COUT": g.cout,
+                                        "HAS_RESIDUAL": g.residual})
     return []
 
 
@@ -180,7 +181,7 @@ def config_label(cfg) -> str:
         return f"P{kw['BLOCK_P']}xC{kw['BLOCK_C']} w{cfg.num_warps}"
     if "BLOCK_H" in kw:  # the TMA KxK kernel's box of output pixels
         return (f"{kw['BLOCK_H']}x{kw['BLOCK_W']}px x{kw['BLOCK_N']}x{kw['BLOCK_K']} w{cfg.num_warps}"
-                f"/s{cfg.num_stages}")
+                f"/s{cfg.num_stages}{' tma-store' if kw.get('TMA_EPILOGUE') else ''}")
     store = " tma-store" if kw.get("TMA_EPILOGUE") else ""  # the TMA kernels' bulk-tensor store epilogue
     return f"{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']} w{cfg.num_warps}/s{cfg.num_stages}{store}"
 

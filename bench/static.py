@@ -190,8 +190,9 @@ def tma_variants(case: LayerCase, batch: int, dtype: str, plan: dict, stream_k: 
     else:  # stride-1 KxK, or a strided 1x1 through the descriptor on the strided view (conv_tma_kxk)
         fn = conv_tma_streamk._conv_kxk_tma_streamk_kernel if stream_k else conv_tma_kxk._conv_kxk_tma_kernel
         prune = conv_tma_streamk._prune_kxk if stream_k else conv_tma_kxk._prune_kxk
-        kept = prune(conv_tma_kxk.kxk_configs(esize), {"x_desc": base, "CIN": s.cin, "COUT": s.cout,
-                                                       "HAS_RESIDUAL": case.residual})
+        table = conv_tma_streamk.configs_kxk(esize) if stream_k else conv_tma_kxk.dp_configs(esize)
+        kept = prune(table, {"x_desc": base, "y_desc": None if stream_k else base, "CIN": s.cin, "COUT": s.cout,
+                             "HAS_RESIDUAL": case.residual})
         ints = dict(zip(("N", "OH", "OW", "CIN", "COUT", "pad_h", "pad_w", "dil_h", "dil_w", "srn", "src", "srh",
                          "srw", "syn", "syc", "syh", "syw"),
                         (batch, oh, ow, s.cin, s.cout, s.padding, s.padding, s.dilation, s.dilation, *res_stride,
@@ -204,9 +205,6 @@ def tma_variants(case: LayerCase, batch: int, dtype: str, plan: dict, stream_k: 
             descs = {"a_desc": f"tensordesc<{t}[{bm},{bk}]>", "b_desc": f"tensordesc<{t}[{bk},{bn}]>"}
             if "y_desc" in fn.arg_names:  # output / residual descriptors (conv_tma.conv1x1_tma_launch)
                 descs["y_desc"] = descs["r_desc"] = f"tensordesc<{t}[{bm},{bn}]>"
-                kw.setdefault("TMA_EPILOGUE", False)
-                if not case.residual:
-                    kw["r_desc"] = None  # no residual: the launcher passes no descriptor
             tiles = -(-m // bm) * -(-s.cout // bn)
             label = (f"tma {bm}x{bn}x{bk} w{cfg.num_warps}/s{cfg.num_stages}"
                      f"{' tma-store' if kw.get('TMA_EPILOGUE') else ''}")
@@ -214,8 +212,15 @@ def tma_variants(case: LayerCase, batch: int, dtype: str, plan: dict, stream_k: 
             bh, bw, bn, bk = kw["BLOCK_H"], kw["BLOCK_W"], kw["BLOCK_N"], kw["BLOCK_K"]
             bm = bh * bw
             descs = {"x_desc": f"tensordesc<{t}[1,{bh},{bw},{bk}]>", "w_desc": f"tensordesc<{t}[1,{bk},{bn}]>"}
+            if "y_desc" in fn.arg_names:  # output / residual descriptors (conv_tma_kxk.conv_kxk_tma_launch)
+                descs["y_desc"] = descs["r_desc"] = f"tensordesc<{t}[1,{bh},{bw},{bn}]>"
             tiles = batch * -(-oh // bh) * -(-ow // bw) * -(-s.cout // bn)
-            label = f"tma {bh}x{bw}px x{bn}x{bk} w{cfg.num_warps}/s{cfg.num_stages}"
+            label = (f"tma {bh}x{bw}px x{bn}x{bk} w{cfg.num_warps}/s{cfg.num_stages}"
+                     f"{' tma-store' if kw.get('TMA_EPILOGUE') else ''}")
+        if "y_desc" in fn.arg_names:  # the data-parallel kernels: TMA_EPILOGUE defaults to False
+            kw.setdefault("TMA_EPILOGUE", False)
+            if not case.residual:
+                kw["r_desc"] = None  # no residual: the launcher passes no residual descriptor
         sig = {**descs, "scale_ptr": "*fp32", "shift_ptr": "*fp32", "res_ptr": f"*{t}", "y_ptr": f"*{t}",
                "ws_ptr": "*fp32", "count_ptr": "*i32", **{name: "i32" for name in ints}, "ACT_PARAM": "fp32"}
         constexprs = {**common, **kw}

@@ -29,9 +29,9 @@ import torch
 import triton
 import triton.language as tl
 
-from fusedconv.kernels.conv_tma import TensorDescriptor
+from fusedconv.kernels.conv_tma import TMA_EPILOGUE_MIN_TILE, TensorDescriptor, tma_store_eligible
 from fusedconv.kernels.configs import residual_spills
-from fusedconv.kernels.epilogue import epilogue_store
+from fusedconv.kernels.epilogue import epilogue_store, epilogue_tile
 
 #: (BLOCK_H, BLOCK_W, BLOCK_N, BLOCK_K, num_stages, num_warps), 16-bit inputs; fp32 halves BLOCK_K.
 _KXK_CONFIGS = (
@@ -46,7 +46,7 @@ GROUP_M = 8
 
 @triton.jit
 def _conv_kxk_tma_kernel(
-    x_desc, w_desc, scale_ptr, shift_ptr, res_ptr, y_ptr,
+    x_desc, w_desc, y_desc, r_desc, scale_ptr, shift_ptr, res_ptr, y_ptr,
     N, OH, OW, CIN, COUT, pad_h, pad_w, dil_h, dil_w,
     srn, src, srh, srw,
     syn, syc, syh, syw,
@@ -54,7 +54,7 @@ def _conv_kxk_tma_kernel(
     KH: tl.constexpr, KW: tl.constexpr, ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
+    GROUP_M: tl.constexpr, TMA_EPILOGUE: tl.constexpr = False,
 ):
     BLOCK_M: tl.constexpr = BLOCK_H * BLOCK_W
     pid = tl.program_id(0)
@@ -84,8 +84,13 @@ def _conv_kxk_tma_kernel(
     zero = 0
     acc = k_loop_tma_kxk(acc, x_desc, w_desc, n, oh0, ow0, n0, KH * KW * tl.cdiv(CIN, BLOCK_K), zero, zero, zero,
                          zero, CIN, pad_h, pad_w, dil_h, dil_w, KW, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
-    epilogue_kxk(acc, n, oh0, ow0, n0, scale_ptr, shift_ptr, res_ptr, y_ptr, OH, OW, COUT, srn, src, srh, srw,
-                 syn, syc, syh, syw, ACT_PARAM, ACTIVATION, HAS_RESIDUAL, BLOCK_H, BLOCK_W, BLOCK_N)
+    if TMA_EPILOGUE and y_desc is not None:  # y_desc None: the output is not TMA-storable (tma_store_eligible)
+        epilogue_kxk_tma_store(acc, n, oh0, ow0, n0, y_desc, r_desc, scale_ptr, shift_ptr, res_ptr, y_ptr, OH, OW,
+                               COUT, srn, src, srh, srw, ACT_PARAM, ACTIVATION, HAS_RESIDUAL, BLOCK_H, BLOCK_W,
+                               BLOCK_N)
+    else:
+        epilogue_kxk(acc, n, oh0, ow0, n0, scale_ptr, shift_ptr, res_ptr, y_ptr, OH, OW, COUT, srn, src, srh, srw,
+                     syn, syc, syh, syw, ACT_PARAM, ACTIVATION, HAS_RESIDUAL, BLOCK_H, BLOCK_W, BLOCK_N)
 
 
 @triton.jit
@@ -138,10 +143,40 @@ def epilogue_kxk(acc, n, oh0, ow0, n0, scale_ptr, shift_ptr, res_ptr, y_ptr, OH,
                    HAS_RESIDUAL, ACTIVATION, ACT_PARAM)
 
 
+@triton.jit
+def epilogue_kxk_tma_store(acc, n, oh0, ow0, n0, y_desc, r_desc, scale_ptr, shift_ptr, res_ptr, y_ptr, OH, OW, COUT,
+                           srn, src, srh, srw, ACT_PARAM, ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                           BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The fused epilogue of the patch at (n, oh0, ow0), channels n0.., written by one bulk-tensor store of the
+    4-D [N, OH, OW, COUT] output descriptor (box 1 x BLOCK_H x BLOCK_W x BLOCK_N; the copy engine clips the
+    patch's rows, columns and channels past the edges: no masks). The residual box comes through `r_desc` when
+    the residual has the output's dense layout, else by its strides."""
+    BLOCK_M: tl.constexpr = BLOCK_H * BLOCK_W
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < COUT
+    residual = 0.0
+    if HAS_RESIDUAL:
+        if r_desc is not None:
+            residual = tl.reshape(r_desc.load([n, oh0, ow0, n0]), [BLOCK_M, BLOCK_N])
+        else:
+            rows = tl.arange(0, BLOCK_M)
+            oh = oh0 + rows // BLOCK_W  # BLOCK_W is a power-of-two constexpr: a shift
+            ow = ow0 + rows % BLOCK_W
+            mask_mn = ((oh < OH) & (ow < OW))[:, None] & mask_n[None, :]
+            residual = tl.load(res_ptr + (n * srn + oh * srh + ow * srw)[:, None] + (offs_n * src)[None, :],
+                               mask=mask_mn, other=0.0)
+    out = epilogue_tile(acc, scale_ptr, shift_ptr, offs_n, mask_n, residual, HAS_RESIDUAL, ACTIVATION, ACT_PARAM)
+    y_desc.store([n, oh0, ow0, n0], tl.reshape(out.to(y_ptr.dtype.element_ty), [1, BLOCK_H, BLOCK_W, BLOCK_N]))
+
+
 def _set_block_shapes(nargs):
-    """Autotune pre_hook: the descriptors' boxes follow the config being launched."""
+    """Autotune pre_hook: the descriptors' boxes follow the config being launched (the output and residual
+    descriptors, where the launch has them, take the output patch's)."""
     nargs["x_desc"].block_shape = [1, nargs["BLOCK_H"], nargs["BLOCK_W"], nargs["BLOCK_K"]]
     nargs["w_desc"].block_shape = [1, nargs["BLOCK_K"], nargs["BLOCK_N"]]
+    for name in ("y_desc", "r_desc"):
+        if nargs.get(name) is not None:
+            nargs[name].block_shape = [1, nargs["BLOCK_H"], nargs["BLOCK_W"], nargs["BLOCK_N"]]
 
 
 def kxk_configs(dtype_bytes: int) -> list:
@@ -150,9 +185,22 @@ def kxk_configs(dtype_bytes: int) -> list:
             for bh, bw, bn, bk, s, w in _KXK_CONFIGS]
 
 
+def dp_configs(dtype_bytes: int) -> list:
+    """The data-parallel kernel's autotune candidates: `kxk_configs` (the stream-K kernel's too) plus a
+    TMA_EPILOGUE twin of each patch of at least conv_tma.TMA_EPILOGUE_MIN_TILE outputs (see there why only
+    those)."""
+    base = kxk_configs(dtype_bytes)
+    twins = [triton.Config({**c.kwargs, "TMA_EPILOGUE": True}, num_stages=c.num_stages, num_warps=c.num_warps,
+                           pre_hook=_set_block_shapes) for c in base
+             if c.kwargs["BLOCK_H"] * c.kwargs["BLOCK_W"] * c.kwargs["BLOCK_N"] >= TMA_EPILOGUE_MIN_TILE]
+    return base + twins
+
+
 def _prune_kxk(configs, named_args, **kwargs):
-    """Configs of the input's dtype class with BLOCK_N / BLOCK_K capped to the channel counts."""
+    """Configs of the input's dtype class with BLOCK_N / BLOCK_K capped to the channel counts; the TMA_EPILOGUE
+    twins only where the launch has an output descriptor (`y_desc`, see conv_tma.tma_store_eligible)."""
     args = {**named_args, **kwargs}
+    store_ok = args.get("y_desc") is not None
     dtype_bytes = args["x_desc"].base.element_size()
     want_k = 64 if dtype_bytes <= 2 else 32
 
@@ -161,10 +209,11 @@ def _prune_kxk(configs, named_args, **kwargs):
 
     kept, seen = [], set()
     for c in configs:
-        if c.kwargs["BLOCK_K"] != want_k:
+        if c.kwargs["BLOCK_K"] != want_k or (c.kwargs.get("TMA_EPILOGUE") and not store_ok):
             continue
         bn, bk = min(c.kwargs["BLOCK_N"], cap(args["COUT"])), min(c.kwargs["BLOCK_K"], cap(args["CIN"]))
-        sig = (c.kwargs["BLOCK_H"], c.kwargs["BLOCK_W"], bn, bk, c.num_stages, c.num_warps)
+        sig = (c.kwargs["BLOCK_H"], c.kwargs["BLOCK_W"], bn, bk, c.num_stages, c.num_warps,
+               bool(c.kwargs.get("TMA_EPILOGUE")))
         if args.get("HAS_RESIDUAL") and residual_spills(c.kwargs["BLOCK_H"] * c.kwargs["BLOCK_W"], bn, c.num_warps):
             continue  # accumulator + residual tile spill in the epilogue (configs.residual_spills)
         if sig not in seen:
@@ -220,10 +269,18 @@ def strided_1x1_view(x, weight, groups, stride, padding, split_k):
 _autotuned = None
 
 
+def _store_desc(t, box):
+    """The 4-D [N, H, W, C] descriptor of an eligible NCHW-shaped, dense channels_last tensor (a view)."""
+    v = t.permute(0, 2, 3, 1)
+    return TensorDescriptor(v, list(v.shape), list(v.stride()), box)
+
+
 def conv_kxk_tma_launch(x, weight, scale, shift, residual, y, padding, dilation, activation_id, act_param, tf32,
                         res_stride, trace, interpret_cfg=None):
     """Launch on an eligible problem (the caller checked `tma_kxk_eligible`); `trace` wraps the autotuned kernel
-    for torch tracing (epilogue.traceable)."""
+    for torch tracing (epilogue.traceable). The output (and the residual) get a 4-D descriptor where
+    `tma_store_eligible`, else None: then every config, TMA_EPILOGUE twins included, stores (loads) through
+    pointers. `interpret_cfg` may set TMA_EPILOGUE to force the variant."""
     global _autotuned
     n, cin, h, w = x.shape
     cout, _, kh, kw = weight.shape
@@ -234,8 +291,13 @@ def conv_kxk_tma_launch(x, weight, scale, shift, residual, y, padding, dilation,
     x_desc = TensorDescriptor(x4d, [n, h, w, cin], list(x4d.stride()),
                               [1, cfg0["BLOCK_H"], cfg0["BLOCK_W"], cfg0["BLOCK_K"]])
     w_desc = TensorDescriptor(w3d, [kh * kw, cin, cout], list(w3d.stride()), [1, cfg0["BLOCK_K"], cfg0["BLOCK_N"]])
+    box = [1, cfg0["BLOCK_H"], cfg0["BLOCK_W"], cfg0["BLOCK_N"]]
+    y_desc = _store_desc(y, box) if tma_store_eligible(y) else None
+    r_desc = None
+    if y_desc is not None and residual is not None and tma_store_eligible(residual):
+        r_desc = _store_desc(residual, box)
     res = residual if residual is not None else y
-    args = (x_desc, w_desc, scale, shift, res, y, n, oh, ow, cin, cout, padding[0], padding[1], dilation[0],
+    args = (x_desc, w_desc, y_desc, r_desc, scale, shift, res, y, n, oh, ow, cin, cout, padding[0], padding[1], dilation[0],
             dilation[1], *res_stride, *y.stride(), float(act_param))
     flags = dict(KH=kh, KW=kw, ACTIVATION=activation_id, HAS_RESIDUAL=residual is not None,
                  INPUT_PRECISION="tf32" if tf32 else "ieee")
@@ -248,7 +310,7 @@ def conv_kxk_tma_launch(x, weight, scale, shift, residual, y, padding, dilation,
         _conv_kxk_tma_kernel[grid(interpret_cfg)](*args, **flags, **interpret_cfg)
         return y
     if _autotuned is None:
-        _autotuned = triton.autotune(configs=kxk_configs(2) + kxk_configs(4),
+        _autotuned = triton.autotune(configs=dp_configs(2) + dp_configs(4),
                                      key=["N", "OH", "OW", "CIN", "COUT", "KH", "KW", "HAS_RESIDUAL"],
                                      prune_configs_by={"early_config_prune": _prune_kxk})(_conv_kxk_tma_kernel)
     trace(_autotuned)[grid](*args, **flags)
@@ -260,18 +322,23 @@ INTERPRET_CONFIG = {"BLOCK_H": 4, "BLOCK_W": 4, "BLOCK_N": 16, "BLOCK_K": 16, "G
 
 
 def aot_variants() -> list[dict]:
-    """This kernel's configs for ahead-of-time compile tests (format: configs.aot_variants, with `expects_tma`)."""
+    """This kernel's configs for ahead-of-time compile tests (format: configs.aot_variants, with `expects_tma`);
+    the TMA_EPILOGUE twins of fp16 and fp32 with `expects_tma_store` (as conv_tma.aot_variants)."""
     from fusedconv.kernels.epilogue import ACTIVATION_IDS
 
     short = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
     acts = list(ACTIVATION_IDS)
     variants, turn = [], 0
     for dtype in ("float16", "bfloat16", "float32"):
-        for cfg in kxk_configs(4 if dtype == "float32" else 2):
+        for cfg in dp_configs(4 if dtype == "float32" else 2):
             k = cfg.kwargs
+            twin = bool(k.get("TMA_EPILOGUE"))
+            if twin and dtype == "bfloat16":  # would compile fp16's store path again
+                continue
             t = short[dtype]
+            box = f"tensordesc<{t}[1,{k['BLOCK_H']},{k['BLOCK_W']},{k['BLOCK_N']}]>"
             sig = {"x_desc": f"tensordesc<{t}[1,{k['BLOCK_H']},{k['BLOCK_W']},{k['BLOCK_K']}]>",
-                   "w_desc": f"tensordesc<{t}[1,{k['BLOCK_K']},{k['BLOCK_N']}]>",
+                   "w_desc": f"tensordesc<{t}[1,{k['BLOCK_K']},{k['BLOCK_N']}]>", "y_desc": box, "r_desc": box,
                    "scale_ptr": "*fp32", "shift_ptr": "*fp32", "res_ptr": f"*{t}", "y_ptr": f"*{t}"}
             for name in ("N", "OH", "OW", "CIN", "COUT", "pad_h", "pad_w", "dil_h", "dil_w", "srn", "src", "srh",
                          "srw", "syn", "syc", "syh", "syw"):
@@ -280,8 +347,13 @@ def aot_variants() -> list[dict]:
             act, residual = acts[turn % len(acts)], turn % 2 == 0
             kernel = (3, 3) if turn % 3 else (7, 7)
             turn += 1
+            if twin:  # the residual through its descriptor
+                residual = not residual_spills(k["BLOCK_H"] * k["BLOCK_W"], k["BLOCK_N"], cfg.num_warps)
             constexprs = dict(KH=kernel[0], KW=kernel[1], ACTIVATION=ACTIVATION_IDS[act], HAS_RESIDUAL=residual,
-                              INPUT_PRECISION="tf32" if dtype == "float32" else "ieee", **k)
+                              INPUT_PRECISION="tf32" if dtype == "float32" else "ieee")
+            constexprs.update({"TMA_EPILOGUE": False, **k})  # the kernel's default where the config has none
+            if not residual:  # the launcher passes no residual descriptor then
+                constexprs["r_desc"] = None
             for name in constexprs:
                 sig[name] = "constexpr"
             for unit in ("src", "syc", "dil_h", "dil_w"):  # channels_last unit strides; dilation 1
@@ -290,12 +362,13 @@ def aot_variants() -> list[dict]:
             divisible = tuple(a for a in ("scale_ptr", "shift_ptr", "res_ptr", "y_ptr", "CIN", "COUT", "srn", "srh",
                                           "srw", "syn", "syh", "syw") if sig[a] != "constexpr")
             bm = k["BLOCK_H"] * k["BLOCK_W"]
+            sig = {name: sig[name] for name in _conv_kxk_tma_kernel.arg_names}  # parameter order
             variants.append({
                 "name": f"tma_conv{kernel[0]}x{kernel[1]}_{act}_{'res_' if residual else ''}{t}_m{bm}n{k['BLOCK_N']}"
-                        f"k{k['BLOCK_K']}h{k['BLOCK_H']}s{cfg.num_stages}w{cfg.num_warps}",
+                        f"k{k['BLOCK_K']}h{k['BLOCK_H']}s{cfg.num_stages}w{cfg.num_warps}{'_tmastore' if twin else ''}",
                 "fn": _conv_kxk_tma_kernel, "signature": sig, "constexprs": constexprs,
                 "attrs": {(_conv_kxk_tma_kernel.arg_names.index(a),): [["tt.divisibility", 16]] for a in divisible},
                 "divisible_by_16": divisible, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
-                "dtype": dtype, "expects_tensor_cores": True, "expects_tma": True,
+                "dtype": dtype, "expects_tensor_cores": True, "expects_tma": True, "expects_tma_store": twin,
             })
     return variants

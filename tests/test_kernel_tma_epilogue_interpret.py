@@ -1,13 +1,15 @@
-"""The TMA-store epilogue of the 1x1 TMA kernel (kernels/conv_tma.py, TMA_EPILOGUE) under Triton's CPU
-interpreter vs float64, and the rules that decide when it may run.
+"""The TMA-store epilogue of the TMA kernels (TMA_EPILOGUE: kernels/conv_tma.py's 1x1 GEMM over a 2-D [M, Cout]
+output descriptor, kernels/conv_tma_kxk.py's stride-1 KxK / strided 1x1 over a 4-D [N, OH, OW, Cout] one)
+under Triton's CPU interpreter vs float64, and the rules that decide when it may run.
 
-The variant is forced, not left to the autotuner: a spy on `conv1x1_tma_launch` adds TMA_EPILOGUE to the
-interpreter's config, and spies on the descriptor builder (`_store_desc`) and on the pointer-store epilogue
-(`epilogue_1x1`) show which path each launch took — the output written by the bulk-tensor store (the
-descriptor clips the M and Cout tails of the 16 x 16 interpreter tile), the residual loaded through its own
-descriptor when it is dense channels_last and through its strides otherwise, and the whole pointer epilogue
-when the output has no descriptor (an NCHW output) — so a change of the eligibility rule cannot turn these
-into pointer-epilogue tests unnoticed. Unmarked tests (eligibility, configs, pruning) run in-process.
+The variant is forced, not left to the autotuner: a spy on the kernel's launch function adds TMA_EPILOGUE to
+the interpreter's config, and spies on the descriptor builder (`_store_desc`) and on the pointer-store
+epilogue (`epilogue_1x1` / `epilogue_kxk`) show which path each launch took — the output written by the
+bulk-tensor store (the descriptor clips the M / OH / OW and Cout tails of the interpreter tile), the residual
+loaded through its own descriptor when it is dense channels_last and through its strides otherwise, and the
+whole pointer epilogue when the output has no descriptor (an NCHW output) — so a change of the eligibility
+rule cannot turn these into pointer-epilogue tests unnoticed. Unmarked tests (eligibility, configs, pruning)
+run in-process.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from fusedconv.kernels import conv_bn_act, conv_tma, pack_weight
+from fusedconv.kernels import conv_bn_act, conv_tma, conv_tma_kxk, pack_weight
 from fusedconv.kernels import configs as kconfigs
 from fusedconv.kernels.epilogue import activation_id
 from test_kernel_interpret import TOLERANCE, ConvCase, build_case
@@ -29,12 +31,12 @@ from util import max_rel_error
 CASES = [ConvCase("m21_cout24", 1, 16, 3, 7, 24, (1, 1)), ConvCase("m18_cout40_k32", 2, 32, 3, 3, 40, (1, 1))]
 
 
-@pytest.fixture
-def forced(monkeypatch):
-    """Force TMA_EPILOGUE on every TMA 1x1 launch; record the tensors given descriptors and the pointer-epilogue
-    calls."""
+def _force(monkeypatch, module, launch_name, epilogue_name):
+    """Force TMA_EPILOGUE on every launch through `module.launch_name`; record the tensors given descriptors and
+    the pointer-epilogue calls (one per program)."""
     seen = SimpleNamespace(launches=0, descs=[], pointer_epilogue=0)
-    real_launch, real_desc, real_epi = conv_tma.conv1x1_tma_launch, conv_tma._store_desc, conv_tma.epilogue_1x1
+    real_launch, real_desc = getattr(module, launch_name), module._store_desc
+    real_epi = getattr(module, epilogue_name)
 
     def launch(*args, interpret_cfg=None, **kwargs):
         seen.launches += 1
@@ -48,10 +50,20 @@ def forced(monkeypatch):
         seen.pointer_epilogue += 1
         return real_epi(*args, **kwargs)
 
-    monkeypatch.setattr(conv_tma, "conv1x1_tma_launch", launch)
-    monkeypatch.setattr(conv_tma, "_store_desc", store_desc)
-    monkeypatch.setattr(conv_tma, "epilogue_1x1", pointer_epilogue)
+    monkeypatch.setattr(module, launch_name, launch)
+    monkeypatch.setattr(module, "_store_desc", store_desc)
+    monkeypatch.setattr(module, epilogue_name, pointer_epilogue)
     return seen
+
+
+@pytest.fixture
+def forced(monkeypatch):
+    return _force(monkeypatch, conv_tma, "conv1x1_tma_launch", "epilogue_1x1")
+
+
+@pytest.fixture
+def forced_kxk(monkeypatch):
+    return _force(monkeypatch, conv_tma_kxk, "conv_kxk_tma_launch", "epilogue_kxk")
 
 
 def _run(case, dtype, activation, residual_layout):
@@ -64,7 +76,8 @@ def _run(case, dtype, activation, residual_layout):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # numpy overflow in the interpreter's exp (sigmoid)
         out = conv_bn_act(inputs["x"], pack_weight(inputs["weight"]), inputs["scale"], inputs["shift"],
-                          activation=activation, act_param=inputs["act_param"], residual=res, tma=True)
+                          stride=case.stride, padding=case.padding, dilation=case.dilation, activation=activation,
+                          act_param=inputs["act_param"], residual=res, tma=True)
     assert out.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last)
     err = max_rel_error(out, truth)
     assert err <= TOLERANCE[dtype], f"{case.name} {dtype} {activation} residual={residual_layout}: {err:.3g}"
@@ -118,6 +131,42 @@ def test_unaligned_cout_falls_back_to_the_pointer_kernel(forced):
     assert forced.launches == 0 and forced.descs == []
 
 
+#: Stride-1 KxK and strided 1x1 problems for the 4-D descriptor kernel, with OH / OW / Cout tails against its
+#: 4 x 4-pixel x 16-channel interpreter box.
+KXK_CASES = [ConvCase("3x3_oh5_ow7_cout24", 1, 16, 5, 7, 24, (3, 3), padding=(1, 1)),
+             ConvCase("1x1_stride2_oh4_ow3", 1, 16, 7, 5, 16, (1, 1), stride=(2, 2))]
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("dtype,residual", [(torch.float16, "channels_last"), (torch.float32, None),
+                                            (torch.float16, "nchw")], ids=["fp16-res", "fp32-nores", "fp16-nchw-res"])
+@pytest.mark.parametrize("case", KXK_CASES, ids=[c.name for c in KXK_CASES])
+def test_kxk_tma_store_epilogue_matches_float64(case, dtype, residual, forced_kxk):
+    i = KXK_CASES.index(case) * 3 + (dtype == torch.float32) + 2 * (residual == "nchw")
+    activation = ("relu6", "gelu", "silu", "leaky_relu", "hardswish", "gelu_tanh")[i]
+    out, res = _run(case, dtype, activation, residual)
+    assert forced_kxk.launches == 1, "the launcher did not take the TMA KxK kernel"
+    assert forced_kxk.pointer_epilogue == 0, "the pointer-store epilogue ran instead of the TMA store"
+    with_res_desc = residual == "channels_last"
+    assert [t.data_ptr() for t in forced_kxk.descs] == [out.data_ptr()] + ([res.data_ptr()] if with_res_desc else [])
+
+
+@pytest.mark.interpret
+def test_kxk_output_without_descriptor_runs_the_pointer_epilogue(forced_kxk):
+    """As for the 1x1 kernel: an NCHW output has no 4-D descriptor, the forced variant stores by pointers."""
+    case = KXK_CASES[0]
+    inputs, truth = build_case(case, torch.float16, "channels_last", "relu", True)
+    y = torch.empty(truth.shape, dtype=torch.float16)  # NCHW
+    res = inputs["residual"]
+    conv_tma_kxk.conv_kxk_tma_launch(inputs["x"], pack_weight(inputs["weight"]), inputs["scale"].float(),
+                                     inputs["shift"].float(), res, y, case.padding, case.dilation,
+                                     activation_id("relu"), 0.0, False, res.stride(), None,
+                                     interpret_cfg=dict(conv_tma_kxk.INTERPRET_CONFIG))
+    programs = -(-y.shape[2] // 4) * -(-y.shape[3] // 4) * -(-y.shape[1] // 16)  # 4 x 4-pixel x 16-channel boxes
+    assert forced_kxk.launches == 1 and forced_kxk.descs == [] and forced_kxk.pointer_epilogue == programs
+    assert max_rel_error(y, truth) <= TOLERANCE[torch.float16]
+
+
 # ------------------------------------------------------------------------------------------ eligibility
 def _cl(n, c, h, w, dtype=torch.float16):
     return torch.zeros(n, c, h, w, dtype=dtype).contiguous(memory_format=torch.channels_last)
@@ -152,14 +201,24 @@ def _prune_args(y_desc, dtype=torch.float16, m=4096, cin=256, cout=256, residual
     return {"a_desc": base, "y_desc": y_desc, "M": m, "CIN": cin, "COUT": cout, "HAS_RESIDUAL": residual}
 
 
-def test_twins_only_for_large_tiles_and_not_in_the_stream_k_table():
+def _tile(c):
+    kw = c.kwargs
+    return (kw.get("BLOCK_M", kw.get("BLOCK_H", 0) * kw.get("BLOCK_W", 0)), kw["BLOCK_N"], kw["BLOCK_K"],
+            c.num_warps, c.num_stages)
+
+
+@pytest.mark.parametrize("base_fn,dp_fn", [(conv_tma.tma_configs, conv_tma.dp_configs),
+                                           (conv_tma_kxk.kxk_configs, conv_tma_kxk.dp_configs)], ids=["1x1", "kxk"])
+def test_twins_only_for_large_tiles_and_not_in_the_stream_k_table(base_fn, dp_fn):
+    """The stream-K kernels take `tma_configs` / `kxk_configs`: no twin there (their epilogue has no store
+    descriptor); the data-parallel tables add one twin per tile of at least TMA_EPILOGUE_MIN_TILE outputs."""
     for dtype_bytes in (2, 4):
-        base, dp = conv_tma.tma_configs(dtype_bytes), conv_tma.dp_configs(dtype_bytes)
+        base, dp = base_fn(dtype_bytes), dp_fn(dtype_bytes)
         twins = [c for c in dp if c.kwargs.get("TMA_EPILOGUE")]
         assert twins and not any(c.kwargs.get("TMA_EPILOGUE") for c in base)
-        large = [c for c in base if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] >= conv_tma.TMA_EPILOGUE_MIN_TILE]
-        assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in twins] == \
-            [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in large]
+        large = [c for c in base if _tile(c)[0] * _tile(c)[1] >= conv_tma.TMA_EPILOGUE_MIN_TILE]
+        assert [_tile(c) for c in twins] == [_tile(c) for c in large]
+        assert [_tile(c) for c in dp[:len(base)]] == [_tile(c) for c in base]
 
 
 def test_pruning_keeps_twins_only_with_an_output_descriptor():
@@ -174,6 +233,19 @@ def test_pruning_keeps_twins_only_with_an_output_descriptor():
     sigs = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages, bool(c.kwargs.get("TMA_EPILOGUE")))
             for c in small]
     assert (128, 32, 8, 4, True) in sigs and (128, 32, 8, 4, False) in sigs and len(sigs) == len(set(sigs))
+
+
+def test_kxk_pruning_keeps_twins_only_with_an_output_descriptor():
+    base = SimpleNamespace(base=torch.empty(0, dtype=torch.float16))
+    configs = conv_tma_kxk.dp_configs(2) + conv_tma_kxk.dp_configs(4)
+    args = {"x_desc": base, "CIN": 64, "COUT": 256, "HAS_RESIDUAL": False}
+    assert any(c.kwargs.get("TMA_EPILOGUE") for c in conv_tma_kxk._prune_kxk(configs, {**args, "y_desc": base}))
+    assert not any(c.kwargs.get("TMA_EPILOGUE") for c in conv_tma_kxk._prune_kxk(configs, {**args, "y_desc": None}))
+    twin = next(c for c in conv_tma_kxk._prune_kxk(configs, {**args, "y_desc": base}) if c.kwargs.get("TMA_EPILOGUE"))
+    descs = {name: SimpleNamespace(block_shape=None) for name in ("x_desc", "w_desc", "y_desc", "r_desc")}
+    twin.pre_hook({**descs, **twin.kwargs})
+    box = [1, twin.kwargs["BLOCK_H"], twin.kwargs["BLOCK_W"], twin.kwargs["BLOCK_N"]]
+    assert descs["y_desc"].block_shape == box and descs["r_desc"].block_shape == box
 
 
 def test_pre_hook_sets_the_output_and_residual_boxes():
@@ -198,8 +270,9 @@ def test_gpu_check_covers_the_twins():
     TMA-store twins, labelled apart."""
     from bench import check_correctness as cc
 
-    g = cc.Geometry("g", 256, 14, 14, 256, 1, 1, residual=True)
-    cands = cc._tma_candidates(g, 32, torch.float16, torch.device("cpu"))
-    labels = [cc.config_label(c) for c in cands]
-    assert any(c.kwargs.get("TMA_EPILOGUE") for c in cands) and any("tma-store" in s for s in labels)
-    assert len(labels) == len(set(labels))
+    for g in (cc.Geometry("g", 256, 14, 14, 256, 1, 1, residual=True),
+              cc.Geometry("g", 64, 14, 14, 256, 3, 3, padding=(1, 1))):
+        cands = cc._tma_candidates(g, 32, torch.float16, torch.device("cpu"))
+        labels = [cc.config_label(c) for c in cands]
+        assert any(c.kwargs.get("TMA_EPILOGUE") for c in cands) and any("tma-store" in s for s in labels)
+        assert len(labels) == len(set(labels))

@@ -6,18 +6,30 @@ and both operands are plain 2-D row-major matrices: x as [M, Cin] (row stride Ci
 [Cin, Cout] (row stride Cout). Each K step loads a BLOCK_M x BLOCK_K tile of x and a BLOCK_K x BLOCK_N tile of w
 through host-built `TensorDescriptor`s; the hardware copy engine (TMA) moves whole tiles into shared memory with
 no per-thread address arithmetic, and its out-of-bounds zero fill replaces every mask (M tail, K tail, N tail).
-The epilogue (scale/shift, residual by its strides, activation, cast, store) is the pointer kernel's.
+The epilogue (scale/shift, residual by its strides, activation, cast, store) is the pointer kernel's — or, in
+the TMA_EPILOGUE configs, written through a descriptor of its own (below).
+
+TMA-store epilogue (TMA_EPILOGUE): the output, dense channels_last, is the row-major matrix y[M, Cout]; the
+launcher builds a 2-D descriptor of it (and of the residual when that has the same dense layout), and the tile
+is written by one bulk-tensor store (`y_desc.store`), which clips rows >= M and columns >= Cout — no masks, no
+per-thread addresses — and the residual tile read by one descriptor load. `tma_store_eligible` says when a
+tensor can take such a descriptor (dense channels_last, 16-byte aligned base and rows); otherwise the launcher
+passes None, and even a TMA_EPILOGUE config stores (or loads the residual) through pointers. The autotuner holds
+a TMA_EPILOGUE twin of each large tile (`dp_configs`, TMA_EPILOGUE_MIN_TILE says which and why) and times it
+against the pointer-store tile per shape; the twins are pruned where the launch has no output descriptor.
 
 When it applies (`tma_1x1_eligible`): 16-bit or fp32 CUDA/interpreter tensors, groups 1, kernel 1x1, stride 1,
 padding 0, x dense channels_last, weight packed (`pack_weight`), no split-K, and every descriptor constraint:
 16-byte aligned base pointers and 16-byte aligned row strides (Cin and Cout times the element size multiples
 of 16). Anything else — unaligned strides included — runs the pointer kernel, never a faulting descriptor.
 
-Stream-K layers (`schedule.choose_schedule`) run this K loop (`k_loop_tma_1x1`) and epilogue (`epilogue_1x1`)
-in the stream-K kernel of `conv_tma_streamk`; split-K layers run the pointer kernel.
+Stream-K layers (`schedule.choose_schedule`) run this K loop (`k_loop_tma_1x1`) and the pointer-store epilogue
+(`epilogue_1x1`) in the stream-K kernel of `conv_tma_streamk` (its configs, `tma_configs`, have no twins);
+split-K layers run the pointer kernel.
 
-The descriptor's block shape depends on the tile config, so the autotuner's configs carry a pre_hook that sets
-it before each launch (the descriptors are built once per call with a placeholder block shape).
+The descriptors' block shapes depend on the tile config, so the autotuner's configs carry a pre_hook that sets
+them (operands, output and residual) before each launch (the descriptors are built once per call with a
+placeholder block shape).
 """
 
 from __future__ import annotations
@@ -263,7 +275,8 @@ def conv1x1_tma_launch(x, weight, scale, shift, residual, y, activation_id, act_
     if y_desc is not None and residual is not None and tma_store_eligible(residual):
         r_desc = _store_desc(residual, [first["BLOCK_M"], first["BLOCK_N"]])
     res = residual if residual is not None else y
-    args = (a_desc, b_desc, y_desc, r_desc, scale, shift, res, y, m, cin, cout, h, w, *res_stride, *y.stride(), float(act_param))
+    args = (a_desc, b_desc, y_desc, r_desc, scale, shift, res, y, m, cin, cout, h, w, *res_stride, *y.stride(),
+            float(act_param))
     flags = dict(ACTIVATION=activation_id, HAS_RESIDUAL=residual is not None,
                  INPUT_PRECISION="tf32" if tf32 else "ieee")
 

@@ -14,8 +14,16 @@ When it applies (`tma_kxk_eligible`): stride 1, groups 1, a spatial kernel, x de
 kernel (see conv_bn_act's `tma`). Spatial configs keep the 4-warp rule of `configs.SPATIAL_MAX_WARPS` until
 validated on hardware.
 
-Stream-K layers run this K loop (`k_loop_tma_kxk`, from any `tap_position`) and epilogue in the stream-K
-kernel of `conv_tma_streamk`; split-K layers run the pointer kernel.
+TMA-store epilogue (TMA_EPILOGUE, as in `conv_tma`): the dense channels_last output is the 4-D tensor
+[N, OH, OW, Cout], and a program's BLOCK_H x BLOCK_W patch of BLOCK_N channels is one box of it, so the tile is
+written by one bulk-tensor store of a 4-D descriptor (the copy engine clips the patch at the image's bottom and
+right edges and the last channel block) and a dense channels_last residual read by one box load. Twins of the
+large patches only (`dp_configs`); without an output descriptor (`conv_tma.tma_store_eligible`) every config
+stores through pointers.
+
+Stream-K layers run this K loop (`k_loop_tma_kxk`, from any `tap_position`) and the pointer-store epilogue in
+the stream-K kernel of `conv_tma_streamk` (configs `kxk_configs`, no twins); split-K layers run the pointer
+kernel.
 
 Strided 1x1 convs (`strided_1x1_view`): a stride-s unpadded 1x1 conv reads exactly the pixels of the strided
 view x[:, :, ::s, ::s], which is again a regular 4-D NHWC tensor (strides s*W*C and s*C: 16-byte multiples
@@ -297,8 +305,8 @@ def conv_kxk_tma_launch(x, weight, scale, shift, residual, y, padding, dilation,
     if y_desc is not None and residual is not None and tma_store_eligible(residual):
         r_desc = _store_desc(residual, box)
     res = residual if residual is not None else y
-    args = (x_desc, w_desc, y_desc, r_desc, scale, shift, res, y, n, oh, ow, cin, cout, padding[0], padding[1], dilation[0],
-            dilation[1], *res_stride, *y.stride(), float(act_param))
+    args = (x_desc, w_desc, y_desc, r_desc, scale, shift, res, y, n, oh, ow, cin, cout, padding[0], padding[1],
+            dilation[0], dilation[1], *res_stride, *y.stride(), float(act_param))
     flags = dict(KH=kh, KW=kw, ACTIVATION=activation_id, HAS_RESIDUAL=residual is not None,
                  INPUT_PRECISION="tf32" if tf32 else "ieee")
 

@@ -8,7 +8,8 @@ matching device and triton version.
 
 An entry: {"gpu": "NVIDIA H200", "triton": "3.6.0", "kernel": "gemm" (or "streamk", the pointer stream-K
 kernel), "config": [BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages] (the TMA kernels "tma1x1", "tmakxk" and
-their stream-K forms "tma1x1_streamk", "tmakxk_streamk": every config value, `config_key`), optional "dtype"
+their stream-K forms "tma1x1_streamk", "tmakxk_streamk": every config value, `config_key`, so a TMA-store-epilogue
+twin — its TMA_EPILOGUE=True an extra value — is denied apart from its pointer-store tile), optional "dtype"
 ("float16", ...) and "path" ("1x1", "flatk", "spatial") narrowing it, and the evidence ("layer", "error",
 "date")}. A GPU name matches exactly (torch.cuda.get_device_name); a triton version matches exactly.
 """

@@ -308,7 +308,8 @@ def aot_variants() -> list[dict]:
     `expects_tma` True: the sm_90 build must contain bulk-tensor copies (cp.async.bulk.tensor). Every pointer-store
     config per dtype (activation and residual rotating), and the TMA_EPILOGUE twins of fp16 and fp32 (bf16's
     would compile the same store path again) with `expects_tma_store`: the sm_90 build must store through a
-    bulk-tensor copy (global.shared::cta) and not spill."""
+    bulk-tensor copy (global.shared::cta) and not spill; and one twin launched without descriptors (`_nodesc`),
+    which must compile to pointer stores."""
     from fusedconv.kernels.epilogue import ACTIVATION_IDS
 
     acts = list(ACTIVATION_IDS)
@@ -324,13 +325,18 @@ def aot_variants() -> list[dict]:
             if twin:  # the residual through its descriptor wherever pruning lets a residual launch have the tile
                 residual = not residual_spills(cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_warps)
             variants.append(_aot_variant(dtype, cfg, act, residual))
+    # A TMA_EPILOGUE config launched without output / residual descriptors (an output tma_store_eligible
+    # refuses): must compile to the pointer stores and loads, with no bulk-tensor store.
+    twin16 = next(c for c in dp_configs(2) if c.kwargs.get("TMA_EPILOGUE")
+                  and not residual_spills(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps))
+    variants.append(_aot_variant("float16", twin16, "relu", True, store_descs=False))
     return variants
 
 
-def _aot_variant(dtype: str, cfg, act: str, residual: bool) -> dict:
+def _aot_variant(dtype: str, cfg, act: str, residual: bool, store_descs: bool = True) -> dict:
     """One aot_variants entry: `cfg` compiled as a real launch specialises it (dense channels_last tensors:
     unit channel strides constexpr 1, 16-divisible pointers, channel counts and strides; output and residual
-    descriptors as the launcher builds them)."""
+    descriptors as the launcher builds them, or none with `store_descs` False)."""
     from fusedconv.kernels.epilogue import ACTIVATION_IDS
 
     t = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}[dtype]
@@ -345,8 +351,10 @@ def _aot_variant(dtype: str, cfg, act: str, residual: bool) -> dict:
     constexprs = dict(ACTIVATION=ACTIVATION_IDS[act], HAS_RESIDUAL=residual,
                       INPUT_PRECISION="tf32" if dtype == "float32" else "ieee")
     constexprs.update({"TMA_EPILOGUE": False, **cfg.kwargs})  # the kernel's default where the config has none
-    if not residual:  # the launcher passes no residual descriptor then
+    if not residual or not store_descs:  # the launcher passes no residual descriptor then
         constexprs["r_desc"] = None
+    if not store_descs:
+        constexprs["y_desc"] = None
     for name in constexprs:
         sig[name] = "constexpr"
     # Channels_last unit strides are specialised to constexpr 1 by real launches.
@@ -358,9 +366,9 @@ def _aot_variant(dtype: str, cfg, act: str, residual: bool) -> dict:
                                   "srw", "syn", "syh", "syw") if sig[a] != "constexpr")
     return {
         "name": f"tma_conv1x1_{act}_{'res_' if residual else ''}{t}_m{bm}n{bn}k{bk}s{cfg.num_stages}"
-                f"w{cfg.num_warps}{'_tmastore' if twin else ''}",
+                f"w{cfg.num_warps}{'_tmastore' if twin else ''}{'' if store_descs else '_nodesc'}",
         "fn": _conv1x1_tma_kernel, "signature": sig, "constexprs": constexprs,
         "attrs": {(_conv1x1_tma_kernel.arg_names.index(a),): [["tt.divisibility", 16]] for a in divisible},
         "divisible_by_16": divisible, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
-        "dtype": dtype, "expects_tensor_cores": True, "expects_tma": True, "expects_tma_store": twin,
+        "dtype": dtype, "expects_tensor_cores": True, "expects_tma": True, "expects_tma_store": twin and store_descs,
     }

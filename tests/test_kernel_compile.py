@@ -285,8 +285,9 @@ def test_tma_store_epilogue_variants_store_through_the_copy_engine(compile_resul
 
 
 def test_pointer_store_tma_variants_have_no_bulk_store(compile_results):
-    """Counterpart of the check above, so it cannot pass on a regex that matches the loads: a pointer-store
-    TMA 1x1 variant compiled in the same session has bulk-tensor loads and no bulk-tensor store."""
+    """Counterpart of the check above, so it cannot pass on a regex that matches the loads: the pointer-store
+    TMA 1x1 variants compiled in the same session — a TMA_EPILOGUE config launched without output descriptors
+    (`_nodesc`) among them — have bulk-tensor loads and no bulk-tensor store."""
     names = [v["name"] for v in _VARIANTS if v["expects_tma"] and not v["expects_tma_store"]
              and v["name"].startswith("tma_conv1x1_") and v["name"] in compile_results]
     if not names:

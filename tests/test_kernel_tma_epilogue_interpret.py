@@ -265,6 +265,24 @@ def test_deny_list_keys_tell_twins_apart():
     assert len(keys) == len(set(keys))
 
 
+def test_deny_list_entry_of_a_twin_drops_only_the_twin(tmp_path):
+    """An entry recorded as the GPU check records a failing TMA config (every config value, TMA_EPILOGUE's true
+    included) denies the twin and keeps its pointer-store tile."""
+    import triton
+
+    from fusedconv.kernels import denylist
+
+    configs = conv_tma._prune_tma(conv_tma.dp_configs(2), _prune_args(y_desc=object()))
+    twin = next(c for c in configs if c.kwargs.get("TMA_EPILOGUE"))
+    path = str(tmp_path / "denylist.json")
+    denylist.add_entries([{"gpu": "GPU", "triton": triton.__version__, "kernel": "tma1x1",
+                           "config": [*twin.kwargs.values(), twin.num_warps, twin.num_stages]}], path)
+    fake_cuda = SimpleNamespace(is_cuda=True, dtype=torch.float16)
+    kept = denylist.drop_denied(configs, {"IS_1X1": True}, gpu_name="GPU", deny_file=path, kernel="tma1x1",
+                                tensor=fake_cuda, key=denylist.config_key)
+    assert twin not in kept and len(kept) == len(configs) - 1
+
+
 def test_gpu_check_covers_the_twins():
     """The GPU check's TMA candidates for a 1x1 layer (every config it runs against float64) include the
     TMA-store twins, labelled apart."""

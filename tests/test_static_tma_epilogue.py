@@ -1,5 +1,5 @@
-"""bench/static_tma_epilogue.py: the epilogue span of a SASS listing (K loop's closing branch to EXIT) on a
-hand-written listing, and the report's pairing of each layer's best TMA config with its TMA-store twin."""
+"""bench/static_tma_epilogue.py: the epilogue span of a SASS listing (K loop's closing branch to the first
+unpredicated EXIT) on a hand-written listing, and the report's pairing of each layer's best TMA config with its TMA-store twin."""
 
 from __future__ import annotations
 
@@ -16,16 +16,19 @@ LISTING = """
         /*0050*/                   LDG.E R6, desc[UR4][R2.64] ;
         /*0060*/                   STSM.16.M88.4 [R3], R4 ;
         /*0070*/                   UTMASTG.2D [UR4], [UR6] ;
+        /*0078*/               @P1 EXIT ;
+        /*007c*/                   STG.E [R4.64], R8 ;
         /*0080*/                   EXIT ;
         /*0090*/                   STG.E [R2.64], R4 ;
         /*00a0*/                   EXIT ;
 """
 
 
-def test_epilogue_span_runs_from_the_loop_branch_to_the_first_exit():
+def test_epilogue_span_runs_from_the_loop_branch_to_the_first_unpredicated_exit():
     summary = ste.epilogue_summary(sass.parse(LISTING))
-    assert summary["instructions"] == 4  # LDG, STSM, UTMASTG, EXIT: not the code after the first EXIT
-    assert (summary["LDG"], summary["STSM"], summary["UTMASTG"], summary["STG"]) == (1, 1, 1, 0)
+    # LDG, STSM, UTMASTG, @P1 EXIT, STG, EXIT: past the predicated EXIT, not past the unpredicated one
+    assert summary["instructions"] == 6
+    assert (summary["LDG"], summary["STSM"], summary["UTMASTG"], summary["STG"]) == (1, 1, 1, 1)
 
 
 def test_no_loop_no_epilogue():

@@ -1,5 +1,6 @@
 """bench/static_tma_epilogue.py: the epilogue span of a SASS listing (K loop's closing branch to the first
-unpredicated EXIT) on a hand-written listing, and the report's pairing of each layer's best TMA config with its TMA-store twin."""
+unpredicated EXIT) on a hand-written listing, and the report's pairing of each layer's best TMA config with its
+TMA-store twin."""
 
 from __future__ import annotations
 

@@ -11,10 +11,14 @@ Per model (random weights, BatchNorm statistics randomized, eval mode, nothing d
   path), within the library's self-check tolerance for float32.
 - layers: convs in the original, fused layers (by kind) and convs left in the converted model, BatchNorms left;
   report rows fused / skipped with the skip reasons counted; guarded blocks.
-- state_dict promise (README / docs/SUPPORT.md): a fused layer keeps its conv's path and holds `weight`, `scale`,
-  `shift` (and `post_scale` / `post_shift` for a BN after the activation); the folded BatchNorms' keys and the
-  fused conv's `bias` are gone; a re-parameterized block holds `reparam_conv*` instead of its branches; every
-  other key is unchanged, value included. Anything else is reported as a problem.
+- state_dict promise (README / docs/SUPPORT.md, graph/scope_rewrite.py): a fused layer holds `weight` (the
+  conv's, unchanged), `scale`, `shift` (and `post_scale` / `post_shift` for a BN after the activation), at its
+  conv's path, or, for a conv the block reaches as a grandchild (`self.convs[i]`) or whose parameters its
+  forward also reads, under a new flat name (`convs_0`, `conv_fused`) with the original conv and BN kept in
+  place (both in the state_dict: listed as `fused_copies`); the folded BatchNorms' keys and the fused conv's
+  `bias` are gone; a BN folded into the following layer changes that layer's values (and may add its bias);
+  a re-parameterized block holds `reparam_conv*` instead of its branches; every other key is unchanged, value
+  included. Anything else is reported as a problem.
 - `copy.deepcopy`, `torch.save` / `torch.load(weights_only=False)` of the converted model give the same output;
   a second batch size gives the original's result (float64 and float32).
 Each failing check is listed in the model's `findings`.
@@ -103,11 +107,12 @@ def count_layers(original: nn.Module, converted: nn.Module) -> dict:
             "bns_left": sum(fold.is_batchnorm(m) for m in converted.modules())}
 
 
-def reason_key(detail: str) -> str:
-    """A skip reason without the names of the model's own modules, so reasons can be counted across models."""
+def reason_key(kind: str, detail: str) -> str:
+    """'kind: reason' without the names of the model's own modules, so reasons can be counted across models."""
+    detail = re.sub(r"^[\w.]+: ", "", detail)  # "conv1.bn: BatchNormAct2d applies ..." names the module first
     text = re.sub(r"'[^']*'|\"[^\"]*\"|`[^`]*`", "'…'", detail)
     text = re.sub(r"\b\d+\b", "N", text)
-    return text.split(";")[0].strip()[:120]
+    return f"{kind}: " + text.split(";")[0].strip()[:120]
 
 
 def _owner(key: str) -> str:
@@ -118,13 +123,36 @@ def _under(path: str, prefix: str) -> bool:
     return prefix == "" or path == prefix or path.startswith(prefix + ".")
 
 
-def state_dict_problems(original: nn.Module, converted: nn.Module) -> list[str]:
-    """Keys / values of the converted model's state_dict that the documented promise does not explain."""
+def _kept_original(path: str, original: dict) -> str | None:
+    """The original conv a fused layer registered under a new flat name stands for (`a.convs_0` for the
+    ModuleList grandchild `a.convs.0`, `a.conv_fused` for `a.conv` whose parameters the forward also reads)."""
+    scope, _, name = path.rpartition(".")
+    prefix = scope + "." if scope else ""
+    stem = name[:-len("_fused")] if name.endswith("_fused") else name
+    parts = stem.split("_")
+    for mask in range(2 ** (len(parts) - 1)):  # every way of reading each "_" as "." or as itself
+        dotted = parts[0]
+        for i, part in enumerate(parts[1:]):
+            dotted += ("." if mask >> i & 1 else "_") + part
+        if isinstance(original.get(prefix + dotted), (nn.modules.conv._ConvNd, nn.Linear)):
+            return prefix + dotted
+    return None
+
+
+def state_dict_problems(original: nn.Module, converted: nn.Module, report=None) -> tuple[list[str], list[str]]:
+    """(keys / values of the converted model's state_dict the documented promise does not explain, fused layers
+    kept beside their original conv under a new name: `new <- original`)."""
     before, after = original.state_dict(), converted.state_dict()
+    modules = dict(original.named_modules())
     fused = {n for n, m in converted.named_modules() if fused_kind(m)}
-    bn_paths = {n for n, m in original.named_modules() if fold.is_batchnorm(m)}
+    bn_paths = {n for n, m in modules.items() if fold.is_batchnorm(m)}
     reparam_blocks = {_owner(n) for n, _ in converted.named_modules()
                       if re.fullmatch(r"reparam_conv(_\d+)?", n.rsplit(".", 1)[-1])}
+    # convert folds a BN directly before a conv / linear into that layer's own weight and bias (report kind
+    # "bn_before_layer"): that layer's values change, its keys stay (a bias may appear).
+    absorbed = {".".join(filter(None, (r.scope, r.nodes[-1]))) for r in (report.fused if report else ())
+                if r.kind == "bn_before_layer"}
+    copies = {p: _kept_original(p, modules) for p in fused if before.get(p + ".weight") is None}
     problems = []
     for key in sorted(set(before) - set(after)):
         owner, leaf = _owner(key), key.rsplit(".", 1)[-1]
@@ -134,20 +162,28 @@ def state_dict_problems(original: nn.Module, converted: nn.Module) -> list[str]:
         problems.append(f"missing {key}")
     for key in sorted(set(after) - set(before)):
         owner, leaf = _owner(key), key.rsplit(".", 1)[-1]
-        if (owner in fused and leaf in FUSED_KEYS) or any(_under(owner, b) for b in reparam_blocks):
+        if (owner in fused and leaf in FUSED_KEYS) or any(_under(owner, b) for b in reparam_blocks) \
+                or (owner in absorbed and leaf == "bias"):
             continue
         problems.append(f"unexpected {key}")
     for key in sorted(set(before) & set(after)):
         a, b = before[key], after[key]
-        if any(_under(_owner(key), r) for r in reparam_blocks):
+        if any(_under(_owner(key), r) for r in reparam_blocks) or _owner(key) in absorbed:
             continue
         if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
                 and a.dtype == b.dtype and torch.equal(a, b)):
             problems.append(f"changed {key}")
-    for path in sorted(fused):
-        if before.get(path + ".weight") is None and not any(_under(path, b) for b in reparam_blocks):
-            problems.append(f"fused layer {path} has no conv/linear weight at that path in the original")
-    return problems
+    kept = []
+    for path, orig in sorted(copies.items()):
+        if any(_under(path, b) for b in reparam_blocks):
+            continue
+        if orig is None:
+            problems.append(f"fused layer {path} stands for no conv / linear of the original")
+        elif not torch.equal(after[path + ".weight"], before[orig + ".weight"]):
+            problems.append(f"fused layer {path}: weight differs from {orig}.weight")
+        else:
+            kept.append(f"{path} <- {orig}")
+    return problems, kept
 
 
 class Timeout(Exception):
@@ -202,15 +238,16 @@ def run_model(entry: ZooModel, size: int = 64, batch: int = 2, seed: int = 0) ->
         res.update(count_layers(model64, fused64))
         res["rows_fused"] = len(report.fused)
         res["fused_kinds"] = dict(Counter(r.detail for r in report.fused))
-        res["skip_reasons"] = dict(Counter(reason_key(r.detail) for r in report.skipped))
-        res["skipped_detail"] = [f"{r.scope or '<root>'}: {' -> '.join(r.nodes)}: {r.detail}" for r in report.skipped]
+        res["skip_reasons"] = dict(Counter(reason_key(r.kind, r.detail) for r in report.skipped))
+        res["skipped_detail"] = [f"{r.kind} {r.scope or '<root>'}: {' -> '.join(r.nodes)}: {r.detail}"
+                                 for r in report.skipped]
         res["guards"] = len(report.guards)
         res["notes"] = list(report.notes)
         res["err64"] = _checked(lambda: rel_error(fused64(x), ref), res, "float64 forward")
         res["exact64"] = res["err64"] is not None and res["err64"] <= EXACT_FLOAT64
         if res["err64"] is not None and not res["exact64"]:
             find(f"float64 mismatch {res['err64']:.3e}")
-        res["state_dict_problems"] = state_dict_problems(model64, fused64)
+        res["state_dict_problems"], res["fused_copies"] = state_dict_problems(model64, fused64, report)
         if res["state_dict_problems"]:
             find(f"state_dict: {len(res['state_dict_problems'])} unexplained key(s), "
                  f"e.g. {res['state_dict_problems'][0]}")
@@ -362,7 +399,10 @@ def render_markdown(results: list[dict], meta: dict) -> str:
              f"sizes (<= {SELF_CHECK_TOLERANCE[torch.float32]:g})",
              f"- conv layers (converted models): {fused} fused of {total} in the originals "
              f"(re-parameterized branches merge several convs into one fused layer)",
-             f"- models with findings: {sum(bool(r['findings']) for r in results)}", "",
+             f"- models with findings: {sum(bool(r['findings']) for r in results)}",
+             "- fused layers kept beside their original conv + BN under a new name (both in the state_dict): "
+             + (", ".join(f"{r['model']} {len(r['fused_copies'])}" for r in conv if r.get("fused_copies"))
+                or "none"), "",
              "Top skip reasons (report rows, all models):", ""]
     lines += [f"- {n} x {reason}" for reason, n in reasons.most_common(12)] or ["- none"]
     lines += ["", "## Findings", ""]
@@ -380,6 +420,8 @@ def render_markdown(results: list[dict], meta: dict) -> str:
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in conv:
         sd = "ok" if not r.get("state_dict_problems") else f"{len(r['state_dict_problems'])} problem(s)"
+        if r.get("fused_copies"):
+            sd += f" ({len(r['fused_copies'])} kept)"
         rt = "ok" if r.get("deepcopy_err") == 0 and r.get("pickle_err") == 0 else \
             f"{_fmt(r.get('deepcopy_err'))} / {_fmt(r.get('pickle_err'))}"
         lin = f" +{r['fused_linear']} linear" if r.get("fused_linear") else ""

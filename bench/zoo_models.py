@@ -89,7 +89,7 @@ class ConvOutputReused(nn.Module):
 
 
 class SharedBatchNorm(nn.Module):
-    """One BN module after two different convs: it cannot be folded into either alone."""
+    """One BN module after two different convs: convert may fold it into each conv on its own."""
 
     def __init__(self):
         super().__init__()
@@ -164,7 +164,7 @@ DEFAULT_SET: list[ZooModel] = [
     # segmentation_models_pytorch
     _smp("Unet", "resnet18"), _smp("UnetPlusPlus", "mobilenet_v2"), _smp("FPN", "efficientnet-b0"),
     _smp("PSPNet", "resnet18"), _smp("DeepLabV3Plus", "mobilenet_v2"), _smp("Linknet", "resnet18"),
-    _smp("MAnet", "timm-efficientnet-b0"), _smp("PAN", "resnet18"), _smp("Unet", "tu-regnety_002"),
+    _smp("MAnet", "timm-efficientnet-b0"), _smp("PAN", "resnet18", min_size=128), _smp("Unet", "tu-regnety_002"),
     # home-made blocks that must not be folded (or only partly)
     ZooModel("home:conv_output_reused"), ZooModel("home:shared_bn"), ZooModel("home:functional_bn"),
 ]

@@ -58,12 +58,12 @@ def test_a_converted_model_off_by_1e_6_is_reported(monkeypatch):
 def test_state_dict_promise_check_flags_what_it_does_not_explain():
     model = ZooModel("home:functional_bn").build(SIZE).double()
     converted = fusedconv.convert(model)
-    assert zoo.state_dict_problems(model, converted) == []
+    assert zoo.state_dict_problems(model, converted) == ([], [])
     # the stem conv is not fused: its weight must survive unchanged
     with torch.no_grad():
         converted.stem.weight.add_(1.0)
     converted.register_buffer("extra", torch.zeros(1))
-    problems = zoo.state_dict_problems(model, converted)
+    problems, _ = zoo.state_dict_problems(model, converted)
     assert "changed stem.weight" in problems and "unexpected extra" in problems
 
 

@@ -170,7 +170,7 @@ DEFAULT_SET: list[ZooModel] = [
 ]
 
 BY_SPEC = {m.spec: m for m in DEFAULT_SET}
-TINY_SET = ["torchvision:resnet18", "timm:repvgg_a0", "home:functional_bn"]
+TINY_SET = ["timm:test_resnet", "timm:repvgg_a0", "home:functional_bn"]
 
 
 def resolve(names: list[str]) -> list[ZooModel]:

@@ -22,14 +22,15 @@ def _conv_count(spec: str) -> int:
     return sum(isinstance(m, nn.Conv2d) for m in ZooModel(spec).build(SIZE).modules())
 
 
-def test_resnet18_is_exact_and_fully_fused():
-    res = zoo.run_model(ZooModel("torchvision:resnet18"), size=SIZE, batch=2)
+def test_small_resnet_is_exact_and_fully_fused():
+    res = zoo.run_model(ZooModel("timm:test_resnet"), size=SIZE, batch=2)
     assert res["findings"] == []
     assert res["exact64"] and res["err64"] <= zoo.EXACT_FLOAT64
     assert res["batch1_err64"] <= zoo.EXACT_FLOAT64 and res["match32"]
-    # every conv of resnet18 is followed by a BatchNorm: all fused, none left, no BN left
-    assert res["convs"] == _conv_count("torchvision:resnet18") > 0
+    # every conv of this resnet is followed by a BatchNorm: all fused, none left, no BN left
+    assert res["convs"] == _conv_count("timm:test_resnet") > 0
     assert res["fused_conv"] == res["convs"] and res["convs_left"] == 0 and res["bns_left"] == 0
+    assert any("add" in kind for kind in res["fused_kinds"])  # residual adds went into the epilogue
     assert res["state_dict_problems"] == [] and res["deepcopy_err"] == 0 and res["pickle_err"] == 0
 
 

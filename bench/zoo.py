@@ -9,7 +9,9 @@ Per model (random weights, BatchNorm statistics randomized, eval mode, nothing d
   so anything above ~1e-12 is a wrong rewrite, not rounding.
 - float32 default path: the float32 model converted and run on NCHW float32 input (the CPU layout boundary's
   path), within the library's self-check tolerance for float32.
-- layers: convs in the original, fused layers (by kind) and convs left in the converted model, BatchNorms left;
+- layers: convs in the original, fused layers (by kind) and convs left in the converted model, BatchNorm modules
+  left, and the batch-norm / convolution ops one forward runs before -> after (aten level: a BN module kept
+  beside its fused copy is in the model but does not run);
   report rows fused / skipped with the skip reasons counted; guarded blocks.
 - state_dict promise (README / docs/SUPPORT.md, graph/scope_rewrite.py): a fused layer holds `weight` (the
   conv's, unchanged), `scale`, `shift` (and `post_scale` / `post_shift` for a BN after the activation), at its
@@ -41,6 +43,7 @@ from collections import Counter
 
 import torch
 import torch.nn as nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import fusedconv
@@ -175,15 +178,36 @@ def state_dict_problems(original: nn.Module, converted: nn.Module, report=None) 
             problems.append(f"changed {key}")
     kept = []
     for path, orig in sorted(copies.items()):
-        if any(_under(path, b) for b in reparam_blocks):
-            continue
         if orig is None:
-            problems.append(f"fused layer {path} stands for no conv / linear of the original")
+            if not any(_under(path, b) for b in reparam_blocks):  # (a merged conv stands for its branches)
+                problems.append(f"fused layer {path} stands for no conv / linear of the original")
         elif not torch.equal(after[path + ".weight"], before[orig + ".weight"]):
             problems.append(f"fused layer {path}: weight differs from {orig}.weight")
         else:
             kept.append(f"{path} <- {orig}")
     return problems, kept
+
+
+class _OpCounter(TorchDispatchMode):
+    """Counts the batch-norm and convolution ops one forward runs (aten level, whatever module runs them)."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = self.conv = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        self.bn += "batch_norm" in name
+        self.conv += "convolution" in name
+        return func(*args, **(kwargs or {}))
+
+
+def ops_run(model: nn.Module, x: torch.Tensor) -> tuple[int, int]:
+    """(batch-norm ops, convolution ops) of one forward."""
+    counter = _OpCounter()
+    with counter:
+        model(x)
+    return counter.bn, counter.conv
 
 
 class Timeout(Exception):
@@ -251,6 +275,9 @@ def run_model(entry: ZooModel, size: int = 64, batch: int = 2, seed: int = 0) ->
         if res["state_dict_problems"]:
             find(f"state_dict: {len(res['state_dict_problems'])} unexplained key(s), "
                  f"e.g. {res['state_dict_problems'][0]}")
+        counts = _checked(lambda: (ops_run(model64, x), ops_run(fused64, x)), res, "op count")
+        if counts is not None:
+            (res["bn_ops"], res["conv_ops"]), (res["bn_ops_left"], res["conv_ops_left"]) = counts
         own = _checked(lambda: fused64(x), res, "converted forward")
         if own is not None:
             res["deepcopy_err"] = _checked(lambda: rel_error(copy.deepcopy(fused64)(x), own), res, "deepcopy")
@@ -366,72 +393,14 @@ def main(argv: list[str] | None = None) -> int:
         print(status_line(res), flush=True)
         if args.json:  # written after every model, so a long sweep that is cut short keeps what it measured
             _write_json(args.json, meta, results)
+    from bench.zoo_report import render_markdown
+
     text = render_markdown(results, meta)
     if args.md:
         with open(args.md, "w") as f:
             f.write(text)
     print(text.split("## Models")[0])
     return 0
-
-
-def _fmt(v) -> str:
-    return "-" if v is None else f"{v:.1e}"
-
-
-def render_markdown(results: list[dict], meta: dict) -> str:
-    """The report: summary (counts, top skip reasons, findings), then one table row per model."""
-    built = [r for r in results if r["build"]]
-    conv = [r for r in built if r["convert"]]
-    exact = [r for r in conv if r.get("exact64")]
-    m32 = [r for r in conv if r.get("match32")]
-    reasons: Counter = Counter()
-    for r in conv:
-        reasons.update(r.get("skip_reasons", {}))
-    total = sum(r["convs"] for r in conv)
-    fused = sum(r["fused_conv"] for r in conv)
-    lines = ["# Model-zoo sweep of fusedconv.convert", "",
-             f"Date {meta['date']}; machine {meta['machine']}, {meta['threads']} thread(s); python "
-             f"{meta['python']}; " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()) + ".", "",
-             f"Command: `{meta['command']}`", "", "## Summary", "",
-             f"- models: {len(results)} listed, {len(built)} built, {len(conv)} converted, {len(exact)} exact in "
-             f"float64 (max relative error <= {EXACT_FLOAT64:g}: max |converted - original| / max |original| per "
-             f"output tensor, worst tensor), {len(m32)} match in float32 on the default CPU path at both batch "
-             f"sizes (<= {SELF_CHECK_TOLERANCE[torch.float32]:g})",
-             f"- conv layers (converted models): {fused} fused of {total} in the originals "
-             f"(re-parameterized branches merge several convs into one fused layer)",
-             f"- models with findings: {sum(bool(r['findings']) for r in results)}",
-             "- fused layers kept beside their original conv + BN under a new name (both in the state_dict): "
-             + (", ".join(f"{r['model']} {len(r['fused_copies'])}" for r in conv if r.get("fused_copies"))
-                or "none"), "",
-             "Top skip reasons (report rows, all models):", ""]
-    lines += [f"- {n} x {reason}" for reason, n in reasons.most_common(12)] or ["- none"]
-    lines += ["", "## Findings", ""]
-    for r in results:
-        for f in r["findings"]:
-            lines.append(f"- {r['model']}: {f}")
-    if not any(r["findings"] for r in results):
-        lines.append("- none")
-    not_built = [r for r in results if not r["build"]]
-    if not_built:
-        lines += ["", "## Not built", ""] + [f"- {r['model']}: {r.get('build_error')}" for r in not_built]
-    lines += ["", "## Models", "",
-              "| model | input | convs | fused | left | BN left | skipped rows | guards | err fp64 | err fp32 |"
-              " batch-1 fp64 | state_dict | deepcopy / save | convert s | total s |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in conv:
-        sd = "ok" if not r.get("state_dict_problems") else f"{len(r['state_dict_problems'])} problem(s)"
-        if r.get("fused_copies"):
-            sd += f" ({len(r['fused_copies'])} kept)"
-        rt = "ok" if r.get("deepcopy_err") == 0 and r.get("pickle_err") == 0 else \
-            f"{_fmt(r.get('deepcopy_err'))} / {_fmt(r.get('pickle_err'))}"
-        lin = f" +{r['fused_linear']} linear" if r.get("fused_linear") else ""
-        lines.append(f"| {r['model']} | {'x'.join(map(str, r['input']))} | {r['convs']} | {r['fused_conv']}{lin} | "
-                     f"{r['convs_left']} | {r['bns_left']} | {sum(r['skip_reasons'].values())} | {r['guards']} | "
-                     f"{_fmt(r.get('err64'))} | {_fmt(r.get('err32'))} | {_fmt(r.get('batch1_err64'))} | {sd} | "
-                     f"{rt} | {r['convert_s']} | {r['total_s']} |")
-    for r in [r for r in built if not r["convert"]]:
-        lines.append(f"| {r['model']} | - | - | convert failed: {r.get('convert_error')} |||||||||||")
-    return "\n".join(lines) + "\n"
 
 
 def _write_json(path: str, meta: dict, results: list[dict]) -> None:

@@ -31,6 +31,7 @@ def test_small_resnet_is_exact_and_fully_fused():
     assert res["convs"] == _conv_count("timm:test_resnet") > 0
     assert res["fused_conv"] == res["convs"] and res["convs_left"] == 0 and res["bns_left"] == 0
     assert any("add" in kind for kind in res["fused_kinds"])  # residual adds went into the epilogue
+    assert res["bn_ops_left"] == 0 < res["bn_ops"]
     assert res["state_dict_problems"] == [] and res["deepcopy_err"] == 0 and res["pickle_err"] == 0
 
 
@@ -40,7 +41,8 @@ def test_home_models_count_what_was_and_was_not_fused():
     assert (functional["convs"], functional["fused_conv"], functional["convs_left"]) == (2, 1, 1)
     reused = zoo.run_model(ZooModel("home:conv_output_reused"), size=SIZE)
     assert reused["findings"] == [] and reused["exact64"]
-    assert reused["fused_conv"] == 0 and reused["bns_left"] == 1 and sum(reused["skip_reasons"].values()) >= 1
+    assert reused["fused_conv"] == 0 and reused["bns_left"] == reused["bn_ops_left"] == 1
+    assert sum(reused["skip_reasons"].values()) >= 1
 
 
 def test_a_converted_model_off_by_1e_6_is_reported(monkeypatch):

@@ -88,3 +88,13 @@ def test_command_line_writes_json_and_report(tmp_path):
     assert results[0]["exact64"] and not results[1]["build"]
     text = md.read_text()
     assert "| home:functional_bn |" in text and "timm:no_such_model" in text.split("## Not built")[1]
+
+
+def test_a_converted_model_that_raises_is_a_finding_not_a_crash(monkeypatch):
+    def broken(self, x, residual=None):
+        raise RuntimeError("fused layer broken on purpose")
+
+    monkeypatch.setattr(FusedConv2d, "forward", broken)
+    res = zoo.run_one(ZooModel("home:functional_bn"), size=SIZE, batch=2, timeout=60)
+    assert res["convert"] and res.get("err64") is None and not res["exact64"]
+    assert any("float64 forward raised RuntimeError: fused layer broken" in f for f in res["findings"])

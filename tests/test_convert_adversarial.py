@@ -476,3 +476,37 @@ class MutatesInputBeforeAdd(nn.Module):
 def test_in_place_change_of_conv_input_blocks_the_residual():
     converted, report = check_convert(_prep(MutatesInputBeforeAdd()), _x(), reparameterize=False)
     assert [r.detail for r in fused(report)] == ["bn"]
+
+
+class CachesInPlace(nn.Module):
+    """timm LeViT's attention-bias cache: the forward fills a dict attribute in place, keyed by the device."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.offset = nn.Parameter(torch.randn(4, 1, 1))
+        self.cache = {}
+
+    def forward(self, x):
+        key = str(x.device)
+        if key not in self.cache:
+            self.cache[key] = self.offset * 2.0
+        return self.bn(self.conv(x)) + self.cache[key]
+
+
+@torch.no_grad()
+def test_forward_filling_a_container_in_place_is_not_rewritten_and_leaks_no_proxy():
+    """Tracing used to leave an fx Proxy in the cache (the dict object stayed the same, so the write went
+    unseen): the converted model could not be deep-copied or saved."""
+    import copy
+    import io
+
+    model = _prep(CachesInPlace())
+    converted, report = check_convert(model, _x(), bn_left=1)
+    assert "not traceable" in skipped(report)[0].detail and "cache" in skipped(report)[0].detail
+    assert list(converted.cache) in ([], ["cpu"]) and list(model.cache) in ([], ["cpu"])
+    buf = io.BytesIO()
+    torch.save(copy.deepcopy(converted), buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert output_error(loaded(_x()), model(_x())) == 0.0

@@ -381,3 +381,40 @@ def test_reparameterized_and_converted_onnx_matches_onnxruntime():
     (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
     with torch.no_grad():
         assert max_rel_error(torch.from_numpy(out), model(x)) < 1e-4
+
+
+class SqueezeExcite(nn.Module):
+    """A user module with its own conv -> BN -> ReLU chain; the re-parameterization trace goes through it."""
+
+    def __init__(self, c=4):
+        super().__init__()
+        self.fc1, self.bn, self.act = nn.Conv2d(c, 2, 1), nn.BatchNorm2d(2), nn.ReLU()
+        self.fc2 = nn.Conv2d(2, c, 1)
+
+    def forward(self, x):
+        s = x.mean((2, 3), keepdim=True)
+        return x * torch.sigmoid(self.fc2(self.act(self.bn(self.fc1(s)))))
+
+
+class ExcitedBlock(Branches):
+    """timm's MobileOneBlock with use_se (FastViT's final_conv): the merged sum goes through a child that holds
+    a chain of its own."""
+
+    def __init__(self, c=4):
+        super().__init__(c)
+        self.se = SqueezeExcite(c)
+
+    def forward(self, x):
+        return self.act(self.se(self.dense(x) + self.pw(x) + self.idbn(x)))
+
+
+@torch.no_grad()
+def test_chain_inside_a_traced_through_child_of_a_merged_block():
+    """Its merged code calls the child's modules directly (and pins them): fusing inside that child on its own
+    broke every call of the converted model with GuardMiss. Now the child is left to the block's own rewrite."""
+    model = _prep(ExcitedBlock())
+    x = _t(2, 4, 6, 6)
+    converted, report = fusedconv.convert(model, return_report=True)
+    _close(converted(x), model(x))
+    _close(converted(x[:1]), model(x[:1]))
+    assert batch_norm_count(count_ops(converted, x)) == 0  # the child's chain is fused too, not left behind

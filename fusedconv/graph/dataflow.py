@@ -73,6 +73,25 @@ def _candidate_children(module: nn.Module, seen: dict | None = None) -> dict:
     return seen
 
 
+def _inlined_children(module: nn.Module) -> set[str]:
+    """Names of the children whose own submodules a guarded block's code calls directly.
+
+    The re-parameterization trace goes through user modules (`reparam_leaves.py`), so a merged block's code
+    calls e.g. `self.se.fc1` and its guards pin those grandchildren by identity; rewriting inside such a child
+    on its own would make every call of the block miss its guards (GuardMiss). Those children are left to the
+    block's own rewrite (`reparam_convert.py`), which sees their modules in the merged code.
+    """
+    pinned: set[int] = set()
+    table = guard_table(module)
+    while table is not None:
+        pinned.update(id(o) for o in table.expect if isinstance(o, nn.Module))
+        table = table.base
+    if not pinned:
+        return set()
+    return {name for name, child in module.named_children()
+            if child is not None and any(id(m) in pinned for m in list(child.modules())[1:])}
+
+
 class DataflowWalk:
     """Visits every module scope, children first; returns each scope's replacement (often itself)."""
 
@@ -90,7 +109,13 @@ class DataflowWalk:
     def _visit(self, module: nn.Module, scope: str) -> nn.Module:
         if is_leaf_type(module):
             return module
-        visit_children(module, scope, self.visit)
+        inlined = _inlined_children(module)
+        for name in inlined:
+            self.report.notes.append(f"{scope + '.' if scope else ''}{name}: not converted on its own: the "
+                                     f"re-parameterized block {scope or '<root>'!r} runs its modules from its merged "
+                                     "code (its chains are fused there where provable)")
+        visit_children(module, scope, lambda child, path: child if path.rsplit(".", 1)[-1] in inlined
+                       else self.visit(child, path))
         if is_plain_sequential(module):
             fuse_sequential(module, scope, self.uses, self.report)
             return module

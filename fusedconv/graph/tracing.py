@@ -21,6 +21,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 _STATE_DICTS = ("_modules", "_parameters", "_buffers")
+_CONTENTS = "\0contents"  # the snapshot's key for container contents (no attribute has this name)
 
 
 def _is_isinstance_call(frame) -> bool:
@@ -73,10 +74,21 @@ class SideEffectError(RuntimeError):
     """The traced forward assigned attributes on the module (state the graph cannot reproduce)."""
 
 
+def _contents(value):
+    """What a plain dict / list attribute holds (by identity), so a write into it is seen; None for others."""
+    if type(value) in (dict, list):
+        return [(k, id(v)) for k, v in value.items()] if type(value) is dict else [id(v) for v in value]
+    return None
+
+
 def _snapshot(module: nn.Module) -> dict:
     snap = {k: v for k, v in module.__dict__.items() if k not in _STATE_DICTS}
     for k in _STATE_DICTS:
         snap[k] = dict(module.__dict__.get(k, {}))
+    # A forward may also write into a container attribute it keeps (a cache dict filled in place, as timm's
+    # LeViT does): the attribute is the same object afterwards, so its contents are kept as well.
+    snap[_CONTENTS] = {k: (copy.copy(v), _contents(v)) for k, v in snap.items()
+                       if k not in _STATE_DICTS and _contents(v) is not None}
     return snap
 
 
@@ -90,12 +102,21 @@ def _restore(module: nn.Module, snap: dict) -> list[str]:
             changed.append(k)
             current.clear()
             current.update(snap[k])
+    for k, (saved, ids) in snap[_CONTENTS].items():
+        current = module.__dict__.get(k)
+        if current is snap[k] and _contents(current) != ids:  # written in place: put the old contents back
+            changed.append(k)
+            if type(current) is dict:
+                current.clear()
+                current.update(saved)
+            else:
+                current[:] = saved
     for k in list(module.__dict__):
         if k not in _STATE_DICTS and (k not in snap or module.__dict__[k] is not snap[k]):
             changed.append(k)
             del module.__dict__[k]
     for k, v in snap.items():
-        if k not in _STATE_DICTS and k not in module.__dict__:
+        if k not in _STATE_DICTS and k != _CONTENTS and k not in module.__dict__:
             module.__dict__[k] = v
     return changed
 

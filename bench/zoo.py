@@ -1,0 +1,423 @@
+"""Model-zoo sweep: does `fusedconv.convert` just work, and stay exact, on many real models?
+
+`python -m bench.zoo [--models SPEC,SPEC|--set default|tiny] [--size 64] [--batch 2] [--json PATH] [--md PATH]`
+
+Per model (random weights, BatchNorm statistics randomized, eval mode, nothing downloaded):
+- float64: the original cast to float64 is converted (`fusedconv.convert(model, return_report=True)`) and both run
+  on the same random input; error = max over output tensors of max |converted - original| / max |original|
+  (per tensor). Exact means <= EXACT_FLOAT64 (1e-10): float64 rounding over a whole network stays near 1e-14,
+  so anything above ~1e-12 is a wrong rewrite, not rounding.
+- float32 default path: the float32 model converted and run on NCHW float32 input (the CPU layout boundary's
+  path), within the library's self-check tolerance for float32.
+- layers: convs in the original, fused layers (by kind) and convs left in the converted model, BatchNorm modules
+  left, and the batch-norm / convolution ops one forward runs before -> after (aten level: a BN module kept
+  beside its fused copy is in the model but does not run);
+  report rows fused / skipped with the skip reasons counted; guarded blocks.
+- state_dict promise (README / docs/SUPPORT.md, graph/scope_rewrite.py): a fused layer holds `weight` (the
+  conv's, unchanged), `scale`, `shift` (and `post_scale` / `post_shift` for a BN after the activation), at its
+  conv's path, or, for a conv the block reaches as a grandchild (`self.convs[i]`) or whose parameters its
+  forward also reads, under a new flat name (`convs_0`, `conv_fused`) with the original conv and BN kept in
+  place (both in the state_dict: listed as `fused_copies`); the folded BatchNorms' keys and the fused conv's
+  `bias` are gone; a BN folded into the following layer changes that layer's values (and may add its bias);
+  a re-parameterized block holds `reparam_conv*` instead of its branches; every other key is unchanged, value
+  included. Anything else is reported as a problem.
+- `copy.deepcopy`, `torch.save` / `torch.load(weights_only=False)` of the converted model give the same output;
+  a second batch size gives the original's result (float64 and float32).
+Each failing check is listed in the model's `findings`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as dt
+import io
+import json
+import platform
+import re
+import signal
+import sys
+import time
+import traceback
+from collections import Counter
+
+import torch
+import torch.nn as nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+import fusedconv
+from fusedconv import fold
+from fusedconv.comparison import SELF_CHECK_TOLERANCE
+from fusedconv.fused_layers import FusedAffineLayer
+from fusedconv.fused_linear import FusedLinear
+from fusedconv.model_specs import randomize_batchnorm
+from fusedconv.modules import FusedConv2d
+
+from bench.zoo_models import DEFAULT_SET, TINY_SET, ZooModel, resolve
+
+EXACT_FLOAT64 = 1e-10
+FUSED_KEYS = {"weight", "scale", "shift", "post_scale", "post_shift"}
+
+
+def first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"[:300]
+
+
+def rel_error(out, ref) -> float:
+    """max over tensor leaves of max |out - ref| / max |ref|; inf where finiteness differs; raises on structure."""
+    outs, spec_o = tree_flatten(out)
+    refs, spec_r = tree_flatten(ref)
+    if spec_o != spec_r:
+        raise RuntimeError(f"output structure differs: {spec_o} vs {spec_r}")
+    worst = 0.0
+    for o, r in zip(outs, refs):
+        if not isinstance(r, torch.Tensor):
+            if o != r:
+                return float("inf")
+            continue
+        if o.shape != r.shape:
+            raise RuntimeError(f"output shape {tuple(o.shape)} vs original {tuple(r.shape)}")
+        if not r.is_floating_point():
+            worst = max(worst, 0.0 if torch.equal(o, r) else float("inf"))
+            continue
+        o, r = o.detach().double(), r.detach().double()
+        if not torch.equal(o.isfinite(), r.isfinite()):
+            return float("inf")
+        if r.numel():
+            ok = r.isfinite()
+            denom = r[ok].abs().max().clamp_min(1e-30) if ok.any() else torch.tensor(1.0, dtype=torch.float64)
+            worst = max(worst, float((o[ok] - r[ok]).abs().max() / denom) if ok.any() else 0.0)
+    return worst
+
+
+def fused_kind(m: nn.Module) -> str | None:
+    if isinstance(m, FusedLinear):
+        return "linear"
+    if isinstance(m, (FusedConv2d, FusedAffineLayer)):
+        return "conv"
+    return None
+
+
+def count_layers(original: nn.Module, converted: nn.Module) -> dict:
+    conv = nn.modules.conv._ConvNd
+    return {"convs": sum(isinstance(m, conv) for m in original.modules()),
+            "bns": sum(fold.is_batchnorm(m) for m in original.modules()),
+            "fused_conv": sum(fused_kind(m) == "conv" for m in converted.modules()),
+            "fused_linear": sum(fused_kind(m) == "linear" for m in converted.modules()),
+            "convs_left": sum(isinstance(m, conv) for m in converted.modules()),
+            "bns_left": sum(fold.is_batchnorm(m) for m in converted.modules())}
+
+
+def reason_key(kind: str, detail: str) -> str:
+    """'kind: reason' without the names of the model's own modules, so reasons can be counted across models."""
+    detail = re.sub(r"^[\w.]+: ", "", detail)  # "conv1.bn: BatchNormAct2d applies ..." names the module first
+    text = re.sub(r"'[^']*'|\"[^\"]*\"|`[^`]*`", "'…'", detail)
+    text = re.sub(r"\b\d+\b", "N", text)
+    return f"{kind}: " + text.split(";")[0].strip()[:120]
+
+
+def _owner(key: str) -> str:
+    return key.rsplit(".", 1)[0] if "." in key else ""
+
+
+def _under(path: str, prefix: str) -> bool:
+    return prefix == "" or path == prefix or path.startswith(prefix + ".")
+
+
+def _kept_original(path: str, original: dict) -> str | None:
+    """The original conv a fused layer registered under a new flat name stands for (`a.convs_0` for the
+    ModuleList grandchild `a.convs.0`, `a.conv_fused` for `a.conv` whose parameters the forward also reads)."""
+    scope, _, name = path.rpartition(".")
+    prefix = scope + "." if scope else ""
+    stem = name[:-len("_fused")] if name.endswith("_fused") else name
+    parts = stem.split("_")
+    for mask in range(2 ** (len(parts) - 1)):  # every way of reading each "_" as "." or as itself
+        dotted = parts[0]
+        for i, part in enumerate(parts[1:]):
+            dotted += ("." if mask >> i & 1 else "_") + part
+        if isinstance(original.get(prefix + dotted), (nn.modules.conv._ConvNd, nn.Linear)):
+            return prefix + dotted
+    return None
+
+
+def state_dict_problems(original: nn.Module, converted: nn.Module, report=None) -> tuple[list[str], list[str]]:
+    """(keys / values of the converted model's state_dict the documented promise does not explain, fused layers
+    kept beside their original conv under a new name: `new <- original`)."""
+    before, after = original.state_dict(), converted.state_dict()
+    modules = dict(original.named_modules())
+    fused = {n for n, m in converted.named_modules() if fused_kind(m)}
+    bn_paths = {n for n, m in modules.items() if fold.is_batchnorm(m)}
+    reparam_blocks = {_owner(n) for n, _ in converted.named_modules()
+                      if re.fullmatch(r"reparam_conv(_\d+)?", n.rsplit(".", 1)[-1])}
+    # convert folds a BN directly before a conv / linear into that layer's own weight and bias (report kind
+    # "bn_before_layer"): that layer's values change, its keys stay (a bias may appear).
+    absorbed = {".".join(filter(None, (r.scope, r.nodes[-1]))) for r in (report.fused if report else ())
+                if r.kind == "bn_before_layer"}
+    copies = {p: _kept_original(p, modules) for p in fused if before.get(p + ".weight") is None}
+    problems = []
+    for key in sorted(set(before) - set(after)):
+        owner, leaf = _owner(key), key.rsplit(".", 1)[-1]
+        if owner in bn_paths or (owner in fused and leaf == "bias") \
+                or any(_under(owner, b) for b in reparam_blocks):
+            continue
+        problems.append(f"missing {key}")
+    for key in sorted(set(after) - set(before)):
+        owner, leaf = _owner(key), key.rsplit(".", 1)[-1]
+        if (owner in fused and leaf in FUSED_KEYS) or any(_under(owner, b) for b in reparam_blocks) \
+                or (owner in absorbed and leaf == "bias"):
+            continue
+        problems.append(f"unexpected {key}")
+    for key in sorted(set(before) & set(after)):
+        a, b = before[key], after[key]
+        if any(_under(_owner(key), r) for r in reparam_blocks) or _owner(key) in absorbed:
+            continue
+        if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
+                and a.dtype == b.dtype and torch.equal(a, b)):
+            problems.append(f"changed {key}")
+    kept = []
+    for path, orig in sorted(copies.items()):
+        if orig is None:
+            if not any(_under(path, b) for b in reparam_blocks):  # (a merged conv stands for its branches)
+                problems.append(f"fused layer {path} stands for no conv / linear of the original")
+        elif not torch.equal(after[path + ".weight"], before[orig + ".weight"]):
+            problems.append(f"fused layer {path}: weight differs from {orig}.weight")
+        else:
+            kept.append(f"{path} <- {orig}")
+    return problems, kept
+
+
+class _OpCounter(TorchDispatchMode):
+    """Counts the batch-norm and convolution ops one forward runs (aten level, whatever module runs them)."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = self.conv = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        self.bn += "batch_norm" in name
+        self.conv += "convolution" in name
+        return func(*args, **(kwargs or {}))
+
+
+def ops_run(model: nn.Module, x: torch.Tensor) -> tuple[int, int]:
+    """(batch-norm ops, convolution ops) of one forward."""
+    counter = _OpCounter()
+    with counter:
+        model(x)
+    return counter.bn, counter.conv
+
+
+class Timeout(Exception):
+    pass
+
+
+def _alarm(signum, frame):
+    raise Timeout("model took longer than --timeout")
+
+
+def run_model(entry: ZooModel, size: int = 64, batch: int = 2, seed: int = 0) -> dict:
+    """Every check of the sweep on one model; a dict of plain values (see the module docstring)."""
+    res: dict = {"model": entry.spec, "source": entry.source, "build": False, "convert": False, "findings": []}
+    find = res["findings"].append
+    try:
+        torch.manual_seed(seed)
+        model = entry.build(size)
+        randomize_batchnorm(model, seed)
+        res["build"] = True
+    except Timeout:
+        raise
+    except Exception as e:  # noqa: BLE001 - a model that does not build is listed, not fatal
+        res["build_error"] = first_line(e)
+        return res
+    res["params_m"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 2)
+    shape = entry.input_shape(size, batch)
+    res["input"] = list(shape)
+    gen = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(shape, generator=gen, dtype=torch.float64)
+    x_other = torch.randn((1,) + shape[1:], generator=gen, dtype=torch.float64)
+    model64 = copy.deepcopy(model).double()
+    with torch.no_grad():
+        try:
+            ref = model64(x)
+        except Timeout:
+            raise
+        except Exception as e:  # noqa: BLE001
+            res["build_error"] = "original forward: " + first_line(e)
+            res["build"] = False
+            return res
+        t0 = time.perf_counter()
+        try:
+            fused64, report = fusedconv.convert(model64, return_report=True)
+        except Timeout:
+            raise
+        except Exception as e:  # noqa: BLE001 - a crash in convert is a finding
+            res["convert_error"] = first_line(e)
+            find("convert (float64) raised " + first_line(e))
+            return res
+        res["convert_s"] = round(time.perf_counter() - t0, 3)
+        res["convert"] = True
+        res.update(count_layers(model64, fused64))
+        res["rows_fused"] = len(report.fused)
+        res["fused_kinds"] = dict(Counter(r.detail for r in report.fused))
+        res["skip_reasons"] = dict(Counter(reason_key(r.kind, r.detail) for r in report.skipped))
+        res["skipped_detail"] = [f"{r.kind} {r.scope or '<root>'}: {' -> '.join(r.nodes)}: {r.detail}"
+                                 for r in report.skipped]
+        res["guards"] = len(report.guards)
+        res["notes"] = list(report.notes)
+        res["err64"] = _checked(lambda: rel_error(fused64(x), ref), res, "float64 forward")
+        res["exact64"] = res["err64"] is not None and res["err64"] <= EXACT_FLOAT64
+        if res["err64"] is not None and not res["exact64"]:
+            find(f"float64 mismatch {res['err64']:.3e}")
+        res["state_dict_problems"], res["fused_copies"] = state_dict_problems(model64, fused64, report)
+        if res["state_dict_problems"]:
+            find(f"state_dict: {len(res['state_dict_problems'])} unexplained key(s), "
+                 f"e.g. {res['state_dict_problems'][0]}")
+        counts = _checked(lambda: (ops_run(model64, x), ops_run(fused64, x)), res, "op count")
+        if counts is not None:
+            (res["bn_ops"], res["conv_ops"]), (res["bn_ops_left"], res["conv_ops_left"]) = counts
+        own = _checked(lambda: fused64(x), res, "converted forward")
+        if own is not None:
+            res["deepcopy_err"] = _checked(lambda: rel_error(copy.deepcopy(fused64)(x), own), res, "deepcopy")
+            res["pickle_err"] = _checked(lambda: rel_error(_save_load(fused64)(x), own), res, "torch.save/load")
+            for what in ("deepcopy_err", "pickle_err"):
+                if res[what] is not None and res[what] > 0:
+                    find(f"{what[:-4]} round trip changes the output by {res[what]:.3e}")
+        res["batch1_err64"] = _checked(lambda: rel_error(fused64(x_other), model64(x_other)), res, "batch 1 float64")
+        if res["batch1_err64"] is not None and res["batch1_err64"] > EXACT_FLOAT64:
+            find(f"batch 1 float64 mismatch {res['batch1_err64']:.3e}")
+        _float32_checks(model, x, x_other, res)
+    return res
+
+
+def _checked(fn, res: dict, what: str):
+    try:
+        return fn()
+    except Timeout:
+        raise
+    except Exception as e:  # noqa: BLE001 - any failure of a check is a finding
+        res["findings"].append(f"{what} raised {first_line(e)}")
+        return None
+
+
+def _save_load(model: nn.Module) -> nn.Module:
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=False)
+
+
+def _float32_checks(model: nn.Module, x: torch.Tensor, x_other: torch.Tensor, res: dict) -> None:
+    """The float32 model converted, run on NCHW float32 input at both batch sizes."""
+    tol = SELF_CHECK_TOLERANCE[torch.float32]
+    res["tol32"] = tol
+    x32, x32_other = x.float(), x_other.float()
+    try:
+        ref, ref_other = model(x32), model(x32_other)
+        fused32 = fusedconv.convert(model)
+    except Timeout:
+        raise
+    except Exception as e:  # noqa: BLE001
+        res["findings"].append("convert (float32) raised " + first_line(e))
+        return
+    res["err32"] = _checked(lambda: rel_error(fused32(x32), ref), res, "float32 forward")
+    res["batch1_err32"] = _checked(lambda: rel_error(fused32(x32_other), ref_other), res, "batch 1 float32")
+    for what in ("err32", "batch1_err32"):
+        if res[what] is not None and res[what] > tol:
+            res["findings"].append(f"{what}: float32 mismatch {res[what]:.3e} > {tol:g}")
+    res["match32"] = all(res[w] is not None and res[w] <= tol for w in ("err32", "batch1_err32"))
+
+
+def run_one(entry: ZooModel, size: int, batch: int, timeout: int) -> dict:
+    t0 = time.perf_counter()
+    old = signal.signal(signal.SIGALRM, _alarm)
+    signal.alarm(timeout)
+    try:
+        res = run_model(entry, size, batch)
+    except Timeout as e:
+        res = {"model": entry.spec, "source": entry.source, "build": False, "convert": False,
+               "build_error": str(e), "findings": [f"timed out after {timeout} s"]}
+    except Exception as e:  # noqa: BLE001 - the sweep goes on
+        res = {"model": entry.spec, "source": entry.source, "build": False, "convert": False,
+               "findings": ["runner error " + first_line(e)], "traceback": traceback.format_exc()[-2000:]}
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    res["total_s"] = round(time.perf_counter() - t0, 1)
+    return res
+
+
+def environment(argv: list[str]) -> dict:
+    import importlib.metadata as md
+
+    def version(pkg):
+        try:
+            return md.version(pkg)
+        except md.PackageNotFoundError:
+            return None
+
+    from bench.env import cpu_name
+
+    return {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "command": "python -m bench.zoo " + " ".join(argv), "machine": cpu_name(),
+            "python": platform.python_version(), "threads": torch.get_num_threads(),
+            "versions": {p: version(p) for p in ("torch", "torchvision", "timm", "segmentation_models_pytorch",
+                                                  "triton", "fusedconv")}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = argparse.ArgumentParser(prog="python -m bench.zoo", description=__doc__.splitlines()[0])
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--models", help="comma-separated specs (torchvision:NAME, timm:NAME, smp:ARCH:ENCODER, home:NAME)")
+    g.add_argument("--set", choices=("default", "tiny"), default="default")
+    p.add_argument("--size", type=int, default=64, help="image size (raised to a model's minimum)")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--timeout", type=int, default=300, help="seconds per model")
+    p.add_argument("--json", help="write the results as JSON here")
+    p.add_argument("--md", help="write the markdown report here")
+    args = p.parse_args(argv)
+    if args.size < 8 or args.batch < 1:
+        p.error(f"--size / --batch: expected size >= 8 and batch >= 1, got {args.size} / {args.batch}")
+    torch.set_num_threads(args.threads)
+    entries = resolve(args.models.split(",")) if args.models else (
+        DEFAULT_SET if args.set == "default" else resolve(TINY_SET))
+    meta = environment(argv)
+    results = []
+    for entry in entries:
+        res = run_one(entry, args.size, args.batch, args.timeout)
+        results.append(res)
+        print(status_line(res), flush=True)
+        if args.json:  # written after every model, so a long sweep that is cut short keeps what it measured
+            _write_json(args.json, meta, results)
+    from bench.zoo_report import render_markdown
+
+    text = render_markdown(results, meta)
+    if args.md:
+        with open(args.md, "w") as f:
+            f.write(text)
+    print(text.split("## Models")[0])
+    return 0
+
+
+def _write_json(path: str, meta: dict, results: list[dict]) -> None:
+    with open(path, "w") as f:
+        json.dump({"meta": meta, "exact_float64": EXACT_FLOAT64, "results": results}, f, indent=1, default=str)
+
+
+def status_line(res: dict) -> str:
+    if not res["build"]:
+        return f"{res['model']:45s} BUILD FAILED {res.get('build_error') or res['findings']}"
+    if not res["convert"]:
+        return f"{res['model']:45s} CONVERT FAILED {res.get('convert_error')}"
+    err = res.get("err64")
+    return (f"{res['model']:45s} fused {res['fused_conv']:3d}/{res['convs']:3d} conv, err64 "
+            f"{'n/a' if err is None else f'{err:.1e}'}, err32 {res.get('err32')}, "
+            f"{res['total_s']} s, findings: {len(res['findings'])}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

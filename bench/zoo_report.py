@@ -1,0 +1,75 @@
+"""The markdown report of the model-zoo sweep (`bench/zoo.py`): summary, findings, models not built, one row per
+model."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+
+from fusedconv.comparison import SELF_CHECK_TOLERANCE
+
+from bench.zoo import EXACT_FLOAT64
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else f"{v:.1e}"
+
+
+def render_markdown(results: list[dict], meta: dict) -> str:
+    """The report: summary (counts, top skip reasons, findings), then one table row per model."""
+    built = [r for r in results if r["build"]]
+    conv = [r for r in built if r["convert"]]
+    exact = [r for r in conv if r.get("exact64")]
+    m32 = [r for r in conv if r.get("match32")]
+    reasons: Counter = Counter()
+    for r in conv:
+        reasons.update(r.get("skip_reasons", {}))
+    total = sum(r["convs"] for r in conv)
+    fused = sum(r["fused_conv"] for r in conv)
+    lines = ["# Model-zoo sweep of fusedconv.convert", "",
+             f"Date {meta['date']}; machine {meta['machine']}, {meta['threads']} thread(s); python "
+             f"{meta['python']}; " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()) + ".", "",
+             f"Command: `{meta['command']}`", "", "## Summary", "",
+             f"- models: {len(results)} listed, {len(built)} built, {len(conv)} converted, {len(exact)} exact in "
+             f"float64 (max relative error <= {EXACT_FLOAT64:g}: max |converted - original| / max |original| per "
+             f"output tensor, worst tensor), {len(m32)} match in float32 on the default CPU path at both batch "
+             f"sizes (<= {SELF_CHECK_TOLERANCE[torch.float32]:g})",
+             f"- conv layers (converted models): {fused} fused of {total} in the originals "
+             f"(re-parameterized branches merge several convs into one fused layer)",
+             f"- models with findings: {sum(bool(r['findings']) for r in results)}",
+             "- fused layers kept beside their original conv + BN under a new name (both in the state_dict): "
+             + (", ".join(f"{r['model']} {len(r['fused_copies'])}" for r in conv if r.get("fused_copies"))
+                or "none"), "",
+             "Top skip reasons (report rows, all models):", ""]
+    lines += [f"- {n} x {reason}" for reason, n in reasons.most_common(12)] or ["- none"]
+    lines += ["", "## Findings", ""]
+    for r in results:
+        for f in r["findings"]:
+            lines.append(f"- {r['model']}: {f}")
+    if not any(r["findings"] for r in results):
+        lines.append("- none")
+    not_built = [r for r in results if not r["build"]]
+    if not_built:
+        lines += ["", "## Not built", ""] + [f"- {r['model']}: {r.get('build_error')}" for r in not_built]
+    lines += ["", "## Models", "",
+              "| model | input | convs | fused | convs left | BN ops run | conv ops run | skipped rows | guards |"
+              " err fp64 | err fp32 | batch-1 fp64 | state_dict | deepcopy / save | convert s | total s |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in conv:
+        sd = "ok" if not r.get("state_dict_problems") else f"{len(r['state_dict_problems'])} problem(s)"
+        if r.get("fused_copies"):
+            sd += f" ({len(r['fused_copies'])} kept)"
+        rt = "ok" if r.get("deepcopy_err") == 0 and r.get("pickle_err") == 0 else \
+            f"{_fmt(r.get('deepcopy_err'))} / {_fmt(r.get('pickle_err'))}"
+        lin = f" +{r['fused_linear']} linear" if r.get("fused_linear") else ""
+        lines.append(f"| {r['model']} | {'x'.join(map(str, r['input']))} | {r['convs']} | {r['fused_conv']}{lin} | "
+                     f"{r['convs_left']} | {r.get('bn_ops', '?')} -> {r.get('bn_ops_left', '?')} | "
+                     f"{r.get('conv_ops', '?')} -> {r.get('conv_ops_left', '?')} | "
+                     f"{sum(r['skip_reasons'].values())} | {r['guards']} | "
+                     f"{_fmt(r.get('err64'))} | {_fmt(r.get('err32'))} | {_fmt(r.get('batch1_err64'))} | {sd} | "
+                     f"{rt} | {r['convert_s']} | {r['total_s']} |")
+    for r in [r for r in built if not r["convert"]]:
+        lines.append(f"| {r['model']} | - | - | convert failed: {r.get('convert_error')} ||||||||||||")
+    return "\n".join(lines) + "\n"
+

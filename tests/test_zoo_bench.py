@@ -1,0 +1,100 @@
+"""The model-zoo sweep (`bench/zoo.py`) on tiny models: it reports exact float64 agreement and fused-layer counts,
+and it can fail: a converted model that is off by 1e-6, or a state_dict the promise does not explain, is reported.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fusedconv
+from bench import zoo
+from bench.zoo_models import ZooModel
+from fusedconv.modules import FusedConv2d
+
+SIZE = 32
+
+
+def _conv_count(spec: str) -> int:
+    return sum(isinstance(m, nn.Conv2d) for m in ZooModel(spec).build(SIZE).modules())
+
+
+def test_small_resnet_is_exact_and_fully_fused():
+    res = zoo.run_model(ZooModel("timm:test_resnet"), size=SIZE, batch=2)
+    assert res["findings"] == []
+    assert res["exact64"] and res["err64"] <= zoo.EXACT_FLOAT64
+    assert res["batch1_err64"] <= zoo.EXACT_FLOAT64 and res["match32"]
+    # every conv of this resnet is followed by a BatchNorm: all fused, none left, no BN left
+    assert res["convs"] == _conv_count("timm:test_resnet") > 0
+    assert res["fused_conv"] == res["convs"] and res["convs_left"] == 0 and res["bns_left"] == 0
+    assert any("add" in kind for kind in res["fused_kinds"])  # residual adds went into the epilogue
+    assert res["bn_ops_left"] == 0 < res["bn_ops"]
+    assert res["state_dict_problems"] == [] and res["deepcopy_err"] == 0 and res["pickle_err"] == 0
+
+
+def test_home_models_count_what_was_and_was_not_fused():
+    functional = zoo.run_model(ZooModel("home:functional_bn"), size=SIZE)
+    assert functional["findings"] == [] and functional["exact64"]
+    assert (functional["convs"], functional["fused_conv"], functional["convs_left"]) == (2, 1, 1)
+    reused = zoo.run_model(ZooModel("home:conv_output_reused"), size=SIZE)
+    assert reused["findings"] == [] and reused["exact64"]
+    assert reused["fused_conv"] == 0 and reused["bns_left"] == reused["bn_ops_left"] == 1
+    assert sum(reused["skip_reasons"].values()) >= 1
+
+
+def test_a_converted_model_off_by_1e_6_is_reported(monkeypatch):
+    forward = FusedConv2d.forward
+
+    def off_by_a_little(self, x, residual=None):
+        return forward(self, x, residual) + 1e-6
+
+    monkeypatch.setattr(FusedConv2d, "forward", off_by_a_little)
+    res = zoo.run_model(ZooModel("home:functional_bn"), size=SIZE)
+    assert res["convert"] and not res["exact64"]
+    assert res["err64"] > zoo.EXACT_FLOAT64
+    assert any(f.startswith("float64 mismatch") for f in res["findings"])
+
+
+def test_state_dict_promise_check_flags_what_it_does_not_explain():
+    model = ZooModel("home:functional_bn").build(SIZE).double()
+    converted = fusedconv.convert(model)
+    assert zoo.state_dict_problems(model, converted) == ([], [])
+    # the stem conv is not fused: its weight must survive unchanged
+    with torch.no_grad():
+        converted.stem.weight.add_(1.0)
+    converted.register_buffer("extra", torch.zeros(1))
+    problems, _ = zoo.state_dict_problems(model, converted)
+    assert "changed stem.weight" in problems and "unexpected extra" in problems
+
+
+def test_rel_error_normalises_per_output_and_sees_non_finite():
+    ref = {"a": torch.tensor([1.0, -4.0]), "b": torch.tensor([0.5])}
+    assert zoo.rel_error({"a": torch.tensor([1.0, -4.0]), "b": torch.tensor([0.5])}, ref) == 0.0
+    assert zoo.rel_error({"a": torch.tensor([1.4, -4.0]), "b": torch.tensor([0.5])}, ref) == pytest.approx(0.1)
+    assert zoo.rel_error({"a": torch.tensor([1.0, float("nan")]), "b": torch.tensor([0.5])}, ref) == float("inf")
+    with pytest.raises(RuntimeError, match="structure"):
+        zoo.rel_error([torch.zeros(1)], ref)
+
+
+def test_command_line_writes_json_and_report(tmp_path):
+    out, md = tmp_path / "zoo.json", tmp_path / "zoo.md"
+    assert zoo.main(["--models", "home:functional_bn,timm:no_such_model", "--size", str(SIZE),
+                     "--json", str(out), "--md", str(md)]) == 0
+    results = json.loads(out.read_text())["results"]
+    assert [r["model"] for r in results] == ["home:functional_bn", "timm:no_such_model"]
+    assert results[0]["exact64"] and not results[1]["build"]
+    text = md.read_text()
+    assert "| home:functional_bn |" in text and "timm:no_such_model" in text.split("## Not built")[1]
+
+
+def test_a_converted_model_that_raises_is_a_finding_not_a_crash(monkeypatch):
+    def broken(self, x, residual=None):
+        raise RuntimeError("fused layer broken on purpose")
+
+    monkeypatch.setattr(FusedConv2d, "forward", broken)
+    res = zoo.run_one(ZooModel("home:functional_bn"), size=SIZE, batch=2, timeout=60)
+    assert res["convert"] and res.get("err64") is None and not res["exact64"]
+    assert any("float64 forward raised RuntimeError: fused layer broken" in f for f in res["findings"])

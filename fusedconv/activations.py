@@ -75,7 +75,58 @@ def spec_from_module(module: nn.Module) -> ActivationSpec | None:
         return ActivationSpec("hardswish")
     if t is nn.GELU:
         return ActivationSpec("gelu_tanh" if module.approximate == "tanh" else "gelu")
-    return None
+    return _library_spec(module)
+
+
+# Activation classes of model libraries that compute an epilogue activation (timm's own Swish / GELU / ...: models
+# built with them would otherwise keep their BatchNorm), by (module, class name) so that nothing is imported.
+# Matched by exact class like the torch ones, and only after `_computes` has checked, once per class and forward
+# function, that the class's forward gives the same values as the epilogue's definition on a float64 probe: a
+# library version whose class computes something else is not recognised, never fused wrongly.
+LIBRARY_ACTIVATIONS = {
+    ("timm.layers.activations", "Swish"): "silu",
+    ("timm.layers.activations", "GELU"): "gelu",
+    ("timm.layers.activations", "GELUTanh"): "gelu_tanh",
+    ("timm.layers.activations", "HardSwish"): "hardswish",
+    ("timm.layers.activations_me", "SwishMe"): "silu",
+    ("timm.layers.activations_me", "HardSwishMe"): "hardswish",
+}
+_checked: dict[tuple, bool] = {}
+
+
+def _library_spec(module: nn.Module) -> ActivationSpec | None:
+    t = type(module)
+    name = LIBRARY_ACTIVATIONS.get((t.__module__, t.__qualname__))
+    if name is None or "forward" in module.__dict__:
+        return None  # unknown, or a forward replaced on the instance
+    key = (t, t.forward)
+    if key not in _checked:
+        _checked[key] = _computes(module, name)
+    return ActivationSpec(name) if _checked[key] else None
+
+
+def _computes(module: nn.Module, name: str) -> bool:
+    """Whether `type(module).forward` gives `name`'s values elementwise on a float64 probe: a dense range over
+    every kink and saturation of the supported activations, signed zeros, large magnitudes and random values in
+    a 4-d tensor (a function that mixed elements or changed the shape would differ). Hooks are not run (the class's
+    forward is called directly); the probe is a fresh tensor, so an in-place forward changes nothing else."""
+    g = torch.Generator().manual_seed(0)
+    grid = torch.linspace(-12.0, 12.0, 4801, dtype=torch.float64)
+    special = torch.tensor([0.0, -0.0, 3.0, -3.0, 6.0, 1e-300, -1e-300, 40.0, -40.0, 1e4, -1e4],
+                           dtype=torch.float64)
+    probes = [torch.cat([grid, special]).view(1, -1, 1, 1),
+              torch.randn(2, 3, 5, 7, generator=g, dtype=torch.float64) * 4]
+    try:
+        with torch.no_grad():
+            for x in probes:
+                want = apply_activation(x.clone(), name, 0.0)
+                got = type(module).forward(module, x.clone())
+                if (not isinstance(got, torch.Tensor) or got.shape != x.shape or got.dtype != x.dtype
+                        or not torch.allclose(got, want, rtol=1e-12, atol=1e-300)):
+                    return False
+    except Exception:  # noqa: BLE001 - a forward that cannot run on the probe is simply not recognised
+        return False
+    return True
 
 
 # Functions (and Tensor methods, by name) that map to an activation with no extra argument.

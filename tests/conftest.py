@@ -83,7 +83,8 @@ class _InterpretChild:
         os.close(fd)
         env = dict(os.environ, TRITON_INTERPRET="1", **{_REPORT_ENV: report_path})
         rootdir = str(self.config.rootpath)
-        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", rootdir, *nodeids]
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", rootdir,
+               *_durations_args(self.config), *nodeids]
         try:
             proc = subprocess.run(cmd, cwd=rootdir, env=env, capture_output=True, text=True,
                                   timeout=INTERPRET_CHILD_TIMEOUT_S)
@@ -95,6 +96,7 @@ class _InterpretChild:
                 self.failure = f"the TRITON_INTERPRET=1 child pytest reported no results (exit {proc.returncode}):\n" \
                                + output[-6000:]
             self.output_tail = output[-6000:]
+            self.durations_report = _durations_section(output)
         except subprocess.TimeoutExpired:
             self.failure = f"the TRITON_INTERPRET=1 child pytest ran over {INTERPRET_CHILD_TIMEOUT_S} s"
             self.results = {}
@@ -103,6 +105,8 @@ class _InterpretChild:
                 os.unlink(report_path)
             except OSError:
                 pass
+
+    durations_report = ""
 
     def outcome(self, item, session) -> None:
         """Pass, fail or skip `item` as the child did."""
@@ -116,6 +120,41 @@ class _InterpretChild:
             pytest.skip(result.get("reason", "skipped in the interpreter child"))
         if result["outcome"] == "failed":
             pytest.fail(f"[TRITON_INTERPRET=1 child]\n{result.get('longrepr', '')}", pytrace=False)
+
+
+def _durations_args(config) -> list[str]:
+    """The parent's `--durations` / `--durations-min` for the child: the interpreter tests are the slowest of the
+    suite, and the parent only times how long each one took to *report* the child's outcome."""
+    durations = config.getoption("durations", None)
+    if durations is None:
+        return []
+    args = [f"--durations={durations}"]
+    durations_min = config.getoption("durations_min", None)
+    if durations_min is not None:
+        args.append(f"--durations-min={durations_min}")
+    return args
+
+
+def _durations_section(output: str) -> str:
+    """The child's "slowest durations" section (from its header line to the blank line or summary after it)."""
+    lines = output.splitlines()
+    start = next((i for i, line in enumerate(lines) if "slowest" in line and "durations" in line), None)
+    if start is None:
+        return ""
+    end = start + 1
+    while end < len(lines) and lines[end].strip() and not lines[end].startswith("="):
+        end += 1
+    return "\n".join(lines[start:end])
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """Print the interpreter child's slowest tests after the parent's own (its timings are the real ones)."""
+    child = getattr(config, "_fusedconv_interpret_child", None)
+    if child is not None and child.durations_report:
+        terminalreporter.write_sep("=", "TRITON_INTERPRET=1 child: " + child.durations_report.splitlines()[0]
+                                   .strip(" ="))
+        terminalreporter.write_line("\n".join(child.durations_report.splitlines()[1:]))
 
 
 def pytest_configure(config):

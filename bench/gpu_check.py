@@ -18,8 +18,9 @@ install and the write-out fit 8 minutes):
       launcher may choose cuDNN's fused op where faster; the backend it chose is recorded) and with the cuDNN
       candidate off (the best Triton kernel alone).
   (c) resnet50 and mobilenet_v2 end to end, fp16 channels_last, batch 32 and 1, then r3d_18 (the 3-D kernel,
-      channels_last_3d) and a Conv1d ResNet-18: eager vs fusedconv, both replayed from CUDA graphs after `fusedconv.warmup`,
-      with how many layers run each backend (triton pointer / triton tma / cudnn / triton depthwise).
+      channels_last_3d) and a Conv1d ResNet-18: eager vs fusedconv, both replayed from CUDA graphs after
+      `fusedconv.warmup`, with how many layers run each backend (triton pointer / triton tma / cudnn / triton
+      depthwise).
 Then the autotune table of (b) and (c) is saved as the package default for this GPU + triton
 (`fusedconv/tuned/`), so `fusedconv.warmup` on the same GPU starts tuned.
 Results: `bench/results/<gpu>/<date>-check.{json,md}`, rewritten after every step, so a run cut short still
@@ -113,18 +114,24 @@ def main(args, argv: list[str]) -> int:
 # --------------------------------------------------------------------------------------------- ceilings
 def measure_ceilings(device) -> dict:
     """Device-to-device copy bandwidth (bytes read + written) and fp16 dense matmul rate, medians."""
+    copy_ms, mm_ms = _ceiling_ms(device, "copy"), _ceiling_ms(device, "matmul")
+    torch.cuda.empty_cache()  # the measurements' tensors were freed when _ceiling_ms returned
+    return {"copy_tb_s": 2 * 2**31 / (copy_ms * 1e-3) / 1e12,
+            "fp16_matmul_tflops": 2 * 8192**3 / (mm_ms * 1e-3) / 1e12,
+            "method": "triton.testing.do_bench median: 2 GiB copy_, 8192^3 fp16 matmul on random data"}
+
+
+def _ceiling_ms(device, what: str) -> float:
+    """Median ms of a 2 GiB fp16 copy_ ("copy") or an 8192^3 fp16 matmul ("matmul"), on random data."""
     from triton.testing import do_bench
 
-    src = torch.empty(2**30, dtype=torch.float16, device=device).normal_()  # random data, never zeros
-    dst = torch.empty_like(src)
-    copy_ms = do_bench(lambda: dst.copy_(src), warmup=25, rep=200, return_mode="median")
+    if what == "copy":
+        src = torch.empty(2**30, dtype=torch.float16, device=device).normal_()  # random data, never zeros
+        dst = torch.empty_like(src)
+        return do_bench(lambda: dst.copy_(src), warmup=25, rep=200, return_mode="median")
     a = torch.randn(8192, 8192, dtype=torch.float16, device=device)
     b = torch.randn(8192, 8192, dtype=torch.float16, device=device)
-    mm_ms = do_bench(lambda: a @ b, warmup=25, rep=300, return_mode="median")
-    del src, dst, a, b
-    torch.cuda.empty_cache()
-    return {"copy_tb_s": 2 * 2**31 / (copy_ms * 1e-3) / 1e12, "fp16_matmul_tflops": 2 * 8192**3 / (mm_ms * 1e-3) / 1e12,
-            "method": "triton.testing.do_bench median: 2 GiB copy_, 8192^3 fp16 matmul on random data"}
+    return do_bench(lambda: a @ b, warmup=25, rep=300, return_mode="median")
 
 
 def save_default_table() -> str | None:

@@ -7,11 +7,16 @@ JITFunctions and the interpreter tests need interpreted ones, so one process can
 How (one `python -m pytest -q` from the repo root runs both, every test counted as passed / failed / skipped):
   * Mark a test `@pytest.mark.interpret` (a module can set `pytestmark = pytest.mark.interpret`). Any test
     file may do so — e.g. tests/test_fuzz.py for hypothesis fuzzing of the kernel under the interpreter.
-  * In the normal (parent) run, the first time an `interpret` test is due, this conftest starts ONE child
-    `python -m pytest` with TRITON_INTERPRET=1 on the node ids of all selected `interpret` tests, and waits
-    for it. The child records every test's outcome (and failure text) in a JSON file; each `interpret` test
-    in the parent then passes, fails (with the child's report) or skips (with the child's reason) accordingly.
+  * In the normal (parent) run, this conftest starts ONE child `python -m pytest` with TRITON_INTERPRET=1 on
+    the node ids of all selected `interpret` tests when the test loop starts; it runs beside the in-process
+    tests (the interpreter is the slowest part of the suite and CI has 2 cores), and the `interpret` tests are
+    moved to the end of the run, so the parent waits for the child only when nothing else is left. The child
+    records every test's outcome (and failure text) in a JSON file; each `interpret` test in the parent then
+    passes, fails (with the child's report) or skips (with the child's reason) accordingly. A parent-side test
+    that reads a file the child writes requests the `interpret_child_finished` fixture (it runs after them).
     `-k`, `-m`, `-x` and node ids select the child's tests as usual, since the child gets the final selection.
+  * `--durations=N` (pyproject's addopts sets it) is passed to the child, and the child's slowest tests are
+    printed after the parent's: the parent's time for an `interpret` test is only its wait for the child.
   * When TRITON_INTERPRET=1 is already set (e.g. `TRITON_INTERPRET=1 python -m pytest -m interpret`), the
     `interpret` tests run in-process and tests NOT marked `interpret` are skipped (they need real kernels).
   * `gpu` tests are skipped when there is no CUDA device (and under the interpreter).
@@ -27,6 +32,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -66,48 +72,81 @@ def pytest_collection_modifyitems(config, items):
                 gpu_ok = _cuda_available() and not interp
             if not gpu_ok:
                 item.add_marker(skip_gpu)
+    if not interp:
+        _move_interpret_tests_last(items)
 
 
 # ------------------------------------------------------------------------------------------------ parent side
 class _InterpretChild:
-    """Runs the session's `interpret` tests once in a TRITON_INTERPRET=1 child and holds their outcomes."""
+    """Runs the session's `interpret` tests once in a TRITON_INTERPRET=1 child and holds their outcomes.
+
+    The child starts when the test loop starts and runs beside the in-process tests (CI has 2 cores; the
+    parent is one process, the interpreter another), and the `interpret` tests are put last, so the parent
+    waits for the child only once it has nothing else to run."""
 
     def __init__(self, config):
         self.config = config
         self.results: dict[str, dict] | None = None
         self.failure: str | None = None
+        self.proc: subprocess.Popen | None = None
 
-    def run(self, session) -> None:
+    def start(self, session) -> None:
         nodeids = [it.nodeid for it in session.items if "interpret" in it.keywords]
-        fd, report_path = tempfile.mkstemp(prefix="fusedconv-interpret-", suffix=".json")
+        fd, self.report_path = tempfile.mkstemp(prefix="fusedconv-interpret-", suffix=".json")
         os.close(fd)
-        env = dict(os.environ, TRITON_INTERPRET="1", **{_REPORT_ENV: report_path})
+        env = dict(os.environ, TRITON_INTERPRET="1", **{_REPORT_ENV: self.report_path})
+        # One torch thread: the child shares the CPUs with the parent (the interpreter itself is single-threaded).
+        env.setdefault("OMP_NUM_THREADS", "1")
         rootdir = str(self.config.rootpath)
-        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", rootdir, *nodeids]
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", rootdir,
+               *_durations_args(self.config), *nodeids]
+        self.log = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: nobody reads it while it runs
+        self.deadline = time.monotonic() + INTERPRET_CHILD_TIMEOUT_S
+        self.proc = subprocess.Popen(cmd, cwd=rootdir, env=env, stdout=self.log, stderr=subprocess.STDOUT,
+                                     text=True)
+
+    def wait(self, session) -> None:
+        """Wait for the child (starting it first if it was not started) and read its outcomes."""
+        if self.results is not None:
+            return
+        if self.proc is None:
+            self.start(session)
         try:
-            proc = subprocess.run(cmd, cwd=rootdir, env=env, capture_output=True, text=True,
-                                  timeout=INTERPRET_CHILD_TIMEOUT_S)
-            output = proc.stdout + proc.stderr
-            with open(report_path) as f:
-                text = f.read()
-            self.results = json.loads(text) if text.strip() else {}
-            if not self.results:
-                self.failure = f"the TRITON_INTERPRET=1 child pytest reported no results (exit {proc.returncode}):\n" \
-                               + output[-6000:]
-            self.output_tail = output[-6000:]
+            self.proc.wait(timeout=max(1.0, self.deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
+            self.stop()
             self.failure = f"the TRITON_INTERPRET=1 child pytest ran over {INTERPRET_CHILD_TIMEOUT_S} s"
             self.results = {}
-        finally:
+            return
+        self.log.seek(0)
+        output = self.log.read()
+        self.log.close()
+        with open(self.report_path) as f:
+            text = f.read()
+        os.unlink(self.report_path)
+        self.results = json.loads(text) if text.strip() else {}
+        if not self.results:
+            self.failure = f"the TRITON_INTERPRET=1 child pytest reported no results (exit {self.proc.returncode}):" \
+                           "\n" + output[-6000:]
+        self.output_tail = output[-6000:]
+        self.durations_report = _durations_section(output)
+
+    def stop(self) -> None:
+        """Kill a child still running (the session ended early, e.g. -x or Ctrl-C) and remove its files."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        for close in (lambda: self.log.close(), lambda: os.unlink(self.report_path)):
             try:
-                os.unlink(report_path)
-            except OSError:
+                close()
+            except (OSError, AttributeError):
                 pass
+
+    durations_report = ""
 
     def outcome(self, item, session) -> None:
         """Pass, fail or skip `item` as the child did."""
-        if self.results is None:
-            self.run(session)
+        self.wait(session)
         result = self.results.get(item.nodeid)
         if result is None:
             pytest.fail(self.failure or f"no result from the TRITON_INTERPRET=1 child for {item.nodeid}:\n"
@@ -116,6 +155,92 @@ class _InterpretChild:
             pytest.skip(result.get("reason", "skipped in the interpreter child"))
         if result["outcome"] == "failed":
             pytest.fail(f"[TRITON_INTERPRET=1 child]\n{result.get('longrepr', '')}", pytrace=False)
+
+
+def _durations_args(config) -> list[str]:
+    """The parent's `--durations` / `--durations-min` for the child: the interpreter tests are the slowest of the
+    suite, and the parent only times how long each one took to *report* the child's outcome."""
+    durations = config.getoption("durations", None)
+    if durations is None:
+        return []
+    args = [f"--durations={durations}"]
+    durations_min = config.getoption("durations_min", None)
+    if durations_min is not None:
+        args.append(f"--durations-min={durations_min}")
+    return args
+
+
+def _durations_section(output: str) -> str:
+    """The child's "slowest durations" section (from its header line to the blank line or summary after it)."""
+    lines = output.splitlines()
+    start = next((i for i, line in enumerate(lines) if "slowest" in line and "durations" in line), None)
+    if start is None:
+        return ""
+    end = start + 1
+    while end < len(lines) and lines[end].strip() and not lines[end].startswith("="):
+        end += 1
+    return "\n".join(lines[start:end])
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """Print the interpreter child's slowest tests after the parent's own (its timings are the real ones)."""
+    child = getattr(config, "_fusedconv_interpret_child", None)
+    if child is not None and child.durations_report:
+        terminalreporter.write_sep("=", "TRITON_INTERPRET=1 child: " + child.durations_report.splitlines()[0]
+                                   .strip(" ="))
+        terminalreporter.write_line("\n".join(child.durations_report.splitlines()[1:]))
+
+
+def _move_interpret_tests_last(items) -> None:
+    """Stable: the in-process tests first, then the `interpret` tests (which only report the child's outcomes),
+    then the parent-side tests that read what the child wrote (fixture `interpret_child_finished`)."""
+    def group(item):
+        if "interpret" in item.keywords:
+            return 1
+        return 2 if "interpret_child_finished" in getattr(item, "fixturenames", ()) else 0
+
+    items.sort(key=group)  # sort is stable: each group keeps its collection order
+
+
+def _background_modules(session) -> list:
+    """The selected test modules that start a long child run early (`start_in_background(session)`, and
+    `stop_background()` for the end of the session), e.g. test_kernel_compile.py's triton-3.6 run."""
+    modules = []
+    for item in session.items:
+        module = getattr(item, "module", None)
+        if module is not None and hasattr(module, "start_in_background") and module not in modules:
+            modules.append(module)
+    return modules
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtestloop(session):
+    """Start the interpreter child and the modules' background runs before the first test, so they run beside
+    the in-process tests."""
+    if session.config.option.collectonly:
+        return
+    child = getattr(session.config, "_fusedconv_interpret_child", None)
+    if child is not None and any("interpret" in it.keywords for it in session.items):
+        child.start(session)
+    for module in _background_modules(session):
+        module.start_in_background(session)
+
+
+def pytest_sessionfinish(session):
+    child = getattr(session.config, "_fusedconv_interpret_child", None)
+    if child is not None and child.results is None:
+        child.stop()
+    for module in _background_modules(session):
+        module.stop_background()
+
+
+@pytest.fixture
+def interpret_child_finished(request):
+    """For a parent-side test that reads what the interpreter child wrote: waits until the child has ended."""
+    child = getattr(request.config, "_fusedconv_interpret_child", None)
+    if child is not None and (child.proc is not None or child.results is not None):
+        child.wait(request.session)
 
 
 def pytest_configure(config):

@@ -340,6 +340,21 @@ def test_launcher_drops_a_wrong_cudnn(fake_cudnn, monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------- real cuDNN
+def _real_layer(seed, n, cin, hw, cout, stride, residual):
+    """A 3x3 / padding 1 ReLU layer on the CPU (x, weight, scale, shift, residual or None) and its float64
+    truth act(conv * scale + shift [+ residual])."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, cin, hw, hw, generator=g)
+    w = torch.randn(cout, cin, 3, 3, generator=g) * (2 / (cin * 9)) ** 0.5
+    scale, shift = torch.rand(cout, generator=g) + 0.5, torch.randn(cout, generator=g) * 0.2
+    out_hw = (hw - 1) // stride + 1
+    res = torch.randn(n, cout, out_hw, out_hw, generator=g) if residual else None
+    ref = conv_bn_act_ref(x.double(), w.double(), scale.double(), shift.double(), stride=(stride, stride),
+                          padding=(1, 1), dilation=(1, 1), groups=1, activation="relu",
+                          residual=None if res is None else res.double())
+    return x, w, scale, shift, res, ref
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [F16, F32])
 @pytest.mark.parametrize("layout", [torch.channels_last, torch.contiguous_format])
@@ -347,14 +362,7 @@ def test_launcher_drops_a_wrong_cudnn(fake_cudnn, monkeypatch):
 def test_real_cudnn_candidate_matches_float64(dtype, layout, residual):
     """torch's cuDNN fused ops on the folded weight compute act(conv * scale + shift [+ residual])."""
     dev = torch.device("cuda")
-    g = torch.Generator().manual_seed(5)
-    x = torch.randn(4, 64, 14, 14, generator=g)
-    w = torch.randn(128, 64, 3, 3, generator=g) * (2 / (64 * 9)) ** 0.5
-    scale, shift = torch.rand(128, generator=g) + 0.5, torch.randn(128, generator=g) * 0.2
-    res = torch.randn(4, 128, 7, 7, generator=g) if residual else None
-    ref = conv_bn_act_ref(x.double(), w.double(), scale.double(), shift.double(), stride=(2, 2), padding=(1, 1),
-                          dilation=(1, 1), groups=1, activation="relu",
-                          residual=None if res is None else res.double())
+    x, w, scale, shift, res, ref = _real_layer(5, 4, 64, 14, 128, 2, residual)
     xd = x.to(dev, dtype).contiguous(memory_format=layout)
     resd = None if res is None else res.to(dev, dtype).contiguous(memory_format=layout)
     wd, sd, hd = w.to(dev, dtype), scale.to(dev), shift.to(dev)
@@ -378,14 +386,7 @@ def test_real_cudnn_through_the_launcher_eager_and_in_a_cuda_graph(monkeypatch, 
     monkeypatch.setattr(triton.testing, "do_bench",
                         lambda fn, warmup, rep, **kw: 0.5 if hasattr(fn, "__wrapped__") else 2.0)
     dev = torch.device("cuda")
-    g = torch.Generator().manual_seed(7)
-    x = torch.randn(8, 64, 28, 28, generator=g)
-    w = torch.randn(64, 64, 3, 3, generator=g) * (2 / (64 * 9)) ** 0.5
-    scale, shift = torch.rand(64, generator=g) + 0.5, torch.randn(64, generator=g) * 0.2
-    res = torch.randn(8, 64, 28, 28, generator=g) if residual else None
-    ref = conv_bn_act_ref(x.double(), w.double(), scale.double(), shift.double(), stride=(1, 1), padding=(1, 1),
-                          dilation=(1, 1), groups=1, activation="relu",
-                          residual=None if res is None else res.double())
+    x, w, scale, shift, res, ref = _real_layer(7, 8, 64, 28, 64, 1, residual)
     cl = torch.channels_last
     xd = x.to(dev, F16).contiguous(memory_format=cl)
     resd = None if res is None else res.to(dev, F16).contiguous(memory_format=cl)

@@ -170,7 +170,7 @@ def test_kernel_fuzz_against_reference(capsys):
     assert count["examples"] >= 200
 
 
-def test_kernel_fuzz_example_count(request, capsys):
+def test_kernel_fuzz_example_count(request, capsys, interpret_child_finished):
     """Parent side: report how many examples the interpreter child ran (the CI log shows this line)."""
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         pytest.skip("the interpreter run reports its own count")

@@ -21,7 +21,9 @@ variants.
 Triton 3.6 as well: the GPU machine runs triton 3.6 while CI's torch brings a newer one, so
 `test_every_variant_compiles_with_gpu_machine_triton` installs triton 3.6.0 (`pip install --no-deps --target`)
 into the ignored `.cache/triton-3.6.0/` once and runs this file's compile tests again in a child pytest with that
-directory first on PYTHONPATH: an API that 3.6 lacks fails here, not on the GPU machine.
+directory first on PYTHONPATH: an API that 3.6 lacks fails here, not on the GPU machine. That child starts when
+the test loop starts (conftest.py calls this module's `start_in_background`) and compiles beside the other
+tests; the test waits for it.
 """
 
 from __future__ import annotations
@@ -337,20 +339,59 @@ def install_triton(version: str) -> tuple[str | None, str]:
     return target, ""
 
 
-@pytest.mark.skipif(bool(os.environ.get(_EXPECT_ENV)), reason="already the child run")
-def test_every_variant_compiles_with_gpu_machine_triton():
-    """Every variant x target compiles (and passes the PTX checks above) with triton 3.6 in a child pytest."""
+_TRITON36_TEST = "test_every_variant_compiles_with_gpu_machine_triton"
+_triton36_run: dict = {}  # the child run started by start_in_background: proc, log, deadline (or skip)
+
+
+def _start_triton36_child() -> dict:
+    """Start this file's compile tests in a child pytest with triton 3.6 first on PYTHONPATH (not waited for)."""
     target, reason = install_triton(GPU_MACHINE_TRITON)
     if target is None:
-        pytest.skip(f"cannot install triton {GPU_MACHINE_TRITON} (no wheel reachable): {reason}")
+        return {"skip": f"cannot install triton {GPU_MACHINE_TRITON} (no wheel reachable): {reason}"}
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([target] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     env[_EXPECT_ENV] = GPU_MACHINE_TRITON
     env["FUSEDCONV_AOT_TIMEOUT_S"] = str(2 * COMPILE_TIMEOUT_S)  # the child's workers; the test's own limit is 3x
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.abspath(__file__)]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=CHILD_TIMEOUT_S, env=env, cwd=_REPO_ROOT)
-    tail = (out.stdout + out.stderr)[-6000:]
-    assert out.returncode == 0, f"triton {GPU_MACHINE_TRITON} child run failed:\n{tail}"
+    log = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: nobody reads it while it runs
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=env, cwd=_REPO_ROOT)
+    return {"proc": proc, "log": log, "deadline": time.monotonic() + CHILD_TIMEOUT_S}
+
+
+def start_in_background(session) -> None:
+    """Called by conftest.py when the test loop starts: the triton-3.6 child run (several minutes of compiling)
+    starts then, beside the in-process tests, instead of when its test is reached; the test waits for it."""
+    selected = any(getattr(item, "originalname", None) == _TRITON36_TEST and item.module.__name__ == __name__
+                   for item in session.items)
+    if selected and not os.environ.get(_EXPECT_ENV) and os.environ.get("TRITON_INTERPRET", "0") in ("", "0") \
+            and not _triton36_run:
+        _triton36_run.update(_start_triton36_child())
+
+
+def stop_background() -> None:
+    """Called by conftest.py at the end of the session: a child run nobody waited for (e.g. -x) is killed."""
+    proc = _triton36_run.get("proc")
+    if proc is not None and proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.skipif(bool(os.environ.get(_EXPECT_ENV)), reason="already the child run")
+def test_every_variant_compiles_with_gpu_machine_triton():
+    """Every variant x target compiles (and passes the PTX checks above) with triton 3.6 in a child pytest."""
+    if not _triton36_run:  # not started when the loop began (e.g. this file run without the conftest)
+        _triton36_run.update(_start_triton36_child())
+    if "skip" in _triton36_run:
+        pytest.skip(_triton36_run["skip"])
+    proc, log = _triton36_run["proc"], _triton36_run["log"]
+    try:
+        proc.wait(timeout=max(1.0, _triton36_run["deadline"] - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        stop_background()
+        pytest.fail(f"the triton {GPU_MACHINE_TRITON} child run took over {CHILD_TIMEOUT_S} s", pytrace=False)
+    log.seek(0)
+    tail = log.read()[-6000:]
+    assert proc.returncode == 0, f"triton {GPU_MACHINE_TRITON} child run failed:\n{tail}"
     summary = re.search(r"(\d+) passed", tail)
     assert summary and int(summary.group(1)) >= 2 * len(_VARIANTS), f"too few tests passed in the child:\n{tail}"
 

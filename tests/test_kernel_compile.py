@@ -374,6 +374,9 @@ def stop_background() -> None:
     if proc is not None and proc.poll() is None:
         proc.kill()
         proc.wait()
+    log = _triton36_run.get("log")
+    if log is not None and not log.closed:
+        log.close()
 
 
 @pytest.mark.skipif(bool(os.environ.get(_EXPECT_ENV)), reason="already the child run")
@@ -391,6 +394,7 @@ def test_every_variant_compiles_with_gpu_machine_triton():
         pytest.fail(f"the triton {GPU_MACHINE_TRITON} child run took over {CHILD_TIMEOUT_S} s", pytrace=False)
     log.seek(0)
     tail = log.read()[-6000:]
+    log.close()
     assert proc.returncode == 0, f"triton {GPU_MACHINE_TRITON} child run failed:\n{tail}"
     summary = re.search(r"(\d+) passed", tail)
     assert summary and int(summary.group(1)) >= 2 * len(_VARIANTS), f"too few tests passed in the child:\n{tail}"

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch.nn.modules import module as _nn_module
 from torch.nn.modules.utils import _pair
 
-from fusedconv import cpu, fold, ops
+from fusedconv import cpu, fold, ops, same_padding
 from fusedconv.fx_leaf import leaf_call
 from fusedconv.validation import check_inputs
 from fusedconv.activations import ActivationSpec, apply_activation, as_spec
@@ -85,6 +85,10 @@ class FusedConv2d(nn.Module):
     """
 
     residual_required = False
+    # The zero pad a padding conv (TF "SAME", fusedconv/same_padding.py) applies before convolving: None,
+    # same_padding.SAME (computed per input size) or a static (left, right, top, bottom) that is not symmetric
+    # (a symmetric one is part of `padding`). Configuration, not state: never in the state_dict.
+    pre_pad = None
 
     def __init__(
         self,
@@ -98,6 +102,7 @@ class FusedConv2d(nn.Module):
         groups: int = 1,
         padding_mode: str = "zeros",
         activation=None,
+        pre_pad=None,
     ):
         super().__init__()
         if not isinstance(weight, torch.Tensor):
@@ -123,6 +128,8 @@ class FusedConv2d(nn.Module):
         self.in_channels = weight.shape[1] * groups
         self.out_channels = cout
         self.kernel_size = (weight.shape[2], weight.shape[3])
+        self.pre_pad, self.padding = same_padding.normalize_pre_pad(pre_pad, self.padding, self.kernel_size,
+                                                                    self.stride, self.dilation, padding_mode)
         self.act = as_spec(activation)
 
         epi_dtype = _epilogue_dtype(weight.dtype)
@@ -151,9 +158,21 @@ class FusedConv2d(nn.Module):
     @classmethod
     def from_modules(cls, conv: nn.Conv2d, bn: nn.Module | None = None, act=None) -> "FusedConv2d":
         """Fuse `act(bn(conv(x)))`. `bn` may be None (the conv's bias becomes the shift); `act` may be None,
-        an activation module, a name or an ActivationSpec. The source modules are not modified."""
+        an activation module, a name or an ActivationSpec. The source modules are not modified.
+        `conv` may also be a padding conv fusedconv recognises (timm's Conv2dSame, efficientnet's
+        Conv2dStatic/DynamicSamePadding: fusedconv/same_padding.py), whose pad becomes the fused module's pre-pad,
+        or a subclass that overrides neither forward nor _conv_forward."""
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"conv: expected nn.Conv2d, got {type(conv).__name__}")
+        pre_pad = None
+        if type(conv).forward is not nn.Conv2d.forward or type(conv)._conv_forward is not nn.Conv2d._conv_forward:
+            # Its own forward may compute something else (e.g. pad first): fused only when recognised.
+            verdict = same_padding.conv_pre_pad(conv)
+            if not verdict.ok:
+                raise TypeError(f"conv: expected nn.Conv2d, a subclass that keeps Conv2d's forward, or a recognised "
+                                f"padding conv (timm Conv2dSame, efficientnet Conv2dStatic/DynamicSamePadding), got "
+                                f"{type(conv).__name__}: {verdict.reason}")
+            pre_pad = verdict.pre_pad
         if bn is not None:
             fold.check_foldable(bn)
         scale, shift = fold.conv_bn_scale_shift(conv, bn, dtype=torch.float64)
@@ -162,7 +181,8 @@ class FusedConv2d(nn.Module):
         if isinstance(padding, str):
             padding = _resolve_string_padding(conv)
         return cls(conv.weight, scale.to(epi_dtype), shift.to(epi_dtype), stride=conv.stride, padding=padding,
-                   dilation=conv.dilation, groups=conv.groups, padding_mode=conv.padding_mode, activation=act)
+                   dilation=conv.dilation, groups=conv.groups, padding_mode=conv.padding_mode, activation=act,
+                   pre_pad=pre_pad)
 
     # ------------------------------------------------------------------ state handling
     def _repack(self) -> None:
@@ -290,6 +310,12 @@ class FusedConv2d(nn.Module):
         return cache[1], cache[2]
 
     def _pad_input(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """x as the conv reads it (pre-pad, then a non-zero padding mode's pad) and the padding left to the conv."""
+        if self.pre_pad is not None:
+            x = same_padding.apply_pre_pad(x, self.pre_pad, self.kernel_size, self.stride, self.dilation)
+        return self._mode_pad(x)
+
+    def _mode_pad(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         if self.padding_mode == "zeros" or self.padding == (0, 0):
             return x, self.padding
         ph, pw = self.padding
@@ -304,6 +330,15 @@ class FusedConv2d(nn.Module):
         if residual is None and self.residual_required:
             raise TypeError("FusedConv2d.forward: missing argument 'residual' (this module was built with a "
                             "residual add in its epilogue; expected a tensor of the output's shape)")
+        if self.pre_pad is not None:
+            if isinstance(x, torch.Tensor) and x.dim() == 3:
+                # Unbatched: as a batch of one, so that the pre-pad is applied exactly once (below).
+                y = self.forward(x.unsqueeze(0), residual.unsqueeze(0) if isinstance(residual, torch.Tensor)
+                                 else residual)
+                return y.squeeze(0)
+            # A padding conv's own pad first (integer math on x's shape, then one F.pad); every path below then
+            # sees the padded input, exactly what the original conv convolved.
+            x = same_padding.apply_pre_pad(x, self.pre_pad, self.kernel_size, self.stride, self.dilation)
         # Plain CPU tensors in eager mode: validated and routed once per input signature (fusedconv/cpu.py).
         y = cpu.eager_forward(self, x, residual, residual_private)
         if y is not None:
@@ -316,7 +351,7 @@ class FusedConv2d(nn.Module):
         if x.numel() == 0 or math.prod(out_shape) == 0:
             # Empty batch or empty spatial output: nothing to compute (and some backends refuse empty convs).
             return x.new_empty(out_shape).contiguous(memory_format=_memory_format(x))
-        x, padding = self._pad_input(x)
+        x, padding = self._mode_pad(x)
         # The op has no backward: a call autograd must record takes the differentiable fallback instead.
         if ops.use_kernel(x, self.weight) and not ops.grad_needed(x, residual, self.weight, self.scale, self.shift):
             return ops.conv_bn_act(x, self.weight, self.scale, self.shift, residual, self.stride, padding,
@@ -371,6 +406,8 @@ class FusedConv2d(nn.Module):
             s += f", groups={self.groups}"
         if self.padding_mode != "zeros":
             s += f", padding_mode={self.padding_mode!r}"
+        if self.pre_pad is not None:
+            s += f", pre_pad={self.pre_pad!r}"
         return s + f", act={self.act}"
 
     # The fold cache is derived: never pickle or deepcopy it (the copy rebuilds its own on first use).

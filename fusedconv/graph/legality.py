@@ -18,6 +18,7 @@ from fusedconv import fold
 from fusedconv.activations import ActivationSpec, spec_from_module
 from fusedconv.fused_layers import FusedAffineLayer
 from fusedconv.modules import FusedConv2d
+from fusedconv.same_padding import conv_pre_pad
 
 # BatchNorm classes whose forward is the plain formula.
 PLAIN_BATCHNORMS = (nn.BatchNorm2d, nn.SyncBatchNorm)
@@ -70,14 +71,18 @@ def batchnorm_verdict(bn: nn.Module) -> BatchNormVerdict:
 
 
 def is_fusable_conv(module: nn.Module) -> bool:
-    """Exactly nn.Conv2d (subclasses such as timm's Conv2dSame compute padding in forward: not assumed)."""
-    return type(module) is nn.Conv2d
+    """Exactly nn.Conv2d, or a padding conv recognised and probed by `same_padding.conv_pre_pad` (timm's
+    Conv2dSame, efficientnet's Conv2dStatic/DynamicSamePadding); any other subclass may compute differently in
+    forward, so it is not assumed to be a conv."""
+    t = type(module)
+    return t is nn.Conv2d or (isinstance(module, nn.Conv2d) and conv_pre_pad(module).ok)
 
 
 def conv_subclass_reason(module: nn.Module) -> str | None:
-    """For a Conv2d subclass (e.g. timm's Conv2dSame, which pads in forward): why it is not fused."""
-    if isinstance(module, nn.Conv2d) and not is_fusable_conv(module):
-        return f"{type(module).__name__} subclasses Conv2d and may compute differently in forward"
+    """For a Conv2d subclass that is not fused (not a recognised padding conv, or one that failed a check or
+    its probe): why."""
+    if isinstance(module, nn.Conv2d) and type(module) is not nn.Conv2d:
+        return conv_pre_pad(module).reason
     return None
 
 

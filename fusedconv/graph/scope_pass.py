@@ -61,7 +61,7 @@ class ScopePass(ChainMatcher):
         plain = FusedConv2d.from_modules(conv, None, ch.act_spec)  # resolves padding='same' etc.
         return FusedConv2d(conv.weight, scale.to(epi), shift.to(epi), stride=plain.stride, padding=plain.padding,
                            dilation=plain.dilation, groups=plain.groups, padding_mode=plain.padding_mode,
-                           activation=ch.act_spec)
+                           activation=ch.act_spec, pre_pad=plain.pre_pad)
 
     @staticmethod
     def _fused_layer(ch: Chain) -> FusedAffineLayer:

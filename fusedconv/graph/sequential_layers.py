@@ -20,7 +20,7 @@ from fusedconv.activations import spec_from_module
 from fusedconv.fused_layers import FusedConv1d, FusedConv2dPostBN, FusedConv3d
 from fusedconv.fused_transpose import FusedConvTranspose1d, FusedConvTranspose2d, FusedConvTranspose3d
 from fusedconv.fused_linear import FusedLinear
-from fusedconv.graph.legality import (LAYER_KINDS, hook_reason, is_fusable_conv, is_plain_sequential, layer_base,
+from fusedconv.graph.legality import (LAYER_KINDS, hook_reason, is_plain_sequential, layer_base,
                                       plain_bn_reason)
 from fusedconv.report import ConversionReport
 
@@ -61,7 +61,9 @@ def _match(seq: nn.Sequential, names: list[str], i: int):
     `tail` is tail_layer's answer when the chain starts with a Sequential that ends in the layer."""
     mods = seq._modules
     layer = mods[names[i]]
-    base = nn.Conv2d if is_fusable_conv(layer) else layer_base(layer)
+    # Exactly nn.Conv2d: FusedConv2dPostBN has no pre-pad, so a padding conv (same_padding.py) is left to the
+    # Conv2d pass, which fuses its conv -> BN -> act and leaves the BN after the activation.
+    base = nn.Conv2d if type(layer) is nn.Conv2d else layer_base(layer)
     tail = None
     if base is None:
         tail = tail_layer(layer)

@@ -263,3 +263,97 @@ def test_smp_unet_efficientnet_b0_float64_fuses_the_encoder_convs(monkeypatch):
     # Also fused now: the squeeze-excitation conv -> activation pairs (no BatchNorm, so never reported before).
     assert len(report.fused) - len(before.fused) > len(missed)
     assert _bn_left(unconverted_part) == len(missed) + 1  # + the unused head's
+
+
+# ------------------------------------------------------------------------------------------------ must not fuse
+def _assert_not_fused(conv, reason: str):
+    """conv -> BN -> act stays as it was (reported with `reason`) and the model still computes the original."""
+    original, converted, report = _convert64(_chain(conv))
+    assert not report.fused and _bn_left(converted) == 1, report.rows
+    assert any(reason in d for d in _skipped(report)), _skipped(report)
+    _assert_same(original, converted, (2, 8, 10, 9), (1, 8, 9, 12))
+    return report
+
+
+class OtherForward(Conv2dSame):
+    def forward(self, x):
+        return super().forward(x[..., 1:, :])
+
+
+class SameForward(Conv2dSame):
+    """No forward of its own, yet not one of the allow-listed classes: recognition is by exact class."""
+
+
+@pytest.mark.parametrize("cls", [OtherForward, SameForward], ids=lambda c: c.__name__)
+def test_subclass_of_conv2dsame_is_not_fused(cls):
+    _assert_not_fused(cls(8, 8, 3, stride=2, bias=False), f"{cls.__name__} subclasses Conv2d")
+
+
+def test_instance_with_a_patched_forward_is_not_fused():
+    conv = _make_conv(Conv2dSame, 8, 8, 3, stride=2)
+    conv.forward = types.MethodType(lambda self, x: F.conv2d(x, self.weight, None, self.stride), conv)
+    _assert_not_fused(conv, "Conv2dSame's forward was replaced")
+
+
+def test_class_with_a_patched_forward_is_not_fused(monkeypatch):
+    assert same_padding.conv_pre_pad(_make_conv(Conv2dSame, 4, 4, 3, stride=2)).ok  # the class is resolved
+    original_forward = Conv2dSame.forward
+    monkeypatch.setattr(Conv2dSame, "forward", lambda self, x: original_forward(self, x))
+    _assert_not_fused(_make_conv(Conv2dSame, 8, 8, 3, stride=2), "Conv2dSame's forward was replaced")
+    monkeypatch.undo()
+    assert same_padding.conv_pre_pad(_make_conv(Conv2dSame, 4, 4, 3, stride=2)).ok
+
+
+def test_static_padding_replaced_by_a_reflection_pad_is_not_fused():
+    conv = _make_conv(StaticSame, 8, 8, 3, stride=2, image_size=10)
+    conv.static_padding = nn.ReflectionPad2d((0, 1, 0, 1))
+    _assert_not_fused(conv, "static_padding is ReflectionPad2d")
+
+
+def test_static_padding_with_a_hook_is_not_fused():
+    conv = _make_conv(StaticSame, 8, 8, 3, stride=2, image_size=10)
+    assert type(conv.static_padding) is nn.ZeroPad2d
+    conv.static_padding.register_forward_hook(lambda module, args, out: None)
+    _assert_not_fused(conv, "static_padding has hooks")
+
+
+def test_static_padding_with_other_numbers_is_read_at_convert_time():
+    conv = _make_conv(StaticSame, 8, 8, 3, stride=2, image_size=10)
+    conv.static_padding = nn.ZeroPad2d((2, 0, 1, 3))
+    original, converted, report = _convert64(_chain(conv))
+    assert [r.status for r in report.rows] == ["fused"] and converted[0].pre_pad == (2, 0, 1, 3)
+    _assert_same(original, converted, (2, 8, 10, 9), (1, 8, 9, 12))
+
+
+@pytest.mark.parametrize("cls", [Conv2dSame, DynamicSame], ids=lambda c: c.__name__)
+def test_padding_mode_other_than_zeros_is_not_fused(cls):
+    conv = _make_conv(cls, 8, 8, 3, stride=2)
+    conv.padding_mode = "reflect"
+    _assert_not_fused(conv, "padding_mode='reflect'")
+
+
+def test_probe_is_load_bearing_forward_ignores_padding(monkeypatch):
+    # timm's Conv2dSame passes padding (0, 0) to F.conv2d whatever its `padding` attribute says: the class and
+    # every attribute check pass, but pad + conv with padding=(1, 1) is not what it computes.
+    conv = _make_conv(Conv2dSame, 8, 8, 3, stride=2)
+    conv.padding = (1, 1)
+    _assert_not_fused(conv, "a float64 probe of its forward disagreed")
+    # Without the probe the same conversion would be silently wrong.
+    monkeypatch.setattr(same_padding, "_probe", lambda conv, pre_pad: None)
+    monkeypatch.setattr(same_padding, "_probed", same_padding.weakref.WeakKeyDictionary())
+    original, converted, report = _convert64(_chain(conv))
+    assert report.fused
+    with torch.no_grad():
+        x = _t(2, 8, 10, 9)
+        out, ref = converted(x), original(x)
+        assert out.shape != ref.shape or max_rel_error(out, ref) > 1e-3
+
+
+def test_probe_is_load_bearing_library_pads_the_other_way(monkeypatch):
+    # A library version whose (unchanged) class forward pads the larger half first: not recognised.
+    def pad_larger_half_first(x, kernel_size, stride, dilation=(1, 1), value=0):
+        left, right, top, bottom = same_padding.same_pad(x.shape[-2], x.shape[-1], kernel_size, stride, dilation)
+        return F.pad(x, (right, left, bottom, top), value=value)
+
+    monkeypatch.setattr(timm_same, "pad_same", pad_larger_half_first)
+    _assert_not_fused(_make_conv(Conv2dSame, 8, 8, 3, stride=2), "a float64 probe of its forward disagreed")

@@ -13,7 +13,9 @@ A chain is fused only when the graph proves it is exactly equivalent:
     usually broadcasts (a parameter, a constant, a reduction / reshape / indexing result), and an in-place add
     updates the chain's value, not the other operand;
   * the BN's forward is understood (`legality.batchnorm_verdict`), with eval-mode running statistics;
-  * the conv is exactly nn.Conv2d, called at one call site (subclasses may compute differently: reported), or
+  * the conv is exactly nn.Conv2d or a recognised padding conv (`same_padding.conv_pre_pad`: timm's Conv2dSame,
+    efficientnet's Conv2dStatic/DynamicSamePadding), called at one call site (other subclasses may compute
+    differently: reported), or
     a layer `legality.chain_base` accepts, followed by a BatchNorm of its rank (`legality.BATCHNORMS_AFTER`).
 "Conv" may also be a plain nn.Sequential that ends in a conv (a BN after it folds into that last conv), and a
 plain nn.Sequential ending in an already fused FusedConv2d passes a following add / activation into that

@@ -357,3 +357,17 @@ def test_probe_is_load_bearing_library_pads_the_other_way(monkeypatch):
 
     monkeypatch.setattr(timm_same, "pad_same", pad_larger_half_first)
     _assert_not_fused(_make_conv(Conv2dSame, 8, 8, 3, stride=2), "a float64 probe of its forward disagreed")
+
+
+def test_pre_pad_survives_deepcopy_and_pickle():
+    import io
+
+    converted = fusedconv.convert(_chain(_make_conv(DynamicSame, 4, 6, 3, stride=2)).double())
+    buf = io.BytesIO()
+    torch.save(converted, buf)
+    buf.seek(0)
+    for copied in (copy.deepcopy(converted), torch.load(buf, weights_only=False)):
+        assert copied[0].pre_pad == same_padding.SAME
+        x = _t(2, 4, 9, 10)
+        with torch.no_grad():
+            assert torch.equal(copied(x), converted(x))

@@ -19,7 +19,8 @@ CPU path's in-place residual route needs no gradient anywhere, fusedconv/cpu.py)
 inference_mode, or when nothing requires grad, nothing changes.
 
 Inputs: (N, C, H, W) or unbatched (C, H, W) like nn.Conv2d; empty batches and empty spatial outputs give empty
-outputs of the right shape; any strides; the output follows the input's memory format.
+outputs of the right shape; any strides; the output follows the input's memory format. A module built from a
+conv that pads in forward (TF "SAME", fusedconv/same_padding.py) zero-pads the input first (`pre_pad`).
 
 State (the state_dict, stable names): `weight` (Cout, Cin/groups, KH, KW) in the conv's dtype, `scale` and
 `shift` (Cout,) in float32 (float64 when the module is float64). The scale/shift stay float32 when the module is

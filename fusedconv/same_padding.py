@@ -100,7 +100,7 @@ def _static_pad(conv: nn.Module) -> PrePadVerdict:
     """The pad of a Conv2dStaticSamePadding, read from its `static_padding` child as it is now."""
     pad = conv._modules.get("static_padding")
     name = type(conv).__name__
-    if _hooked(pad) if pad is not None else False:
+    if pad is not None and _hooked(pad):
         return PrePadVerdict(None, f"{name}.static_padding has hooks, which must keep seeing its input")
     if type(pad) is nn.Identity:
         return PrePadVerdict((0, 0, 0, 0))
@@ -142,9 +142,10 @@ def conv_pre_pad(conv: nn.Module) -> PrePadVerdict:
 
 def _probe_verdict(conv: nn.Module, verdict: PrePadVerdict) -> PrePadVerdict:
     pad_child = conv._modules.get("static_padding")
+    # What the probe's answer depends on besides the class: the geometry and the pad child as they are now.
     fingerprint = (type(conv).forward, verdict.pre_pad, tuple(conv.weight.shape), conv.bias is not None,
-                   tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation), conv.groups,
-                   id(pad_child), type(pad_child), getattr(pad_child, "padding", None), getattr(pad_child, "value", None))
+                   tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation), conv.groups, id(pad_child),
+                   type(pad_child), getattr(pad_child, "padding", None), getattr(pad_child, "value", None))
     cached = _probed.get(conv)
     if cached is not None and cached[0] == fingerprint:
         return cached[1]

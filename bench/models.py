@@ -3,6 +3,8 @@
 Providers:
 - eager               the model as built (random weights, randomized BN statistics).
 - fusedconv           fusedconv.convert(model).
+- fusedconv_blocks    fusedconv.convert(model, flatten=False): the per-block structure without the whole-model flat
+                      forward (the A/B of fusedconv/graph/flat.py).
 - fusedconv_cl        fusedconv.convert(model).to(memory_format=torch.channels_last), fed a channels_last input:
                       the documented fast path on CPU (oneDNN fused conv + activation with pre-packed weights).
 - fx_fuse             torch.fx.experimental.optimization.fuse (folds Conv+BN of symbolically traceable models).
@@ -54,7 +56,7 @@ def memory_format(spec: str, device: torch.device, image_size: int = 224) -> tor
     if device.type != "cuda" or rank == 3:
         return torch.contiguous_format
     return torch.channels_last_3d if rank == 5 else torch.channels_last
-PROVIDERS = ("eager", "fusedconv", "fusedconv_cl", "fx_fuse", "jit", "compile", "fusedconv_compile", "onnxruntime",
+PROVIDERS = ("eager", "fusedconv", "fusedconv_blocks", "fusedconv_cl", "fx_fuse", "jit", "compile", "fusedconv_compile", "onnxruntime",
              "compile_freeze")
 # Errors above this (relative to eager in the same dtype) mean the provider computes something else.
 TOLERANCE = {torch.float32: 1e-3, torch.float16: 5e-2, torch.bfloat16: 1e-1}
@@ -84,11 +86,12 @@ def prepare(provider: str, model, x: torch.Tensor, *, compile_mode: str, threads
     info: dict = {}
     if provider == "eager":
         return (lambda: model(x)), info
-    if provider in ("fusedconv", "fusedconv_cl", "fusedconv_compile"):
+    if provider in ("fusedconv", "fusedconv_blocks", "fusedconv_cl", "fusedconv_compile"):
         t0 = time.perf_counter()
-        fused, report = run_convert(copy.deepcopy(model), example_inputs=(x,))
+        options = {"flatten": False} if provider == "fusedconv_blocks" else {}
+        fused, report = run_convert(copy.deepcopy(model), example_inputs=(x,), **options)
         info.update(convert_s=time.perf_counter() - t0, fused=len(report.fused), skipped=len(report.skipped))
-        if provider == "fusedconv":
+        if provider in ("fusedconv", "fusedconv_blocks"):
             return (lambda: fused(x)), info
         if provider == "fusedconv_cl":
             fused_cl = fused.to(memory_format=torch.channels_last)

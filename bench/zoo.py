@@ -47,6 +47,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import fusedconv
+from fusedconv.graph.specialize import guard_table
 from fusedconv import fold
 from fusedconv.comparison import SELF_CHECK_TOLERANCE
 from fusedconv.fused_layers import FusedAffineLayer
@@ -267,6 +268,9 @@ def run_model(entry: ZooModel, size: int = 64, batch: int = 2, seed: int = 0) ->
                                  for r in report.skipped]
         res["guards"] = len(report.guards)
         res["notes"] = list(report.notes)
+        flat_table = guard_table(fused64)
+        res["flat"] = bool(flat_table is not None and flat_table.entries and flat_table.entries[0].described
+                           and "whole-model" in flat_table.entries[0].described[0])
         res["err64"] = _checked(lambda: rel_error(fused64(x), ref), res, "float64 forward")
         res["exact64"] = res["err64"] is not None and res["err64"] <= EXACT_FLOAT64
         if res["err64"] is not None and not res["exact64"]:
@@ -285,6 +289,11 @@ def run_model(entry: ZooModel, size: int = 64, batch: int = 2, seed: int = 0) ->
             for what in ("deepcopy_err", "pickle_err"):
                 if res[what] is not None and res[what] > 0:
                     find(f"{what[:-4]} round trip changes the output by {res[what]:.3e}")
+        if res["flat"]:
+            # Every float64 call above (both batch sizes, the copies' own tables aside) took the flat graph?
+            res["flat_fallbacks"] = flat_table.fallback_calls
+            if flat_table.fallback_calls:
+                find(f"flat forward left on {flat_table.fallback_calls} call(s) of an unchanged model")
         res["batch1_err64"] = _checked(lambda: rel_error(fused64(x_other), model64(x_other)), res, "batch 1 float64")
         if res["batch1_err64"] is not None and res["batch1_err64"] > EXACT_FLOAT64:
             find(f"batch 1 float64 mismatch {res['batch1_err64']:.3e}")

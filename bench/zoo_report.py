@@ -16,6 +16,20 @@ def _fmt(v) -> str:
     return "-" if v is None else f"{v:.1e}"
 
 
+def _flat_reason(r: dict) -> str:
+    """Why a converted model got no flat forward, from its report note (a short key)."""
+    note = next((n for n in r.get("notes", []) if n.startswith("flat forward:")), None)
+    if note is None:
+        return "only leaves under the root"
+    for key in ("already rewritten", "does not trace", "whose contents a guard cannot check", "does not hold",
+                "not built"):
+        if key in note:
+            return {"already rewritten": "root rewritten itself", "does not trace": "does not trace as one graph",
+                    "whose contents a guard cannot check": "reads a stateful object",
+                    "does not hold": "guard does not hold", "not built": "error"}[key]
+    return note[:60]
+
+
 def render_markdown(results: list[dict], meta: dict) -> str:
     """The report: summary (counts, top skip reasons, findings), then one table row per model."""
     built = [r for r in results if r["build"]]
@@ -37,6 +51,10 @@ def render_markdown(results: list[dict], meta: dict) -> str:
              f"sizes (<= {SELF_CHECK_TOLERANCE[torch.float32]:g})",
              f"- conv layers (converted models): {fused} fused of {total} in the originals "
              f"(re-parameterized branches merge several convs into one fused layer)",
+             f"- whole-model flat forward (convert's default `flatten=True`): {sum(bool(r.get('flat')) for r in conv)}"
+             f" of {len(conv)} converted models; the others, by reason: "
+             + (", ".join(f"{n} x {why}" for why, n in Counter(
+                 _flat_reason(r) for r in conv if not r.get("flat")).most_common()) or "none"),
              f"- models with findings: {sum(bool(r['findings']) for r in results)}",
              "- fused layers kept beside their original conv + BN under a new name (both in the state_dict): "
              + (", ".join(f"{r['model']} {len(r['fused_copies'])}" for r in conv if r.get("fused_copies"))

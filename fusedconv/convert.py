@@ -21,6 +21,7 @@ from fusedconv.comparison import SELF_CHECK_TOLERANCE, compare_outputs  # noqa: 
 from fusedconv.comparison import snapshot_outputs as _snapshot
 from fusedconv.cpu_boundary import install as install_layout_boundary
 from fusedconv.graph.dataflow import fuse_dataflow
+from fusedconv.graph.flat import flatten as flatten_model
 from fusedconv.graph.owned_input import install as install_owned_inputs
 from fusedconv.graph.reparam_convert import fuse_reparameterized
 from fusedconv.graph.tracing import proxy_leak_guard
@@ -60,7 +61,7 @@ def _reparameterize(model: nn.Module, example_inputs, report: ConversionReport) 
 
 
 def convert(model: nn.Module, *, inplace: bool = False, example_inputs=None, reparameterize: bool = True,
-            return_report: bool = False, tolerance: float | None = None):
+            return_report: bool = False, tolerance: float | None = None, flatten: bool = True):
     """Fuse every provable Conv2d -> BatchNorm (-> activation) (-> + residual -> activation) chain of an
     eval-mode `model`.
 
@@ -72,6 +73,9 @@ def convert(model: nn.Module, *, inplace: bool = False, example_inputs=None, rep
     relative error is stored in `report.max_rel_error`; a RuntimeError is raised when it exceeds the output
     dtype's tolerance (`SELF_CHECK_TOLERANCE`, or `tolerance` if given).
     With `return_report=True` returns `(model, report)`: each chain fused or skipped with the reason.
+    `flatten=True` then gives the converted model's root one straight-line forward through its containers and
+    rewritten blocks (`fusedconv.graph.flat`: guarded like every rewrite; calls it does not cover, and any call
+    while torch.compile / export / fx / jit trace, run the converted model's own forward).
 
     The self-check compares every output leaf, so models whose outputs pass through discrete post-processing
     (detection NMS / top-k / score thresholds) can fail it on near-tied scores even though the network itself
@@ -79,6 +83,8 @@ def convert(model: nn.Module, *, inplace: bool = False, example_inputs=None, rep
     """
     _check_model(model)
     args = _as_args(example_inputs)
+    if not isinstance(flatten, bool):
+        raise TypeError(f"flatten: expected True or False, got {flatten!r}")
     if tolerance is not None and not (isinstance(tolerance, (int, float)) and tolerance >= 0):
         raise ValueError(f"tolerance: expected a non-negative number or None, got {tolerance!r}")
     report = ConversionReport()
@@ -99,6 +105,8 @@ def convert(model: nn.Module, *, inplace: bool = False, example_inputs=None, rep
         fuse_reparameterized(model, report)
         # Sequentials whose blocks may write an identity residual into an input no one else holds.
         install_owned_inputs(model)
+        if flatten:
+            _flatten(model, report)
         if any(isinstance(m, FusedConv2d) for m in model.modules()):
             # CPU: NCHW float32 input runs channels_last inside the model, converted once at its boundary.
             install_layout_boundary(model)
@@ -111,3 +119,15 @@ def convert(model: nn.Module, *, inplace: bool = False, example_inputs=None, rep
                                    f"{err:.3e} (max |diff| / max |original|), above the tolerance {tol:g}; "
                                    f"please report this as a bug.\n{report}")
     return (model, report) if return_report else model
+
+
+def _flatten(model: nn.Module, report: ConversionReport) -> None:
+    """The whole-model forward (graph/flat.py); a failure to build it leaves the converted model as it is."""
+    try:
+        done = flatten_model(model, report.notes)
+    except Exception as e:  # noqa: BLE001 - an optional speed-up must never make convert unusable
+        report.notes.append(f"flat forward: not built ({type(e).__name__}: {e})")
+        return
+    if done:
+        table = model.__dict__["_fusedconv_guards"]
+        report.add_guards("", table.original.__name__, table.describe())

@@ -210,11 +210,12 @@ def randomize_batchnorm(model, seed: int = 0):
     return model
 
 
-def run_convert(model, example_inputs=None):
-    """fusedconv.convert(model, return_report=True), passing example inputs where this version accepts them."""
+def run_convert(model, example_inputs=None, **options):
+    """fusedconv.convert(model, return_report=True, **options), passing example inputs where this version accepts
+    them."""
     import fusedconv
 
-    kwargs = {"return_report": True}
+    kwargs = {"return_report": True, **options}
     if example_inputs is not None and "example_inputs" in inspect.signature(fusedconv.convert).parameters:
         kwargs["example_inputs"] = example_inputs
     return fusedconv.convert(model, **kwargs)

@@ -56,8 +56,11 @@ def test_resnet18_residual_joins_epilogue():
     assert type(block).__name__ == "BasicBlock"
     assert isinstance(block.conv2, FusedConv2d) and block.conv2.act.name == "relu"
     assert sum("add" in r.detail for r in fused(report)) == 8
-    # Blocks without a residual join keep their own class: the root model is still a ResNet.
-    assert type(converted) is torchvision.models.ResNet
+    # The root is still a ResNet: its own class when not flattened, else a guarded subclass of it (the flat
+    # forward, fusedconv/graph/flat.py), named alike.
+    assert type(fusedconv.convert(model, flatten=False)) is torchvision.models.ResNet
+    assert isinstance(converted, torchvision.models.ResNet) and type(converted).__name__ == "ResNet"
+    assert type(converted).__fusedconv_original__ is torchvision.models.ResNet
 
 
 def test_resnet50_fewer_ops_than_fx_fuse(monkeypatch):

@@ -221,11 +221,11 @@ def test_mobilenet_v2_profile_has_no_reference_conv_and_no_layer_copies():
     assert eager["aten::_slow_conv2d_forward"] > 0, "this input no longer reaches the reference conv in eager"
     assert counts["aten::_slow_conv2d_forward"] == 0, counts
     assert counts["aten::convolution"] == 0, counts
-    # Every conv is one oneDNN call; the identity residuals mobilenet_v2's features Sequential owns are written in
-    # place (fusedconv/graph/owned_input.py), the other calls allocate their output.
+    # Every conv is one oneDNN call; all 10 residual blocks write into their identity residual (the flat forward
+    # proves each block input dead after its block: fusedconv/graph/flat.py), the other calls allocate their output.
     in_place = counts["mkldnn::_convolution_pointwise_"]
     assert counts["mkldnn::_convolution_pointwise"] + in_place == layers == 52
-    assert in_place == 5, counts
+    assert in_place == 10, counts
     # Layout copies: the input once at the boundary, plus the copies the eager model makes too (its head).
     assert counts["aten::copy_"] <= eager["aten::copy_"] + 1, (counts, eager)
     with torch.no_grad():

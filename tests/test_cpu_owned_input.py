@@ -3,6 +3,8 @@ private_residual.mark_owned_input): counted per forward, never where anyone else
 
 Every test compares what it keeps (outputs, hook captures, features, the caller's tensors) with the float64
 original, and counts the in-place oneDNN calls, so a route that silently stops or silently fires fails a test.
+Models are converted with `flatten=False`: this is the per-block mechanism, which runs wherever the whole-model
+flat forward does not apply (its own in-place rule: tests/test_flat_forward.py).
 """
 
 from __future__ import annotations
@@ -76,7 +78,7 @@ class Net(nn.Module):
 def _pair(build, seed=0):
     torch.manual_seed(seed)
     model = randomize_bn(build().eval(), seed)
-    return model, fusedconv.convert(copy.deepcopy(model))
+    return model, fusedconv.convert(copy.deepcopy(model), flatten=False)
 
 
 def _ref64(model, *x):
@@ -112,7 +114,7 @@ def test_torchvision_models_count_and_match_float64(name, count, inplace_calls):
     assert n == count
     assert max_rel_error(y, _ref64(model, x)) < TOL
     # The float64 model converted (F.conv2d route, no in-place writes) is the original function.
-    fc64 = fusedconv.convert(copy.deepcopy(model).double())
+    fc64 = fusedconv.convert(copy.deepcopy(model).double(), flatten=False)
     assert type(fc64.features if name == "mobilenet_v2" else fc64.layer1) is OwnedInputSequential
     with torch.no_grad():
         assert max_rel_error(fc64(x.double()), _ref64(model, x)) < 1e-10
@@ -237,7 +239,7 @@ def test_sequential_subclasses_are_left_alone(inplace_calls):
         model = Net(IdBlock, IdBlock)
         model.stage = cls(*model.stage)
         model = randomize_bn(model.eval(), 0)
-        fc = fusedconv.convert(copy.deepcopy(model))
+        fc = fusedconv.convert(copy.deepcopy(model), flatten=False)
         assert type(fc.stage) is cls
         x = torch.randn(2, 3, 12, 12)
         y, n = _steady(fc, x, inplace_calls)

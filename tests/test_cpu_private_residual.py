@@ -3,7 +3,8 @@ residual, and the converted model still computes Conv -> BN(eval) -> act (+ resi
 
 Each test counts the in-place oneDNN calls, so a test whose model should get them fails if they silently stop,
 and a test whose model must not get them fails if they happen; every kept tensor (a hook's capture, a returned
-residual, a Unet encoder's stage outputs) is compared against the float64 original.
+residual, a Unet encoder's stage outputs) is compared against the float64 original. Models are converted with
+`flatten=False` (the per-block mechanism; the flat forward's own rule: tests/test_flat_forward.py).
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ class Net(nn.Module):
 def _pair(model_cls, seed=0, **kw):
     torch.manual_seed(seed)
     model = randomize_bn(model_cls(**kw).eval(), seed)
-    return model, fusedconv.convert(copy.deepcopy(model))
+    return model, fusedconv.convert(copy.deepcopy(model), flatten=False)
 
 
 def _ref64(model, x):
@@ -142,7 +143,7 @@ def test_unet_encoder_stage_outputs_stay_intact(inplace_calls):
     smp = pytest.importorskip("segmentation_models_pytorch")
     torch.manual_seed(0)
     model = randomize_bn(smp.Unet("resnet18", encoder_weights=None, classes=2).eval(), 0)
-    fc = fusedconv.convert(copy.deepcopy(model))
+    fc = fusedconv.convert(copy.deepcopy(model), flatten=False)
     x = torch.randn(1, 3, 64, 64)
     kept = []
     fc.encoder.register_forward_hook(lambda m, i, o: kept.append(list(o)))

@@ -89,6 +89,8 @@ class GuardTable:
     for the call over role children, or raises as the base would.
     """
 
+    _deep_copied = ("expect", "roles", "base")  # state a deep copy copies (the rest is shared or rebuilt)
+
     def __init__(self, original: type, params: list[Param], entries: list[Specialization], expect: list,
                  roles: list[tuple[str, nn.Module, nn.Module]], kind: str = "convert", scope: str = "",
                  base: "GuardTable | None" = None, merged: tuple = ()):
@@ -145,6 +147,9 @@ class GuardTable:
         if self.kind == "reparam":
             raise self.miss_error(block, self._positional(args, kwargs))
         self.fallback_calls += 1
+        if not self.roles and self.base is None:
+            # No child stands in for another (a whole-model table, graph/flat.py): the block's own forward as is.
+            return self.original.forward(block, *args, **kwargs)
         view = object.__new__(self.original)
         view.__dict__.update(block.__dict__)
         modules = dict(block.__dict__["_modules"])
@@ -194,11 +199,11 @@ class GuardTable:
         self._compile()
 
     def __deepcopy__(self, memo):
-        new = object.__new__(GuardTable)
+        new = object.__new__(type(self))
         memo[id(self)] = new
         state = self.__getstate__()
         state["entries"] = list(self.entries)  # immutable once built: shared
-        for k in ("expect", "roles", "base"):
+        for k in self._deep_copied:
             state[k] = copy.deepcopy(state[k], memo)
         new.__setstate__(state)
         return new

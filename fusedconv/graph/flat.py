@@ -1,0 +1,512 @@
+"""One straight-line forward for a whole converted model: the model's own Python (containers, identity modules,
+block dispatch) traced away, under guards, for the call pattern convert saw.
+
+After convert, a forward still walks the model's module tree: every nn.Sequential, every nn.Identity left where a
+BatchNorm was, every rewritten block's guard dispatch is a Python call. On CPU at batch 1 that walk costs about a
+tenth of mobilenet_v2's forward (bench/cpu_gap.py). `flatten(model)` traces the converted root through everything
+but its leaves (fused layers, torch.nn's own layers, modules with hooks) into one fx graph, inlining each rewritten
+block through the specialization its own guard picks, and installs that graph as the root's specialization: the
+root stays the same object, of a guarded subclass of its own class (`specialize.install`; a root convert had
+rewritten itself keeps its table behind the flat one, `FlatTable`). A call the guard rejects runs the converted
+model's own forward, exactly as before flattening.
+
+What the graph bakes in, the guard checks on every call:
+  * the root's call pattern and the attributes its forward read (`patterns.build_guard`);
+  * every module on a path the graph uses is the same object (`FlatCheck`, one generated function walking the
+    tree; the graph then calls its leaves without looking them up);
+  * for every module the trace went through: the same class, whose forward is the one traced, no instance-level
+    forward, no hooks, not compiled in place, and the values of the attributes its forward read;
+  * for every rewritten block inlined: the same guard table, still picking the same specialization for an
+    argument that is not None (an inlined entry may assume nothing else of an argument, and the trace inlines a
+    block only where the argument is produced by a torch operation or layer);
+  * no global module hooks, and no tracer or compiler running (they see the model's own forward).
+Leaves are called as modules (their own hooks, checks and routes run as usual). A model that does not trace as one
+graph, whose traced code reads a stateful object (a dict, a helper object: its contents could change unseen), or
+whose guard would not hold right after flattening, is left as convert made it.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import operator
+import re
+import types
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from fusedconv.fused_layers import FusedAffineLayer
+from fusedconv.graph.patterns import (
+    MODULE_INTERNALS, PROXY, Guard, UnsupportedSignature, attribute_terms, build_guard, call_patterns, forward_params,
+)
+from fusedconv.graph import private_residual
+from fusedconv.graph.private_residual import global_hooks, hooked
+from fusedconv.graph.specialize import _CLASSES, _GUARDS, _MISSING, GuardTable, Specialization, install
+from fusedconv.graph.tracing import ScopeTracer, trace_scope
+from fusedconv.modules import FusedConv2d
+
+_compiler = torch.compiler  # its is_compiling looked up per call (a patched one is honoured)
+_jit_tracing_state = torch._C._get_tracing_state
+_fx_tracing = getattr(torch.fx._symbolic_trace, "is_fx_symbolic_tracing", None) \
+    or torch.fx._symbolic_trace.is_fx_tracing
+
+
+class NotNone:
+    """Stands for a block argument the flat graph proves is not None (a tensor from a torch op or layer) when the
+    guard asks the block's table which specialization such a call takes."""
+
+    def __repr__(self) -> str:
+        return "<not None>"
+
+
+_NOT_NONE = NotNone()
+_ARITHMETIC = {operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv, operator.matmul,
+               operator.neg, operator.iadd, operator.imul, operator.isub, operator.itruediv}
+
+
+def _not_private(*args, **kwargs) -> bool:
+    return False
+
+
+_PER_CALL_FLAGS = (private_residual.residual_private, private_residual.owned_residual)
+
+
+@contextlib.contextmanager
+def _per_call_flags_off(fn):
+    """A specialization decides per call whether a residual may be written in place (private_residual: hooks,
+    the caller's mark) by calling plain functions on its modules; traced, they would run once and their answer
+    would be baked into the graph. While `fn` is traced they answer False (the flat graph decides that itself,
+    per call: `_mark_private_residuals`)."""
+    namespace = fn.__globals__
+    patched = {k: v for k, v in namespace.items() if any(v is f for f in _PER_CALL_FLAGS)}
+    namespace.update(dict.fromkeys(patched, _not_private))
+    try:
+        yield
+    finally:
+        namespace.update(patched)
+
+
+class _OneEntry:
+    """Stands in for the rewritten root's table while the flat trace runs: its chosen specialization, unguarded."""
+
+    def __init__(self, table: GuardTable, k: int):
+        self.table, self.k = table, k
+
+    def dispatch(self, block, *args):
+        entry = self.table.entries[self.k]
+        if entry.fn is None:
+            return self.table.original.forward(block, *args)
+        with _per_call_flags_off(entry.fn):
+            return entry.fn(block, *args)
+
+
+class FlatTable(GuardTable):
+    """The table of a root that convert had rewritten itself: the flat graph first; any other call goes to the
+    root's own table (`inner`), which still decides between its specializations and its exact fallback."""
+
+    _deep_copied = GuardTable._deep_copied + ("inner",)
+
+    def __init__(self, inner: GuardTable, params, entries, expect):
+        self.inner = inner
+        super().__init__(inner.original, params, entries, expect, [], kind="convert", scope=inner.scope)
+
+    def fallback(self, block: nn.Module, *args, **kwargs):
+        self.fallback_calls += 1
+        return self.inner.dispatch(block, *args, **kwargs)
+
+    def describe(self) -> list[str]:
+        return super().describe() + self.inner.describe()
+
+
+def _is_leaf_layer(m: nn.Module) -> bool:
+    return isinstance(m, (FusedConv2d, FusedAffineLayer))
+
+
+def _torch_layer(m: nn.Module) -> bool:
+    """A torch.nn module that is not a container (fx's own default leaf rule)."""
+    mod = type(m).__module__
+    return (mod.startswith("torch.nn") or mod.startswith("torch.ao.nn")) and not isinstance(
+        m, (nn.Sequential, nn.ModuleList, nn.ModuleDict))
+
+
+def plain_traced(module: nn.Module, cls: type, forward) -> bool:
+    """The guard term of a module the flat graph went through: the class and forward that were traced, nothing
+    that would run instead of or around that forward."""
+    d = module.__dict__
+    return (type(module) is cls and cls.forward is forward and "forward" not in d and not hooked(module)
+            and d.get("_compiled_call_impl") is None)
+
+
+def inlined_entry(block: nn.Module, table: GuardTable, original: type, k: int, args: tuple) -> bool:
+    """The guard term of a rewritten block whose specialization `k` the flat graph inlined."""
+    d = block.__dict__
+    return (d.get(_GUARDS) is table and type(block) is _CLASSES.get(original) and "forward" not in d
+            and not hooked(block) and d.get("_compiled_call_impl") is None and table.select(block, *args) == k)
+
+
+class FlatTracer(ScopeTracer):
+    """Traces the root through every module but the leaves; a rewritten block is inlined through the
+    specialization its table picks for arguments that are not None, or kept a leaf."""
+
+    def __init__(self, root_pattern_proxies: set[str]):
+        super().__init__()
+        self.root_proxies = root_pattern_proxies   # root placeholders the root's guard proves not None
+        self.inlined: list[tuple[str, nn.Module, GuardTable, int, tuple]] = []
+        self.traced: dict[str, nn.Module] = {}     # modules traced through (path -> module), besides the root
+        # Decided once per module, before tracing: while the trace runs, the modules it goes through wear a
+        # read-recording subclass (tracing._recording_reads), which must not change the answer.
+        self._leaf: dict[int, bool] = {}
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        leaf = self._leaf.get(id(m))
+        if leaf is None:
+            leaf = self._leaf[id(m)] = self._decide_leaf(m)
+        return leaf
+
+    def _decide_leaf(self, m: nn.Module) -> bool:
+        if _is_leaf_layer(m) or hooked(m):
+            return True
+        if m.__dict__.get(_GUARDS) is not None:
+            return False  # decided per call in call_module
+        if type(m) is nn.Identity:
+            return False
+        return _torch_layer(m)
+
+    def _not_none(self, value) -> bool:
+        if not isinstance(value, fx.Proxy):
+            return False
+        node = value.node
+        if node.op == "placeholder":
+            return node.target in self.root_proxies
+        if node.op == "call_module":
+            m = self.root.get_submodule(node.target)
+            return _is_leaf_layer(m) or _torch_layer(m)
+        if node.op == "call_function":
+            return node.target in _ARITHMETIC or getattr(node.target, "__module__", "").startswith("torch")
+        if node.op == "call_method":
+            return hasattr(torch.Tensor, node.target)
+        return False
+
+    def call_module(self, m: nn.Module, forward, args, kwargs):
+        table = m.__dict__.get(_GUARDS)
+        path = self.path_of_module(m)
+        if table is None or hooked(m):
+            if not self.is_leaf_module(m, path):
+                self.traced[path] = m
+            return super().call_module(m, forward, args, kwargs)
+        chosen = self._inline_choice(m, table, args, kwargs)
+        if chosen is None:
+            return self.create_proxy("call_module", path, args, kwargs)
+        k, probe = chosen
+        self.inlined.append((path, m, table, k, probe))
+        entry = table.entries[k]
+        if entry.fn is None:  # the class's own forward over the swapped children
+            return table.original.forward(m, *args)
+        with _per_call_flags_off(entry.fn):
+            return entry.fn(m, *args)
+
+    def _inline_choice(self, m: nn.Module, table: GuardTable, args, kwargs):
+        if kwargs or table.kind != "convert" or table.base is not None or len(args) > len(table.params) or \
+                any(p.keyword_only for p in table.params[:len(args)]):
+            return None
+        probe = []
+        for a in args:
+            if isinstance(a, fx.Proxy):
+                if not self._not_none(a):
+                    return None
+                probe.append(_NOT_NONE)
+            elif a is None or type(a) in (bool, int, float, str):
+                probe.append(a)
+            else:
+                return None
+        if len(probe) < len(table.params):
+            return None  # defaults: the table's select takes every parameter
+        k = table.select(m, *probe)
+        return None if k < 0 else (k, tuple(probe))
+
+
+class FlatCheck:
+    """The part of the flat forward's guard that walks the module tree: one generated function that looks every
+    module the graph depends on up by its path (each once, in a local) and checks it is the same object, and for
+    the ones the trace went through or inlined, what their code assumed. Also holds the leaf modules the graph
+    calls, in the order of `leaves` (their identity is checked here, so the graph calls them without a lookup).
+    Pickles and deep-copies as its source and objects (the copies', under deepcopy), like GuardTable."""
+
+    def __init__(self, src: str, expect: list, leaves: tuple):
+        self.src = src
+        self.expect = expect
+        self.leaves = leaves
+        self._compile()
+
+    def _compile(self) -> None:
+        # The objects become locals of an enclosing function (closure cells) rather than items of a global list:
+        # the check reads hundreds of them per call (measured ~3 % faster on mobilenet_v2's 1,100-line check).
+        names = ", ".join(f"e{i}" for i in range(len(self.expect)))
+        body = re.sub(r"\be\[(\d+)\]", r"e\1", self.src)
+        src = "def make(e):\n" + (f"    {names}, = e\n" if self.expect else "") + \
+            "".join(f"    {line}\n" for line in body.splitlines())
+        src += "    return check\n"
+        namespace = {"MISSING": _MISSING, "Tensor": torch.Tensor}
+        exec(compile(src, "<fusedconv flat check>", "exec"), namespace)  # noqa: S102 - generated here
+        self.fn = namespace["make"](self.expect)
+
+    def __call__(self, root: nn.Module) -> bool:
+        return self.fn(root)
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        del state["fn"]
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._compile()
+
+    def __deepcopy__(self, memo):
+        new = object.__new__(FlatCheck)
+        memo[id(self)] = new
+        new.__setstate__({"src": self.src, "expect": copy.deepcopy(self.expect, memo),
+                          "leaves": copy.deepcopy(self.leaves, memo)})
+        return new
+
+
+def tracing() -> bool:
+    """torch.compile / torch.export (Dynamo), fx symbolic tracing or torch.jit tracing in progress."""
+    return _compiler.is_compiling() or _jit_tracing_state() is not None or _fx_tracing()
+
+
+def flat_leaves(table: GuardTable, k: int) -> tuple:
+    """The leaf modules of the flat graph (their identity checked by the guard that let this call in)."""
+    return table.expect[k].leaves
+
+
+def call_leaf(leaves: tuple, i: int, *args, **kwargs):
+    return leaves[i](*args, **kwargs)
+
+
+def _check_source(root: nn.Module, tracer: FlatTracer, trace, leaf_paths: list[str], expect: list) -> str:
+    """The tree-walking check (FlatCheck): every module on the paths the graph uses, by identity; for the
+    modules traced through and the inlined blocks, also their assumptions."""
+    inlined = {path: (table, k, probe) for path, _, table, k, probe in tracer.inlined}
+    needed = set(leaf_paths) | set(tracer.traced) | set(inlined) | \
+        {p for p, reads in trace.nested_reads.items() if reads}
+    for path in list(needed):
+        parts = path.split(".")
+        needed.update(".".join(parts[:i]) for i in range(1, len(parts)))
+    lines = ["def check(root):", "    m0 = root.__dict__['_modules']"]
+    local = {"": "0"}
+    for n, path in enumerate(sorted(needed, key=lambda p: (p.count("."), p)), start=1):
+        parent, _, name = path.rpartition(".")
+        sub = root.get_submodule(path)
+        expect.append(sub)
+        lines += [f"    x{n} = m{local[parent]}.get({name!r})", f"    if x{n} is not e[{len(expect) - 1}]:",
+                  "        return False"]
+        local[path] = str(n)
+        if sub._modules or path in tracer.traced or path in inlined or path in trace.nested_reads:
+            lines += [f"    d{n} = x{n}.__dict__", f"    m{n} = d{n}['_modules']"]
+        g = Guard()
+        if path in tracer.traced:
+            cls = type(sub)
+            expect += [cls, cls.forward]
+            c = len(expect) - 2
+            g.check(f"type(x{n}) is e[{c}] and e[{c}].forward is e[{c + 1}] and 'forward' not in d{n} and "
+                    f"d{n}.get('_compiled_call_impl') is None and not (d{n}.get('_forward_pre_hooks') or "
+                    f"d{n}.get('_forward_hooks') or d{n}.get('_backward_pre_hooks') or d{n}.get('_backward_hooks'))",
+                    f"self.{path} unchanged")
+        if path in inlined:
+            table, k, probe = inlined[path]
+            expect += [inlined_entry, table, table.original, probe]
+            c = len(expect) - 4
+            g.check(f"e[{c}](x{n}, e[{c + 1}], e[{c + 2}], {k}, e[{c + 3}])", f"self.{path} takes the same path")
+        # What its code read; a child that is itself on a checked path is already compared by identity.
+        reads = [r for r in trace.nested_reads.get(path, ())
+                 if not (f"{path}.{r}" in needed and sub._modules.get(r) is not None)]
+        attribute_terms(g, sub, reads, f"d{n}", f"m{n}", f"self.{path}", expect)
+        if g.terms:
+            lines += [f"    if not ({g.expression()}):", "        return False"]
+    lines.append("    return True")
+    return "\n".join(lines) + "\n"
+
+
+_SAFE_VALUES = (type(None), bool, int, float, str, type, types.FunctionType, types.BuiltinFunctionType,
+                types.MethodType, nn.Module, torch.Tensor, torch.dtype, torch.device)
+
+
+def _stateful_reads(root: nn.Module, trace) -> list[str]:
+    """Attributes the traced code read whose value is an object with contents of its own (a dict, a list, a
+    helper object such as timm's FeatureHooks): what the code did with them ran once, at trace time, and the
+    guard could check only the object's identity, not its contents."""
+    found = []
+    for path, reads in [("", trace.reads), *trace.nested_reads.items()]:
+        sub = root.get_submodule(path) if path else root
+        for attr in dict.fromkeys(reads):
+            value = sub.__dict__.get(attr, _MISSING)
+            if value is _MISSING or attr.startswith("__") or attr in MODULE_INTERNALS:
+                continue
+            plain = isinstance(value, tuple) and all(isinstance(v, _SAFE_VALUES) for v in value)
+            if not plain and not isinstance(value, _SAFE_VALUES):
+                found.append(f"{path + '.' if path else ''}{attr} ({type(value).__name__})")
+    return found
+
+
+def _flat_entry(root: nn.Module, params, pattern, notes: list[str], inner: tuple | None = None):
+    """The flat Specialization of `root` for `pattern` and its objects; `inner` = (the root's own table, the
+    index of its specialization for this pattern) when convert rewrote the root itself."""
+    proxies = {p.name for p, (kind, _) in zip(params, pattern.slots) if kind == PROXY}
+    tracer = FlatTracer(proxies)
+    tracer.root = root
+    if inner is not None:
+        root.__dict__[_GUARDS] = _OneEntry(*inner)
+    try:
+        trace = trace_scope(root, pattern.concrete_args(params) or None, tracer)
+    finally:
+        if inner is not None:
+            root.__dict__[_GUARDS] = inner[0]
+    if not tracer.inlined and all(type(m) is nn.Identity for m in tracer.traced.values()):
+        return None  # nothing worth flattening: the root's forward calls only leaves (and identities)
+    stateful = _stateful_reads(root, trace)
+    if stateful:
+        notes.append(f"flat forward: the traced code reads {', '.join(stateful[:3])}, whose contents a guard "
+                     "cannot check; left as is")
+        return None
+    local = {p.name: f"a{i}" for i, p in enumerate(params)}
+    expect: list = [tracing]
+    g = Guard()
+    # First, so that no tracer steps into the checks below: torch.compile / export, fx and jit see the model's
+    # own forward over the converted children, as before flattening.
+    g.check("not e[0]()", "not traced or compiled", describe=False)
+    root_guard = build_guard(root, params, pattern, trace, local, expect)
+    for term, label in zip(root_guard.terms, root_guard.labels):
+        g.check(term, label, describe=label in root_guard.described)
+    if inner is not None:
+        # The root's own table must pick the specialization that was traced, for this very call.
+        expect.append(inner[0])
+        args = ", ".join(f"a{i}" for i in range(len(params)))
+        g.check(f"e[{len(expect) - 1}].select(self{', ' if args else ''}{args}) == {inner[1]}",
+                "the root's own rewrite takes the same path", describe=False)
+    expect.append(global_hooks)
+    g.check(f"not e[{len(expect) - 1}]()", "no global module hooks", describe=False)
+    graph = trace.graph
+    calls = [n for n in graph.nodes if n.op == "call_module"]
+    leaf_paths = list(dict.fromkeys(str(n.target) for n in calls))
+    check_expect: list = []
+    src = _check_source(root, tracer, trace, leaf_paths, check_expect)
+    leaves = tuple(root.get_submodule(p) for p in leaf_paths)
+    expect.append(FlatCheck(src, check_expect, leaves))
+    k = len(expect) - 1
+    g.check(f"e[{k}](self)", "every module on the way unchanged", describe=False)
+    _call_leaves_directly(graph, calls, leaf_paths, k, leaves)
+    code = graph.python_code(root_module="self")
+    entry = Specialization(g.expression(), [f"whole-model forward ({len(tracer.inlined)} blocks inlined, "
+                                            f"{len(tracer.traced)} modules traced through)"],
+                           code.src, code.globals, list(zip(g.terms, g.labels)), pattern)
+    return entry, expect
+
+
+def _call_leaves_directly(graph: fx.Graph, calls: list[fx.Node], leaf_paths: list[str], k: int,
+                          root_leaves: tuple) -> None:
+    """Each `call_module` node becomes a call of the module object the guard checked (no attribute walk)."""
+    if not calls:
+        return
+    anchor = [n for n in graph.nodes if n.op == "placeholder"]
+    with graph.inserting_after(anchor[-1]) if anchor else graph.inserting_before(next(iter(graph.nodes))):
+        table = graph.get_attr(_GUARDS)
+    with graph.inserting_after(table):
+        leaves = graph.call_function(flat_leaves, (table, k))
+    index = {p: i for i, p in enumerate(leaf_paths)}
+    fused = {}  # call_leaf node -> leaf index, for FusedConv2d leaves
+    for node in calls:
+        i = index[str(node.target)]
+        with graph.inserting_before(node):
+            new = graph.call_function(call_leaf, (leaves, i, *node.args), dict(node.kwargs))
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+        if type(root_leaves[i]) is FusedConv2d:
+            fused[new] = i
+    _mark_private_residuals(graph, leaves, fused)
+
+
+def _mark_private_residuals(graph: fx.Graph, leaves: fx.Node, fused: dict) -> None:
+    """Let a fused call write its output into its residual where no one else can read that tensor afterwards
+    (what private_residual.py proves inside one block, here across the whole graph). The graph half: the residual
+    is the fresh output of another FusedConv2d call, read only by FusedConv2d calls, the last of them this one,
+    and not returned. The per-call half (`flat_private`): none of those modules has a hook that could keep it."""
+    order = {n: k for k, n in enumerate(graph.nodes)}
+    for call, c in fused.items():
+        args, kwargs = call.args, dict(call.kwargs)
+        residual = args[3] if len(args) > 3 else kwargs.get("residual")
+        x = args[2] if len(args) > 2 else None
+        if not isinstance(residual, fx.Node) or residual is x or residual not in fused:
+            continue
+        readers = [u for u in residual.users if u is not call]
+        if any(u not in fused or order[u] > order[call] or residual in u.kwargs.values() or
+               (len(u.args) > 3 and u.args[3] is residual) for u in readers):
+            continue  # read by something else, after this call, or as another call's residual
+        with graph.inserting_before(call):
+            flag = graph.call_function(flat_private, (leaves, fused[residual], c, *(fused[u] for u in readers)))
+        kwargs["residual_private"] = flag
+        call.kwargs = kwargs
+
+
+def flat_private(leaves: tuple, producer: int, fused: int, *readers: int) -> bool:
+    """The per-call half of a residual written in place by the flat graph (see `_mark_private_residuals`)."""
+    return not (global_hooks() or hooked(leaves[producer]) or hooked(leaves[fused])
+                or any(hooked(leaves[r]) for r in readers))
+
+
+def flatten(model: nn.Module, notes: list[str] | None = None) -> bool:
+    """Give a converted `model`'s root one guarded straight-line forward (module doc). Returns whether it did;
+    `notes` gets a line saying why not where it did not."""
+    notes = notes if notes is not None else []
+    own = model.__dict__.get(_GUARDS)
+    if isinstance(model, fx.GraphModule) or isinstance(own, FlatTable) or (
+            own is not None and (own.kind != "convert" or own.base is not None)):
+        notes.append("flat forward: the root is a graph module, flattened already or re-parameterized; left as is")
+        return False
+    try:
+        params = own.params if own is not None else forward_params(model)
+    except UnsupportedSignature as e:
+        notes.append(f"flat forward: {e}; left as is")
+        return False
+    pattern = call_patterns(params)[0]
+    probe = [_NOT_NONE if kind == PROXY else value for kind, value in pattern.slots]
+    inner = None
+    if own is not None:
+        k = own.select(model, *probe)
+        if k < 0:
+            notes.append("flat forward: the root's own rewrite has no specialization for its first call pattern; "
+                         "left as is")
+            return False
+        inner = (own, k)
+    try:
+        built = _flat_entry(model, params, pattern, notes, inner)
+    except Exception as e:  # noqa: BLE001 - any tracing failure means "no flat forward"
+        msg = str(e).strip().splitlines()
+        notes.append(f"flat forward: the model does not trace as one graph ({type(e).__name__}: "
+                     f"{msg[0][:120] if msg else ''}); left as is")
+        return False
+    if built is None:
+        return False
+    entry, expect = built
+    if own is None:
+        table = GuardTable(type(model), params, [entry], expect, [], kind="convert", scope="")
+        install(model, table)
+    else:
+        table = FlatTable(own, params, [entry], expect)
+        model.__dict__[_GUARDS] = table
+    # The guard must hold for the model as it is now (but for the call's own arguments): else flattening
+    # would only add a failing check to every call.
+    try:
+        ok = table.select(model, *probe) == 0
+    except Exception:  # noqa: BLE001
+        ok = False
+    if not ok:
+        if own is None:
+            del model.__dict__[_GUARDS]
+            model.__class__ = table.original
+        else:
+            model.__dict__[_GUARDS] = own
+        notes.append("flat forward: its guard does not hold on the converted model; left as is")
+        return False
+    return True

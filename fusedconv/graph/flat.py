@@ -41,15 +41,12 @@ from fusedconv.graph.patterns import (
     MODULE_INTERNALS, PROXY, Guard, UnsupportedSignature, attribute_terms, build_guard, call_patterns, forward_params,
 )
 from fusedconv.graph import private_residual
+from fusedconv.graph.owned_input import _compiler, _fx_tracing, _jit_tracing_state
 from fusedconv.graph.private_residual import global_hooks, hooked
 from fusedconv.graph.specialize import _CLASSES, _GUARDS, _MISSING, GuardTable, Specialization, install
 from fusedconv.graph.tracing import ScopeTracer, trace_scope
 from fusedconv.modules import FusedConv2d
 
-_compiler = torch.compiler  # its is_compiling looked up per call (a patched one is honoured)
-_jit_tracing_state = torch._C._get_tracing_state
-_fx_tracing = getattr(torch.fx._symbolic_trace, "is_fx_symbolic_tracing", None) \
-    or torch.fx._symbolic_trace.is_fx_tracing
 
 
 class NotNone:
@@ -128,14 +125,6 @@ def _torch_layer(m: nn.Module) -> bool:
     mod = type(m).__module__
     return (mod.startswith("torch.nn") or mod.startswith("torch.ao.nn")) and not isinstance(
         m, (nn.Sequential, nn.ModuleList, nn.ModuleDict))
-
-
-def plain_traced(module: nn.Module, cls: type, forward) -> bool:
-    """The guard term of a module the flat graph went through: the class and forward that were traced, nothing
-    that would run instead of or around that forward."""
-    d = module.__dict__
-    return (type(module) is cls and cls.forward is forward and "forward" not in d and not hooked(module)
-            and d.get("_compiled_call_impl") is None)
 
 
 def inlined_entry(block: nn.Module, table: GuardTable, original: type, k: int, args: tuple) -> bool:

@@ -20,9 +20,11 @@ What the graph bakes in, the guard checks on every call:
     argument that is not None (an inlined entry may assume nothing else of an argument, and the trace inlines a
     block only where the argument is produced by a torch operation or layer);
   * no global module hooks, and no tracer or compiler running (they see the model's own forward).
-Leaves are called as modules (their own hooks, checks and routes run as usual). A model that does not trace as one
-graph, whose traced code reads a stateful object (a dict, a helper object: its contents could change unseen), or
-whose guard would not hold right after flattening, is left as convert made it.
+Leaves are called as modules (their own hooks, checks and routes run as usual), but for FusedConv2d calls whose
+module already routed that call's signature to oneDNN: those run the oneDNN op directly after one check per forward
+(flat_fused.py), and anything that check or the call's signature does not cover is the module call. A model that
+does not trace as one graph, whose traced code reads a stateful object (a dict, a helper object: its contents could
+change unseen), or whose guard would not hold right after flattening, is left as convert made it.
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from fusedconv.graph.flat_fused import FusedLeaves, fused_call, pure_leaf
 from fusedconv.fused_layers import FusedAffineLayer
 from fusedconv.graph.patterns import (
     MODULE_INTERNALS, PROXY, Guard, UnsupportedSignature, attribute_terms, build_guard, call_patterns, forward_params,
@@ -219,13 +222,15 @@ class FlatCheck:
     """The part of the flat forward's guard that walks the module tree: one generated function that looks every
     module the graph depends on up by its path (each once, in a local) and checks it is the same object, and for
     the ones the trace went through or inlined, what their code assumed. Also holds the leaf modules the graph
-    calls, in the order of `leaves` (their identity is checked here, so the graph calls them without a lookup).
-    Pickles and deep-copies as its source and objects (the copies', under deepcopy), like GuardTable."""
+    calls, in the order of `leaves` (their identity is checked here, so the graph calls them without a lookup), and
+    the per-forward check of their FusedConv2d calls (`fused`, flat_fused.FusedLeaves). Pickles and deep-copies as
+    its source and objects (the copies', under deepcopy), like GuardTable."""
 
-    def __init__(self, src: str, expect: list, leaves: tuple):
+    def __init__(self, src: str, expect: list, leaves: tuple, fused: FusedLeaves | None = None):
         self.src = src
         self.expect = expect
         self.leaves = leaves
+        self.fused = fused  # the FusedConv2d calls' per-forward check (flat_fused.FusedLeaves)
         self._compile()
 
     def _compile(self) -> None:
@@ -249,6 +254,7 @@ class FlatCheck:
         return state
 
     def __setstate__(self, state):
+        state.setdefault("fused", None)
         self.__dict__.update(state)
         self._compile()
 
@@ -256,7 +262,7 @@ class FlatCheck:
         new = object.__new__(FlatCheck)
         memo[id(self)] = new
         new.__setstate__({"src": self.src, "expect": copy.deepcopy(self.expect, memo),
-                          "leaves": copy.deepcopy(self.leaves, memo)})
+                          "leaves": copy.deepcopy(self.leaves, memo), "fused": copy.deepcopy(self.fused, memo)})
         return new
 
 
@@ -268,6 +274,11 @@ def tracing() -> bool:
 def flat_leaves(table: GuardTable, k: int) -> tuple:
     """The leaf modules of the flat graph (their identity checked by the guard that let this call in)."""
     return table.expect[k].leaves
+
+
+def flat_states(table: GuardTable, k: int) -> tuple:
+    """Per leaf, the eager state its FusedConv2d calls may use directly in this forward (flat_fused.FusedLeaves)."""
+    return table.expect[k].fused.states()
 
 
 def call_leaf(leaves: tuple, i: int, *args, **kwargs):
@@ -382,7 +393,7 @@ def _flat_entry(root: nn.Module, params, pattern, notes: list[str], inner: tuple
     check_expect: list = []
     src = _check_source(root, tracer, trace, leaf_paths, check_expect)
     leaves = tuple(root.get_submodule(p) for p in leaf_paths)
-    expect.append(FlatCheck(src, check_expect, leaves))
+    expect.append(FlatCheck(src, check_expect, leaves, _fused_leaves(calls, leaf_paths, leaves)))
     k = len(expect) - 1
     g.check(f"e[{k}](self)", "every module on the way unchanged", describe=False)
     _call_leaves_directly(graph, calls, leaf_paths, k, leaves)
@@ -393,9 +404,22 @@ def _flat_entry(root: nn.Module, params, pattern, notes: list[str], inner: tuple
     return entry, expect
 
 
+def _fused_leaves(calls: list[fx.Node], leaf_paths: list[str], leaves: tuple) -> FusedLeaves:
+    fused = tuple(i for i, m in enumerate(leaves) if type(m) is FusedConv2d)
+    index = {p: i for i, p in enumerate(leaf_paths)}
+    without = {index[str(n.target)] for n in calls if _residual_of(n.args, n.kwargs) is None}
+    return FusedLeaves(leaves, fused, frozenset(fused) - without, all(pure_leaf(m) for m in leaves))
+
+
+def _residual_of(args: tuple, kwargs: dict):
+    """The residual argument of a FusedConv2d call's (x, residual, ...) arguments, None when not given."""
+    return args[1] if len(args) > 1 else kwargs.get("residual")
+
+
 def _call_leaves_directly(graph: fx.Graph, calls: list[fx.Node], leaf_paths: list[str], k: int,
                           root_leaves: tuple) -> None:
-    """Each `call_module` node becomes a call of the module object the guard checked (no attribute walk)."""
+    """Each `call_module` node becomes a call of the module object the guard checked (no attribute walk); a
+    FusedConv2d call becomes `flat_fused.fused_call` with the module's state from the per-forward check."""
     if not calls:
         return
     anchor = [n for n in graph.nodes if n.op == "placeholder"]
@@ -403,43 +427,67 @@ def _call_leaves_directly(graph: fx.Graph, calls: list[fx.Node], leaf_paths: lis
         table = graph.get_attr(_GUARDS)
     with graph.inserting_after(table):
         leaves = graph.call_function(flat_leaves, (table, k))
+    states = None
+    if any(type(m) is FusedConv2d for m in root_leaves):
+        with graph.inserting_after(leaves):
+            states = graph.call_function(flat_states, (table, k))
     index = {p: i for i, p in enumerate(leaf_paths)}
-    fused = {}  # call_leaf node -> leaf index, for FusedConv2d leaves
+    fused = {}  # call node -> leaf index, for FusedConv2d leaves
     for node in calls:
         i = index[str(node.target)]
         with graph.inserting_before(node):
-            new = graph.call_function(call_leaf, (leaves, i, *node.args), dict(node.kwargs))
+            if type(root_leaves[i]) is FusedConv2d and _plain_fused_call(node):
+                state = graph.call_function(operator.getitem, (states, i))
+                leaf = graph.call_function(operator.getitem, (leaves, i))
+                new = graph.call_function(fused_call, (state, leaf, *node.args), dict(node.kwargs))
+            else:
+                new = graph.call_function(call_leaf, (leaves, i, *node.args), dict(node.kwargs))
         node.replace_all_uses_with(new)
         graph.erase_node(node)
         if type(root_leaves[i]) is FusedConv2d:
             fused[new] = i
-    _mark_private_residuals(graph, leaves, fused)
+    _mark_private_residuals(graph, leaves, states, fused)
 
 
-def _mark_private_residuals(graph: fx.Graph, leaves: fx.Node, fused: dict) -> None:
+def _plain_fused_call(node: fx.Node) -> bool:
+    """A FusedConv2d call with the arguments flat_fused.fused_call takes after the state and the module (x[, residual[,
+    residual_private]])."""
+    return 1 <= len(node.args) <= 3 and set(node.kwargs) <= {"residual", "residual_private"} and \
+        not (len(node.args) >= 2 and "residual" in node.kwargs)
+
+
+def _mark_private_residuals(graph: fx.Graph, leaves: fx.Node, states: fx.Node | None, fused: dict) -> None:
     """Let a fused call write its output into its residual where no one else can read that tensor afterwards
     (what private_residual.py proves inside one block, here across the whole graph). The graph half: the residual
     is the fresh output of another FusedConv2d call, read only by FusedConv2d calls, the last of them this one,
     and not returned. The per-call half (`flat_private`): none of those modules has a hook that could keep it."""
     order = {n: k for k, n in enumerate(graph.nodes)}
+
+    def call_args(node):  # (x, residual) of a FusedConv2d call node, whichever caller it uses
+        args = node.args[2:]
+        return (args[0] if args else None), _residual_of(args, node.kwargs)
+
     for call, c in fused.items():
-        args, kwargs = call.args, dict(call.kwargs)
-        residual = args[3] if len(args) > 3 else kwargs.get("residual")
-        x = args[2] if len(args) > 2 else None
+        x, residual = call_args(call)
         if not isinstance(residual, fx.Node) or residual is x or residual not in fused:
             continue
         readers = [u for u in residual.users if u is not call]
-        if any(u not in fused or order[u] > order[call] or residual in u.kwargs.values() or
-               (len(u.args) > 3 and u.args[3] is residual) for u in readers):
+        if any(u not in fused or order[u] > order[call] or call_args(u)[1] is residual for u in readers):
             continue  # read by something else, after this call, or as another call's residual
         with graph.inserting_before(call):
-            flag = graph.call_function(flat_private, (leaves, fused[residual], c, *(fused[u] for u in readers)))
+            flag = graph.call_function(flat_private, (states, leaves, fused[residual], c,
+                                                      *(fused[u] for u in readers)))
+        kwargs = dict(call.kwargs)
         kwargs["residual_private"] = flag
         call.kwargs = kwargs
 
 
-def flat_private(leaves: tuple, producer: int, fused: int, *readers: int) -> bool:
-    """The per-call half of a residual written in place by the flat graph (see `_mark_private_residuals`)."""
+def flat_private(states: tuple, leaves: tuple, producer: int, fused: int, *readers: int) -> bool:
+    """The per-call half of a residual written in place by the flat graph (see `_mark_private_residuals`). A
+    module with a state from this forward's check (flat_fused.FusedLeaves) had no hook when the forward began, and
+    in a pure forward none can be added until it ends."""
+    if states[producer] is not None and states[fused] is not None and all(states[r] is not None for r in readers):
+        return True
     return not (global_hooks() or hooked(leaves[producer]) or hooked(leaves[fused])
                 or any(hooked(leaves[r]) for r in readers))
 

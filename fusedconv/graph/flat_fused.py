@@ -1,0 +1,146 @@
+"""FusedConv2d calls from the whole-model flat forward (fusedconv/graph/flat.py): what they depend on checked once
+per forward, then each call one oneDNN op, without the module machinery.
+
+A FusedConv2d call goes `nn.Module.__call__` → `FusedConv2d.forward` → `cpu.eager_forward`, whose per-call checks
+(hooks, the module's tensors, their version counters and data pointers, the input's signature) touch a dozen Python
+and C++ objects of that module. Between two convolutions of a whole model those are out of cache, and in a
+mobilenet_v2 forward (52 such calls) the calls through the modules cost ~8 % of the forward at two threads against
+the same checks run back to back once per forward (`python -m bench.cpu_flat_ab`, variant `fusedconv_module_calls`).
+So the flat graph splits them:
+
+* once per forward, `FusedLeaves.states()` (the graph's first call after the guard) checks what a direct call
+  depends on. For the whole forward: it is *pure* (every leaf is a FusedConv2d, a fused affine layer or a torch.nn
+  layer of the class it was when the graph was built, none has hooks, there are no global hooks: no user code runs
+  during the forward that could change a module; the flat guard has already checked that no tracer or compiler
+  runs), no gradient mode, the fast path on (`cpu.enabled`), FusedConv2d's op routing and its class-level forward /
+  call not patched. Per module: exactly a FusedConv2d, no instance-level forward, not compiled in place, no
+  pre-pad, oneDNN accepted it, weight / scale / shift are the tensors it folded and packed, with the same version
+  counters and data pointers. It returns the modules' eager states (`cpu.EagerState`), None for a module that
+  failed a check (all None when the forward is not pure);
+* per call, `fused_call` checks what only the call knows: a plain CPU tensor whose signature (shape, strides,
+  dtype; the residual's too) the module has validated and routed to oneDNN before (`EagerState.routes`), and
+  runs that route's oneDNN op. Anything else — no state, a new signature, oneDNN raising — is the module call
+  (`module(x, residual, residual_private)`), which validates, routes and records as usual.
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from fusedconv import cpu, ops
+from fusedconv.fused_layers import FusedAffineLayer
+from fusedconv.graph.private_residual import global_hooks
+from fusedconv.modules import FusedConv2d
+
+_Tensor = torch.Tensor
+_grad_enabled = torch.is_grad_enabled
+_USE_KERNEL = ops.use_kernel
+_ONEDNN = cpu.ONEDNN
+# The class-level methods a module call runs: patched (instrumentation, a test), every call goes through them.
+_FORWARD, _CALL, _CALL_IMPL = FusedConv2d.forward, FusedConv2d.__call__, FusedConv2d._call_impl
+
+
+def pure_leaf(m) -> bool:
+    """A leaf whose call runs no user code: a fused layer or a torch.nn layer, of a class importable by its name
+    (not a guarded subclass convert made; hooks are checked per forward)."""
+    cls = type(m)
+    if cls is FusedConv2d:
+        return True
+    mod = cls.__module__
+    if not (isinstance(m, FusedAffineLayer) and mod.startswith("fusedconv.")) and not (
+            mod.startswith("torch.nn.") or mod.startswith("torch.ao.nn.")):
+        return False
+    return getattr(sys.modules.get(mod), cls.__qualname__, None) is cls
+
+
+class FusedLeaves:
+    """The leaves of one flat graph, seen from its FusedConv2d calls: which leaves are FusedConv2d (`fused`, leaf
+    indices), which of those the graph calls only with a residual (`with_residual`), and whether every leaf is a
+    pure one (`pure`, decided when the graph is built; `states()` checks that every leaf still has its class).
+    `states()` is generated straight-line code over the leaves (closure cells, no loop): it runs on every forward.
+    Pickles and deep-copies as its fields (the function is rebuilt)."""
+
+    def __init__(self, leaves: tuple, fused: tuple, with_residual: frozenset, pure: bool):
+        self.leaves = leaves
+        # The classes `states()` checks, kept only for a pure graph (importable classes: they pickle by name).
+        self.types = tuple(type(m) for m in leaves) if pure else None
+        self.fused = fused
+        self.with_residual = with_residual
+        self.pure = pure
+        self._compile()
+
+    def _compile(self) -> None:
+        n = len(self.leaves)
+        none = (None,) * n
+        if not self.pure or not self.fused:
+            self.states = lambda: none
+            return
+        hooks = "d{i}.get('_forward_pre_hooks') or d{i}.get('_forward_hooks') or " \
+                "d{i}.get('_backward_pre_hooks') or d{i}.get('_backward_hooks')"
+        lines = ["def states():",
+                 "    if (grad_enabled() or not cpu.enabled or ops.use_kernel is not USE_KERNEL or global_hooks()",
+                 "            or FusedConv2d.forward is not FORWARD or FusedConv2d.__call__ is not CALL",
+                 "            or FusedConv2d._call_impl is not CALL_IMPL):",
+                 "        return NONE"]
+        lines += [f"    d{i} = l{i}.__dict__" for i in range(n)]
+        lines += ["    if " + " or ".join("(" + hooks.format(i=i) + ")" for i in range(n)) + ":", "        return NONE"]
+        fused = set(self.fused)
+        # A leaf that is not a FusedConv2d must still be of the (pure) class it had when the graph was built.
+        others = [i for i in range(n) if i not in fused]
+        if others:
+            lines += ["    if " + " or ".join(f"type(l{i}) is not t{i}" for i in others) + ":", "        return NONE"]
+        for i in self.fused:
+            required = "" if i in self.with_residual else f" and not d{i}.get('residual_required')"
+            lines += [
+                f"    s = d{i}.get('_cpu_state')",
+                f"    s{i} = None",
+                f"    if (s is not None and s.onednn_ok and type(l{i}) is FusedConv2d and 'forward' not in d{i}"
+                f" and d{i}.get('_compiled_call_impl') is None and d{i}.get('pre_pad') is None{required}):",
+                f"        w = d{i}['_parameters'].get('weight')",
+                f"        b = d{i}['_buffers']",
+                "        c = b.get('scale')",
+                "        h = b.get('shift')",
+                "        if (w is s.weight_src and c is s.scale_src and h is s.shift_src and s.snapshot == "
+                "(w._version, c._version, h._version, w.data_ptr(), c.data_ptr(), h.data_ptr())):",
+                f"            s{i} = s",
+            ]
+        lines.append("    return (" + "".join(f"s{i}, " if i in fused else "None, " for i in range(n)) + ")")
+        names = ", ".join(f"l{i}" for i in range(n))
+        types = ", ".join(f"t{i}" for i in range(n))
+        src = "def make(leaves, types):\n" + f"    {names}, = leaves\n" + f"    {types}, = types\n" + \
+            "".join(f"    {line}\n" for line in lines) + "    return states\n"
+        namespace = {"grad_enabled": _grad_enabled, "cpu": cpu, "ops": ops, "USE_KERNEL": _USE_KERNEL,
+                     "global_hooks": global_hooks, "NONE": none, "FusedConv2d": FusedConv2d,
+                     "FORWARD": _FORWARD, "CALL": _CALL, "CALL_IMPL": _CALL_IMPL}
+        exec(compile(src, "<fusedconv flat states>", "exec"), namespace)  # noqa: S102 - generated here
+        self.states = namespace["make"](self.leaves, self.types)
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        del state["states"]
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._compile()
+
+
+def fused_call(state, module, x, residual=None, residual_private: bool = False):
+    """`module(x, residual, residual_private)`, as one oneDNN op when `state` (from FusedLeaves.states) is given
+    and the call's signature was routed to oneDNN before (module doc)."""
+    if state is not None and type(x) is _Tensor and x.is_cpu:
+        try:
+            if residual is None:
+                # The key eager_forward routes by (`cpu._route`), with no gradient needed (checked per forward).
+                if state.routes.get((x.shape, x.stride(), x.dtype, False)) is _ONEDNN:
+                    return cpu._pointwise(x, state.packed, state.bias, *state.unary_tail)
+            elif type(residual) is _Tensor and state.routes.get(
+                    (x.shape, x.stride(), x.dtype, False, residual.shape, residual.stride(), residual.dtype,
+                     residual.device)) is _ONEDNN:
+                if residual_private and state.inplace_tail is not None and cpu._writable(x, residual):
+                    return cpu._pointwise_binary_inplace(residual, x, state.packed, state.bias, *state.inplace_tail)
+                return cpu.conv_act(x, state.packed, state.bias, state.onednn_args, residual)
+        except RuntimeError:
+            pass  # oneDNN refused: the module call below handles it (and takes F.conv2d from then on)
+    return module(x, residual, residual_private)

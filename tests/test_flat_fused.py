@@ -1,0 +1,338 @@
+"""FusedConv2d calls of the flat forward without the module machinery (fusedconv/graph/flat_fused.py).
+
+The direct path runs only for float32 channels_last input on CPU (oneDNN), so a converted float32 model is compared
+with itself with the direct path switched off (every fused call then goes through `FusedConv2d.__call__`, the path
+the rest of the suite checks against PyTorch): the two must agree exactly, before and after every change a user can
+make, and loosely with the unconverted model in float64 (a skipped or wrong conv shows as O(1)). Whether a call took
+the direct path is counted by the calls of `cpu.eager_forward`, which only the module path makes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from util import max_rel_error, randomize_bn  # noqa: E402
+
+import fusedconv  # noqa: E402
+from fusedconv import cpu, ops  # noqa: E402
+from fusedconv.graph import flat_fused  # noqa: E402
+from fusedconv.graph.flat import FlatCheck  # noqa: E402
+from fusedconv.graph.specialize import guard_table  # noqa: E402
+from fusedconv.modules import FusedConv2d  # noqa: E402
+
+torchvision = pytest.importorskip("torchvision")
+pytestmark = pytest.mark.skipif(not cpu.available(), reason="this PyTorch build has no oneDNN pointwise convs")
+
+SIZE = (1, 3, 64, 64)  # the last layers at 2x2: at 1x1 a tensor is both layouts and takes F.conv2d
+N_FUSED = 52  # FusedConv2d calls in one converted mobilenet_v2 forward
+
+
+def _x(*shape, seed=0, dtype=torch.float32):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def _fused_leaves(model) -> flat_fused.FusedLeaves:
+    table = guard_table(model)
+    assert table is not None and "whole-model" in table.entries[0].described[0]
+    return next(e for e in table.expect if isinstance(e, FlatCheck)).fused
+
+
+@contextlib.contextmanager
+def _direct_off(model):
+    """Every fused call of this model's flat graph through the module (the reference path)."""
+    leaves = _fused_leaves(model)
+    none = (None,) * len(leaves.leaves)
+    leaves.states = lambda: none
+    try:
+        yield
+    finally:
+        leaves._compile()
+
+
+@pytest.fixture
+def module_calls(monkeypatch):
+    """Counts FusedConv2d calls that went through the module (FusedConv2d.forward → cpu.eager_forward)."""
+    count = [0]
+    real = cpu.eager_forward
+
+    def counting(*args, **kwargs):
+        count[0] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cpu, "eager_forward", counting)
+    return count
+
+
+@pytest.fixture
+def mobilenet():
+    model = randomize_bn(torchvision.models.mobilenet_v2(weights=None)).eval()
+    converted = fusedconv.convert(model, reparameterize=False)
+    with torch.no_grad():
+        converted(_x(*SIZE))  # routes and packs every layer once
+    return model, converted
+
+
+def _reference(converted, x):
+    with torch.no_grad(), _direct_off(converted):
+        return converted(x)
+
+
+def _run(converted, x):
+    with torch.no_grad():
+        return converted(x)
+
+
+def test_direct_path_taken_and_exact(mobilenet, module_calls):
+    model, converted = mobilenet
+    x = _x(*SIZE, seed=1)
+    with torch.no_grad():
+        assert sum(s is not None for s in _fused_leaves(converted).states()) == N_FUSED
+    y = _run(converted, x)
+    assert module_calls[0] == 0
+    assert guard_table(converted).fallback_calls == 0
+    assert torch.equal(y, _reference(converted, x))
+    assert module_calls[0] == N_FUSED  # the reference did go through the modules
+    with torch.no_grad():
+        assert max_rel_error(y.double(), copy.deepcopy(model).double()(x.double())) < 1e-3
+
+
+def _edit_weight_inplace(m):
+    m.weight.mul_(1.5)
+
+
+def _edit_scale_inplace(m):
+    m.scale.mul_(-2.0)
+
+
+def _edit_shift_inplace(m):
+    m.shift.add_(0.25)
+
+
+def _edit_weight_data(m):
+    m.weight.data = m.weight.data * 0.5
+
+
+def _edit_scale_data(m):
+    m.scale.data = m.scale.data + 1.0
+
+
+def _edit_shift_data(m):
+    m.shift.data = m.shift.data - 1.0
+
+
+def _edit_weight_reassigned(m):
+    m.weight = nn.Parameter(m.weight.detach() * 2.0)
+
+
+def _edit_load_state_dict(m):
+    sd = {k: v * 0.75 if k == "weight" else v for k, v in m.state_dict().items()}
+    m.load_state_dict(sd)
+
+
+EDITS = [_edit_weight_inplace, _edit_scale_inplace, _edit_shift_inplace, _edit_weight_data, _edit_scale_data,
+         _edit_shift_data, _edit_weight_reassigned, _edit_load_state_dict]
+
+
+@pytest.mark.parametrize("edit", EDITS, ids=[e.__name__[len("_edit_"):] for e in EDITS])
+@pytest.mark.parametrize("which", [0, 20, 51], ids=["stem", "middle", "last"])
+def test_edit_after_forward_is_seen(mobilenet, module_calls, edit, which):
+    _, converted = mobilenet
+    x = _x(*SIZE, seed=2)
+    before = _run(converted, x)
+    leaf = [m for m in _fused_leaves(converted).leaves if type(m) is FusedConv2d][which]
+    with torch.no_grad():
+        edit(leaf)
+    module_calls[0] = 0
+    after = _run(converted, x)
+    assert module_calls[0] == 1  # the edited layer went through its module (and refolded); the others did not
+    assert not torch.equal(after, before)
+    assert torch.equal(after, _reference(converted, x))
+    module_calls[0] = 0
+    assert torch.equal(_run(converted, x), after) and module_calls[0] == 0  # direct again, with the new fold
+
+
+@pytest.mark.parametrize("which", [0, 10, 51], ids=["stem", "in_a_block", "last"])
+def test_hook_on_a_fused_leaf_runs(mobilenet, module_calls, which):
+    _, converted = mobilenet
+    x = _x(*SIZE, seed=3)
+    before = _run(converted, x)
+    leaf = [m for m in _fused_leaves(converted).leaves if type(m) is FusedConv2d][which]
+    seen = []
+    handle = leaf.register_forward_hook(lambda m, args, out: seen.append(1) or out * 2.0)
+    try:
+        module_calls[0] = 0
+        hooked = _run(converted, x)
+        assert seen == [1] and module_calls[0] == N_FUSED  # a hook anywhere: every fused call is a module call
+        assert not torch.equal(hooked, before)
+        assert torch.equal(hooked, _reference(converted, x))
+    finally:
+        handle.remove()
+    module_calls[0] = 0
+    assert torch.equal(_run(converted, x), before) and module_calls[0] == 0
+
+
+def test_instance_forward_patched_on_a_leaf(mobilenet, module_calls):
+    _, converted = mobilenet
+    x = _x(*SIZE, seed=4)
+    before = _run(converted, x)
+    leaf = [m for m in _fused_leaves(converted).leaves if type(m) is FusedConv2d][0]
+    real = leaf.forward
+    leaf.forward = lambda *a, **k: real(*a, **k) + 1.0
+    module_calls[0] = 0
+    patched = _run(converted, x)
+    assert not torch.equal(patched, before)
+    assert torch.equal(patched, _reference(converted, x))
+    del leaf.forward
+    assert torch.equal(_run(converted, x), before)
+
+
+def test_class_forward_patched(mobilenet, module_calls, monkeypatch):
+    _, converted = mobilenet
+    x = _x(*SIZE, seed=5)
+    before = _run(converted, x)
+    real = FusedConv2d.forward
+    monkeypatch.setattr(FusedConv2d, "forward", lambda self, *a, **k: real(self, *a, **k) * 0.5)
+    module_calls[0] = 0
+    patched = _run(converted, x)
+    assert module_calls[0] == N_FUSED
+    assert not torch.equal(patched, before)
+
+
+@pytest.mark.parametrize("switch", ["cpu_disabled", "use_kernel_patched"])
+def test_switches_send_calls_to_the_module(mobilenet, module_calls, monkeypatch, switch):
+    _, converted = mobilenet
+    x = _x(*SIZE, seed=6)
+    direct = _run(converted, x)
+    if switch == "cpu_disabled":
+        monkeypatch.setattr(cpu, "enabled", False)
+    else:
+        monkeypatch.setattr(ops, "use_kernel", lambda x, w: False)
+    module_calls[0] = 0
+    y = _run(converted, x)
+    assert module_calls[0] == N_FUSED
+    assert max_rel_error(y, direct) < 1e-4
+
+
+def test_grad_mode_takes_the_module_path(mobilenet, module_calls):
+    model, converted = mobilenet
+    x = _x(*SIZE, seed=7)
+    module_calls[0] = 0
+    y = converted(x)  # no torch.no_grad(): the parameters require grad
+    assert module_calls[0] == N_FUSED
+    assert y.requires_grad
+    y.sum().backward()
+    assert max_rel_error(y.detach(), _run(converted, x)) < 1e-4
+
+
+def test_new_input_size_then_direct(mobilenet, module_calls):
+    _, converted = mobilenet
+    x = _x(1, 3, 72, 80, seed=8)
+    module_calls[0] = 0
+    y = _run(converted, x)
+    assert module_calls[0] > 0  # the new signatures are validated and routed by the modules
+    assert torch.equal(y, _reference(converted, x))
+    module_calls[0] = 0
+    assert torch.equal(_run(converted, x), y) and module_calls[0] == 0
+    module_calls[0] = 0
+    _run(converted, _x(*SIZE))  # the first size is still routed
+    assert module_calls[0] == 0
+
+
+def test_float64_input_goes_through_the_modules(mobilenet, module_calls):
+    model, converted = mobilenet
+    x = _x(*SIZE, seed=9, dtype=torch.float64)
+    reference = copy.deepcopy(converted).double()
+    module_calls[0] = 0
+    with torch.no_grad():
+        y = reference(x)
+        # Folded in float32 by convert, then cast: float32's rounding of scale / shift, not a mistake's O(1).
+        assert max_rel_error(y, copy.deepcopy(model).double()(x)) < 1e-6
+    assert module_calls[0] >= N_FUSED
+
+
+def test_copies_are_direct_and_independent(mobilenet, module_calls):
+    _, converted = mobilenet
+    x = _x(*SIZE, seed=10)
+    y = _run(converted, x)
+    buffer = io.BytesIO()
+    torch.save(converted, buffer)
+    buffer.seek(0)
+    for twin in (copy.deepcopy(converted), torch.load(buffer, weights_only=False)):
+        assert torch.equal(_run(twin, x), y)  # first call: the copy's modules route and pack
+        module_calls[0] = 0
+        assert torch.equal(_run(twin, x), y) and module_calls[0] == 0
+        leaf = [m for m in _fused_leaves(twin).leaves if type(m) is FusedConv2d][3]
+        with torch.no_grad():
+            leaf.weight.mul_(3.0)
+        assert not torch.equal(_run(twin, x), y)
+        assert torch.equal(_run(converted, x), y)
+
+
+def _routed_conv(residual_shape):
+    torch.manual_seed(0)
+    m = FusedConv2d(torch.randn(8, 4, 3, 3), torch.rand(8) + 0.5, torch.randn(8), padding=1, activation="relu")
+    x = torch.randn(1, 4, 6, 6).contiguous(memory_format=torch.channels_last)
+    r = torch.randn(*residual_shape).contiguous(memory_format=torch.channels_last)
+    return m, x, r
+
+
+def test_fused_call_unrouted_residual_goes_to_the_module():
+    m, x, r = _routed_conv((1, 8, 6, 6))
+    with torch.no_grad():
+        expected = m(x, r)
+        state = m._cpu_state
+        assert torch.equal(flat_fused.fused_call(state, m, x, r), expected)
+        # A residual oneDNN would broadcast: the module's check, not a silent broadcast.
+        with pytest.raises(ValueError, match="residual"):
+            flat_fused.fused_call(state, m, x, torch.randn(1, 8, 1, 1).contiguous(memory_format=torch.channels_last))
+
+
+def test_fused_call_nchw_input_keeps_the_module_route():
+    m, x, _ = _routed_conv((1, 8, 6, 6))
+    with torch.no_grad():
+        m(x)
+        y = flat_fused.fused_call(m._cpu_state, m, x.contiguous())
+    assert y.is_contiguous() and not y.is_contiguous(memory_format=torch.channels_last)
+    assert max_rel_error(y, m(x.contiguous())) == 0
+
+
+def test_impure_graph_has_no_direct_calls():
+    class Custom(nn.Module):
+        def forward(self, x):
+            return x * 2
+
+    m = FusedConv2d(torch.randn(4, 4, 1, 1), torch.ones(4), torch.zeros(4))
+    leaves = flat_fused.FusedLeaves((m, Custom()), (0,), frozenset(), flat_fused.pure_leaf(Custom()))
+    with torch.no_grad():
+        m(torch.randn(1, 4, 2, 2).contiguous(memory_format=torch.channels_last))
+        assert leaves.states() == (None, None)
+        relu = nn.ReLU()
+        pure = flat_fused.FusedLeaves((m, relu), (0,), frozenset(), True)
+        assert pure.states() == (m._cpu_state, None)
+        relu.__class__ = type("ReLUWithUserCode", (nn.ReLU,), {"forward": lambda self, x: x * 2})
+        assert pure.states() == (None, None)  # a leaf no longer of its pure class: no direct call anywhere
+
+
+def test_leaves_of_unimportable_classes_are_not_pure_and_pickle():
+    # A guarded subclass convert makes carries its original's name but is not that class: not pure, and the
+    # FusedLeaves holding it must still pickle (it keeps no class objects for a graph that is not pure).
+    Local = type("ReLU", (nn.ReLU,), {"__module__": "torch.nn.modules.activation"})
+    m = FusedConv2d(torch.randn(4, 4, 1, 1), torch.ones(4), torch.zeros(4))
+    assert not flat_fused.pure_leaf(Local()) and flat_fused.pure_leaf(nn.ReLU()) and flat_fused.pure_leaf(m)
+    leaves = flat_fused.FusedLeaves((m, nn.ReLU()), (0,), frozenset(), False)
+    copied = copy.deepcopy(leaves)
+    assert copied.states() == (None, None) and copied.leaves[0] is not m
+    buffer = io.BytesIO()
+    torch.save(leaves, buffer)
+    buffer.seek(0)
+    assert torch.load(buffer, weights_only=False).states() == (None, None)

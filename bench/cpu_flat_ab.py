@@ -4,9 +4,12 @@ One process, batch 1, 224x224 float32, the given thread count; interleaved round
 median per forward in ms. Variants:
 - fusedconv: `convert(model)` called as a user does (NCHW input: layout boundary hooks, the flat graph's guard);
 - flat_graph_direct: the same model's flat graph called directly on a channels_last input (no hooks, no guard);
+- fusedconv_module_calls: the same flat forward with every FusedConv2d call made through its module (the
+  direct calls of fusedconv/graph/flat_fused.py off: `FusedLeaves.states` answering None for every leaf);
 - fusedconv_blocks: `convert(model, flatten=False)` (the per-block forward);
 - boundary_copy: the input's NCHW -> channels_last copy alone;
-- flat_guard: the flat forward's guard alone (`GuardTable.select`).
+- flat_guard: the flat forward's guard alone (`GuardTable.select`);
+- leaf_states: the direct calls' per-forward check alone (`FusedLeaves.states`).
 `python -m bench.cpu_flat_ab [spec] [threads] [rounds]`, e.g. `python -m bench.cpu_flat_ab torchvision:mobilenet_v2 2 40`.
 """
 
@@ -21,6 +24,7 @@ import torch
 
 def main(spec: str = "torchvision:mobilenet_v2", threads: int = 2, rounds: int = 40) -> dict[str, list[float]]:
     import fusedconv
+    from fusedconv.graph.flat import FlatCheck
     from fusedconv.graph.specialize import guard_table
     from fusedconv.model_specs import build_model, randomize_batchnorm
 
@@ -35,12 +39,24 @@ def main(spec: str = "torchvision:mobilenet_v2", threads: int = 2, rounds: int =
     x = torch.randn(1, 3, 224, 224)
     x_cl = x.contiguous(memory_format=torch.channels_last)
     graph = table.entries[0].fn
+    leaves = next(e for e in table.expect if isinstance(e, FlatCheck)).fused
+    states, none = leaves.states, (None,) * len(leaves.leaves)
+
+    def module_calls():
+        leaves.states = lambda: none
+        try:
+            return flat(x)
+        finally:
+            leaves.states = states
+
     variants = {
         "fusedconv": lambda: flat(x),
         "flat_graph_direct": lambda: graph(flat, x_cl),
+        "fusedconv_module_calls": module_calls,
         "fusedconv_blocks": lambda: blocks(x),
         "boundary_copy": lambda: x.contiguous(memory_format=torch.channels_last),
         "flat_guard": lambda: table.select(flat, x),
+        "leaf_states": states,
     }
     times: dict[str, list[float]] = {k: [] for k in variants}
     with torch.no_grad():
@@ -54,7 +70,8 @@ def main(spec: str = "torchvision:mobilenet_v2", threads: int = 2, rounds: int =
                 times[name].append((time.perf_counter() - t0) / 5 * 1e3)
     print(f"{spec}, {threads} thread(s), {rounds} rounds x 5 calls, wall clock, ms per call")
     for name, ts in times.items():
-        print(f"{name:20s} min {min(ts):8.3f}  median {statistics.median(ts):8.3f}")
+        q = sorted(ts)
+        print(f"{name:24s} min {q[0]:8.3f}  p25 {q[len(q) // 4]:8.3f}  median {statistics.median(ts):8.3f}")
     return times
 
 

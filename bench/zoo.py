@@ -333,10 +333,51 @@ def _float32_checks(model: nn.Module, x: torch.Tensor, x_other: torch.Tensor, re
         return
     res["err32"] = _checked(lambda: rel_error(fused32(x32), ref), res, "float32 forward")
     res["batch1_err32"] = _checked(lambda: rel_error(fused32(x32_other), ref_other), res, "batch 1 float32")
-    for what in ("err32", "batch1_err32"):
-        if res[what] is not None and res[what] > tol:
+    # A third call at the first size: signatures routed, so a flat forward's fused calls may go direct
+    # (fusedconv/graph/flat_fused.py); its result must match too.
+    direct = _checked(lambda: _direct_calls(fused32, x32), res, "float32 repeated forward")
+    if direct is not None:
+        y, res["direct32"], res["module_calls32"] = direct
+        res["repeat_err32"] = _checked(lambda: rel_error(y, ref), res, "float32 repeated forward")
+    for what in ("err32", "batch1_err32", "repeat_err32"):
+        if res.get(what) is not None and res[what] > tol:
             res["findings"].append(f"{what}: float32 mismatch {res[what]:.3e} > {tol:g}")
-    res["match32"] = all(res[w] is not None and res[w] <= tol for w in ("err32", "batch1_err32"))
+    res["match32"] = all(res.get(w) is not None and res[w] <= tol for w in ("err32", "batch1_err32", "repeat_err32"))
+
+
+def _direct_calls(model: nn.Module, x: torch.Tensor) -> tuple:
+    """model(x), with the number of oneDNN convolutions run outside a FusedConv2d module call (the flat forward's
+    direct calls) and the number of FusedConv2d module calls on the CPU path."""
+    from fusedconv import cpu
+    counts = {"direct": 0, "module": 0, "depth": 0}
+    saved = {name: getattr(cpu, name) for name in ("eager_forward", "_pointwise", "_pointwise_binary",
+                                                    "_pointwise_binary_inplace")}
+
+    def module_call(*args, **kwargs):
+        counts["module"] += 1
+        counts["depth"] += 1
+        try:
+            return saved["eager_forward"](*args, **kwargs)
+        finally:
+            counts["depth"] -= 1
+
+    def op(name):
+        def call(*args, **kwargs):
+            if not counts["depth"]:
+                counts["direct"] += 1
+            return saved[name](*args, **kwargs)
+        return call
+
+    cpu.eager_forward = module_call
+    for name in ("_pointwise", "_pointwise_binary", "_pointwise_binary_inplace"):
+        if saved[name] is not None:
+            setattr(cpu, name, op(name))
+    try:
+        y = model(x)
+    finally:
+        for name, fn in saved.items():
+            setattr(cpu, name, fn)
+    return y, counts["direct"], counts["module"]
 
 
 def run_one(entry: ZooModel, size: int, batch: int, timeout: int) -> dict:

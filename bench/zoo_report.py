@@ -55,6 +55,11 @@ def render_markdown(results: list[dict], meta: dict) -> str:
              f" of {len(conv)} converted models; the others, by reason: "
              + (", ".join(f"{n} x {why}" for why, n in Counter(
                  _flat_reason(r) for r in conv if not r.get("flat")).most_common()) or "none"),
+             f"- float32 direct calls (fusedconv/graph/flat_fused.py), on a third float32 call at the first size: "
+             f"{sum(r.get('direct32') or 0 for r in conv)} oneDNN convolutions run directly and "
+             f"{sum(r.get('module_calls32') or 0 for r in conv)} FusedConv2d module calls, over "
+             f"{sum(bool(r.get('direct32')) for r in conv)} models with direct calls (module calls left: layers "
+             "routed to F.conv2d, such as 1x1 feature maps, and models without a flat forward)",
              f"- models with findings: {sum(bool(r['findings']) for r in results)}",
              "- fused layers kept beside their original conv + BN under a new name (both in the state_dict): "
              + (", ".join(f"{r['model']} {len(r['fused_copies'])}" for r in conv if r.get("fused_copies"))

@@ -16,7 +16,8 @@ pytest.importorskip("torchvision")
 def test_every_variant_timed():
     from bench import cpu_flat_ab
     times = cpu_flat_ab.main("torchvision:resnet18", threads=1, rounds=1)
-    assert set(times) == {"fusedconv", "flat_graph_direct", "fusedconv_blocks", "boundary_copy", "flat_guard"}
+    assert set(times) == {"fusedconv", "flat_graph_direct", "fusedconv_module_calls", "fusedconv_blocks", "boundary_copy",
+                          "flat_guard", "leaf_states"}
     assert all(len(v) == 1 and v[0] > 0 for v in times.values())
 
 

@@ -27,6 +27,7 @@ def test_small_resnet_is_exact_and_fully_fused():
     assert res["findings"] == []
     assert res["exact64"] and res["err64"] <= zoo.EXACT_FLOAT64
     assert res["batch1_err64"] <= zoo.EXACT_FLOAT64 and res["match32"]
+    assert res["direct32"] > 0 and res["repeat_err32"] <= res["tol32"]  # the flat forward's direct calls ran
     # every conv of this resnet is followed by a BatchNorm: all fused, none left, no BN left
     assert res["convs"] == _conv_count("timm:test_resnet") > 0
     assert res["fused_conv"] == res["convs"] and res["convs_left"] == 0 and res["bns_left"] == 0
@@ -98,3 +99,20 @@ def test_a_converted_model_that_raises_is_a_finding_not_a_crash(monkeypatch):
     res = zoo.run_one(ZooModel("home:functional_bn"), size=SIZE, batch=2, timeout=60)
     assert res["convert"] and res.get("err64") is None and not res["exact64"]
     assert any("float64 forward raised RuntimeError: fused layer broken" in f for f in res["findings"])
+
+
+def test_a_wrong_direct_call_is_reported(monkeypatch):
+    """The float32 calls go through the flat forward's direct calls (fusedconv/graph/flat_fused.py; the first call's
+    layout check has routed every layer): a direct call that is slightly off shows there, not in float64."""
+    from fusedconv.graph import flat_fused
+    from fusedconv.graph import flat
+
+    def off_when_direct(state, module, x, residual=None, residual_private=False):
+        y = flat_fused.fused_call(state, module, x, residual, residual_private)
+        return y + 1e-2 if state is not None else y
+
+    monkeypatch.setattr(flat, "fused_call", off_when_direct)
+    res = zoo.run_model(ZooModel("timm:test_resnet"), size=SIZE, batch=2)
+    assert res["exact64"] and res["direct32"] > 0
+    assert res["repeat_err32"] > res["tol32"] and not res["match32"]
+    assert any(f.startswith("repeat_err32: float32 mismatch") for f in res["findings"])

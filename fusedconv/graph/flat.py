@@ -45,7 +45,7 @@ from fusedconv.graph.patterns import (
 )
 from fusedconv.graph import private_residual
 from fusedconv.graph.owned_input import _compiler, _fx_tracing, _jit_tracing_state
-from fusedconv.graph.private_residual import global_hooks, hooked
+from fusedconv.graph.private_residual import global_hooks, hooked, hooked_source
 from fusedconv.graph.specialize import _CLASSES, _GUARDS, _MISSING, GuardTable, Specialization, install
 from fusedconv.graph.tracing import ScopeTracer, trace_scope
 from fusedconv.modules import FusedConv2d
@@ -311,8 +311,7 @@ def _check_source(root: nn.Module, tracer: FlatTracer, trace, leaf_paths: list[s
             expect += [cls, cls.forward]
             c = len(expect) - 2
             g.check(f"type(x{n}) is e[{c}] and e[{c}].forward is e[{c + 1}] and 'forward' not in d{n} and "
-                    f"d{n}.get('_compiled_call_impl') is None and not (d{n}.get('_forward_pre_hooks') or "
-                    f"d{n}.get('_forward_hooks') or d{n}.get('_backward_pre_hooks') or d{n}.get('_backward_hooks'))",
+                    f"d{n}.get('_compiled_call_impl') is None and not {hooked_source(f'd{n}')}",
                     f"self.{path} unchanged")
         if path in inlined:
             table, k, probe = inlined[path]

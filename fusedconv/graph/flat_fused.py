@@ -30,7 +30,7 @@ import torch
 
 from fusedconv import cpu, ops
 from fusedconv.fused_layers import FusedAffineLayer
-from fusedconv.graph.private_residual import global_hooks
+from fusedconv.graph.private_residual import global_hooks, hooked_source
 from fusedconv.modules import FusedConv2d
 
 _Tensor = torch.Tensor
@@ -76,15 +76,13 @@ class FusedLeaves:
         if not self.pure or not self.fused:
             self.states = lambda: none
             return
-        hooks = "d{i}.get('_forward_pre_hooks') or d{i}.get('_forward_hooks') or " \
-                "d{i}.get('_backward_pre_hooks') or d{i}.get('_backward_hooks')"
         lines = ["def states():",
                  "    if (grad_enabled() or not cpu.enabled or ops.use_kernel is not USE_KERNEL or global_hooks()",
                  "            or FusedConv2d.forward is not FORWARD or FusedConv2d.__call__ is not CALL",
                  "            or FusedConv2d._call_impl is not CALL_IMPL):",
                  "        return NONE"]
         lines += [f"    d{i} = l{i}.__dict__" for i in range(n)]
-        lines += ["    if " + " or ".join("(" + hooks.format(i=i) + ")" for i in range(n)) + ":", "        return NONE"]
+        lines += ["    if " + " or ".join(hooked_source(f"d{i}") for i in range(n)) + ":", "        return NONE"]
         fused = set(self.fused)
         # A leaf that is not a FusedConv2d must still be of the (pure) class it had when the graph was built.
         others = [i for i in range(n) if i not in fused]
@@ -101,8 +99,8 @@ class FusedLeaves:
                 f"        b = d{i}['_buffers']",
                 "        c = b.get('scale')",
                 "        h = b.get('shift')",
-                "        if (w is s.weight_src and c is s.scale_src and h is s.shift_src and s.snapshot == "
-                "(w._version, c._version, h._version, w.data_ptr(), c.data_ptr(), h.data_ptr())):",
+                "        if (w is s.weight_src and c is s.scale_src and h is s.shift_src"
+                " and s.snapshot == snapshot(w, c, h)):",
                 f"            s{i} = s",
             ]
         lines.append("    return (" + "".join(f"s{i}, " if i in fused else "None, " for i in range(n)) + ")")
@@ -112,7 +110,7 @@ class FusedLeaves:
             "".join(f"    {line}\n" for line in lines) + "    return states\n"
         namespace = {"grad_enabled": _grad_enabled, "cpu": cpu, "ops": ops, "USE_KERNEL": _USE_KERNEL,
                      "global_hooks": global_hooks, "NONE": none, "FusedConv2d": FusedConv2d,
-                     "FORWARD": _FORWARD, "CALL": _CALL, "CALL_IMPL": _CALL_IMPL}
+                     "FORWARD": _FORWARD, "CALL": _CALL, "CALL_IMPL": _CALL_IMPL, "snapshot": cpu._snapshot}
         exec(compile(src, "<fusedconv flat states>", "exec"), namespace)  # noqa: S102 - generated here
         self.states = namespace["make"](self.leaves, self.types)
 

@@ -48,6 +48,13 @@ def global_hooks() -> bool:
                 or g._global_backward_pre_hooks or getattr(g, "_global_forward_hooks_always_called", None))
 
 
+def hooked_source(d: str) -> str:
+    """`hooked` as the source of an expression over a module's `__dict__` bound to the name `d`, for the checks
+    fusedconv generates (graph/flat.py, graph/flat_fused.py): truthy when the module has hooks."""
+    return (f"({d}.get('_forward_pre_hooks') or {d}.get('_forward_hooks') or {d}.get('_backward_pre_hooks') "
+            f"or {d}.get('_backward_hooks'))")
+
+
 def hooked(module) -> bool:
     """Whether user code registered forward / backward hooks or pre-hooks on `module` (legality.has_hooks,
     spelled out for the per-call checks: they run on every block call). None has none."""

@@ -24,7 +24,7 @@ import torch
 
 def main(spec: str = "torchvision:mobilenet_v2", threads: int = 2, rounds: int = 40) -> dict[str, list[float]]:
     import fusedconv
-    from fusedconv.graph.flat import FlatCheck
+    from fusedconv.graph.flat import flat_check
     from fusedconv.graph.specialize import guard_table
     from fusedconv.model_specs import build_model, randomize_batchnorm
 
@@ -33,13 +33,13 @@ def main(spec: str = "torchvision:mobilenet_v2", threads: int = 2, rounds: int =
     model = randomize_batchnorm(build_model(spec).eval(), 0)
     flat = fusedconv.convert(model)
     blocks = fusedconv.convert(model, flatten=False)
-    table = guard_table(flat)
-    if table is None or "whole-model" not in table.entries[0].described[0]:
+    table, check = guard_table(flat), flat_check(flat)
+    if check is None:
         raise SystemExit(f"{spec}: convert built no flat forward ({table and table.describe()})")
     x = torch.randn(1, 3, 224, 224)
     x_cl = x.contiguous(memory_format=torch.channels_last)
     graph = table.entries[0].fn
-    leaves = next(e for e in table.expect if isinstance(e, FlatCheck)).fused
+    leaves = check.fused
     states, none = leaves.states, (None,) * len(leaves.leaves)
 
     def module_calls():

@@ -47,6 +47,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import fusedconv
+from fusedconv.graph.flat import flat_check
 from fusedconv.graph.specialize import guard_table
 from fusedconv import fold
 from fusedconv.comparison import SELF_CHECK_TOLERANCE
@@ -269,8 +270,7 @@ def run_model(entry: ZooModel, size: int = 64, batch: int = 2, seed: int = 0) ->
         res["guards"] = len(report.guards)
         res["notes"] = list(report.notes)
         flat_table = guard_table(fused64)
-        res["flat"] = bool(flat_table is not None and flat_table.entries and flat_table.entries[0].described
-                           and "whole-model" in flat_table.entries[0].described[0])
+        res["flat"] = flat_check(fused64) is not None
         res["err64"] = _checked(lambda: rel_error(fused64(x), ref), res, "float64 forward")
         res["exact64"] = res["err64"] is not None and res["err64"] <= EXACT_FLOAT64
         if res["err64"] is not None and not res["exact64"]:

@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from util import max_rel_error, randomize_bn  # noqa: E402
 
 import fusedconv  # noqa: E402
-from fusedconv.graph.flat import flatten  # noqa: E402
+from fusedconv.graph.flat import flat_check, flatten  # noqa: E402
 from fusedconv.graph.specialize import guard_table  # noqa: E402
 
 torchvision = pytest.importorskip("torchvision")
@@ -45,7 +45,7 @@ def _convert(model, **kw):
 
 def _flat_table(model):
     table = guard_table(model)
-    assert table is not None and "whole-model" in table.entries[0].described[0]
+    assert table is not None and flat_check(model) is not None
     return table
 
 
@@ -423,7 +423,7 @@ def test_rewritten_root_gets_the_flat_graph_in_front_of_its_own_table():
     from fusedconv.graph.flat import FlatTable
     model, converted = _convert(RewrittenRoot())
     table = guard_table(converted)
-    assert isinstance(table, FlatTable) and "whole-model" in table.entries[0].described[0]
+    assert isinstance(table, FlatTable) and flat_check(converted) is not None
     x = _x(2, 3, 10, 9)
     with torch.no_grad():
         _same(converted(x), model(x))

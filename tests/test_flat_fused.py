@@ -26,7 +26,7 @@ from util import max_rel_error, randomize_bn  # noqa: E402
 import fusedconv  # noqa: E402
 from fusedconv import cpu, ops  # noqa: E402
 from fusedconv.graph import flat_fused  # noqa: E402
-from fusedconv.graph.flat import FlatCheck  # noqa: E402
+from fusedconv.graph.flat import flat_check  # noqa: E402
 from fusedconv.graph.specialize import guard_table  # noqa: E402
 from fusedconv.modules import FusedConv2d  # noqa: E402
 
@@ -42,9 +42,9 @@ def _x(*shape, seed=0, dtype=torch.float32):
 
 
 def _fused_leaves(model) -> flat_fused.FusedLeaves:
-    table = guard_table(model)
-    assert table is not None and "whole-model" in table.entries[0].described[0]
-    return next(e for e in table.expect if isinstance(e, FlatCheck)).fused
+    check = flat_check(model)
+    assert check is not None
+    return check.fused
 
 
 @contextlib.contextmanager

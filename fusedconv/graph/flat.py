@@ -271,6 +271,15 @@ def tracing() -> bool:
     return _compiler.is_compiling() or _jit_tracing_state() is not None or _fx_tracing()
 
 
+def flat_check(model: nn.Module) -> FlatCheck | None:
+    """The tree check of `model`'s whole-model flat forward (it holds the graph's leaves and their per-forward
+    check), or None when flatten did not give the model one."""
+    table = model.__dict__.get(_GUARDS)
+    if table is None:
+        return None
+    return next((e for e in table.expect if isinstance(e, FlatCheck)), None)
+
+
 def flat_leaves(table: GuardTable, k: int) -> tuple:
     """The leaf modules of the flat graph (their identity checked by the guard that let this call in)."""
     return table.expect[k].leaves

@@ -380,23 +380,46 @@ def _direct_calls(model: nn.Module, x: torch.Tensor) -> tuple:
     return y, counts["direct"], counts["module"]
 
 
-def run_one(entry: ZooModel, size: int, batch: int, timeout: int) -> dict:
+def with_timeout(entry: ZooModel, timeout: int, measure, **failed) -> dict:
+    """`measure()` (one model's row) under a SIGALRM of `timeout` seconds; a timeout or any exception becomes the
+    model's row instead (`failed` holds the caller's fields for a model that was not measured), so the sweep goes
+    on. `total_s`: the seconds it took."""
     t0 = time.perf_counter()
     old = signal.signal(signal.SIGALRM, _alarm)
     signal.alarm(timeout)
     try:
-        res = run_model(entry, size, batch)
+        res = measure()
     except Timeout as e:
-        res = {"model": entry.spec, "source": entry.source, "build": False, "convert": False,
-               "build_error": str(e), "findings": [f"timed out after {timeout} s"]}
+        res = {"model": entry.spec, "source": entry.source, **failed, "error": str(e),
+               "findings": [f"timed out after {timeout} s"]}
     except Exception as e:  # noqa: BLE001 - the sweep goes on
-        res = {"model": entry.spec, "source": entry.source, "build": False, "convert": False,
+        res = {"model": entry.spec, "source": entry.source, **failed, "error": first_line(e),
                "findings": ["runner error " + first_line(e)], "traceback": traceback.format_exc()[-2000:]}
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)
     res["total_s"] = round(time.perf_counter() - t0, 1)
     return res
+
+
+def run_one(entry: ZooModel, size: int, batch: int, timeout: int) -> dict:
+    res = with_timeout(entry, timeout, lambda: run_model(entry, size, batch), build=False, convert=False)
+    if "error" in res and "build_error" not in res:
+        res["build_error"] = res["error"]  # the report lists it under "Not built"
+    return res
+
+
+def add_model_selection(p: argparse.ArgumentParser) -> None:
+    """--models / --set and --timeout, shared by the zoo's sweeps."""
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--models", help="comma-separated specs (torchvision:NAME, timm:NAME, smp:ARCH:ENCODER, home:NAME)")
+    g.add_argument("--set", choices=("default", "tiny"), default="default")
+    p.add_argument("--timeout", type=int, default=300, help="seconds per model")
+
+
+def selected_models(args) -> list[ZooModel]:
+    return resolve(args.models.split(",")) if args.models else (
+        DEFAULT_SET if args.set == "default" else resolve(TINY_SET))
 
 
 def environment(argv: list[str]) -> dict:
@@ -420,21 +443,17 @@ def environment(argv: list[str]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(prog="python -m bench.zoo", description=__doc__.splitlines()[0])
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--models", help="comma-separated specs (torchvision:NAME, timm:NAME, smp:ARCH:ENCODER, home:NAME)")
-    g.add_argument("--set", choices=("default", "tiny"), default="default")
+    add_model_selection(p)
     p.add_argument("--size", type=int, default=64, help="image size (raised to a model's minimum)")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--timeout", type=int, default=300, help="seconds per model")
     p.add_argument("--json", help="write the results as JSON here")
     p.add_argument("--md", help="write the markdown report here")
     args = p.parse_args(argv)
     if args.size < 8 or args.batch < 1:
         p.error(f"--size / --batch: expected size >= 8 and batch >= 1, got {args.size} / {args.batch}")
     torch.set_num_threads(args.threads)
-    entries = resolve(args.models.split(",")) if args.models else (
-        DEFAULT_SET if args.set == "default" else resolve(TINY_SET))
+    entries = selected_models(args)
     meta = environment(argv)
     results = []
     for entry in entries:

@@ -1,6 +1,8 @@
 """Eager CPU path for FusedConv2d: routing decided once per input signature, the folded weight cached against
 the tensors' version counters, and for channels_last float32 input one oneDNN (mkldnn) convolution with a
-pre-packed weight and the activation (and the residual add) fused into the conv as oneDNN post-ops.
+pre-packed weight and the activation (and the residual add) fused into the conv as oneDNN post-ops; a float32
+channel slice (dense in neither layout) is copied to channels_last for that route, and answered in the layout
+F.conv2d would answer it in.
 
 These are the ops Inductor's CPU backend emits after freezing (`mkldnn::_reorder_convolution_weight`,
 `mkldnn::_convolution_pointwise` and its `.binary` overload). They are private PyTorch ops, so everything here is
@@ -142,8 +144,13 @@ def conv_act(x, packed_weight, bias, call_args, residual):
 # padding modes, autograd: a gradient for x, residual, weight, scale or shift); FOLDED is F.conv2d with the
 # folded weight and bias, then residual and activation in place (FOLDED_CL: the same for channels_last input,
 # whose output is kept channels_last); ONEDNN is one oneDNN conv with the packed weight and the activation (and
-# residual add) as post-ops.
+# residual add) as post-ops. ONEDNN_COPY / ONEDNN_COPY_NCHW are for a strided view that is dense in neither layout
+# (a channel slice: torch.split / chunk in split-input blocks such as SKNet's, Res2Net's, ShuffleNet's), which
+# F.conv2d takes to its slow reference kernels (measured 1.1-6x slower than one copy + oneDNN, and with a bias
+# up to 2x slower again): the view is copied to channels_last and runs the oneDNN route, and the output keeps the
+# layout F.conv2d gives that signature (channels_last, or contiguous for ONEDNN_COPY_NCHW).
 GENERIC, FOLDED, FOLDED_CL, ONEDNN = "generic", "folded", "folded_channels_last", "onednn"
+ONEDNN_COPY, ONEDNN_COPY_NCHW = "onednn_after_copy", "onednn_after_copy_nchw_out"
 # Signatures remembered per module; a model fed ever-changing shapes starts over rather than growing forever.
 _MAX_ROUTES = 64
 
@@ -156,7 +163,7 @@ class EagerState:
 
     __slots__ = ("routes", "last_call", "last_route", "weight_src", "scale_src", "shift_src", "snapshot", "weight",
                  "bias", "packed", "onednn_ok", "geometry", "conv_args", "act", "onednn_args", "unary_tail",
-                 "inplace_tail")
+                 "inplace_tail", "bias_after")
 
     def __init__(self, module):
         self.routes = {}
@@ -174,6 +181,10 @@ class EagerState:
         self.onednn_args = None
         self.unary_tail = None  # onednn_args[0], kept apart so the common call indexes nothing
         self.inplace_tail = None  # inplace_tail(); None: no in-place residual route for this activation
+        # A dilated conv on F.conv2d adds its bias as a separate in-place op: PyTorch's reference dilated kernel
+        # (small inputs at batch 1 go there) fills the bias in per channel, measured 1.5-3x slower than the conv
+        # without it, which made converted SKNet slower than the original conv + BatchNorm.
+        self.bias_after = any(d > 1 for d in module.dilation)
 
 
 def _snapshot(weight, scale, shift) -> tuple:
@@ -226,6 +237,19 @@ def _is_channels_last(x) -> bool:
     return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
 
+def _view_route(state: EagerState, x, residual) -> str | None:
+    """ONEDNN_COPY / ONEDNN_COPY_NCHW for a float32 view dense in neither layout, by the layout F.conv2d answers
+    it in (one F.conv2d call per such signature, on its first call); None to stay on F.conv2d."""
+    if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last):
+        return None
+    y = _conv2d(x, state.weight, state.bias, *state.conv_args)
+    if y.is_contiguous(memory_format=torch.channels_last):
+        return ONEDNN_COPY
+    if y.is_contiguous() and residual is None:  # (a residual's layout would be oneDNN's to mix: not done)
+        return ONEDNN_COPY_NCHW
+    return None
+
+
 def _jit_tracing_state():
     return True if torch.jit.is_tracing() else None
 
@@ -251,6 +275,8 @@ def _new_route(module, state: EagerState, key, x, residual) -> str:
         route = GENERIC
     else:
         route = _choose_route(module, x, residual, key[3])
+        if route is FOLDED and x.dtype == torch.float32 and state.onednn_ok is not False and available():
+            route = _view_route(state, x, residual) or FOLDED
     if len(state.routes) >= _MAX_ROUTES:
         state.routes.clear()
     state.routes[key] = route
@@ -362,7 +388,15 @@ def eager_forward(module, x, residual, residual_private: bool = False):
                 return y
     elif route is GENERIC:
         return None
-    y = _conv2d(x, state.weight, state.bias, *state.conv_args)
+    elif route is ONEDNN_COPY or route is ONEDNN_COPY_NCHW:
+        y = _copied_onednn_call(state, x, residual) if enabled else None
+        if y is not None:
+            return y if route is ONEDNN_COPY else y.contiguous()
+        route = FOLDED_CL if route is ONEDNN_COPY else FOLDED  # oneDNN off or refused: F.conv2d, same layout
+    if state.bias_after:
+        y = _conv2d(x, state.weight, None, *state.conv_args).add_(state.bias.view(1, -1, 1, 1))
+    else:
+        y = _conv2d(x, state.weight, state.bias, *state.conv_args)
     if residual is not None:
         y = y.add_(residual)
     if state.act is not None:
@@ -371,6 +405,24 @@ def eager_forward(module, x, residual, residual_private: bool = False):
         # F.conv2d's CPU kernels do not always keep channels_last; the output follows the input's layout.
         y = y.contiguous(memory_format=torch.channels_last)
     return y
+
+
+def _copied_onednn_call(state: EagerState, x, residual):
+    """The oneDNN route on a channels_last copy of `x` (ONEDNN_COPY*): its channels_last output, or None when
+    oneDNN refused this module (then, as on any route, F.conv2d from now on)."""
+    if state.onednn_ok is False:
+        return None
+    x = x.contiguous(memory_format=torch.channels_last)
+    if state.onednn_ok is None:
+        return _first_onednn_call(state, x, residual)
+    try:
+        if residual is None:
+            return _pointwise(x, state.packed, state.bias, *state.unary_tail)
+        return conv_act(x, state.packed, state.bias, state.onednn_args, residual)
+    except RuntimeError:
+        state.onednn_ok = False
+        state.packed = None
+        return None
 
 
 def _first_onednn_call(state: EagerState, x, residual):

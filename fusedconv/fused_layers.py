@@ -35,6 +35,8 @@ from fusedconv.fx_leaf import leaf_call
 from fusedconv import fold, ops, ops_nd
 from fusedconv.activations import ActivationSpec, apply_activation, as_spec
 
+# The ops' routing functions as imported: a test that patches them routes CPU tensors through the ops.
+_USE_KERNEL, _USE_KERNEL_3D = ops.use_kernel, ops_nd.use_kernel_3d
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 _UNFUSED_KEYS = ("bias", "running_mean", "running_var", "num_batches_tracked")
 
@@ -42,6 +44,18 @@ _UNFUSED_KEYS = ("bias", "running_mean", "running_var", "num_batches_tracked")
 def epilogue_dtype(weight_dtype: torch.dtype) -> torch.dtype:
     """scale/shift dtype: float64 for float64 modules, float32 for every other dtype."""
     return torch.float64 if weight_dtype == torch.float64 else torch.float32
+
+
+# Dynamo's own flag (True while torch.compile / torch.export trace; a bare `return False` in eager) and the
+# torch.jit tracing state: what torch.compiler.is_compiling() and torch.jit.is_tracing() read, without their frames.
+_is_dynamo_compiling = getattr(torch.compiler, "is_dynamo_compiling", None) or torch.compiler.is_compiling
+_tracing_state = getattr(torch._C, "_get_tracing_state", None) or (lambda: True if torch.jit.is_tracing() else None)
+
+
+def _tracing() -> bool:
+    """torch.compile / torch.export (Dynamo) or torch.jit tracing: traced graphs fold in the graph and keep the
+    out-of-place epilogue."""
+    return _is_dynamo_compiling() or _tracing_state() is not None
 
 
 def int_tuple(name: str, value, n: int, minimum: int) -> tuple[int, ...]:
@@ -170,41 +184,59 @@ class FusedAffineLayer(nn.Module):
     def _fold_in_graph(self) -> bool:
         """Fold in the traced / autograd graph rather than from the cache: while tracing (a traced graph must not
         mutate the module) and when autograd must reach the weight, scale or shift (the cache is detached)."""
-        return (torch.compiler.is_compiling() or torch.jit.is_tracing()
-                or ops.grad_needed(*self._fold_tensors()))
+        return _tracing() or (torch.is_grad_enabled() and ops.grad_needed(*self._fold_tensors()))
+
+    def _affine_tensors(self) -> tuple:
+        """(weight, scale, shift), read from the module's dicts (nn.Module.__getattr__ costs a frame per read)."""
+        weight, scale, shift = self._parameters.get("weight"), self._buffers.get("scale"), self._buffers.get("shift")
+        if weight is None or scale is None or shift is None:  # re-registered elsewhere (e.g. as a Parameter)
+            weight, scale, shift = self.weight, self.scale, self.shift
+        return weight, scale, shift
 
     def _folded(self):
         """(weight * scale, shift) in the weight's dtype, from detached tensors (no gradient reaches the sources
-        through it: calls needing one fold in the graph), cached per weight / scale / shift version and per
-        inference mode (a fold made inside inference_mode is an inference tensor autograd cannot save)."""
-        tensors = (self.weight, self.scale, self.shift)
-        key = None if any(t.is_inference() for t in tensors) else (tuple(
-            (t.data_ptr(), t._version, t.dtype, t.device) for t in tensors), torch.is_inference_mode_enabled())
+        through it: calls needing one fold in the graph), cached per weight / scale / shift (the same tensors with
+        the same data pointers, version counters, dtypes and devices) and per inference mode (a fold made inside
+        inference_mode is an inference tensor autograd cannot save)."""
+        tensors = self._affine_tensors()
+        w, c, h = tensors
+        try:
+            key = (w.data_ptr(), c.data_ptr(), h.data_ptr(), w._version, c._version, h._version, w.dtype, c.dtype,
+                   h.dtype, w.device, c.device, h.device, torch.is_inference_mode_enabled())
+        except RuntimeError:
+            key = None  # inference tensors have no version counter: an edit could not be seen, nothing is cached
         cache = self._fold_cache
-        if key is None or cache is None or cache[0] != key:
-            weight = self.weight.detach()
-            folded = self._scale_weight(weight, self.scale.detach().to(weight.dtype))
-            cache = (key, tensors, folded, self.shift.detach().to(weight.dtype))
+        if key is None or cache is None or cache[0] != key or cache[1][0] is not w or cache[1][1] is not c \
+                or cache[1][2] is not h:
+            folded = self._scale_weight(w.detach(), c.detach().to(w.dtype))
+            cache = (key, tensors, folded, h.detach().to(w.dtype))
             if key is not None:
                 self._fold_cache = cache
         return cache[2], cache[3]
 
     def _epilogue_rest(self, y, residual):
-        """[+ residual], activation, [post-affine] on a tensor already holding layer(x) * scale + shift."""
+        """[+ residual], activation, [post-affine] on a tensor already holding layer(x) * scale + shift.
+
+        `y` is always a tensor the caller has just made (a layer's or an arithmetic op's output), so outside
+        tracing and autograd every step runs in place on it: the original's BN and activation cost one pass each
+        and so do these, without a new tensor per step (measured on CPU: an out-of-place post-affine made
+        convmixer_768_32 slower converted than as written)."""
+        inplace = not y.requires_grad and not _tracing()
         if residual is not None:
-            y = y + residual.to(y.dtype)
-        # In place only on the fresh sum and only when autograd is not recording (an in-place leaky_relu with a
-        # negative slope has no backward).
-        y = apply_activation(y, self.act.name, self.act.param, inplace=residual is not None and not y.requires_grad)
+            y = y.add_(residual.to(y.dtype)) if inplace else y + residual.to(y.dtype)
+        # An in-place leaky_relu with a negative slope has no backward: in place only without autograd.
+        y = apply_activation(y, self.act.name, self.act.param, inplace=inplace)
         if self.post_scale is not None:
             view = self._channel_view(y)
-            y = y * self.post_scale.to(y.dtype).view(view) + self.post_shift.to(y.dtype).view(view)
+            post_scale, post_shift = self.post_scale.to(y.dtype).view(view), self.post_shift.to(y.dtype).view(view)
+            y = y.mul_(post_scale).add_(post_shift) if inplace else y * post_scale + post_shift
         return y
 
     def _fallback(self, x, residual, *layer_args):
         """The standard op with the BN folded (fp32 / fp64), or applied to the output in fp32 (fp16 / bf16)."""
-        acc = epilogue_dtype(self.weight.dtype)
-        if self.weight.dtype == acc:
+        dtype = self._parameters["weight"].dtype if "weight" in self._parameters else self.weight.dtype
+        acc = epilogue_dtype(dtype)
+        if dtype == acc:
             if self._fold_in_graph():
                 # Traced graphs must not mutate the module: the fold is part of the graph (exported as a constant);
                 # a gradient for weight / scale / shift flows through it.
@@ -237,11 +269,13 @@ class FusedAffineLayer(nn.Module):
         c = x.shape[x.dim() - nd - 1]
         if c != cin:
             raise ValueError(f"input: expected {cin} channels, got {c} (shape {tuple(x.shape)})")
-        if x.dtype != self.weight.dtype:
-            raise TypeError(f"input: expected dtype {self.weight.dtype} to match the module's weight, got {x.dtype}")
-        if x.device != self.weight.device:
-            raise RuntimeError(f"input: expected device {self.weight.device} to match the module's weight, "
-                               f"got {x.device}")
+        weight = self._parameters.get("weight")
+        if weight is None:
+            weight = self.weight
+        if x.dtype != weight.dtype:
+            raise TypeError(f"input: expected dtype {weight.dtype} to match the module's weight, got {x.dtype}")
+        if x.device != weight.device:
+            raise RuntimeError(f"input: expected device {weight.device} to match the module's weight, got {x.device}")
         if residual is not None:
             if not isinstance(residual, torch.Tensor) or residual.dim() != x.dim():
                 raise ValueError(f"residual: expected a {x.dim()}-d tensor like the input, got "
@@ -325,9 +359,11 @@ class FusedConvNd(FusedAffineLayer):
             y = self.forward(x.unsqueeze(0), None if residual is None else residual.unsqueeze(0))
             return y.squeeze(0)
         x, pad = self._pad_input(x)
-        if x.numel() > 0 and ops.grad_needed(x, residual, self.weight, self.scale, self.shift, self.post_scale,
-                                             self.post_shift):
+        if x.numel() > 0 and torch.is_grad_enabled() and ops.grad_needed(
+                x, residual, self.weight, self.scale, self.shift, self.post_scale, self.post_shift):
             return self._fallback(x, residual, pad)  # the ops have no backward: the differentiable path
+        if not x.is_cuda and ops.use_kernel is _USE_KERNEL and ops_nd.use_kernel_3d is _USE_KERNEL_3D:
+            return self._fallback(x, residual, pad)  # the Triton ops run on CUDA only (unless a test routes them)
         if x.numel() > 0 and self._ND == 3 and ops_nd.use_kernel_3d(x, self.weight):
             return ops_nd.conv3d_bn_act(x, self.weight, self.scale, self.shift, residual, self.post_scale,
                                         self.post_shift, self.stride, pad, self.dilation, self.groups,

@@ -230,3 +230,26 @@ def test_mobilenet_v2_profile_has_no_reference_conv_and_no_layer_copies():
     assert counts["aten::copy_"] <= eager["aten::copy_"] + 1, (counts, eager)
     with torch.no_grad():
         assert max_rel_error(fused(x), model(x)) < 1e-4
+
+
+def _mostly_unfused(n_plain: int) -> nn.Sequential:
+    # One Conv -> BN -> ReLU block (fused by convert), then n_plain pre-activation BN -> ReLU -> Conv blocks
+    # (dpn68's order) whose conv no BN follows: convert leaves those convs as they are.
+    layers = [nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(), nn.Tanh()]
+    for _ in range(n_plain):
+        layers += [nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.Tanh()]
+    return randomize_bn(nn.Sequential(*layers).eval())
+
+
+@pytest.mark.parametrize("n_plain, boundary", [(9, True), (10, False)])
+def test_boundary_only_where_fused_convs_are_one_in_ten(n_plain, boundary):
+    model = _mostly_unfused(n_plain)
+    fused = fusedconv.convert(model)
+    assert sum(isinstance(m, FusedConv2d) for m in fused.modules()) == 1
+    assert (cpu_boundary._enter in fused._forward_pre_hooks.values()) is boundary
+    x = torch.randn(1, 3, 12, 12)
+    with torch.no_grad():
+        expected = model(x)
+        assert cpu_boundary.layout_used(fused, x) == ("channels_last" if boundary else "NCHW")
+        y = fused(x)
+    assert max_rel_error(y, expected) < 1e-4 and y.is_contiguous()

@@ -227,3 +227,68 @@ def test_fold_cache_sees_in_place_edits():
     before = fused(x)
     fused.scale.mul_(2.0)
     assert max_rel_error(fused(x), 2 * (before - fused.shift.view(1, -1, 1)) + fused.shift.view(1, -1, 1)) < 1e-12
+
+
+def _conv3d_post_bn(seed=0):
+    torch.manual_seed(seed)
+    conv = nn.Conv3d(3, 4, 3, padding=1).double()
+    bn, post = nn.BatchNorm3d(4).double().eval(), nn.BatchNorm3d(4).double().eval()
+    for i, b in enumerate((bn, post)):
+        randomize_bn(b, seed + i)
+    return FusedConv3d.from_modules(conv, bn, "relu", post_bn=post), nn.Sequential(conv, bn, nn.ReLU(), post)
+
+
+@pytest.mark.parametrize("edit", ["in_place", "data_assign", "reassign", "load_state_dict"])
+@pytest.mark.parametrize("tensor", ["weight", "scale", "shift"])
+@torch.no_grad()
+def test_fold_cache_sees_every_edit(edit, tensor):
+    # The cached fold is keyed by the tensors themselves, their version counters and data pointers: each kind of
+    # edit to each tensor the fold reads must be seen on the next call.
+    fused, _ = _conv3d_post_bn()
+    x = torch.randn(1, 3, 2, 3, 3, dtype=torch.float64)
+    before = fused(x)
+    t = getattr(fused, tensor)
+    new = t * 1.5 + 0.25
+    if edit == "in_place":
+        t.copy_(new)
+    elif edit == "data_assign":
+        t.data = new.clone()
+    elif edit == "reassign":
+        setattr(fused, tensor, nn.Parameter(new, requires_grad=False) if tensor == "weight" else new)
+    else:
+        fused.load_state_dict({**fused.state_dict(), tensor: new})
+    rebuilt = FusedConv3d(fused.weight, fused.scale, fused.shift, padding=1, activation="relu",
+                          post_scale=fused.post_scale, post_shift=fused.post_shift)
+    after = fused(x)
+    assert not torch.equal(after, before)
+    assert torch.equal(after, rebuilt(x))
+
+
+@pytest.mark.parametrize("with_residual", [False, True])
+@torch.no_grad()
+def test_epilogue_in_place_leaves_inputs_alone(with_residual):
+    # The epilogue runs in place on the layer's fresh output: the input and the residual are never written, and
+    # the result is the original chain's (conv -> BN -> ReLU [+ residual before the ReLU] -> post BN).
+    fused, seq = _conv3d_post_bn()
+    x = torch.randn(2, 3, 2, 3, 3, dtype=torch.float64)
+    r = torch.randn(2, 4, 2, 3, 3, dtype=torch.float64) if with_residual else None
+    x0, r0 = x.clone(), None if r is None else r.clone()
+    y = fused(x, r)
+    conv, bn, act, post = seq
+    ref = post(act(bn(conv(x)) + (0 if r is None else r)))
+    assert max_rel_error(y, ref) < 1e-12
+    assert torch.equal(x, x0) and (r is None or torch.equal(r, r0))
+    assert y.data_ptr() not in (x.data_ptr(), None if r is None else r.data_ptr())
+
+
+def test_epilogue_out_of_place_under_autograd():
+    # With autograd recording, the epilogue stays out of place and every gradient is the original chain's.
+    fused, seq = _conv3d_post_bn()
+    x = torch.randn(1, 3, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+    r = torch.randn(1, 4, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+    fused(x, r).sum().backward()
+    gx, gr = x.grad.clone(), r.grad.clone()
+    x.grad = r.grad = None
+    conv, bn, act, post = seq
+    post(act(bn(conv(x)) + r)).sum().backward()
+    assert max_rel_error(gx, x.grad) < 1e-10 and max_rel_error(gr, r.grad) < 1e-10

@@ -409,12 +409,14 @@ def run_one(entry: ZooModel, size: int, batch: int, timeout: int) -> dict:
     return res
 
 
-def add_model_selection(p: argparse.ArgumentParser) -> None:
-    """--models / --set and --timeout, shared by the zoo's sweeps."""
+def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
+    """--models / --set, --timeout, --json and --md: the arguments the zoo's sweeps share."""
     g = p.add_mutually_exclusive_group()
     g.add_argument("--models", help="comma-separated specs (torchvision:NAME, timm:NAME, smp:ARCH:ENCODER, home:NAME)")
     g.add_argument("--set", choices=("default", "tiny"), default="default")
     p.add_argument("--timeout", type=int, default=300, help="seconds per model")
+    p.add_argument("--json", help="write the results as JSON here (after every model)")
+    p.add_argument("--md", help="write the markdown report here")
 
 
 def selected_models(args) -> list[ZooModel]:
@@ -422,7 +424,7 @@ def selected_models(args) -> list[ZooModel]:
         DEFAULT_SET if args.set == "default" else resolve(TINY_SET))
 
 
-def environment(argv: list[str]) -> dict:
+def environment(argv: list[str], prog: str = "bench.zoo") -> dict:
     import importlib.metadata as md
 
     def version(pkg):
@@ -434,7 +436,7 @@ def environment(argv: list[str]) -> dict:
     from bench.env import cpu_name
 
     return {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "command": "python -m bench.zoo " + " ".join(argv), "machine": cpu_name(),
+            "command": f"python -m {prog} " + " ".join(argv), "machine": cpu_name(),
             "python": platform.python_version(), "threads": torch.get_num_threads(),
             "versions": {p: version(p) for p in ("torch", "torchvision", "timm", "segmentation_models_pytorch",
                                                   "triton", "fusedconv")}}
@@ -443,12 +445,10 @@ def environment(argv: list[str]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(prog="python -m bench.zoo", description=__doc__.splitlines()[0])
-    add_model_selection(p)
+    add_sweep_arguments(p)
     p.add_argument("--size", type=int, default=64, help="image size (raised to a model's minimum)")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--json", help="write the results as JSON here")
-    p.add_argument("--md", help="write the markdown report here")
     args = p.parse_args(argv)
     if args.size < 8 or args.batch < 1:
         p.error(f"--size / --batch: expected size >= 8 and batch >= 1, got {args.size} / {args.batch}")

@@ -28,7 +28,7 @@ import time
 import torch
 
 from bench.metrics import quantile
-from bench.zoo import add_model_selection, environment, first_line, rel_error, selected_models, with_timeout
+from bench.zoo import add_sweep_arguments, environment, first_line, rel_error, selected_models, with_timeout
 from bench.zoo_models import ZooModel
 
 VARIANTS = ("original", "fusedconv", "fx_fuse")
@@ -154,21 +154,18 @@ def render_markdown(results: list[dict], meta: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(prog="python -m bench.zoo_speed", description=__doc__.splitlines()[0])
-    add_model_selection(p)
+    add_sweep_arguments(p)
     p.add_argument("--size", type=int, default=128, help="image size (raised to a model's minimum)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=9, help="interleaved rounds per model")
     p.add_argument("--calls", type=int, default=3, help="calls of each variant per round")
-    p.add_argument("--json", help="write the results as JSON here")
-    p.add_argument("--md", help="write the markdown report here")
     args = p.parse_args(argv)
     if args.size < 8 or args.rounds < 1 or args.calls < 1 or args.threads < 1:
         p.error(f"--size / --rounds / --calls / --threads: expected size >= 8 and the others >= 1, got "
                 f"{args.size} / {args.rounds} / {args.calls} / {args.threads}")
     torch.set_num_threads(args.threads)
     entries = selected_models(args)
-    meta = environment(argv)
-    meta["command"] = "python -m bench.zoo_speed " + " ".join(argv)
+    meta = environment(argv, "bench.zoo_speed")
     results = []
     for entry in entries:
         res = run_one(entry, args.size, args.rounds, args.calls, args.timeout)

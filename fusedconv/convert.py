@@ -60,7 +60,6 @@ def _reparameterize(model: nn.Module, example_inputs, report: ConversionReport) 
     return model
 
 
-
 def _layout_boundary_pays(model: nn.Module) -> bool:
     """Whether to give the converted model the CPU layout boundary (channels_last inside for NCHW input). The
     switch pays for FusedConv2d's oneDNN route; where almost every conv stays unfused (dpn68's BN -> ReLU -> conv
@@ -73,6 +72,7 @@ def _layout_boundary_pays(model: nn.Module) -> bool:
         elif isinstance(m, nn.Conv2d):
             plain += 1
     return fused > 0 and 10 * fused >= fused + plain
+
 
 def convert(model: nn.Module, *, inplace: bool = False, example_inputs=None, reparameterize: bool = True,
             return_report: bool = False, tolerance: float | None = None, flatten: bool = True):

@@ -34,6 +34,8 @@ import torch.nn.functional as F
 from fusedconv.fx_leaf import leaf_call
 from fusedconv import fold, ops, ops_nd
 from fusedconv.activations import ActivationSpec, apply_activation, as_spec
+# What torch.compiler.is_compiling() and torch.jit.is_tracing() read, without their Python frames (fusedconv/cpu.py).
+from fusedconv.cpu import _is_dynamo_compiling, _tracing_state
 
 # The ops' routing functions as imported: a test that patches them routes CPU tensors through the ops.
 _USE_KERNEL, _USE_KERNEL_3D = ops.use_kernel, ops_nd.use_kernel_3d
@@ -44,12 +46,6 @@ _UNFUSED_KEYS = ("bias", "running_mean", "running_var", "num_batches_tracked")
 def epilogue_dtype(weight_dtype: torch.dtype) -> torch.dtype:
     """scale/shift dtype: float64 for float64 modules, float32 for every other dtype."""
     return torch.float64 if weight_dtype == torch.float64 else torch.float32
-
-
-# Dynamo's own flag (True while torch.compile / torch.export trace; a bare `return False` in eager) and the
-# torch.jit tracing state: what torch.compiler.is_compiling() and torch.jit.is_tracing() read, without their frames.
-_is_dynamo_compiling = getattr(torch.compiler, "is_dynamo_compiling", None) or torch.compiler.is_compiling
-_tracing_state = getattr(torch._C, "_get_tracing_state", None) or (lambda: True if torch.jit.is_tracing() else None)
 
 
 def _tracing() -> bool:
@@ -234,7 +230,7 @@ class FusedAffineLayer(nn.Module):
 
     def _fallback(self, x, residual, *layer_args):
         """The standard op with the BN folded (fp32 / fp64), or applied to the output in fp32 (fp16 / bf16)."""
-        dtype = self._parameters["weight"].dtype if "weight" in self._parameters else self.weight.dtype
+        dtype = self._affine_tensors()[0].dtype
         acc = epilogue_dtype(dtype)
         if dtype == acc:
             if self._fold_in_graph():
@@ -269,9 +265,7 @@ class FusedAffineLayer(nn.Module):
         c = x.shape[x.dim() - nd - 1]
         if c != cin:
             raise ValueError(f"input: expected {cin} channels, got {c} (shape {tuple(x.shape)})")
-        weight = self._parameters.get("weight")
-        if weight is None:
-            weight = self.weight
+        weight = self._affine_tensors()[0]
         if x.dtype != weight.dtype:
             raise TypeError(f"input: expected dtype {weight.dtype} to match the module's weight, got {x.dtype}")
         if x.device != weight.device:

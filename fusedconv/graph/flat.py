@@ -38,6 +38,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from fusedconv.graph.flat_concat import fuse_upsample_cat
 from fusedconv.graph.flat_fused import FusedLeaves, fused_call, pure_leaf
 from fusedconv.fused_layers import FusedAffineLayer
 from fusedconv.graph.patterns import (
@@ -405,9 +406,12 @@ def _flat_entry(root: nn.Module, params, pattern, notes: list[str], inner: tuple
     k = len(expect) - 1
     g.check(f"e[{k}](self)", "every module on the way unchanged", describe=False)
     _call_leaves_directly(graph, calls, leaf_paths, k, leaves)
+    upsample_cats = fuse_upsample_cat(graph)
     code = graph.python_code(root_module="self")
     entry = Specialization(g.expression(), [f"whole-model forward ({len(tracer.inlined)} blocks inlined, "
-                                            f"{len(tracer.traced)} modules traced through)"],
+                                            f"{len(tracer.traced)} modules traced through"
+                                            + (f", {upsample_cats} upsample + cat written as one" if upsample_cats else "")
+                                            + ")"],
                            code.src, code.globals, list(zip(g.terms, g.labels)), pattern)
     return entry, expect
 

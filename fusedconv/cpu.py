@@ -153,6 +153,17 @@ GENERIC, FOLDED, FOLDED_CL, ONEDNN = "generic", "folded", "folded_channels_last"
 ONEDNN_COPY, ONEDNN_COPY_NCHW = "onednn_after_copy", "onednn_after_copy_nchw_out"
 # Signatures remembered per module; a model fed ever-changing shapes starts over rather than growing forever.
 _MAX_ROUTES = 64
+# Small convs on channels_last float32 input stay on F.conv2d (FOLDED_CL, with a channels_last copy of the folded
+# weight): at batch 1, dense (groups 1), at least 16 input channels, an input of at most 20480 elements (below
+# which PyTorch's CPU conv takes its native im2col kernel rather than oneDNN), a weight of at most 2^20 elements
+# (larger ones ran slower there than on oneDNN even on 1x1 and 2x2 maps) and at most `small_conv_macs` multiply-adds.
+# `mkldnn::_convolution_pointwise` costs ~55-60 us per call however small the conv, more than such a conv computes:
+# 2 threads, conv + ReLU, F.conv2d vs the fused op: 16->16 3x3 at 16x16 28 vs 56 us, 128->128 3x3 at 4x4 61 vs
+# 72, 256->64 1x1 at 8x8 26 vs 58; outside these bounds the fused op won (512->512 3x3 at 1x1 228 vs 61, 32->32
+# 1x1 at 32x32 83 vs 59, 3->32 stems, depthwise convs). timm's test_resnet at 32x32 ran 1.3x slower converted
+# than as written before this route.
+small_conv_macs = 4_000_000
+_SMALL_INPUT, _SMALL_WEIGHT = 20480, 1 << 20
 
 
 class EagerState:
@@ -163,7 +174,7 @@ class EagerState:
 
     __slots__ = ("routes", "last_call", "last_route", "weight_src", "scale_src", "shift_src", "snapshot", "weight",
                  "bias", "packed", "onednn_ok", "geometry", "conv_args", "act", "onednn_args", "unary_tail",
-                 "inplace_tail", "bias_after")
+                 "inplace_tail", "bias_after", "weight_cl")
 
     def __init__(self, module):
         self.routes = {}
@@ -173,6 +184,7 @@ class EagerState:
         # (versions..., data pointers...) of weight, scale, shift when folded; None: nothing cacheable (yet).
         self.snapshot = None
         self.weight = self.bias = self.packed = None
+        self.weight_cl = None  # the folded weight in channels_last, for float32 FOLDED_CL calls (made on first use)
         self.onednn_ok = None
         self.geometry = (list(module.padding), list(module.stride), list(module.dilation), module.groups)
         # F.conv2d's trailing arguments (stride, padding, dilation, groups).
@@ -198,7 +210,7 @@ def _refold(module, state: EagerState, weight, scale, shift) -> None:
     state.weight_src, state.scale_src, state.shift_src = weight, scale, shift
     # Every signature is validated again: a new weight may have another shape, dtype or device.
     state.routes.clear()
-    state.packed = None
+    state.packed = state.weight_cl = None
     if state.onednn_ok:
         state.onednn_ok = None  # pack the new weight on the next oneDNN call (a refusal, False, is kept)
     act = module.act
@@ -226,15 +238,32 @@ def _choose_route(module, x, residual, needs_grad: bool) -> str:
         return GENERIC
     if x.dtype not in (torch.float32, torch.float64):
         return GENERIC
-    if x.dtype == torch.float32 and _is_channels_last(x) and available():
+    if x.dtype == torch.float32 and _channels_last_strided(x) and available():
         # NCHW input stays on F.conv2d: oneDNN writes NHWC, and converting back after every layer was measured
         # slower than eager (resnet50 40.7 vs 34.8 ms). Models get channels_last once, at their boundary.
+        weight = module.weight
+        if (module.groups == 1 and x.shape[0] == 1 and x.shape[1] >= 16 and x.numel() <= _SMALL_INPUT
+                and weight.numel() <= _SMALL_WEIGHT
+                and math.prod(out_shape) * (weight.numel() // weight.shape[0]) <= small_conv_macs):
+            return FOLDED_CL  # a small conv (small_conv_macs)
         return ONEDNN
     return FOLDED_CL if _is_channels_last(x) else FOLDED
 
 
 def _is_channels_last(x) -> bool:
     return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def _channels_last_strided(x) -> bool:
+    """Channels_last, or dense in both layouts but not with NCHW's own strides (a (N, C, 1, 1) output of oneDNN):
+    PyTorch's convs take the latter as channels_last too, and on their native kernel copy an NCHW weight to
+    channels_last on every call (1.5 ms for a 512->512 3x3 weight, against 72 us for the oneDNN route)."""
+    if not x.is_contiguous(memory_format=torch.channels_last):
+        return False
+    if not x.is_contiguous():
+        return True
+    _, c, h, w = x.shape
+    return x.stride()[1:] != (h * w, w, 1)
 
 
 def _view_route(state: EagerState, x, residual) -> str | None:
@@ -393,10 +422,17 @@ def eager_forward(module, x, residual, residual_private: bool = False):
         if y is not None:
             return y if route is ONEDNN_COPY else y.contiguous()
         route = FOLDED_CL if route is ONEDNN_COPY else FOLDED  # oneDNN off or refused: F.conv2d, same layout
+    weight = state.weight
+    if route is FOLDED_CL and x.dtype == torch.float32:
+        # For channels_last input aten's convs (its native kernel and its oneDNN call) read a channels_last weight;
+        # an NCHW one is copied or reordered on every call.
+        weight = state.weight_cl
+        if weight is None:
+            weight = state.weight_cl = state.weight.contiguous(memory_format=torch.channels_last)
     if state.bias_after:
-        y = _conv2d(x, state.weight, None, *state.conv_args).add_(state.bias.view(1, -1, 1, 1))
+        y = _conv2d(x, weight, None, *state.conv_args).add_(state.bias.view(1, -1, 1, 1))
     else:
-        y = _conv2d(x, state.weight, state.bias, *state.conv_args)
+        y = _conv2d(x, weight, state.bias, *state.conv_args)
     if residual is not None:
         y = y.add_(residual)
     if state.act is not None:

@@ -284,8 +284,10 @@ class _ChildRecorder:
 @pytest.fixture
 def inplace_calls(monkeypatch):
     """The residual data pointers of every in-place oneDNN residual conv the CPU path runs (shared by the
-    private-residual and owned-input tests)."""
+    private-residual and owned-input tests); small convs take the oneDNN route too (`onednn_small_convs`)."""
     from fusedconv import cpu
+
+    monkeypatch.setattr(cpu, "small_conv_macs", 0)
 
     calls = []
     real = cpu._pointwise_binary_inplace
@@ -296,3 +298,12 @@ def inplace_calls(monkeypatch):
 
     monkeypatch.setattr(cpu, "_pointwise_binary_inplace", counting)
     return calls
+
+
+@pytest.fixture
+def onednn_small_convs(monkeypatch):
+    """Small convs on the oneDNN route too (cpu.small_conv_macs = 0): for tests of that route's mechanics (direct
+    calls, in-place residuals, edits seen) on shapes small enough to run fast, which by default stay on F.conv2d."""
+    from fusedconv import cpu
+
+    monkeypatch.setattr(cpu, "small_conv_macs", 0)

@@ -26,8 +26,10 @@ from fusedconv import cpu  # noqa: E402
 from fusedconv.graph.owned_input import OwnedInputSequential  # noqa: E402
 
 TOL = 1e-5
-pytestmark = pytest.mark.skipif(not cpu.available() or cpu._pointwise_binary_inplace is None,
-                                reason="this PyTorch build has no in-place oneDNN residual conv")
+# In-place residuals are the oneDNN route's: small convs take it too here (by default they stay on F.conv2d).
+pytestmark = [pytest.mark.skipif(not cpu.available() or cpu._pointwise_binary_inplace is None,
+                                 reason="this PyTorch build has no in-place oneDNN residual conv"),
+              pytest.mark.usefixtures("onednn_small_convs")]
 CL = torch.channels_last
 
 

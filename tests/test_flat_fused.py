@@ -31,7 +31,9 @@ from fusedconv.graph.specialize import guard_table  # noqa: E402
 from fusedconv.modules import FusedConv2d  # noqa: E402
 
 torchvision = pytest.importorskip("torchvision")
-pytestmark = pytest.mark.skipif(not cpu.available(), reason="this PyTorch build has no oneDNN pointwise convs")
+# The direct path is the oneDNN route's: small convs take it too here (by default they stay on F.conv2d).
+pytestmark = [pytest.mark.skipif(not cpu.available(), reason="this PyTorch build has no oneDNN pointwise convs"),
+              pytest.mark.usefixtures("onednn_small_convs")]
 
 SIZE = (1, 3, 64, 64)  # the last layers at 2x2: at 1x1 a tensor is both layouts and takes F.conv2d
 N_FUSED = 52  # FusedConv2d calls in one converted mobilenet_v2 forward

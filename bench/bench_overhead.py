@@ -3,7 +3,8 @@
 Two routes of the eager CPU path (fusedconv/cpu.py), each against its own bare call with the same arguments:
 - NCHW float32 -> `F.conv2d(x, folded_weight, bias, ...)` (identity activation, so nothing else runs);
 - channels_last float32 -> `torch.ops.mkldnn._convolution_pointwise.default(x, packed_weight, bias, ...)`.
-The tensor is tiny (1x4x8x8, 3x3 conv) so the conv itself costs a few microseconds and the difference is the
+The tensor is tiny (1x4x8x8, 3x3 conv; the oneDNN route forced for it, `cpu.small_conv_macs = 0`, where by default
+a conv this small stays on F.conv2d) so the conv itself costs a few microseconds and the difference is the
 Python work per call (nn.Module.__call__, signature lookup, cache check, dispatch); a third row times an
 nn.Identity call, the part of it no module can avoid. Each route's overhead is also split in two by timing
 `module.forward(x)` in the same rounds: `module_call_us` (nn.Module.__call__ around forward) and
@@ -97,12 +98,17 @@ def run(quick: bool = False, rounds: int | None = None, clock: str = "thread", o
         raise ValueError(f"op: expected one of {OPS}, got {op!r}")
     rounds = rounds or (15 if quick else 41)
     number = 500 if quick else 2000
-    threads = torch.get_num_threads()
+    from fusedconv import cpu
+
+    threads, small = torch.get_num_threads(), cpu.small_conv_macs
     torch.set_num_threads(1)
+    # The channels_last row times the oneDNN route, which a conv this small would not take by default.
+    cpu.small_conv_macs = 0
     try:
         return [dict(row, clock=clock, op=op) for row in _run(rounds, number, CLOCKS[clock], op == "null")]
     finally:
         torch.set_num_threads(threads)
+        cpu.small_conv_macs = small
 
 
 def _run(rounds: int, number: int, timer, null_op: bool) -> list[dict]:

@@ -154,14 +154,15 @@ ONEDNN_COPY, ONEDNN_COPY_NCHW = "onednn_after_copy", "onednn_after_copy_nchw_out
 # Signatures remembered per module; a model fed ever-changing shapes starts over rather than growing forever.
 _MAX_ROUTES = 64
 # Small convs on channels_last float32 input stay on F.conv2d (FOLDED_CL, with a channels_last copy of the folded
-# weight): at batch 1, dense (groups 1), at least 16 input channels, an input of at most 20480 elements (below
+# weight): at batch 1, dense (groups 1), an input of at most 20480 elements (below
 # which PyTorch's CPU conv takes its native im2col kernel rather than oneDNN), a weight of at most 2^20 elements
 # (larger ones ran slower there than on oneDNN even on 1x1 and 2x2 maps) and at most `small_conv_macs` multiply-adds.
 # `mkldnn::_convolution_pointwise` costs ~55-60 us per call however small the conv, more than such a conv computes:
 # 2 threads, conv + ReLU, F.conv2d vs the fused op: 16->16 3x3 at 16x16 28 vs 56 us, 128->128 3x3 at 4x4 61 vs
-# 72, 256->64 1x1 at 8x8 26 vs 58; outside these bounds the fused op won (512->512 3x3 at 1x1 228 vs 61, 32->32
-# 1x1 at 32x32 83 vs 59, 3->32 stems, depthwise convs). timm's test_resnet at 32x32 ran 1.3x slower converted
-# than as written before this route.
+# 72, 256->64 1x1 at 8x8 26 vs 58, 3->64 3x3 stride 2 at 32x32 52 vs 95, 8->16 1x1 at 16x16 18 vs 86; outside
+# these bounds the fused op won (512->512 3x3 at 1x1 228 vs 61, 32->32 1x1 at 32x32 83 vs 59, depthwise convs).
+# timm's test_resnet at 32x32 ran 1.3x slower converted than as written before this route. Where every conv of
+# a model is this small, its layout boundary keeps NCHW (cpu_boundary.py: `routes_onednn`).
 small_conv_macs = 4_000_000
 _SMALL_INPUT, _SMALL_WEIGHT = 20480, 1 << 20
 
@@ -242,12 +243,21 @@ def _choose_route(module, x, residual, needs_grad: bool) -> str:
         # NCHW input stays on F.conv2d: oneDNN writes NHWC, and converting back after every layer was measured
         # slower than eager (resnet50 40.7 vs 34.8 ms). Models get channels_last once, at their boundary.
         weight = module.weight
-        if (module.groups == 1 and x.shape[0] == 1 and x.shape[1] >= 16 and x.numel() <= _SMALL_INPUT
+        if (module.groups == 1 and x.shape[0] == 1 and x.numel() <= _SMALL_INPUT
                 and weight.numel() <= _SMALL_WEIGHT
                 and math.prod(out_shape) * (weight.numel() // weight.shape[0]) <= small_conv_macs):
             return FOLDED_CL  # a small conv (small_conv_macs)
         return ONEDNN
     return FOLDED_CL if _is_channels_last(x) else FOLDED
+
+
+_ONEDNN_ROUTES = (ONEDNN, ONEDNN_COPY, ONEDNN_COPY_NCHW)
+
+
+def routes_onednn(module) -> bool:
+    """Whether some input signature of a FusedConv2d (a module with an eager CPU state) was routed to oneDNN."""
+    state = module.__dict__.get("_cpu_state")
+    return isinstance(state, EagerState) and any(r in _ONEDNN_ROUTES for r in state.routes.values())
 
 
 def _is_channels_last(x) -> bool:

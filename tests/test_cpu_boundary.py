@@ -23,7 +23,10 @@ import fusedconv
 from fusedconv import cpu, cpu_boundary
 from fusedconv.modules import FusedConv2d
 
-pytestmark = pytest.mark.skipif(not cpu.available(), reason="this PyTorch build has no oneDNN pointwise conv ops")
+# The oneDNN route's mechanics on shapes small enough to run fast: small convs take it too here (by default they stay
+# on F.conv2d, cpu.small_conv_macs).
+pytestmark = [pytest.mark.skipif(not cpu.available(), reason="this PyTorch build has no oneDNN pointwise conv ops"),
+              pytest.mark.usefixtures("onednn_small_convs")]
 
 TOL_FP32 = 1e-5
 CL = torch.channels_last

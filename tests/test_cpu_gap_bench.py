@@ -21,6 +21,10 @@ import fusedconv  # noqa: E402
 from fusedconv import cpu  # noqa: E402
 
 
+# The oneDNN route on shapes small enough to run fast: small convs take it too here (by default they stay on
+# F.conv2d, cpu.small_conv_macs).
+pytestmark = pytest.mark.usefixtures("onednn_small_convs")
+
 class _Block(nn.Module):
     """conv -> BN -> relu, conv -> BN, + a downsampled residual, relu: a small torchvision-style block."""
 

@@ -23,6 +23,10 @@ from util import ACT_MODULES, max_rel_error, randomize_bn  # noqa: E402
 from fusedconv import cpu  # noqa: E402
 from fusedconv.modules import FusedConv2d  # noqa: E402
 
+# The oneDNN route on shapes small enough to run fast: small convs take it too here (by default they stay on
+# F.conv2d, cpu.small_conv_macs).
+pytestmark = pytest.mark.usefixtures("onednn_small_convs")
+
 TOL_FP32 = 1e-5
 CL = torch.channels_last
 CALLS = 3  # the first call routes and packs; the others take the common call

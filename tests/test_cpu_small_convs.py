@@ -1,7 +1,7 @@
 """FusedConv2d on CPU for small convs and for inputs dense in both layouts (fusedconv/cpu.py: `small_conv_macs`,
 `_channels_last_strided`).
 
-A small conv on channels_last float32 input (batch 1, groups 1, >= 16 input channels, a small input and weight,
+A small conv on channels_last float32 input (batch 1, groups 1, a small input and weight,
 few multiply-adds) stays on F.conv2d with a channels_last weight, where oneDNN's fused op costs more per call than
 the conv computes; every other channels_last float32 conv takes the oneDNN route. A tensor dense in both layouts
 with channels_last strides (a (N, C, 1, 1) oneDNN output) is routed as channels_last: PyTorch's native conv would
@@ -61,6 +61,7 @@ def _check(ref, y, x, residual=None):
     (128, 128, 3, 1, 4),  # 2.4M
     (64, 128, 3, 2, 8),   # strided
     (256, 64, 1, 1, 8),   # 1x1
+    (3, 64, 3, 2, 32),    # a stem
 ])
 def test_small_convs_stay_on_f_conv2d_with_a_channels_last_weight(cin, cout, k, stride, size, monkeypatch):
     ref, fused = _block(cin, cout, k, stride)
@@ -87,7 +88,7 @@ def test_small_conv_with_residual():
     _check(ref, y, x, residual)
 
 
-@pytest.mark.parametrize("case", ["batch2", "depthwise", "few_channels", "large_input", "large_weight",
+@pytest.mark.parametrize("case", ["batch2", "depthwise", "large_input", "large_weight",
                                   "many_macs", "threshold_off"])
 def test_outside_the_bounds_takes_onednn(case, monkeypatch):
     cin, cout, k, groups, shape = 32, 32, 3, 1, (1, 32, 8, 8)
@@ -95,8 +96,6 @@ def test_outside_the_bounds_takes_onednn(case, monkeypatch):
         shape = (2, 32, 8, 8)
     elif case == "depthwise":
         groups = 32
-    elif case == "few_channels":
-        cin, shape = 8, (1, 8, 16, 16)
     elif case == "large_input":  # 32 x 32 x 32 = 32768 elements, 1.05M multiply-adds
         k, shape = 1, (1, 32, 32, 32)
     elif case == "large_weight":  # 512 x 512 x 3 x 3 at 1x1: 2.4M weights, 2.4M multiply-adds
@@ -158,3 +157,24 @@ def test_resnet18_at_32x32_copies_no_weight_per_forward():
     assert counts.get("aten::clone", 0) <= 1, counts  # at most the input's copy at the layout boundary
     with torch.no_grad():
         assert max_rel_error(fused(x), model(x)) < 1e-4
+
+
+@pytest.mark.parametrize("size,layout", [(16, "NCHW"), (64, "channels_last")])
+def test_layout_boundary_switches_only_where_a_conv_takes_onednn(size, layout):
+    """At 16x16 every conv of this net is small (F.conv2d in either layout): channels_last would buy nothing, so the
+    boundary keeps NCHW; at 64x64 the 32->32 convs take oneDNN and the boundary switches."""
+    from fusedconv.cpu_boundary import layout_used
+
+    torch.manual_seed(0)
+    model = randomize_bn(nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.Conv2d(32, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU()).eval())
+    fused = fusedconv.convert(copy.deepcopy(model))
+    x = torch.randn(1, 3, size, size)
+    assert layout_used(fused, x) == layout
+    onednn = any(cpu.routes_onednn(m) for m in fused.modules())
+    assert onednn == (layout == "channels_last")
+    with torch.no_grad():
+        out = fused(x)
+        assert out.is_contiguous()
+        assert max_rel_error(out, copy.deepcopy(model).double()(x.double())) < 1e-5

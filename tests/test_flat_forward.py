@@ -396,7 +396,7 @@ def test_downsample_hooked_after_convert_keeps_its_output(inplace_calls):
     model, fc = _float32_pair(torchvision.models.resnet18(weights=None))
     x = torch.randn(1, 3, 64, 64)
     _, base = _run(fc, x, inplace_calls)
-    assert base == 7
+    assert base == 8  # every block: layer1.0's residual is the stem's max-pool output (flat_private_pooled)
     kept = []
     fc.layer2[0].downsample[0].register_forward_hook(lambda m, i, o: kept.append((o, o.clone())))
     y, n = _run(fc, x, inplace_calls)
@@ -443,3 +443,30 @@ def test_rewritten_root_gets_the_flat_graph_in_front_of_its_own_table():
         model.stage[1].conv2 = nn.Identity()  # (the converted block's BN role still applies, as in the original)
         _same(dup(x), model(x))
         assert guard_table(dup).fallback_calls == copied_count + 1
+
+
+@_in_place_available
+@pytest.mark.parametrize("change", ["none", "instance_forward", "hook", "subclass"])
+def test_max_pool_output_written_in_place_only_while_fresh(change, inplace_calls):
+    """resnet18's layer1.0 adds the stem's max-pool output: written in place only while that leaf is a plain
+    MaxPool2d returning a new tensor with no hooks. A max pool patched to return its input would otherwise have the
+    stem's output, which the caller may hold, overwritten."""
+    model, fc = _float32_pair(torchvision.models.resnet18(weights=None))
+    x = torch.randn(1, 3, 64, 64)
+    _, base = _run(fc, x, inplace_calls)
+    assert base == 8
+    held = []
+    if change == "instance_forward":  # returns its input: the stem's output, which the hook below keeps
+        real = fc.maxpool.forward
+        fc.maxpool.forward = lambda t: real(t)
+    elif change == "hook":
+        fc.maxpool.register_forward_hook(lambda m, i, o: held.append((o, o.clone())))
+    elif change == "subclass":
+        class OtherPool(nn.MaxPool2d):
+            pass
+        fc.maxpool.__class__ = OtherPool
+    y, n = _run(fc, x, inplace_calls)
+    assert n == (8 if change == "none" else 7)
+    if held:
+        assert torch.equal(*held[-1])
+    assert _close(y, _ref64(model, x))

@@ -445,6 +445,7 @@ def _call_leaves_directly(graph: fx.Graph, calls: list[fx.Node], leaf_paths: lis
             states = graph.call_function(flat_states, (table, k))
     index = {p: i for i, p in enumerate(leaf_paths)}
     fused = {}  # call node -> leaf index, for FusedConv2d leaves
+    pooled = {}  # call node -> leaf index, for pooling leaves (a fresh output, see flat_private_pooled)
     for node in calls:
         i = index[str(node.target)]
         with graph.inserting_before(node):
@@ -458,7 +459,9 @@ def _call_leaves_directly(graph: fx.Graph, calls: list[fx.Node], leaf_paths: lis
         graph.erase_node(node)
         if type(root_leaves[i]) is FusedConv2d:
             fused[new] = i
-    _mark_private_residuals(graph, leaves, states, fused)
+        elif type(root_leaves[i]) in _POOLS:
+            pooled[new] = i
+    _mark_private_residuals(graph, leaves, states, fused, pooled)
 
 
 def _plain_fused_call(node: fx.Node) -> bool:
@@ -468,11 +471,15 @@ def _plain_fused_call(node: fx.Node) -> bool:
         not (len(node.args) >= 2 and "residual" in node.kwargs)
 
 
-def _mark_private_residuals(graph: fx.Graph, leaves: fx.Node, states: fx.Node | None, fused: dict) -> None:
+def _mark_private_residuals(graph: fx.Graph, leaves: fx.Node, states: fx.Node | None, fused: dict,
+                            pooled: dict | None = None) -> None:
     """Let a fused call write its output into its residual where no one else can read that tensor afterwards
     (what private_residual.py proves inside one block, here across the whole graph). The graph half: the residual
-    is the fresh output of another FusedConv2d call, read only by FusedConv2d calls, the last of them this one,
-    and not returned. The per-call half (`flat_private`): none of those modules has a hook that could keep it."""
+    is the fresh output of another FusedConv2d call or of a torch.nn pooling layer (resnet18/34's first block adds
+    the stem's max-pool output), read only by FusedConv2d calls, the last of them this one, and not returned. The
+    per-call half (`flat_private`, `flat_private_pooled`): none of those modules has a hook that could keep it, and
+    the pooling layer still computes a fresh tensor."""
+    pooled = pooled or {}
     order = {n: k for k, n in enumerate(graph.nodes)}
 
     def call_args(node):  # (x, residual) of a FusedConv2d call node, whichever caller it uses
@@ -481,14 +488,18 @@ def _mark_private_residuals(graph: fx.Graph, leaves: fx.Node, states: fx.Node | 
 
     for call, c in fused.items():
         x, residual = call_args(call)
-        if not isinstance(residual, fx.Node) or residual is x or residual not in fused:
+        if not isinstance(residual, fx.Node) or residual is x or (residual not in fused and residual not in pooled):
             continue
         readers = [u for u in residual.users if u is not call]
         if any(u not in fused or order[u] > order[call] or call_args(u)[1] is residual for u in readers):
             continue  # read by something else, after this call, or as another call's residual
         with graph.inserting_before(call):
-            flag = graph.call_function(flat_private, (states, leaves, fused[residual], c,
-                                                      *(fused[u] for u in readers)))
+            if residual in fused:
+                flag = graph.call_function(flat_private, (states, leaves, fused[residual], c,
+                                                          *(fused[u] for u in readers)))
+            else:
+                flag = graph.call_function(flat_private_pooled, (states, leaves, pooled[residual], c,
+                                                                 *(fused[u] for u in readers)))
         kwargs = dict(call.kwargs)
         kwargs["residual_private"] = flag
         call.kwargs = kwargs
@@ -502,6 +513,21 @@ def flat_private(states: tuple, leaves: tuple, producer: int, fused: int, *reade
         return True
     return not (global_hooks() or hooked(leaves[producer]) or hooked(leaves[fused])
                 or any(hooked(leaves[r]) for r in readers))
+
+
+# Pooling layers whose forward returns a new tensor (F.max_pool2d / F.avg_pool2d allocate their output): as long as
+# the module is one of these classes, with no instance-level forward, not compiled in place and without indices.
+_POOLS = (nn.MaxPool2d, nn.AvgPool2d)
+
+
+def flat_private_pooled(states: tuple, leaves: tuple, producer: int, fused: int, *readers: int) -> bool:
+    """`flat_private` for a residual produced by a pooling leaf: that leaf must still return a fresh tensor."""
+    pool = leaves[producer]
+    d = pool.__dict__
+    if type(pool) not in _POOLS or "forward" in d or d.get("_compiled_call_impl") is not None or \
+            getattr(pool, "return_indices", False):
+        return False
+    return not (global_hooks() or hooked(pool) or hooked(leaves[fused]) or any(hooked(leaves[r]) for r in readers))
 
 
 def flatten(model: nn.Module, notes: list[str] | None = None) -> bool:

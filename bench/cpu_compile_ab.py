@@ -1,0 +1,145 @@
+"""fusedconv against torch.compile + Inductor freezing on CPU, paired per round (A/B tool for the CPU target).
+
+For each model: eager, `fusedconv.convert(model)` (the default path, fed NCHW) and `torch.compile(model)` with
+`torch._inductor.config.freezing = True`, each checked against eager in float64 first, then `--rounds`
+interleaved rounds of `--calls` calls each, the order of the variants reversed every other round (so neither side
+always runs right after the other). Per model: each variant's median and minimum ms per call and, per round, the
+ratio fusedconv / other — its median and quartiles. On a noisy shared machine the per-round ratio holds where
+absolute times drift by 2x between minutes: "ahead" = fusedconv faster in at least 3 rounds of 4 (p75 < 1),
+"behind" = slower in at least 3 of 4 (p25 > 1), else "level".
+
+`python -m bench.cpu_compile_ab [--models a,b] [--threads 2] [--size 224] [--rounds 30] [--calls 5]
+[--variants eager,fusedconv,compile_freeze] [--md PATH] [--json PATH]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+MODELS = ["torchvision:resnet50", "torchvision:mobilenet_v2", "timm:repvgg_a0", "smp:Unet:resnet34"]
+VARIANTS = ("eager", "fusedconv", "compile_freeze")
+
+
+def _quartiles(values: list[float]) -> tuple[float, float, float]:
+    from bench.metrics import quantile
+
+    return quantile(values, 0.25), statistics.median(values), quantile(values, 0.75)
+
+
+def _build(spec: str, variants: tuple[str, ...]) -> tuple[dict, torch.nn.Module]:
+    import fusedconv
+    from fusedconv.model_specs import build_model, randomize_batchnorm
+
+    torch.manual_seed(0)
+    model = randomize_batchnorm(build_model(spec).eval(), 0)
+    built = {}
+    for name in variants:
+        if name == "eager":
+            built[name] = model
+        elif name == "fusedconv":
+            built[name] = fusedconv.convert(model)
+        elif name == "compile_freeze":
+            import torch._inductor.config as inductor_config
+
+            inductor_config.freezing = True
+            built[name] = torch.compile(copy.deepcopy(model))
+        else:
+            raise ValueError(f"variants: expected names from {VARIANTS}, got {name!r}")
+    return built, model
+
+
+def measure(spec: str, variants: tuple[str, ...] = VARIANTS, size: int = 224, rounds: int = 30,
+            calls: int = 5) -> dict:
+    """One model's row: per-variant times (ms per call, every round) and the per-round ratios to fusedconv."""
+    built, model = _build(spec, variants)
+    x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = copy.deepcopy(model).double()(x.double())
+        errors = {}
+        for name, fn in built.items():
+            for _ in range(3):  # warm-up: the layout check, compilation, oneDNN packing
+                out = fn(x)
+            errors[name] = float((out.double() - reference).abs().max() / reference.abs().max())
+        times: dict[str, list[float]] = {name: [] for name in built}
+        order = list(built)
+        for r in range(rounds):
+            for name in (order if r % 2 == 0 else order[::-1]):
+                fn = built[name]
+                t0 = time.perf_counter()
+                for _ in range(calls):
+                    fn(x)
+                times[name].append((time.perf_counter() - t0) / calls * 1e3)
+    row = {"model": spec, "size": size, "rounds": rounds, "calls": calls, "max_rel_err_vs_fp64": errors,
+           "ms": {n: {"min": min(t), "median": statistics.median(t)} for n, t in times.items()},
+           "times_ms": times, "ratios": {}}
+    if "fusedconv" in times:
+        for name in times:
+            if name == "fusedconv":
+                continue
+            per_round = [a / b for a, b in zip(times["fusedconv"], times[name])]
+            p25, med, p75 = _quartiles(per_round)
+            row["ratios"][name] = {"p25": p25, "median": med, "p75": p75,
+                                   "verdict": "ahead" if p75 < 1 else "behind" if p25 > 1 else "level"}
+    return row
+
+
+def markdown(rows: list[dict], env_line: str) -> str:
+    lines = ["# fusedconv vs torch.compile + Inductor freezing on CPU (paired rounds)", "", env_line, "",
+             "Per-round ratio fusedconv / other: median (p25-p75); ahead = p75 < 1, behind = p25 > 1, else level.", "",
+             "| model | " + " | ".join(f"{n} ms (median / min)" for n in rows[0]["ms"]) + " | "
+             + " | ".join(f"fusedconv / {n}" for n in rows[0]["ratios"]) + " |",
+             "|---|" + "---|" * (len(rows[0]["ms"]) + len(rows[0]["ratios"]))]
+    for row in rows:
+        ms = " | ".join(f"{v['median']:.2f} / {v['min']:.2f}" for v in row["ms"].values())
+        ratios = " | ".join(f"{v['median']:.3f} ({v['p25']:.3f}-{v['p75']:.3f}) {v['verdict']}"
+                            for v in row["ratios"].values())
+        lines.append(f"| {row['model']} | {ms} | {ratios} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(prog="python -m bench.cpu_compile_ab", description=__doc__.splitlines()[0])
+    p.add_argument("--models", default=",".join(MODELS))
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--rounds", type=int, default=30)
+    p.add_argument("--calls", type=int, default=5)
+    p.add_argument("--md")
+    p.add_argument("--json")
+    args = p.parse_args(argv)
+    variants = tuple(v for v in args.variants.split(",") if v)
+    if "fusedconv" not in variants:
+        p.error("--variants: must include fusedconv (every ratio is fusedconv / other)")
+    torch.set_num_threads(args.threads)
+    from bench.zoo import environment
+
+    env = environment(list(sys.argv[1:] if argv is None else argv), prog="bench.cpu_compile_ab")
+    rows = []
+    for spec in args.models.split(","):
+        row = measure(spec, variants, args.size, args.rounds, args.calls)
+        rows.append(row)
+        print(f"{spec}: " + "  ".join(f"{n} {v['median']:.2f} ms" for n, v in row["ms"].items()) + "  " +
+              "  ".join(f"fc/{n} {v['median']:.3f} ({v['p25']:.3f}-{v['p75']:.3f}) {v['verdict']}"
+                        for n, v in row["ratios"].items()), flush=True)
+    versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v)
+    env_line = (f"{env['machine']}, {versions}; {args.threads} thread(s), batch 1, {args.size}x{args.size} "
+                f"float32, {args.rounds} rounds x {args.calls} calls; `{env['command']}`; {env['date']}")
+    if args.md:
+        with open(args.md, "w") as f:
+            f.write(markdown(rows, env_line))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"environment": env, "rows": rows}, f, indent=1)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""bench/cpu_compile_ab.py: the paired A/B against torch.compile + freezing — every variant checked and timed in
+alternating order, the per-round ratios and their verdict computed from the rounds, the report written."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch.nn as nn
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _tiny(monkeypatch):
+    from fusedconv import model_specs
+    monkeypatch.setattr(model_specs, "build_model", lambda spec: nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU()))
+
+
+def test_rounds_alternate_and_ratios_come_from_them(monkeypatch):
+    from bench import cpu_compile_ab
+    _tiny(monkeypatch)
+    order = []
+    real = cpu_compile_ab._build
+
+    def spying_build(spec, variants):
+        built, model = real(spec, variants)
+        return {n: (lambda x, n=n, f=f: order.append(n) or f(x)) for n, f in built.items()}, model
+
+    monkeypatch.setattr(cpu_compile_ab, "_build", spying_build)
+    row = cpu_compile_ab.measure("tiny", ("eager", "fusedconv"), size=16, rounds=4, calls=1)
+    timed = order[6:]  # after 3 warm-up calls each
+    assert timed == ["eager", "fusedconv", "fusedconv", "eager"] * 2
+    assert all(e < 1e-5 for e in row["max_rel_err_vs_fp64"].values())
+    per_round = [a / b for a, b in zip(row["times_ms"]["fusedconv"], row["times_ms"]["eager"])]
+    ratio = row["ratios"]["eager"]
+    assert ratio["p25"] <= ratio["median"] <= ratio["p75"]
+    assert min(per_round) <= ratio["median"] <= max(per_round)
+    assert ratio["verdict"] == ("ahead" if ratio["p75"] < 1 else "behind" if ratio["p25"] > 1 else "level")
+
+
+def test_main_writes_the_report(monkeypatch, tmp_path):
+    from bench import cpu_compile_ab
+    _tiny(monkeypatch)
+    md, js = tmp_path / "ab.md", tmp_path / "ab.json"
+    rows = cpu_compile_ab.main(["--models", "tiny", "--variants", "eager,fusedconv", "--size", "16", "--rounds", "2",
+                                "--calls", "1", "--threads", "1", "--md", str(md), "--json", str(js)])
+    assert len(rows) == 1 and set(rows[0]["ms"]) == {"eager", "fusedconv"}
+    text = md.read_text()
+    assert "| tiny |" in text and "fusedconv / eager" in text and "python -m bench.cpu_compile_ab" in text
+    assert js.read_text().startswith("{")
+
+
+def test_fusedconv_required():
+    from bench import cpu_compile_ab
+    with pytest.raises(SystemExit):
+        cpu_compile_ab.main(["--variants", "eager,compile_freeze"])

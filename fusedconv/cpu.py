@@ -432,6 +432,12 @@ def eager_forward(module, x, residual, residual_private: bool = False):
         if y is not None:
             return y if route is ONEDNN_COPY else y.contiguous()
         route = FOLDED_CL if route is ONEDNN_COPY else FOLDED  # oneDNN off or refused: F.conv2d, same layout
+    return folded_call(state, route, x, residual)
+
+
+def folded_call(state: EagerState, route: str, x, residual):
+    """The F.conv2d routes (FOLDED, FOLDED_CL, and ONEDNN* when oneDNN is off or refused): the conv with the folded
+    weight and bias, then the residual and the activation in place; output in the input's layout."""
     weight = state.weight
     if route is FOLDED_CL and x.dtype == torch.float32:
         # For channels_last input aten's convs (its native kernel and its oneDNN call) read a channels_last weight;

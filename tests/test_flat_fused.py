@@ -338,3 +338,51 @@ def test_leaves_of_unimportable_classes_are_not_pure_and_pickle():
     torch.save(leaves, buffer)
     buffer.seek(0)
     assert torch.load(buffer, weights_only=False).states() == (None, None)
+
+
+class _SmallNet(nn.Module):
+    """Convs small enough for the F.conv2d routes at 16x16 (cpu.small_conv_macs), a residual block included."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.conv1 = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.conv2 = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16))
+        self.head = nn.Sequential(nn.Conv2d(16, 8, 1, bias=False), nn.BatchNorm2d(8), nn.SiLU())
+
+    def forward(self, x):
+        s = self.stem(x)
+        return self.head(torch.relu(self.conv2(self.conv1(s)) + s))
+
+
+@pytest.mark.parametrize("case", ["nchw_small", "channels_last_small", "float64"])
+def test_f_conv2d_routes_called_directly_and_exact(case, module_calls, monkeypatch):
+    """Convs the modules route to F.conv2d (NCHW input where the boundary keeps NCHW, small convs on channels_last,
+    float64) run that route from the flat graph too (`cpu.folded_call`), with the module call's exact result."""
+    monkeypatch.setattr(cpu, "small_conv_macs", 4_000_000)  # the default, over this file's onednn_small_convs
+    torch.manual_seed(0)
+    model = randomize_bn(_SmallNet()).eval()
+    dtype = torch.float64 if case == "float64" else torch.float32
+    converted = fusedconv.convert(copy.deepcopy(model).to(dtype), reparameterize=False)
+    x = _x(1, 3, 16, 16, dtype=dtype)
+    if case == "channels_last_small":
+        x = x.contiguous(memory_format=torch.channels_last)
+    _run(converted, x)  # routes every layer (and checks the layout boundary)
+    routes = {r for m in converted.modules() if type(m) is FusedConv2d for r in m._cpu_state.routes.values()}
+    assert routes <= {cpu.FOLDED, cpu.FOLDED_CL} and not any(cpu.routes_onednn(m) for m in converted.modules())
+    module_calls[0] = 0
+    y = _run(converted, x)
+    assert module_calls[0] == 0 and guard_table(converted).fallback_calls == 0
+    ref = _reference(converted, x)
+    assert module_calls[0] == 4  # the reference went through the modules
+    assert torch.equal(y, ref) and y.stride() == ref.stride()
+    with torch.no_grad():
+        assert max_rel_error(y.double(), copy.deepcopy(model).double()(x.double())) < 1e-5
+    # An edit after the forward is seen by the next direct call.
+    with torch.no_grad():
+        for m in converted.modules():
+            if type(m) is FusedConv2d:
+                m.scale.mul_(-1.25)
+                break
+        model_edit = _reference(converted, x)
+    assert torch.equal(_run(converted, x), model_edit) and not torch.equal(model_edit, ref)

@@ -1,5 +1,6 @@
 """FusedConv2d calls from the whole-model flat forward (fusedconv/graph/flat.py): what they depend on checked once
-per forward, then each call one oneDNN op, without the module machinery.
+per forward, then each call its route's ops (one oneDNN op, or F.conv2d and the epilogue), without the module
+machinery.
 
 A FusedConv2d call goes `nn.Module.__call__` → `FusedConv2d.forward` → `cpu.eager_forward`, whose per-call checks
 (hooks, the module's tensors, their version counters and data pointers, the input's signature) touch a dozen Python
@@ -14,13 +15,15 @@ So the flat graph splits them:
   during the forward that could change a module; the flat guard has already checked that no tracer or compiler
   runs), no gradient mode, the fast path on (`cpu.enabled`), FusedConv2d's op routing and its class-level forward /
   call not patched. Per module: exactly a FusedConv2d, no instance-level forward, not compiled in place, no
-  pre-pad, oneDNN accepted it, weight / scale / shift are the tensors it folded and packed, with the same version
+  pre-pad, a folded weight, weight / scale / shift are the tensors it folded (and packed), with the same version
   counters and data pointers. It returns the modules' eager states (`cpu.EagerState`), None for a module that
   failed a check (all None when the forward is not pure);
 * per call, `fused_call` checks what only the call knows: a plain CPU tensor whose signature (shape, strides,
-  dtype; the residual's too) the module has validated and routed to oneDNN before (`EagerState.routes`), and
-  runs that route's oneDNN op. Anything else — no state, a new signature, oneDNN raising — is the module call
-  (`module(x, residual, residual_private)`), which validates, routes and records as usual.
+  dtype; the residual's too) the module has validated and routed before (`EagerState.routes`), and runs that
+  route: the oneDNN op where oneDNN accepted the module, else for the F.conv2d routes (NCHW input, small convs)
+  `cpu.folded_call`, the very code the module call runs for them. Anything else — no state, a new signature, another
+  route, oneDNN raising — is the module call (`module(x, residual, residual_private)`), which validates, routes and
+  records as usual.
 """
 from __future__ import annotations
 
@@ -36,7 +39,7 @@ from fusedconv.modules import FusedConv2d
 _Tensor = torch.Tensor
 _grad_enabled = torch.is_grad_enabled
 _USE_KERNEL = ops.use_kernel
-_ONEDNN = cpu.ONEDNN
+_ONEDNN, _FOLDED, _FOLDED_CL = cpu.ONEDNN, cpu.FOLDED, cpu.FOLDED_CL
 # The class-level methods a module call runs: patched (instrumentation, a test), every call goes through them.
 _FORWARD, _CALL, _CALL_IMPL = FusedConv2d.forward, FusedConv2d.__call__, FusedConv2d._call_impl
 
@@ -93,7 +96,7 @@ class FusedLeaves:
             lines += [
                 f"    s = d{i}.get('_cpu_state')",
                 f"    s{i} = None",
-                f"    if (s is not None and s.onednn_ok and type(l{i}) is FusedConv2d and 'forward' not in d{i}"
+                f"    if (s is not None and s.weight is not None and type(l{i}) is FusedConv2d and 'forward' not in d{i}"
                 f" and d{i}.get('_compiled_call_impl') is None and d{i}.get('pre_pad') is None{required}):",
                 f"        w = d{i}['_parameters'].get('weight')",
                 f"        b = d{i}['_buffers']",
@@ -125,20 +128,28 @@ class FusedLeaves:
 
 
 def fused_call(state, module, x, residual=None, residual_private: bool = False):
-    """`module(x, residual, residual_private)`, as one oneDNN op when `state` (from FusedLeaves.states) is given
-    and the call's signature was routed to oneDNN before (module doc)."""
+    """`module(x, residual, residual_private)`, as that route's ops when `state` (from FusedLeaves.states) is given
+    and the module routed the call's signature before: one oneDNN op (oneDNN accepted the module), or F.conv2d with
+    the folded weight and the epilogue in place (`cpu.folded_call`: NCHW input, small convs) (module doc)."""
     if state is not None and type(x) is _Tensor and x.is_cpu:
         try:
             if residual is None:
                 # The key eager_forward routes by (`cpu._route`), with no gradient needed (checked per forward).
-                if state.routes.get((x.shape, x.stride(), x.dtype, False)) is _ONEDNN:
+                route = state.routes.get((x.shape, x.stride(), x.dtype, False))
+                if route is _ONEDNN and state.onednn_ok:
                     return cpu._pointwise(x, state.packed, state.bias, *state.unary_tail)
-            elif type(residual) is _Tensor and state.routes.get(
-                    (x.shape, x.stride(), x.dtype, False, residual.shape, residual.stride(), residual.dtype,
-                     residual.device)) is _ONEDNN:
-                if residual_private and state.inplace_tail is not None and cpu._writable(x, residual):
-                    return cpu._pointwise_binary_inplace(residual, x, state.packed, state.bias, *state.inplace_tail)
-                return cpu.conv_act(x, state.packed, state.bias, state.onednn_args, residual)
+            elif type(residual) is _Tensor:
+                route = state.routes.get((x.shape, x.stride(), x.dtype, False, residual.shape, residual.stride(),
+                                          residual.dtype, residual.device))
+                if route is _ONEDNN and state.onednn_ok:
+                    if residual_private and state.inplace_tail is not None and cpu._writable(x, residual):
+                        return cpu._pointwise_binary_inplace(residual, x, state.packed, state.bias,
+                                                             *state.inplace_tail)
+                    return cpu.conv_act(x, state.packed, state.bias, state.onednn_args, residual)
+            else:
+                route = None
+            if route is _FOLDED or route is _FOLDED_CL:
+                return cpu.folded_call(state, route, x, residual)
         except RuntimeError:
             pass  # oneDNN refused: the module call below handles it (and takes F.conv2d from then on)
     return module(x, residual, residual_private)

@@ -33,6 +33,7 @@ import copy
 import datetime as dt
 import io
 import json
+import os
 import platform
 import re
 import signal
@@ -380,6 +381,14 @@ def _direct_calls(model: nn.Module, x: torch.Tensor) -> tuple:
     return y, counts["direct"], counts["module"]
 
 
+def portable_traceback(limit: int = 2000) -> str:
+    """The exception being handled, formatted without this machine's directories (results files are committed):
+    installed packages from their package directory on, this checkout's files from its root."""
+    text = re.sub(r'File "[^"]*?(?:site|dist)-packages/', 'File "', traceback.format_exc())
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return text.replace(root + os.sep, "")[-limit:]
+
+
 def with_timeout(entry: ZooModel, timeout: int, measure, **failed) -> dict:
     """`measure()` (one model's row) under a SIGALRM of `timeout` seconds; a timeout or any exception becomes the
     model's row instead (`failed` holds the caller's fields for a model that was not measured), so the sweep goes
@@ -394,7 +403,7 @@ def with_timeout(entry: ZooModel, timeout: int, measure, **failed) -> dict:
                "findings": [f"timed out after {timeout} s"]}
     except Exception as e:  # noqa: BLE001 - the sweep goes on
         res = {"model": entry.spec, "source": entry.source, **failed, "error": first_line(e),
-               "findings": ["runner error " + first_line(e)], "traceback": traceback.format_exc()[-2000:]}
+               "findings": ["runner error " + first_line(e)], "traceback": portable_traceback()}
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)

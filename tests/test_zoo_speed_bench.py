@@ -69,3 +69,19 @@ def test_report_flags_slower_models():
     assert "slower than the original: 1 (a)" in text
     assert "| a | 1x3x8x8 | 1.00 | 1.20 | - | 1.20 (1.10-1.30) **slower** | - |" in text
     assert "not timed: boom" in text
+
+
+def test_failed_model_traceback_names_no_machine_directories():
+    import os
+
+    from bench.zoo import ZooModel, with_timeout
+
+    def fail():
+        import torch.nn.functional as F
+        import torch
+        F.max_pool2d(torch.zeros(1, 1, 1, 1), 3)  # raises inside torch's own files
+
+    row = with_timeout(ZooModel("home:shared_bn"), 60, fail)
+    tb = row["traceback"]
+    assert "max_pool2d" in tb and "torch/nn/functional.py" in tb
+    assert "site-packages" not in tb and os.path.dirname(os.path.dirname(os.path.abspath(__file__))) not in tb

@@ -472,14 +472,13 @@ def _plain_fused_call(node: fx.Node) -> bool:
 
 
 def _mark_private_residuals(graph: fx.Graph, leaves: fx.Node, states: fx.Node | None, fused: dict,
-                            pooled: dict | None = None) -> None:
+                            pooled: dict) -> None:
     """Let a fused call write its output into its residual where no one else can read that tensor afterwards
     (what private_residual.py proves inside one block, here across the whole graph). The graph half: the residual
     is the fresh output of another FusedConv2d call or of a torch.nn pooling layer (resnet18/34's first block adds
     the stem's max-pool output), read only by FusedConv2d calls, the last of them this one, and not returned. The
     per-call half (`flat_private`, `flat_private_pooled`): none of those modules has a hook that could keep it, and
     the pooling layer still computes a fresh tensor."""
-    pooled = pooled or {}
     order = {n: k for k, n in enumerate(graph.nodes)}
 
     def call_args(node):  # (x, residual) of a FusedConv2d call node, whichever caller it uses
@@ -527,7 +526,7 @@ def flat_private_pooled(states: tuple, leaves: tuple, producer: int, fused: int,
     if type(pool) not in _POOLS or "forward" in d or d.get("_compiled_call_impl") is not None or \
             getattr(pool, "return_indices", False):
         return False
-    return not (global_hooks() or hooked(pool) or hooked(leaves[fused]) or any(hooked(leaves[r]) for r in readers))
+    return flat_private(states, leaves, producer, fused, *readers)  # (a pool has no state: every hook is checked)
 
 
 def flatten(model: nn.Module, notes: list[str] | None = None) -> bool:

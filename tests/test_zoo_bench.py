@@ -107,9 +107,25 @@ def test_a_wrong_direct_call_is_reported(monkeypatch):
     from fusedconv.graph import flat_fused
     from fusedconv.graph import flat
 
+    from fusedconv import cpu_boundary
+
+    # Off for float32 calls after the layout boundary's check (float64 calls and that check's runs are direct calls
+    # too, through the F.conv2d routes: a model wrong in one layout only would simply stay NCHW).
+    checking = [False]
+    real_checked = cpu_boundary._checked
+
+    def checked(*args, **kwargs):
+        checking[0] = True
+        try:
+            return real_checked(*args, **kwargs)
+        finally:
+            checking[0] = False
+
     def off_when_direct(state, module, x, residual=None, residual_private=False):
         y = flat_fused.fused_call(state, module, x, residual, residual_private)
-        return y + 1e-2 if state is not None else y
+        return y + 1e-2 if state is not None and x.dtype == torch.float32 and not checking[0] else y
+
+    monkeypatch.setattr(cpu_boundary, "_checked", checked)
 
     monkeypatch.setattr(flat, "fused_call", off_when_direct)
     res = zoo.run_model(ZooModel("timm:test_resnet"), size=SIZE, batch=2)

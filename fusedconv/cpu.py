@@ -151,6 +151,10 @@ def conv_act(x, packed_weight, bias, call_args, residual):
 # layout F.conv2d gives that signature (channels_last, or contiguous for ONEDNN_COPY_NCHW).
 GENERIC, FOLDED, FOLDED_CL, ONEDNN = "generic", "folded", "folded_channels_last", "onednn"
 ONEDNN_COPY, ONEDNN_COPY_NCHW = "onednn_after_copy", "onednn_after_copy_nchw_out"
+# The same views when the conv is small (small_conv_macs): copied to channels_last, then FOLDED_CL's F.conv2d (a
+# 14->14 3x3 conv on an 8x8 channel slice, 1 thread: copy + F.conv2d 29 us, copy + oneDNN 87, F.conv2d on the view
+# 33; 56->56 at 2x2: 24 / 84 / 62 us).
+FOLDED_COPY, FOLDED_COPY_NCHW = "folded_after_copy", "folded_after_copy_nchw_out"
 # Signatures remembered per module; a model fed ever-changing shapes starts over rather than growing forever.
 _MAX_ROUTES = 64
 # Small convs on channels_last float32 input stay on F.conv2d (FOLDED_CL, with a channels_last copy of the folded
@@ -242,13 +246,15 @@ def _choose_route(module, x, residual, needs_grad: bool) -> str:
     if x.dtype == torch.float32 and _channels_last_strided(x) and available():
         # NCHW input stays on F.conv2d: oneDNN writes NHWC, and converting back after every layer was measured
         # slower than eager (resnet50 40.7 vs 34.8 ms). Models get channels_last once, at their boundary.
-        weight = module.weight
-        if (module.groups == 1 and x.shape[0] == 1 and x.numel() <= _SMALL_INPUT
-                and weight.numel() <= _SMALL_WEIGHT
-                and math.prod(out_shape) * (weight.numel() // weight.shape[0]) <= small_conv_macs):
-            return FOLDED_CL  # a small conv (small_conv_macs)
-        return ONEDNN
+        return FOLDED_CL if _small_conv(module, x, out_shape) else ONEDNN
     return FOLDED_CL if _is_channels_last(x) else FOLDED
+
+
+def _small_conv(module, x, out_shape) -> bool:
+    """A conv small enough for F.conv2d on channels_last input (small_conv_macs)."""
+    weight = module.weight
+    return (module.groups == 1 and x.shape[0] == 1 and x.numel() <= _SMALL_INPUT and weight.numel() <= _SMALL_WEIGHT
+            and math.prod(out_shape) * (weight.numel() // weight.shape[0]) <= small_conv_macs)
 
 
 _ONEDNN_ROUTES = (ONEDNN, ONEDNN_COPY, ONEDNN_COPY_NCHW)
@@ -276,16 +282,18 @@ def _channels_last_strided(x) -> bool:
     return x.stride()[1:] != (h * w, w, 1)
 
 
-def _view_route(state: EagerState, x, residual) -> str | None:
-    """ONEDNN_COPY / ONEDNN_COPY_NCHW for a float32 view dense in neither layout, by the layout F.conv2d answers
-    it in (one F.conv2d call per such signature, on its first call); None to stay on F.conv2d."""
+def _view_route(module, state: EagerState, x, residual) -> str | None:
+    """ONEDNN_COPY / ONEDNN_COPY_NCHW (FOLDED_COPY / FOLDED_COPY_NCHW for a small conv) for a float32 view dense in
+    neither layout, by the layout F.conv2d answers it in (one F.conv2d call per such signature, on its first
+    call); None to stay on F.conv2d."""
     if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last):
         return None
     y = _conv2d(x, state.weight, state.bias, *state.conv_args)
+    small = _small_conv(module, x, y.shape)
     if y.is_contiguous(memory_format=torch.channels_last):
-        return ONEDNN_COPY
+        return FOLDED_COPY if small else ONEDNN_COPY
     if y.is_contiguous() and residual is None:  # (a residual's layout would be oneDNN's to mix: not done)
-        return ONEDNN_COPY_NCHW
+        return FOLDED_COPY_NCHW if small else ONEDNN_COPY_NCHW
     return None
 
 
@@ -315,7 +323,7 @@ def _new_route(module, state: EagerState, key, x, residual) -> str:
     else:
         route = _choose_route(module, x, residual, key[3])
         if route is FOLDED and x.dtype == torch.float32 and state.onednn_ok is not False and available():
-            route = _view_route(state, x, residual) or FOLDED
+            route = _view_route(module, state, x, residual) or FOLDED
     if len(state.routes) >= _MAX_ROUTES:
         state.routes.clear()
     state.routes[key] = route
@@ -432,6 +440,8 @@ def eager_forward(module, x, residual, residual_private: bool = False):
         if y is not None:
             return y if route is ONEDNN_COPY else y.contiguous()
         route = FOLDED_CL if route is ONEDNN_COPY else FOLDED  # oneDNN off or refused: F.conv2d, same layout
+    elif route is FOLDED_COPY or route is FOLDED_COPY_NCHW:
+        return copied_folded_call(state, route, x, residual)
     return folded_call(state, route, x, residual)
 
 
@@ -457,6 +467,13 @@ def folded_call(state: EagerState, route: str, x, residual):
         # F.conv2d's CPU kernels do not always keep channels_last; the output follows the input's layout.
         y = y.contiguous(memory_format=torch.channels_last)
     return y
+
+
+def copied_folded_call(state: EagerState, route: str, x, residual):
+    """FOLDED_COPY / FOLDED_COPY_NCHW: FOLDED_CL on a channels_last copy of the view `x`; the output in the layout
+    F.conv2d answers the view in (channels_last, or contiguous for FOLDED_COPY_NCHW)."""
+    y = folded_call(state, FOLDED_CL, x.contiguous(memory_format=torch.channels_last), residual)
+    return y if route is FOLDED_COPY else y.contiguous()
 
 
 def _copied_onednn_call(state: EagerState, x, residual):

@@ -278,7 +278,8 @@ def test_list_and_dict_inputs_of_varying_length_and_keys():
 
 
 class TypeTested(nn.Module):
-    """forward tests its input's type: the trace takes the tensor branch, the guard requires a tensor."""
+    """forward tests its input's type: the trace takes the tensor branch, the guard requires a tensor; a second
+    trace takes the list branch (guard: a list); a tuple matches neither."""
 
     def __init__(self):
         super().__init__()
@@ -298,8 +299,11 @@ def test_type_tested_input():
     _same(converted(x), original(x))
     assert _fallbacks(converted) == 0
     _same(converted([x]), original([x]))
+    assert _fallbacks(converted) == 0
+    _same(converted((x,)), original((x,)))
     assert _fallbacks(converted) == 1
     assert "x is a tensor" in report.guards[0][2][0]
+    assert "x is a list" in report.guards[0][2][1]
 
 
 class Basic(nn.Module):

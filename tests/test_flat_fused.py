@@ -386,3 +386,40 @@ def test_f_conv2d_routes_called_directly_and_exact(case, module_calls, monkeypat
                 break
         model_edit = _reference(converted, x)
     assert torch.equal(_run(converted, x), model_edit) and not torch.equal(model_edit, ref)
+
+
+class _SplitNet(nn.Module):
+    """A Res2Net-like split: each half of a channels_last tensor (a view dense in neither layout) into its own
+    small conv + BN + ReLU."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU())
+        self.a = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+
+    def forward(self, x):
+        s = self.stem(x)
+        left, right = torch.split(s, 16, dim=1)
+        return torch.cat([self.a(left), self.b(right)], 1)
+
+
+def test_small_convs_on_channel_slices_called_directly_and_exact(module_calls, monkeypatch):
+    """The channel slices' small convs (cpu.FOLDED_COPY: a channels_last copy, then F.conv2d) run from the flat
+    graph too (`cpu.copied_folded_call`), with the module call's exact result."""
+    monkeypatch.setattr(cpu, "small_conv_macs", 4_000_000)  # the default, over this file's onednn_small_convs
+    torch.manual_seed(0)
+    model = randomize_bn(_SplitNet()).eval()
+    converted = fusedconv.convert(copy.deepcopy(model), reparameterize=False)
+    x = _x(1, 3, 12, 12).contiguous(memory_format=torch.channels_last)
+    _run(converted, x)
+    routes = [m._cpu_state.routes[next(reversed(m._cpu_state.routes))] for m in (converted.a[0], converted.b[0])]
+    assert routes == [cpu.FOLDED_COPY] * 2
+    module_calls[0] = 0
+    y = _run(converted, x)
+    assert module_calls[0] == 0
+    ref = _reference(converted, x)
+    assert module_calls[0] == 3
+    assert torch.equal(y, ref) and y.stride() == ref.stride()
+    with torch.no_grad():
+        assert max_rel_error(y.double(), copy.deepcopy(model).double()(x.double())) < 1e-5

@@ -43,11 +43,11 @@ from fusedconv import fold
 from fusedconv.graph.chains import _short
 from fusedconv.fused_layers import FusedAffineLayer
 from fusedconv.graph.legality import chain_base, is_leaf_type, module_use_counts
-from fusedconv.graph.patterns import UnsupportedSignature, call_patterns, forward_params
+from fusedconv.graph.patterns import UnsupportedSignature, call_patterns, forward_params, list_patterns
 from fusedconv.graph.scope_rewrite import ScopeRewrite
 from fusedconv.graph.sequential import KIND, fuse_sequential, is_plain_sequential
 from fusedconv.graph.specialize import guard_table
-from fusedconv.graph.tracing import trace_scope, visit_children
+from fusedconv.graph.tracing import ScopeTracer, trace_scope, visit_children
 from fusedconv.modules import FusedConv2d
 from fusedconv.report import ConversionReport
 
@@ -139,6 +139,12 @@ class DataflowWalk:
         if not traced:
             self._untraceable(module, scope, first_error)
             return module
+        for pattern in list_patterns(params, traced):
+            try:
+                traced.append((pattern, trace_scope(module, pattern.concrete_args(params) or None,
+                                                    ScopeTracer(pattern.list_params(params)))))
+            except Exception:  # noqa: BLE001 - lists then take the block's other specializations or its fallback
+                pass
         result, guards = ScopeRewrite(module, scope, params, traced, self.uses, self.report).run()
         if guards is not None:
             self.report.add_guards(scope, type(module).__name__, guards)

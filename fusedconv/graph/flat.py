@@ -62,6 +62,9 @@ class NotNone:
 
 
 _NOT_NONE = NotNone()
+# Stands for a list the flat graph builds itself (of tensors from torch operations or layers) when the guard asks
+# a block's table which specialization such a call takes (patterns.LIST: "is a list"). Never mutated.
+_A_LIST: list = []
 _ARITHMETIC = {operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv, operator.matmul,
                operator.neg, operator.iadd, operator.imul, operator.isub, operator.itruediv}
 
@@ -211,6 +214,8 @@ class FlatTracer(ScopeTracer):
                 probe.append(_NOT_NONE)
             elif a is None or type(a) in (bool, int, float, str):
                 probe.append(a)
+            elif type(a) is list and all(isinstance(v, fx.Proxy) and self._not_none(v) for v in a):
+                probe.append(_A_LIST)  # DenseNet's layers, called with the list of the features so far
             else:
                 return None
         if len(probe) < len(table.params):

@@ -3,7 +3,8 @@
 A traced graph is only valid for the calls that would take the same Python path as the trace did. What a
 trace of one scope can depend on, and how each dependency is recorded here:
   * each forward parameter: traced as a Proxy (the forward sees "not None", and a tensor if it inspects the
-    type), or fixed to a concrete value through fx `concrete_args` (None, or a plain Python default);
+    type; where it did, once more as a list: `list_patterns`), or fixed to a concrete value through fx
+    `concrete_args` (None, or a plain Python default);
   * attributes the forward read on the block (`tracing.trace_scope` logs them): plain values (flags, ints,
     strings; `training`) by value, other objects and submodules (which may be None) by identity, parameter and
     buffer slots by whether they are None.
@@ -31,6 +32,8 @@ MAX_OPTIONAL_PARAMS = 3
 PROXY = "proxy"      # traced as a Proxy: any value that is not None (a tensor if the forward checked the type)
 CONCRETE = "value"   # fixed to a concrete value
 ANY = "any"          # two patterns (Proxy and None) merged: the graph is the same either way, no guard
+LIST = "list"        # traced as a Proxy the forward's isinstance sees as a list (passed on or indexed, never
+                     # iterated): a parameter the tensor pattern type-checked, called with a list of tensors
 
 
 class UnsupportedSignature(ValueError):
@@ -72,6 +75,9 @@ class CallPattern:
     def concrete_args(self, params: list[Param]) -> dict:
         return {p.name: v for p, (kind, v) in zip(params, self.slots) if kind == CONCRETE}
 
+    def list_params(self, params: list[Param]) -> frozenset[str]:
+        return frozenset(p.name for p, (kind, _) in zip(params, self.slots) if kind == LIST)
+
 
 def call_patterns(params: list[Param]) -> list[CallPattern]:
     """The patterns to trace, the one fx traces by default (every parameter a Proxy, except non-None plain
@@ -91,6 +97,23 @@ def call_patterns(params: list[Param]) -> list[CallPattern]:
         last = tuple(c[-1] for c in choices)
         return [CallPattern(first), CallPattern(last)]
     return [CallPattern(tuple(s)) for s in itertools.product(*choices)]
+
+
+def list_patterns(params: list[Param], traced: list) -> list[CallPattern]:
+    """More patterns worth tracing after `traced` ((pattern, trace) pairs): a parameter whose type the forward
+    tested (`isinstance(p, Tensor)`) may be called with something else, most often a list of tensors (torchvision's
+    DenseNet layers take `Tensor | list[Tensor]` and are called with lists); each such parameter traced as a
+    list (LIST), one at a time."""
+    out: list[CallPattern] = []
+    for pattern, trace in traced:
+        for i, (p, (kind, _)) in enumerate(zip(params, pattern.slots)):
+            if kind == PROXY and p.name in trace.type_checked:
+                slots = list(pattern.slots)
+                slots[i] = (LIST, None)
+                candidate = CallPattern(tuple(slots))
+                if candidate not in out:
+                    out.append(candidate)
+    return out
 
 
 def merge_patterns(items: list) -> list:
@@ -155,7 +178,11 @@ def build_guard(module: nn.Module, params: list[Param], pattern: CallPattern, tr
         name = local[p.name]
         if kind == ANY:
             continue
-        if kind == PROXY:
+        if kind == LIST:
+            # The trace answered the forward's type tests as for a list and used the list only through torch
+            # ops and indexing (tracing._ParamProxy): any list takes that path; its contents reach the ops as is.
+            g.check(f"type({name}) is list", f"{p.name} is a list")
+        elif kind == PROXY:
             if p.name in trace.type_checked:
                 g.check(f"isinstance({name}, Tensor)", f"{p.name} is a tensor")
             else:

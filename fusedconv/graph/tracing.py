@@ -46,6 +46,8 @@ class _ParamProxy(fx.Proxy):
     requires a tensor (instead of just "not None"). torch's own code and C-level checks get the true class.
     """
 
+    _answers = torch.Tensor
+
     @property
     def __class__(self):
         frame = sys._getframe(1)
@@ -53,21 +55,36 @@ class _ParamProxy(fx.Proxy):
         if caller == "torch" or caller.startswith("torch.") or not _is_isinstance_call(frame):
             return type(self)
         self.tracer.type_checked.add(self.node.target)
-        return torch.Tensor
+        return self._answers
+
+
+class _ListParamProxy(_ParamProxy):
+    """A parameter traced as a list (patterns.LIST): the forward's isinstance sees a list; the Proxy may be passed
+    on whole (torch.cat(p)) or indexed, never iterated: fx would unpack `a, b = p` into p[0], p[1], and the graph
+    would then take the first two elements of a longer list where the forward itself raises."""
+
+    _answers = list
+
+    def __iter__(self):
+        raise fx.proxy.TraceError(f"the list parameter {self.node.target!r} is iterated or unpacked; its length "
+                                  "would be baked into the graph")
 
 
 class ScopeTracer(fx.Tracer):
     """Traces one module's own forward: every submodule it calls is a leaf (its inside is another scope)."""
 
-    def __init__(self):
+    def __init__(self, list_params: frozenset[str] = frozenset()):
         super().__init__()
         self.type_checked: set[str] = set()  # placeholders whose type the forward inspected
+        self.list_params = frozenset(list_params)  # placeholders traced as lists (patterns.LIST)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return True
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
-        return _ParamProxy(node, self) if node.op == "placeholder" else fx.Proxy(node, self)
+        if node.op != "placeholder":
+            return fx.Proxy(node, self)
+        return _ListParamProxy(node, self) if node.target in self.list_params else _ParamProxy(node, self)
 
 
 class SideEffectError(RuntimeError):

@@ -76,13 +76,8 @@ class ListOtherChain(ListBranches):
         return torch.relu(self.bn(self.conv(x[0])) + x[-1])
 
 
-class Unpacks(nn.Module):
+class Unpacks(ListBranches):
     """Unpacks a list into two names: a graph would bake in the length, so lists keep the block's own forward."""
-
-    def __init__(self, c=4):
-        super().__init__()
-        self.conv = nn.Conv2d(c, c, 3, padding=1, bias=False)
-        self.bn = nn.BatchNorm2d(c)
 
     def forward(self, x):
         if isinstance(x, Tensor):

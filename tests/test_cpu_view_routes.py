@@ -50,6 +50,14 @@ def _reference64(ref, x):
         return copy.deepcopy(ref).double()(x.double())
 
 
+def _assert_like_f_conv2d(outputs, expected, plain):
+    """The chain's values, in the layout PyTorch's own conv answered the same view in (`plain`)."""
+    for y in outputs:
+        assert max_rel_error(y, expected) < 1e-5
+        assert y.is_contiguous(memory_format=CL) == plain.is_contiguous(memory_format=CL)
+        assert y.is_contiguous() == plain.is_contiguous()
+
+
 @needs_onednn
 @pytest.mark.usefixtures("onednn_small_convs")
 @pytest.mark.parametrize("fmt, batch, route", [(CL, 1, cpu.ONEDNN_COPY), (CL, 2, cpu.ONEDNN_COPY),
@@ -65,11 +73,7 @@ def test_channel_slice_runs_onednn_in_f_conv2d_layout(fmt, batch, route, dilatio
     state = fused._cpu_state
     assert state.routes[next(reversed(state.routes))] == route
     assert state.onednn_ok is True
-    expected = _reference64(ref, x)
-    for y in outputs:
-        assert max_rel_error(y, expected) < 1e-5
-        assert y.is_contiguous(memory_format=CL) == plain.is_contiguous(memory_format=CL)
-        assert y.is_contiguous() == plain.is_contiguous()
+    _assert_like_f_conv2d(outputs, _reference64(ref, x), plain)
     assert torch.equal(x, x_before)
 
 
@@ -159,11 +163,7 @@ def test_small_conv_on_a_view_runs_f_conv2d_on_a_copy(view, route, dilation, mon
     state = fused._cpu_state
     assert state.routes[next(reversed(state.routes))] == route
     assert seen[1:] == [(True, True)] * 3  # (the first: the layout probe on the view, once per signature)
-    expected = _reference64(ref, x)
-    for y in outputs:
-        assert max_rel_error(y, expected) < 1e-5
-        assert y.is_contiguous(memory_format=CL) == plain.is_contiguous(memory_format=CL)
-        assert y.is_contiguous() == plain.is_contiguous()
+    _assert_like_f_conv2d(outputs, _reference64(ref, x), plain)
     assert torch.equal(x, x_before)
 
 

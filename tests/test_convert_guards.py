@@ -476,3 +476,73 @@ def test_guarded_blocks_compile_fullgraph_and_export():
         ref = original(x)
         _same(torch.compile(converted, fullgraph=True)(x), ref)
         _same(torch.export.export(converted, (x,)).module()(x), ref)
+
+
+class ExactTypeTested(nn.Module):
+    """forward reads its input's class without isinstance: a trace would see the Proxy's class and take the
+    branch no real call takes (here `* 2`); no guard can tell, so the forward is not traced (not rewritten)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(6, 6, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(6)
+
+    def forward(self, x):
+        if type(x) is torch.Tensor:
+            return torch.relu(self.bn(self.conv(x)))
+        return torch.relu(self.bn(self.conv(x))) * 2
+
+
+class ClassAttributeTested(ExactTypeTested):
+    def forward(self, x):
+        if x.__class__ is torch.Tensor:
+            return torch.relu(self.bn(self.conv(x)))
+        return torch.relu(self.bn(self.conv(x))) * 2
+
+
+def _is_plain_tensor(x) -> bool:
+    return type(x) is torch.Tensor
+
+
+class HelperTypeTested(ExactTypeTested):
+    """The same test in a module-level helper the forward calls."""
+
+    def forward(self, x):
+        if _is_plain_tensor(x):
+            return torch.relu(self.bn(self.conv(x)))
+        return torch.relu(self.bn(self.conv(x))) * 2
+
+
+class Wrapper(nn.Module):
+    """The class test one level down, inside a container the flat forward would trace through."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(6, 6, 1, bias=False), nn.BatchNorm2d(6))
+        self.inner = HelperTypeTested()
+
+    def forward(self, x):
+        return self.inner(self.stem(x))
+
+
+@pytest.mark.parametrize("block", [ExactTypeTested, ClassAttributeTested, HelperTypeTested, Wrapper])
+def test_class_read_without_isinstance_is_never_rewritten_wrongly(block):
+    original, converted, report = _convert(block())
+    x = _t(2, 6, 8, 8)
+    _same(converted(x), original(x))
+    assert any("type()" in n or "reads the class" in n for n in report.notes), report.notes
+
+
+@pytest.mark.parametrize("block", [ExactTypeTested, HelperTypeTested, Wrapper])
+def test_class_read_found_while_a_profiler_holds_the_hook(block):
+    # With sys.setprofile taken by someone else the tracer scans the code a forward can reach instead.
+    calls = []
+    sys.setprofile(lambda frame, event, arg: calls.append(event))
+    try:
+        original, converted, report = _convert(block())
+    finally:
+        sys.setprofile(None)
+    assert calls  # the other profiler kept its hook
+    x = _t(2, 6, 8, 8)
+    _same(converted(x), original(x))
+    assert any("type()" in n for n in report.notes), report.notes

@@ -470,3 +470,64 @@ def test_max_pool_output_written_in_place_only_while_fresh(change, inplace_calls
     if held:
         assert torch.equal(*held[-1])
     assert _close(y, _ref64(model, x))
+
+
+class _OwnNorm(nn.Module):
+    """A norm layer that is not torch.nn's (so the flat trace goes through it) reading its own parameters and
+    buffers, as timm's BatchNormAct2d does."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.rand(c) + 0.5), nn.Parameter(torch.randn(c))
+        self.register_buffer("running_mean", torch.randn(c))
+        self.register_buffer("running_var", torch.rand(c) + 0.5)
+
+    def forward(self, x):
+        return torch.relu(F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.1,
+                                       1e-5))
+
+
+class _NormFirst(nn.Module):
+    """BN (of its own kind) before the conv in each block: the norms stay, traced through."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.blocks = nn.Sequential(*[nn.Sequential(_OwnNorm(8), nn.Conv2d(8, 8, 3, padding=1)) for _ in range(3)])
+
+    def forward(self, x):
+        return self.blocks(self.stem(x))
+
+
+@pytest.mark.parametrize("change", [None, "reassign_buffer", "edit_parameter", "replace_owner", "delete_buffer"])
+def test_parameters_and_buffers_read_through_their_checked_owner(change):
+    """The graph reads a traced-through module's tensors with one getattr on that module (identity checked per
+    forward), not a walk from the root; every later change to them or their owner reaches the output."""
+    model, flat = _convert(_NormFirst())
+    plain = fusedconv.convert(model, reparameterize=False, flatten=False)
+    check = flat_check(flat)
+    assert [type(m) for m in check.owners] == [_OwnNorm] * 3
+    assert "self.blocks" not in guard_table(flat).entries[0].src  # no attribute walk from the root in the graph
+    x = _x(1, 3, 6, 6)
+    for m in (flat, plain):
+        norm = m.blocks[1][0]
+        with torch.no_grad(), torch.random.fork_rng():
+            torch.manual_seed(1)
+            if change == "reassign_buffer":
+                norm.running_mean = torch.randn(8, dtype=torch.float64)
+            elif change == "edit_parameter":
+                norm.weight.mul_(3.0)
+            elif change == "replace_owner":
+                m.blocks[1][0] = _OwnNorm(8).double()
+            elif change == "delete_buffer":
+                del norm.running_var
+    with torch.no_grad():
+        if change == "delete_buffer":
+            with pytest.raises(AttributeError):
+                plain(x)
+            with pytest.raises(AttributeError):
+                flat(x)
+            return
+        _same(flat(x), plain(x))
+    fallbacks = guard_table(flat).fallback_calls
+    assert fallbacks == (1 if change in ("replace_owner",) else 0)

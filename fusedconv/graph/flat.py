@@ -18,8 +18,11 @@ What the graph bakes in, the guard checks on every call:
     forward, no hooks, not compiled in place, and the values of the attributes its forward read;
   * for every rewritten block inlined: the same guard table, still picking the same specialization for an
     argument that is not None (an inlined entry may assume nothing else of an argument, and the trace inlines a
-    block only where the argument is produced by a torch operation or layer);
+    block only where the argument is produced by a torch operation or layer, or is a list of such that the graph
+    builds itself: DenseNet's layers, whose list specialization then guards "is a list");
   * no global module hooks, and no tracer or compiler running (they see the model's own forward).
+The graph reaches its leaves and the parameters / buffers it reads (a norm layer traced through) through the
+module objects that check holds, with no attribute walk from the root.
 Leaves are called as modules (their own hooks, checks and routes run as usual), but for FusedConv2d calls whose
 module already routed that call's signature to oneDNN: those run the oneDNN op directly after one check per forward
 (flat_fused.py), and anything that check or the call's signature does not cover is the module call. A model that
@@ -232,11 +235,15 @@ class FlatCheck:
     the per-forward check of their FusedConv2d calls (`fused`, flat_fused.FusedLeaves). Pickles and deep-copies as
     its source and objects (the copies', under deepcopy), like GuardTable."""
 
-    def __init__(self, src: str, expect: list, leaves: tuple, fused: FusedLeaves | None = None):
+    def __init__(self, src: str, expect: list, leaves: tuple, fused: FusedLeaves | None = None,
+                 owners: tuple = ()):
         self.src = src
         self.expect = expect
         self.leaves = leaves
         self.fused = fused  # the FusedConv2d calls' per-forward check (flat_fused.FusedLeaves)
+        # Modules whose parameters / buffers the graph reads (identity checked here too): one getattr on the
+        # module instead of a walk from the root (`_read_attributes_directly`).
+        self.owners = owners
         self._compile()
 
     def _compile(self) -> None:
@@ -261,6 +268,7 @@ class FlatCheck:
 
     def __setstate__(self, state):
         state.setdefault("fused", None)
+        state.setdefault("owners", ())
         self.__dict__.update(state)
         self._compile()
 
@@ -268,7 +276,8 @@ class FlatCheck:
         new = object.__new__(FlatCheck)
         memo[id(self)] = new
         new.__setstate__({"src": self.src, "expect": copy.deepcopy(self.expect, memo),
-                          "leaves": copy.deepcopy(self.leaves, memo), "fused": copy.deepcopy(self.fused, memo)})
+                          "leaves": copy.deepcopy(self.leaves, memo), "fused": copy.deepcopy(self.fused, memo),
+                          "owners": copy.deepcopy(self.owners, memo)})
         return new
 
 
@@ -291,6 +300,11 @@ def flat_leaves(table: GuardTable, k: int) -> tuple:
     return table.expect[k].leaves
 
 
+def flat_owners(table: GuardTable, k: int) -> tuple:
+    """The modules whose parameters and buffers the flat graph reads (their identity checked like the leaves)."""
+    return table.expect[k].owners
+
+
 def flat_states(table: GuardTable, k: int) -> tuple:
     """Per leaf, the eager state its FusedConv2d calls may use directly in this forward (flat_fused.FusedLeaves)."""
     return table.expect[k].fused.states()
@@ -300,11 +314,12 @@ def call_leaf(leaves: tuple, i: int, *args, **kwargs):
     return leaves[i](*args, **kwargs)
 
 
-def _check_source(root: nn.Module, tracer: FlatTracer, trace, leaf_paths: list[str], expect: list) -> str:
-    """The tree-walking check (FlatCheck): every module on the paths the graph uses, by identity; for the
-    modules traced through and the inlined blocks, also their assumptions."""
+def _check_source(root: nn.Module, tracer: FlatTracer, trace, paths: list[str], expect: list) -> str:
+    """The tree-walking check (FlatCheck): every module on the paths the graph uses (`paths`: its leaves and the
+    owners of the tensors it reads, besides those it traced through or inlined), by identity; for the modules
+    traced through and the inlined blocks, also their assumptions."""
     inlined = {path: (table, k, probe) for path, _, table, k, probe in tracer.inlined}
-    needed = set(leaf_paths) | set(tracer.traced) | set(inlined) | \
+    needed = set(paths) | set(tracer.traced) | set(inlined) | \
         {p for p, reads in trace.nested_reads.items() if reads}
     for path in list(needed):
         parts = path.split(".")
@@ -404,13 +419,17 @@ def _flat_entry(root: nn.Module, params, pattern, notes: list[str], inner: tuple
     graph = trace.graph
     calls = [n for n in graph.nodes if n.op == "call_module"]
     leaf_paths = list(dict.fromkeys(str(n.target) for n in calls))
+    reads = _tensor_reads(root, graph)
+    owner_paths = list(dict.fromkeys(owner for owner, _ in reads.values()))
     check_expect: list = []
-    src = _check_source(root, tracer, trace, leaf_paths, check_expect)
+    src = _check_source(root, tracer, trace, leaf_paths + owner_paths, check_expect)
     leaves = tuple(root.get_submodule(p) for p in leaf_paths)
-    expect.append(FlatCheck(src, check_expect, leaves, _fused_leaves(calls, leaf_paths, leaves)))
+    owners = tuple(root.get_submodule(p) for p in owner_paths)
+    expect.append(FlatCheck(src, check_expect, leaves, _fused_leaves(calls, leaf_paths, leaves), owners))
     k = len(expect) - 1
     g.check(f"e[{k}](self)", "every module on the way unchanged", describe=False)
     _call_leaves_directly(graph, calls, leaf_paths, k, leaves)
+    _read_attributes_directly(graph, reads, owner_paths, k)
     upsample_cats = fuse_upsample_cat(graph)
     code = graph.python_code(root_module="self")
     entry = Specialization(g.expression(), [f"whole-model forward ({len(tracer.inlined)} blocks inlined, "
@@ -467,6 +486,44 @@ def _call_leaves_directly(graph: fx.Graph, calls: list[fx.Node], leaf_paths: lis
         elif type(root_leaves[i]) in _POOLS:
             pooled[new] = i
     _mark_private_residuals(graph, leaves, states, fused, pooled)
+
+
+def _tensor_reads(root: nn.Module, graph: fx.Graph) -> dict[fx.Node, tuple[str, str]]:
+    """The graph's reads of a parameter or buffer of a module below the root (`get_attr` of "a.b.bn.weight"): node
+    -> (owner path, name). Such a read walks the path from the root through nn.Module.__getattr__ on every call
+    (timm's BatchNormAct2d traced through: ~1,400 lookups per dpn68 forward)."""
+    reads = {}
+    for node in graph.nodes:
+        if node.op != "get_attr" or "." not in str(node.target):
+            continue
+        owner, _, name = str(node.target).rpartition(".")
+        try:
+            module = root.get_submodule(owner)
+        except AttributeError:
+            continue
+        d = module.__dict__
+        if name not in d and (name in d.get("_parameters", {}) or name in d.get("_buffers", {})):
+            reads[node] = (owner, name)
+    return reads
+
+
+def _read_attributes_directly(graph: fx.Graph, reads: dict, owner_paths: list[str], k: int) -> None:
+    """Each read of `_tensor_reads` becomes `getattr(owner, name)` on the module the guard checked (the same lookup
+    nn.Module does for the last step of the walk: a parameter or buffer reassigned, or set to None, is seen)."""
+    if not reads:
+        return
+    anchor = [n for n in graph.nodes if n.op == "placeholder"]
+    with graph.inserting_after(anchor[-1]) if anchor else graph.inserting_before(next(iter(graph.nodes))):
+        table = graph.get_attr(_GUARDS)
+    with graph.inserting_after(table):
+        owners = graph.call_function(flat_owners, (table, k))
+    index = {p: i for i, p in enumerate(owner_paths)}
+    for node, (owner, name) in reads.items():
+        with graph.inserting_before(node):
+            module = graph.call_function(operator.getitem, (owners, index[owner]))
+            new = graph.call_function(getattr, (module, name))
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
 
 
 def _plain_fused_call(node: fx.Node) -> bool:

@@ -3,8 +3,9 @@
 A traced graph is only valid for the calls that would take the same Python path as the trace did. What a
 trace of one scope can depend on, and how each dependency is recorded here:
   * each forward parameter: traced as a Proxy (the forward sees "not None", and a tensor if it inspects the
-    type; where it did, once more as a list: `list_patterns`), or fixed to a concrete value through fx
-    `concrete_args` (None, or a plain Python default);
+    type with isinstance — where it did, once more as a list: `list_patterns`; `type(p)` or `p.__class__` fail
+    the trace, tracing.ClassInspectedError), or fixed to a concrete value through fx `concrete_args` (None, or a
+    plain Python default);
   * attributes the forward read on the block (`tracing.trace_scope` logs them): plain values (flags, ints,
     strings; `training`) by value, other objects and submodules (which may be None) by identity, parameter and
     buffer slots by whether they are None.

@@ -5,15 +5,25 @@ torchvision's MultiScaleRoIAlign sets `self.scales` on its first call) would kee
 break the real model later. `trace_scope` restores the traced module's attributes afterwards and treats a
 forward that wrote any as untraceable (the graph could not reproduce the write). `proxy_leak_guard` does the
 same repair for a whole model around a pass that traces modules (used around re-parameterization).
+
+A forward that inspects an argument's class decides its path on the Proxy's class: `isinstance` is answered as a
+tensor (or a list) would answer and becomes part of the guard (`_ParamProxy`); `type(x)` and `x.__class__`
+cannot be answered that way, so model code that reads a class like that fails the trace (`ClassInspectedError`,
+found with sys.setprofile while the trace runs, or by scanning the code the traced classes can reach when another
+profiler holds that hook) and the scope is left unrewritten.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import dis
+import functools
 import linecache
 import operator
+import os
 import sys
+import sysconfig
 from dataclasses import dataclass, field
 
 import torch
@@ -38,6 +48,18 @@ def _is_isinstance_call(frame) -> bool:
     return text.startswith(("isinstance(", "issubclass("))
 
 
+@functools.lru_cache(maxsize=1024)
+def _class_reads(code) -> frozenset:
+    """Offsets of `code`'s instructions that read an attribute named __class__."""
+    return frozenset(i.offset for i in dis.get_instructions(code)
+                     if i.opname in ("LOAD_ATTR", "LOAD_METHOD") and i.argval == "__class__")
+
+
+def _reads_class_attribute(frame) -> bool:
+    """Whether `frame` is executing a Python-level `x.__class__` read."""
+    return frame.f_lasti in _class_reads(frame.f_code)
+
+
 class _ParamProxy(fx.Proxy):
     """A forward parameter's Proxy that answers the forward's own `isinstance(p, T)` as a tensor would.
 
@@ -52,8 +74,12 @@ class _ParamProxy(fx.Proxy):
     def __class__(self):
         frame = sys._getframe(1)
         caller = frame.f_globals.get("__name__", "")
-        if caller == "torch" or caller.startswith("torch.") or not _is_isinstance_call(frame):
+        if caller == "torch" or caller.startswith("torch.") or not _model_code(frame.f_code):
             return type(self)
+        if not _is_isinstance_call(frame):
+            if _reads_class_attribute(frame):
+                raise ClassInspectedError(f"{frame.f_code.co_name} reads the class of parameter {self.node.target!r}")
+            return type(self)  # C code called from that line (torch.cat's argument parser) testing the type
         self.tracer.type_checked.add(self.node.target)
         return self._answers
 
@@ -68,6 +94,93 @@ class _ListParamProxy(_ParamProxy):
     def __iter__(self):
         raise fx.proxy.TraceError(f"the list parameter {self.node.target!r} is iterated or unpacked; its length "
                                   "would be baked into the graph")
+
+
+class ClassInspectedError(fx.proxy.TraceError):
+    """The traced code reads a value's class with `type(...)` or `.__class__` (not through isinstance): it would see
+    the Proxy's class, take a branch no real call takes, and no guard could tell."""
+
+
+# Code that is not the traced model's: torch (fx itself, torch.nn.functional), this package, the standard library
+# (but for the packages installed inside it, where an interpreter without a virtual environment keeps them).
+_NOT_MODEL_CODE = tuple(os.path.join(os.path.realpath(d), "") for d in (
+    os.path.dirname(torch.__file__), os.path.dirname(os.path.dirname(__file__))))
+_STDLIB = os.path.join(os.path.realpath(sysconfig.get_paths()["stdlib"]), "")
+_INSTALLED = (os.sep + "site-packages" + os.sep, os.sep + "dist-packages" + os.sep)
+
+
+def _calls_type(code) -> bool:
+    """Whether `code` loads the builtin `type` (an attribute named type, such as Tensor.type, does not count)."""
+    return "type" in code.co_names and any(
+        i.opname in ("LOAD_GLOBAL", "LOAD_NAME") and i.argval == "type" for i in dis.get_instructions(code))
+
+
+def _model_code(code) -> bool:
+    return _model_file(code.co_filename)
+
+
+@functools.lru_cache(maxsize=4096)
+def _model_file(filename: str) -> bool:
+    if filename.startswith(("<fusedconv ", "<frozen ")):  # this package's generated code; the frozen stdlib
+        return False
+    path = os.path.realpath(filename)
+    if path.startswith(_NOT_MODEL_CODE):
+        return False
+    return not path.startswith(_STDLIB) or any(d in path[len(_STDLIB) - 1:] for d in _INSTALLED)
+
+
+def _reachable_code(functions, depth: int = 3) -> set:
+    """The code of `functions` (methods, static and class methods, properties), of the functions nested in them and
+    of the module-level functions they name, `depth` calls deep: what a forward may run, found without running it."""
+    seen: set = set()
+    todo = []
+    for fn in functions:
+        for f in (getattr(fn, "__func__", fn), getattr(fn, "fget", None)):
+            if getattr(f, "__code__", None) is not None:
+                todo.append((f.__code__, getattr(f, "__globals__", {}), 0))
+    while todo:
+        code, glb, level = todo.pop()
+        if code in seen or not _model_code(code):
+            continue
+        seen.add(code)
+        todo += [(c, glb, level) for c in code.co_consts if hasattr(c, "co_names")]
+        if level < depth:
+            for name in code.co_names:
+                target = glb.get(name)
+                if callable(target) and getattr(target, "__code__", None) is not None:
+                    todo.append((target.__code__, getattr(target, "__globals__", {}), level + 1))
+    return seen
+
+
+@contextlib.contextmanager
+def _no_type_calls(modules: list[nn.Module]):
+    """Around a trace of modules[0] (through the others): fail it when model code that ran (the forwards, their
+    helpers, module-level functions they called) calls `type(...)`. Seen with sys.setprofile; where another
+    profiler holds that hook, the code the modules' classes can reach is scanned instead (`_reachable_code`)."""
+    if sys.getprofile() is not None:
+        yield
+        classes = {cls for m in modules for cls in type(m).__mro__}
+        functions = [fn for cls in classes for fn in vars(cls).values()]
+        for code in _reachable_code(functions):
+            if _model_code(code) and _calls_type(code):
+                raise ClassInspectedError(f"{code.co_name} ({os.path.basename(code.co_filename)}:"
+                                          f"{code.co_firstlineno}) calls type()")
+        return
+    seen: set = set()
+
+    def profile(frame, event, arg):
+        if event == "call":
+            seen.add(frame.f_code)
+
+    sys.setprofile(profile)
+    try:
+        yield
+    finally:
+        sys.setprofile(None)
+    for code in seen:
+        if _model_code(code) and _calls_type(code):
+            raise ClassInspectedError(f"{code.co_name} ({os.path.basename(code.co_filename)}:{code.co_firstlineno}) "
+                                      "calls type()")
 
 
 class ScopeTracer(fx.Tracer):
@@ -215,7 +328,8 @@ def trace_scope(module: nn.Module, concrete_args: dict | None = None, tracer: Sc
         with contextlib.ExitStack() as stack:
             reads = stack.enter_context(_recording_reads(module))
             nested = {path: stack.enter_context(_recording_reads(m)) for path, m in inner.items()}
-            graph = tracer.trace(module, concrete_args=concrete_args)
+            with _no_type_calls([module, *inner.values()]):
+                graph = tracer.trace(module, concrete_args=concrete_args)
             constants = {k: v for k, v in module.__dict__.items() if k.startswith(_FX_CONSTANT)}
     finally:
         changed = [k for m, snap in snaps for k in _restore(m, snap)]

@@ -452,17 +452,22 @@ def _residual_of(args: tuple, kwargs: dict):
     return args[1] if len(args) > 1 else kwargs.get("residual")
 
 
+def _from_check(graph: fx.Graph, getter, k: int) -> tuple[fx.Node, fx.Node]:
+    """Nodes at the top of the graph: the root's guard table, and `getter(table, k)` (what the FlatCheck holds)."""
+    anchor = [n for n in graph.nodes if n.op == "placeholder"]
+    with graph.inserting_after(anchor[-1]) if anchor else graph.inserting_before(next(iter(graph.nodes))):
+        table = graph.get_attr(_GUARDS)
+    with graph.inserting_after(table):
+        return table, graph.call_function(getter, (table, k))
+
+
 def _call_leaves_directly(graph: fx.Graph, calls: list[fx.Node], leaf_paths: list[str], k: int,
                           root_leaves: tuple) -> None:
     """Each `call_module` node becomes a call of the module object the guard checked (no attribute walk); a
     FusedConv2d call becomes `flat_fused.fused_call` with the module's state from the per-forward check."""
     if not calls:
         return
-    anchor = [n for n in graph.nodes if n.op == "placeholder"]
-    with graph.inserting_after(anchor[-1]) if anchor else graph.inserting_before(next(iter(graph.nodes))):
-        table = graph.get_attr(_GUARDS)
-    with graph.inserting_after(table):
-        leaves = graph.call_function(flat_leaves, (table, k))
+    table, leaves = _from_check(graph, flat_leaves, k)
     states = None
     if any(type(m) is FusedConv2d for m in root_leaves):
         with graph.inserting_after(leaves):
@@ -512,11 +517,7 @@ def _read_attributes_directly(graph: fx.Graph, reads: dict, owner_paths: list[st
     nn.Module does for the last step of the walk: a parameter or buffer reassigned, or set to None, is seen)."""
     if not reads:
         return
-    anchor = [n for n in graph.nodes if n.op == "placeholder"]
-    with graph.inserting_after(anchor[-1]) if anchor else graph.inserting_before(next(iter(graph.nodes))):
-        table = graph.get_attr(_GUARDS)
-    with graph.inserting_after(table):
-        owners = graph.call_function(flat_owners, (table, k))
+    _, owners = _from_check(graph, flat_owners, k)
     index = {p: i for i, p in enumerate(owner_paths)}
     for node, (owner, name) in reads.items():
         with graph.inserting_before(node):

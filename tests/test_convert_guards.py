@@ -546,3 +546,52 @@ def test_class_read_found_while_a_profiler_holds_the_hook(block):
     x = _t(2, 6, 8, 8)
     _same(converted(x), original(x))
     assert any("type()" in n for n in report.notes), report.notes
+
+
+class ValueTypeTested(nn.Module):
+    """forward tests the type of a value it computed: while tracing that value is a Proxy of unknown type, so the
+    trace would bake in the non-tensor branch (`* 2`) for every call; the forward is not traced."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(6, 6, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(6)
+
+    def forward(self, x):
+        y = torch.relu(self.bn(self.conv(x)) + x)
+        if isinstance(y, torch.Tensor):
+            return y
+        return y * 2
+
+
+class ValueTypeWrapper(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(6, 6, 1, bias=False), nn.BatchNorm2d(6))
+        self.inner = ValueTypeTested()
+
+    def forward(self, x):
+        return self.inner(self.stem(x))
+
+
+@pytest.mark.parametrize("block", [ValueTypeTested, ValueTypeWrapper])
+def test_type_test_of_a_computed_value_is_never_rewritten_wrongly(block):
+    original, converted, report = _convert(block())
+    x = _t(2, 6, 8, 8)
+    _same(converted(x), original(x))
+    assert any("tests the type of a computed value" in n for n in report.notes), report.notes
+
+
+def test_type_test_without_source_text():
+    # The isinstance call is found from the bytecode's positions, so code without a source file counts too.
+    namespace = {"torch": torch}
+    exec(compile("def forward(self, x):\n"
+                 "    if isinstance(x, torch.Tensor):\n"
+                 "        return torch.relu(self.bn(self.conv(x)) + x)\n"
+                 "    return torch.relu(self.bn(self.conv(x[0])) + x[0]) * 2\n", "<generated>", "exec"), namespace)
+    block = type("Generated", (ValueTypeTested,), {"forward": namespace["forward"]})()
+    original, converted, report = _convert(block)
+    x = _t(2, 6, 8, 8)
+    _same(converted(x), original(x))
+    assert report.fused and guard_table(converted) is not None
+    assert _fallbacks(converted) == 0

@@ -8,7 +8,8 @@ same repair for a whole model around a pass that traces modules (used around re-
 
 A forward that inspects an argument's class decides its path on the Proxy's class: `isinstance` is answered as a
 tensor (or a list) would answer and becomes part of the guard (`_ParamProxy`); `type(x)` and `x.__class__`
-cannot be answered that way, so model code that reads a class like that fails the trace (`ClassInspectedError`,
+cannot be answered that way, nor can any type test of a value the forward computed (`_ValueProxy`: its type is
+unknown while tracing), so model code that reads a class like that fails the trace (`ClassInspectedError`,
 found with sys.setprofile while the trace runs, or by scanning the code the traced classes can reach when another
 profiler holds that hook) and the scope is left unrewritten.
 """
@@ -19,7 +20,6 @@ import contextlib
 import copy
 import dis
 import functools
-import linecache
 import operator
 import os
 import sys
@@ -35,17 +35,23 @@ _CONTENTS = "\0contents"  # the snapshot's key for container contents (no attrib
 
 
 def _is_isinstance_call(frame) -> bool:
-    """Whether `frame` is executing a Python-level `isinstance(...)` / `issubclass(...)` call (read from the
-    source span of its current instruction), as opposed to C code (e.g. torch.cat's argument parser) testing
-    an object's type while called from that line."""
+    """Whether `frame` is executing a Python-level `isinstance(...)` / `issubclass(...)` call, as opposed to C code
+    (e.g. torch.cat's argument parser) testing an object's type while called from that line: the current
+    instruction's source span starts where a load of the name isinstance / issubclass does (read from the
+    bytecode's positions, so it needs no source file)."""
     try:
         lineno, _, col, _ = list(frame.f_code.co_positions())[frame.f_lasti // 2]
     except (AttributeError, IndexError, TypeError):
         return False
-    if lineno is None or col is None:
-        return False
-    text = linecache.getline(frame.f_code.co_filename, lineno)[col:]
-    return text.startswith(("isinstance(", "issubclass("))
+    return lineno is not None and col is not None and (lineno, col) in _type_test_starts(frame.f_code)
+
+
+@functools.lru_cache(maxsize=1024)
+def _type_test_starts(code) -> frozenset:
+    """(line, column) where `code` loads the builtins isinstance or issubclass."""
+    return frozenset((i.positions.lineno, i.positions.col_offset) for i in dis.get_instructions(code)
+                     if i.opname in ("LOAD_GLOBAL", "LOAD_NAME") and i.argval in ("isinstance", "issubclass")
+                     and i.positions is not None)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -183,6 +189,22 @@ def _no_type_calls(modules: list[nn.Module]):
                                       "calls type()")
 
 
+class _ValueProxy(fx.Proxy):
+    """The Proxy of a value the traced code computed (a layer's or an op's output). Its type is unknown while
+    tracing, so model code testing it (`isinstance(y, Tensor)`, `y.__class__`) would take the branch of fx's Proxy
+    class whatever the value is when the graph runs: that fails the trace (ClassInspectedError)."""
+
+    @property
+    def __class__(self):
+        frame = sys._getframe(1)
+        caller = frame.f_globals.get("__name__", "")
+        if caller == "torch" or caller.startswith("torch.") or not _model_code(frame.f_code):
+            return type(self)
+        if _is_isinstance_call(frame) or _reads_class_attribute(frame):
+            raise ClassInspectedError(f"{frame.f_code.co_name} tests the type of a computed value ({self.node.name})")
+        return type(self)
+
+
 class ScopeTracer(fx.Tracer):
     """Traces one module's own forward: every submodule it calls is a leaf (its inside is another scope)."""
 
@@ -196,7 +218,7 @@ class ScopeTracer(fx.Tracer):
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         if node.op != "placeholder":
-            return fx.Proxy(node, self)
+            return _ValueProxy(node, self)
         return _ListParamProxy(node, self) if node.target in self.list_params else _ParamProxy(node, self)
 
 

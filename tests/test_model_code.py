@@ -229,6 +229,28 @@ def test_submodule_setting_read_by_the_forward(flatten):
         _close(converted(x), original(x))
 
 
+class SlopeScaled(nn.Module):
+    """No conv chain of its own (the flat forward traces through it): reads a setting of a torch.nn layer it calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.act = nn.LeakyReLU(0.1)
+
+    def forward(self, x):
+        return self.act(x) * self.act.negative_slope
+
+
+def test_layer_setting_read_by_a_forward_the_flat_graph_goes_through():
+    original, converted, report = _convert(nn.Sequential(
+        nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), SlopeScaled()))
+    assert report.fused
+    x = _t(2, 4, 8, 8)
+    with torch.no_grad():
+        _close(converted(x), original(x))
+        original[3].act.negative_slope = converted[-1].act.negative_slope = 0.5
+        _close(converted(x), original(x))
+
+
 def test_environment_read_is_not_baked_in(monkeypatch):
     original, converted, report = _convert(_wrapped(EnvironmentFlag()))
     assert not report.fused

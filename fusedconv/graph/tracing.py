@@ -130,6 +130,10 @@ class _ValueProxy(fx.Proxy):
 class ScopeTracer(fx.Tracer):
     """Traces one module's own forward: every submodule it calls is a leaf (its inside is another scope)."""
 
+    # trace_scope records what the forward reads on the leaves (their classes swapped while it runs): a subclass
+    # that tells leaves by class while tracing sets this False.
+    records_leaf_reads = True
+
     def __init__(self, list_params: frozenset[str] = frozenset()):
         super().__init__()
         self.type_checked: set[str] = set()  # placeholders whose type the forward inspected
@@ -296,10 +300,10 @@ def trace_scope(module: nn.Module, concrete_args: dict | None = None, tracer: Sc
             reads = stack.enter_context(_recording_reads(module))
             nested = {path: stack.enter_context(_recording_reads(m)) for path, m in inner.items()}
             # The submodules the forward calls as leaves: what it reads on them (`self.h.factor`) decides the path
-            # too. Only where every submodule is a leaf of this tracer (recording swaps their classes, which a
-            # tracer that decides leaves by class would see).
+            # too. Only with a tracer whose leaf decisions do not look at classes while it runs (recording swaps
+            # them): every submodule is a leaf of a ScopeTracer; the flat tracer decides before it traces.
             leaves = {path: stack.enter_context(_recording_reads(m)) for path, m in module.named_modules()
-                      if path and type(tracer) is ScopeTracer}
+                      if path and path not in inner and tracer.records_leaf_reads}
             with model_code.watch([module, *inner.values()]) as watched:
                 graph = tracer.trace(module, concrete_args=concrete_args)
             constants = {k: v for k, v in module.__dict__.items() if k.startswith(_FX_CONSTANT)}

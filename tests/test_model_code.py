@@ -11,6 +11,7 @@ a guard, not a skipped conversion, is what keeps it exact.
 from __future__ import annotations
 
 import copy
+import functools
 import io
 import os
 import sys
@@ -355,3 +356,11 @@ def test_guard_kinds():
     assert model_code.guard_kind(torch.relu) == "code"
     assert model_code.guard_kind(Settings()) is None
     assert model_code.guard_kind([nn.ReLU()]) is None  # a list of modules: contents a guard cannot compare
+    assert model_code.guard_kind(functools.lru_cache(maxsize=None)(abs)) == "code"
+
+
+def test_numpy_values():
+    np = pytest.importorskip("numpy")
+    assert model_code.guard_kind(np.sqrt) == "code"
+    assert model_code.guard_kind(np.float32(2.0)) == "identity"
+    assert model_code.guard_kind(np.ones(2)) is None

@@ -137,7 +137,8 @@ _CODE_LIKE = (types.ModuleType, types.FunctionType, types.BuiltinFunctionType, t
               types.MethodWrapperType, types.WrapperDescriptorType, types.MethodDescriptorType,
               types.ClassMethodDescriptorType, type, functools.partial, enum.Enum, logging.Logger,
               torch.dtype, torch.device, torch.layout, torch.memory_format, torch._ops.OpOverloadPacket,
-              torch._ops.OpOverload)
+              torch._ops.OpOverload, type(functools.lru_cache(maxsize=None)(len)),
+              *[t for t in (getattr(torch._C, "ScriptFunction", None),) if isinstance(t, type)])
 _SCALARS = (bool, int, float, complex, str, bytes, type(None))
 
 
@@ -172,6 +173,19 @@ def guard_kind(value) -> str | None:
         return "identity"
     if isinstance(value, _CODE_LIKE) or type(value).__module__ == "typing":
         return "code"
+    return _numpy_kind(value)
+
+
+def _numpy_kind(value) -> str | None:
+    """numpy's functions (ufuncs) are code; its scalars and dtypes are immutable (the same object, the same value);
+    an array is not (a graph would hold a copy of its contents)."""
+    cls = type(value)
+    if cls.__module__ != "numpy":
+        return None
+    if cls.__name__ == "ufunc":
+        return "code"
+    if cls.__name__ != "ndarray" and hasattr(value, "dtype") and hasattr(value, "itemsize"):
+        return "identity"
     return None
 
 

@@ -150,17 +150,23 @@ def plain(value, depth: int = 0) -> bool:
 
 
 def plain_container(value, depth: int = 0) -> bool:
-    """A list, dict or set holding plain values (nested up to 4 deep, at most 256 items each): its contents can be
-    compared on every call against a copy taken at trace time."""
+    """A list, dict or set holding plain values or code (a table of activation functions; nested up to 4 deep, at
+    most 256 items each): its contents can be compared on every call against a copy taken at trace time (a copy
+    holds the same functions and classes)."""
     if plain(value):
         return True
     if depth >= 4:
         return False
     if type(value) in (list, set, frozenset, tuple):
-        return len(value) <= 256 and all(plain_container(v, depth + 1) for v in value)
+        return len(value) <= 256 and all(_item(v, depth + 1) for v in value)
     if type(value) is dict:
-        return len(value) <= 256 and all(plain(k) and plain_container(v, depth + 1) for k, v in value.items())
+        return len(value) <= 256 and all(plain(k) and _item(v, depth + 1) for k, v in value.items())
     return False
+
+
+def _item(value, depth: int) -> bool:
+    # (not a module object: the trace-time copy of the container could not hold one)
+    return plain_container(value, depth) or (isinstance(value, _CODE_LIKE) and type(value) is not types.ModuleType)
 
 
 def guard_kind(value) -> str | None:

@@ -48,6 +48,7 @@ from fusedconv.graph.patterns import (
     MODULE_INTERNALS, PROXY, Guard, UnsupportedSignature, attribute_terms, build_guard, call_patterns, forward_params,
 )
 from fusedconv.graph import private_residual
+from fusedconv.graph.model_code import same_plain
 from fusedconv.graph.owned_input import _compiler, _fx_tracing, _jit_tracing_state
 from fusedconv.graph.private_residual import global_hooks, hooked, hooked_source
 from fusedconv.graph.specialize import _CLASSES, _GUARDS, _MISSING, GuardTable, Specialization, install
@@ -254,7 +255,7 @@ class FlatCheck:
         src = "def make(e):\n" + (f"    {names}, = e\n" if self.expect else "") + \
             "".join(f"    {line}\n" for line in body.splitlines())
         src += "    return check\n"
-        namespace = {"MISSING": _MISSING, "Tensor": torch.Tensor}
+        namespace = {"MISSING": _MISSING, "Tensor": torch.Tensor, "same_plain": same_plain}
         exec(compile(src, "<fusedconv flat check>", "exec"), namespace)  # noqa: S102 - generated here
         self.fn = namespace["make"](self.expect)
 

@@ -7,20 +7,27 @@ trace of one scope can depend on, and how each dependency is recorded here:
     the trace, tracing.ClassInspectedError), or fixed to a concrete value through fx `concrete_args` (None, or a
     plain Python default);
   * attributes the forward read on the block (`tracing.trace_scope` logs them): plain values (flags, ints,
-    strings; `training`) by value, other objects and submodules (which may be None) by identity, parameter and
-    buffer slots by whether they are None.
+    strings; `training`) and lists / dicts of them by value, tensors and submodules (which may be None) by identity,
+    parameter and buffer slots by whether they are None, class-level plain values where the class defines them;
+    the same for what it read on the submodules it calls (`self.h.factor`, `leaf_terms`); an object whose contents
+    no guard can compare fails the trace instead (model_code.GlobalStateError);
+  * module-level values its code read (`model_code.py`: `SCALE`, `FLAGS[0]`, `config.GAIN`), by value in their
+    module's namespace (`global_terms`); a question whether it is being traced or compiled, by
+    `not traced_or_compiled()` (other global-state queries fail the trace).
 `CallPattern` is one assignment of parameters; `Guard` turns a pattern plus the reads of its trace into one
 Python boolean expression evaluated before each call (`specialize.GuardTable` compiles them).
 """
 
 from __future__ import annotations
 
+import copy
 import inspect
 import itertools
 from dataclasses import dataclass, field
 
 import torch.nn as nn
 
+from fusedconv.graph import model_code
 from fusedconv.graph.tracing import ScopeTrace
 
 # Concrete values a guard compares by value (anything else is compared by identity).
@@ -117,6 +124,10 @@ def list_patterns(params: list[Param], traced: list) -> list[CallPattern]:
     return out
 
 
+def _global_keys(trace: ScopeTrace) -> set:
+    return {(id(ns), name) for ns, name, _, _ in trace.global_reads}
+
+
 def merge_patterns(items: list) -> list:
     """Merge traced patterns that differ only in one parameter being given (Proxy) or None, when both ran
     the same code (equal `key`: the rewritten graph's normalized source) and read the same attributes: the
@@ -127,7 +138,8 @@ def merge_patterns(items: list) -> list:
         merged = False
         for i, j in itertools.combinations(range(len(items)), 2):
             (pa, ta, ka, xa), (pb, tb, kb, _) = items[i], items[j]
-            if ka != kb or set(ta.reads) != set(tb.reads) or ta.type_checked != tb.type_checked:
+            if (ka != kb or set(ta.reads) != set(tb.reads) or ta.type_checked != tb.type_checked
+                    or _global_keys(ta) != _global_keys(tb) or ta.asks_tracing != tb.asks_tracing):
                 continue
             diff = [k for k, (a, b) in enumerate(zip(pa.slots, pb.slots)) if a != b]
             if len(diff) == 1 and {pa.slots[diff[0]], pb.slots[diff[0]]} == {(PROXY, None), (CONCRETE, None)}:
@@ -163,10 +175,23 @@ class Guard:
 def _value_term(expr: str, value, expect: list) -> str:
     if value is None or isinstance(value, bool):
         return f"{expr} is {value!r}"
-    if _plain_value(value) and eval(repr(value)) == value:  # noqa: S307 - repr of a plain constant
+    if _plain_value(value) and _round_trips(value):
         return f"(type({expr}) is {type(value).__name__} and {expr} == {value!r})"
+    if model_code.plain_container(value) and not _plain_value(value):
+        # A list / dict / set of plain values (a flag list, a config dict): holding what it held at trace time (the
+        # code may have read any of it; an in-place edit must miss), compared by value and type.
+        expect.append(copy.deepcopy(value))
+        return f"same_plain({expr}, e[{len(expect) - 1}])"
     expect.append(value)
     return f"{expr} is e[{len(expect) - 1}]"
+
+
+def _round_trips(value) -> bool:
+    """Whether repr(value) evaluates back to an equal value (not for nan / inf, whose repr names no builtin)."""
+    try:
+        return eval(repr(value), {"__builtins__": {}}) == value  # noqa: S307 - repr of a plain constant
+    except Exception:  # noqa: BLE001
+        return False
 
 
 def build_guard(module: nn.Module, params: list[Param], pattern: CallPattern, trace: ScopeTrace,
@@ -175,6 +200,10 @@ def build_guard(module: nn.Module, params: list[Param], pattern: CallPattern, tr
     dispatcher uses for them; objects compared by identity are appended to `expect`; `removed` names
     attributes the rewrite took off the block (they must stay absent)."""
     g = Guard()
+    if trace.asks_tracing:
+        # The forward asked whether it is being traced or compiled; the graph holds the answer "no".
+        expect.append(model_code.traced_or_compiled)
+        g.check(f"not e[{len(expect) - 1}]()", "not traced or compiled")
     for p, (kind, value) in zip(params, pattern.slots):
         name = local[p.name]
         if kind == ANY:
@@ -192,7 +221,49 @@ def build_guard(module: nn.Module, params: list[Param], pattern: CallPattern, tr
             g.check(_value_term(name, value, expect), f"{p.name}={value!r}" if value is not None
                     else f"{p.name} is None")
     attribute_terms(g, module, trace.reads, "d", "m", "self", expect, removed)
+    leaf_terms(g, module, trace, expect)
+    global_terms(g, trace.global_reads, expect)
     return g
+
+
+def leaf_terms(g: Guard, module: nn.Module, trace: ScopeTrace, expect: list) -> None:
+    """Terms for what the forward read on the submodules it calls (`self.h.factor`, `self.blocks[0].scale`), as on
+    the block itself, each over the submodule as it is now (after the rewrite; a path the rewrite removed has nothing
+    left to check). Each step of the path to a submodule with terms is checked by identity first, so that the
+    expression reaching it is safe to evaluate."""
+    children = {"": "m"}  # dotted path -> expression of that module's _modules, once its identity is checked
+    for path in sorted(trace.leaf_reads, key=lambda p: p.count(".")):
+        try:
+            sub = module.get_submodule(path)
+        except AttributeError:
+            continue
+        h = Guard()
+        expr = "\0"  # placeholder for the module's expression, filled in below
+        attribute_terms(h, sub, trace.leaf_reads[path], f"{expr}.__dict__", f"{expr}._modules", f"self.{path}", expect)
+        if not h.terms:
+            continue
+        parts = path.split(".")
+        for i in range(1, len(parts) + 1):
+            step = ".".join(parts[:i])
+            if step not in children:
+                parent = children[".".join(parts[:i - 1])]
+                expect.append(module.get_submodule(step))
+                g.check(f"{parent}.get({parts[i - 1]!r}, MISSING) is e[{len(expect) - 1}]", f"self.{step} unchanged",
+                        describe=False)
+                children[step] = f"{parent}[{parts[i - 1]!r}]._modules"
+        here = children[path][:-len("._modules")]
+        for term, label in zip(h.terms, h.labels):
+            g.check(term.replace(expr, here), label, describe=label in h.described)
+
+
+def global_terms(g: Guard, global_reads, expect: list) -> None:
+    """A term per module-level value the traced code read (tracing.ScopeTrace.global_reads): plain values and
+    containers by value, tensors and modules by identity, each looked up in its module's namespace on every call."""
+    for ns, name, value, where in global_reads:
+        expect.append(model_code.Namespace(ns))
+        label = f"module-level {name} = {value!r}" if _plain_value(value) else f"module-level {name} unchanged"
+        g.check(_value_term(f"e[{len(expect) - 1}].d.get({name!r}, MISSING)", value, expect),
+                f"{label} (read in {where})")
 
 
 def attribute_terms(g: Guard, module: nn.Module, reads, d_expr: str, m_expr: str, where: str, expect: list,
@@ -226,7 +297,18 @@ def attribute_terms(g: Guard, module: nn.Module, reads, d_expr: str, m_expr: str
                     none = d[slot][attr] is None
                     g.check(f"({d_expr}[{slot!r}].get({attr!r}, MISSING) is None) is {none}",
                             f"{label} is {'' if none else 'not '}None")
-        elif not hasattr(type(module), attr):
+        elif hasattr(type(module), attr):
+            # A class attribute: a plain value or container (a class-level flag or table) is guarded by value where
+            # the class defines it, and stays unset on the instance; methods and descriptors are code.
+            owner = next((c for c in type(module).__mro__ if attr in vars(c)), None)
+            value = vars(owner)[attr] if owner is not None else None
+            if owner is not None and owner is not nn.Module and model_code.guard_kind(value) == "value":
+                expect.append(owner)
+                g.check(f"{d_expr}.get({attr!r}, MISSING) is MISSING and "
+                        + _value_term(f"e[{len(expect) - 1}].__dict__.get({attr!r}, MISSING)", value, expect),
+                        f"{owner.__name__}.{attr}={value!r}" if _plain_value(value)
+                        else f"{owner.__name__}.{attr} unchanged")
+        else:
             # Read but absent (`getattr(self, "flag", False)`), or taken off by the rewrite (a merged branch):
             # setting it later may change the path.
             g.check(f"{d_expr}.get({attr!r}, MISSING) is MISSING and {m_expr}.get({attr!r}, MISSING) is MISSING",

@@ -58,6 +58,8 @@ def is_plain_conv(module: nn.Module) -> bool:
 class ReparamTracer(ScopeTracer):
     """Keeps the modules the pass reasons about (and FusedConv2d, which checks its inputs eagerly) as leaves."""
 
+    records_leaf_reads = False  # is_leaf_module tells BatchNorm classes apart while tracing
+
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if isinstance(m, (nn.modules.conv._ConvNd, _BatchNorm, FusedConv2d, FusedAffineLayer)) or fold.is_batchnorm(m) \
                 or is_bn_and_pad(m):

@@ -22,6 +22,7 @@ import torch.nn as nn
 from torch.fx.graph_module import _format_import_block
 from torch.package import sys_importer
 
+from fusedconv.graph.model_code import same_plain
 from fusedconv.graph.patterns import Param, forward_params
 from fusedconv.graph.roles import substitute
 
@@ -121,8 +122,8 @@ class GuardTable:
         positional, by_kind = self._call_args(False), self._call_args(True)
         lines = [f"def dispatch(self{', ' if args else ''}{args}):",
                  "    d = self.__dict__", "    m = d['_modules']"]
-        namespace = {"e": self.expect, "Tensor": torch.Tensor, "MISSING": _MISSING, "fallback": self.fallback,
-                     "original": self.original.forward}
+        namespace = {"e": self.expect, "Tensor": torch.Tensor, "MISSING": _MISSING, "same_plain": same_plain,
+                     "fallback": self.fallback, "original": self.original.forward}
         for k, s in enumerate(self.entries):
             lines.append(f"    if {s.guard}:")
             if s.fn is None:
@@ -167,8 +168,8 @@ class GuardTable:
 
     def miss_error(self, block: nn.Module, args: list) -> "GuardMiss":
         """The error for a call no specialization of a reparam table accepts, naming what changed."""
-        namespace = {"e": self.expect, "Tensor": torch.Tensor, "MISSING": _MISSING, "d": block.__dict__,
-                     "m": block.__dict__["_modules"], **{f"a{i}": a for i, a in enumerate(args)}}
+        namespace = {"e": self.expect, "Tensor": torch.Tensor, "MISSING": _MISSING, "same_plain": same_plain,
+                     "d": block.__dict__, "m": block.__dict__["_modules"], **{f"a{i}": a for i, a in enumerate(args)}}
         failed = []
         for s in self.entries:
             for term, label in s.checks:

@@ -11,7 +11,10 @@ tensor (or a list) would answer and becomes part of the guard (`_ParamProxy`); `
 cannot be answered that way, nor can any type test of a value the forward computed (`_ValueProxy`: its type is
 unknown while tracing), so model code that reads a class like that fails the trace (`ClassInspectedError`,
 found with sys.setprofile while the trace runs, or by scanning the code the traced classes can reach when another
-profiler holds that hook) and the scope is left unrewritten.
+profiler holds that hook) and the scope is left unrewritten. What else the forward consulted — module-level
+values, global-state queries, attributes holding objects with contents of their own — is checked after the trace
+(`model_code.py`, `_check_attribute_reads`): guarded where a guard can compare it, else the trace fails
+(`GlobalStateError`).
 """
 
 from __future__ import annotations
@@ -21,14 +24,15 @@ import copy
 import dis
 import functools
 import operator
-import os
 import sys
-import sysconfig
 from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
+
+from fusedconv.graph import model_code
+from fusedconv.graph.model_code import ClassInspectedError, model_code as _is_model_code
 
 _STATE_DICTS = ("_modules", "_parameters", "_buffers")
 _CONTENTS = "\0contents"  # the snapshot's key for container contents (no attribute has this name)
@@ -66,6 +70,13 @@ def _reads_class_attribute(frame) -> bool:
     return frame.f_lasti in _class_reads(frame.f_code)
 
 
+def _model_caller():
+    """The frame that read a Proxy's `__class__` (the caller of the property) when it runs model code, else None
+    (torch's own code, this package's, the standard library's)."""
+    frame = sys._getframe(2)
+    return frame if _is_model_code(frame.f_code) else None
+
+
 class _ParamProxy(fx.Proxy):
     """A forward parameter's Proxy that answers the forward's own `isinstance(p, T)` as a tensor would.
 
@@ -78,9 +89,8 @@ class _ParamProxy(fx.Proxy):
 
     @property
     def __class__(self):
-        frame = sys._getframe(1)
-        caller = frame.f_globals.get("__name__", "")
-        if caller == "torch" or caller.startswith("torch.") or not _model_code(frame.f_code):
+        frame = _model_caller()
+        if frame is None:
             return type(self)
         if not _is_isinstance_call(frame):
             if _reads_class_attribute(frame):
@@ -102,93 +112,6 @@ class _ListParamProxy(_ParamProxy):
                                   "would be baked into the graph")
 
 
-class ClassInspectedError(fx.proxy.TraceError):
-    """The traced code reads a value's class with `type(...)` or `.__class__` (not through isinstance): it would see
-    the Proxy's class, take a branch no real call takes, and no guard could tell."""
-
-
-# Code that is not the traced model's: torch (fx itself, torch.nn.functional), this package, the standard library
-# (but for the packages installed inside it, where an interpreter without a virtual environment keeps them).
-_NOT_MODEL_CODE = tuple(os.path.join(os.path.realpath(d), "") for d in (
-    os.path.dirname(torch.__file__), os.path.dirname(os.path.dirname(__file__))))
-_STDLIB = os.path.join(os.path.realpath(sysconfig.get_paths()["stdlib"]), "")
-_INSTALLED = (os.sep + "site-packages" + os.sep, os.sep + "dist-packages" + os.sep)
-
-
-def _calls_type(code) -> bool:
-    """Whether `code` loads the builtin `type` (an attribute named type, such as Tensor.type, does not count)."""
-    return "type" in code.co_names and any(
-        i.opname in ("LOAD_GLOBAL", "LOAD_NAME") and i.argval == "type" for i in dis.get_instructions(code))
-
-
-def _model_code(code) -> bool:
-    return _model_file(code.co_filename)
-
-
-@functools.lru_cache(maxsize=4096)
-def _model_file(filename: str) -> bool:
-    if filename.startswith(("<fusedconv ", "<frozen ")):  # this package's generated code; the frozen stdlib
-        return False
-    path = os.path.realpath(filename)
-    if path.startswith(_NOT_MODEL_CODE):
-        return False
-    return not path.startswith(_STDLIB) or any(d in path[len(_STDLIB) - 1:] for d in _INSTALLED)
-
-
-def _reachable_code(functions, depth: int = 3) -> set:
-    """The code of `functions` (methods, static and class methods, properties), of the functions nested in them and
-    of the module-level functions they name, `depth` calls deep: what a forward may run, found without running it."""
-    seen: set = set()
-    todo = []
-    for fn in functions:
-        for f in (getattr(fn, "__func__", fn), getattr(fn, "fget", None)):
-            if getattr(f, "__code__", None) is not None:
-                todo.append((f.__code__, getattr(f, "__globals__", {}), 0))
-    while todo:
-        code, glb, level = todo.pop()
-        if code in seen or not _model_code(code):
-            continue
-        seen.add(code)
-        todo += [(c, glb, level) for c in code.co_consts if hasattr(c, "co_names")]
-        if level < depth:
-            for name in code.co_names:
-                target = glb.get(name)
-                if callable(target) and getattr(target, "__code__", None) is not None:
-                    todo.append((target.__code__, getattr(target, "__globals__", {}), level + 1))
-    return seen
-
-
-@contextlib.contextmanager
-def _no_type_calls(modules: list[nn.Module]):
-    """Around a trace of modules[0] (through the others): fail it when model code that ran (the forwards, their
-    helpers, module-level functions they called) calls `type(...)`. Seen with sys.setprofile; where another
-    profiler holds that hook, the code the modules' classes can reach is scanned instead (`_reachable_code`)."""
-    if sys.getprofile() is not None:
-        yield
-        classes = {cls for m in modules for cls in type(m).__mro__}
-        functions = [fn for cls in classes for fn in vars(cls).values()]
-        for code in _reachable_code(functions):
-            if _model_code(code) and _calls_type(code):
-                raise ClassInspectedError(f"{code.co_name} ({os.path.basename(code.co_filename)}:"
-                                          f"{code.co_firstlineno}) calls type()")
-        return
-    seen: set = set()
-
-    def profile(frame, event, arg):
-        if event == "call":
-            seen.add(frame.f_code)
-
-    sys.setprofile(profile)
-    try:
-        yield
-    finally:
-        sys.setprofile(None)
-    for code in seen:
-        if _model_code(code) and _calls_type(code):
-            raise ClassInspectedError(f"{code.co_name} ({os.path.basename(code.co_filename)}:{code.co_firstlineno}) "
-                                      "calls type()")
-
-
 class _ValueProxy(fx.Proxy):
     """The Proxy of a value the traced code computed (a layer's or an op's output). Its type is unknown while
     tracing, so model code testing it (`isinstance(y, Tensor)`, `y.__class__`) would take the branch of fx's Proxy
@@ -196,9 +119,8 @@ class _ValueProxy(fx.Proxy):
 
     @property
     def __class__(self):
-        frame = sys._getframe(1)
-        caller = frame.f_globals.get("__name__", "")
-        if caller == "torch" or caller.startswith("torch.") or not _model_code(frame.f_code):
+        frame = _model_caller()
+        if frame is None:
             return type(self)
         if _is_isinstance_call(frame) or _reads_class_attribute(frame):
             raise ClassInspectedError(f"{frame.f_code.co_name} tests the type of a computed value ({self.node.name})")
@@ -207,6 +129,10 @@ class _ValueProxy(fx.Proxy):
 
 class ScopeTracer(fx.Tracer):
     """Traces one module's own forward: every submodule it calls is a leaf (its inside is another scope)."""
+
+    # trace_scope records what the forward reads on the leaves (their classes swapped while it runs): a subclass
+    # that tells leaves by class while tracing sets this False.
+    records_leaf_reads = True
 
     def __init__(self, list_params: frozenset[str] = frozenset()):
         super().__init__()
@@ -283,6 +209,12 @@ class ScopeTrace:
     reads: list[str]
     type_checked: set[str]
     nested_reads: dict[str, list[str]] = field(default_factory=dict)
+    # Module-level values the traced code read, to guard: (namespace dict, name, value, where it was read).
+    global_reads: list[tuple[dict, str, object, str]] = field(default_factory=list)
+    # The traced code asked whether jit tracing / torch.compile / export runs (model_code.traced_or_compiled).
+    asks_tracing: bool = False
+    # What the forward read on the submodules it calls as leaves, by dotted path (only for a plain ScopeTracer).
+    leaf_reads: dict[str, list[str]] = field(default_factory=dict)
 
 
 @contextlib.contextmanager
@@ -303,6 +235,23 @@ def _recording_reads(module: nn.Module):
         yield log
     finally:
         module.__class__ = cls
+
+
+# nn.Module's own bookkeeping (hook dicts, the parameter / buffer / submodule dicts): what a guard checks of these
+# it checks through the entries the forward reads.
+_MODULE_BOOKKEEPING = frozenset(nn.Module().__dict__)
+
+
+def _check_attribute_reads(module: nn.Module, reads: list[str], where: str) -> None:
+    """Fail the trace where it read an attribute holding an object whose contents it may have consulted (a helper
+    or config object, a list of modules): a guard can compare plain values and containers of them, and tensors and
+    modules by identity (patterns.attribute_terms), but not what such an object holds."""
+    d = module.__dict__
+    for attr in dict.fromkeys(reads):
+        if (attr in d and not attr.startswith("__") and attr not in _MODULE_BOOKKEEPING
+                and model_code.guard_kind(d[attr]) is None):
+            raise model_code.GlobalStateError(f"the forward reads {where}.{attr} ({type(d[attr]).__name__}), whose "
+                                              "contents a guard cannot check")
 
 
 def _drop_fx_asserts(graph: fx.Graph) -> None:
@@ -350,7 +299,12 @@ def trace_scope(module: nn.Module, concrete_args: dict | None = None, tracer: Sc
         with contextlib.ExitStack() as stack:
             reads = stack.enter_context(_recording_reads(module))
             nested = {path: stack.enter_context(_recording_reads(m)) for path, m in inner.items()}
-            with _no_type_calls([module, *inner.values()]):
+            # The submodules the forward calls as leaves: what it reads on them (`self.h.factor`) decides the path
+            # too. Only with a tracer whose leaf decisions do not look at classes while it runs (recording swaps
+            # them): every submodule is a leaf of a ScopeTracer; the flat tracer decides before it traces.
+            leaves = {path: stack.enter_context(_recording_reads(m)) for path, m in module.named_modules()
+                      if path and path not in inner and tracer.records_leaf_reads}
+            with model_code.watch([module, *inner.values()]) as watched:
                 graph = tracer.trace(module, concrete_args=concrete_args)
             constants = {k: v for k, v in module.__dict__.items() if k.startswith(_FX_CONSTANT)}
     finally:
@@ -358,10 +312,21 @@ def trace_scope(module: nn.Module, concrete_args: dict | None = None, tracer: Sc
     changed = [k for k in changed if not k.startswith(_FX_CONSTANT)]
     if changed:
         raise SideEffectError(f"forward assigns module attributes {changed} while running")
+    global_reads = watched.check()
+    _check_attribute_reads(module, reads, "self")
+    for path, m in inner.items():
+        _check_attribute_reads(m, nested[path], f"self.{path}")
+    leaf_reads = {}
+    for path, log in leaves.items():
+        names = [a for a in dict.fromkeys(log) if not a.startswith("__") and a not in _MODULE_BOOKKEEPING]
+        if names:
+            _check_attribute_reads(module.get_submodule(path), names, f"self.{path}")
+            leaf_reads[path] = names
     module.__dict__.update(constants)  # the graph reads them with get_attr
     if concrete_args:
         _drop_fx_asserts(graph)
-    return ScopeTrace(graph, reads, tracer.type_checked, nested)
+    return ScopeTrace(graph, reads, tracer.type_checked, nested, global_reads, bool(watched.tracing_queries),
+                      leaf_reads)
 
 
 def _holds_proxy(value, depth: int = 0) -> bool:

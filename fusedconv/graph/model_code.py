@@ -1,0 +1,355 @@
+"""What a traced forward depends on beyond its arguments and its module: the model code that ran, the module-level
+values it read, the global state it queried.
+
+fx runs a forward as plain Python on Proxies, so everything else the forward consults is evaluated once, at trace
+time, and its outcome baked into the graph: a module-level `SCALE = 2.0` or a flag list `FLAGS[0]`, a setting of
+another model module (`config.USE_X`), `torch.is_grad_enabled()`. A later call after `SCALE` changed, or in the
+other grad mode, would run the graph of the old value: silently wrong. `watch(modules)` records, around a trace,
+the model code that ran (with the globals it ran in) through sys.setprofile, and the calls it made to global-state
+queries; `WatchedCode.check()` then
+  * fails the trace (`ClassInspectedError`) where model code called `type(...)` (it would see fx's Proxy class),
+  * fails it (`GlobalStateError`) where model code queried global state (grad mode, autocast, default dtype, fx
+    tracing: the graph would hold one answer for every call); a query about jit tracing or torch.compile / export
+    instead puts `not traced_or_compiled()` into the guard (outside those its answer is the trace's: False),
+  * lists the module-level values the code reads (`LOAD_GLOBAL`, and `module.NAME` of a model module): plain
+    values and containers of them, tensors and modules become guard terms (`patterns.build_guard`: by value, by
+    value and identity, by identity); functions, classes, modules, dtypes and the like are taken as the code they
+    are; anything else (an object whose contents the code may have read) fails the trace (`GlobalStateError`).
+Where another profiler holds the hook, the code the modules' classes can reach is scanned instead (`reachable_code`),
+with the same rules for every global it names and every state query it names.
+
+Model code is everything but torch, this package and the standard library (whose installed packages are model
+code again: torchvision, timm, a user's own modules).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dis
+import enum
+import functools
+import gc
+import logging
+import os
+import sys
+import sysconfig
+import types
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+_NOT_MODEL_CODE = tuple(os.path.join(os.path.realpath(d), "") for d in (
+    os.path.dirname(torch.__file__), os.path.dirname(os.path.dirname(__file__))))
+_STDLIB = os.path.join(os.path.realpath(sysconfig.get_paths()["stdlib"]), "")
+_INSTALLED = (os.sep + "site-packages" + os.sep, os.sep + "dist-packages" + os.sep)
+
+
+class ClassInspectedError(fx.proxy.TraceError):
+    """The traced code reads a value's class with `type(...)` or `.__class__` (not through isinstance): it would see
+    the Proxy's class, take a branch no real call takes, and no guard could tell."""
+
+
+class GlobalStateError(fx.proxy.TraceError):
+    """The traced code consulted something a guard cannot check on every call: a global-state query (grad mode,
+    autocast, tracing) or a module-level object whose contents it may have read."""
+
+
+def model_code(code) -> bool:
+    return model_file(code.co_filename)
+
+
+@functools.lru_cache(maxsize=4096)
+def model_file(filename: str) -> bool:
+    if filename.startswith(("<fusedconv ", "<frozen ")):  # this package's generated code; the frozen stdlib
+        return False
+    path = os.path.realpath(filename)
+    if path.startswith(_NOT_MODEL_CODE):
+        return False
+    return not path.startswith(_STDLIB) or any(d in path[len(_STDLIB) - 1:] for d in _INSTALLED)
+
+
+def _calls_type(code) -> bool:
+    """Whether `code` loads the builtin `type` (an attribute named type, such as Tensor.type, does not count)."""
+    return "type" in code.co_names and any(name == "type" for name, _ in _global_loads(code))
+
+
+@functools.lru_cache(maxsize=4096)
+def _global_loads(code) -> tuple:
+    """(name, attribute or None) for each global `code` loads: the attribute is the one read right after it
+    (`config.FLAG` -> ("config", "FLAG"))."""
+    out = []
+    instructions = list(dis.get_instructions(code))
+    for i, ins in enumerate(instructions):
+        if ins.opname in ("LOAD_GLOBAL", "LOAD_NAME"):
+            nxt = instructions[i + 1] if i + 1 < len(instructions) else None
+            attr = nxt.argval if nxt is not None and nxt.opname in ("LOAD_ATTR", "LOAD_METHOD") else None
+            out.append((ins.argval, attr))
+    return tuple(dict.fromkeys(out))
+
+
+def _resolve(*names: str):
+    """The objects at these dotted paths under torch that this PyTorch has."""
+    found = []
+    for name in names:
+        obj = torch
+        for part in name.split(".")[1:]:
+            obj = getattr(obj, part, None)
+            if obj is None:
+                break
+        if obj is not None:
+            found.append((name, obj))
+    return found
+
+
+# Global-state queries whose answer a trace would bake in. `torch.jit.is_scripting()` is not among them: outside
+# TorchScript (the only place a graph of this package runs) it is always False.
+_STATE_QUERIES = _resolve(
+    "torch.is_grad_enabled", "torch.is_inference_mode_enabled", "torch.is_autocast_enabled",
+    "torch.is_autocast_cpu_enabled", "torch.get_autocast_dtype", "torch.get_autocast_cpu_dtype",
+    "torch.get_autocast_gpu_dtype", "torch._C._is_any_autocast_enabled", "torch.get_default_dtype",
+    "torch.are_deterministic_algorithms_enabled", "torch.is_anomaly_enabled", "torch.fx._symbolic_trace.is_fx_tracing",
+    "torch.fx._symbolic_trace.is_fx_symbolic_tracing")
+# Queries that answer True only under jit tracing, torch.compile or torch.export: False while fx traces the
+# forward, and False on every call the guard lets in (`traced_or_compiled()` is its first term), so the graph's
+# answer holds where it runs (smp's models skip an input check when tracing or compiling).
+_TRACING_QUERIES = _resolve(
+    "torch._C._get_tracing_state", "torch._C._is_tracing", "torch.jit.is_tracing", "torch.compiler.is_compiling",
+    "torch.compiler.is_exporting", "torch.compiler.is_dynamo_compiling", "torch._dynamo.is_compiling",
+    "torch._utils.is_compiling")
+_STATE_QUERIES = [(name, obj, False) for name, obj in _STATE_QUERIES] + [
+    (name, obj, True) for name, obj in _TRACING_QUERIES]
+# (name, whether it asks about tracing) by the builtin's id / the Python function's code; and by bare name for the
+# static scan.
+_QUERY_BUILTINS = {id(obj): (name, tracing) for name, obj, tracing in _STATE_QUERIES if not hasattr(obj, "__code__")}
+_QUERY_CODES = {obj.__code__: (name, tracing) for name, obj, tracing in _STATE_QUERIES if hasattr(obj, "__code__")}
+_QUERY_NAMES = {name.rsplit(".", 1)[1]: (name, tracing) for name, _, tracing in _STATE_QUERIES}
+_fx_symbolic_tracing = getattr(torch.fx._symbolic_trace, "is_fx_symbolic_tracing", None) \
+    or torch.fx._symbolic_trace.is_fx_tracing
+
+
+def traced_or_compiled() -> bool:
+    """jit tracing, torch.compile / torch.export, or fx symbolic tracing in progress: a guard's first term where the
+    traced code asked about tracing."""
+    return torch.compiler.is_compiling() or torch._C._get_tracing_state() is not None or _fx_symbolic_tracing()
+
+# Values that are code, not data: read by the forward, they stand for the same computation until reassigned.
+_CODE_LIKE = (types.ModuleType, types.FunctionType, types.BuiltinFunctionType, types.MethodType,
+              types.MethodWrapperType, types.WrapperDescriptorType, types.MethodDescriptorType,
+              types.ClassMethodDescriptorType, type, functools.partial, enum.Enum, logging.Logger,
+              torch.dtype, torch.device, torch.layout, torch.memory_format, torch._ops.OpOverloadPacket,
+              torch._ops.OpOverload, type(functools.lru_cache(maxsize=None)(len)),
+              *[t for t in (getattr(torch._C, "ScriptFunction", None),) if isinstance(t, type)])
+_SCALARS = (bool, int, float, complex, str, bytes, type(None))
+
+
+def plain(value, depth: int = 0) -> bool:
+    """A scalar (bool, int, float, str, None, ...) or a tuple of them: compared by value."""
+    if type(value) in _SCALARS:
+        return True
+    return type(value) in (tuple, torch.Size) and depth < 4 and all(plain(v, depth + 1) for v in value)
+
+
+def plain_container(value, depth: int = 0) -> bool:
+    """A list, dict or set holding plain values or code (a table of activation functions; nested up to 4 deep, at
+    most 256 items each): its contents can be compared on every call against a copy taken at trace time (a copy
+    holds the same functions and classes)."""
+    if plain(value):
+        return True
+    if depth >= 4:
+        return False
+    if type(value) in (list, set, frozenset, tuple):
+        return len(value) <= 256 and all(_item(v, depth + 1) for v in value)
+    if type(value) is dict:
+        return len(value) <= 256 and all(plain(k) and _item(v, depth + 1) for k, v in value.items())
+    return False
+
+
+def _item(value, depth: int) -> bool:
+    # (not a module object: the trace-time copy of the container could not hold one)
+    return plain_container(value, depth) or (isinstance(value, _CODE_LIKE) and type(value) is not types.ModuleType)
+
+
+def guard_kind(value) -> str | None:
+    """How a guard checks a value the traced code read: "code" (nothing to check), "value" (plain, or a plain
+    container: its contents), "identity" (a tensor or a module: the same object; what it holds is read at run
+    time), or None: an object whose contents the code may have read, which no guard can check."""
+    if plain(value) or plain_container(value):
+        return "value"
+    if isinstance(value, (torch.Tensor, nn.Module)):
+        return "identity"
+    if isinstance(value, _CODE_LIKE) or type(value).__module__ == "typing":
+        return "code"
+    return _numpy_kind(value)
+
+
+def _numpy_kind(value) -> str | None:
+    """numpy's functions (ufuncs) are code; its scalars and dtypes are immutable (the same object, the same value);
+    an array is not (a graph would hold a copy of its contents)."""
+    cls = type(value)
+    if cls.__module__ != "numpy":
+        return None
+    if cls.__name__ == "ufunc":
+        return "code"
+    if cls.__name__ != "ndarray" and hasattr(value, "dtype") and hasattr(value, "itemsize"):
+        return "identity"
+    return None
+
+
+class WatchedCode:
+    """The model code one trace ran: code object -> the globals it ran in, and the state queries it made."""
+
+    def __init__(self):
+        self.codes: dict = {}
+        self.queries: list[str] = []  # state queries no guard can cover ("<where> calls <query>()")
+        self.tracing_queries: list[str] = []  # tracing queries: covered by `traced_or_compiled()` in the guard
+
+    def _called(self, code, query) -> None:
+        name, tracing = query
+        (self.tracing_queries if tracing else self.queries).append(f"{_where(code)} calls {name}()")
+
+    def check(self) -> list[tuple[dict, str, object, str]]:
+        """Raise for what no guard can cover; else the module-level values to guard: (namespace, name, value at
+        trace time, where it was read)."""
+        for code in self.codes:
+            if _calls_type(code):
+                raise ClassInspectedError(f"{_where(code)} calls type()")
+        if self.queries:
+            raise GlobalStateError(f"{self.queries[0]}: the graph would keep its trace-time answer")
+        reads: dict = {}
+        for code, glb in self.codes.items():
+            for name, attr in _global_loads(code):
+                for ns, key, value in _read(glb, name, attr):
+                    if (id(ns), key) in reads:
+                        continue
+                    kind = guard_kind(value)
+                    if kind is None:
+                        raise GlobalStateError(f"{_where(code)} reads the module-level {key} "
+                                               f"({type(value).__name__}), whose contents a guard cannot check")
+                    if kind != "code":
+                        reads[(id(ns), key)] = (ns, key, value, _where(code))
+        return list(reads.values())
+
+
+def _where(code) -> str:
+    return f"{code.co_name} ({os.path.basename(code.co_filename)}:{code.co_firstlineno})"
+
+
+def _read(glb: dict, name: str, attr):
+    """(namespace, name, value) of a global load: the global itself, and for a module (`config.FLAG`,
+    `os.environ`) the attribute read on it. Builtins are not module-level values of the model, nor is what torch
+    and this package hold (their settings are not the model's; the dispatch of this package reads them itself)."""
+    if name not in glb:
+        return []
+    value = glb[name]
+    out = [(glb, name, value)]
+    if attr is not None and type(value) is types.ModuleType and attr in vars(value) and not _torch_module(value):
+        out.append((vars(value), attr, vars(value)[attr]))
+    return out
+
+
+def _torch_module(module: types.ModuleType) -> bool:
+    name = module.__name__
+    return name == "torch" or name.startswith(("torch.", "fusedconv.")) or name == "fusedconv"
+
+
+def reachable_code(functions, depth: int = 3) -> dict:
+    """The code of `functions` (methods, static and class methods, properties), of the functions nested in them and
+    of the module-level functions they name, `depth` calls deep, with the globals each runs in: what a forward may
+    run, found without running it."""
+    seen: dict = {}
+    todo = []
+    for fn in functions:
+        for f in (getattr(fn, "__func__", fn), getattr(fn, "fget", None)):
+            if getattr(f, "__code__", None) is not None:
+                todo.append((f.__code__, getattr(f, "__globals__", {}), 0))
+    while todo:
+        code, glb, level = todo.pop()
+        if code in seen or not model_code(code):
+            continue
+        seen[code] = glb
+        todo += [(c, glb, level) for c in code.co_consts if hasattr(c, "co_names")]
+        if level < depth:
+            for name in code.co_names:
+                target = glb.get(name)
+                if callable(target) and getattr(target, "__code__", None) is not None:
+                    todo.append((target.__code__, getattr(target, "__globals__", {}), level + 1))
+    return seen
+
+
+@contextlib.contextmanager
+def watch(modules: list[nn.Module]):
+    """Around a trace of modules[0] (through the others): yields the WatchedCode the trace fills."""
+    watched = WatchedCode()
+    if sys.getprofile() is not None:
+        # Another profiler holds the hook: what the modules' classes can reach, scanned without running it.
+        yield watched
+        classes = {cls for m in modules for cls in type(m).__mro__ if cls.__module__ != "builtins"}
+        watched.codes = reachable_code([fn for cls in classes for fn in vars(cls).values()])
+        for code in watched.codes:
+            for name in code.co_names:
+                if name in _QUERY_NAMES:
+                    watched._called(code, _QUERY_NAMES[name])
+        return
+
+    def profile(frame, event, arg):
+        if event == "call":
+            code = frame.f_code
+            if code in _QUERY_CODES and frame.f_back is not None and model_code(frame.f_back.f_code):
+                watched._called(frame.f_back.f_code, _QUERY_CODES[code])
+            elif code not in watched.codes and model_code(code):
+                watched.codes[code] = frame.f_globals
+        elif event == "c_call" and id(arg) in _QUERY_BUILTINS and model_code(frame.f_code):
+            watched._called(frame.f_code, _QUERY_BUILTINS[id(arg)])
+
+    # No garbage collection while the hook runs: gc callbacks (hypothesis installs one that times collections) and
+    # finalizers are not the forward's code, and their reads would become guard terms that fail on every call.
+    collecting = gc.isenabled()
+    gc.disable()
+    sys.setprofile(profile)
+    try:
+        yield watched
+    finally:
+        sys.setprofile(None)
+        if collecting:
+            gc.enable()
+
+
+
+def same_plain(a, b) -> bool:
+    """`a == b` for plain values and plain containers, types included (1, 1.0 and True are not the same flag)."""
+    if type(a) is not type(b):
+        return False
+    if type(a) in (list, tuple, torch.Size):
+        return len(a) == len(b) and all(same_plain(x, y) for x, y in zip(a, b))
+    if type(a) is dict:
+        return a.keys() == b.keys() and all(same_plain(v, b[k]) for k, v in a.items())
+    return a == b
+
+
+class Namespace:
+    """A module's globals as a guard reads them (`ns.d.get(name, MISSING)`): the same dict after copy.deepcopy (a
+    copy would never change again, and the guard would pass forever), and the module's dict again, found by its
+    name, after pickling."""
+
+    __slots__ = ("d",)
+
+    def __init__(self, d: dict):
+        self.d = d
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __reduce__(self):
+        name = self.d.get("__name__")
+        module = sys.modules.get(name) if isinstance(name, str) else None
+        if module is None or vars(module) is not self.d:
+            raise TypeError(f"cannot pickle a guard on the globals of {name!r}: they are not an importable module's")
+        return (module_namespace, (name,))
+
+
+def module_namespace(name: str) -> Namespace:
+    """The Namespace of the module `name` (imported if need be): how a pickled guard finds its globals again."""
+    import importlib
+
+    return Namespace(vars(importlib.import_module(name)))

@@ -1,0 +1,398 @@
+"""What a traced forward consults besides its arguments and its module (fusedconv/graph/model_code.py).
+
+A module-level value, a setting of another model module, a flag list or dict, a helper object held on the block,
+a global-state query: fx evaluates each once, while tracing, and the graph keeps that outcome. Each block here is
+converted in float64, the value it consults is changed afterwards (or the call is made in the other grad mode), and
+the converted model must still compute what the original computes: by a guard that sends the call to the exact
+fallback, or by not rewriting the block at all. Each test also shows the block is fused while nothing changed, so
+a guard, not a skipped conversion, is what keeps it exact.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import io
+import os
+import sys
+import types
+
+import pytest
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from util import max_rel_error, randomize_bn  # noqa: E402
+
+import fusedconv  # noqa: E402
+from fusedconv.graph import model_code  # noqa: E402
+
+TOL = 1e-12  # float64: a real mistake shows as O(1)
+
+SCALE = 1.0
+FLAGS = [True, 2]
+SETTINGS = {"negate": False, "shift": 0.0}
+
+# A model module of its own (a file outside torch and the standard library, as a user's `config.py` would be).
+config = types.ModuleType("fusedconv_test_config")
+config.__file__ = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fusedconv_test_config.py")
+config.GAIN = 1.0
+sys.modules[config.__name__] = config
+
+
+class Settings:
+    """A helper object a block keeps and consults (its contents are what matter, not its identity)."""
+
+    def __init__(self):
+        self.gain = 1.0
+
+
+def _t(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def _convert(model, **kwargs):
+    model = randomize_bn(model).double().eval()
+    converted, report = fusedconv.convert(model, return_report=True, reparameterize=False, **kwargs)
+    return model, converted, report
+
+
+def _close(a, b):
+    with torch.no_grad():
+        assert max_rel_error(a, b) < TOL
+
+
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def body(self, x):
+        return torch.relu(self.bn(self.conv(x)))
+
+
+class GlobalScale(_Block):
+    def forward(self, x):
+        return self.body(x) * SCALE
+
+
+class GlobalFlagList(_Block):
+    def forward(self, x):
+        y = self.body(x)
+        return y * FLAGS[1] if FLAGS[0] else -y
+
+
+class GlobalDict(_Block):
+    def forward(self, x):
+        y = self.body(x) + SETTINGS["shift"]
+        return -y if SETTINGS["negate"] else y
+
+
+class ConfigModule(_Block):
+    def forward(self, x):
+        return self.body(x) * config.GAIN
+
+
+class ClassLevelScale(_Block):
+    scale = 1.0  # a class attribute the forward reads through self
+
+    def forward(self, x):
+        return self.body(x) * self.scale
+
+
+class AttributeList(_Block):
+    def __init__(self):
+        super().__init__()
+        self.gains = [1.0, 1.0]
+
+    def forward(self, x):
+        return self.body(x) * self.gains[0]
+
+
+class GradModeBranch(_Block):
+    def forward(self, x):
+        y = self.body(x)
+        return y * 2 if torch.is_grad_enabled() else y
+
+
+class Holder(nn.Module):
+    """A submodule the block consults for a setting (and calls as a layer)."""
+
+    def __init__(self):
+        super().__init__()
+        self.factor = 1.0
+
+    def forward(self, x):
+        return x
+
+
+class ChildSetting(_Block):
+    def __init__(self):
+        super().__init__()
+        self.holder = nn.Sequential(Holder())
+
+    def forward(self, x):
+        return self.holder(self.body(x)) * self.holder[0].factor
+
+
+class EnvironmentFlag(_Block):
+    def forward(self, x):
+        y = self.body(x)
+        return -y if os.environ.get("FUSEDCONV_TEST_NEGATE") else y
+
+
+class TracingBranch(_Block):
+    def forward(self, x):
+        y = self.body(x)
+        return y if torch.jit.is_tracing() or torch.compiler.is_compiling() else y * 3
+
+
+class FxTracingBranch(_Block):
+    def forward(self, x):
+        y = self.body(x)
+        return y if torch.fx._symbolic_trace.is_fx_tracing() else y * 3
+
+
+def _wrapped(block):
+    return nn.Sequential(nn.Identity(), block, nn.ReLU())
+
+
+def _set_global(name, value):
+    old = globals()[name]
+    globals()[name] = value
+    return old
+
+
+CHANGES = {
+    # block class -> (change, undo)
+    GlobalScale: (lambda m: _set_global("SCALE", 3.0), lambda m, old: _set_global("SCALE", old)),
+    GlobalFlagList: (lambda m: FLAGS.__setitem__(0, False), lambda m, old: FLAGS.__setitem__(0, True)),
+    GlobalDict: (lambda m: SETTINGS.update(negate=True), lambda m, old: SETTINGS.update(negate=False)),
+    ConfigModule: (lambda m: setattr(config, "GAIN", -2.0), lambda m, old: setattr(config, "GAIN", 1.0)),
+    ClassLevelScale: (lambda m: setattr(ClassLevelScale, "scale", 0.5),
+                      lambda m, old: setattr(ClassLevelScale, "scale", 1.0)),
+}
+
+
+@pytest.mark.parametrize("flatten", [True, False])
+@pytest.mark.parametrize("block", list(CHANGES))
+def test_module_level_values_are_guarded(block, flatten):
+    original, converted, report = _convert(_wrapped(block()), flatten=flatten)
+    assert report.fused, report.notes
+    x = _t(2, 4, 8, 8)
+    with torch.no_grad():
+        _close(converted(x), original(x))
+        change, undo = CHANGES[block]
+        old = change(None)
+        try:
+            # Without the guard the graph keeps the trace-time value: off by O(1).
+            _close(converted(x), original(x))
+        finally:
+            undo(None, old)
+        _close(converted(x), original(x))
+
+
+def test_guard_names_the_module_level_value():
+    _, _, report = _convert(_wrapped(GlobalScale()), flatten=False)
+    assert any("SCALE = 1.0" in spec for _, _, specs in report.guards for spec in specs), report.guards
+
+
+def test_plain_list_attribute_edited_in_place():
+    original, converted, report = _convert(_wrapped(AttributeList()), flatten=False)
+    assert report.fused
+    x = _t(2, 4, 8, 8)
+    with torch.no_grad():
+        _close(converted(x), original(x))
+        # convert copied the model: edit both lists the same way
+        original[1].gains[0] = converted[1].gains[0] = -4.0
+        _close(converted(x), original(x))
+
+
+class HelperObject(_Block):
+    def __init__(self):
+        super().__init__()
+        self.settings = Settings()
+
+    def forward(self, x):
+        return self.body(x) * self.settings.gain
+
+
+@pytest.mark.parametrize("flatten", [True, False])
+def test_submodule_setting_read_by_the_forward(flatten):
+    original, converted, report = _convert(_wrapped(ChildSetting()), flatten=flatten)
+    assert report.fused
+    x = _t(2, 4, 8, 8)
+    with torch.no_grad():
+        _close(converted(x), original(x))
+        original[1].holder[0].factor = converted[1].holder[0].factor = -3.0
+        _close(converted(x), original(x))
+
+
+class SlopeScaled(nn.Module):
+    """No conv chain of its own (the flat forward traces through it): reads a setting of a torch.nn layer it calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.act = nn.LeakyReLU(0.1)
+
+    def forward(self, x):
+        return self.act(x) * self.act.negative_slope
+
+
+def test_layer_setting_read_by_a_forward_the_flat_graph_goes_through():
+    original, converted, report = _convert(nn.Sequential(
+        nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), SlopeScaled()))
+    assert report.fused
+    x = _t(2, 4, 8, 8)
+    with torch.no_grad():
+        _close(converted(x), original(x))
+        original[3].act.negative_slope = converted[-1].act.negative_slope = 0.5
+        _close(converted(x), original(x))
+
+
+def test_environment_read_is_not_baked_in(monkeypatch):
+    original, converted, report = _convert(_wrapped(EnvironmentFlag()))
+    assert not report.fused
+    assert any("environ" in r.detail for r in report.rows), report.rows
+    monkeypatch.setenv("FUSEDCONV_TEST_NEGATE", "1")
+    x = _t(2, 4, 8, 8)
+    with torch.no_grad():
+        _close(converted(x), original(x))
+
+
+def test_helper_object_contents_are_not_baked_in():
+    block = randomize_bn(HelperObject()).double().eval()
+    reference = copy.deepcopy(block)
+    converted, report = fusedconv.convert(_wrapped(block).eval(), return_report=True, reparameterize=False,
+                                          inplace=True)
+    assert not report.fused
+    assert any("settings (Settings)" in r.detail for r in report.rows), report.rows
+    x = _t(2, 4, 8, 8)
+    block.settings.gain = reference.settings.gain = 5.0
+    with torch.no_grad():
+        _close(converted(x), torch.relu(reference(x)))
+
+
+@pytest.mark.parametrize("flatten", [True, False])
+@pytest.mark.parametrize("block, query", [(GradModeBranch, "is_grad_enabled"), (FxTracingBranch, "is_fx_tracing")])
+def test_global_state_queries_are_not_traced(block, query, flatten):
+    original, converted, report = _convert(_wrapped(block()), flatten=flatten)
+    assert not report.fused
+    assert any(query in r.detail for r in report.rows), report.rows
+    x = _t(2, 4, 8, 8)
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            _close(converted(x), original(x))
+
+
+@pytest.mark.parametrize("flatten", [True, False])
+def test_tracing_queries_are_guarded(flatten):
+    # The graph holds the answer "not tracing": it runs only where that holds; jit tracing takes the block's own
+    # forward (smp's models skip an input check this way).
+    original, converted, report = _convert(_wrapped(TracingBranch()), flatten=flatten)
+    assert report.fused
+    assert any("not traced or compiled" in spec for _, _, specs in report.guards for spec in specs), report.guards
+    x = _t(2, 4, 8, 8)
+    with torch.no_grad():
+        _close(converted(x), original(x))
+        traced = torch.jit.trace(converted, x, check_trace=False)
+        _close(traced(x), torch.jit.trace(original, x, check_trace=False)(x))
+
+
+def test_guards_follow_copies_and_pickles():
+    original, converted, report = _convert(_wrapped(GlobalScale()))
+    assert report.fused
+    x = _t(2, 4, 8, 8)
+    buffer = io.BytesIO()
+    torch.save(converted, buffer)
+    buffer.seek(0)
+    for copied in (copy.deepcopy(converted), torch.load(buffer, weights_only=False)):
+        old = _set_global("SCALE", 3.0)
+        try:
+            with torch.no_grad():
+                _close(copied(x), original(x))
+        finally:
+            _set_global("SCALE", old)
+
+
+@pytest.mark.parametrize("block", [GlobalScale, GradModeBranch])
+def test_found_while_a_profiler_holds_the_hook(block):
+    # With sys.setprofile taken by someone else, the code a forward can reach is scanned instead.
+    calls = []
+    sys.setprofile(lambda frame, event, arg: calls.append(event))
+    try:
+        original, converted, report = _convert(_wrapped(block()), flatten=False)
+    finally:
+        sys.setprofile(None)
+    assert calls
+    x = _t(2, 4, 8, 8)
+    if block is GradModeBranch:
+        assert not report.fused
+        with torch.enable_grad():
+            _close(converted(x), original(x))
+    else:
+        assert report.fused
+        old = _set_global("SCALE", -1.5)
+        try:
+            with torch.no_grad():
+                _close(converted(x), original(x))
+        finally:
+            _set_global("SCALE", old)
+
+
+_COLLECTIONS = [0]
+
+
+def _count_collection(phase, info):
+    # A gc callback outside the model (hypothesis installs one like it): its reads are not the forward's.
+    global _GC_RUNS
+    _GC_RUNS = _COLLECTIONS[0] = _COLLECTIONS[0] + 1
+
+
+_GC_RUNS = 0
+
+
+def test_garbage_collection_during_the_trace_adds_no_guard():
+    import gc
+
+    threshold = gc.get_threshold()
+    gc.callbacks.append(_count_collection)
+    gc.set_threshold(1)  # a collection at nearly every allocation, were the collector on during the trace
+    try:
+        original, converted, report = _convert(_wrapped(GlobalScale()), flatten=False)
+    finally:
+        gc.callbacks.remove(_count_collection)
+        gc.set_threshold(*threshold)
+    assert report.fused
+    assert not any("_GC_RUNS" in spec or "_COLLECTIONS" in spec for _, _, specs in report.guards for spec in specs)
+    x = _t(2, 4, 8, 8)
+    with torch.no_grad():
+        _close(converted(x), original(x))
+    assert sum(fusedconv.graph.specialize.guard_table(m).fallback_calls for m in converted.modules()
+               if fusedconv.graph.specialize.guard_table(m) is not None) == 0
+
+
+def test_same_plain_compares_types():
+    assert model_code.same_plain([1, (2.0, "a")], [1, (2.0, "a")])
+    assert not model_code.same_plain([1], [1.0])
+    assert not model_code.same_plain([1], [True])
+    assert not model_code.same_plain({"a": 1}, {"a": 1, "b": 2})
+
+
+def test_guard_kinds():
+    assert model_code.guard_kind(1.5) == "value"
+    assert model_code.guard_kind({"a": [1, 2]}) == "value"
+    assert model_code.guard_kind(torch.ones(1)) == "identity"
+    assert model_code.guard_kind(torch.relu) == "code"
+    assert model_code.guard_kind(Settings()) is None
+    assert model_code.guard_kind([nn.ReLU()]) is None  # a list of modules: contents a guard cannot compare
+    assert model_code.guard_kind(functools.lru_cache(maxsize=None)(abs)) == "code"
+
+
+def test_numpy_values():
+    np = pytest.importorskip("numpy")
+    assert model_code.guard_kind(np.sqrt) == "code"
+    assert model_code.guard_kind(np.float32(2.0)) == "identity"
+    assert model_code.guard_kind(np.ones(2)) is None

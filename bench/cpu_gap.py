@@ -14,6 +14,8 @@ timed with the calling thread's CPU time, min and median per forward in ms. Vari
 - fc_alone_inplace_downsample_only: the same for the residuals a block produces itself (torchvision's downsample
   branch), the only ones a proof local to the block allows (with fusedconv's in-place route on, convert already
   takes it for those: then this equals fc_onednn_alone).
+Then, for a model with a whole-model flat forward, its per-forward tree check and leaf states timed alone, right
+after a real forward and back to back (`flat_check_costs`).
 Then each recorded conv call timed alone (min over 5 rounds of 3 calls, both sides' calls interleaved in each
 round), summed per (input shape, weight shape, stride) for both sides.
 A measurement tool, not a results table: `python -m bench.cpu_gap [spec] [rounds]`; `python -m bench.cpu_gap
@@ -134,6 +136,33 @@ def inplace_ab(spec: str = "torchvision:resnet50", rounds: int = 41) -> None:
               f"quartiles {diffs[q]:+.2f} / {diffs[-q - 1]:+.2f} ms")
 
 
+def flat_check_costs(fc, x, rounds: int) -> dict:
+    """Per forward of the whole-model flat graph (graph/flat.py), its two checks timed alone (thread CPU time, ms):
+    the tree check (every module on the graph's paths, by identity, with what the forward read on them) and the
+    leaves' states (graph/flat_fused.py: hooks, and each FusedConv2d's tensors against their snapshot). Each is
+    timed right after a real forward, as in use (the forward has streamed the weights through the caches), and back
+    to back (warm). Returns {name: (after-a-forward samples, back-to-back samples)}; {} without a flat graph."""
+    from fusedconv.graph.flat import flat_check
+
+    check = flat_check(fc)
+    if check is None:
+        return {}
+    parts = {"flat_check (tree)": lambda: check(fc), "flat_states (leaves)": check.fused.states}
+    out = {name: ([], []) for name in parts}
+    with torch.no_grad():
+        for _ in range(rounds):
+            for name, fn in parts.items():
+                fc(x)
+                t0 = time.thread_time()
+                fn()
+                t1 = time.thread_time()
+                fn()
+                t2 = time.thread_time()
+                out[name][0].append((t1 - t0) * 1e3)
+                out[name][1].append((t2 - t1) * 1e3)
+    return out
+
+
 def main(spec: str = "torchvision:resnet50", rounds: int = 9) -> None:
     torch.set_num_threads(1)
     import torch._inductor.config as inductor_config
@@ -219,6 +248,9 @@ def main(spec: str = "torchvision:resnet50", rounds: int = 9) -> None:
                 times[name].append((time.thread_time() - t0) / 5 * 1e3)
     for name, ts in times.items():
         print(f"{name:34s} min {min(ts):7.2f}  median {statistics.median(ts):7.2f} ms")
+    for name, (cold, warm) in flat_check_costs(fc, x, rounds * 5).items():
+        print(f"{name:34s} after a forward: median {statistics.median(cold):7.3f} ms; "
+              f"back to back: median {statistics.median(warm):7.3f} ms")
 
     # Each recorded call timed alone (3 calls per sample), both sides interleaved round by round, min per call.
     def sample(fn, args, kwargs):

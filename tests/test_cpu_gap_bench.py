@@ -66,3 +66,19 @@ def test_recorder_sees_each_fused_call_once_and_replays_exactly():
             assert torch.equal(again, y)
         # The recorded forward ran the model: its last call's output is the model's output (same values).
         assert torch.allclose(calls[-1][2], expected, rtol=0, atol=0)
+
+
+def test_flat_check_costs_time_both_checks_of_a_flat_model():
+    # A wrapper that only calls the block: flatten gives the model one straight-line forward through it.
+    torch.manual_seed(0)
+    model = nn.Sequential(_Block(), nn.ReLU()).eval()
+    x = torch.randn(1, 3, 16, 16)
+    with torch.no_grad():
+        fc = fusedconv.convert(model)
+        fc(x)
+    costs = cpu_gap.flat_check_costs(fc, x, rounds=2)
+    assert set(costs) == {"flat_check (tree)", "flat_states (leaves)"}
+    assert all(len(cold) == len(warm) == 2 for cold, warm in costs.values())
+    assert all(t >= 0 for cold, warm in costs.values() for t in cold + warm)
+    with torch.no_grad():
+        assert cpu_gap.flat_check_costs(fusedconv.convert(model, flatten=False), x, rounds=1) == {}

@@ -63,6 +63,23 @@ def _close(a, b):
         assert max_rel_error(a, b) < TOL
 
 
+def _copies(converted) -> tuple:
+    """A deep copy of the converted model and one saved with torch.save and loaded back."""
+    buffer = io.BytesIO()
+    torch.save(converted, buffer)
+    buffer.seek(0)
+    return copy.deepcopy(converted), torch.load(buffer, weights_only=False)
+
+
+def _exact_without_fallback(original, converted):
+    """The converted model computes what the original does, and every guard held (no call took the fallback)."""
+    x = _t(2, 4, 8, 8)
+    with torch.no_grad():
+        _close(converted(x), original(x))
+    assert sum(fusedconv.graph.specialize.guard_table(m).fallback_calls for m in converted.modules()
+               if fusedconv.graph.specialize.guard_table(m) is not None) == 0
+
+
 class _Block(nn.Module):
     def __init__(self):
         super().__init__()
@@ -305,10 +322,7 @@ def test_guards_follow_copies_and_pickles():
     original, converted, report = _convert(_wrapped(GlobalScale()))
     assert report.fused
     x = _t(2, 4, 8, 8)
-    buffer = io.BytesIO()
-    torch.save(converted, buffer)
-    buffer.seek(0)
-    for copied in (copy.deepcopy(converted), torch.load(buffer, weights_only=False)):
+    for copied in _copies(converted):
         old = _set_global("SCALE", 3.0)
         try:
             with torch.no_grad():
@@ -367,11 +381,7 @@ def test_garbage_collection_during_the_trace_adds_no_guard():
         gc.set_threshold(*threshold)
     assert report.fused
     assert not any("_GC_RUNS" in spec or "_COLLECTIONS" in spec for _, _, specs in report.guards for spec in specs)
-    x = _t(2, 4, 8, 8)
-    with torch.no_grad():
-        _close(converted(x), original(x))
-    assert sum(fusedconv.graph.specialize.guard_table(m).fallback_calls for m in converted.modules()
-               if fusedconv.graph.specialize.guard_table(m) is not None) == 0
+    _exact_without_fallback(original, converted)
 
 
 def test_same_plain_compares_types():
@@ -396,3 +406,103 @@ def test_numpy_values():
     assert model_code.guard_kind(np.sqrt) == "code"
     assert model_code.guard_kind(np.float32(2.0)) == "identity"
     assert model_code.guard_kind(np.ones(2)) is None
+
+
+def _closure_block(kind: str):
+    """A block class made by a factory whose forward reads the factory's variables (closure cells), and a function
+    that changes them afterwards: rebinding (`nonlocal`) or editing in place."""
+    scale = 1.0
+    gains = [1.0]
+    offset = torch.zeros(1, dtype=torch.float64)
+
+    class ClosureBlock(_Block):
+        def forward(self, x):
+            y = self.body(x)
+            if kind == "value":
+                return y * scale
+            if kind == "list":
+                return y * gains[0]
+            return y + offset
+
+    def change():
+        nonlocal scale, offset
+        scale = 3.0
+        gains[0] = -2.0
+        offset = torch.ones(1, dtype=torch.float64)
+
+    return ClosureBlock, change
+
+
+@pytest.mark.parametrize("flatten", [True, False])
+@pytest.mark.parametrize("kind", ["value", "list", "tensor"])
+def test_closure_variables_are_guarded(kind, flatten):
+    block, change = _closure_block(kind)
+    original, converted, report = _convert(_wrapped(block()), flatten=flatten)
+    assert report.fused, report.notes
+    x = _t(2, 4, 8, 8)
+    with torch.no_grad():
+        _close(converted(x), original(x))
+        change()
+        # Without the guard the graph keeps the trace-time value of the cell: off by O(1).
+        _close(converted(x), original(x))
+    assert any("closure variable" in spec for _, _, specs in report.guards for spec in specs), report.guards
+
+
+class InnerClosures(_Block):
+    """Closures made inside the forward (a lambda, a comprehension) read its own locals: nothing to guard."""
+
+    def forward(self, x):
+        k = 2.0
+        scaled = lambda t: t * k  # noqa: E731
+        return [scaled(t) for t in (self.body(x),)][0]
+
+
+def test_closures_made_during_the_call_need_no_guard():
+    original, converted, report = _convert(_wrapped(InnerClosures()), flatten=False)
+    assert report.fused, report.notes
+    assert not any("closure variable" in spec for _, _, specs in report.guards for spec in specs), report.guards
+    _exact_without_fallback(original, converted)
+
+
+def test_closure_holding_an_object_is_not_baked_in():
+    settings = Settings()
+
+    class HelperClosure(_Block):
+        def forward(self, x):
+            return self.body(x) * settings.gain
+
+    original, converted, report = _convert(_wrapped(HelperClosure()))
+    x = _t(2, 4, 8, 8)
+    settings.gain = -3.0
+    with torch.no_grad():
+        _close(converted(x), original(x))
+    assert any("closure variable settings" in note for note in report.notes), report.notes
+
+
+def test_closure_guard_while_a_profiler_holds_the_hook():
+    block, change = _closure_block("value")
+    sys.setprofile(lambda frame, event, arg: None)
+    try:
+        original, converted, report = _convert(_wrapped(block()), flatten=False)
+    finally:
+        sys.setprofile(None)
+    assert report.fused
+    x = _t(2, 4, 8, 8)
+    change()
+    with torch.no_grad():
+        _close(converted(x), original(x))
+
+
+PickledClosureBlock, _change_pickled_closure = _closure_block("value")
+PickledClosureBlock.__qualname__ = "PickledClosureBlock"  # importable by name: the model pickles
+
+
+def test_closure_guards_follow_copies_and_miss_after_pickling():
+    original, converted, report = _convert(_wrapped(PickledClosureBlock()))
+    assert report.fused
+    x = _t(2, 4, 8, 8)
+    copies = _copies(converted)
+    _change_pickled_closure()  # the cell is the class's, shared by every copy of the model
+    with torch.no_grad():
+        for model in copies:
+            _close(model(x), original(x))

@@ -14,7 +14,11 @@ queries; `WatchedCode.check()` then
   * lists the module-level values the code reads (`LOAD_GLOBAL`, and `module.NAME` of a model module): plain
     values and containers of them, tensors and modules become guard terms (`patterns.build_guard`: by value, by
     value and identity, by identity); functions, classes, modules, dtypes and the like are taken as the code they
-    are; anything else (an object whose contents the code may have read) fails the trace (`GlobalStateError`).
+    are; anything else (an object whose contents the code may have read) fails the trace (`GlobalStateError`);
+  * lists the same way the closure variables the code reads that were bound before the trace (a class made by a
+    factory function reading the factory's `scale`, or a cell a `nonlocal` assignment rebinds): the guard reads the
+    cell itself (`ClosureCell`). Variables of a function that ran during the trace (a lambda or comprehension
+    inside the forward) are locals of the traced code, computed anew on every call, and need no guard.
 Where another profiler holds the hook, the code the modules' classes can reach is scanned instead (`reachable_code`),
 with the same rules for every global it names and every state query it names.
 
@@ -201,6 +205,9 @@ class WatchedCode:
 
     def __init__(self):
         self.codes: dict = {}
+        # (code, {free variable it reads: value when the call began}, the call's `self` or None), once per distinct
+        # set of values
+        self.closure_calls: dict = {}
         self.queries: list[str] = []  # state queries no guard can cover ("<where> calls <query>()")
         self.tracing_queries: list[str] = []  # tracing queries: covered by `traced_or_compiled()` in the guard
 
@@ -228,11 +235,104 @@ class WatchedCode:
                                                f"({type(value).__name__}), whose contents a guard cannot check")
                     if kind != "code":
                         reads[(id(ns), key)] = (ns, key, value, _where(code))
+        for (cell, name, value, where) in self._closure_reads():
+            reads.setdefault((id(cell), name), (cell, name, value, where))
         return list(reads.values())
+
+    def _closure_reads(self) -> list:
+        """(cell, name, value at trace time, where) for each closure variable bound before the trace that model
+        code read, to guard like a module-level value; raises where no guard can check one."""
+        parents = {c: code for code in self.codes for c in code.co_consts if isinstance(c, types.CodeType)}
+        out = []
+        for code, values, owner in self.closure_calls.values():
+            parent = parents.get(code)
+            for name, value in values:
+                if parent is not None and name in parent.co_cellvars:
+                    continue  # a local of a function that ran in this trace: its cell was made during the call
+                kind = guard_kind(value)
+                if kind == "code":
+                    continue
+                if kind is None:
+                    raise GlobalStateError(f"{_where(code)} reads the closure variable {name} "
+                                           f"({type(value).__name__}), whose contents a guard cannot check")
+                cells = _cells_holding(code, name, value, owner)
+                if not cells:
+                    raise GlobalStateError(f"{_where(code)} reads the closure variable {name}, whose cell could "
+                                           "not be found to guard it")
+                out += [(cell, name, value, _where(code)) for cell in cells]
+        return out
+
+    def _record_static_closures(self, code) -> None:
+        # Without a call to look at: what the cells of every function with this code hold now.
+        names = _free_reads(code)
+        for fn in gc.get_referrers(code):
+            if type(fn) is not types.FunctionType or fn.__code__ is not code or not fn.__closure__:
+                continue
+            values = []
+            for n in names:
+                try:
+                    values.append((n, fn.__closure__[code.co_freevars.index(n)].cell_contents))
+                except ValueError:  # an empty cell
+                    pass
+            values = tuple(values)
+            self.closure_calls.setdefault((code, tuple(id(v) for _, v in values), id(fn)), (code, values, None))
+
+    def _record_closure(self, frame) -> None:
+        code = frame.f_code
+        names = _free_reads(code)
+        if not names:
+            return
+        f_locals = frame.f_locals
+        values = tuple((n, f_locals[n]) for n in names if n in f_locals)
+        owner = f_locals.get("self") if code.co_argcount else None
+        key = (code, tuple(id(v) for _, v in values), id(owner))
+        if key not in self.closure_calls:
+            self.closure_calls[key] = (code, values, owner)
 
 
 def _where(code) -> str:
     return f"{code.co_name} ({os.path.basename(code.co_filename)}:{code.co_firstlineno})"
+
+
+_DEREF_OPS = frozenset({"LOAD_DEREF", "LOAD_CLASSDEREF"})
+
+
+@functools.lru_cache(maxsize=4096)
+def _free_reads(code) -> tuple:
+    """The free (closure) variables `code` loads, but `__class__` (the cell zero-argument `super()` reads: a
+    class, which is code)."""
+    if not code.co_freevars:
+        return ()
+    free = set(code.co_freevars) - {"__class__"}
+    return tuple(dict.fromkeys(ins.argval for ins in dis.get_instructions(code)
+                               if ins.opname in _DEREF_OPS and ins.argval in free))
+
+
+def _cells_holding(code, name: str, value, owner) -> list:
+    """The closure cells of the functions with this code whose variable `name` holds `value` (the very object):
+    found through the class of the call's `self` (a method of a class a factory made), else among every function
+    object with this code (more than one may qualify: all of them are guarded; a guard too many can only miss)."""
+    index = code.co_freevars.index(name)
+    functions = []
+    if owner is not None:
+        for cls in type(owner).__mro__:
+            for attr in vars(cls).values():
+                for fn in (attr, getattr(attr, "__func__", None), getattr(attr, "fget", None)):
+                    if getattr(fn, "__code__", None) is code:
+                        functions.append(fn)
+    if not functions:
+        functions = [r for r in gc.get_referrers(code) if type(r) is types.FunctionType and r.__code__ is code]
+    cells = {}
+    for fn in functions:
+        closure = fn.__closure__ or ()
+        if index < len(closure):
+            try:
+                held = closure[index].cell_contents
+            except ValueError:  # an empty cell
+                continue
+            if held is value:
+                cells[id(closure[index])] = closure[index]
+    return list(cells.values())
 
 
 def _read(glb: dict, name: str, attr):
@@ -290,6 +390,8 @@ def watch(modules: list[nn.Module]):
             for name in code.co_names:
                 if name in _QUERY_NAMES:
                     watched._called(code, _QUERY_NAMES[name])
+            if _free_reads(code):
+                watched._record_static_closures(code)
         return
 
     def profile(frame, event, arg):
@@ -297,8 +399,11 @@ def watch(modules: list[nn.Module]):
             code = frame.f_code
             if code in _QUERY_CODES and frame.f_back is not None and model_code(frame.f_back.f_code):
                 watched._called(frame.f_back.f_code, _QUERY_CODES[code])
-            elif code not in watched.codes and model_code(code):
-                watched.codes[code] = frame.f_globals
+            elif model_code(code):
+                if code not in watched.codes:
+                    watched.codes[code] = frame.f_globals
+                if code.co_freevars:
+                    watched._record_closure(frame)
         elif event == "c_call" and id(arg) in _QUERY_BUILTINS and model_code(frame.f_code):
             watched._called(frame.f_code, _QUERY_BUILTINS[id(arg)])
 
@@ -353,3 +458,36 @@ def module_namespace(name: str) -> Namespace:
     import importlib
 
     return Namespace(vars(importlib.import_module(name)))
+
+
+class ClosureCell:
+    """A closure cell as a guard reads it, through the same spelling as a module's globals (`c.d.get(name,
+    MISSING)`: its contents, MISSING when empty). The same cell after copy.deepcopy (a function's cells are not
+    copied with a model either); a pickled guard cannot find the cell again and reads MISSING: that guard then
+    always misses and the call takes the exact fallback."""
+
+    __slots__ = ("cell",)
+
+    def __init__(self, cell):
+        self.cell = cell
+
+    @property
+    def d(self) -> "ClosureCell":
+        return self
+
+    def get(self, name: str, default=None):
+        try:
+            return self.cell.cell_contents
+        except ValueError:
+            return default
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __reduce__(self):
+        return (lost_cell, ())
+
+
+def lost_cell() -> ClosureCell:
+    """An empty cell: what an unpickled closure guard reads (its cell stayed in the process that pickled it)."""
+    return ClosureCell(types.CellType())

@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import inspect
 import itertools
+import types
 from dataclasses import dataclass, field
 
 import torch.nn as nn
@@ -257,11 +258,14 @@ def leaf_terms(g: Guard, module: nn.Module, trace: ScopeTrace, expect: list) -> 
 
 
 def global_terms(g: Guard, global_reads, expect: list) -> None:
-    """A term per module-level value the traced code read (tracing.ScopeTrace.global_reads): plain values and
-    containers by value, tensors and modules by identity, each looked up in its module's namespace on every call."""
+    """A term per module-level value or closure variable the traced code read (tracing.ScopeTrace.global_reads):
+    plain values and containers by value, tensors and modules by identity, each looked up in its module's namespace
+    (its closure cell) on every call."""
     for ns, name, value, where in global_reads:
-        expect.append(model_code.Namespace(ns))
-        label = f"module-level {name} = {value!r}" if _plain_value(value) else f"module-level {name} unchanged"
+        cell = isinstance(ns, types.CellType)
+        expect.append(model_code.ClosureCell(ns) if cell else model_code.Namespace(ns))
+        kind = "closure variable" if cell else "module-level"
+        label = f"{kind} {name} = {value!r}" if _plain_value(value) else f"{kind} {name} unchanged"
         g.check(_value_term(f"e[{len(expect) - 1}].d.get({name!r}, MISSING)", value, expect),
                 f"{label} (read in {where})")
 

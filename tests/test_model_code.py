@@ -112,6 +112,40 @@ class ConfigModule(_Block):
         return self.body(x) * config.GAIN
 
 
+class Defaults:
+    """A class used as a namespace of settings, read as `Defaults.GAIN` (never instantiated)."""
+
+    GAIN = 1.0
+    FLAGS = [True]
+
+    @staticmethod
+    def twice(t):
+        return t * 2
+
+
+class DerivedDefaults(Defaults):
+    """Inherits GAIN: the read finds it in Defaults' dict."""
+
+
+config.Nested = Defaults  # reached as config.Nested.GAIN: a class held by another model module
+
+
+class ClassNamespaceGain(_Block):
+    def forward(self, x):
+        y = self.body(x) * DerivedDefaults.GAIN
+        return y if Defaults.FLAGS[0] else -y
+
+
+class NestedNamespaceGain(_Block):
+    def forward(self, x):
+        return self.body(x) * config.Nested.GAIN
+
+
+class ClassNamespaceMethod(_Block):
+    def forward(self, x):
+        return Defaults.twice(self.body(x))
+
+
 class ClassLevelScale(_Block):
     scale = 1.0  # a class attribute the forward reads through self
 
@@ -190,6 +224,8 @@ CHANGES = {
     ConfigModule: (lambda m: setattr(config, "GAIN", -2.0), lambda m, old: setattr(config, "GAIN", 1.0)),
     ClassLevelScale: (lambda m: setattr(ClassLevelScale, "scale", 0.5),
                       lambda m, old: setattr(ClassLevelScale, "scale", 1.0)),
+    ClassNamespaceGain: (lambda m: setattr(Defaults, "GAIN", -2.0), lambda m, old: setattr(Defaults, "GAIN", 1.0)),
+    NestedNamespaceGain: (lambda m: setattr(Defaults, "GAIN", 4.0), lambda m, old: setattr(Defaults, "GAIN", 1.0)),
 }
 
 
@@ -506,3 +542,93 @@ def test_closure_guards_follow_copies_and_miss_after_pickling():
     with torch.no_grad():
         for model in copies:
             _close(model(x), original(x))
+
+
+def test_class_namespace_flag_list_edited_in_place():
+    original, converted, report = _convert(_wrapped(ClassNamespaceGain()))
+    assert report.fused, report.notes
+    x = _t(2, 4, 8, 8)
+    Defaults.FLAGS[0] = False
+    try:
+        with torch.no_grad():
+            _close(converted(x), original(x))
+    finally:
+        Defaults.FLAGS[0] = True
+    assert any("Defaults.FLAGS" in spec for _, _, specs in report.guards for spec in specs), report.guards
+
+
+def test_class_namespace_method_needs_no_guard():
+    original, converted, report = _convert(_wrapped(ClassNamespaceMethod()))
+    assert report.fused, report.notes
+    assert not any("Defaults" in spec for _, _, specs in report.guards for spec in specs), report.guards
+    _exact_without_fallback(original, converted)
+
+
+def test_class_namespace_guard_follows_copies_and_pickles():
+    original, converted, report = _convert(_wrapped(ClassNamespaceGain()))
+    assert report.fused
+    x = _t(2, 4, 8, 8)
+    copies = _copies(converted)
+    Defaults.GAIN = 3.0
+    try:
+        with torch.no_grad():
+            for model in copies:
+                _close(model(x), original(x))
+    finally:
+        Defaults.GAIN = 1.0
+
+
+THRESHOLD = torch.ones((), dtype=torch.float64)  # a module-level tensor whose value picks a branch
+
+
+class TensorValueBranch(_Block):
+    def __init__(self, where: str):
+        super().__init__()
+        self.where = where
+        self.limit = torch.ones((), dtype=torch.float64)  # a plain tensor attribute, not a buffer
+
+    def forward(self, x):
+        y = self.body(x)
+        if self.where == "global":
+            return y * 2 if THRESHOLD.item() > 0 else y
+        return y + 1 if self.limit > 0 else y
+
+
+@pytest.mark.parametrize("flatten", [True, False])
+@pytest.mark.parametrize("where", ["global", "attribute"])
+def test_tensor_values_read_while_tracing_are_not_baked_in(where, flatten):
+    # fx runs `.item()` / `if t > 0` on a real tensor at trace time: the graph would keep that branch after an
+    # in-place edit of the tensor (which keeps its identity): such a forward is not traced.
+    original, converted, report = _convert(_wrapped(TensorValueBranch(where)), flatten=flatten)
+    assert not report.fused
+    assert any("reads a tensor's value" in text for text in [*report.notes, *(r.detail for r in report.rows)])
+    x = _t(2, 4, 8, 8)
+    tensors = [THRESHOLD] if where == "global" else [m.limit for m in (*original.modules(), *converted.modules())
+                                                       if isinstance(m, TensorValueBranch)]
+    for t in tensors:
+        t.fill_(-1.0)
+    try:
+        with torch.no_grad():
+            _close(converted(x), original(x))
+    finally:
+        for t in tensors:
+            t.fill_(1.0)
+
+
+class TensorArithmetic(_Block):
+    """A module-level tensor used only in tensor arithmetic: the graph reads its values on every call."""
+
+    def forward(self, x):
+        return self.body(x) * THRESHOLD
+
+
+def test_tensor_used_in_arithmetic_is_still_traced():
+    original, converted, report = _convert(_wrapped(TensorArithmetic()))
+    assert report.fused, report.notes
+    x = _t(2, 4, 8, 8)
+    THRESHOLD.fill_(-3.0)
+    try:
+        with torch.no_grad():
+            _close(converted(x), original(x))
+    finally:
+        THRESHOLD.fill_(1.0)

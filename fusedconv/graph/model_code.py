@@ -9,9 +9,12 @@ the model code that ran (with the globals it ran in) through sys.setprofile, and
 queries; `WatchedCode.check()` then
   * fails the trace (`ClassInspectedError`) where model code called `type(...)` (it would see fx's Proxy class),
   * fails it (`GlobalStateError`) where model code queried global state (grad mode, autocast, default dtype, fx
-    tracing: the graph would hold one answer for every call); a query about jit tracing or torch.compile / export
+    tracing: the graph would hold one answer for every call) or read a real tensor's values into Python (`t.item()`,
+    `if t > 0:` on a module-level tensor or a plain tensor attribute: an in-place edit would not reach the branch the
+    graph took); a query about jit tracing or torch.compile / export
     instead puts `not traced_or_compiled()` into the guard (outside those its answer is the trace's: False),
-  * lists the module-level values the code reads (`LOAD_GLOBAL`, and `module.NAME` of a model module): plain
+  * lists the module-level values the code reads (`LOAD_GLOBAL`, and `module.NAME` of a model module, `Config.NAME`
+    of a model class used as a namespace, up to three attributes deep): plain
     values and containers of them, tensors and modules become guard terms (`patterns.build_guard`: by value, by
     value and identity, by identity); functions, classes, modules, dtypes and the like are taken as the code they
     are; anything else (an object whose contents the code may have read) fails the trace (`GlobalStateError`);
@@ -42,6 +45,7 @@ import types
 import torch
 import torch.fx as fx
 import torch.nn as nn
+from torch.overrides import TorchFunctionMode
 
 _NOT_MODEL_CODE = tuple(os.path.join(os.path.realpath(d), "") for d in (
     os.path.dirname(torch.__file__), os.path.dirname(os.path.dirname(__file__))))
@@ -78,17 +82,24 @@ def _calls_type(code) -> bool:
     return "type" in code.co_names and any(name == "type" for name, _ in _global_loads(code))
 
 
+_ATTRIBUTE_OPS = ("LOAD_ATTR", "LOAD_METHOD")
+_CHAIN = 3  # attributes followed after a global: `config.Settings.GAIN`
+
+
 @functools.lru_cache(maxsize=4096)
 def _global_loads(code) -> tuple:
-    """(name, attribute or None) for each global `code` loads: the attribute is the one read right after it
-    (`config.FLAG` -> ("config", "FLAG"))."""
+    """(name, attributes) for each global `code` loads: the attributes are those read right after it, in order,
+    up to _CHAIN of them (`config.FLAG` -> ("config", ("FLAG",)); `Config.GAIN` -> ("Config", ("GAIN",)))."""
     out = []
     instructions = list(dis.get_instructions(code))
     for i, ins in enumerate(instructions):
         if ins.opname in ("LOAD_GLOBAL", "LOAD_NAME"):
-            nxt = instructions[i + 1] if i + 1 < len(instructions) else None
-            attr = nxt.argval if nxt is not None and nxt.opname in ("LOAD_ATTR", "LOAD_METHOD") else None
-            out.append((ins.argval, attr))
+            attrs = []
+            for nxt in instructions[i + 1:i + 1 + _CHAIN]:
+                if nxt.opname not in _ATTRIBUTE_OPS:
+                    break
+                attrs.append(nxt.argval)
+            out.append((ins.argval, tuple(attrs)))
     return tuple(dict.fromkeys(out))
 
 
@@ -108,7 +119,7 @@ def _resolve(*names: str):
 
 # Global-state queries whose answer a trace would bake in. `torch.jit.is_scripting()` is not among them: outside
 # TorchScript (the only place a graph of this package runs) it is always False.
-_STATE_QUERIES = _resolve(
+_STATE_ONLY = _resolve(
     "torch.is_grad_enabled", "torch.is_inference_mode_enabled", "torch.is_autocast_enabled",
     "torch.is_autocast_cpu_enabled", "torch.get_autocast_dtype", "torch.get_autocast_cpu_dtype",
     "torch.get_autocast_gpu_dtype", "torch._C._is_any_autocast_enabled", "torch.get_default_dtype",
@@ -121,7 +132,8 @@ _TRACING_QUERIES = _resolve(
     "torch._C._get_tracing_state", "torch._C._is_tracing", "torch.jit.is_tracing", "torch.compiler.is_compiling",
     "torch.compiler.is_exporting", "torch.compiler.is_dynamo_compiling", "torch._dynamo.is_compiling",
     "torch._utils.is_compiling")
-_STATE_QUERIES = [(name, obj, False) for name, obj in _STATE_QUERIES] + [
+# (name, query, whether it asks about tracing)
+_STATE_QUERIES = [(name, obj, False) for name, obj in _STATE_ONLY] + [
     (name, obj, True) for name, obj in _TRACING_QUERIES]
 # (name, whether it asks about tracing) by the builtin's id / the Python function's code; and by bare name for the
 # static scan.
@@ -141,6 +153,8 @@ def traced_or_compiled() -> bool:
 _CODE_LIKE = (types.ModuleType, types.FunctionType, types.BuiltinFunctionType, types.MethodType,
               types.MethodWrapperType, types.WrapperDescriptorType, types.MethodDescriptorType,
               types.ClassMethodDescriptorType, type, functools.partial, enum.Enum, logging.Logger,
+              staticmethod, classmethod, property, functools.cached_property, types.MemberDescriptorType,
+              types.GetSetDescriptorType,
               torch.dtype, torch.device, torch.layout, torch.memory_format, torch._ops.OpOverloadPacket,
               torch._ops.OpOverload, type(functools.lru_cache(maxsize=None)(len)),
               *[t for t in (getattr(torch._C, "ScriptFunction", None),) if isinstance(t, type)])
@@ -209,6 +223,7 @@ class WatchedCode:
         # set of values
         self.closure_calls: dict = {}
         self.queries: list[str] = []  # state queries no guard can cover ("<where> calls <query>()")
+        self.value_reads: list[str] = []  # a real tensor's values read into Python while tracing
         self.tracing_queries: list[str] = []  # tracing queries: covered by `traced_or_compiled()` in the guard
 
     def _called(self, code, query) -> None:
@@ -223,10 +238,12 @@ class WatchedCode:
                 raise ClassInspectedError(f"{_where(code)} calls type()")
         if self.queries:
             raise GlobalStateError(f"{self.queries[0]}: the graph would keep its trace-time answer")
+        if self.value_reads:
+            raise GlobalStateError(f"{self.value_reads[0]} while tracing: the graph would keep the trace-time value")
         reads: dict = {}
         for code, glb in self.codes.items():
-            for name, attr in _global_loads(code):
-                for ns, key, value in _read(glb, name, attr):
+            for name, attrs in _global_loads(code):
+                for ns, key, value in _read(glb, name, attrs):
                     if (id(ns), key) in reads:
                         continue
                     kind = guard_kind(value)
@@ -335,17 +352,42 @@ def _cells_holding(code, name: str, value, owner) -> list:
     return list(cells.values())
 
 
-def _read(glb: dict, name: str, attr):
-    """(namespace, name, value) of a global load: the global itself, and for a module (`config.FLAG`,
-    `os.environ`) the attribute read on it. Builtins are not module-level values of the model, nor is what torch
-    and this package hold (their settings are not the model's; the dispatch of this package reads them itself)."""
+def _read(glb: dict, name: str, attrs: tuple):
+    """(namespace, name, value) of a global load: the global itself, and for each attribute read on it in turn
+    while the value is a module (`config.FLAG`, `os.environ`) or a class used as a namespace (`Config.GAIN`), the
+    attribute in that module's namespace or the dict of the class that defines it. Builtins are not module-level
+    values of the model, nor is what torch and this package hold (their settings are not the model's; the dispatch
+    of this package reads them itself)."""
     if name not in glb:
         return []
     value = glb[name]
     out = [(glb, name, value)]
-    if attr is not None and type(value) is types.ModuleType and attr in vars(value) and not _torch_module(value):
-        out.append((vars(value), attr, vars(value)[attr]))
+    for attr in attrs:
+        ns = _namespace_of(value, attr)
+        if ns is None:
+            break
+        value = vars(ns)[attr] if isinstance(ns, type) else ns[attr]
+        out.append((ns, attr, value))
     return out
+
+
+def _namespace_of(value, attr: str):
+    """Where an attribute read on `value` finds `attr`: a model module's dict, or the first class in a model
+    class's MRO that defines it (the class itself: its dict is read through it); None for anything else (torch's
+    modules and classes, builtins, enums, instances)."""
+    if type(value) is types.ModuleType:
+        return vars(value) if attr in vars(value) and not _torch_module(value) else None
+    if isinstance(value, type) and not _torch_class(value):
+        for cls in value.__mro__:
+            if attr in vars(cls):
+                return cls if not _torch_class(cls) else None
+    return None
+
+
+def _torch_class(cls: type) -> bool:
+    name = getattr(cls, "__module__", None) or ""
+    return (name in ("builtins", "torch", "fusedconv") or name.startswith(("torch.", "fusedconv."))
+            or isinstance(cls, enum.EnumMeta))
 
 
 def _torch_module(module: types.ModuleType) -> bool:
@@ -377,13 +419,37 @@ def reachable_code(functions, depth: int = 3) -> dict:
     return seen
 
 
+# Tensor methods that turn a tensor's values into Python values (or branch on them): evaluated while tracing on a real
+# tensor (a module-level tensor, a plain tensor attribute), they bake its trace-time values into the graph, which an
+# in-place edit would then not reach.
+_VALUE_READS = frozenset({"item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__", "__complex__",
+                          "__array__"})
+
+
+class _TensorValueReads(TorchFunctionMode):
+    """Around a trace: records model code reading a real tensor's values into Python (`t.item()`, `if t > 0:`) in
+    `watched.value_reads` (fx's Proxies are not tensors and never get here with these names)."""
+
+    def __init__(self, watched: "WatchedCode"):
+        super().__init__()
+        self.watched = watched
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", None) in _VALUE_READS and args and isinstance(args[0], torch.Tensor):
+            caller = sys._getframe(1).f_code
+            if model_code(caller):
+                self.watched.value_reads.append(f"{_where(caller)} reads a tensor's value ({func.__name__})")
+        return func(*args, **(kwargs or {}))
+
+
 @contextlib.contextmanager
 def watch(modules: list[nn.Module]):
     """Around a trace of modules[0] (through the others): yields the WatchedCode the trace fills."""
     watched = WatchedCode()
     if sys.getprofile() is not None:
         # Another profiler holds the hook: what the modules' classes can reach, scanned without running it.
-        yield watched
+        with _TensorValueReads(watched):
+            yield watched
         classes = {cls for m in modules for cls in type(m).__mro__ if cls.__module__ != "builtins"}
         watched.codes = reachable_code([fn for cls in classes for fn in vars(cls).values()])
         for code in watched.codes:
@@ -413,7 +479,8 @@ def watch(modules: list[nn.Module]):
     gc.disable()
     sys.setprofile(profile)
     try:
-        yield watched
+        with _TensorValueReads(watched):
+            yield watched
     finally:
         sys.setprofile(None)
         if collecting:
@@ -491,3 +558,33 @@ class ClosureCell:
 def lost_cell() -> ClosureCell:
     """An empty cell: what an unpickled closure guard reads (its cell stayed in the process that pickled it)."""
     return ClosureCell(types.CellType())
+
+
+class ClassNamespace:
+    """A class used as a namespace (`Config.GAIN`) as a guard reads it: `c.d.get(name, MISSING)` over the class's
+    own dict, as it is on every call. The same class after copy.deepcopy; pickled by reference to the class."""
+
+    __slots__ = ("cls",)
+
+    def __init__(self, cls: type):
+        self.cls = cls
+
+    @property
+    def d(self):
+        return vars(self.cls)
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __reduce__(self):
+        return (ClassNamespace, (self.cls,))
+
+
+def guard_namespace(ns):
+    """The object a guard reads a recorded value through (WatchedCode.check's namespaces: a module's globals, a
+    class, a closure cell)."""
+    if isinstance(ns, type):
+        return ClassNamespace(ns)
+    if isinstance(ns, types.CellType):
+        return ClosureCell(ns)
+    return Namespace(ns)

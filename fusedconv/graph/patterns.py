@@ -258,14 +258,16 @@ def leaf_terms(g: Guard, module: nn.Module, trace: ScopeTrace, expect: list) -> 
 
 
 def global_terms(g: Guard, global_reads, expect: list) -> None:
-    """A term per module-level value or closure variable the traced code read (tracing.ScopeTrace.global_reads):
-    plain values and containers by value, tensors and modules by identity, each looked up in its module's namespace
-    (its closure cell) on every call."""
+    """A term per module-level value, class-level value of a class used as a namespace (`Config.GAIN`) or closure
+    variable the traced code read (tracing.ScopeTrace.global_reads): plain values and containers by value, tensors
+    and modules by identity, each looked up in its module's namespace (the class's dict, its closure cell) on every
+    call."""
     for ns, name, value, where in global_reads:
-        cell = isinstance(ns, types.CellType)
-        expect.append(model_code.ClosureCell(ns) if cell else model_code.Namespace(ns))
-        kind = "closure variable" if cell else "module-level"
-        label = f"{kind} {name} = {value!r}" if _plain_value(value) else f"{kind} {name} unchanged"
+        expect.append(model_code.guard_namespace(ns))
+        kind = ("closure variable" if isinstance(ns, types.CellType) else
+                f"class-level {ns.__qualname__}." if isinstance(ns, type) else "module-level")
+        label = f"{kind}{'' if kind.endswith('.') else ' '}{name}"
+        label = f"{label} = {value!r}" if _plain_value(value) else f"{label} unchanged"
         g.check(_value_term(f"e[{len(expect) - 1}].d.get({name!r}, MISSING)", value, expect),
                 f"{label} (read in {where})")
 

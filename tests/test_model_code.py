@@ -16,6 +16,7 @@ import io
 import os
 import sys
 import types
+from os import getenv
 
 import pytest
 import torch
@@ -189,9 +190,19 @@ class ChildSetting(_Block):
 
 
 class EnvironmentFlag(_Block):
+    def __init__(self, spelling: str = "environ"):
+        super().__init__()
+        self.spelling = spelling
+
     def forward(self, x):
         y = self.body(x)
-        return -y if os.environ.get("FUSEDCONV_TEST_NEGATE") else y
+        if self.spelling == "environ":
+            negate = os.environ.get("FUSEDCONV_TEST_NEGATE")
+        elif self.spelling == "getenv":
+            negate = os.getenv("FUSEDCONV_TEST_NEGATE")
+        else:
+            negate = getenv("FUSEDCONV_TEST_NEGATE")
+        return -y if negate else y
 
 
 class TracingBranch(_Block):
@@ -305,10 +316,11 @@ def test_layer_setting_read_by_a_forward_the_flat_graph_goes_through():
         _close(converted(x), original(x))
 
 
-def test_environment_read_is_not_baked_in(monkeypatch):
-    original, converted, report = _convert(_wrapped(EnvironmentFlag()))
+@pytest.mark.parametrize("spelling", ["environ", "getenv", "imported getenv"])
+def test_environment_read_is_not_baked_in(monkeypatch, spelling):
+    original, converted, report = _convert(_wrapped(EnvironmentFlag(spelling)))
     assert not report.fused
-    assert any("environ" in r.detail for r in report.rows), report.rows
+    assert any(("environ" if spelling == "environ" else "getenv") in r.detail for r in report.rows), report.rows
     monkeypatch.setenv("FUSEDCONV_TEST_NEGATE", "1")
     x = _t(2, 4, 8, 8)
     with torch.no_grad():

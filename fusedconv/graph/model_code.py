@@ -125,6 +125,9 @@ _STATE_ONLY = _resolve(
     "torch.get_autocast_gpu_dtype", "torch._C._is_any_autocast_enabled", "torch.get_default_dtype",
     "torch.are_deterministic_algorithms_enabled", "torch.is_anomaly_enabled", "torch.fx._symbolic_trace.is_fx_tracing",
     "torch.fx._symbolic_trace.is_fx_symbolic_tracing")
+# The environment, read through the standard library's functions (a read of `os.environ` itself is refused as a
+# module-level object with contents): `os.getenv("FLAG")` in a forward would keep its trace-time answer.
+_STATE_ONLY += [(f"os.{name}", getattr(os, name)) for name in ("getenv", "getenvb") if hasattr(os, name)]
 # Queries that answer True only under jit tracing, torch.compile or torch.export: False while fx traces the
 # forward, and False on every call the guard lets in (`traced_or_compiled()` is its first term), so the graph's
 # answer holds where it runs (smp's models skip an input check when tracing or compiling).

@@ -222,8 +222,8 @@ class WatchedCode:
 
     def __init__(self):
         self.codes: dict = {}
-        # (code, {free variable it reads: value when the call began}, the call's `self` or None), once per distinct
-        # set of values
+        # (code, {free variable it reads: value when the call began}, source: the call's `self` or None, or in the
+        # static scan the function whose cells were read), once per distinct set of values
         self.closure_calls: dict = {}
         self.queries: list[str] = []  # state queries no guard can cover ("<where> calls <query>()")
         self.value_reads: list[str] = []  # a real tensor's values read into Python while tracing
@@ -264,7 +264,7 @@ class WatchedCode:
         code read, to guard like a module-level value; raises where no guard can check one."""
         parents = {c: code for code in self.codes for c in code.co_consts if isinstance(c, types.CodeType)}
         out = []
-        for code, values, owner in self.closure_calls.values():
+        for code, values, source in self.closure_calls.values():
             parent = parents.get(code)
             for name, value in values:
                 if parent is not None and name in parent.co_cellvars:
@@ -275,7 +275,7 @@ class WatchedCode:
                 if kind is None:
                     raise GlobalStateError(f"{_where(code)} reads the closure variable {name} "
                                            f"({type(value).__name__}), whose contents a guard cannot check")
-                cells = _cells_holding(code, name, value, owner)
+                cells = _cells_holding(code, name, value, source)
                 if not cells:
                     raise GlobalStateError(f"{_where(code)} reads the closure variable {name}, whose cell could "
                                            "not be found to guard it")
@@ -283,19 +283,17 @@ class WatchedCode:
         return out
 
     def _record_static_closures(self, code) -> None:
-        # Without a call to look at: what the cells of every function with this code hold now.
+        # Without a call to look at: what the cells of every function with this code hold now (the function is the
+        # record's source: its cells are the ones to guard).
         names = _free_reads(code)
-        for fn in gc.get_referrers(code):
-            if type(fn) is not types.FunctionType or fn.__code__ is not code or not fn.__closure__:
-                continue
+        for fn in _functions_of(code):
             values = []
             for n in names:
-                try:
-                    values.append((n, fn.__closure__[code.co_freevars.index(n)].cell_contents))
-                except ValueError:  # an empty cell
-                    pass
+                held = _cell_contents(fn, code.co_freevars.index(n))
+                if held is not _EMPTY:
+                    values.append((n, held))
             values = tuple(values)
-            self.closure_calls.setdefault((code, tuple(id(v) for _, v in values), id(fn)), (code, values, None))
+            self.closure_calls.setdefault((code, tuple(id(v) for _, v in values), id(fn)), (code, values, fn))
 
     def _record_closure(self, frame) -> None:
         code = frame.f_code
@@ -328,30 +326,42 @@ def _free_reads(code) -> tuple:
                                if ins.opname in _DEREF_OPS and ins.argval in free))
 
 
-def _cells_holding(code, name: str, value, owner) -> list:
+_EMPTY = object()  # what `_cell_contents` reads in an empty cell
+
+
+def _functions_of(code) -> list:
+    """Every live function object with this code and a closure."""
+    return [r for r in gc.get_referrers(code)
+            if type(r) is types.FunctionType and r.__code__ is code and r.__closure__]
+
+
+def _cell_contents(fn, index: int):
+    closure = fn.__closure__ or ()
+    try:
+        return closure[index].cell_contents if index < len(closure) else _EMPTY
+    except ValueError:  # an empty cell
+        return _EMPTY
+
+
+def _cells_holding(code, name: str, value, source) -> list:
     """The closure cells of the functions with this code whose variable `name` holds `value` (the very object):
-    found through the class of the call's `self` (a method of a class a factory made), else among every function
-    object with this code (more than one may qualify: all of them are guarded; a guard too many can only miss)."""
+    the source function itself (static scan), else found through the class of the call's `self` (a method of a
+    class a factory made), else among every function object with this code (more than one may qualify: all of them
+    are guarded; a guard too many can only miss)."""
     index = code.co_freevars.index(name)
-    functions = []
-    if owner is not None:
-        for cls in type(owner).__mro__:
+    functions = [source] if type(source) is types.FunctionType else []
+    if source is not None and not functions:
+        for cls in type(source).__mro__:
             for attr in vars(cls).values():
                 for fn in (attr, getattr(attr, "__func__", None), getattr(attr, "fget", None)):
                     if getattr(fn, "__code__", None) is code:
                         functions.append(fn)
     if not functions:
-        functions = [r for r in gc.get_referrers(code) if type(r) is types.FunctionType and r.__code__ is code]
+        functions = _functions_of(code)
     cells = {}
     for fn in functions:
-        closure = fn.__closure__ or ()
-        if index < len(closure):
-            try:
-                held = closure[index].cell_contents
-            except ValueError:  # an empty cell
-                continue
-            if held is value:
-                cells[id(closure[index])] = closure[index]
+        if _cell_contents(fn, index) is value:
+            cells[id(fn.__closure__[index])] = fn.__closure__[index]
     return list(cells.values())
 
 

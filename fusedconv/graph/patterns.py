@@ -264,9 +264,12 @@ def global_terms(g: Guard, global_reads, expect: list) -> None:
     call."""
     for ns, name, value, where in global_reads:
         expect.append(model_code.guard_namespace(ns))
-        kind = ("closure variable" if isinstance(ns, types.CellType) else
-                f"class-level {ns.__qualname__}." if isinstance(ns, type) else "module-level")
-        label = f"{kind}{'' if kind.endswith('.') else ' '}{name}"
+        if isinstance(ns, types.CellType):
+            label = f"closure variable {name}"
+        elif isinstance(ns, type):
+            label = f"class-level {ns.__qualname__}.{name}"
+        else:
+            label = f"module-level {name}"
         label = f"{label} = {value!r}" if _plain_value(value) else f"{label} unchanged"
         g.check(_value_term(f"e[{len(expect) - 1}].d.get({name!r}, MISSING)", value, expect),
                 f"{label} (read in {where})")

@@ -14,6 +14,7 @@ import copy
 import functools
 import io
 import os
+import random
 import sys
 import types
 from os import getenv
@@ -72,6 +73,12 @@ def _copies(converted) -> tuple:
     return copy.deepcopy(converted), torch.load(buffer, weights_only=False)
 
 
+def _not_traced(report, reason: str) -> None:
+    """The block was left as written (only its children could convert), for a reason the report names."""
+    assert not report.fused
+    assert any(reason in text for text in [*report.notes, *(r.detail for r in report.rows)]), report.rows
+
+
 def _exact_without_fallback(original, converted):
     """The converted model computes what the original does, and every guard held (no call took the fallback)."""
     x = _t(2, 4, 8, 8)
@@ -111,6 +118,20 @@ class GlobalDict(_Block):
 class ConfigModule(_Block):
     def forward(self, x):
         return self.body(x) * config.GAIN
+
+
+class LocalImportModule(_Block):
+    def forward(self, x):
+        import fusedconv_test_config as settings  # an import inside the forward: the name is local, GAIN is not
+
+        return self.body(x) * settings.GAIN
+
+
+class LocalFromImport(_Block):
+    def forward(self, x):
+        from fusedconv_test_config import GAIN
+
+        return self.body(x) * GAIN
 
 
 class Defaults:
@@ -233,6 +254,8 @@ CHANGES = {
     GlobalFlagList: (lambda m: FLAGS.__setitem__(0, False), lambda m, old: FLAGS.__setitem__(0, True)),
     GlobalDict: (lambda m: SETTINGS.update(negate=True), lambda m, old: SETTINGS.update(negate=False)),
     ConfigModule: (lambda m: setattr(config, "GAIN", -2.0), lambda m, old: setattr(config, "GAIN", 1.0)),
+    LocalImportModule: (lambda m: setattr(config, "GAIN", -2.0), lambda m, old: setattr(config, "GAIN", 1.0)),
+    LocalFromImport: (lambda m: setattr(config, "GAIN", -2.0), lambda m, old: setattr(config, "GAIN", 1.0)),
     ClassLevelScale: (lambda m: setattr(ClassLevelScale, "scale", 0.5),
                       lambda m, old: setattr(ClassLevelScale, "scale", 1.0)),
     ClassNamespaceGain: (lambda m: setattr(Defaults, "GAIN", -2.0), lambda m, old: setattr(Defaults, "GAIN", 1.0)),
@@ -612,8 +635,7 @@ def test_tensor_values_read_while_tracing_are_not_baked_in(where, flatten):
     # fx runs `.item()` / `if t > 0` on a real tensor at trace time: the graph would keep that branch after an
     # in-place edit of the tensor (which keeps its identity): such a forward is not traced.
     original, converted, report = _convert(_wrapped(TensorValueBranch(where)), flatten=flatten)
-    assert not report.fused
-    assert any("reads a tensor's value" in text for text in [*report.notes, *(r.detail for r in report.rows)])
+    _not_traced(report, "reads a tensor's value")
     x = _t(2, 4, 8, 8)
     tensors = [THRESHOLD] if where == "global" else [m.limit for m in (*original.modules(), *converted.modules())
                                                        if isinstance(m, TensorValueBranch)]
@@ -644,3 +666,210 @@ def test_tensor_used_in_arithmetic_is_still_traced():
             _close(converted(x), original(x))
     finally:
         THRESHOLD.fill_(1.0)
+
+
+class InstanceDictRead(_Block):
+    """Reads its own setting through the instance dict rather than as an attribute."""
+
+    def __init__(self, spelling: str):
+        super().__init__()
+        self.spelling = spelling
+        self.gain = 1.0
+
+    def forward(self, x):
+        d = self.__dict__ if self.spelling == "__dict__" else vars(self)
+        return self.body(x) * d["gain"]
+
+
+@pytest.mark.parametrize("flatten", [True, False])
+@pytest.mark.parametrize("spelling", ["__dict__", "vars"])
+def test_instance_dict_read_is_not_baked_in(spelling, flatten):
+    # The attribute-read log sees `__dict__`, not the key read in it: such a forward is not traced.
+    original, converted, report = _convert(_wrapped(InstanceDictRead(spelling)), flatten=flatten)
+    _not_traced(report, "__dict__ itself")
+    for model in (original, converted):
+        model[1].gain = 3.0
+    with torch.no_grad():
+        _close(converted(_t(2, 4, 8, 8)), original(_t(2, 4, 8, 8)))
+
+
+def scaled(t):
+    """A model function with a setting kept as an attribute of the function itself."""
+    return t * scaled.gain
+
+
+scaled.gain = 1.0
+
+
+class FunctionAttributeGain(_Block):
+    def forward(self, x):
+        return scaled(self.body(x))
+
+
+@pytest.mark.parametrize("flatten", [True, False])
+def test_function_attribute_is_guarded(flatten):
+    original, converted, report = _convert(_wrapped(FunctionAttributeGain()), flatten=flatten)
+    assert report.fused, report.notes
+    _exact_without_fallback(original, converted)
+    assert any("function attribute scaled.gain" in spec for _, _, specs in report.guards for spec in specs), \
+        report.guards
+    copies = _copies(converted)
+    scaled.gain = -2.5
+    try:
+        with torch.no_grad():
+            for model in (converted, *copies):
+                _close(model(_t(2, 4, 8, 8)), original(_t(2, 4, 8, 8)))
+    finally:
+        scaled.gain = 1.0
+
+
+def test_function_attribute_guard_of_an_unimportable_function_misses_after_pickling():
+    def local_scaled(t):
+        return t * local_scaled.gain
+
+    local_scaled.gain = 1.0
+    namespace = model_code.FunctionNamespace(local_scaled)
+    assert copy.deepcopy(namespace).d is vars(local_scaled)
+    buffer = io.BytesIO()
+    torch.save(namespace, buffer)
+    buffer.seek(0)
+    assert torch.load(buffer, weights_only=False).d.get("gain", "missing") == "missing"
+
+
+class DefaultConfig(_Block):
+    """A forward with a mutable default argument (a config dict)."""
+
+    def forward(self, x, cfg={"gain": 1.0}):  # noqa: B006 - the pattern under test
+        return self.body(x) * cfg["gain"]
+
+
+@pytest.mark.parametrize("flatten", [True, False])
+def test_mutable_default_of_the_forward_is_an_argument(flatten):
+    # Traced as an argument, not fixed: the graph reads the dict on every call (it used to fail to compile).
+    original, converted, report = _convert(_wrapped(DefaultConfig()), flatten=flatten)
+    assert report.fused, report.notes
+    _exact_without_fallback(original, converted)
+    DefaultConfig.forward.__defaults__[0]["gain"] = -2.0
+    try:
+        with torch.no_grad():
+            _close(converted(_t(2, 4, 8, 8)), original(_t(2, 4, 8, 8)))
+            block, reference = converted[1], original[1]
+            _close(block(_t(2, 4, 8, 8), {"gain": 0.5}), reference(_t(2, 4, 8, 8), {"gain": 0.5}))
+    finally:
+        DefaultConfig.forward.__defaults__[0]["gain"] = 1.0
+
+
+def _gained(t, gains=[1.0]):  # noqa: B006 - the pattern under test
+    return t * gains[0]
+
+
+class HelperDefaults(_Block):
+    """A helper method and a helper function called without their mutable defaults (read at trace time)."""
+
+    def __init__(self, helper: str):
+        super().__init__()
+        self.helper = helper
+
+    def gain(self, y, cfg={"gain": 1.0}):  # noqa: B006 - the pattern under test
+        return y * cfg["gain"]
+
+    def forward(self, x):
+        y = self.body(x)
+        return self.gain(y) if self.helper == "method" else _gained(y)
+
+
+@pytest.mark.parametrize("flatten", [True, False])
+@pytest.mark.parametrize("helper", ["method", "function"])
+def test_mutable_default_of_a_helper_is_not_baked_in(helper, flatten):
+    original, converted, report = _convert(_wrapped(HelperDefaults(helper)), flatten=flatten)
+    _not_traced(report, "mutable default")
+    edit = (lambda v: HelperDefaults.gain.__defaults__[0].__setitem__("gain", v)) if helper == "method" else \
+        (lambda v: _gained.__defaults__[0].__setitem__(0, v))
+    edit(3.0)
+    try:
+        with torch.no_grad():
+            _close(converted(_t(2, 4, 8, 8)), original(_t(2, 4, 8, 8)))
+    finally:
+        edit(1.0)
+
+
+_OWN_RNG = random.Random(0)
+
+
+def _draw_random():
+    import random
+
+    return 2.0 if random.random() < 0.5 else 1.0
+
+
+def _draw_randint():
+    from random import randint
+
+    return randint(1, 4)
+
+
+def _draw_own_generator():
+    return _OWN_RNG.uniform(0.5, 2.0)
+
+
+def _draw_numpy():
+    import numpy as np
+
+    return float(np.random.rand())
+
+
+def _read_clock():
+    import time
+
+    return 1.0 + time.perf_counter() % 1.0
+
+
+_DRAWS = {"random.random": _draw_random, "random.randint": _draw_randint, "own Random": _draw_own_generator,
+          "numpy.random": _draw_numpy, "time": _read_clock}
+
+
+class NondeterministicGain(_Block):
+    """A forward drawing a Python random number or reading the clock: a trace would keep one draw forever."""
+
+    def __init__(self, source: str):
+        super().__init__()
+        self.source = source
+
+    def forward(self, x):
+        return self.body(x) * _DRAWS[self.source]()
+
+
+@pytest.mark.parametrize("flatten", [True, False])
+@pytest.mark.parametrize("source", ["random.random", "random.randint", "own Random", "numpy.random", "time"])
+def test_nondeterministic_reads_are_not_baked_in(source, flatten):
+    import numpy as np
+
+    original, converted, report = _convert(_wrapped(NondeterministicGain(source)), flatten=flatten)
+    assert not report.fused
+    assert any("calls" in r.detail for r in report.rows), report.rows
+    if source != "time":
+        x = _t(2, 4, 8, 8)
+        outputs = []
+        for model in (original, converted):
+            random.seed(7)
+            np.random.seed(7)
+            _OWN_RNG.seed(7)
+            with torch.no_grad():
+                outputs.append([model(x) for _ in range(3)])
+        for a, b in zip(*outputs):
+            _close(b, a)
+
+
+class RandintGain(_Block):
+    def forward(self, x):
+        return self.body(x) * random.randint(1, 4)
+
+
+def test_nondeterministic_reads_found_while_a_profiler_holds_the_hook():
+    sys.setprofile(lambda frame, event, arg: None)
+    try:
+        _, _, report = _convert(_wrapped(RandintGain()), flatten=False)
+    finally:
+        sys.setprofile(None)
+    assert not report.fused
+    assert any("random.randint" in r.detail for r in report.rows), report.rows

@@ -14,10 +14,16 @@ queries; `WatchedCode.check()` then
     graph took); a query about jit tracing or torch.compile / export
     instead puts `not traced_or_compiled()` into the guard (outside those its answer is the trace's: False),
   * lists the module-level values the code reads (`LOAD_GLOBAL`, and `module.NAME` of a model module, `Config.NAME`
-    of a model class used as a namespace, up to three attributes deep): plain
+    of a model class used as a namespace, `helper.NAME` set on a model function, up to three attributes deep): plain
     values and containers of them, tensors and modules become guard terms (`patterns.build_guard`: by value, by
     value and identity, by identity); functions, classes, modules, dtypes and the like are taken as the code they
     are; anything else (an object whose contents the code may have read) fails the trace (`GlobalStateError`);
+  * fails it where model code drew a Python or numpy random number or read the clock (`random.random()`,
+    `np.random.rand()`, `time.time()`: the graph would keep one draw), or called a function leaving out an argument
+    whose default is a mutable object (`def scale(y, cfg={"gain": 1.0})`: the graph would keep what it held),
+  * counts what a forward reads on a module it imports itself (`import config` inside the forward, then
+    `config.GAIN`; `from config import GAIN`) and attributes set on a model function (`helper.gain`) as module-level
+    values (the guard reads the function's dict: `FunctionNamespace`),
   * lists the same way the closure variables the code reads that were bound before the trace (a class made by a
     factory function reading the factory's `scale`, or a cell a `nonlocal` assignment rebinds): the guard reads the
     cell itself (`ClosureCell`). Variables of a function that ran during the trace (a lambda or comprehension
@@ -32,14 +38,17 @@ code again: torchvision, timm, a user's own modules).
 from __future__ import annotations
 
 import contextlib
+import datetime
 import dis
 import enum
 import functools
 import gc
 import logging
 import os
+import random
 import sys
 import sysconfig
+import time
 import types
 
 import torch
@@ -135,14 +144,54 @@ _TRACING_QUERIES = _resolve(
     "torch._C._get_tracing_state", "torch._C._is_tracing", "torch.jit.is_tracing", "torch.compiler.is_compiling",
     "torch.compiler.is_exporting", "torch.compiler.is_dynamo_compiling", "torch._dynamo.is_compiling",
     "torch._utils.is_compiling")
+# Nondeterministic reads: Python's random numbers, the clock, the OS's random bytes. A trace would keep one draw or
+# one reading for every later call (torch's own random ops are graph ops, drawn anew on every call). The functions
+# of the `random` module are methods of its hidden Random instance: the Python ones are matched by code, the C ones
+# (`random.random`, `getrandbits`) as methods of any Random instance, as are numpy.random's (`_random_source`).
+_NONDETERMINISTIC = [(f"time.{name}", getattr(time, name)) for name in (
+    "time", "time_ns", "perf_counter", "perf_counter_ns", "monotonic", "monotonic_ns", "process_time",
+    "process_time_ns", "thread_time", "thread_time_ns", "clock_gettime", "clock_gettime_ns", "localtime", "gmtime",
+    "ctime", "asctime", "strftime") if hasattr(time, name)]
+_NONDETERMINISTIC += [("os.urandom", os.urandom)]
+_NONDETERMINISTIC += [(f"random.{name}", fn) for name, fn in vars(random.Random).items()
+                      if isinstance(fn, types.FunctionType) and not name.startswith("_")]
+_NONDETERMINISTIC += [(f"random.{name}", getattr(random, name)) for name in ("random", "getrandbits")
+                      if hasattr(random, name)]
 # (name, query, whether it asks about tracing)
-_STATE_QUERIES = [(name, obj, False) for name, obj in _STATE_ONLY] + [
+_STATE_QUERIES = [(name, obj, False) for name, obj in _STATE_ONLY + _NONDETERMINISTIC] + [
     (name, obj, True) for name, obj in _TRACING_QUERIES]
 # (name, whether it asks about tracing) by the builtin's id / the Python function's code; and by bare name for the
 # static scan.
 _QUERY_BUILTINS = {id(obj): (name, tracing) for name, obj, tracing in _STATE_QUERIES if not hasattr(obj, "__code__")}
 _QUERY_CODES = {obj.__code__: (name, tracing) for name, obj, tracing in _STATE_QUERIES if hasattr(obj, "__code__")}
-_QUERY_NAMES = {name.rsplit(".", 1)[1]: (name, tracing) for name, _, tracing in _STATE_QUERIES}
+_QUERY_NAMES = {name.rsplit(".", 1)[1]: (name, tracing) for name, obj, tracing in _STATE_QUERIES
+                if id(obj) not in {id(o) for _, o in _NONDETERMINISTIC}}
+# The static scan finds the nondeterministic ones through the global they are read from (`random.randint`, `time`
+# imported from time): bare names such as `time` or `sample` are too common to refuse on.
+_NONDETERMINISTIC_SOURCES = {id(obj): name for name, obj in _NONDETERMINISTIC}
+_NONDETERMINISTIC_SOURCES.update({id(random): "random", id(time): "time"})
+
+
+def _numpy_random(value) -> str | None:
+    """numpy.random itself, or a function of it (a bound method of its global RandomState / a Generator): numpy's
+    compiled functions make no profiler event, so these are found where the code names them."""
+    if type(value) is types.ModuleType:
+        return "numpy.random" if value.__name__ == "numpy.random" else None
+    source = _random_source(value)
+    return source if source is not None and source.split(".")[0] in ("RandomState", "Generator") else None
+
+
+def _random_source(fn) -> str | None:
+    """The name of a C method of a random generator object (a `random.Random` the model made, numpy's RandomState /
+    Generator, datetime's now / today), else None."""
+    owner = getattr(fn, "__self__", None)
+    if owner is None or type(owner) is types.ModuleType:
+        return None
+    if isinstance(owner, random.Random) or type(owner).__module__.startswith("numpy.random"):
+        return f"{type(owner).__name__}.{getattr(fn, '__name__', '?')}"
+    if owner in (datetime.datetime, datetime.date) and getattr(fn, "__name__", None) in ("now", "utcnow", "today"):
+        return f"{owner.__name__}.{fn.__name__}"
+    return None
 _fx_symbolic_tracing = getattr(torch.fx._symbolic_trace, "is_fx_symbolic_tracing", None) \
     or torch.fx._symbolic_trace.is_fx_tracing
 
@@ -228,6 +277,8 @@ class WatchedCode:
         self.queries: list[str] = []  # state queries no guard can cover ("<where> calls <query>()")
         self.value_reads: list[str] = []  # a real tensor's values read into Python while tracing
         self.tracing_queries: list[str] = []  # tracing queries: covered by `traced_or_compiled()` in the guard
+        self.default_reads: list[str] = []  # calls that used a mutable default argument
+        self._defaults: dict = {}  # code -> its function's mutable defaults (_mutable_defaults), found once
 
     def _called(self, code, query) -> None:
         name, tracing = query
@@ -243,18 +294,23 @@ class WatchedCode:
             raise GlobalStateError(f"{self.queries[0]}: the graph would keep its trace-time answer")
         if self.value_reads:
             raise GlobalStateError(f"{self.value_reads[0]} while tracing: the graph would keep the trace-time value")
+        if self.default_reads:
+            raise GlobalStateError(f"{self.default_reads[0]}: the graph would keep what it held at trace time")
         reads: dict = {}
         for code, glb in self.codes.items():
-            for name, attrs in _global_loads(code):
-                for ns, key, value in _read(glb, name, attrs):
-                    if (id(ns), key) in reads:
-                        continue
-                    kind = guard_kind(value)
-                    if kind is None:
-                        raise GlobalStateError(f"{_where(code)} reads the module-level {key} "
-                                               f"({type(value).__name__}), whose contents a guard cannot check")
-                    if kind != "code":
-                        reads[(id(ns), key)] = (ns, key, value, _where(code))
+            for ns, key, value in _module_level_reads(code, glb):
+                numpy_random = _numpy_random(value)
+                if numpy_random is not None:
+                    raise GlobalStateError(f"{_where(code)} calls {numpy_random}: the graph would keep its "
+                                           "trace-time draw")
+                if ns is None or (id(ns), key) in reads:
+                    continue  # (a module the code imports itself: code)
+                kind = guard_kind(value)
+                if kind is None:
+                    raise GlobalStateError(f"{_where(code)} reads the module-level {key} "
+                                           f"({type(value).__name__}), whose contents a guard cannot check")
+                if kind != "code":
+                    reads[(id(ns), key)] = (ns, key, value, _where(code))
         for (cell, name, value, where) in self._closure_reads():
             reads.setdefault((id(cell), name), (cell, name, value, where))
         return list(reads.values())
@@ -294,6 +350,18 @@ class WatchedCode:
                     values.append((n, held))
             values = tuple(values)
             self.closure_calls.setdefault((code, tuple(id(v) for _, v in values), id(fn)), (code, values, fn))
+
+    def _record_defaults(self, frame) -> None:
+        code = frame.f_code
+        defaults = self._defaults.get(code)
+        if defaults is None:
+            defaults = self._defaults[code] = _mutable_defaults(frame)
+        if defaults:
+            f_locals = frame.f_locals
+            for name, value in defaults:
+                if f_locals.get(name, _EMPTY) is value:
+                    self.default_reads.append(f"{_where(code)} uses its mutable default {name} "
+                                              f"({type(value).__name__})")
 
     def _record_closure(self, frame) -> None:
         code = frame.f_code
@@ -351,11 +419,7 @@ def _cells_holding(code, name: str, value, source) -> list:
     index = code.co_freevars.index(name)
     functions = [source] if type(source) is types.FunctionType else []
     if source is not None and not functions:
-        for cls in type(source).__mro__:
-            for attr in vars(cls).values():
-                for fn in (attr, getattr(attr, "__func__", None), getattr(attr, "fget", None)):
-                    if getattr(fn, "__code__", None) is code:
-                        functions.append(fn)
+        functions = _methods_with_code(source, code)
     if not functions:
         functions = _functions_of(code)
     cells = {}
@@ -363,6 +427,105 @@ def _cells_holding(code, name: str, value, source) -> list:
         if _cell_contents(fn, index) is value:
             cells[id(fn.__closure__[index])] = fn.__closure__[index]
     return list(cells.values())
+
+
+def _methods_with_code(owner, code) -> list:
+    """The functions with this code among the methods (static and class methods, property getters) of `owner`'s
+    class and its bases."""
+    functions = []
+    for cls in type(owner).__mro__:
+        if _torch_class(cls):
+            continue  # (nn.Module's own methods are torch's code, never the model code looked for)
+        for attr in vars(cls).values():
+            for fn in (attr, getattr(attr, "__func__", None), getattr(attr, "fget", None)):
+                if getattr(fn, "__code__", None) is code:
+                    functions.append(fn)
+    return functions
+
+
+def _mutable_defaults(frame) -> tuple:
+    """(parameter, default) for each default of the called function that is a mutable object (a list, dict or set;
+    an object with contents): a call that leaves the argument out reads what the default holds *now*, which a trace
+    would keep. The function is found through the `self` of the call or of its caller (a method, a static method
+    called from one) or by name in its globals; a function found neither way (made inside another, whose defaults
+    are then made during the traced call itself) has none recorded."""
+    code = frame.f_code
+    functions = []
+    for f in (frame, frame.f_back):
+        owner = f.f_locals.get("self") if f is not None and f.f_code.co_argcount else None
+        if owner is not None:
+            functions = _methods_with_code(owner, code)
+            if functions:
+                break
+    if not functions:
+        fn = frame.f_globals.get(code.co_name)
+        functions = [fn] if getattr(fn, "__code__", None) is code else []
+    out = []
+    positional = code.co_varnames[:code.co_argcount]
+    for fn in functions:
+        defaults = fn.__defaults__ or ()
+        named = list(zip(positional[len(positional) - len(defaults):], defaults))
+        named += list((fn.__kwdefaults__ or {}).items())
+        out += [(name, value) for name, value in named
+                if type(value) in (list, dict, set, bytearray) or guard_kind(value) is None]
+    return tuple(out)
+
+
+_STORE_OPS = frozenset({"STORE_FAST", "STORE_NAME", "STORE_GLOBAL", "STORE_DEREF"})
+
+
+@functools.lru_cache(maxsize=4096)
+def _import_loads(code) -> tuple:
+    """((module name, imported name or None), attributes) for each name an import statement inside `code` binds
+    that the code then reads attributes on, as `_global_loads` gives them for globals: `import config` in a
+    forward, then `config.GAIN` (the name is local, the module and its values are not)."""
+    instructions = list(dis.get_instructions(code))
+    bound = {}
+    for i, ins in enumerate(instructions):
+        if ins.opname != "IMPORT_NAME":
+            continue
+        fromlist = instructions[i - 1].argval if i and instructions[i - 1].opname == "LOAD_CONST" else None
+        j = i + 1
+        if j < len(instructions) and instructions[j].opname in _STORE_OPS:
+            # `import a.b` binds the package a; `import a as x` binds a
+            bound[instructions[j].argval] = (ins.argval.split(".")[0], None)
+        path = ins.argval if fromlist else None
+        while j + 1 < len(instructions) and instructions[j].opname == "IMPORT_FROM" \
+                and instructions[j + 1].opname in _STORE_OPS:
+            # `from a import b as x`: a's b; `import a.b as x`: the module a.b itself
+            bound[instructions[j + 1].argval] = (ins.argval, instructions[j].argval) if path else (ins.argval, None)
+            j += 2
+    if not bound:
+        return ()
+    out = []
+    for i, ins in enumerate(instructions):
+        if (ins.opname.startswith("LOAD_FAST") or ins.opname in ("LOAD_DEREF", "LOAD_NAME")) \
+                and ins.argval in bound:
+            attrs = []
+            for nxt in instructions[i + 1:i + 1 + _CHAIN]:
+                if nxt.opname not in _ATTRIBUTE_OPS:
+                    break
+                attrs.append(nxt.argval)
+            out.append((bound[ins.argval], tuple(attrs)))
+    return tuple(dict.fromkeys(out))
+
+
+def _module_level_reads(code, glb: dict):
+    """(namespace, name, value) of every module-level value `code` reads: its globals (`_read`) and what it reads
+    on modules it imports itself (the imported module or name is code; what is read on it is not)."""
+    for name, attrs in _global_loads(code):
+        yield from _read(glb, name, attrs)
+    for (module, name), attrs in _import_loads(code):
+        imported = sys.modules.get(module)
+        if imported is None or _torch_module(imported):
+            continue
+        if name is None:
+            # `import config`: the module itself is code; what is read on it is in its namespace
+            yield (None, module, imported)
+            yield from _read({module: imported}, module, attrs)[1:]
+        else:
+            # `from config import SETTINGS`: a module-level value of config, read through its namespace
+            yield from _read(vars(imported), name, attrs)
 
 
 def _read(glb: dict, name: str, attrs: tuple):
@@ -379,7 +542,7 @@ def _read(glb: dict, name: str, attrs: tuple):
         ns = _namespace_of(value, attr)
         if ns is None:
             break
-        value = vars(ns)[attr] if isinstance(ns, type) else ns[attr]
+        value = vars(ns)[attr] if isinstance(ns, (type, types.FunctionType)) else ns[attr]
         out.append((ns, attr, value))
     return out
 
@@ -394,6 +557,9 @@ def _namespace_of(value, attr: str):
         for cls in value.__mro__:
             if attr in vars(cls):
                 return cls if not _torch_class(cls) else None
+    if type(value) is types.FunctionType and not attr.startswith("__") and attr in vars(value) \
+            and model_code(value.__code__):
+        return value  # an attribute set on a model function (`helper.gain = 2.0`): the function's own dict
     return None
 
 
@@ -469,6 +635,12 @@ def watch(modules: list[nn.Module]):
             for name in code.co_names:
                 if name in _QUERY_NAMES:
                     watched._called(code, _QUERY_NAMES[name])
+            glb = watched.codes[code]
+            for name, attrs in _global_loads(code):
+                source = _NONDETERMINISTIC_SOURCES.get(id(glb.get(name)))
+                if source is not None:
+                    watched._called(code, (".".join((source, *attrs[:1])), False))
+                # (numpy.random is found by check() for either path)
             if _free_reads(code):
                 watched._record_static_closures(code)
         return
@@ -483,8 +655,15 @@ def watch(modules: list[nn.Module]):
                     watched.codes[code] = frame.f_globals
                 if code.co_freevars:
                     watched._record_closure(frame)
-        elif event == "c_call" and id(arg) in _QUERY_BUILTINS and model_code(frame.f_code):
-            watched._called(frame.f_code, _QUERY_BUILTINS[id(arg)])
+                if code.co_argcount or code.co_kwonlyargcount:
+                    watched._record_defaults(frame)
+        elif event == "c_call" and model_code(frame.f_code):
+            if id(arg) in _QUERY_BUILTINS:
+                watched._called(frame.f_code, _QUERY_BUILTINS[id(arg)])
+            else:
+                source = _random_source(arg)
+                if source is not None:
+                    watched._called(frame.f_code, (source, False))
 
     # No garbage collection while the hook runs: gc callbacks (hypothesis installs one that times collections) and
     # finalizers are not the forward's code, and their reads would become guard terms that fail on every call.
@@ -593,11 +772,43 @@ class ClassNamespace:
         return (ClassNamespace, (self.cls,))
 
 
+class FunctionNamespace:
+    """The attributes set on a model function (`helper.gain = 2.0`, read as `helper.gain`) as a guard reads them:
+    `f.d.get(name, MISSING)` over the function's own dict. The same function after copy.deepcopy; pickled by
+    reference where the function can be imported by its module and qualified name, else (a function made inside
+    another) as an empty namespace: that guard then always misses and the call takes the exact fallback."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    @property
+    def d(self) -> dict:
+        return vars(self.fn) if self.fn is not None else {}
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __reduce__(self):
+        return (FunctionNamespace, (self.fn if _importable(self.fn) else None,))
+
+
+def _importable(fn) -> bool:
+    """Whether pickle finds `fn` again by its module and qualified name."""
+    obj = sys.modules.get(getattr(fn, "__module__", None) or "")
+    for part in getattr(fn, "__qualname__", "<locals>").split("."):
+        obj = getattr(obj, part, None)
+    return obj is fn
+
+
 def guard_namespace(ns):
     """The object a guard reads a recorded value through (WatchedCode.check's namespaces: a module's globals, a
-    class, a closure cell)."""
+    class, a function's attributes, a closure cell)."""
     if isinstance(ns, type):
         return ClassNamespace(ns)
+    if isinstance(ns, types.FunctionType):
+        return FunctionNamespace(ns)
     if isinstance(ns, types.CellType):
         return ClosureCell(ns)
     return Namespace(ns)

@@ -99,6 +99,12 @@ def call_patterns(params: list[Param]) -> list[CallPattern]:
         elif p.default is None:
             optional += 1
             choices.append([(PROXY, None), (CONCRETE, None)])
+        elif type(p.default) in (list, dict, set):
+            # A mutable default (`cfg={"gain": 1.0}`): traced as an argument, so the graph reads what it holds on
+            # every call (a default edited in place, or another dict passed, reaches the graph; a forward that
+            # branches on its contents cannot be traced so, and is left as it is). fx cannot take it as a
+            # concrete argument anyway (its flattened placeholders do not compile).
+            choices.append([(PROXY, None)])
         else:
             choices.append([(CONCRETE, p.default)])
     if optional > MAX_OPTIONAL_PARAMS:  # all given, or all left out
@@ -258,16 +264,18 @@ def leaf_terms(g: Guard, module: nn.Module, trace: ScopeTrace, expect: list) -> 
 
 
 def global_terms(g: Guard, global_reads, expect: list) -> None:
-    """A term per module-level value, class-level value of a class used as a namespace (`Config.GAIN`) or closure
-    variable the traced code read (tracing.ScopeTrace.global_reads): plain values and containers by value, tensors
-    and modules by identity, each looked up in its module's namespace (the class's dict, its closure cell) on every
-    call."""
+    """A term per module-level value, class-level value of a class used as a namespace (`Config.GAIN`), attribute
+    set on a model function (`helper.gain`) or closure variable the traced code read
+    (tracing.ScopeTrace.global_reads): plain values and containers by value, tensors and modules by identity, each
+    looked up in its module's namespace (the class's dict, the function's dict, its closure cell) on every call."""
     for ns, name, value, where in global_reads:
         expect.append(model_code.guard_namespace(ns))
         if isinstance(ns, types.CellType):
             label = f"closure variable {name}"
         elif isinstance(ns, type):
             label = f"class-level {ns.__qualname__}.{name}"
+        elif isinstance(ns, types.FunctionType):
+            label = f"function attribute {ns.__qualname__}.{name}"
         else:
             label = f"module-level {name}"
         label = f"{label} = {value!r}" if _plain_value(value) else f"{label} unchanged"

@@ -12,8 +12,9 @@ cannot be answered that way, nor can any type test of a value the forward comput
 unknown while tracing), so model code that reads a class like that fails the trace (`ClassInspectedError`,
 found with sys.setprofile while the trace runs, or by scanning the code the traced classes can reach when another
 profiler holds that hook) and the scope is left unrewritten. What else the forward consulted — module-level
-values, global-state queries, attributes holding objects with contents of their own — is checked after the trace
-(`model_code.py`, `_check_attribute_reads`): guarded where a guard can compare it, else the trace fails
+values, global-state queries, attributes holding objects with contents of their own, the module's instance dict
+read directly (`self.__dict__[...]`, `vars(self)`: the names then read in it are not seen) — is checked after the
+trace (`model_code.py`, `_check_attribute_reads`): guarded where a guard can compare it, else the trace fails
 (`GlobalStateError`).
 """
 
@@ -217,6 +218,10 @@ class ScopeTrace:
     leaf_reads: dict[str, list[str]] = field(default_factory=dict)
 
 
+# What `_recording_reads` logs for model code reading a module's instance dict itself.
+DIRECT_DICT_READ = "__dict__ (read directly)"
+
+
 @contextlib.contextmanager
 def _recording_reads(module: nn.Module):
     """Log every attribute name read on `module` (the instance only) while the block runs, by giving it a
@@ -226,6 +231,10 @@ def _recording_reads(module: nn.Module):
 
     def __getattribute__(self, name):
         if self is module:
+            if name == "__dict__" and model_code.model_code(sys._getframe(1).f_code):
+                # `self.__dict__[...]` / `vars(self)` in model code (nn.Module's own lookups are torch's code): the
+                # names it then reads there are not seen here.
+                log.append(DIRECT_DICT_READ)
             log.append(name)
         return super(recorder, self).__getattribute__(name)
 
@@ -313,6 +322,10 @@ def trace_scope(module: nn.Module, concrete_args: dict | None = None, tracer: Sc
     if changed:
         raise SideEffectError(f"forward assigns module attributes {changed} while running")
     global_reads = watched.check()
+    for where, log in [("self", reads), *[(f"self.{p}", log) for p, log in [*nested.items(), *leaves.items()]]]:
+        if DIRECT_DICT_READ in log:
+            raise model_code.GlobalStateError(f"the forward reads {where}.__dict__ itself (`__dict__[...]`, "
+                                              "`vars()`): a guard cannot follow the names it reads there")
     _check_attribute_reads(module, reads, "self")
     for path, m in inner.items():
         _check_attribute_reads(m, nested[path], f"self.{path}")

@@ -873,3 +873,51 @@ def test_nondeterministic_reads_found_while_a_profiler_holds_the_hook():
         sys.setprofile(None)
     assert not report.fused
     assert any("random.randint" in r.detail for r in report.rows), report.rows
+
+
+def doubled(t):
+    return t * 2
+
+
+ACTIVATION = doubled  # a module-level alias a forward calls, rebound by a user after convert
+LAMBDA_ACTIVATION = lambda t: t * 2  # noqa: E731 - code pickle cannot carry by reference
+
+
+class CallsGlobalCode(_Block):
+    def __init__(self, name: str):
+        super().__init__()
+        self.name = name
+
+    def forward(self, x):
+        y = self.body(x)
+        if self.name == "ACTIVATION":
+            return ACTIVATION(y)
+        if self.name == "doubled":
+            return doubled(y)
+        return LAMBDA_ACTIVATION(y)
+
+
+@pytest.mark.parametrize("flatten", [True, False])
+@pytest.mark.parametrize("name", ["ACTIVATION", "doubled", "LAMBDA_ACTIVATION"])
+def test_module_level_code_rebound_after_convert(name, flatten):
+    # fx ran the function the name held while tracing; a name rebound later must not leave the graph behind.
+    original, converted, report = _convert(_wrapped(CallsGlobalCode(name)), flatten=flatten)
+    assert report.fused, report.notes
+    _exact_without_fallback(original, converted)
+    copies = _copies(converted)  # (the lambda's guard cannot follow a pickle: it misses, the call is exact)
+    old = _set_global(name, torch.sigmoid)
+    try:
+        with torch.no_grad():
+            for model in (converted, *copies):
+                _close(model(_t(2, 4, 8, 8)), original(_t(2, 4, 8, 8)))
+    finally:
+        _set_global(name, old)
+    with torch.no_grad():
+        for model in copies:
+            _close(model(_t(2, 4, 8, 8)), original(_t(2, 4, 8, 8)))
+
+
+def test_code_guard_pickles_by_reference_where_it_can():
+    assert model_code.CodeRef(doubled).__reduce__() == (model_code.CodeRef, (doubled,))
+    assert model_code.CodeRef(LAMBDA_ACTIVATION).__reduce__()[0] is model_code.lost_code
+    assert model_code.lost_code().obj is not model_code.lost_code().obj

@@ -16,8 +16,9 @@ queries; `WatchedCode.check()` then
   * lists the module-level values the code reads (`LOAD_GLOBAL`, and `module.NAME` of a model module, `Config.NAME`
     of a model class used as a namespace, `helper.NAME` set on a model function, up to three attributes deep): plain
     values and containers of them, tensors and modules become guard terms (`patterns.build_guard`: by value, by
-    value and identity, by identity); functions, classes, modules, dtypes and the like are taken as the code they
-    are; anything else (an object whose contents the code may have read) fails the trace (`GlobalStateError`);
+    value and identity, by identity); functions, classes, dtypes and the like are the code they are, guarded by
+    identity (a name rebound after the trace); modules are not guarded; anything else (an object whose contents
+    the code may have read) fails the trace (`GlobalStateError`);
   * fails it where model code drew a Python or numpy random number or read the clock (`random.random()`,
     `np.random.rand()`, `time.time()`: the graph would keep one draw), or called a function leaving out an argument
     whose default is a mutable object (`def scale(y, cfg={"gain": 1.0})`: the graph would keep what it held),
@@ -45,6 +46,7 @@ import functools
 import gc
 import logging
 import os
+import pickle
 import random
 import sys
 import sysconfig
@@ -164,11 +166,11 @@ _STATE_QUERIES = [(name, obj, False) for name, obj in _STATE_ONLY + _NONDETERMIN
 # static scan.
 _QUERY_BUILTINS = {id(obj): (name, tracing) for name, obj, tracing in _STATE_QUERIES if not hasattr(obj, "__code__")}
 _QUERY_CODES = {obj.__code__: (name, tracing) for name, obj, tracing in _STATE_QUERIES if hasattr(obj, "__code__")}
-_QUERY_NAMES = {name.rsplit(".", 1)[1]: (name, tracing) for name, obj, tracing in _STATE_QUERIES
-                if id(obj) not in {id(o) for _, o in _NONDETERMINISTIC}}
 # The static scan finds the nondeterministic ones through the global they are read from (`random.randint`, `time`
-# imported from time): bare names such as `time` or `sample` are too common to refuse on.
+# imported from time), not by bare name: names such as `time` or `sample` are too common to refuse on.
 _NONDETERMINISTIC_SOURCES = {id(obj): name for name, obj in _NONDETERMINISTIC}
+_QUERY_NAMES = {name.rsplit(".", 1)[1]: (name, tracing) for name, obj, tracing in _STATE_QUERIES
+                if id(obj) not in _NONDETERMINISTIC_SOURCES}
 _NONDETERMINISTIC_SOURCES.update({id(random): "random", id(time): "time"})
 
 
@@ -309,7 +311,11 @@ class WatchedCode:
                 if kind is None:
                     raise GlobalStateError(f"{_where(code)} reads the module-level {key} "
                                            f"({type(value).__name__}), whose contents a guard cannot check")
-                if kind != "code":
+                if kind != "code" or (type(value) is not types.ModuleType and _named_namespace(ns)):
+                    # Code too (a function, a class, a dtype): the trace ran what it is now, and a name rebound
+                    # later (`mymodel.ACT = other_fn`) would not reach the graph; guarded by identity (`CodeRef`).
+                    # Not an imported module's name (rebinding `F` or `torch` is no way to change a model), nor the
+                    # names of code generated at run time (a namedtuple's or dataclass's methods, exec'd).
                     reads[(id(ns), key)] = (ns, key, value, _where(code))
         for (cell, name, value, where) in self._closure_reads():
             reads.setdefault((id(cell), name), (cell, name, value, where))
@@ -443,6 +449,10 @@ def _methods_with_code(owner, code) -> list:
     return functions
 
 
+# Default values a call that leaves the argument out shares with every other such call, and that can be edited in place.
+MUTABLE_DEFAULTS = (list, dict, set, bytearray)
+
+
 def _mutable_defaults(frame) -> tuple:
     """(parameter, default) for each default of the called function that is a mutable object (a list, dict or set;
     an object with contents): a call that leaves the argument out reads what the default holds *now*, which a trace
@@ -466,8 +476,7 @@ def _mutable_defaults(frame) -> tuple:
         defaults = fn.__defaults__ or ()
         named = list(zip(positional[len(positional) - len(defaults):], defaults))
         named += list((fn.__kwdefaults__ or {}).items())
-        out += [(name, value) for name, value in named
-                if type(value) in (list, dict, set, bytearray) or guard_kind(value) is None]
+        out += [(name, value) for name, value in named if type(value) in MUTABLE_DEFAULTS or guard_kind(value) is None]
     return tuple(out)
 
 
@@ -800,6 +809,43 @@ def _importable(fn) -> bool:
     for part in getattr(fn, "__qualname__", "<locals>").split("."):
         obj = getattr(obj, part, None)
     return obj is fn
+
+
+def _named_namespace(ns) -> bool:
+    """A class, a function, or the globals of a module imported under its name (not the namespace of generated
+    code: a namedtuple's `__new__` runs in a dict of its own)."""
+    if not isinstance(ns, dict):
+        return True
+    name = ns.get("__name__")
+    module = sys.modules.get(name) if isinstance(name, str) else None
+    return module is not None and vars(module) is ns
+
+
+class CodeRef:
+    """A function, class or other code a guard compares by identity (`e[k].obj`, the value a module-level name held
+    at trace time): itself after copy.deepcopy; pickled by reference where pickle finds it again by name (a
+    module-level function or class), else (a lambda, a function made inside another) as a reference to nothing:
+    that guard then always misses and the call takes the exact fallback."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj):
+        self.obj = obj
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __reduce__(self):
+        try:
+            pickle.dumps(self.obj)
+        except Exception:  # noqa: BLE001 - whatever pickle refuses: the guard cannot follow it to another process
+            return (lost_code, ())
+        return (CodeRef, (self.obj,))
+
+
+def lost_code() -> CodeRef:
+    """What an unpickled guard on code pickle could not carry compares against: a fresh object, never the same."""
+    return CodeRef(object())
 
 
 def guard_namespace(ns):

@@ -99,7 +99,7 @@ def call_patterns(params: list[Param]) -> list[CallPattern]:
         elif p.default is None:
             optional += 1
             choices.append([(PROXY, None), (CONCRETE, None)])
-        elif type(p.default) in (list, dict, set):
+        elif type(p.default) in model_code.MUTABLE_DEFAULTS:
             # A mutable default (`cfg={"gain": 1.0}`): traced as an argument, so the graph reads what it holds on
             # every call (a default edited in place, or another dict passed, reaches the graph; a forward that
             # branches on its contents cannot be traced so, and is left as it is). fx cannot take it as a
@@ -278,6 +278,12 @@ def global_terms(g: Guard, global_reads, expect: list) -> None:
             label = f"function attribute {ns.__qualname__}.{name}"
         else:
             label = f"module-level {name}"
+        if model_code.guard_kind(value) == "code":
+            # The same function / class / dtype object (not listed in the report: every forward has a few).
+            expect.append(model_code.CodeRef(value))
+            g.check(f"e[{len(expect) - 2}].d.get({name!r}, MISSING) is e[{len(expect) - 1}].obj",
+                    f"{label} is the same object (read in {where})", describe=False)
+            continue
         label = f"{label} = {value!r}" if _plain_value(value) else f"{label} unchanged"
         g.check(_value_term(f"e[{len(expect) - 1}].d.get({name!r}, MISSING)", value, expect),
                 f"{label} (read in {where})")

@@ -26,8 +26,8 @@ queries; `WatchedCode.check()` then
     `config.GAIN`; `from config import GAIN`) and attributes set on a model function (`helper.gain`) as module-level
     values (the guard reads the function's dict: `FunctionNamespace`),
   * lists the same way the closure variables the code reads that were bound before the trace (a class made by a
-    factory function reading the factory's `scale`, or a cell a `nonlocal` assignment rebinds): the guard reads the
-    cell itself (`ClosureCell`). Variables of a function that ran during the trace (a lambda or comprehension
+    factory function reading the factory's `scale` or calling its `activation`, or a cell a `nonlocal` assignment
+    rebinds): the guard reads the cell itself (`ClosureCell`). Variables of a function that ran during the trace (a lambda or comprehension
     inside the forward) are locals of the traced code, computed anew on every call, and need no guard.
 Where another profiler holds the hook, the code the modules' classes can reach is scanned instead (`reachable_code`),
 with the same rules for every global it names and every state query it names.
@@ -332,8 +332,8 @@ class WatchedCode:
                 if parent is not None and name in parent.co_cellvars:
                     continue  # a local of a function that ran in this trace: its cell was made during the call
                 kind = guard_kind(value)
-                if kind == "code":
-                    continue
+                if kind == "code" and type(value) is types.ModuleType:
+                    continue  # (code is guarded by identity, as for module-level names: a `nonlocal` rebinding)
                 if kind is None:
                     raise GlobalStateError(f"{_where(code)} reads the closure variable {name} "
                                            f"({type(value).__name__}), whose contents a guard cannot check")

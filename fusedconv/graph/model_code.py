@@ -27,8 +27,9 @@ queries; `WatchedCode.check()` then
     values (the guard reads the function's dict: `FunctionNamespace`),
   * lists the same way the closure variables the code reads that were bound before the trace (a class made by a
     factory function reading the factory's `scale` or calling its `activation`, or a cell a `nonlocal` assignment
-    rebinds): the guard reads the cell itself (`ClosureCell`). Variables of a function that ran during the trace (a lambda or comprehension
-    inside the forward) are locals of the traced code, computed anew on every call, and need no guard.
+    rebinds): the guard reads the cell itself (`ClosureCell`). Variables of a function that ran during the trace (a
+    lambda or comprehension inside the forward) are locals of the traced code, computed anew on every call, and need
+    no guard.
 Where another profiler holds the hook, the code the modules' classes can reach is scanned instead (`reachable_code`),
 with the same rules for every global it names and every state query it names.
 
@@ -179,8 +180,10 @@ def _numpy_random(value) -> str | None:
     compiled functions make no profiler event, so these are found where the code names them."""
     if type(value) is types.ModuleType:
         return "numpy.random" if value.__name__ == "numpy.random" else None
-    source = _random_source(value)
-    return source if source is not None and source.split(".")[0] in ("RandomState", "Generator") else None
+    owner = getattr(value, "__self__", None)
+    if owner is None or not type(owner).__module__.startswith("numpy.random"):
+        return None
+    return f"{type(owner).__name__}.{getattr(value, '__name__', '?')}"
 
 
 def _random_source(fn) -> str | None:
@@ -800,15 +803,17 @@ class FunctionNamespace:
         return self
 
     def __reduce__(self):
-        return (FunctionNamespace, (self.fn if _importable(self.fn) else None,))
+        return (FunctionNamespace, (self.fn if _pickles(self.fn) else None,))
 
 
-def _importable(fn) -> bool:
-    """Whether pickle finds `fn` again by its module and qualified name."""
-    obj = sys.modules.get(getattr(fn, "__module__", None) or "")
-    for part in getattr(fn, "__qualname__", "<locals>").split("."):
-        obj = getattr(obj, part, None)
-    return obj is fn
+def _pickles(obj) -> bool:
+    """Whether pickle can carry `obj` (a function or class: by reference, found again by its module and qualified
+    name; not a lambda or a function made inside another)."""
+    try:
+        pickle.dumps(obj)
+    except Exception:  # noqa: BLE001 - whatever pickle refuses
+        return False
+    return True
 
 
 def _named_namespace(ns) -> bool:
@@ -836,11 +841,7 @@ class CodeRef:
         return self
 
     def __reduce__(self):
-        try:
-            pickle.dumps(self.obj)
-        except Exception:  # noqa: BLE001 - whatever pickle refuses: the guard cannot follow it to another process
-            return (lost_code, ())
-        return (CodeRef, (self.obj,))
+        return (CodeRef, (self.obj,)) if _pickles(self.obj) else (lost_code, ())
 
 
 def lost_code() -> CodeRef:

@@ -105,16 +105,18 @@ def _rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 @torch.no_grad()
 def run(device: torch.device | str = "cpu", quick: bool = False, *, clip: tuple[int, int, int] | None = None,
-        batch: int = 1, dtype: torch.dtype | None = None, deadline: float | None = None) -> list[dict]:
+        batch: int = 1, dtype: torch.dtype | None = None, deadline: float | None = None,
+        max_layers: int | None = None) -> list[dict]:
     """One row per (layer, provider): median / IQR ms, speed-up over eager, error vs eager, status.
 
-    `deadline` (a time.perf_counter() value): layers not started by then get one "time box reached" row."""
+    `deadline` (a time.perf_counter() value): layers not started by then get one "time box reached" row.
+    `max_layers`: only the first that many distinct layers (the bench layer suite's --max-layers)."""
     device = torch.device(device)
     clip = clip or ((4, 56, 56) if quick else (8, 112, 112))
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
     fmt = torch.channels_last_3d if device.type == "cuda" else torch.contiguous_format
     rows = []
-    for i, case in enumerate(r3d_18_layers(clip)):
+    for i, case in enumerate(r3d_18_layers(clip)[:max_layers]):
         if deadline is not None and time.perf_counter() > deadline:
             rows.append({"net": "r3d_18", "layer": case["layer"], "status": "n/a: time box reached"})
             continue

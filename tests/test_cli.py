@@ -1,4 +1,8 @@
-"""The `fusedconv` command line, run as a subprocess on small models: demo, convert round trips, error paths.
+"""The `fusedconv` command line on small models: demo, convert round trips, error paths.
+
+The demo, the bench subcommand, `python -m fusedconv` and one error path run as processes (exit status, stderr
+without a traceback); the rest call `cli.main()` in this process, the console script's own code path, without
+starting an interpreter and importing torch again for each (that was most of this file's minutes in CI).
 
 Round trips load trained-looking weights (random, with randomized BN statistics) via --weights and compare
 the saved artifact's output with the original PyTorch model's. No timing is asserted.
@@ -27,6 +31,21 @@ def run_cli(*args, cwd=None, timeout=300):
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     return subprocess.run([sys.executable, "-m", "fusedconv.cli", *args], capture_output=True, text=True,
                           cwd=cwd, env=env, timeout=timeout)
+
+
+class InProcess:
+    """cli.main() called directly (the same code path as the console script, without a new interpreter)."""
+
+    def __init__(self, returncode, stdout, stderr):
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+def main_in_process(capsys, monkeypatch, cwd, *args):
+    monkeypatch.chdir(cwd)
+    capsys.readouterr()
+    code = cli.main(list(args))
+    captured = capsys.readouterr()
+    return InProcess(code, captured.out, captured.err)
 
 
 def assert_one_line_error(proc, *needles):
@@ -62,11 +81,11 @@ def test_demo_prints_report_error_and_latencies():
     assert "channels_last" in out  # the layout the timed path used is stated
 
 
-def test_convert_pt_round_trip_with_weights(tmp_path, resnet18_weights):
+def test_convert_pt_round_trip_with_weights(tmp_path, capsys, monkeypatch, resnet18_weights):
     model, weights = resnet18_weights
     out = tmp_path / "r18.pt"
-    proc = run_cli("convert", "torchvision:resnet18", "-o", str(out), "--weights", weights, "--check",
-                   "--input-size", SIZE_ARG, cwd=tmp_path)
+    proc = main_in_process(capsys, monkeypatch, tmp_path, "convert", "torchvision:resnet18", "-o", str(out),
+                           "--weights", weights, "--check", "--input-size", SIZE_ARG)
     assert proc.returncode == 0, proc.stderr
     assert "Self-check passed" in proc.stdout and "fused" in proc.stdout
     assert "(fusedconv.cli.load_converted) vs the converted model" in proc.stdout
@@ -77,11 +96,11 @@ def test_convert_pt_round_trip_with_weights(tmp_path, resnet18_weights):
     assert any(type(m).__name__ == "FusedConv2d" for m in loaded.modules())
 
 
-def test_convert_pt2_round_trip(tmp_path, resnet18_weights):
+def test_convert_pt2_round_trip(tmp_path, capsys, monkeypatch, resnet18_weights):
     model, weights = resnet18_weights
     out = tmp_path / "r18.pt2"
-    proc = run_cli("convert", "torchvision:resnet18", "-o", str(out), "--weights", weights,
-                   "--input-size", SIZE_ARG, cwd=tmp_path)
+    proc = main_in_process(capsys, monkeypatch, tmp_path, "convert", "torchvision:resnet18", "-o", str(out),
+                           "--weights", weights, "--input-size", SIZE_ARG)
     assert proc.returncode == 0, proc.stderr
     ep = torch.export.load(str(out))
     x = torch.randn(*SIZE)
@@ -89,12 +108,12 @@ def test_convert_pt2_round_trip(tmp_path, resnet18_weights):
         assert rel_err(ep.module()(x), model(x)) < 1e-5
 
 
-def test_convert_onnx_round_trip(tmp_path, resnet18_weights):
+def test_convert_onnx_round_trip(tmp_path, capsys, monkeypatch, resnet18_weights):
     ort = pytest.importorskip("onnxruntime")
     model, weights = resnet18_weights
     out = tmp_path / "r18.onnx"
-    proc = run_cli("convert", "torchvision:resnet18", "-o", str(out), "--weights", weights, "--check",
-                   "--input-size", SIZE_ARG, cwd=tmp_path)
+    proc = main_in_process(capsys, monkeypatch, tmp_path, "convert", "torchvision:resnet18", "-o", str(out),
+                           "--weights", weights, "--check", "--input-size", SIZE_ARG)
     assert proc.returncode == 0, proc.stderr
     assert "(onnxruntime) vs the converted model" in proc.stdout
     onnx = pytest.importorskip("onnx")
@@ -107,14 +126,14 @@ def test_convert_onnx_round_trip(tmp_path, resnet18_weights):
         assert rel_err(torch.from_numpy(got), model(x)) < 1e-5
 
 
-def test_pickled_module_with_trust_pickle(tmp_path):
+def test_pickled_module_with_trust_pickle(tmp_path, capsys, monkeypatch):
     model = model_specs.randomize_batchnorm(torch.nn.Sequential(
         torch.nn.Conv2d(3, 8, 3, padding=1, bias=False), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
         torch.nn.Conv2d(8, 4, 1), torch.nn.BatchNorm2d(4)), seed=5).eval()
     path = tmp_path / "seq.pt"
     torch.save(model, path)
-    proc = run_cli("convert", str(path), "-o", str(tmp_path / "out.pt2"), "--trust-pickle", "--check",
-                   "--input-size", "2,3,16,16", cwd=tmp_path)
+    proc = main_in_process(capsys, monkeypatch, tmp_path, "convert", str(path), "-o", str(tmp_path / "out.pt2"),
+                           "--trust-pickle", "--check", "--input-size", "2,3,16,16")
     assert proc.returncode == 0, proc.stderr
     assert "2 fused" in proc.stdout
     x = torch.randn(2, 3, 16, 16)
@@ -122,31 +141,15 @@ def test_pickled_module_with_trust_pickle(tmp_path):
         assert rel_err(torch.export.load(str(tmp_path / "out.pt2")).module()(x), model(x)) < 1e-5
 
 
+def test_errors_are_one_line_without_traceback(tmp_path):
+    # As a process (the console script's exit status and stderr); the other error paths run in process below.
+    proc = run_cli("convert", "torchvision:not_a_model", "-o", "x.pt", cwd=tmp_path)
+    assert_one_line_error(proc, "unknown torchvision model", "not_a_model")
+
+
 @pytest.mark.parametrize("args,needles", [
-    (["convert", "torchvision:not_a_model", "-o", "x.pt"], ["unknown torchvision model", "not_a_model"]),
     (["convert", "missing_file.pt", "-o", "x.pt2"], ["no such file", "missing_file.pt"]),
     (["convert", "torchvision:resnet18", "-o", "x.txt"], ["-o/--output", ".pt, .pt2, .onnx", "x.txt"]),
-])
-def test_errors_are_one_line_without_traceback(tmp_path, args, needles):
-    assert_one_line_error(run_cli(*args, cwd=tmp_path), *needles)
-
-
-class InProcess:
-    """cli.main() called directly (the same code path as the console script, without a new interpreter)."""
-
-    def __init__(self, returncode, stdout, stderr):
-        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
-
-
-def main_in_process(capsys, monkeypatch, cwd, *args):
-    monkeypatch.chdir(cwd)
-    capsys.readouterr()
-    code = cli.main(list(args))
-    captured = capsys.readouterr()
-    return InProcess(code, captured.out, captured.err)
-
-
-@pytest.mark.parametrize("args,needles", [
     (["convert", "timm:not_a_model_either", "-o", "x.pt"], ["unknown timm model"]),
     (["convert", "smp:Unet", "-o", "x.pt"], ["smp:ARCH:ENCODER"]),
     (["convert", "torchvision:resnet18", "-o", "x.pt", "--input-size", "3,abc"], ["--input-size"]),

@@ -20,10 +20,10 @@ variants.
 
 Triton 3.6 as well: the GPU machine runs triton 3.6 while CI's torch brings a newer one, so
 `test_every_variant_compiles_with_gpu_machine_triton` installs triton 3.6.0 (`pip install --no-deps --target`)
-into the ignored `.cache/triton-3.6.0/` once and runs this file's compile tests again in a child pytest with that
-directory first on PYTHONPATH: an API that 3.6 lacks fails here, not on the GPU machine. That child starts when
-the test loop starts (conftest.py calls this module's `start_in_background`) and compiles beside the other
-tests; the test waits for it.
+into the ignored `.cache/triton-3.6.0/` once and runs this file's sm_90 compile tests again (the GPU machine is an
+H200) in a child pytest with that directory first on PYTHONPATH: an API that 3.6 lacks fails here, not on the GPU
+machine. That child starts when the test loop starts (conftest.py calls this module's `start_in_background`) and
+compiles beside the other tests; the test waits for it.
 """
 
 from __future__ import annotations
@@ -302,6 +302,7 @@ def test_pointer_store_tma_variants_have_no_bulk_store(compile_results):
 # ------------------------------------------------------------------------------------------------ other triton
 #: The triton of the GPU machine (its torch's pin); compiled against in a child process.
 GPU_MACHINE_TRITON = "3.6.0"
+GPU_MACHINE_CAP = 90  # the GPU machine's architecture (an H200): the triton 3.6 child compiles for it alone
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _EXPECT_ENV = "FUSEDCONV_EXPECT_TRITON"  # set in the child: the triton version it must have imported
 CHILD_TIMEOUT_S = 3 * COMPILE_TIMEOUT_S
@@ -352,7 +353,11 @@ def _start_triton36_child() -> dict:
     env["PYTHONPATH"] = os.pathsep.join([target] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     env[_EXPECT_ENV] = GPU_MACHINE_TRITON
     env["FUSEDCONV_AOT_TIMEOUT_S"] = str(2 * COMPILE_TIMEOUT_S)  # the child's workers; the test's own limit is 3x
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.abspath(__file__)]
+    # sm_90 only: the GPU machine that runs triton 3.6 is an H200; triton 3.6 for sm_80 would check no machine of
+    # ours, and the compiles were a large part of the suite's CPU time on CI's two cores.
+    others = " or ".join(f"sm{cap}" for cap in TARGETS if cap != GPU_MACHINE_CAP)
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", f"not ({others})",
+           os.path.abspath(__file__)]
     log = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: nobody reads it while it runs
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=env, cwd=_REPO_ROOT)
     return {"proc": proc, "log": log, "deadline": time.monotonic() + CHILD_TIMEOUT_S}
@@ -381,7 +386,7 @@ def stop_background() -> None:
 
 @pytest.mark.skipif(bool(os.environ.get(_EXPECT_ENV)), reason="already the child run")
 def test_every_variant_compiles_with_gpu_machine_triton():
-    """Every variant x target compiles (and passes the PTX checks above) with triton 3.6 in a child pytest."""
+    """Every variant compiles for sm_90 (and passes the PTX checks above) with triton 3.6 in a child pytest."""
     if not _triton36_run:  # not started when the loop began (e.g. this file run without the conftest)
         _triton36_run.update(_start_triton36_child())
     if "skip" in _triton36_run:
@@ -397,7 +402,7 @@ def test_every_variant_compiles_with_gpu_machine_triton():
     log.close()
     assert proc.returncode == 0, f"triton {GPU_MACHINE_TRITON} child run failed:\n{tail}"
     summary = re.search(r"(\d+) passed", tail)
-    assert summary and int(summary.group(1)) >= 2 * len(_VARIANTS), f"too few tests passed in the child:\n{tail}"
+    assert summary and int(summary.group(1)) >= len(_VARIANTS), f"too few tests passed in the child:\n{tail}"
 
 
 # ------------------------------------------------------------------------------------------------ script mode

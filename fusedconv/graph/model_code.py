@@ -284,6 +284,8 @@ class WatchedCode:
         self.tracing_queries: list[str] = []  # tracing queries: covered by `traced_or_compiled()` in the guard
         self.default_reads: list[str] = []  # calls that used a mutable default argument
         self._defaults: dict = {}  # code -> its function's mutable defaults (_mutable_defaults), found once
+        # (id(class), name) -> (class, name, value, where): what `super().name` found in the classes of `self`
+        self.super_reads: dict = {}
 
     def _called(self, code, query) -> None:
         name, tracing = query
@@ -322,6 +324,8 @@ class WatchedCode:
                     reads[(id(ns), key)] = (ns, key, value, _where(code))
         for (cell, name, value, where) in self._closure_reads():
             reads.setdefault((id(cell), name), (cell, name, value, where))
+        for key, read in self.super_reads.items():
+            reads.setdefault(key, read)
         return list(reads.values())
 
     def _closure_reads(self) -> list:
@@ -372,8 +376,29 @@ class WatchedCode:
                     self.default_reads.append(f"{_where(code)} uses its mutable default {name} "
                                               f"({type(value).__name__})")
 
+    def _record_super(self, code, f_locals: dict, glb: dict, owner) -> None:
+        """What `super().name` / `super(Class, self).name` in `code` finds for the instance or class `owner`: the
+        method a base class defines, which the trace ran and a guard must see replaced (`Base.post = fn`). These
+        lookups go through the class's MRO, not through the instance, so the read-recording modules never see them."""
+        mro = (owner if isinstance(owner, type) else type(owner)).__mro__
+        for source, name in _super_attrs(code):
+            start = f_locals.get("__class__") if source is None else f_locals.get(source, glb.get(source))
+            if not isinstance(start, type) or start not in mro:
+                continue
+            found = next((c for c in mro[mro.index(start) + 1:] if name in vars(c)), None)
+            if found is None or _torch_class(found) or (id(found), name) in self.super_reads:
+                continue
+            value = vars(found)[name]
+            if guard_kind(value) is not None:
+                self.super_reads[(id(found), name)] = (found, name, value, _where(code))
+
     def _record_closure(self, frame) -> None:
         code = frame.f_code
+        if "__class__" in code.co_freevars or "super" in code.co_names:
+            f_locals = frame.f_locals
+            first = f_locals.get(code.co_varnames[0], _EMPTY) if code.co_argcount else _EMPTY
+            if first is not _EMPTY and _super_attrs(code):
+                self._record_super(code, f_locals, frame.f_globals, first)
         names = _free_reads(code)
         if not names:
             return
@@ -404,6 +429,45 @@ def _free_reads(code) -> tuple:
 
 
 _EMPTY = object()  # what `_cell_contents` reads in an empty cell
+# Instructions that carry no operand of a super() lookup (call set-up and the interpreter's own bookkeeping).
+_SUPER_SKIP = frozenset({"CACHE", "PRECALL", "PUSH_NULL", "NOP", "EXTENDED_ARG", "RESUME", "KW_NAMES"})
+
+
+@functools.lru_cache(maxsize=4096)
+def _super_attrs(code) -> tuple:
+    """(class, name) for each `super().name` (class None: the `__class__` cell) and `super(Class, obj).name` (class:
+    the global or free variable `Class`) in `code`: 3.12's LOAD_SUPER_ATTR, or 3.11's call of `super` followed by an
+    attribute load."""
+    if "super" not in code.co_names:
+        return ()
+    found = []
+    window: list = []
+    for ins in dis.get_instructions(code):
+        op = ins.opname
+        if op in _SUPER_SKIP:
+            continue
+        if op == "LOAD_SUPER_ATTR" and len(window) >= 3:
+            cls = window[-2]
+            found.append((None if cls.argval == "__class__" else cls.argval, ins.argval))
+        elif op in ("LOAD_ATTR", "LOAD_METHOD") and window and window[-1].opname == "CALL":
+            call = window[-1]
+            if call.arg == 0 and len(window) >= 2 and _loads_super(window[-2]):
+                found.append((None, ins.argval))
+            elif (call.arg == 2 and len(window) >= 4 and _loads_super(window[-4])
+                  and window[-3].opname in ("LOAD_GLOBAL", "LOAD_DEREF", "LOAD_CLASSDEREF")):
+                found.append((window[-3].argval, ins.argval))
+        window = (window + [ins])[-4:]
+    return tuple(dict.fromkeys(found))
+
+
+def _code_of(value):
+    """The code a class attribute runs when called or read (a function, static / class method, property getter)."""
+    value = getattr(value, "__func__", None) or getattr(value, "fget", None) or value
+    return getattr(value, "__code__", None)
+
+
+def _loads_super(ins) -> bool:
+    return ins.opname == "LOAD_GLOBAL" and ins.argval == "super"
 
 
 def _functions_of(code) -> list:
@@ -655,6 +719,11 @@ def watch(modules: list[nn.Module]):
                 # (numpy.random is found by check() for either path)
             if _free_reads(code):
                 watched._record_static_closures(code)
+            if _super_attrs(code):
+                for m in modules:  # super() as each module's class would resolve it, from the class defining `code`
+                    for cls in type(m).__mro__:
+                        if any(_code_of(v) is code for v in vars(cls).values()):
+                            watched._record_super(code, {"__class__": cls}, glb, m)
         return
 
     def profile(frame, event, arg):
@@ -665,7 +734,7 @@ def watch(modules: list[nn.Module]):
             elif model_code(code):
                 if code not in watched.codes:
                     watched.codes[code] = frame.f_globals
-                if code.co_freevars:
+                if code.co_freevars or "super" in code.co_names:
                     watched._record_closure(frame)
                 if code.co_argcount or code.co_kwonlyargcount:
                     watched._record_defaults(frame)
@@ -842,6 +911,43 @@ class CodeRef:
 
     def __reduce__(self):
         return (CodeRef, (self.obj,)) if _pickles(self.obj) else (lost_code, ())
+
+    def defaults(self):
+        """The plain default values the function holds now (`plain_defaults`), for a guard to compare."""
+        return plain_defaults(self.obj)
+
+
+def plain_defaults(value):
+    """(positional defaults, sorted keyword-only defaults) of the function behind `value` (itself, a bound, static or
+    class method's, a property's getter) when it has some and all are plain values, else None. The trace used the
+    defaults its calls left out; `fn.__defaults__ = (3.0,)` afterwards must not leave the graph behind."""
+    fn = getattr(value, "__func__", None) or getattr(value, "fget", None) or value
+    if type(fn) is not types.FunctionType:
+        return None
+    positional, keyword = fn.__defaults__ or (), fn.__kwdefaults__ or {}
+    if not positional and not keyword:
+        return None
+    snapshot = (positional, tuple(sorted(keyword.items())))
+    return snapshot if plain(snapshot) else None
+
+
+class ClassAttrRef(CodeRef):
+    """A method, property or other object a class defines (`vars(owner)[name]`), compared by identity like CodeRef;
+    pickled as (owner, name), so it is found again wherever the class is, whatever pickle makes of the object itself
+    (a property or staticmethod has no name of its own to pickle by), provided the class still holds it when
+    pickled; else as a reference to nothing (that guard then misses, the call takes the exact fallback)."""
+
+    __slots__ = ("owner", "name")
+
+    def __init__(self, owner: type, name: str):
+        super().__init__(vars(owner)[name])
+        self.owner = owner
+        self.name = name
+
+    def __reduce__(self):
+        if vars(self.owner).get(self.name, self) is self.obj and _pickles(self.owner):
+            return (ClassAttrRef, (self.owner, self.name))
+        return (lost_code, ())
 
 
 def lost_code() -> CodeRef:

@@ -179,6 +179,19 @@ class Guard:
         return " and ".join(self.terms) if self.terms else "True"
 
 
+_NOTHING = object()
+
+
+def _defaults_terms(value, ref: int, expect: list) -> list[str]:
+    """A term comparing the plain defaults of the function `e[ref]` (a CodeRef) holds with those it has now, when it
+    has any: the trace used the ones its calls left out."""
+    snapshot = model_code.plain_defaults(value)
+    if snapshot is None:
+        return []
+    expect.append(snapshot)
+    return [f"same_plain(e[{ref}].defaults(), e[{len(expect) - 1}])"]
+
+
 def _value_term(expr: str, value, expect: list) -> str:
     if value is None or isinstance(value, bool):
         return f"{expr} is {value!r}"
@@ -280,8 +293,11 @@ def global_terms(g: Guard, global_reads, expect: list) -> None:
             label = f"module-level {name}"
         if model_code.guard_kind(value) == "code":
             # The same function / class / dtype object (not listed in the report: every forward has a few).
-            expect.append(model_code.CodeRef(value))
-            g.check(f"e[{len(expect) - 2}].d.get({name!r}, MISSING) is e[{len(expect) - 1}].obj",
+            # (A class's own method, property or staticmethod is found again through the class after pickling.)
+            in_class = isinstance(ns, type) and vars(ns).get(name, _NOTHING) is value
+            expect.append(model_code.ClassAttrRef(ns, name) if in_class else model_code.CodeRef(value))
+            term = f"e[{len(expect) - 2}].d.get({name!r}, MISSING) is e[{len(expect) - 1}].obj"
+            g.check(" and ".join([term, *_defaults_terms(value, len(expect) - 1, expect)]),
                     f"{label} is the same object (read in {where})", describe=False)
             continue
         label = f"{label} = {value!r}" if _plain_value(value) else f"{label} unchanged"
@@ -322,15 +338,35 @@ def attribute_terms(g: Guard, module: nn.Module, reads, d_expr: str, m_expr: str
                             f"{label} is {'' if none else 'not '}None")
         elif hasattr(type(module), attr):
             # A class attribute: a plain value or container (a class-level flag or table) is guarded by value where
-            # the class defines it, and stays unset on the instance; methods and descriptors are code.
+            # the class defines it, and stays unset on the instance.
             owner = next((c for c in type(module).__mro__ if attr in vars(c)), None)
             value = vars(owner)[attr] if owner is not None else None
-            if owner is not None and owner is not nn.Module and model_code.guard_kind(value) == "value":
+            kind = model_code.guard_kind(value) if owner is not None else None
+            if owner is not None and owner is not nn.Module and kind == "value":
                 expect.append(owner)
                 g.check(f"{d_expr}.get({attr!r}, MISSING) is MISSING and "
                         + _value_term(f"e[{len(expect) - 1}].__dict__.get({attr!r}, MISSING)", value, expect),
                         f"{owner.__name__}.{attr}={value!r}" if _plain_value(value)
                         else f"{owner.__name__}.{attr} unchanged")
+            elif (owner is not None and kind in ("code", "identity") and not model_code._torch_class(owner)
+                  and "__fusedconv_original__" not in vars(owner)):
+                # A method (or property, or other class-level object) of the model's own classes that the forward
+                # called: the trace ran its code once and kept what it did, so it must still be the same object
+                # where the class defines it, not shadowed on the instance (`block.post = fn`) nor patched on a
+                # class (`Block.post = fn`) between the instance's class and that one. torch's own classes are
+                # not checked (their methods are torch's, as everywhere in the trace), nor convert's guarded subclass
+                # (its forward is the dispatcher, checked apart).
+                between = [c for c in type(module).__mro__[:type(module).__mro__.index(owner)]
+                           if "__fusedconv_original__" not in vars(c)]  # (not convert's guarded subclass)
+                expect += [model_code.ClassNamespace(owner), model_code.ClassAttrRef(owner, attr)]
+                terms = [f"{d_expr}.get({attr!r}, MISSING) is MISSING",
+                         f"e[{len(expect) - 2}].d.get({attr!r}, MISSING) is e[{len(expect) - 1}].obj"]
+                terms += _defaults_terms(value, len(expect) - 1, expect)
+                for cls in between:
+                    expect.append(model_code.ClassNamespace(cls))
+                    terms.append(f"{attr!r} not in e[{len(expect) - 1}].d")
+                g.check(" and ".join(terms), f"{owner.__qualname__}.{attr} is the same object and not shadowed",
+                        describe=False)
         else:
             # Read but absent (`getattr(self, "flag", False)`), or taken off by the rewrite (a merged branch):
             # setting it later may change the path.

@@ -100,6 +100,16 @@ class _ParamProxy(fx.Proxy):
         self.tracer.type_checked.add(self.node.target)
         return self._answers
 
+    # Used as an object or a dict of inputs (`batch.mask`, `d.get("mask")`), the parameter is not what its guard
+    # says ("not None", "a tensor"), and what the trace made of it cannot be trusted: `d.get("mask") is not None` is
+    # a Proxy compared by identity, always True while tracing, so the graph would keep that branch for every call.
+    # (`d["x"]` is fine: the graph indexes the dict on every call, and a missing key raises as in the forward.)
+    def __getattr__(self, name):
+        if not name.startswith("__") and not hasattr(self._answers, name):
+            raise fx.proxy.TraceError(f"parameter {self.node.target!r} is used as an object or a dict (.{name}), "
+                                      f"not as a {self._answers.__name__}: what it holds may be None")
+        return super().__getattr__(name)
+
 
 class _ListParamProxy(_ParamProxy):
     """A parameter traced as a list (patterns.LIST): the forward's isinstance sees a list; the Proxy may be passed
@@ -126,6 +136,17 @@ class _ValueProxy(fx.Proxy):
         if _is_isinstance_call(frame) or _reads_class_attribute(frame):
             raise ClassInspectedError(f"{frame.f_code.co_name} tests the type of a computed value ({self.node.name})")
         return type(self)
+
+    def __getattr__(self, name):
+        # A dict a layer returned, read with a default (`out.get("aux")`): None when the key is missing, which the
+        # trace cannot see (a Proxy is never None), as for a parameter above.
+        if name in _DICT_LOOKUPS:
+            raise fx.proxy.TraceError(f"a computed value ({self.node.name}) is read as a dict (.{name}): what it "
+                                      "returns may be None")
+        return super().__getattr__(name)
+
+
+_DICT_LOOKUPS = frozenset({"get", "pop", "setdefault", "popitem"})
 
 
 class ScopeTracer(fx.Tracer):

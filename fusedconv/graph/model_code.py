@@ -460,10 +460,15 @@ def _super_attrs(code) -> tuple:
     return tuple(dict.fromkeys(found))
 
 
+def _function_of(value):
+    """The function behind a class attribute or code value: itself, a bound / static / class method's, a property's
+    getter."""
+    return getattr(value, "__func__", None) or getattr(value, "fget", None) or value
+
+
 def _code_of(value):
-    """The code a class attribute runs when called or read (a function, static / class method, property getter)."""
-    value = getattr(value, "__func__", None) or getattr(value, "fget", None) or value
-    return getattr(value, "__code__", None)
+    """The code a class attribute runs when called or read."""
+    return getattr(_function_of(value), "__code__", None)
 
 
 def _loads_super(ins) -> bool:
@@ -921,7 +926,7 @@ def plain_defaults(value):
     """(positional defaults, sorted keyword-only defaults) of the function behind `value` (itself, a bound, static or
     class method's, a property's getter) when it has some and all are plain values, else None. The trace used the
     defaults its calls left out; `fn.__defaults__ = (3.0,)` afterwards must not leave the graph behind."""
-    fn = getattr(value, "__func__", None) or getattr(value, "fget", None) or value
+    fn = _function_of(value)
     if type(fn) is not types.FunctionType:
         return None
     positional, keyword = fn.__defaults__ or (), fn.__kwdefaults__ or {}

@@ -152,6 +152,21 @@ def test_hooks_added_after_convert_run(mobilenet):
     assert table.fallback_calls == 2  # hooks gone: flat again
 
 
+@pytest.mark.parametrize("build", [torchvision.models.mobilenet_v2, torchvision.models.resnet18],
+                         ids=["mobilenet_v2", "resnet18"])
+def test_tree_check_loads_only_what_it_reads(build):
+    """Every `dN = ....__dict__` / `mN = dN['_modules']` of the generated tree check is read later: after a forward
+    these objects are out of cache, and a load nobody reads costs as much as one that guards something."""
+    import ast
+
+    _, converted = _convert(build(weights=None))
+    tree = ast.parse(flat_check(converted).src)
+    stored = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+    loaded = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+    assert {v for v in stored if v[0] in "dm"}, "the check reads no module dict at all"
+    assert not {v for v in stored if v[0] in "dm"} - loaded
+
+
 def test_copies_pickles_and_stays_flat(mobilenet):
     model, flat = mobilenet
     x = _x(*SIZE)

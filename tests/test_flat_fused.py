@@ -183,6 +183,27 @@ def test_hook_on_a_fused_leaf_runs(mobilenet, module_calls, which):
     assert torch.equal(_run(converted, x), before) and module_calls[0] == 0
 
 
+@pytest.mark.parametrize("register", ["register_full_backward_hook", "register_full_backward_pre_hook",
+                                      "register_backward_hook"])
+def test_backward_hook_on_a_fused_leaf_keeps_the_direct_path_without_grad(mobilenet, module_calls, register):
+    """Without gradients a module call does nothing with its backward hooks, so they leave the direct path on;
+    with gradients every call goes through the module and the hook runs in backward."""
+    _, converted = mobilenet
+    x = _x(*SIZE, seed=3)
+    before = _run(converted, x)
+    leaf = [m for m in _fused_leaves(converted).leaves if type(m) is FusedConv2d][10]
+    seen = []
+    handle = getattr(leaf, register)(lambda *args: seen.append(1))
+    try:
+        module_calls[0] = 0
+        assert torch.equal(_run(converted, x), before) and module_calls[0] == 0 and seen == []
+        converted(x.clone().requires_grad_()).sum().backward()  # (a fused layer's own weights are frozen)
+        assert module_calls[0] == N_FUSED and seen == [1]
+    finally:
+        handle.remove()
+        converted.zero_grad(set_to_none=True)
+
+
 def test_instance_forward_patched_on_a_leaf(mobilenet, module_calls):
     _, converted = mobilenet
     x = _x(*SIZE, seed=4)

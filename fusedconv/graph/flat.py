@@ -325,6 +325,9 @@ def _check_source(root: nn.Module, tracer: FlatTracer, trace, paths: list[str], 
     for path in list(needed):
         parts = path.split(".")
         needed.update(".".join(parts[:i]) for i in range(1, len(parts)))
+    # Whose _modules the check reads: the parents of the checked paths. A module's __dict__ and _modules are
+    # loaded only where something reads them: after a forward they are out of cache, and each load costs.
+    parents = {p.rpartition(".")[0] for p in needed}
     lines = ["def check(root):", "    m0 = root.__dict__['_modules']"]
     local = {"": "0"}
     for n, path in enumerate(sorted(needed, key=lambda p: (p.count("."), p)), start=1):
@@ -334,8 +337,6 @@ def _check_source(root: nn.Module, tracer: FlatTracer, trace, paths: list[str], 
         lines += [f"    x{n} = m{local[parent]}.get({name!r})", f"    if x{n} is not e[{len(expect) - 1}]:",
                   "        return False"]
         local[path] = str(n)
-        if sub._modules or path in tracer.traced or path in inlined or path in trace.nested_reads:
-            lines += [f"    d{n} = x{n}.__dict__", f"    m{n} = d{n}['_modules']"]
         g = Guard()
         if path in tracer.traced:
             cls = type(sub)
@@ -353,8 +354,14 @@ def _check_source(root: nn.Module, tracer: FlatTracer, trace, paths: list[str], 
         reads = [r for r in trace.nested_reads.get(path, ())
                  if not (f"{path}.{r}" in needed and sub._modules.get(r) is not None)]
         attribute_terms(g, sub, reads, f"d{n}", f"m{n}", f"self.{path}", expect)
-        if g.terms:
-            lines += [f"    if not ({g.expression()}):", "        return False"]
+        expression = g.expression() if g.terms else ""
+        reads_m = path in parents or re.search(rf"\bm{n}\b", expression) is not None
+        if reads_m or re.search(rf"\bd{n}\b", expression):
+            lines.append(f"    d{n} = x{n}.__dict__")
+        if reads_m:
+            lines.append(f"    m{n} = d{n}['_modules']")
+        if expression:
+            lines += [f"    if not ({expression}):", "        return False"]
     lines.append("    return True")
     return "\n".join(lines) + "\n"
 

@@ -34,7 +34,7 @@ import torch
 
 from fusedconv import cpu, ops
 from fusedconv.fused_layers import FusedAffineLayer
-from fusedconv.graph.private_residual import global_hooks, hooked_source
+from fusedconv.graph.private_residual import global_hooks
 from fusedconv.modules import FusedConv2d
 
 _Tensor = torch.Tensor
@@ -44,6 +44,14 @@ _ONEDNN, _FOLDED, _FOLDED_CL = cpu.ONEDNN, cpu.FOLDED, cpu.FOLDED_CL
 _FOLDED_COPY, _FOLDED_COPY_NCHW = cpu.FOLDED_COPY, cpu.FOLDED_COPY_NCHW
 # The class-level methods a module call runs: patched (instrumentation, a test), every call goes through them.
 _FORWARD, _CALL, _CALL_IMPL = FusedConv2d.forward, FusedConv2d.__call__, FusedConv2d._call_impl
+
+
+def forward_hooked_source(d: str) -> str:
+    """The source of an expression over a leaf's `__dict__` bound to `d`: truthy when it has forward hooks or
+    pre-hooks. Its backward hooks are left out: `states()` answers only when gradients are off, and without
+    gradients a module call does nothing with them (torch's BackwardHook passes the arguments through when no
+    gradient is recorded, and a plain backward hook attaches to a grad_fn the output does not have)."""
+    return f"({d}.get('_forward_pre_hooks') or {d}.get('_forward_hooks'))"
 
 
 def pure_leaf(m) -> bool:
@@ -87,7 +95,8 @@ class FusedLeaves:
                  "            or FusedConv2d._call_impl is not CALL_IMPL):",
                  "        return NONE"]
         lines += [f"    d{i} = l{i}.__dict__" for i in range(n)]
-        lines += ["    if " + " or ".join(hooked_source(f"d{i}") for i in range(n)) + ":", "        return NONE"]
+        hooked = " or ".join(forward_hooked_source(f"d{i}") for i in range(n))
+        lines += [f"    if {hooked}:", "        return NONE"]
         fused = set(self.fused)
         # A leaf that is not a FusedConv2d must still be of the (pure) class it had when the graph was built.
         others = [i for i in range(n) if i not in fused]

@@ -1,15 +1,17 @@
 """fusedconv against torch.compile + Inductor freezing on CPU, paired per round (A/B tool for the CPU target).
 
-For each model: eager, `fusedconv.convert(model)` (the default path, fed NCHW) and `torch.compile(model)` with
+For each model: eager, `fusedconv.convert(model)` (the default path, fed NCHW), `fusedconv.convert(model,
+freeze=True)` (fusedconv_frozen: fusedconv/frozen.py) and `torch.compile(model)` with
 `torch._inductor.config.freezing = True`, each checked against eager in float64 first, then `--rounds`
 interleaved rounds of `--calls` calls each, the order of the variants reversed every other round (so neither side
 always runs right after the other). Per model: each variant's median and minimum ms per call and, per round, the
-ratio fusedconv / other — its median and quartiles. On a noisy shared machine the per-round ratio holds where
+ratios fusedconv / every other variant and fusedconv_frozen / every variant not fusedconv's — median and
+quartiles. On a noisy shared machine the per-round ratio holds where
 absolute times drift by 2x between minutes: "ahead" = fusedconv faster in at least 3 rounds of 4 (p75 < 1),
 "behind" = slower in at least 3 of 4 (p25 > 1), else "level".
 
 `python -m bench.cpu_compile_ab [--models a,b] [--threads 2] [--size 224] [--rounds 30] [--calls 5]
-[--variants eager,fusedconv,compile_freeze] [--md PATH] [--json PATH]`.
+[--variants eager,fusedconv,fusedconv_frozen,compile_freeze] [--md PATH] [--json PATH]`.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import time
 import torch
 
 MODELS = ["torchvision:resnet50", "torchvision:mobilenet_v2", "timm:repvgg_a0", "smp:Unet:resnet34"]
-VARIANTS = ("eager", "fusedconv", "compile_freeze")
+VARIANTS = ("eager", "fusedconv", "fusedconv_frozen", "compile_freeze")
 
 
 def _quartiles(values: list[float]) -> tuple[float, float, float]:
@@ -45,6 +47,8 @@ def _build(spec: str, variants: tuple[str, ...]) -> tuple[dict, torch.nn.Module]
             built[name] = model
         elif name == "fusedconv":
             built[name] = fusedconv.convert(model)
+        elif name == "fusedconv_frozen":
+            built[name] = fusedconv.convert(model, freeze=True)
         elif name == "compile_freeze":
             import torch._inductor.config as inductor_config
 
@@ -79,22 +83,24 @@ def measure(spec: str, variants: tuple[str, ...] = VARIANTS, size: int = 224, ro
     row = {"model": spec, "size": size, "rounds": rounds, "calls": calls, "max_rel_err_vs_fp64": errors,
            "ms": {n: {"min": min(t), "median": statistics.median(t)} for n, t in times.items()},
            "times_ms": times, "ratios": {}}
-    if "fusedconv" in times:
-        for name in times:
-            if name == "fusedconv":
-                continue
-            per_round = [a / b for a, b in zip(times["fusedconv"], times[name])]
-            p25, med, p75 = _quartiles(per_round)
-            row["ratios"][name] = {"p25": p25, "median": med, "p75": p75,
-                                   "verdict": "ahead" if p75 < 1 else "behind" if p25 > 1 else "level"}
+    # fusedconv against every other variant, then its frozen form against the ones that are not fusedconv's.
+    pairs = [("fusedconv", n) for n in times if n != "fusedconv"] + \
+        [("fusedconv_frozen", n) for n in times if not n.startswith("fusedconv")]
+    for a, b in pairs:
+        if a not in times:
+            continue
+        per_round = [x / y for x, y in zip(times[a], times[b])]
+        p25, med, p75 = _quartiles(per_round)
+        row["ratios"][f"{a} / {b}"] = {"p25": p25, "median": med, "p75": p75,
+                                       "verdict": "ahead" if p75 < 1 else "behind" if p25 > 1 else "level"}
     return row
 
 
 def markdown(rows: list[dict], env_line: str) -> str:
     lines = ["# fusedconv vs torch.compile + Inductor freezing on CPU (paired rounds)", "", env_line, "",
-             "Per-round ratio fusedconv / other: median (p25-p75); ahead = p75 < 1, behind = p25 > 1, else level.", "",
+             "Per-round ratio a / b: median (p25-p75); ahead = p75 < 1, behind = p25 > 1, else level.", "",
              "| model | " + " | ".join(f"{n} ms (median / min)" for n in rows[0]["ms"]) + " | "
-             + " | ".join(f"fusedconv / {n}" for n in rows[0]["ratios"]) + " |",
+             + " | ".join(rows[0]["ratios"]) + " |",
              "|---|" + "---|" * (len(rows[0]["ms"]) + len(rows[0]["ratios"]))]
     for row in rows:
         ms = " | ".join(f"{v['median']:.2f} / {v['min']:.2f}" for v in row["ms"].values())
@@ -127,7 +133,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         row = measure(spec, variants, args.size, args.rounds, args.calls)
         rows.append(row)
         print(f"{spec}: " + "  ".join(f"{n} {v['median']:.2f} ms" for n, v in row["ms"].items()) + "  " +
-              "  ".join(f"fc/{n} {v['median']:.3f} ({v['p25']:.3f}-{v['p75']:.3f}) {v['verdict']}"
+              "  ".join(f"{n} {v['median']:.3f} ({v['p25']:.3f}-{v['p75']:.3f}) {v['verdict']}"
                         for n, v in row["ratios"].items()), flush=True)
     versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v)
     env_line = (f"{env['machine']}, {versions}; {args.threads} thread(s), batch 1, {args.size}x{args.size} "

@@ -7,6 +7,8 @@ Providers:
                       forward (the A/B of fusedconv/graph/flat.py).
 - fusedconv_cl        fusedconv.convert(model).to(memory_format=torch.channels_last), fed a channels_last input:
                       the documented fast path on CPU (oneDNN fused conv + activation with pre-packed weights).
+- fusedconv_frozen    fusedconv.convert(model, freeze=True): the converted model frozen (fusedconv/frozen.py: its own
+                      copy, checked per forward only for what lies outside it), like compile_freeze's constants.
 - fx_fuse             torch.fx.experimental.optimization.fuse (folds Conv+BN of symbolically traceable models).
 - jit                 torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.script(m))), traced when
                       scripting fails (recorded).
@@ -56,8 +58,8 @@ def memory_format(spec: str, device: torch.device, image_size: int = 224) -> tor
     if device.type != "cuda" or rank == 3:
         return torch.contiguous_format
     return torch.channels_last_3d if rank == 5 else torch.channels_last
-PROVIDERS = ("eager", "fusedconv", "fusedconv_blocks", "fusedconv_cl", "fx_fuse", "jit", "compile", "fusedconv_compile", "onnxruntime",
-             "compile_freeze")
+PROVIDERS = ("eager", "fusedconv", "fusedconv_blocks", "fusedconv_cl", "fusedconv_frozen", "fx_fuse", "jit", "compile",
+             "fusedconv_compile", "onnxruntime", "compile_freeze")
 # Errors above this (relative to eager in the same dtype) mean the provider computes something else.
 TOLERANCE = {torch.float32: 1e-3, torch.float16: 5e-2, torch.bfloat16: 1e-1}
 
@@ -86,12 +88,12 @@ def prepare(provider: str, model, x: torch.Tensor, *, compile_mode: str, threads
     info: dict = {}
     if provider == "eager":
         return (lambda: model(x)), info
-    if provider in ("fusedconv", "fusedconv_blocks", "fusedconv_cl", "fusedconv_compile"):
+    if provider in ("fusedconv", "fusedconv_blocks", "fusedconv_cl", "fusedconv_frozen", "fusedconv_compile"):
         t0 = time.perf_counter()
-        options = {"flatten": False} if provider == "fusedconv_blocks" else {}
+        options = {"fusedconv_blocks": {"flatten": False}, "fusedconv_frozen": {"freeze": True}}.get(provider, {})
         fused, report = run_convert(copy.deepcopy(model), example_inputs=(x,), **options)
         info.update(convert_s=time.perf_counter() - t0, fused=len(report.fused), skipped=len(report.skipped))
-        if provider in ("fusedconv", "fusedconv_blocks"):
+        if provider in ("fusedconv", "fusedconv_blocks", "fusedconv_frozen"):
             return (lambda: fused(x)), info
         if provider == "fusedconv_cl":
             fused_cl = fused.to(memory_format=torch.channels_last)

@@ -65,8 +65,8 @@ def build_parser(prog: str = "python -m bench") -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog="""
 defaults by device:
   CPU   layers: batch 1,8, float32, NCHW + channels_last; providers eager, folded, compile, fusedconv
-        models: batch 1, float32; eager, fusedconv, fusedconv_cl, fx_fuse, jit, compile, compile_freeze,
-                onnxruntime
+        models: batch 1, float32; eager, fusedconv, fusedconv_cl, fusedconv_frozen, fx_fuse, jit, compile,
+                compile_freeze, onnxruntime
   CUDA  layers: batch 1,8,32,128, float16,bfloat16,float32, channels_last + NCHW; + cudnn_relu
         models: batch 1,32, float16 channels_last; eager, fusedconv, fx_fuse, jit, compile, fusedconv_compile
   --quick: 3 representative layers per net at one batch, no torch.compile, short timings (< 5 min on CPU).
@@ -165,7 +165,8 @@ def plan(args, device: torch.device) -> dict:
     if model_dtype not in DTYPES or (not cuda and model_dtype != "float32"):
         raise SystemExit(f"bench: error: --model-dtype: expected float32 on CPU or one of {', '.join(DTYPES)} on "
                          f"CUDA, got {model_dtype!r}")
-    default_mp = (["eager", "fusedconv"] + ([] if cuda else ["fusedconv_cl"]) + ["fx_fuse", "jit", "compile"]
+    default_mp = (["eager", "fusedconv"] + ([] if cuda else ["fusedconv_cl", "fusedconv_frozen"])
+                  + ["fx_fuse", "jit", "compile"]
                   + (["fusedconv_compile"] if cuda else ["compile_freeze", "onnxruntime"]))
     model_providers = _choices("--model-providers", args.model_providers, model_suite.PROVIDERS) or default_mp
     return {"nets": nets, "batches": batches, "dtypes": dtypes, "layouts": layouts,

@@ -6,6 +6,7 @@
 from fusedconv._version import __version__
 from fusedconv.activations import ActivationSpec
 from fusedconv.convert import convert
+from fusedconv.frozen import FrozenModel
 from fusedconv.fused_layers import FusedConv1d, FusedConv2dPostBN, FusedConv3d
 from fusedconv.fused_linear import FusedLinear
 from fusedconv.graph.specialize import GuardMiss
@@ -15,6 +16,6 @@ from fusedconv.reparam import reparameterize
 from fusedconv.report import ConversionReport, ReportRow
 from fusedconv.tuning import warmup
 
-__all__ = ["ActivationSpec", "ConversionReport", "FusedConv1d", "FusedConv2d", "FusedConv2dPostBN", "FusedConv3d",
-           "FusedConvTranspose1d", "FusedConvTranspose2d", "FusedConvTranspose3d", "FusedLinear", "GuardMiss", "ReportRow",
-           "__version__", "check_state_dict", "convert", "reparameterize", "warmup"]
+__all__ = ["ActivationSpec", "ConversionReport", "FrozenModel", "FusedConv1d", "FusedConv2d", "FusedConv2dPostBN",
+           "FusedConv3d", "FusedConvTranspose1d", "FusedConvTranspose2d", "FusedConvTranspose3d", "FusedLinear",
+           "GuardMiss", "ReportRow", "__version__", "check_state_dict", "convert", "reparameterize", "warmup"]

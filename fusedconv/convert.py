@@ -20,6 +20,7 @@ import torch.nn as nn
 from fusedconv.comparison import SELF_CHECK_TOLERANCE, compare_outputs  # noqa: F401
 from fusedconv.comparison import snapshot_outputs as _snapshot
 from fusedconv.cpu_boundary import install as install_layout_boundary
+from fusedconv.frozen import FrozenModel
 from fusedconv.graph.dataflow import fuse_dataflow
 from fusedconv.graph.flat import flatten as flatten_model
 from fusedconv.graph.owned_input import install as install_owned_inputs
@@ -34,6 +35,8 @@ from fusedconv.report import ConversionReport
 def _check_model(model, name: str = "model") -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"{name}: expected a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(model, FrozenModel):
+        raise TypeError(f"{name}: expected a model to convert, got a FrozenModel (already converted and frozen)")
     # Plain nn.Module() containers (fx's GraphModule creates them for nested targets) have no behaviour that
     # depends on the flag: ignored.
     training = [n or "<root>" for n, m in model.named_modules() if m.training and type(m) is not nn.Module]
@@ -75,7 +78,8 @@ def _layout_boundary_pays(model: nn.Module) -> bool:
 
 
 def convert(model: nn.Module, *, inplace: bool = False, example_inputs=None, reparameterize: bool = True,
-            return_report: bool = False, tolerance: float | None = None, flatten: bool = True):
+            return_report: bool = False, tolerance: float | None = None, flatten: bool = True,
+            freeze: bool = False):
     """Fuse every provable Conv2d -> BatchNorm (-> activation) (-> + residual -> activation) chain of an
     eval-mode `model`.
 
@@ -91,6 +95,12 @@ def convert(model: nn.Module, *, inplace: bool = False, example_inputs=None, rep
     rewritten blocks (`fusedconv.graph.flat`: guarded like every rewrite; calls it does not cover, and any call
     while torch.compile / export / fx / jit trace, run the converted model's own forward).
 
+    `freeze=True` returns the converted model frozen (`fusedconv.frozen.FrozenModel`), like torch.jit.freeze: it
+    holds its own copy, which nothing can reach, and computes the function the model computed at convert time;
+    each forward then checks only what lies outside that copy (call pattern, gradient mode, hooks and patches at
+    class or global level), not its modules and tensors. Later edits of `model` are not seen; `.to()` and
+    `.train()` on the frozen model raise. Cannot be combined with `inplace=True`.
+
     The self-check compares every output leaf, so models whose outputs pass through discrete post-processing
     (detection NMS / top-k / score thresholds) can fail it on near-tied scores even though the network itself
     matches to ~1e-7; check such models on their feature maps instead.
@@ -99,6 +109,11 @@ def convert(model: nn.Module, *, inplace: bool = False, example_inputs=None, rep
     args = _as_args(example_inputs)
     if not isinstance(flatten, bool):
         raise TypeError(f"flatten: expected True or False, got {flatten!r}")
+    if not isinstance(freeze, bool):
+        raise TypeError(f"freeze: expected True or False, got {freeze!r}")
+    if freeze and inplace:
+        raise ValueError("freeze: a frozen model holds its own copy of the converted model; freeze=True cannot be "
+                         "combined with inplace=True")
     if tolerance is not None and not (isinstance(tolerance, (int, float)) and tolerance >= 0):
         raise ValueError(f"tolerance: expected a non-negative number or None, got {tolerance!r}")
     report = ConversionReport()
@@ -124,6 +139,8 @@ def convert(model: nn.Module, *, inplace: bool = False, example_inputs=None, rep
         if _layout_boundary_pays(model):
             # CPU: NCHW float32 input runs channels_last inside the model, converted once at its boundary.
             install_layout_boundary(model)
+        if freeze:
+            model = FrozenModel(model, _private=True)  # the copy made above: no one else holds it
         if ref is not None:
             err, tol = compare_outputs(model(*args), *ref)
             tol = tol if tolerance is None else float(tolerance)

@@ -68,6 +68,8 @@ def _boundary(model) -> LayoutBoundary:
 def layout_used(model: torch.nn.Module, *args, **kwargs) -> str:
     """The layout the converted model runs in for these inputs: 'channels_last' when the boundary switches them
     (checking it if needed), 'NCHW' for NCHW inputs it does not switch, else 'as given'."""
+    if getattr(type(model), "wraps_converted_model", False):
+        model = model.__dict__["_model"]  # fusedconv.frozen.FrozenModel: the converted model it runs
     if _enter not in model._forward_pre_hooks.values() or not _eligible(args, kwargs):
         return "NCHW" if _nchw_inputs(args, kwargs) else "as given"
     return "channels_last" if _checked(model, _boundary(model), args, kwargs) else "NCHW"

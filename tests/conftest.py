@@ -307,3 +307,20 @@ def onednn_small_convs(monkeypatch):
     from fusedconv import cpu
 
     monkeypatch.setattr(cpu, "small_conv_macs", 0)
+
+
+@pytest.fixture
+def module_calls(monkeypatch):
+    """Counts FusedConv2d calls that went through the module (FusedConv2d.forward → cpu.eager_forward): the flat
+    forward's direct calls (graph/flat_fused.py) do not."""
+    from fusedconv import cpu
+
+    count = [0]
+    real = cpu.eager_forward
+
+    def counting(*args, **kwargs):
+        count[0] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cpu, "eager_forward", counting)
+    return count

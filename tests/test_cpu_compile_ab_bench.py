@@ -34,7 +34,7 @@ def test_rounds_alternate_and_ratios_come_from_them(monkeypatch):
     assert timed == ["eager", "fusedconv", "fusedconv", "eager"] * 2
     assert all(e < 1e-5 for e in row["max_rel_err_vs_fp64"].values())
     per_round = [a / b for a, b in zip(row["times_ms"]["fusedconv"], row["times_ms"]["eager"])]
-    ratio = row["ratios"]["eager"]
+    ratio = row["ratios"]["fusedconv / eager"]
     assert ratio["p25"] <= ratio["median"] <= ratio["p75"]
     assert min(per_round) <= ratio["median"] <= max(per_round)
     assert ratio["verdict"] == ("ahead" if ratio["p75"] < 1 else "behind" if ratio["p25"] > 1 else "level")
@@ -50,6 +50,16 @@ def test_main_writes_the_report(monkeypatch, tmp_path):
     text = md.read_text()
     assert "| tiny |" in text and "fusedconv / eager" in text and "python -m bench.cpu_compile_ab" in text
     assert js.read_text().startswith("{")
+
+
+def test_frozen_variant_is_checked_and_paired_with_the_others(monkeypatch):
+    from bench import cpu_compile_ab
+    _tiny(monkeypatch)
+    row = cpu_compile_ab.measure("tiny", ("eager", "fusedconv", "fusedconv_frozen"), size=16, rounds=2, calls=1)
+    assert row["max_rel_err_vs_fp64"]["fusedconv_frozen"] < 1e-5
+    assert set(row["ratios"]) == {"fusedconv / eager", "fusedconv / fusedconv_frozen", "fusedconv_frozen / eager"}
+    per_round = [a / b for a, b in zip(row["times_ms"]["fusedconv_frozen"], row["times_ms"]["eager"])]
+    assert min(per_round) <= row["ratios"]["fusedconv_frozen / eager"]["median"] <= max(per_round)
 
 
 def test_fusedconv_required():

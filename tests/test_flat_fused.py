@@ -62,20 +62,6 @@ def _direct_off(model):
 
 
 @pytest.fixture
-def module_calls(monkeypatch):
-    """Counts FusedConv2d calls that went through the module (FusedConv2d.forward → cpu.eager_forward)."""
-    count = [0]
-    real = cpu.eager_forward
-
-    def counting(*args, **kwargs):
-        count[0] += 1
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(cpu, "eager_forward", counting)
-    return count
-
-
-@pytest.fixture
 def mobilenet():
     model = randomize_bn(torchvision.models.mobilenet_v2(weights=None)).eval()
     converted = fusedconv.convert(model, reparameterize=False)

@@ -46,6 +46,33 @@ _FOLDED_COPY, _FOLDED_COPY_NCHW = cpu.FOLDED_COPY, cpu.FOLDED_COPY_NCHW
 _FORWARD, _CALL, _CALL_IMPL = FusedConv2d.forward, FusedConv2d.__call__, FusedConv2d._call_impl
 
 
+# What a direct call depends on outside the leaves: no gradient, the fast path on, no global hooks, FusedConv2d's
+# op routing and its class-level forward / call not patched (the source `states()` and its frozen form check).
+_OUTSIDE = ("(grad_enabled() or not cpu.enabled or ops.use_kernel is not USE_KERNEL or global_hooks()"
+            " or FusedConv2d.forward is not FORWARD or FusedConv2d.__call__ is not CALL"
+            " or FusedConv2d._call_impl is not CALL_IMPL)")
+
+# FusedLeaves.freeze: `states` until two calls in a row answer the same states (by identity), then those, behind
+# the checks of what lies outside the leaves.
+_KEPT_SOURCE = f"""
+def kept(states):
+    found = last = None
+
+    def frozen_states():
+        nonlocal found, last
+        if found is not None:
+            if {_OUTSIDE}:
+                return NONE
+            return found
+        now = states()
+        if now is not NONE and last is not None and all(a is b for a, b in zip(now, last)):
+            found = now
+        last = now
+        return now
+    return frozen_states
+"""
+
+
 def forward_hooked_source(d: str) -> str:
     """The source of an expression over a leaf's `__dict__` bound to `d`: truthy when it has forward hooks or
     pre-hooks. Its backward hooks are left out: `states()` answers only when gradients are off, and without
@@ -74,13 +101,22 @@ class FusedLeaves:
     `states()` is generated straight-line code over the leaves (closure cells, no loop): it runs on every forward.
     Pickles and deep-copies as its fields (the function is rebuilt)."""
 
-    def __init__(self, leaves: tuple, fused: tuple, with_residual: frozenset, pure: bool):
+    def __init__(self, leaves: tuple, fused: tuple, with_residual: frozenset, pure: bool, frozen: bool = False):
         self.leaves = leaves
         # The classes `states()` checks, kept only for a pure graph (importable classes: they pickle by name).
         self.types = tuple(type(m) for m in leaves) if pure else None
         self.fused = fused
         self.with_residual = with_residual
         self.pure = pure
+        self.frozen = frozen
+        self._compile()
+
+    def freeze(self) -> None:
+        """For leaves nothing else holds (FlatCheck.freeze): once two forwards in a row found the same states,
+        `states()` keeps them and checks per forward only what lies outside the leaves (grad mode, the fast path
+        switch, global hooks, FusedConv2d's class-level methods). A leaf's state changes only through the leaf
+        (a hook, an edit of its tensors, `.to()`, `refresh()`), which nothing can reach."""
+        self.frozen = True
         self._compile()
 
     def _compile(self) -> None:
@@ -89,11 +125,7 @@ class FusedLeaves:
         if not self.pure or not self.fused:
             self.states = lambda: none
             return
-        lines = ["def states():",
-                 "    if (grad_enabled() or not cpu.enabled or ops.use_kernel is not USE_KERNEL or global_hooks()",
-                 "            or FusedConv2d.forward is not FORWARD or FusedConv2d.__call__ is not CALL",
-                 "            or FusedConv2d._call_impl is not CALL_IMPL):",
-                 "        return NONE"]
+        lines = ["def states():", f"    if {_OUTSIDE}:", "        return NONE"]
         lines += [f"    d{i} = l{i}.__dict__" for i in range(n)]
         hooked = " or ".join(forward_hooked_source(f"d{i}") for i in range(n))
         lines += [f"    if {hooked}:", "        return NONE"]
@@ -127,6 +159,9 @@ class FusedLeaves:
                      "FORWARD": _FORWARD, "CALL": _CALL, "CALL_IMPL": _CALL_IMPL, "snapshot": cpu._snapshot}
         exec(compile(src, "<fusedconv flat states>", "exec"), namespace)  # noqa: S102 - generated here
         self.states = namespace["make"](self.leaves, self.types)
+        if self.frozen:
+            exec(compile(_KEPT_SOURCE, "<fusedconv frozen states>", "exec"), namespace)  # noqa: S102
+            self.states = namespace["kept"](self.states)
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -134,6 +169,7 @@ class FusedLeaves:
         return state
 
     def __setstate__(self, state):
+        state.setdefault("frozen", False)
         self.__dict__.update(state)
         self._compile()
 

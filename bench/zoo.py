@@ -2,7 +2,9 @@
 
 `python -m bench.zoo [--models SPEC,SPEC|--set default|tiny] [--size 64] [--batch 2] [--json PATH] [--md PATH]`
 
-Per model (random weights, BatchNorm statistics randomized, eval mode, nothing downloaded):
+Per model (random weights, BatchNorm statistics measured on a random input of the model's shape and then perturbed
+— `randomize_batchnorm(model, seed, example_inputs)`, so that the output depends on every layer; blind statistics
+leave an inverted-residual net's output nearly independent of its early layers — eval mode, nothing downloaded):
 - float64: the original cast to float64 is converted (`fusedconv.convert(model, return_report=True)`) and both run
   on the same random input; error = max over output tensors of max |converted - original| / max |original|
   (per tensor). Exact means <= EXACT_FLOAT64 (1e-10): float64 rounding over a whole network stays near 1e-14,
@@ -228,7 +230,10 @@ def run_model(entry: ZooModel, size: int = 64, batch: int = 2, seed: int = 0) ->
     try:
         torch.manual_seed(seed)
         model = entry.build(size)
-        randomize_batchnorm(model, seed)
+        shape = entry.input_shape(size, batch)
+        example = torch.randn((max(2, shape[0]),) + tuple(shape[1:]),
+                              generator=torch.Generator().manual_seed(seed + 7))
+        randomize_batchnorm(model, seed, example_inputs=example)
         res["build"] = True
     except Timeout:
         raise
@@ -236,7 +241,6 @@ def run_model(entry: ZooModel, size: int = 64, batch: int = 2, seed: int = 0) ->
         res["build_error"] = first_line(e)
         return res
     res["params_m"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 2)
-    shape = entry.input_shape(size, batch)
     res["input"] = list(shape)
     gen = torch.Generator().manual_seed(seed + 1)
     x = torch.randn(shape, generator=gen, dtype=torch.float64)

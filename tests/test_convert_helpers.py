@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
 
@@ -65,6 +66,25 @@ def check_convert(model: nn.Module, *inputs, tol: float = 1e-5, bn_left: int = 0
     left = batch_norm_count(count_ops(converted, *inputs))
     assert left == bn_left, f"{left} batch_norm ops still execute (expected {bn_left})\n{report}"
     assert_untouched(model, snap)
+    return converted, report
+
+
+@torch.no_grad()
+def check_convert_live(model: nn.Module, *inputs, bn_left: int = 0, **kwargs):
+    """check_convert for a model whose output depends on every layer (BN statistics measured on an example,
+    `randomize_bn(model, seed, example)`), where float32 rounding shows: the converted model computes the same
+    function in float64 (< 1e-10) and in float32 stays within 1e-5 of float64, or within twice the original's own
+    float32 error where that is larger. Returns (converted float32 model, report)."""
+    model.eval()
+    model64 = copy.deepcopy(model).double()
+    inputs64 = tuple(t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in inputs)
+    ref64 = model64(*inputs64)
+    err64 = output_error(fusedconv.convert(model64, **kwargs)(*inputs64), ref64)
+    assert err64 < 1e-10, f"float64: max relative error {err64:.3e}"
+    own = output_error(model(*inputs), ref64)
+    converted, report = check_convert(model, *inputs, tol=float("inf"), bn_left=bn_left, **kwargs)
+    err32 = output_error(converted(*inputs), ref64)
+    assert err32 <= max(2 * own, 1e-5), f"float32: {err32:.3e} against float64, the original's own {own:.3e}\n{report}"
     return converted, report
 
 

@@ -34,12 +34,12 @@ def _x(*shape, seed=0, dtype=torch.float32):
 
 
 def _mobilenet(dtype=torch.float32):
-    return randomize_bn(torchvision.models.mobilenet_v2(weights=None)).eval().to(dtype)
+    # BN statistics measured on an example: with blind ones mobilenet_v2's output hardly depends on its early layers
+    example = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(99))
+    return randomize_bn(torchvision.models.mobilenet_v2(weights=None), example=example).eval().to(dtype)
 
 
 def _resnet18(dtype=torch.float32):
-    # (mobilenet_v2 with random BN statistics answers the same logits to any 64x64 input, to ~1e-7: a test that an
-    # edit is seen or not seen in the output needs a model whose output depends on its layers, as resnet18's does)
     return randomize_bn(torchvision.models.resnet18(weights=None)).eval().to(dtype)
 
 
@@ -152,13 +152,14 @@ def test_global_hooks_grad_mode_and_the_fast_path_switch_are_seen(onednn_small_c
     finally:
         handle.remove()
     assert fusedconv.FusedConv2d in seen
+    # The other routes (the differentiable fallback, F.conv2d) round differently in float32: 1e-4, not exact.
     calls = module_calls[0]
     with torch.enable_grad():
-        assert max_rel_error(frozen(x).detach(), y) < 1e-5
+        assert max_rel_error(frozen(x).detach(), y) < 1e-4
     assert module_calls[0] > calls
     monkeypatch.setattr(cpu, "enabled", False)
     calls = module_calls[0]
-    assert max_rel_error(_run(frozen, x), y) < 1e-5
+    assert max_rel_error(_run(frozen, x), y) < 1e-4
     assert module_calls[0] > calls
 
 

@@ -24,9 +24,11 @@ ACT_MODULES = {
 }
 
 
-def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Give every BatchNorm non-default statistics and affine parameters (defaults hide folding mistakes)."""
-    return randomize_batchnorm(model, seed)
+def randomize_bn(model: nn.Module, seed: int = 0, example=None) -> nn.Module:
+    """Give every BatchNorm non-default statistics and affine parameters (defaults hide folding mistakes); with an
+    `example` input, statistics measured on it and then perturbed, which keeps a deep model's output dependent on
+    every layer (model_specs.randomize_batchnorm)."""
+    return randomize_batchnorm(model, seed, example_inputs=example)
 
 
 def max_rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:

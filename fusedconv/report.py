@@ -113,6 +113,10 @@ def layer_backends(model: torch.nn.Module, *args, **kwargs) -> dict[str, str]:
     order. A module whose launches ran different backends lists them joined by " + ". Empty where no fused
     kernel ran (CPU, the standard-conv fallback). Meant for after a warm-up: the first call of a layer is when
     the launcher times its candidates and makes its choice."""
+    if getattr(type(model), "wraps_converted_model", False):
+        # A FrozenModel: its layers are out of reach (no hooks can be put on them), so nothing could be credited.
+        raise TypeError("model: layer_backends needs the converted model (fusedconv.convert(model)), not a "
+                        "FrozenModel, whose layers are out of reach")
     owners: dict[int, str] = {}
     stack: list[int] = []
     handles = []

@@ -267,3 +267,12 @@ def test_frozen_model_built_directly_freezes_its_own_copy():
         fusedconv.FrozenModel(_mobilenet().train())
     with pytest.raises(TypeError, match="converted: expected a torch.nn.Module"):
         fusedconv.FrozenModel(lambda x: x)
+
+
+def test_layer_backends_refuses_a_frozen_model():
+    from fusedconv.report import layer_backends
+
+    torch.manual_seed(0)
+    frozen = fusedconv.convert(randomize_bn(Net()).eval(), freeze=True)
+    with pytest.raises(TypeError, match="not a FrozenModel"):
+        layer_backends(frozen, _x(1, 3, 16, 16))

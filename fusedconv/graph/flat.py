@@ -237,7 +237,7 @@ class FlatCheck:
     its source and objects (the copies', under deepcopy), like GuardTable."""
 
     def __init__(self, src: str, expect: list, leaves: tuple, fused: FusedLeaves | None = None,
-                 owners: tuple = (), frozen: bool = False):
+                 owners: tuple = ()):
         self.src = src
         self.expect = expect
         self.leaves = leaves
@@ -245,7 +245,7 @@ class FlatCheck:
         # Modules whose parameters / buffers the graph reads (identity checked here too): one getattr on the
         # module instead of a walk from the root (`_read_attributes_directly`).
         self.owners = owners
-        self.frozen = frozen  # `freeze()`: only the class-level terms are checked
+        self.frozen = False  # `freeze()`: only the class-level terms are checked
         self._compile()
 
     def freeze(self) -> None:

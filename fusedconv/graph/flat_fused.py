@@ -101,14 +101,14 @@ class FusedLeaves:
     `states()` is generated straight-line code over the leaves (closure cells, no loop): it runs on every forward.
     Pickles and deep-copies as its fields (the function is rebuilt)."""
 
-    def __init__(self, leaves: tuple, fused: tuple, with_residual: frozenset, pure: bool, frozen: bool = False):
+    def __init__(self, leaves: tuple, fused: tuple, with_residual: frozenset, pure: bool):
         self.leaves = leaves
         # The classes `states()` checks, kept only for a pure graph (importable classes: they pickle by name).
         self.types = tuple(type(m) for m in leaves) if pure else None
         self.fused = fused
         self.with_residual = with_residual
         self.pure = pure
-        self.frozen = frozen
+        self.frozen = False  # `freeze()`
         self._compile()
 
     def freeze(self) -> None:

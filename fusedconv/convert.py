@@ -20,7 +20,7 @@ import torch.nn as nn
 from fusedconv.comparison import SELF_CHECK_TOLERANCE, compare_outputs  # noqa: F401
 from fusedconv.comparison import snapshot_outputs as _snapshot
 from fusedconv.cpu_boundary import install as install_layout_boundary
-from fusedconv.frozen import FrozenModel
+from fusedconv.frozen import FrozenModel, modules_in_training
 from fusedconv.graph.dataflow import fuse_dataflow
 from fusedconv.graph.flat import flatten as flatten_model
 from fusedconv.graph.owned_input import install as install_owned_inputs
@@ -37,9 +37,7 @@ def _check_model(model, name: str = "model") -> None:
         raise TypeError(f"{name}: expected a torch.nn.Module, got {type(model).__name__}")
     if isinstance(model, FrozenModel):
         raise TypeError(f"{name}: expected a model to convert, got a FrozenModel (already converted and frozen)")
-    # Plain nn.Module() containers (fx's GraphModule creates them for nested targets) have no behaviour that
-    # depends on the flag: ignored.
-    training = [n or "<root>" for n, m in model.named_modules() if m.training and type(m) is not nn.Module]
+    training = modules_in_training(model)
     if training:
         raise RuntimeError(f"{name}: expected a model in eval mode (call model.eval() first), got {len(training)} "
                            f"module(s) in training mode, e.g. {training[0]!r}")

@@ -24,6 +24,12 @@ from fusedconv.graph.flat import flat_check
 from fusedconv.graph.owned_input import _fx_tracing
 
 
+def modules_in_training(model: nn.Module) -> list[str]:
+    """The names of `model`'s modules in training mode ("<root>" for the root); plain nn.Module() containers (fx's
+    GraphModule creates them for nested targets) have no behaviour that depends on the flag and are left out."""
+    return [n or "<root>" for n, m in model.named_modules() if m.training and type(m) is not nn.Module]
+
+
 class FrozenModel(nn.Module):
     """A converted model frozen by `fusedconv.convert(model, freeze=True)` (module doc). Call it like the model."""
 
@@ -35,7 +41,7 @@ class FrozenModel(nn.Module):
         super().__init__()
         if not isinstance(converted, nn.Module):
             raise TypeError(f"converted: expected a torch.nn.Module, got {type(converted).__name__}")
-        training = [n or "<root>" for n, m in converted.named_modules() if m.training and type(m) is not nn.Module]
+        training = modules_in_training(converted)
         if training:
             raise ValueError(f"converted: expected a model in eval mode, got {len(training)} module(s) in training "
                              f"mode, e.g. {training[0]!r}")

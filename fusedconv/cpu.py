@@ -17,7 +17,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from fusedconv import ops
+from fusedconv import cpu_taps, ops
 from fusedconv.activations import apply_activation
 from fusedconv.validation import check_inputs
 
@@ -155,6 +155,10 @@ ONEDNN_COPY, ONEDNN_COPY_NCHW = "onednn_after_copy", "onednn_after_copy_nchw_out
 # 14->14 3x3 conv on an 8x8 channel slice, 1 thread: copy + F.conv2d 29 us, copy + oneDNN 87, F.conv2d on the view
 # 33; 56->56 at 2x2: 24 / 84 / 62 us).
 FOLDED_COPY, FOLDED_COPY_NCHW = "folded_after_copy", "folded_after_copy_nchw_out"
+# A conv to one output channel (a binary segmentation head) at a large output: one matrix product and shifted sums
+# (fusedconv/cpu_taps.py), 1.7-4.4x faster than oneDNN or F.conv2d there; float32 and float64, dense input in
+# either layout, the output in the input's layout.
+TAPS = "taps"
 # Signatures remembered per module; a model fed ever-changing shapes starts over rather than growing forever.
 _MAX_ROUTES = 64
 # Small convs on channels_last float32 input stay on F.conv2d (FOLDED_CL, with a channels_last copy of the folded
@@ -179,7 +183,7 @@ class EagerState:
 
     __slots__ = ("routes", "last_call", "last_route", "weight_src", "scale_src", "shift_src", "snapshot", "weight",
                  "bias", "packed", "onednn_ok", "geometry", "conv_args", "act", "onednn_args", "unary_tail",
-                 "inplace_tail", "bias_after", "weight_cl")
+                 "inplace_tail", "bias_after", "weight_cl", "taps", "taps_ok")
 
     def __init__(self, module):
         self.routes = {}
@@ -190,6 +194,8 @@ class EagerState:
         self.snapshot = None
         self.weight = self.bias = self.packed = None
         self.weight_cl = None  # the folded weight in channels_last, for float32 FOLDED_CL calls (made on first use)
+        self.taps = None  # cpu_taps.tap_weight of the folded weight, for TAPS calls (made on first use)
+        self.taps_ok = False  # the geometry allows the TAPS route (set with every fold: the weight's shape counts)
         self.onednn_ok = None
         self.geometry = (list(module.padding), list(module.stride), list(module.dilation), module.groups)
         # F.conv2d's trailing arguments (stride, padding, dilation, groups).
@@ -215,7 +221,9 @@ def _refold(module, state: EagerState, weight, scale, shift) -> None:
     state.weight_src, state.scale_src, state.shift_src = weight, scale, shift
     # Every signature is validated again: a new weight may have another shape, dtype or device.
     state.routes.clear()
-    state.packed = state.weight_cl = None
+    state.packed = state.weight_cl = state.taps = None
+    state.taps_ok = cpu_taps.eligible(weight.shape[0], weight.shape[2:], module.stride, module.groups,
+                                      module.padding_mode)
     if state.onednn_ok:
         state.onednn_ok = None  # pack the new weight on the next oneDNN call (a refusal, False, is kept)
     act = module.act
@@ -233,8 +241,9 @@ def _refold(module, state: EagerState, weight, scale, shift) -> None:
     state.snapshot = _snapshot(weight, scale, shift)
 
 
-def _choose_route(module, x, residual, needs_grad: bool) -> str:
-    """Validate one input signature (raising the module's usual errors) and pick its route."""
+def _choose_route(module, x, residual, needs_grad: bool, taps_ok: bool = False) -> str:
+    """Validate one input signature (raising the module's usual errors) and pick its route (`taps_ok`: the
+    module's geometry allows TAPS)."""
     out_shape = check_inputs(x, module.weight, module.groups, residual, stride=module.stride,
                              padding=module.padding, dilation=module.dilation)
     if needs_grad or x.dim() != 4 or x.numel() == 0 or math.prod(out_shape) == 0:
@@ -243,6 +252,9 @@ def _choose_route(module, x, residual, needs_grad: bool) -> str:
         return GENERIC
     if x.dtype not in (torch.float32, torch.float64):
         return GENERIC
+    if (taps_ok and cpu_taps.worth_it(out_shape)
+            and (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last))):
+        return TAPS
     if x.dtype == torch.float32 and _channels_last_strided(x) and available():
         # NCHW input stays on F.conv2d: oneDNN writes NHWC, and converting back after every layer was measured
         # slower than eager (resnet50 40.7 vs 34.8 ms). Models get channels_last once, at their boundary.
@@ -321,7 +333,7 @@ def _new_route(module, state: EagerState, key, x, residual) -> str:
         # general path, which applies the scale to the conv output. Routes are chosen again after an edit.
         route = GENERIC
     else:
-        route = _choose_route(module, x, residual, key[3])
+        route = _choose_route(module, x, residual, key[3], state.taps_ok)
         if route is FOLDED and x.dtype == torch.float32 and state.onednn_ok is not False and available():
             route = _view_route(module, state, x, residual) or FOLDED
     if len(state.routes) >= _MAX_ROUTES:
@@ -433,8 +445,18 @@ def eager_forward(module, x, residual, residual_private: bool = False):
             y = _first_onednn_call(state, x, residual)
             if y is not None:
                 return y
+    elif route is FOLDED and not state.bias_after:
+        # The NCHW call, spelled out here rather than in folded_call: one Python frame less per call.
+        y = _conv2d(x, state.weight, state.bias, *state.conv_args)
+        if residual is not None:
+            y = y.add_(residual)
+        if state.act is not None:
+            y = apply_activation(y, state.act[0], state.act[1], inplace=True)
+        return y
     elif route is GENERIC:
         return None
+    elif route is TAPS:
+        return taps_call(state, x, residual)
     elif route is ONEDNN_COPY or route is ONEDNN_COPY_NCHW:
         y = _copied_onednn_call(state, x, residual) if enabled else None
         if y is not None:
@@ -465,6 +487,27 @@ def folded_call(state: EagerState, route: str, x, residual):
         y = apply_activation(y, state.act[0], state.act[1], inplace=True)
     if route is not FOLDED and not y.is_contiguous(memory_format=torch.channels_last):
         # F.conv2d's CPU kernels do not always keep channels_last; the output follows the input's layout.
+        y = y.contiguous(memory_format=torch.channels_last)
+    return y
+
+
+def taps_call(state: EagerState, x, residual):
+    """TAPS: the conv as cpu_taps.conv_taps with the folded weight and bias, then the residual and the activation
+    in place; output in the input's layout."""
+    taps = state.taps
+    if taps is None:
+        taps = state.taps = cpu_taps.tap_weight(state.weight)
+    padding, _, dilation, _ = state.geometry
+    weight = state.weight
+    h, w = x.shape[2], x.shape[3]
+    out_hw = (h + 2 * padding[0] - dilation[0] * (weight.shape[2] - 1),
+              w + 2 * padding[1] - dilation[1] * (weight.shape[3] - 1))
+    y = cpu_taps.conv_taps(x, taps, state.bias, weight.shape[2:], padding, dilation, out_hw)
+    if residual is not None:
+        y = y.add_(residual)
+    if state.act is not None:
+        y = apply_activation(y, state.act[0], state.act[1], inplace=True)
+    if y.shape[1] > 1 and not x.is_contiguous():
         y = y.contiguous(memory_format=torch.channels_last)
     return y
 

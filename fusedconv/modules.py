@@ -86,6 +86,9 @@ class FusedConv2d(nn.Module):
     """
 
     residual_required = False
+    # False on a lone conv convert made a FusedConv2d only for its CPU route (graph/legality.lone_conv_gains): on
+    # CUDA it runs the library conv (cuDNN), as the model did, not the Triton kernel (unmeasured for such layers).
+    cuda_kernel = True
     # The zero pad a padding conv (TF "SAME", fusedconv/same_padding.py) applies before convolving: None,
     # same_padding.SAME (computed per input size) or a static (left, right, top, bottom) that is not symmetric
     # (a symmetric one is part of `padding`). Configuration, not state: never in the state_dict.
@@ -354,7 +357,8 @@ class FusedConv2d(nn.Module):
             return x.new_empty(out_shape).contiguous(memory_format=_memory_format(x))
         x, padding = self._mode_pad(x)
         # The op has no backward: a call autograd must record takes the differentiable fallback instead.
-        if ops.use_kernel(x, self.weight) and not ops.grad_needed(x, residual, self.weight, self.scale, self.shift):
+        if (self.cuda_kernel and ops.use_kernel(x, self.weight)
+                and not ops.grad_needed(x, residual, self.weight, self.scale, self.shift)):
             return ops.conv_bn_act(x, self.weight, self.scale, self.shift, residual, self.stride, padding,
                                    self.dilation, self.groups, self.act.name, self.act.param)
         return self._fallback(x, padding, residual)

@@ -17,7 +17,8 @@ from fusedconv.activations import ActivationSpec, spec_from_call, spec_from_modu
 from fusedconv.graph.chains import (_ADD_FUNCTIONS, _ADD_METHODS, _BN_FUNCTIONS, _BN_PARAMS, _INPLACE_FUNCTIONS,
                                     _NON_TENSOR_METHODS, _RESHAPING_FUNCTIONS, _RESHAPING_METHODS,
                                     _RESHAPING_MODULES, Chain, _get_attr, _node_name)
-from fusedconv.graph.legality import RESIDUAL_BASES, has_hooks, hook_reason, layer_bn_verdict, layer_skip_reason
+from fusedconv.graph.legality import (RESIDUAL_BASES, has_hooks, hook_reason, layer_bn_verdict, layer_skip_reason,
+                                      lone_conv_gains)
 from fusedconv.report import ConversionReport
 
 
@@ -237,7 +238,8 @@ class ChainMatcher:
                 if spec is not None:
                     ch.act, ch.act_spec = after, spec
         if ch.bn is None and ch.act is None and ch.add is None:
-            return None  # a lone conv: nothing to fuse
+            # A lone conv: nothing to fuse, unless its own CPU route gains (legality.lone_conv_gains).
+            return ch if tail is None and lone_conv_gains(conv_mod) else None
         if ch.bn is None and ch.act is None:
             return None  # conv + add only: leave it (no BN, nothing gained)
         return ch

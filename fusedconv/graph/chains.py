@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fusedconv.activations import ActivationSpec
-from fusedconv.graph.legality import LAYER_KINDS, is_plain_sequential
+from fusedconv.graph.legality import LAYER_KINDS, LONE_DETAIL, is_plain_sequential
 from fusedconv.graph.sequential import KIND
 from fusedconv.graph.sequential_layers import FUSED_CLASS
 from fusedconv.modules import FusedConv2d
@@ -90,7 +90,7 @@ class Chain:
             parts.append("add")
         if not self.act_spec.is_identity:
             parts.append(str(self.act_spec))
-        return "+".join(parts)
+        return "+".join(parts) or LONE_DETAIL  # nothing after the conv: a lone conv (legality.lone_conv_gains)
 
 
 @dataclass

@@ -21,8 +21,8 @@ So the flat graph splits them:
 * per call, `fused_call` checks what only the call knows: a plain CPU tensor whose signature (shape, strides,
   dtype; the residual's too) the module has validated and routed before (`EagerState.routes`), and runs that
   route: the oneDNN op where oneDNN accepted the module, else for the F.conv2d routes (NCHW input, small convs)
-  `cpu.folded_call` (`cpu.copied_folded_call` for a small conv on a channel slice), the very code the module call
-  runs for them. Anything else — no state, a new signature, another
+  `cpu.folded_call` (`cpu.copied_folded_call` for a small conv on a channel slice, `cpu.taps_call` for a conv to
+  one output channel), the very code the module call runs for them. Anything else — no state, a new signature, another
   route, oneDNN raising — is the module call (`module(x, residual, residual_private)`), which validates, routes and
   records as usual.
 """
@@ -41,7 +41,7 @@ _Tensor = torch.Tensor
 _grad_enabled = torch.is_grad_enabled
 _USE_KERNEL = ops.use_kernel
 _ONEDNN, _FOLDED, _FOLDED_CL = cpu.ONEDNN, cpu.FOLDED, cpu.FOLDED_CL
-_FOLDED_COPY, _FOLDED_COPY_NCHW = cpu.FOLDED_COPY, cpu.FOLDED_COPY_NCHW
+_FOLDED_COPY, _FOLDED_COPY_NCHW, _TAPS = cpu.FOLDED_COPY, cpu.FOLDED_COPY_NCHW, cpu.TAPS
 # The class-level methods a module call runs: patched (instrumentation, a test), every call goes through them.
 _FORWARD, _CALL, _CALL_IMPL = FusedConv2d.forward, FusedConv2d.__call__, FusedConv2d._call_impl
 
@@ -178,7 +178,7 @@ def fused_call(state, module, x, residual=None, residual_private: bool = False):
     """`module(x, residual, residual_private)`, as that route's ops when `state` (from FusedLeaves.states) is given
     and the module routed the call's signature before: one oneDNN op (oneDNN accepted the module), or F.conv2d with
     the folded weight and the epilogue in place (`cpu.folded_call`: NCHW input, small convs, small convs on a copied
-    channel slice) (module doc)."""
+    channel slice), or the tap route of a conv to one output channel (`cpu.taps_call`) (module doc)."""
     if state is not None and type(x) is _Tensor and x.is_cpu:
         try:
             if residual is None:
@@ -200,6 +200,8 @@ def fused_call(state, module, x, residual=None, residual_private: bool = False):
                 return cpu.folded_call(state, route, x, residual)
             if route is _FOLDED_COPY or route is _FOLDED_COPY_NCHW:
                 return cpu.copied_folded_call(state, route, x, residual)
+            if route is _TAPS:
+                return cpu.taps_call(state, x, residual)
         except RuntimeError:
             pass  # oneDNN refused: the module call below handles it (and takes F.conv2d from then on)
     return module(x, residual, residual_private)

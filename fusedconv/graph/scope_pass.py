@@ -53,6 +53,10 @@ class ScopePass(ChainMatcher):
         conv = ch.conv_module
         if ch.base is not nn.Conv2d:
             return self._fused_layer(ch)
+        if ch.bn is None and ch.act is None and ch.add is None:
+            lone = FusedConv2d.from_modules(conv, None, None)  # for its CPU route (legality.lone_conv_gains)
+            lone.cuda_kernel = False
+            return lone
         if ch.bn_tensors is None:
             return FusedConv2d.from_modules(conv, ch.bn_module, ch.act_spec)
         mean, var, weight, bias, eps = ch.bn_tensors

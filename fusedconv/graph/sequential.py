@@ -3,9 +3,10 @@
 An nn.Sequential (whose forward is not overridden) feeds each child only into the next one, so its data flow
 is its order. That makes consecutive children a proven chain without tracing — as long as none of the modules
 is also reachable from elsewhere in the model (a shared module may be called on another path too).
-A Conv2d followed directly by an activation (no BatchNorm, e.g. after re-parameterization) is fused as well,
-and a child that is itself a plain Sequential ending in a Conv2d (smp's SeparableConv2d, timm's deep stems)
-counts as that conv: a BatchNorm after it folds into its last conv.
+A Conv2d followed directly by an activation (no BatchNorm, e.g. after re-parameterization) is fused as well, so
+is a lone Conv2d whose few output channels take the CPU tap route (legality.lone_conv_gains), and a child that is
+itself a plain Sequential ending in a Conv2d (smp's SeparableConv2d, timm's deep stems) counts as that conv: a
+BatchNorm after it folds into its last conv.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from fusedconv.activations import spec_from_module
 from fusedconv import fold
 # is_plain_sequential is re-exported: it lives in legality (which needs it) and callers know it from here.
 from fusedconv.graph.legality import (batchnorm_verdict, conv_skip_reason, conv_subclass_reason, has_hooks, hook_reason,
-                                      is_plain_sequential, module_use_counts, tail_conv)
+                                      is_plain_sequential, LONE_DETAIL, lone_conv_gains, module_use_counts,
+                                      tail_conv)
 from fusedconv.graph.bn_before import fold_bn_before_layers
 from fusedconv.graph.sequential_layers import fuse_layer_chains  # other layer kinds
 from fusedconv.modules import FusedConv2d
@@ -64,7 +66,8 @@ def fuse_sequential(seq: nn.Sequential, scope: str, uses: Counter, report: Conve
             if spec is not None and not spec.is_identity and not has_hooks(seq._modules[names[j]]):
                 act_spec = spec
                 chain.append(names[j])
-        if bn is None and act_spec is None:
+        lone = bn is None and act_spec is None
+        if lone and (owner is not None or not lone_conv_gains(conv)):
             i += 1  # a lone conv: nothing to fuse
             continue
         if owner is not None and bn is None:
@@ -85,6 +88,8 @@ def fuse_sequential(seq: nn.Sequential, scope: str, uses: Counter, report: Conve
             i += len(chain)
             continue
         fused_mod = FusedConv2d.from_modules(conv, bn, act_spec).train(conv.training)
+        if lone:
+            fused_mod.cuda_kernel = False
         if owner is None:
             seq._modules[chain[0]] = fused_mod
         else:
@@ -93,6 +98,7 @@ def fuse_sequential(seq: nn.Sequential, scope: str, uses: Counter, report: Conve
         for n in chain[1:]:
             seq._modules[n] = nn.Identity().train(seq._modules[n].training)
         detail = "+".join((["bn"] if bn is not None else []) + ([str(act_spec)] if act_spec is not None else []))
+        detail = detail or LONE_DETAIL
         report.add(scope, chain, KIND, "fused", detail)
         fused += 1
         i += len(chain)

@@ -156,7 +156,7 @@ ONEDNN_COPY, ONEDNN_COPY_NCHW = "onednn_after_copy", "onednn_after_copy_nchw_out
 # 33; 56->56 at 2x2: 24 / 84 / 62 us).
 FOLDED_COPY, FOLDED_COPY_NCHW = "folded_after_copy", "folded_after_copy_nchw_out"
 # A conv to one output channel (a binary segmentation head) at a large output: one matrix product and shifted sums
-# (fusedconv/cpu_taps.py), 1.7-4.4x faster than oneDNN or F.conv2d there; float32 and float64, dense input in
+# (fusedconv/cpu_taps.py), 1.7-4.3x faster than oneDNN or F.conv2d there; float32 and float64, dense input in
 # either layout, the output in the input's layout.
 TAPS = "taps"
 # Signatures remembered per module; a model fed ever-changing shapes starts over rather than growing forever.

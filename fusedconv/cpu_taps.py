@@ -5,10 +5,10 @@ output channels all taps fit in one matrix product, `(K*K*C_out, C_in) @ (C_in, 
 then added, each at its offset, into the output. oneDNN and PyTorch's own kernels are built for many output
 channels and run a conv to one channel (a binary segmentation head, a depth or saliency map) far below their speed.
 Measured (`python -m bench.bench_cpu_taps`, 2 threads / 1 thread, batch 1, float32, channels_last input): 16 -> 1
-3x3 at 224x224 0.60 / 0.51 ms here against 1.16 / 2.26 ms on the best of oneDNN and F.conv2d; 128 -> 1 at 56x56
-0.32 / 0.36 against 0.60 / 1.10 ms. With 2 or 3 output channels it won on one thread (16 -> 2: 1.1 against 2.4 ms)
-but not on two (1.9 against 1.25 ms in the same run; level inside smp's Unet with 2 or 3 classes), so the route
-takes one output channel only.
+3x3 at 224x224 0.47 / 0.50 ms here against 1.20 / 2.15 ms on the best of oneDNN and F.conv2d; 128 -> 1 at 56x56
+0.25 / 0.29 against 0.55 / 1.11 ms. With 2 or 3 output channels the result moved between runs on two threads
+(16 -> 2: 0.58 against 1.16 ms in one run, 1.9 against 1.25 ms in another; level inside smp's Unet with 2 or 3
+classes), so the route takes one output channel only.
 
 The sum runs in another order than a direct conv's (per tap, then across taps), so float32 results differ from
 F.conv2d's by rounding only (~2e-7 relative); float64 agrees to ~1e-15. Stride 1, groups 1 and zero padding only
@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import torch
 
-# Kernel taps the route takes (a 5x5 at most): 64 -> 1 5x5 at 56x56 measured 0.52 / 0.64 ms here against 0.77 /
-# 1.54 ms (2 / 1 threads); 7x7 and larger were not measured.
+# Kernel taps the route takes (a 5x5 at most): 64 -> 1 5x5 at 56x56 measured 0.43 / 0.68 ms here against 0.75 /
+# 1.51 ms (2 / 1 threads); 7x7 and larger were not measured.
 MAX_TAPS = 25
 # Fewer output pixels than this and the ~12 small ops of this route cost about what the conv does (one thread):
-# 64 -> 1 3x3 at 28x28 0.13-0.15 ms here against 0.15-0.18 ms on the other routes, 16 -> 1 at 32x32 0.11-0.21 ms
-# against 0.05-0.07 ms; from 56x56 on it wins clearly (128 -> 1: 0.36 against 1.10 ms).
+# 64 -> 1 3x3 at 28x28 0.21 ms here against 0.16-0.19 ms on the other routes, 16 -> 1 at 32x32 0.11-0.21 ms
+# against 0.05-0.07 ms; from 56x56 on it wins clearly (128 -> 1: 0.29 against 1.11 ms).
 MIN_OUTPUT_PIXELS = 2500
 
 

@@ -445,14 +445,6 @@ def eager_forward(module, x, residual, residual_private: bool = False):
             y = _first_onednn_call(state, x, residual)
             if y is not None:
                 return y
-    elif route is FOLDED and not state.bias_after:
-        # The NCHW call, spelled out here rather than in folded_call: one Python frame less per call.
-        y = _conv2d(x, state.weight, state.bias, *state.conv_args)
-        if residual is not None:
-            y = y.add_(residual)
-        if state.act is not None:
-            y = apply_activation(y, state.act[0], state.act[1], inplace=True)
-        return y
     elif route is GENERIC:
         return None
     elif route is TAPS:

@@ -485,7 +485,7 @@ def folded_call(state: EagerState, route: str, x, residual):
 
 def taps_call(state: EagerState, x, residual):
     """TAPS: the conv as cpu_taps.conv_taps with the folded weight and bias, then the residual and the activation
-    in place; output in the input's layout."""
+    in place. The route takes one output channel only, so the contiguous output is in either input's layout."""
     taps = state.taps
     if taps is None:
         taps = state.taps = cpu_taps.tap_weight(state.weight)
@@ -499,8 +499,6 @@ def taps_call(state: EagerState, x, residual):
         y = y.add_(residual)
     if state.act is not None:
         y = apply_activation(y, state.act[0], state.act[1], inplace=True)
-    if y.shape[1] > 1 and not x.is_contiguous():
-        y = y.contiguous(memory_format=torch.channels_last)
     return y
 
 

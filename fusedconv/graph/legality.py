@@ -78,16 +78,24 @@ def is_fusable_conv(module: nn.Module) -> bool:
     return t is nn.Conv2d or (isinstance(module, nn.Conv2d) and conv_pre_pad(module).ok)
 
 
-# The report's detail for such a conv.
+def lone_conv_gains(conv: nn.Module) -> bool:
+    """A Conv2d with nothing after it to fuse is still made a FusedConv2d (`fuse_lone_conv`) when its geometry takes
+    the CPU tap route (fusedconv/cpu_taps.py: one output channel of a stride-1 conv up to 5x5, a binary segmentation
+    head), 1.7-4.3x faster there than the conv as written."""
+    return isinstance(conv, nn.Conv2d) and cpu_taps.eligible(conv.out_channels, conv.kernel_size, conv.stride,
+                                                             conv.groups, conv.padding_mode)
+
+
+# The report's detail for a lone conv made a FusedConv2d (lone_conv_gains).
 LONE_DETAIL = "lone conv (CPU tap route)"
 
 
-def lone_conv_gains(conv: nn.Module) -> bool:
-    """A Conv2d with nothing after it to fuse is still made a FusedConv2d when its geometry takes the CPU tap route
-    (fusedconv/cpu_taps.py: one output channel of a stride-1 conv up to 5x5, a binary segmentation head), 1.7-4.3x
-    faster there than the conv as written; such a module keeps the library conv on CUDA (FusedConv2d.cuda_kernel)."""
-    return isinstance(conv, nn.Conv2d) and cpu_taps.eligible(conv.out_channels, conv.kernel_size, conv.stride,
-                                                             conv.groups, conv.padding_mode)
+def fuse_lone_conv(conv: nn.Conv2d) -> FusedConv2d:
+    """The FusedConv2d of a lone conv (`lone_conv_gains`): identity scale, its bias as shift, and the library conv
+    on CUDA (`cuda_kernel = False`), as the model ran it, not the Triton kernel."""
+    fused = FusedConv2d.from_modules(conv)
+    fused.cuda_kernel = False
+    return fused
 
 
 def conv_subclass_reason(module: nn.Module) -> str | None:

@@ -16,8 +16,8 @@ from fusedconv.graph.chains import Absorb, Chain, _flatten_sequential, _node_nam
 from fusedconv.fused_layers import FusedAffineLayer
 from fusedconv.fused_linear import FusedLinear
 from fusedconv.graph import private_residual
-from fusedconv.graph.legality import (LAYER_KINDS, chain_base, conv_subclass_reason, has_hooks, is_plain_sequential,
-                                      layer_base, tail_conv)
+from fusedconv.graph.legality import (LAYER_KINDS, chain_base, conv_subclass_reason, fuse_lone_conv, has_hooks,
+                                      is_plain_sequential, layer_base, tail_conv)
 from fusedconv.graph.sequential import KIND
 from fusedconv.graph.sequential_layers import FUSED_CLASS, tail_layer
 from fusedconv.modules import FusedConv2d
@@ -54,9 +54,7 @@ class ScopePass(ChainMatcher):
         if ch.base is not nn.Conv2d:
             return self._fused_layer(ch)
         if ch.bn is None and ch.act is None and ch.add is None:
-            lone = FusedConv2d.from_modules(conv, None, None)  # for its CPU route (legality.lone_conv_gains)
-            lone.cuda_kernel = False
-            return lone
+            return fuse_lone_conv(conv)
         if ch.bn_tensors is None:
             return FusedConv2d.from_modules(conv, ch.bn_module, ch.act_spec)
         mean, var, weight, bias, eps = ch.bn_tensors

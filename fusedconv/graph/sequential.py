@@ -19,8 +19,8 @@ from fusedconv.activations import spec_from_module
 from fusedconv import fold
 # is_plain_sequential is re-exported: it lives in legality (which needs it) and callers know it from here.
 from fusedconv.graph.legality import (batchnorm_verdict, conv_skip_reason, conv_subclass_reason, has_hooks, hook_reason,
-                                      is_plain_sequential, LONE_DETAIL, lone_conv_gains, module_use_counts,
-                                      tail_conv)
+                                      is_plain_sequential, LONE_DETAIL, fuse_lone_conv, lone_conv_gains,
+                                      module_use_counts, tail_conv)
 from fusedconv.graph.bn_before import fold_bn_before_layers
 from fusedconv.graph.sequential_layers import fuse_layer_chains  # other layer kinds
 from fusedconv.modules import FusedConv2d
@@ -87,9 +87,8 @@ def fuse_sequential(seq: nn.Sequential, scope: str, uses: Counter, report: Conve
             report.add(scope, chain, KIND, "skipped", reason)
             i += len(chain)
             continue
-        fused_mod = FusedConv2d.from_modules(conv, bn, act_spec).train(conv.training)
-        if lone:
-            fused_mod.cuda_kernel = False
+        fused_mod = fuse_lone_conv(conv) if lone else FusedConv2d.from_modules(conv, bn, act_spec)
+        fused_mod.train(conv.training)
         if owner is None:
             seq._modules[chain[0]] = fused_mod
         else:

@@ -10,13 +10,17 @@ quartiles. On a noisy shared machine the per-round ratio holds where
 absolute times drift by 2x between minutes: "ahead" = fusedconv faster in at least 3 rounds of 4 (p75 < 1),
 "behind" = slower in at least 3 of 4 (p25 > 1), else "level".
 
+`--autocast bfloat16` (or float16) runs every call of every variant, warm-up included, inside
+`torch.autocast("cpu", dtype=...)` (a converted model computes in the region's dtype there: fusedconv/autocast.py).
+
 `python -m bench.cpu_compile_ab [--models a,b] [--threads 2] [--size 224] [--rounds 30] [--calls 5]
-[--variants eager,fusedconv,fusedconv_frozen,compile_freeze] [--md PATH] [--json PATH]`.
+[--variants eager,fusedconv,fusedconv_frozen,compile_freeze] [--autocast DTYPE] [--md PATH] [--json PATH]`.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import statistics
@@ -60,12 +64,15 @@ def _build(spec: str, variants: tuple[str, ...]) -> tuple[dict, torch.nn.Module]
 
 
 def measure(spec: str, variants: tuple[str, ...] = VARIANTS, size: int = 224, rounds: int = 30,
-            calls: int = 5) -> dict:
-    """One model's row: per-variant times (ms per call, every round) and the per-round ratios to fusedconv."""
+            calls: int = 5, autocast: torch.dtype | None = None) -> dict:
+    """One model's row: per-variant times (ms per call, every round) and the per-round ratios to fusedconv; with
+    `autocast`, every call inside a CPU autocast region of that dtype."""
     built, model = _build(spec, variants)
     x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+    region = torch.autocast("cpu", dtype=autocast) if autocast is not None else contextlib.nullcontext()
     with torch.no_grad():
         reference = copy.deepcopy(model).double()(x.double())
+    with torch.no_grad(), region:
         errors = {}
         for name, fn in built.items():
             for _ in range(3):  # warm-up: the layout check, compilation, oneDNN packing
@@ -81,6 +88,7 @@ def measure(spec: str, variants: tuple[str, ...] = VARIANTS, size: int = 224, ro
                     fn(x)
                 times[name].append((time.perf_counter() - t0) / calls * 1e3)
     row = {"model": spec, "size": size, "rounds": rounds, "calls": calls, "max_rel_err_vs_fp64": errors,
+           "autocast": None if autocast is None else str(autocast).replace("torch.", ""),
            "ms": {n: {"min": min(t), "median": statistics.median(t)} for n, t in times.items()},
            "times_ms": times, "ratios": {}}
     # fusedconv against every other variant, then its frozen form against the ones that are not fusedconv's.
@@ -118,9 +126,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--rounds", type=int, default=30)
     p.add_argument("--calls", type=int, default=5)
+    p.add_argument("--autocast", choices=("bfloat16", "float16"), default=None,
+                   help="run every call inside torch.autocast('cpu', dtype=...)")
     p.add_argument("--md")
     p.add_argument("--json")
     args = p.parse_args(argv)
+    autocast = getattr(torch, args.autocast) if args.autocast else None
     variants = tuple(v for v in args.variants.split(",") if v)
     if "fusedconv" not in variants:
         p.error("--variants: must include fusedconv (every ratio is fusedconv / other)")
@@ -130,14 +141,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     env = environment(list(sys.argv[1:] if argv is None else argv), prog="bench.cpu_compile_ab")
     rows = []
     for spec in args.models.split(","):
-        row = measure(spec, variants, args.size, args.rounds, args.calls)
+        row = measure(spec, variants, args.size, args.rounds, args.calls, autocast)
         rows.append(row)
         print(f"{spec}: " + "  ".join(f"{n} {v['median']:.2f} ms" for n, v in row["ms"].items()) + "  " +
               "  ".join(f"{n} {v['median']:.3f} ({v['p25']:.3f}-{v['p75']:.3f}) {v['verdict']}"
                         for n, v in row["ratios"].items()), flush=True)
     versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v)
+    region = f" inside torch.autocast('cpu', {args.autocast})" if args.autocast else ""
     env_line = (f"{env['machine']}, {versions}; {args.threads} thread(s), batch 1, {args.size}x{args.size} "
-                f"float32, {args.rounds} rounds x {args.calls} calls; `{env['command']}`; {env['date']}")
+                f"float32 input{region}, {args.rounds} rounds x {args.calls} calls; `{env['command']}`; "
+                f"{env['date']}")
     if args.md:
         with open(args.md, "w") as f:
             f.write(markdown(rows, env_line))

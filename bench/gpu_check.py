@@ -12,6 +12,8 @@ install and the write-out fit 8 minutes):
       item runs the launcher's "streamk" warm-up candidate on a short layer.
   cuDNN candidate: the `gpu` tests of tests/test_cudnn_fused.py (cuDNN's fused op on the BN-folded weight vs
       float64, the launcher's cuDNN candidate), in a child pytest.
+  autocast: the `gpu` tests of tests/test_autocast.py (a converted model inside torch.autocast fp16 / bf16 regions
+      against the original in the same region and float64), in a child pytest.
   (b) the layers suite for ResNet-50, fp16 channels_last, batch 32 and 1: fusedconv vs cuDNN's fused
       conv+bias+ReLU (+add) on the folded weight, folded cuDNN conv + separate epilogue, eager Conv->BN->act,
       with % of the measured roofline (CUDA-graph timing, bench/timing.py); fusedconv twice: as shipped (the
@@ -98,6 +100,9 @@ def main(args, argv: list[str]) -> int:
         # cuDNN's fused op (the launcher's cuDNN candidate) against float64 Conv -> BN -> ReLU (+ add), the
         # `gpu` tests of tests/test_cudnn_fused.py: a minute at most, before the layers suite relies on it.
         part("cudnn_candidate", lambda r, d: r.update(cudnn_candidate=run_gpu_tests("tests/test_cudnn_fused.py")))
+        # Converted models inside torch.autocast regions (fp16, bf16): the op in the region's dtype, the original's
+        # output dtype, at most twice its error against float64 (the `gpu` tests of tests/test_autocast.py).
+        part("autocast", lambda r, d: r.update(autocast=run_gpu_tests("tests/test_autocast.py")))
     part("layers", lambda r, d: run_layers(r, d, device, args.dry_run, save))
     part("models", lambda r, d: run_models(r, d, device, args.dry_run, save))
     if not args.dry_run:

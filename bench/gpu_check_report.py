@@ -27,6 +27,7 @@ def markdown(results: dict) -> str:
         lines += [f"Measured ceilings: copy {ceil['copy_tb_s']:.2f} TB/s, fp16 matmul {ceil['fp16_matmul_tflops']:.0f} "
                   f"TFLOP/s ({ceil['method']}).", ""]
     lines += _correctness(results.get("correctness")) + _cudnn_candidate(results.get("cudnn_candidate"))
+    lines += _gpu_tests(results.get("autocast"), "Converted models in torch.autocast regions")
     lines += _layers(results.get("layers")) + _models(results.get("models"))
     lines += _layers3d(results.get("layers3d"))
     if results.get("notes"):
@@ -73,9 +74,14 @@ def _correctness(sec) -> list[str]:
 
 
 def _cudnn_candidate(sec) -> list[str]:
+    return _gpu_tests(sec, "cuDNN candidate vs float64")
+
+
+def _gpu_tests(sec, title: str) -> list[str]:
+    """A child pytest of `gpu` tests (gpu_check.run_gpu_tests): its exit code, summary and failures."""
     if not sec:
         return []
-    out = ["## cuDNN candidate vs float64 (`pytest -m gpu " + sec["tests"] + "`)", "",
+    out = [f"## {title} (`pytest -m gpu " + sec["tests"] + "`)", "",
            f"exit code {sec['returncode']}: {sec['summary']}"]
     out += [f"- {ln}" for ln in sec.get("failed") or []]
     return out + [""]

@@ -11,6 +11,9 @@ leave an inverted-residual net's output nearly independent of its early layers â
   so anything above ~1e-12 is a wrong rewrite, not rounding.
 - float32 default path: the float32 model converted and run on NCHW float32 input (the CPU layout boundary's
   path), within the library's self-check tolerance for float32.
+- autocast: original and converted float32 models in the same `torch.autocast("cpu", dtype=torch.bfloat16)`
+  region (fusedconv/autocast.py), twice: the same output dtypes, and the converted error against the float64
+  original at most twice the original's own plus one bfloat16 unit in the last place (AUTOCAST_DTYPE).
 - layers: convs in the original, fused layers (by kind) and convs left in the converted model, BatchNorm modules
   left, and the batch-norm / convolution ops one forward runs before -> after (aten level: a BN module kept
   beside its fused copy is in the model but does not run);
@@ -62,6 +65,7 @@ from fusedconv.modules import FusedConv2d
 from bench.zoo_models import DEFAULT_SET, TINY_SET, ZooModel, resolve
 
 EXACT_FLOAT64 = 1e-10
+AUTOCAST_DTYPE = torch.bfloat16
 FUSED_KEYS = {"weight", "scale", "shift", "post_scale", "post_shift"}
 
 
@@ -302,7 +306,9 @@ def run_model(entry: ZooModel, size: int = 64, batch: int = 2, seed: int = 0) ->
         res["batch1_err64"] = _checked(lambda: rel_error(fused64(x_other), model64(x_other)), res, "batch 1 float64")
         if res["batch1_err64"] is not None and res["batch1_err64"] > EXACT_FLOAT64:
             find(f"batch 1 float64 mismatch {res['batch1_err64']:.3e}")
-        _float32_checks(model, x, x_other, res)
+        fused32 = _float32_checks(model, x, x_other, res)
+        if fused32 is not None:
+            _autocast_checks(model, fused32, x.float(), ref, res)
     return res
 
 
@@ -323,8 +329,9 @@ def _save_load(model: nn.Module) -> nn.Module:
     return torch.load(buf, weights_only=False)
 
 
-def _float32_checks(model: nn.Module, x: torch.Tensor, x_other: torch.Tensor, res: dict) -> None:
-    """The float32 model converted, run on NCHW float32 input at both batch sizes."""
+def _float32_checks(model: nn.Module, x: torch.Tensor, x_other: torch.Tensor, res: dict) -> nn.Module | None:
+    """The float32 model converted, run on NCHW float32 input at both batch sizes; the converted model (None when
+    convert raised)."""
     tol = SELF_CHECK_TOLERANCE[torch.float32]
     res["tol32"] = tol
     x32, x32_other = x.float(), x_other.float()
@@ -335,7 +342,7 @@ def _float32_checks(model: nn.Module, x: torch.Tensor, x_other: torch.Tensor, re
         raise
     except Exception as e:  # noqa: BLE001
         res["findings"].append("convert (float32) raised " + first_line(e))
-        return
+        return None
     res["err32"] = _checked(lambda: rel_error(fused32(x32), ref), res, "float32 forward")
     res["batch1_err32"] = _checked(lambda: rel_error(fused32(x32_other), ref_other), res, "batch 1 float32")
     # A third call at the first size: signatures routed, so a flat forward's fused calls may go direct
@@ -348,6 +355,38 @@ def _float32_checks(model: nn.Module, x: torch.Tensor, x_other: torch.Tensor, re
         if res.get(what) is not None and res[what] > tol:
             res["findings"].append(f"{what}: float32 mismatch {res[what]:.3e} > {tol:g}")
     res["match32"] = all(res.get(w) is not None and res[w] <= tol for w in ("err32", "batch1_err32", "repeat_err32"))
+    return fused32
+
+
+def _dtypes(out) -> list:
+    return [t.dtype for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+
+
+def _autocast_checks(model: nn.Module, fused32: nn.Module, x32: torch.Tensor, ref64, res: dict) -> None:
+    """Original and converted in one CPU autocast region (module doc): output dtypes and errors against float64."""
+    try:
+        with torch.autocast("cpu", dtype=AUTOCAST_DTYPE):
+            want = model(x32)
+    except Timeout:
+        raise
+    except Exception as e:  # noqa: BLE001 - a model that does not run under autocast has nothing to compare
+        res["autocast_note"] = "original raised " + first_line(e)
+        return
+    res["autocast_err_original"] = rel_error(want, ref64)
+    for call in (1, 2):  # the second call takes the routes and caches the first one set up
+        with torch.autocast("cpu", dtype=AUTOCAST_DTYPE):
+            got = _checked(lambda: fused32(x32), res, f"autocast call {call}")
+        if got is None:
+            return
+        if _dtypes(got) != _dtypes(want):
+            res["findings"].append(f"autocast call {call}: output dtypes {_dtypes(got)}, original {_dtypes(want)}")
+            return
+        res["autocast_err"] = rel_error(got, ref64)
+    bound = 2 * res["autocast_err_original"] + torch.finfo(AUTOCAST_DTYPE).eps
+    res["autocast_ok"] = res["autocast_err"] <= bound
+    if not res["autocast_ok"]:
+        res["findings"].append(f"autocast: error {res['autocast_err']:.3e} > 2 x the original's "
+                               f"{res['autocast_err_original']:.3e} + {torch.finfo(AUTOCAST_DTYPE).eps:g}")
 
 
 def _direct_calls(model: nn.Module, x: torch.Tensor) -> tuple:

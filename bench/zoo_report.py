@@ -16,6 +16,10 @@ def _fmt(v) -> str:
     return "-" if v is None else f"{v:.1e}"
 
 
+def _ratio(v) -> str:
+    return "-" if v is None else f"{v:.2f}"
+
+
 def _flat_reason(r: dict) -> str:
     """Why a converted model got no flat forward, from its report note (a short key)."""
     note = next((n for n in r.get("notes", []) if n.startswith("flat forward:")), None)
@@ -60,6 +64,13 @@ def render_markdown(results: list[dict], meta: dict) -> str:
              f"{sum(r.get('module_calls32') or 0 for r in conv)} FusedConv2d module calls, over "
              f"{sum(bool(r.get('direct32')) for r in conv)} models with direct calls (module calls left: layers "
              "routed to F.conv2d, such as 1x1 feature maps, and models without a flat forward)",
+             f"- torch.autocast (CPU, bfloat16; bench/zoo.py): {sum(bool(r.get('autocast_ok')) for r in conv)} of "
+             f"{len(conv)} converted models give the original's output dtypes within twice its error against "
+             f"float64; worst converted / original error "
+             + _ratio(max((r["autocast_err"] / max(r["autocast_err_original"], 1e-30) for r in conv
+                           if r.get("autocast_err") is not None), default=None))
+             + "; " + (", ".join(f"{r['model']} ({r['autocast_note']})" for r in conv if r.get("autocast_note"))
+                      or "no original refused the region"),
              f"- models with findings: {sum(bool(r['findings']) for r in results)}",
              "- fused layers kept beside their original conv + BN under a new name (both in the state_dict): "
              + (", ".join(f"{r['model']} {len(r['fused_copies'])}" for r in conv if r.get("fused_copies"))

@@ -15,9 +15,8 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
-from fusedconv import cpu_taps, ops
+from fusedconv import autocast, cpu_taps, ops
 from fusedconv.activations import apply_activation
 from fusedconv.validation import check_inputs
 
@@ -325,6 +324,9 @@ _conv2d = torch.conv2d
 # checks below with a plain tensor: non-strict torch.export and make_fx pass FakeTensors / FunctionalTensors,
 # torch.fx passes Proxies (both fail `type(x) is _Tensor`), and torch.jit.trace sets the tracing state.
 _is_dynamo_compiling = getattr(torch.compiler, "is_dynamo_compiling", None) or torch.compiler.is_compiling
+# Any torch.autocast region active: the call goes to FusedConv2d's general path, which computes in the region's
+# dtype as the original conv would (fusedconv/autocast.py); the routes here would compute in float32.
+_autocast_any = autocast.any_enabled
 
 
 def _new_route(module, state: EagerState, key, x, residual) -> str:
@@ -387,7 +389,8 @@ def eager_forward(module, x, residual, residual_private: bool = False):
     `residual_private=True` says no one but this call can read `residual` afterwards (convert passes it only where
     the block's graph and a check on every call prove it: fusedconv.graph.private_residual); the
     oneDNN route then writes the output in place into the residual and returns it."""
-    if type(x) is not _Tensor or not x.is_cpu or _is_dynamo_compiling() or _tracing_state() is not None:
+    if (type(x) is not _Tensor or not x.is_cpu or _is_dynamo_compiling() or _tracing_state() is not None
+            or _autocast_any()):
         return None
     buffers = module._buffers
     weight, scale, shift = module._parameters["weight"], buffers["scale"], buffers["shift"]

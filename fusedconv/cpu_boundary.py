@@ -18,7 +18,8 @@ and, after the outputs are turned back, the same output strides, and when it pay
 route in the channels_last run (a model whose convs are all small enough to stay on F.conv2d, cpu.small_conv_macs,
 runs them faster in NCHW). Otherwise that signature stays in NCHW and the layers take their F.conv2d route. That first call therefore runs forward three times (a model whose forward has
 side effects sees them three times, once). Nothing changes when the input is already channels_last, not float32,
-not on CPU, needs autograd, or while tracing / compiling / exporting (they see the model as written).
+not on CPU, needs autograd, inside a torch.autocast region, or while tracing / compiling / exporting (they see
+the model as written).
 `fusedconv.cpu.enabled = False` switches this off together with the oneDNN route.
 """
 
@@ -29,7 +30,7 @@ import threading
 import torch
 from torch.utils._pytree import tree_flatten, tree_map
 
-from fusedconv import cpu
+from fusedconv import autocast, cpu
 from fusedconv.comparison import compare_outputs
 from fusedconv.comparison import snapshot_outputs as _snapshot
 
@@ -90,6 +91,10 @@ def _tracing() -> bool:
 
 def _eligible(args, kwargs) -> bool:
     if not cpu.enabled or not cpu.available():
+        return False
+    if autocast.any_enabled():
+        # Inside a torch.autocast region no fused layer takes the oneDNN route (fusedconv/autocast.py): nothing to
+        # gain, and a layout decided there would stick to the signature's calls outside the region.
         return False
     inputs = _nchw_inputs(args, kwargs)
     if not inputs:

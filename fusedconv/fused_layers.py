@@ -32,7 +32,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from fusedconv.fx_leaf import leaf_call
-from fusedconv import fold, ops, ops_nd
+from fusedconv import autocast, fold, ops, ops_nd
 from fusedconv.activations import ActivationSpec, apply_activation, as_spec
 # What torch.compiler.is_compiling() and torch.jit.is_tracing() read, without their Python frames (fusedconv/cpu.py).
 from fusedconv.cpu import _is_dynamo_compiling, _tracing_state
@@ -240,13 +240,28 @@ class FusedAffineLayer(nn.Module):
             else:
                 wf, bf = self._folded()
             return self._epilogue_rest(self._layer(x, wf, bf, *layer_args), residual)
-        y = self._layer(x, self.weight, None, *layer_args)
+        return self._scaled(x, self.weight, residual, acc, *layer_args)
+
+    def _scaled(self, x, weight, residual, acc: torch.dtype, *layer_args):
+        """The layer with `weight` (in x's dtype), then scale / shift, the residual, the activation (and the
+        post-affine) in `acc` on its output, returned in x's dtype."""
+        y = self._layer(x, weight, None, *layer_args)
         view = self._channel_view(y)
-        y = y.to(acc) * self.scale.view(view) + self.shift.view(view)
+        y = y.to(acc) * self.scale.to(acc).view(view) + self.shift.to(acc).view(view)
         y = self._epilogue_rest(y, None if residual is None else residual.to(acc))
         return y.to(x.dtype)
 
-    def _check_x(self, x, residual, nd: int, cin: int) -> None:
+    def _autocast_layer(self, x, residual, dtype: torch.dtype, *layer_args):
+        """Inside a torch.autocast region (fusedconv/autocast.py): the layer in the region's `dtype`, as the
+        original layer ran, the rest in fp32 on its output (`_scaled`), returned in `dtype`. Nothing cached: the
+        weight is cast in the graph, so autograd reaches it."""
+        weight = self._affine_tensors()[0]
+        return self._scaled(x.to(dtype), weight.to(dtype), residual, torch.float32, *layer_args)
+
+    def _check_x(self, x, residual, nd: int, cin: int) -> torch.dtype | None:
+        """Raise a clear error for an input (and residual) this layer cannot take; return the dtype of the
+        autocast region the call runs in (None outside one), where input, residual and weight may differ in
+        dtype as the original layer allows them to."""
         if residual is None and self.residual_required:
             raise TypeError(f"{type(self).__name__}.forward: missing argument 'residual' (this module was built with "
                             "a residual add in its epilogue; expected a tensor of the output's shape)")
@@ -266,7 +281,8 @@ class FusedAffineLayer(nn.Module):
         if c != cin:
             raise ValueError(f"input: expected {cin} channels, got {c} (shape {tuple(x.shape)})")
         weight = self._affine_tensors()[0]
-        if x.dtype != weight.dtype:
+        cast = autocast.cast_dtype(x, weight)
+        if x.dtype != weight.dtype and cast is None:
             raise TypeError(f"input: expected dtype {weight.dtype} to match the module's weight, got {x.dtype}")
         if x.device != weight.device:
             raise RuntimeError(f"input: expected device {weight.device} to match the module's weight, got {x.device}")
@@ -274,9 +290,10 @@ class FusedAffineLayer(nn.Module):
             if not isinstance(residual, torch.Tensor) or residual.dim() != x.dim():
                 raise ValueError(f"residual: expected a {x.dim()}-d tensor like the input, got "
                                  f"{tuple(residual.shape) if isinstance(residual, torch.Tensor) else residual!r}")
-            if residual.dtype != x.dtype or residual.device != x.device:
+            if (residual.dtype != x.dtype and cast is None) or residual.device != x.device:
                 raise TypeError(f"residual: expected dtype {x.dtype} on {x.device} like the input, got "
                                 f"{residual.dtype} on {residual.device}")
+        return cast
 
 
 class FusedConvNd(FusedAffineLayer):
@@ -348,11 +365,13 @@ class FusedConvNd(FusedAffineLayer):
         """act(conv(x) * scale + shift [+ residual]) [* post_scale + post_shift]; batched or unbatched input."""
         if isinstance(x, fx.Proxy):  # torch.fx symbolic tracing: record one leaf call (fusedconv/fx_leaf.py)
             return leaf_call(self, (x, residual), {})
-        self._check_x(x, residual, self._ND, self.in_channels)
+        cast = self._check_x(x, residual, self._ND, self.in_channels)
         if x.dim() == self._ND + 1:
             y = self.forward(x.unsqueeze(0), None if residual is None else residual.unsqueeze(0))
             return y.squeeze(0)
         x, pad = self._pad_input(x)
+        if cast is not None:
+            return self._autocast_layer(x, residual, cast, pad)
         if x.numel() > 0 and torch.is_grad_enabled() and ops.grad_needed(
                 x, residual, self.weight, self.scale, self.shift, self.post_scale, self.post_shift):
             return self._fallback(x, residual, pad)  # the ops have no backward: the differentiable path

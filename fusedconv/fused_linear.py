@@ -24,7 +24,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from fusedconv.fx_leaf import leaf_call
-from fusedconv import fold
+from fusedconv import autocast, fold
 from fusedconv.fused_layers import FusedAffineLayer, check_channel_vector, epilogue_dtype
 
 
@@ -100,7 +100,9 @@ class FusedLinear(FusedAffineLayer):
             raise TypeError(f"input: expected a torch.Tensor, got {type(x).__name__}")
         if x.dim() < 1 or x.shape[-1] != self.in_features:
             raise ValueError(f"input: expected last dim {self.in_features} (in_features), got shape {tuple(x.shape)}")
-        if x.dtype != self.weight.dtype:
+        # Inside torch.autocast the original Linear runs in the region's dtype, and so does this one.
+        cast = autocast.cast_dtype(x, self.weight)
+        if x.dtype != self.weight.dtype and cast is None:
             raise TypeError(f"input: expected dtype {self.weight.dtype} to match the module's weight, got {x.dtype}")
         channels = (self.scale.numel() if self.has_bn else
                     self.post_scale.numel() if self.post_scale is not None else None)
@@ -112,6 +114,14 @@ class FusedLinear(FusedAffineLayer):
             if c != channels:
                 raise ValueError(f"input: BatchNorm1d normalises dim 1 of the linear's output, which has {c} "
                                  f"channels for input shape {tuple(x.shape)}; expected {channels}")
+        if cast is not None:
+            # The linear in the region's dtype, the rest in fp32 on its output (fusedconv/autocast.py).
+            bias = None if self.bias is None else self.bias.to(cast)
+            y = F.linear(x.to(cast), self.weight.to(cast), bias).to(torch.float32)
+            if self.has_bn:
+                view = self._channel_view(y)
+                y = y * self.scale.to(y.dtype).view(view) + self.shift.to(y.dtype).view(view)
+            return self._epilogue_rest(y, None).to(cast)
         if not self.has_bn:
             y = F.linear(x, self.weight, self.bias)
             return self._epilogue_rest(y, None)

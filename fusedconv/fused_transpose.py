@@ -80,10 +80,12 @@ class FusedConvTransposeNd(FusedAffineLayer):
         """act(conv_transpose(x) * scale + shift [+ residual]) [* post_scale + post_shift]."""
         if isinstance(x, fx.Proxy):  # torch.fx symbolic tracing: record one leaf call (fusedconv/fx_leaf.py)
             return leaf_call(self, (x, residual), {})
-        self._check_x(x, residual, self._ND, self.in_channels)
+        cast = self._check_x(x, residual, self._ND, self.in_channels)
         if x.dim() == self._ND + 1:
             y = self.forward(x.unsqueeze(0), None if residual is None else residual.unsqueeze(0))
             return y.squeeze(0)
+        if cast is not None:
+            return self._autocast_layer(x, residual, cast)
         return self._fallback(x, residual)
 
     def extra_repr(self) -> str:

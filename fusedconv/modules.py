@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch.nn.modules import module as _nn_module
 from torch.nn.modules.utils import _pair
 
-from fusedconv import cpu, fold, ops, same_padding
+from fusedconv import autocast, cpu, fold, ops, same_padding
 from fusedconv.fx_leaf import leaf_call
 from fusedconv.validation import check_inputs
 from fusedconv.activations import ActivationSpec, apply_activation, as_spec
@@ -151,6 +151,8 @@ class FusedConv2d(nn.Module):
         # Derived, never saved nor traced: (sources, folded weight, folded bias) of the eager fallback. A plain
         # attribute, not a buffer, so it never shows up in state_dict, named_buffers or an exported program.
         self._fold_cache = None
+        # Derived, never saved: (key, sources, weight, folded weight, folded bias) in an autocast region's dtype.
+        self._autocast_cache = None
         # Derived, never saved: the eager CPU path's routes per input signature and folded / packed weights
         # (`cpu.EagerState`, built on the first CPU call).
         self._cpu_state = None
@@ -240,6 +242,7 @@ class FusedConv2d(nn.Module):
         or `shift.data` in place: edits through `.data` bypass the version counter the cache checks; every
         other edit (in-place ops under no_grad, load_state_dict, .to(), assigning new tensors) is seen."""
         self._fold_cache = None
+        self._autocast_cache = None
         self._cpu_state = None
         self._repack()
 
@@ -283,22 +286,24 @@ class FusedConv2d(nn.Module):
     def _same_sources(old: tuple, new: tuple) -> bool:
         return old[1] is not None and old[1] == new[1]
 
-    def _compute_folded(self):
-        """The weight with scale folded in and the bias, or (None, None) when the weight's dtype cannot hold
-        them faithfully (then the fallback applies scale/shift to the conv output in fp32 instead)."""
+    def _compute_folded(self, dtype: torch.dtype | None = None):
+        """The weight with scale folded in and the bias in `dtype` (default: the weight's), or (None, None) when
+        that dtype cannot hold them faithfully (then the fallback applies scale/shift to the conv output in fp32
+        instead)."""
         w = self.weight
+        dtype = w.dtype if dtype is None else dtype
         view = (-1, 1, 1, 1)
         acc = _epilogue_dtype(w.dtype)
         # Detached: the cache serves calls that need no gradient for these tensors (the others fold in the graph).
         wf = w.detach().to(acc) * self.scale.detach().to(acc).view(view)
-        folded = wf.to(w.dtype)
-        bias = self.shift.detach().to(w.dtype)
+        folded = wf.to(dtype)
+        bias = self.shift.detach().to(dtype)
         # "Exact enough": finite, and no weight flushed to zero or into the subnormal range where it loses its
         # precision; the shift must be finite in the weight's dtype too (|shift| > 65504 is inf in fp16).
         if not bool(torch.isfinite(folded).all()) or not bool(torch.isfinite(bias).all()):
             return None, None
-        if w.dtype != acc:
-            lost = (folded.abs() < torch.finfo(w.dtype).tiny) & (wf != 0)
+        if dtype != acc:
+            lost = (folded.abs() < torch.finfo(dtype).tiny) & (wf != 0)
             if bool(lost.any()):
                 return None, None
         # Plain contiguous (the stored weight may carry the kernel's packed strides): the conv's output then
@@ -312,6 +317,27 @@ class FusedConv2d(nn.Module):
             cache = (sources, *self._compute_folded())
             self._fold_cache = cache
         return cache[1], cache[2]
+
+    def _autocast_tensors(self, dtype: torch.dtype) -> tuple:
+        """(weight, folded weight, folded bias) in an autocast region's `dtype` (fusedconv/autocast.py), the fold
+        (None, None) where `dtype` cannot hold it faithfully; cached like the fold. While tracing, or when autograd
+        must reach the weight, the weight is cast in the graph and nothing is folded or cached."""
+        weight, scale, shift = self.weight, self.scale, self.shift
+        if torch.compiler.is_compiling() or ops.grad_needed(weight, scale, shift):
+            return weight.to(dtype), None, None
+        try:
+            # The eager CPU path's snapshot (version counters and data pointers, fusedconv/cpu.py), the dtype and
+            # the inference mode (a cache filled inside inference_mode holds inference tensors).
+            key = (dtype, torch.is_inference_mode_enabled(), *cpu._snapshot(weight, scale, shift))
+        except RuntimeError:
+            key = None  # inference tensors have no version counter: an edit could not be seen, nothing is cached
+        cache = self._autocast_cache
+        if (key is None or cache is None or cache[0] != key or cache[1][0] is not weight
+                or cache[1][1] is not scale or cache[1][2] is not shift):
+            cache = (key, (weight, scale, shift), weight.detach().to(dtype), *self._compute_folded(dtype))
+            if key is not None:
+                self._autocast_cache = cache
+        return cache[2], cache[3], cache[4]
 
     def _pad_input(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """x as the conv reads it (pre-pad, then a non-zero padding mode's pad) and the padding left to the conv."""
@@ -347,7 +373,16 @@ class FusedConv2d(nn.Module):
         y = cpu.eager_forward(self, x, residual, residual_private)
         if y is not None:
             return y
-        out_shape = check_inputs(x, self.weight, self.groups, residual, stride=self.stride, padding=self.padding,
+        weight = folded = None
+        # Inside torch.autocast the original conv runs in the region's dtype, and so does this one: input,
+        # residual and weight in that dtype, scale / shift applied in fp32 (fusedconv/autocast.py).
+        cast = autocast.cast_dtype(x, self.weight)
+        if cast is not None:
+            x, residual = x.to(cast), autocast.cast_like_autocast(residual, cast)
+            weight, *folded = self._autocast_tensors(cast)
+        else:
+            weight = self.weight
+        out_shape = check_inputs(x, weight, self.groups, residual, stride=self.stride, padding=self.padding,
                                  dilation=self.dilation)
         if x.dim() == 3:
             y = self.forward(x.unsqueeze(0), None if residual is None else residual.unsqueeze(0))
@@ -357,10 +392,15 @@ class FusedConv2d(nn.Module):
             return x.new_empty(out_shape).contiguous(memory_format=_memory_format(x))
         x, padding = self._mode_pad(x)
         # The op has no backward: a call autograd must record takes the differentiable fallback instead.
-        if (self.cuda_kernel and ops.use_kernel(x, self.weight)
+        if (self.cuda_kernel and ops.use_kernel(x, weight)
                 and not ops.grad_needed(x, residual, self.weight, self.scale, self.shift)):
-            return ops.conv_bn_act(x, self.weight, self.scale, self.shift, residual, self.stride, padding,
+            return ops.conv_bn_act(x, weight, self.scale, self.shift, residual, self.stride, padding,
                                    self.dilation, self.groups, self.act.name, self.act.param)
+        if folded is not None:
+            # Autocast: the fold in the region's dtype where it holds it faithfully, else the scaled conv.
+            if folded[0] is not None:
+                return self._conv_folded(x, folded[0], folded[1], padding, residual)
+            return self._conv_scaled(x, padding, residual, weight)
         return self._fallback(x, padding, residual)
 
     def _fallback(self, x: torch.Tensor, padding, residual: torch.Tensor | None) -> torch.Tensor:
@@ -392,9 +432,11 @@ class FusedConv2d(nn.Module):
         # a negative slope has no backward, and nothing saved for backward is then overwritten).
         return apply_activation(y, self.act.name, self.act.param, inplace=not y.requires_grad)
 
-    def _conv_scaled(self, x, padding, residual):
-        # Scale does not fit the weight's dtype: apply it to the conv output in the epilogue dtype.
-        y = F.conv2d(x, self.weight, None, self.stride, padding, self.dilation, self.groups)
+    def _conv_scaled(self, x, padding, residual, weight=None):
+        # Scale does not fit the weight's dtype: apply it to the conv output in the epilogue dtype. (`weight`: the
+        # weight in an autocast region's dtype, else the module's own.)
+        weight = self.weight if weight is None else weight
+        y = F.conv2d(x, weight, None, self.stride, padding, self.dilation, self.groups)
         fmt = _memory_format(y)
         y = y.to(self.scale.dtype) * self.scale.view(1, -1, 1, 1) + self.shift.view(1, -1, 1, 1)
         if residual is not None:
@@ -419,6 +461,7 @@ class FusedConv2d(nn.Module):
     def __getstate__(self):
         state = self.__dict__.copy()
         state["_fold_cache"] = None
+        state["_autocast_cache"] = None
         state["_cpu_state"] = None
         return state
 
@@ -428,6 +471,7 @@ class FusedConv2d(nn.Module):
         if isinstance(self.__dict__.get("act"), str):
             self.act = ActivationSpec(self.__dict__["act"])
         self.__dict__.setdefault("_fold_cache", None)
+        self.__dict__.setdefault("_autocast_cache", None)
         self.__dict__.setdefault("_cpu_state", None)
         # Pickles of earlier versions carry the old oneDNN cache fields.
         self.__dict__.pop("_onednn_cache", None)

@@ -66,3 +66,25 @@ def test_fusedconv_required():
     from bench import cpu_compile_ab
     with pytest.raises(SystemExit):
         cpu_compile_ab.main(["--variants", "eager,compile_freeze"])
+
+
+def test_autocast_runs_every_variant_in_the_region(monkeypatch, tmp_path):
+    import torch
+
+    from bench import cpu_compile_ab
+    _tiny(monkeypatch)
+    seen = []
+    real = cpu_compile_ab._build
+
+    def spying_build(spec, variants):
+        built, model = real(spec, variants)
+        return {n: (lambda x, f=f: seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu")
+                                               else None) or f(x)) for n, f in built.items()}, model
+
+    monkeypatch.setattr(cpu_compile_ab, "_build", spying_build)
+    md = tmp_path / "ab.md"
+    rows = cpu_compile_ab.main(["--models", "tiny", "--variants", "eager,fusedconv", "--size", "16", "--rounds", "2",
+                                "--calls", "1", "--threads", "1", "--autocast", "bfloat16", "--md", str(md)])
+    assert seen and set(seen) == {torch.bfloat16}  # warm-up and timed calls alike
+    assert rows[0]["autocast"] == "bfloat16" and all(e < 2e-2 for e in rows[0]["max_rel_err_vs_fp64"].values())
+    assert "inside torch.autocast('cpu', bfloat16)" in md.read_text()

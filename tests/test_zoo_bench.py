@@ -34,6 +34,7 @@ def test_small_resnet_is_exact_and_fully_fused():
     assert any("add" in kind for kind in res["fused_kinds"])  # residual adds went into the epilogue
     assert res["bn_ops_left"] == 0 < res["bn_ops"]
     assert res["state_dict_problems"] == [] and res["deepcopy_err"] == 0 and res["pickle_err"] == 0
+    assert res["autocast_ok"] and res["autocast_err"] <= 2 * res["autocast_err_original"] + 2 ** -7
 
 
 def test_home_models_count_what_was_and_was_not_fused():
@@ -57,6 +58,18 @@ def test_a_converted_model_off_by_1e_6_is_reported(monkeypatch):
     assert res["convert"] and not res["exact64"]
     assert res["err64"] > zoo.EXACT_FLOAT64
     assert any(f.startswith("float64 mismatch") for f in res["findings"])
+
+
+def test_a_fused_layer_leaving_the_autocast_dtype_is_reported(monkeypatch):
+    forward = FusedConv2d.forward
+
+    def in_float32(self, x, residual=None, residual_private=False):
+        return forward(self, x, residual, residual_private).float()
+
+    monkeypatch.setattr(FusedConv2d, "forward", in_float32)
+    res = zoo.run_model(ZooModel("home:functional_bn"), size=SIZE)
+    assert res["exact64"] and not res.get("autocast_ok")
+    assert any(f.startswith("autocast call 1: output dtypes [torch.float32]") for f in res["findings"])
 
 
 def test_state_dict_promise_check_flags_what_it_does_not_explain():

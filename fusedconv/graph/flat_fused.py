@@ -13,11 +13,11 @@ So the flat graph splits them:
   depends on. For the whole forward: it is *pure* (every leaf is a FusedConv2d, a fused affine layer or a torch.nn
   layer of the class it was when the graph was built, none has hooks, there are no global hooks: no user code runs
   during the forward that could change a module; the flat guard has already checked that no tracer or compiler
-  runs), no gradient mode, the fast path on (`cpu.enabled`), FusedConv2d's op routing and its class-level forward /
-  call not patched. Per module: exactly a FusedConv2d, no instance-level forward, not compiled in place, no
-  pre-pad, a folded weight, weight / scale / shift are the tensors it folded (and packed), with the same version
-  counters and data pointers. It returns the modules' eager states (`cpu.EagerState`), None for a module that
-  failed a check (all None when the forward is not pure);
+  runs), no gradient mode, no autocast region, the fast path on (`cpu.enabled`), FusedConv2d's op routing and its
+  class-level forward / call not patched. Per module: exactly a FusedConv2d, no instance-level forward, not
+  compiled in place, no pre-pad, a folded weight, weight / scale / shift are the tensors it folded (and packed),
+  with the same version counters and data pointers. It returns the modules' eager states (`cpu.EagerState`),
+  None for a module that failed a check (all None when the forward is not pure);
 * per call, `fused_call` checks what only the call knows: a plain CPU tensor whose signature (shape, strides,
   dtype; the residual's too) the module has validated and routed before (`EagerState.routes`), and runs that
   route: the oneDNN op where oneDNN accepted the module, else for the F.conv2d routes (NCHW input, small convs)
@@ -32,7 +32,7 @@ import sys
 
 import torch
 
-from fusedconv import cpu, ops
+from fusedconv import autocast, cpu, ops
 from fusedconv.fused_layers import FusedAffineLayer
 from fusedconv.graph.private_residual import global_hooks
 from fusedconv.modules import FusedConv2d
@@ -46,10 +46,11 @@ _FOLDED_COPY, _FOLDED_COPY_NCHW, _TAPS = cpu.FOLDED_COPY, cpu.FOLDED_COPY_NCHW, 
 _FORWARD, _CALL, _CALL_IMPL = FusedConv2d.forward, FusedConv2d.__call__, FusedConv2d._call_impl
 
 
-# What a direct call depends on outside the leaves: no gradient, the fast path on, no global hooks, FusedConv2d's
-# op routing and its class-level forward / call not patched (the source `states()` and its frozen form check).
-_OUTSIDE = ("(grad_enabled() or not cpu.enabled or ops.use_kernel is not USE_KERNEL or global_hooks()"
-            " or FusedConv2d.forward is not FORWARD or FusedConv2d.__call__ is not CALL"
+# What a direct call depends on outside the leaves: no gradient, no autocast region (its calls compute in the
+# region's dtype: the module call handles them, fusedconv/autocast.py), the fast path on, no global hooks,
+# FusedConv2d's op routing and its class-level forward / call not patched (`states()` and its frozen form check).
+_OUTSIDE = ("(grad_enabled() or autocast_any() or not cpu.enabled or ops.use_kernel is not USE_KERNEL"
+            " or global_hooks() or FusedConv2d.forward is not FORWARD or FusedConv2d.__call__ is not CALL"
             " or FusedConv2d._call_impl is not CALL_IMPL)")
 
 # FusedLeaves.freeze: `states` until two calls in a row answer the same states (by identity), then those, behind
@@ -154,8 +155,8 @@ class FusedLeaves:
         types = ", ".join(f"t{i}" for i in range(n))
         src = "def make(leaves, types):\n" + f"    {names}, = leaves\n" + f"    {types}, = types\n" + \
             "".join(f"    {line}\n" for line in lines) + "    return states\n"
-        namespace = {"grad_enabled": _grad_enabled, "cpu": cpu, "ops": ops, "USE_KERNEL": _USE_KERNEL,
-                     "global_hooks": global_hooks, "NONE": none, "FusedConv2d": FusedConv2d,
+        namespace = {"grad_enabled": _grad_enabled, "autocast_any": autocast.any_enabled, "cpu": cpu, "ops": ops,
+                     "USE_KERNEL": _USE_KERNEL, "global_hooks": global_hooks, "NONE": none, "FusedConv2d": FusedConv2d,
                      "FORWARD": _FORWARD, "CALL": _CALL, "CALL_IMPL": _CALL_IMPL, "snapshot": cpu._snapshot}
         exec(compile(src, "<fusedconv flat states>", "exec"), namespace)  # noqa: S102 - generated here
         self.states = namespace["make"](self.leaves, self.types)

@@ -18,8 +18,8 @@ and, after the outputs are turned back, the same output strides, and when it pay
 route in the channels_last run (a model whose convs are all small enough to stay on F.conv2d, cpu.small_conv_macs,
 runs them faster in NCHW). Otherwise that signature stays in NCHW and the layers take their F.conv2d route. That first call therefore runs forward three times (a model whose forward has
 side effects sees them three times, once). Nothing changes when the input is already channels_last, not float32,
-not on CPU, needs autograd, inside a torch.autocast region, or while tracing / compiling / exporting (they see
-the model as written).
+not on CPU, needs autograd, inside a torch.autocast region or a torch.func transform (vmap, grad, ...), or while
+tracing / compiling / exporting (they see the model as written).
 `fusedconv.cpu.enabled = False` switches this off together with the oneDNN route.
 """
 
@@ -89,12 +89,20 @@ def _tracing() -> bool:
     return torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting()
 
 
+# The innermost torch.func transform running (vmap, grad, jvp, ...), None outside them.
+_functorch_transform = torch._C._functorch.peek_interpreter_stack
+
+
 def _eligible(args, kwargs) -> bool:
     if not cpu.enabled or not cpu.available():
         return False
     if autocast.any_enabled():
         # Inside a torch.autocast region no fused layer takes the oneDNN route (fusedconv/autocast.py): nothing to
         # gain, and a layout decided there would stick to the signature's calls outside the region.
+        return False
+    if _functorch_transform() is not None:
+        # Inside torch.func.vmap / grad / jacrev the inputs are functorch's wrapped tensors, whose layout cannot be
+        # queried (vmap refuses `is_contiguous(memory_format=channels_last)`): the model as written.
         return False
     inputs = _nchw_inputs(args, kwargs)
     if not inputs:

@@ -373,15 +373,13 @@ class FusedConv2d(nn.Module):
         y = cpu.eager_forward(self, x, residual, residual_private)
         if y is not None:
             return y
-        weight = folded = None
         # Inside torch.autocast the original conv runs in the region's dtype, and so does this one: input,
         # residual and weight in that dtype, scale / shift applied in fp32 (fusedconv/autocast.py).
-        cast = autocast.cast_dtype(x, self.weight)
+        weight, folded = self.weight, None
+        cast = autocast.cast_dtype(x, weight)
         if cast is not None:
             x, residual = x.to(cast), autocast.cast_like_autocast(residual, cast)
             weight, *folded = self._autocast_tensors(cast)
-        else:
-            weight = self.weight
         out_shape = check_inputs(x, weight, self.groups, residual, stride=self.stride, padding=self.padding,
                                  dilation=self.dilation)
         if x.dim() == 3:

@@ -13,7 +13,8 @@ install and the write-out fit 8 minutes):
   cuDNN candidate: the `gpu` tests of tests/test_cudnn_fused.py (cuDNN's fused op on the BN-folded weight vs
       float64, the launcher's cuDNN candidate), in a child pytest.
   autocast: the `gpu` tests of tests/test_autocast.py (a converted model inside torch.autocast fp16 / bf16 regions
-      against the original in the same region and float64), in a child pytest.
+      against the original in the same region and float64) and tests/test_ops_autocast.py (the op's autocast
+      rule on CUDA), in a child pytest.
   (b) the layers suite for ResNet-50, fp16 channels_last, batch 32 and 1: fusedconv vs cuDNN's fused
       conv+bias+ReLU (+add) on the folded weight, folded cuDNN conv + separate epilogue, eager Conv->BN->act,
       with % of the measured roofline (CUDA-graph timing, bench/timing.py); fusedconv twice: as shipped (the
@@ -101,8 +102,10 @@ def main(args, argv: list[str]) -> int:
         # `gpu` tests of tests/test_cudnn_fused.py: a minute at most, before the layers suite relies on it.
         part("cudnn_candidate", lambda r, d: r.update(cudnn_candidate=run_gpu_tests("tests/test_cudnn_fused.py")))
         # Converted models inside torch.autocast regions (fp16, bf16): the op in the region's dtype, the original's
-        # output dtype, at most twice its error against float64 (the `gpu` tests of tests/test_autocast.py).
-        part("autocast", lambda r, d: r.update(autocast=run_gpu_tests("tests/test_autocast.py")))
+        # output dtype, at most twice its error against float64 (the `gpu` tests of tests/test_autocast.py), and
+        # the op's own autocast rule on CUDA (tests/test_ops_autocast.py).
+        part("autocast", lambda r, d: r.update(autocast=run_gpu_tests("tests/test_autocast.py",
+                                                                      "tests/test_ops_autocast.py")))
     part("layers", lambda r, d: run_layers(r, d, device, args.dry_run, save))
     part("models", lambda r, d: run_models(r, d, device, args.dry_run, save))
     if not args.dry_run:
@@ -284,10 +287,11 @@ def update_denylist(rows: list[dict], env: dict) -> int:
     return denylist.add_entries(new)
 
 
-def run_gpu_tests(path: str, timeout_s: int = 120) -> dict:
-    """`python -m pytest -q -m gpu <path>` in a child process: its exit code and summary line."""
+def run_gpu_tests(*paths: str, timeout_s: int = 120) -> dict:
+    """`python -m pytest -q -m gpu <paths>` in a child process: its exit code and summary line."""
+    path = " ".join(paths)
     try:
-        out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", path],
+        out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", *paths],
                              cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired:
         return {"tests": path, "returncode": None, "summary": f"timed out after {timeout_s} s"}

@@ -389,7 +389,7 @@ class FusedConv2d(nn.Module):
             # Empty batch or empty spatial output: nothing to compute (and some backends refuse empty convs).
             return x.new_empty(out_shape).contiguous(memory_format=_memory_format(x))
         x, padding = self._mode_pad(x)
-        # The op has no backward: a call autograd must record takes the differentiable fallback instead.
+        # A call autograd must record takes the differentiable fallback (the Triton kernels are inference kernels).
         if (self.cuda_kernel and ops.use_kernel(x, weight)
                 and not ops.grad_needed(x, residual, self.weight, self.scale, self.shift)):
             return ops.conv_bn_act(x, weight, self.scale, self.shift, residual, self.stride, padding,

@@ -20,9 +20,11 @@ Registration — chosen for torch 2.11 .. 2.14:
     torch / triton pairing cannot trace the kernels.
 `OP_REGISTRATION` says which one is active.
 
-Autograd: the op is an inference op and registers no backward formula. The fused modules never call it on a
-graph that needs one: `grad_needed` is their routing test (grad mode on and any of the call's tensors requiring
-grad), and when it holds they compute through differentiable standard ops instead (see FusedConv2d).
+Autograd: the fused modules never call the op on a graph that needs a backward: `grad_needed` is their routing test
+(grad mode on and any of the call's tensors requiring grad), and when it holds they compute through differentiable
+standard ops instead (see FusedConv2d). A graph that holds the op itself (convert_exported's programs, and
+torch.compile of them in grad mode) gets its gradients from the formula in `ops_backward.py`. Inside torch.autocast
+the op casts as the conv it replaced does (`ops_autocast.py`).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import os
 import torch
 import torch.nn.functional as F
 
+from fusedconv import ops_autocast, ops_backward
 from fusedconv.validation import check_inputs
 from fusedconv.kernels.reference import apply_activation, conv_bn_act_ref, conv_output_shape, output_memory_format
 
@@ -70,9 +73,9 @@ def use_kernel(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 def grad_needed(*tensors) -> bool:
     """True when autograd must record this call: grad mode is on and any given tensor (None entries are skipped)
-    requires grad. The op has no backward, so a fused module whose call this holds for takes a differentiable
-    path instead of the op; the requires_grad reads happen only in grad mode (never under no_grad /
-    inference_mode)."""
+    requires grad. A fused module whose call this holds for takes a differentiable path of standard ops rather
+    than the op (whose Triton kernels are inference kernels); the requires_grad reads happen only in grad mode
+    (never under no_grad / inference_mode)."""
     if not torch.is_grad_enabled():
         return False
     for t in tensors:
@@ -128,6 +131,10 @@ def _register():
 
 
 _conv_bn_act_op, OP_REGISTRATION = _register()
+# Gradients for a graph that holds the op itself (ops_backward.py; the fused modules route around it).
+ops_backward.register(_conv_bn_act_op)
+# Inside torch.autocast: x, weight and residual in the region's dtype, scale / shift in float32 (ops_autocast.py).
+ops_autocast.register("fusedconv::conv_bn_act", (0, 1, 4))
 
 
 def conv_bn_act(x, weight, scale, shift, residual, stride, padding, dilation, groups, activation, act_param):

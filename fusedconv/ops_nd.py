@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from fusedconv.kernels.reference import apply_activation
+from fusedconv import ops_autocast
 from fusedconv.ops import kernel_available
 
 __all__ = ["OP_REGISTRATION", "conv3d_bn_act", "use_kernel_3d"]
@@ -92,6 +93,9 @@ def _register():
 
 
 _op, OP_REGISTRATION = _register()
+# Inside torch.autocast: x, weight and residual in the region's dtype, the scale / shift vectors (post-affine
+# included) in float32 (ops_autocast.py).
+ops_autocast.register("fusedconv::conv3d_bn_act", (0, 1, 4))
 
 
 def conv3d_bn_act(x, weight, scale, shift, residual, post_scale, post_shift, stride, padding, dilation, groups,

@@ -67,3 +67,15 @@ def test_run_gpu_tests_reports_the_child_pytest(tmp_path):
     assert len(got["failed"]) == 1 and "test_bad" in got["failed"][0]
     md = "\n".join(gpu_check_report._cudnn_candidate(got))
     assert "exit code 1" in md and "test_bad" in md
+
+
+def test_run_gpu_tests_takes_several_files(tmp_path):
+    """The autocast part runs two test files in one child pytest: both files' `gpu` tests count."""
+    paths = []
+    for name, body in (("a", "pass"), ("b", "assert 1 == 2")):
+        path = tmp_path / f"test_stand_in_{name}.py"
+        path.write_text(f"import pytest\n\n\n@pytest.mark.gpu\ndef test_{name}():\n    {body}\n")
+        paths.append(str(path))
+    got = gpu_check.run_gpu_tests(*paths)
+    assert got["returncode"] == 1 and "1 failed, 1 passed" in got["summary"]
+    assert got["tests"] == " ".join(paths)

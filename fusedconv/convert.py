@@ -11,8 +11,6 @@ The self-check tolerances and the output comparison are `fusedconv.comparison`'s
 
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.nn as nn
 
@@ -26,6 +24,7 @@ from fusedconv.graph.flat import flatten as flatten_model
 from fusedconv.graph.owned_input import install as install_owned_inputs
 from fusedconv.graph.reparam_convert import fuse_reparameterized
 from fusedconv.graph.tracing import proxy_leak_guard
+from fusedconv.model_copy import copy_model
 from fusedconv.modules import FusedConv2d
 # (named apart: convert's own `reparameterize` flag would shadow it)
 from fusedconv.reparam import reparameterize as reparameterize_model
@@ -119,7 +118,7 @@ def convert(model: nn.Module, *, inplace: bool = False, example_inputs=None, rep
         ref = _snapshot(model(*args)) if args is not None else None
         original = model
         if not inplace:
-            model = copy.deepcopy(model)
+            model = copy_model(model)
         if reparameterize:
             try:
                 model = _reparameterize(model, args, report)
@@ -127,7 +126,7 @@ def convert(model: nn.Module, *, inplace: bool = False, example_inputs=None, rep
                 if inplace:
                     raise
                 report.notes.append(f"reparameterization failed and was skipped ({type(e).__name__}: {e})")
-                model = copy.deepcopy(original)
+                model = copy_model(original)
         model = fuse_dataflow(model, report)
         fuse_reparameterized(model, report)
         # Sequentials whose blocks may write an identity residual into an input no one else holds.

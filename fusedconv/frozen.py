@@ -16,12 +16,12 @@ or casting it (`.to()`, `.half()`, `.cuda()`) or switching it to training raises
 """
 from __future__ import annotations
 
-import copy
 
 import torch.nn as nn
 
 from fusedconv.graph.flat import flat_check
 from fusedconv.graph.owned_input import _fx_tracing
+from fusedconv.model_copy import copy_model
 
 
 def modules_in_training(model: nn.Module) -> list[str]:
@@ -46,7 +46,7 @@ class FrozenModel(nn.Module):
             raise ValueError(f"converted: expected a model in eval mode, got {len(training)} module(s) in training "
                              f"mode, e.g. {training[0]!r}")
         if not _private:
-            converted = copy.deepcopy(converted)
+            converted = copy_model(converted, "converted")
         # In __dict__, not _modules: the copy is no submodule (nothing reaches its modules or tensors).
         self.__dict__["_model"] = converted
         self.__dict__["_model_class"] = type(converted).__name__

@@ -21,7 +21,6 @@ A module whose forward cannot be traced, and that has its own `reparameterize()`
 
 from __future__ import annotations
 
-import copy
 import inspect
 
 import torch
@@ -33,6 +32,7 @@ from fusedconv.graph.reparam_leaves import ReparamTracer
 from fusedconv.graph.reparam_scope import reparameterize_scope
 from fusedconv.graph.specialize import guard_table
 from fusedconv.graph.tracing import visit_children
+from fusedconv.model_copy import copy_model
 from fusedconv.modules import FusedConv2d
 from fusedconv.report import ConversionReport
 
@@ -160,7 +160,7 @@ def reparameterize(model: nn.Module, *, inplace: bool = False, example_inputs=No
     with torch.no_grad():
         ref = [t.clone() for t in _tensors(model(*inputs))] if inputs else None
         if not inplace:
-            model = copy.deepcopy(model)
+            model = copy_model(model)
         model = _Walk(report).visit(model, "")
         if ref is not None:
             out = _tensors(model(*inputs))

@@ -1,0 +1,47 @@
+"""A copy of a model that behaves as the model does: `copy.deepcopy`, then checked and mended where deepcopy is known
+to lose state.
+
+`convert`, `reparameterize` and `FrozenModel` work on a copy (the input is never modified), so the copy must
+compute what the original computes. `copy.deepcopy` does not always give that: torch.fx's GraphModule rebuilds
+itself in `__deepcopy__` through its `__init__`, and torchvision's feature extractors (`create_feature_extractor`,
+a DualGraphModule) come back in training mode, every submodule with them, from an eval-mode original; converting
+one left its BatchNorms unfolded ("training mode") and the returned model normalised with batch statistics,
+giving other outputs and updating its running statistics on every call. The same rebuild drops the root's forward
+and backward hooks (GraphModule copies only its state-dict hooks). So after the deepcopy the two module trees are
+walked in step: the copy must have the same module names in the same order, each module's training flag is set
+back to the original's (through `Module.train`, parent first, so a module that switches behaviour on it — a
+DualGraphModule picks its eval graph — does so), and hooks the copy lost are copied from the original as deepcopy
+would have copied them (the same memo, so a hook bound to a module binds to that module's copy).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch.nn as nn
+
+# The hook tables of nn.Module, read from the module's __dict__ (absent ones are skipped).
+_HOOK_ATTRS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
+               "_forward_hooks_always_called", "_backward_pre_hooks", "_backward_hooks")
+
+
+def copy_model(model: nn.Module, name: str = "model") -> nn.Module:
+    """`copy.deepcopy(model)` with the original's training flags and hooks on every module (module doc). Raises
+    RuntimeError, naming `name`, when the copy's module tree differs from the original's."""
+    memo: dict = {}
+    dup = copy.deepcopy(model, memo)
+    originals = list(model.named_modules(remove_duplicate=False))
+    copies = list(dup.named_modules(remove_duplicate=False))
+    if [n for n, _ in originals] != [n for n, _ in copies]:
+        raise RuntimeError(f"{name}: copy.deepcopy({name}) gives a model with other submodules than {name} has "
+                           f"({len(copies)} vs {len(originals)} modules); convert it in place (inplace=True)")
+    for (_, orig), (_, new) in zip(originals, copies):
+        if new.training != orig.training:
+            new.train(orig.training)
+        for attr in _HOOK_ATTRS:
+            hooks = orig.__dict__.get(attr)
+            if hooks and not set(hooks) <= set(new.__dict__.get(attr) or ()):  # keyed by the hooks' handle ids
+                new.__dict__[attr] = copy.deepcopy(hooks, memo)
+        if orig.__dict__.get("_backward_hooks"):
+            new.__dict__["_is_full_backward_hook"] = orig.__dict__.get("_is_full_backward_hook")
+    return dup

@@ -36,6 +36,11 @@ def _check_model(model, name: str = "model") -> None:
         raise TypeError(f"{name}: expected a torch.nn.Module, got {type(model).__name__}")
     if isinstance(model, FrozenModel):
         raise TypeError(f"{name}: expected a model to convert, got a FrozenModel (already converted and frozen)")
+    if isinstance(model, torch.jit.ScriptModule):
+        raise TypeError(f"{name}: expected an eager torch.nn.Module, got a TorchScript module "
+                        f"({type(model).__name__}); convert TorchScript with "
+                        "fusedconv.graph.exported.convert_torchscript(module, example_inputs), which returns an "
+                        "ExportedProgram")
     training = modules_in_training(model)
     if training:
         raise RuntimeError(f"{name}: expected a model in eval mode (call model.eval() first), got {len(training)} "

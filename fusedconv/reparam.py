@@ -119,6 +119,11 @@ class _Walk:
 def _check_model(model) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(model, torch.jit.ScriptModule):
+        raise TypeError("model: expected an eager torch.nn.Module, got a TorchScript module "
+                        f"({type(model).__name__}); convert TorchScript with "
+                        "fusedconv.graph.exported.convert_torchscript(module, example_inputs), which returns an "
+                        "ExportedProgram")
     training = [n or "<root>" for n, m in model.named_modules() if m.training]
     if training:
         raise RuntimeError(f"model: expected a model in eval mode (call model.eval() first), got {len(training)} "

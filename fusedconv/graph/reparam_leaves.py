@@ -66,5 +66,7 @@ class ReparamTracer(ScopeTracer):
             return True
         if has_hooks(m):  # traced through, its hooks would run on Proxies and its call would vanish when merged
             return True
+        if isinstance(m, torch.jit.ScriptModule):  # compiled code: no Python forward to trace through
+            return True
         return fx.Tracer.is_leaf_module(self, m, module_qualified_name)
 

@@ -392,9 +392,11 @@ def proxy_leak_guard(model: nn.Module, notes: list[str]):
 
 def visit_children(module: nn.Module, scope: str, visit) -> None:
     """Call `visit(child, dotted_scope)` on each child of `module` and put back whatever it returns (a pass
-    replaces a child by returning a new module)."""
+    replaces a child by returning a new module). TorchScript children (torch.jit.script / trace inside an eager
+    model) are not visited: their forward is compiled code with no Python to trace or rewrite, and they stay as
+    they are (their own attribute protocol also breaks the passes' class-level reads)."""
     for name, child in list(module._modules.items()):
-        if child is None:
+        if child is None or isinstance(child, torch.jit.ScriptModule):
             continue
         new = visit(child, f"{scope}.{name}" if scope else name)
         if new is not child:

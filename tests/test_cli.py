@@ -81,6 +81,14 @@ def test_demo_prints_report_error_and_latencies():
     assert "channels_last" in out  # the layout the timed path used is stated
 
 
+def test_demo_freeze_times_the_frozen_model():
+    proc = run_cli("demo", "--model", "torchvision:resnet18", "--size", "32", "--min-time", "0.05", "--freeze")
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "Max relative error vs the original" in out and "OK" in out
+    assert "(frozen)" in out and "channels_last" in out  # the frozen model keeps the layout boundary
+
+
 def test_convert_pt_round_trip_with_weights(tmp_path, capsys, monkeypatch, resnet18_weights):
     model, weights = resnet18_weights
     out = tmp_path / "r18.pt"

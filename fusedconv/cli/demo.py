@@ -60,9 +60,16 @@ def cmd_demo(args) -> int:
         out.line(f"Model: {args.model} (random weights, nothing downloaded; BatchNorm statistics randomized so the "
                  "error check below is meaningful — default statistics would hide folding mistakes)")
     x = torch.randn(args.batch, 3, args.size, args.size)
+    # CUDA: channels_last for both models (the fast layout of cuDNN and the fused kernels). CPU: what a user gets
+    # by default — NCHW model and input; the converted model picks its own layout inside (fusedconv/cpu_boundary.py).
+    fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    if args.freeze:
+        # A FrozenModel cannot be moved or cast (`.to()` raises): convert the model where it will run.
+        model = model.to(device=device, dtype=dtype, memory_format=fmt)
+        x = x.to(device=device, dtype=dtype, memory_format=fmt)
     t0 = time.perf_counter()
     with out.status("Converting"):
-        fused, report = run_convert(model, example_inputs=(x,))
+        fused, report = run_convert(model, example_inputs=(x,), freeze=args.freeze)
     convert_s = time.perf_counter() - t0
 
     out.heading("Conversion report")
@@ -70,12 +77,10 @@ def cmd_demo(args) -> int:
     out.line(f"Fused: {len(report.fused)} conv chain(s) ({len(report.skipped)} skipped), converted in "
              f"{convert_s:.2f} s")
 
-    # CUDA: channels_last for both models (the fast layout of cuDNN and the fused kernels). CPU: what a user gets
-    # by default — NCHW model and input; the converted model picks its own layout inside (fusedconv/cpu_boundary.py).
-    fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-    model = model.to(device=device, dtype=dtype, memory_format=fmt)
-    fused = fused.to(device=device, dtype=dtype, memory_format=fmt)
-    x = x.to(device=device, dtype=dtype, memory_format=fmt)
+    if not args.freeze:
+        model = model.to(device=device, dtype=dtype, memory_format=fmt)
+        fused = fused.to(device=device, dtype=dtype, memory_format=fmt)
+        x = x.to(device=device, dtype=dtype, memory_format=fmt)
     with torch.inference_mode():
         ref = model(x)
         got = fused(x)
@@ -98,14 +103,15 @@ def cmd_demo(args) -> int:
                                 min_run_time=args.min_time)
     before, after = lat["original"], lat["fused"]
     out.line(f"Original:  {before * 1e3:9.3f} ms")
-    out.line(f"fusedconv: {after * 1e3:9.3f} ms   ({before / after:.2f}x)")
+    out.line(f"fusedconv: {after * 1e3:9.3f} ms   ({before / after:.2f}x){' (frozen)' if args.freeze else ''}")
     if device.type == "cpu":
         out.line(f"(CPU, {torch.get_num_threads()} threads; medians of torch.utils.benchmark, interleaved rounds)")
     else:
         # After the timed runs every layer has made its choice (Triton pointer / TMA kernel or cuDNN's fused op).
         from fusedconv.report import backends_text, layer_backends
 
-        report.backends = layer_backends(fused, x)
+        # (a FrozenModel's layers are out of reach: no per-layer backends to show)
+        report.backends = {} if args.freeze else layer_backends(fused, x)
         if report.backends:
             out.heading("Backend per fused layer")
             out.line(backends_text(report.backends))

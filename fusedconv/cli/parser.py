@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "float32 on CPU)")
     demo.add_argument("--min-time", type=float, default=2.0, help="seconds of timing per model (default 2)")
     demo.add_argument("--seed", type=int, default=0, help="seed for the input and BN statistics")
+    demo.add_argument("--freeze", action="store_true",
+                      help="convert with freeze=True (a FrozenModel: per-forward checks only outside the model; "
+                           "later edits of the model are not seen) and time that")
     demo.set_defaults(func=cmd_demo)
 
     conv = sub.add_parser("convert", help="convert a model and save it as .pt, .pt2 or .onnx",

@@ -16,7 +16,6 @@ or casting it (`.to()`, `.half()`, `.cuda()`) or switching it to training raises
 """
 from __future__ import annotations
 
-
 import torch.nn as nn
 
 from fusedconv.graph.flat import flat_check

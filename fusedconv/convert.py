@@ -24,7 +24,7 @@ from fusedconv.graph.flat import flatten as flatten_model
 from fusedconv.graph.owned_input import install as install_owned_inputs
 from fusedconv.graph.reparam_convert import fuse_reparameterized
 from fusedconv.graph.tracing import proxy_leak_guard
-from fusedconv.model_copy import copy_model
+from fusedconv.model_copy import check_initialized, copy_model
 from fusedconv.modules import FusedConv2d
 # (named apart: convert's own `reparameterize` flag would shadow it)
 from fusedconv.reparam import reparameterize as reparameterize_model
@@ -121,6 +121,7 @@ def convert(model: nn.Module, *, inplace: bool = False, example_inputs=None, rep
     report = ConversionReport()
     with torch.no_grad():
         ref = _snapshot(model(*args)) if args is not None else None
+        check_initialized(model)  # (after the example forward, which initializes lazy modules)
         original = model
         if not inplace:
             model = copy_model(model)

@@ -12,6 +12,9 @@ walked in step: the copy must have the same module names in the same order, each
 back to the original's (through `Module.train`, parent first, so a module that switches behaviour on it — a
 DualGraphModule picks its eval graph — does so), and hooks the copy lost are copied from the original as deepcopy
 would have copied them (the same memo, so a hook bound to a module binds to that module's copy).
+
+`check_initialized` refuses a model with lazy modules not yet initialized: a copy of one would draw its own
+weights on its first call.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import copy
 
 import torch.nn as nn
+from torch.nn.parameter import is_lazy
 
 # The hook tables of nn.Module, read from the module's __dict__ (absent ones are skipped).
 _HOOK_ATTRS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
@@ -45,3 +49,14 @@ def copy_model(model: nn.Module, name: str = "model") -> nn.Module:
         if orig.__dict__.get("_backward_hooks"):
             new.__dict__["_is_full_backward_hook"] = orig.__dict__.get("_is_full_backward_hook")
     return dup
+
+
+def check_initialized(model: nn.Module, name: str = "model") -> None:
+    """Raise when `model` still has lazy (uninitialized) parameters or buffers (nn.LazyConv2d, LazyBatchNorm2d before
+    their first forward): there is no function to preserve yet, and a copy would draw its own weights on its
+    first call."""
+    lazy = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if is_lazy(t)]
+    if lazy:
+        raise ValueError(f"{name}: expected initialized parameters, got {len(lazy)} uninitialized (lazy) "
+                         f"parameter(s) or buffer(s), e.g. {lazy[0]!r}; run one forward pass first (or pass "
+                         "example_inputs=, which runs it)")

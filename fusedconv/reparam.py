@@ -32,7 +32,7 @@ from fusedconv.graph.reparam_leaves import ReparamTracer
 from fusedconv.graph.reparam_scope import reparameterize_scope
 from fusedconv.graph.specialize import guard_table
 from fusedconv.graph.tracing import visit_children
-from fusedconv.model_copy import copy_model
+from fusedconv.model_copy import check_initialized, copy_model
 from fusedconv.modules import FusedConv2d
 from fusedconv.report import ConversionReport
 
@@ -164,6 +164,7 @@ def reparameterize(model: nn.Module, *, inplace: bool = False, example_inputs=No
     report = ConversionReport()
     with torch.no_grad():
         ref = [t.clone() for t in _tensors(model(*inputs))] if inputs else None
+        check_initialized(model)  # (after the example forward, which initializes lazy modules)
         if not inplace:
             model = copy_model(model)
         model = _Walk(report).visit(model, "")

@@ -120,3 +120,23 @@ def test_a_copy_with_other_submodules_is_refused():
 
     with pytest.raises(RuntimeError, match=r"model: copy.deepcopy\(model\) gives a model with other submodules"):
         copy_model(Forgetful())
+
+
+@pytest.mark.parametrize("entry", ("convert", "reparameterize"))
+def test_lazy_modules_before_their_first_forward_are_refused(entry):
+    model = nn.Sequential(nn.LazyConv2d(8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.LazyConv2d(4, 1),
+                          nn.LazyBatchNorm2d()).eval()
+    with pytest.raises(ValueError, match=r"model: expected initialized parameters, got 8 uninitialized \(lazy\) "
+                                         r"parameter\(s\) or buffer\(s\), e.g. '0.weight'; run one forward pass"):
+        getattr(fusedconv, entry)(model)
+
+
+def test_lazy_modules_initialized_by_example_inputs_convert_exactly():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.LazyConv2d(8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.LazyConv2d(4, 1),
+                          nn.LazyBatchNorm2d()).eval()
+    x = torch.randn(1, 3, 8, 8)
+    converted, report = fusedconv.convert(model, example_inputs=x, return_report=True)
+    assert len(report.fused) == 2
+    with torch.no_grad():
+        assert max_rel_error(converted(x), model(x)) < 1e-5

@@ -17,7 +17,9 @@ that signature only when the channels_last run succeeds, gives the same outputs 
 and, after the outputs are turned back, the same output strides, and when it pays: at least one conv took the oneDNN
 route in the channels_last run (a model whose convs are all small enough to stay on F.conv2d, cpu.small_conv_macs,
 runs them faster in NCHW). Otherwise that signature stays in NCHW and the layers take their F.conv2d route. That first call therefore runs forward three times (a model whose forward has
-side effects sees them three times, once). Nothing changes when the input is already channels_last, not float32,
+side effects sees them three times, once). While forward hooks are registered on modules inside the model, or
+globally, no check runs (a hook collecting features would see the call three times): such a call runs as written,
+in NCHW, and the signature is checked on its first call without them. Nothing changes when the input is already channels_last, not float32,
 not on CPU, needs autograd, inside a torch.autocast region or a torch.func transform (vmap, grad, ...), or while
 tracing / compiling / exporting (they see the model as written).
 `fusedconv.cpu.enabled = False` switches this off together with the oneDNN route.
@@ -28,6 +30,7 @@ from __future__ import annotations
 import threading
 
 import torch
+from torch.nn.modules import module as _nn_module
 from torch.utils._pytree import tree_flatten, tree_map
 
 from fusedconv import autocast, cpu
@@ -151,10 +154,23 @@ def _layout(t: torch.Tensor) -> tuple:
     return tuple(s for s, n in zip(t.stride(), t.shape) if n > 1)
 
 
+def _hooks_inside(model) -> bool:
+    """Forward hooks that the check's extra forwards would run again: on any module below the root (the check calls
+    the root's forward directly, so the root's own hooks run once either way), or registered globally."""
+    g = _nn_module
+    if g._global_forward_hooks or g._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules() if m is not model)
+
+
 def _checked(model, boundary: LayoutBoundary, args, kwargs) -> bool:
     key = _signature(args, kwargs)
     ok = boundary.checked.get(key)
     if ok is None:
+        if _hooks_inside(model):
+            # The check runs forward twice more, and a user's hook (collecting features, counting calls) would see
+            # this call three times: the call runs as written, and the signature is checked on a call without them.
+            return False
         cl_args, cl_kwargs = _to_channels_last(args, kwargs)
         try:
             with torch.no_grad():

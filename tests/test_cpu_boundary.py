@@ -257,3 +257,43 @@ def test_boundary_only_where_fused_convs_are_one_in_ten(n_plain, boundary):
         assert cpu_boundary.layout_used(fused, x) == ("channels_last" if boundary else "NCHW")
         y = fused(x)
     assert max_rel_error(y, expected) < 1e-4 and y.is_contiguous()
+
+
+@pytest.mark.parametrize("where", ("inner", "global"))
+@torch.no_grad()
+def test_hooks_inside_see_each_call_once_and_the_check_waits_for_a_call_without_them(where):
+    # The check's two extra forwards would run a user's feature-collecting hook three times on the first call.
+    torch.manual_seed(0)
+    model, fused = converted(FeatureNet())
+    x = torch.randn(2, 3, 12, 12)
+    seen = []
+    layers = [m for m in fused.modules() if isinstance(m, FusedConv2d)]
+    if where == "inner":
+        handles = [m.register_forward_hook(lambda m, a, out: seen.append(out.shape)) for m in layers]
+    else:
+        handles = [nn.modules.module.register_module_forward_hook(
+            lambda m, a, out: seen.append(out.shape) if isinstance(m, FusedConv2d) else None)]
+    try:
+        for _ in range(2):
+            seen.clear()
+            z, _ = fused(x)
+            assert len(seen) == len(layers)  # each layer once per call
+            assert max_rel_error(z, model(x)[0]) < TOL_FP32
+        assert not cpu_boundary._boundary(fused).checked  # nothing decided while hooks were there
+    finally:
+        for h in handles:
+            h.remove()
+    fused(x)
+    assert cpu_boundary.layout_used(fused, x) == "channels_last"
+
+
+@torch.no_grad()
+def test_a_hook_on_the_root_does_not_stop_the_check():
+    torch.manual_seed(0)
+    model, fused = converted(FeatureNet())
+    calls = []
+    fused.register_forward_hook(lambda m, a, out: calls.append(1))
+    x = torch.randn(2, 3, 12, 12)
+    fused(x)
+    assert calls == [1]  # the check calls the root's forward, not the module: its hooks run once
+    assert cpu_boundary.layout_used(fused, x) == "channels_last"

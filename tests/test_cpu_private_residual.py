@@ -144,7 +144,8 @@ def test_unet_encoder_stage_outputs_stay_intact(inplace_calls):
     torch.manual_seed(0)
     model = randomize_bn(smp.Unet("resnet18", encoder_weights=None, classes=2).eval(), 0)
     fc = fusedconv.convert(copy.deepcopy(model), flatten=False)
-    x = torch.randn(1, 3, 64, 64)
+    # channels_last input: the layout boundary does not check (and switch) NCHW input while hooks are inside
+    x = torch.randn(1, 3, 64, 64).contiguous(memory_format=torch.channels_last)
     kept = []
     fc.encoder.register_forward_hook(lambda m, i, o: kept.append(list(o)))
     ref64 = copy.deepcopy(model).double()

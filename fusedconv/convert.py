@@ -24,7 +24,7 @@ from fusedconv.graph.flat import flatten as flatten_model
 from fusedconv.graph.owned_input import install as install_owned_inputs
 from fusedconv.graph.reparam_convert import fuse_reparameterized
 from fusedconv.graph.tracing import proxy_leak_guard
-from fusedconv.model_copy import check_initialized, copy_model
+from fusedconv.model_copy import check_eager, check_initialized, copy_model
 from fusedconv.modules import FusedConv2d
 # (named apart: convert's own `reparameterize` flag would shadow it)
 from fusedconv.reparam import reparameterize as reparameterize_model
@@ -36,11 +36,7 @@ def _check_model(model, name: str = "model") -> None:
         raise TypeError(f"{name}: expected a torch.nn.Module, got {type(model).__name__}")
     if isinstance(model, FrozenModel):
         raise TypeError(f"{name}: expected a model to convert, got a FrozenModel (already converted and frozen)")
-    if isinstance(model, torch.jit.ScriptModule):
-        raise TypeError(f"{name}: expected an eager torch.nn.Module, got a TorchScript module "
-                        f"({type(model).__name__}); convert TorchScript with "
-                        "fusedconv.graph.exported.convert_torchscript(module, example_inputs), which returns an "
-                        "ExportedProgram")
+    check_eager(model, name)
     training = modules_in_training(model)
     if training:
         raise RuntimeError(f"{name}: expected a model in eval mode (call model.eval() first), got {len(training)} "

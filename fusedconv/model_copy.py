@@ -13,14 +13,16 @@ back to the original's (through `Module.train`, parent first, so a module that s
 DualGraphModule picks its eval graph — does so), and hooks the copy lost are copied from the original as deepcopy
 would have copied them (the same memo, so a hook bound to a module binds to that module's copy).
 
-`check_initialized` refuses a model with lazy modules not yet initialized: a copy of one would draw its own
-weights on its first call.
+`check_eager` refuses a TorchScript model (compiled code: nothing the passes can trace or rewrite, and its attribute
+protocol breaks their reads), and `check_initialized` a model with lazy modules not yet initialized (a copy of one
+would draw its own weights on its first call).
 """
 
 from __future__ import annotations
 
 import copy
 
+import torch
 import torch.nn as nn
 from torch.nn.parameter import is_lazy
 
@@ -60,3 +62,12 @@ def check_initialized(model: nn.Module, name: str = "model") -> None:
         raise ValueError(f"{name}: expected initialized parameters, got {len(lazy)} uninitialized (lazy) "
                          f"parameter(s) or buffer(s), e.g. {lazy[0]!r}; run one forward pass first (or pass "
                          "example_inputs=, which runs it)")
+
+
+def check_eager(model: nn.Module, name: str = "model") -> None:
+    """Raise a TypeError naming the TorchScript route when `model` is a torch.jit.ScriptModule (scripted or traced)."""
+    if isinstance(model, torch.jit.ScriptModule):
+        raise TypeError(f"{name}: expected an eager torch.nn.Module, got a TorchScript module "
+                        f"({type(model).__name__}); convert TorchScript with "
+                        "fusedconv.graph.exported.convert_torchscript(module, example_inputs), which returns an "
+                        "ExportedProgram")

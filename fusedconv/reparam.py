@@ -32,7 +32,7 @@ from fusedconv.graph.reparam_leaves import ReparamTracer
 from fusedconv.graph.reparam_scope import reparameterize_scope
 from fusedconv.graph.specialize import guard_table
 from fusedconv.graph.tracing import visit_children
-from fusedconv.model_copy import check_initialized, copy_model
+from fusedconv.model_copy import check_eager, check_initialized, copy_model
 from fusedconv.modules import FusedConv2d
 from fusedconv.report import ConversionReport
 
@@ -119,11 +119,7 @@ class _Walk:
 def _check_model(model) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-    if isinstance(model, torch.jit.ScriptModule):
-        raise TypeError("model: expected an eager torch.nn.Module, got a TorchScript module "
-                        f"({type(model).__name__}); convert TorchScript with "
-                        "fusedconv.graph.exported.convert_torchscript(module, example_inputs), which returns an "
-                        "ExportedProgram")
+    check_eager(model)
     training = [n or "<root>" for n, m in model.named_modules() if m.training]
     if training:
         raise RuntimeError(f"model: expected a model in eval mode (call model.eval() first), got {len(training)} "

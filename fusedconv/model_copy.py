@@ -35,7 +35,15 @@ def copy_model(model: nn.Module, name: str = "model") -> nn.Module:
     """`copy.deepcopy(model)` with the original's training flags and hooks on every module (module doc). Raises
     RuntimeError, naming `name`, when the copy's module tree differs from the original's."""
     memo: dict = {}
-    dup = copy.deepcopy(model, memo)
+    try:
+        dup = copy.deepcopy(model, memo)
+    except RuntimeError as e:
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        # torch.nn.utils.prune and the hook-based weight_norm keep a weight computed with autograd, which deepcopy
+        # refuses until a forward under no_grad recomputes it as a plain tensor.
+        raise RuntimeError(f"{name}: copy.deepcopy({name}) failed ({first}); run one forward pass under "
+                           "torch.no_grad() first (pruned or weight-normed layers hold a computed weight until then; "
+                           "example_inputs= runs it), or convert in place (inplace=True)") from e
     originals = list(model.named_modules(remove_duplicate=False))
     copies = list(dup.named_modules(remove_duplicate=False))
     if [n for n, _ in originals] != [n for n, _ in copies]:

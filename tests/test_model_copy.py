@@ -140,3 +140,22 @@ def test_lazy_modules_initialized_by_example_inputs_convert_exactly():
     assert len(report.fused) == 2
     with torch.no_grad():
         assert max_rel_error(converted(x), model(x)) < 1e-5
+
+
+def test_a_pruned_model_gets_a_clear_error_or_converts_after_a_forward():
+    import torch.nn.utils.prune as prune
+
+    def pruned():
+        model = randomize_bn(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                           nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)).eval(), 1).double()
+        prune.l1_unstructured(model[0], "weight", 0.5)  # its weight: weight_orig * mask, computed with autograd
+        return model
+
+    with pytest.raises(RuntimeError, match=r"model: copy.deepcopy\(model\) failed \(.*\); run one forward pass "
+                                           r"under torch.no_grad\(\) first"):
+        fusedconv.convert(pruned())
+    model, x = pruned(), torch.randn(1, 3, 10, 10, dtype=torch.float64)
+    converted, report = fusedconv.convert(model, example_inputs=x, return_report=True)
+    with torch.no_grad():
+        assert max_rel_error(converted(x), model(x)) < 1e-12
+    assert len(report.fused) == 1  # the pruned conv keeps its pruning hook: not fused

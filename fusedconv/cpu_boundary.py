@@ -16,12 +16,13 @@ positions, shapes) runs the model both ways — NCHW as given, then channels_las
 that signature only when the channels_last run succeeds, gives the same outputs (the convert self-check tolerance)
 and, after the outputs are turned back, the same output strides, and when it pays: at least one conv took the oneDNN
 route in the channels_last run (a model whose convs are all small enough to stay on F.conv2d, cpu.small_conv_macs,
-runs them faster in NCHW). Otherwise that signature stays in NCHW and the layers take their F.conv2d route. That first call therefore runs forward three times (a model whose forward has
-side effects sees them three times, once). While forward hooks are registered on modules inside the model, or
-globally, no check runs (a hook collecting features would see the call three times): such a call runs as written,
-in NCHW, and the signature is checked on its first call without them. Nothing changes when the input is already channels_last, not float32,
-not on CPU, needs autograd, inside a torch.autocast region or a torch.func transform (vmap, grad, ...), or while
-tracing / compiling / exporting (they see the model as written).
+runs them faster in NCHW). Otherwise that signature stays in NCHW and the layers take their F.conv2d route. That
+first call therefore runs forward three times (a model whose forward has side effects sees them three times, once).
+While forward hooks are registered on modules inside the model, or globally, no check runs (a hook collecting
+features would see the call three times): such a call runs as written, in NCHW, and the signature is checked on its
+first call without them. Nothing changes when the input is already channels_last, not float32, not on CPU, needs
+autograd, inside a torch.autocast region or a torch.func transform (vmap, grad, ...), or while tracing / compiling /
+exporting (they see the model as written).
 `fusedconv.cpu.enabled = False` switches this off together with the oneDNN route.
 """
 

@@ -3,6 +3,10 @@
     model = fusedconv.convert(model.eval())
 """
 
+from fusedconv._checkout import map_checkout_kernels
+
+map_checkout_kernels()  # before the first import of fusedconv.kernels (a checkout run as is)
+
 from fusedconv._version import __version__
 from fusedconv.activations import ActivationSpec
 from fusedconv.convert import convert

@@ -145,8 +145,21 @@ def configs_1x1(dtype_bytes: int) -> list:
     return fits_workspace(_tma.tma_configs(dtype_bytes), lambda c: c.kwargs["BLOCK_M"])
 
 
+#: The widest output-channel block the KxK stream-K kernel runs on 16-bit inputs. Measured, not derived: on an
+#: H200 (triton 3.6, 2026-12-04 GPU check and its follow-up) the 16-bit BLOCK_N=128 tiles (8x8 and 8x16 pixels,
+#: pipelined, num_stages 3-4) returned 1-2 % relative errors, different on every rerun, whenever the launch had
+#: more programs than SMs (two resident per SM) — even on tiles one program covered whole, so not the fix-up —
+#: while num_stages=1, BLOCK_N=64 and the fp32 BLOCK_N=128 tiles were exact at every program count. Until the
+#: cause is found these tiles are not offered on any GPU or triton version (the data-parallel kernel keeps
+#: them: it passed every check).
+MAX_BLOCK_N_16BIT_KXK = 64
+
+
 def configs_kxk(dtype_bytes: int) -> list:
-    return fits_workspace(_kxk.kxk_configs(dtype_bytes), lambda c: c.kwargs["BLOCK_H"] * c.kwargs["BLOCK_W"])
+    """The KxK TMA configs whose tile fits a workspace slot, without the 16-bit tiles wider than
+    MAX_BLOCK_N_16BIT_KXK (see there)."""
+    kept = fits_workspace(_kxk.kxk_configs(dtype_bytes), lambda c: c.kwargs["BLOCK_H"] * c.kwargs["BLOCK_W"])
+    return [c for c in kept if dtype_bytes > 2 or c.kwargs["BLOCK_N"] <= MAX_BLOCK_N_16BIT_KXK]
 
 
 #: Autotuners by (kind, programs): the program count is the grid, not a kernel argument, so it cannot be in an
@@ -257,11 +270,11 @@ def conv_kxk_tma_streamk_launch(x, weight, scale, shift, residual, y, padding, d
 
 
 #: (kernel, dtype, tile) pairs compiled ahead of time: every 16-bit tile of each kernel would double the TMA
-#: compile tests, so the largest and smallest slot-fitting fp16 tiles, one bf16 and one fp32 (TF32) tile each.
+#: compile tests, so the largest and smallest offered fp16 tiles, one bf16 and one fp32 (TF32) tile each.
 _AOT_PICKS = (
     ("1x1", "float16", (128, 128)), ("1x1", "float16", (64, 64)), ("1x1", "bfloat16", (128, 64)),
     ("1x1", "float32", (128, 128)),
-    ("kxk", "float16", (8, 16, 128)), ("kxk", "float16", (8, 8, 64)), ("kxk", "bfloat16", (8, 16, 64)),
+    ("kxk", "float16", (8, 16, 64)), ("kxk", "float16", (8, 8, 64)), ("kxk", "bfloat16", (4, 16, 64)),
     ("kxk", "float32", (8, 8, 128)),
 )
 

@@ -163,7 +163,40 @@ def test_streamk_tma_configs_fit_the_workspace_slots():
     assert not any(c.kwargs["BLOCK_N"] == 256 for c in conv_tma_streamk.configs_1x1(2))
 
 
+def test_16bit_kxk_streamk_offers_no_tile_wider_than_64_channels():
+    """The 16-bit BLOCK_N=128 KxK stream-K tiles computed wrong results on an H200 (conv_tma_streamk
+    MAX_BLOCK_N_16BIT_KXK): not offered; fp32's 128-wide tiles and the data-parallel kernel's stay."""
+    from fusedconv.kernels import conv_tma_kxk
+
+    widths_16 = {c.kwargs["BLOCK_N"] for c in conv_tma_streamk.configs_kxk(2)}
+    assert widths_16 and max(widths_16) <= conv_tma_streamk.MAX_BLOCK_N_16BIT_KXK == 64
+    assert 128 in {c.kwargs["BLOCK_N"] for c in conv_tma_streamk.configs_kxk(4)}
+    assert 128 in {c.kwargs["BLOCK_N"] for c in conv_tma_kxk.kxk_configs(2)}
+    # what the autotuner would run on a 16-bit launch: the same pruning the kernel's autotuner applies
+    base = torch.empty(0, dtype=torch.float16)
+    kept = conv_tma_streamk._prune_kxk(conv_tma_streamk.configs_kxk(2) + conv_tma_streamk.configs_kxk(4),
+                                       {"x_desc": type("D", (), {"base": base})(), "CIN": 256, "COUT": 256,
+                                        "HAS_RESIDUAL": False})
+    assert kept and all(c.kwargs["BLOCK_N"] <= 64 for c in kept)
+
+
 # ------------------------------------------------------------------------------------------------ on a GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_tma_kxk_streamk_with_two_programs_per_sm_matches_float64(dtype, spy):
+    """The layer and program counts where the 16-bit 128-wide tiles failed on an H200 (ResNet-50 layer3 3x3,
+    batch 32, two programs per SM and one short of that), three launches each: every launch within tolerance."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA needs sm_90+")
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    case = ConvCase("3x3_256_b32", 32, 256, 14, 14, 256, (3, 3), padding=(1, 1))
+    for programs in (2 * sms, 2 * sms - 12):
+        for _ in range(3):
+            run_case(case, dtype, "channels_last", "relu", False, device="cuda", weight_fn=pack_weight, tma=True,
+                     stream_k=programs)
+    assert set(spy) == {"conv_kxk_tma_streamk_launch"}
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", [ConvCase("1x1_256_to_64", 4, 256, 14, 14, 64, (1, 1)),
                                   ConvCase("1x1_512_to_128_stride2", 2, 512, 14, 14, 128, (1, 1), stride=(2, 2)),

@@ -84,6 +84,8 @@ def _gpu_tests(sec, title: str) -> list[str]:
     out = [f"## {title} (`pytest -m gpu " + sec["tests"] + "`)", "",
            f"exit code {sec['returncode']}: {sec['summary']}"]
     out += [f"- {ln}" for ln in sec.get("failed") or []]
+    if sec.get("errors"):
+        out += ["", "Error lines:", "", "```", *sec["errors"], "```"]
     return out + [""]
 
 

@@ -65,8 +65,9 @@ def test_run_gpu_tests_reports_the_child_pytest(tmp_path):
     assert got["returncode"] == 1
     assert "1 failed, 1 passed, 1 deselected" in got["summary"]
     assert len(got["failed"]) == 1 and "test_bad" in got["failed"][0]
+    assert any("assert 1 == 2" in ln for ln in got["errors"])  # why it failed, not only which
     md = "\n".join(gpu_check_report._cudnn_candidate(got))
-    assert "exit code 1" in md and "test_bad" in md
+    assert "exit code 1" in md and "test_bad" in md and "assert 1 == 2" in md
 
 
 def test_run_gpu_tests_takes_several_files(tmp_path):

@@ -61,12 +61,27 @@ def test_everything_denied_is_an_error_not_a_wrong_kernel(tmp_path):
         denylist.drop_denied(configs, {"x_ptr": _CudaLike()}, gpu_name="NVIDIA H200", deny_file=path)
 
 
+def _keys_the_kernel_could_run(kernel: str) -> set:
+    """Deny-list keys of every config a kernel has (before any pruning): what an entry must be one of."""
+    from fusedconv.kernels import conv_tma, conv_tma_kxk
+
+    if kernel in ("gemm", "streamk"):  # the GEMM / pointer stream-K kernels: config_tuple's 5 values
+        return {tuple(denylist.config_tuple(c)) for c in kconfigs.autotune_configs(2) + kconfigs.autotune_configs(4)}
+    table = {"tma1x1": conv_tma.dp_configs, "tma1x1_streamk": conv_tma.tma_configs,
+             "tmakxk": conv_tma_kxk.dp_configs, "tmakxk_streamk": conv_tma_kxk.kxk_configs}[kernel]
+    return {tuple(denylist.config_key(c)) for c in table(2) + table(4)}
+
+
 def test_committed_denylist_is_well_formed():
+    """Every committed entry names a GPU, a triton version, a kernel and a config that kernel has (TMA kernels
+    key configs by config_key: 6-8 values; the GEMM kernels by config_tuple: 5), so none silently matches
+    nothing."""
     with open(denylist.DENYLIST_PATH) as f:
         data = json.load(f)
     assert isinstance(data["entries"], list)
     for e in data["entries"]:
-        assert {"gpu", "triton", "config"} <= set(e) and len(e["config"]) == 5, e
+        assert {"gpu", "triton", "config"} <= set(e), e
+        assert tuple(e["config"]) in _keys_the_kernel_could_run(e.get("kernel", "gemm")), e
 
 
 def test_empty_denylist_needs_no_device(tmp_path):

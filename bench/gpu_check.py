@@ -115,9 +115,11 @@ def main(args, argv: list[str]) -> int:
         # channels_last_3d, batch 1, a 4x56x56 clip; layers not started by the deadline are recorded as such.
         part("layers3d", lambda r, d: run_layers3d(r, d, device))
         part("tuned_table", lambda r, d: r.update(tuned_table=save_default_table()))
-        # Last: the child pytest gets what is left of the budget (at least 60 s), so it cannot starve the timings.
+        # Last: the child pytest gets what is left of the budget, so it cannot starve the timings, but at least
+        # 100 s: the second 2026-12-04 H200 run timed these 4 tests out at 60 s with cold compile caches, and the
+        # same tests took 40 s (import and collection included) when rerun on the warm machine.
         part("autocast", lambda r, d: r.update(autocast=run_gpu_tests(
-            "tests/test_autocast.py", "tests/test_ops_autocast.py", timeout_s=max(60, int(d - time.perf_counter())))))
+            "tests/test_autocast.py", "tests/test_ops_autocast.py", timeout_s=max(100, int(d - time.perf_counter())))))
     save()
     failed = [row for row in results.get("correctness", {}).get("rows", []) if not row.get("ok")]
     print(f"wrote {os.path.join(out_dir, stem)}.{{json,md}}; {len(failed)} failing configs", file=sys.stderr)

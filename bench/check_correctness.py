@@ -164,8 +164,8 @@ def _tma_candidates(g: Geometry, batch: int, dtype: torch.dtype, device: torch.d
         return conv_tma_streamk._prune_kxk(conv_tma_streamk.configs_kxk(2) + conv_tma_streamk.configs_kxk(4),
                                            {"x_desc": base, "CIN": g.cin, "COUT": g.cout, "HAS_RESIDUAL": g.residual})
     if kernel == "tma1x1":  # the launcher's output is dense channels_last: it has an output descriptor (y_desc),
-        # so the TMA-store-epilogue twins are candidates too (conv_tma.dp_configs)
-        return conv_tma._prune_tma(conv_tma.dp_configs(2) + conv_tma.dp_configs(4),
+        # so the TMA-store-epilogue twins are candidates too (conv_tma.dp_configs), and the persistent configs
+        return conv_tma._prune_tma(conv_tma.all_configs(),
                                    {"a_desc": base, "y_desc": base, "M": batch * oh * ow, "CIN": g.cin,
                                     "COUT": g.cout, "HAS_RESIDUAL": g.residual})
     if kernel == "tmakxk":  # likewise with its 4-D output descriptor
@@ -183,7 +183,8 @@ def config_label(cfg) -> str:
         return (f"{kw['BLOCK_H']}x{kw['BLOCK_W']}px x{kw['BLOCK_N']}x{kw['BLOCK_K']} w{cfg.num_warps}"
                 f"/s{cfg.num_stages}{' tma-store' if kw.get('TMA_EPILOGUE') else ''}")
     store = " tma-store" if kw.get("TMA_EPILOGUE") else ""  # the TMA kernels' bulk-tensor store epilogue
-    return f"{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']} w{cfg.num_warps}/s{cfg.num_stages}{store}"
+    persistent = f" persistent x{kw['PROGRAMS_PER_SM']}/SM" if kw.get("PERSISTENT") else ""  # conv_tma's
+    return f"{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']} w{cfg.num_warps}/s{cfg.num_stages}{store}{persistent}"
 
 
 # --------------------------------------------------------------------------------------------- checking

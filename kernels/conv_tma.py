@@ -18,6 +18,13 @@ passes None, and even a TMA_EPILOGUE config stores (or loads the residual) throu
 a TMA_EPILOGUE twin of each large tile (`dp_configs`, TMA_EPILOGUE_MIN_TILE says which and why) and times it
 against the pointer-store tile per shape; the twins are pruned where the launch has no output descriptor.
 
+Persistent configs (PERSISTENT, 16-bit): a grid of PROGRAMS_PER_SM programs per SM, each walking the output tiles
+in strides of the grid through one flattened, software-pipelined loop, so the next tiles' descriptor loads are in
+flight during this tile's MMA and epilogue. ResNet's 1x1 convs have one to four K steps per tile, too few for a
+one-tile program to hide its loads behind. On the H200 at batch 32 the best persistent config ran 8 of
+ResNet-50's 12 stride-1 1x1 convs 1.02-1.55x faster than the best one-tile config, and the K-heavy layer3/4 ones
+0.78-0.95x as fast (bench/results/nvidia-h200/2026-12-04-tma1x1.md): the autotuner times both kinds per shape.
+
 When it applies (`tma_1x1_eligible`): 16-bit or fp32 CUDA/interpreter tensors, groups 1, kernel 1x1, stride 1,
 padding 0, x dense channels_last, weight packed (`pack_weight`), no split-K, and every descriptor constraint:
 16-byte aligned base pointers and 16-byte aligned row strides (Cin and Cout times the element size multiples
@@ -56,6 +63,21 @@ _TMA_CONFIGS_16BIT = (
 )
 _TMA_CONFIGS_32BIT = ((128, 128, 32, 3, 8), (128, 64, 32, 4, 4), (64, 64, 32, 4, 4))
 GROUP_M = 8
+#: The persistent configs, 16-bit only: (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps, PROGRAMS_PER_SM).
+#: They are for the memory-bound 1x1 convs (64-256 input channels: one to four K steps per tile), where cuDNN ran
+#: 1.4-1.7x faster than the one-tile-per-program configs on the H200 (2026-12-04 GPU check). A persistent grid
+#: must be resident all at once (a program that waits for a free SM runs its whole share of tiles late), so each
+#: config's shared memory — stages x (A + B tiles), the output tile staged for its bulk store and the residual
+#: tile loaded by descriptor — times PROGRAMS_PER_SM fits an SM's 228 KB; the sm_90 compile tests check the
+#: compiled kernels' figure (tests/test_kernel_compile.py).
+_PERSISTENT_CONFIGS_16BIT = (
+    (128, 64, 64, 3, 4, 2),
+    (128, 128, 64, 3, 8, 1),
+    (64, 64, 64, 4, 4, 2),
+)
+#: Programs of a persistent launch under the interpreter (no SM count there): fewer than the tiles of the tests'
+#: shapes, so each program walks several tiles.
+INTERPRET_PERSISTENT_PROGRAMS = 3
 
 
 @triton.jit
@@ -67,22 +89,44 @@ def _conv1x1_tma_kernel(
     ACT_PARAM,
     ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    TMA_EPILOGUE: tl.constexpr = False,
+    TMA_EPILOGUE: tl.constexpr = False, PERSISTENT: tl.constexpr = False, PROGRAMS_PER_SM: tl.constexpr = 1,
 ):
-    pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(COUT, BLOCK_N)
+    k_steps = tl.cdiv(CIN, BLOCK_K)
+    if PERSISTENT:
+        # PROGRAMS_PER_SM programs per SM (the grid, `programs`) walk the tiles in strides of the grid. The tile
+        # and K loops are flattened into one software-pipelined loop, so the descriptor loads of the next tiles
+        # are in flight while this tile's MMA and epilogue run: with ResNet's 64-256 input channels a tile has
+        # one to four K steps, and a one-tile program has nothing to overlap its loads with.
+        for tile in tl.range(tl.program_id(0), num_pid_m * num_pid_n, tl.num_programs(0), flatten=True):
+            _tile_1x1(tile, num_pid_m, num_pid_n, k_steps, a_desc, b_desc, y_desc, r_desc, scale_ptr, shift_ptr,
+                      res_ptr, y_ptr, M, COUT, OH, OW, srn, src, srh, srw, syn, syc, syh, syw, ACT_PARAM,
+                      ACTIVATION, HAS_RESIDUAL, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, TMA_EPILOGUE)
+    else:
+        _tile_1x1(tl.program_id(0), num_pid_m, num_pid_n, k_steps, a_desc, b_desc, y_desc, r_desc, scale_ptr,
+                  shift_ptr, res_ptr, y_ptr, M, COUT, OH, OW, srn, src, srh, srw, syn, syc, syh, syw, ACT_PARAM,
+                  ACTIVATION, HAS_RESIDUAL, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, TMA_EPILOGUE)
+
+
+@triton.jit
+def _tile_1x1(tile, num_pid_m, num_pid_n, k_steps, a_desc, b_desc, y_desc, r_desc, scale_ptr, shift_ptr, res_ptr,
+              y_ptr, M, COUT, OH, OW, srn, src, srh, srw, syn, syc, syh, syw, ACT_PARAM,
+              ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+              TMA_EPILOGUE: tl.constexpr):
+    """Output tile number `tile` (grouped GROUP_M rows of tiles at a time, for L2 reuse of the weight): its K
+    loop and fused epilogue."""
     num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
+    group_id = tile // num_pid_in_group
     first_pid_m = group_id * GROUP_M
     group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    pid_m = first_pid_m + ((tile % num_pid_in_group) % group_size_m)
+    pid_n = (tile % num_pid_in_group) // group_size_m
     m0 = pid_m * BLOCK_M
     n0 = pid_n * BLOCK_N
 
-    acc = k_loop_tma_1x1(a_desc, b_desc, m0, n0, 0, tl.cdiv(CIN, BLOCK_K), INPUT_PRECISION, BLOCK_M, BLOCK_N,
-                         BLOCK_K)
+    acc = k_loop_tma_1x1(a_desc, b_desc, m0, n0, 0, k_steps, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
     if TMA_EPILOGUE and y_desc is not None:  # y_desc None: the output is not TMA-storable (tma_store_eligible)
         epilogue_1x1_tma_store(acc, m0, n0, y_desc, r_desc, scale_ptr, shift_ptr, res_ptr, y_ptr, M, COUT, OH, OW,
                                srn, src, srh, srw, ACT_PARAM, ACTIVATION, HAS_RESIDUAL, BLOCK_M, BLOCK_N)
@@ -182,26 +226,69 @@ def dp_configs(dtype_bytes: int) -> list:
     return base + twins
 
 
+def persistent_configs(dtype_bytes: int) -> list:
+    """The persistent configs (PERSISTENT: a grid of PROGRAMS_PER_SM programs per SM walks the tiles in one
+    pipelined loop), each with the TMA-store epilogue (pointer stores where the launch has no output descriptor).
+    16-bit inputs only: fp32 / TF32 1x1 convs are twice the bytes per FLOP of fp16 and none of those timed so far
+    was memory-bound enough for it (an empty list for 4-byte inputs)."""
+    if dtype_bytes > 2:
+        return []
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": GROUP_M, "TMA_EPILOGUE": True,
+                           "PERSISTENT": True, "PROGRAMS_PER_SM": per_sm}, num_stages=s, num_warps=w,
+                          pre_hook=_set_block_shapes) for bm, bn, bk, s, w, per_sm in _PERSISTENT_CONFIGS_16BIT]
+
+
+def all_configs() -> list:
+    """Every config the data-parallel TMA 1x1 kernel's autotuner holds (16-bit and 32-bit): `dp_configs` and
+    `persistent_configs`."""
+    return dp_configs(2) + dp_configs(4) + persistent_configs(2)
+
+
+def programs(tiles: int, meta: dict, device) -> int:
+    """The grid of one launch: one program per tile, or for a PERSISTENT config at most PROGRAMS_PER_SM per SM
+    (INTERPRET_PERSISTENT_PROGRAMS under the interpreter)."""
+    if not meta.get("PERSISTENT"):
+        return tiles
+    if device.type != "cuda":
+        return min(tiles, INTERPRET_PERSISTENT_PROGRAMS)
+    return min(tiles, _sm_count(device) * meta["PROGRAMS_PER_SM"])
+
+
+_SM_COUNTS: dict = {}
+
+
+def _sm_count(device) -> int:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNTS:
+        _SM_COUNTS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNTS[index]
+
+
 def _prune_tma(configs, named_args, **kwargs):
     """Configs of the input's dtype class, tiles capped to the problem (as configs.prune_configs does); the
-    TMA_EPILOGUE twins only where the launch has an output descriptor (`y_desc`, see tma_store_eligible)."""
+    TMA_EPILOGUE twins only where the launch has an output descriptor (`y_desc`, see tma_store_eligible); the
+    persistent configs always (their epilogue stores through pointers without one)."""
     args = {**named_args, **kwargs}
     store_ok = args.get("y_desc") is not None
     dtype_bytes = args["a_desc"].base.element_size()
     own = {(c[0], c[1], c[2]) for c in (_TMA_CONFIGS_16BIT if dtype_bytes <= 2 else _TMA_CONFIGS_32BIT)}
+    own_persistent = {c[:3] for c in _PERSISTENT_CONFIGS_16BIT} if dtype_bytes <= 2 else set()
 
     def cap(n):
         return max(16, 1 << (max(int(n), 1) - 1).bit_length())
 
     kept, seen = [], set()
     for c in configs:
-        if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) not in own:
+        persistent = bool(c.kwargs.get("PERSISTENT"))
+        if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) not in (own_persistent if persistent
+                                                                                   else own):
             continue
-        if c.kwargs.get("TMA_EPILOGUE") and not store_ok:
+        if c.kwargs.get("TMA_EPILOGUE") and not store_ok and not persistent:
             continue
         bm, bn = min(c.kwargs["BLOCK_M"], cap(args["M"])), min(c.kwargs["BLOCK_N"], cap(args["COUT"]))
         bk = min(c.kwargs["BLOCK_K"], cap(args["CIN"]))
-        sig = (bm, bn, bk, c.num_stages, c.num_warps, bool(c.kwargs.get("TMA_EPILOGUE")))
+        sig = (bm, bn, bk, c.num_stages, c.num_warps, bool(c.kwargs.get("TMA_EPILOGUE")), persistent,
+               c.kwargs.get("PROGRAMS_PER_SM"))
         if args.get("HAS_RESIDUAL") and residual_spills(bm, bn, c.num_warps):
             continue  # accumulator + residual tile spill in the epilogue (configs.residual_spills)
         if sig not in seen:
@@ -261,7 +348,8 @@ def conv1x1_tma_launch(x, weight, scale, shift, residual, y, activation_id, act_
                        interpret_cfg=None):
     """Launch `_conv1x1_tma_kernel` on an eligible problem (the caller checked `tma_1x1_eligible`). The output
     (and the residual) get a descriptor where `tma_store_eligible`, else None: then every config, TMA_EPILOGUE
-    twins included, stores (loads) through pointers. `interpret_cfg` may set TMA_EPILOGUE to force the variant."""
+    twins included, stores (loads) through pointers. `interpret_cfg` may set TMA_EPILOGUE or PERSISTENT (and
+    PROGRAMS_PER_SM) to force those variants."""
     n, cin, h, w = x.shape
     cout = weight.shape[0]
     m = n * h * w
@@ -281,7 +369,7 @@ def conv1x1_tma_launch(x, weight, scale, shift, residual, y, activation_id, act_
                  INPUT_PRECISION="tf32" if tf32 else "ieee")
 
     def grid(meta):
-        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(cout, meta["BLOCK_N"]),)
+        return (programs(triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(cout, meta["BLOCK_N"]), meta, x.device),)
 
     if interpret_cfg is not None:
         _conv1x1_tma_kernel[grid(interpret_cfg)](*args, **flags, **interpret_cfg)
@@ -297,7 +385,7 @@ def autotuned_kernel():
     """The autotuner around `_conv1x1_tma_kernel`, built on first GPU use."""
     global _autotuned
     if _autotuned is None:
-        _autotuned = triton.autotune(configs=dp_configs(2) + dp_configs(4),
+        _autotuned = triton.autotune(configs=all_configs(),
                                      key=["M", "CIN", "COUT", "OW", "HAS_RESIDUAL", "ACTIVATION"],
                                      prune_configs_by={"early_config_prune": _prune_tma})(_conv1x1_tma_kernel)
     return _autotuned
@@ -330,6 +418,11 @@ def aot_variants() -> list[dict]:
     twin16 = next(c for c in dp_configs(2) if c.kwargs.get("TMA_EPILOGUE")
                   and not residual_spills(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps))
     variants.append(_aot_variant("float16", twin16, "relu", True, store_descs=False))
+    # The persistent configs (16-bit only): fp16 with and without a residual, and one bf16.
+    for i, cfg in enumerate(persistent_configs(2)):
+        residual = i % 2 == 0 and not residual_spills(cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_warps)
+        variants.append(_aot_variant("float16", cfg, acts[i % len(acts)], residual))
+    variants.append(_aot_variant("bfloat16", persistent_configs(2)[0], "silu", False))
     return variants
 
 
@@ -350,7 +443,8 @@ def _aot_variant(dtype: str, cfg, act: str, residual: bool, store_descs: bool = 
     sig["ACT_PARAM"] = "fp32"
     constexprs = dict(ACTIVATION=ACTIVATION_IDS[act], HAS_RESIDUAL=residual,
                       INPUT_PRECISION="tf32" if dtype == "float32" else "ieee")
-    constexprs.update({"TMA_EPILOGUE": False, **cfg.kwargs})  # the kernel's default where the config has none
+    # the kernel's defaults where the config has none
+    constexprs.update({"TMA_EPILOGUE": False, "PERSISTENT": False, "PROGRAMS_PER_SM": 1, **cfg.kwargs})
     if not residual or not store_descs:  # the launcher passes no residual descriptor then
         constexprs["r_desc"] = None
     if not store_descs:
@@ -366,9 +460,11 @@ def _aot_variant(dtype: str, cfg, act: str, residual: bool, store_descs: bool = 
                                   "srw", "syn", "syh", "syw") if sig[a] != "constexpr")
     return {
         "name": f"tma_conv1x1_{act}_{'res_' if residual else ''}{t}_m{bm}n{bn}k{bk}s{cfg.num_stages}"
-                f"w{cfg.num_warps}{'_tmastore' if twin else ''}{'' if store_descs else '_nodesc'}",
+                f"w{cfg.num_warps}{'_tmastore' if twin else ''}{'' if store_descs else '_nodesc'}"
+                f"{'_persistent_p%d' % cfg.kwargs['PROGRAMS_PER_SM'] if cfg.kwargs.get('PERSISTENT') else ''}",
         "fn": _conv1x1_tma_kernel, "signature": sig, "constexprs": constexprs,
         "attrs": {(_conv1x1_tma_kernel.arg_names.index(a),): [["tt.divisibility", 16]] for a in divisible},
         "divisible_by_16": divisible, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
         "dtype": dtype, "expects_tensor_cores": True, "expects_tma": True, "expects_tma_store": twin and store_descs,
+        "programs_per_sm": cfg.kwargs["PROGRAMS_PER_SM"] if cfg.kwargs.get("PERSISTENT") else None,
     }

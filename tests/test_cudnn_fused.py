@@ -2,7 +2,8 @@
 wiring into the variant choice (probe, agreement check, timing, warnings), on CPU.
 
 cuDNN itself is replaced by fakes that compute relu(conv + bias [+ z]) with F.conv2d on the CPU (or compute it
-wrongly, or raise), `can_time` by True and `do_bench` by fixed times per candidate, so the real choice code runs.
+wrongly, or raise), `can_time` by True and `variant_choice.device_time_ms` by fixed times per candidate, so the
+real choice code runs.
 The launcher integration runs under the Triton interpreter; the real cuDNN op is compared with float64 in the
 `gpu` test at the end.
 """
@@ -12,7 +13,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-import triton.testing
 
 from fusedconv.kernels import backend_log, cudnn_fused, variant_choice
 from fusedconv.kernels.reference import conv_bn_act_ref
@@ -158,7 +158,7 @@ def fake_cudnn(monkeypatch):
     monkeypatch.setattr(cudnn_fused, "_decided", set())
     monkeypatch.setattr(variant_choice, "_choices", {})
     monkeypatch.setattr(variant_choice, "can_time", lambda device: True)
-    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, warmup, rep: fake.times[fn.name])
+    monkeypatch.setattr(variant_choice, "device_time_ms", lambda fn, device: fake.times[fn.name])
     return fake
 
 
@@ -323,7 +323,7 @@ def test_launcher_offers_cudnn_and_runs_the_choice(fake_cudnn, monkeypatch, resi
 
     x, w, scale, shift, res, act = _call(residual)
     timed = iter([2.0, 1.0])  # variant_choice times the candidates in order: pointer, then cuDNN
-    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, warmup, rep: next(timed))
+    monkeypatch.setattr(variant_choice, "device_time_ms", lambda fn, device: next(timed))
     ref = _reference(x, w, scale, shift, res, act)
     with backend_log.recording() as log:
         out = conv_bn_act(x, w, scale, shift, stride=1, padding=1, residual=res)
@@ -350,7 +350,7 @@ def test_launcher_drops_a_wrong_cudnn(fake_cudnn, monkeypatch):
     from fusedconv.kernels import conv_bn_act
 
     fake_cudnn.ops = _fake_ops(wrong=True)
-    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, warmup, rep: 1.0)
+    monkeypatch.setattr(variant_choice, "device_time_ms", lambda fn, device: 1.0)
     x, w, scale, shift, res, act = _call()
     ref = _reference(x, w, scale, shift, res, act)
     with pytest.warns(RuntimeWarning, match="'cudnn' kernel disagrees"), backend_log.recording() as log:
@@ -403,16 +403,9 @@ def test_real_cudnn_through_the_launcher_eager_and_in_a_cuda_graph(monkeypatch, 
     monkeypatch.setattr(cudnn_fused, "_decided", set())
     monkeypatch.setattr(cudnn_fused, "_failed", set())
     # The cuDNN launch is the only candidate variant_choice gets wrapped (functools.wraps sets __wrapped__).
-    # Only variant_choice's timing (warmup=, rep=) is faked: Triton's autotuner times its configs through the
-    # same function with other arguments (on the H200 a fake that took only the choice's arguments broke it).
-    real_do_bench = triton.testing.do_bench
-
-    def fake_do_bench(fn, *args, **kwargs):
-        if set(kwargs) == {"warmup", "rep"} and not args:
-            return 0.5 if hasattr(fn, "__wrapped__") else 2.0
-        return real_do_bench(fn, *args, **kwargs)
-
-    monkeypatch.setattr(triton.testing, "do_bench", fake_do_bench)
+    # Only variant_choice's device timer is faked; Triton's autotuner still times its configs for real.
+    monkeypatch.setattr(variant_choice, "device_time_ms",
+                        lambda fn, device: 0.5 if hasattr(fn, "__wrapped__") else 2.0)
     dev = torch.device("cuda")
     x, w, scale, shift, res, ref = _real_layer(7, 8, 64, 28, 64, 1, residual)
     cl = torch.channels_last

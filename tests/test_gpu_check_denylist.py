@@ -67,14 +67,16 @@ def _keys_the_kernel_could_run(kernel: str) -> set:
 
     if kernel in ("gemm", "streamk"):  # the GEMM / pointer stream-K kernels: config_tuple's 5 values
         return {tuple(denylist.config_tuple(c)) for c in kconfigs.autotune_configs(2) + kconfigs.autotune_configs(4)}
-    table = {"tma1x1": conv_tma.dp_configs, "tma1x1_streamk": conv_tma.tma_configs,
-             "tmakxk": conv_tma_kxk.dp_configs, "tmakxk_streamk": conv_tma_kxk.kxk_configs}[kernel]
+    if kernel == "tma1x1":  # data-parallel configs, their TMA-store twins and the persistent configs
+        return {tuple(denylist.config_key(c)) for c in conv_tma.all_configs()}
+    table = {"tma1x1_streamk": conv_tma.tma_configs, "tmakxk": conv_tma_kxk.dp_configs,
+             "tmakxk_streamk": conv_tma_kxk.kxk_configs}[kernel]
     return {tuple(denylist.config_key(c)) for c in table(2) + table(4)}
 
 
 def test_committed_denylist_is_well_formed():
     """Every committed entry names a GPU, a triton version, a kernel and a config that kernel has (TMA kernels
-    key configs by config_key: 6-8 values; the GEMM kernels by config_tuple: 5), so none silently matches
+    key configs by config_key: 6-9 values; the GEMM kernels by config_tuple: 5), so none silently matches
     nothing."""
     with open(denylist.DENYLIST_PATH) as f:
         data = json.load(f)

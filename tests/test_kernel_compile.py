@@ -107,6 +107,7 @@ def compile_one(variant: dict, cap: int) -> dict:
                 "bulk_tensor_copies": len(_BULK_TENSOR_RE.findall(ptx)),
                 "bulk_tensor_stores": len(_BULK_TENSOR_STORE_RE.findall(ptx)),
                 "spill_bytes": _spill_bytes(kernel.asm.get("cubin")) if variant.get("expects_tma_store") else None,
+                "shared_bytes": getattr(kernel.metadata, "shared", None),
                 "target_line": next((ln.strip() for ln in ptx.splitlines() if ln.startswith(".target")), ""),
                 "seconds": round(time.perf_counter() - start, 2)}
     except Exception as exc:  # reported per variant by the tests
@@ -171,7 +172,8 @@ def _variant_meta() -> list[dict]:
     from fusedconv.kernels import aot_variants
 
     return [{**{k: v[k] for k in ("name", "dtype", "expects_tensor_cores")}, "expects_tma": v.get("expects_tma", False),
-             "expects_tma_store": v.get("expects_tma_store", False)} for v in aot_variants()]
+             "expects_tma_store": v.get("expects_tma_store", False), "programs_per_sm": v.get("programs_per_sm")}
+            for v in aot_variants()]
 
 
 _VARIANTS = _variant_meta() if __name__ != "__main__" else []  # script mode needs no collection
@@ -284,6 +286,23 @@ def test_tma_store_epilogue_variants_store_through_the_copy_engine(compile_resul
     assert result["bulk_tensor_stores"] > 0, "no cp.async.bulk.tensor ... global.shared::cta store in the PTX"
     assert any(op.startswith("wgmma.") for op in result["tensor_core_ops"]), result["tensor_core_ops"]
     assert result["spill_bytes"] == 0, f"spills {result['spill_bytes']} bytes (stack + local)"
+
+
+#: Shared memory of one Hopper SM (sm_90: 228 KB), of which the runtime reserves 1 KB per resident program.
+SM90_SHARED_PER_SM, SHARED_RESERVED_PER_PROGRAM = 228 * 1024, 1024
+
+
+@pytest.mark.parametrize("variant", [v for v in _VARIANTS if v["programs_per_sm"]], ids=lambda v: v["name"])
+def test_persistent_variants_fit_their_programs_per_sm(compile_results, variant):
+    """A persistent config launches PROGRAMS_PER_SM programs per SM and relies on all of them being resident
+    at once (a program left waiting runs its whole share of tiles after the others): the compiled kernel's shared
+    memory, times that count, fits one SM."""
+    result = _result(compile_results, variant["name"], 90)
+    shared = result["shared_bytes"]
+    assert shared is not None, "the compiled kernel reports no shared-memory size"
+    per_sm = variant["programs_per_sm"]
+    assert (shared + SHARED_RESERVED_PER_PROGRAM) * per_sm <= SM90_SHARED_PER_SM, \
+        f"{per_sm} programs x ({shared} + {SHARED_RESERVED_PER_PROGRAM}) bytes > {SM90_SHARED_PER_SM}"
 
 
 def test_pointer_store_tma_variants_have_no_bulk_store(compile_results):

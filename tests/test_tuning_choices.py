@@ -13,7 +13,6 @@ import types
 
 import pytest
 import torch
-import triton.testing
 
 from fusedconv import tuning
 from fusedconv.kernels import tuning_cache, variant_choice
@@ -47,7 +46,7 @@ def _no_timing(monkeypatch):
         raise AssertionError("a loaded choice was timed again")
 
     monkeypatch.setattr(variant_choice, "can_time", lambda device: True)
-    monkeypatch.setattr(triton.testing, "do_bench", forbidden)
+    monkeypatch.setattr(variant_choice, "device_time_ms", forbidden)
     return {"pointer": forbidden, "tma": forbidden}
 
 
@@ -77,7 +76,7 @@ def test_a_loaded_choice_not_offered_now_is_timed_anew(gpu_context, monkeypatch)
     def pointer():
         calls.append("pointer")
     pointer.time = 1.0
-    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, warmup, rep: fn.time)
+    monkeypatch.setattr(variant_choice, "device_time_ms", lambda fn, device: fn.time)
     # only the pointer kernel is offered (e.g. TMA not eligible here): the stale choice is not used
     assert variant_choice.choose(_key(), {"pointer": pointer}, torch.device("cuda", 0)) == "pointer"
 

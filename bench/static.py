@@ -219,6 +219,10 @@ def tma_variants(case: LayerCase, batch: int, dtype: str, plan: dict, stream_k: 
                      f"{' tma-store' if kw.get('TMA_EPILOGUE') else ''}")
         if "y_desc" in fn.arg_names:  # the data-parallel kernels: TMA_EPILOGUE defaults to False
             kw.setdefault("TMA_EPILOGUE", False)
+            if "PERSISTENT" in fn.arg_names:  # conv_tma's one-tile-per-program form (its defaults); the
+                # persistent configs are left out of this report: its wave model has one program per tile
+                kw.setdefault("PERSISTENT", False)
+                kw.setdefault("PROGRAMS_PER_SM", 1)
             if not case.residual:
                 kw["r_desc"] = None  # no residual: the launcher passes no residual descriptor
         sig = {**descs, "scale_ptr": "*fp32", "shift_ptr": "*fp32", "res_ptr": f"*{t}", "y_ptr": f"*{t}",

@@ -122,10 +122,16 @@ def _activation_names():
     return tuple(ACTIVATION_IDS)
 
 
+_SM_COUNTS: dict = {}  # CUDA device index -> SM count (asked once: the persistent TMA grid asks per launch)
+
+
 def _num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 0
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNTS:
+        _SM_COUNTS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNTS[index]
 
 
 def _depthwise_launcher():

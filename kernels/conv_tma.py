@@ -46,6 +46,7 @@ import triton
 import triton.language as tl
 
 from fusedconv.kernels.configs import residual_spills
+from fusedconv.kernels.conv_plan import _num_sms
 from fusedconv.kernels.epilogue import epilogue_store, epilogue_tile
 
 try:
@@ -251,17 +252,7 @@ def programs(tiles: int, meta: dict, device) -> int:
         return tiles
     if device.type != "cuda":
         return min(tiles, INTERPRET_PERSISTENT_PROGRAMS)
-    return min(tiles, _sm_count(device) * meta["PROGRAMS_PER_SM"])
-
-
-_SM_COUNTS: dict = {}
-
-
-def _sm_count(device) -> int:
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SM_COUNTS:
-        _SM_COUNTS[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _SM_COUNTS[index]
+    return min(tiles, _num_sms(device) * meta["PROGRAMS_PER_SM"])
 
 
 def _prune_tma(configs, named_args, **kwargs):

@@ -136,7 +136,7 @@ def test_prune_caps_persistent_tiles_to_the_problem():
 
 def test_persistent_grid_is_capped_by_the_sm_count(monkeypatch):
     """On a GPU: one program per tile, or min(tiles, SMs x PROGRAMS_PER_SM) for a persistent config."""
-    monkeypatch.setattr(conv_tma, "_sm_count", lambda device: 132)
+    monkeypatch.setattr(conv_tma, "_num_sms", lambda device: 132)
     cuda = torch.device("cuda", 0)
     assert conv_tma.programs(784, {"BLOCK_M": 128}, cuda) == 784
     assert conv_tma.programs(784, {"PERSISTENT": True, "PROGRAMS_PER_SM": 2}, cuda) == 264

@@ -160,6 +160,7 @@ def tma_variants(case: LayerCase, batch: int, dtype: str, plan: dict, stream_k: 
     with their pruning (tiles that fit the workspace slots)."""
     from types import SimpleNamespace
 
+    from fusedconv.kernels import configs as cfgs
     from fusedconv.kernels import conv_tma, conv_tma_kxk, conv_tma_streamk
     from fusedconv.kernels.schedule import STREAMK_MAX_TILE
 
@@ -217,12 +218,11 @@ def tma_variants(case: LayerCase, batch: int, dtype: str, plan: dict, stream_k: 
             tiles = batch * -(-oh // bh) * -(-ow // bw) * -(-s.cout // bn)
             label = (f"tma {bh}x{bw}px x{bn}x{bk} w{cfg.num_warps}/s{cfg.num_stages}"
                      f"{' tma-store' if kw.get('TMA_EPILOGUE') else ''}")
-        if "y_desc" in fn.arg_names:  # the data-parallel kernels: TMA_EPILOGUE defaults to False
-            kw.setdefault("TMA_EPILOGUE", False)
-            if "PERSISTENT" in fn.arg_names:  # conv_tma's one-tile-per-program form (its defaults); the
-                # persistent configs are left out of this report: its wave model has one program per tile
-                kw.setdefault("PERSISTENT", False)
-                kw.setdefault("PROGRAMS_PER_SM", 1)
+        # the kernel's own defaults for constexprs the config leaves out (the data-parallel kernels' TMA_EPILOGUE
+        # False; conv_tma's PERSISTENT False: its persistent configs are left out of this report, whose wave model
+        # has one program per tile)
+        kw = {**cfgs.constexpr_defaults(fn), **kw}
+        if "y_desc" in fn.arg_names:
             if not case.residual:
                 kw["r_desc"] = None  # no residual: the launcher passes no residual descriptor
         sig = {**descs, "scale_ptr": "*fp32", "shift_ptr": "*fp32", "res_ptr": f"*{t}", "y_ptr": f"*{t}",

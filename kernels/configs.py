@@ -385,3 +385,10 @@ def aot_variants() -> list[dict]:
             "num_warps": 4, "num_stages": 1, "dtype": dtype, "expects_tensor_cores": False,
         })
     return variants
+
+
+def constexpr_defaults(kernel) -> dict:
+    """{name: default} of a @triton.jit kernel's constexpr parameters that have one (the TMA kernels'
+    TMA_EPILOGUE, conv_tma's PERSISTENT and PROGRAMS_PER_SM): what a launch whose config leaves them out
+    compiles with."""
+    return {p.name: p.default for p in kernel.params if p.is_constexpr and p.has_default}

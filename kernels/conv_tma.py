@@ -45,7 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fusedconv.kernels.configs import residual_spills
+from fusedconv.kernels.configs import constexpr_defaults, residual_spills
 from fusedconv.kernels.conv_plan import _num_sms
 from fusedconv.kernels.epilogue import epilogue_store, epilogue_tile
 
@@ -434,8 +434,7 @@ def _aot_variant(dtype: str, cfg, act: str, residual: bool, store_descs: bool = 
     sig["ACT_PARAM"] = "fp32"
     constexprs = dict(ACTIVATION=ACTIVATION_IDS[act], HAS_RESIDUAL=residual,
                       INPUT_PRECISION="tf32" if dtype == "float32" else "ieee")
-    # the kernel's defaults where the config has none
-    constexprs.update({"TMA_EPILOGUE": False, "PERSISTENT": False, "PROGRAMS_PER_SM": 1, **cfg.kwargs})
+    constexprs.update({**constexpr_defaults(_conv1x1_tma_kernel), **cfg.kwargs})  # the kernel's where cfg has none
     if not residual or not store_descs:  # the launcher passes no residual descriptor then
         constexprs["r_desc"] = None
     if not store_descs:

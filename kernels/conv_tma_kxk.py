@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 
 from fusedconv.kernels.conv_tma import TMA_EPILOGUE_MIN_TILE, TensorDescriptor, tma_store_eligible
-from fusedconv.kernels.configs import residual_spills
+from fusedconv.kernels.configs import constexpr_defaults, residual_spills
 from fusedconv.kernels.epilogue import epilogue_store, epilogue_tile
 
 #: (BLOCK_H, BLOCK_W, BLOCK_N, BLOCK_K, num_stages, num_warps), 16-bit inputs; fp32 halves BLOCK_K.
@@ -359,7 +359,7 @@ def aot_variants() -> list[dict]:
                 residual = not residual_spills(k["BLOCK_H"] * k["BLOCK_W"], k["BLOCK_N"], cfg.num_warps)
             constexprs = dict(KH=kernel[0], KW=kernel[1], ACTIVATION=ACTIVATION_IDS[act], HAS_RESIDUAL=residual,
                               INPUT_PRECISION="tf32" if dtype == "float32" else "ieee")
-            constexprs.update({"TMA_EPILOGUE": False, **k})  # the kernel's default where the config has none
+            constexprs.update({**constexpr_defaults(_conv_kxk_tma_kernel), **k})  # the kernel's where k has none
             if not residual:  # the launcher passes no residual descriptor then
                 constexprs["r_desc"] = None
             for name in constexprs:

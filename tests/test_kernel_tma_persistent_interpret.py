@@ -22,6 +22,7 @@ from fusedconv.kernels import conv_bn_act, conv_tma, pack_weight
 from fusedconv.kernels import configs as kconfigs
 from fusedconv.kernels.epilogue import activation_id
 from test_kernel_interpret import TOLERANCE, ConvCase, build_case
+from test_kernel_tma_epilogue_interpret import _prune_args
 from util import max_rel_error
 
 #: 1x1 problems against the 16 x 16 x 16 interpreter tile: 7 x 2 tiles (M = 98, Cout = 24, one K step), and
@@ -103,30 +104,19 @@ def test_persistent_configs_are_16bit_only_and_in_the_autotuner():
     assert len(conv_tma.all_configs()) == len(conv_tma.dp_configs(2) + conv_tma.dp_configs(4)) + len(configs16)
 
 
-class _Desc:
-    def __init__(self, esize):
-        self.base = torch.empty(1, dtype=torch.float16 if esize == 2 else torch.float32)
-
-
-def _prune_args(**over):
-    args = dict(a_desc=_Desc(2), y_desc=None, M=100352, CIN=64, COUT=64, HAS_RESIDUAL=False)
-    args.update(over)
-    return args
-
-
 def test_prune_keeps_persistent_configs_without_an_output_descriptor():
     """The TMA-store twins need an output descriptor; the persistent configs do not (pointer stores then)."""
-    kept = conv_tma._prune_tma(conv_tma.all_configs(), _prune_args())
+    kept = conv_tma._prune_tma(conv_tma.all_configs(), _prune_args(None, m=100352, cin=64, cout=64))
     persistent = [c for c in kept if c.kwargs.get("PERSISTENT")]
     assert len(persistent) == len(conv_tma.persistent_configs(2))
     assert not any(c.kwargs.get("TMA_EPILOGUE") and not c.kwargs.get("PERSISTENT") for c in kept)
-    fp32 = conv_tma._prune_tma(conv_tma.all_configs(), _prune_args(a_desc=_Desc(4)))
+    fp32 = conv_tma._prune_tma(conv_tma.all_configs(), _prune_args(None, dtype=torch.float32))
     assert fp32 and not any(c.kwargs.get("PERSISTENT") for c in fp32)
 
 
 def test_prune_caps_persistent_tiles_to_the_problem():
     """Cout = 32: the 64- and 128-wide persistent tiles are capped to 32, deduplicated, still persistent."""
-    kept = [c for c in conv_tma._prune_tma(conv_tma.all_configs(), _prune_args(COUT=32, y_desc=object()))
+    kept = [c for c in conv_tma._prune_tma(conv_tma.all_configs(), _prune_args(object(), m=100352, cin=64, cout=32))
             if c.kwargs.get("PERSISTENT")]
     assert kept and all(c.kwargs["BLOCK_N"] == 32 for c in kept)
     sigs = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"], c.num_stages, c.num_warps, c.kwargs["PROGRAMS_PER_SM"])

@@ -19,8 +19,8 @@ install and the write-out fit 8 minutes):
       candidate off (the best Triton kernel alone).
   (c) resnet50 and mobilenet_v2 end to end, fp16 channels_last, batch 32 and 1, then r3d_18 (the 3-D kernel,
       channels_last_3d) and a Conv1d ResNet-18: eager vs fusedconv, both replayed from CUDA graphs after
-      `fusedconv.warmup`, with how many layers run each backend (triton pointer / triton tma / cudnn / triton
-      depthwise).
+      `fusedconv.warmup`, with how many layers run each backend (triton pointer / triton tma / triton tma
+      persistent / cudnn / triton depthwise).
 Then the autotune table of (b) and (c) is saved as the package default for this GPU + triton
 (`fusedconv/tuned/`), so `fusedconv.warmup` on the same GPU starts tuned.
 Last, in the time left (at least a minute), autocast: the `gpu` tests of tests/test_autocast.py (a converted

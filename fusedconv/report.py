@@ -2,7 +2,8 @@
 
 Available programmatically (`rows`, `fused`, `skipped`, `to_dict()`) and printable as a table (`str(report)`).
 After a warm-up on CUDA, `layer_backends(model, x)` says which backend each fused layer runs ("triton pointer",
-"triton tma", "cudnn", "triton depthwise"); store it in `report.backends` to print it with the report.
+"triton tma", "triton tma persistent", "cudnn", "triton depthwise"); store it in `report.backends` to print it
+with the report.
 """
 
 from __future__ import annotations

@@ -20,6 +20,13 @@ def record(name: str) -> None:
         _log.append(LABELS.get(name, name))
 
 
+def refine(label: str) -> None:
+    """Replace the latest record with a more precise `label` once the launch knows it (the TMA 1x1 kernel: which
+    of its configs the autotuner ran, "triton tma persistent" for a persistent one), when a recording is active."""
+    if _log:
+        _log[-1] = label
+
+
 @contextlib.contextmanager
 def recording():
     """Collect the backend of every launch in the block into the yielded list (in launch order)."""

@@ -45,6 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fusedconv.kernels import backend_log
 from fusedconv.kernels.configs import constexpr_defaults, residual_spills
 from fusedconv.kernels.conv_plan import _num_sms
 from fusedconv.kernels.epilogue import epilogue_store, epilogue_tile
@@ -364,8 +365,12 @@ def conv1x1_tma_launch(x, weight, scale, shift, residual, y, activation_id, act_
 
     if interpret_cfg is not None:
         _conv1x1_tma_kernel[grid(interpret_cfg)](*args, **flags, **interpret_cfg)
+        ran = interpret_cfg
     else:
         autotuned[grid](*args, **flags)
+        ran = getattr(getattr(autotuned, "best_config", None), "kwargs", {})  # the config that just ran
+    if ran.get("PERSISTENT"):
+        backend_log.refine("triton tma persistent")  # reports tell the persistent configs apart
     return y
 
 

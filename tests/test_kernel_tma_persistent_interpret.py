@@ -18,7 +18,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from fusedconv.kernels import conv_bn_act, conv_tma, pack_weight
+from fusedconv.kernels import backend_log, conv_bn_act, conv_tma, pack_weight
 from fusedconv.kernels import configs as kconfigs
 from fusedconv.kernels.epilogue import activation_id
 from test_kernel_interpret import TOLERANCE, ConvCase, build_case
@@ -76,6 +76,19 @@ def test_persistent_launch_matches_float64(case, dtype, residual, persistent):
     assert persistent.grids == [(_tiles(case), conv_tma.INTERPRET_PERSISTENT_PROGRAMS)]
     err = max_rel_error(out, truth)
     assert err <= TOLERANCE[dtype], f"{case.name} {dtype} {activation} residual={residual}: {err:.3g}"
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("forced", [True, False], ids=["persistent", "one-tile"])
+def test_backend_log_tells_persistent_configs_apart(forced, request):
+    """A launch that ran a persistent config is recorded as "triton tma persistent" (reports then show how many
+    layers took one); the one-tile configs stay "triton tma"."""
+    if forced:
+        request.getfixturevalue("persistent")
+    inputs, _ = build_case(CASES[0], torch.float16, "channels_last", "relu", False)
+    with backend_log.recording() as log:
+        conv_bn_act(inputs["x"], pack_weight(inputs["weight"]), inputs["scale"], inputs["shift"], tma=True)
+    assert log == (["triton tma persistent"] if forced else ["triton tma"])
 
 
 @pytest.mark.interpret

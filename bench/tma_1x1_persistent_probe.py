@@ -68,9 +68,9 @@ def _timer(dev):
 
 
 def probe_layer(name, cin, cout, hw, batch, dev, deadline: float) -> list[dict]:
-    from bench.check_correctness import config_label
+    from bench.check_correctness import Geometry, _tma_candidates, config_label
     from bench.check_forcing import forced_config
-    from fusedconv.kernels import conv_tma, pack_weight
+    from fusedconv.kernels import pack_weight
     from fusedconv.kernels.conv_bn_act import conv_bn_act
 
     x, w, scale, shift, ref = _problem(cin, cout, hw, batch, dev)
@@ -98,11 +98,8 @@ def probe_layer(name, cin, cout, hw, batch, dev, deadline: float) -> list[dict]:
     bias = shift.half()
     if dev.type == "cuda":
         record("cudnn", lambda: torch.cudnn_convolution_relu(x, wf, bias, [1, 1], [0, 0], [1, 1], 1))
-    y = torch.empty(batch, cout, hw, hw, dtype=x.dtype, device=dev, memory_format=torch.channels_last)
-    args = {"a_desc": conv_tma.TensorDescriptor(x.permute(0, 2, 3, 1).reshape(-1, cin), [batch * hw * hw, cin],
-                                                [cin, 1], [64, 64]),
-            "y_desc": y, "M": batch * hw * hw, "CIN": cin, "COUT": cout, "HAS_RESIDUAL": False}
-    for cfg in conv_tma._prune_tma(conv_tma.all_configs(), args):
+    # the GPU check's candidate list: every TMA 1x1 config the launcher's pruning keeps for this launch
+    for cfg in _tma_candidates(Geometry(name, cin, hw, hw, cout, 1, 1), batch, x.dtype, dev):
         if time.time() > deadline:
             break
 

@@ -20,6 +20,11 @@ def record(name: str) -> None:
         _log.append(LABELS.get(name, name))
 
 
+def active() -> bool:
+    """Whether a recording is on (a launch may skip working out a `refine` label otherwise)."""
+    return _log is not None
+
+
 def refine(label: str) -> None:
     """Replace the latest record with a more precise `label` once the launch knows it (the TMA 1x1 kernel: which
     of its configs the autotuner ran, "triton tma persistent" for a persistent one), when a recording is active."""

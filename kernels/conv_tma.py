@@ -365,12 +365,13 @@ def conv1x1_tma_launch(x, weight, scale, shift, residual, y, activation_id, act_
 
     if interpret_cfg is not None:
         _conv1x1_tma_kernel[grid(interpret_cfg)](*args, **flags, **interpret_cfg)
-        ran = interpret_cfg
     else:
         autotuned[grid](*args, **flags)
-        ran = getattr(getattr(autotuned, "best_config", None), "kwargs", {})  # the config that just ran
-    if ran.get("PERSISTENT"):
-        backend_log.refine("triton tma persistent")  # reports tell the persistent configs apart
+    if backend_log.active():  # reports tell the persistent configs apart (nothing to do on a plain launch)
+        ran = interpret_cfg if interpret_cfg is not None else \
+            getattr(getattr(autotuned, "best_config", None), "kwargs", {})  # the config that just ran
+        if ran.get("PERSISTENT"):
+            backend_log.refine("triton tma persistent")
     return y
 
 

@@ -16,10 +16,12 @@ from fusedconv.fused_linear import FusedLinear
 from fusedconv.graph.specialize import GuardMiss
 from fusedconv.fused_transpose import FusedConvTranspose1d, FusedConvTranspose2d, FusedConvTranspose3d
 from fusedconv.modules import FusedConv2d, check_state_dict
+from fusedconv.refresh import refresh
 from fusedconv.reparam import reparameterize
 from fusedconv.report import ConversionReport, ReportRow
 from fusedconv.tuning import warmup
 
 __all__ = ["ActivationSpec", "ConversionReport", "FrozenModel", "FusedConv1d", "FusedConv2d", "FusedConv2dPostBN",
            "FusedConv3d", "FusedConvTranspose1d", "FusedConvTranspose2d", "FusedConvTranspose3d", "FusedLinear",
-           "GuardMiss", "ReportRow", "__version__", "check_state_dict", "convert", "reparameterize", "warmup"]
+           "GuardMiss", "ReportRow", "__version__", "check_state_dict", "convert", "refresh", "reparameterize",
+           "warmup"]

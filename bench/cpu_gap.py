@@ -1,7 +1,8 @@
 """Where the CPU gap between fusedconv.convert(model) and torch.compile + Inductor freezing goes (A/B tool).
 
-One process, one torch thread, batch 1, 224x224 float32; every variant runs in interleaved rounds (A B C ... A B C)
-timed with the calling thread's CPU time, min and median per forward in ms. Variants:
+One process, one torch thread (`--threads N` for more), batch 1, 224x224 float32; every variant runs in interleaved
+rounds (A B C ... A B C) timed with the calling thread's CPU time (with more threads: the calling thread's, which
+includes its waits at oneDNN's barriers), min and median per forward in ms. Variants:
 - fusedconv / compile_freeze: the whole forwards (fusedconv fed NCHW, its default path);
 - fusedconv_no_inplace: the fusedconv forward with its in-place residual route refused (`cpu._writable` answering
   False), the A/B of that route;
@@ -18,13 +19,14 @@ Then, for a model with a whole-model flat forward, its per-forward tree check an
 after a real forward and back to back (`flat_check_costs`).
 Then each recorded conv call timed alone (min over 5 rounds of 3 calls, both sides' calls interleaved in each
 round), summed per (input shape, weight shape, stride) for both sides.
-A measurement tool, not a results table: `python -m bench.cpu_gap [spec] [rounds]`; `python -m bench.cpu_gap
-[spec] [rounds] inplace` times only fusedconv against fusedconv_no_owned_input (identity residuals not written in
+A measurement tool, not a results table: `python -m bench.cpu_gap [spec] [rounds] [--threads N]`; `python -m
+bench.cpu_gap [spec] [rounds] inplace` times only fusedconv against fusedconv_no_owned_input (identity residuals not written in
 place: graph/owned_input.py off) and fusedconv_no_inplace (no compile, more rounds per minute).
 """
 
 from __future__ import annotations
 
+import argparse
 import collections
 import statistics
 import sys
@@ -88,10 +90,10 @@ def _conv_key(kind, inp, weight, stride):
     return tuple(inp.shape), tuple(weight.shape), tuple(stride), kind
 
 
-def inplace_ab(spec: str = "torchvision:resnet50", rounds: int = 41) -> None:
+def inplace_ab(spec: str = "torchvision:resnet50", rounds: int = 41, threads: int = 1) -> None:
     """fusedconv with its in-place residual routes, with the identity-residual one off (the residuals blocks make
-    themselves only) and with both off, interleaved (one thread, thread CPU time)."""
-    torch.set_num_threads(1)
+    themselves only) and with both off, interleaved (`threads` torch threads, thread CPU time)."""
+    torch.set_num_threads(threads)
     import torch.nn as nn
 
     import fusedconv
@@ -163,8 +165,8 @@ def flat_check_costs(fc, x, rounds: int) -> dict:
     return out
 
 
-def main(spec: str = "torchvision:resnet50", rounds: int = 9) -> None:
-    torch.set_num_threads(1)
+def main(spec: str = "torchvision:resnet50", rounds: int = 9, threads: int = 1) -> None:
+    torch.set_num_threads(threads)
     import torch._inductor.config as inductor_config
 
     import fusedconv
@@ -290,7 +292,21 @@ def main(spec: str = "torchvision:resnet50", rounds: int = 9) -> None:
           f"Inductor {sum(r[1] for r in per_shape.values()):.2f} ms")
 
 
+def _parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.cpu_gap", description=__doc__.split("\n\n")[0])
+    parser.add_argument("spec", nargs="?", default="torchvision:resnet50")
+    parser.add_argument("rounds", nargs="?", type=int, default=None, help="default 9 (41 for inplace)")
+    parser.add_argument("mode", nargs="?", choices=["inplace"], help="time only the in-place residual A/B")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    args = parser.parse_args(argv)
+    if args.threads < 1:
+        parser.error(f"--threads: expected a positive thread count, got {args.threads}")
+    return args
+
+
 if __name__ == "__main__":
-    _spec = sys.argv[1] if len(sys.argv) > 1 else "torchvision:resnet50"
-    _rounds = int(sys.argv[2]) if len(sys.argv) > 2 else 9
-    (inplace_ab if sys.argv[3:4] == ["inplace"] else main)(_spec, _rounds)
+    _args = _parse(sys.argv[1:])
+    if _args.mode == "inplace":
+        inplace_ab(_args.spec, 41 if _args.rounds is None else _args.rounds, _args.threads)
+    else:
+        main(_args.spec, 9 if _args.rounds is None else _args.rounds, _args.threads)

@@ -82,3 +82,12 @@ def test_flat_check_costs_time_both_checks_of_a_flat_model():
     assert all(t >= 0 for cold, warm in costs.values() for t in cold + warm)
     with torch.no_grad():
         assert cpu_gap.flat_check_costs(fusedconv.convert(model, flatten=False), x, rounds=1) == {}
+
+
+def test_command_line_takes_threads_and_keeps_positional_form():
+    args = cpu_gap._parse(["torchvision:mobilenet_v2", "5", "--threads", "2"])
+    assert (args.spec, args.rounds, args.mode, args.threads) == ("torchvision:mobilenet_v2", 5, None, 2)
+    args = cpu_gap._parse(["torchvision:resnet50", "7", "inplace"])
+    assert (args.rounds, args.mode, args.threads) == (7, "inplace", 1)
+    with pytest.raises(SystemExit):
+        cpu_gap._parse(["--threads", "0"])

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from fusedconv.fx_leaf import leaf_call
 from fusedconv import autocast, fold, ops, ops_nd
 from fusedconv.activations import ActivationSpec, apply_activation, as_spec
+from fusedconv.training_mode import warn_if_training
 # What torch.compiler.is_compiling() and torch.jit.is_tracing() read, without their Python frames (fusedconv/cpu.py).
 from fusedconv.cpu import _is_dynamo_compiling, _tracing_state
 
@@ -107,6 +108,10 @@ class FusedAffineLayer(nn.Module):
             self.register_buffer(name, None if t is None else t.detach().to(device=dev, dtype=epi).clone())
         self._fold_cache = None
         self.train(False)
+
+    def train(self, mode: bool = True):
+        warn_if_training(mode)  # fusedconv/training_mode.py: eval semantics in training mode, said, not silent
+        return super().train(mode)
 
     # ------------------------------------------------------------------ dtype / state handling
     def _apply(self, fn, recurse=True):

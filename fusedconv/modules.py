@@ -39,6 +39,7 @@ from torch.nn.modules import module as _nn_module
 from torch.nn.modules.utils import _pair
 
 from fusedconv import autocast, cpu, fold, ops, same_padding
+from fusedconv.training_mode import warn_if_training
 from fusedconv.fx_leaf import leaf_call
 from fusedconv.validation import check_inputs
 from fusedconv.activations import ActivationSpec, apply_activation, as_spec
@@ -46,6 +47,13 @@ from fusedconv.activations import ActivationSpec, apply_activation, as_spec
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 # Keys of a Conv2d / BatchNorm state that never occur in a FusedConv2d state (used to explain a wrong checkpoint).
 _UNFUSED_KEYS = ("bias", "running_mean", "running_var", "num_batches_tracked")
+# The geometry a FusedConv2d is built with: validated and normalized together at construction (a symmetric pre-pad
+# joins `padding`, TF "SAME" at stride 1 becomes a fixed pad) and baked into what its routes derive (the CPU
+# route's oneDNN arguments and packed weight, the CUDA packing by groups). Assigning one afterwards raises: nn.Conv2d
+# would simply convolve with the new value, and a FusedConv2d that kept its old derived state would silently not.
+_GEOMETRY = frozenset({"stride", "padding", "dilation", "groups", "padding_mode", "pre_pad"})
+# Read from the weight's shape at construction.
+_FROM_WEIGHT = frozenset({"in_channels", "out_channels", "kernel_size"})
 
 
 # nn.Module's call machinery as torch defines it, read at import; tools that patch it while they run (torch.fx's
@@ -236,6 +244,29 @@ class FusedConv2d(nn.Module):
                                       error_msgs)
         self._fold_cache = None
         self._cpu_state = None
+
+    def __setattr__(self, name, value):
+        # Only once built (`_cpu_state` is set in __init__ after the geometry): __init__ assigns these itself.
+        if "_cpu_state" in self.__dict__:
+            if name in _GEOMETRY:
+                raise AttributeError(
+                    f"{name}: a FusedConv2d's geometry is fixed at construction (its folded and packed weights and "
+                    f"padding were built for {name}={getattr(self, name)!r}); change the conv in the original model "
+                    f"and convert it again, or build a new FusedConv2d(weight, scale, shift, {name}=...)")
+            if name in _FROM_WEIGHT:
+                raise AttributeError(f"{name}: derived from the weight's shape {tuple(self.weight.shape)}; assign "
+                                     f"a new weight instead")
+            if name == "act":
+                # Configuration the CPU route derives its oneDNN post-op from: validated, then derived anew.
+                value = as_spec(value)
+                super().__setattr__(name, value)
+                self.refresh()
+                return
+        super().__setattr__(name, value)
+
+    def train(self, mode: bool = True):
+        warn_if_training(mode)  # fusedconv/training_mode.py: eval semantics in training mode, said, not silent
+        return super().train(mode)
 
     def refresh(self) -> None:
         """Recompute derived state (folded weight, packing). Needed only after editing `weight.data`, `scale.data`

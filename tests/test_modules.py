@@ -253,6 +253,44 @@ def test_cache_sees_dtype_round_trip():
     assert max_rel_error(fused(x), ref.float()(x)) < TOL[torch.float32]
 
 
+_GEOMETRY_EDITS = [("stride", (2, 2)), ("padding", (0, 0)), ("dilation", (2, 2)), ("groups", 2),
+                   ("padding_mode", "reflect"), ("pre_pad", (1, 0, 1, 0)), ("kernel_size", (1, 1)),
+                   ("in_channels", 8), ("out_channels", 3)]
+
+
+@pytest.mark.parametrize("name, value", _GEOMETRY_EDITS, ids=[n for n, _ in _GEOMETRY_EDITS])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@torch.no_grad()
+def test_geometry_assignment_raises_instead_of_keeping_the_old_geometry(name, value, layout):
+    """nn.Conv2d convolves with a reassigned stride / padding / ...; a FusedConv2d's routes derived theirs at the
+    first call (the CPU route's oneDNN arguments and packed weight), so assigning one raises, naming it."""
+    _, fused = make_block(cin=4, cout=6)
+    x = torch.randn(1, 4, 8, 8)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    before = fused(x)
+    with pytest.raises(AttributeError, match=rf"^{name}: "):
+        setattr(fused, name, value)
+    assert torch.equal(fused(x), before)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@torch.no_grad()
+def test_activation_assignment_is_validated_and_seen(layout):
+    ref, fused = make_block(act="relu")
+    x = torch.randn(2, 4, 8, 8)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    fused(x), fused(x)  # the route and its post-op derived
+    fused.act = nn.SiLU()
+    ref[2] = nn.SiLU()
+    assert fused.act.name == "silu"
+    assert max_rel_error(fused(x), ref(x)) < TOL[torch.float32]
+    with pytest.raises(ValueError, match="^activation: expected one of"):
+        fused.act = "nope"
+    assert max_rel_error(fused(x), ref(x)) < TOL[torch.float32]
+
+
 def test_cache_is_not_state():
     _, fused = make_block()
     fused(torch.randn(1, 4, 8, 8))

@@ -393,7 +393,12 @@ def eager_forward(module, x, residual, residual_private: bool = False):
             or _autocast_any()):
         return None
     buffers = module._buffers
-    weight, scale, shift = module._parameters["weight"], buffers["scale"], buffers["shift"]
+    weight, scale, shift = module._parameters.get("weight"), buffers.get("scale"), buffers.get("shift")
+    if weight is None or scale is None or shift is None:
+        # Not the module's own tensors: a parametrized weight (torch.nn.utils.parametrize computes it on every
+        # access, from tensors kept elsewhere) or one replaced by a plain attribute. Nothing derived from it can
+        # be checked for staleness here: the general path reads `module.weight` and folds on every call.
+        return None
     if ops.use_kernel is not _USE_KERNEL and ops.use_kernel(x, weight):
         return None  # FusedConv2d's routing to the op was patched (as tests do); unpatched it is False on CPU
     # The whole call in one tuple: the input's signature (route key; the grad mode read first, since under

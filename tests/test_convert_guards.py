@@ -595,3 +595,23 @@ def test_type_test_without_source_text():
     _same(converted(x), original(x))
     assert report.fused and guard_table(converted) is not None
     assert _fallbacks(converted) == 0
+
+
+class _Doubled(nn.Module):
+    def forward(self, w):
+        return 2.0 * w
+
+
+@torch.no_grad()
+def test_parametrized_fused_layer_after_convert():
+    """A parametrization registered on a fused layer after convert (its weight computed on every access) is run
+    by the converted model's next forward, as by the original's."""
+    import torch.nn.utils.parametrize as parametrize
+
+    torchvision = pytest.importorskip("torchvision")
+    model, converted, _ = _convert(torchvision.models.resnet18(weights=None))
+    x = _t(1, 3, 32, 32)
+    converted(x), converted(x)
+    for m in (model, converted):
+        parametrize.register_parametrization(m.layer1[0].conv1, "weight", _Doubled())
+    assert max_rel_error(converted(x), model(x)) < TOL

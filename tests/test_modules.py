@@ -291,6 +291,34 @@ def test_activation_assignment_is_validated_and_seen(layout):
     assert max_rel_error(fused(x), ref(x)) < TOL[torch.float32]
 
 
+class _Doubled(nn.Module):
+    def forward(self, w):
+        return 2.0 * w
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@torch.no_grad()
+def test_parametrized_weight_is_computed_on_every_call(layout):
+    """torch.nn.utils.parametrize moves the weight out of the module's parameters and computes it on access:
+    every route then reads it as the module's attribute (it raised KeyError 'weight' on CPU before)."""
+    import torch.nn.utils.parametrize as parametrize
+
+    ref, fused = make_block()
+    x = torch.randn(2, 4, 8, 8)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    fused(x), fused(x)
+    parametrize.register_parametrization(ref[0], "weight", _Doubled())
+    parametrize.register_parametrization(fused, "weight", _Doubled())
+    assert max_rel_error(fused(x), ref(x)) < TOL[torch.float32]
+    fused.parametrizations.weight.original.mul_(-1.0)
+    ref[0].parametrizations.weight.original.mul_(-1.0)
+    assert max_rel_error(fused(x), ref(x)) < TOL[torch.float32]
+    parametrize.remove_parametrizations(fused, "weight")
+    parametrize.remove_parametrizations(ref[0], "weight")
+    assert max_rel_error(fused(x), ref(x)) < TOL[torch.float32]
+
+
 def test_cache_is_not_state():
     _, fused = make_block()
     fused(torch.randn(1, 4, 8, 8))

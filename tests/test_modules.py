@@ -319,6 +319,26 @@ def test_parametrized_weight_is_computed_on_every_call(layout):
     assert max_rel_error(fused(x), ref(x)) < TOL[torch.float32]
 
 
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@torch.no_grad()
+def test_pruned_weight_is_read_on_every_call(layout):
+    """torch.nn.utils.prune keeps `weight_orig` as the parameter and sets `weight` as a plain tensor attribute from
+    a forward pre-hook: the module's own weight parameter is gone, every call reads the attribute."""
+    import torch.nn.utils.prune as prune
+
+    ref, fused = make_block()
+    x = torch.randn(2, 4, 8, 8)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    fused(x), fused(x)
+    prune.l1_unstructured(ref[0], "weight", amount=0.5)
+    prune.l1_unstructured(fused, "weight", amount=0.5)
+    assert max_rel_error(fused(x), ref(x)) < TOL[torch.float32]
+    prune.remove(fused, "weight")
+    prune.remove(ref[0], "weight")
+    assert max_rel_error(fused(x), ref(x)) < TOL[torch.float32]
+
+
 def test_cache_is_not_state():
     _, fused = make_block()
     fused(torch.randn(1, 4, 8, 8))

@@ -35,6 +35,10 @@ _BINARY_UNARY = ("identity", "relu")
 
 # Switch for the whole fast path (A/B measurements, or to rule it out when debugging): False -> F.conv2d fallback.
 enabled = True
+# PyTorch's own oneDNN switch (`torch.backends.mkldnn.enabled = False`, `with torch.backends.mkldnn.flags(enabled=
+# False)`), read on every call: a user who turns oneDNN off (a oneDNN problem on their CPU, matching a reference run)
+# gets no oneDNN op from a fused layer either; its calls take F.conv2d, as the original model's do.
+mkldnn_enabled = getattr(torch._C, "_get_mkldnn_enabled", lambda: True)
 
 _available: bool | None = None
 # The resolved `mkldnn::_convolution_pointwise` overloads (set by available()): calling through the packet
@@ -436,7 +440,7 @@ def eager_forward(module, x, residual, residual_private: bool = False):
             return None  # inference tensors: the general path
         state = module._cpu_state
     if route is ONEDNN:
-        if enabled and state.onednn_ok:
+        if enabled and state.onednn_ok and mkldnn_enabled():
             # The common call: packed weight and oneDNN already accepted this module. (A try block costs
             # nothing until it catches.)
             try:
@@ -449,7 +453,7 @@ def eager_forward(module, x, residual, residual_private: bool = False):
                 # oneDNN refused a later signature: as on the first call, F.conv2d from now on.
                 state.onednn_ok = False
                 state.packed = None
-        elif enabled and state.onednn_ok is None:
+        elif enabled and state.onednn_ok is None and mkldnn_enabled():
             y = _first_onednn_call(state, x, residual)
             if y is not None:
                 return y
@@ -458,7 +462,7 @@ def eager_forward(module, x, residual, residual_private: bool = False):
     elif route is TAPS:
         return taps_call(state, x, residual)
     elif route is ONEDNN_COPY or route is ONEDNN_COPY_NCHW:
-        y = _copied_onednn_call(state, x, residual) if enabled else None
+        y = _copied_onednn_call(state, x, residual) if enabled and mkldnn_enabled() else None
         if y is not None:
             return y if route is ONEDNN_COPY else y.contiguous()
         route = FOLDED_CL if route is ONEDNN_COPY else FOLDED  # oneDNN off or refused: F.conv2d, same layout

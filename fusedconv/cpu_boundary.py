@@ -23,7 +23,8 @@ features would see the call three times): such a call runs as written, in NCHW, 
 first call without them. Nothing changes when the input is already channels_last, not float32, not on CPU, needs
 autograd, inside a torch.autocast region or a torch.func transform (vmap, grad, ...), or while tracing / compiling /
 exporting (they see the model as written).
-`fusedconv.cpu.enabled = False` switches this off together with the oneDNN route.
+`fusedconv.cpu.enabled = False` switches this off together with the oneDNN route, and so does PyTorch's own
+`torch.backends.mkldnn.enabled = False` (or `torch.backends.mkldnn.flags(enabled=False)`) while it is off.
 """
 
 from __future__ import annotations
@@ -98,7 +99,7 @@ _functorch_transform = torch._C._functorch.peek_interpreter_stack
 
 
 def _eligible(args, kwargs) -> bool:
-    if not cpu.enabled or not cpu.available():
+    if not cpu.enabled or not cpu.mkldnn_enabled() or not cpu.available():
         return False
     if autocast.any_enabled():
         # Inside a torch.autocast region no fused layer takes the oneDNN route (fusedconv/autocast.py): nothing to

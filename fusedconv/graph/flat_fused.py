@@ -13,8 +13,8 @@ So the flat graph splits them:
   depends on. For the whole forward: it is *pure* (every leaf is a FusedConv2d, a fused affine layer or a torch.nn
   layer of the class it was when the graph was built, none has hooks, there are no global hooks: no user code runs
   during the forward that could change a module; the flat guard has already checked that no tracer or compiler
-  runs), no gradient mode, no autocast region, the fast path on (`cpu.enabled`), FusedConv2d's op routing and its
-  class-level forward / call not patched. Per module: exactly a FusedConv2d, no instance-level forward, not
+  runs), no gradient mode, no autocast region, the fast path and oneDNN on (`cpu.enabled`,
+  `torch.backends.mkldnn.enabled`), FusedConv2d's op routing and its class-level forward / call not patched. Per module: exactly a FusedConv2d, no instance-level forward, not
   compiled in place, no pre-pad, a folded weight, weight / scale / shift are the tensors it folded (and packed),
   with the same version counters and data pointers. It returns the modules' eager states (`cpu.EagerState`),
   None for a module that failed a check (all None when the forward is not pure);
@@ -47,9 +47,11 @@ _FORWARD, _CALL, _CALL_IMPL = FusedConv2d.forward, FusedConv2d.__call__, FusedCo
 
 
 # What a direct call depends on outside the leaves: no gradient, no autocast region (its calls compute in the
-# region's dtype: the module call handles them, fusedconv/autocast.py), the fast path on, no global hooks,
-# FusedConv2d's op routing and its class-level forward / call not patched (`states()` and its frozen form check).
-_OUTSIDE = ("(grad_enabled() or autocast_any() or not cpu.enabled or ops.use_kernel is not USE_KERNEL"
+# region's dtype: the module call handles them, fusedconv/autocast.py), the fast path and PyTorch's oneDNN switch
+# on (cpu.mkldnn_enabled), no global hooks, FusedConv2d's op routing and its class-level forward / call not patched
+# (`states()` and its frozen form check).
+_OUTSIDE = ("(grad_enabled() or autocast_any() or not cpu.enabled or not mkldnn_enabled()"
+            " or ops.use_kernel is not USE_KERNEL"
             " or global_hooks() or FusedConv2d.forward is not FORWARD or FusedConv2d.__call__ is not CALL"
             " or FusedConv2d._call_impl is not CALL_IMPL)")
 
@@ -156,6 +158,7 @@ class FusedLeaves:
         src = "def make(leaves, types):\n" + f"    {names}, = leaves\n" + f"    {types}, = types\n" + \
             "".join(f"    {line}\n" for line in lines) + "    return states\n"
         namespace = {"grad_enabled": _grad_enabled, "autocast_any": autocast.any_enabled, "cpu": cpu, "ops": ops,
+                     "mkldnn_enabled": cpu.mkldnn_enabled,
                      "USE_KERNEL": _USE_KERNEL, "global_hooks": global_hooks, "NONE": none, "FusedConv2d": FusedConv2d,
                      "FORWARD": _FORWARD, "CALL": _CALL, "CALL_IMPL": _CALL_IMPL, "snapshot": cpu._snapshot}
         exec(compile(src, "<fusedconv flat states>", "exec"), namespace)  # noqa: S102 - generated here

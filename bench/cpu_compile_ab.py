@@ -2,10 +2,13 @@
 
 For each model: eager, `fusedconv.convert(model)` (the default path, fed NCHW), `fusedconv.convert(model,
 freeze=True)` (fusedconv_frozen: fusedconv/frozen.py) and `torch.compile(model)` with
-`torch._inductor.config.freezing = True`, each checked against eager in float64 first, then `--rounds`
+`torch._inductor.config.freezing = True`, and on request (`--variants ...,fusedconv_compile_freeze`) the converted
+model compiled the same way — what a user who compiles the converted model gets, paired with compile_freeze —
+each checked against eager in float64 first, then `--rounds`
 interleaved rounds of `--calls` calls each, the order of the variants reversed every other round (so neither side
 always runs right after the other). Per model: each variant's median and minimum ms per call and, per round, the
-ratios fusedconv / every other variant and fusedconv_frozen / every variant not fusedconv's — median and
+ratios fusedconv / every other variant, fusedconv_frozen / every variant not fusedconv's and
+fusedconv_compile_freeze / compile_freeze — median and
 quartiles. On a noisy shared machine the per-round ratio holds where
 absolute times drift by 2x between minutes: "ahead" = fusedconv faster in at least 3 rounds of 4 (p75 < 1),
 "behind" = slower in at least 3 of 4 (p25 > 1), else "level".
@@ -14,7 +17,8 @@ absolute times drift by 2x between minutes: "ahead" = fusedconv faster in at lea
 `torch.autocast("cpu", dtype=...)` (a converted model computes in the region's dtype there: fusedconv/autocast.py).
 
 `python -m bench.cpu_compile_ab [--models a,b] [--threads 2] [--size 224] [--rounds 30] [--calls 5]
-[--variants eager,fusedconv,fusedconv_frozen,compile_freeze] [--autocast DTYPE] [--md PATH] [--json PATH]`.
+[--variants eager,fusedconv,fusedconv_frozen,compile_freeze[,fusedconv_compile_freeze]] [--autocast DTYPE]
+[--md PATH] [--json PATH]`.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import torch
 
 MODELS = ["torchvision:resnet50", "torchvision:mobilenet_v2", "timm:repvgg_a0", "smp:Unet:resnet34"]
 VARIANTS = ("eager", "fusedconv", "fusedconv_frozen", "compile_freeze")
+KNOWN = VARIANTS + ("fusedconv_compile_freeze",)
 
 
 def _quartiles(values: list[float]) -> tuple[float, float, float]:
@@ -53,13 +58,14 @@ def _build(spec: str, variants: tuple[str, ...]) -> tuple[dict, torch.nn.Module]
             built[name] = fusedconv.convert(model)
         elif name == "fusedconv_frozen":
             built[name] = fusedconv.convert(model, freeze=True)
-        elif name == "compile_freeze":
+        elif name in ("compile_freeze", "fusedconv_compile_freeze"):
             import torch._inductor.config as inductor_config
 
             inductor_config.freezing = True
-            built[name] = torch.compile(copy.deepcopy(model))
+            source = copy.deepcopy(model) if name == "compile_freeze" else fusedconv.convert(model)
+            built[name] = torch.compile(source)
         else:
-            raise ValueError(f"variants: expected names from {VARIANTS}, got {name!r}")
+            raise ValueError(f"variants: expected names from {KNOWN}, got {name!r}")
     return built, model
 
 
@@ -91,11 +97,13 @@ def measure(spec: str, variants: tuple[str, ...] = VARIANTS, size: int = 224, ro
            "autocast": None if autocast is None else str(autocast).replace("torch.", ""),
            "ms": {n: {"min": min(t), "median": statistics.median(t)} for n, t in times.items()},
            "times_ms": times, "ratios": {}}
-    # fusedconv against every other variant, then its frozen form against the ones that are not fusedconv's.
+    # fusedconv against every other variant, its frozen form against the ones that are not fusedconv's, and the
+    # compiled converted model against the compiled original.
     pairs = [("fusedconv", n) for n in times if n != "fusedconv"] + \
-        [("fusedconv_frozen", n) for n in times if not n.startswith("fusedconv")]
+        [("fusedconv_frozen", n) for n in times if not n.startswith("fusedconv")] + \
+        [("fusedconv_compile_freeze", "compile_freeze")]
     for a, b in pairs:
-        if a not in times:
+        if a not in times or b not in times:
             continue
         per_round = [x / y for x, y in zip(times[a], times[b])]
         p25, med, p75 = _quartiles(per_round)

@@ -57,6 +57,30 @@ def test_torch_compile_fullgraph():
     assert max_rel_error(compiled(_x(16, seed=1)), model(_x(16, seed=1))) < 1e-5
 
 
+@pytest.mark.parametrize("freeze", [False, True])
+@pytest.mark.parametrize("arch", ["tiny_resnet", "mobilenet_v2", "efficientnet_b0"])
+@torch.no_grad()
+def test_torch_compile_compiles_once(arch, freeze):
+    # Nothing the converted model's forward runs under Dynamo may change Python state that Dynamo guards on (a
+    # call counter did: every later call missed its guard and compiled the model again). mobilenet_v2 takes its
+    # blocks' guard tables' fallback while traced, timm's efficientnet_b0 the whole-model flat table's.
+    if arch == "tiny_resnet":
+        model = _tiny_resnet()
+    elif arch == "mobilenet_v2":
+        model = randomize_bn(torchvision.models.mobilenet_v2(weights=None), 3).eval()
+    else:
+        timm = pytest.importorskip("timm")
+        model = randomize_bn(timm.create_model("efficientnet_b0", pretrained=False), 3).eval()
+    x = _x(32)
+    converted = fusedconv.convert(model, freeze=freeze)
+    torch._dynamo.reset()
+    compiled = torch.compile(converted, backend="eager")
+    compiled(x)
+    with torch.compiler.set_stance("fail_on_recompile"):
+        for seed in (1, 2):
+            assert max_rel_error(compiled(_x(32, seed=seed)), model(_x(32, seed=seed))) < 1e-5
+
+
 @torch.no_grad()
 def test_torch_export(resnet18_pair):
     model, converted = resnet18_pair

@@ -88,3 +88,27 @@ def test_autocast_runs_every_variant_in_the_region(monkeypatch, tmp_path):
     assert seen and set(seen) == {torch.bfloat16}  # warm-up and timed calls alike
     assert rows[0]["autocast"] == "bfloat16" and all(e < 2e-2 for e in rows[0]["max_rel_err_vs_fp64"].values())
     assert "inside torch.autocast('cpu', bfloat16)" in md.read_text()
+
+
+def test_compiled_converted_model_is_paired_with_the_compiled_original(monkeypatch):
+    import torch
+
+    import fusedconv
+    from bench import cpu_compile_ab
+    _tiny(monkeypatch)
+    compiled = []
+
+    def fake_compile(model):  # records what is compiled; Inductor itself is not needed for the wiring
+        compiled.append(model)
+        return model
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    row = cpu_compile_ab.measure("tiny", ("fusedconv", "compile_freeze", "fusedconv_compile_freeze"), size=16,
+                                 rounds=2, calls=1)
+    original, converted = compiled
+    assert not any(isinstance(m, fusedconv.FusedConv2d) for m in original.modules())
+    assert any(isinstance(m, fusedconv.FusedConv2d) for m in converted.modules())
+    assert row["max_rel_err_vs_fp64"]["fusedconv_compile_freeze"] < 1e-5
+    assert "fusedconv_compile_freeze / compile_freeze" in row["ratios"]
+    per_round = [a / b for a, b in zip(row["times_ms"]["fusedconv_compile_freeze"], row["times_ms"]["compile_freeze"])]
+    assert min(per_round) <= row["ratios"]["fusedconv_compile_freeze / compile_freeze"]["median"] <= max(per_round)

@@ -120,7 +120,7 @@ class FlatTable(GuardTable):
         super().__init__(inner.original, params, entries, expect, [], kind="convert", scope=inner.scope)
 
     def fallback(self, block: nn.Module, *args, **kwargs):
-        self.fallback_calls += 1
+        self.count_fallback()
         return self.inner.dispatch(block, *args, **kwargs)
 
     def describe(self) -> list[str]:

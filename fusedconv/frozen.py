@@ -21,6 +21,7 @@ import torch.nn as nn
 from fusedconv.graph.flat import flat_check
 from fusedconv.graph.owned_input import _fx_tracing
 from fusedconv.model_copy import copy_model
+from fusedconv.scripting import refuse_script
 
 
 def modules_in_training(model: nn.Module) -> list[str]:
@@ -33,6 +34,7 @@ class FrozenModel(nn.Module):
     """A converted model frozen by `fusedconv.convert(model, freeze=True)` (module doc). Call it like the model."""
 
     wraps_converted_model = True  # runs the converted model in `_model` (cpu_boundary.layout_used looks there)
+    __prepare_scriptable__ = refuse_script  # (fusedconv/scripting.py)
 
     def __init__(self, converted: nn.Module, *, _private: bool = False):
         """Freezes a copy of `converted` (an eval-mode model, normally one fusedconv.convert returned); `_private`

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from fusedconv.fx_leaf import leaf_call
 from fusedconv import autocast, fold, ops, ops_nd
 from fusedconv.activations import ActivationSpec, apply_activation, as_spec
+from fusedconv.scripting import refuse_script
 from fusedconv.training_mode import warn_if_training
 # What torch.compiler.is_compiling() and torch.jit.is_tracing() read, without their Python frames (fusedconv/cpu.py).
 from fusedconv.cpu import _is_dynamo_compiling, _tracing_state
@@ -82,6 +83,8 @@ class FusedAffineLayer(nn.Module):
     """
 
     _LAYER = "layer"
+    # torch.jit.script cannot compile these forwards: it raises a clear error instead (fusedconv/scripting.py).
+    __prepare_scriptable__ = refuse_script
     _EXTRA_STATE = ("scale", "shift", "post_scale", "post_shift")
     # Set by convert on a module whose epilogue took over a residual add (as on FusedConv2d): a call without
     # `residual` is then an error instead of silently skipping the add.

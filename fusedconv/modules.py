@@ -39,6 +39,7 @@ from torch.nn.modules import module as _nn_module
 from torch.nn.modules.utils import _pair
 
 from fusedconv import autocast, cpu, fold, ops, same_padding
+from fusedconv.scripting import refuse_script
 from fusedconv.training_mode import warn_if_training
 from fusedconv.fx_leaf import leaf_call
 from fusedconv.validation import check_inputs
@@ -101,6 +102,8 @@ class FusedConv2d(nn.Module):
     # same_padding.SAME (computed per input size) or a static (left, right, top, bottom) that is not symmetric
     # (a symmetric one is part of `padding`). Configuration, not state: never in the state_dict.
     pre_pad = None
+    # torch.jit.script cannot compile this module's forward: it raises a clear error instead (fusedconv/scripting.py).
+    __prepare_scriptable__ = refuse_script
 
     def __init__(
         self,

@@ -37,6 +37,7 @@ import torch.nn as nn
 from fusedconv.graph.private_residual import _fused_chain, global_hooks, hooked
 from fusedconv.graph.specialize import _CLASSES, _GUARDS
 from fusedconv.modules import FusedConv2d
+from fusedconv.scripting import refuse_script
 
 _Tensor = torch.Tensor
 _module_call = nn.Module.__call__
@@ -104,6 +105,8 @@ def call_child(module: nn.Module, x, owned: bool):
 
 class OwnedInputSequential(nn.Sequential):
     """nn.Sequential that tells a child block when its input is a tensor no one else holds (module doc)."""
+
+    __prepare_scriptable__ = refuse_script  # (fusedconv/scripting.py)
 
     def forward(self, input):
         if _plain_call_only(input) or global_hooks() or hooked(self):

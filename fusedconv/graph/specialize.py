@@ -25,6 +25,7 @@ from torch.package import sys_importer
 from fusedconv.graph.model_code import same_plain
 from fusedconv.graph.patterns import Param, forward_params
 from fusedconv.graph.roles import substitute
+from fusedconv.scripting import refuse_script
 
 _GUARDS = "_fusedconv_guards"
 _CLASSES: dict[type, type] = {}
@@ -252,6 +253,7 @@ def guarded_class(original: type) -> type:
         forward.__doc__ = original.forward.__doc__
         cls = type(original.__name__, (original,), {
             "forward": forward, "__reduce_ex__": _reduce_ex, "__fusedconv_original__": original,
+            "__prepare_scriptable__": refuse_script,  # its forward is generated code (fusedconv/scripting.py)
             "__module__": original.__module__, "__qualname__": original.__qualname__})
         _CLASSES[original] = cls
     return cls

@@ -471,6 +471,48 @@ def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--md", help="write the markdown report here")
 
 
+def add_input_arguments(p: argparse.ArgumentParser, size: int, threads: int, batch: bool = True) -> None:
+    """--size (raised to a model's minimum), --batch (where the sweep takes one) and --threads, with these
+    defaults."""
+    p.add_argument("--size", type=int, default=size, help="image size (raised to a model's minimum)")
+    if batch:
+        p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--threads", type=int, default=threads)
+
+
+def parse_sweep_arguments(p: argparse.ArgumentParser, argv: list[str], counts: tuple[str, ...]) -> argparse.Namespace:
+    """`argv` parsed; --size must be at least 8 and every option named in `counts` at least 1 (else `p.error`
+    naming them); torch's thread count set from --threads."""
+    args = p.parse_args(argv)
+    if args.size < 8 or any(getattr(args, name) < 1 for name in counts):
+        names = " / ".join(f"--{name}" for name in ("size",) + counts)
+        got = " / ".join(str(getattr(args, name)) for name in ("size",) + counts)
+        p.error(f"{names}: expected size >= 8 and the others >= 1, got {got}")
+    torch.set_num_threads(args.threads)
+    return args
+
+
+def sweep(entries: list[ZooModel], run, status, render, meta: dict, json_path: str | None = None,
+          md_path: str | None = None, **json_fields) -> list[dict]:
+    """`run(entry)` for every model, its `status(row)` line printed as it comes; the JSON report (`meta`,
+    `json_fields`, the rows) written after every model, so a sweep cut short keeps what it measured; the markdown
+    report `render(rows, meta)` written at the end and its summary (the part before "## Models") printed."""
+    results = []
+    for entry in entries:
+        res = run(entry)
+        results.append(res)
+        print(status(res), flush=True)
+        if json_path:
+            with open(json_path, "w") as f:
+                json.dump({"meta": meta, **json_fields, "results": results}, f, indent=1, default=str)
+    text = render(results, meta)
+    if md_path:
+        with open(md_path, "w") as f:
+            f.write(text)
+    print(text.split("## Models")[0])
+    return results
+
+
 def selected_models(args) -> list[ZooModel]:
     return resolve(args.models.split(",")) if args.models else (
         DEFAULT_SET if args.set == "default" else resolve(TINY_SET))
@@ -498,35 +540,13 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(prog="python -m bench.zoo", description=__doc__.splitlines()[0])
     add_sweep_arguments(p)
-    p.add_argument("--size", type=int, default=64, help="image size (raised to a model's minimum)")
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--threads", type=int, default=1)
-    args = p.parse_args(argv)
-    if args.size < 8 or args.batch < 1:
-        p.error(f"--size / --batch: expected size >= 8 and batch >= 1, got {args.size} / {args.batch}")
-    torch.set_num_threads(args.threads)
-    entries = selected_models(args)
-    meta = environment(argv)
-    results = []
-    for entry in entries:
-        res = run_one(entry, args.size, args.batch, args.timeout)
-        results.append(res)
-        print(status_line(res), flush=True)
-        if args.json:  # written after every model, so a long sweep that is cut short keeps what it measured
-            _write_json(args.json, meta, results)
+    add_input_arguments(p, size=64, threads=1)
+    args = parse_sweep_arguments(p, argv, ("batch", "threads"))
     from bench.zoo_report import render_markdown
 
-    text = render_markdown(results, meta)
-    if args.md:
-        with open(args.md, "w") as f:
-            f.write(text)
-    print(text.split("## Models")[0])
+    sweep(selected_models(args), lambda entry: run_one(entry, args.size, args.batch, args.timeout), status_line,
+          render_markdown, environment(argv), args.json, args.md, exact_float64=EXACT_FLOAT64)
     return 0
-
-
-def _write_json(path: str, meta: dict, results: list[dict]) -> None:
-    with open(path, "w") as f:
-        json.dump({"meta": meta, "exact_float64": EXACT_FLOAT64, "results": results}, f, indent=1, default=str)
 
 
 def status_line(res: dict) -> str:

@@ -9,8 +9,9 @@ backend=...)` is called once, then twice more on new inputs of the same shape un
 `torch.compiler.set_stance("fail_on_recompile")`, which raises if Dynamo has to compile again. Nothing in the
 converted model's forward may change Python state that Dynamo guards on (a counter in a guard table did: every call
 compiled again). The outputs of those calls are compared with the original's (max relative error over output
-tensors, float32; above the convert self-check tolerance it is a finding). Where the converted model compiles again, the original is put through the same three calls: a
-model whose own forward fills a cache on its first call (timm's attention-bias caches) recompiles either way.
+tensors, float32; above the convert self-check tolerance it is a finding). Where the converted model compiles
+again, the original is put through the same three calls: a model whose own forward fills a cache on its first call
+(timm's attention-bias caches) recompiles either way.
 
 The default backend is "eager" (Dynamo's tracing and guards, which decide recompiles, without Inductor's code
 generation): the sweep then runs on any machine in minutes.
@@ -19,7 +20,6 @@ generation): the sweep then runs on any machine in minutes.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import sys
@@ -27,7 +27,8 @@ import sys
 import torch
 
 import fusedconv
-from bench.zoo import add_sweep_arguments, environment, first_line, rel_error, selected_models, with_timeout
+from bench.zoo import (add_input_arguments, add_sweep_arguments, environment, first_line, rel_error, selected_models,
+                       parse_sweep_arguments, sweep, with_timeout)
 from bench.zoo_models import ZooModel
 from fusedconv.comparison import SELF_CHECK_TOLERANCE
 from fusedconv.model_specs import randomize_batchnorm
@@ -118,31 +119,17 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(prog="python -m bench.zoo_compile", description=__doc__.splitlines()[0])
     add_sweep_arguments(p)
-    p.add_argument("--size", type=int, default=64, help="image size (raised to a model's minimum)")
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--threads", type=int, default=2)
+    add_input_arguments(p, size=64, threads=2)
     p.add_argument("--backend", default="eager", help="torch.compile backend (eager: Dynamo only)")
-    args = p.parse_args(argv)
-    if args.size < 8 or args.batch < 1 or args.threads < 1:
-        p.error(f"--size / --batch / --threads: expected size >= 8 and the others >= 1, got {args.size} / "
-                f"{args.batch} / {args.threads}")
-    torch.set_num_threads(args.threads)
-    meta = environment(argv, "bench.zoo_compile")
-    results = []
-    for entry in selected_models(args):
-        res = run_one(entry, args.size, args.batch, args.backend, args.timeout)
-        results.append(res)
-        print(f"{res['model']:45s} compiles once: {res.get('compiles_once')}  err32 {res.get('err32')}  "
-              f"{res.get('recompile') or res.get('error') or ''}  {res['total_s']} s", flush=True)
-        if args.json:  # after every model: a sweep cut short keeps what it measured
-            with open(args.json, "w") as f:
-                json.dump({"meta": meta, "results": results}, f, indent=1, default=str)
-    text = render_markdown(results, meta)
-    if args.md:
-        with open(args.md, "w") as f:
-            f.write(text)
-    print(text.split("## Models")[0])
+    args = parse_sweep_arguments(p, argv, ("batch", "threads"))
+    sweep(selected_models(args), lambda entry: run_one(entry, args.size, args.batch, args.backend, args.timeout),
+          _status_line, render_markdown, environment(argv, "bench.zoo_compile"), args.json, args.md)
     return 0
+
+
+def _status_line(res: dict) -> str:
+    return (f"{res['model']:45s} compiles once: {res.get('compiles_once')}  err32 {res.get('err32')}  "
+            f"{res.get('recompile') or res.get('error') or ''}  {res['total_s']} s")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import sys
 import time
@@ -28,7 +27,8 @@ import time
 import torch
 
 from bench.metrics import quantile
-from bench.zoo import add_sweep_arguments, environment, first_line, rel_error, selected_models, with_timeout
+from bench.zoo import (add_input_arguments, add_sweep_arguments, environment, first_line, rel_error, selected_models,
+                       parse_sweep_arguments, sweep, with_timeout)
 from bench.zoo_models import ZooModel
 
 VARIANTS = ("original", "fusedconv", "fx_fuse")
@@ -155,36 +155,21 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(prog="python -m bench.zoo_speed", description=__doc__.splitlines()[0])
     add_sweep_arguments(p)
-    p.add_argument("--size", type=int, default=128, help="image size (raised to a model's minimum)")
-    p.add_argument("--threads", type=int, default=2)
+    add_input_arguments(p, size=128, threads=2, batch=False)
     p.add_argument("--rounds", type=int, default=9, help="interleaved rounds per model")
     p.add_argument("--calls", type=int, default=3, help="calls of each variant per round")
-    args = p.parse_args(argv)
-    if args.size < 8 or args.rounds < 1 or args.calls < 1 or args.threads < 1:
-        p.error(f"--size / --rounds / --calls / --threads: expected size >= 8 and the others >= 1, got "
-                f"{args.size} / {args.rounds} / {args.calls} / {args.threads}")
-    torch.set_num_threads(args.threads)
-    entries = selected_models(args)
-    meta = environment(argv, "bench.zoo_speed")
-    results = []
-    for entry in entries:
-        res = run_one(entry, args.size, args.rounds, args.calls, args.timeout)
-        results.append(res)
-        if res["timed"]:
-            print(f"{res['model']:45s} {res['ms']['original']:8.2f} ms -> {res['ms']['fusedconv']:8.2f} ms  "
-                  f"x{_ratio(res['vs_original'])}  vs fx {_ratio(res.get('vs_fx_fuse'))}"
-                  f"{'  SLOWER' if res['slower_than_original'] else ''}  {res['total_s']} s", flush=True)
-        else:
-            print(f"{res['model']:45s} not timed: {res.get('error')}", flush=True)
-        if args.json:  # after every model: a sweep cut short keeps what it measured
-            with open(args.json, "w") as f:
-                json.dump({"meta": meta, "results": results}, f, indent=1, default=str)
-    text = render_markdown(results, meta)
-    if args.md:
-        with open(args.md, "w") as f:
-            f.write(text)
-    print(text.split("## Models")[0])
+    args = parse_sweep_arguments(p, argv, ("rounds", "calls", "threads"))
+    sweep(selected_models(args), lambda entry: run_one(entry, args.size, args.rounds, args.calls, args.timeout),
+          _status_line, render_markdown, environment(argv, "bench.zoo_speed"), args.json, args.md)
     return 0
+
+
+def _status_line(res: dict) -> str:
+    if not res["timed"]:
+        return f"{res['model']:45s} not timed: {res.get('error')}"
+    return (f"{res['model']:45s} {res['ms']['original']:8.2f} ms -> {res['ms']['fusedconv']:8.2f} ms  "
+            f"x{_ratio(res['vs_original'])}  vs fx {_ratio(res.get('vs_fx_fuse'))}"
+            f"{'  SLOWER' if res['slower_than_original'] else ''}  {res['total_s']} s")
 
 
 if __name__ == "__main__":

@@ -70,3 +70,12 @@ def test_portable_drops_this_machines_directories():
     ours = os.path.join(zoo_compile._ROOT, "fusedconv", "graph", "flat.py")
     assert zoo_compile.portable(f"filename: '{installed}', then {ours}:12") == \
         "filename: 'timm/models/levit.py', then fusedconv/graph/flat.py:12"
+
+
+def test_bad_arguments_are_named(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit):
+        zoo_compile.main(["--models", "home:functional_bn", "--batch", "0"])
+    assert "--size / --batch / --threads: expected size >= 8 and the others >= 1, got 64 / 0 / 2" in \
+        capsys.readouterr().err

@@ -14,5 +14,6 @@ def refuse_script(module) -> None:
     """The `__prepare_scriptable__` of every fusedconv module class: raises."""
     raise RuntimeError(
         f"torch.jit.script: {type(module).__name__} is a fusedconv module (a fused layer, or a block or model that "
-        "fusedconv.convert rewrote), which runs Python code TorchScript cannot compile; use torch.jit.trace (or "
-        "torch.export, ONNX export, torch.compile) on the converted model, or script the original model")
+        "fusedconv.convert or fusedconv.reparameterize rewrote), which runs Python code TorchScript cannot compile; "
+        "use torch.jit.trace (or torch.export, ONNX export, torch.compile) on the converted model, or script the "
+        "original model")

@@ -43,3 +43,11 @@ def test_lone_fused_layers_refuse_scripting():
     conv1d = FusedConv1d.from_modules(torch.nn.Conv1d(4, 8, 3), torch.nn.BatchNorm1d(8).eval(), "relu")
     with pytest.raises(RuntimeError, match=MESSAGE.replace(r"\w+", "FusedConv1d")):
         torch.jit.script(torch.nn.Sequential(torch.nn.Identity(), conv1d))
+
+
+def test_reparameterized_model_refuses_scripting():
+    timm = pytest.importorskip("timm")
+    model = randomize_bn(timm.create_model("repvgg_a0", pretrained=False, num_classes=10), 2).eval()
+    merged = fusedconv.reparameterize(model)
+    with pytest.raises(RuntimeError, match=MESSAGE.replace(r"\w+", "RepVggBlock")):
+        torch.jit.script(merged)

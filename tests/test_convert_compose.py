@@ -81,6 +81,70 @@ def test_torch_compile_compiles_once(arch, freeze):
             assert max_rel_error(compiled(_x(32, seed=seed)), model(_x(32, seed=seed))) < 1e-5
 
 
+class _Config:
+    GAIN = 2.0
+
+
+class _ScaledBlock(nn.Module):
+    """Conv -> BN -> ReLU, then a method of its own class that reads a class used as a namespace and a class-level
+    value through the instance: the block's guard checks all three (the method is the same object, `_Config.GAIN`
+    still 2.0, `offset` still 0.5 and not set on the instance)."""
+
+    offset = 0.5
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(4, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+
+    def scale(self, x):
+        return x * _Config.GAIN + self.offset
+
+    def forward(self, x):
+        return self.scale(torch.relu(self.bn(self.conv(x))))
+
+
+class _CachingNet(nn.Module):
+    """Writes to a dict in its forward before calling the block (as timm's attention layers fill their bias cache)."""
+
+    def __init__(self):
+        super().__init__()
+        self.cache = {}
+        self.block = _ScaledBlock()
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        self.cache[x.device.type] = x.shape[0]
+        return self.head(self.block(x))
+
+
+@pytest.mark.parametrize("flatten", [True, False])
+@torch.no_grad()
+def test_torch_compile_fullgraph_after_a_dict_write_and_class_edits_are_seen(flatten):
+    # Dynamo refuses to read a class's __dict__ (a mappingproxy) once the traced code wrote to any dict; the block
+    # guard's class terms read it another way while compiling (model_code.ClassNamespace), and Dynamo's own guards
+    # on what they read make an edit of the class compile again rather than run stale code.
+    model = randomize_bn(_CachingNet(), 4).eval()
+    converted = fusedconv.convert(model, flatten=flatten)
+    assert any(isinstance(m, FusedConv2d) for m in converted.modules())
+    torch._dynamo.reset()
+    compiled = torch.compile(converted, fullgraph=True, backend="eager")
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    assert max_rel_error(compiled(x), model(x)) < 1e-5
+    original_scale = _ScaledBlock.scale
+    try:
+        _Config.GAIN = 3.0
+        assert max_rel_error(compiled(x), model(x)) < 1e-5
+        _ScaledBlock.offset = 1.5
+        assert max_rel_error(compiled(x), model(x)) < 1e-5
+        _ScaledBlock.scale = lambda self, t: t - 1.0
+        assert max_rel_error(compiled(x), model(x)) < 1e-5
+    finally:
+        _Config.GAIN = 2.0
+        _ScaledBlock.offset = 0.5
+        _ScaledBlock.scale = original_scale
+    assert max_rel_error(compiled(x), model(x)) < 1e-5
+
+
 @torch.no_grad()
 def test_torch_export(resnet18_pair):
     model, converted = resnet18_pair

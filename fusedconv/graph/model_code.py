@@ -838,9 +838,19 @@ def lost_cell() -> ClosureCell:
     return ClosureCell(types.CellType())
 
 
+_compiling = torch.compiler.is_compiling
+
+
 class ClassNamespace:
     """A class used as a namespace (`Config.GAIN`) as a guard reads it: `c.d.get(name, MISSING)` over the class's
-    own dict, as it is on every call. The same class after copy.deepcopy; pickled by reference to the class."""
+    own dict, as it is on every call. The same class after copy.deepcopy; pickled by reference to the class.
+
+    While torch.compile traces, `d` is this object, whose `get` / `in` read the class's own dict only through
+    `name in cls.__dict__` and the class attribute itself (`getattr`): Dynamo refuses every other read of a class's
+    `__dict__` (a mappingproxy) once the traced code has written to any dict ("mapping proxy affected by dictionary
+    mutation": a model filling a cache in its forward broke `fullgraph=True`), and guards what `getattr` reads
+    itself. For a plain value, a function or a property that is the dict's entry; for a staticmethod or classmethod
+    entry it is not, and the guard misses: such a call takes the exact fallback."""
 
     __slots__ = ("cls",)
 
@@ -849,7 +859,17 @@ class ClassNamespace:
 
     @property
     def d(self):
+        if _compiling():
+            return self
         return vars(self.cls)
+
+    def get(self, name: str, default=None):
+        if name not in self.cls.__dict__:
+            return default
+        return getattr(self.cls, name)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.cls.__dict__
 
     def __deepcopy__(self, memo):
         return self

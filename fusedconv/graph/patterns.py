@@ -343,9 +343,9 @@ def attribute_terms(g: Guard, module: nn.Module, reads, d_expr: str, m_expr: str
             value = vars(owner)[attr] if owner is not None else None
             kind = model_code.guard_kind(value) if owner is not None else None
             if owner is not None and owner is not nn.Module and kind == "value":
-                expect.append(owner)
+                expect.append(model_code.ClassNamespace(owner))  # (its `d`: readable while Dynamo traces)
                 g.check(f"{d_expr}.get({attr!r}, MISSING) is MISSING and "
-                        + _value_term(f"e[{len(expect) - 1}].__dict__.get({attr!r}, MISSING)", value, expect),
+                        + _value_term(f"e[{len(expect) - 1}].d.get({attr!r}, MISSING)", value, expect),
                         f"{owner.__name__}.{attr}={value!r}" if _plain_value(value)
                         else f"{owner.__name__}.{attr} unchanged")
             elif (owner is not None and kind in ("code", "identity") and not model_code._torch_class(owner)

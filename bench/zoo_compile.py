@@ -1,7 +1,7 @@
 """torch.compile sweep of the model zoo: does a converted model compile once, and compute what the original does?
 
 `python -m bench.zoo_compile [--models SPEC,SPEC|--set default|tiny] [--size 64] [--batch 2] [--backend eager]
-[--json PATH] [--md PATH]`
+[--fullgraph] [--json PATH] [--md PATH]`
 
 Per model of bench/zoo_models.py (random weights, BatchNorm statistics randomized as `bench.zoo` does, eval mode,
 float32 NCHW input at `--size`, raised to the model's minimum): `torch.compile(fusedconv.convert(model),
@@ -12,6 +12,9 @@ compiled again). The outputs of those calls are compared with the original's (ma
 tensors, float32; above the convert self-check tolerance it is a finding). Where the converted model compiles
 again, the original is put through the same three calls: a model whose own forward fills a cache on its first call
 (timm's attention-bias caches) recompiles either way.
+
+`--fullgraph` compiles with `fullgraph=True`: a graph break then fails the check as a recompile does (and the
+original is put through the same calls).
 
 The default backend is "eager" (Dynamo's tracing and guards, which decide recompiles, without Inductor's code
 generation): the sweep then runs on any machine in minutes.
@@ -43,23 +46,30 @@ def portable(text: str) -> str:
     return re.sub(r"[^\s'\"]*?(?:site|dist)-packages/", "", text).replace(_ROOT + os.sep, "")
 
 
-def compiles_once(model: torch.nn.Module, inputs: list[torch.Tensor], backend: str):
+def compiles_once(model: torch.nn.Module, inputs: list[torch.Tensor], backend: str, fullgraph: bool = False):
     """(True, outputs of the calls after the first) when `torch.compile(model)` called on `inputs` compiles on the
-    first call only; (False, the recompile error's first line) otherwise."""
+    first call only (and, with `fullgraph`, as one graph); (False, the error's first line) otherwise."""
+    from torch._dynamo.exc import Unsupported
+
     torch._dynamo.reset()
-    compiled = torch.compile(model, backend=backend)
+    compiled = torch.compile(model, backend=backend, fullgraph=fullgraph)
     with torch.no_grad():
-        compiled(inputs[0])
         try:
+            compiled(inputs[0])
             with torch.compiler.set_stance("fail_on_recompile"):
                 return True, [compiled(x) for x in inputs[1:]]
+        except Unsupported as e:
+            if not fullgraph:
+                raise
+            return False, portable(first_line(e))
         except RuntimeError as e:
             if "recompile" not in str(e):
                 raise
             return False, portable(first_line(e))
 
 
-def run_model(entry: ZooModel, size: int = 64, batch: int = 2, backend: str = "eager", seed: int = 0) -> dict:
+def run_model(entry: ZooModel, size: int = 64, batch: int = 2, backend: str = "eager", fullgraph: bool = False,
+              seed: int = 0) -> dict:
     res: dict = {"model": entry.spec, "source": entry.source, "compiles_once": None, "findings": []}
     torch.manual_seed(seed)
     model = entry.build(size)
@@ -70,7 +80,7 @@ def run_model(entry: ZooModel, size: int = 64, batch: int = 2, backend: str = "e
     gen = torch.Generator().manual_seed(seed + 1)
     inputs = [torch.randn(shape, generator=gen) for _ in range(3)]
     converted = fusedconv.convert(model)
-    once, outcome = compiles_once(converted, inputs, backend)
+    once, outcome = compiles_once(converted, inputs, backend, fullgraph)
     res["compiles_once"] = once
     if once:
         with torch.no_grad():
@@ -79,14 +89,14 @@ def run_model(entry: ZooModel, size: int = 64, batch: int = 2, backend: str = "e
             res["findings"].append(f"float32 error {res['err32']:.1e} against the original")
     else:
         res["recompile"] = outcome
-        res["original_compiles_once"] = compiles_once(model, inputs, backend)[0]
+        res["original_compiles_once"] = compiles_once(model, inputs, backend, fullgraph)[0]
         if res["original_compiles_once"]:
             res["findings"].append("the converted model compiles again where the original does not")
     return res
 
 
-def run_one(entry: ZooModel, size: int, batch: int, backend: str, timeout: int) -> dict:
-    res = with_timeout(entry, timeout, lambda: run_model(entry, size, batch, backend), compiles_once=None)
+def run_one(entry: ZooModel, size: int, batch: int, backend: str, fullgraph: bool, timeout: int) -> dict:
+    res = with_timeout(entry, timeout, lambda: run_model(entry, size, batch, backend, fullgraph), compiles_once=None)
     if "error" in res:
         res["error"] = portable(res["error"])
     return res
@@ -121,8 +131,10 @@ def main(argv: list[str] | None = None) -> int:
     add_sweep_arguments(p)
     add_input_arguments(p, size=64, threads=2)
     p.add_argument("--backend", default="eager", help="torch.compile backend (eager: Dynamo only)")
+    p.add_argument("--fullgraph", action="store_true", help="compile with fullgraph=True (a graph break fails)")
     args = parse_sweep_arguments(p, argv, ("batch", "threads"))
-    sweep(selected_models(args), lambda entry: run_one(entry, args.size, args.batch, args.backend, args.timeout),
+    sweep(selected_models(args), lambda entry: run_one(entry, args.size, args.batch, args.backend, args.fullgraph,
+                                                     args.timeout),
           _status_line, render_markdown, environment(argv, "bench.zoo_compile"), args.json, args.md)
     return 0
 

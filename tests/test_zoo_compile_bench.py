@@ -79,3 +79,27 @@ def test_bad_arguments_are_named(capsys):
         zoo_compile.main(["--models", "home:functional_bn", "--batch", "0"])
     assert "--size / --batch / --threads: expected size >= 8 and the others >= 1, got 64 / 0 / 2" in \
         capsys.readouterr().err
+
+
+class _Breaks(nn.Module):
+    """A wrapper whose forward has a graph break: fine for torch.compile, a failure under fullgraph=True."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        torch._dynamo.graph_break()
+        return self.inner(x)
+
+
+def test_fullgraph_counts_a_graph_break_on_the_converted_side_as_a_finding(monkeypatch):
+    import fusedconv
+
+    convert = fusedconv.convert
+    monkeypatch.setattr(zoo_compile.fusedconv, "convert", lambda m: _Breaks(convert(m)))
+    res = zoo_compile.run_model(ZooModel("home:functional_bn"), size=16, batch=2)
+    assert res["compiles_once"] is True  # a graph break alone is no recompile
+    res = zoo_compile.run_model(ZooModel("home:functional_bn"), size=16, batch=2, fullgraph=True)
+    assert res["compiles_once"] is False and res["original_compiles_once"] is True and len(res["findings"]) == 1
+    assert "graph_break" in res["recompile"] or "graph break" in res["recompile"].lower()

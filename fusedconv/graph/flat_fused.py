@@ -14,9 +14,10 @@ So the flat graph splits them:
   layer of the class it was when the graph was built, none has hooks, there are no global hooks: no user code runs
   during the forward that could change a module; the flat guard has already checked that no tracer or compiler
   runs), no gradient mode, no autocast region, the fast path and oneDNN on (`cpu.enabled`,
-  `torch.backends.mkldnn.enabled`), FusedConv2d's op routing and its class-level forward / call not patched. Per module: exactly a FusedConv2d, no instance-level forward, not
-  compiled in place, no pre-pad, a folded weight, weight / scale / shift are the tensors it folded (and packed),
-  with the same version counters and data pointers. It returns the modules' eager states (`cpu.EagerState`),
+  `torch.backends.mkldnn.enabled`), FusedConv2d's op routing and its class-level forward / call not patched.
+  Per module: exactly a FusedConv2d, no instance-level forward, not compiled in place, no pre-pad, a folded
+  weight, weight / scale / shift are the tensors it folded (and packed), with the same version counters and data
+  pointers. It returns the modules' eager states (`cpu.EagerState`),
   None for a module that failed a check (all None when the forward is not pure);
 * per call, `fused_call` checks what only the call knows: a plain CPU tensor whose signature (shape, strides,
   dtype; the residual's too) the module has validated and routed before (`EagerState.routes`), and runs that

@@ -838,14 +838,15 @@ def lost_cell() -> ClosureCell:
     return ClosureCell(types.CellType())
 
 
-_compiling = torch.compiler.is_compiling
+# True while Dynamo traces (torch.compile, strict torch.export); in eager a bare `return False` (fusedconv/cpu.py).
+_compiling = getattr(torch.compiler, "is_dynamo_compiling", None) or torch.compiler.is_compiling
 
 
 class ClassNamespace:
     """A class used as a namespace (`Config.GAIN`) as a guard reads it: `c.d.get(name, MISSING)` over the class's
     own dict, as it is on every call. The same class after copy.deepcopy; pickled by reference to the class.
 
-    While torch.compile traces, `d` is this object, whose `get` / `in` read the class's own dict only through
+    While Dynamo traces (torch.compile, strict torch.export), `d` is this object, whose `get` / `in` read the class's own dict only through
     `name in cls.__dict__` and the class attribute itself (`getattr`): Dynamo refuses every other read of a class's
     `__dict__` (a mappingproxy) once the traced code has written to any dict ("mapping proxy affected by dictionary
     mutation": a model filling a cache in its forward broke `fullgraph=True`), and guards what `getattr` reads

@@ -186,7 +186,7 @@ class EagerState:
 
     __slots__ = ("routes", "last_call", "last_route", "weight_src", "scale_src", "shift_src", "snapshot", "weight",
                  "bias", "packed", "onednn_ok", "geometry", "conv_args", "act", "onednn_args", "unary_tail",
-                 "inplace_tail", "bias_after", "weight_cl", "taps", "taps_ok")
+                 "inplace_tail", "bias_after", "weight_cl", "taps", "taps_ok", "upsampled")
 
     def __init__(self, module):
         self.routes = {}
@@ -199,6 +199,9 @@ class EagerState:
         self.weight_cl = None  # the folded weight in channels_last, for float32 FOLDED_CL calls (made on first use)
         self.taps = None  # cpu_taps.tap_weight of the folded weight, for TAPS calls (made on first use)
         self.taps_ok = False  # the geometry allows the TAPS route (set with every fold: the weight's shape counts)
+        # Packed weights for calls on an upsampled input computed at the source resolution, per concatenation
+        # layout (graph/flat_upsample_conv.py; made on first use, dropped with every fold).
+        self.upsampled = None
         self.onednn_ok = None
         self.geometry = (list(module.padding), list(module.stride), list(module.dilation), module.groups)
         # F.conv2d's trailing arguments (stride, padding, dilation, groups).
@@ -224,7 +227,7 @@ def _refold(module, state: EagerState, weight, scale, shift) -> None:
     state.weight_src, state.scale_src, state.shift_src = weight, scale, shift
     # Every signature is validated again: a new weight may have another shape, dtype or device.
     state.routes.clear()
-    state.packed = state.weight_cl = state.taps = None
+    state.packed = state.weight_cl = state.taps = state.upsampled = None
     state.taps_ok = cpu_taps.eligible(weight.shape[0], weight.shape[2:], module.stride, module.groups,
                                       module.padding_mode)
     if state.onednn_ok:

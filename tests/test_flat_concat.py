@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from util import max_rel_error, randomize_bn  # noqa: E402
 
 import fusedconv  # noqa: E402
-from fusedconv.graph import flat_concat  # noqa: E402
+from fusedconv.graph import flat, flat_concat  # noqa: E402
 from fusedconv.graph.flat_concat import fuse_upsample_cat, upsample_cat  # noqa: E402
 from fusedconv.graph.specialize import guard_table  # noqa: E402
 
@@ -178,7 +178,14 @@ class TinyUnet(nn.Module):
         return self.head(x)
 
 
-def test_converted_unet_writes_its_decoder_cats_and_stays_exact():
+@pytest.fixture
+def cats_only(monkeypatch):
+    """Convert without the conv-after-upsampling rewrite (tests/test_flat_upsample_conv.py), which takes these
+    cats into the convs they feed."""
+    monkeypatch.setattr(flat, "fuse_upsample_conv", lambda graph: 0)
+
+
+def test_converted_unet_writes_its_decoder_cats_and_stays_exact(cats_only):
     torch.manual_seed(0)
     model = randomize_bn(TinyUnet()).double().eval()
     fc = fusedconv.convert(copy.deepcopy(model), reparameterize=False)
@@ -194,7 +201,7 @@ def test_converted_unet_writes_its_decoder_cats_and_stays_exact():
     assert table.fallback_calls == 0
 
 
-def test_converted_unet_float32_matches_and_takes_the_fast_path(monkeypatch):
+def test_converted_unet_float32_matches_and_takes_the_fast_path(monkeypatch, cats_only):
     torch.manual_seed(0)
     model = randomize_bn(TinyUnet()).eval()
     fc = fusedconv.convert(copy.deepcopy(model))
@@ -211,7 +218,7 @@ def test_converted_unet_float32_matches_and_takes_the_fast_path(monkeypatch):
     assert len(fast) == 2 and all(p is not None for p in fast)
 
 
-def test_pickled_and_copied_unet_keep_the_rewrite():
+def test_pickled_and_copied_unet_keep_the_rewrite(cats_only):
     import io
 
     torch.manual_seed(0)

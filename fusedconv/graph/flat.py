@@ -43,6 +43,7 @@ import torch.nn as nn
 
 from fusedconv.graph.flat_concat import fuse_upsample_cat
 from fusedconv.graph.flat_fused import FusedLeaves, fused_call, pure_leaf
+from fusedconv.graph.flat_upsample_conv import fuse_upsample_conv
 from fusedconv.fused_layers import FusedAffineLayer
 from fusedconv.graph.patterns import (
     MODULE_INTERNALS, PROXY, Guard, UnsupportedSignature, attribute_terms, build_guard, call_patterns, forward_params,
@@ -532,10 +533,13 @@ def _flat_entry(root: nn.Module, params, pattern, notes: list[str], inner: tuple
     _call_leaves_directly(graph, calls, leaf_paths, k, leaves)
     _read_attributes_directly(graph, reads, owner_paths, k)
     upsample_cats = fuse_upsample_cat(graph)
+    upsample_convs = fuse_upsample_conv(graph)
     code = graph.python_code(root_module="self")
     entry = Specialization(g.expression(), [f"whole-model forward ({len(tracer.inlined)} blocks inlined, "
                                             f"{len(tracer.traced)} modules traced through"
                                             + (f", {upsample_cats} upsample + cat written as one" if upsample_cats else "")
+                                            + (f", {upsample_convs} convs after an upsampling computed at the source "
+                                               "resolution" if upsample_convs else "")
                                             + ")"],
                            code.src, code.globals, list(zip(g.terms, g.labels)), pattern)
     return entry, expect

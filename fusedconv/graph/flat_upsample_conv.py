@@ -11,8 +11,8 @@ computes all four, 16 multiply-adds per output pixel and input channel instead o
 with the upsampling outright: it runs on the source (4x fewer multiply-adds) and its output is upsampled.
 With a concatenation the conv splits by input channels: conv(cat(up(x), skip)) = conv_x(up(x)) + conv_s(skip) (the
 folded bias on the skip part), the upsampled part added through the strided view, the activation applied after.
-Measured per decoder conv of smp's Unet(resnet34) at 224x224 (2 threads, oneDNN, against upsample + cat + the
-conv): 1.97 → 1.37, 2.04 → 1.32, 2.16 → 1.37, 2.90 → 1.99, 1.64 → 1.12 ms.
+On smp's Unet(resnet34) decoder steps at 224x224, converted with and without this path, batch 1, 2 threads
+(`python -m bench.bench_upsample_conv`): 0.58-0.78x the time.
 
 `fuse_upsample_conv(graph)` takes a FusedConv2d call (`flat_fused.fused_call`, no residual) whose input is an
 `upsample_cat` (flat_concat.py) or a nearest `F.interpolate` used by that call alone, with nothing but reads

@@ -2,11 +2,12 @@
 convolution each layer reaches (oneDNN's fused op, ATen's reference `_slow_conv2d_forward`, ...), the BatchNorms
 left, and the layout copies.
 
-Each model is built as the model benchmarks build it (bench/models.py: random weights, randomized BN statistics), converted with `fusedconv.convert` (the
-default: NCHW input, channels_last inside the layout boundary, the whole-model flat forward), and profiled over
-`--runs` forwards after a warm-up, batch 1, float32, NCHW input; counts are per forward. The rows are the
-operators whose name says convolution, batch norm, copy, layout, upsampling or concatenation, with the eager and the
-converted count; the converted model's output is checked against eager first.
+Each model is built as the model benchmarks build it (bench/models.py: random weights, randomized BN
+statistics), converted with `fusedconv.convert` (the default: NCHW input, channels_last inside the layout
+boundary, the whole-model flat forward), and profiled over `--runs` forwards after a warm-up, batch 1, float32,
+NCHW input; counts are per forward. The rows are the operators whose name says convolution, batch norm, copy,
+layout, upsampling or concatenation, with the eager and the converted count; the report also gives the converted
+model's error against eager.
 
 `python -m bench.cpu_profile [--models SPECS] [--size N] [--runs N] [--md PATH] [--json PATH]`.
 """

@@ -6,6 +6,7 @@ own calls."""
 from __future__ import annotations
 
 import copy
+import functools
 import io
 import os
 import sys
@@ -129,7 +130,9 @@ def _check(model, fast, x, expect_fast: bool, tol=1e-4, **convert_kwargs):
 
 
 @pytest.mark.parametrize("form", ["cat", "reversed", "alone", "two"])
-@pytest.mark.parametrize("act", [nn.ReLU, nn.SiLU, nn.Hardswish, nn.Identity], ids=lambda a: a.__name__)
+@pytest.mark.parametrize("act", [nn.ReLU, nn.SiLU, nn.Hardswish, nn.Identity, nn.ReLU6, nn.GELU,
+                                 functools.partial(nn.LeakyReLU, 0.2)],
+                         ids=["relu", "silu", "hardswish", "identity", "relu6", "gelu", "leaky_relu"])
 @pytest.mark.parametrize("k", [3, 1])
 def test_converted_decoder_computes_at_the_source_resolution(fast, form, act, k):
     torch.manual_seed(0)

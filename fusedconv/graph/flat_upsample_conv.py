@@ -173,8 +173,9 @@ def _at_source_resolution(state, items: list):
     # dtype, no gradient): oneDNN, so the module call would compute act(conv + bias) there.
     if state.routes.get((shape, (c * h * w, 1, w * c, c), torch.float32, False)) is not cpu.ONEDNN:
         return None
-    x_up = ups[0] if len(ups) == 1 else torch.cat(ups, 1)
-    x_plain = None if not plains else plains[0] if len(plains) == 1 else torch.cat(plains, 1)
+    x_up = ups[0] if len(ups) == 1 else torch.cat(ups, 1).contiguous(memory_format=_CL)
+    x_plain = None if not plains else plains[0] if len(plains) == 1 else torch.cat(plains, 1).contiguous(
+        memory_format=_CL)
     plan = _entry(state, layout, kernel, x_up, x_plain)
     if plan is None:
         return None

@@ -18,12 +18,12 @@ MIN_OUTPUT_PIXELS) leaves a conv on the other routes; `taps_ms` times the tap co
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from bench import env
 
 # (input channels, output channels, kernel, side): smp Unet's head at 224 (16 -> 1), 2 and 3 classes, FPN-like heads
 # at 1/4 and 1/2 resolution, a 5x5 kernel, 8 classes and a 28x28 map.
@@ -74,21 +74,14 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: as configured)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the rows and the environment to PATH")
     args = p.parse_args(argv)
-    if args.threads is not None:
-        if args.threads < 1:
-            raise SystemExit(f"--threads: expected a positive integer, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    env.set_threads(args.threads)
     rows = run()
     for r in rows:
         times = "  ".join(f"{n[:-3]} {v:6.3f}" for n, v in r.items() if n.endswith("_ms"))
         print(f"{r['layer']:<24} route {r['route']:<22} {times} ms  best other / fusedconv "
               f"{r['best_other_over_fusedconv']:.2f}x  (rel err {r['max_rel_error']:.1e}, {r['threads']} threads)")
     if args.json:
-        from bench import env
-
-        command = ["python", "-m", "bench.bench_cpu_taps", *(sys.argv[1:] if argv is None else argv)]
-        with open(args.json, "w") as f:
-            json.dump({"environment": env.environment(torch.device("cpu"), command), "rows": rows}, f, indent=1)
+        env.write_rows(args.json, "bench.bench_cpu_taps", argv, rows)
     return 0
 
 

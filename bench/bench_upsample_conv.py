@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import sys
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from bench import env
 
 # (source channels, source side, skip channels (0: none), output channels): smp Unet(resnet34)'s decoder at 224.
 LAYERS = [(512, 7, 256, 256), (256, 14, 128, 128), (128, 28, 64, 64), (64, 56, 64, 32), (32, 112, 0, 16)]
@@ -129,10 +129,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--json", default=None, metavar="PATH", help="also write the rows and the environment to PATH")
     args = p.parse_args(argv)
-    if args.threads is not None:
-        if args.threads < 1:
-            raise SystemExit(f"--threads: expected a positive integer, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    env.set_threads(args.threads)
     if args.batch < 1:
         raise SystemExit(f"--batch: expected a positive integer, got {args.batch}")
     rows = run(batch=args.batch)
@@ -141,11 +138,7 @@ def main(argv=None) -> int:
         print(f"{r['layer']:<42} {times} ms  source / graph {r['source_resolution_over_graph_calls']:.3f}  "
               f"(taken {r['taken']}, rel err {r['max_rel_error']:.1e}, {r['threads']} threads)")
     if args.json:
-        from bench import env
-
-        command = ["python", "-m", "bench.bench_upsample_conv", *(sys.argv[1:] if argv is None else argv)]
-        with open(args.json, "w") as f:
-            json.dump({"environment": env.environment(torch.device("cpu"), command), "rows": rows}, f, indent=1)
+        env.write_rows(args.json, "bench.bench_upsample_conv", argv, rows)
     return 0
 
 

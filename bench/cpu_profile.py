@@ -15,11 +15,11 @@ model's error against eager.
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from collections import Counter
 
 import torch
+
+from bench import env
 
 MODELS = ("torchvision:mobilenet_v2", "torchvision:resnet50", "timm:repvgg_a0", "smp:Unet:resnet34")
 _WORDS = ("conv", "batch_norm", "copy", "contiguous", "clone", "to_dense", "reorder", "upsample", "cat")
@@ -84,24 +84,15 @@ def main(argv=None) -> int:
     for name in ("size", "runs"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name}: expected a positive integer, got {getattr(args, name)}")
-    if args.threads is not None:
-        if args.threads < 1:
-            raise SystemExit(f"--threads: expected a positive integer, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    env.set_threads(args.threads)
     models = [m for m in args.models.split(",") if m]
     rows = run(models, args.size, args.runs)
-    from bench import env
-
-    command = ["python", "-m", "bench.cpu_profile", *(sys.argv[1:] if argv is None else argv)]
-    environment = env.environment(torch.device("cpu"), command)
+    environment = env.write_rows(args.json, "bench.cpu_profile", argv, rows)
     text = markdown(rows, environment)
     print(text)
     if args.md:
         with open(args.md, "w") as f:
             f.write(text + "\n")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"environment": environment, "rows": rows}, f, indent=1)
     return 0
 
 

@@ -228,3 +228,25 @@ def _cudnn_conv_allows_tf32() -> bool:
     from fusedconv.kernels.precision import cudnn_conv_allows_tf32
 
     return cudnn_conv_allows_tf32()
+
+
+def set_threads(threads: int | None) -> None:
+    """A CPU benchmark's `--threads`: torch's intra-op thread count, when given (a positive integer)."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise SystemExit(f"--threads: expected a positive integer, got {threads}")
+    torch.set_num_threads(threads)
+
+
+def write_rows(path: str, module: str, argv: list[str] | None, rows: list, **extra) -> dict:
+    """Write a CPU benchmark's rows to `path` as JSON with the environment (the command: `python -m module` and
+    `argv`, the process's own arguments when None); returns the environment."""
+    import json
+
+    command = ["python", "-m", module, *(sys.argv[1:] if argv is None else argv)]
+    environment_ = environment(torch.device("cpu"), command)
+    if path:
+        with open(path, "w") as f:
+            json.dump({"environment": environment_, "rows": rows, **extra}, f, indent=1)
+    return environment_

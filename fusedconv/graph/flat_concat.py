@@ -126,16 +126,23 @@ def _plan(items: list, dim: int):
     return (n, sum(x.shape[1] for x, _, _ in parts), h, w), memory_format, parts
 
 
+def nearest_blocks(dst: torch.Tensor, x: torch.Tensor, fh: int, fw: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Views (n, c, i, a, j, b) of `x` (N, C, H, W) repeated and of `dst` (N, C, fh * H, fw * W) split into blocks,
+    x's element there being the value nearest upsampling gives dst[n, c, fh*i + a, fw*j + b]: each spatial
+    dimension of `dst` as (source index, offset in its block)."""
+    n, c, h, w = x.shape
+    sn, sc, sh, sw = dst.stride()
+    blocks = dst.as_strided((n, c, h, fh, w, fw), (sn, sc, sh * fh, sh, sw * fw, sw), dst.storage_offset())
+    return x[:, :, :, None, :, None].expand(n, c, h, fh, w, fw), blocks
+
+
 def _write_nearest(dst: torch.Tensor, x: torch.Tensor, fh: int, fw: int) -> None:
-    """dst[n, c, fh*i + a, fw*j + b] = x[n, c, i, j]: one strided copy through a view of `dst` that splits each
-    spatial dimension into (source index, offset in its block)."""
+    """dst[n, c, fh*i + a, fw*j + b] = x[n, c, i, j]: one strided copy through `nearest_blocks`."""
     if fh == 1 and fw == 1:
         dst.copy_(x)
         return
-    n, c, h, w = x.shape
-    sn, sc, sh, sw = dst.stride()
-    blocks = dst.as_strided((n, c, h, fh, w, fw), (sn, sc, sh * fh, sh, sw * fw, sw))
-    blocks.copy_(x[:, :, :, None, :, None].expand(n, c, h, fh, w, fw))
+    src, blocks = nearest_blocks(dst, x, fh, fw)
+    blocks.copy_(src)
 
 
 def _nearest_args(node: fx.Node):

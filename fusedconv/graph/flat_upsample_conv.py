@@ -33,7 +33,7 @@ import torch.fx as fx
 
 from fusedconv import cpu
 from fusedconv.activations import apply_activation
-from fusedconv.graph.flat_concat import _eager, _factors, _format, _nearest_args, upsample_cat
+from fusedconv.graph.flat_concat import _eager, _factors, _format, _nearest_args, nearest_blocks, upsample_cat
 from fusedconv.graph.flat_fused import fused_call
 
 _CL = torch.channels_last
@@ -65,20 +65,12 @@ def phase_view(y: torch.Tensor, out: torch.Tensor) -> tuple[torch.Tensor, torch.
     return y6, o6
 
 
-def _nearest_view(y: torch.Tensor, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The same for a 1x1 conv: `y` (N, C, H, W) repeated over each 2x2 block of `out` (N, C, 2H, 2W)."""
-    n, c, h, w = y.shape
-    sn, sc, sh, sw = out.stride()
-    blocks = out.as_strided((n, c, h, 2, w, 2), (sn, sc, 2 * sh, sh, 2 * sw, sw), out.storage_offset())
-    return y[:, :, :, None, :, None].expand(n, c, h, 2, w, 2), blocks
-
-
 class _Plan:
     """What a module needs to run one concatenation layout at the source resolution: the upsampled and the plain
     input channels' weights packed for oneDNN (None when the layout has no plain part), the upsampled conv's bias
     and call tail (its activation fused when there is no plain part), and the plain conv's."""
 
-    __slots__ = ("up", "up_bias", "up_tail", "plain", "plain_tail", "kernel")
+    __slots__ = ("up", "up_bias", "up_tail", "plain", "plain_tail")
 
 
 def _entry(state, layout: tuple, kernel: int, x_up: torch.Tensor, x_plain: torch.Tensor | None):
@@ -95,27 +87,21 @@ def _entry(state, layout: tuple, kernel: int, x_up: torch.Tensor, x_plain: torch
     for is_up, c in layout:
         (up_idx if is_up else plain_idx).extend(range(start, start + c))
         start += c
+    # The phase conv (3x3) and the plain conv keep the module's padding: 1 for 3x3, 0 for 1x1.
+    pad = [1, 1] if kernel == 3 else [0, 0]
+    alone = not plain_idx  # no plain part: the bias and the activation go on the upsampled conv
+    act = state.unary_tail[4:] if alone else cpu.unary_attr("identity", 0.0)
     w_up = weight[:, up_idx]
-    attr = state.unary_tail[4:]
-    none = cpu.unary_attr("identity", 0.0)
     plan = _Plan()
-    plan.kernel = kernel
     try:
-        if kernel == 3:
-            w_up = phase_weight(w_up)
-            plan.up = cpu.pack_weight(w_up, [1, 1], *_UNIT[:2], 1, x_up.shape)
-            plan.up_bias = bias.repeat(4) if not plain_idx else None
-            plan.up_tail = ([1, 1], *_UNIT, *(attr if not plain_idx else none))
-        else:
-            w_up = w_up.contiguous()
-            plan.up = cpu.pack_weight(w_up, [0, 0], *_UNIT[:2], 1, x_up.shape)
-            plan.up_bias = bias if not plain_idx else None
-            plan.up_tail = ([0, 0], *_UNIT, *(attr if not plain_idx else none))
+        plan.up = cpu.pack_weight(phase_weight(w_up) if kernel == 3 else w_up.contiguous(), pad, *_UNIT[:2], 1,
+                                  x_up.shape)
+        plan.up_bias = None if not alone else bias.repeat(4) if kernel == 3 else bias
+        plan.up_tail = (pad, *_UNIT, *act)
         plan.plain = plan.plain_tail = None
-        if plain_idx:
-            pad = [1, 1] if kernel == 3 else [0, 0]
+        if not alone:
             plan.plain = cpu.pack_weight(weight[:, plain_idx].contiguous(), pad, *_UNIT[:2], 1, x_plain.shape)
-            plan.plain_tail = (pad, *_UNIT, *none)
+            plan.plain_tail = (pad, *_UNIT, *act)
         # One trial call on the real inputs: oneDNN refuses some geometries only when run.
         cpu._pointwise(x_up, plan.up, plan.up_bias, *plan.up_tail)
     except RuntimeError:
@@ -184,13 +170,13 @@ def _at_source_resolution(state, items: list):
         y = y.contiguous(memory_format=_CL)  # the views below assume oneDNN's dense channels_last output
     if x_plain is None:
         out = torch.empty((n, state.weight.shape[0], h, w), dtype=y.dtype, memory_format=_CL)
-        src, dst = phase_view(y, out) if kernel == 3 else _nearest_view(y, out)
+        src, dst = phase_view(y, out) if kernel == 3 else nearest_blocks(out, y, 2, 2)
         dst.copy_(src)
         return out
     out = cpu._pointwise(x_plain, plan.plain, state.bias, *plan.plain_tail)
     if not out.is_contiguous(memory_format=_CL):
         out = out.contiguous(memory_format=_CL)
-    src, dst = phase_view(y, out) if kernel == 3 else _nearest_view(y, out)
+    src, dst = phase_view(y, out) if kernel == 3 else nearest_blocks(out, y, 2, 2)
     dst.add_(src)
     if state.act is not None:
         out = apply_activation(out, state.act[0], state.act[1], inplace=True)

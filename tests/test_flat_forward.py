@@ -204,12 +204,31 @@ def test_tracers_and_compilers_see_the_converted_forward(mobilenet):
         _same(exported.module()(x), model(x))
 
 
+class _Scale:
+    """A helper object (like timm's hook-based feature extractor): its contents are not plain values a guard can
+    compare."""
+
+    def __init__(self, value):
+        self.value = value
+
+
 class StatefulHelper(nn.Module):
     """A forward that consults a helper object's contents (like timm's hook-based feature extractor)."""
 
     def __init__(self):
         super().__init__()
         self.body = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+        self.store = _Scale(1.0)
+
+    def forward(self, x):
+        return self.body(x) * self.store.value
+
+
+class PlainDictRead(StatefulHelper):
+    """The same with a dict of plain values."""
+
+    def __init__(self):
+        super().__init__()
         self.store = {"scale": 1.0}
 
     def forward(self, x):
@@ -219,14 +238,27 @@ class StatefulHelper(nn.Module):
 def test_reads_of_stateful_objects_are_not_flattened():
     model, converted = _convert(StatefulHelper())
     assert guard_table(converted) is None
-    converted.store["scale"] = 3.0
-    model.store["scale"] = 3.0
+    converted.store.value = 3.0
+    model.store.value = 3.0
     x = _x(1, 3, 8, 8)
     with torch.no_grad():
         _same(converted(x), model(x))
     notes = []
     assert not flatten(fusedconv.convert(model, flatten=False), notes)
-    assert "store (dict)" in notes[0]
+    assert "store (_Scale)" in notes[0]
+
+
+def test_a_dict_of_plain_values_read_is_guarded_by_its_contents():
+    model, converted = _convert(PlainDictRead())
+    table = _flat_table(converted)
+    x = _x(1, 3, 8, 8)
+    with torch.no_grad():
+        _same(converted(x), model(x))
+        assert table.fallback_calls == 0
+        converted.store["scale"] = 3.0  # in place: the same dict
+        model.store["scale"] = 3.0
+        _same(converted(x), model(x))
+    assert table.fallback_calls == 1
 
 
 class DataDependent(nn.Module):

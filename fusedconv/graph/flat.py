@@ -12,6 +12,8 @@ model's own forward, exactly as before flattening.
 
 What the graph bakes in, the guard checks on every call:
   * the root's call pattern and the attributes its forward read (`patterns.build_guard`);
+  * the branch the trace took at each test of the inputs' shapes (smp's "height divisible by 32"), taken as False
+    (flat_shape_tests.py);
   * every module on a path the graph uses is the same object (`FlatCheck`, one generated function walking the
     tree; the graph then calls its leaves without looking them up);
   * for every module the trace went through: the same class, whose forward is the one traced, no instance-level
@@ -26,8 +28,9 @@ module objects that check holds, with no attribute walk from the root.
 Leaves are called as modules (their own hooks, checks and routes run as usual), but for FusedConv2d calls whose
 module already routed that call's signature to oneDNN: those run the oneDNN op directly after one check per forward
 (flat_fused.py), and anything that check or the call's signature does not cover is the module call. A model that
-does not trace as one graph, whose traced code reads a stateful object (a dict, a helper object: its contents could
-change unseen), or whose guard would not hold right after flattening, is left as convert made it.
+does not trace as one graph, whose traced code reads a stateful object (a helper object, a dict of tensors: its
+contents could change unseen; a list or dict of plain values is compared by contents), or whose guard would not hold
+right after flattening, is left as convert made it.
 """
 from __future__ import annotations
 
@@ -43,12 +46,14 @@ import torch.nn as nn
 
 from fusedconv.graph.flat_concat import fuse_upsample_cat
 from fusedconv.graph.flat_fused import FusedLeaves, fused_call, pure_leaf
+from fusedconv.graph.flat_shape_tests import MAX_SHAPE_TESTS, ShapeTest, drop_unused, shape_only
 from fusedconv.graph.flat_upsample_conv import fuse_upsample_conv
 from fusedconv.fused_layers import FusedAffineLayer
 from fusedconv.graph.patterns import (
     MODULE_INTERNALS, PROXY, Guard, UnsupportedSignature, attribute_terms, build_guard, call_patterns, forward_params,
 )
 from fusedconv.graph import private_residual
+from fusedconv.graph import model_code
 from fusedconv.graph.model_code import ClassAttrRef, ClassNamespace, same_plain
 from fusedconv.graph.owned_input import _compiler, _fx_tracing, _jit_tracing_state
 from fusedconv.graph.private_residual import global_hooks, hooked, hooked_source
@@ -158,6 +163,14 @@ class FlatTracer(ScopeTracer):
         # Decided once per module, before tracing: while the trace runs, the modules it goes through wear a
         # read-recording subclass (tracing._recording_reads), which must not change the answer.
         self._leaf: dict[int, bool] = {}
+        self.shape_tests: list[fx.Node] = []  # branches on the inputs' shapes, taken as False (flat_shape_tests)
+
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        node = obj.node
+        if node.graph is self.graph and len(self.shape_tests) < MAX_SHAPE_TESTS and shape_only(node):
+            self.shape_tests.append(node)
+            return False
+        return super().to_bool(obj)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         leaf = self._leaf.get(id(m))
@@ -465,9 +478,11 @@ _SAFE_VALUES = (type(None), bool, int, float, str, type, types.FunctionType, typ
 
 
 def _stateful_reads(root: nn.Module, trace) -> list[str]:
-    """Attributes the traced code read whose value is an object with contents of its own (a dict, a list, a
-    helper object such as timm's FeatureHooks): what the code did with them ran once, at trace time, and the
-    guard could check only the object's identity, not its contents."""
+    """Attributes the traced code read whose value is an object with contents of its own that a guard cannot
+    compare (a helper object such as timm's FeatureHooks, a dict of tensors): what the code did with them ran once,
+    at trace time, and the guard could check only the object's identity. A list, dict or set of plain values (smp's
+    encoder `_out_indexes`, a decoder's channel list) is not one: the guard compares its contents with a copy taken
+    at trace time on every call (patterns.attribute_terms)."""
     found = []
     for path, reads in [("", trace.reads), *trace.nested_reads.items()]:
         sub = root.get_submodule(path) if path else root
@@ -475,7 +490,8 @@ def _stateful_reads(root: nn.Module, trace) -> list[str]:
             value = sub.__dict__.get(attr, _MISSING)
             if value is _MISSING or attr.startswith("__") or attr in MODULE_INTERNALS:
                 continue
-            plain = isinstance(value, tuple) and all(isinstance(v, _SAFE_VALUES) for v in value)
+            plain = (isinstance(value, tuple) and all(isinstance(v, _SAFE_VALUES) for v in value)) or \
+                model_code.plain_container(value)
             if not plain and not isinstance(value, _SAFE_VALUES):
                 found.append(f"{path + '.' if path else ''}{attr} ({type(value).__name__})")
     return found
@@ -516,9 +532,20 @@ def _flat_entry(root: nn.Module, params, pattern, notes: list[str], inner: tuple
         args = ", ".join(f"a{i}" for i in range(len(params)))
         g.check(f"e[{len(expect) - 1}].select(self{', ' if args else ''}{args}) == {inner[1]}",
                 "the root's own rewrite takes the same path", describe=False)
+    graph = trace.graph
+    if tracer.shape_tests:
+        if sum(n.op == "placeholder" for n in graph.nodes) != len(params):
+            notes.append("flat forward: the forward tests its inputs' shapes and its parameters are not one "
+                         "placeholder each; left as is")
+            return None
+        args = ", ".join(f"a{i}" for i in range(len(params)))
+        for node in tracer.shape_tests:
+            test = ShapeTest(graph, node, NotNone)
+            expect.append(test)
+            g.check(f"e[{len(expect) - 1}]({args})", f"the inputs' shape test `{test.text}` is False")
+        drop_unused(graph, tracer.shape_tests)
     expect.append(global_hooks)
     g.check(f"not e[{len(expect) - 1}]()", "no global module hooks", describe=False)
-    graph = trace.graph
     calls = [n for n in graph.nodes if n.op == "call_module"]
     leaf_paths = list(dict.fromkeys(str(n.target) for n in calls))
     reads = _tensor_reads(root, graph)

@@ -20,6 +20,7 @@ trace (`model_code.py`, `_check_attribute_reads`): guarded where a guard can com
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import dis
@@ -34,6 +35,9 @@ import torch.nn as nn
 
 from fusedconv.graph import model_code
 from fusedconv.graph.model_code import ClassInspectedError, model_code as _is_model_code
+
+# torch.fx's own argument containers (a node's args): dict and list subclasses it builds and reads back itself.
+_FX_CONTAINERS = (fx.immutable_collections.immutable_dict, fx.immutable_collections.immutable_list)
 
 _STATE_DICTS = ("_modules", "_parameters", "_buffers")
 _CONTENTS = "\0contents"  # the snapshot's key for container contents (no attribute has this name)
@@ -168,6 +172,20 @@ class ScopeTracer(fx.Tracer):
         if node.op != "placeholder":
             return _ValueProxy(node, self)
         return _ListParamProxy(node, self) if node.target in self.list_params else _ParamProxy(node, self)
+
+    def create_arg(self, a):
+        # torch.fx writes any dict into the graph as a dict literal and any list as a list literal: an OrderedDict
+        # the forward returns (torchvision's segmentation models and IntermediateLayerGetter) would come back a
+        # plain dict. An OrderedDict is built as one; another dict or list subclass fails the trace.
+        t = type(a)
+        if t is collections.OrderedDict:
+            return self.create_node("call_function", collections.OrderedDict, (super().create_arg(list(a.items())),),
+                                    {})
+        if (t is not dict and t not in _FX_CONTAINERS and isinstance(a, dict)) or (
+                t is not list and t not in _FX_CONTAINERS and isinstance(a, list)):
+            raise fx.proxy.TraceError(f"the forward passes a {t.__name__}, which the graph would hold as a plain "
+                                      f"{'dict' if isinstance(a, dict) else 'list'}")
+        return super().create_arg(a)
 
 
 class SideEffectError(RuntimeError):

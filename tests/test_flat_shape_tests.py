@@ -143,6 +143,16 @@ def test_copies_keep_the_tests():
                 other(_x(1, 3, 9, 8))
 
 
+def test_a_frozen_model_tests_every_call_too():
+    model, _ = _convert(Checked("divisible"))
+    frozen = fusedconv.convert(copy.deepcopy(model), freeze=True)
+    with torch.no_grad():
+        for _ in range(3):  # the frozen leaf states are kept from the second call on
+            assert max_rel_error(frozen(_x(1, 3, 16, 16)), model(_x(1, 3, 16, 16))) < TOL
+        with pytest.raises(RuntimeError, match="Wrong input shape height=12, width=16"):
+            frozen(_x(1, 3, 12, 16))
+
+
 def test_shape_test_function():
     graph = fx.Graph()
     x, _ = graph.placeholder("x"), graph.placeholder("flag")

@@ -235,6 +235,24 @@ class PlainDictRead(StatefulHelper):
         return self.body(x) * self.store["scale"]
 
 
+class PlainListRead(nn.Module):
+    """A forward that picks features by a plain list attribute (smp's encoders read `_out_indexes`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.Sequential(nn.Conv2d(c, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+                                     for c in (3, 4, 4)])
+        self.store = [0, 2]
+
+    def forward(self, x):
+        feats = []
+        for i, b in enumerate(self.blocks):
+            x = b(x)
+            if i in self.store:
+                feats.append(x)
+        return torch.cat(feats, 1)
+
+
 def test_reads_of_stateful_objects_are_not_flattened():
     model, converted = _convert(StatefulHelper())
     assert guard_table(converted) is None
@@ -248,15 +266,18 @@ def test_reads_of_stateful_objects_are_not_flattened():
     assert "store (_Scale)" in notes[0]
 
 
-def test_a_dict_of_plain_values_read_is_guarded_by_its_contents():
-    model, converted = _convert(PlainDictRead())
+@pytest.mark.parametrize("cls,edit", [(PlainDictRead, ("scale", 3.0)), (PlainListRead, (1, 1))],
+                         ids=["dict", "list"])
+def test_plain_containers_read_are_guarded_by_their_contents(cls, edit):
+    model, converted = _convert(cls())
     table = _flat_table(converted)
     x = _x(1, 3, 8, 8)
     with torch.no_grad():
         _same(converted(x), model(x))
         assert table.fallback_calls == 0
-        converted.store["scale"] = 3.0  # in place: the same dict
-        model.store["scale"] = 3.0
+        key, value = edit
+        converted.store[key] = value  # in place: the same container
+        model.store[key] = value
         _same(converted(x), model(x))
     assert table.fallback_calls == 1
 

@@ -1,8 +1,8 @@
-"""Branches on the inputs' shapes in the whole-model flat forward (fusedconv/graph/flat_shape_tests.py), plain
-lists / dicts read by the traced code, and dict / list subclasses the forward builds: the model is flattened, the
-guard checks every call's shapes (a call the traced branch does not cover runs the model's own forward, raising its
-own error), edits of a list read are seen, and an OrderedDict comes back an OrderedDict. Float64, against the
-unconverted model called the same way."""
+"""Branches on the inputs' shapes in the whole-model flat forward (fusedconv/graph/flat_shape_tests.py), and dict /
+list subclasses the forward builds: the model is flattened, the guard checks every call's shapes (a call the traced
+branch does not cover runs the model's own forward, raising its own error), and an OrderedDict comes back an
+OrderedDict. Float64, against the unconverted model called the same way. (Plain lists and dicts read by the traced
+code: tests/test_flat_forward.py.)"""
 
 from __future__ import annotations
 
@@ -170,37 +170,6 @@ def test_shape_test_function():
     assert t([1, 2], None) is False                      # no shape: the model's own forward answers
     assert t(NotNone(), None) is True                    # the probe flatten checks its guard with
     assert t(torch.zeros(1, 1, 16, 3), None) is True and t(torch.zeros(1, 1, 12, 3), None) is False
-
-
-class ListRead(nn.Module):
-    """Its forward reads a plain list attribute (smp's encoders read `_out_indexes`)."""
-
-    def __init__(self):
-        super().__init__()
-        self.blocks = nn.ModuleList([_block(3, 4), _block(4, 4), _block(4, 4)])
-        self.keep = [0, 2]
-
-    def forward(self, x):
-        feats = []
-        for i, b in enumerate(self.blocks):
-            x = b(x)
-            if i in self.keep:
-                feats.append(x)
-        return torch.cat(feats, 1)
-
-
-def test_a_plain_list_read_is_guarded_by_its_contents():
-    model, (fc, report) = _convert(ListRead())
-    assert _flattened(fc), report.notes
-    table = guard_table(fc)
-    x = _x(1, 3, 8, 8)
-    with torch.no_grad():
-        assert max_rel_error(fc(x), model(x)) < TOL
-        assert table.fallback_calls == 0
-        fc.keep[1] = 1  # in place: the same list object
-        model.keep[1] = 1
-        assert max_rel_error(fc(x), model(x)) < TOL
-        assert table.fallback_calls == 1
 
 
 @pytest.mark.parametrize("arch,kwargs", [("FPN", {}), ("UnetPlusPlus", {"encoder_depth": 3,

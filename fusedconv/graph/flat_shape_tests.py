@@ -30,24 +30,29 @@ _SHAPE_FUNCTIONS = frozenset({
 _SHAPE_METHODS = frozenset({"size", "dim"})
 
 
+def _ancestors(node: fx.Node) -> set[fx.Node]:
+    """`node` and every node it is computed from."""
+    found, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n not in found:
+            found.add(n)
+            stack.extend(n.all_input_nodes)
+    return found
+
+
+def _shape_op(n: fx.Node) -> bool:
+    if n.op == "placeholder":
+        return True
+    if n.op == "call_function":
+        return n.target in _SHAPE_FUNCTIONS or (n.target is getattr and n.args[1:] == ("shape",))
+    return n.op == "call_method" and n.target in _SHAPE_METHODS
+
+
 def shape_only(node: fx.Node) -> bool:
     """`node` computes from the call's arguments (placeholders) through shapes alone: `.shape`, `.size()`,
     `.dim()`, indexing, arithmetic and comparisons, with constants."""
-    seen, stack = set(), [node]
-    while stack:
-        n = stack.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        if n.op == "placeholder":
-            continue
-        if n.op == "call_function":
-            if n.target not in _SHAPE_FUNCTIONS and not (n.target is getattr and n.args[1:] == ("shape",)):
-                return False
-        elif n.op != "call_method" or n.target not in _SHAPE_METHODS:
-            return False
-        stack.extend(n.all_input_nodes)
-    return True
+    return all(_shape_op(n) for n in _ancestors(node))
 
 
 _INFIX = {operator.mod: "%", operator.floordiv: "//", operator.truediv: "/", operator.add: "+", operator.sub: "-",
@@ -87,13 +92,7 @@ class ShapeTest:
         for p in graph.nodes:
             if p.op == "placeholder":
                 env[p] = sub.placeholder(p.target)
-        needed: set = set()
-        stack = [node]
-        while stack:
-            n = stack.pop()
-            if n not in needed:
-                needed.add(n)
-                stack.extend(n.all_input_nodes)
+        needed = _ancestors(node)
         for n in graph.nodes:
             if n in needed and n.op != "placeholder":
                 env[n] = sub.node_copy(n, lambda a: env[a])

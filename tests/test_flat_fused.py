@@ -205,6 +205,33 @@ def test_instance_forward_patched_on_a_leaf(mobilenet, module_calls):
     assert torch.equal(_run(converted, x), before)
 
 
+def _edits_a_later_layer_then(run, later):
+    """An instance-level forward: user code that edits a later fused layer's weight in place, then runs `run`."""
+    def forward(*args, **kwargs):
+        later.weight.mul_(2.0)
+        return run(*args, **kwargs)
+    return forward
+
+
+@pytest.mark.parametrize("leaf_kind", ["torch_layer", "fused_layer"])
+def test_instance_forward_editing_a_later_layer_mid_forward_is_seen_on_that_call(module_calls, leaf_kind):
+    """An instance-level forward on any leaf is user code running inside the forward: the edit it makes to a
+    layer that runs after it must reach that very call's output (a direct call checked before the forward would
+    run the stale packed weight); so no call of that forward is direct."""
+    model = randomize_bn(torchvision.models.resnet18(weights=None)).eval()
+    converted = fusedconv.convert(model)
+    x = _x(1, 3, 64, 64, seed=8)
+    _run(converted, x)
+    for m in (model, converted):
+        leaf = m.maxpool if leaf_kind == "torch_layer" else m.layer1[0].conv2
+        leaf.forward = _edits_a_later_layer_then(leaf.forward, m.layer2[0].conv1)
+    module_calls[0] = 0
+    for _ in range(2):  # the edit lands every call: each output against the original's, call by call
+        with torch.no_grad():
+            assert max_rel_error(_run(converted, x), model(x)) < 1e-4
+    assert module_calls[0] == 2 * 20  # resnet18: 20 FusedConv2d, every one a module call
+
+
 def test_class_forward_patched(mobilenet, module_calls, monkeypatch):
     _, converted = mobilenet
     x = _x(*SIZE, seed=5)

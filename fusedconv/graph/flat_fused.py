@@ -10,12 +10,13 @@ the same checks run back to back once per forward (`python -m bench.cpu_flat_ab`
 So the flat graph splits them:
 
 * once per forward, `FusedLeaves.states()` (the graph's first call after the guard) checks what a direct call
-  depends on. For the whole forward: it is *pure* (every leaf is a FusedConv2d, a fused affine layer or a torch.nn
-  layer of the class it was when the graph was built, none has hooks, there are no global hooks: no user code runs
+  depends on. For the whole forward: it is *pure* (every leaf is a FusedConv2d, a fused affine layer, a
+  BN-folded layer or a torch.nn layer of the class it was when the graph was built, none has forward hooks or an
+  instance-level forward, there are no global hooks: no user code runs
   during the forward that could change a module; the flat guard has already checked that no tracer or compiler
   runs), no gradient mode, no autocast region, the fast path and oneDNN on (`cpu.enabled`,
   `torch.backends.mkldnn.enabled`), FusedConv2d's op routing and its class-level forward / call not patched.
-  Per module: exactly a FusedConv2d, no instance-level forward, not compiled in place, no pre-pad, a folded
+  Per module: exactly a FusedConv2d, not compiled in place, no pre-pad, a folded
   weight, weight / scale / shift are the tensors it folded (and packed), with the same version counters and data
   pointers. It returns the modules' eager states (`cpu.EagerState`),
   None for a module that failed a check (all None when the forward is not pure);
@@ -34,6 +35,7 @@ import sys
 import torch
 
 from fusedconv import autocast, cpu, ops
+from fusedconv.bn_folded_layers import BN_FOLDED_LAYERS
 from fusedconv.fused_layers import FusedAffineLayer
 from fusedconv.graph.private_residual import global_hooks
 from fusedconv.modules import FusedConv2d
@@ -86,10 +88,10 @@ def forward_hooked_source(d: str) -> str:
 
 
 def pure_leaf(m) -> bool:
-    """A leaf whose call runs no user code: a fused layer or a torch.nn layer, of a class importable by its name
-    (not a guarded subclass convert made; hooks are checked per forward)."""
+    """A leaf whose call runs no user code: a fused layer, a BN-folded layer or a torch.nn layer, of a class
+    importable by its name (not a guarded subclass convert made; hooks are checked per forward)."""
     cls = type(m)
-    if cls is FusedConv2d:
+    if cls is FusedConv2d or cls in BN_FOLDED_LAYERS:
         return True
     mod = cls.__module__
     if not (isinstance(m, FusedAffineLayer) and mod.startswith("fusedconv.")) and not (
@@ -131,7 +133,10 @@ class FusedLeaves:
             return
         lines = ["def states():", f"    if {_OUTSIDE}:", "        return NONE"]
         lines += [f"    d{i} = l{i}.__dict__" for i in range(n)]
-        hooked = " or ".join(forward_hooked_source(f"d{i}") for i in range(n))
+        # A forward hook or an instance-level forward on any leaf is user code running in the middle of the
+        # forward, where it could edit a module a later direct call has already been checked for: no direct call
+        # anywhere (every fused call then checks its own module as it runs).
+        hooked = " or ".join(f"{forward_hooked_source(f'd{i}')} or 'forward' in d{i}" for i in range(n))
         lines += [f"    if {hooked}:", "        return NONE"]
         fused = set(self.fused)
         # A leaf that is not a FusedConv2d must still be of the (pure) class it had when the graph was built.
@@ -143,7 +148,7 @@ class FusedLeaves:
             lines += [
                 f"    s = d{i}.get('_cpu_state')",
                 f"    s{i} = None",
-                f"    if (s is not None and s.weight is not None and type(l{i}) is FusedConv2d and 'forward' not in d{i}"
+                f"    if (s is not None and s.weight is not None and type(l{i}) is FusedConv2d"
                 f" and d{i}.get('_compiled_call_impl') is None and d{i}.get('pre_pad') is None{required}):",
                 f"        w = d{i}['_parameters'].get('weight')",
                 f"        b = d{i}['_buffers']",

@@ -44,6 +44,9 @@ class BNFoldedLinear(nn.Linear):
         return super().forward(input)
 
 
+# The classes above: torch.nn layers with an input check, no user code (the flat forward calls them as leaves).
+BN_FOLDED_LAYERS = (BNFoldedConv1d, BNFoldedLinear)
+
 FOLDED_CLASS = {nn.Conv1d: BNFoldedConv1d, nn.Conv2d: nn.Conv2d, nn.Conv3d: nn.Conv3d, nn.Linear: BNFoldedLinear}
 
 

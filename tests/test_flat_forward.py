@@ -599,3 +599,160 @@ def test_parameters_and_buffers_read_through_their_checked_owner(change):
         _same(flat(x), plain(x))
     fallbacks = guard_table(flat).fallback_calls
     assert fallbacks == (1 if change in ("replace_owner",) else 0)
+
+
+class _BNLinearHead(nn.Module):
+    """A conv stem and RepViT's classifier head: BatchNorm1d right before a Linear, which convert folds into one
+    BN-folded Linear whose forward checks its input's rank (a branch on the traced value if traced through)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.head = nn.Sequential(nn.BatchNorm1d(8), nn.Linear(8, 5))
+
+    def forward(self, x):
+        return self.head(self.stem(x).mean((2, 3)))
+
+
+def test_bn_folded_layer_is_a_leaf_of_the_flat_forward():
+    from fusedconv.bn_folded_layers import BNFoldedLinear
+    from fusedconv.graph.flat_fused import pure_leaf
+
+    model, converted = _convert(_BNLinearHead())
+    assert type(converted.head[1]) is BNFoldedLinear
+    table = _flat_table(converted)
+    assert all(pure_leaf(m) for m in flat_check(converted).leaves)  # the BN-folded layer runs no user code
+    x = _x(2, 3, 8, 8)
+    with torch.no_grad():
+        _same(converted(x), model(x))
+    assert table.fallback_calls == 0
+
+
+class _TwoBranch(nn.Module):
+    """RepVGG's branches with an optional skip: reparameterize merges them, convert then fuses the merged conv
+    with the activation (a convert table over the reparam one)."""
+
+    def __init__(self, c=4):
+        super().__init__()
+        self.dense = nn.Sequential(nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c))
+        self.pw = nn.Sequential(nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c))
+        self.act = nn.ReLU()
+
+    def forward(self, x, skip=None):
+        out = self.act(self.dense(x) + self.pw(x))
+        return out if skip is None else out + skip
+
+
+class _TwoBlocks(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.blocks = nn.Sequential(_TwoBranch(), _TwoBranch())
+
+    def forward(self, x):
+        return self.blocks(self.stem(x))
+
+
+def test_block_merged_then_fused_is_inlined_and_still_guarded():
+    from fusedconv import GuardMiss
+
+    model = randomize_bn(_TwoBlocks()).double().eval()
+    converted = fusedconv.convert(model)
+    assert all(guard_table(b).base is not None for b in converted.blocks)
+    table = _flat_table(converted)
+    assert "2 blocks inlined" in table.entries[0].described[0]
+    x = _x(1, 3, 8, 8)
+    with torch.no_grad():
+        _same(converted(x), model(x))
+        assert table.fallback_calls == 0
+        act = converted.blocks[1].act
+        converted.blocks[1].act = nn.Tanh()  # the merged block's guards (and its base's) reject this: raises
+        with pytest.raises(GuardMiss, match="self.act"):
+            converted(x)
+        converted.blocks[1].act = act
+        _same(converted(x), model(x))
+
+
+class _Collect(nn.Module):
+    """timm's feature collector (`FeatureListNet._collect`): each stage's output tested `isinstance(x, (tuple,
+    list))` before it is kept."""
+
+    def __init__(self):
+        super().__init__()
+        self.stages = nn.ModuleList(nn.Sequential(nn.Conv2d(3 if i == 0 else 4, 4, 3, padding=1, bias=False),
+                                                  nn.BatchNorm2d(4), nn.ReLU()) for i in range(3))
+
+    def forward(self, x):
+        out = []
+        for m in self.stages:
+            x = m(x)
+            if isinstance(x, (tuple, list)):
+                x = x[0]
+            out.append(x)
+        return out
+
+
+class _CollectTensorTest(_Collect):
+    def forward(self, x):
+        x = self.stages[0](x)
+        return x * 2 if isinstance(x, torch.Tensor) else x
+
+
+class _CollectOwnClass(_Collect):
+    def forward(self, x):
+        x = self.stages[0](x)
+        return x[0] if isinstance(x, _Collect) else x
+
+
+class _CollectLocalClass(_Collect):
+    def forward(self, x):
+        x = self.stages[0](x)
+        kinds = (tuple, list)  # a local: its value is not read from the code (whatever it is, no answer)
+        return x[0] if isinstance(x, kinds) else x
+
+
+class _CollectChunk(_Collect):
+    def forward(self, x):
+        x = torch.chunk(self.stages[0](x), 2, 1)  # a tuple, from an op: not known to be a tensor
+        return x[0] if isinstance(x, tuple) else x
+
+
+def _same_lists(a, b):
+    assert len(a) == len(b)
+    for u, v in zip(a, b):
+        _same(u, v)
+
+
+@pytest.mark.parametrize("build", [_Collect, _CollectTensorTest], ids=["tuple_or_list", "tensor"])
+def test_type_test_of_a_layer_output_is_answered_and_guarded(build):
+    model, converted = _convert(build())
+    table = _flat_table(converted)
+    _, unflat = _convert(build(), flatten=False)
+    unflat.load_state_dict(converted.state_dict())
+    x = _x(1, 3, 8, 8)
+    out = (lambda y: y if isinstance(y, list) else [y])
+    with torch.no_grad():
+        _same_lists(out(converted(x)), out(model(x)))
+        assert table.fallback_calls == 0
+        # A forward hook may return anything: on the tested layer it sends the call to the model's own forward.
+        hooks = [m.stages[0][0].register_forward_hook(lambda mod, args, y: [y * 3.0]) for m in (converted, unflat)]
+        _same_lists(out(converted(x)), out(unflat(x)))
+        assert table.fallback_calls == 1
+        for h in hooks:
+            h.remove()
+        # A tensor subclass's __torch_function__ may make a layer return anything: not the flat graph either.
+        sub = x.as_subclass(type("Sub", (torch.Tensor,), {}))
+        _same_lists(out(converted(sub)), out(unflat(sub)))
+        assert table.fallback_calls == 2
+
+
+@pytest.mark.parametrize("build", [_CollectOwnClass, _CollectLocalClass, _CollectChunk],
+                         ids=["other_class", "local_class", "op_output"])
+def test_type_test_that_depends_on_the_value_is_not_flattened(build):
+    model = randomize_bn(build()).double().eval()
+    converted, report = fusedconv.convert(model, reparameterize=False, return_report=True)
+    assert flat_check(converted) is None
+    assert any("tests the type of a computed value" in n for n in report.notes), report.notes
+    x = _x(1, 3, 8, 8)
+    with torch.no_grad():
+        _same(converted(x), model(x))

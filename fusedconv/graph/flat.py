@@ -38,6 +38,7 @@ import contextlib
 import copy
 import operator
 import re
+import sys
 import types
 
 import torch
@@ -48,6 +49,7 @@ from fusedconv.graph.flat_concat import fuse_upsample_cat
 from fusedconv.graph.flat_fused import FusedLeaves, fused_call, pure_leaf
 from fusedconv.graph.flat_shape_tests import MAX_SHAPE_TESTS, ShapeTest, drop_unused, shape_only
 from fusedconv.graph.flat_upsample_conv import fuse_upsample_conv
+from fusedconv.bn_folded_layers import BN_FOLDED_LAYERS
 from fusedconv.fused_layers import FusedAffineLayer
 from fusedconv.graph.patterns import (
     MODULE_INTERNALS, PROXY, Guard, UnsupportedSignature, attribute_terms, build_guard, call_patterns, forward_params,
@@ -134,7 +136,28 @@ class FlatTable(GuardTable):
 
 
 def _is_leaf_layer(m: nn.Module) -> bool:
-    return isinstance(m, (FusedConv2d, FusedAffineLayer))
+    # A BN-folded layer's own input check (`input.dim() != 2`) would be a branch on a traced value: called as a
+    # leaf, it checks each call's input itself.
+    return isinstance(m, (FusedConv2d, FusedAffineLayer, *BN_FOLDED_LAYERS))
+
+
+# torch.nn's layers that return one tensor for tensor input (not nn.Identity, which returns its input, whatever
+# it is; not MultiheadAttention nor a pooling layer with return_indices, which return tuples).
+_TENSOR_LAYER_MODULES = frozenset(f"torch.nn.modules.{m}" for m in (
+    "conv", "batchnorm", "activation", "pooling", "dropout", "flatten", "upsampling", "padding", "pixelshuffle",
+    "channelshuffle", "normalization", "instancenorm")) | {"torch.nn.modules.linear"}
+
+
+def _tensor_leaf(m: nn.Module) -> bool:
+    """A leaf layer whose call returns a tensor for tensor input: a fused or BN-folded layer, or one of torch.nn's
+    own tensor layers (exactly its class)."""
+    if _is_leaf_layer(m):
+        return True
+    cls = type(m)
+    if cls.__module__ not in _TENSOR_LAYER_MODULES or cls in (nn.Identity, nn.MultiheadAttention) or \
+            getattr(m, "return_indices", False) or getattr(sys.modules[cls.__module__], cls.__name__, None) is not cls:
+        return False
+    return True
 
 
 def _torch_layer(m: nn.Module) -> bool:
@@ -164,6 +187,19 @@ class FlatTracer(ScopeTracer):
         # read-recording subclass (tracing._recording_reads), which must not change the answer.
         self._leaf: dict[int, bool] = {}
         self.shape_tests: list[fx.Node] = []  # branches on the inputs' shapes, taken as False (flat_shape_tests)
+        self.tensor_leaves: set[str] = set()  # leaves whose output a type test was answered for (`tensor_value`)
+
+    def tensor_value(self, node: fx.Node) -> bool:
+        """A leaf layer's output is a tensor (`_tensor_leaf`); the flat guard then checks, on every call, what makes
+        it so: the leaf's class and its forward unchanged, no instance forward, no forward hooks (which may return
+        anything), and the root's tensor arguments plain tensors (a subclass's __torch_function__ may return
+        anything from a layer's ops)."""
+        if node.graph is not self.graph or node.op != "call_module":
+            return False
+        if not _tensor_leaf(self.root.get_submodule(node.target)):
+            return False
+        self.tensor_leaves.add(str(node.target))
+        return True
 
     def to_bool(self, obj: fx.Proxy) -> bool:
         node = obj.node
@@ -215,13 +251,14 @@ class FlatTracer(ScopeTracer):
         k, probe = chosen
         self.inlined.append((path, m, table, k, probe))
         entry = table.entries[k]
+        args = (*args, *probe[len(args):])  # with the defaults of the parameters the call left out
         if entry.fn is None:  # the class's own forward over the swapped children
             return table.original.forward(m, *args)
         with _per_call_flags_off(entry.fn):
             return entry.fn(m, *args)
 
     def _inline_choice(self, m: nn.Module, table: GuardTable, args, kwargs):
-        if kwargs or table.kind != "convert" or table.base is not None or len(args) > len(table.params) or \
+        if kwargs or table.kind != "convert" or len(args) > len(table.params) or \
                 any(p.keyword_only for p in table.params[:len(args)]):
             return None
         probe = []
@@ -236,8 +273,12 @@ class FlatTracer(ScopeTracer):
                 probe.append(_A_LIST)  # DenseNet's layers, called with the list of the features so far
             else:
                 return None
-        if len(probe) < len(table.params):
-            return None  # defaults: the table's select takes every parameter
+        # Parameters the call leaves out take their defaults (the table's select and its specializations take
+        # every parameter, and its own dispatch fills in the same defaults, recorded at convert time).
+        for p in table.params[len(probe):]:
+            if not (p.default is None or type(p.default) in (bool, int, float, str)):
+                return None  # no default (the call would raise), or one that is not a plain value
+            probe.append(p.default)
         k = table.select(m, *probe)
         return None if k < 0 else (k, tuple(probe))
 
@@ -445,7 +486,7 @@ def _check_source(root: nn.Module, tracer: FlatTracer, trace, paths: list[str], 
                   "        return False"]
         local[path] = str(n)
         g = Guard()
-        if path in tracer.traced:
+        if path in tracer.traced or path in tracer.tensor_leaves:
             cls = type(sub)
             expect += [cls, cls.forward]
             c = len(expect) - 2
@@ -533,6 +574,14 @@ def _flat_entry(root: nn.Module, params, pattern, notes: list[str], inner: tuple
         g.check(f"e[{len(expect) - 1}].select(self{', ' if args else ''}{args}) == {inner[1]}",
                 "the root's own rewrite takes the same path", describe=False)
     graph = trace.graph
+    if tracer.tensor_leaves:
+        # Type tests on leaf outputs were answered for tensors: the root's tensor arguments are plain tensors (the
+        # leaves' own conditions are the tree check's, `_check_source`).
+        expect.append(NotNone)
+        for i, (p, (kind, _)) in enumerate(zip(params, pattern.slots)):
+            if kind == PROXY:
+                # (Or the probe flatten checks the new guard with, right after building it: "some tensor".)
+                g.check(f"(type(a{i}) is Tensor or type(a{i}) is e[{len(expect) - 1}])", f"{p.name} is a torch.Tensor")
     if tracer.shape_tests:
         if sum(n.op == "placeholder" for n in graph.nodes) != len(params):
             notes.append("flat forward: the forward tests its inputs' shapes and its parameters are not one "
@@ -564,7 +613,8 @@ def _flat_entry(root: nn.Module, params, pattern, notes: list[str], inner: tuple
     code = graph.python_code(root_module="self")
     entry = Specialization(g.expression(), [f"whole-model forward ({len(tracer.inlined)} blocks inlined, "
                                             f"{len(tracer.traced)} modules traced through"
-                                            + (f", {upsample_cats} upsample + cat written as one" if upsample_cats else "")
+                                            + (f", {upsample_cats} upsample + cat written as one"
+                                               if upsample_cats else "")
                                             + (f", {upsample_convs} convs after an upsampling computed at the source "
                                                "resolution" if upsample_convs else "")
                                             + ")"],

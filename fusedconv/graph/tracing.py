@@ -8,8 +8,10 @@ same repair for a whole model around a pass that traces modules (used around re-
 
 A forward that inspects an argument's class decides its path on the Proxy's class: `isinstance` is answered as a
 tensor (or a list) would answer and becomes part of the guard (`_ParamProxy`); `type(x)` and `x.__class__`
-cannot be answered that way, nor can any type test of a value the forward computed (`_ValueProxy`: its type is
-unknown while tracing), so model code that reads a class like that fails the trace (`ClassInspectedError`,
+cannot be answered that way, nor can a type test of a value the forward computed (`_ValueProxy`: its type is
+unknown while tracing; the whole-model flat tracer answers an isinstance against builtin classes or torch.Tensor
+for a layer output it knows is a tensor, and guards that, `ScopeTracer.tensor_value`), so model code that reads a
+class like that fails the trace (`ClassInspectedError`,
 found with sys.setprofile while the trace runs, or by scanning the code the traced classes can reach when another
 profiler holds that hook) and the scope is left unrewritten. What else the forward consulted — module-level
 values, global-state queries, attributes holding objects with contents of their own, the module's instance dict
@@ -127,16 +129,61 @@ class _ListParamProxy(_ParamProxy):
                                   "would be baked into the graph")
 
 
+# Classes an isinstance test answers the same way for every tensor, of any subclass: no tensor is also a list,
+# a tuple, a dict... (their instance layouts exclude each other), and every one is a Tensor and an object.
+_NOT_A_TENSOR = frozenset({list, tuple, dict, set, frozenset, str, bytes, bytearray, int, float, complex, bool,
+                           type(None), slice, range})
+_EVERY_TENSOR = frozenset({torch.Tensor, object})
+
+
+def _isinstance_classes(frame) -> tuple | None:
+    """The class (or tuple of classes) the isinstance call `frame` is executing tests against, when its source is
+    a global name, an attribute chain from one (`torch.Tensor`) or a tuple of those; None for anything else (a
+    local, a call, a constant). Read from the bytecode before the call, resolved in the frame's globals."""
+    instructions = [i for i in dis.get_instructions(frame.f_code) if i.offset < frame.f_lasti]
+    while instructions and instructions[-1].opname in ("PRECALL", "KW_NAMES", "CACHE"):
+        instructions.pop()
+
+    def expression():  # one value, parsed backwards from the end of `instructions`
+        if not instructions:
+            raise LookupError
+        i = instructions.pop()
+        if i.opname in ("LOAD_GLOBAL", "LOAD_NAME"):
+            for namespace in (frame.f_globals, frame.f_builtins):
+                if i.argval in namespace:
+                    return namespace[i.argval]
+            raise LookupError
+        if i.opname in ("LOAD_ATTR", "LOAD_METHOD"):
+            return getattr(expression(), i.argval)
+        if i.opname == "BUILD_TUPLE":
+            return tuple(reversed([expression() for _ in range(i.argval)]))
+        raise LookupError
+
+    try:
+        value = expression()
+    except (LookupError, AttributeError):
+        return None
+    classes = value if type(value) is tuple else (value,)
+    return classes if all(isinstance(c, type) for c in classes) else None
+
+
 class _ValueProxy(fx.Proxy):
     """The Proxy of a value the traced code computed (a layer's or an op's output). Its type is unknown while
     tracing, so model code testing it (`isinstance(y, Tensor)`, `y.__class__`) would take the branch of fx's Proxy
-    class whatever the value is when the graph runs: that fails the trace (ClassInspectedError)."""
+    class whatever the value is when the graph runs: that fails the trace (ClassInspectedError), unless the tracer
+    knows the value is a tensor (`ScopeTracer.tensor_value`) and the test answers alike for every tensor
+    (`isinstance(y, (tuple, list))`, `isinstance(y, torch.Tensor)`)."""
 
     @property
     def __class__(self):
         frame = _model_caller()
         if frame is None:
             return type(self)
+        if _is_isinstance_call(frame):
+            classes = _isinstance_classes(frame)
+            if (classes is not None and all(c in _NOT_A_TENSOR or c in _EVERY_TENSOR for c in classes)
+                    and self.tracer.tensor_value(self.node)):
+                return torch.Tensor
         if _is_isinstance_call(frame) or _reads_class_attribute(frame):
             raise ClassInspectedError(f"{frame.f_code.co_name} tests the type of a computed value ({self.node.name})")
         return type(self)
@@ -167,6 +214,11 @@ class ScopeTracer(fx.Tracer):
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return True
+
+    def tensor_value(self, node: fx.Node) -> bool:
+        """Whether `node` is known to be a tensor on every call its graph runs for, so that a type test on it can be
+        answered (`_ValueProxy`); a tracer that answers must also guard what makes it so. None here."""
+        return False
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         if node.op != "placeholder":

@@ -677,6 +677,8 @@ class _Collect(nn.Module):
     """timm's feature collector (`FeatureListNet._collect`): each stage's output tested `isinstance(x, (tuple,
     list))` before it is kept."""
 
+    tested = "stages.0.0"  # the layer whose output the (first) type test reads
+
     def __init__(self):
         super().__init__()
         self.stages = nn.ModuleList(nn.Sequential(nn.Conv2d(3 if i == 0 else 4, 4, 3, padding=1, bias=False),
@@ -690,6 +692,20 @@ class _Collect(nn.Module):
                 x = x[0]
             out.append(x)
         return out
+
+
+class _CollectPooled(_Collect):
+    """The tested value from one of torch.nn's own layers (return_indices: that layer returns a tuple)."""
+
+    tested = "pool"
+
+    def __init__(self, return_indices=False):
+        super().__init__()
+        self.pool = nn.MaxPool2d(2, return_indices=return_indices)
+
+    def forward(self, x):
+        x = self.pool(self.stages[0](x))
+        return x[0] if isinstance(x, (tuple, list)) else x
 
 
 class _CollectTensorTest(_Collect):
@@ -723,7 +739,8 @@ def _same_lists(a, b):
         _same(u, v)
 
 
-@pytest.mark.parametrize("build", [_Collect, _CollectTensorTest], ids=["tuple_or_list", "tensor"])
+@pytest.mark.parametrize("build", [_Collect, _CollectTensorTest, _CollectPooled],
+                         ids=["tuple_or_list", "tensor", "torch_layer"])
 def test_type_test_of_a_layer_output_is_answered_and_guarded(build):
     model, converted = _convert(build())
     table = _flat_table(converted)
@@ -735,7 +752,8 @@ def test_type_test_of_a_layer_output_is_answered_and_guarded(build):
         _same_lists(out(converted(x)), out(model(x)))
         assert table.fallback_calls == 0
         # A forward hook may return anything: on the tested layer it sends the call to the model's own forward.
-        hooks = [m.stages[0][0].register_forward_hook(lambda mod, args, y: [y * 3.0]) for m in (converted, unflat)]
+        hooks = [m.get_submodule(build.tested).register_forward_hook(lambda mod, args, y: [y * 3.0])
+                 for m in (converted, unflat)]
         _same_lists(out(converted(x)), out(unflat(x)))
         assert table.fallback_calls == 1
         for h in hooks:
@@ -746,8 +764,9 @@ def test_type_test_of_a_layer_output_is_answered_and_guarded(build):
         assert table.fallback_calls == 2
 
 
-@pytest.mark.parametrize("build", [_CollectOwnClass, _CollectLocalClass, _CollectChunk],
-                         ids=["other_class", "local_class", "op_output"])
+@pytest.mark.parametrize("build", [_CollectOwnClass, _CollectLocalClass, _CollectChunk,
+                                   lambda: _CollectPooled(return_indices=True)],
+                         ids=["other_class", "local_class", "op_output", "tuple_layer"])
 def test_type_test_that_depends_on_the_value_is_not_flattened(build):
     model = randomize_bn(build()).double().eval()
     converted, report = fusedconv.convert(model, reparameterize=False, return_report=True)

@@ -186,6 +186,7 @@ class FlatTracer(ScopeTracer):
         # Decided once per module, before tracing: while the trace runs, the modules it goes through wear a
         # read-recording subclass (tracing._recording_reads), which must not change the answer.
         self._leaf: dict[int, bool] = {}
+        self._tensor: dict[int, bool] = {}  # a leaf whose call returns a tensor (`_tensor_leaf`), decided with it
         self.shape_tests: list[fx.Node] = []  # branches on the inputs' shapes, taken as False (flat_shape_tests)
         self.tensor_leaves: set[str] = set()  # leaves whose output a type test was answered for (`tensor_value`)
 
@@ -196,7 +197,7 @@ class FlatTracer(ScopeTracer):
         anything from a layer's ops)."""
         if node.graph is not self.graph or node.op != "call_module":
             return False
-        if not _tensor_leaf(self.root.get_submodule(node.target)):
+        if not self._tensor.get(id(self.root.get_submodule(node.target)), False):
             return False
         self.tensor_leaves.add(str(node.target))
         return True
@@ -212,6 +213,7 @@ class FlatTracer(ScopeTracer):
         leaf = self._leaf.get(id(m))
         if leaf is None:
             leaf = self._leaf[id(m)] = self._decide_leaf(m)
+            self._tensor[id(m)] = leaf and _tensor_leaf(m)
         return leaf
 
     def _decide_leaf(self, m: nn.Module) -> bool:

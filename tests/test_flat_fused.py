@@ -232,6 +232,32 @@ def test_instance_forward_editing_a_later_layer_mid_forward_is_seen_on_that_call
     assert module_calls[0] == 2 * 20  # resnet18: 20 FusedConv2d, every one a module call
 
 
+def test_class_forward_of_a_torch_leaf_patched_mid_forward_is_seen_on_that_call(module_calls, monkeypatch):
+    """A torch.nn leaf class's forward patched (instrumentation does this) is user code inside the forward too."""
+    model = randomize_bn(torchvision.models.resnet18(weights=None)).eval()
+    converted = fusedconv.convert(model)
+    x = _x(1, 3, 64, 64, seed=9)
+    _run(converted, x)
+    later = {id(m.maxpool): m.layer2[0].conv1 for m in (model, converted)}  # each pool edits its own model
+    real = nn.MaxPool2d.forward
+
+    def forward(self, *args):
+        later[id(self)].weight.mul_(2.0)
+        return real(self, *args)
+
+    monkeypatch.setattr(nn.MaxPool2d, "forward", forward)
+    module_calls[0] = 0
+    for _ in range(2):
+        with torch.no_grad():
+            assert max_rel_error(_run(converted, x), model(x)) < 1e-4
+    assert module_calls[0] == 2 * 20
+    monkeypatch.undo()
+    module_calls[0] = 0
+    with torch.no_grad():
+        assert max_rel_error(_run(converted, x), model(x)) < 1e-4
+    assert module_calls[0] == 0  # direct again
+
+
 def test_class_forward_patched(mobilenet, module_calls, monkeypatch):
     _, converted = mobilenet
     x = _x(*SIZE, seed=5)

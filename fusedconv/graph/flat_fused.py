@@ -15,7 +15,8 @@ So the flat graph splits them:
   instance-level forward, there are no global hooks: no user code runs
   during the forward that could change a module; the flat guard has already checked that no tracer or compiler
   runs), no gradient mode, no autocast region, the fast path and oneDNN on (`cpu.enabled`,
-  `torch.backends.mkldnn.enabled`), FusedConv2d's op routing and its class-level forward / call not patched.
+  `torch.backends.mkldnn.enabled`), FusedConv2d's op routing and the class-level forward / call of every leaf's
+  class not patched.
   Per module: exactly a FusedConv2d, not compiled in place, no pre-pad, a folded
   weight, weight / scale / shift are the tensors it folded (and packed), with the same version counters and data
   pointers. It returns the modules' eager states (`cpu.EagerState`),
@@ -51,12 +52,13 @@ _FORWARD, _CALL, _CALL_IMPL = FusedConv2d.forward, FusedConv2d.__call__, FusedCo
 
 # What a direct call depends on outside the leaves: no gradient, no autocast region (its calls compute in the
 # region's dtype: the module call handles them, fusedconv/autocast.py), the fast path and PyTorch's oneDNN switch
-# on (cpu.mkldnn_enabled), no global hooks, FusedConv2d's op routing and its class-level forward / call not patched
+# on (cpu.mkldnn_enabled), no global hooks, FusedConv2d's op routing and its class-level forward / call not patched,
+# nor those of the other leaves' classes (a patched class-level forward is user code inside the forward)
 # (`states()` and its frozen form check).
 _OUTSIDE = ("(grad_enabled() or autocast_any() or not cpu.enabled or not mkldnn_enabled()"
             " or ops.use_kernel is not USE_KERNEL"
             " or global_hooks() or FusedConv2d.forward is not FORWARD or FusedConv2d.__call__ is not CALL"
-            " or FusedConv2d._call_impl is not CALL_IMPL)")
+            " or FusedConv2d._call_impl is not CALL_IMPL or leaf_classes_patched())")
 
 # FusedLeaves.freeze: `states` until two calls in a row answer the same states (by identity), then those, behind
 # the checks of what lies outside the leaves.
@@ -111,6 +113,9 @@ class FusedLeaves:
         self.leaves = leaves
         # The classes `states()` checks, kept only for a pure graph (importable classes: they pickle by name).
         self.types = tuple(type(m) for m in leaves) if pure else None
+        # The other leaves' classes with the forward / __call__ / _call_impl they had when the graph was built.
+        self.class_methods = tuple((cls, cls.forward, cls.__call__, cls._call_impl) for cls in dict.fromkeys(
+            t for t in self.types if t is not FusedConv2d)) if pure else ()
         self.fused = fused
         self.with_residual = with_residual
         self.pure = pure
@@ -167,6 +172,15 @@ class FusedLeaves:
                      "mkldnn_enabled": cpu.mkldnn_enabled,
                      "USE_KERNEL": _USE_KERNEL, "global_hooks": global_hooks, "NONE": none, "FusedConv2d": FusedConv2d,
                      "FORWARD": _FORWARD, "CALL": _CALL, "CALL_IMPL": _CALL_IMPL, "snapshot": cpu._snapshot}
+        methods = self.class_methods
+
+        def leaf_classes_patched() -> bool:
+            for cls, forward, call, call_impl in methods:
+                if cls.forward is not forward or cls.__call__ is not call or cls._call_impl is not call_impl:
+                    return True
+            return False
+
+        namespace["leaf_classes_patched"] = leaf_classes_patched
         exec(compile(src, "<fusedconv flat states>", "exec"), namespace)  # noqa: S102 - generated here
         self.states = namespace["make"](self.leaves, self.types)
         if self.frozen:
@@ -180,6 +194,7 @@ class FusedLeaves:
 
     def __setstate__(self, state):
         state.setdefault("frozen", False)
+        state.setdefault("class_methods", ())
         self.__dict__.update(state)
         self._compile()
 

@@ -258,6 +258,45 @@ def test_class_forward_of_a_torch_leaf_patched_mid_forward_is_seen_on_that_call(
     assert module_calls[0] == 0  # direct again
 
 
+_EDITED_BY_WRAPPED: dict = {}  # which layer `_wrapped_edit` edits, per model (by the id of the model's pool)
+
+
+def _wrapped_edit(x, pool_id):
+    """User code torch.fx keeps as one call in the graph (torch.fx.wrap below): it edits a later layer."""
+    _EDITED_BY_WRAPPED[pool_id].weight.mul_(2.0)
+    return x
+
+
+torch.fx.wrap("_wrapped_edit")
+
+
+class _WrappedCallNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.head = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+
+    def forward(self, x):
+        return self.head(_wrapped_edit(self.stem(x), id(self)))
+
+
+def test_user_function_the_graph_calls_makes_the_forward_impure(module_calls):
+    """A function torch.fx.wrap keeps as a call is user code inside the flat forward: no direct calls there."""
+    model = randomize_bn(_WrappedCallNet()).eval()
+    converted = fusedconv.convert(model)
+    assert flat_check(converted) is not None and not _fused_leaves(converted).pure
+    x = _x(1, 3, 16, 16, seed=10)
+    _EDITED_BY_WRAPPED[id(converted)] = nn.Conv2d(1, 1, 1)
+    _run(converted, x)  # the first call of a signature runs forward three times (fusedconv/cpu_boundary.py)
+    for m in (model, converted):
+        _EDITED_BY_WRAPPED[id(m)] = m.head[0]
+    module_calls[0] = 0
+    for _ in range(2):
+        with torch.no_grad():
+            assert max_rel_error(_run(converted, x), model(x)) < 1e-4
+    assert module_calls[0] == 2 * 2
+
+
 def test_class_forward_patched(mobilenet, module_calls, monkeypatch):
     _, converted = mobilenet
     x = _x(*SIZE, seed=5)

@@ -605,7 +605,7 @@ def _flat_entry(root: nn.Module, params, pattern, notes: list[str], inner: tuple
     src = _check_source(root, tracer, trace, leaf_paths + owner_paths, check_expect)
     leaves = tuple(root.get_submodule(p) for p in leaf_paths)
     owners = tuple(root.get_submodule(p) for p in owner_paths)
-    expect.append(FlatCheck(src, check_expect, leaves, _fused_leaves(calls, leaf_paths, leaves), owners))
+    expect.append(FlatCheck(src, check_expect, leaves, _fused_leaves(graph, calls, leaf_paths, leaves), owners))
     k = len(expect) - 1
     g.check(f"e[{k}](self)", "every module on the way unchanged", describe=False)
     _call_leaves_directly(graph, calls, leaf_paths, k, leaves)
@@ -624,11 +624,24 @@ def _flat_entry(root: nn.Module, params, pattern, notes: list[str], inner: tuple
     return entry, expect
 
 
-def _fused_leaves(calls: list[fx.Node], leaf_paths: list[str], leaves: tuple) -> FusedLeaves:
+# Where the functions a pure graph may call come from: torch, this package, and Python's own operator, math and
+# collections modules and builtins (a function torch.fx.wrap kept as a call can be any user code).
+_LIBRARY_MODULES = ("torch", "fusedconv", "operator", "_operator", "builtins", "math", "collections")
+
+
+def _library_function(fn) -> bool:
+    module = getattr(fn, "__module__", None) or ""
+    return any(module == m or module.startswith(m + ".") for m in _LIBRARY_MODULES)
+
+
+def _fused_leaves(graph: fx.Graph, calls: list[fx.Node], leaf_paths: list[str], leaves: tuple) -> FusedLeaves:
     fused = tuple(i for i, m in enumerate(leaves) if type(m) is FusedConv2d)
     index = {p: i for i, p in enumerate(leaf_paths)}
     without = {index[str(n.target)] for n in calls if _residual_of(n.args, n.kwargs) is None}
-    return FusedLeaves(leaves, fused, frozenset(fused) - without, all(pure_leaf(m) for m in leaves))
+    # Pure: no user code runs inside the forward (flat_fused.py), neither in a leaf nor in a function the graph calls.
+    pure = all(pure_leaf(m) for m in leaves) and all(
+        _library_function(n.target) for n in graph.nodes if n.op == "call_function")
+    return FusedLeaves(leaves, fused, frozenset(fused) - without, pure)
 
 
 def _residual_of(args: tuple, kwargs: dict):

@@ -12,7 +12,8 @@ So the flat graph splits them:
 * once per forward, `FusedLeaves.states()` (the graph's first call after the guard) checks what a direct call
   depends on. For the whole forward: it is *pure* (every leaf is a FusedConv2d, a fused affine layer, a
   BN-folded layer or a torch.nn layer of the class it was when the graph was built, none has forward hooks or an
-  instance-level forward, there are no global hooks: no user code runs
+  instance-level forward, the graph calls no function from outside torch, this package and Python's own modules
+  (flat._fused_leaves), there are no global hooks: no user code runs
   during the forward that could change a module; the flat guard has already checked that no tracer or compiler
   runs), no gradient mode, no autocast region, the fast path and oneDNN on (`cpu.enabled`,
   `torch.backends.mkldnn.enabled`), FusedConv2d's op routing and the class-level forward / call of every leaf's

@@ -58,10 +58,10 @@ def _is_isinstance_call(frame) -> bool:
 
 
 @functools.lru_cache(maxsize=1024)
-def _type_test_starts(code) -> frozenset:
-    """(line, column) where `code` loads the builtins isinstance or issubclass."""
+def _type_test_starts(code, names: tuple = ("isinstance", "issubclass")) -> frozenset:
+    """(line, column) where `code` loads one of the builtins `names` (isinstance or issubclass)."""
     return frozenset((i.positions.lineno, i.positions.col_offset) for i in dis.get_instructions(code)
-                     if i.opname in ("LOAD_GLOBAL", "LOAD_NAME") and i.argval in ("isinstance", "issubclass")
+                     if i.opname in ("LOAD_GLOBAL", "LOAD_NAME") and i.argval in names
                      and i.positions is not None)
 
 
@@ -139,7 +139,14 @@ _EVERY_TENSOR = frozenset({torch.Tensor, object})
 def _isinstance_classes(frame) -> tuple | None:
     """The class (or tuple of classes) the isinstance call `frame` is executing tests against, when its source is
     a global name, an attribute chain from one (`torch.Tensor`) or a tuple of those; None for anything else (a
-    local, a call, a constant). Read from the bytecode before the call, resolved in the frame's globals."""
+    local, a call, a constant), and for an issubclass call. Read from the bytecode before the call, resolved in the
+    frame's globals."""
+    try:
+        lineno, _, col, _ = list(frame.f_code.co_positions())[frame.f_lasti // 2]
+    except (AttributeError, IndexError, TypeError):
+        return None
+    if (lineno, col) not in _type_test_starts(frame.f_code, ("isinstance",)):
+        return None
     instructions = [i for i in dis.get_instructions(frame.f_code) if i.offset < frame.f_lasti]
     while instructions and instructions[-1].opname in ("PRECALL", "KW_NAMES", "CACHE"):
         instructions.pop()

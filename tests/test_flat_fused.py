@@ -297,6 +297,22 @@ def test_user_function_the_graph_calls_makes_the_forward_impure(module_calls):
     assert module_calls[0] == 2 * 2
 
 
+class _StochasticDepthNet(_WrappedCallNet):
+    def __init__(self):
+        super().__init__()
+        self.drop = torchvision.ops.StochasticDepth(0.2, "row")
+
+    def forward(self, x):
+        return self.head(self.drop(self.stem(x)))
+
+
+def test_library_function_the_graph_calls_keeps_the_forward_pure():
+    """torchvision's stochastic_depth (EfficientNetV2's blocks), which torch.fx keeps as a call, is not user code."""
+    converted = fusedconv.convert(randomize_bn(_StochasticDepthNet()).eval())
+    assert "torchvision_ops_stochastic_depth_stochastic_depth" in guard_table(converted).entries[0].src
+    assert _fused_leaves(converted).pure
+
+
 def test_class_forward_patched(mobilenet, module_calls, monkeypatch):
     _, converted = mobilenet
     x = _x(*SIZE, seed=5)

@@ -624,9 +624,10 @@ def _flat_entry(root: nn.Module, params, pattern, notes: list[str], inner: tuple
     return entry, expect
 
 
-# Where the functions a pure graph may call come from: torch, this package, and Python's own operator, math and
-# collections modules and builtins (a function torch.fx.wrap kept as a call can be any user code).
-_LIBRARY_MODULES = ("torch", "fusedconv", "operator", "_operator", "builtins", "math", "collections")
+# Where the functions a pure graph may call come from: torch and torchvision (whose stochastic_depth torch.fx keeps
+# as a call in EfficientNet / ConvNeXt forwards), this package, and Python's own operator, math and collections
+# modules and builtins (a function torch.fx.wrap kept as a call can be any user code).
+_LIBRARY_MODULES = ("torch", "torchvision", "fusedconv", "operator", "_operator", "builtins", "math", "collections")
 
 
 def _library_function(fn) -> bool:

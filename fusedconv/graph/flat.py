@@ -38,7 +38,6 @@ import contextlib
 import copy
 import operator
 import re
-import sys
 import types
 
 import torch
@@ -150,14 +149,12 @@ _TENSOR_LAYER_MODULES = frozenset(f"torch.nn.modules.{m}" for m in (
 
 def _tensor_leaf(m: nn.Module) -> bool:
     """A leaf layer whose call returns a tensor for tensor input: a fused or BN-folded layer, or one of torch.nn's
-    own tensor layers (exactly its class)."""
+    own tensor layers (exactly its class: `pure_leaf`)."""
     if _is_leaf_layer(m):
         return True
     cls = type(m)
-    if cls.__module__ not in _TENSOR_LAYER_MODULES or cls in (nn.Identity, nn.MultiheadAttention) or \
-            getattr(m, "return_indices", False) or getattr(sys.modules[cls.__module__], cls.__name__, None) is not cls:
-        return False
-    return True
+    return (cls.__module__ in _TENSOR_LAYER_MODULES and cls not in (nn.Identity, nn.MultiheadAttention)
+            and not getattr(m, "return_indices", False) and pure_leaf(m))
 
 
 def _torch_layer(m: nn.Module) -> bool:

@@ -45,16 +45,16 @@ _STATE_DICTS = ("_modules", "_parameters", "_buffers")
 _CONTENTS = "\0contents"  # the snapshot's key for container contents (no attribute has this name)
 
 
-def _is_isinstance_call(frame) -> bool:
-    """Whether `frame` is executing a Python-level `isinstance(...)` / `issubclass(...)` call, as opposed to C code
-    (e.g. torch.cat's argument parser) testing an object's type while called from that line: the current
-    instruction's source span starts where a load of the name isinstance / issubclass does (read from the
-    bytecode's positions, so it needs no source file)."""
+def _is_isinstance_call(frame, names: tuple = ("isinstance", "issubclass")) -> bool:
+    """Whether `frame` is executing a Python-level `isinstance(...)` / `issubclass(...)` call (one of `names`), as
+    opposed to C code (e.g. torch.cat's argument parser) testing an object's type while called from that line: the
+    current instruction's source span starts where a load of one of those names does (read from the bytecode's
+    positions, so it needs no source file)."""
     try:
         lineno, _, col, _ = list(frame.f_code.co_positions())[frame.f_lasti // 2]
     except (AttributeError, IndexError, TypeError):
         return False
-    return lineno is not None and col is not None and (lineno, col) in _type_test_starts(frame.f_code)
+    return lineno is not None and col is not None and (lineno, col) in _type_test_starts(frame.f_code, names)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -141,11 +141,7 @@ def _isinstance_classes(frame) -> tuple | None:
     a global name, an attribute chain from one (`torch.Tensor`) or a tuple of those; None for anything else (a
     local, a call, a constant), and for an issubclass call. Read from the bytecode before the call, resolved in the
     frame's globals."""
-    try:
-        lineno, _, col, _ = list(frame.f_code.co_positions())[frame.f_lasti // 2]
-    except (AttributeError, IndexError, TypeError):
-        return None
-    if (lineno, col) not in _type_test_starts(frame.f_code, ("isinstance",)):
+    if not _is_isinstance_call(frame, ("isinstance",)):
         return None
     instructions = [i for i in dis.get_instructions(frame.f_code) if i.offset < frame.f_lasti]
     while instructions and instructions[-1].opname in ("PRECALL", "KW_NAMES", "CACHE"):
@@ -186,12 +182,13 @@ class _ValueProxy(fx.Proxy):
         frame = _model_caller()
         if frame is None:
             return type(self)
-        if _is_isinstance_call(frame):
+        type_test = _is_isinstance_call(frame)
+        if type_test:
             classes = _isinstance_classes(frame)
             if (classes is not None and all(c in _NOT_A_TENSOR or c in _EVERY_TENSOR for c in classes)
                     and self.tracer.tensor_value(self.node)):
                 return torch.Tensor
-        if _is_isinstance_call(frame) or _reads_class_attribute(frame):
+        if type_test or _reads_class_attribute(frame):
             raise ClassInspectedError(f"{frame.f_code.co_name} tests the type of a computed value ({self.node.name})")
         return type(self)
 

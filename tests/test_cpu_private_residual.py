@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from util import max_rel_error, randomize_bn  # noqa: E402
@@ -126,6 +127,42 @@ def test_global_forward_hook_turns_it_off(inplace_calls):
     finally:
         handle.remove()
     assert not inplace_calls
+
+
+class _KeepEveryOutput(TorchDispatchMode):
+    """Keeps every op's output (a debugging or capture tool)."""
+
+    def __init__(self):
+        super().__init__()
+        self.kept = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if isinstance(out, torch.Tensor):
+            self.kept.append(out)
+        return out
+
+
+def test_mode_keeping_outputs_turns_it_off(inplace_calls):
+    """A dispatch mode sees every output and may keep it: no residual is written in place under one, and the
+    downsample output it kept still holds the downsample's value."""
+    model, fc = _pair(Net)
+    x = torch.randn(2, 3, 16, 16)
+    ref = _ref64(model, x)
+    ref_identity = _ref64(model.block.downsample, _ref64(model.stem, x).float())
+    with torch.no_grad():
+        fc(x)
+    assert inplace_calls  # without a mode, the residual is written in place
+    inplace_calls.clear()
+    with torch.no_grad():
+        for _ in range(2):
+            with _KeepEveryOutput() as mode:
+                assert max_rel_error(fc(x), ref) < TOL
+            assert any(t.shape == ref_identity.shape and max_rel_error(t, ref_identity) < TOL for t in mode.kept)
+    assert not inplace_calls
+    with torch.device("cpu"), torch.no_grad():  # torch's own DeviceContext mode is not one
+        fc(x)
+    assert inplace_calls
 
 
 def test_residual_that_is_also_returned_is_not_overwritten(inplace_calls):

@@ -18,6 +18,8 @@ import sys
 import pytest
 import torch
 import torch.nn as nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -54,7 +56,7 @@ def _direct_off(model):
     """Every fused call of this model's flat graph through the module (the reference path)."""
     leaves = _fused_leaves(model)
     none = (None,) * len(leaves.leaves)
-    leaves.states = lambda: none
+    leaves.states = lambda *inputs: none
     try:
         yield
     finally:
@@ -311,6 +313,110 @@ def test_library_function_the_graph_calls_keeps_the_forward_pure():
     converted = fusedconv.convert(randomize_bn(_StochasticDepthNet()).eval())
     assert "torchvision_ops_stochastic_depth_stochastic_depth" in guard_table(converted).entries[0].src
     assert _fused_leaves(converted).pure
+
+
+class _EditOnPool(TorchFunctionMode):
+    """User code run on every torch function of the forward: on the max pool, doubles a later layer's weight."""
+
+    def __init__(self, later):
+        super().__init__()
+        self.later = later
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if "max_pool2d" in getattr(func, "__name__", ""):
+            self.later.weight.mul_(2.0)
+        return func(*args, **(kwargs or {}))
+
+
+class _RebindOnPool(TorchDispatchMode):
+    """User code run on every aten op: on the max pool, replaces a later layer's weight by twice it (an in-place
+    write here would move no version counter: the documented `.data`-like case that `fusedconv.refresh` is for)."""
+
+    def __init__(self, later):
+        super().__init__()
+        self.later = later
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if "max_pool2d" in str(func):
+            self.later.weight = nn.Parameter(self.later.weight * 2.0, requires_grad=False)
+        return func(*args, **(kwargs or {}))
+
+
+class _EditingTensor(torch.Tensor):
+    """An input whose first op edits a later layer (`_SUBCLASS_EDITS`), and whose ops return plain tensors."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        with torch._C.DisableTorchFunction():
+            for t in _SUBCLASS_EDITS.pop("weights", ()):
+                t.mul_(2.0)
+            out = func(*args, **(kwargs or {}))
+        return out.as_subclass(torch.Tensor) if isinstance(out, torch.Tensor) else out
+
+
+_SUBCLASS_EDITS: dict = {}
+
+
+def _resnet18_pair(seed):
+    model = randomize_bn(torchvision.models.resnet18(weights=None)).eval()
+    converted = fusedconv.convert(model)
+    x = _x(1, 3, 64, 64, seed=seed)
+    _run(converted, x)
+    return model, converted, x
+
+
+@pytest.mark.parametrize("mode", [_EditOnPool, _RebindOnPool])
+def test_mode_editing_a_later_layer_mid_forward_is_seen_on_that_call(module_calls, mode):
+    """A torch function or dispatch mode runs user code on every op of the forward: an edit it makes to a later
+    layer must reach that call's output, so no call under a mode is direct; after the mode, calls are direct."""
+    model, converted, x = _resnet18_pair(seed=11)
+    module_calls[0] = 0
+    for _ in range(2):
+        with torch.no_grad():
+            with mode(model.layer2[0].conv1):
+                ref = model(x)
+            with mode(converted.layer2[0].conv1):
+                out = converted(x)
+        assert max_rel_error(out, ref) < 1e-4
+    assert module_calls[0] == 2 * 20  # resnet18: 20 FusedConv2d, every one a module call
+    module_calls[0] = 0
+    with torch.no_grad():
+        assert max_rel_error(_run(converted, x), model(x)) < 1e-4
+    assert module_calls[0] == 0
+
+
+def test_default_device_mode_keeps_the_direct_calls(module_calls):
+    """`with torch.device(...)` (and torch.set_default_device) install torch's own DeviceContext mode, which only
+    fills in factory functions' device: not user code, the calls stay direct."""
+    model, converted, x = _resnet18_pair(seed=12)
+    module_calls[0] = 0
+    with torch.device("cpu"), torch.no_grad():
+        assert max_rel_error(converted(x), model(x)) < 1e-4
+    assert module_calls[0] == 0
+
+
+def test_tensor_subclass_input_running_code_mid_forward_is_seen_on_that_call(module_calls):
+    """A tensor subclass's __torch_function__ runs on the ops its instances take part in: user code inside the
+    forward, even when it hands plain tensors on."""
+    model, converted, x = _resnet18_pair(seed=13)
+    module_calls[0] = 0
+    for _ in range(2):
+        with torch.no_grad():
+            _SUBCLASS_EDITS["weights"] = [model.layer2[0].conv1.weight]
+            ref = model(x.as_subclass(_EditingTensor))
+            _SUBCLASS_EDITS["weights"] = [converted.layer2[0].conv1.weight]
+            out = converted(x.as_subclass(_EditingTensor))
+        assert not _SUBCLASS_EDITS and type(out) is torch.Tensor
+        assert max_rel_error(out, ref) < 1e-4
+    assert module_calls[0] == 2 * 20
+
+
+def test_plain_arguments():
+    t = torch.zeros(1)
+    sub = t.as_subclass(_EditingTensor)
+    assert flat_fused.plain_arguments((t, None, 3, 0.5, "a", [t, (t, 2)], {"k": t}, torch.Size([1])))
+    for bad in (sub, [t, sub], (t, [sub]), {"k": sub}, nn.Parameter(t), object()):
+        assert not flat_fused.plain_arguments((t, bad)), bad
 
 
 def test_class_forward_patched(mobilenet, module_calls, monkeypatch):

@@ -57,7 +57,7 @@ from fusedconv.graph import private_residual
 from fusedconv.graph import model_code
 from fusedconv.graph.model_code import ClassAttrRef, ClassNamespace, same_plain
 from fusedconv.graph.owned_input import _compiler, _fx_tracing, _jit_tracing_state
-from fusedconv.graph.private_residual import global_hooks, hooked, hooked_source
+from fusedconv.graph.private_residual import global_hooks, global_observers, hooked, hooked_source
 from fusedconv.graph.specialize import _CLASSES, _GUARDS, _MISSING, GuardTable, Specialization, install
 from fusedconv.graph.tracing import ScopeTracer, trace_scope
 from fusedconv.modules import FusedConv2d
@@ -453,9 +453,10 @@ def flat_owners(table: GuardTable, k: int) -> tuple:
     return table.expect[k].owners
 
 
-def flat_states(table: GuardTable, k: int) -> tuple:
-    """Per leaf, the eager state its FusedConv2d calls may use directly in this forward (flat_fused.FusedLeaves)."""
-    return table.expect[k].fused.states()
+def flat_states(table: GuardTable, k: int, *inputs) -> tuple:
+    """Per leaf, the eager state its FusedConv2d calls may use directly in this forward (flat_fused.FusedLeaves);
+    `inputs`, the graph's, must be plain (flat_fused.plain_arguments)."""
+    return table.expect[k].fused.states(*inputs)
 
 
 def call_leaf(leaves: tuple, i: int, *args, **kwargs):
@@ -666,7 +667,8 @@ def _call_leaves_directly(graph: fx.Graph, calls: list[fx.Node], leaf_paths: lis
     states = None
     if any(type(m) is FusedConv2d for m in root_leaves):
         with graph.inserting_after(leaves):
-            states = graph.call_function(flat_states, (table, k))
+            inputs = tuple(n for n in graph.nodes if n.op == "placeholder")
+            states = graph.call_function(flat_states, (table, k, *inputs))
     index = {p: i for i, p in enumerate(leaf_paths)}
     fused = {}  # call node -> leaf index, for FusedConv2d leaves
     pooled = {}  # call node -> leaf index, for pooling leaves (a fresh output, see flat_private_pooled)
@@ -768,7 +770,7 @@ def flat_private(states: tuple, leaves: tuple, producer: int, fused: int, *reade
     in a pure forward none can be added until it ends."""
     if states[producer] is not None and states[fused] is not None and all(states[r] is not None for r in readers):
         return True
-    return not (global_hooks() or hooked(leaves[producer]) or hooked(leaves[fused])
+    return not (global_observers() or hooked(leaves[producer]) or hooked(leaves[fused])
                 or any(hooked(leaves[r]) for r in readers))
 
 

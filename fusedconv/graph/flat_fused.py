@@ -13,9 +13,10 @@ So the flat graph splits them:
   depends on. For the whole forward: it is *pure* (every leaf is a FusedConv2d, a fused affine layer, a
   BN-folded layer or a torch.nn layer of the class it was when the graph was built, none has forward hooks or an
   instance-level forward, the graph calls no function from outside torch, this package and Python's own modules
-  (flat._fused_leaves), there are no global hooks: no user code runs
-  during the forward that could change a module; the flat guard has already checked that no tracer or compiler
-  runs), no gradient mode, no autocast region, the fast path and oneDNN on (`cpu.enabled`,
+  (flat._fused_leaves), there are no global hooks, no torch function or dispatch mode is active
+  (private_residual.user_modes) and the forward's arguments hold no tensor subclass (`plain_arguments`): no user
+  code runs during the forward that could change a module; the flat guard has already checked that no tracer or
+  compiler runs), no gradient mode, no autocast region, the fast path and oneDNN on (`cpu.enabled`,
   `torch.backends.mkldnn.enabled`), FusedConv2d's op routing and the class-level forward / call of every leaf's
   class not patched.
   Per module: exactly a FusedConv2d, not compiled in place, no pre-pad, a folded
@@ -39,7 +40,7 @@ import torch
 from fusedconv import autocast, cpu, ops
 from fusedconv.bn_folded_layers import BN_FOLDED_LAYERS
 from fusedconv.fused_layers import FusedAffineLayer
-from fusedconv.graph.private_residual import global_hooks
+from fusedconv.graph.private_residual import global_observers
 from fusedconv.modules import FusedConv2d
 
 _Tensor = torch.Tensor
@@ -53,12 +54,12 @@ _FORWARD, _CALL, _CALL_IMPL = FusedConv2d.forward, FusedConv2d.__call__, FusedCo
 
 # What a direct call depends on outside the leaves: no gradient, no autocast region (its calls compute in the
 # region's dtype: the module call handles them, fusedconv/autocast.py), the fast path and PyTorch's oneDNN switch
-# on (cpu.mkldnn_enabled), no global hooks, FusedConv2d's op routing and its class-level forward / call not patched,
-# nor those of the other leaves' classes (a patched class-level forward is user code inside the forward)
-# (`states()` and its frozen form check).
+# on (cpu.mkldnn_enabled), no global hooks or torch function / dispatch modes, FusedConv2d's op routing and its
+# class-level forward / call not patched, nor those of the other leaves' classes (a patched class-level forward is
+# user code inside the forward) (`states()` and its frozen form check).
 _OUTSIDE = ("(grad_enabled() or autocast_any() or not cpu.enabled or not mkldnn_enabled()"
             " or ops.use_kernel is not USE_KERNEL"
-            " or global_hooks() or FusedConv2d.forward is not FORWARD or FusedConv2d.__call__ is not CALL"
+            " or global_observers() or FusedConv2d.forward is not FORWARD or FusedConv2d.__call__ is not CALL"
             " or FusedConv2d._call_impl is not CALL_IMPL or leaf_classes_patched())")
 
 # FusedLeaves.freeze: `states` until two calls in a row answer the same states (by identity), then those, behind
@@ -67,19 +68,39 @@ _KEPT_SOURCE = f"""
 def kept(states):
     found = last = None
 
-    def frozen_states():
+    def frozen_states(*args):
         nonlocal found, last
         if found is not None:
-            if {_OUTSIDE}:
+            if {_OUTSIDE} or not plain_arguments(args):
                 return NONE
             return found
-        now = states()
+        now = states(*args)
         if now is not NONE and last is not None and all(a is b for a, b in zip(now, last)):
             found = now
         last = now
         return now
     return frozen_states
 """
+
+
+_PLAIN_VALUES = (int, float, bool, str, type(None), torch.Size, torch.dtype, torch.device)
+
+
+def plain_arguments(args) -> bool:
+    """The forward's arguments (`args`, the graph's inputs) hold no tensor subclass, in lists, tuples or dicts
+    either: every op a subclass instance takes part in runs its `__torch_function__`, user code inside the forward
+    (which could edit a layer a direct call was checked for). Plain tensors and plain values pass; any other
+    object counts as not plain (its attributes, which the graph may read, can be properties)."""
+    for a in args:
+        t = type(a)
+        if t is _Tensor or t in _PLAIN_VALUES:
+            continue
+        if t is list or t is tuple:
+            if not plain_arguments(a):
+                return False
+        elif t is not dict or not plain_arguments(a.values()):
+            return False
+    return True
 
 
 def forward_hooked_source(d: str) -> str:
@@ -135,9 +156,9 @@ class FusedLeaves:
         n = len(self.leaves)
         none = (None,) * n
         if not self.pure or not self.fused:
-            self.states = lambda: none
+            self.states = lambda *args: none
             return
-        lines = ["def states():", f"    if {_OUTSIDE}:", "        return NONE"]
+        lines = ["def states(*args):", f"    if {_OUTSIDE} or not plain_arguments(args):", "        return NONE"]
         lines += [f"    d{i} = l{i}.__dict__" for i in range(n)]
         # A forward hook or an instance-level forward on any leaf is user code running in the middle of the
         # forward, where it could edit a module a later direct call has already been checked for: no direct call
@@ -170,9 +191,10 @@ class FusedLeaves:
         src = "def make(leaves, types):\n" + f"    {names}, = leaves\n" + f"    {types}, = types\n" + \
             "".join(f"    {line}\n" for line in lines) + "    return states\n"
         namespace = {"grad_enabled": _grad_enabled, "autocast_any": autocast.any_enabled, "cpu": cpu, "ops": ops,
-                     "mkldnn_enabled": cpu.mkldnn_enabled,
-                     "USE_KERNEL": _USE_KERNEL, "global_hooks": global_hooks, "NONE": none, "FusedConv2d": FusedConv2d,
-                     "FORWARD": _FORWARD, "CALL": _CALL, "CALL_IMPL": _CALL_IMPL, "snapshot": cpu._snapshot}
+                     "mkldnn_enabled": cpu.mkldnn_enabled, "USE_KERNEL": _USE_KERNEL,
+                     "global_observers": global_observers, "NONE": none, "FusedConv2d": FusedConv2d,
+                     "FORWARD": _FORWARD, "CALL": _CALL, "CALL_IMPL": _CALL_IMPL, "snapshot": cpu._snapshot,
+                     "plain_arguments": plain_arguments}
         methods = self.class_methods
 
         def leaf_classes_patched() -> bool:

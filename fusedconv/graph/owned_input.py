@@ -34,7 +34,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from fusedconv.graph.private_residual import _fused_chain, global_hooks, hooked
+from fusedconv.graph.private_residual import _fused_chain, global_observers, hooked
 from fusedconv.graph.specialize import _CLASSES, _GUARDS
 from fusedconv.modules import FusedConv2d
 from fusedconv.scripting import refuse_script
@@ -109,7 +109,7 @@ class OwnedInputSequential(nn.Sequential):
     __prepare_scriptable__ = refuse_script  # (fusedconv/scripting.py)
 
     def forward(self, input):
-        if _plain_call_only(input) or global_hooks() or hooked(self):
+        if _plain_call_only(input) or global_observers() or hooked(self):
             return _sequential_forward(self, input)
         fresh = False  # the Sequential's own input belongs to its caller
         for module in self._modules.values():

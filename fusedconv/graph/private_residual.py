@@ -11,7 +11,8 @@ A child's output (`mark`, e.g. a downsample branch). The proof has two halves:
 - on every call (`residual_private`, evaluated by the rewritten code just before the fused call): that child is a
   plain nn.Sequential of FusedConv2d / nn.Identity modules with at least one FusedConv2d (or a FusedConv2d
   itself), so its output is a tensor the last FusedConv2d has just allocated and no module code kept, and no
-  forward hook (on those modules, on the fused module, or global) could have kept it either. Hooks or children
+  forward hook (on those modules, on the fused module, or global) or torch function / dispatch mode could
+  have kept it either. Hooks or children
   added after convert are seen here, at the call.
 
 The block's own input (`mark_owned_input`, an identity residual `x + f(x)`). It belongs to the caller, so the
@@ -21,7 +22,7 @@ block alone can never prove it dead; the proof has three parts:
   as its residual is the last of them in the graph's order (not returned, not stored, nothing reads it after);
   the graph then gets one more parameter, `_fusedconv_input_owned` (default False), which only
   `owned_input.OwnedInputSequential` ever sets (see there for the call-site half: who may say the input is owned);
-- on every call (`owned_residual`): the caller said owned, no global hooks, the fused module and every other
+- on every call (`owned_residual`): the caller said owned, no global hooks or modes, the fused module and every other
   module reading the input are FusedConv2d / fused Sequentials (`_fused_chain`) without hooks.
 
 Anything else — a Unet encoder's stage outputs kept for the decoder, a residual that is also returned, a
@@ -31,9 +32,12 @@ out-of-place call.
 
 from __future__ import annotations
 
+import torch
 import torch.fx as fx
 import torch.nn as nn
 from torch.nn.modules import module as _module_globals
+from torch.overrides import _get_current_function_mode_stack as _function_mode_stack
+from torch.utils._device import DeviceContext as _DeviceContext
 
 from fusedconv.modules import FusedConv2d
 
@@ -46,6 +50,33 @@ def global_hooks() -> bool:
     g = _module_globals
     return bool(g._global_forward_hooks or g._global_forward_pre_hooks or g._global_backward_hooks
                 or g._global_backward_pre_hooks or getattr(g, "_global_forward_hooks_always_called", None))
+
+
+def global_observers() -> bool:
+    """Whether code outside the model sees every output of a forward: a module hook registered globally, or an
+    active torch function or dispatch mode (`user_modes`). Such code can keep a tensor a residual write would
+    overwrite, and can edit a module in the middle of a forward."""
+    return global_hooks() or user_modes()
+
+
+_is_compiling = torch.compiler.is_compiling
+_function_modes = torch._C._len_torch_function_stack
+_dispatch_modes = torch._C._len_torch_dispatch_stack
+
+
+def user_modes() -> bool:
+    """Whether a TorchFunctionMode or TorchDispatchMode is active (entered with `with`, or set globally), other
+    than the one `torch.set_default_device` / `with torch.device(...)` install: their `__torch_function__` /
+    `__torch_dispatch__` runs on every op of the forward. Two C++ counters in the common case (no mode). Under
+    torch.compile / torch.export it answers False, as before there was this check: their tracer handles modes
+    itself (and would stop at the counters, which it does not know)."""
+    if _is_compiling():
+        return False
+    if _dispatch_modes():
+        return True
+    if not _function_modes():
+        return False
+    return not all(type(m) is _DeviceContext for m in _function_mode_stack())
 
 
 def hooked_source(d: str) -> str:
@@ -80,7 +111,7 @@ def _fused_chain(module) -> bool:
 def residual_private(producer, fused=None) -> bool:
     """True when what `producer(...)` just returned can be held by no one but the caller (see the module doc);
     `fused`, the module about to take it as its residual, must carry no hook either (a pre-hook could keep it)."""
-    if global_hooks() or hooked(fused):
+    if global_observers() or hooked(fused):
         return False
     return _fused_chain(producer)
 
@@ -88,7 +119,7 @@ def residual_private(producer, fused=None) -> bool:
 def owned_residual(owned, fused, *readers) -> bool:
     """The per-call half for an identity residual: the caller said the input is owned, and the fused module and
     every other module of the block that reads the input can keep no reference to it."""
-    if owned is not True or global_hooks() or type(fused) is not FusedConv2d or hooked(fused):
+    if owned is not True or global_observers() or type(fused) is not FusedConv2d or hooked(fused):
         return False
     return all(_fused_chain(m) for m in readers)
 

@@ -18,11 +18,12 @@ and, after the outputs are turned back, the same output strides, and when it pay
 route in the channels_last run (a model whose convs are all small enough to stay on F.conv2d, cpu.small_conv_macs,
 runs them faster in NCHW). Otherwise that signature stays in NCHW and the layers take their F.conv2d route. That
 first call therefore runs forward three times (a model whose forward has side effects sees them three times, once).
-While forward hooks are registered on modules inside the model, or globally, no check runs (a hook collecting
-features would see the call three times): such a call runs as written, in NCHW, and the signature is checked on its
-first call without them. Nothing changes when the input is already channels_last, not float32, not on CPU, needs
-autograd, inside a torch.autocast region or a torch.func transform (vmap, grad, ...), or while tracing / compiling /
-exporting (they see the model as written).
+While forward hooks are registered on modules inside the model, or globally, or a torch function / dispatch mode
+is active (fusedconv/modes.py), no check runs (a hook collecting features, a mode counting ops would see the call
+three times): such a call runs as written, in NCHW, and the signature is checked on its first call without them.
+Nothing changes when the input is already channels_last, not float32, not on CPU, needs autograd, inside a
+torch.autocast region or a torch.func transform (vmap, grad, ...), or while tracing / compiling / exporting (they
+see the model as written).
 `fusedconv.cpu.enabled = False` switches this off together with the oneDNN route, and so does PyTorch's own
 `torch.backends.mkldnn.enabled = False` (or `torch.backends.mkldnn.flags(enabled=False)`) while it is off.
 """
@@ -37,6 +38,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from fusedconv import autocast, cpu
 from fusedconv.comparison import compare_outputs
+from fusedconv.modes import user_modes
 from fusedconv.comparison import snapshot_outputs as _snapshot
 
 ATTRIBUTE = "_fusedconv_layout_boundary"
@@ -169,9 +171,10 @@ def _checked(model, boundary: LayoutBoundary, args, kwargs) -> bool:
     key = _signature(args, kwargs)
     ok = boundary.checked.get(key)
     if ok is None:
-        if _hooks_inside(model):
-            # The check runs forward twice more, and a user's hook (collecting features, counting calls) would see
-            # this call three times: the call runs as written, and the signature is checked on a call without them.
+        if _hooks_inside(model) or user_modes():
+            # The check runs forward twice more, and a user's hook or torch function / dispatch mode (collecting
+            # features, counting calls or FLOPs) would see this call three times: the call runs as written, and the
+            # signature is checked on a call without them.
             return False
         cl_args, cl_kwargs = _to_channels_last(args, kwargs)
         try:

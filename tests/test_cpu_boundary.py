@@ -16,6 +16,8 @@ from collections import Counter
 import pytest
 import torch
 import torch.nn as nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from util import max_rel_error, randomize_bn
 
@@ -284,6 +286,51 @@ def test_hooks_inside_see_each_call_once_and_the_check_waits_for_a_call_without_
         for h in handles:
             h.remove()
     fused(x)
+    assert cpu_boundary.layout_used(fused, x) == "channels_last"
+
+
+class _CountConvs(TorchFunctionMode):
+    """Counts conv calls (a user's op counter)."""
+
+    def __init__(self):
+        super().__init__()
+        self.convs = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.convs += "conv" in getattr(func, "__name__", "")
+        return func(*args, **(kwargs or {}))
+
+
+class _CountConvOps(TorchDispatchMode):
+    """Counts the aten / oneDNN convolution ops of a call (as torch's op and FLOP counters see them; the first
+    call's fold, which runs other ops once, is left out)."""
+
+    def __init__(self):
+        super().__init__()
+        self.convs = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.convs += "conv" in str(func)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("mode", (_CountConvs, _CountConvOps))
+@torch.no_grad()
+def test_a_mode_sees_each_call_once_and_the_check_waits_for_a_call_without_it(mode):
+    # Under a torch function / dispatch mode the check's two extra forwards would be counted too.
+    torch.manual_seed(0)
+    model, fused = converted(FeatureNet())
+    x = torch.randn(2, 3, 12, 12)
+    counts = []
+    for _ in range(2):
+        with mode() as m:
+            z, _ = fused(x)
+        counts.append(m.convs)
+        assert max_rel_error(z, model(x)[0]) < TOL_FP32
+    assert counts[0] == counts[1] > 0  # the first call counted once, like the second
+    assert not cpu_boundary._boundary(fused).checked  # nothing decided under the mode
+    with torch.device("cpu"):  # torch's own default-device mode is not one: the check runs
+        fused(x)
     assert cpu_boundary.layout_used(fused, x) == "channels_last"
 
 

@@ -32,13 +32,11 @@ out-of-place call.
 
 from __future__ import annotations
 
-import torch
 import torch.fx as fx
 import torch.nn as nn
 from torch.nn.modules import module as _module_globals
-from torch.overrides import _get_current_function_mode_stack as _function_mode_stack
-from torch.utils._device import DeviceContext as _DeviceContext
 
+from fusedconv.modes import user_modes
 from fusedconv.modules import FusedConv2d
 
 # The extra parameter of a graph whose identity residual may be written in place (default False: not owned).
@@ -57,26 +55,6 @@ def global_observers() -> bool:
     active torch function or dispatch mode (`user_modes`). Such code can keep a tensor a residual write would
     overwrite, and can edit a module in the middle of a forward."""
     return global_hooks() or user_modes()
-
-
-_is_compiling = torch.compiler.is_compiling
-_function_modes = torch._C._len_torch_function_stack
-_dispatch_modes = torch._C._len_torch_dispatch_stack
-
-
-def user_modes() -> bool:
-    """Whether a TorchFunctionMode or TorchDispatchMode is active (entered with `with`, or set globally), other
-    than the one `torch.set_default_device` / `with torch.device(...)` install: their `__torch_function__` /
-    `__torch_dispatch__` runs on every op of the forward. Two C++ counters in the common case (no mode). Under
-    torch.compile / torch.export it answers False, as before there was this check: their tracer handles modes
-    itself (and would stop at the counters, which it does not know)."""
-    if _is_compiling():
-        return False
-    if _dispatch_modes():
-        return True
-    if not _function_modes():
-        return False
-    return not all(type(m) is _DeviceContext for m in _function_mode_stack())
 
 
 def hooked_source(d: str) -> str:

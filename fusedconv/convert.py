@@ -26,6 +26,7 @@ from fusedconv.graph.reparam_convert import fuse_reparameterized
 from fusedconv.graph.tracing import proxy_leak_guard
 from fusedconv.model_copy import check_eager, check_initialized, copy_model
 from fusedconv.modules import FusedConv2d
+from fusedconv.random_state import kept_random_states, set_random_states
 # (named apart: convert's own `reparameterize` flag would shadow it)
 from fusedconv.reparam import reparameterize as reparameterize_model
 from fusedconv.report import ConversionReport
@@ -115,7 +116,9 @@ def convert(model: nn.Module, *, inplace: bool = False, example_inputs=None, rep
     if tolerance is not None and not (isinstance(tolerance, (int, float)) and tolerance >= 0):
         raise ValueError(f"tolerance: expected a non-negative number or None, got {tolerance!r}")
     report = ConversionReport()
-    with torch.no_grad():
+    # The user's random generators are left as found, and the self-check's two forwards draw the same numbers
+    # (fusedconv/random_state.py).
+    with torch.no_grad(), kept_random_states() as random_states:
         ref = _snapshot(model(*args)) if args is not None else None
         check_initialized(model)  # (after the example forward, which initializes lazy modules)
         original = model
@@ -141,6 +144,7 @@ def convert(model: nn.Module, *, inplace: bool = False, example_inputs=None, rep
         if freeze:
             model = FrozenModel(model, _private=True)  # the copy made above: no one else holds it
         if ref is not None:
+            set_random_states(random_states)
             err, tol = compare_outputs(model(*args), *ref)
             tol = tol if tolerance is None else float(tolerance)
             report.max_rel_error = err

@@ -17,7 +17,10 @@ that signature only when the channels_last run succeeds, gives the same outputs 
 and, after the outputs are turned back, the same output strides, and when it pays: at least one conv took the oneDNN
 route in the channels_last run (a model whose convs are all small enough to stay on F.conv2d, cpu.small_conv_macs,
 runs them faster in NCHW). Otherwise that signature stays in NCHW and the layers take their F.conv2d route. That
-first call therefore runs forward three times (a model whose forward has side effects sees them three times, once).
+first call therefore runs forward three times (a model whose forward has side effects sees them three times, once),
+each from the same state of the global random generators (torch's, Python's, numpy's), so a forward that draws
+random numbers returns on that call what the original returns for the same seed; a model holding a torch.Generator
+of its own is not checked and stays NCHW.
 While forward hooks are registered on modules inside the model, or globally, or a torch function / dispatch mode
 is active (fusedconv/modes.py), no check runs (a hook collecting features, a mode counting ops would see the call
 three times): such a call runs as written, in NCHW, and the signature is checked on its first call without them.
@@ -39,6 +42,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 from fusedconv import autocast, cpu
 from fusedconv.comparison import compare_outputs
 from fusedconv.modes import user_modes
+from fusedconv.random_state import random_states, set_random_states
 from fusedconv.comparison import snapshot_outputs as _snapshot
 
 ATTRIBUTE = "_fusedconv_layout_boundary"
@@ -176,11 +180,19 @@ def _checked(model, boundary: LayoutBoundary, args, kwargs) -> bool:
             # features, counting calls or FLOPs) would see this call three times: the call runs as written, and the
             # signature is checked on a call without them.
             return False
+        if holds_a_generator(model):
+            return False  # its draws could not be replayed for the call itself (fusedconv/random_state.py): NCHW
         cl_args, cl_kwargs = _to_channels_last(args, kwargs)
+        states = random_states()
         try:
+            # Each check forward starts from the random states the call found, and the call itself too (below):
+            # a forward that draws random numbers (noise injection, MC dropout) draws the same ones in both
+            # layouts, so their outputs compare, and the call returns what the original model returns for the
+            # same seed, leaving the generators where it would.
             with torch.no_grad():
                 nchw_out = model.forward(*args, **kwargs)
                 nchw_out = tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, nchw_out)
+                set_random_states(states)
                 cl_out = _restore(model.forward(*cl_args, **cl_kwargs))
             # Channels_last pays only for convs it takes to oneDNN; where every conv is small enough to stay on
             # F.conv2d (cpu.small_conv_macs), NCHW is the faster layout for them (measured: squeezenet1_1 at 32x32
@@ -188,8 +200,15 @@ def _checked(model, boundary: LayoutBoundary, args, kwargs) -> bool:
             ok = _same_outputs(nchw_out, cl_out) and any(cpu.routes_onednn(m) for m in model.modules())
         except Exception:  # noqa: BLE001 - any failure in channels_last means: keep this signature in NCHW
             ok = False
+        finally:
+            set_random_states(states)
         boundary.checked[key] = ok
     return ok
+
+
+def holds_a_generator(model) -> bool:
+    """A module of the model holds a torch.Generator of its own: draws from it could not be replayed."""
+    return any(isinstance(v, torch.Generator) for m in model.modules() for v in m.__dict__.values())
 
 
 def _stack() -> list:

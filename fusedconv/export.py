@@ -14,6 +14,8 @@ import os
 
 import torch
 
+from fusedconv.random_state import kept_random_states
+
 
 def fold_constant_nodes(proto):
     """Replace nodes whose inputs are all initializers by initializers holding their outputs (in place)."""
@@ -62,7 +64,8 @@ def export_onnx(model: torch.nn.Module, args: tuple, path: str | os.PathLike | N
 
     if not isinstance(args, tuple):
         args = (args,)
-    program = torch.onnx.export(model, args, dynamo=True, verbose=False, **kwargs)
+    with kept_random_states():  # the export's trace runs the forward's Python code (fusedconv/random_state.py)
+        program = torch.onnx.export(model, args, dynamo=True, verbose=False, **kwargs)
     buf = io.BytesIO()
     program.save(buf)
     proto = onnx.load_from_string(buf.getvalue())

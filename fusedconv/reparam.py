@@ -34,6 +34,7 @@ from fusedconv.graph.specialize import guard_table
 from fusedconv.graph.tracing import visit_children
 from fusedconv.model_copy import check_eager, check_initialized, copy_model
 from fusedconv.modules import FusedConv2d
+from fusedconv.random_state import kept_random_states, set_random_states
 from fusedconv.report import ConversionReport
 
 __all__ = ["reparameterize"]
@@ -158,13 +159,14 @@ def reparameterize(model: nn.Module, *, inplace: bool = False, example_inputs=No
     _check_model(model)
     inputs = _as_inputs(example_inputs)
     report = ConversionReport()
-    with torch.no_grad():
+    with torch.no_grad(), kept_random_states() as random_states:  # (as in convert)
         ref = [t.clone() for t in _tensors(model(*inputs))] if inputs else None
         check_initialized(model)  # (after the example forward, which initializes lazy modules)
         if not inplace:
             model = copy_model(model)
         model = _Walk(report).visit(model, "")
         if ref is not None:
+            set_random_states(random_states)
             out = _tensors(model(*inputs))
             if len(out) != len(ref) or any(o.shape != r.shape for o, r in zip(out, ref)):
                 raise RuntimeError("reparameterize: the re-parameterized model's outputs on example_inputs have "

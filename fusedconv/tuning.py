@@ -34,6 +34,8 @@ import re
 import torch
 import torch.nn as nn
 
+from fusedconv.random_state import kept_random_states
+
 __all__ = ["warmup", "load_tuning", "save_tuning", "tuning_dir"]
 
 DEFAULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tuned")
@@ -166,7 +168,8 @@ def warmup(model: nn.Module, *example_inputs, persist: bool = True) -> nn.Module
                for v in _tensors(example))
     if persist and cuda:
         load_tuning()
-    with torch.no_grad():
+    # Its forwards are the tuner's, not the user's: the user's random generators are left as found.
+    with torch.no_grad(), kept_random_states():
         for example in example_inputs:
             args, kwargs = _as_call(example)
             key = (_signature(args), _signature(kwargs))

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import copy
 import io
+import random
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -332,6 +334,65 @@ def test_a_mode_sees_each_call_once_and_the_check_waits_for_a_call_without_it(mo
     with torch.device("cpu"):  # torch's own default-device mode is not one: the check runs
         fused(x)
     assert cpu_boundary.layout_used(fused, x) == "channels_last"
+
+
+class _Noisy(nn.Module):
+    """Adds noise between two fused blocks, drawn from torch's, Python's or numpy's global generator, or from a
+    torch.Generator the module holds."""
+
+    def __init__(self, source):
+        super().__init__()
+        self.a = conv_bn_relu(3, 8)
+        self.b = conv_bn_relu(8, 8)
+        self.source = source
+        if source == "own generator":
+            self.generator = torch.Generator().manual_seed(0)
+
+    def forward(self, x):
+        y = self.a(x)
+        if self.source == "torch":
+            noise = torch.randn_like(y)
+        elif self.source == "own generator":
+            noise = torch.randn(y.shape, generator=self.generator)
+        elif self.source == "python":
+            noise = random.random()
+        else:
+            noise = float(np.random.rand())
+        return self.b(y + 0.5 * noise)
+
+
+def _seed_all(seed, *models):
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+    for m in models:
+        if hasattr(m, "generator"):
+            m.generator.manual_seed(seed)
+
+
+def _next_draws() -> tuple:
+    return torch.rand(1).item(), random.random(), float(np.random.rand())
+
+
+@pytest.mark.parametrize("source", ("torch", "python", "numpy", "own generator"))
+@torch.no_grad()
+def test_a_forward_drawing_random_numbers_returns_the_originals_draws_on_the_first_call(source):
+    # The check's extra forwards would draw first: the call would return other noise than the original's for the
+    # same seed, and leave the generators elsewhere.
+    torch.manual_seed(0)
+    model, fused = converted(_Noisy(source))
+    x = torch.randn(1, 3, 12, 12)
+    for _ in range(2):
+        _seed_all(1, model)
+        expected, expected_next = model(x), _next_draws()
+        _seed_all(1, fused)
+        y, after = fused(x), _next_draws()
+        assert max_rel_error(y, expected) < TOL_FP32
+        assert after == expected_next
+    # Global draws are replayed for each layout, so the outputs compare: a scalar draw is the same in both, and the
+    # switch is taken; torch.randn_like fills a channels_last tensor in memory order, other values per element, so
+    # the outputs differ and the check keeps NCHW. A generator of the model's own cannot be replayed: NCHW.
+    assert cpu_boundary.layout_used(fused, x) == ("channels_last" if source in ("python", "numpy") else "NCHW")
 
 
 @torch.no_grad()

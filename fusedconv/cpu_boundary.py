@@ -41,9 +41,9 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from fusedconv import autocast, cpu
 from fusedconv.comparison import compare_outputs
+from fusedconv.comparison import snapshot_outputs as _snapshot
 from fusedconv.modes import user_modes
 from fusedconv.random_state import random_states, set_random_states
-from fusedconv.comparison import snapshot_outputs as _snapshot
 
 ATTRIBUTE = "_fusedconv_layout_boundary"
 # Which entered calls switched layout, innermost last, per thread (hooks of nested models pair up in LIFO order).

@@ -14,7 +14,7 @@ So the flat graph splits them:
   BN-folded layer or a torch.nn layer of the class it was when the graph was built, none has forward hooks or an
   instance-level forward, the graph calls no function from outside torch, this package and Python's own modules
   (flat._fused_leaves), there are no global hooks, no torch function or dispatch mode is active
-  (private_residual.user_modes) and the forward's arguments hold no tensor subclass (`plain_arguments`): no user
+  (fusedconv/modes.py) and the forward's arguments hold no tensor subclass (`plain_arguments`): no user
   code runs during the forward that could change a module; the flat guard has already checked that no tracer or
   compiler runs), no gradient mode, no autocast region, the fast path and oneDNN on (`cpu.enabled`,
   `torch.backends.mkldnn.enabled`), FusedConv2d's op routing and the class-level forward / call of every leaf's

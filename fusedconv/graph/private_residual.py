@@ -11,9 +11,9 @@ A child's output (`mark`, e.g. a downsample branch). The proof has two halves:
 - on every call (`residual_private`, evaluated by the rewritten code just before the fused call): that child is a
   plain nn.Sequential of FusedConv2d / nn.Identity modules with at least one FusedConv2d (or a FusedConv2d
   itself), so its output is a tensor the last FusedConv2d has just allocated and no module code kept, and no
-  forward hook (on those modules, on the fused module, or global) or torch function / dispatch mode could
-  have kept it either. Hooks or children
-  added after convert are seen here, at the call.
+  forward hook (on those modules, on the fused module, or global) or torch function / dispatch mode
+  (fusedconv/modes.py) could have kept it either. Hooks, modes or children added after convert are seen here, at
+  the call.
 
 The block's own input (`mark_owned_input`, an identity residual `x + f(x)`). It belongs to the caller, so the
 block alone can never prove it dead; the proof has three parts:

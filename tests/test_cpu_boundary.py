@@ -19,9 +19,8 @@ import pytest
 import torch
 import torch.nn as nn
 from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
 
-from util import max_rel_error, randomize_bn
+from util import OpCounter, global_draws, max_rel_error, randomize_bn, seed_global_generators
 
 import fusedconv
 from fusedconv import cpu, cpu_boundary
@@ -303,20 +302,12 @@ class _CountConvs(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-class _CountConvOps(TorchDispatchMode):
-    """Counts the aten / oneDNN convolution ops of a call (as torch's op and FLOP counters see them; the first
-    call's fold, which runs other ops once, is left out)."""
-
-    def __init__(self):
-        super().__init__()
-        self.convs = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.convs += "conv" in str(func)
-        return func(*args, **(kwargs or {}))
+def _conv_ops(counts) -> int:
+    # The aten / oneDNN convolution ops an OpCounter saw (the first call's fold runs other ops, once).
+    return sum(n for op, n in counts.items() if "conv" in op)
 
 
-@pytest.mark.parametrize("mode", (_CountConvs, _CountConvOps))
+@pytest.mark.parametrize("mode", (_CountConvs, OpCounter))
 @torch.no_grad()
 def test_a_mode_sees_each_call_once_and_the_check_waits_for_a_call_without_it(mode):
     # Under a torch function / dispatch mode the check's two extra forwards would be counted too.
@@ -327,7 +318,7 @@ def test_a_mode_sees_each_call_once_and_the_check_waits_for_a_call_without_it(mo
     for _ in range(2):
         with mode() as m:
             z, _ = fused(x)
-        counts.append(m.convs)
+        counts.append(m.convs if mode is _CountConvs else _conv_ops(m.counts))
         assert max_rel_error(z, model(x)[0]) < TOL_FP32
     assert counts[0] == counts[1] > 0  # the first call counted once, like the second
     assert not cpu_boundary._boundary(fused).checked  # nothing decided under the mode
@@ -362,16 +353,10 @@ class _Noisy(nn.Module):
 
 
 def _seed_all(seed, *models):
-    torch.manual_seed(seed)
-    random.seed(seed)
-    np.random.seed(seed)
+    seed_global_generators(seed)
     for m in models:
         if hasattr(m, "generator"):
             m.generator.manual_seed(seed)
-
-
-def _next_draws() -> tuple:
-    return torch.rand(1).item(), random.random(), float(np.random.rand())
 
 
 @pytest.mark.parametrize("source", ("torch", "python", "numpy", "own generator"))
@@ -384,9 +369,9 @@ def test_a_forward_drawing_random_numbers_returns_the_originals_draws_on_the_fir
     x = torch.randn(1, 3, 12, 12)
     for _ in range(2):
         _seed_all(1, model)
-        expected, expected_next = model(x), _next_draws()
+        expected, expected_next = model(x), global_draws()
         _seed_all(1, fused)
-        y, after = fused(x), _next_draws()
+        y, after = fused(x), global_draws()
         assert max_rel_error(y, expected) < TOL_FP32
         assert after == expected_next
     # Global draws are replayed for each layout, so the outputs compare: a scalar draw is the same in both, and the

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from util import randomize_bn  # noqa: E402
+from util import global_draws, randomize_bn, seed_global_generators  # noqa: E402
 
 import fusedconv  # noqa: E402
 from fusedconv.random_state import kept_random_states, random_states, set_random_states  # noqa: E402
@@ -42,62 +42,52 @@ class _NoisyRep(nn.Module):
         return self.tail(y + 0.5 * noise)
 
 
-def _seed(seed):
-    torch.manual_seed(seed)
-    random.seed(seed)
-    np.random.seed(seed)
-
-
-def _draws():
-    return torch.rand(3).tolist(), [random.random() for _ in range(3)], np.random.rand(3).tolist()
-
-
 @pytest.mark.parametrize("source", ("torch", "python", "numpy"))
 @pytest.mark.parametrize("function", ("convert", "reparameterize"))
 def test_conversion_leaves_the_generators_and_self_checks_a_noisy_forward(function, source):
     model = randomize_bn(_NoisyRep(source)).eval()
     x = torch.randn(1, 3, 10, 10, generator=torch.Generator().manual_seed(0))
-    _seed(3)
-    expected = _draws()
-    _seed(3)
+    seed_global_generators(3)
+    expected = global_draws(3)
+    seed_global_generators(3)
     # With example inputs both models run (the self-check): the original's noise must be the converted one's.
     new, report = getattr(fusedconv, function)(model, example_inputs=x, return_report=True)
-    assert _draws() == expected  # tracing and both self-check forwards left every generator as found
+    assert global_draws(3) == expected  # tracing and both self-check forwards left every generator as found
     assert report.max_rel_error < 1e-5
     assert not report.notes or all("differ" not in n for n in report.notes)
     with torch.no_grad():  # and the converted model is the same function, draw for draw
-        _seed(4)
+        seed_global_generators(4)
         want = model(x)
-        _seed(4)
+        seed_global_generators(4)
         assert (new(x) - want).abs().max() <= 1e-5 * want.abs().max()
 
 
 def test_kept_random_states_restores_on_error():
-    _seed(5)
-    expected = _draws()
-    _seed(5)
+    seed_global_generators(5)
+    expected = global_draws(3)
+    seed_global_generators(5)
     with pytest.raises(ValueError), kept_random_states():
-        _draws()
+        global_draws(3)
         raise ValueError("inside")
-    assert _draws() == expected
+    assert global_draws(3) == expected
 
 
 def test_set_random_states_replays_every_global_generator():
     states = random_states()
-    first = _draws()
+    first = global_draws(3)
     set_random_states(states)
-    assert _draws() == first
+    assert global_draws(3) == first
 
 
 @pytest.mark.parametrize("source", ("torch", "python"))
 def test_warmup_leaves_the_generators(source):
     converted = fusedconv.convert(randomize_bn(_NoisyRep(source)).eval())
     x = torch.randn(1, 3, 10, 10)
-    _seed(6)
-    expected = _draws()
-    _seed(6)
+    seed_global_generators(6)
+    expected = global_draws(3)
+    seed_global_generators(6)
     fusedconv.warmup(converted, x, x[:, :, :8, :8], persist=False)
-    assert _draws() == expected
+    assert global_draws(3) == expected
 
 
 def test_export_onnx_leaves_the_generators():
@@ -107,8 +97,8 @@ def test_export_onnx_leaves_the_generators():
 
     model = fusedconv.convert(randomize_bn(_NoisyRep("python")).eval())
     x = torch.randn(1, 3, 10, 10)
-    _seed(7)
-    expected = _draws()
-    _seed(7)
+    seed_global_generators(7)
+    expected = global_draws(3)
+    seed_global_generators(7)
     export_onnx(model, (x,))  # its trace runs random.random() once
-    assert _draws() == expected
+    assert global_draws(3) == expected

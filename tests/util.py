@@ -1,9 +1,12 @@
-"""Helpers shared by the tests: randomised BN statistics, op counting, relative error."""
+"""Helpers shared by the tests: randomised BN statistics, op counting, relative error, the global random
+generators."""
 
 from __future__ import annotations
 
+import random
 from collections import Counter
 
+import numpy as np
 import torch
 import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -60,3 +63,15 @@ def count_ops(model: nn.Module, *inputs) -> Counter:
 
 def batch_norm_count(counts: Counter) -> int:
     return sum(v for k, v in counts.items() if "batch_norm" in k)
+
+
+def seed_global_generators(seed: int) -> None:
+    """Seed torch's, Python's and numpy's global random generators."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def global_draws(n: int = 1) -> tuple:
+    """The next `n` numbers of torch's, Python's and numpy's global generators (each generator moves by n)."""
+    return torch.rand(n).tolist(), [random.random() for _ in range(n)], np.random.rand(n).tolist()

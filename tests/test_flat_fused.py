@@ -207,6 +207,15 @@ def test_instance_forward_patched_on_a_leaf(mobilenet, module_calls):
     assert torch.equal(_run(converted, x), before)
 
 
+def _resnet18_pair(seed):
+    """resnet18 with random BN statistics, converted, an input, and the converted model called on it once."""
+    model = randomize_bn(torchvision.models.resnet18(weights=None)).eval()
+    converted = fusedconv.convert(model)
+    x = _x(1, 3, 64, 64, seed=seed)
+    _run(converted, x)
+    return model, converted, x
+
+
 def _edits_a_later_layer_then(run, later):
     """An instance-level forward: user code that edits a later fused layer's weight in place, then runs `run`."""
     def forward(*args, **kwargs):
@@ -220,10 +229,7 @@ def test_instance_forward_editing_a_later_layer_mid_forward_is_seen_on_that_call
     """An instance-level forward on any leaf is user code running inside the forward: the edit it makes to a
     layer that runs after it must reach that very call's output (a direct call checked before the forward would
     run the stale packed weight); so no call of that forward is direct."""
-    model = randomize_bn(torchvision.models.resnet18(weights=None)).eval()
-    converted = fusedconv.convert(model)
-    x = _x(1, 3, 64, 64, seed=8)
-    _run(converted, x)
+    model, converted, x = _resnet18_pair(seed=8)
     for m in (model, converted):
         leaf = m.maxpool if leaf_kind == "torch_layer" else m.layer1[0].conv2
         leaf.forward = _edits_a_later_layer_then(leaf.forward, m.layer2[0].conv1)
@@ -236,10 +242,7 @@ def test_instance_forward_editing_a_later_layer_mid_forward_is_seen_on_that_call
 
 def test_class_forward_of_a_torch_leaf_patched_mid_forward_is_seen_on_that_call(module_calls, monkeypatch):
     """A torch.nn leaf class's forward patched (instrumentation does this) is user code inside the forward too."""
-    model = randomize_bn(torchvision.models.resnet18(weights=None)).eval()
-    converted = fusedconv.convert(model)
-    x = _x(1, 3, 64, 64, seed=9)
-    _run(converted, x)
+    model, converted, x = _resnet18_pair(seed=9)
     later = {id(m.maxpool): m.layer2[0].conv1 for m in (model, converted)}  # each pool edits its own model
     real = nn.MaxPool2d.forward
 
@@ -355,14 +358,6 @@ class _EditingTensor(torch.Tensor):
 
 
 _SUBCLASS_EDITS: dict = {}
-
-
-def _resnet18_pair(seed):
-    model = randomize_bn(torchvision.models.resnet18(weights=None)).eval()
-    converted = fusedconv.convert(model)
-    x = _x(1, 3, 64, 64, seed=seed)
-    _run(converted, x)
-    return model, converted, x
 
 
 @pytest.mark.parametrize("mode", [_EditOnPool, _RebindOnPool])

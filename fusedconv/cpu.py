@@ -460,6 +460,11 @@ def eager_forward(module, x, residual, residual_private: bool = False):
             y = _first_onednn_call(state, x, residual)
             if y is not None:
                 return y
+    elif route is FOLDED and residual is None and not state.bias_after:
+        # folded_call's common case (NCHW, no residual) without its frame and layout branches.
+        y = _conv2d(x, state.weight, state.bias, *state.conv_args)
+        act = state.act
+        return y if act is None else apply_activation(y, act[0], act[1], inplace=True)
     elif route is GENERIC:
         return None
     elif route is TAPS:

@@ -32,7 +32,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from fusedconv.fx_leaf import leaf_call
-from fusedconv import autocast, fold, ops, ops_nd
+from fusedconv import autocast, cpu_conv3d, fold, ops, ops_nd
 from fusedconv.activations import ActivationSpec, apply_activation, as_spec
 from fusedconv.scripting import refuse_script
 from fusedconv.training_mode import warn_if_training
@@ -245,10 +245,15 @@ class FusedAffineLayer(nn.Module):
                 # Traced graphs must not mutate the module: the fold is part of the graph (exported as a constant);
                 # a gradient for weight / scale / shift flows through it.
                 wf, bf = self._scale_weight(self.weight, self.scale), self.shift
-            else:
-                wf, bf = self._folded()
-            return self._epilogue_rest(self._layer(x, wf, bf, *layer_args), residual)
+                return self._epilogue_rest(self._layer(x, wf, bf, *layer_args), residual)
+            wf, bf = self._folded()
+            return self._epilogue_rest(self._folded_layer(x, wf, bf, *layer_args), residual)
         return self._scaled(x, self.weight, residual, acc, *layer_args)
+
+    def _folded_layer(self, x, weight, bias, *layer_args):
+        """The layer with the cached fold (no tracing, no gradient for the module's tensors): `_layer`, unless a
+        subclass has a faster kernel for it (FusedConv3d on CPU: fusedconv/cpu_conv3d.py)."""
+        return self._layer(x, weight, bias, *layer_args)
 
     def _scaled(self, x, weight, residual, acc: torch.dtype, *layer_args):
         """The layer with `weight` (in x's dtype), then scale / shift, the residual, the activation (and the
@@ -362,6 +367,13 @@ class FusedConvNd(FusedAffineLayer):
     def _layer(self, x, weight, bias, padding):
         fn = (F.conv1d, F.conv2d, F.conv3d)[self._ND - 1]
         return fn(x, weight, bias, self.stride, padding, self.dilation, self.groups)
+
+    def _folded_layer(self, x, weight, bias, padding):
+        if self._ND == 3:
+            y = cpu_conv3d.conv3d(x, weight, bias, self.stride, padding, self.dilation, self.groups)
+            if y is not None:
+                return y
+        return self._layer(x, weight, bias, padding)
 
     def _pad_input(self, x):
         if self.padding_mode == "zeros" or not any(self.padding):

@@ -1,0 +1,75 @@
+"""FusedConv3d on CPU: the 3-D convs PyTorch would run on its reference kernel, on oneDNN where that pays.
+
+PyTorch's CPU convolution picks oneDNN (`aten::mkldnn_convolution`) for float32 only at batch > 1, groups > 1,
+kernels wider than 3x3 in both spatial dims, or inputs with N * C * D * H above 20480; every other 3-D conv runs
+`aten::slow_conv3d` (im2col and a matrix product). For batch-1 video models that is most layers: torchvision's
+r2plus1d_18 at 1x3x4x32x32 runs 36 of its 37 convs there, and so does the model the conversion replaces, whose
+folded twin (`torch.fx` fuse) then runs them the same way.
+
+The fused layer's folded conv (weight * scale, shift as the bias) goes to `torch.mkldnn_convolution` instead when
+the conv is big enough to pay for oneDNN's fixed cost of ~50-60 us per call (`pays`). Measured, 2-core Intel Xeon,
+float32, batch 1, F.conv3d against `torch.mkldnn_convolution` on the same folded weight (2026-12-05, 2 threads, 1
+thread in brackets):
+
+* taken: 64->144 (1,3,3) at 4x32x32 0.57x [0.46x], 144->64 (3,1,1) at 4x32x32 0.73x [0.59x], 24->24 3x3x3 at
+  4x28x28 0.37x [0.40x], 16->16 3x3x3 at 4x16x16 0.37x [0.25x], 256->256 3x3x3 at 1x8x8 0.63x [0.70x], 64->128
+  (1,3,3) stride (1,2,2) at 4x32x32 0.72x [0.69x];
+* left on F.conv3d: every 1x1x1 kernel (the reference kernel is one matrix product: 64->64 at 8x28x28 took 1.37x
+  as long on oneDNN), small outputs (256->512 3x3x3 stride 2 at 2x8x8, a 1x4x4 output: 1.87x; 512->512 3x3x3 at
+  1x2x2: 1.26x) and small reductions (45->64 (3,1,1) at 4x16x16: 1.36x; 32->32 (3,1,1) at 4x16x16: 1.16x).
+
+Only plain contiguous float32 CPU input, no gradient, outside tracing (the caller's cached-fold branch), with the
+fast path and PyTorch's oneDNN switch on (`cpu.enabled`, `torch.backends.mkldnn.enabled`); the output is
+contiguous like F.conv3d's. The two kernels round differently (relative differences ~1e-6 in float32, within the
+convert self-check tolerance); float64 never comes here. If oneDNN raises, the call takes F.conv3d.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fusedconv import cpu
+
+_Tensor = torch.Tensor
+_mkldnn_convolution = getattr(torch, "mkldnn_convolution", None)
+
+# `pays`: oneDNN where the output has at least _LARGE_OUTPUT positions and the conv at least _LARGE_MACS
+# multiply-adds with a reduction (Cin / groups * kd * kh * kw) of at least _MIN_REDUCTION, or, at a smaller output
+# of at least _SMALL_OUTPUT positions, a reduction of at least _LONG_REDUCTION and _LONG_MACS multiply-adds.
+_LARGE_OUTPUT, _LARGE_MACS, _MIN_REDUCTION = 1024, 4_000_000, 192
+_SMALL_OUTPUT, _LONG_REDUCTION, _LONG_MACS = 64, 1024, 10_000_000
+
+
+def pays(weight_shape, out_shape) -> bool:
+    """Whether oneDNN is expected to beat PyTorch's reference 3-D conv for this weight (Cout, Cin/groups, kd, kh,
+    kw) and output (N, Cout, D, H, W) shape (module doc)."""
+    taps = weight_shape[2] * weight_shape[3] * weight_shape[4]
+    if taps == 1:
+        return False
+    positions = out_shape[0] * out_shape[2] * out_shape[3] * out_shape[4]
+    reduction = weight_shape[1] * taps
+    macs = positions * reduction * weight_shape[0]
+    return ((positions >= _LARGE_OUTPUT and reduction >= _MIN_REDUCTION and macs >= _LARGE_MACS)
+            or (positions >= _SMALL_OUTPUT and reduction >= _LONG_REDUCTION and macs >= _LONG_MACS))
+
+
+def _out_size(n: int, k: int, stride: int, padding: int, dilation: int) -> int:
+    return (n + 2 * padding - dilation * (k - 1) - 1) // stride + 1
+
+
+def conv3d(x, weight, bias, stride, padding, dilation, groups):
+    """The folded 3-D conv on oneDNN where it pays, else None (the caller runs F.conv3d). `weight` / `bias` are
+    the module's cached fold (float32, contiguous, no gradient); padding is already numeric (zeros mode)."""
+    if (_mkldnn_convolution is None or type(x) is not _Tensor or x.dtype is not torch.float32 or not x.is_cpu
+            or x.dim() != 5 or not cpu.enabled or not cpu.mkldnn_enabled() or not x.is_contiguous()
+            or weight.dtype is not torch.float32 or x.requires_grad or not cpu.available()):
+        return None
+    shape = weight.shape
+    out_shape = (x.shape[0], shape[0], *(_out_size(x.shape[2 + i], shape[2 + i], stride[i], padding[i], dilation[i])
+                                         for i in range(3)))
+    if min(out_shape) <= 0 or not pays(shape, out_shape):
+        return None
+    try:
+        return _mkldnn_convolution(x, weight, bias, padding, stride, dilation, groups)
+    except RuntimeError:
+        return None  # oneDNN refused this call: F.conv3d, as the original layer

@@ -1,0 +1,160 @@
+"""FusedConv3d on CPU: the folded conv on oneDNN where fusedconv/cpu_conv3d.py says it pays, F.conv3d elsewhere.
+
+Each routed call is compared in float64 with the original Conv3d -> BatchNorm3d(eval) -> activation on the same
+float32 input, and the ops it ran are counted (a dispatch mode sees `mkldnn_convolution` for the oneDNN route and
+`convolution` for F.conv3d); the switches, gradients, channels_last_3d input and small convs keep F.conv3d.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.profiler import ProfilerActivity, profile
+
+from fusedconv import cpu, cpu_conv3d
+from fusedconv.fused_layers import FusedConv3d
+from util import ACT_MODULES, OpCounter, count_ops, max_rel_error, randomize_bn
+
+pytestmark = pytest.mark.skipif(not (cpu.available() and cpu_conv3d._mkldnn_convolution is not None),
+                                reason="this PyTorch build has no oneDNN convolution")
+TOL_FP32 = 1e-5
+
+
+def _pair(cin, cout, act="relu", post=False, seed=0, **conv_kwargs):
+    torch.manual_seed(seed)
+    mods = [nn.Conv3d(cin, cout, **conv_kwargs), nn.BatchNorm3d(cout), ACT_MODULES[act]]
+    if post:
+        mods.append(nn.BatchNorm3d(cout))
+    ref = nn.Sequential(*mods)
+    randomize_bn(ref, seed)
+    ref.eval()
+    fused = FusedConv3d.from_modules(ref[0], ref[1], ref[2], ref[3] if post else None).eval()
+    return ref, fused
+
+
+def _reference64(ref, x, residual=None):
+    ref64 = copy.deepcopy(ref).double()
+    with torch.no_grad():
+        if residual is None:
+            return ref64(x.double())
+        y = ref64[1](ref64[0](x.double())) + residual.double()
+        for m in list(ref64)[2:]:
+            y = m(y)
+        return y
+
+
+# (cin, cout, conv kwargs, input D x H x W): each pays (module doc of cpu_conv3d).
+ROUTED = [
+    (16, 24, dict(kernel_size=3, padding=1), (4, 16, 16)),
+    (32, 48, dict(kernel_size=(1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1)), (4, 32, 32)),
+    (64, 32, dict(kernel_size=(3, 1, 1), padding=(1, 0, 0), bias=False), (4, 16, 16)),
+    (128, 64, dict(kernel_size=3, padding=2, dilation=2), (2, 8, 8)),
+]
+
+
+@pytest.mark.parametrize("cin,cout,kwargs,size", ROUTED)
+@pytest.mark.parametrize("act,post", [("relu", False), ("silu", True), ("identity", False)])
+def test_routed_conv_matches_float64_and_runs_onednn(cin, cout, kwargs, size, act, post):
+    ref, fused = _pair(cin, cout, act, post, **kwargs)
+    x = torch.randn(1, cin, *size)
+    counts = count_ops(fused, x)
+    with torch.no_grad():
+        y = fused(x)
+        own = ref(x)
+    assert counts["mkldnn_convolution"] == 1 and counts["convolution"] == 0, counts
+    assert max_rel_error(y.double(), _reference64(ref, x)) < TOL_FP32
+    assert y.shape == own.shape and y.stride() == own.stride()  # the layout the original conv returns
+
+
+def test_routed_conv_with_residual():
+    ref, fused = _pair(16, 16, "relu", padding=1, kernel_size=3)
+    x, residual = torch.randn(1, 16, 4, 16, 16), torch.randn(1, 16, 4, 16, 16)
+    before = residual.clone()
+    counts = count_ops(fused, x, residual)
+    with torch.no_grad():
+        y = fused(x, residual)
+    assert counts["mkldnn_convolution"] == 1
+    assert max_rel_error(y.double(), _reference64(ref, x, residual)) < TOL_FP32
+    assert torch.equal(residual, before)
+
+
+def test_no_reference_kernel_left_for_a_routed_conv():
+    """The profiler sees oneDNN's conv and not PyTorch's im2col one (what the original layer runs here)."""
+    ref, fused = _pair(16, 24, kernel_size=3, padding=1)
+    x = torch.randn(1, 16, 4, 16, 16)
+    with torch.no_grad():
+        for module, expect, absent in ((fused, "aten::mkldnn_convolution", "aten::slow_conv3d_forward"),
+                                       (ref, "aten::slow_conv3d_forward", "aten::mkldnn_convolution")):
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                module(x)
+            names = {e.key for e in prof.key_averages()}
+            assert expect in names and absent not in names, (module, sorted(names))
+
+
+@pytest.mark.parametrize("switch", ["fusedconv", "torch"])
+def test_switches_keep_f_conv3d(switch):
+    ref, fused = _pair(16, 24, kernel_size=3, padding=1)
+    x = torch.randn(1, 16, 4, 16, 16)
+    if switch == "fusedconv":
+        cpu.enabled = False
+        try:
+            counts = count_ops(fused, x)
+        finally:
+            cpu.enabled = True
+    else:
+        with torch.backends.mkldnn.flags(enabled=False):
+            counts = count_ops(fused, x)
+    assert counts["convolution"] == 1 and counts["mkldnn_convolution"] == 0
+    assert count_ops(fused, x)["mkldnn_convolution"] == 1  # back on: the route again
+
+
+@pytest.mark.parametrize("cin,cout,kwargs,size", [
+    (256, 256, dict(kernel_size=1), (4, 16, 16)),                 # 1x1x1: one matrix product already
+    (256, 256, dict(kernel_size=3, padding=1), (1, 2, 2)),        # a 1x2x2 output
+    (45, 64, dict(kernel_size=(3, 1, 1), padding=(1, 0, 0)), (4, 16, 16)),  # a short reduction
+    (8, 8, dict(kernel_size=3, padding=1), (2, 8, 8)),            # small
+])
+def test_convs_that_do_not_pay_keep_f_conv3d(cin, cout, kwargs, size):
+    ref, fused = _pair(cin, cout, **kwargs)
+    x = torch.randn(1, cin, *size)
+    counts = count_ops(fused, x)
+    assert counts["convolution"] == 1 and counts["mkldnn_convolution"] == 0
+    with torch.no_grad():
+        assert max_rel_error(fused(x).double(), _reference64(ref, x)) < TOL_FP32
+
+
+def test_channels_last_3d_input_keeps_f_conv3d_and_its_layout():
+    ref, fused = _pair(16, 24, kernel_size=3, padding=1)
+    x = torch.randn(1, 16, 4, 16, 16).contiguous(memory_format=torch.channels_last_3d)
+    counts = count_ops(fused, x)
+    with torch.no_grad():
+        y, own = fused(x), ref(x)
+    assert counts["convolution"] == 1 and counts["mkldnn_convolution"] == 0
+    assert y.stride() == own.stride()
+    assert max_rel_error(y.double(), _reference64(ref, x)) < TOL_FP32
+
+
+def test_input_needing_grad_keeps_f_conv3d_and_its_gradient():
+    ref, fused = _pair(16, 24, kernel_size=3, padding=1)
+    x = torch.randn(1, 16, 4, 16, 16, requires_grad=True)
+    x64 = x.detach().double().requires_grad_(True)
+    counter = OpCounter()
+    with counter:
+        y = fused(x)
+    assert counter.counts["convolution"] == 1 and counter.counts["mkldnn_convolution"] == 0
+    y.sum().backward()
+    ref64 = copy.deepcopy(ref).double()
+    ref64(x64).sum().backward()
+    assert max_rel_error(x.grad.double(), x64.grad) < 1e-4
+
+
+def test_pays_rule():
+    assert not cpu_conv3d.pays((256, 256, 1, 1, 1), (1, 256, 4, 16, 16))  # 1x1x1 (else large enough)
+    assert cpu_conv3d.pays((144, 64, 1, 3, 3), (1, 144, 4, 32, 32))     # 4096 positions, 340M MACs
+    assert not cpu_conv3d.pays((512, 256, 3, 3, 3), (1, 512, 1, 4, 4))  # 16 positions
+    assert cpu_conv3d.pays((256, 256, 3, 3, 3), (1, 256, 1, 8, 8))      # 64 positions, a long reduction
+    assert not cpu_conv3d.pays((64, 45, 3, 1, 1), (1, 64, 4, 16, 16))   # reduction 135
+    assert not cpu_conv3d.pays((128, 64, 3, 1, 1), (1, 128, 2, 16, 16))  # 512 positions, reduction 192

@@ -31,7 +31,11 @@ import torch
 from fusedconv import cpu
 
 _Tensor = torch.Tensor
+_float32 = torch.float32
 _mkldnn_convolution = getattr(torch, "mkldnn_convolution", None)
+# `pays` per (input shape, weight shape, stride, padding, dilation), decided once.
+_pays: dict = {}
+_MAX_SIGNATURES = 1024
 
 # `pays`: oneDNN where the output has at least _LARGE_OUTPUT positions and the conv at least _LARGE_MACS
 # multiply-adds with a reduction (Cin / groups * kd * kh * kw) of at least _MIN_REDUCTION, or, at a smaller output
@@ -53,21 +57,24 @@ def pays(weight_shape, out_shape) -> bool:
             or (positions >= _SMALL_OUTPUT and reduction >= _LONG_REDUCTION and macs >= _LONG_MACS))
 
 
-def _out_size(n: int, k: int, stride: int, padding: int, dilation: int) -> int:
-    return (n + 2 * padding - dilation * (k - 1) - 1) // stride + 1
-
-
 def conv3d(x, weight, bias, stride, padding, dilation, groups):
     """The folded 3-D conv on oneDNN where it pays, else None (the caller runs F.conv3d). `weight` / `bias` are
     the module's cached fold (float32, contiguous, no gradient); padding is already numeric (zeros mode)."""
-    if (_mkldnn_convolution is None or type(x) is not _Tensor or x.dtype is not torch.float32 or not x.is_cpu
-            or x.dim() != 5 or not cpu.enabled or not cpu.mkldnn_enabled() or not x.is_contiguous()
-            or weight.dtype is not torch.float32 or x.requires_grad or not cpu.available()):
+    if (type(x) is not _Tensor or x.dtype is not _float32 or _mkldnn_convolution is None or not cpu.enabled
+            or not x.is_cpu or x.dim() != 5 or x.requires_grad or not x.is_contiguous()
+            or weight.dtype is not _float32 or not cpu.mkldnn_enabled() or not cpu.available()):
         return None
-    shape = weight.shape
-    out_shape = (x.shape[0], shape[0], *(_out_size(x.shape[2 + i], shape[2 + i], stride[i], padding[i], dilation[i])
-                                         for i in range(3)))
-    if min(out_shape) <= 0 or not pays(shape, out_shape):
+    key = (x.shape, weight.shape, stride, padding, dilation)
+    ok = _pays.get(key)
+    if ok is None:
+        shape, size = weight.shape, x.shape
+        out = [(size[2 + i] + 2 * padding[i] - dilation[i] * (shape[2 + i] - 1) - 1) // stride[i] + 1
+               for i in range(3)]
+        ok = min(out) > 0 and pays(shape, (size[0], shape[0], *out))
+        if len(_pays) >= _MAX_SIGNATURES:
+            _pays.clear()  # a process fed ever-changing shapes starts over rather than growing forever
+        _pays[key] = ok
+    if not ok:
         return None
     try:
         return _mkldnn_convolution(x, weight, bias, padding, stride, dilation, groups)

@@ -15,7 +15,9 @@ builds them without touching the sources.
 Where they run: FusedConv3d on CUDA calls `torch.ops.fusedconv.conv3d_bn_act` (the Triton 3-D kernel with the
 whole epilogue); FusedConv1d on CUDA runs the 2-D kernel op with H = 1 (post-affine then one extra elementwise
 op). Everything else — CPU, float64, transposed convs on any device — is the standard op with the scale folded
-into a cached copy of the weight (fp32 / fp64) or applied to the output in fp32 (fp16 / bf16), then the epilogue.
+into a cached copy of the weight (fp32 / fp64) or applied to the output in fp32 (fp16 / bf16), then the epilogue;
+on CPU a float32 FusedConv3d runs that folded conv on oneDNN where PyTorch would take its im2col reference kernel
+and oneDNN is faster (fusedconv/cpu_conv3d.py).
 
 Autograd (as FusedConv2d): the weight is created with requires_grad=False, but whenever grad mode is on and the
 input, residual, weight, scale, shift, post_scale or post_shift (FusedLinear: also its bias) requires grad, the

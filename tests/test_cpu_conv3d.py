@@ -158,3 +158,16 @@ def test_pays_rule():
     assert cpu_conv3d.pays((256, 256, 3, 3, 3), (1, 256, 1, 8, 8))      # 64 positions, a long reduction
     assert not cpu_conv3d.pays((64, 45, 3, 1, 1), (1, 64, 4, 16, 16))   # reduction 135
     assert not cpu_conv3d.pays((128, 64, 3, 1, 1), (1, 128, 2, 16, 16))  # 512 positions, reduction 192
+
+
+def test_decision_is_per_geometry_not_only_per_shape():
+    """The per-signature cache keys on stride / padding / dilation too: the same input and weight shapes at stride
+    1 pay (4096 output positions), at stride (1, 4, 4) do not (256)."""
+    x = torch.randn(1, 32, 4, 32, 32)
+    weight, bias = torch.randn(48, 32, 1, 3, 3) * 0.05, torch.randn(48)
+    with torch.no_grad():
+        assert cpu_conv3d.conv3d(x, weight, bias, (1, 1, 1), (0, 1, 1), (1, 1, 1), 1) is not None
+        assert cpu_conv3d.conv3d(x, weight, bias, (1, 4, 4), (0, 1, 1), (1, 1, 1), 1) is None
+        y = cpu_conv3d.conv3d(x, weight, bias, (1, 1, 1), (0, 1, 1), (1, 1, 1), 1)
+    ref = torch.nn.functional.conv3d(x.double(), weight.double(), bias.double(), 1, (0, 1, 1))
+    assert max_rel_error(y.double(), ref) < TOL_FP32

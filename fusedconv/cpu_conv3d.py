@@ -18,9 +18,9 @@ thread in brackets):
   as long on oneDNN), small outputs (256->512 3x3x3 stride 2 at 2x8x8, a 1x4x4 output: 1.87x; 512->512 3x3x3 at
   1x2x2: 1.26x) and small reductions (45->64 (3,1,1) at 4x16x16: 1.36x; 32->32 (3,1,1) at 4x16x16: 1.16x).
 
-Only plain contiguous float32 CPU input, no gradient, outside tracing (the caller's cached-fold branch), with the
-fast path and PyTorch's oneDNN switch on (`cpu.enabled`, `torch.backends.mkldnn.enabled`); the output is
-contiguous like F.conv3d's. The two kernels round differently (relative differences ~1e-6 in float32, within the
+Only plain contiguous float32 CPU input, no gradient, outside tracing (the caller's cached-fold branch) and
+torch.func transforms, with the fast path and PyTorch's oneDNN switch on (`cpu.enabled`,
+`torch.backends.mkldnn.enabled`); the output is contiguous like F.conv3d's. The two kernels round differently (relative differences ~1e-6 in float32, within the
 convert self-check tolerance); float64 never comes here. If oneDNN raises, the call takes F.conv3d.
 """
 
@@ -33,6 +33,9 @@ from fusedconv import cpu
 _Tensor = torch.Tensor
 _float32 = torch.float32
 _mkldnn_convolution = getattr(torch, "mkldnn_convolution", None)
+# The innermost torch.func transform running (vmap, grad, ...), None outside them: inside one the tensors are
+# functorch's wrappers, and vmap has no batching rule for `mkldnn_convolution` (it would warn and loop).
+_functorch_transform = torch._C._functorch.peek_interpreter_stack
 # `pays` per (input shape, weight shape, stride, padding, dilation), decided once.
 _pays: dict = {}
 _MAX_SIGNATURES = 1024
@@ -62,7 +65,8 @@ def conv3d(x, weight, bias, stride, padding, dilation, groups):
     the module's cached fold (float32, contiguous, no gradient); padding is already numeric (zeros mode)."""
     if (type(x) is not _Tensor or x.dtype is not _float32 or _mkldnn_convolution is None or not cpu.enabled
             or not x.is_cpu or x.dim() != 5 or x.requires_grad or not x.is_contiguous()
-            or weight.dtype is not _float32 or not cpu.mkldnn_enabled() or not cpu.available()):
+            or weight.dtype is not _float32 or not cpu.mkldnn_enabled() or not cpu.available()
+            or _functorch_transform() is not None):
         return None
     key = (x.shape, weight.shape, stride, padding, dilation)
     ok = _pays.get(key)

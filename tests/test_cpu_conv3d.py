@@ -8,6 +8,7 @@ float32 input, and the ops it ran are counted (a dispatch mode sees `mkldnn_conv
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -171,3 +172,16 @@ def test_decision_is_per_geometry_not_only_per_shape():
         y = cpu_conv3d.conv3d(x, weight, bias, (1, 1, 1), (0, 1, 1), (1, 1, 1), 1)
     ref = torch.nn.functional.conv3d(x.double(), weight.double(), bias.double(), 1, (0, 1, 1))
     assert max_rel_error(y.double(), ref) < TOL_FP32
+
+
+def test_vmap_keeps_f_conv3d():
+    """Inside torch.func.vmap the route steps aside: vmap has no batching rule for mkldnn_convolution (it warned
+    and looped per sample before this check); the result is the original's."""
+    ref, fused = _pair(16, 24, kernel_size=3, padding=1)
+    xs = torch.randn(3, 1, 16, 4, 16, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.no_grad():
+            y = torch.func.vmap(fused)(xs)
+    expected = torch.stack([_reference64(ref, x) for x in xs])
+    assert max_rel_error(y.double(), expected) < TOL_FP32

@@ -7,7 +7,7 @@ r2plus1d_18 at 1x3x4x32x32 runs 36 of its 37 convs there, and so does the model 
 folded twin (`torch.fx` fuse) then runs them the same way.
 
 The fused layer's folded conv (weight * scale, shift as the bias) goes to `torch.mkldnn_convolution` instead when
-the conv is big enough to pay for oneDNN's fixed cost of ~50-60 us per call (`pays`). Measured, 2-core Intel Xeon,
+the conv is big enough to pay for oneDNN's fixed cost of ~55-65 us per call (`pays`). Measured, 2-core Intel Xeon,
 float32, batch 1, F.conv3d against `torch.mkldnn_convolution` on the same folded weight (2026-12-05, 2 threads, 1
 thread in brackets):
 
@@ -20,8 +20,9 @@ thread in brackets):
 
 Only plain contiguous float32 CPU input, no gradient, outside tracing (the caller's cached-fold branch) and
 torch.func transforms, with the fast path and PyTorch's oneDNN switch on (`cpu.enabled`,
-`torch.backends.mkldnn.enabled`); the output is contiguous like F.conv3d's. The two kernels round differently (relative differences ~1e-6 in float32, within the
-convert self-check tolerance); float64 never comes here. If oneDNN raises, the call takes F.conv3d.
+`torch.backends.mkldnn.enabled`); the output is contiguous like F.conv3d's. The two kernels round differently
+(relative differences ~1e-6 in float32, within the convert self-check tolerance); float64 never comes here. If
+oneDNN raises, the call takes F.conv3d.
 """
 
 from __future__ import annotations

@@ -157,6 +157,8 @@ def test_pays_rule():
     assert cpu_conv3d.pays((144, 64, 1, 3, 3), (1, 144, 4, 32, 32))     # 4096 positions, 340M MACs
     assert not cpu_conv3d.pays((512, 256, 3, 3, 3), (1, 512, 1, 4, 4))  # 16 positions
     assert cpu_conv3d.pays((256, 256, 3, 3, 3), (1, 256, 1, 8, 8))      # 64 positions, a long reduction
+    assert cpu_conv3d.pays((512, 512, 3, 3, 3), (1, 512, 1, 7, 7))      # 49 positions (r3d_18's layer4)
+    assert not cpu_conv3d.pays((512, 512, 3, 3, 3), (1, 512, 2, 4, 4))  # 32 positions
     assert not cpu_conv3d.pays((64, 45, 3, 1, 1), (1, 64, 4, 16, 16))   # reduction 135
     assert not cpu_conv3d.pays((128, 64, 3, 1, 1), (1, 128, 2, 16, 16))  # 512 positions, reduction 192
 

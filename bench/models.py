@@ -45,7 +45,8 @@ MODELS = ("torchvision:resnet50", "torchvision:mobilenet_v2", "timm:repvgg_a0", 
 # Models built here (`bench:` specs), and inputs other than (batch, 3, image_size, image_size): a video clip
 # (C, T, H, W) and a 1-D signal (C, L).
 LOCAL_MODELS = {"bench:resnet1d18": ResNet1d18}
-INPUT_SHAPES = {"torchvision:r3d_18": (3, 8, 112, 112), "bench:resnet1d18": (2, 4096)}
+INPUT_SHAPES = {"torchvision:r3d_18": (3, 8, 112, 112), "torchvision:r2plus1d_18": (3, 8, 112, 112),
+                "bench:resnet1d18": (2, 4096)}
 
 
 def input_shape(spec: str, batch: int, image_size: int) -> tuple[int, ...]:

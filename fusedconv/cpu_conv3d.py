@@ -20,9 +20,15 @@ thread in brackets):
   2 at 2x8x8, a 1x4x4 output: 1.87x; 512->512 3x3x3 at 1x2x2: 1.26x) and small reductions (45->64 (3,1,1) at
   4x16x16: 1.36x; 32->32 (3,1,1) at 4x16x16: 1.16x).
 
-Only plain contiguous float32 CPU input, no gradient, outside tracing (the caller's cached-fold branch) and
-torch.func transforms, with the fast path and PyTorch's oneDNN switch on (`cpu.enabled`,
-`torch.backends.mkldnn.enabled`); the output is contiguous like F.conv3d's. The two kernels round differently
+Channels_last_3d input (what PyTorch's CPU performance guide suggests for 3-D CNNs) on a conv PyTorch would run on
+its reference kernel: that kernel converts the input and answers NCDHW, measured 1.9-3.8x slower than oneDNN from
+4M multiply-adds on (32->32 3x3x3 at 4x16x16: 880 us vs 231; 64->64 1x1x1 at 8x28x28: 806 vs 289; 45->64 (3,1,1)
+at 4x16x16: 213 vs 112; below: 8->8 3x3x3 at 2x8x8 55 vs 79, 16->16 1x1x1 at 4x16x16 40 vs 53): from 4M on it takes
+oneDNN and its output is made contiguous, the layout the original conv returns there (`pays_channels_last`).
+
+Only plain float32 CPU input (contiguous or channels_last_3d), no gradient, outside tracing (the caller's
+cached-fold branch) and torch.func transforms, with the fast path and PyTorch's oneDNN switch on (`cpu.enabled`,
+`torch.backends.mkldnn.enabled`); the output has F.conv3d's layout. The two kernels round differently
 (relative differences ~1e-6 in float32, within the convert self-check tolerance); float64 never comes here. If
 oneDNN raises, the call takes F.conv3d.
 """
@@ -35,6 +41,9 @@ from fusedconv import cpu
 
 _Tensor = torch.Tensor
 _float32 = torch.float32
+_CHANNELS_LAST_3D = torch.channels_last_3d
+# N * C * D * H above which PyTorch's CPU conv takes oneDNN itself at batch 1 (its `use_mkldnn` heuristic).
+_ATEN_ONEDNN_INPUT = 20480
 _mkldnn_convolution = getattr(torch, "mkldnn_convolution", None)
 # The innermost torch.func transform running (vmap, grad, ...), None outside them: inside one the tensors are
 # functorch's wrappers, and vmap has no batching rule for `mkldnn_convolution` (it would warn and loop).
@@ -63,27 +72,52 @@ def pays(weight_shape, out_shape) -> bool:
             or (positions >= _SMALL_OUTPUT and reduction >= _LONG_REDUCTION and macs >= _LONG_MACS))
 
 
+def pays_channels_last(input_shape, weight_shape, out_shape, groups: int) -> bool:
+    """For channels_last_3d input: whether to take oneDNN. PyTorch's reference kernel then also converts the input
+    and answers NCDHW; where PyTorch's own heuristic already picks oneDNN (batch > 1, groups > 1, kernels wider
+    than 3x3, N * C * D * H above 20480) nothing changes, else any conv of at least _LARGE_MACS multiply-adds
+    (module doc)."""
+    n, c, d, h = input_shape[0], input_shape[1], input_shape[2], input_shape[3]
+    if groups > 1 or (weight_shape[3] > 3 and weight_shape[4] > 3) or n > 1 or n * c * d * h > _ATEN_ONEDNN_INPUT:
+        return False
+    positions = out_shape[0] * out_shape[2] * out_shape[3] * out_shape[4]
+    reduction = weight_shape[1] * weight_shape[2] * weight_shape[3] * weight_shape[4]
+    return positions * reduction * weight_shape[0] >= _LARGE_MACS
+
+
 def conv3d(x, weight, bias, stride, padding, dilation, groups):
     """The folded 3-D conv on oneDNN where it pays, else None (the caller runs F.conv3d). `weight` / `bias` are
-    the module's cached fold (float32, contiguous, no gradient); padding is already numeric (zeros mode)."""
+    the module's cached fold (float32, contiguous, no gradient); padding is already numeric (zeros mode). The output
+    has the layout F.conv3d gives: contiguous for contiguous input, and for channels_last_3d input on a conv it
+    would run on its reference kernel."""
     if (type(x) is not _Tensor or x.dtype is not _float32 or _mkldnn_convolution is None or not cpu.enabled
-            or not x.is_cpu or x.dim() != 5 or x.requires_grad or not x.is_contiguous()
-            or weight.dtype is not _float32 or not cpu.mkldnn_enabled() or not cpu.available()
-            or _functorch_transform() is not None):
+            or not x.is_cpu or x.dim() != 5 or x.requires_grad or weight.dtype is not _float32
+            or not cpu.mkldnn_enabled() or not cpu.available() or _functorch_transform() is not None):
         return None
-    key = (x.shape, weight.shape, stride, padding, dilation)
+    if x.is_contiguous():
+        channels_last = False
+    elif x.is_contiguous(memory_format=_CHANNELS_LAST_3D):
+        channels_last = True
+    else:
+        return None
+    key = (x.shape, weight.shape, stride, padding, dilation, channels_last)
     ok = _pays.get(key)
     if ok is None:
         shape, size = weight.shape, x.shape
         out = [(size[2 + i] + 2 * padding[i] - dilation[i] * (shape[2 + i] - 1) - 1) // stride[i] + 1
                for i in range(3)]
-        ok = min(out) > 0 and pays(shape, (size[0], shape[0], *out))
+        out_shape = (size[0], shape[0], *out)
+        ok = min(out) > 0 and (pays_channels_last(size, shape, out_shape, groups) if channels_last
+                               else pays(shape, out_shape))
         if len(_pays) >= _MAX_SIGNATURES:
             _pays.clear()  # a process fed ever-changing shapes starts over rather than growing forever
         _pays[key] = ok
     if not ok:
         return None
     try:
-        return _mkldnn_convolution(x, weight, bias, padding, stride, dilation, groups)
+        y = _mkldnn_convolution(x, weight, bias, padding, stride, dilation, groups)
     except RuntimeError:
         return None  # oneDNN refused this call: F.conv3d, as the original layer
+    # oneDNN answers channels_last_3d input in channels_last_3d; PyTorch's reference kernel, which the original
+    # conv runs for these calls, answers NCDHW.
+    return y.contiguous() if channels_last else y

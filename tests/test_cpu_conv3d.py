@@ -127,13 +127,26 @@ def test_convs_that_do_not_pay_keep_f_conv3d(cin, cout, kwargs, size):
         assert max_rel_error(fused(x).double(), _reference64(ref, x)) < TOL_FP32
 
 
-def test_channels_last_3d_input_keeps_f_conv3d_and_its_layout():
-    ref, fused = _pair(16, 24, kernel_size=3, padding=1)
-    x = torch.randn(1, 16, 4, 16, 16).contiguous(memory_format=torch.channels_last_3d)
+CL3D = torch.channels_last_3d
+
+
+@pytest.mark.parametrize("cin,cout,kwargs,size,routed", [
+    (32, 32, dict(kernel_size=3, padding=1), (4, 16, 16), True),                   # 28M MACs
+    (64, 64, dict(kernel_size=1), (8, 28, 28), True),                              # 1x1x1, 26M MACs
+    (256, 512, dict(kernel_size=1, stride=2), (2, 14, 14), True),                  # 6.4M MACs
+    (8, 8, dict(kernel_size=3, padding=1), (2, 8, 8), False),                      # 0.2M MACs
+    (64, 64, dict(kernel_size=3, padding=1), (8, 56, 56), False),                  # PyTorch takes oneDNN itself
+])
+def test_channels_last_3d_input_in_the_original_layout(cin, cout, kwargs, size, routed):
+    """Channels_last_3d input: oneDNN where PyTorch would run its reference kernel on a conv of 4M multiply-adds
+    or more; the output has the layout the original conv returns (NCDHW from the reference kernel, channels_last_3d
+    where PyTorch took oneDNN itself)."""
+    ref, fused = _pair(cin, cout, **kwargs)
+    x = torch.randn(1, cin, *size).contiguous(memory_format=CL3D)
     counts = count_ops(fused, x)
     with torch.no_grad():
         y, own = fused(x), ref(x)
-    assert counts["convolution"] == 1 and counts["mkldnn_convolution"] == 0
+    assert (counts["mkldnn_convolution"], counts["convolution"]) == ((1, 0) if routed else (0, 1)), counts
     assert y.stride() == own.stride()
     assert max_rel_error(y.double(), _reference64(ref, x)) < TOL_FP32
 
@@ -150,6 +163,16 @@ def test_input_needing_grad_keeps_f_conv3d_and_its_gradient():
     ref64 = copy.deepcopy(ref).double()
     ref64(x64).sum().backward()
     assert max_rel_error(x.grad.double(), x64.grad) < 1e-4
+
+
+def test_pays_channels_last_rule():
+    # PyTorch's own oneDNN cases stay with it: batch 2, groups, a 7x7 kernel, N * C * D * H above 20480.
+    assert not cpu_conv3d.pays_channels_last((2, 32, 4, 16, 16), (32, 32, 3, 3, 3), (2, 32, 4, 16, 16), 1)
+    assert not cpu_conv3d.pays_channels_last((1, 32, 4, 16, 16), (32, 8, 3, 3, 3), (1, 32, 4, 16, 16), 4)
+    assert not cpu_conv3d.pays_channels_last((1, 3, 8, 64, 64), (64, 3, 3, 7, 7), (1, 64, 8, 32, 32), 1)
+    assert not cpu_conv3d.pays_channels_last((1, 64, 8, 56, 56), (64, 64, 3, 3, 3), (1, 64, 8, 56, 56), 1)
+    assert cpu_conv3d.pays_channels_last((1, 32, 4, 16, 16), (32, 32, 3, 3, 3), (1, 32, 4, 16, 16), 1)
+    assert not cpu_conv3d.pays_channels_last((1, 8, 2, 8, 8), (8, 8, 3, 3, 3), (1, 8, 2, 8, 8), 1)
 
 
 def test_pays_rule():
@@ -187,3 +210,15 @@ def test_vmap_keeps_f_conv3d():
             y = torch.func.vmap(fused)(xs)
     expected = torch.stack([_reference64(ref, x) for x in xs])
     assert max_rel_error(y.double(), expected) < TOL_FP32
+
+
+def test_decision_is_per_layout():
+    """A 1x1x1 conv stays on F.conv3d for NCDHW input and takes oneDNN for channels_last_3d input of the same shape
+    (the per-signature cache keys on the layout)."""
+    ref, fused = _pair(64, 64, kernel_size=1)
+    x = torch.randn(1, 64, 8, 28, 28)
+    assert count_ops(fused, x)["mkldnn_convolution"] == 0
+    xc = x.contiguous(memory_format=CL3D)
+    assert count_ops(fused, xc)["mkldnn_convolution"] == 1
+    with torch.no_grad():
+        assert max_rel_error(fused(xc).double(), _reference64(ref, x)) < TOL_FP32

@@ -370,13 +370,6 @@ class FusedConvNd(FusedAffineLayer):
         fn = (F.conv1d, F.conv2d, F.conv3d)[self._ND - 1]
         return fn(x, weight, bias, self.stride, padding, self.dilation, self.groups)
 
-    def _folded_layer(self, x, weight, bias, padding):
-        if self._ND == 3:
-            y = cpu_conv3d.conv3d(x, weight, bias, self.stride, padding, self.dilation, self.groups)
-            if y is not None:
-                return y
-        return self._layer(x, weight, bias, padding)
-
     def _pad_input(self, x):
         if self.padding_mode == "zeros" or not any(self.padding):
             return x, self.padding
@@ -450,6 +443,11 @@ class FusedConv3d(FusedConvNd):
     """Conv3d + BatchNorm3d + activation (+ BatchNorm3d after it); the CUDA path is the Triton 3-D kernel."""
 
     _ND, _CONV, _LAYER = 3, nn.Conv3d, "Conv3d"
+
+    def _folded_layer(self, x, weight, bias, padding):
+        # On CPU, oneDNN where PyTorch would take its im2col reference kernel and oneDNN pays (cpu_conv3d.py).
+        y = cpu_conv3d.conv3d(x, weight, bias, self.stride, padding, self.dilation, self.groups)
+        return self._layer(x, weight, bias, padding) if y is None else y
 
 
 def _resolve_string_padding(conv: nn.Module) -> tuple[int, ...]:

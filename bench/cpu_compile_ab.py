@@ -73,8 +73,11 @@ def measure(spec: str, variants: tuple[str, ...] = VARIANTS, size: int = 224, ro
             calls: int = 5, autocast: torch.dtype | None = None) -> dict:
     """One model's row: per-variant times (ms per call, every round) and the per-round ratios to fusedconv; with
     `autocast`, every call inside a CPU autocast region of that dtype."""
+    from bench.models import input_shape
+
     built, model = _build(spec, variants)
-    x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+    # (1, 3, size, size), or the model's own input shape (a video model's clip, bench/models.py INPUT_SHAPES).
+    x = torch.randn(*input_shape(spec, 1, size), generator=torch.Generator().manual_seed(0))
     region = torch.autocast("cpu", dtype=autocast) if autocast is not None else contextlib.nullcontext()
     with torch.no_grad():
         reference = copy.deepcopy(model).double()(x.double())
@@ -93,7 +96,7 @@ def measure(spec: str, variants: tuple[str, ...] = VARIANTS, size: int = 224, ro
                 for _ in range(calls):
                     fn(x)
                 times[name].append((time.perf_counter() - t0) / calls * 1e3)
-    row = {"model": spec, "size": size, "rounds": rounds, "calls": calls, "max_rel_err_vs_fp64": errors,
+    row = {"model": spec, "size": size, "input": list(x.shape), "rounds": rounds, "calls": calls, "max_rel_err_vs_fp64": errors,
            "autocast": None if autocast is None else str(autocast).replace("torch.", ""),
            "ms": {n: {"min": min(t), "median": statistics.median(t)} for n, t in times.items()},
            "times_ms": times, "ratios": {}}
@@ -157,7 +160,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v)
     region = f" inside torch.autocast('cpu', {args.autocast})" if args.autocast else ""
     env_line = (f"{env['machine']}, {versions}; {args.threads} thread(s), batch 1, {args.size}x{args.size} "
-                f"float32 input{region}, {args.rounds} rounds x {args.calls} calls; `{env['command']}`; "
+                f"float32 input (video models: their clip, bench/models.py INPUT_SHAPES){region}, {args.rounds} "
+                f"rounds x {args.calls} calls; `{env['command']}`; "
                 f"{env['date']}")
     if args.md:
         with open(args.md, "w") as f:

@@ -19,6 +19,7 @@ from fusedconv.comparison import SELF_CHECK_TOLERANCE, compare_outputs  # noqa: 
 from fusedconv.comparison import snapshot_outputs as _snapshot
 from fusedconv.cpu_boundary import install as install_layout_boundary
 from fusedconv.frozen import FrozenModel, modules_in_training
+from fusedconv.fused_layers import FusedConv3d
 from fusedconv.graph.dataflow import fuse_dataflow
 from fusedconv.graph.flat import flatten as flatten_model
 from fusedconv.graph.owned_input import install as install_owned_inputs
@@ -66,14 +67,19 @@ def _layout_boundary_pays(model: nn.Module) -> bool:
     """Whether to give the converted model the CPU layout boundary (channels_last inside for NCHW input). The
     switch pays for FusedConv2d's oneDNN route; where almost every conv stays unfused (dpn68's BN -> ReLU -> conv
     blocks: 1 fused of 72) it would only move the unfused layers to another layout, measured 3 % slower than the
-    original (`python -m bench.zoo_speed`). So: at least one 2-D conv in ten fused."""
-    fused = plain = 0
+    original (`python -m bench.zoo_speed`). So: at least one 2-D conv in ten fused, or one 3-D conv in ten (the
+    channels_last_3d route of FusedConv3d, fusedconv/cpu_conv3d.py)."""
+    fused2 = plain2 = fused3 = plain3 = 0
     for m in model.modules():
         if isinstance(m, FusedConv2d):
-            fused += 1
+            fused2 += 1
         elif isinstance(m, nn.Conv2d):
-            plain += 1
-    return fused > 0 and 10 * fused >= fused + plain
+            plain2 += 1
+        elif isinstance(m, FusedConv3d):
+            fused3 += 1
+        elif isinstance(m, nn.Conv3d):
+            plain3 += 1
+    return (fused2 > 0 and 10 * fused2 >= fused2 + plain2) or (fused3 > 0 and 10 * fused3 >= fused3 + plain3)
 
 
 def convert(model: nn.Module, *, inplace: bool = False, example_inputs=None, reparameterize: bool = True,

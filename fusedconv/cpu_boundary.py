@@ -5,10 +5,11 @@ needs channels_last input, while most users feed NCHW. `convert()` therefore ins
 model's root module:
 
 - entering: plain CPU float32 4-d inputs (positional or keyword arguments, not nested in containers) that are
-  NCHW are made channels_last, once; every layer inside then sees channels_last from the layer before it (PyTorch's
-  pooling, add, upsample, concat ... keep the layout), so no layer converts anything;
-- leaving: 4-d outputs that came out channels_last are made contiguous again, so the caller gets the layout the
-  original model returns for NCHW input (`.view()` on an output keeps working).
+  NCHW are made channels_last, once, and 5-d NCDHW clips channels_last_3d; every layer inside then sees that layout
+  from the layer before it (PyTorch's pooling, add, upsample, concat ... keep the layout), so no layer converts
+  anything (a FusedConv3d takes its one-op oneDNN route only inside such a switched call, cpu_conv3d.switched);
+- leaving: 4-d / 5-d outputs that came out channels_last / channels_last_3d are made contiguous again, so the caller
+  gets the layout the original model returns for NCHW input (`.view()` on an output keeps working).
 
 An arbitrary model may not be layout-agnostic (a `.view()` inside forward fails on channels_last; code may depend on
 strides), so the switch is checked before it is used: the first call with each input signature (argument
@@ -16,8 +17,9 @@ positions, shapes) runs the model both ways — NCHW as given, then channels_las
 that signature only when the channels_last run succeeds, gives the same outputs (the convert self-check tolerance)
 and, after the outputs are turned back, the same output strides, and when it pays: at least one conv took the oneDNN
 route in the channels_last run (a model whose convs are all small enough to stay on F.conv2d, cpu.small_conv_macs,
-runs them faster in NCHW). Otherwise that signature stays in NCHW and the layers take their F.conv2d route. That
-first call therefore runs forward three times (a model whose forward has side effects sees them three times, once),
+runs them faster in NCHW; for a clip, a FusedConv3d's route). Otherwise that signature stays in NCHW and the
+layers take their F.conv2d route. That first call therefore runs forward three times (a model whose forward has side
+effects sees them three times, once),
 each from the same state of the global random generators (torch's, Python's, numpy's), so a forward that draws
 random numbers returns on that call what the original returns for the same seed; a model holding a torch.Generator
 of its own is not checked and stays NCHW.
@@ -33,21 +35,20 @@ see the model as written).
 
 from __future__ import annotations
 
-import threading
-
 import torch
 from torch.nn.modules import module as _nn_module
 from torch.utils._pytree import tree_flatten, tree_map
 
-from fusedconv import autocast, cpu
+from fusedconv import autocast, cpu, cpu_conv3d
 from fusedconv.comparison import compare_outputs
 from fusedconv.comparison import snapshot_outputs as _snapshot
 from fusedconv.modes import user_modes
 from fusedconv.random_state import random_states, set_random_states
 
 ATTRIBUTE = "_fusedconv_layout_boundary"
-# Which entered calls switched layout, innermost last, per thread (hooks of nested models pair up in LIFO order).
-_active = threading.local()
+# Which entered calls switched layout, innermost last, per thread (hooks of nested models pair up in LIFO order);
+# kept in cpu_conv3d, whose channels_last_3d route is taken only inside a switched call (cpu_conv3d.switched).
+_active = cpu_conv3d.layout_calls
 
 
 class LayoutBoundary:
@@ -78,18 +79,27 @@ def _boundary(model) -> LayoutBoundary:
 
 
 def layout_used(model: torch.nn.Module, *args, **kwargs) -> str:
-    """The layout the converted model runs in for these inputs: 'channels_last' when the boundary switches them
-    (checking it if needed), 'NCHW' for NCHW inputs it does not switch, else 'as given'."""
+    """The layout the converted model runs in for these inputs: 'channels_last' ('channels_last_3d' for 5-d
+    inputs) when the boundary switches them (checking it if needed), 'NCHW' ('NCDHW') for such inputs it does not
+    switch, else 'as given'."""
     if getattr(type(model), "wraps_converted_model", False):
         model = model.__dict__["_model"]  # fusedconv.frozen.FrozenModel: the converted model it runs
+    inputs = _nchw_inputs(args, kwargs)
+    video = any(t.dim() == 5 for t in inputs)
     if _enter not in model._forward_pre_hooks.values() or not _eligible(args, kwargs):
-        return "NCHW" if _nchw_inputs(args, kwargs) else "as given"
-    return "channels_last" if _checked(model, _boundary(model), args, kwargs) else "NCHW"
+        return ("NCDHW" if video else "NCHW") if inputs else "as given"
+    if _checked(model, _boundary(model), args, kwargs):
+        return "channels_last_3d" if video else "channels_last"
+    return "NCDHW" if video else "NCHW"
 
 
 def _is_nchw(t) -> bool:
-    return (type(t) is torch.Tensor and t.dim() == 4 and t.dtype == torch.float32 and t.is_cpu
-            and t.is_contiguous() and not t.is_contiguous(memory_format=torch.channels_last))
+    """A plain float32 CPU image batch (N, C, H, W) or clip batch (N, C, D, H, W) in PyTorch's default layout."""
+    return (type(t) is torch.Tensor and t.dtype == torch.float32 and t.is_cpu and 4 <= t.dim() <= 5
+            and t.is_contiguous() and not t.is_contiguous(memory_format=_FORMATS[t.dim()]))
+
+
+_FORMATS = {4: torch.channels_last, 5: torch.channels_last_3d}
 
 
 def _nchw_inputs(args, kwargs) -> list:
@@ -131,17 +141,24 @@ def _signature(args, kwargs) -> tuple:
 
 def _to_channels_last(args, kwargs):
     def convert(t):
-        return t.contiguous(memory_format=torch.channels_last) if _is_nchw(t) else t
+        return t.contiguous(memory_format=_FORMATS[t.dim()]) if _is_nchw(t) else t
     return tuple(convert(t) for t in args), {k: convert(v) for k, v in kwargs.items()}
 
 
 def _restore(output):
     def back(t):
-        if (isinstance(t, torch.Tensor) and t.dim() == 4 and not t.is_contiguous()
-                and t.is_contiguous(memory_format=torch.channels_last)):
+        if (isinstance(t, torch.Tensor) and 4 <= t.dim() <= 5 and not t.is_contiguous()
+                and t.is_contiguous(memory_format=_FORMATS[t.dim()])):
             return t.contiguous()
         return t
     return tree_map(back, output)
+
+
+def _routes_onednn(model, dims: set) -> bool:
+    """Some layer took a oneDNN route in the switched run: a FusedConv2d when 4-d inputs were switched, a
+    FusedConv3d's channels_last_3d route when 5-d ones were."""
+    return any((4 in dims and cpu.routes_onednn(m)) or (5 in dims and cpu_conv3d.routed(m))
+               for m in model.modules())
 
 
 def _same_outputs(nchw_out, cl_out) -> bool:
@@ -193,11 +210,18 @@ def _checked(model, boundary: LayoutBoundary, args, kwargs) -> bool:
                 nchw_out = model.forward(*args, **kwargs)
                 nchw_out = tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, nchw_out)
                 set_random_states(states)
-                cl_out = _restore(model.forward(*cl_args, **cl_kwargs))
+                # Run as a switched call runs (the layers' channels_last_3d route is taken only inside one).
+                stack = _stack()
+                stack.append(True)
+                try:
+                    cl_out = _restore(model.forward(*cl_args, **cl_kwargs))
+                finally:
+                    stack.pop()
             # Channels_last pays only for convs it takes to oneDNN; where every conv is small enough to stay on
             # F.conv2d (cpu.small_conv_macs), NCHW is the faster layout for them (measured: squeezenet1_1 at 32x32
             # 1.15x slower than the original in channels_last).
-            ok = _same_outputs(nchw_out, cl_out) and any(cpu.routes_onednn(m) for m in model.modules())
+            dims = {t.dim() for t in _nchw_inputs(args, kwargs)}
+            ok = _same_outputs(nchw_out, cl_out) and _routes_onednn(model, dims)
         except Exception:  # noqa: BLE001 - any failure in channels_last means: keep this signature in NCHW
             ok = False
         finally:

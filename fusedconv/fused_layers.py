@@ -444,6 +444,25 @@ class FusedConv3d(FusedConvNd):
 
     _ND, _CONV, _LAYER = 3, nn.Conv3d, "Conv3d"
 
+    def _apply(self, fn, recurse=True):
+        self.__dict__.pop("_onednn_3d", None)  # the packed weight of the fold it drops
+        return super()._apply(fn, recurse)
+
+    def refresh(self) -> None:
+        self.__dict__.pop("_onednn_3d", None)
+        super().refresh()
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.pop("_onednn_3d", None)  # an opaque oneDNN tensor: packed again on the next call
+        return state
+
+    def _fallback(self, x, residual, *layer_args):
+        # Channels_last_3d inside a call the layout boundary switched: one oneDNN conv with post-ops (cpu_conv3d).
+        # Never while tracing: traced graphs keep the standard op.
+        y = None if _tracing() else cpu_conv3d.fused_call(self, x, residual, *layer_args)
+        return super()._fallback(x, residual, *layer_args) if y is None else y
+
     def _folded_layer(self, x, weight, bias, padding):
         # On CPU, oneDNN where PyTorch would take its im2col reference kernel and oneDNN pays (cpu_conv3d.py).
         y = cpu_conv3d.conv3d(x, weight, bias, self.stride, padding, self.dilation, self.groups)

@@ -1,0 +1,309 @@
+"""FusedConv3d's channels_last_3d route (fusedconv/cpu_conv3d.py `fused_call`) and the layout boundary on clips.
+
+Inside a call the boundary switched to channels_last_3d, a FusedConv3d runs one `mkldnn::_convolution_pointwise`
+(its `.binary` form with a residual) on its packed folded weight. Each such call is compared in float64 with the
+original Conv3d -> BatchNorm3d(eval) -> activation; outside a switched call, with a gradient, a residual to
+broadcast, or after an edit, the module must compute what it computed before. Whole models: a converted clip model
+fed NCDHW input runs channels_last_3d inside, every conv on that route, and returns the original's values and
+layout; a model that cannot run in channels_last_3d keeps NCDHW.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import pickle
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fusedconv
+from fusedconv import cpu, cpu_boundary, cpu_conv3d
+from fusedconv.activations import ActivationSpec
+from fusedconv.fused_layers import FusedConv3d
+from util import ACT_MODULES, OpCounter, count_ops, max_rel_error, randomize_bn
+
+pytestmark = pytest.mark.skipif(not cpu.available(), reason="this PyTorch build has no oneDNN pointwise conv")
+TOL_FP32 = 1e-5
+CL3D = torch.channels_last_3d
+POINTWISE = "_convolution_pointwise"
+
+
+@contextlib.contextmanager
+def switched():
+    """As inside a converted model's call whose inputs the boundary made channels_last_3d."""
+    stack = cpu_boundary._stack()
+    stack.append(True)
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+def _pair(cin, cout, act="relu", post=False, seed=0, **conv_kwargs):
+    torch.manual_seed(seed)
+    mods = [nn.Conv3d(cin, cout, **conv_kwargs), nn.BatchNorm3d(cout), ACT_MODULES[act]]
+    if post:
+        mods.append(nn.BatchNorm3d(cout))
+    ref = nn.Sequential(*mods)
+    randomize_bn(ref, seed)
+    ref.eval()
+    fused = FusedConv3d.from_modules(ref[0], ref[1], ref[2], ref[3] if post else None).eval()
+    return ref, fused
+
+
+def _reference64(ref, x, residual=None):
+    ref64 = copy.deepcopy(ref).double()
+    with torch.no_grad():
+        y = ref64[1](ref64[0](x.double()))
+        if residual is not None:
+            y = y + residual.double()
+        for m in list(ref64)[2:]:
+            y = m(y)
+        return y
+
+
+def _clip(c, size, seed=1):
+    torch.manual_seed(seed)
+    return torch.randn(1, c, *size).contiguous(memory_format=CL3D)
+
+
+GEOMETRIES = [
+    (8, 16, dict(kernel_size=3, padding=1), (2, 8, 8)),  # small: the route takes every conv in a switched call
+    (16, 24, dict(kernel_size=(1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1), bias=False), (4, 16, 16)),
+    (24, 16, dict(kernel_size=(3, 1, 1), padding=(1, 0, 0)), (4, 8, 8)),
+    (16, 32, dict(kernel_size=1, stride=2), (4, 8, 8)),
+    (32, 32, dict(kernel_size=3, padding=2, dilation=2, groups=4), (2, 6, 6)),
+]
+
+
+@pytest.mark.parametrize("cin,cout,kwargs,size", GEOMETRIES)
+@pytest.mark.parametrize("act,post", [("relu", False), ("leaky_relu", True), ("gelu_tanh", False),
+                                      ("identity", False)])
+def test_switched_call_is_one_onednn_op_matching_float64(cin, cout, kwargs, size, act, post):
+    ref, fused = _pair(cin, cout, act, post, **kwargs)
+    x = _clip(cin, size)
+    with switched():
+        counts = count_ops(fused, x)
+        with torch.no_grad():
+            y = fused(x)
+    assert counts[POINTWISE] == 1 and counts["convolution"] == 0 and counts["mkldnn_convolution"] == 0, counts
+    assert cpu_conv3d.routed(fused)
+    assert y.is_contiguous(memory_format=CL3D)
+    assert max_rel_error(y.double(), _reference64(ref, x)) < TOL_FP32
+
+
+@pytest.mark.parametrize("act", ["relu", "identity", "silu"])
+def test_switched_call_with_residual(act):
+    # relu and identity are oneDNN post-ops after the add; silu runs in place after it.
+    ref, fused = _pair(16, 16, act, kernel_size=3, padding=1)
+    x, residual = _clip(16, (2, 8, 8)), _clip(16, (2, 8, 8), seed=2)
+    before = residual.clone()
+    with switched():
+        counts = count_ops(fused, x, residual)
+        with torch.no_grad():
+            y = fused(x, residual)
+    assert counts[POINTWISE] == 1 and counts["convolution"] == 0, counts
+    assert max_rel_error(y.double(), _reference64(ref, x, residual)) < TOL_FP32
+    assert torch.equal(residual, before)  # the residual is read, never written
+
+
+def test_nchw_residual_is_read_in_the_output_layout():
+    ref, fused = _pair(16, 16, "relu", kernel_size=3, padding=1)
+    x, residual = _clip(16, (2, 8, 8)), _clip(16, (2, 8, 8), seed=2).contiguous()
+    with switched(), torch.no_grad():
+        y = fused(x, residual)
+    assert max_rel_error(y.double(), _reference64(ref, x, residual)) < TOL_FP32
+
+
+def test_residual_to_broadcast_takes_the_usual_path():
+    ref, fused = _pair(16, 16, "relu", kernel_size=3, padding=1)
+    x, residual = _clip(16, (2, 8, 8)), torch.randn(1, 16, 1, 1, 1)
+    with switched():
+        counts = count_ops(fused, x, residual)
+        with torch.no_grad():
+            y = fused(x, residual)
+    assert counts[POINTWISE] == 0, counts
+    assert max_rel_error(y.double(), _reference64(ref, x, residual)) < TOL_FP32
+
+
+def test_outside_a_switched_call_nothing_changes():
+    ref, fused = _pair(16, 24, "relu", kernel_size=3, padding=1)
+    x = _clip(16, (2, 8, 8))
+    counts = count_ops(fused, x)
+    with torch.no_grad():
+        y, own = fused(x), ref(x)
+    assert counts[POINTWISE] == 0 and not cpu_conv3d.routed(fused), counts
+    assert y.stride() == own.stride()  # the layout the original conv returns
+    assert max_rel_error(y.double(), _reference64(ref, x)) < TOL_FP32
+
+
+def test_ncdhw_input_in_a_switched_call_takes_the_usual_path():
+    _, fused = _pair(16, 24, "relu", kernel_size=3, padding=1)
+    x = _clip(16, (2, 8, 8)).contiguous()
+    with switched():
+        counts = count_ops(fused, x)
+    assert counts[POINTWISE] == 0, counts
+
+
+@pytest.mark.parametrize("switch", ["fusedconv", "mkldnn"])
+def test_switches_turn_the_route_off(switch):
+    _, fused = _pair(16, 24, "relu", kernel_size=3, padding=1)
+    x = _clip(16, (2, 8, 8))
+    with switched():
+        if switch == "fusedconv":
+            cpu.enabled = False
+            try:
+                counts = count_ops(fused, x)
+            finally:
+                cpu.enabled = True
+        else:
+            with torch.backends.mkldnn.flags(enabled=False):
+                counts = count_ops(fused, x)
+    assert counts[POINTWISE] == 0, counts
+
+
+def test_gradient_takes_the_differentiable_path():
+    ref, fused = _pair(8, 8, "relu", kernel_size=3, padding=1)
+    x = _clip(8, (2, 6, 6)).requires_grad_()
+    counter = OpCounter()
+    with switched(), counter:
+        y = fused(x)
+    assert counter.counts[POINTWISE] == 0 and counter.counts["convolution"] == 1, counter.counts
+    y.sum().backward()
+    x64 = x.detach().double().requires_grad_()
+    ref64 = copy.deepcopy(ref).double()
+    ref64(x64).sum().backward()
+    assert max_rel_error(x.grad.double(), x64.grad) < TOL_FP32
+
+
+def test_edits_repack():
+    # An in-place weight edit, a new activation and a refresh after a `.data` write are each seen on the next call.
+    ref, fused = _pair(16, 16, "relu", kernel_size=3, padding=1)
+    x = _clip(16, (2, 8, 8))
+    with switched(), torch.no_grad():
+        fused(x)
+        fused.weight.mul_(-0.5)
+        ref[0].weight.mul_(-0.5)
+        assert max_rel_error(fused(x).double(), _reference64(ref, x)) < TOL_FP32
+        fused.act = ActivationSpec("silu")
+        ref[2] = nn.SiLU()
+        assert max_rel_error(fused(x).double(), _reference64(ref, x)) < TOL_FP32
+        fused.shift.data.add_(1.0)
+        ref[1].bias.data.add_(1.0)
+        fused.refresh()
+        assert max_rel_error(fused(x).double(), _reference64(ref, x)) < TOL_FP32
+
+
+def test_copies_and_pickles_leave_the_packed_weight_behind():
+    ref, fused = _pair(16, 16, "relu", kernel_size=3, padding=1)
+    x = _clip(16, (2, 8, 8))
+    with switched(), torch.no_grad():
+        y = fused(x)
+        assert cpu_conv3d.routed(fused)
+        for other in (copy.deepcopy(fused), pickle.loads(pickle.dumps(fused))):
+            assert "_onednn_3d" not in other.__dict__
+            assert torch.equal(other(x), y) and cpu_conv3d.routed(other)
+        fused.double()
+        assert "_onednn_3d" not in fused.__dict__
+
+
+class Block(nn.Module):
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv1 = nn.Sequential(nn.Conv3d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm3d(cout), nn.ReLU())
+        self.conv2 = nn.Sequential(nn.Conv3d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm3d(cout))
+        self.down = None if stride == 1 and cin == cout else nn.Sequential(
+            nn.Conv3d(cin, cout, 1, stride, bias=False), nn.BatchNorm3d(cout))
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        identity = x if self.down is None else self.down(x)
+        return self.relu(self.conv2(self.conv1(x)) + identity)
+
+
+class ClipNet(nn.Module):
+    """A small r3d-like clip model; `dense` returns the last feature map (its layout must come back NCDHW),
+    `view` flattens it with `.view`, which fails on channels_last_3d."""
+
+    def __init__(self, dense=False, view=False):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv3d(3, 8, (3, 5, 5), (1, 2, 2), (1, 2, 2), bias=False), nn.BatchNorm3d(8),
+                                  nn.ReLU())
+        self.layers = nn.Sequential(Block(8, 8, 1), Block(8, 16, 2))
+        self.head = nn.Linear(16 * 2 * 4 * 4, 5) if view else nn.Linear(16, 5)
+        self.dense, self.view = dense, view
+
+    def forward(self, x):
+        y = self.layers(self.stem(x))
+        if self.dense:
+            return y
+        if self.view:
+            return self.head(y.view(y.shape[0], -1))
+        return self.head(y.mean((2, 3, 4)))
+
+
+def _converted(model, seed=0):
+    torch.manual_seed(seed)
+    randomize_bn(model, seed)
+    model.eval()
+    return model, fusedconv.convert(model)
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_clip_model_runs_channels_last_3d_inside(dense):
+    model, fused = _converted(ClipNet(dense=dense))
+    x = torch.randn(1, 3, 4, 16, 16)
+    assert cpu_boundary.layout_used(fused, x) == "channels_last_3d"
+    counts = count_ops(fused, x)
+    assert counts[POINTWISE] == 6 and counts["convolution"] == 0 and counts["mkldnn_convolution"] == 0, counts
+    with torch.no_grad():
+        y, own = fused(x), model(x)
+        ref = copy.deepcopy(model).double()(x.double())
+    assert max_rel_error(y.double(), ref) < TOL_FP32
+    assert y.stride() == own.stride()  # turned back at the boundary: the original's layout
+
+
+def test_clip_model_that_needs_ncdhw_keeps_it():
+    model, fused = _converted(ClipNet(view=True))
+    x = torch.randn(1, 3, 4, 16, 16)
+    assert cpu_boundary.layout_used(fused, x) == "NCDHW"
+    counts = count_ops(fused, x)
+    assert counts[POINTWISE] == 0, counts
+    with torch.no_grad():
+        ref = copy.deepcopy(model).double()(x.double())
+        assert max_rel_error(fused(x).double(), ref) < TOL_FP32
+
+
+def test_channels_last_3d_input_is_taken_as_given():
+    # The user's own layout: not switched, so each conv answers in the layout the original conv does.
+    model, fused = _converted(ClipNet(dense=True))
+    x = torch.randn(1, 3, 4, 16, 16).contiguous(memory_format=CL3D)
+    assert cpu_boundary.layout_used(fused, x) == "as given"
+    with torch.no_grad():
+        assert count_ops(fused, x)[POINTWISE] == 0
+        assert fused(x).stride() == model(x).stride()
+
+
+def test_two_d_routes_do_not_switch_clips():
+    # A clip is switched only for a FusedConv3d route; a 2-D model's oneDNN routes count for 4-d inputs only.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU()).eval()
+    randomize_bn(model, 0)
+    fused = fusedconv.convert(model)
+    with torch.no_grad():
+        fused(torch.randn(1, 32, 64, 64))
+    assert cpu_boundary._routes_onednn(fused, {4}) and not cpu_boundary._routes_onednn(fused, {5})
+
+
+def test_r3d_18_every_conv_on_the_route():
+    torchvision = pytest.importorskip("torchvision")
+    model, fused = _converted(torchvision.models.video.r3d_18())
+    x = torch.randn(1, 3, 4, 32, 32)
+    assert cpu_boundary.layout_used(fused, x) == "channels_last_3d"
+    counts = count_ops(fused, x)
+    assert counts[POINTWISE] == 20 and counts["convolution"] == 0, counts
+    with torch.no_grad():
+        ref = copy.deepcopy(model).double()(x.double())
+        assert max_rel_error(fused(x).double(), ref) < TOL_FP32

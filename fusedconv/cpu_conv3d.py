@@ -210,6 +210,8 @@ def fused_call(module, x, residual, padding):
         state = module.__dict__["_onednn_3d"] = OneDNNState(weight, key)
     if state.ok is False:
         return None
+    if state.ok is None and min(_output_shape(x.shape, module, padding)) <= 0:
+        return None  # the usual path answers (or refuses) these as the original does; oneDNN is tried on a real one
     try:
         if state.packed is None:
             state.packed = cpu.pack_weight(weight, *key[:4], x.shape)
@@ -221,8 +223,10 @@ def fused_call(module, x, residual, padding):
                                       *state.binary_tail)
             after = state.after_add
     except RuntimeError:
-        # oneDNN refused this module: the usual path from now on.
-        state.ok, state.packed = False, None
+        # oneDNN refused this module on its first call: the usual path from now on. After a first success, only
+        # this call (an empty or too small input) takes it.
+        if not state.ok:
+            state.ok, state.packed = False, None
         return None
     state.ok = True
     if after is not None:

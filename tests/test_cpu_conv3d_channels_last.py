@@ -307,3 +307,19 @@ def test_r3d_18_every_conv_on_the_route():
     with torch.no_grad():
         ref = copy.deepcopy(model).double()(x.double())
         assert max_rel_error(fused(x).double(), ref) < TOL_FP32
+
+
+def test_empty_and_too_small_inputs_keep_the_route_for_later_calls():
+    # They answer (or raise) as the original does, and the route stays for the real clips before and after them.
+    ref, fused = _pair(8, 8, "relu", kernel_size=3)
+    empty = torch.randn(0, 8, 4, 6, 6).contiguous(memory_format=CL3D)
+    small, x = _clip(8, (2, 2, 2)), _clip(8, (4, 6, 6))
+    with switched(), torch.no_grad():
+        for _ in range(2):
+            with pytest.raises(RuntimeError):
+                ref(small)
+            with pytest.raises(RuntimeError):
+                fused(small)  # too small for a 3x3x3 kernel
+            assert fused(empty).shape == ref(empty).shape
+            assert count_ops(fused, x)[POINTWISE] == 1
+            assert max_rel_error(fused(x).double(), _reference64(ref, x)) < TOL_FP32

@@ -112,3 +112,15 @@ def test_compiled_converted_model_is_paired_with_the_compiled_original(monkeypat
     assert "fusedconv_compile_freeze / compile_freeze" in row["ratios"]
     per_round = [a / b for a, b in zip(row["times_ms"]["fusedconv_compile_freeze"], row["times_ms"]["compile_freeze"])]
     assert min(per_round) <= row["ratios"]["fusedconv_compile_freeze / compile_freeze"]["median"] <= max(per_round)
+
+
+def test_video_models_get_their_clip(monkeypatch):
+    # A video model is paired on its own clip shape (bench/models.py INPUT_SHAPES), not a (1, 3, size, size) image.
+    from bench import cpu_compile_ab, models
+    from fusedconv import model_specs
+    monkeypatch.setattr(model_specs, "build_model", lambda spec: nn.Sequential(
+        nn.Conv3d(3, 8, 3, padding=1, bias=False), nn.BatchNorm3d(8), nn.ReLU()))
+    monkeypatch.setitem(models.INPUT_SHAPES, "tiny_clip", (3, 2, 6, 6))
+    row = cpu_compile_ab.measure("tiny_clip", ("eager", "fusedconv"), size=16, rounds=1, calls=1)
+    assert row["input"] == [1, 3, 2, 6, 6]
+    assert all(e < 1e-5 for e in row["max_rel_err_vs_fp64"].values())

@@ -153,7 +153,7 @@ class OneDNNState:
     """A FusedConv3d's oneDNN conv with post-ops: the folded weight it packed (`weight`, the fold cache's tensor:
     a refold is a new one), the packed weight, and the call tails built once."""
 
-    __slots__ = ("weight", "key", "packed", "unary_tail", "binary_tail", "after_add", "ok")
+    __slots__ = ("weight", "key", "packed", "unary_tail", "binary_tail", "inplace_tail", "after_add", "ok")
 
     def __init__(self, weight, key):
         padding, stride, dilation, groups, act = key
@@ -163,6 +163,8 @@ class OneDNNState:
         self.unary_tail = (*geometry, *cpu.unary_attr(name, param))  # every epilogue activation is a oneDNN one
         # oneDNN fuses only an identity or relu after the binary add; any other activation runs in place after.
         self.binary_tail = (*geometry, "add", None, "relu" if name == "relu" else None, [], "")
+        # The same into the residual itself (`mkldnn::_convolution_pointwise_.binary`, where this PyTorch has it).
+        self.inplace_tail = (*geometry, "add", 1.0, "relu" if name == "relu" else None, [], "")
         self.after_add = None if name in cpu._BINARY_UNARY else (name, param)
 
 
@@ -178,7 +180,15 @@ def routed(module) -> bool:
     return state is not None and bool(state.ok)
 
 
-def fused_call(module, x, residual, padding):
+def _writable(x, residual) -> bool:
+    """The residual can take the output: dense channels_last_3d (oneDNN's output layout), not a view, needing no
+    gradient, not the conv's own input, and an inference tensor only inside inference mode (cpu._writable's rule)."""
+    return (residual._base is None and not residual.requires_grad
+            and (not residual.is_inference() or torch.is_inference_mode_enabled())
+            and residual.is_contiguous(memory_format=_CHANNELS_LAST_3D) and residual.data_ptr() != x.data_ptr())
+
+
+def fused_call(module, x, residual, padding, residual_private: bool = False):
     """act(conv(x) * scale + shift [+ residual]) [* post_scale + post_shift] of a FusedConv3d as one oneDNN conv
     with the activation (and the residual add) as post-ops, on the packed folded weight, answered channels_last_3d;
     or None, and the caller runs its usual path.
@@ -188,7 +198,12 @@ def fused_call(module, x, residual, padding):
     for float32 channels_last_3d CPU input needing no gradient, a residual of the output's shape, outside tracing
     and torch.func transforms, with the fast path and PyTorch's oneDNN switch on. Measured, r3d_18 at
     1x3x8x112x112 (2 threads, 2-core Xeon): every conv this way 110 ms, the same convs on unpacked weights 121 ms,
-    the module path on NCDHW input 141 ms, torch.compile with freezing 109 ms."""
+    the module path on NCDHW input 141 ms, torch.compile with freezing 109 ms.
+
+    `residual_private` (convert's flat forward proved that no one else reads the residual afterwards,
+    graph/flat.py `flat_private_3d`): the output is written into the residual itself, as Inductor does, which
+    saves a fresh output buffer per residual block (a hand-written r3d_18 of these ops: 1.012 of torch.compile's
+    time out of place, 1.003 in place)."""
     if (type(x) is not _Tensor or x.dtype is not _float32 or not switched() or not cpu.enabled or not x.is_cpu
             or x.dim() != 5 or not x.is_contiguous(memory_format=_CHANNELS_LAST_3D)
             or not cpu.mkldnn_enabled() or not cpu.available() or _functorch_transform() is not None):
@@ -219,8 +234,11 @@ def fused_call(module, x, residual, padding):
             y = cpu._pointwise(x, state.packed, bias, *state.unary_tail)
             after = None
         else:
-            y = cpu._pointwise_binary(x, residual.contiguous(memory_format=_CHANNELS_LAST_3D), state.packed, bias,
-                                      *state.binary_tail)
+            if residual_private and cpu._pointwise_binary_inplace is not None and _writable(x, residual):
+                y = cpu._pointwise_binary_inplace(residual, x, state.packed, bias, *state.inplace_tail)
+            else:
+                y = cpu._pointwise_binary(x, residual.contiguous(memory_format=_CHANNELS_LAST_3D), state.packed,
+                                          bias, *state.binary_tail)
             after = state.after_add
     except RuntimeError:
         # oneDNN refused this module on its first call: the usual path from now on. After a first success, only

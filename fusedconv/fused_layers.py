@@ -376,10 +376,14 @@ class FusedConvNd(FusedAffineLayer):
         pads = [p for p in reversed(self.padding) for _ in range(2)]
         return F.pad(x, pads, mode=self.padding_mode), (0,) * self._ND
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """act(conv(x) * scale + shift [+ residual]) [* post_scale + post_shift]; batched or unbatched input."""
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None,
+                residual_private: bool = False) -> torch.Tensor:
+        """act(conv(x) * scale + shift [+ residual]) [* post_scale + post_shift]; batched or unbatched input.
+        `residual_private=True` (set by convert's flat forward only) allows the CPU path to write the output into
+        `residual` itself (FusedConv3d's channels_last_3d route): pass it only when nothing else can read that
+        tensor afterwards."""
         if isinstance(x, fx.Proxy):  # torch.fx symbolic tracing: record one leaf call (fusedconv/fx_leaf.py)
-            return leaf_call(self, (x, residual), {})
+            return leaf_call(self, (x, residual), {"residual_private": residual_private} if residual_private else {})
         cast = self._check_x(x, residual, self._ND, self.in_channels)
         if x.dim() == self._ND + 1:
             y = self.forward(x.unsqueeze(0), None if residual is None else residual.unsqueeze(0))
@@ -391,7 +395,8 @@ class FusedConvNd(FusedAffineLayer):
                 x, residual, self.weight, self.scale, self.shift, self.post_scale, self.post_shift):
             return self._fallback(x, residual, pad)  # the ops have no backward: the differentiable path
         if not x.is_cuda and ops.use_kernel is _USE_KERNEL and ops_nd.use_kernel_3d is _USE_KERNEL_3D:
-            return self._fallback(x, residual, pad)  # the Triton ops run on CUDA only (unless a test routes them)
+            # The Triton ops run on CUDA only (unless a test routes them).
+            return self._cpu_layer(x, residual, pad, residual_private)
         if x.numel() > 0 and self._ND == 3 and ops_nd.use_kernel_3d(x, self.weight):
             return ops_nd.conv3d_bn_act(x, self.weight, self.scale, self.shift, residual, self.post_scale,
                                         self.post_shift, self.stride, pad, self.dilation, self.groups,
@@ -410,6 +415,10 @@ class FusedConvNd(FusedAffineLayer):
                 y = (y.float() * self.post_scale.view(view) + self.post_shift.view(view)).to(x.dtype)
             return y
         return self._fallback(x, residual, pad)
+
+    def _cpu_layer(self, x, residual, padding, residual_private: bool):
+        """The layer on CPU, where no Triton op runs: the standard op with the cached fold (`_fallback`)."""
+        return self._fallback(x, residual, padding)
 
     def extra_repr(self) -> str:
         s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
@@ -457,11 +466,11 @@ class FusedConv3d(FusedConvNd):
         state.pop("_onednn_3d", None)  # an opaque oneDNN tensor: packed again on the next call
         return state
 
-    def _fallback(self, x, residual, *layer_args):
+    def _cpu_layer(self, x, residual, padding, residual_private: bool):
         # Channels_last_3d inside a call the layout boundary switched: one oneDNN conv with post-ops (cpu_conv3d).
         # Never while tracing: traced graphs keep the standard op.
-        y = None if _tracing() else cpu_conv3d.fused_call(self, x, residual, *layer_args)
-        return super()._fallback(x, residual, *layer_args) if y is None else y
+        y = None if _tracing() else cpu_conv3d.fused_call(self, x, residual, padding, residual_private)
+        return self._fallback(x, residual, padding) if y is None else y
 
     def _folded_layer(self, x, weight, bias, padding):
         # On CPU, oneDNN where PyTorch would take its im2col reference kernel and oneDNN pays (cpu_conv3d.py).

@@ -323,3 +323,147 @@ def test_empty_and_too_small_inputs_keep_the_route_for_later_calls():
             assert fused(empty).shape == ref(empty).shape
             assert count_ops(fused, x)[POINTWISE] == 1
             assert max_rel_error(fused(x).double(), _reference64(ref, x)) < TOL_FP32
+
+
+# ------------------------------------------------------------------ residuals written in place (flat_private_3d)
+def _profiled_ops(fn, *args) -> dict:
+    # The profiler, not a dispatch mode: a mode is an observer, under which no residual is written in place.
+    with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        out = fn(*args)
+    counts = {}
+    for e in prof.events():
+        counts[e.name] = counts.get(e.name, 0) + 1
+    return out, counts
+
+
+def test_private_residual_is_written_in_place():
+    ref, fused = _pair(16, 16, "relu", kernel_size=3, padding=1)
+    x, residual = _clip(16, (2, 8, 8)), _clip(16, (2, 8, 8), seed=2)
+    expected = _reference64(ref, x, residual)
+    with switched(), torch.no_grad():
+        y = fused(x, residual.clone(), residual_private=True)  # a tensor no one else holds
+        assert max_rel_error(y.double(), expected) < TOL_FP32
+        own = residual.clone()
+        y = fused(x, own, residual_private=True)
+        assert y.data_ptr() == own.data_ptr()  # the output is the residual's storage
+        view = residual.clone()[:, :, :]  # a view: its base could be read elsewhere
+        before = view.clone()
+        y = fused(x, view, residual_private=True)
+        assert torch.equal(view, before) and max_rel_error(y.double(), expected) < TOL_FP32
+        y = fused(x, residual, residual_private=False)
+        assert y.data_ptr() != residual.data_ptr()
+
+
+class Features(ClipNet):
+    """ClipNet returning the stem's output too: a residual that is also returned is never written in place."""
+
+    def forward(self, x):
+        s = self.stem(x)
+        y = self.layers(s)
+        return self.head(y.mean((2, 3, 4))), s
+
+
+def test_flat_forward_writes_private_residuals_in_place():
+    model, fused = _converted(ClipNet())
+    x = torch.randn(1, 3, 4, 16, 16)
+    assert cpu_boundary.layout_used(fused, x) == "channels_last_3d"
+    y, counts = _profiled_ops(fused, x)
+    # Block 1 adds the stem's output, block 2 its downsample's: both read by nothing after the add.
+    assert counts.get("mkldnn::_convolution_pointwise_") == 2, counts
+    assert counts.get("mkldnn::_convolution_pointwise") == 4, counts
+    ref = copy.deepcopy(model).double()(x.double())
+    assert max_rel_error(y.double(), ref) < TOL_FP32
+
+
+def test_returned_residual_is_not_overwritten():
+    model, fused = _converted(Features())
+    x = torch.randn(1, 3, 4, 16, 16)
+    assert cpu_boundary.layout_used(fused, x) == "channels_last_3d"
+    (y, s), counts = _profiled_ops(fused, x)
+    assert counts.get("mkldnn::_convolution_pointwise_") == 1, counts  # block 2's downsample only
+    ref_y, ref_s = copy.deepcopy(model).double()(x.double())
+    assert max_rel_error(y.double(), ref_y) < TOL_FP32 and max_rel_error(s.double(), ref_s) < TOL_FP32
+
+
+class KeepOutputs(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.kept = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if isinstance(out, torch.Tensor):
+            self.kept.append((out, out.clone()))
+        return out
+
+
+def test_observers_keep_what_they_saw():
+    # A dispatch mode keeping every op's output, or FusedConv3d's forward patched to keep its outputs: no residual
+    # is written in place under them, so each kept tensor still holds what the op returned.
+    model, fused = _converted(ClipNet())
+    x = torch.randn(1, 3, 4, 16, 16)
+    ref = copy.deepcopy(model).double()(x.double())
+    with torch.no_grad():
+        fused(x)  # the boundary's check, without observers
+        keeper = KeepOutputs()
+        with keeper:
+            y = fused(x)
+    assert max_rel_error(y.double(), ref) < TOL_FP32
+    assert keeper.kept and all(torch.equal(t, copy) for t, copy in keeper.kept)
+
+    kept = []
+    forward = FusedConv3d.forward
+
+    def keeping(self, *args, **kwargs):
+        out = forward(self, *args, **kwargs)
+        kept.append((out, out.clone()))
+        return out
+
+    FusedConv3d.forward = keeping
+    try:
+        with torch.no_grad():
+            y = fused(x)
+    finally:
+        FusedConv3d.forward = forward
+    assert max_rel_error(y.double(), ref) < TOL_FP32
+    assert len(kept) == 6 and all(torch.equal(t, copy) for t, copy in kept)
+
+
+class ViewKept(ClipNet):
+    """ClipNet reading a view of the stem's output taken before the blocks, after them: the stem's output is not
+    private."""
+
+    def forward(self, x):
+        s = self.stem(x)
+        v = s[:, :2]
+        y = self.layers(s)
+        return self.head(y.mean((2, 3, 4))) + v.mean()
+
+
+def test_residual_with_a_view_taken_is_not_overwritten():
+    model, fused = _converted(ViewKept())
+    x = torch.randn(1, 3, 4, 16, 16)
+    assert cpu_boundary.layout_used(fused, x) == "channels_last_3d"
+    y, counts = _profiled_ops(fused, x)
+    assert counts.get("mkldnn::_convolution_pointwise_") == 1, counts  # block 2's downsample only
+    assert max_rel_error(y.double(), copy.deepcopy(model).double()(x.double())) < TOL_FP32
+
+
+def test_instance_forward_keeping_its_output_is_respected():
+    model, fused = _converted(ClipNet())
+    x = torch.randn(1, 3, 4, 16, 16)
+    ref = copy.deepcopy(model).double()
+    with torch.no_grad():
+        fused(x)
+        stem = fused.stem[0] if isinstance(fused.stem, nn.Sequential) else fused.stem
+        kept = []
+
+        def keeping(*args, **kwargs):
+            out = type(stem).forward(stem, *args, **kwargs)
+            kept.append((out, out.clone()))
+            return out
+
+        stem.forward = keeping
+        y = fused(x)
+    assert max_rel_error(y.double(), ref(x.double())) < TOL_FP32
+    assert len(kept) == 1 and torch.equal(*kept[0])

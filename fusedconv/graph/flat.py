@@ -44,12 +44,13 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from fusedconv.graph import flat_private_3d
 from fusedconv.graph.flat_concat import fuse_upsample_cat
 from fusedconv.graph.flat_fused import FusedLeaves, fused_call, pure_leaf
 from fusedconv.graph.flat_shape_tests import MAX_SHAPE_TESTS, ShapeTest, drop_unused, shape_only
 from fusedconv.graph.flat_upsample_conv import fuse_upsample_conv
 from fusedconv.bn_folded_layers import BN_FOLDED_LAYERS
-from fusedconv.fused_layers import FusedAffineLayer
+from fusedconv.fused_layers import FusedAffineLayer, FusedConv3d
 from fusedconv.graph.patterns import (
     MODULE_INTERNALS, PROXY, Guard, UnsupportedSignature, attribute_terms, build_guard, call_patterns, forward_params,
 )
@@ -672,6 +673,7 @@ def _call_leaves_directly(graph: fx.Graph, calls: list[fx.Node], leaf_paths: lis
     index = {p: i for i, p in enumerate(leaf_paths)}
     fused = {}  # call node -> leaf index, for FusedConv2d leaves
     pooled = {}  # call node -> leaf index, for pooling leaves (a fresh output, see flat_private_pooled)
+    fused3 = {}  # call node -> leaf index, for FusedConv3d leaves called with (x[, residual]) (flat_private_3d)
     for node in calls:
         i = index[str(node.target)]
         with graph.inserting_before(node):
@@ -681,13 +683,17 @@ def _call_leaves_directly(graph: fx.Graph, calls: list[fx.Node], leaf_paths: lis
                 new = graph.call_function(fused_call, (state, leaf, *node.args), dict(node.kwargs))
             else:
                 new = graph.call_function(call_leaf, (leaves, i, *node.args), dict(node.kwargs))
+        plain3 = type(root_leaves[i]) is FusedConv3d and _plain_fused_call(node)
         node.replace_all_uses_with(new)
         graph.erase_node(node)
+        if plain3:
+            fused3[new] = i
         if type(root_leaves[i]) is FusedConv2d:
             fused[new] = i
         elif type(root_leaves[i]) in _POOLS:
             pooled[new] = i
     _mark_private_residuals(graph, leaves, states, fused, pooled)
+    flat_private_3d.mark(graph, leaves, fused3)
 
 
 def _tensor_reads(root: nn.Module, graph: fx.Graph) -> dict[fx.Node, tuple[str, str]]:

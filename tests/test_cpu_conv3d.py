@@ -12,39 +12,14 @@ import warnings
 
 import pytest
 import torch
-import torch.nn as nn
 from torch.profiler import ProfilerActivity, profile
 
 from fusedconv import cpu, cpu_conv3d
-from fusedconv.fused_layers import FusedConv3d
-from util import ACT_MODULES, OpCounter, count_ops, max_rel_error, randomize_bn
+from util import OpCounter, conv3d_pair, conv3d_reference64, count_ops, max_rel_error
 
 pytestmark = pytest.mark.skipif(not (cpu.available() and cpu_conv3d._mkldnn_convolution is not None),
                                 reason="this PyTorch build has no oneDNN convolution")
 TOL_FP32 = 1e-5
-
-
-def _pair(cin, cout, act="relu", post=False, seed=0, **conv_kwargs):
-    torch.manual_seed(seed)
-    mods = [nn.Conv3d(cin, cout, **conv_kwargs), nn.BatchNorm3d(cout), ACT_MODULES[act]]
-    if post:
-        mods.append(nn.BatchNorm3d(cout))
-    ref = nn.Sequential(*mods)
-    randomize_bn(ref, seed)
-    ref.eval()
-    fused = FusedConv3d.from_modules(ref[0], ref[1], ref[2], ref[3] if post else None).eval()
-    return ref, fused
-
-
-def _reference64(ref, x, residual=None):
-    ref64 = copy.deepcopy(ref).double()
-    with torch.no_grad():
-        if residual is None:
-            return ref64(x.double())
-        y = ref64[1](ref64[0](x.double())) + residual.double()
-        for m in list(ref64)[2:]:
-            y = m(y)
-        return y
 
 
 # (cin, cout, conv kwargs, input D x H x W): each pays (module doc of cpu_conv3d).
@@ -59,32 +34,32 @@ ROUTED = [
 @pytest.mark.parametrize("cin,cout,kwargs,size", ROUTED)
 @pytest.mark.parametrize("act,post", [("relu", False), ("silu", True), ("identity", False)])
 def test_routed_conv_matches_float64_and_runs_onednn(cin, cout, kwargs, size, act, post):
-    ref, fused = _pair(cin, cout, act, post, **kwargs)
+    ref, fused = conv3d_pair(cin, cout, act, post, **kwargs)
     x = torch.randn(1, cin, *size)
     counts = count_ops(fused, x)
     with torch.no_grad():
         y = fused(x)
         own = ref(x)
     assert counts["mkldnn_convolution"] == 1 and counts["convolution"] == 0, counts
-    assert max_rel_error(y.double(), _reference64(ref, x)) < TOL_FP32
+    assert max_rel_error(y.double(), conv3d_reference64(ref, x)) < TOL_FP32
     assert y.shape == own.shape and y.stride() == own.stride()  # the layout the original conv returns
 
 
 def test_routed_conv_with_residual():
-    ref, fused = _pair(16, 16, "relu", padding=1, kernel_size=3)
+    ref, fused = conv3d_pair(16, 16, "relu", padding=1, kernel_size=3)
     x, residual = torch.randn(1, 16, 4, 16, 16), torch.randn(1, 16, 4, 16, 16)
     before = residual.clone()
     counts = count_ops(fused, x, residual)
     with torch.no_grad():
         y = fused(x, residual)
     assert counts["mkldnn_convolution"] == 1
-    assert max_rel_error(y.double(), _reference64(ref, x, residual)) < TOL_FP32
+    assert max_rel_error(y.double(), conv3d_reference64(ref, x, residual)) < TOL_FP32
     assert torch.equal(residual, before)
 
 
 def test_no_reference_kernel_left_for_a_routed_conv():
     """The profiler sees oneDNN's conv and not PyTorch's im2col one (what the original layer runs here)."""
-    ref, fused = _pair(16, 24, kernel_size=3, padding=1)
+    ref, fused = conv3d_pair(16, 24, kernel_size=3, padding=1)
     x = torch.randn(1, 16, 4, 16, 16)
     with torch.no_grad():
         for module, expect, absent in ((fused, "aten::mkldnn_convolution", "aten::slow_conv3d_forward"),
@@ -97,7 +72,7 @@ def test_no_reference_kernel_left_for_a_routed_conv():
 
 @pytest.mark.parametrize("switch", ["fusedconv", "torch"])
 def test_switches_keep_f_conv3d(switch):
-    ref, fused = _pair(16, 24, kernel_size=3, padding=1)
+    ref, fused = conv3d_pair(16, 24, kernel_size=3, padding=1)
     x = torch.randn(1, 16, 4, 16, 16)
     if switch == "fusedconv":
         cpu.enabled = False
@@ -119,12 +94,12 @@ def test_switches_keep_f_conv3d(switch):
     (8, 8, dict(kernel_size=3, padding=1), (2, 8, 8)),            # small
 ])
 def test_convs_that_do_not_pay_keep_f_conv3d(cin, cout, kwargs, size):
-    ref, fused = _pair(cin, cout, **kwargs)
+    ref, fused = conv3d_pair(cin, cout, **kwargs)
     x = torch.randn(1, cin, *size)
     counts = count_ops(fused, x)
     assert counts["convolution"] == 1 and counts["mkldnn_convolution"] == 0
     with torch.no_grad():
-        assert max_rel_error(fused(x).double(), _reference64(ref, x)) < TOL_FP32
+        assert max_rel_error(fused(x).double(), conv3d_reference64(ref, x)) < TOL_FP32
 
 
 CL3D = torch.channels_last_3d
@@ -141,18 +116,18 @@ def test_channels_last_3d_input_in_the_original_layout(cin, cout, kwargs, size, 
     """Channels_last_3d input: oneDNN where PyTorch would run its reference kernel on a conv of 4M multiply-adds
     or more; the output has the layout the original conv returns (NCDHW from the reference kernel, channels_last_3d
     where PyTorch took oneDNN itself)."""
-    ref, fused = _pair(cin, cout, **kwargs)
+    ref, fused = conv3d_pair(cin, cout, **kwargs)
     x = torch.randn(1, cin, *size).contiguous(memory_format=CL3D)
     counts = count_ops(fused, x)
     with torch.no_grad():
         y, own = fused(x), ref(x)
     assert (counts["mkldnn_convolution"], counts["convolution"]) == ((1, 0) if routed else (0, 1)), counts
     assert y.stride() == own.stride()
-    assert max_rel_error(y.double(), _reference64(ref, x)) < TOL_FP32
+    assert max_rel_error(y.double(), conv3d_reference64(ref, x)) < TOL_FP32
 
 
 def test_input_needing_grad_keeps_f_conv3d_and_its_gradient():
-    ref, fused = _pair(16, 24, kernel_size=3, padding=1)
+    ref, fused = conv3d_pair(16, 24, kernel_size=3, padding=1)
     x = torch.randn(1, 16, 4, 16, 16, requires_grad=True)
     x64 = x.detach().double().requires_grad_(True)
     counter = OpCounter()
@@ -202,23 +177,23 @@ def test_decision_is_per_geometry_not_only_per_shape():
 def test_vmap_keeps_f_conv3d():
     """Inside torch.func.vmap the route steps aside: vmap has no batching rule for mkldnn_convolution (it warned
     and looped per sample before this check); the result is the original's."""
-    ref, fused = _pair(16, 24, kernel_size=3, padding=1)
+    ref, fused = conv3d_pair(16, 24, kernel_size=3, padding=1)
     xs = torch.randn(3, 1, 16, 4, 16, 16)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         with torch.no_grad():
             y = torch.func.vmap(fused)(xs)
-    expected = torch.stack([_reference64(ref, x) for x in xs])
+    expected = torch.stack([conv3d_reference64(ref, x) for x in xs])
     assert max_rel_error(y.double(), expected) < TOL_FP32
 
 
 def test_decision_is_per_layout():
     """A 1x1x1 conv stays on F.conv3d for NCDHW input and takes oneDNN for channels_last_3d input of the same shape
     (the per-signature cache keys on the layout)."""
-    ref, fused = _pair(64, 64, kernel_size=1)
+    ref, fused = conv3d_pair(64, 64, kernel_size=1)
     x = torch.randn(1, 64, 8, 28, 28)
     assert count_ops(fused, x)["mkldnn_convolution"] == 0
     xc = x.contiguous(memory_format=CL3D)
     assert count_ops(fused, xc)["mkldnn_convolution"] == 1
     with torch.no_grad():
-        assert max_rel_error(fused(xc).double(), _reference64(ref, x)) < TOL_FP32
+        assert max_rel_error(fused(xc).double(), conv3d_reference64(ref, x)) < TOL_FP32

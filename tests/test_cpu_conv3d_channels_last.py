@@ -22,7 +22,7 @@ import fusedconv
 from fusedconv import cpu, cpu_boundary, cpu_conv3d
 from fusedconv.activations import ActivationSpec
 from fusedconv.fused_layers import FusedConv3d
-from util import ACT_MODULES, OpCounter, count_ops, max_rel_error, randomize_bn
+from util import KeepEveryOutput, OpCounter, conv3d_pair, conv3d_reference64, count_ops, max_rel_error, randomize_bn
 
 pytestmark = pytest.mark.skipif(not cpu.available(), reason="this PyTorch build has no oneDNN pointwise conv")
 TOL_FP32 = 1e-5
@@ -39,29 +39,6 @@ def switched():
         yield
     finally:
         stack.pop()
-
-
-def _pair(cin, cout, act="relu", post=False, seed=0, **conv_kwargs):
-    torch.manual_seed(seed)
-    mods = [nn.Conv3d(cin, cout, **conv_kwargs), nn.BatchNorm3d(cout), ACT_MODULES[act]]
-    if post:
-        mods.append(nn.BatchNorm3d(cout))
-    ref = nn.Sequential(*mods)
-    randomize_bn(ref, seed)
-    ref.eval()
-    fused = FusedConv3d.from_modules(ref[0], ref[1], ref[2], ref[3] if post else None).eval()
-    return ref, fused
-
-
-def _reference64(ref, x, residual=None):
-    ref64 = copy.deepcopy(ref).double()
-    with torch.no_grad():
-        y = ref64[1](ref64[0](x.double()))
-        if residual is not None:
-            y = y + residual.double()
-        for m in list(ref64)[2:]:
-            y = m(y)
-        return y
 
 
 def _clip(c, size, seed=1):
@@ -82,7 +59,7 @@ GEOMETRIES = [
 @pytest.mark.parametrize("act,post", [("relu", False), ("leaky_relu", True), ("gelu_tanh", False),
                                       ("identity", False)])
 def test_switched_call_is_one_onednn_op_matching_float64(cin, cout, kwargs, size, act, post):
-    ref, fused = _pair(cin, cout, act, post, **kwargs)
+    ref, fused = conv3d_pair(cin, cout, act, post, **kwargs)
     x = _clip(cin, size)
     with switched():
         counts = count_ops(fused, x)
@@ -91,13 +68,13 @@ def test_switched_call_is_one_onednn_op_matching_float64(cin, cout, kwargs, size
     assert counts[POINTWISE] == 1 and counts["convolution"] == 0 and counts["mkldnn_convolution"] == 0, counts
     assert cpu_conv3d.routed(fused)
     assert y.is_contiguous(memory_format=CL3D)
-    assert max_rel_error(y.double(), _reference64(ref, x)) < TOL_FP32
+    assert max_rel_error(y.double(), conv3d_reference64(ref, x)) < TOL_FP32
 
 
 @pytest.mark.parametrize("act", ["relu", "identity", "silu"])
 def test_switched_call_with_residual(act):
     # relu and identity are oneDNN post-ops after the add; silu runs in place after it.
-    ref, fused = _pair(16, 16, act, kernel_size=3, padding=1)
+    ref, fused = conv3d_pair(16, 16, act, kernel_size=3, padding=1)
     x, residual = _clip(16, (2, 8, 8)), _clip(16, (2, 8, 8), seed=2)
     before = residual.clone()
     with switched():
@@ -105,42 +82,42 @@ def test_switched_call_with_residual(act):
         with torch.no_grad():
             y = fused(x, residual)
     assert counts[POINTWISE] == 1 and counts["convolution"] == 0, counts
-    assert max_rel_error(y.double(), _reference64(ref, x, residual)) < TOL_FP32
+    assert max_rel_error(y.double(), conv3d_reference64(ref, x, residual)) < TOL_FP32
     assert torch.equal(residual, before)  # the residual is read, never written
 
 
 def test_nchw_residual_is_read_in_the_output_layout():
-    ref, fused = _pair(16, 16, "relu", kernel_size=3, padding=1)
+    ref, fused = conv3d_pair(16, 16, "relu", kernel_size=3, padding=1)
     x, residual = _clip(16, (2, 8, 8)), _clip(16, (2, 8, 8), seed=2).contiguous()
     with switched(), torch.no_grad():
         y = fused(x, residual)
-    assert max_rel_error(y.double(), _reference64(ref, x, residual)) < TOL_FP32
+    assert max_rel_error(y.double(), conv3d_reference64(ref, x, residual)) < TOL_FP32
 
 
 def test_residual_to_broadcast_takes_the_usual_path():
-    ref, fused = _pair(16, 16, "relu", kernel_size=3, padding=1)
+    ref, fused = conv3d_pair(16, 16, "relu", kernel_size=3, padding=1)
     x, residual = _clip(16, (2, 8, 8)), torch.randn(1, 16, 1, 1, 1)
     with switched():
         counts = count_ops(fused, x, residual)
         with torch.no_grad():
             y = fused(x, residual)
     assert counts[POINTWISE] == 0, counts
-    assert max_rel_error(y.double(), _reference64(ref, x, residual)) < TOL_FP32
+    assert max_rel_error(y.double(), conv3d_reference64(ref, x, residual)) < TOL_FP32
 
 
 def test_outside_a_switched_call_nothing_changes():
-    ref, fused = _pair(16, 24, "relu", kernel_size=3, padding=1)
+    ref, fused = conv3d_pair(16, 24, "relu", kernel_size=3, padding=1)
     x = _clip(16, (2, 8, 8))
     counts = count_ops(fused, x)
     with torch.no_grad():
         y, own = fused(x), ref(x)
     assert counts[POINTWISE] == 0 and not cpu_conv3d.routed(fused), counts
     assert y.stride() == own.stride()  # the layout the original conv returns
-    assert max_rel_error(y.double(), _reference64(ref, x)) < TOL_FP32
+    assert max_rel_error(y.double(), conv3d_reference64(ref, x)) < TOL_FP32
 
 
 def test_ncdhw_input_in_a_switched_call_takes_the_usual_path():
-    _, fused = _pair(16, 24, "relu", kernel_size=3, padding=1)
+    _, fused = conv3d_pair(16, 24, "relu", kernel_size=3, padding=1)
     x = _clip(16, (2, 8, 8)).contiguous()
     with switched():
         counts = count_ops(fused, x)
@@ -149,7 +126,7 @@ def test_ncdhw_input_in_a_switched_call_takes_the_usual_path():
 
 @pytest.mark.parametrize("switch", ["fusedconv", "mkldnn"])
 def test_switches_turn_the_route_off(switch):
-    _, fused = _pair(16, 24, "relu", kernel_size=3, padding=1)
+    _, fused = conv3d_pair(16, 24, "relu", kernel_size=3, padding=1)
     x = _clip(16, (2, 8, 8))
     with switched():
         if switch == "fusedconv":
@@ -165,7 +142,7 @@ def test_switches_turn_the_route_off(switch):
 
 
 def test_gradient_takes_the_differentiable_path():
-    ref, fused = _pair(8, 8, "relu", kernel_size=3, padding=1)
+    ref, fused = conv3d_pair(8, 8, "relu", kernel_size=3, padding=1)
     x = _clip(8, (2, 6, 6)).requires_grad_()
     counter = OpCounter()
     with switched(), counter:
@@ -180,24 +157,24 @@ def test_gradient_takes_the_differentiable_path():
 
 def test_edits_repack():
     # An in-place weight edit, a new activation and a refresh after a `.data` write are each seen on the next call.
-    ref, fused = _pair(16, 16, "relu", kernel_size=3, padding=1)
+    ref, fused = conv3d_pair(16, 16, "relu", kernel_size=3, padding=1)
     x = _clip(16, (2, 8, 8))
     with switched(), torch.no_grad():
         fused(x)
         fused.weight.mul_(-0.5)
         ref[0].weight.mul_(-0.5)
-        assert max_rel_error(fused(x).double(), _reference64(ref, x)) < TOL_FP32
+        assert max_rel_error(fused(x).double(), conv3d_reference64(ref, x)) < TOL_FP32
         fused.act = ActivationSpec("silu")
         ref[2] = nn.SiLU()
-        assert max_rel_error(fused(x).double(), _reference64(ref, x)) < TOL_FP32
+        assert max_rel_error(fused(x).double(), conv3d_reference64(ref, x)) < TOL_FP32
         fused.shift.data.add_(1.0)
         ref[1].bias.data.add_(1.0)
         fused.refresh()
-        assert max_rel_error(fused(x).double(), _reference64(ref, x)) < TOL_FP32
+        assert max_rel_error(fused(x).double(), conv3d_reference64(ref, x)) < TOL_FP32
 
 
 def test_copies_and_pickles_leave_the_packed_weight_behind():
-    ref, fused = _pair(16, 16, "relu", kernel_size=3, padding=1)
+    ref, fused = conv3d_pair(16, 16, "relu", kernel_size=3, padding=1)
     x = _clip(16, (2, 8, 8))
     with switched(), torch.no_grad():
         y = fused(x)
@@ -311,7 +288,7 @@ def test_r3d_18_every_conv_on_the_route():
 
 def test_empty_and_too_small_inputs_keep_the_route_for_later_calls():
     # They answer (or raise) as the original does, and the route stays for the real clips before and after them.
-    ref, fused = _pair(8, 8, "relu", kernel_size=3)
+    ref, fused = conv3d_pair(8, 8, "relu", kernel_size=3)
     empty = torch.randn(0, 8, 4, 6, 6).contiguous(memory_format=CL3D)
     small, x = _clip(8, (2, 2, 2)), _clip(8, (4, 6, 6))
     with switched(), torch.no_grad():
@@ -322,7 +299,7 @@ def test_empty_and_too_small_inputs_keep_the_route_for_later_calls():
                 fused(small)  # too small for a 3x3x3 kernel
             assert fused(empty).shape == ref(empty).shape
             assert count_ops(fused, x)[POINTWISE] == 1
-            assert max_rel_error(fused(x).double(), _reference64(ref, x)) < TOL_FP32
+            assert max_rel_error(fused(x).double(), conv3d_reference64(ref, x)) < TOL_FP32
 
 
 # ------------------------------------------------------------------ residuals written in place (flat_private_3d)
@@ -337,9 +314,9 @@ def _profiled_ops(fn, *args) -> dict:
 
 
 def test_private_residual_is_written_in_place():
-    ref, fused = _pair(16, 16, "relu", kernel_size=3, padding=1)
+    ref, fused = conv3d_pair(16, 16, "relu", kernel_size=3, padding=1)
     x, residual = _clip(16, (2, 8, 8)), _clip(16, (2, 8, 8), seed=2)
-    expected = _reference64(ref, x, residual)
+    expected = conv3d_reference64(ref, x, residual)
     with switched(), torch.no_grad():
         y = fused(x, residual.clone(), residual_private=True)  # a tensor no one else holds
         assert max_rel_error(y.double(), expected) < TOL_FP32
@@ -385,18 +362,6 @@ def test_returned_residual_is_not_overwritten():
     assert max_rel_error(y.double(), ref_y) < TOL_FP32 and max_rel_error(s.double(), ref_s) < TOL_FP32
 
 
-class KeepOutputs(torch.utils._python_dispatch.TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.kept = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if isinstance(out, torch.Tensor):
-            self.kept.append((out, out.clone()))
-        return out
-
-
 def test_observers_keep_what_they_saw():
     # A dispatch mode keeping every op's output, or FusedConv3d's forward patched to keep its outputs: no residual
     # is written in place under them, so each kept tensor still holds what the op returned.
@@ -405,11 +370,11 @@ def test_observers_keep_what_they_saw():
     ref = copy.deepcopy(model).double()(x.double())
     with torch.no_grad():
         fused(x)  # the boundary's check, without observers
-        keeper = KeepOutputs()
+        keeper = KeepEveryOutput()
         with keeper:
             y = fused(x)
     assert max_rel_error(y.double(), ref) < TOL_FP32
-    assert keeper.kept and all(torch.equal(t, copy) for t, copy in keeper.kept)
+    assert keeper.kept and all(torch.equal(t, c) for t, c in zip(keeper.kept, keeper.copies))
 
     kept = []
     forward = FusedConv3d.forward

@@ -16,10 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from util import max_rel_error, randomize_bn  # noqa: E402
+from util import KeepEveryOutput, max_rel_error, randomize_bn  # noqa: E402
 
 import fusedconv  # noqa: E402
 from fusedconv import cpu  # noqa: E402
@@ -129,20 +128,6 @@ def test_global_forward_hook_turns_it_off(inplace_calls):
     assert not inplace_calls
 
 
-class _KeepEveryOutput(TorchDispatchMode):
-    """Keeps every op's output (a debugging or capture tool)."""
-
-    def __init__(self):
-        super().__init__()
-        self.kept = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if isinstance(out, torch.Tensor):
-            self.kept.append(out)
-        return out
-
-
 def test_mode_keeping_outputs_turns_it_off(inplace_calls):
     """A dispatch mode sees every output and may keep it: no residual is written in place under one, and the
     downsample output it kept still holds the downsample's value."""
@@ -156,7 +141,7 @@ def test_mode_keeping_outputs_turns_it_off(inplace_calls):
     inplace_calls.clear()
     with torch.no_grad():
         for _ in range(2):
-            with _KeepEveryOutput() as mode:
+            with KeepEveryOutput() as mode:
                 assert max_rel_error(fc(x), ref) < TOL
             assert any(t.shape == ref_identity.shape and max_rel_error(t, ref_identity) < TOL for t in mode.kept)
     assert not inplace_calls

@@ -3,6 +3,7 @@ generators."""
 
 from __future__ import annotations
 
+import copy
 import random
 from collections import Counter
 
@@ -75,3 +76,46 @@ def seed_global_generators(seed: int) -> None:
 def global_draws(n: int = 1) -> tuple:
     """The next `n` numbers of torch's, Python's and numpy's global generators (each generator moves by n)."""
     return torch.rand(n).tolist(), [random.random() for _ in range(n)], np.random.rand(n).tolist()
+
+
+class KeepEveryOutput(TorchDispatchMode):
+    """Keeps every op's output (a debugging or capture tool), and a copy of it taken when the op returned."""
+
+    def __init__(self):
+        super().__init__()
+        self.kept = []
+        self.copies = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if isinstance(out, torch.Tensor):
+            self.kept.append(out)
+            self.copies.append(out.clone())
+        return out
+
+
+def conv3d_pair(cin, cout, act="relu", post=False, seed=0, **conv_kwargs):
+    """An eval-mode Conv3d -> BatchNorm3d (random statistics) -> activation [-> BatchNorm3d] and its FusedConv3d."""
+    from fusedconv.fused_layers import FusedConv3d
+
+    torch.manual_seed(seed)
+    mods = [nn.Conv3d(cin, cout, **conv_kwargs), nn.BatchNorm3d(cout), ACT_MODULES[act]]
+    if post:
+        mods.append(nn.BatchNorm3d(cout))
+    ref = nn.Sequential(*mods)
+    randomize_bn(ref, seed)
+    ref.eval()
+    fused = FusedConv3d.from_modules(ref[0], ref[1], ref[2], ref[3] if post else None).eval()
+    return ref, fused
+
+
+def conv3d_reference64(ref, x, residual=None):
+    """`conv3d_pair`'s reference in float64: act(bn(conv(x)) [+ residual]) [-> post BatchNorm3d]."""
+    ref64 = copy.deepcopy(ref).double()
+    with torch.no_grad():
+        y = ref64[1](ref64[0](x.double()))
+        if residual is not None:
+            y = y + residual.double()
+        for m in list(ref64)[2:]:
+            y = m(y)
+        return y

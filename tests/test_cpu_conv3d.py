@@ -15,7 +15,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from fusedconv import cpu, cpu_conv3d
-from util import OpCounter, conv3d_pair, conv3d_reference64, count_ops, max_rel_error
+from util import OpCounter, conv3d_pair, conv3d_reference64, count_ops, count_ops_switched_off, max_rel_error
 
 pytestmark = pytest.mark.skipif(not (cpu.available() and cpu_conv3d._mkldnn_convolution is not None),
                                 reason="this PyTorch build has no oneDNN convolution")
@@ -74,15 +74,7 @@ def test_no_reference_kernel_left_for_a_routed_conv():
 def test_switches_keep_f_conv3d(switch):
     ref, fused = conv3d_pair(16, 24, kernel_size=3, padding=1)
     x = torch.randn(1, 16, 4, 16, 16)
-    if switch == "fusedconv":
-        cpu.enabled = False
-        try:
-            counts = count_ops(fused, x)
-        finally:
-            cpu.enabled = True
-    else:
-        with torch.backends.mkldnn.flags(enabled=False):
-            counts = count_ops(fused, x)
+    counts = count_ops_switched_off(switch, fused, x)
     assert counts["convolution"] == 1 and counts["mkldnn_convolution"] == 0
     assert count_ops(fused, x)["mkldnn_convolution"] == 1  # back on: the route again
 

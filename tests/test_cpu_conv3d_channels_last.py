@@ -22,7 +22,8 @@ import fusedconv
 from fusedconv import cpu, cpu_boundary, cpu_conv3d
 from fusedconv.activations import ActivationSpec
 from fusedconv.fused_layers import FusedConv3d
-from util import KeepEveryOutput, OpCounter, conv3d_pair, conv3d_reference64, count_ops, max_rel_error, randomize_bn
+from util import (KeepEveryOutput, OpCounter, conv3d_pair, conv3d_reference64, count_ops, count_ops_switched_off,
+                  max_rel_error, randomize_bn)
 
 pytestmark = pytest.mark.skipif(not cpu.available(), reason="this PyTorch build has no oneDNN pointwise conv")
 TOL_FP32 = 1e-5
@@ -129,15 +130,7 @@ def test_switches_turn_the_route_off(switch):
     _, fused = conv3d_pair(16, 24, "relu", kernel_size=3, padding=1)
     x = _clip(16, (2, 8, 8))
     with switched():
-        if switch == "fusedconv":
-            cpu.enabled = False
-            try:
-                counts = count_ops(fused, x)
-            finally:
-                cpu.enabled = True
-        else:
-            with torch.backends.mkldnn.flags(enabled=False):
-                counts = count_ops(fused, x)
+        counts = count_ops_switched_off(switch, fused, x)
     assert counts[POINTWISE] == 0, counts
 
 

@@ -119,3 +119,18 @@ def conv3d_reference64(ref, x, residual=None):
         for m in list(ref64)[2:]:
             y = m(y)
         return y
+
+
+def count_ops_switched_off(switch: str, model: nn.Module, *inputs) -> Counter:
+    """count_ops with fusedconv's CPU fast path (`switch="fusedconv"`, fusedconv.cpu.enabled) or PyTorch's oneDNN
+    (`"mkldnn"`, torch.backends.mkldnn.flags) switched off for the call."""
+    from fusedconv import cpu
+
+    if switch == "fusedconv":
+        cpu.enabled = False
+        try:
+            return count_ops(model, *inputs)
+        finally:
+            cpu.enabled = True
+    with torch.backends.mkldnn.flags(enabled=False):
+        return count_ops(model, *inputs)

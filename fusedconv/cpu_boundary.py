@@ -42,6 +42,8 @@ from torch.utils._pytree import tree_flatten, tree_map
 from fusedconv import autocast, cpu, cpu_conv3d
 from fusedconv.comparison import compare_outputs
 from fusedconv.comparison import snapshot_outputs as _snapshot
+from fusedconv.fused_layers import FusedConv3d
+from fusedconv.modules import FusedConv2d
 from fusedconv.modes import user_modes
 from fusedconv.random_state import random_states, set_random_states
 
@@ -154,6 +156,14 @@ def _restore(output):
     return tree_map(back, output)
 
 
+def _may_pay(model, dims: set) -> bool:
+    """A layer that could take a oneDNN route for these inputs exists: a FusedConv2d for 4-d inputs, a FusedConv3d
+    for 5-d ones. Without one the check is not run (a 2-D model fed clips it reshapes into frames would run its
+    first call three times for nothing)."""
+    kinds = ((FusedConv2d,) if 4 in dims else ()) + ((FusedConv3d,) if 5 in dims else ())
+    return any(isinstance(m, kinds) for m in model.modules())
+
+
 def _routes_onednn(model, dims: set) -> bool:
     """Some layer took a oneDNN route in the switched run: a FusedConv2d when 4-d inputs were switched, a
     FusedConv3d's channels_last_3d route when 5-d ones were."""
@@ -199,6 +209,10 @@ def _checked(model, boundary: LayoutBoundary, args, kwargs) -> bool:
             return False
         if holds_a_generator(model):
             return False  # its draws could not be replayed for the call itself (fusedconv/random_state.py): NCHW
+        dims = {t.dim() for t in _nchw_inputs(args, kwargs)}
+        if not _may_pay(model, dims):
+            boundary.checked[key] = False
+            return False
         cl_args, cl_kwargs = _to_channels_last(args, kwargs)
         states = random_states()
         try:
@@ -220,7 +234,6 @@ def _checked(model, boundary: LayoutBoundary, args, kwargs) -> bool:
             # Channels_last pays only for convs it takes to oneDNN; where every conv is small enough to stay on
             # F.conv2d (cpu.small_conv_macs), NCHW is the faster layout for them (measured: squeezenet1_1 at 32x32
             # 1.15x slower than the original in channels_last).
-            dims = {t.dim() for t in _nchw_inputs(args, kwargs)}
             ok = _same_outputs(nchw_out, cl_out) and _routes_onednn(model, dims)
         except Exception:  # noqa: BLE001 - any failure in channels_last means: keep this signature in NCHW
             ok = False

@@ -425,3 +425,28 @@ def test_instance_forward_keeping_its_output_is_respected():
         y = fused(x)
     assert max_rel_error(y.double(), ref(x.double())) < TOL_FP32
     assert len(kept) == 1 and torch.equal(*kept[0])
+
+
+class FrameNet(nn.Module):
+    """A 2-D model fed clips, which it folds into a batch of frames; counts its forwards."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU())
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        n, c, t, h, w = x.shape
+        return self.body(x.transpose(1, 2).reshape(n * t, c, h, w)).mean((1, 2, 3))
+
+
+def test_clips_into_a_two_d_model_are_not_checked():
+    # No FusedConv3d could take a route: the clip stays NCDHW without the check's two extra forwards.
+    model, fused = _converted(FrameNet())
+    x = torch.randn(1, 16, 2, 32, 32)
+    fused.calls = 0
+    with torch.no_grad():
+        y = fused(x)
+    assert fused.calls == 1 and cpu_boundary.layout_used(fused, x) == "NCDHW"
+    assert max_rel_error(y.double(), copy.deepcopy(model).double()(x.double())) < TOL_FP32

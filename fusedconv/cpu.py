@@ -117,13 +117,14 @@ def inplace_tail(geometry, act_name: str):
     return (padding, stride, dilation, groups, "add", 1.0, "relu" if act_name == "relu" else None, [], "")
 
 
-def _writable(x, residual) -> bool:
-    """The residual itself can take the output: float32, channels_last and dense (the layout oneDNN writes), not
-    a view, needing no gradient, and not the conv's own input; an inference tensor only inside inference mode
-    (outside it PyTorch forbids in-place updates of inference tensors; inside it they are ordinary tensors)."""
+def _writable(x, residual, memory_format=torch.channels_last) -> bool:
+    """The residual itself can take the output: float32, dense in `memory_format` (channels_last, or
+    channels_last_3d for a clip: the layout oneDNN writes), not a view, needing no gradient, and not the conv's own
+    input; an inference tensor only inside inference mode (outside it PyTorch forbids in-place updates of inference
+    tensors; inside it they are ordinary tensors)."""
     return (residual.dtype is torch.float32 and residual._base is None and not residual.requires_grad
             and (not residual.is_inference() or torch.is_inference_mode_enabled())
-            and residual.is_contiguous(memory_format=torch.channels_last) and residual.data_ptr() != x.data_ptr())
+            and residual.is_contiguous(memory_format=memory_format) and residual.data_ptr() != x.data_ptr())
 
 
 def conv_act(x, packed_weight, bias, call_args, residual):

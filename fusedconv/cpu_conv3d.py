@@ -71,6 +71,12 @@ _LARGE_OUTPUT, _LARGE_MACS, _MIN_REDUCTION = 1024, 4_000_000, 192
 _SMALL_OUTPUT, _LONG_REDUCTION, _LONG_MACS = 36, 1024, 10_000_000
 
 
+def _conv_output_shape(size, weight_shape, stride, padding, dilation) -> tuple:
+    """(N, Cout, D, H, W) of a 3-D conv of an input of `size` with a weight of `weight_shape`."""
+    return (size[0], weight_shape[0], *((size[2 + i] + 2 * padding[i] - dilation[i] * (weight_shape[2 + i] - 1) - 1)
+                                        // stride[i] + 1 for i in range(3)))
+
+
 def pays(weight_shape, out_shape) -> bool:
     """Whether oneDNN is expected to beat PyTorch's reference 3-D conv for this weight (Cout, Cin/groups, kd, kh,
     kw) and output (N, Cout, D, H, W) shape (module doc)."""
@@ -116,11 +122,9 @@ def conv3d(x, weight, bias, stride, padding, dilation, groups):
     ok = _pays.get(key)
     if ok is None:
         shape, size = weight.shape, x.shape
-        out = [(size[2 + i] + 2 * padding[i] - dilation[i] * (shape[2 + i] - 1) - 1) // stride[i] + 1
-               for i in range(3)]
-        out_shape = (size[0], shape[0], *out)
-        ok = min(out) > 0 and (pays_channels_last(size, shape, out_shape, groups) if channels_last
-                               else pays(shape, out_shape))
+        out_shape = _conv_output_shape(size, shape, stride, padding, dilation)
+        ok = min(out_shape[2:]) > 0 and (pays_channels_last(size, shape, out_shape, groups) if channels_last
+                                         else pays(shape, out_shape))
         if len(_pays) >= _MAX_SIGNATURES:
             _pays.clear()  # a process fed ever-changing shapes starts over rather than growing forever
         _pays[key] = ok
@@ -169,23 +173,14 @@ class OneDNNState:
 
 
 def _output_shape(size, module, padding) -> tuple:
-    k, s, d = module.kernel_size, module.stride, module.dilation
-    return (size[0], module.out_channels,
-            *((size[2 + i] + 2 * padding[i] - d[i] * (k[i] - 1) - 1) // s[i] + 1 for i in range(3)))
+    return _conv_output_shape(size, (module.out_channels, 0, *module.kernel_size), module.stride, padding,
+                              module.dilation)
 
 
 def routed(module) -> bool:
     """Whether a FusedConv3d ran the oneDNN conv with post-ops (`fused_call`) since it last folded."""
     state = module.__dict__.get("_onednn_3d")
     return state is not None and bool(state.ok)
-
-
-def _writable(x, residual) -> bool:
-    """The residual can take the output: dense channels_last_3d (oneDNN's output layout), not a view, needing no
-    gradient, not the conv's own input, and an inference tensor only inside inference mode (cpu._writable's rule)."""
-    return (residual._base is None and not residual.requires_grad
-            and (not residual.is_inference() or torch.is_inference_mode_enabled())
-            and residual.is_contiguous(memory_format=_CHANNELS_LAST_3D) and residual.data_ptr() != x.data_ptr())
 
 
 def fused_call(module, x, residual, padding, residual_private: bool = False):
@@ -234,7 +229,8 @@ def fused_call(module, x, residual, padding, residual_private: bool = False):
             y = cpu._pointwise(x, state.packed, bias, *state.unary_tail)
             after = None
         else:
-            if residual_private and cpu._pointwise_binary_inplace is not None and _writable(x, residual):
+            if (residual_private and cpu._pointwise_binary_inplace is not None
+                    and cpu._writable(x, residual, _CHANNELS_LAST_3D)):
                 y = cpu._pointwise_binary_inplace(residual, x, state.packed, bias, *state.inplace_tail)
             else:
                 y = cpu._pointwise_binary(x, residual.contiguous(memory_format=_CHANNELS_LAST_3D), state.packed,

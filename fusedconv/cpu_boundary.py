@@ -8,6 +8,8 @@ model's root module:
   NCHW are made channels_last, once, and 5-d NCDHW clips channels_last_3d; every layer inside then sees that layout
   from the layer before it (PyTorch's pooling, add, upsample, concat ... keep the layout), so no layer converts
   anything (a FusedConv3d takes its one-op oneDNN route only inside such a switched call, cpu_conv3d.switched);
+  clips the caller already made channels_last_3d (PyTorch's CPU guide suggests it) are switched as given, without a
+  copy, and their outputs handed back as the model returns them;
 - leaving: 4-d / 5-d outputs that came out channels_last / channels_last_3d are made contiguous again, so the caller
   gets the layout the original model returns for NCHW input (`.view()` on an output keeps working).
 
@@ -26,7 +28,7 @@ of its own is not checked and stays NCHW.
 While forward hooks are registered on modules inside the model, or globally, or a torch function / dispatch mode
 is active (fusedconv/modes.py), no check runs (a hook collecting features, a mode counting ops would see the call
 three times): such a call runs as written, in NCHW, and the signature is checked on its first call without them.
-Nothing changes when the input is already channels_last, not float32, not on CPU, needs autograd, inside a
+Nothing changes when the input is already channels_last (an image), not float32, not on CPU, needs autograd, inside a
 torch.autocast region or a torch.func transform (vmap, grad, ...), or while tracing / compiling / exporting (they
 see the model as written).
 `fusedconv.cpu.enabled = False` switches this off together with the oneDNN route, and so does PyTorch's own
@@ -48,6 +50,8 @@ from fusedconv.modes import user_modes
 from fusedconv.random_state import random_states, set_random_states
 
 ATTRIBUTE = "_fusedconv_layout_boundary"
+# The stack entry of a switched call whose inputs were channels_last_3d clips already: switched, nothing restored.
+_KEPT = "kept"
 # Which entered calls switched layout, innermost last, per thread (hooks of nested models pair up in LIFO order);
 # kept in cpu_conv3d, whose channels_last_3d route is taken only inside a switched call (cpu_conv3d.switched).
 _active = cpu_conv3d.layout_calls
@@ -82,17 +86,18 @@ def _boundary(model) -> LayoutBoundary:
 
 def layout_used(model: torch.nn.Module, *args, **kwargs) -> str:
     """The layout the converted model runs in for these inputs: 'channels_last' ('channels_last_3d' for 5-d
-    inputs) when the boundary switches them (checking it if needed), 'NCHW' ('NCDHW') for such inputs it does not
-    switch, else 'as given'."""
+    inputs, also channels_last_3d clips as given) when the boundary switches them (checking it if needed), 'NCHW'
+    ('NCDHW') for such inputs it does not switch, else 'as given'."""
     if getattr(type(model), "wraps_converted_model", False):
         model = model.__dict__["_model"]  # fusedconv.frozen.FrozenModel: the converted model it runs
-    inputs = _nchw_inputs(args, kwargs)
-    video = any(t.dim() == 5 for t in inputs)
+    nchw = _nchw_inputs(args, kwargs)
+    video = any(t.dim() == 5 for t in _switchable_inputs(args, kwargs))
+    unswitched = ("NCDHW" if video else "NCHW") if nchw else "as given"
     if _enter not in model._forward_pre_hooks.values() or not _eligible(args, kwargs):
-        return ("NCDHW" if video else "NCHW") if inputs else "as given"
+        return unswitched
     if _checked(model, _boundary(model), args, kwargs):
         return "channels_last_3d" if video else "channels_last"
-    return "NCDHW" if video else "NCHW"
+    return unswitched
 
 
 def _is_nchw(t) -> bool:
@@ -106,6 +111,18 @@ _FORMATS = {4: torch.channels_last, 5: torch.channels_last_3d}
 
 def _nchw_inputs(args, kwargs) -> list:
     return [t for t in (*args, *kwargs.values()) if _is_nchw(t)]
+
+
+def _is_clip_cl3d(t) -> bool:
+    """A plain float32 CPU clip batch the caller already made channels_last_3d (PyTorch's CPU guide suggests it)."""
+    return (type(t) is torch.Tensor and t.dtype == torch.float32 and t.is_cpu and t.dim() == 5
+            and t.is_contiguous(memory_format=torch.channels_last_3d) and not t.is_contiguous())
+
+
+def _switchable_inputs(args, kwargs) -> list:
+    """The inputs a switched call runs in channels_last: NCHW / NCDHW ones it converts, channels_last_3d clips it
+    keeps as given (the layers inside then take their channels_last_3d route too)."""
+    return [t for t in (*args, *kwargs.values()) if _is_nchw(t) or _is_clip_cl3d(t)]
 
 
 def _tracing() -> bool:
@@ -127,7 +144,7 @@ def _eligible(args, kwargs) -> bool:
         # Inside torch.func.vmap / grad / jacrev the inputs are functorch's wrapped tensors, whose layout cannot be
         # queried (vmap refuses `is_contiguous(memory_format=channels_last)`): the model as written.
         return False
-    inputs = _nchw_inputs(args, kwargs)
+    inputs = _switchable_inputs(args, kwargs)
     if not inputs:
         return False
     if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad
@@ -137,8 +154,9 @@ def _eligible(args, kwargs) -> bool:
 
 
 def _signature(args, kwargs) -> tuple:
-    return (tuple(tuple(t.shape) if _is_nchw(t) else None for t in args),
-            tuple((k, tuple(v.shape)) for k, v in kwargs.items() if _is_nchw(v)))
+    def key(t):
+        return tuple(t.shape) if _is_nchw(t) else ("channels_last_3d", *t.shape) if _is_clip_cl3d(t) else None
+    return (tuple(key(t) for t in args), tuple((k, key(v)) for k, v in kwargs.items() if key(v) is not None))
 
 
 def _to_channels_last(args, kwargs):
@@ -209,7 +227,7 @@ def _checked(model, boundary: LayoutBoundary, args, kwargs) -> bool:
             return False
         if holds_a_generator(model):
             return False  # its draws could not be replayed for the call itself (fusedconv/random_state.py): NCHW
-        dims = {t.dim() for t in _nchw_inputs(args, kwargs)}
+        dims = {t.dim() for t in _switchable_inputs(args, kwargs)}
         if not _may_pay(model, dims):
             boundary.checked[key] = False
             return False
@@ -228,9 +246,11 @@ def _checked(model, boundary: LayoutBoundary, args, kwargs) -> bool:
                 stack = _stack()
                 stack.append(True)
                 try:
-                    cl_out = _restore(model.forward(*cl_args, **cl_kwargs))
+                    cl_out = model.forward(*cl_args, **cl_kwargs)
                 finally:
                     stack.pop()
+                if _nchw_inputs(args, kwargs):
+                    cl_out = _restore(cl_out)  # what _leave hands back; clips given channels_last_3d are not
             # Channels_last pays only for convs it takes to oneDNN; where every conv is small enough to stay on
             # F.conv2d (cpu.small_conv_macs), NCHW is the faster layout for them (measured: squeezenet1_1 at 32x32
             # 1.15x slower than the original in channels_last).
@@ -262,6 +282,9 @@ def _enter(model, args, kwargs):
     stack.append(False)  # pushed before anything can raise, so _leave always pops this call's entry
     if not _eligible(args, kwargs) or not _checked(model, _boundary(model), args, kwargs):
         return None
+    if not _nchw_inputs(args, kwargs):
+        stack[-1] = _KEPT  # channels_last_3d clips as given: nothing to convert, nothing to turn back
+        return None
     stack[-1] = True
     return _to_channels_last(args, kwargs)
 
@@ -270,6 +293,9 @@ def _leave(model, args, kwargs, output):
     if _tracing():
         return None
     stack = _stack()
-    if not stack or not stack.pop() or output is None:
+    if not stack:
+        return None
+    entry = stack.pop()
+    if not entry or entry is _KEPT or output is None:
         return None
     return _restore(output)

@@ -150,7 +150,7 @@ def switched() -> bool:
     (fusedconv/cpu_boundary.py): inside it the layers' layouts are the fast path's business, since the boundary
     checked that the model returns the same values and, once turned back, the same layout."""
     stack = getattr(layout_calls, "stack", None)
-    return bool(stack) and stack[-1]
+    return bool(stack) and bool(stack[-1])
 
 
 class OneDNNState:

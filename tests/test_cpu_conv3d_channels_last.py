@@ -246,14 +246,32 @@ def test_clip_model_that_needs_ncdhw_keeps_it():
         assert max_rel_error(fused(x).double(), ref) < TOL_FP32
 
 
-def test_channels_last_3d_input_is_taken_as_given():
-    # The user's own layout: not switched, so each conv answers in the layout the original conv does.
+def test_channels_last_3d_clip_whose_output_layout_would_change_is_taken_as_given():
+    # The user's own layout, at batch 1: the original's last conv answers NCDHW there (PyTorch's reference kernel),
+    # the route channels_last_3d, so the check keeps the call as given and each conv answers the original's layout.
     model, fused = _converted(ClipNet(dense=True))
     x = torch.randn(1, 3, 4, 16, 16).contiguous(memory_format=CL3D)
     assert cpu_boundary.layout_used(fused, x) == "as given"
     with torch.no_grad():
         assert count_ops(fused, x)[POINTWISE] == 0
         assert fused(x).stride() == model(x).stride()
+
+
+@pytest.mark.parametrize("dense,batch", [(False, 1), (True, 2)])
+def test_channels_last_3d_clip_runs_the_route_as_given(dense, batch):
+    # Clips the user made channels_last_3d (PyTorch's CPU guide): switched without a copy where the check finds the
+    # same values and layout (a classifier's output; at batch 2 the original's convs all answer channels_last_3d
+    # too), and handed back as the model returns them, never turned NCDHW.
+    model, fused = _converted(ClipNet(dense=dense))
+    x = torch.randn(batch, 3, 4, 16, 16).contiguous(memory_format=CL3D)
+    assert cpu_boundary.layout_used(fused, x) == "channels_last_3d"
+    counts = count_ops(fused, x)
+    assert counts[POINTWISE] == 6 and counts["convolution"] == 0, counts
+    with torch.no_grad():
+        y, own = fused(x), model(x)
+        ref = copy.deepcopy(model).double()(x.double())
+    assert max_rel_error(y.double(), ref) < TOL_FP32
+    assert y.stride() == own.stride()
 
 
 def test_two_d_routes_do_not_switch_clips():
@@ -267,10 +285,13 @@ def test_two_d_routes_do_not_switch_clips():
     assert cpu_boundary._routes_onednn(fused, {4}) and not cpu_boundary._routes_onednn(fused, {5})
 
 
-def test_r3d_18_every_conv_on_the_route():
+@pytest.mark.parametrize("given", ["NCDHW", "channels_last_3d"])
+def test_r3d_18_every_conv_on_the_route(given):
     torchvision = pytest.importorskip("torchvision")
     model, fused = _converted(torchvision.models.video.r3d_18())
     x = torch.randn(1, 3, 4, 32, 32)
+    if given == "channels_last_3d":
+        x = x.contiguous(memory_format=CL3D)
     assert cpu_boundary.layout_used(fused, x) == "channels_last_3d"
     counts = count_ops(fused, x)
     assert counts[POINTWISE] == 20 and counts["convolution"] == 0, counts
@@ -450,3 +471,16 @@ def test_clips_into_a_two_d_model_are_not_checked():
         y = fused(x)
     assert fused.calls == 1 and cpu_boundary.layout_used(fused, x) == "NCDHW"
     assert max_rel_error(y.double(), copy.deepcopy(model).double()(x.double())) < TOL_FP32
+
+
+def test_given_layout_is_part_of_the_signature():
+    # The same clip shape NCDHW (switched, turned back) and channels_last_3d (taken as given: see above) are
+    # checked apart.
+    model, fused = _converted(ClipNet(dense=True))
+    x = torch.randn(1, 3, 4, 16, 16)
+    x_cl = x.contiguous(memory_format=CL3D)
+    assert cpu_boundary.layout_used(fused, x) == "channels_last_3d"
+    assert cpu_boundary.layout_used(fused, x_cl) == "as given"
+    with torch.no_grad():
+        assert fused(x_cl).stride() == model(x_cl).stride()
+        assert fused(x).stride() == model(x).stride()

@@ -162,14 +162,13 @@ class OneDNNState:
     def __init__(self, weight, key):
         padding, stride, dilation, groups, act = key
         geometry = (list(padding), list(stride), list(dilation), groups)
-        name, param = act.name, act.param
         self.weight, self.key, self.packed, self.ok = weight, key, None, None
-        self.unary_tail = (*geometry, *cpu.unary_attr(name, param))  # every epilogue activation is a oneDNN one
-        # oneDNN fuses only an identity or relu after the binary add; any other activation runs in place after.
-        self.binary_tail = (*geometry, "add", None, "relu" if name == "relu" else None, [], "")
-        # The same into the residual itself (`mkldnn::_convolution_pointwise_.binary`, where this PyTorch has it).
-        self.inplace_tail = (*geometry, "add", 1.0, "relu" if name == "relu" else None, [], "")
-        self.after_add = None if name in cpu._BINARY_UNARY else (name, param)
+        # The 2-D layers' call tails (every epilogue activation is a oneDNN one; after the binary add only identity
+        # or relu, any other runs in place after the call: `after_add`).
+        self.unary_tail, self.binary_tail, self.after_add = cpu.onednn_call_args(geometry, act.name, act.param)
+        # The binary tail into the residual itself (`mkldnn::_convolution_pointwise_.binary`, where this PyTorch has
+        # it), for every activation: one oneDNN does not fuse runs in place after it, on the residual's storage.
+        self.inplace_tail = (*geometry, "add", 1.0, *self.binary_tail[6:])
 
 
 def _output_shape(size, module, padding) -> tuple:

@@ -7,10 +7,14 @@ Per model (random weights, BatchNorm statistics measured on a random input of th
 leave an inverted-residual net's output nearly independent of its early layers — eval mode, nothing downloaded):
 - float64: the original cast to float64 is converted (`fusedconv.convert(model, return_report=True)`) and both run
   on the same random input; error = max over output tensors of max |converted - original| / max |original|
-  (per tensor). Exact means <= EXACT_FLOAT64 (1e-10): float64 rounding over a whole network stays near 1e-14,
-  so anything above ~1e-12 is a wrong rewrite, not rounding.
+  (per tensor). Exact means <= EXACT_FLOAT64 (1e-10): float64 rounding over a whole network stays near 1e-14 on
+  most models; an ill-conditioned one amplifies it (randomly initialized regnety_016 and efficientvit_m0: 4e-11
+  and 6e-11, where a 1e-12 relative change of the input moves their float64 output by 2e-8 and 7e-11), still far
+  below what a wrong rewrite gives.
 - float32 default path: the float32 model converted and run on NCHW float32 input (the CPU layout boundary's
-  path), within the library's self-check tolerance for float32.
+  path), within the library's self-check tolerance for float32 of the original's float32 output, or of its float64
+  output, or within twice the original's own float32 error against that (`_float32_checks`: models ill-conditioned
+  at float32).
 - autocast: original and converted float32 models in the same `torch.autocast("cpu", dtype=torch.bfloat16)`
   region (fusedconv/autocast.py), twice: the same output dtypes, and the converted error against the float64
   original at most twice the original's own plus one bfloat16 unit in the last place (AUTOCAST_DTYPE).
@@ -303,10 +307,12 @@ def run_model(entry: ZooModel, size: int = 64, batch: int = 2, seed: int = 0) ->
             res["flat_fallbacks"] = flat_table.fallback_calls
             if flat_table.fallback_calls:
                 find(f"flat forward left on {flat_table.fallback_calls} call(s) of an unchanged model")
-        res["batch1_err64"] = _checked(lambda: rel_error(fused64(x_other), model64(x_other)), res, "batch 1 float64")
-        if res["batch1_err64"] is not None and res["batch1_err64"] > EXACT_FLOAT64:
+        ref_other = _checked(lambda: model64(x_other), res, "batch 1 float64 original")
+        if ref_other is not None:
+            res["batch1_err64"] = _checked(lambda: rel_error(fused64(x_other), ref_other), res, "batch 1 float64")
+        if res.get("batch1_err64") is not None and res["batch1_err64"] > EXACT_FLOAT64:
             find(f"batch 1 float64 mismatch {res['batch1_err64']:.3e}")
-        fused32 = _float32_checks(model, x, x_other, res)
+        fused32 = _float32_checks(model, x, x_other, res, ref, ref_other)
         if fused32 is not None:
             _autocast_checks(model, fused32, x.float(), ref, res)
     return res
@@ -329,9 +335,20 @@ def _save_load(model: nn.Module) -> nn.Module:
     return torch.load(buf, weights_only=False)
 
 
-def _float32_checks(model: nn.Module, x: torch.Tensor, x_other: torch.Tensor, res: dict) -> nn.Module | None:
+def _float32_checks(model: nn.Module, x: torch.Tensor, x_other: torch.Tensor, res: dict, ref64=None,
+                    ref64_other=None) -> nn.Module | None:
     """The float32 model converted, run on NCHW float32 input at both batch sizes; the converted model (None when
-    convert raised)."""
+    convert raised).
+
+    A float32 difference above the tolerance is a finding unless the converted float32 output is within the
+    tolerance of the original's float64 output on that input (`ref64` / `ref64_other`), or within twice the
+    original's own float32 error against it (the project's "at most twice PyTorch's own error" rule, for models
+    ill-conditioned at float32, which amplify rounding so much that two float32 forwards of the same function differ
+    by more than the tolerance). The original's own error is the largest over a few ways PyTorch computes it
+    (`_own_float32_error`): on such a model it spreads over an order of magnitude (randomly initialized
+    efficientvit_m0 at 224x224: 2.8e-3 NCHW at one thread, 1.5e-2 channels_last at two; a 1e-12 relative change of
+    its input moves its float64 output by 7e-11). Such a check is listed (`within_own_error32`), with both
+    distances, rather than reported as a mismatch."""
     tol = SELF_CHECK_TOLERANCE[torch.float32]
     res["tol32"] = tol
     x32, x32_other = x.float(), x_other.float()
@@ -343,19 +360,53 @@ def _float32_checks(model: nn.Module, x: torch.Tensor, x_other: torch.Tensor, re
     except Exception as e:  # noqa: BLE001
         res["findings"].append("convert (float32) raised " + first_line(e))
         return None
-    res["err32"] = _checked(lambda: rel_error(fused32(x32), ref), res, "float32 forward")
-    res["batch1_err32"] = _checked(lambda: rel_error(fused32(x32_other), ref_other), res, "batch 1 float32")
+    got = {"err32": _checked(lambda: fused32(x32), res, "float32 forward"),
+           "batch1_err32": _checked(lambda: fused32(x32_other), res, "batch 1 float32")}
     # A third call at the first size: signatures routed, so a flat forward's fused calls may go direct
     # (fusedconv/graph/flat_fused.py); its result must match too.
     direct = _checked(lambda: _direct_calls(fused32, x32), res, "float32 repeated forward")
     if direct is not None:
-        y, res["direct32"], res["module_calls32"] = direct
-        res["repeat_err32"] = _checked(lambda: rel_error(y, ref), res, "float32 repeated forward")
+        got["repeat_err32"], res["direct32"], res["module_calls32"] = direct
+    wants = {"err32": (ref, ref64), "batch1_err32": (ref_other, ref64_other), "repeat_err32": (ref, ref64)}
+    for what, y in got.items():
+        if y is not None:
+            res[what] = _checked(lambda: rel_error(y, wants[what][0]), res, what)
     for what in ("err32", "batch1_err32", "repeat_err32"):
-        if res.get(what) is not None and res[what] > tol:
-            res["findings"].append(f"{what}: float32 mismatch {res[what]:.3e} > {tol:g}")
+        if res.get(what) is None or res[what] <= tol:
+            continue
+        want, want64 = wants[what]
+        x_what = x32_other if what == "batch1_err32" else x32
+        distances = None if want64 is None else _checked(
+            lambda: (_own_float32_error(model, x_what, want64), rel_error(got[what], want64)), res,
+            what + " against float64")
+        if distances is not None:
+            own, converted = distances
+            res.setdefault("vs_float64_32", {})[what] = {"original": own, "converted": converted}
+            if converted <= max(tol, 2 * own):
+                res.setdefault("within_own_error32", []).append(what)
+                continue
+        against = "" if distances is None else (f" (against float64: converted {distances[1]:.3e}, the original's "
+                                                f"own up to {distances[0]:.3e})")
+        res["findings"].append(f"{what}: float32 mismatch {res[what]:.3e} > {tol:g}{against}")
     res["match32"] = all(res.get(w) is not None and res[w] <= tol for w in ("err32", "batch1_err32", "repeat_err32"))
     return fused32
+
+
+def _own_float32_error(model: nn.Module, x32: torch.Tensor, want64) -> float:
+    """The original float32 model's error against its float64 output `want64`, the largest over NCHW and
+    channels_last input (channels_last_3d for clips) at the sweep's thread count and at two threads: the spread of
+    float32 rounding PyTorch itself gives this model (`_float32_checks`)."""
+    formats = {4: torch.channels_last, 5: torch.channels_last_3d}
+    layouts = [torch.contiguous_format] + ([formats[x32.dim()]] if x32.dim() in formats else [])
+    threads = torch.get_num_threads()
+    errors = []
+    try:
+        for n in dict.fromkeys((threads, 2)):
+            torch.set_num_threads(n)
+            errors += [rel_error(model(x32.contiguous(memory_format=f)), want64) for f in layouts]
+    finally:
+        torch.set_num_threads(threads)
+    return max(errors)
 
 
 def _dtypes(out) -> list:

@@ -34,6 +34,18 @@ def _flat_reason(r: dict) -> str:
     return note[:60]
 
 
+def _within_own_error(conv: list[dict]) -> str:
+    """The summary's clause for models whose float32 difference is within twice the original's own float32 error
+    against float64 (bench/zoo.py `_float32_checks`), or nothing."""
+    listed = [r for r in conv if r.get("within_own_error32") and not r.get("match32")]
+    if not listed:
+        return ""
+    worst = [max(r["vs_float64_32"].values(), key=lambda d: d["converted"]) for r in listed]
+    return (f"; {len(listed)} more within twice the original's own float32 error against float64 (models "
+            "ill-conditioned at float32: " + ", ".join(f"{r['model']}: converted {d['converted']:.1e}, original "
+                                                      f"{d['original']:.1e}" for r, d in zip(listed, worst)) + ")")
+
+
 def render_markdown(results: list[dict], meta: dict) -> str:
     """The report: summary (counts, top skip reasons, findings), then one table row per model."""
     built = [r for r in results if r["build"]]
@@ -52,7 +64,7 @@ def render_markdown(results: list[dict], meta: dict) -> str:
              f"- models: {len(results)} listed, {len(built)} built, {len(conv)} converted, {len(exact)} exact in "
              f"float64 (max relative error <= {EXACT_FLOAT64:g}: max |converted - original| / max |original| per "
              f"output tensor, worst tensor), {len(m32)} match in float32 on the default CPU path at both batch "
-             f"sizes (<= {SELF_CHECK_TOLERANCE[torch.float32]:g})",
+             f"sizes (<= {SELF_CHECK_TOLERANCE[torch.float32]:g})" + _within_own_error(conv),
              f"- conv layers (converted models): {fused} fused of {total} in the originals "
              f"(re-parameterized branches merge several convs into one fused layer)",
              f"- whole-model flat forward (convert's default `flatten=True`): {sum(bool(r.get('flat')) for r in conv)}"

@@ -28,6 +28,7 @@ def test_small_resnet_is_exact_and_fully_fused():
     assert res["exact64"] and res["err64"] <= zoo.EXACT_FLOAT64
     assert res["batch1_err64"] <= zoo.EXACT_FLOAT64 and res["match32"]
     assert res["direct32"] > 0 and res["repeat_err32"] <= res["tol32"]  # the flat forward's direct calls ran
+    assert "vs_float64_32" not in res and "within_own_error32" not in res  # (only for differences above the tol)
     # every conv of this resnet is followed by a BatchNorm: all fused, none left, no BN left
     assert res["convs"] == _conv_count("timm:test_resnet") > 0
     assert res["fused_conv"] == res["convs"] and res["convs_left"] == 0 and res["bns_left"] == 0
@@ -146,3 +147,118 @@ def test_a_wrong_direct_call_is_reported(monkeypatch):
     assert res["exact64"] and res["direct32"] > 0
     assert res["repeat_err32"] > res["tol32"] and not res["match32"]
     assert any(f.startswith("repeat_err32: float32 mismatch") for f in res["findings"])
+
+
+class _IllConditioned(nn.Module):
+    """Ill-conditioned at float32 on purpose: the difference of two conv + BN + ReLU outputs whose weights differ by
+    1e-5 (one BN, folded into each conv; the ReLU keeps convert from merging the two convs into one). In float64
+    that is a small difference, exact to ~1e-11 of itself; in float32 each output's rounding (~6e-8 of it) is ~1e-2
+    of the difference, and differs between any two float32 computations of the outputs (the original's and the
+    converted model's)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        with torch.no_grad():
+            self.b.weight.copy_(self.a.weight * (1 + 1e-5))
+
+    def forward(self, x):
+        return torch.relu(self.bn(self.a(x))) - torch.relu(self.bn(self.b(x)))
+
+
+def _float32_calls_off(monkeypatch, by: float):
+    """Every float32 FusedConv2d call on the CPU path (cpu.eager_forward) returns its output times 1 + `by`."""
+    from fusedconv import cpu
+
+    real = cpu.eager_forward
+
+    def off(module, x, *args, **kwargs):
+        y = real(module, x, *args, **kwargs)
+        return y * (1 + by) if y is not None and y.dtype == torch.float32 else y
+
+    monkeypatch.setattr(cpu, "eager_forward", off)
+
+
+def test_an_ill_conditioned_model_is_listed_not_reported(monkeypatch):
+    from bench import zoo_models, zoo_report
+
+    monkeypatch.setitem(zoo_models.HOME_MODELS, "ill_conditioned", _IllConditioned)
+    res = zoo.run_model(ZooModel("home:ill_conditioned"), size=SIZE, batch=2)
+    assert res["exact64"] and res["fused_conv"] == 2
+    # The float32 outputs differ by more than the tolerance, as two float32 forwards of this function do ...
+    assert res["err32"] > res["tol32"] and not res["match32"]
+    # ... and the converted one is as close to float64 as the original's own float32 output: no finding.
+    assert res["findings"] == []
+    assert "err32" in res["within_own_error32"]
+    for distances in res["vs_float64_32"].values():
+        assert distances["original"] > res["tol32"] and distances["converted"] <= 2 * distances["original"]
+        assert distances["converted"] > res["tol32"]  # (not merely within the tolerance of float64)
+    res["total_s"] = 0.0  # (set by the sweep around run_model)
+    meta = {"date": "d", "machine": "m", "threads": 1, "python": "p", "versions": {}, "command": "c"}
+    assert "1 more within twice the original's own float32 error" in zoo_report.render_markdown([res], meta)
+
+
+def test_an_ill_conditioned_model_still_reports_a_wrong_float32_path(monkeypatch):
+    from bench import zoo_models
+
+    monkeypatch.setitem(zoo_models.HOME_MODELS, "ill_conditioned", _IllConditioned)
+    _float32_calls_off(monkeypatch, 0.5)
+    res = zoo.run_model(ZooModel("home:ill_conditioned"), size=SIZE, batch=2)
+    assert res["exact64"]
+    # Every float32 fused call 1.5x its value: far beyond twice the original's own float32 error against float64.
+    distances = res["vs_float64_32"]["err32"]
+    assert distances["converted"] > 2 * distances["original"] > 2 * res["tol32"]
+    assert "err32" not in res.get("within_own_error32", [])
+    assert any(f.startswith("err32: float32 mismatch") and "against float64" in f for f in res["findings"])
+
+
+class _Scaled(nn.Module):
+    """x times a factor, computed in float64 and returned in x's dtype: a float32 output off by a chosen amount."""
+
+    def __init__(self, factor: float):
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x):
+        return (x.double() * self.factor).to(x.dtype)
+
+
+@pytest.mark.parametrize("converted_off, reported", [(0.9, False), (1.5, True)])
+def test_float32_verdict_measures_the_converted_output_against_float64(monkeypatch, converted_off, reported):
+    # The original's float32 output is 0.3 tol low, the converted one `converted_off` tol high: more than the
+    # tolerance apart from each other, and the converted one within the tolerance of float64 (0.9: no finding,
+    # though more than twice the original's own 0.3) or not (1.5: beyond both, a finding).
+    tol = zoo.SELF_CHECK_TOLERANCE[torch.float32]
+    original, converted = _Scaled(1 - 0.3 * tol), _Scaled(1 + converted_off * tol)
+    monkeypatch.setattr(fusedconv, "convert", lambda model: converted)
+    x = torch.rand(2, 3, 4, 4, dtype=torch.float64) + 1.0
+    x_other = torch.rand(1, 3, 4, 4, dtype=torch.float64) + 1.0
+    res = {"findings": []}
+    zoo._float32_checks(original, x, x_other, res, x, x_other)
+    assert res["err32"] > tol and res["batch1_err32"] > tol and not res["match32"]
+    for distances in res["vs_float64_32"].values():
+        assert distances["original"] == pytest.approx(0.3 * tol, rel=1e-2)
+        assert distances["converted"] == pytest.approx(converted_off * tol, rel=1e-2)
+    assert bool(res["findings"]) == reported
+    assert res.get("within_own_error32", []) == ([] if reported else ["err32", "batch1_err32", "repeat_err32"])
+
+
+class _LayoutAndThreads(nn.Module):
+    """x times 1 + k * 1e-4, k set by the input's layout (2 NCHW, 3 channels_last) and the thread count (x5 at 2)."""
+
+    def forward(self, x):
+        k = (2.0 if x.is_contiguous() else 3.0) * (5.0 if torch.get_num_threads() == 2 else 1.0)
+        return (x.double() * (1 + k * 1e-4)).to(x.dtype)
+
+
+def test_the_originals_own_float32_error_is_the_largest_of_its_layouts_and_thread_counts():
+    x64 = torch.rand(1, 3, 4, 4, dtype=torch.float64) + 1.0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        own = zoo._own_float32_error(_LayoutAndThreads(), x64.float(), x64)
+        assert torch.get_num_threads() == 1  # restored
+    finally:
+        torch.set_num_threads(threads)
+    assert own == pytest.approx(15e-4, rel=1e-3)  # channels_last at two threads

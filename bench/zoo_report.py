@@ -37,7 +37,11 @@ def _flat_reason(r: dict) -> str:
 def _within_own_error(conv: list[dict]) -> str:
     """The summary's clause for models whose float32 difference is within twice the original's own float32 error
     against float64 (bench/zoo.py `_float32_checks`), or nothing."""
-    listed = [r for r in conv if r.get("within_own_error32") and not r.get("match32")]
+    def within(r) -> bool:  # every float32 check either within the tolerance or within the original's own error
+        return all(r.get(w) is not None and (r[w] <= r["tol32"] or w in r.get("within_own_error32", ()))
+                   for w in ("err32", "batch1_err32", "repeat_err32"))
+
+    listed = [r for r in conv if not r.get("match32") and within(r)]
     if not listed:
         return ""
     worst = [max(r["vs_float64_32"].values(), key=lambda d: d["converted"]) for r in listed]

@@ -226,6 +226,8 @@ class _Scaled(nn.Module):
 
 @pytest.mark.parametrize("converted_off, reported", [(0.9, False), (1.5, True)])
 def test_float32_verdict_measures_the_converted_output_against_float64(monkeypatch, converted_off, reported):
+    from bench import zoo_report
+
     # The original's float32 output is 0.3 tol low, the converted one `converted_off` tol high: more than the
     # tolerance apart from each other, and the converted one within the tolerance of float64 (0.9: no finding,
     # though more than twice the original's own 0.3) or not (1.5: beyond both, a finding).
@@ -242,6 +244,14 @@ def test_float32_verdict_measures_the_converted_output_against_float64(monkeypat
         assert distances["converted"] == pytest.approx(converted_off * tol, rel=1e-2)
     assert bool(res["findings"]) == reported
     assert res.get("within_own_error32", []) == ([] if reported else ["err32", "batch1_err32", "repeat_err32"])
+    # The report's summary counts a model as within its own error only when every float32 check is.
+    res["model"] = "m"
+    assert ("1 more within twice" in zoo_report._within_own_error([res])) == (not reported)
+    if not reported:
+        res["within_own_error32"], res["batch1_err32"] = ["err32", "repeat_err32"], 0.5 * tol
+        assert "1 more within twice" in zoo_report._within_own_error([res])  # batch 1 inside the tolerance
+    res["within_own_error32"], res["batch1_err32"] = ["err32"], 2 * tol  # batch 1, the repeated call: findings
+    assert zoo_report._within_own_error([res]) == ""
 
 
 class _LayoutAndThreads(nn.Module):

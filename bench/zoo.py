@@ -367,15 +367,16 @@ def _float32_checks(model: nn.Module, x: torch.Tensor, x_other: torch.Tensor, re
     direct = _checked(lambda: _direct_calls(fused32, x32), res, "float32 repeated forward")
     if direct is not None:
         got["repeat_err32"], res["direct32"], res["module_calls32"] = direct
-    wants = {"err32": (ref, ref64), "batch1_err32": (ref_other, ref64_other), "repeat_err32": (ref, ref64)}
+    # Per check: its input, the original's float32 output and its float64 output on it.
+    wants = {"err32": (x32, ref, ref64), "batch1_err32": (x32_other, ref_other, ref64_other),
+             "repeat_err32": (x32, ref, ref64)}
     for what, y in got.items():
         if y is not None:
-            res[what] = _checked(lambda: rel_error(y, wants[what][0]), res, what)
+            res[what] = _checked(lambda: rel_error(y, wants[what][1]), res, what)
     for what in ("err32", "batch1_err32", "repeat_err32"):
         if res.get(what) is None or res[what] <= tol:
             continue
-        want, want64 = wants[what]
-        x_what = x32_other if what == "batch1_err32" else x32
+        x_what, want, want64 = wants[what]
         distances = None if want64 is None else _checked(
             lambda: (_own_float32_error(model, x_what, want64), rel_error(got[what], want64)), res,
             what + " against float64")

@@ -267,8 +267,39 @@ def test_the_originals_own_float32_error_is_the_largest_of_its_layouts_and_threa
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        own = zoo._own_float32_error(_LayoutAndThreads(), x64.float(), x64)
+        own = zoo._own_float32_error(_LayoutAndThreads(), x64.float().double(), x64)
         assert torch.get_num_threads() == 1  # restored
     finally:
         torch.set_num_threads(threads)
     assert own == pytest.approx(15e-4, rel=1e-3)  # channels_last at two threads
+
+
+def test_other_float32_roundings_of_the_input_are_its_two_neighbours_chosen_at_random():
+    x64 = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    x64[0, 0, 0, :4] = torch.tensor([1.0, -2.5, 0.0, 3.0])  # float32 values already: kept as they are
+    rounded = zoo._rounded_inputs(x64, 3)
+    assert len(rounded) == 3 and all(r.dtype == torch.float32 and r.shape == x64.shape for r in rounded)
+    for r in rounded:
+        low, high = torch.minimum(r.double(), x64), torch.maximum(r.double(), x64)
+        # r is a float32 neighbour of x64: nothing float32 lies strictly between them
+        assert bool((torch.nextafter(low.float(), torch.tensor(float("inf"))).double() >= high).all())
+        assert torch.equal(r[0, 0, 0, :4], x64[0, 0, 0, :4].float())
+    moved = [(r != x64.float()) for r in rounded]
+    assert all(0.2 < m.double().mean() < 0.8 for m in moved)  # about half the elements off the nearest
+    assert not torch.equal(rounded[0], rounded[1])
+    assert torch.equal(zoo._rounded_inputs(x64, 3)[2], rounded[2])  # deterministic
+
+
+class _Identity(nn.Module):
+    def forward(self, x):
+        return x * 1
+
+
+def test_the_originals_own_float32_error_includes_other_roundings_of_its_input():
+    # A float32 identity's error against float64 is its input's rounding: larger on a random rounding than on the
+    # nearest one, and never beyond one float32 unit in the last place.
+    x64 = torch.rand(1, 3, 8, 8, dtype=torch.float64) + 1.0
+    nearest = zoo.rel_error(x64.float(), x64)
+    own = zoo._own_float32_error(_Identity(), x64, x64)
+    assert nearest < own <= 2.0 ** -23 * 2
+    assert own == max(zoo.rel_error(r, x64) for r in zoo._rounded_inputs(x64, zoo.INPUT_ROUNDINGS))

@@ -82,6 +82,11 @@ class Chain:
         return (self.add is None and self.bn_tensors is None and not self.passthrough
                 and all(n.op == "call_module" for n in self.nodes))
 
+    @property
+    def conv_bias(self):
+        """The layer's own bias, which the roles add back (a MixedConv2d's groups have none: fused_mixed.py)."""
+        return getattr(self.conv_module, "bias", None)
+
     def detail(self) -> str:
         parts = []
         if self.bn is not None:

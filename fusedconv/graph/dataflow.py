@@ -42,6 +42,7 @@ import torch.nn as nn
 from fusedconv import fold
 from fusedconv.graph.chains import _short
 from fusedconv.fused_layers import FusedAffineLayer
+from fusedconv.fused_mixed import is_mixed_conv2d
 from fusedconv.graph.legality import chain_base, is_leaf_type, module_use_counts
 from fusedconv.graph.patterns import UnsupportedSignature, call_patterns, forward_params, list_patterns
 from fusedconv.graph.scope_rewrite import ScopeRewrite
@@ -63,8 +64,8 @@ def _traceable_candidates(module: nn.Module) -> bool:
 def _candidate_children(module: nn.Module, seen: dict | None = None) -> dict:
     seen = {"conv": False, "linear": False, "bn": False} if seen is None else seen
     for child in module.children():
-        if isinstance(child, (nn.modules.conv._ConvNd, FusedConv2d, FusedAffineLayer)):
-            seen["conv"] = True
+        if isinstance(child, (nn.modules.conv._ConvNd, FusedConv2d, FusedAffineLayer)) or is_mixed_conv2d(child):
+            seen["conv"] = True  # (timm's MixedConv2d: a BN after it folds into its groups, fused_mixed.py)
         elif isinstance(child, nn.Linear):
             seen["linear"] = True
         elif fold.is_batchnorm(child):

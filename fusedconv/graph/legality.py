@@ -17,6 +17,7 @@ import torch.nn as nn
 from fusedconv import cpu_taps, fold
 from fusedconv.activations import ActivationSpec, spec_from_module
 from fusedconv.fused_layers import FusedAffineLayer
+from fusedconv.fused_mixed import MixedConv2dKind, is_mixed_conv2d, mixed_conv_reason, out_channels
 from fusedconv.modules import FusedConv2d
 from fusedconv.same_padding import conv_pre_pad
 
@@ -169,6 +170,9 @@ LAYER_KINDS = {
     nn.ConvTranspose2d: "conv_transpose2d_bn_act",
     nn.ConvTranspose3d: "conv_transpose3d_bn_act",
     nn.Linear: "linear_bn_act",
+    # timm's MixedConv2d (fusedconv/fused_mixed.py): a BN (+ act) after it folds into its groups' convs; the
+    # data-flow pass only (`chain_base`), never a Sequential's layer (`layer_base` does not return it).
+    MixedConv2dKind: "mixed_conv2d_bn_act",
 }
 # Batch norms whose forward is the plain formula over dim 1 (any rank).
 PLAIN_BATCHNORMS_ND = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
@@ -238,14 +242,20 @@ RESIDUAL_BASES = (nn.Conv2d, nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTr
 
 def chain_base(module: nn.Module) -> type | None:
     """The layer class a chain starting at `module` is fused as: nn.Conv2d for an exact Conv2d, else
-    `layer_base` (Conv1d / Conv3d and their geometry-only subclasses, ConvTranspose1d-3d, Linear), else None."""
-    return nn.Conv2d if is_fusable_conv(module) else layer_base(module)
+    `layer_base` (Conv1d / Conv3d and their geometry-only subclasses, ConvTranspose1d-3d, Linear), else
+    MixedConv2dKind for timm's MixedConv2d, else None."""
+    if is_fusable_conv(module):
+        return nn.Conv2d
+    base = layer_base(module)
+    if base is None and is_mixed_conv2d(module):
+        return MixedConv2dKind
+    return base
 
 
 def layer_bn_verdict(bn: nn.Module, base: type, layer: nn.Module) -> BatchNormVerdict:
     """Whether `bn` may be folded into the `base` layer `layer` before it (Conv2d: `batchnorm_verdict`)."""
-    if base is nn.Conv2d:
-        return batchnorm_verdict(bn)
+    if base is nn.Conv2d or base is MixedConv2dKind:
+        return batchnorm_verdict(bn)  # (a MixedConv2d's output is 4-d: any BN a Conv2d chain folds)
     allowed = BATCHNORMS_AFTER[base]
     if type(bn) not in allowed:
         names = "/".join(t.__name__ for t in allowed)
@@ -258,6 +268,28 @@ def layer_skip_reason(layer: nn.Module, base: type, bn: nn.Module | None) -> str
     """Why a `base` layer (followed by `bn`) cannot become a fused module, or None."""
     if base is nn.Conv2d or base in (nn.Conv1d, nn.Conv3d):
         return conv_skip_reason(layer, bn)
+    if base is MixedConv2dKind:
+        return _mixed_skip_reason(layer, bn)
     if not layer.weight.is_floating_point():
         return f"layer weight has dtype {layer.weight.dtype}"
     return None
+
+
+def _mixed_skip_reason(mixed: nn.Module, bn: nn.Module | None) -> str | None:
+    """Why a BN after timm's MixedConv2d `mixed` cannot be folded into its groups (fusedconv/fused_mixed.py)."""
+    for i, conv in enumerate(mixed._modules.values()):
+        if conv is not None and not is_fusable_conv(conv):
+            return f"MixedConv2d group {i}: " + (conv_subclass_reason(conv) or f"{type(conv).__name__} is not a Conv2d")
+        if has_hooks(conv):
+            return f"MixedConv2d group {i} has forward / backward hooks, which must keep seeing its own output"
+        reason = None if conv is None else conv_skip_reason(conv, None)
+        if reason is not None:
+            return f"MixedConv2d group {i}: {reason}"
+    reason = mixed_conv_reason(mixed)
+    if reason is None and bn is not None:
+        nf = getattr(bn, "num_features", None)
+        if nf is None and getattr(bn, "running_mean", None) is not None:
+            nf = bn.running_mean.numel()
+        if nf != out_channels(mixed):
+            reason = f"BatchNorm has {nf} features, the MixedConv2d has {out_channels(mixed)} outputs"
+    return reason

@@ -7,7 +7,8 @@ fallback those names are bound to role modules that behave like the originals in
   * ConvRole: the layer alone (`conv(x, weight) + conv bias`; a Conv1d / Conv3d / transposed conv / linear layer
     for the other members of the fused family);
   * BNRole: the folded BatchNorm alone (`y * scale + bn_shift`, bn_shift = shift - scale * conv bias; FusedLinear
-    keeps its bias apart from the shift, so there bn_shift = shift);
+    keeps its bias apart from the shift, so there bn_shift = shift), and the activation of a norm-act BN (timm's
+    BatchNormAct2d) with it;
   * AffineRole: a fused module as it was before an activation / residual joined its epilogue.
 They read the FusedConv2d's live tensors, so `.to()`, `.half()` and `load_state_dict` on the converted model
 keep them consistent. The conv's own bias (usually None before a BN) is kept at convert time.
@@ -19,8 +20,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fusedconv.activations import ActivationSpec
 from fusedconv.fused_layers import FusedAffineLayer, FusedConvNd
 from fusedconv.fused_linear import FusedLinear
+from fusedconv.fused_mixed import FusedMixedConv2d
 from fusedconv.modules import FusedConv2d
 
 
@@ -46,6 +49,9 @@ class _Role(nn.Module):
     def _conv(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """The layer alone with the role's bias (`bias` when given): unscaled weight, no epilogue."""
         f = self.__dict__["fused"]
+        if isinstance(f, FusedMixedConv2d):  # its groups' convs on the split input, concatenated (no biases)
+            parts = torch.split(x, f.splits, 1)
+            return torch.cat([_Role(c)._conv(parts[i]) for i, c in enumerate(f._modules.values())], 1)
         bias = self._bias(x) if bias is None else bias.to(device=x.device, dtype=x.dtype)
         w = f.weight.to(x.dtype)
         if isinstance(f, FusedLinear):
@@ -66,7 +72,12 @@ class ConvRole(_Role):
 
 
 class BNRole(_Role):
-    """The original eval-mode BatchNorm: y * scale + (shift - scale * conv bias)."""
+    """The original eval-mode BatchNorm: y * scale + (shift - scale * conv bias), then `act` for a norm-act module
+    (timm's BatchNormAct2d applies its activation itself: the fused module's epilogue took it over)."""
+
+    def __init__(self, fused: FusedConv2d, conv_bias: torch.Tensor | None = None, act: ActivationSpec | None = None):
+        super().__init__(fused, conv_bias)
+        self.__dict__["act"] = None if act is None or act.is_identity else act
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         f = self.__dict__["fused"]
@@ -74,7 +85,9 @@ class BNRole(_Role):
         b = self.__dict__["conv_bias"]
         if b is not None and not isinstance(f, FusedLinear):
             shift = shift - f.scale * b.to(device=shift.device, dtype=shift.dtype)
-        return y * _channel(f.scale, y, f) + _channel(shift, y, f)
+        out = y * _channel(f.scale, y, f) + _channel(shift, y, f)
+        act = self.__dict__["act"]
+        return out if act is None else act.apply(out)
 
 
 class AffineRole(_Role):

@@ -15,6 +15,7 @@ from fusedconv.graph.chain_match import ChainMatcher
 from fusedconv.graph.chains import Absorb, Chain, _flatten_sequential, _node_name
 from fusedconv.fused_layers import FusedAffineLayer
 from fusedconv.fused_linear import FusedLinear
+from fusedconv.fused_mixed import FusedMixedConv2d, MixedConv2dKind
 from fusedconv.graph import private_residual
 from fusedconv.graph.legality import (LAYER_KINDS, chain_base, conv_subclass_reason, fuse_lone_conv, has_hooks,
                                       is_plain_sequential, layer_base, tail_conv)
@@ -51,6 +52,8 @@ class ScopePass(ChainMatcher):
     # ------------------------------------------------------------------ planning and rewriting
     def _fused_module(self, ch: Chain) -> nn.Module:
         conv = ch.conv_module
+        if ch.base is MixedConv2dKind:
+            return FusedMixedConv2d.from_modules(conv, ch.bn_module, ch.act_spec)
         if ch.base is not nn.Conv2d:
             return self._fused_layer(ch)
         if ch.bn is None and ch.act is None and ch.add is None:

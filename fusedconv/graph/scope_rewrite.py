@@ -76,6 +76,13 @@ def _proven_independent(module: nn.Module, params: list[Param], traces: list[Sco
     return True
 
 
+def _bn_role(ch: Chain) -> BNRole:
+    """The fallback's stand-in for the chain's BatchNorm module: its affine, and the activation of a norm-act BN
+    (the chain's activation when no activation call of its own follows: `ChainMatcher.match` takes a norm-act's
+    activation from the BN and stops there)."""
+    return BNRole(ch.fused, ch.conv_bias, ch.act_spec if ch.act is None else None)
+
+
 class ScopeRewrite:
     """Fuses one traced scope over all its call patterns; `run()` returns the module (the same object)."""
 
@@ -196,7 +203,7 @@ class ScopeRewrite:
                 old = sp._mod(n)
                 stand_in = nn.Identity().train(old.training)
                 sp._set(self.module, n.target, stand_in)
-                role = BNRole(ch.fused, ch.conv_module.bias) if n is ch.bn else old
+                role = _bn_role(ch) if n is ch.bn else old
                 roles.append((str(n.target), stand_in, role))
             self.report.add(self.scope, [_node_name(n) for n in ch.nodes], ch.kind, "fused", ch.detail())
         for a in absorbs:
@@ -213,9 +220,9 @@ class ScopeRewrite:
         if ch.tail is not None:
             owner, name, _ = ch.tail
             owner._modules[name] = ch.fused
-            return _tail_path(ch), ch.fused, ConvRole(ch.fused, ch.conv_module.bias)
+            return _tail_path(ch), ch.fused, ConvRole(ch.fused, ch.conv_bias)
         sp._set(self.module, ch.conv.target, ch.fused)
-        return str(ch.conv.target), ch.fused, ConvRole(ch.fused, ch.conv_module.bias)
+        return str(ch.conv.target), ch.fused, ConvRole(ch.fused, ch.conv_bias)
 
     def _rewrite_graphs(self, plans, good: list[Chain]) -> list:
         """(pattern, source, globals, names, graph) per pattern whose rewritten graph calls no changed child
@@ -274,7 +281,7 @@ class ScopeRewrite:
         mods = self.module._modules
         for ch in good:
             ch.fused.residual_required = ch.add is not None
-            role_conv = ConvRole(ch.fused, ch.conv_module.bias)
+            role_conv = ConvRole(ch.fused, ch.conv_bias)
             if ch.tail is not None:
                 owner, name, _ = ch.tail
                 owner._modules[name] = ch.fused
@@ -288,7 +295,7 @@ class ScopeRewrite:
                 old = mods[str(ch.bn.target)]
                 stand_in = nn.Identity().train(old.training)
                 mods[str(ch.bn.target)] = stand_in
-                roles.append((str(ch.bn.target), stand_in, BNRole(ch.fused, ch.conv_module.bias)))
+                roles.append((str(ch.bn.target), stand_in, _bn_role(ch)))
             self.report.add(self.scope, [_node_name(n) for n in ch.nodes], ch.kind, "fused", ch.detail())
         for a in absorbs:
             a.fused.act = a.act_spec

@@ -31,6 +31,9 @@ leave an inverted-residual net's output nearly independent of its early layers �
   `bias` are gone; a BN folded into the following layer changes that layer's values (and may add its bias);
   a re-parameterized block holds `reparam_conv*` instead of its branches; every other key is unchanged, value
   included. Anything else is reported as a problem.
+- guard fallbacks (`fallback_errors`): every guarded block's exact fallback (its own forward over the stand-ins of
+  the children convert changed, what a call runs when it misses the block's guards) called directly, in float64,
+  on the input the original model gave that block, against the original block (<= EXACT_FLOAT64).
 - `copy.deepcopy`, `torch.save` / `torch.load(weights_only=False)` of the converted model give the same output;
   a second batch size gives the original's result (float64 and float32).
 Each failing check is listed in the model's `findings`.
@@ -55,7 +58,7 @@ from collections import Counter
 import torch
 import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_map
 
 import fusedconv
 from fusedconv.graph.flat import flat_check
@@ -308,6 +311,15 @@ def run_model(entry: ZooModel, size: int = 64, batch: int = 2, seed: int = 0) ->
             res["flat_fallbacks"] = flat_table.fallback_calls
             if flat_table.fallback_calls:
                 find(f"flat forward left on {flat_table.fallback_calls} call(s) of an unchanged model")
+        fallbacks = _checked(lambda: fallback_errors(model64, fused64, x), res, "guard fallbacks")
+        if fallbacks is not None:
+            res["fallback_blocks"] = len(fallbacks)
+            res["fallback_err64"] = max(fallbacks.values(), default=None)
+            wrong = {p: e for p, e in fallbacks.items() if not e <= EXACT_FLOAT64}
+            if wrong:
+                path, err = max(wrong.items(), key=lambda kv: kv[1])
+                find(f"guard fallback: {len(wrong)} of {len(fallbacks)} guarded blocks differ from the original "
+                     f"when their own forward runs, worst {path or '<root>'} {err:.3e}")
         ref_other = _checked(lambda: model64(x_other), res, "batch 1 float64 original")
         if ref_other is not None:
             res["batch1_err64"] = _checked(lambda: rel_error(fused64(x_other), ref_other), res, "batch 1 float64")
@@ -317,6 +329,54 @@ def run_model(entry: ZooModel, size: int = 64, batch: int = 2, seed: int = 0) ->
         if fused32 is not None:
             _autocast_checks(model, fused32, x.float(), ref, res)
     return res
+
+
+def fallback_errors(original: nn.Module, converted: nn.Module, x: torch.Tensor) -> dict[str, float]:
+    """Per guarded block of `converted` (a convert table: graph/specialize.py), the error of its exact fallback —
+    the block's own forward over the stand-ins of the children the rewrite changed (graph/roles.py), what a call
+    runs when it misses the block's guards — against the original block at the same path, on the input the
+    original model's forward gave that block (its first call; relative error, inf when only one of them raises).
+    A call that misses a guard is rare (an attribute or call pattern changed), so no output check of the whole
+    model reaches this code: it is called here directly."""
+    blocks = {path: m for path, m in converted.named_modules()
+              if (t := guard_table(m)) is not None and t.kind == "convert" and (t.roles or t.base is not None)}
+    calls: dict[str, tuple] = {}
+    handles = []
+
+    def record(path):
+        def hook(module, args, kwargs):
+            if path not in calls:
+                clone = tree_map(lambda v: v.clone() if isinstance(v, torch.Tensor) else v, (args, kwargs))
+                calls[path] = clone
+        return hook
+
+    originals = dict(original.named_modules())
+    for path in blocks:
+        if path in originals:
+            handles.append(originals[path].register_forward_pre_hook(record(path), with_kwargs=True))
+    try:
+        with torch.no_grad():
+            original(x)
+    finally:
+        for h in handles:
+            h.remove()
+    errors = {}
+    for path, (args, kwargs) in calls.items():
+        def run(fn):
+            a, k = tree_map(lambda v: v.clone() if isinstance(v, torch.Tensor) else v, (args, kwargs))
+            try:
+                with torch.no_grad():
+                    return fn(*a, **k)
+            except Exception as e:  # noqa: BLE001 - compared below: raising on one side only is a difference
+                return e
+        want = run(originals[path])
+        block = blocks[path]
+        got = run(lambda *a, **k: guard_table(block).fallback(block, *a, **k))
+        if isinstance(want, Exception) or isinstance(got, Exception):
+            errors[path] = 0.0 if type(want) is type(got) else float("inf")
+        else:
+            errors[path] = rel_error(got, want)
+    return errors
 
 
 def _checked(fn, res: dict, what: str):

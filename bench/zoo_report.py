@@ -20,6 +20,10 @@ def _ratio(v) -> str:
     return "-" if v is None else f"{v:.2f}"
 
 
+def _error(v) -> str:
+    return "-" if v is None else f"{v:.1e}"
+
+
 def _flat_reason(r: dict) -> str:
     """Why a converted model got no flat forward, from its report note (a short key)."""
     note = next((n for n in r.get("notes", []) if n.startswith("flat forward:")), None)
@@ -87,6 +91,11 @@ def render_markdown(results: list[dict], meta: dict) -> str:
                            if r.get("autocast_err") is not None), default=None))
              + "; " + (", ".join(f"{r['model']} ({r['autocast_note']})" for r in conv if r.get("autocast_note"))
                       or "no original refused the region"),
+             f"- guard fallbacks (each guarded block's own forward over the stand-ins of its changed children, what a "
+             f"call missing its guards runs, called directly in float64 on the input the original gave that block): "
+             f"{sum(r.get('fallback_blocks') or 0 for r in conv)} blocks over "
+             f"{sum(bool(r.get('fallback_blocks')) for r in conv)} models, worst error "
+             + _error(max((r["fallback_err64"] for r in conv if r.get("fallback_err64") is not None), default=None)),
              f"- models with findings: {sum(bool(r['findings']) for r in results)}",
              "- fused layers kept beside their original conv + BN under a new name (both in the state_dict): "
              + (", ".join(f"{r['model']} {len(r['fused_copies'])}" for r in conv if r.get("fused_copies"))

@@ -6,7 +6,8 @@ Both are per-channel, so BN + act over the concatenation equals, per group, BN +
 channels: each group's conv becomes a FusedConv2d with its slice of the BatchNorm folded in and the activation in
 its epilogue, and `FusedMixedConv2d` splits, calls them and concatenates as the original did.
 
-Which MixedConv2d modules qualify (`mixed_conv_reason`): timm's class, every group a conv FusedConv2d fuses
+Which MixedConv2d modules qualify (`mixed_conv_reason`): timm's class (the exact class object its module
+exports), every group a conv FusedConv2d fuses
 (nn.Conv2d or a recognised padding conv) without a bias and without hooks, `splits` matching the groups' input
 channels, and a probe on a small float64 input showing that the module's forward computes exactly the
 concatenation of its groups' outputs on the split input (a patched or subclassed forward fails it). A residual
@@ -20,6 +21,7 @@ every fused conv does; the BatchNorm's keys are gone.
 from __future__ import annotations
 
 import copy
+import sys
 
 import torch
 import torch.nn as nn
@@ -34,8 +36,11 @@ class MixedConv2dKind:
 
 
 def _is_timm_mixed_conv2d(module: nn.Module) -> bool:
+    # The exact class object timm's module exports (a subclass or a look-alike of the same name is not assumed).
     t = type(module)
-    return t.__name__ == "MixedConv2d" and (t.__module__ or "").startswith("timm.")
+    if t.__name__ != "MixedConv2d" or not (t.__module__ or "").startswith("timm."):
+        return False
+    return getattr(sys.modules.get(t.__module__), "MixedConv2d", None) is t
 
 
 def mixed_conv_reason(module: nn.Module) -> str | None:

@@ -303,3 +303,45 @@ def test_the_originals_own_float32_error_includes_other_roundings_of_its_input()
     own = zoo._own_float32_error(_Identity(), x64, x64)
     assert nearest < own <= 2.0 ** -23 * 2
     assert own == max(zoo.rel_error(r, x64) for r in zoo._rounded_inputs(x64, zoo.INPUT_ROUNDINGS))
+
+
+class _Flagged(nn.Module):
+    """conv -> BN -> ReLU, then a residual chosen by a flag read on every call: a guarded block (its fused graph is
+    specialized for the flag) with stand-ins for its fallback."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 3, 3, padding=1, bias=False), nn.BatchNorm2d(3)
+        self.skip = True
+
+    def forward(self, x):
+        y = torch.relu(self.bn(self.conv(x)))
+        return y + x if self.skip else y
+
+
+class _Holder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block, self.head = _Flagged(), nn.Conv2d(3, 4, 1)
+
+    def forward(self, x):
+        return self.head(self.block(x))
+
+
+@pytest.mark.parametrize("broken", [False, True])
+def test_each_guarded_blocks_fallback_is_checked_against_the_original(monkeypatch, broken):
+    from bench import zoo_models, zoo_report
+    from fusedconv.graph import roles
+
+    monkeypatch.setitem(zoo_models.HOME_MODELS, "flagged", _Holder)
+    if broken:  # the BN's stand-in forgets its shift: only a call that misses the block's guard would see it
+        monkeypatch.setattr(roles.BNRole, "forward", lambda self, y: y * self.fused.scale.view(-1, 1, 1))
+    res = zoo.run_model(ZooModel("home:flagged"), size=SIZE, batch=2)
+    assert res["exact64"] and res["fallback_blocks"] >= 1  # (the fused path is right either way)
+    found = [f for f in res["findings"] if f.startswith("guard fallback:")]
+    assert bool(found) == broken and (res["fallback_err64"] > 1e-3) == broken
+    if broken:
+        assert "block" in found[0]
+    res["total_s"] = 0.0
+    meta = {"date": "d", "machine": "m", "threads": 1, "python": "p", "versions": {}, "command": "c"}
+    assert f"{res['fallback_blocks']} blocks over 1 models" in zoo_report.render_markdown([res], meta)

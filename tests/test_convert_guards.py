@@ -615,3 +615,19 @@ def test_parametrized_fused_layer_after_convert():
     for m in (model, converted):
         parametrize.register_parametrization(m.layer1[0].conv1, "weight", _Doubled())
     assert max_rel_error(converted(x), model(x)) < TOL
+
+
+@pytest.mark.parametrize("name", ["mobilenetv2_100", "efficientnet_b0", "mixnet_s", "resnet18d"])
+def test_every_guarded_timm_blocks_fallback_computes_the_original(name):
+    # A call that misses a block's guard runs the block's own forward over stand-ins of the children convert changed
+    # (graph/roles.py). Called directly on each guarded block, with the input the original model gave it: the
+    # original block's output (timm's norm-act BNs included, whose activation the stand-in must apply).
+    timm = pytest.importorskip("timm")
+    from bench.zoo import fallback_errors
+
+    torch.manual_seed(0)
+    model = randomize_bn(timm.create_model(name).eval(), example=torch.randn(2, 3, 32, 32)).double()
+    converted = fusedconv.convert(model)
+    errors = fallback_errors(model, converted, _t(2, 3, 32, 32))
+    assert len(errors) >= 8
+    assert max(errors.values()) < TOL, {p: e for p, e in errors.items() if not e < TOL}

@@ -334,12 +334,13 @@ def run_model(entry: ZooModel, size: int = 64, batch: int = 2, seed: int = 0) ->
 def fallback_errors(original: nn.Module, converted: nn.Module, x: torch.Tensor) -> dict[str, float]:
     """Per guarded block of `converted` (a convert table: graph/specialize.py), the error of its exact fallback —
     the block's own forward over the stand-ins of the children the rewrite changed (graph/roles.py), what a call
-    runs when it misses the block's guards — against the original block at the same path, on the input the
+    runs when it misses the block's guards; for a whole-model flat forward (graph/flat.py), the converted model's
+    forward as if it had none — against the original block at the same path, on the input the
     original model's forward gave that block (its first call; relative error, inf when only one of them raises).
     A call that misses a guard is rare (an attribute or call pattern changed), so no output check of the whole
     model reaches this code: it is called here directly."""
     blocks = {path: m for path, m in converted.named_modules()
-              if (t := guard_table(m)) is not None and t.kind == "convert" and (t.roles or t.base is not None)}
+              if (t := guard_table(m)) is not None and t.kind == "convert"}
     calls: dict[str, tuple] = {}
     handles = []
 

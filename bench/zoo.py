@@ -409,8 +409,8 @@ def _float32_checks(model: nn.Module, x: torch.Tensor, x_other: torch.Tensor, re
     by more than the tolerance). The original's own error is the largest over a few ways PyTorch computes it and
     over a few other float32 roundings of the input (`_own_float32_error`): on such a model it spreads over an order
     of magnitude (randomly initialized efficientvit_m0 at 224x224: 2.8e-3 NCHW at one thread, 1.5e-2 channels_last
-    at two, up to 4e-2 on another rounding of the input; a 1e-12 relative change of its input moves its float64
-    output by 7e-11). Such a check is listed (`within_own_error32`), with both distances, rather than reported as a
+    at two, up to 4e-2 on its input perturbed within float32 rounding; a 1e-12 relative change of its input moves
+    its float64 output by 7e-11). Such a check is listed (`within_own_error32`), with both distances, rather than reported as a
     mismatch."""
     tol = SELF_CHECK_TOLERANCE[torch.float32]
     res["tol32"] = tol
@@ -484,8 +484,9 @@ def _rounded_inputs(x64: torch.Tensor, count: int, seed: int = 0) -> list[torch.
     (stochastic rounding) instead of to the nearest one. Each is as faithful a float32 copy of the float64 input as
     `x64.float()` (within one float32 unit in the last place of every element), so where the original's outputs on
     them differ from its output on `x64.float()` by more than the tolerance, no float32 computation of the model
-    can be expected to be closer than that: the model amplifies the rounding of its own input (measured: randomly
-    initialized efficientvit_m0 at 224x224, batch 1, 1.4e-2 to 4.0e-2 over such inputs against float64)."""
+    can be expected to be closer than that: the model amplifies the rounding of its own input (measured on randomly
+    initialized efficientvit_m0 at 224x224, batch 1: its input perturbed by up to 2^-24 relative per element moved
+    its float32 output 1.6e-2 to 4.0e-2 from float64)."""
     gen = torch.Generator().manual_seed(seed)
     nearest = x64.float()
     # The float32 neighbours below and above each element (equal where x64 is a float32 value already).

@@ -410,8 +410,8 @@ def _float32_checks(model: nn.Module, x: torch.Tensor, x_other: torch.Tensor, re
     over a few other float32 roundings of the input (`_own_float32_error`): on such a model it spreads over an order
     of magnitude (randomly initialized efficientvit_m0 at 224x224: 2.8e-3 NCHW at one thread, 1.5e-2 channels_last
     at two, up to 4e-2 on its input perturbed within float32 rounding; a 1e-12 relative change of its input moves
-    its float64 output by 7e-11). Such a check is listed (`within_own_error32`), with both distances, rather than reported as a
-    mismatch."""
+    its float64 output by 7e-11). Such a check is listed (`within_own_error32`), with both distances, rather than
+    reported as a mismatch."""
     tol = SELF_CHECK_TOLERANCE[torch.float32]
     res["tol32"] = tol
     x32, x32_other = x.float(), x_other.float()

@@ -16,6 +16,9 @@ leave an inverted-residual net's output nearly independent of its early layers â
   output, or within twice the original's own float32 error against that (`_float32_checks`: models ill-conditioned
   at float32; the original's own error taken over layouts, thread counts and other float32 roundings of the
   input).
+- float32 variants a user meets (`_float32_checks`): the input already channels_last, the call inside
+  torch.inference_mode, another spatial size (batch 1, 32 more pixels a side; also in float64, exact), each judged
+  like the float32 default path above (a model built for one size, or whose original refuses the other, skips it).
 - autocast: original and converted float32 models in the same `torch.autocast("cpu", dtype=torch.bfloat16)`
   region (fusedconv/autocast.py), twice: the same output dtypes, and the converted error against the float64
   original at most twice the original's own plus one bfloat16 unit in the last place (AUTOCAST_DTYPE).
@@ -34,6 +37,8 @@ leave an inverted-residual net's output nearly independent of its early layers â
 - guard fallbacks (`fallback_errors`): every guarded block's exact fallback (its own forward over the stand-ins of
   the children convert changed, what a call runs when it misses the block's guards) called directly, in float64,
   on the input the original model gave that block, against the original block (<= EXACT_FLOAT64).
+- input gradient (`input_gradients`): in grad mode, the gradient of a fixed random weighting of the outputs with
+  respect to the input, converted against original (float64, <= EXACT_FLOAT64).
 - `copy.deepcopy`, `torch.save` / `torch.load(weights_only=False)` of the converted model give the same output;
   a second batch size gives the original's result (float64 and float32).
 Each failing check is listed in the model's `findings`.
@@ -320,12 +325,39 @@ def run_model(entry: ZooModel, size: int = 64, batch: int = 2, seed: int = 0) ->
                 path, err = max(wrong.items(), key=lambda kv: kv[1])
                 find(f"guard fallback: {len(wrong)} of {len(fallbacks)} guarded blocks differ from the original "
                      f"when their own forward runs, worst {path or '<root>'} {err:.3e}")
+        try:
+            grads = input_gradients(model64, x)
+        except Timeout:
+            raise
+        except Exception as e:  # noqa: BLE001 - the original's own backward fails: nothing to compare
+            grads, res["grad_note"] = None, "original: " + first_line(e)
+        if grads is not None:
+            res["grad_err64"] = _checked(lambda: rel_error(input_gradients(fused64, x), grads), res, "input gradient")
+            if res["grad_err64"] is not None and not res["grad_err64"] <= EXACT_FLOAT64:
+                find(f"input gradient differs from the original's by {res['grad_err64']:.3e}")
         ref_other = _checked(lambda: model64(x_other), res, "batch 1 float64 original")
         if ref_other is not None:
             res["batch1_err64"] = _checked(lambda: rel_error(fused64(x_other), ref_other), res, "batch 1 float64")
         if res.get("batch1_err64") is not None and res["batch1_err64"] > EXACT_FLOAT64:
             find(f"batch 1 float64 mismatch {res['batch1_err64']:.3e}")
-        fused32 = _float32_checks(model, x, x_other, res, ref, ref_other)
+        # Another spatial size (batch 1; 32 more pixels a side, a multiple of 32 stays one), unless the model is
+        # built for one size (fixed_size / clips) or the original refuses it.
+        size2 = None
+        if not entry.fixed_size and not entry.frames:
+            x_size2 = torch.randn(entry.input_shape(max(size, entry.min_size) + 32, 1), generator=gen,
+                                  dtype=torch.float64)
+            try:
+                size2 = (x_size2, model64(x_size2))
+            except Timeout:
+                raise
+            except Exception as e:  # noqa: BLE001 - the original's own limit: nothing to compare
+                res["size2_note"] = first_line(e)
+        if size2 is not None:
+            res["size2_err64"] = _checked(lambda: rel_error(fused64(size2[0]), size2[1]), res,
+                                          "second size float64")
+            if res["size2_err64"] is not None and res["size2_err64"] > EXACT_FLOAT64:
+                find(f"second size float64 mismatch {res['size2_err64']:.3e}")
+        fused32 = _float32_checks(model, x, x_other, res, ref, ref_other, size2)
         if fused32 is not None:
             _autocast_checks(model, fused32, x.float(), ref, res)
     return res
@@ -380,6 +412,21 @@ def fallback_errors(original: nn.Module, converted: nn.Module, x: torch.Tensor) 
     return errors
 
 
+def input_gradients(model: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """d(sum of the outputs, each weighted by a fixed random tensor) / d(input), in grad mode: the path a user who
+    differentiates through the model takes (FusedConv2d's differentiable route, fusedconv/modules.py; the CPU
+    layout boundary and the flat forward's direct calls step aside for it). None when no output depends on the
+    input through autograd."""
+    x = x.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        outs = [t for t in tree_flatten(model(x))[0] if isinstance(t, torch.Tensor) and t.is_floating_point()]
+        gen = torch.Generator().manual_seed(3)
+        loss = sum((t * torch.randn(t.shape, generator=gen, dtype=t.dtype)).sum() for t in outs)
+        if not isinstance(loss, torch.Tensor) or not loss.requires_grad:
+            return None
+        return torch.autograd.grad(loss, x)[0]
+
+
 def _checked(fn, res: dict, what: str):
     try:
         return fn()
@@ -397,10 +444,17 @@ def _save_load(model: nn.Module) -> nn.Module:
     return torch.load(buf, weights_only=False)
 
 
+# The float32 checks of `_float32_checks`: the first three always run, the others where they apply.
+CHECKS32 = ("err32", "batch1_err32", "repeat_err32")
+VARIANTS32 = ("cl_err32", "inference_err32", "size2_err32")
+
+
 def _float32_checks(model: nn.Module, x: torch.Tensor, x_other: torch.Tensor, res: dict, ref64=None,
-                    ref64_other=None) -> nn.Module | None:
-    """The float32 model converted, run on NCHW float32 input at both batch sizes; the converted model (None when
-    convert raised).
+                    ref64_other=None, size2=None) -> nn.Module | None:
+    """The float32 model converted, run on NCHW float32 input at both batch sizes, a third time at the first, and
+    in variants a user meets: the input already channels_last (4-d), the call inside torch.inference_mode, and
+    another spatial size (`size2`: its float64 input and the original's float64 output, batch 1); the converted
+    model (None when convert raised).
 
     A float32 difference above the tolerance is a finding unless the converted float32 output is within the
     tolerance of the original's float64 output on that input (`ref64` / `ref64_other`), or within twice the
@@ -433,10 +487,22 @@ def _float32_checks(model: nn.Module, x: torch.Tensor, x_other: torch.Tensor, re
     # Per check: its float64 input, the original's float32 output and its float64 output on it.
     wants = {"err32": (x, ref, ref64), "batch1_err32": (x_other, ref_other, ref64_other),
              "repeat_err32": (x, ref, ref64)}
+    if x32.dim() == 4:
+        got["cl_err32"] = _checked(lambda: fused32(x32.contiguous(memory_format=torch.channels_last)), res,
+                                   "channels_last float32")
+        wants["cl_err32"] = wants["err32"]
+    got["inference_err32"] = _checked(lambda: _in_inference_mode(fused32, x32), res, "inference_mode float32")
+    wants["inference_err32"] = wants["err32"]
+    if size2 is not None:
+        x2 = size2[0].float()
+        ref2 = _checked(lambda: model(x2), res, "second size float32 original")
+        if ref2 is not None:
+            got["size2_err32"] = _checked(lambda: fused32(x2), res, "second size float32")
+            wants["size2_err32"] = (size2[0], ref2, size2[1])
     for what, y in got.items():
         if y is not None:
             res[what] = _checked(lambda: rel_error(y, wants[what][1]), res, what)
-    for what in ("err32", "batch1_err32", "repeat_err32"):
+    for what in CHECKS32 + VARIANTS32:
         if res.get(what) is None or res[what] <= tol:
             continue
         x_what, want, want64 = wants[what]
@@ -452,12 +518,18 @@ def _float32_checks(model: nn.Module, x: torch.Tensor, x_other: torch.Tensor, re
         against = "" if distances is None else (f" (against float64: converted {distances[1]:.3e}, the original's "
                                                 f"own up to {distances[0]:.3e})")
         res["findings"].append(f"{what}: float32 mismatch {res[what]:.3e} > {tol:g}{against}")
-    res["match32"] = all(res.get(w) is not None and res[w] <= tol for w in ("err32", "batch1_err32", "repeat_err32"))
+    res["match32"] = all(res.get(w) is not None and res[w] <= tol for w in CHECKS32) and all(
+        res[w] <= tol for w in VARIANTS32 if res.get(w) is not None)
     return fused32
 
 
 # How many other float32 roundings of a float32 check's input the original also runs (`_own_float32_error`).
 INPUT_ROUNDINGS = 4
+
+
+def _in_inference_mode(model: nn.Module, x: torch.Tensor):
+    with torch.inference_mode():
+        return model(x)
 
 
 def _own_float32_error(model: nn.Module, x64: torch.Tensor, want64) -> float:

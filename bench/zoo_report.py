@@ -9,7 +9,7 @@ import torch
 
 from fusedconv.comparison import SELF_CHECK_TOLERANCE
 
-from bench.zoo import EXACT_FLOAT64
+from bench.zoo import CHECKS32, EXACT_FLOAT64, VARIANTS32
 
 
 def _fmt(v) -> str:
@@ -18,6 +18,18 @@ def _fmt(v) -> str:
 
 def _ratio(v) -> str:
     return "-" if v is None else f"{v:.2f}"
+
+
+def _count(conv: list[dict], key: str, tol: float | None = None) -> str:
+    """"k of n within the tolerance" over the models where check `key` ran."""
+    ran = [r for r in conv if r.get(key) is not None]
+    within = [r for r in ran if r[key] <= (r["tol32"] if tol is None else tol)]
+    return f"{len(within)} of {len(ran)} within"
+
+
+def _refusing(conv: list[dict]) -> str:
+    n = sum(bool(r.get("size2_note")) for r in conv)
+    return f"; {n} originals refuse it" if n else ""
 
 
 def _error(v) -> str:
@@ -42,8 +54,10 @@ def _within_own_error(conv: list[dict]) -> str:
     """The summary's clause for models whose float32 difference is within twice the original's own float32 error
     against float64 (bench/zoo.py `_float32_checks`), or nothing."""
     def within(r) -> bool:  # every float32 check either within the tolerance or within the original's own error
-        return all(r.get(w) is not None and (r[w] <= r["tol32"] or w in r.get("within_own_error32", ()))
-                   for w in ("err32", "batch1_err32", "repeat_err32"))
+        def ok(w):
+            return r[w] <= r["tol32"] or w in r.get("within_own_error32", ())
+        return all(r.get(w) is not None and ok(w) for w in CHECKS32) and all(
+            ok(w) for w in VARIANTS32 if r.get(w) is not None)
 
     listed = [r for r in conv if not r.get("match32") and within(r)]
     if not listed:
@@ -73,6 +87,10 @@ def render_markdown(results: list[dict], meta: dict) -> str:
              f"float64 (max relative error <= {EXACT_FLOAT64:g}: max |converted - original| / max |original| per "
              f"output tensor, worst tensor), {len(m32)} match in float32 on the default CPU path at both batch "
              f"sizes (<= {SELF_CHECK_TOLERANCE[torch.float32]:g})" + _within_own_error(conv),
+             f"- variants (bench/zoo.py `_float32_checks`): float32 input already channels_last "
+             f"{_count(conv, 'cl_err32')}, inside torch.inference_mode {_count(conv, 'inference_err32')}, another "
+             f"spatial size {_count(conv, 'size2_err32')} (float64: {_count(conv, 'size2_err64', EXACT_FLOAT64)}"
+             f"{_refusing(conv)})",
              f"- conv layers (converted models): {fused} fused of {total} in the originals "
              f"(re-parameterized branches merge several convs into one fused layer)",
              f"- whole-model flat forward (convert's default `flatten=True`): {sum(bool(r.get('flat')) for r in conv)}"
@@ -96,6 +114,12 @@ def render_markdown(results: list[dict], meta: dict) -> str:
              f"{sum(r.get('fallback_blocks') or 0 for r in conv)} blocks over "
              f"{sum(bool(r.get('fallback_blocks')) for r in conv)} models, worst error "
              + _error(max((r["fallback_err64"] for r in conv if r.get("fallback_err64") is not None), default=None)),
+             f"- input gradients (grad mode, float64: the gradient of a fixed random weighting of the outputs with "
+             f"respect to the input, converted against original): {sum(r.get('grad_err64') is not None for r in conv)}"
+             f" of {len(conv)} converted models compared, worst error "
+             + _error(max((r["grad_err64"] for r in conv if r.get("grad_err64") is not None), default=None))
+             + "; " + (", ".join(f"{r['model']} ({r['grad_note']})" for r in conv if r.get("grad_note"))
+                      or "every original differentiable"),
              f"- models with findings: {sum(bool(r['findings']) for r in results)}",
              "- fused layers kept beside their original conv + BN under a new name (both in the state_dict): "
              + (", ".join(f"{r['model']} {len(r['fused_copies'])}" for r in conv if r.get("fused_copies"))

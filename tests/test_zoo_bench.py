@@ -243,12 +243,14 @@ def test_float32_verdict_measures_the_converted_output_against_float64(monkeypat
         assert distances["original"] == pytest.approx(0.3 * tol, rel=1e-2)
         assert distances["converted"] == pytest.approx(converted_off * tol, rel=1e-2)
     assert bool(res["findings"]) == reported
-    assert res.get("within_own_error32", []) == ([] if reported else ["err32", "batch1_err32", "repeat_err32"])
+    assert res.get("within_own_error32", []) == ([] if reported else ["err32", "batch1_err32", "repeat_err32",
+                                                                      "cl_err32", "inference_err32"])
     # The report's summary counts a model as within its own error only when every float32 check is.
     res["model"] = "m"
     assert ("1 more within twice" in zoo_report._within_own_error([res])) == (not reported)
     if not reported:
-        res["within_own_error32"], res["batch1_err32"] = ["err32", "repeat_err32"], 0.5 * tol
+        res["within_own_error32"] = ["err32", "repeat_err32", "cl_err32", "inference_err32"]
+        res["batch1_err32"] = 0.5 * tol
         assert "1 more within twice" in zoo_report._within_own_error([res])  # batch 1 inside the tolerance
     res["within_own_error32"], res["batch1_err32"] = ["err32"], 2 * tol  # batch 1, the repeated call: findings
     assert zoo_report._within_own_error([res]) == ""
@@ -345,3 +347,56 @@ def test_each_guarded_blocks_fallback_is_checked_against_the_original(monkeypatc
     res["total_s"] = 0.0
     meta = {"date": "d", "machine": "m", "threads": 1, "python": "p", "versions": {}, "command": "c"}
     assert f"{res['fallback_blocks']} blocks over 1 models" in zoo_report.render_markdown([res], meta)
+
+
+@pytest.mark.parametrize("broken", [False, True])
+def test_the_input_gradient_is_checked_against_the_original(monkeypatch, broken):
+    from bench import zoo_report
+
+    if broken:  # the same values, twice the gradient: only a backward pass can tell
+        real = FusedConv2d.forward
+
+        def doubled(self, *args, **kwargs):
+            y = real(self, *args, **kwargs)
+            return y.detach() + (y - y.detach()) * 2 if y.requires_grad else y
+
+        monkeypatch.setattr(FusedConv2d, "forward", doubled)
+    res = zoo.run_model(ZooModel("timm:test_resnet"), size=SIZE, batch=2)
+    assert res["exact64"] and res["grad_err64"] is not None
+    assert (res["grad_err64"] > 1e-3) == broken
+    assert any(f.startswith("input gradient differs") for f in res["findings"]) == broken
+    res["total_s"] = 0.0
+    meta = {"date": "d", "machine": "m", "threads": 1, "python": "p", "versions": {}, "command": "c"}
+    assert "1 of 1 converted models compared" in zoo_report.render_markdown([res], meta)
+
+
+class _OffWhen(nn.Module):
+    """x, but 1 + 1e-3 times x on the calls `when` picks: a converted model wrong only in one variant of the call."""
+
+    def __init__(self, when):
+        super().__init__()
+        self.when = when
+
+    def forward(self, x):
+        return x * (1 + 1e-3) if self.when(x) else x * 1
+
+
+_VARIANTS = {
+    "cl_err32": lambda x: not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last),
+    "inference_err32": lambda x: torch.is_inference_mode_enabled(),
+    "size2_err32": lambda x: x.shape[-1] == 8,
+}
+
+
+@pytest.mark.parametrize("variant", [None, *_VARIANTS])
+def test_float32_variants_each_catch_a_model_wrong_only_there(monkeypatch, variant):
+    converted = _OffWhen(_VARIANTS[variant] if variant else lambda x: False)
+    monkeypatch.setattr(fusedconv, "convert", lambda model: converted)
+    x, x_other = torch.rand(2, 3, 4, 4, dtype=torch.float64) + 1, torch.rand(1, 3, 4, 4, dtype=torch.float64) + 1
+    x2 = torch.rand(1, 3, 8, 8, dtype=torch.float64) + 1
+    res = {"findings": []}
+    zoo._float32_checks(_OffWhen(lambda x: False), x, x_other, res, x, x_other, (x2, x2))
+    assert all(res[w] <= res["tol32"] for w in zoo.CHECKS32)
+    assert set(zoo.VARIANTS32) <= set(res)
+    assert res["match32"] == (variant is None)
+    assert [f.split(":")[0] for f in res["findings"]] == ([] if variant is None else [variant])

@@ -38,7 +38,8 @@ leave an inverted-residual net's output nearly independent of its early layers â
   the children convert changed, what a call runs when it misses the block's guards) called directly, in float64,
   on the input the original model gave that block, against the original block (<= EXACT_FLOAT64).
 - input gradient (`input_gradients`): in grad mode, the gradient of a fixed random weighting of the outputs with
-  respect to the input, converted against original (float64, <= EXACT_FLOAT64).
+  respect to the input, converted against original (float64, <= EXACT_FLOAT64, or within twice the original's own
+  spread when only rounding changes, `own_gradient_error`, for a backward that amplifies rounding).
 - `copy.deepcopy`, `torch.save` / `torch.load(weights_only=False)` of the converted model give the same output;
   a second batch size gives the original's result (float64 and float32).
 Each failing check is listed in the model's `findings`.
@@ -334,7 +335,12 @@ def run_model(entry: ZooModel, size: int = 64, batch: int = 2, seed: int = 0) ->
         if grads is not None:
             res["grad_err64"] = _checked(lambda: rel_error(input_gradients(fused64, x), grads), res, "input gradient")
             if res["grad_err64"] is not None and not res["grad_err64"] <= EXACT_FLOAT64:
-                find(f"input gradient differs from the original's by {res['grad_err64']:.3e}")
+                # Ill-conditioned backward (attention with random weights): judged against the original's own spread.
+                own = _checked(lambda: own_gradient_error(model64, x, grads), res, "input gradient spread")
+                res["grad_own64"] = own
+                if own is None or not res["grad_err64"] <= 2 * own:
+                    find(f"input gradient differs from the original's by {res['grad_err64']:.3e} (the original's "
+                         f"own spread {own if own is None else format(own, '.3e')})")
         ref_other = _checked(lambda: model64(x_other), res, "batch 1 float64 original")
         if ref_other is not None:
             res["batch1_err64"] = _checked(lambda: rel_error(fused64(x_other), ref_other), res, "batch 1 float64")
@@ -425,6 +431,19 @@ def input_gradients(model: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         if not isinstance(loss, torch.Tensor) or not loss.requires_grad:
             return None
         return torch.autograd.grad(loss, x)[0]
+
+
+def own_gradient_error(model: nn.Module, x: torch.Tensor, grads: torch.Tensor) -> float:
+    """How far the original's own float64 input gradient moves from `grads` when only rounding changes: the input
+    channels_last (another summation order in its convs), or times 1 + 1e-15 noise (two seeds). A model whose
+    backward amplifies rounding (measured, random weights at 224x224: levit_conv_128s 9.8e-8 channels_last and 1.1e-7
+    perturbed; efficientvit_m0 1.8e-8 / 1.5e-8) gives converted gradients as far off; the sweep allows twice this."""
+    variants = [x.contiguous(memory_format={4: torch.channels_last, 5: torch.channels_last_3d}[x.dim()])] \
+        if x.dim() in (4, 5) else []
+    for seed in (5, 6):
+        noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed), dtype=x.dtype)
+        variants.append(x * (1 + 1e-15 * noise))
+    return max(rel_error(input_gradients(model, v), grads) for v in variants)
 
 
 def _checked(fn, res: dict, what: str):

@@ -32,6 +32,17 @@ def _refusing(conv: list[dict]) -> str:
     return f"; {n} originals refuse it" if n else ""
 
 
+def _gradients_within_own(conv: list[dict]) -> str:
+    """The clause for models whose input gradient is beyond 1e-10 but within twice the original's own spread
+    (bench/zoo.py `own_gradient_error`: a backward that amplifies rounding)."""
+    listed = [r for r in conv if r.get("grad_own64") is not None and r["grad_err64"] <= 2 * r["grad_own64"]]
+    if not listed:
+        return ""
+    return (f", {len(listed)} of them beyond {EXACT_FLOAT64:g} but within twice the original's own spread under "
+            "rounding changes (" + ", ".join(f"{r['model']}: converted {r['grad_err64']:.1e}, original "
+                                             f"{r['grad_own64']:.1e}" for r in listed) + ")")
+
+
 def _error(v) -> str:
     return "-" if v is None else f"{v:.1e}"
 
@@ -118,6 +129,7 @@ def render_markdown(results: list[dict], meta: dict) -> str:
              f"respect to the input, converted against original): {sum(r.get('grad_err64') is not None for r in conv)}"
              f" of {len(conv)} converted models compared, worst error "
              + _error(max((r["grad_err64"] for r in conv if r.get("grad_err64") is not None), default=None))
+             + _gradients_within_own(conv)
              + "; " + (", ".join(f"{r['model']} ({r['grad_note']})" for r in conv if r.get("grad_note"))
                       or "every original differentiable"),
              f"- models with findings: {sum(bool(r['findings']) for r in results)}",

@@ -400,3 +400,32 @@ def test_float32_variants_each_catch_a_model_wrong_only_there(monkeypatch, varia
     assert set(zoo.VARIANTS32) <= set(res)
     assert res["match32"] == (variant is None)
     assert [f.split(":")[0] for f in res["findings"]] == ([] if variant is None else [variant])
+
+
+@pytest.mark.parametrize("own, reported", [(1e-7, False), (1e-12, True)])
+def test_an_input_gradient_off_by_rounding_is_judged_against_the_originals_own_spread(monkeypatch, own, reported):
+    # Gradients 1e-8 off (as an ill-conditioned backward gives): no finding when the original's own gradient moves
+    # 1e-7 under rounding changes, a finding when it moves 1e-12.
+    real = FusedConv2d.forward
+
+    def off(self, *args, **kwargs):
+        y = real(self, *args, **kwargs)
+        return y.detach() + (y - y.detach()) * (1 + 1e-8) if y.requires_grad else y
+
+    monkeypatch.setattr(FusedConv2d, "forward", off)
+    monkeypatch.setattr(zoo, "own_gradient_error", lambda model, x, grads: own)
+    res = zoo.run_model(ZooModel("timm:test_resnet"), size=SIZE, batch=2)
+    assert 1e-10 < res["grad_err64"] < 1e-6 and res["grad_own64"] == own
+    assert any(f.startswith("input gradient differs") for f in res["findings"]) == reported
+    from bench import zoo_report
+
+    assert ("within twice the original's own spread" in zoo_report._gradients_within_own([res])) == (not reported)
+
+
+def test_the_originals_own_gradient_spread_is_measured_under_rounding_changes():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).double()
+    x = torch.randn(1, 3, 6, 6, dtype=torch.float64)
+    grads = zoo.input_gradients(model, x)
+    own = zoo.own_gradient_error(model, x, grads)
+    assert 0 <= own < 1e-13  # a well-conditioned backward: rounding moves it by a few float64 units
+    assert zoo.own_gradient_error(model, x, grads * (1 + 1e-6)) > 5e-7  # measured against the given gradient

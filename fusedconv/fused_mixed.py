@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 
 from fusedconv import fold
-from fusedconv.activations import ActivationSpec
+from fusedconv.activations import as_spec
 from fusedconv.modules import FusedConv2d, _epilogue_dtype
 
 
@@ -35,8 +35,9 @@ class MixedConv2dKind:
     """The layer kind of a chain that starts at a timm MixedConv2d (graph passes: `Chain.base`); never instantiated."""
 
 
-def _is_timm_mixed_conv2d(module: nn.Module) -> bool:
-    # The exact class object timm's module exports (a subclass or a look-alike of the same name is not assumed).
+def is_mixed_conv2d(module: nn.Module) -> bool:
+    """timm's MixedConv2d: the exact class object timm's module exports (a subclass or a look-alike of the same name
+    is not assumed); whether it qualifies is `mixed_conv_reason`."""
     t = type(module)
     if t.__name__ != "MixedConv2d" or not (t.__module__ or "").startswith("timm."):
         return False
@@ -81,11 +82,6 @@ def _probe(module: nn.Module, convs: list, splits: list) -> str | None:
     return None
 
 
-def is_mixed_conv2d(module: nn.Module) -> bool:
-    """timm's MixedConv2d class (whether it qualifies is `mixed_conv_reason`)."""
-    return _is_timm_mixed_conv2d(module)
-
-
 def out_channels(module: nn.Module) -> int:
     return sum(c.out_channels for c in module._modules.values())
 
@@ -116,7 +112,7 @@ class FusedMixedConv2d(nn.Module):
         reason = mixed_conv_reason(mixed)
         if reason is not None:
             raise ValueError(reason)
-        act = act if isinstance(act, ActivationSpec) else ActivationSpec() if act is None else act
+        act = as_spec(act)
         convs = list(mixed._modules.values())
         total = out_channels(mixed)
         fold.check_foldable(bn)

@@ -385,8 +385,7 @@ def fallback_errors(original: nn.Module, converted: nn.Module, x: torch.Tensor) 
     def record(path):
         def hook(module, args, kwargs):
             if path not in calls:
-                clone = tree_map(lambda v: v.clone() if isinstance(v, torch.Tensor) else v, (args, kwargs))
-                calls[path] = clone
+                calls[path] = _cloned((args, kwargs))
         return hook
 
     originals = dict(original.named_modules())
@@ -402,7 +401,7 @@ def fallback_errors(original: nn.Module, converted: nn.Module, x: torch.Tensor) 
     errors = {}
     for path, (args, kwargs) in calls.items():
         def run(fn):
-            a, k = tree_map(lambda v: v.clone() if isinstance(v, torch.Tensor) else v, (args, kwargs))
+            a, k = _cloned((args, kwargs))  # (a block may write into its input)
             try:
                 with torch.no_grad():
                     return fn(*a, **k)
@@ -416,6 +415,10 @@ def fallback_errors(original: nn.Module, converted: nn.Module, x: torch.Tensor) 
         else:
             errors[path] = rel_error(got, want)
     return errors
+
+
+def _cloned(tree):
+    return tree_map(lambda v: v.clone() if isinstance(v, torch.Tensor) else v, tree)
 
 
 def input_gradients(model: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
@@ -542,13 +545,13 @@ def _float32_checks(model: nn.Module, x: torch.Tensor, x_other: torch.Tensor, re
     return fused32
 
 
-# How many other float32 roundings of a float32 check's input the original also runs (`_own_float32_error`).
-INPUT_ROUNDINGS = 4
-
-
 def _in_inference_mode(model: nn.Module, x: torch.Tensor):
     with torch.inference_mode():
         return model(x)
+
+
+# How many other float32 roundings of a float32 check's input the original also runs (`_own_float32_error`).
+INPUT_ROUNDINGS = 4
 
 
 def _own_float32_error(model: nn.Module, x64: torch.Tensor, want64) -> float:

@@ -471,6 +471,13 @@ CHECKS32 = ("err32", "batch1_err32", "repeat_err32")
 VARIANTS32 = ("cl_err32", "inference_err32", "size2_err32")
 
 
+def checks32_hold(res: dict, ok) -> bool:
+    """`ok(name)` holds for every float32 check of a model's results: each of CHECKS32 (which must have run) and
+    each of VARIANTS32 that ran."""
+    return all(res.get(w) is not None and ok(w) for w in CHECKS32) and all(
+        ok(w) for w in VARIANTS32 if res.get(w) is not None)
+
+
 def _float32_checks(model: nn.Module, x: torch.Tensor, x_other: torch.Tensor, res: dict, ref64=None,
                     ref64_other=None, size2=None) -> nn.Module | None:
     """The float32 model converted, run on NCHW float32 input at both batch sizes, a third time at the first, and
@@ -540,8 +547,7 @@ def _float32_checks(model: nn.Module, x: torch.Tensor, x_other: torch.Tensor, re
         against = "" if distances is None else (f" (against float64: converted {distances[1]:.3e}, the original's "
                                                 f"own up to {distances[0]:.3e})")
         res["findings"].append(f"{what}: float32 mismatch {res[what]:.3e} > {tol:g}{against}")
-    res["match32"] = all(res.get(w) is not None and res[w] <= tol for w in CHECKS32) and all(
-        res[w] <= tol for w in VARIANTS32 if res.get(w) is not None)
+    res["match32"] = checks32_hold(res, lambda w: res[w] <= tol)
     return fused32
 
 

@@ -9,7 +9,7 @@ import torch
 
 from fusedconv.comparison import SELF_CHECK_TOLERANCE
 
-from bench.zoo import CHECKS32, EXACT_FLOAT64, VARIANTS32
+from bench.zoo import EXACT_FLOAT64, checks32_hold
 
 
 def _fmt(v) -> str:
@@ -65,10 +65,7 @@ def _within_own_error(conv: list[dict]) -> str:
     """The summary's clause for models whose float32 difference is within twice the original's own float32 error
     against float64 (bench/zoo.py `_float32_checks`), or nothing."""
     def within(r) -> bool:  # every float32 check either within the tolerance or within the original's own error
-        def ok(w):
-            return r[w] <= r["tol32"] or w in r.get("within_own_error32", ())
-        return all(r.get(w) is not None and ok(w) for w in CHECKS32) and all(
-            ok(w) for w in VARIANTS32 if r.get(w) is not None)
+        return checks32_hold(r, lambda w: r[w] <= r["tol32"] or w in r.get("within_own_error32", ()))
 
     listed = [r for r in conv if not r.get("match32") and within(r)]
     if not listed:

@@ -56,7 +56,7 @@ from fusedconv.graph.patterns import (
 )
 from fusedconv.graph import private_residual
 from fusedconv.graph import model_code
-from fusedconv.graph.model_code import ClassAttrRef, ClassNamespace, same_plain
+from fusedconv.graph.model_code import ClassAttrRef, ClassNamespace, same_children, same_plain
 from fusedconv.graph.owned_input import _compiler, _fx_tracing, _jit_tracing_state
 from fusedconv.graph.private_residual import global_hooks, global_observers, hooked, hooked_source
 from fusedconv.graph.specialize import _CLASSES, _GUARDS, _MISSING, GuardTable, Specialization, install
@@ -322,7 +322,8 @@ class FlatCheck:
         src = "def make(e):\n" + (f"    {names}, = e\n" if expect else "") + \
             "".join(f"    {line}\n" for line in body.splitlines())
         src += "    return check\n"
-        namespace = {"MISSING": _MISSING, "Tensor": torch.Tensor, "same_plain": same_plain}
+        namespace = {"MISSING": _MISSING, "Tensor": torch.Tensor, "same_plain": same_plain,
+                     "same_children": same_children}
         exec(compile(src, "<fusedconv flat check>", "exec"), namespace)  # noqa: S102 - generated here
         self.fn = namespace["make"](expect)
 

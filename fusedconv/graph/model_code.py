@@ -46,6 +46,7 @@ import enum
 import functools
 import gc
 import logging
+import operator
 import os
 import pickle
 import random
@@ -775,6 +776,12 @@ def same_plain(a, b) -> bool:
     if type(a) is dict:
         return a.keys() == b.keys() and all(same_plain(v, b[k]) for k, v in a.items())
     return a == b
+
+
+def same_children(modules: dict, children: tuple) -> bool:
+    """`modules` (a module's `_modules`) holds exactly `children`: the same objects, in the same order (what a forward
+    iterating them, nn.Sequential's, ran over), none added, removed, replaced or moved. Compared by identity."""
+    return len(modules) == len(children) and all(map(operator.is_, modules.values(), children))
 
 
 class Namespace:

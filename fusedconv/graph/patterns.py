@@ -312,6 +312,11 @@ def attribute_terms(g: Guard, module: nn.Module, reads, d_expr: str, m_expr: str
     d = module.__dict__
     seen = set()
     children: list[str] = []
+    if "_modules" in reads and isinstance(d.get("_modules"), dict):
+        # The code read the children dict itself: it iterated, counted or indexed the children (nn.Sequential's
+        # forward, a ModuleList loop), so what ran depends on all of them.
+        expect.append(tuple(d["_modules"].values()))
+        g.check(f"same_children({m_expr}, e[{len(expect) - 1}])", f"{where}'s submodules unchanged")
     for attr in reads:
         if attr in seen or attr in MODULE_INTERNALS or attr.startswith("__") or attr.startswith("_fusedconv"):
             continue

@@ -24,6 +24,7 @@ from fusedconv.activations import ActivationSpec
 from fusedconv.fused_layers import FusedAffineLayer, FusedConvNd
 from fusedconv.fused_linear import FusedLinear
 from fusedconv.fused_mixed import FusedMixedConv2d
+from fusedconv.graph.private_residual import hooked
 from fusedconv.modules import FusedConv2d
 
 
@@ -100,6 +101,23 @@ class AffineRole(_Role):
         return y * _channel(f.scale, y, f) + _channel(f.shift, y, f)
 
 
+# The dicts nn.Module's call reads its hooks from.
+_HOOK_STATE = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
+               "_forward_hooks_always_called", "_backward_pre_hooks", "_backward_hooks", "_is_full_backward_hook")
+
+
+def _with_hooks(role, installed: nn.Module):
+    """`role`, or for an nn.Identity stand-in that user code hooked after convert (the BN or activation it stands
+    for is what the hook meant to see: the block's guard sent the call here, graph/scope_rewrite.py), a copy of the
+    role carrying those hooks."""
+    if type(installed) is not nn.Identity or not isinstance(role, nn.Module) or not hooked(installed):
+        return role
+    copy = object.__new__(type(role))
+    copy.__dict__.update(role.__dict__)
+    copy.__dict__.update({k: installed.__dict__[k] for k in _HOOK_STATE if k in installed.__dict__})
+    return copy
+
+
 def substitute(modules: dict, path: str, installed: nn.Module, role) -> None:
     """Bind dotted `path` (relative to the dict `modules` of a block's children) to `role` when it still holds
     `installed`; containers on the way are shallow-copied so the block's own tree is never changed."""
@@ -107,7 +125,7 @@ def substitute(modules: dict, path: str, installed: nn.Module, role) -> None:
     current = modules.get(head)
     if not rest:
         if current is installed:
-            modules[head] = role
+            modules[head] = _with_hooks(role, installed)
         return
     if current is None:
         return

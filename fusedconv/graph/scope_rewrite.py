@@ -26,6 +26,7 @@ import torch.nn as nn
 
 from fusedconv.graph import private_residual
 from fusedconv.graph.chains import Absorb, Chain, _node_name, _short
+from fusedconv.graph.inlined_containers import called_module_terms, sequential_terms
 from fusedconv.graph.patterns import MODULE_INTERNALS, CallPattern, Param, build_guard, merge_patterns
 from fusedconv.graph.roles import AffineRole, BNRole, ConvRole
 from fusedconv.graph.scope_pass import ScopePass
@@ -48,6 +49,10 @@ def _normalized(src: str, graph: fx.Graph) -> str:
     for i, n in enumerate(n for n in graph.nodes if n.op == "placeholder"):
         body = re.sub(rf"\b{re.escape(n.name)}\b", f"__param{i}", body)
     return body
+
+
+def _called_modules(graph: fx.Graph) -> set[str]:
+    return {str(n.target) for n in graph.nodes if n.op == "call_module"}
 
 
 def _tail_path(ch: Chain) -> str:
@@ -98,6 +103,8 @@ class ScopeRewrite:
     def run(self) -> tuple[nn.Module, list[str] | None]:
         """(module, guard descriptions or None when unguarded / unchanged)."""
         module = self.module
+        # Children (dotted paths) the original graph called and no rewritten graph calls any more.
+        self.removed_calls: set[str] = set()
         self.before = dict(module._modules)
         primary = ScopePass(module, self.traced[0][1].graph, self.scope, self.uses, self.report)
         good, absorbs = primary.plan()
@@ -154,6 +161,7 @@ class ScopeRewrite:
         for pattern, trace, key, payload in merge_patterns(items):
             local = {p.name: f"a{i}" for i, p in enumerate(self.params)}
             guard = build_guard(module, self.params, pattern, trace, local, expect)
+            self._sequential_terms(guard, good, absorbs, inlined=not swap, expect=expect)
             terms, described = guard.expression(), guard.described
             checks = list(zip(guard.terms, guard.labels))
             if self.base is not None:  # the base entry's assumptions first; what it checks already is not repeated
@@ -177,6 +185,28 @@ class ScopeRewrite:
                                base=self.base)
         install(module, table)
         return module, table.describe()
+
+    def _sequential_terms(self, guard, chains: list[Chain], absorbs: list[Absorb], inlined: bool,
+                          expect: list) -> None:
+        """The guard terms for the Sequentials the rewrite reached into (graph/inlined_containers.py): an absorbed
+        one the graph inlines (it took an add), or one whose last layer now computes more (a tail chain, an
+        absorbed activation); and for each child whose calls the rewritten graph dropped (a BN's stand-in, an
+        activation or a DropPath the fused layer took over, a conv left where it was)."""
+        for ch in chains:
+            if ch.tail is not None:
+                along = [list(c._modules)[-1] for c in ch.tail[2][:-1]]
+                sequential_terms(guard, self.module, str(ch.conv.target), expect, inlined=False, along=along)
+        covered = set()
+        for a in absorbs:
+            seq = str(a.seq.target)
+            if inlined and a.add is not None:
+                sequential_terms(guard, self.module, seq, expect, inlined=True)
+                covered.add(seq)
+            else:
+                along = a.leaves[-1][len(seq) + 1:].split(".")[:-1]
+                sequential_terms(guard, self.module, seq, expect, inlined=False, along=along)
+        for path in sorted(self.removed_calls - covered):
+            called_module_terms(guard, self.module, path, expect)
 
     def _base_index(self, pattern: CallPattern) -> int | None:
         return None if self.base is None else next(k for k, s in enumerate(self.base.entries) if s.pattern == pattern)
@@ -241,7 +271,9 @@ class ScopeRewrite:
             for ch in chains:
                 ch.fused = by_conv[str(ch.conv.target)]
             try:
+                before = _called_modules(sp.graph)
                 kept = sp.rewrite_graph(chains, absorbs, names)
+                self.removed_calls.update(before - _called_modules(sp.graph))
                 bad = [n for n in sp.graph.nodes if n.op in ("call_module", "get_attr") and n not in kept
                        and any(str(n.target) == p or str(n.target).startswith(p + ".") or p.startswith(f"{n.target}.")
                                for p in changed)]

@@ -330,7 +330,8 @@ def _recording_reads(module: nn.Module):
                 # `self.__dict__[...]` / `vars(self)` in model code (nn.Module's own lookups are torch's code): the
                 # names it then reads there are not seen here.
                 log.append(DIRECT_DICT_READ)
-            log.append(name)
+            if name != "_modules" or _children_read(sys._getframe(1)):
+                log.append(name)
         return super(recorder, self).__getattribute__(name)
 
     recorder = type(cls.__name__, (cls,), {"__getattribute__": __getattribute__, "__module__": cls.__module__})
@@ -339,6 +340,21 @@ def _recording_reads(module: nn.Module):
         yield log
     finally:
         module.__class__ = cls
+
+
+_MODULE_FILE = nn.modules.module.__file__
+_CONTAINER_FILE = nn.modules.container.__file__
+
+
+def _children_read(frame) -> bool:
+    """Whether a read of a module's `_modules` (from `frame`) is the forward's own: torch's containers iterating,
+    counting or indexing their children (nn.Sequential's forward, a ModuleList loop) or model code, directly or
+    through nn.Module's own walkers (`self.children()`); not the tracer or a guard walking the tree (fx's
+    path_of_module / collect_tensor_attrs, this package's generated checks), which say nothing of what the forward
+    depends on (patterns.attribute_terms then checks every child)."""
+    while frame is not None and frame.f_code.co_filename == _MODULE_FILE:
+        frame = frame.f_back
+    return frame is not None and (frame.f_code.co_filename == _CONTAINER_FILE or _is_model_code(frame.f_code))
 
 
 # nn.Module's own bookkeeping (hook dicts, the parameter / buffer / submodule dicts): what a guard checks of these

@@ -1,0 +1,248 @@
+"""Edits after convert: a hook, a module appended, a stand-in replaced inside what a rewrite reached into.
+
+convert's rewrites call into some containers instead of calling them: a residual block's absorbed Sequential
+(mobilenet_v2's `conv`) has its leaves called one by one, a Sequential whose last conv took the BN after it is
+still called but returns more, and the whole-model flat forward runs every container's loop as traced. Each edit
+below is made on the converted model and, at the same path, on the original; the two must compute the same function
+(float64, random BN statistics), with the whole-model flat forward and without it. Each of these was skipped
+silently before the guards checked those containers (graph/inlined_containers.py, patterns.attribute_terms).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+import torchvision
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from util import max_rel_error, randomize_bn  # noqa: E402
+
+import fusedconv  # noqa: E402
+from fusedconv.graph.specialize import guard_table  # noqa: E402
+
+TOL = 1e-12  # float64: a skipped edit shows as 1e-3 and more
+
+
+class Scale(nn.Module):
+    def __init__(self, factor: float = 1.5):
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x):
+        return x * self.factor
+
+
+def _scale_output(module, args, output):
+    return output * 1.5
+
+
+def _halve_input(module, args):
+    return tuple(a * 0.5 for a in args)
+
+
+class LoopNet(nn.Module):
+    """A residual loop over a ModuleList, then the layers of a ModuleDict in turn."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.layers = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()) for _ in range(3))
+        self.extra = nn.ModuleDict({"a": nn.Conv2d(8, 8, 1), "b": nn.BatchNorm2d(8)})
+
+    def forward(self, x):
+        x = self.stem(x)
+        for layer in self.layers:
+            x = x + layer(x)
+        for m in self.extra.values():
+            x = m(x)
+        return x
+
+
+class TailBlock(nn.Module):
+    """A Sequential ending in a conv whose BN follows it in the block; the block reads a flag, so its rewrite is
+    guarded (the BN folds into the Sequential's last conv)."""
+
+    def __init__(self, c: int = 8):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.ReLU(), nn.Conv2d(c, c, 3, padding=1))
+        self.bn = nn.BatchNorm2d(c)
+        self.act = nn.ReLU()
+        self.skip = True
+
+    def forward(self, x):
+        y = self.bn(self.body(x))
+        return self.act(y + x) if self.skip else self.act(y)
+
+
+class TailNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.block = TailBlock()
+
+    def forward(self, x):
+        return self.block(self.stem(x))
+
+
+def _x(size=32, seed=0):
+    return torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def _pair(model, flatten: bool, size: int = 32):
+    # BN statistics measured on an input, then perturbed: with blind ones mobilenet_v2's output hardly depends on
+    # its later blocks (model_specs.randomize_batchnorm), and an edit there would change nothing visible.
+    model = randomize_bn(copy.deepcopy(model).float().eval(), example=_x(size, seed=1).float()).double().eval()
+    return model, fusedconv.convert(model, reparameterize=False, flatten=flatten)
+
+
+def _check_edit(original, converted, edit_original, edit_converted, x):
+    """Apply the edits (the converted model warmed up first: its routes and flat forward in place) and compare."""
+    original, converted = copy.deepcopy(original), copy.deepcopy(converted)
+    with torch.no_grad():
+        converted(x)
+        before = converted(x)
+        for model, edit in ((original, edit_original), (converted, edit_converted)):
+            with torch.random.fork_rng():
+                torch.manual_seed(7)  # a module the edit builds gets the same weights in both
+                edit(model)
+        want = original(x)
+        assert max_rel_error(before, want) > 1e-6, "the edit must change the output (else the test proves nothing)"
+        for _ in range(2):
+            assert max_rel_error(converted(x), want) < TOL
+
+
+def _fallbacks(model) -> int:
+    return sum(guard_table(m).fallback_calls for m in model.modules() if guard_table(m) is not None)
+
+
+LOOP_EDITS = {
+    "modulelist_append": lambda m: m.layers.append(
+        nn.Sequential(nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8), nn.ReLU()).double().eval()),
+    "modulelist_delete": lambda m: m.layers.__delitem__(1),
+    "moduledict_add": lambda m: m.extra.update({"c": nn.Conv2d(8, 8, 1).double()}),
+    "sequential_append": lambda m: m.stem.append(Scale()),
+    "sequential_hook": lambda m: m.stem.register_forward_hook(_scale_output),
+}
+
+
+@pytest.mark.parametrize("flatten", [True, False], ids=["flat", "blocks"])
+@pytest.mark.parametrize("edit", list(LOOP_EDITS), ids=list(LOOP_EDITS))
+def test_containers_edited_after_convert_loop_over_their_new_children(edit, flatten):
+    original, converted = _pair(LoopNet(), flatten, 16)
+    _check_edit(original, converted, LOOP_EDITS[edit], LOOP_EDITS[edit], _x(16))
+
+
+@pytest.fixture(scope="module")
+def mobilenet():
+    torch.manual_seed(0)
+    return torchvision.models.mobilenet_v2(weights=None)
+
+
+def _replace(path: str, make):
+    def edit(model):
+        parent, _, name = path.rpartition(".")
+        owner = model.get_submodule(parent)
+        owner._modules[name] = make(owner._modules[name])
+    return edit
+
+
+# features.10 is a residual InvertedResidual: its `conv` Sequential is absorbed (the last conv takes the add).
+# conv.3 is the original's last BN, the converted model's nn.Identity stand-in for it.
+MOBILENET_EDITS = {
+    "hook_on_absorbed_sequential": ("features.10.conv", lambda m: m.register_forward_hook(_scale_output)),
+    "pre_hook_on_absorbed_sequential": ("features.10.conv", lambda m: m.register_forward_pre_hook(_halve_input)),
+    "hook_on_nested_container": ("features.10.conv.1", lambda m: m.register_forward_hook(_scale_output)),
+    "hook_on_stand_in": ("features.10.conv.3", lambda m: m.register_forward_hook(_scale_output)),
+    "append_to_absorbed_sequential": ("features.10.conv", lambda m: m.append(Scale())),
+    "instance_forward_on_nested_container": (
+        "features.10.conv.0", lambda m: setattr(m, "forward", lambda x: nn.Sequential.forward(m, x) * 1.5)),
+    "append_to_flat_sequential": ("features.1.conv", lambda m: m.append(Scale())),
+    "append_to_model_sequential": ("classifier", lambda m: m.append(Scale())),
+}
+
+
+@pytest.mark.parametrize("flatten", [True, False], ids=["flat", "blocks"])
+@pytest.mark.parametrize("edit", list(MOBILENET_EDITS), ids=list(MOBILENET_EDITS))
+def test_mobilenet_v2_edited_after_convert(mobilenet, edit, flatten):
+    original, converted = _pair(mobilenet, flatten)
+    path, change = MOBILENET_EDITS[edit]
+    _check_edit(original, converted, lambda m: change(m.get_submodule(path)),
+                lambda m: change(m.get_submodule(path)), _x())
+
+
+def test_a_stand_in_replaced_after_convert_runs_after_the_folded_bn(mobilenet):
+    """Replacing the nn.Identity that stands for a folded BN = putting the module after that BN in the original."""
+    original, converted = _pair(mobilenet, True)
+    _check_edit(original, converted, _replace("features.10.conv.3", lambda bn: nn.Sequential(bn, Scale())),
+                _replace("features.10.conv.3", lambda stand_in: Scale()), _x())
+
+
+@pytest.mark.parametrize("flatten", [True, False], ids=["flat", "blocks"])
+@pytest.mark.parametrize("edit", ["hook", "append"])
+def test_a_sequential_whose_last_conv_took_the_bn_keeps_its_own_output(edit, flatten):
+    original, converted = _pair(TailNet(), flatten, 16)
+    assert guard_table(converted.block) is not None  # the block was rewritten (its add fused)
+    if edit == "hook":
+        change = lambda m: m.block.body.register_forward_hook(_scale_output)  # noqa: E731
+    else:
+        change = lambda m: m.block.body.append(Scale())  # noqa: E731
+    _check_edit(original, converted, change, change, _x(16))
+    # unedited: the rewritten graph, no fallback
+    fresh = _pair(TailNet(), flatten, 16)[1]
+    with torch.no_grad():
+        fresh(_x(16))
+    assert _fallbacks(fresh) == 0
+
+
+class AddBlock(nn.Module):
+    """conv -> BN -> + x -> ReLU through functions, behind a flag: a graph rewrite whose BN becomes a stand-in."""
+
+    def __init__(self, c: int = 8):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+        self.bn = nn.BatchNorm2d(c)
+        self.skip = True
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        return torch.relu(y + x) if self.skip else torch.relu(y)
+
+
+class AddNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.block = AddBlock()
+
+    def forward(self, x):
+        return self.block(self.stem(x))
+
+
+@pytest.mark.parametrize("flatten", [True, False], ids=["flat", "blocks"])
+@pytest.mark.parametrize("hook", ["forward", "pre"])
+def test_a_hook_on_a_folded_bns_stand_in_sees_what_the_bn_computed(hook, flatten):
+    """The graph no longer calls the BN's nn.Identity stand-in: a hook on it sends the call to the fallback, whose
+    stand-in for the BN carries the hook."""
+    original, converted = _pair(AddNet(), flatten, 16)
+    assert guard_table(converted.block) is not None and type(converted.block.bn) is nn.Identity
+    if hook == "forward":
+        change = lambda m: m.block.bn.register_forward_hook(_scale_output)  # noqa: E731
+    else:
+        change = lambda m: m.block.bn.register_forward_pre_hook(_halve_input)  # noqa: E731
+    _check_edit(original, converted, change, change, _x(16))
+
+
+@pytest.mark.parametrize("flatten", [True, False], ids=["flat", "blocks"])
+def test_a_hook_on_an_activation_the_fused_layers_took_over(flatten):
+    """resnet18's BasicBlock calls `self.relu` twice; both calls moved into the fused convs' epilogues."""
+    torch.manual_seed(0)
+    original, converted = _pair(torchvision.models.resnet18(weights=None), flatten)
+    change = lambda m: m.layer1[0].relu.register_forward_hook(_scale_output)  # noqa: E731
+    _check_edit(original, converted, change, change, _x())

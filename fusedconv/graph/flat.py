@@ -352,10 +352,11 @@ class FlatCheck:
 
 
 # A tree check's line of terms; an inlined block's term (`inlined_entry(x, table, original, k, probe)`); a name of
-# the instance's own state in a term (a module looked up, its __dict__ / _modules, the root, a call argument).
+# the instance's own state in a term (a module looked up, its __dict__ / _modules, the root, a call argument, or a
+# helper reading modules a term holds: graph/inlined_containers.py).
 _CHECK_LINE = re.compile(r"^    if not \((.*)\):$")
 _INLINED_TERM = re.compile(r"^e\[\d+\]\(x\d+, e\[(\d+)\], e\[\d+\], (\d+), e\[\d+\]\)$")
-_INSTANCE_NAME = re.compile(r"(?<![.\w'\"])(?:[xdm]\d*|self|root|a\d+)\b")
+_INSTANCE_NAME = re.compile(r"(?<![.\w'\"])(?:[xdm]\d*|self|root|a\d+|unchanged_subtree|runs_as_written)\b")
 
 
 def conjuncts(expression: str) -> list[str]:

@@ -81,11 +81,13 @@ class TailBlock(nn.Module):
         return self.act(y + x) if self.skip else self.act(y)
 
 
-class TailNet(nn.Module):
-    def __init__(self):
+class StemNet(nn.Module):
+    """A conv-BN-ReLU stem, then `block` (so the block's input comes from a layer, as in a real model)."""
+
+    def __init__(self, block: nn.Module):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
-        self.block = TailBlock()
+        self.block = block
 
     def forward(self, x):
         return self.block(self.stem(x))
@@ -187,7 +189,7 @@ def test_a_stand_in_replaced_after_convert_runs_after_the_folded_bn(mobilenet):
 @pytest.mark.parametrize("flatten", [True, False], ids=["flat", "blocks"])
 @pytest.mark.parametrize("edit", ["hook", "append"])
 def test_a_sequential_whose_last_conv_took_the_bn_keeps_its_own_output(edit, flatten):
-    original, converted = _pair(TailNet(), flatten, 16)
+    original, converted = _pair(StemNet(TailBlock()), flatten, 16)
     assert guard_table(converted.block) is not None  # the block was rewritten (its add fused)
     if edit == "hook":
         change = lambda m: m.block.body.register_forward_hook(_scale_output)  # noqa: E731
@@ -195,7 +197,7 @@ def test_a_sequential_whose_last_conv_took_the_bn_keeps_its_own_output(edit, fla
         change = lambda m: m.block.body.append(Scale())  # noqa: E731
     _check_edit(original, converted, change, change, _x(16))
     # unedited: the rewritten graph, no fallback
-    fresh = _pair(TailNet(), flatten, 16)[1]
+    fresh = _pair(StemNet(TailBlock()), flatten, 16)[1]
     with torch.no_grad():
         fresh(_x(16))
     assert _fallbacks(fresh) == 0
@@ -215,22 +217,12 @@ class AddBlock(nn.Module):
         return torch.relu(y + x) if self.skip else torch.relu(y)
 
 
-class AddNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
-        self.block = AddBlock()
-
-    def forward(self, x):
-        return self.block(self.stem(x))
-
-
 @pytest.mark.parametrize("flatten", [True, False], ids=["flat", "blocks"])
 @pytest.mark.parametrize("hook", ["forward", "pre"])
 def test_a_hook_on_a_folded_bns_stand_in_sees_what_the_bn_computed(hook, flatten):
     """The graph no longer calls the BN's nn.Identity stand-in: a hook on it sends the call to the fallback, whose
     stand-in for the BN carries the hook."""
-    original, converted = _pair(AddNet(), flatten, 16)
+    original, converted = _pair(StemNet(AddBlock()), flatten, 16)
     assert guard_table(converted.block) is not None and type(converted.block.bn) is nn.Identity
     if hook == "forward":
         change = lambda m: m.block.bn.register_forward_hook(_scale_output)  # noqa: E731

@@ -15,7 +15,7 @@ call (the path to it from the block by identity first, so that each expression i
   * nothing runs around their forwards: no hooks, no instance-level forward, not compiled in place, their class's
     forward unchanged — for an inlined Sequential also for every plain Sequential nested in it and for its
     nn.Identity stand-ins, whose calls the graph dropped.
-It is one term per Sequential: the path by identity, then `model_code.unchanged_subtree` over a snapshot of the
+It is one term per Sequential: the path by identity, then `unchanged_subtree` over a snapshot of the
 modules that matter, top down (each a child of one checked before it, so the snapshot's objects are the tree's).
 Spelled out as expressions walking the tree, the same checks tripled the whole-model flat check's cost on
 mobilenet_v2 (its ten residual blocks; bench/cpu_gap.py, 0.040 -> 0.121 ms back to back).
@@ -30,7 +30,30 @@ from __future__ import annotations
 import torch.nn as nn
 
 from fusedconv.graph.legality import is_plain_sequential
+from fusedconv.graph.model_code import same_children
 from fusedconv.graph.patterns import Guard
+from fusedconv.graph.private_residual import hooked
+
+
+def runs_as_written(module: nn.Module, forward) -> bool:
+    """A call of `module` runs `forward` (its class's, by identity) and nothing around it: no hooks, no
+    instance-level forward, not compiled in place."""
+    d = module.__dict__
+    return (type(module).forward is forward and "forward" not in d and d.get("_compiled_call_impl") is None
+            and not hooked(module))
+
+
+def unchanged_subtree(spec: tuple) -> bool:
+    """Each (module, forward or None, children or None) of `spec`, top down: its children are still `children`
+    (`same_children`) and a call of it still runs `forward` alone (`runs_as_written`). The caller checked the first
+    module's identity; each later one is a child of one checked before it, so reading it from `spec` is reading it
+    from the tree."""
+    for module, forward, children in spec:
+        if children is not None and not same_children(module.__dict__["_modules"], children):
+            return False
+        if forward is not None and not runs_as_written(module, forward):
+            return False
+    return True
 
 
 def sequential_terms(g: Guard, block: nn.Module, path: str, expect: list, inlined: bool,

@@ -784,28 +784,6 @@ def same_children(modules: dict, children: tuple) -> bool:
     return len(modules) == len(children) and all(map(operator.is_, modules.values(), children))
 
 
-def runs_as_written(module, forward) -> bool:
-    """A call of `module` runs `forward` (its class's, by identity) and nothing around it: no hooks, no
-    instance-level forward, not compiled in place."""
-    d = module.__dict__
-    return (type(module).forward is forward and "forward" not in d and d.get("_compiled_call_impl") is None
-            and not (d.get("_forward_pre_hooks") or d.get("_forward_hooks") or d.get("_backward_pre_hooks")
-                     or d.get("_backward_hooks")))
-
-
-def unchanged_subtree(spec: tuple) -> bool:
-    """Each (module, forward or None, children or None) of `spec`, top down: its children are still `children`
-    (`same_children`) and a call of it still runs `forward` alone (`runs_as_written`). The caller checked the first
-    module's identity; each later one is a child of one checked before it, so reading it from `spec` is reading it
-    from the tree."""
-    for module, forward, children in spec:
-        if children is not None and not same_children(module.__dict__["_modules"], children):
-            return False
-        if forward is not None and not runs_as_written(module, forward):
-            return False
-    return True
-
-
 class Namespace:
     """A module's globals as a guard reads them (`ns.d.get(name, MISSING)`): the same dict after copy.deepcopy (a
     copy would never change again, and the guard would pass forever), and the module's dict again, found by its

@@ -22,7 +22,8 @@ import torch.nn as nn
 from torch.fx.graph_module import _format_import_block
 from torch.package import sys_importer
 
-from fusedconv.graph.model_code import runs_as_written, same_children, same_plain, unchanged_subtree
+from fusedconv.graph.inlined_containers import runs_as_written, unchanged_subtree
+from fusedconv.graph.model_code import same_children, same_plain
 from fusedconv.graph.patterns import Param, forward_params
 from fusedconv.graph.roles import substitute
 from fusedconv.scripting import refuse_script
@@ -118,15 +119,19 @@ class GuardTable:
             parts.append(f"{p.name}=a{i}" if (keyword_only and p.keyword_only) else f"a{i}")
         return ", ".join(["self"] + parts)
 
+    def _guard_names(self) -> dict:
+        """What the guard expressions read besides the block and the call's arguments (dispatch, select and
+        miss_error evaluate the same terms)."""
+        return {"e": self.expect, "Tensor": torch.Tensor, "MISSING": _MISSING, "same_plain": same_plain,
+                "same_children": same_children, "unchanged_subtree": unchanged_subtree,
+                "runs_as_written": runs_as_written}
+
     def _compile(self) -> None:
         args = ", ".join(f"a{i}" for i in range(len(self.params)))
         positional, by_kind = self._call_args(False), self._call_args(True)
         lines = [f"def dispatch(self{', ' if args else ''}{args}):",
                  "    d = self.__dict__", "    m = d['_modules']"]
-        namespace = {"e": self.expect, "Tensor": torch.Tensor, "MISSING": _MISSING, "same_plain": same_plain,
-                     "same_children": same_children, "unchanged_subtree": unchanged_subtree,
-                     "runs_as_written": runs_as_written,
-                     "fallback": self.fallback, "original": self.original.forward}
+        namespace = {**self._guard_names(), "fallback": self.fallback, "original": self.original.forward}
         for k, s in enumerate(self.entries):
             lines.append(f"    if {s.guard}:")
             if s.fn is None:
@@ -178,10 +183,7 @@ class GuardTable:
 
     def miss_error(self, block: nn.Module, args: list) -> "GuardMiss":
         """The error for a call no specialization of a reparam table accepts, naming what changed."""
-        namespace = {"e": self.expect, "Tensor": torch.Tensor, "MISSING": _MISSING, "same_plain": same_plain,
-                     "same_children": same_children, "unchanged_subtree": unchanged_subtree,
-                     "runs_as_written": runs_as_written,
-                     "d": block.__dict__, "m": block.__dict__["_modules"], **{f"a{i}": a for i, a in enumerate(args)}}
+        namespace = {**self._guard_names(), "d": block.__dict__, "m": block.__dict__["_modules"], **{f"a{i}": a for i, a in enumerate(args)}}
         failed = []
         for s in self.entries:
             for term, label in s.checks:

@@ -238,3 +238,58 @@ def test_a_hook_on_an_activation_the_fused_layers_took_over(flatten):
     original, converted = _pair(torchvision.models.resnet18(weights=None), flatten)
     change = lambda m: m.layer1[0].relu.register_forward_hook(_scale_output)  # noqa: E731
     _check_edit(original, converted, change, change, _x())
+
+
+class SharedActBlock(nn.Module):
+    """A residual block calling one activation module twice (home-made and YOLO-style nets): both calls move into
+    the fused convs' epilogues, the module stays where it was."""
+
+    def __init__(self, act: nn.Module, c: int = 8):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.act = act
+
+    def forward(self, x):
+        y = self.act(self.bn1(self.conv1(x)))
+        return self.act(self.bn2(self.conv2(y)) + x)
+
+
+class SharedActNet(nn.Module):
+    """The same two calls of one activation module in the root's own forward (no block around them)."""
+
+    def __init__(self, act: nn.Module):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.act = act
+
+    def forward(self, x):
+        return self.act(self.bn2(self.conv2(self.act(self.bn1(self.conv1(x))))))
+
+
+SETTING_EDITS = {
+    "leaky_relu_slope": (lambda: nn.LeakyReLU(0.1), "negative_slope", 0.3),
+    "relu6_max_val": (nn.ReLU6, "max_val", 3.0),
+    "gelu_approximate": (nn.GELU, "approximate", "tanh"),
+}
+
+
+@pytest.mark.parametrize("flatten", [True, False], ids=["flat", "blocks"])
+@pytest.mark.parametrize("where", ["block", "root"])
+@pytest.mark.parametrize("setting", list(SETTING_EDITS), ids=list(SETTING_EDITS))
+def test_a_setting_of_an_activation_the_fused_layers_took_over(setting, where, flatten):
+    """The fused convs hold the activation as convert read it from the module; a setting edited on the module after
+    convert (its forward would read it) sends the calls to the fallback, which runs the module as it is now."""
+    make, attr, value = SETTING_EDITS[setting]
+    torch.manual_seed(0)
+    model = StemNet(SharedActBlock(make())) if where == "block" else SharedActNet(make())
+    original, converted = _pair(model, flatten, 16)
+    path = "block.act" if where == "block" else "act"
+    assert type(converted.get_submodule(path)) is type(original.get_submodule(path))  # kept, its calls moved
+    change = lambda m: setattr(m.get_submodule(path), attr, value)  # noqa: E731
+    _check_edit(original, converted, change, change, _x(16))
+    fresh = copy.deepcopy(converted)
+    with torch.no_grad():
+        fresh(_x(16))
+    assert _fallbacks(fresh) == 0  # unedited, the settings hold and the rewrite runs

@@ -20,27 +20,57 @@ modules that matter, top down (each a child of one checked before it, so the sna
 Spelled out as expressions walking the tree, the same checks tripled the whole-model flat check's cost on
 mobilenet_v2 (its ten residual blocks; bench/cpu_gap.py, 0.040 -> 0.121 ms back to back).
 Likewise for each child whose call the rewritten graph dropped (a BN's nn.Identity stand-in, an activation or a
-DropPath the fused layer took over, a conv left where it was under a fused twin): the path to it by identity, and
-nothing running around its forward (`called_module_terms`).
+DropPath the fused layer took over, a conv left where it was under a fused twin): the path to it by identity,
+nothing running around its forward, and its settings as convert read them (`called_module_terms`: a shared
+`nn.LeakyReLU` whose calls two fused convs took over keeps its module; its `negative_slope` edited after convert
+must reach the block's fallback, as its forward would have read it).
 A hook or module added there after convert then sends the call to the fallback instead of being skipped (whose
 stand-in for a hooked nn.Identity carries its hooks, graph/roles.py: the hook sees what the BN computed).
 """
 from __future__ import annotations
 
+import copy
+
 import torch.nn as nn
 
 from fusedconv.graph.legality import is_plain_sequential
-from fusedconv.graph.model_code import same_children
+from fusedconv.graph.model_code import plain_container, same_children, same_plain
 from fusedconv.graph.patterns import Guard
 from fusedconv.graph.private_residual import hooked
 
 
-def runs_as_written(module: nn.Module, forward) -> bool:
+# An instance attribute no setting holds (a setting deleted after convert).
+_ABSENT = object()
+
+
+def runs_as_written(module: nn.Module, forward, settings: tuple = ()) -> bool:
     """A call of `module` runs `forward` (its class's, by identity) and nothing around it: no hooks, no
-    instance-level forward, not compiled in place."""
+    instance-level forward, not compiled in place; and its `settings` (`module_settings`) are what they were."""
     d = module.__dict__
     return (type(module).forward is forward and "forward" not in d and d.get("_compiled_call_impl") is None
-            and not hooked(module))
+            and not hooked(module) and (not settings or _same_settings(d, settings)))
+
+
+def module_settings(module: nn.Module) -> tuple:
+    """What `module`'s forward may read of its own instance state besides its children and tensors: each public
+    attribute of its `__dict__` but `training` (an activation's `negative_slope`, `min_val`, `approximate`,
+    `inplace`), as (name, by value, value): plain values and containers by value (a copy), other objects by
+    identity."""
+    out = []
+    for name, value in module.__dict__.items():
+        if name.startswith("_") or name in ("training", "forward"):
+            continue
+        by_value = plain_container(value)
+        out.append((name, by_value, copy.deepcopy(value) if by_value else value))
+    return tuple(out)
+
+
+def _same_settings(d: dict, settings: tuple) -> bool:
+    for name, by_value, value in settings:
+        now = d.get(name, _ABSENT)
+        if not (same_plain(now, value) if by_value else now is value):
+            return False
+    return True
 
 
 def unchanged_subtree(spec: tuple) -> bool:
@@ -87,9 +117,11 @@ def called_module_terms(g: Guard, block: nn.Module, path: str, expect: list) -> 
     except AttributeError:
         return
     path_term = _path_term(block, path, expect)
-    expect.append(type(module).forward)
-    g.check(f"{path_term} and runs_as_written(e[{len(expect) - 2}], e[{len(expect) - 1}])",
-            f"self.{path} has no hooks and runs its own forward", describe=False)
+    settings = module_settings(module)
+    expect += [type(module).forward, settings]
+    args = f"e[{len(expect) - 3}], e[{len(expect) - 2}]" + (f", e[{len(expect) - 1}]" if settings else "")
+    g.check(f"{path_term} and runs_as_written({args})",
+            f"self.{path} has no hooks, runs its own forward and keeps its settings", describe=False)
 
 
 def _path_term(block: nn.Module, path: str, expect: list) -> str:

@@ -6,7 +6,10 @@ then for every submodule path of the converted model, one edit at a time on a fr
   * a forward hook scaling the output by 1.5 (not on fusedconv's own layers: a hook on a fused layer sees the fused
     output, README "Architecture"), and with `--pre-hooks` a pre-hook halving the input;
   * an nn.Identity (a folded BN's stand-in) replaced by a module scaling by 1.5;
-  * a module scaling by 1.5 appended to an nn.Sequential —
+  * a module scaling by 1.5 appended to an nn.Sequential;
+  * with `--settings`, each public setting of a module that is not fusedconv's own changed (`setting_edits`: a float
+    times 1.5, a bool flipped, an int or a tuple of ints one more, a string swapped for another the same torch
+    argument takes: an activation's slope or bound, a pool's size or ceil_mode, a block's flag) —
 run the converted model as convert left it (its guarded rewrites and whole-model flat forward) and, as the
 reference, a copy of it with every guarded block sent to its exact fallback (the block's own forward over stand-ins
 computing what the original children computed, graph/roles.py; the flat root's fallback is the model's own forward).
@@ -66,10 +69,46 @@ def all_fallback(model: nn.Module) -> nn.Module:
     return model
 
 
-def edits(converted: nn.Module, pre_hooks: bool = False) -> list[tuple[str, object]]:
-    """(name, edit(model)) for every submodule path of `converted` (module doc)."""
+# A string setting's other value (the same argument of a torch layer or function takes both).
+_OTHER_STRING = {"none": "tanh", "tanh": "none", "nearest": "bilinear", "bilinear": "nearest", "zeros": "reflect",
+                 "reflect": "zeros", "mean": "sum", "sum": "mean"}
+
+
+def _changed(value):
+    """`value` changed the way the module doc says, or None when there is no such change."""
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int):
+        return value + 1
+    if isinstance(value, float):
+        return value * 1.5 if value else 0.25
+    if isinstance(value, str):
+        return _OTHER_STRING.get(value)
+    if isinstance(value, tuple) and value and all(type(v) is int for v in value):
+        return tuple(v + 1 for v in value)
+    return None
+
+
+def setting_edits(converted: nn.Module) -> list[tuple[str, object]]:
+    """(name, edit(model)) for each public setting of each module of `converted` not fusedconv's own (module doc):
+    its instance attributes but `training`."""
     out = []
     for path, mod in converted.named_modules():
+        if type(mod).__module__.startswith("fusedconv"):
+            continue
+        for attr, value in mod.__dict__.items():
+            new = None if attr.startswith("_") or attr == "training" else _changed(value)
+            if new is not None:
+                out.append((f"{path or '<root>'}.{attr} = {new!r}",
+                            lambda m, p=path, a=attr, v=new: setattr(m.get_submodule(p), a, v)))
+    return out
+
+
+def edits(converted: nn.Module, pre_hooks: bool = False, settings: bool = False,
+          only_settings: bool = False) -> list[tuple[str, object]]:
+    """(name, edit(model)) for every submodule path of `converted` (module doc)."""
+    out = setting_edits(converted) if settings or only_settings else []
+    for path, mod in [] if only_settings else converted.named_modules():
         if not path:
             continue
         if not type(mod).__module__.startswith("fusedconv"):
@@ -90,11 +129,12 @@ def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
     (model.get_submodule(parent) if parent else model)._modules[name] = new
 
 
-def sweep_model(model: nn.Module, x: torch.Tensor, convert=fusedconv.convert, pre_hooks: bool = False) -> dict:
+def sweep_model(model: nn.Module, x: torch.Tensor, convert=fusedconv.convert, pre_hooks: bool = False,
+                settings: bool = False, only_settings: bool = False) -> dict:
     """Every edit of `edits` on `model` (float64, eval) converted by `convert`; counts and the silent ones."""
     converted = convert(model)
     res = {"edits": 0, "ok": 0, "loud": [], "silent": [], "skipped": 0}
-    for name, edit in edits(converted, pre_hooks):
+    for name, edit in edits(converted, pre_hooks, settings, only_settings):
         res["edits"] += 1
         fast, ref = copy.deepcopy(converted), all_fallback(copy.deepcopy(converted))
         with torch.no_grad():
@@ -120,13 +160,13 @@ def sweep_model(model: nn.Module, x: torch.Tensor, convert=fusedconv.convert, pr
     return res
 
 
-def run(spec: str, size: int, pre_hooks: bool) -> dict:
+def run(spec: str, size: int, pre_hooks: bool, settings: bool = False, only_settings: bool = False) -> dict:
     torch.manual_seed(0)
     model = build_model(spec).eval()
     example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
     randomize_batchnorm(model, 0, example_inputs=example)
     x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-    return sweep_model(model.double(), x, pre_hooks=pre_hooks)
+    return sweep_model(model.double(), x, pre_hooks=pre_hooks, settings=settings, only_settings=only_settings)
 
 
 def render(results: dict, meta: dict) -> str:
@@ -150,12 +190,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", required=True, help="comma-separated model specs (source:name[:encoder])")
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--pre-hooks", action="store_true", help="also a pre-hook on every path")
+    p.add_argument("--settings", action="store_true", help="also change every module setting (module doc)")
+    p.add_argument("--only-settings", action="store_true", help="only the setting edits (no hooks, stand-ins or appends)")
     p.add_argument("--md", help="write the table here")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     results = {}
     for spec in args.models.split(","):
-        results[spec] = r = run(spec, args.size, args.pre_hooks)
+        results[spec] = r = run(spec, args.size, args.pre_hooks, args.settings, args.only_settings)
         print(f"{spec}: {r['edits']} edits, {r['ok']} exact, {len(r['loud'])} raised, {len(r['silent'])} silent",
               flush=True)
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),

@@ -9,7 +9,9 @@ then for every submodule path of the converted model, one edit at a time on a fr
   * a module scaling by 1.5 appended to an nn.Sequential;
   * with `--settings`, each public setting of a module that is not fusedconv's own changed (`setting_edits`: a float
     times 1.5, a bool flipped, an int or a tuple of ints one more, a string swapped for another the same torch
-    argument takes: an activation's slope or bound, a pool's size or ceil_mode, a block's flag) —
+    argument takes: an activation's slope or bound, a pool's size or ceil_mode, a block's flag);
+  * with `--tensors`, each floating-point parameter and buffer scaled by 1.5 in place (fusedconv's own included: the
+    fused layers' weight, scale and shift, which their version counters must show as edited) —
 run the converted model as convert left it (its guarded rewrites and whole-model flat forward) and, as the
 reference, a copy of it with every guarded block sent to its exact fallback (the block's own forward over stand-ins
 computing what the original children computed, graph/roles.py; the flat root's fallback is the model's own forward).
@@ -31,6 +33,7 @@ import torch.nn as nn
 
 import fusedconv
 from bench.env import cpu_name, git_commit
+from bench.zoo_models import BY_SPEC, resolve
 from fusedconv.graph.specialize import guard_table
 from fusedconv.model_specs import build_model, randomize_batchnorm
 
@@ -104,10 +107,24 @@ def setting_edits(converted: nn.Module) -> list[tuple[str, object]]:
     return out
 
 
+def _scale_tensor(model: nn.Module, name: str) -> None:
+    params = dict(model.named_parameters())
+    t = params[name] if name in params else model.get_buffer(name)
+    with torch.no_grad():
+        t.mul_(1.5)
+
+
+def tensor_edits(converted: nn.Module) -> list[tuple[str, object]]:
+    """(name, edit(model)) scaling each floating-point parameter and buffer of `converted` in place (module doc)."""
+    names = [n for n, t in [*converted.named_parameters(), *converted.named_buffers()] if t.is_floating_point()]
+    return [(f"{n} *= 1.5", lambda m, n=n: _scale_tensor(m, n)) for n in names]
+
+
 def edits(converted: nn.Module, pre_hooks: bool = False, settings: bool = False,
-          only_settings: bool = False) -> list[tuple[str, object]]:
+          only_settings: bool = False, tensors: bool = False) -> list[tuple[str, object]]:
     """(name, edit(model)) for every submodule path of `converted` (module doc)."""
     out = setting_edits(converted) if settings or only_settings else []
+    out += tensor_edits(converted) if tensors else []
     for path, mod in [] if only_settings else converted.named_modules():
         if not path:
             continue
@@ -130,11 +147,11 @@ def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
 
 
 def sweep_model(model: nn.Module, x: torch.Tensor, convert=fusedconv.convert, pre_hooks: bool = False,
-                settings: bool = False, only_settings: bool = False) -> dict:
+                settings: bool = False, only_settings: bool = False, tensors: bool = False) -> dict:
     """Every edit of `edits` on `model` (float64, eval) converted by `convert`; counts and the silent ones."""
     converted = convert(model)
     res = {"edits": 0, "ok": 0, "loud": [], "silent": [], "skipped": 0}
-    for name, edit in edits(converted, pre_hooks, settings, only_settings):
+    for name, edit in edits(converted, pre_hooks, settings, only_settings, tensors):
         res["edits"] += 1
         fast, ref = copy.deepcopy(converted), all_fallback(copy.deepcopy(converted))
         with torch.no_grad():
@@ -160,13 +177,16 @@ def sweep_model(model: nn.Module, x: torch.Tensor, convert=fusedconv.convert, pr
     return res
 
 
-def run(spec: str, size: int, pre_hooks: bool, settings: bool = False, only_settings: bool = False) -> dict:
+def run(spec: str, size: int, pre_hooks: bool, settings: bool = False, only_settings: bool = False,
+        tensors: bool = False) -> dict:
     torch.manual_seed(0)
-    model = build_model(spec).eval()
+    # (the zoo's own entries, `home:` models included, as bench/zoo.py builds them)
+    model = resolve([spec])[0].build(size).eval() if spec in BY_SPEC else build_model(spec).eval()
     example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
     randomize_batchnorm(model, 0, example_inputs=example)
     x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-    return sweep_model(model.double(), x, pre_hooks=pre_hooks, settings=settings, only_settings=only_settings)
+    return sweep_model(model.double(), x, pre_hooks=pre_hooks, settings=settings, only_settings=only_settings,
+                       tensors=tensors)
 
 
 def render(results: dict, meta: dict) -> str:
@@ -191,13 +211,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--pre-hooks", action="store_true", help="also a pre-hook on every path")
     p.add_argument("--settings", action="store_true", help="also change every module setting (module doc)")
-    p.add_argument("--only-settings", action="store_true", help="only the setting edits (no hooks, stand-ins or appends)")
+    p.add_argument("--only-settings", action="store_true",
+                   help="the setting edits (and --tensors ones) without the hooks, stand-ins and appends")
+    p.add_argument("--tensors", action="store_true", help="also scale every parameter and buffer in place")
     p.add_argument("--md", help="write the table here")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     results = {}
     for spec in args.models.split(","):
-        results[spec] = r = run(spec, args.size, args.pre_hooks, args.settings, args.only_settings)
+        results[spec] = r = run(spec, args.size, args.pre_hooks, args.settings, args.only_settings, args.tensors)
         print(f"{spec}: {r['edits']} edits, {r['ok']} exact, {len(r['loud'])} raised, {len(r['silent'])} silent",
               flush=True)
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),

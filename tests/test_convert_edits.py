@@ -17,6 +17,7 @@ import sys
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import torchvision
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -293,3 +294,109 @@ def test_a_setting_of_an_activation_the_fused_layers_took_over(setting, where, f
     with torch.no_grad():
         fresh(_x(16))
     assert _fallbacks(fresh) == 0  # unedited, the settings hold and the rewrite runs
+
+
+class BiasActBlock(nn.Module):
+    """A conv with its own bias and an activation module after it, no BN (RepVGG's merged conv), then a gain the
+    block reads (its rewrite is guarded on it)."""
+
+    def __init__(self, c: int = 8):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+        self.act = nn.ReLU()
+        self.gain = 1.0
+
+    def forward(self, x):
+        return self.act(self.conv(x)) * self.gain
+
+
+@pytest.mark.parametrize("flatten", [True, False], ids=["flat", "blocks"])
+@pytest.mark.parametrize("tensor", ["shift", "scale"])
+def test_a_lone_convs_scale_and_shift_edited_after_convert_reach_the_fallback(tensor, flatten):
+    """Without a BN, the fused layer's scale and shift stand for the conv's bias: edited in place after convert,
+    the fused call sees them, and so must the block's fallback (a new gain sends calls there), which once added
+    back the bias convert had read."""
+    original, converted = _pair(StemNet(BiasActBlock()), flatten, 16)
+    fused = converted.block.conv
+    assert guard_table(converted.block) is not None and fused.scale.eq(1).all()
+
+    def edit_original(m):
+        m.block.gain = 2.0
+        with torch.no_grad():
+            if tensor == "shift":
+                m.block.conv.bias.add_(0.5)
+            else:  # conv(x, w) * 1.5 + b
+                m.block.conv.weight.mul_(1.5)
+
+    def edit_converted(m):
+        m.block.gain = 2.0
+        with torch.no_grad():
+            m.block.conv.shift.add_(0.5) if tensor == "shift" else m.block.conv.scale.mul_(1.5)
+
+    _check_edit(original, converted, edit_original, edit_converted, _x(16))
+
+
+class FunctionalBNBlock(nn.Module):
+    """A BN as F.batch_norm on the block's own buffers and parameters, then a residual and ReLU."""
+
+    def __init__(self, c: int = 8):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.register_buffer("mean", torch.randn(c, generator=torch.Generator().manual_seed(3)))
+        self.register_buffer("var", torch.rand(c, generator=torch.Generator().manual_seed(4)) + 0.5)
+        self.gamma = nn.Parameter(torch.randn(c, generator=torch.Generator().manual_seed(5)))
+        self.beta = nn.Parameter(torch.randn(c, generator=torch.Generator().manual_seed(6)))
+
+    def forward(self, x):
+        return torch.relu(F.batch_norm(self.conv(x), self.mean, self.var, self.gamma, self.beta, False, 0.1, 1e-5)
+                          + x)
+
+
+def _scaled_state(m):
+    sd = {k: v.clone() for k, v in m.state_dict().items()}
+    sd["block.var"].mul_(1.5)
+    sd["block.gamma"].mul_(1.5)
+    return sd
+
+
+FOLDED_SOURCE_EDITS = {
+    "var_in_place": lambda m: m.block.var.mul_(1.5),
+    "gamma_in_place": lambda m: m.block.gamma.mul_(1.5),
+    "beta_data_replaced": lambda m: setattr(m.block.beta, "data", m.block.beta.data + 0.5),
+    "mean_buffer_replaced": lambda m: setattr(m.block, "mean", m.block.mean + 0.5),
+    "load_state_dict": lambda m: m.load_state_dict(_scaled_state(m)),
+}
+
+
+@pytest.mark.parametrize("flatten", [True, False], ids=["flat", "blocks"])
+@pytest.mark.parametrize("edit", list(FOLDED_SOURCE_EDITS), ids=list(FOLDED_SOURCE_EDITS))
+def test_a_functional_batch_norms_tensors_edited_after_convert(edit, flatten):
+    """The fused conv holds scale and shift folded from the block's mean / var / gamma / beta, which stay in the
+    block (graph/folded_sources.py): edited after convert, in place or replaced, the call takes the fallback that
+    reads them."""
+    original, converted = _pair(StemNet(FunctionalBNBlock()), flatten, 16)
+    assert guard_table(converted.block) is not None and not hasattr(converted.block, "bn")
+    assert "block.var" in converted.state_dict()
+
+    def change(m):
+        with torch.no_grad():
+            FOLDED_SOURCE_EDITS[edit](m)
+
+    _check_edit(original, converted, change, change, _x(16))
+
+
+def test_a_functional_batch_norms_snapshot_travels_with_copies(tmp_path):
+    """A deep copy or a saved and loaded converted model takes the fused path (its snapshot is of its own tensors);
+    a copy made after an edit of the original's tensors does not (its fused conv carries the stale fold)."""
+    original, converted = _pair(StemNet(FunctionalBNBlock()), False, 16)
+    x = _x(16)
+    with torch.no_grad():
+        want = original(x)
+        path = tmp_path / "converted.pt"
+        torch.save(converted, path)
+        for copy_ in (copy.deepcopy(converted), torch.load(path, weights_only=False)):
+            assert max_rel_error(copy_(x), want) < TOL and _fallbacks(copy_) == 0
+        converted.block.var.mul_(1.5)
+        original.block.var.mul_(1.5)
+        edited_copy = copy.deepcopy(converted)
+        assert max_rel_error(edited_copy(x), original(x)) < TOL and _fallbacks(edited_copy) == 1

@@ -72,3 +72,21 @@ def test_the_settings_sweep_reports_a_setting_the_fused_layers_ignore(monkeypatc
     model, x = _shared_act_model()
     res = zoo_edits.sweep_model(model, x, convert=_convert, only_settings=True)
     assert [name for name, _ in res["silent"]] == ["3.act.negative_slope = 0.15000000000000002"]
+
+
+def test_the_tensor_sweep_passes_in_place_edits_the_version_counters_show():
+    model, x = _model()
+    names = [n for n, _ in zoo_edits.tensor_edits(_convert(model))]
+    assert "0.weight *= 1.5" in names and "3.conv.shift *= 1.5" in names
+    res = zoo_edits.sweep_model(model, x, convert=_convert, only_settings=True, tensors=True)
+    assert res["silent"] == [] and res["ok"] >= len(names)
+
+
+def test_the_tensor_sweep_reports_edits_a_fused_layer_does_not_see(monkeypatch):
+    # The fused layers' snapshot of their tensors made blind (always the same): an in-place edit of a fused weight
+    # is not seen on the CPU route and the sweep must say so.
+    from fusedconv import cpu
+    monkeypatch.setattr(cpu, "_snapshot", lambda weight, scale, shift: (0,))
+    model, x = _model()
+    res = zoo_edits.sweep_model(model, x, convert=_convert, only_settings=True, tensors=True)
+    assert "0.weight *= 1.5" in [name for name, _ in res["silent"]]

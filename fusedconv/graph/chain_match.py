@@ -128,18 +128,20 @@ class ChainMatcher:
                 or (type(m).__name__ == "StochasticDepth" and (type(m).__module__ or "").startswith("torchvision.")))
 
     def _functional_bn(self, node: fx.Node, conv: fx.Node):
-        """(owner module or None, (mean, var, weight, bias, eps), reason) for an F.batch_norm call on `conv`."""
+        """((attribute paths of mean, var, weight, bias), (mean, var, weight, bias, eps), reason) for an
+        F.batch_norm call on `conv` (None for an absent weight / bias)."""
         bound = dict(zip(_BN_PARAMS, node.args))
         bound.update(node.kwargs)
         if bound.get("input") is not conv:
             return None, None, "F.batch_norm's input is not the conv output"
         if bound.get("training", False) is not False:
             return None, None, "F.batch_norm is called with training=True (batch statistics)"
-        tensors = []
+        tensors, targets = [], []
         for key in ("running_mean", "running_var", "weight", "bias"):
             arg = bound.get(key)
             if arg is None and key in ("weight", "bias"):
                 tensors.append(None)
+                targets.append(None)
                 continue
             if not isinstance(arg, fx.Node) or arg.op != "get_attr":
                 return None, None, f"F.batch_norm's {key} is not a module parameter or buffer"
@@ -147,10 +149,11 @@ class ChainMatcher:
             if not isinstance(t, torch.Tensor):
                 return None, None, f"F.batch_norm's {key} is not a tensor"
             tensors.append(t)
+            targets.append(str(arg.target))
         eps = bound.get("eps", 1e-5)
         if not isinstance(eps, (int, float)):
             return None, None, "F.batch_norm's eps is not a constant"
-        return None, (*tensors, float(eps)), None
+        return tuple(targets), (*tensors, float(eps)), None
 
     def _depends_on(self, node: fx.Node, targets: set) -> bool:
         seen, stack = set(), [node]
@@ -198,11 +201,11 @@ class ChainMatcher:
                 ch.reason = f"F.batch_norm after a {base.__name__} is not fused (only its BatchNorm module is)"
                 return ch
             else:
-                _, tensors, reason = self._functional_bn(bn, conv)
+                targets, tensors, reason = self._functional_bn(bn, conv)
                 if reason is not None:
                     ch.reason = reason
                     return ch
-                ch.bn_tensors = tensors
+                ch.bn_tensors, ch.bn_sources = tensors, targets
             cur = bn
         if base is not nn.Conv2d and ch.bn is None:
             return None  # another layer kind + activation alone: no BatchNorm to fold, nothing gained

@@ -50,6 +50,7 @@ class Chain:
     bn: fx.Node | None = None
     bn_module: nn.Module | None = None          # the BN module (module call or functional BN's owner)
     bn_tensors: tuple | None = None             # (mean, var, weight, bias, eps) of a functional F.batch_norm
+    bn_sources: tuple | None = None             # their attribute paths (graph/folded_sources.py)
     act: fx.Node | None = None                  # activation call (module, function or method)
     act_spec: ActivationSpec = field(default_factory=ActivationSpec)
     add: fx.Node | None = None

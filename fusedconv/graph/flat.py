@@ -356,7 +356,8 @@ class FlatCheck:
 # helper reading modules a term holds: graph/inlined_containers.py).
 _CHECK_LINE = re.compile(r"^    if not \((.*)\):$")
 _INLINED_TERM = re.compile(r"^e\[\d+\]\(x\d+, e\[(\d+)\], e\[\d+\], (\d+), e\[\d+\]\)$")
-_INSTANCE_NAME = re.compile(r"(?<![.\w'\"])(?:[xdm]\d*|self|root|a\d+|unchanged_subtree|runs_as_written)\b")
+_INSTANCE_NAME = re.compile(
+    r"(?<![.\w'\"])(?:[xdm]\d*|self|root|a\d+|unchanged_subtree|runs_as_written|folded_unchanged)\b")
 
 
 def conjuncts(expression: str) -> list[str]:

@@ -26,6 +26,7 @@ import torch.nn as nn
 
 from fusedconv.graph import private_residual
 from fusedconv.graph.chains import Absorb, Chain, _node_name, _short
+from fusedconv.graph.folded_sources import folded_source_terms
 from fusedconv.graph.inlined_containers import called_module_terms, sequential_terms
 from fusedconv.graph.patterns import MODULE_INTERNALS, CallPattern, Param, build_guard, merge_patterns
 from fusedconv.graph.roles import AffineRole, BNRole, ConvRole
@@ -79,6 +80,15 @@ def _proven_independent(module: nn.Module, params: list[Param], traces: list[Sco
         elif attr in d or not hasattr(type(module), attr):  # a plain attribute, parameter, buffer, or absent
             return False
     return True
+
+
+def _conv_role(ch: Chain):
+    """The fallback's stand-in for the chain's conv. With a BN after it, the conv alone (its bias as convert found
+    it; the BN's role reads the live scale and shift). Without one (a lone conv, a conv + activation), nothing else
+    applies the fused module's scale and shift, which then stand for the conv's own bias: the role is the fused
+    affine with their live values (an edit of them, or a state_dict loaded after convert, reaches the fallback as
+    it reaches the fused call)."""
+    return ConvRole(ch.fused, ch.conv_bias) if ch.bn is not None else AffineRole(ch.fused)
 
 
 def _bn_role(ch: Chain) -> BNRole:
@@ -191,8 +201,11 @@ class ScopeRewrite:
         """The guard terms for the Sequentials the rewrite reached into (graph/inlined_containers.py): an absorbed
         one the graph inlines (it took an add), or one whose last layer now computes more (a tail chain, an
         absorbed activation); and for each child whose calls the rewritten graph dropped (a BN's stand-in, an
-        activation or a DropPath the fused layer took over, a conv left where it was)."""
+        activation or a DropPath the fused layer took over, a conv left where it was); and for the tensors a
+        functional F.batch_norm's fold read, which stay in the block (graph/folded_sources.py)."""
         for ch in chains:
+            if ch.bn_sources is not None:
+                folded_source_terms(guard, self.module, ch.bn_sources, expect)
             if ch.tail is not None:
                 along = [list(c._modules)[-1] for c in ch.tail[2][:-1]]
                 sequential_terms(guard, self.module, str(ch.conv.target), expect, inlined=False, along=along)
@@ -250,9 +263,9 @@ class ScopeRewrite:
         if ch.tail is not None:
             owner, name, _ = ch.tail
             owner._modules[name] = ch.fused
-            return _tail_path(ch), ch.fused, ConvRole(ch.fused, ch.conv_bias)
+            return _tail_path(ch), ch.fused, _conv_role(ch)
         sp._set(self.module, ch.conv.target, ch.fused)
-        return str(ch.conv.target), ch.fused, ConvRole(ch.fused, ch.conv_bias)
+        return str(ch.conv.target), ch.fused, _conv_role(ch)
 
     def _rewrite_graphs(self, plans, good: list[Chain]) -> list:
         """(pattern, source, globals, names, graph) per pattern whose rewritten graph calls no changed child
@@ -313,7 +326,7 @@ class ScopeRewrite:
         mods = self.module._modules
         for ch in good:
             ch.fused.residual_required = ch.add is not None
-            role_conv = ConvRole(ch.fused, ch.conv_bias)
+            role_conv = _conv_role(ch)
             if ch.tail is not None:
                 owner, name, _ = ch.tail
                 owner._modules[name] = ch.fused

@@ -22,6 +22,7 @@ import torch.nn as nn
 from torch.fx.graph_module import _format_import_block
 from torch.package import sys_importer
 
+from fusedconv.graph.folded_sources import folded_unchanged
 from fusedconv.graph.inlined_containers import runs_as_written, unchanged_subtree
 from fusedconv.graph.model_code import same_children, same_plain
 from fusedconv.graph.patterns import Param, forward_params
@@ -124,7 +125,7 @@ class GuardTable:
         miss_error evaluate the same terms)."""
         return {"e": self.expect, "Tensor": torch.Tensor, "MISSING": _MISSING, "same_plain": same_plain,
                 "same_children": same_children, "unchanged_subtree": unchanged_subtree,
-                "runs_as_written": runs_as_written}
+                "runs_as_written": runs_as_written, "folded_unchanged": folded_unchanged}
 
     def _compile(self) -> None:
         args = ", ".join(f"a{i}" for i in range(len(self.params)))

@@ -400,3 +400,48 @@ def test_a_functional_batch_norms_snapshot_travels_with_copies(tmp_path):
         original.block.var.mul_(1.5)
         edited_copy = copy.deepcopy(converted)
         assert max_rel_error(edited_copy(x), original(x)) < TOL and _fallbacks(edited_copy) == 1
+
+
+class SharedBNBlock(nn.Module):
+    """One BN module after two convs (folded into each), and a gain the block reads (its rewrite is guarded)."""
+
+    def __init__(self, c: int = 8):
+        super().__init__()
+        self.a, self.b, self.bn = nn.Conv2d(c, c, 3, padding=1), nn.Conv2d(c, c, 1), nn.BatchNorm2d(c)
+        self.gain = 1.0
+
+    def forward(self, x):
+        return torch.relu(self.bn(self.a(x))) * self.gain + self.bn(self.b(x))
+
+
+def test_a_bn_folded_into_two_convs_whose_copies_were_edited_apart_makes_the_fallback_raise():
+    """The fused copies of a shared BN edited after convert: the fused calls use them, but the block's own forward
+    calls the one BN and cannot; a call sent to it (a new gain) raises instead of computing something else."""
+    original, converted = _pair(StemNet(SharedBNBlock()), False, 16)
+    assert type(converted.block.bn) is nn.Identity
+    x = _x(16)
+    with torch.no_grad():
+        unedited = copy.deepcopy(converted)
+        unedited.block.gain = original.block.gain = 2.0  # the fallback, copies as convert made them: exact
+        assert max_rel_error(unedited(x), original(x)) < TOL and _fallbacks(unedited) == 1
+        as_float = copy.deepcopy(converted).float()  # a cast keeps the copies' values: no raise
+        as_float.block.gain = 2.0
+        assert max_rel_error(as_float(x.float()).double(), original(x)) < 1e-4
+        converted(x)
+        converted.block.a.scale.mul_(1.5)
+        converted(x)  # the fused calls take the edit
+        converted.block.gain = 2.0
+        with pytest.raises(RuntimeError, match="BatchNorm bn is folded into each of a, b"):
+            converted(x)
+
+
+def test_a_functional_batch_norms_fused_copy_edited_makes_the_fallback_raise():
+    """The fused conv's scale edited after convert while the block still holds the F.batch_norm's tensors: a call
+    sent to the block's own forward (its tensors edited too) raises rather than drop the edit."""
+    _, converted = _pair(StemNet(FunctionalBNBlock()), False, 16)
+    with torch.no_grad():
+        converted.block.conv.scale.mul_(1.5)
+        converted(_x(16))
+        converted.block.var.mul_(1.5)
+        with pytest.raises(RuntimeError, match="fold of the F.batch_norm of mean, var, gamma, beta"):
+            converted(_x(16))

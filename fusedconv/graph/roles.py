@@ -35,13 +35,33 @@ def _channel(t: torch.Tensor, like: torch.Tensor, fused: nn.Module) -> torch.Ten
     return t.view(fused._channel_view(like)) if isinstance(fused, FusedAffineLayer) else t.view(-1, 1, 1)
 
 
-class _Role(nn.Module):
-    """Holds the FusedConv2d by plain reference (not as a child: a role is never part of the model's tree)."""
+def _close(now: torch.Tensor, then: torch.Tensor) -> bool:
+    """`now` holds the values `then` held, up to a few roundings of `now`'s dtype (a `.half()` or `.double()` of the
+    converted model keeps them; an edit does not)."""
+    then = then.to(device=now.device, dtype=now.dtype)
+    eps = torch.finfo(now.dtype).eps if now.is_floating_point() else 0.0
+    return bool(torch.allclose(now, then, rtol=4 * eps, atol=4 * eps * float(then.abs().max()) if then.numel() else 0))
 
-    def __init__(self, fused: FusedConv2d, conv_bias: torch.Tensor | None = None):
+
+class _Role(nn.Module):
+    """Holds the FusedConv2d by plain reference (not as a child: a role is never part of the model's tree).
+
+    `pinned`: (fused module, message) for fused copies of a BN whose state the fallback cannot reproduce from them
+    (a BN folded into several convs; a functional F.batch_norm whose tensors stay in the block): their scale and
+    shift as convert made them. Edited after convert, the fused calls use them but the block's own forward could not,
+    so the fallback raises the message instead of computing something else (`_check_pinned`)."""
+
+    def __init__(self, fused: FusedConv2d, conv_bias: torch.Tensor | None = None, pinned: tuple = ()):
         super().__init__()
         self.__dict__["fused"] = fused
         self.__dict__["conv_bias"] = None if conv_bias is None else conv_bias.detach().clone()
+        self.__dict__["pinned"] = tuple((f, message, f.scale.detach().clone(), f.shift.detach().clone())
+                                        for f, message in pinned)
+
+    def _check_pinned(self) -> None:
+        for f, message, scale, shift in self.__dict__.get("pinned", ()):
+            if not (_close(f.scale, scale) and _close(f.shift, shift)):
+                raise RuntimeError(message)
 
     def _bias(self, like: torch.Tensor) -> torch.Tensor | None:
         b = self.__dict__["conv_bias"]
@@ -69,6 +89,7 @@ class ConvRole(_Role):
     """The original nn.Conv2d: conv(x, weight) (+ its bias)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_pinned()
         return self._conv(x)
 
 
@@ -76,11 +97,13 @@ class BNRole(_Role):
     """The original eval-mode BatchNorm: y * scale + (shift - scale * conv bias), then `act` for a norm-act module
     (timm's BatchNormAct2d applies its activation itself: the fused module's epilogue took it over)."""
 
-    def __init__(self, fused: FusedConv2d, conv_bias: torch.Tensor | None = None, act: ActivationSpec | None = None):
-        super().__init__(fused, conv_bias)
+    def __init__(self, fused: FusedConv2d, conv_bias: torch.Tensor | None = None, act: ActivationSpec | None = None,
+                 pinned: tuple = ()):
+        super().__init__(fused, conv_bias, pinned)
         self.__dict__["act"] = None if act is None or act.is_identity else act
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
+        self._check_pinned()
         f = self.__dict__["fused"]
         shift = f.shift
         b = self.__dict__["conv_bias"]

@@ -88,14 +88,31 @@ def _conv_role(ch: Chain):
     applies the fused module's scale and shift, which then stand for the conv's own bias: the role is the fused
     affine with their live values (an edit of them, or a state_dict loaded after convert, reaches the fallback as
     it reaches the fused call)."""
-    return ConvRole(ch.fused, ch.conv_bias) if ch.bn is not None else AffineRole(ch.fused)
+    if ch.bn is None:
+        return AffineRole(ch.fused)
+    if ch.bn_sources is None:
+        return ConvRole(ch.fused, ch.conv_bias)
+    sources = ", ".join(t for t in ch.bn_sources if t is not None)
+    message = (f"{ch.conv.target}: its scale / shift were edited after convert, but they are the fold of the "
+               f"F.batch_norm of {sources}, which the block's own forward reads (this call takes it): edit those "
+               f"instead, or convert the model again")
+    return ConvRole(ch.fused, ch.conv_bias, pinned=[(ch.fused, message)])
 
 
-def _bn_role(ch: Chain) -> BNRole:
+def _bn_role(ch: Chain, chains: list[Chain] = ()) -> BNRole:
     """The fallback's stand-in for the chain's BatchNorm module: its affine, and the activation of a norm-act BN
     (the chain's activation when no activation call of its own follows: `ChainMatcher.match` takes a norm-act's
-    activation from the BN and stops there)."""
-    return BNRole(ch.fused, ch.conv_bias, ch.act_spec if ch.act is None else None)
+    activation from the BN and stops there). A BN module that `chains` fold into several convs pins their copies
+    (roles._Role: the block's forward calls the one BN, which cannot apply copies edited apart)."""
+    sharing = [c for c in chains if c.bn is not None and c.bn.op == "call_module" and c.bn.target == ch.bn.target]
+    pinned = ()
+    if len(sharing) > 1:
+        names = ", ".join(str(c.conv.target) for c in sharing)
+        message = (f"the BatchNorm {ch.bn.target} is folded into each of {names}: their scale / shift were "
+                   f"edited after convert, and the block's own forward (this call takes it) calls the one BN, "
+                   f"which cannot compute what they do now; convert the model again")
+        pinned = [(c.fused, message) for c in sharing]
+    return BNRole(ch.fused, ch.conv_bias, ch.act_spec if ch.act is None else None, pinned)
 
 
 class ScopeRewrite:
@@ -340,7 +357,7 @@ class ScopeRewrite:
                 old = mods[str(ch.bn.target)]
                 stand_in = nn.Identity().train(old.training)
                 mods[str(ch.bn.target)] = stand_in
-                roles.append((str(ch.bn.target), stand_in, _bn_role(ch)))
+                roles.append((str(ch.bn.target), stand_in, _bn_role(ch, good)))
             self.report.add(self.scope, [_node_name(n) for n in ch.nodes], ch.kind, "fused", ch.detail())
         for a in absorbs:
             a.fused.act = a.act_spec

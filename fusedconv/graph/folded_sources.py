@@ -21,10 +21,8 @@ import copy
 import torch
 import torch.nn as nn
 
-from fusedconv.graph.inlined_containers import _path_term
+from fusedconv.graph.inlined_containers import _ABSENT, _path_term
 from fusedconv.graph.patterns import Guard
-
-_ABSENT = object()
 
 
 class FoldedTensor:

@@ -40,7 +40,8 @@ def _close(now: torch.Tensor, then: torch.Tensor) -> bool:
     converted model keeps them; an edit does not)."""
     then = then.to(device=now.device, dtype=now.dtype)
     eps = torch.finfo(now.dtype).eps if now.is_floating_point() else 0.0
-    return bool(torch.allclose(now, then, rtol=4 * eps, atol=4 * eps * float(then.abs().max()) if then.numel() else 0))
+    atol = 4 * eps * float(then.abs().max()) if then.numel() else 0.0
+    return bool(torch.allclose(now, then, rtol=4 * eps, atol=atol))
 
 
 class _Role(nn.Module):

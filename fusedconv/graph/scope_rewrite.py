@@ -331,7 +331,9 @@ class ScopeRewrite:
         return paths
 
     def _bn_replaceable(self, ch: Chain) -> bool:
-        """The BN child may become an nn.Identity (called once here, held nowhere else, a direct child)."""
+        """The BN child may become an nn.Identity: no call of it left in the primary pattern's graph once its chains
+        are rewritten (each call folded into its conv; a BN folded into two convs is shared by their copies,
+        `_bn_role`), held nowhere else, a direct child."""
         if ch.bn is None or ch.bn.op != "call_module" or "." in str(ch.bn.target):
             return False
         bn = self.module._modules.get(str(ch.bn.target))

@@ -21,7 +21,8 @@ import copy
 import torch
 import torch.nn as nn
 
-from fusedconv.graph.inlined_containers import _ABSENT, _path_term
+from fusedconv.graph.inlined_containers import _path_term
+from fusedconv.graph.model_code import MISSING
 from fusedconv.graph.patterns import Guard
 
 
@@ -49,11 +50,11 @@ class FoldedTensor:
 def folded_unchanged(owner: nn.Module, snap: FoldedTensor) -> bool:
     """`owner`'s attribute `snap.attr` (a parameter, buffer or plain attribute) is the tensor `snap` holds, unedited."""
     d = owner.__dict__
-    t = d["_parameters"].get(snap.attr, _ABSENT)
-    if t is _ABSENT:
-        t = d["_buffers"].get(snap.attr, _ABSENT)
-    if t is _ABSENT:
-        t = d.get(snap.attr, _ABSENT)
+    t = d["_parameters"].get(snap.attr, MISSING)
+    if t is MISSING:
+        t = d["_buffers"].get(snap.attr, MISSING)
+    if t is MISSING:
+        t = d.get(snap.attr, MISSING)
     return snap.unchanged(t)
 
 

@@ -34,13 +34,9 @@ import copy
 import torch.nn as nn
 
 from fusedconv.graph.legality import is_plain_sequential
-from fusedconv.graph.model_code import plain_container, same_children, same_plain
+from fusedconv.graph.model_code import MISSING, plain_container, same_children, same_plain
 from fusedconv.graph.patterns import Guard
 from fusedconv.graph.private_residual import hooked
-
-
-# An instance attribute no setting holds (a setting deleted after convert).
-_ABSENT = object()
 
 
 def runs_as_written(module: nn.Module, forward, settings: tuple = ()) -> bool:
@@ -67,7 +63,7 @@ def module_settings(module: nn.Module) -> tuple:
 
 def _same_settings(d: dict, settings: tuple) -> bool:
     for name, by_value, value in settings:
-        now = d.get(name, _ABSENT)
+        now = d.get(name, MISSING)
         if not (same_plain(now, value) if by_value else now is value):
             return False
     return True

@@ -430,6 +430,8 @@ def _free_reads(code) -> tuple:
 
 
 _EMPTY = object()  # what `_cell_contents` reads in an empty cell
+# What a guard or a guard helper reads for an attribute a module no longer has (the guards' `MISSING`).
+MISSING = object()
 # Instructions that carry no operand of a super() lookup (call set-up and the interpreter's own bookkeeping).
 _SUPER_SKIP = frozenset({"CACHE", "PRECALL", "PUSH_NULL", "NOP", "EXTENDED_ARG", "RESUME", "KW_NAMES"})
 

@@ -24,14 +24,13 @@ from torch.package import sys_importer
 
 from fusedconv.graph.folded_sources import folded_unchanged
 from fusedconv.graph.inlined_containers import runs_as_written, unchanged_subtree
-from fusedconv.graph.model_code import same_children, same_plain
+from fusedconv.graph.model_code import MISSING as _MISSING, same_children, same_plain
 from fusedconv.graph.patterns import Param, forward_params
 from fusedconv.graph.roles import substitute
 from fusedconv.scripting import refuse_script
 
 _GUARDS = "_fusedconv_guards"
 _CLASSES: dict[type, type] = {}
-_MISSING = object()  # what a guard reads for an attribute the block no longer has
 
 
 class GuardMiss(RuntimeError):
@@ -184,7 +183,8 @@ class GuardTable:
 
     def miss_error(self, block: nn.Module, args: list) -> "GuardMiss":
         """The error for a call no specialization of a reparam table accepts, naming what changed."""
-        namespace = {**self._guard_names(), "d": block.__dict__, "m": block.__dict__["_modules"], **{f"a{i}": a for i, a in enumerate(args)}}
+        namespace = {**self._guard_names(), "d": block.__dict__, "m": block.__dict__["_modules"],
+                     **{f"a{i}": a for i, a in enumerate(args)}}
         failed = []
         for s in self.entries:
             for term, label in s.checks:

@@ -42,7 +42,7 @@ from fusedconv import autocast, cpu, fold, ops, same_padding
 from fusedconv.scripting import refuse_script
 from fusedconv.training_mode import warn_if_training
 from fusedconv.fx_leaf import leaf_call
-from fusedconv.validation import check_inputs
+from fusedconv.validation import BroadcastResidual, check_inputs
 from fusedconv.activations import ActivationSpec, apply_activation, as_spec
 
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
@@ -388,52 +388,64 @@ class FusedConv2d(nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None,
                 residual_private: bool = False) -> torch.Tensor:
         """act(conv(x) * scale + shift [+ residual]). `x` is (N, C, H, W) or unbatched (C, H, W) like nn.Conv2d
-        takes; `residual`, when given, has exactly the output's shape. The output follows x's memory format.
-        `residual_private=True` (set by convert's rewritten blocks only) allows the CPU path to write the output
-        into `residual` itself: pass it only when nothing else can read that tensor afterwards."""
+        takes; `residual`, when given, has the output's shape (the fused paths), or a shape that broadcasts to it
+        (a (1, C, 1, 1) bias, noise: the unfused path, as the original modules compute it). The output follows x's
+        memory format. `residual_private=True` (set by convert's rewritten blocks only) allows the CPU path to
+        write the output into `residual` itself: pass it only when nothing else can read that tensor afterwards."""
         if residual is None and self.residual_required:
             raise TypeError("FusedConv2d.forward: missing argument 'residual' (this module was built with a "
                             "residual add in its epilogue; expected a tensor of the output's shape)")
-        if self.pre_pad is not None:
-            if isinstance(x, torch.Tensor) and x.dim() == 3:
-                # Unbatched: as a batch of one, so that the pre-pad is applied exactly once (below).
-                y = self.forward(x.unsqueeze(0), residual.unsqueeze(0) if isinstance(residual, torch.Tensor)
-                                 else residual)
+        given = x
+        try:
+            if self.pre_pad is not None:
+                if isinstance(x, torch.Tensor) and x.dim() == 3:
+                    # Unbatched: as a batch of one, so that the pre-pad is applied exactly once (below).
+                    y = self.forward(x.unsqueeze(0), residual.unsqueeze(0) if isinstance(residual, torch.Tensor)
+                                     else residual)
+                    return y.squeeze(0)
+                # A padding conv's own pad first (integer math on x's shape, then one F.pad); every path below then
+                # sees the padded input, exactly what the original conv convolved.
+                x = same_padding.apply_pre_pad(x, self.pre_pad, self.kernel_size, self.stride, self.dilation)
+            # Plain CPU tensors in eager mode: validated and routed once per input signature (fusedconv/cpu.py).
+            y = cpu.eager_forward(self, x, residual, residual_private)
+            if y is not None:
+                return y
+            # Inside torch.autocast the original conv runs in the region's dtype, and so does this one: input,
+            # residual and weight in that dtype, scale / shift applied in fp32 (fusedconv/autocast.py).
+            weight, folded = self.weight, None
+            cast = autocast.cast_dtype(x, weight)
+            if cast is not None:
+                x, residual = x.to(cast), autocast.cast_like_autocast(residual, cast)
+                weight, *folded = self._autocast_tensors(cast)
+            out_shape = check_inputs(x, weight, self.groups, residual, stride=self.stride, padding=self.padding,
+                                     dilation=self.dilation)
+            if x.dim() == 3:
+                y = self.forward(x.unsqueeze(0), None if residual is None else residual.unsqueeze(0))
                 return y.squeeze(0)
-            # A padding conv's own pad first (integer math on x's shape, then one F.pad); every path below then
-            # sees the padded input, exactly what the original conv convolved.
-            x = same_padding.apply_pre_pad(x, self.pre_pad, self.kernel_size, self.stride, self.dilation)
-        # Plain CPU tensors in eager mode: validated and routed once per input signature (fusedconv/cpu.py).
-        y = cpu.eager_forward(self, x, residual, residual_private)
-        if y is not None:
-            return y
-        # Inside torch.autocast the original conv runs in the region's dtype, and so does this one: input,
-        # residual and weight in that dtype, scale / shift applied in fp32 (fusedconv/autocast.py).
-        weight, folded = self.weight, None
-        cast = autocast.cast_dtype(x, weight)
-        if cast is not None:
-            x, residual = x.to(cast), autocast.cast_like_autocast(residual, cast)
-            weight, *folded = self._autocast_tensors(cast)
-        out_shape = check_inputs(x, weight, self.groups, residual, stride=self.stride, padding=self.padding,
-                                 dilation=self.dilation)
-        if x.dim() == 3:
-            y = self.forward(x.unsqueeze(0), None if residual is None else residual.unsqueeze(0))
-            return y.squeeze(0)
-        if x.numel() == 0 or math.prod(out_shape) == 0:
-            # Empty batch or empty spatial output: nothing to compute (and some backends refuse empty convs).
-            return x.new_empty(out_shape).contiguous(memory_format=_memory_format(x))
-        x, padding = self._mode_pad(x)
-        # A call autograd must record takes the differentiable fallback (the Triton kernels are inference kernels).
-        if (self.cuda_kernel and ops.use_kernel(x, weight)
-                and not ops.grad_needed(x, residual, self.weight, self.scale, self.shift)):
-            return ops.conv_bn_act(x, weight, self.scale, self.shift, residual, self.stride, padding,
-                                   self.dilation, self.groups, self.act.name, self.act.param)
-        if folded is not None:
-            # Autocast: the fold in the region's dtype where it holds it faithfully, else the scaled conv.
-            if folded[0] is not None:
-                return self._conv_folded(x, folded[0], folded[1], padding, residual)
-            return self._conv_scaled(x, padding, residual, weight)
-        return self._fallback(x, padding, residual)
+            if x.numel() == 0 or math.prod(out_shape) == 0:
+                # Empty batch or empty spatial output: nothing to compute (and some backends refuse empty convs).
+                return x.new_empty(out_shape).contiguous(memory_format=_memory_format(x))
+            x, padding = self._mode_pad(x)
+            # A call autograd must record takes the differentiable fallback (the Triton kernels are inference kernels).
+            if (self.cuda_kernel and ops.use_kernel(x, weight)
+                    and not ops.grad_needed(x, residual, self.weight, self.scale, self.shift)):
+                return ops.conv_bn_act(x, weight, self.scale, self.shift, residual, self.stride, padding,
+                                       self.dilation, self.groups, self.act.name, self.act.param)
+            if folded is not None:
+                # Autocast: the fold in the region's dtype where it holds it faithfully, else the scaled conv.
+                if folded[0] is not None:
+                    return self._conv_folded(x, folded[0], folded[1], padding, residual)
+                return self._conv_scaled(x, padding, residual, weight)
+            return self._fallback(x, padding, residual)
+        except BroadcastResidual:
+            # convert fuses `bn(conv(x)) + other` without knowing other's shape; where it broadcasts, so does this.
+            x = given
+            if x.dim() != 4 or autocast.cast_dtype(x, self.weight) is not None:
+                raise
+            if self.pre_pad is not None:
+                x = same_padding.apply_pre_pad(x, self.pre_pad, self.kernel_size, self.stride, self.dilation)
+            x, padding = self._mode_pad(x)
+            return self._conv_scaled(x, padding, residual)
 
     def _fallback(self, x: torch.Tensor, padding, residual: torch.Tensor | None) -> torch.Tensor:
         if torch.compiler.is_compiling():

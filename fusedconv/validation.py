@@ -10,6 +10,12 @@ from __future__ import annotations
 import torch
 
 
+class BroadcastResidual(ValueError):
+    """A residual of another shape than the output's that broadcasts to it: the fused op and kernels refuse it;
+    FusedConv2d computes it on its unfused path (`act(conv(x) * scale + shift + residual)`, as the original
+    modules would broadcast it)."""
+
+
 def conv_output_hw(hw, kernel_size, stride, padding, dilation) -> tuple[int, int]:
     """(OH, OW) of a 2-d convolution (may be <= 0 when the kernel does not fit the padded input)."""
     return tuple((hw[i] + 2 * padding[i] - dilation[i] * (kernel_size[i] - 1) - 1) // stride[i] + 1
@@ -59,8 +65,15 @@ def check_inputs(x: torch.Tensor, weight: torch.Tensor, groups: int, residual: t
             raise ValueError(f"residual: expected a {x.dim()}-d tensor like the input, got {residual.dim()}-d "
                              f"with shape {tuple(residual.shape)}")
         if out_shape is not None and tuple(residual.shape) != out_shape:
-            raise ValueError(f"residual: expected the output's shape {out_shape}, got {tuple(residual.shape)} "
-                             "(no broadcasting)")
+            error = ValueError
+            try:
+                if (torch.broadcast_shapes(tuple(residual.shape), out_shape) == out_shape
+                        and residual.device == x.device and residual.dtype == x.dtype):
+                    error = BroadcastResidual
+            except RuntimeError:
+                pass
+            raise error(f"residual: expected the output's shape {out_shape}, got {tuple(residual.shape)} "
+                        "(no broadcasting)")
         if residual.device != x.device:
             raise RuntimeError(f"residual: expected device {x.device} to match the input, got {residual.device}")
         if residual.dtype != x.dtype:

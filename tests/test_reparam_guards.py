@@ -418,3 +418,32 @@ def test_chain_inside_a_traced_through_child_of_a_merged_block():
     _close(converted(x), model(x))
     _close(converted(x[:1]), model(x[:1]))
     assert batch_norm_count(count_ops(converted, x)) == 0  # the child's chain is fused too, not left behind
+
+
+class IdentityAct(Branches):
+    """The branches' sum through an nn.Identity the block calls as its activation: the merged graph drops that call
+    (so that convert sees the merged conv's output directly)."""
+
+    def __init__(self, c=4):
+        super().__init__(c)
+        self.act = nn.Identity()
+
+    def forward(self, x):
+        return self.act(self.dense(x) + self.pw(x) + self.idbn(x))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("flatten", [True, False])
+@pytest.mark.parametrize("edit", ["hook", "instance forward"])
+def test_a_hook_on_a_dropped_identity_call_is_not_skipped(edit, flatten):
+    """Found by bench/random_sweep.py: a forward hook on `act` after convert was skipped (relative error 1.2)."""
+    model = _prep(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), IdentityAct()))
+    x = _t(2, 3, 6, 6)
+    out = fusedconv.convert(model, flatten=flatten)
+    _close(out(x), model(x))
+    if edit == "hook":
+        out[1].act.register_forward_hook(lambda m, args, y: y * 1.5)
+    else:
+        out[1].act.forward = lambda y: y * 1.5
+    with pytest.raises(GuardMiss, match="IdentityAct"):
+        out(x)  # (the merged weights could run it, but no guard allows the call now: loud, not stale)

@@ -13,6 +13,11 @@ queries; `WatchedCode.check()` then
     `if t > 0:` on a module-level tensor or a plain tensor attribute: an in-place edit would not reach the branch the
     graph took); a query about jit tracing or torch.compile / export
     instead puts `not traced_or_compiled()` into the guard (outside those its answer is the trace's: False),
+  * fails it where torch computed a tensor the graph then holds as a constant from something other than plain
+    values: a random draw with no traced argument (`torch.randn(1, c, 1, 1)`: the graph would add the same noise
+    on every call) or a real tensor (`self.mask.sigmoid()` on a plain tensor attribute, a module-level tensor: an
+    in-place edit or a later draw would not reach it), and where model code wrote into a real tensor in place while
+    tracing (the write happens once, at trace time, and never in the graph) (`TensorLineage`);
   * lists the module-level values the code reads (`LOAD_GLOBAL`, and `module.NAME` of a model module, `Config.NAME`
     of a model class used as a namespace, `helper.NAME` set on a model function, up to three attributes deep): plain
     values and containers of them, tensors and modules become guard terms (`patterns.build_guard`: by value, by
@@ -57,6 +62,7 @@ import types
 
 import torch
 import torch.fx as fx
+import torch.utils._pytree as pytree
 import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 
@@ -149,9 +155,10 @@ _TRACING_QUERIES = _resolve(
     "torch.compiler.is_exporting", "torch.compiler.is_dynamo_compiling", "torch._dynamo.is_compiling",
     "torch._utils.is_compiling")
 # Nondeterministic reads: Python's random numbers, the clock, the OS's random bytes. A trace would keep one draw or
-# one reading for every later call (torch's own random ops are graph ops, drawn anew on every call). The functions
-# of the `random` module are methods of its hidden Random instance: the Python ones are matched by code, the C ones
-# (`random.random`, `getrandbits`) as methods of any Random instance, as are numpy.random's (`_random_source`).
+# one reading for every later call (torch's own random ops on a traced value are graph ops, drawn anew on every
+# call; one with no traced argument runs once, at trace time: TensorLineage). The functions of the `random` module
+# are methods of its hidden Random instance: the Python ones are matched by code, the C ones (`random.random`,
+# `getrandbits`) as methods of any Random instance, as are numpy.random's (`_random_source`).
 _NONDETERMINISTIC = [(f"time.{name}", getattr(time, name)) for name in (
     "time", "time_ns", "perf_counter", "perf_counter_ns", "monotonic", "monotonic_ns", "process_time",
     "process_time_ns", "thread_time", "thread_time_ns", "clock_gettime", "clock_gettime_ns", "localtime", "gmtime",
@@ -282,6 +289,7 @@ class WatchedCode:
         self.closure_calls: dict = {}
         self.queries: list[str] = []  # state queries no guard can cover ("<where> calls <query>()")
         self.value_reads: list[str] = []  # a real tensor's values read into Python while tracing
+        self.lineage = TensorLineage()  # the real tensors torch computed while tracing (a graph constant's source)
         self.tracing_queries: list[str] = []  # tracing queries: covered by `traced_or_compiled()` in the guard
         self.default_reads: list[str] = []  # calls that used a mutable default argument
         self._defaults: dict = {}  # code -> its function's mutable defaults (_mutable_defaults), found once
@@ -302,6 +310,9 @@ class WatchedCode:
             raise GlobalStateError(f"{self.queries[0]}: the graph would keep its trace-time answer")
         if self.value_reads:
             raise GlobalStateError(f"{self.value_reads[0]} while tracing: the graph would keep the trace-time value")
+        if self.lineage.writes:
+            raise GlobalStateError(f"{self.lineage.writes[0]} while tracing: the write would happen once, at trace "
+                                   "time, and never in the graph")
         if self.default_reads:
             raise GlobalStateError(f"{self.default_reads[0]}: the graph would keep what it held at trace time")
         reads: dict = {}
@@ -689,20 +700,106 @@ _VALUE_READS = frozenset({"item", "tolist", "numpy", "__bool__", "__float__", "_
                           "__array__"})
 
 
+# torch functions whose result is a random draw (called with no traced argument, fx runs them once, at trace time).
+_RANDOM_OPS = frozenset({
+    "rand", "randn", "randint", "randperm", "rand_like", "randn_like", "randint_like", "normal", "bernoulli",
+    "multinomial", "poisson", "normal_", "uniform_", "random_", "exponential_", "geometric_", "cauchy_",
+    "log_normal_", "bernoulli_", "dropout", "dropout_", "alpha_dropout", "feature_alpha_dropout",
+    "feature_dropout", "dropout1d", "dropout2d", "dropout3d", "rrelu", "rrelu_", "fractional_max_pool2d",
+    "fractional_max_pool3d", "gumbel_softmax"})
+# Tensor methods that write into a tensor in place besides the `name_` ones.
+_IN_PLACE_DUNDERS = frozenset({"__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__",
+                               "__imod__", "__ipow__", "__iand__", "__ior__", "__ixor__", "__ilshift__",
+                               "__irshift__", "__imatmul__"})
+
+
+def _model_caller() -> str:
+    """Where the innermost model code on the stack is (for a message)."""
+    frame = sys._getframe(1)
+    while frame is not None and not model_code(frame.f_code):
+        frame = frame.f_back
+    return _where(frame.f_code) if frame is not None else "the forward"
+
+
+class TensorLineage:
+    """What torch computed on real tensors while a forward was traced (fx's Proxies record the ops on the call's
+    values; these run once, at trace time). A tensor computed from plain values only (`torch.tensor(0.5)`,
+    `torch.zeros(3)`) is the same on every call: a graph may hold it. One drawn at random, or computed from a real
+    tensor the trace did not compute itself (a plain tensor attribute, a module-level tensor), is not: `computed`
+    maps its id to the reason (the tensor kept, so the id stays its own). `writes` lists in-place writes into such
+    real tensors (module state changed once, at trace time)."""
+
+    def __init__(self):
+        self.pure: dict[int, torch.Tensor] = {}
+        self.computed: dict[int, tuple[torch.Tensor, str]] = {}
+        self.writes: list[str] = []
+        self.saved: list[tuple[torch.Tensor, torch.Tensor]] = []  # (real tensor written, its values before)
+
+    @staticmethod
+    def _in_place(name: str, kwargs: dict) -> bool:
+        return name in _IN_PLACE_DUNDERS or (name.endswith("_") and not name.startswith("_")) or "out" in kwargs
+
+    def before(self, name: str, args, kwargs) -> None:
+        """Before an op runs: keep the values of a real tensor it is about to write into (`restore`)."""
+        if self._in_place(name, kwargs):
+            target = kwargs.get("out", args[0] if args else None)
+            if isinstance(target, torch.Tensor) and id(target) not in self.pure and not any(
+                    isinstance(a, fx.Proxy) for a in pytree.tree_leaves((args, kwargs))):
+                self.saved.append((target, target.detach().clone()))
+
+    def restore(self) -> None:
+        """Undo the writes into real tensors the trace made (the trace then fails: `writes`), newest first."""
+        with torch.no_grad():
+            for target, values in reversed(self.saved):
+                target.copy_(values)
+        self.saved.clear()
+
+    def record(self, func, name: str, args, kwargs, out) -> None:
+        leaves = pytree.tree_leaves((args, kwargs))
+        if any(isinstance(a, fx.Proxy) for a in leaves):
+            return  # a traced op: the graph runs it on every call
+        inputs = [a for a in leaves if isinstance(a, torch.Tensor)]
+        state = [a for a in inputs if id(a) not in self.pure]
+        in_place = self._in_place(name, kwargs)
+        if in_place and inputs and id(inputs[0]) not in self.pure:
+            self.writes.append(f"{_model_caller()} writes into a tensor in place ({name})")
+        reason = (f"a random draw ({name})" if name in _RANDOM_OPS else
+                  f"a tensor the trace did not compute ({name} on a {tuple(state[0].shape)} tensor)" if state else None)
+        for o in pytree.tree_leaves(out):
+            if not isinstance(o, torch.Tensor):
+                continue
+            if any(o is a for a in inputs):  # an input itself (`t.contiguous()`, an in-place op's result)
+                if in_place and reason is not None and self.pure.pop(id(o), None) is not None:
+                    self.computed[id(o)] = (o, reason)  # a plain-valued tensor written from real ones
+                continue
+            if reason is None:
+                self.pure[id(o)] = o
+            else:
+                self.pure.pop(id(o), None)
+                self.computed[id(o)] = (o, reason)
+
+
 class _TensorValueReads(TorchFunctionMode):
     """Around a trace: records model code reading a real tensor's values into Python (`t.item()`, `if t > 0:`) in
-    `watched.value_reads` (fx's Proxies are not tensors and never get here with these names)."""
+    `watched.value_reads` (fx's Proxies are not tensors and never get here with these names), and what torch
+    computed on real tensors in `watched.lineage` (`TensorLineage`)."""
 
     def __init__(self, watched: "WatchedCode"):
         super().__init__()
         self.watched = watched
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        if getattr(func, "__name__", None) in _VALUE_READS and args and isinstance(args[0], torch.Tensor):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", None) or ""
+        if name in _VALUE_READS and args and isinstance(args[0], torch.Tensor):
             caller = sys._getframe(1).f_code
             if model_code(caller):
                 self.watched.value_reads.append(f"{_where(caller)} reads a tensor's value ({func.__name__})")
-        return func(*args, **(kwargs or {}))
+        self.watched.lineage.before(name, args, kwargs)
+        out = func(*args, **kwargs)
+        if isinstance(out, (torch.Tensor, tuple, list)) or name in _IN_PLACE_DUNDERS:
+            self.watched.lineage.record(func, name, args, kwargs, out)
+        return out
 
 
 @contextlib.contextmanager

@@ -33,6 +33,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from fusedconv.graph.inlined_containers import called_module_terms
 from fusedconv.graph.patterns import (
     CallPattern, Param, UnsupportedSignature, attribute_terms, build_guard, call_patterns, forward_params,
     merge_patterns,
@@ -125,6 +126,8 @@ class ReparamRewrite:
             rows = self.report if k == 0 else ConversionReport()
             sp = ScopePass(module, self.scope, rows, trace.graph)
             sp.taken = taken
+            # (the pass rewrites the trace's graph: the children it called before, to tell the calls it drops)
+            sp.called_before = {str(n.target) for n in trace.graph.nodes if n.op == "call_module"}
             sp.run()
             passes.append((pattern, trace, sp, rows))
         if not any(sp.merged for _, _, sp, _ in passes):
@@ -188,10 +191,12 @@ class ReparamRewrite:
         local = {p.name: f"a{i}" for i, p in enumerate(params)}
         expect: list = []
         items = []
+        dropped = {}  # graph -> the children whose calls the pass dropped (nn.Identity next to a merged conv)
         for pattern, trace, sp in passes:
             key = (_normalized(sp.graph), tuple(sorted((k, tuple(sorted(set(v))))
                                                       for k, v in trace.nested_reads.items())))
             items.append((pattern, trace, key, sp.graph))
+            dropped[id(sp.graph)] = sp.called_before - _targets(sp.graph)
         entries = []
         top_removed = frozenset(r for r in removed if "." not in r)
         for pattern, trace, _, graph in merge_patterns(items):
@@ -211,6 +216,11 @@ class ReparamRewrite:
                 expr = _module_expr(path)
                 attribute_terms(g, sub, reads, f"{expr}.__dict__", f"{expr}._modules", f"self.{path}", expect,
                                 inner)
+            # A child still in the block whose call the merged graph dropped: a hook or an instance forward on it,
+            # added after reparameterize, must not be skipped (the call then raises GuardMiss: merged branches).
+            for path in sorted(dropped[id(graph)]):
+                if not any(path == r or path.startswith(r + ".") for r in removed):
+                    called_module_terms(g, module, path, expect)
             code = graph.python_code(root_module="self")
             entries.append(Specialization(g.expression(), g.described, code.src, code.globals,
                                           list(zip(g.terms, g.labels)), pattern))

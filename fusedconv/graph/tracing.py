@@ -205,7 +205,13 @@ _DICT_LOOKUPS = frozenset({"get", "pop", "setdefault", "popitem"})
 
 
 class ScopeTracer(fx.Tracer):
-    """Traces one module's own forward: every submodule it calls is a leaf (its inside is another scope)."""
+    """Traces one module's own forward: every submodule it calls is a leaf (its inside is another scope).
+
+    Buffers are read as graph nodes (`get_attr`), like parameters: what the forward computes from them
+    (`self.gain.relu()`) then runs on every call, on the buffer as it is (fx's default runs it once, at trace time,
+    and keeps the result: an in-place edit of the buffer would not reach the graph)."""
+
+    proxy_buffer_attributes = True
 
     # trace_scope records what the forward reads on the leaves (their classes swapped while it runs): a subclass
     # that tells leaves by class while tracing sets this False.
@@ -415,6 +421,7 @@ def trace_scope(module: nn.Module, concrete_args: dict | None = None, tracer: Sc
     inner = traced_through(module, tracer)
     snaps = [(m, _snapshot(m)) for m in [module, *inner.values()]]
     constants: dict = {}
+    watched = None
     try:
         with contextlib.ExitStack() as stack:
             reads = stack.enter_context(_recording_reads(module))
@@ -429,10 +436,18 @@ def trace_scope(module: nn.Module, concrete_args: dict | None = None, tracer: Sc
             constants = {k: v for k, v in module.__dict__.items() if k.startswith(_FX_CONSTANT)}
     finally:
         changed = [k for m, snap in snaps for k in _restore(m, snap)]
+        if watched is not None:
+            watched.lineage.restore()  # (a write into a real tensor fails the trace below: undo it first)
     changed = [k for k in changed if not k.startswith(_FX_CONSTANT)]
     if changed:
         raise SideEffectError(f"forward assigns module attributes {changed} while running")
     global_reads = watched.check()
+    for name, value in constants.items():
+        held = watched.lineage.computed.get(id(value))
+        if held is not None and held[0] is value:
+            raise model_code.GlobalStateError(
+                f"the forward computes a tensor from {held[1]} while tracing; the graph would hold that one value "
+                f"({name}) for every call")
     for where, log in [("self", reads), *[(f"self.{p}", log) for p, log in [*nested.items(), *leaves.items()]]]:
         if DIRECT_DICT_READ in log:
             raise model_code.GlobalStateError(f"the forward reads {where}.__dict__ itself (`__dict__[...]`, "

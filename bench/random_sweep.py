@@ -1,0 +1,243 @@
+"""Random home-made models (bench/random_models.py) converted and then edited, each against the original model
+given the same edit, in float64: is the converted model the same function, and does it stay so after an edit?
+
+Per seed: the generated model (random weights, BN statistics measured on an input and perturbed, float64) and
+`fusedconv.convert(model)` run on the generated calls (`random_models.calls`: two batch sizes, a larger input, the
+root's optional argument), twice; an output or a tensor the two hold under one name more than 1e-9 (relative)
+away from the original's is a silent error of convert itself. Then, one at a time on fresh copies of both models,
+each edit that means the same thing in both (the same path holds a module of the same class, or a tensor of the
+same name and value):
+  * each public setting of a module changed (`zoo_edits.setting_edits`' rule: a flag flipped, a float x1.5, ...);
+  * a forward hook scaling the module's output, on every module but fusedconv's own layers;
+  * each floating-point parameter and buffer the two models share by name scaled by 1.5 in place (a fused
+    layer's conv weight included: it keeps the conv's name and value);
+  * a module that is not a container replaced by one scaling its input (an activation whose calls a fused layer
+    took over, a whole block), and a scaling module appended to each nn.Sequential;
+  * both models put in training mode (their BNs then normalize by the batch).
+Both run every call before the edit and twice after it, each call from the same random state (a forward adding
+noise); an output, or a parameter or buffer both hold under one name (a forward updating a buffer), more than 1e-9
+(relative) apart is silent, an edit only the converted model raises or warns on is loud (allowed, counted: `train()`
+warns that fused layers keep their BN folded, fusedconv/training_mode.py), one the original raises on is skipped.
+
+`python -m bench.random_sweep --seeds 0-199 --md out.md`; `python -m bench.random_sweep --show 17` prints the
+model of seed 17. Exit status 1 when anything was silently different.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import copy
+import datetime
+import sys
+import time
+import warnings
+
+import torch
+import torch.nn as nn
+
+import fusedconv
+from bench import random_models
+from bench.env import cpu_name, git_commit
+from bench.zoo_edits import TOL, Scale, _changed, _replace, _scale_output, rel_error
+from fusedconv.graph.specialize import original_class
+from fusedconv.model_specs import randomize_batchnorm
+
+
+_ABSENT = object()
+
+
+def _same_module(a: nn.Module, b: nn.Module) -> bool:
+    """`a` (the converted model's) and `b` (the original's) are modules of the same class, convert's guarded
+    subclasses counting as their class."""
+    return original_class(a) is type(b)
+
+
+def _scale_named(model: nn.Module, name: str) -> None:
+    tensors = dict(model.named_parameters())
+    t = tensors[name] if name in tensors else model.get_buffer(name)
+    with torch.no_grad():
+        t.mul_(1.5)
+
+
+def _set(model: nn.Module, path: str, attr: str, value) -> None:
+    setattr(model.get_submodule(path), attr, value)
+
+
+def _hook(model: nn.Module, path: str) -> None:
+    model.get_submodule(path).register_forward_hook(_scale_output)
+
+
+def _append(model: nn.Module, path: str) -> None:
+    model.get_submodule(path).append(Scale())
+
+
+def paired_edits(converted: nn.Module, original: nn.Module) -> list[tuple[str, object]]:
+    """(name, edit(model)) for each edit that means the same in both models (module doc)."""
+    out = []
+    originals = dict(original.named_modules())
+    for path, mod in converted.named_modules():
+        other = originals.get(path)
+        if other is None or type(mod).__module__.startswith("fusedconv") or not _same_module(mod, other):
+            continue
+        shown = path or "<root>"
+        for attr, value in mod.__dict__.items():
+            new = None if attr.startswith("_") or attr == "training" else _changed(value)
+            if new is not None and other.__dict__.get(attr, _ABSENT) == value:
+                out.append((f"{shown}.{attr} = {new!r}", lambda m, p=path, a=attr, v=new: _set(m, p, a, v)))
+        out.append((f"forward hook on {shown}", lambda m, p=path: _hook(m, p)))
+        if path and not mod._modules:
+            out.append((f"{path} replaced", lambda m, p=path: _replace(m, p, Scale())))
+        if isinstance(mod, nn.Sequential):
+            out.append((f"module appended to {shown}", lambda m, p=path: _append(m, p)))
+    theirs = {n: t for n, t in [*original.named_parameters(), *original.named_buffers()]}
+    for name, t in [*converted.named_parameters(), *converted.named_buffers()]:
+        o = theirs.get(name)
+        if t.is_floating_point() and o is not None and o.shape == t.shape and torch.equal(o, t):
+            out.append((f"{name} *= 1.5", lambda m, n=name: _scale_named(m, n)))
+    out.append(("train()", lambda m: m.train()))
+    return out
+
+
+def _run(model: nn.Module, calls: list[tuple]) -> list:
+    """The outputs of `calls`, each drawn from the same random state (a forward adding noise), then the model's
+    floating-point buffers and parameters by name (a forward updating a buffer)."""
+    out = []
+    with torch.no_grad():
+        for i, c in enumerate(calls):
+            torch.manual_seed(1000 + i)
+            out.append(model(*c))
+    return out
+
+
+def _state(model: nn.Module) -> dict:
+    return {n: t.detach().clone() for n, t in [*model.named_parameters(), *model.named_buffers()]}
+
+
+def _state_error(fast: nn.Module, ref: nn.Module) -> float:
+    """The largest relative difference of a tensor both models hold under one name (0 where none differ)."""
+    mine, theirs = _state(fast), _state(ref)
+    errs = [rel_error(t, theirs[n]) if t.shape == theirs[n].shape else float("inf")
+            for n, t in mine.items() if n in theirs]
+    return max(errs, default=0.0)
+
+
+def _error(got: list, want: list) -> float:
+    return max(rel_error(g, w) for g, w in zip(got, want))
+
+
+def sweep_seed(seed: int, convert=fusedconv.convert, edits: bool = True, max_blocks: int = 5) -> dict:
+    """One generated model: convert's error on its calls, then every paired edit (module doc)."""
+    model, gen = random_models.build(seed, max_blocks)
+    calls = random_models.calls(gen)
+    randomize_batchnorm(model, seed, example_inputs=tuple(a.float() for a in calls[0]))
+    model = model.double()
+    res = {"seed": seed, "kinds": gen.kinds, "convert_error": None, "edits": 0, "ok": 0, "loud": [], "silent": [],
+           "skipped": 0, "raised": None}
+    try:
+        converted = convert(model)
+        got = _run(converted, calls) + _run(converted, calls)
+    except Exception as e:  # noqa: BLE001 - a model its own forward runs must convert and run: recorded
+        res["raised"] = f"{type(e).__name__}: {e}"[:300]
+        return res
+    want = _run(model, calls) + _run(model, calls)
+    res["convert_error"] = max(_error(got, want), _state_error(converted, model))
+    if res["convert_error"] > TOL or not edits:
+        return res
+    for name, edit in paired_edits(converted, model):
+        res["edits"] += 1
+        fast, ref = copy.deepcopy(converted), copy.deepcopy(model)
+        _run(fast, calls), _run(ref, calls)
+        try:
+            edit(ref)
+            want = _run(ref, calls) + _run(ref, calls)
+        except Exception:  # noqa: BLE001 - an edit the original rejects proves nothing here
+            res["skipped"] += 1
+            continue
+        try:
+            with warnings.catch_warnings(record=True) as said:
+                warnings.simplefilter("always")
+                edit(fast)
+                got = _run(fast, calls) + _run(fast, calls)
+        except Exception as e:  # noqa: BLE001 - raising is allowed, only counted
+            res["loud"].append(f"{name}: {type(e).__name__}")
+            continue
+        if any(str(w.message).startswith("fusedconv:") for w in said):
+            res["loud"].append(f"{name}: warned")  # (train(): fused layers keep their BN folded, and say so)
+            continue
+        err = max(_error(got, want), _state_error(fast, ref))
+        if err > TOL:
+            res["silent"].append((name, err))
+        else:
+            res["ok"] += 1
+    return res
+
+
+def _seeds(text: str) -> list[int]:
+    out = []
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        out += list(range(int(lo), int(hi or lo) + 1))
+    return out
+
+
+def render(results: list[dict], meta: dict) -> str:
+    n_edits = sum(r["edits"] for r in results)
+    kinds = collections.Counter(k for r in results for k in r["kinds"])
+    wrong = [r for r in results if r["convert_error"] is not None and r["convert_error"] > TOL]
+    raised = [r for r in results if r["raised"]]
+    lines = ["# Random home-made models: converted and edited against the original (bench/random_sweep.py)", "",
+             f"{meta['date']}, {meta['machine']}, torch {meta['torch']}, code {meta.get('commit', 'unknown')}, "
+             f"`{meta['command']}`, {meta['seconds']:.0f} s", "",
+             "| seeds | converted exactly | convert silently different | convert or its calls raised | edits | "
+             "exact | raised (converted only) | silently different | skipped |",
+             "|---|---|---|---|---|---|---|---|---|",
+             f"| {len(results)} | {len(results) - len(wrong) - len(raised)} | {len(wrong)} | {len(raised)} | {n_edits} "
+             f"| {sum(r['ok'] for r in results)} | {sum(len(r['loud']) for r in results)} "
+             f"| {sum(len(r['silent']) for r in results)} | {sum(r['skipped'] for r in results)} |", "",
+             "Blocks generated: " + ", ".join(f"{k} {n}" for k, n in sorted(kinds.items())), ""]
+    for r in wrong:
+        lines.append(f"- seed {r['seed']} ({', '.join(r['kinds'])}): converted {r['convert_error']:.3e} away")
+    for r in raised:
+        lines.append(f"- seed {r['seed']} ({', '.join(r['kinds'])}) raised: {r['raised']}")
+    for r in results:
+        for name, err in r["silent"]:
+            lines.append(f"- seed {r['seed']}: {name}: {err:.3e}")
+        for entry in r["loud"]:
+            lines.append(f"- seed {r['seed']} (raised): {entry}")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="bench.random_sweep", description=__doc__.split("\n\n")[0])
+    p.add_argument("--seeds", default="0-49", help="seeds, e.g. 0-199 or 3,17,40-45")
+    p.add_argument("--no-edits", action="store_true", help="only convert's own exactness")
+    p.add_argument("--max-blocks", type=int, default=5)
+    p.add_argument("--show", type=int, help="print the model source of this seed and exit")
+    p.add_argument("--md", help="write the report here")
+    args = p.parse_args(argv)
+    if args.show is not None:
+        print(random_models.model_source(args.show, args.max_blocks).source)
+        return 0
+    torch.set_num_threads(1)
+    t0 = time.time()
+    results = []
+    for seed in _seeds(args.seeds):
+        r = sweep_seed(seed, edits=not args.no_edits, max_blocks=args.max_blocks)
+        results.append(r)
+        bad = len(r["silent"]) + bool(r["raised"]) + bool(r["convert_error"] is not None and r["convert_error"] > TOL)
+        print(f"seed {seed}: {', '.join(r['kinds'])}: convert {r['convert_error']}, {r['edits']} edits, "
+              f"{len(r['loud'])} loud, {bad} bad", flush=True)
+    meta = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "machine": cpu_name(), "torch": torch.__version__, "commit": git_commit() or "unknown",
+            "command": "python -m bench.random_sweep " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "seconds": time.time() - t0}
+    text = render(results, meta)
+    if args.md:
+        with open(args.md, "w") as f:
+            f.write(text)
+    print(text)
+    return 1 if any(r["silent"] or r["raised"] or (r["convert_error"] or 0) > TOL for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -47,8 +47,8 @@ ACT_CALLS = ["F.relu({})", "torch.relu({})", "{}.relu()", "F.relu6({})", "F.silu
 
 @dataclass
 class Step:
-    """One step of the root's forward: the attribute it calls, how (keyword arguments as source), and whether
-    the step's module is also held in the root's Sequential instead of an attribute of its own."""
+    """One step of the root's forward: the block's name, its constructor's source ("" for a block called again)
+    and the call's source template (`{m}` stands for the block; keyword arguments as written)."""
     name: str
     ctor: str
     call: str = "{m}(x)"

@@ -18,6 +18,7 @@ import sys
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -510,9 +511,14 @@ def test_fused_call_unrouted_residual_goes_to_the_module():
         expected = m(x, r)
         state = m._cpu_state
         assert torch.equal(flat_fused.fused_call(state, m, x, r), expected)
-        # A residual oneDNN would broadcast: the module's check, not a silent broadcast.
-        with pytest.raises(ValueError, match="residual"):
-            flat_fused.fused_call(state, m, x, torch.randn(1, 8, 1, 1).contiguous(memory_format=torch.channels_last))
+        # A residual of another shape, which no route was made for: the module call, which adds it as the original
+        # modules would broadcast it (its unfused path), not oneDNN's route for the routed shape.
+        small = torch.randn(1, 8, 1, 1).contiguous(memory_format=torch.channels_last)
+        want = torch.relu(F.conv2d(x.double(), m.weight.double(), None, 1, 1) * m.scale.double().view(1, -1, 1, 1)
+                          + m.shift.double().view(1, -1, 1, 1) + small.double())
+        assert max_rel_error(flat_fused.fused_call(state, m, x, small), want) < 1e-5
+        with pytest.raises(ValueError, match="residual"):  # one that does not broadcast: the module's check
+            flat_fused.fused_call(state, m, x, torch.randn(1, 8, 1, 2).contiguous(memory_format=torch.channels_last))
 
 
 def test_fused_call_nchw_input_keeps_the_module_route():

@@ -173,7 +173,10 @@ def test_lineage_tells_computed_tensors_from_plain_ones():
     assert lineage.writes == []
     with model_code._TensorValueReads(watched):
         state.add_(1)
-    assert len(lineage.writes) == 1 and "add_" in lineage.writes[0]
+        torch.mul(pure, 2.0, out=state)
+    assert len(lineage.writes) == 2 and "add_" in lineage.writes[0] and "mul" in lineage.writes[1]
+    lineage.restore()
+    assert torch.equal(state, torch.ones(3))  # (the trace's writes undone, newest first)
 
 
 def test_copies_of_the_converted_model_see_the_edit_too():

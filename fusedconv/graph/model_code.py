@@ -736,16 +736,20 @@ class TensorLineage:
         self.saved: list[tuple[torch.Tensor, torch.Tensor]] = []  # (real tensor written, its values before)
 
     @staticmethod
-    def _in_place(name: str, kwargs: dict) -> bool:
-        return name in _IN_PLACE_DUNDERS or (name.endswith("_") and not name.startswith("_")) or "out" in kwargs
+    def _written(name: str, args, kwargs):
+        """The tensor an op writes into in place (`t.add_(...)`, `t[i] = v`, `out=`), or None."""
+        if "out" in kwargs:
+            return kwargs["out"]
+        if name in _IN_PLACE_DUNDERS or (name.endswith("_") and not name.startswith("_")):
+            return args[0] if args else None
+        return None
 
     def before(self, name: str, args, kwargs) -> None:
         """Before an op runs: keep the values of a real tensor it is about to write into (`restore`)."""
-        if self._in_place(name, kwargs):
-            target = kwargs.get("out", args[0] if args else None)
-            if isinstance(target, torch.Tensor) and id(target) not in self.pure and not any(
-                    isinstance(a, fx.Proxy) for a in pytree.tree_leaves((args, kwargs))):
-                self.saved.append((target, target.detach().clone()))
+        target = self._written(name, args, kwargs)
+        if isinstance(target, torch.Tensor) and id(target) not in self.pure and not any(
+                isinstance(a, fx.Proxy) for a in pytree.tree_leaves((args, kwargs))):
+            self.saved.append((target, target.detach().clone()))
 
     def restore(self) -> None:
         """Undo the writes into real tensors the trace made (the trace then fails: `writes`), newest first."""
@@ -760,8 +764,9 @@ class TensorLineage:
             return  # a traced op: the graph runs it on every call
         inputs = [a for a in leaves if isinstance(a, torch.Tensor)]
         state = [a for a in inputs if id(a) not in self.pure]
-        in_place = self._in_place(name, kwargs)
-        if in_place and inputs and id(inputs[0]) not in self.pure:
+        target = self._written(name, args, kwargs)
+        in_place = isinstance(target, torch.Tensor)
+        if in_place and id(target) not in self.pure:
             self.writes.append(f"{_model_caller()} writes into a tensor in place ({name})")
         reason = (f"a random draw ({name})" if name in _RANDOM_OPS else
                   f"a tensor the trace did not compute ({name} on a {tuple(state[0].shape)} tensor)" if state else None)

@@ -410,7 +410,7 @@ class _Writer:
         name = self._class("tensor_attribute", f"""    def __init__(self):
         super().__init__()
         self.conv = {self.cba(cin, cout)}
-        self.mask = torch.linspace(-1.0, 1.0, {cout}).reshape({shape}).double()
+        self.mask = torch.linspace(-1.0, 1.0, {cout}).reshape({shape})
 
     def forward(self, x):
         return self.conv(x) * {use}
@@ -428,6 +428,105 @@ class _Writer:
         return self.conv(x)
 """)
         return f"{name}()", cin, size, "{m}(x)"
+
+    def kind_inplace_alias(self, cin, size):
+        name = self._class("inplace_alias", f"""    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d({cin}, {cin}, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d({cin})
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        out = F.relu(y, inplace=True)
+        return out + y
+""")
+        return f"{name}()", cin, size, "{m}(x)"
+
+    def kind_same_padding(self, cin, size):
+        cout = self.rng.randint(2, 6)
+        k = self.rng.choice([2, 3, 4])
+        ctor = f"nn.Sequential(nn.Conv2d({cin}, {cout}, {k}, padding='same', bias=False), nn.BatchNorm2d({cout}), "\
+               f"{self.act_module()})"
+        return ctor, cout, size, "{m}(x)"
+
+    def kind_functional_conv(self, cin, size):
+        cout = self.rng.randint(2, 6)
+        name = self._class("functional_conv", f"""    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn({cout}, {cin}, 3, 3) * 0.3)
+        self.bn = nn.BatchNorm2d({cout})
+
+    def forward(self, x):
+        return {self.act_call("self.bn(F.conv2d(x, self.weight, None, 1, 1))")}
+""")
+        return f"{name}()", cout, size, "{m}(x)"
+
+    def kind_where_act(self, cin, size):
+        name = self._class("where_act", f"""    def __init__(self):
+        super().__init__()
+        self.conv = {self.cba(cin, cin, act=False)}
+
+    def forward(self, x):
+        y = self.conv(x)
+        return torch.where(y > 0, y, 0.1 * y)
+""")
+        return f"{name}()", cin, size, "{m}(x)"
+
+    def kind_upsample_conv(self, cin, size):
+        if size > 8:
+            return self.kind_sequential(cin, size)
+        cout = self.rng.randint(2, 6)
+        k = self.rng.choice([1, 3])
+        mode = self.rng.choice(["nearest", "nearest", "bilinear"])
+        name = self._class("upsample_conv", f"""    def __init__(self):
+        super().__init__()
+        self.conv = {self.cba(cin, cout, k=k)}
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2, mode={mode!r}))
+""")
+        return f"{name}()", cout, size * 2, "{m}(x)"
+
+    def kind_decoder_cat(self, cin, size):
+        if size < 4 or size % 2:
+            return self.kind_sequential(cin, size)
+        cout, mid = self.rng.randint(2, 6), self.rng.randint(2, 4)
+        name = self._class("decoder_cat", f"""    def __init__(self):
+        super().__init__()
+        self.down = {self.cba(cin, mid, k=3, stride=2)}
+        self.conv = {self.cba(cin + mid, cout, k=self.rng.choice([1, 3]))}
+
+    def forward(self, x):
+        low = self.down(x)
+        return self.conv(torch.cat([x, F.interpolate(low, scale_factor=2.0, mode="nearest")], dim=1))
+""")
+        return f"{name}()", cout, size, "{m}(x)"
+
+    def kind_bn_after_act(self, cin, size):
+        cout = self.rng.randint(2, 6)
+        name = self._class("bn_after_act", f"""    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d({cin}, {cout}, 3, padding=1)
+        self.bn = nn.BatchNorm2d({cout})
+
+    def forward(self, x):
+        return self.bn(F.relu(self.conv(x)))
+""")
+        return f"{name}()", cout, size, "{m}(x)"
+
+    def kind_pooled(self, cin, size):
+        if size < 4:
+            return self.kind_sequential(cin, size)
+        pool = self.rng.choice(["F.max_pool2d({}, 2)", "F.avg_pool2d({}, 2)", "F.max_pool2d({}, 3, 2, 1)"])
+        name = self._class("pooled", f"""    def __init__(self):
+        super().__init__()
+        self.conv = {self.cba(cin, cin)}
+
+    def forward(self, x):
+        return {pool.format("self.conv(x)")}
+""")
+        out = (size - 2) // 2 + 1 if "3, 2, 1" not in pool else (size + 2 - 3) // 2 + 1
+        return f"{name}()", cin, out, "{m}(x)"
 
 
 KINDS = sorted(k[len("kind_"):] for k in vars(_Writer) if k.startswith("kind_"))
@@ -505,6 +604,17 @@ def build(seed: int, max_blocks: int = 5) -> tuple[nn.Module, Generated]:
     module = load(gen)
     torch.manual_seed(seed)
     return module.Net().eval(), gen
+
+
+def to_dtype(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """`model.to(dtype)`, plain tensor attributes (a mask kept outside the buffers) included, as a user casting
+    such a model would cast them too."""
+    model = model.to(dtype)
+    for m in model.modules():
+        for k, v in list(vars(m).items()):
+            if isinstance(v, torch.Tensor) and v.is_floating_point() and not isinstance(v, nn.Parameter):
+                setattr(m, k, v.to(dtype))
+    return model
 
 
 def calls(gen: Generated, dtype=torch.float64) -> list[tuple]:

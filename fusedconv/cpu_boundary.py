@@ -20,11 +20,15 @@ that signature only when the channels_last run succeeds, gives the same outputs 
 and, after the outputs are turned back, the same output strides, and when it pays: at least one conv took the oneDNN
 route in the channels_last run (a model whose convs are all small enough to stay on F.conv2d, cpu.small_conv_macs,
 runs them faster in NCHW; for a clip, a FusedConv3d's route). Otherwise that signature stays in NCHW and the
-layers take their F.conv2d route. That first call therefore runs forward three times (a model whose forward has side
-effects sees them three times, once),
+layers take their F.conv2d route. That first call therefore runs forward three times,
 each from the same state of the global random generators (torch's, Python's, numpy's), so a forward that draws
-random numbers returns on that call what the original returns for the same seed; a model holding a torch.Generator
-of its own is not checked and stays NCHW.
+random numbers returns on that call what the original returns for the same seed; a forward that draws from torch's
+generator stays NCHW (a draw shaped like a feature map, `torch.randn_like(x)`, fills it in memory order: channels_last
+would draw other numbers), and so does a model holding a torch.Generator of its own. What the two check forwards
+change on the model's modules — buffers and plain tensor attributes (in place or replaced: a call counter, a running
+statistic), public attributes (an int counter, a cache set on first use) — is put back before the call runs
+(`_model_state`), so the call changes them once, as the original's would; other side effects of a forward (its
+parameters written in place, files, prints) happen three times, once.
 While forward hooks are registered on modules inside the model, or globally, or a torch function / dispatch mode
 is active (fusedconv/modes.py), no check runs (a hook collecting features, a mode counting ops would see the call
 three times): such a call runs as written, in NCHW, and the signature is checked on its first call without them.
@@ -216,6 +220,50 @@ def _hooks_inside(model) -> bool:
     return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules() if m is not model)
 
 
+def _model_state(model) -> list:
+    """What a forward may change on the model's modules: their public attributes (`self.calls += 1` on an int) and
+    the tensors they hold outside their parameters — buffers and plain tensor attributes, with their values (a
+    counter or a running statistic updated in place). (dict, name, value, version, copy) each; `_put_back` restores
+    them after the check's extra forwards, so that the call itself changes them once, as the original's would."""
+    out = []
+    for m in model.modules():
+        d = m.__dict__
+        for owner in (d, d.get("_buffers") or {}):
+            for name, value in owner.items():
+                if owner is d and (name.startswith("_") or name == "training"):
+                    continue
+                version = saved = None
+                if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter):
+                    try:
+                        version, saved = value._version, value.detach().clone()
+                    except RuntimeError:
+                        pass  # an inference tensor: nothing can write into it outside inference mode
+                out.append((owner, name, value, version, saved))
+        out.append((d, None, frozenset(k for k in d if not k.startswith("_")), None, None))
+    return out
+
+
+def _put_back(state: list) -> None:
+    """Undo what the check's forwards changed in `_model_state`'s snapshot (attributes they added removed)."""
+    with torch.no_grad():
+        for owner, name, value, version, saved in state:
+            if name is None:  # the module's public attribute names: remove the ones a forward added
+                for k in [k for k in owner if not k.startswith("_") and k not in value]:
+                    del owner[k]
+                continue
+            if owner.get(name, _MISSING) is not value:
+                owner[name] = value
+            if version is not None and value._version != version:
+                value.copy_(saved)
+
+
+_MISSING = object()
+
+
+class _DrawsRandomNumbers(Exception):
+    """The checked forward drew from torch's global generator (the signature stays NCHW)."""
+
+
 def _checked(model, boundary: LayoutBoundary, args, kwargs) -> bool:
     key = _signature(args, kwargs)
     ok = boundary.checked.get(key)
@@ -233,6 +281,7 @@ def _checked(model, boundary: LayoutBoundary, args, kwargs) -> bool:
             return False
         cl_args, cl_kwargs = _to_channels_last(args, kwargs)
         states = random_states()
+        saved = _model_state(model)
         try:
             # Each check forward starts from the random states the call found, and the call itself too (below):
             # a forward that draws random numbers (noise injection, MC dropout) draws the same ones in both
@@ -241,6 +290,12 @@ def _checked(model, boundary: LayoutBoundary, args, kwargs) -> bool:
             with torch.no_grad():
                 nchw_out = model.forward(*args, **kwargs)
                 nchw_out = tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, nchw_out)
+                if not torch.equal(torch.get_rng_state(), states[0]):
+                    # The forward draws from torch's generator: a draw shaped like a feature map
+                    # (`torch.randn_like(x)`, dropout's mask) fills it in memory order, so channels_last draws other
+                    # numbers than the original's NCHW forward for the same seed, and one compared sample can
+                    # match by chance (an output a ReLU zeroed): NCHW, where every draw is the original's.
+                    raise _DrawsRandomNumbers
                 set_random_states(states)
                 # Run as a switched call runs (the layers' channels_last_3d route is taken only inside one).
                 stack = _stack()
@@ -259,6 +314,7 @@ def _checked(model, boundary: LayoutBoundary, args, kwargs) -> bool:
             ok = False
         finally:
             set_random_states(states)
+            _put_back(saved)  # (the checks' updates of buffers, counters and caches undone: the call makes its own)
         boundary.checked[key] = ok
     return ok
 

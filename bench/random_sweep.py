@@ -103,8 +103,7 @@ def paired_edits(converted: nn.Module, original: nn.Module) -> list[tuple[str, o
 
 
 def _run(model: nn.Module, calls: list[tuple]) -> list:
-    """The outputs of `calls`, each drawn from the same random state (a forward adding noise), then the model's
-    floating-point buffers and parameters by name (a forward updating a buffer)."""
+    """The outputs of `calls`, each drawn from the same random state (a forward adding noise)."""
     out = []
     with torch.no_grad():
         for i, c in enumerate(calls):
@@ -123,7 +122,8 @@ def _accepts(model: nn.Module, args: tuple) -> bool:
 
 
 def _state(model: nn.Module) -> dict:
-    return {n: t.detach().clone() for n, t in [*model.named_parameters(), *model.named_buffers()]}
+    """The model's parameters and buffers by name, in float64 (an integer counter compares as a number)."""
+    return {n: t.detach().double() for n, t in [*model.named_parameters(), *model.named_buffers()]}
 
 
 def _state_error(fast: nn.Module, ref: nn.Module) -> float:

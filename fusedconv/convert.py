@@ -18,14 +18,16 @@ import torch.nn as nn
 from fusedconv.comparison import SELF_CHECK_TOLERANCE, compare_outputs  # noqa: F401
 from fusedconv.comparison import snapshot_outputs as _snapshot
 from fusedconv.cpu_boundary import install as install_layout_boundary
-from fusedconv.frozen import FrozenModel, modules_in_training
+from fusedconv.frozen import FrozenModel
 from fusedconv.fused_layers import FusedConv3d
 from fusedconv.graph.dataflow import fuse_dataflow
 from fusedconv.graph.flat import flatten as flatten_model
 from fusedconv.graph.owned_input import install as install_owned_inputs
+from fusedconv.graph.inspected import inspecting
 from fusedconv.graph.reparam_convert import fuse_reparameterized
+from fusedconv.tied import retie, share_copies, tied_groups, tracking_copies
 from fusedconv.graph.tracing import proxy_leak_guard
-from fusedconv.model_copy import check_eager, check_initialized, copy_model
+from fusedconv.model_copy import check_eager, check_eval_root, check_initialized, copy_model
 from fusedconv.modules import FusedConv2d
 from fusedconv.random_state import kept_random_states, set_random_states
 # (named apart: convert's own `reparameterize` flag would shadow it)
@@ -39,10 +41,7 @@ def _check_model(model, name: str = "model") -> None:
     if isinstance(model, FrozenModel):
         raise TypeError(f"{name}: expected a model to convert, got a FrozenModel (already converted and frozen)")
     check_eager(model, name)
-    training = modules_in_training(model)
-    if training:
-        raise RuntimeError(f"{name}: expected a model in eval mode (call model.eval() first), got {len(training)} "
-                           f"module(s) in training mode, e.g. {training[0]!r}")
+    check_eval_root(model, name)
 
 
 def _as_args(example_inputs) -> tuple | None:
@@ -130,6 +129,7 @@ def convert(model: nn.Module, *, inplace: bool = False, example_inputs=None, rep
         original = model
         if not inplace:
             model = copy_model(model)
+        tied = tied_groups(model)
         if reparameterize:
             try:
                 model = _reparameterize(model, args, report)
@@ -138,8 +138,11 @@ def convert(model: nn.Module, *, inplace: bool = False, example_inputs=None, rep
                     raise
                 report.notes.append(f"reparameterization failed and was skipped ({type(e).__name__}: {e})")
                 model = copy_model(original)
-        model = fuse_dataflow(model, report)
-        fuse_reparameterized(model, report)
+        with inspecting(model), tracking_copies():  # (modules the code reads into, not only calls, stay as they are)
+            model = fuse_dataflow(model, report)
+            fuse_reparameterized(model, report)
+            share_copies(model)
+        retie(model, tied, report.notes)  # (before the guards below record which tensors the model holds)
         # Sequentials whose blocks may write an identity residual into an input no one else holds.
         install_owned_inputs(model)
         if flatten:

@@ -34,7 +34,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from fusedconv.fx_leaf import leaf_call
-from fusedconv import autocast, cpu_conv3d, fold, ops, ops_nd
+from fusedconv import autocast, cpu_conv3d, fold, ops, ops_nd, tied
 from fusedconv.activations import ActivationSpec, apply_activation, as_spec
 from fusedconv.scripting import refuse_script
 from fusedconv.training_mode import warn_if_training
@@ -108,6 +108,7 @@ class FusedAffineLayer(nn.Module):
             check_channel_vector(name, t, cout)
         self.act = as_spec(activation)
         self.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
+        tied.copied(self.weight, weight)  # (convert gives it back the source where both stay: fusedconv/tied.py)
         for name in self._EXTRA_STATE:
             t = dict(named).get(name)
             self.register_buffer(name, None if t is None else t.detach().to(device=dev, dtype=epi).clone())

@@ -13,9 +13,9 @@ back to the original's (through `Module.train`, parent first, so a module that s
 DualGraphModule picks its eval graph — does so), and hooks the copy lost are copied from the original as deepcopy
 would have copied them (the same memo, so a hook bound to a module binds to that module's copy).
 
-`check_eager` refuses a TorchScript model (compiled code: nothing the passes can trace or rewrite, and its attribute
-protocol breaks their reads), and `check_initialized` a model with lazy modules not yet initialized (a copy of one
-would draw its own weights on its first call).
+`check_eval_root` refuses a model not put in eval mode, `check_eager` a TorchScript model (compiled code: nothing
+the passes can trace or rewrite, and its attribute protocol breaks their reads), and `check_initialized` a model
+with lazy modules not yet initialized (a copy of one would draw its own weights on its first call).
 """
 
 from __future__ import annotations
@@ -70,6 +70,18 @@ def check_initialized(model: nn.Module, name: str = "model") -> None:
         raise ValueError(f"{name}: expected initialized parameters, got {len(lazy)} uninitialized (lazy) "
                          f"parameter(s) or buffer(s), e.g. {lazy[0]!r}; run one forward pass first (or pass "
                          "example_inputs=, which runs it)")
+
+
+def check_eval_root(model: nn.Module, name: str = "model") -> None:
+    """Raise a RuntimeError unless `model` itself is in eval mode. A model in eval mode may hold modules its owner
+    put back in training mode (test-time adaptation: BatchNorms normalizing by the batch; Monte Carlo dropout):
+    the rewrites leave those as they are (a BatchNorm in training mode is never folded), so only a model still in
+    training mode as a whole, which `model.eval()` was not called on, is refused."""
+    if model.training:
+        training = [n or "<root>" for n, m in model.named_modules() if m.training and type(m) is not nn.Module]
+        raise RuntimeError(f"{name}: expected a model in eval mode (call model.eval() first), got {len(training)} "
+                           f"module(s) in training mode, e.g. {training[0]!r}; a BatchNorm in training mode "
+                           "normalizes by the batch and cannot be folded")
 
 
 def check_eager(model: nn.Module, name: str = "model") -> None:

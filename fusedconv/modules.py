@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch.nn.modules import module as _nn_module
 from torch.nn.modules.utils import _pair
 
-from fusedconv import autocast, cpu, fold, ops, same_padding
+from fusedconv import autocast, cpu, fold, ops, same_padding, tied
 from fusedconv.scripting import refuse_script
 from fusedconv.training_mode import warn_if_training
 from fusedconv.fx_leaf import leaf_call
@@ -157,6 +157,7 @@ class FusedConv2d(nn.Module):
             if not torch.isfinite(t).all():
                 raise ValueError(f"{name}: expected finite values, got non-finite entries")
         self.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
+        tied.copied(self.weight, weight)  # (convert gives it back the source where both stay: fusedconv/tied.py)
         self.register_buffer("scale", scale.detach().to(device=weight.device, dtype=epi_dtype).clone())
         self.register_buffer("shift", shift.detach().to(device=weight.device, dtype=epi_dtype).clone())
         # Derived, never saved nor traced: (sources, folded weight, folded bias) of the eager fallback. A plain

@@ -32,7 +32,7 @@ from fusedconv.graph.reparam_leaves import ReparamTracer
 from fusedconv.graph.reparam_scope import reparameterize_scope
 from fusedconv.graph.specialize import guard_table
 from fusedconv.graph.tracing import visit_children
-from fusedconv.model_copy import check_eager, check_initialized, copy_model
+from fusedconv.model_copy import check_eager, check_eval_root, check_initialized, copy_model
 from fusedconv.modules import FusedConv2d
 from fusedconv.random_state import kept_random_states, set_random_states
 from fusedconv.report import ConversionReport
@@ -105,6 +105,11 @@ class _Walk:
 
     def _fallback(self, module: nn.Module, scope: str, method: str, err: BaseException) -> nn.Module:
         why = f"graph not traceable ({_short(err)})"
+        training = [n or "<self>" for n, m in module.named_modules() if m.training and type(m) is not nn.Module]
+        if training:  # its own method would fold a BN that normalizes by the batch
+            self.report.add(scope, (scope or "<root>",), KIND, "skipped",
+                            f"{why}; its own {method}() not called: {training[0]!r} is in training mode")
+            return module
         try:
             result = getattr(module, method)()
         except Exception as e:  # noqa: BLE001
@@ -121,11 +126,7 @@ def _check_model(model) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     check_eager(model)
-    training = [n or "<root>" for n, m in model.named_modules() if m.training]
-    if training:
-        raise RuntimeError(f"model: expected a model in eval mode (call model.eval() first), got {len(training)} "
-                           f"module(s) in training mode, e.g. {training[0]!r}; training-mode BatchNorm uses batch "
-                           "statistics and cannot be merged")
+    check_eval_root(model)
 
 
 def _as_inputs(example_inputs) -> tuple:

@@ -173,11 +173,15 @@ def test_functional_batch_norm_training_true_is_skipped():
         assert output_error(converted(_x()), ref) == 0.0
 
 
-def test_training_mode_model_is_refused():
-    model = _prep(ConvBN(nn.ReLU()))
-    model.bn.train()
-    with pytest.raises(RuntimeError, match="eval mode.*'bn'"):
+def test_training_mode_model_is_refused_and_a_training_bn_left_alone():
+    model = _prep(ConvBN(nn.ReLU())).train()
+    with pytest.raises(RuntimeError, match="eval mode.*'<root>'"):
         fusedconv.convert(model)
+    model.eval()
+    model.bn.train()  # (put back in training mode by its owner: it normalizes by the batch, so it is not folded)
+    converted, report = fusedconv.convert(model, return_report=True)
+    assert not report.fused and "training mode" in report.skipped[0].detail
+    assert type(converted.bn) is nn.BatchNorm2d and converted.bn.training
 
 
 def test_training_mode_bn_is_skipped_by_the_pass():

@@ -14,9 +14,9 @@ import torch.nn as nn
 
 from fusedconv import fold
 from fusedconv.activations import ActivationSpec, spec_from_call, spec_from_module
-from fusedconv.graph.chains import (_ADD_FUNCTIONS, _ADD_METHODS, _BN_FUNCTIONS, _BN_PARAMS, _INPLACE_FUNCTIONS,
+from fusedconv.graph.chains import (_ADD_FUNCTIONS, _ADD_METHODS, _BN_FUNCTIONS, _BN_PARAMS,
                                     _NON_TENSOR_METHODS, _RESHAPING_FUNCTIONS, _RESHAPING_METHODS,
-                                    _RESHAPING_MODULES, Chain, _get_attr, _node_name)
+                                    _RESHAPING_MODULES, Chain, _get_attr, _node_name, written_between)
 from fusedconv.graph.legality import (RESIDUAL_BASES, has_hooks, hook_reason, layer_bn_verdict, layer_skip_reason,
                                       lone_conv_gains)
 from fusedconv.report import ConversionReport
@@ -51,8 +51,10 @@ class ChainMatcher:
             return None
         if node.op == "call_module":
             spec = spec_from_module(self._mod(node))
-            # An activation module carrying hooks stays a call of its own (the chain stops before it).
-            ok = spec is not None and len(node.args) == 1 and not node.kwargs and not has_hooks(self._mod(node))
+            # An activation module carrying hooks, or one the model's code reads into (`inspected.py`), stays a
+            # call of its own (the chain stops before it).
+            ok = spec is not None and len(node.args) == 1 and not node.kwargs and \
+                hook_reason([("", self._mod(node))]) is None
             return spec if ok and not spec.is_identity else None
         if node.op in ("call_function", "call_method"):
             if any(isinstance(a, fx.Node) for a in list(node.args[1:]) + list(node.kwargs.values())):
@@ -92,23 +94,10 @@ class ChainMatcher:
             return None, f"adds the output of {_node_name(other)} (may broadcast)"
         return other, None
 
-    def _mutated_between(self, value, start: fx.Node, end: fx.Node) -> bool:
-        """Whether a visible in-place operation on `value` runs after `start` and before `end` (the fused module
-        then runs at `end` and must read `value` as `start` did)."""
-        if not isinstance(value, fx.Node):
-            return False
-        node = start.next
-        while node is not end and node.op != "output":
-            if node.args and node.args[0] is value:
-                if node.op == "call_method" and str(node.target).endswith("_"):
-                    return True
-                if node.op == "call_function" and (node.kwargs.get("inplace") or node.target in _INPLACE_FUNCTIONS
-                                                   or str(getattr(node.target, "__name__", "")).endswith("_")):
-                    return True
-                if node.op == "call_module" and getattr(self._mod(node), "inplace", False):
-                    return True
-            node = node.next
-        return False
+    def _mutated_between(self, values, start: fx.Node, end: fx.Node) -> bool:
+        """Whether a visible in-place write into storage any of `values` may share runs after `start` and before
+        `end`: the fused module runs at one of them and must read its input and its residual as the graph does."""
+        return written_between(values, start, end, self._mod) is not None
 
     def _is_passthrough(self, node: fx.Node, value: fx.Node) -> bool:
         """`node` returns `value` unchanged in eval mode: nn.Identity, dropout, drop-path / stochastic depth."""
@@ -234,7 +223,7 @@ class ChainMatcher:
             fusable_add = tail is None and base in RESIDUAL_BASES
             other, why = self._residual_of(nxt, cur) if fusable_add else (None, None)
             if (other is not None and not self._depends_on(other, {conv, ch.bn, *passthrough} - {None})
-                    and not self._mutated_between(conv.args[0], conv, nxt)):
+                    and not self._mutated_between((conv.args[0], other), conv, nxt)):
                 ch.add, ch.passthrough = nxt, passthrough
                 after = self._sole_user(nxt)
                 spec = self._activation(after, nxt) if after is not None else None

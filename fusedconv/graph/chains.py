@@ -34,6 +34,66 @@ _RESHAPING_FUNCTIONS = (operator.getitem, torch.reshape, torch.unsqueeze, torch.
 _RESHAPING_MODULES = (nn.Linear, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Flatten, nn.Unflatten)
 
 
+# Calls whose result may share storage with their first argument (a write into one is a write into the other).
+_ALIAS_METHODS = frozenset({
+    "view", "view_as", "reshape", "reshape_as", "permute", "transpose", "t", "narrow", "expand", "expand_as",
+    "squeeze", "unsqueeze", "flatten", "unflatten", "split", "chunk", "unbind", "contiguous", "detach", "select",
+    "as_strided", "diagonal", "movedim", "moveaxis", "swapaxes", "swapdims", "unfold", "__getitem__", "to", "type_as",
+    "float", "double", "half", "requires_grad_"})
+_ALIAS_FUNCTIONS = (operator.getitem, torch.reshape, torch.flatten, torch.transpose, torch.permute, torch.squeeze,
+                    torch.unsqueeze, torch.narrow, torch.split, torch.chunk, torch.unbind, torch.select, torch.detach,
+                    torch.movedim, torch.swapaxes, torch.t, torch.as_strided)
+_ALIAS_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Flatten,
+                  nn.Unflatten)
+
+
+def writes_in_place(node: fx.Node, module_of) -> bool:
+    """Whether `node` writes into its first argument's storage: `y.clamp_()`, `F.relu(y, inplace=True)`,
+    `y[i] = v`, `y += v` seen as operator.iadd, an activation module built with inplace=True (`module_of` maps a
+    call_module node to its module)."""
+    if node.op == "call_method":
+        name = str(node.target)
+        return name.endswith("_") and not name.startswith("__") and name != "requires_grad_"
+    if node.op == "call_function":
+        name = str(getattr(node.target, "__name__", ""))
+        return bool(node.kwargs.get("inplace")) or node.target in _INPLACE_FUNCTIONS or \
+            (name.endswith("_") and not name.startswith("__"))
+    if node.op == "call_module":
+        return bool(getattr(module_of(node), "inplace", False))
+    return False
+
+
+def alias_root(node, module_of):
+    """The node whose storage `node`'s value may share, followed back through views, in-place writes (which
+    return their argument) and calls that may return their input unchanged (nn.Identity, dropout)."""
+    while isinstance(node, fx.Node) and node.args and isinstance(node.args[0], fx.Node):
+        if node.op == "call_method" and (str(node.target) in _ALIAS_METHODS or writes_in_place(node, module_of)):
+            node = node.args[0]
+        elif node.op == "call_function" and (node.target in _ALIAS_FUNCTIONS or node.target is F.dropout or
+                                             writes_in_place(node, module_of)):
+            node = node.args[0]
+        elif node.op == "call_module" and (isinstance(module_of(node), _ALIAS_MODULES) or
+                                           writes_in_place(node, module_of)):
+            node = node.args[0]
+        else:
+            break
+    return node
+
+
+def written_between(values, start: fx.Node, end: fx.Node, module_of) -> fx.Node | None:
+    """The first in-place write after `start` and before `end` into storage any of `values` may share (None when
+    there is none): a fused call moved from `start` to `end`, or reading at `start` what the graph reads at `end`,
+    would see another value."""
+    roots = {alias_root(v, module_of) for v in values if isinstance(v, fx.Node)}
+    node = start.next
+    while node is not end and node.op != "output":
+        if node.args and isinstance(node.args[0], fx.Node) and writes_in_place(node, module_of) and \
+                alias_root(node.args[0], module_of) in roots:
+            return node
+        node = node.next
+    return None
+
+
 def _short(e: BaseException) -> str:
     msg = str(e).strip().splitlines()
     return f"{type(e).__name__}: {msg[0][:160]}" if msg else type(e).__name__

@@ -18,6 +18,7 @@ from fusedconv import cpu_taps, fold
 from fusedconv.activations import ActivationSpec, spec_from_module
 from fusedconv.fused_layers import FusedAffineLayer
 from fusedconv.fused_mixed import MixedConv2dKind, is_mixed_conv2d
+from fusedconv.graph.inspected import inspected
 from fusedconv.modules import FusedConv2d
 from fusedconv.same_padding import conv_pre_pad
 
@@ -217,10 +218,14 @@ def has_hooks(module: nn.Module | None) -> bool:
 
 def hook_reason(named: list) -> str | None:
     """Why a chain made of the (name, module) pairs `named` is left alone: a module carrying hooks would no
-    longer be called (or would see other tensors) once fused."""
+    longer be called (or would see other tensors) once fused; one the model's code reads into (`inspected.py`)
+    would be read as its stand-in."""
     for name, m in named:
         if has_hooks(m):
             return f"{name} has forward / backward hooks, which must keep seeing its own output"
+        where = inspected(m)
+        if where is not None:
+            return f"{name} is looked into by the model's code, not only called ({where}), which must keep seeing it"
     return None
 
 

@@ -22,6 +22,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from fusedconv import fold
+from fusedconv.graph.chains import writes_in_place
 from fusedconv.graph.legality import has_hooks
 from fusedconv.graph.reparam_branches import BranchReader, Piece, Term, _owned, _sum_operands
 from fusedconv.graph.reparam_leaves import ReparamTracer, plain_bn_reason
@@ -262,6 +263,19 @@ class ScopePass(BranchReader):
                     return f"{self.scope}.{path}" if self.scope else path
         return None
 
+    def _written_between(self, terms: list[Term], root: fx.Node) -> fx.Node | None:
+        """An in-place op that runs after the first node of a branch and before the sum: the branches computed
+        before it saw their input as it was then, a merged conv running at the sum would see it written."""
+        nodes = {n for t in terms for n in t.nodes}
+        started = False
+        for node in self.graph.nodes:
+            if node is root:
+                return None
+            started = started or node in nodes
+            if started and node not in nodes and writes_in_place(node, self._module):
+                return node
+        return None
+
     def try_merge(self, root: fx.Node, term_nodes, const: float) -> None:
         terms = [self.chain(n, c, post) for n, c, post in term_nodes]
         first_failure = None
@@ -281,6 +295,11 @@ class ScopePass(BranchReader):
                 self._report_nonlinear(terms)
             return
         merged, group, rest, names, dtype = found
+        written = self._written_between(terms, root)
+        if written is not None:
+            self.report.add(self.scope, names or (self._qual(root),), KIND, "skipped",
+                            f"{written.name} writes a tensor in place between the branches and their sum")
+            return
         conv = to_conv2d(merged, dtype, merged.weight.device)
         conv.train(False)
         name = MERGED_NAME

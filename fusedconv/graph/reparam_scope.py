@@ -122,8 +122,8 @@ class ReparamRewrite:
         taken = {k for k, v in module.__dict__.items() if v is not None} | set(module._modules) | \
             set(module._parameters) | set(module._buffers)
         passes = []
-        for k, (pattern, trace) in enumerate(traced):
-            rows = self.report if k == 0 else ConversionReport()
+        for pattern, trace in traced:
+            rows = ConversionReport()
             sp = ScopePass(module, self.scope, rows, trace.graph)
             sp.taken = taken
             # (the pass rewrites the trace's graph: the children it called before, to tell the calls it drops)
@@ -131,15 +131,28 @@ class ReparamRewrite:
             sp.run()
             passes.append((pattern, trace, sp, rows))
         if not any(sp.merged for _, _, sp, _ in passes):
+            self.report.extend(passes[0][3])  # (what could not be merged, and why)
             return None
-        if not passes[0][2].merged:  # report what the first pattern that merged did
-            self.report.extend(next(rows for _, _, sp, rows in passes if sp.merged))
+        # What the first pattern did, and what the first pattern that merged did where that is another one.
+        first_rows = [passes[0][3]] + ([] if passes[0][2].merged else
+                                       [next(rows for _, _, sp, rows in passes if sp.merged)])
         passes = [(pattern, trace, sp) for pattern, trace, sp, _ in passes]
+        keep = set().union(*(_targets(sp.graph) for _, _, sp in passes))
+        live = self._live_sources(passes, keep)
+        if live:
+            # Its merged copy would be a snapshot of weights the block still uses live: an in-place edit (a
+            # fine-tuning step, load_state_dict) would reach one of the two and not the other.
+            self.report.add(self.scope, tuple(f"{self.scope}.{p}" if self.scope else p for p in live), KIND,
+                            "skipped", f"{live[0]} is merged into a conv but also called outside the merged sum "
+                            "(by this or another call pattern): not merged, so edits to its weights reach every use")
+            return None
+        for rows in first_rows:
+            self.report.extend(rows)
         if isinstance(module, fx.GraphModule):
             # Its forward is its graph: straight-line code, the same for every call; rewritten in place.
             return self._rewrite_graph_module(passes[0][2])
         merged = self._share_convs(passes, taken)
-        keep = set().union(*(_targets(sp.graph) for _, _, sp in passes))
+        keep = set().union(*(_targets(sp.graph) for _, _, sp in passes))  # (the merged convs as renamed)
         for name, conv in merged.items():
             module.__dict__.pop(name, None)  # the None placeholder, if any
             module._modules[name] = conv
@@ -152,6 +165,20 @@ class ReparamRewrite:
                 self.report.notes.append(f"reparam: {self.scope or '<root>'}: one call pattern has no mergeable "
                                          "sum; its branches are kept for it")
         return table.describe()
+
+    def _live_sources(self, passes, keep: set[str]) -> list[str]:
+        """The stateful modules merged into a conv that a kept graph still calls or reads (a module called twice,
+        once in a merged sum and once outside it; a pattern that merged nothing keeping the branches)."""
+        prefix = f"{self.scope}." if self.scope else ""
+        live = []
+        for _, _, sp in passes:
+            for name in sp.added:
+                for qual in sp.sources[name]:
+                    path = qual[len(prefix):] if qual.startswith(prefix) else qual
+                    used = any(t == path or t.startswith(path + ".") or path.startswith(t + ".") for t in keep)
+                    if used and path not in live and _has_state(self.module.get_submodule(path)):
+                        live.append(path)
+        return live
 
     def _rewrite_graph_module(self, sp: ScopePass) -> None:
         module = self.module

@@ -77,7 +77,7 @@ class ScopePass(ChainMatcher):
         mean, var, weight, bias, eps = ch.bn_tensors
         scale, shift = fold.bn_scale_shift(mean, var, weight, bias, eps, conv.bias, dtype=torch.float64)
         plain = cls.from_modules(conv, None, ch.act_spec)  # resolves padding='same' etc.
-        return cls(conv.weight.detach(), scale, shift, stride=plain.stride, padding=plain.padding,
+        return cls(conv.weight, scale, shift, stride=plain.stride, padding=plain.padding,
                    dilation=plain.dilation, groups=plain.groups, padding_mode=plain.padding_mode,
                    activation=ch.act_spec)
 
@@ -185,7 +185,8 @@ class ScopePass(ChainMatcher):
             return None  # its epilogue has no residual add
         else:
             other, _ = self._residual_of(nxt, cur)
-            if other is None or self._depends_on(other, {node, *a.passthrough}):
+            if other is None or self._depends_on(other, {node, *a.passthrough}) or \
+                    self._mutated_between((node.args[0], other), node, nxt):
                 return None
             a.add = nxt
             after = self._sole_user(nxt)

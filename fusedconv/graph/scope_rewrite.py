@@ -219,10 +219,16 @@ class ScopeRewrite:
         one the graph inlines (it took an add), or one whose last layer now computes more (a tail chain, an
         absorbed activation); and for each child whose calls the rewritten graph dropped (a BN's stand-in, an
         activation or a DropPath the fused layer took over, a conv left where it was); and for the tensors a
-        functional F.batch_norm's fold read, which stay in the block (graph/folded_sources.py)."""
+        fold read that stay in the block (graph/folded_sources.py): a functional F.batch_norm's, the bias of a conv
+        kept beside its fused module."""
         for ch in chains:
             if ch.bn_sources is not None:
                 folded_source_terms(guard, self.module, ch.bn_sources, expect)
+            if ch.tail is None and ch.conv_module.__dict__["_parameters"].get("bias") is not None and \
+                    self.module.get_submodule(str(ch.conv.target)) is ch.conv_module:
+                # The conv stays beside its fused module (the forward reads its tensors): its bias, folded into the
+                # shift, is read live by the fallback and must be as convert folded it for the fused call.
+                folded_source_terms(guard, self.module, (f"{ch.conv.target}.bias",), expect)
             if ch.tail is not None:
                 along = [list(c._modules)[-1] for c in ch.tail[2][:-1]]
                 sequential_terms(guard, self.module, str(ch.conv.target), expect, inlined=False, along=along)

@@ -336,6 +336,8 @@ def _recording_reads(module: nn.Module):
                 # `self.__dict__[...]` / `vars(self)` in model code (nn.Module's own lookups are torch's code): the
                 # names it then reads there are not seen here.
                 log.append(DIRECT_DICT_READ)
+            if name == "__class__":
+                return cls  # the module's own class, not this recording subclass (`x.__class__ is C`, isinstance)
             if name != "_modules" or _children_read(sys._getframe(1)):
                 log.append(name)
         return super(recorder, self).__getattribute__(name)

@@ -85,7 +85,9 @@ def convert(model: nn.Module, *, inplace: bool = False, example_inputs=None, rep
             return_report: bool = False, tolerance: float | None = None, flatten: bool = True,
             freeze: bool = False):
     """Fuse every provable Conv2d -> BatchNorm (-> activation) (-> + residual -> activation) chain of an
-    eval-mode `model`.
+    eval-mode `model` (modules put back in training mode inside it, such as test-time adaptation's BatchNorms, are
+    left as they are; modules its forward reads into rather than only calls keep their chains; tied tensors stay
+    tied: fusedconv/tied.py, fusedconv/graph/inspected.py).
 
     Returns a new model (the input is never modified) unless `inplace=True`. A rewritten block stays the same
     object, an instance of its own class whose forward runs the fused code for the call patterns it was traced

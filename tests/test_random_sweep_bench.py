@@ -34,10 +34,10 @@ def test_a_generated_model_runs_on_its_calls():
             model(*args)
 
 
-@pytest.mark.parametrize("seed", [1, 2, 16, 17, 23])
+@pytest.mark.parametrize("seed", [2, 16, 17, 23, 413])
 def test_the_sweep_passes_convert(seed):
-    """Seed 1 writes a branch's input in place before the sum, seed 2 ties two convs' weight (both silently wrong
-    before the fixes in tests/test_convert_shared_state.py)."""
+    """Seed 2 ties two convs' weight, seed 413 writes a value in place between a branch and its sum (both silently
+    wrong before the fixes in tests/test_convert_shared_state.py)."""
     res = random_sweep.sweep_seed(seed)
     assert res["raised"] is None and res["convert_error"] < random_sweep.TOL
     assert res["silent"] == [] and res["edits"] > 0

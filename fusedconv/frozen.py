@@ -20,14 +20,8 @@ import torch.nn as nn
 
 from fusedconv.graph.flat import flat_check
 from fusedconv.graph.owned_input import _fx_tracing
-from fusedconv.model_copy import copy_model
+from fusedconv.model_copy import copy_model, modules_in_training
 from fusedconv.scripting import refuse_script
-
-
-def modules_in_training(model: nn.Module) -> list[str]:
-    """The names of `model`'s modules in training mode ("<root>" for the root); plain nn.Module() containers (fx's
-    GraphModule creates them for nested targets) have no behaviour that depends on the flag and are left out."""
-    return [n or "<root>" for n, m in model.named_modules() if m.training and type(m) is not nn.Module]
 
 
 class FrozenModel(nn.Module):

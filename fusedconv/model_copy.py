@@ -72,13 +72,19 @@ def check_initialized(model: nn.Module, name: str = "model") -> None:
                          "example_inputs=, which runs it)")
 
 
+def modules_in_training(model: nn.Module) -> list[str]:
+    """The names of `model`'s modules in training mode ("<root>" for the root); plain nn.Module() containers (fx's
+    GraphModule creates them for nested targets) have no behaviour that depends on the flag and are left out."""
+    return [n or "<root>" for n, m in model.named_modules() if m.training and type(m) is not nn.Module]
+
+
 def check_eval_root(model: nn.Module, name: str = "model") -> None:
     """Raise a RuntimeError unless `model` itself is in eval mode. A model in eval mode may hold modules its owner
     put back in training mode (test-time adaptation: BatchNorms normalizing by the batch; Monte Carlo dropout):
     the rewrites leave those as they are (a BatchNorm in training mode is never folded), so only a model still in
     training mode as a whole, which `model.eval()` was not called on, is refused."""
     if model.training:
-        training = [n or "<root>" for n, m in model.named_modules() if m.training and type(m) is not nn.Module]
+        training = modules_in_training(model)
         raise RuntimeError(f"{name}: expected a model in eval mode (call model.eval() first), got {len(training)} "
                            f"module(s) in training mode, e.g. {training[0]!r}; a BatchNorm in training mode "
                            "normalizes by the batch and cannot be folded")

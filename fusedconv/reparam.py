@@ -32,7 +32,7 @@ from fusedconv.graph.reparam_leaves import ReparamTracer
 from fusedconv.graph.reparam_scope import reparameterize_scope
 from fusedconv.graph.specialize import guard_table
 from fusedconv.graph.tracing import visit_children
-from fusedconv.model_copy import check_eager, check_eval_root, check_initialized, copy_model
+from fusedconv.model_copy import check_eager, check_eval_root, check_initialized, copy_model, modules_in_training
 from fusedconv.modules import FusedConv2d
 from fusedconv.random_state import kept_random_states, set_random_states
 from fusedconv.report import ConversionReport
@@ -105,10 +105,11 @@ class _Walk:
 
     def _fallback(self, module: nn.Module, scope: str, method: str, err: BaseException) -> nn.Module:
         why = f"graph not traceable ({_short(err)})"
-        training = [n or "<self>" for n, m in module.named_modules() if m.training and type(m) is not nn.Module]
+        training = modules_in_training(module)
         if training:  # its own method would fold a BN that normalizes by the batch
+            where = scope if training[0] == "<root>" else ".".join(p for p in (scope, training[0]) if p)
             self.report.add(scope, (scope or "<root>",), KIND, "skipped",
-                            f"{why}; its own {method}() not called: {training[0]!r} is in training mode")
+                            f"{why}; its own {method}() not called: {where or '<root>'!r} is in training mode")
             return module
         try:
             result = getattr(module, method)()

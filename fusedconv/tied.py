@@ -49,8 +49,7 @@ def share_copies(model: nn.Module) -> None:
     table = _copies.get()
     if not table:
         return
-    held = {id(t) for _, m in model.named_modules() for slot in ("_parameters", "_buffers")
-            for t in m.__dict__[slot].values() if t is not None}
+    held = _holders(model)
     for module in model.modules():
         for name, t in list(module._parameters.items()):
             entry = table.get(id(t))

@@ -68,7 +68,7 @@ def _tensor_of(module: nn.Module, name) -> bool:
     return isinstance(module._parameters.get(name), nn.Parameter) or module._buffers.get(name) is not None
 
 
-def _scan(owner: nn.Module, path: str, code: types.CodeType, found: dict[int, str]) -> None:
+def _scan(owner: nn.Module, code: types.CodeType, found: dict[int, str]) -> None:
     """Record in `found` the submodules of `owner` that `code` (a forward of `owner`, or code defined in it) reads
     into or tests the class of; `self` is the code's first argument, or a free variable of that name."""
     self_name = code.co_varnames[0] if code.co_argcount else "self"
@@ -112,7 +112,7 @@ def _scan(owner: nn.Module, path: str, code: types.CodeType, found: dict[int, st
 def inspected_modules(model: nn.Module) -> dict[int, str]:
     """id(module) -> where the model's code reads into it (module doc), for every such module of `model`."""
     found: dict[int, str] = {}
-    for path, module in model.named_modules():
+    for module in model.modules():
         if isinstance(module, torch.jit.ScriptModule):
             continue  # compiled code, left alone by the rewrites (as are its submodules)
         forward = getattr(type(module), "forward", None)
@@ -120,7 +120,7 @@ def inspected_modules(model: nn.Module) -> dict[int, str]:
         if fn is None or forward is nn.Module.forward or not model_code.model_code(fn):
             continue
         for code in _codes(fn):
-            _scan(module, path, code, found)
+            _scan(module, code, found)
     return found
 
 

@@ -22,6 +22,7 @@ from fusedconv.frozen import FrozenModel
 from fusedconv.fused_layers import FusedConv3d
 from fusedconv.graph.dataflow import fuse_dataflow
 from fusedconv.graph.flat import flatten as flatten_model
+from fusedconv.graph.reach import arm
 from fusedconv.graph.owned_input import install as install_owned_inputs
 from fusedconv.graph.inspected import inspecting
 from fusedconv.graph.reparam_convert import fuse_reparameterized
@@ -99,7 +100,13 @@ def convert(model: nn.Module, *, inplace: bool = False, example_inputs=None, rep
     With `return_report=True` returns `(model, report)`: each chain fused or skipped with the reason.
     `flatten=True` then gives the converted model's root one straight-line forward through its containers and
     rewritten blocks (`fusedconv.graph.flat`: guarded like every rewrite; calls it does not cover, and any call
-    while torch.compile / export / fx / jit trace, run the converted model's own forward).
+    while torch.compile / export / fx / jit trace, run the converted model's own forward). The model returned (a new
+    one, with a flat forward whose calls run no user code) is then armed (`fusedconv.graph.reach`): until some code
+    reaches into it — its submodules, parameters or buffers through any attribute or method (`model.layer1`,
+    `parameters()`, `state_dict()`, `modules()`, `.to()`, `.eval()`), a copy or pickle of it, a forward with
+    gradients on, under a tracer, compiler or torch function mode — no edit of it can have happened, and its forward
+    checks only what lies outside its modules, as `freeze=True` does; after the first reach it checks every module
+    and tensor on every call again, for good, and so sees every edit.
 
     `freeze=True` returns the converted model frozen (`fusedconv.frozen.FrozenModel`), like torch.jit.freeze: it
     holds its own copy, which nothing can reach, and computes the function the model computed at convert time;
@@ -163,6 +170,9 @@ def convert(model: nn.Module, *, inplace: bool = False, example_inputs=None, rep
                 raise RuntimeError(f"convert: the converted model's outputs differ from the original's by "
                                    f"{err:.3e} (max |diff| / max |original|), above the tolerance {tol:g}; "
                                    f"please report this as a bug.\n{report}")
+    if flatten and not inplace and not freeze:
+        # Last: the copy made above, which no one else holds a part of (fusedconv/graph/reach.py).
+        arm(model)
     return (model, report) if return_report else model
 
 

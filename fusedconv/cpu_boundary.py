@@ -49,6 +49,7 @@ from fusedconv import autocast, cpu, cpu_conv3d
 from fusedconv.comparison import compare_outputs
 from fusedconv.comparison import snapshot_outputs as _snapshot
 from fusedconv.fused_layers import FusedConv3d
+from fusedconv.model_reach import inside
 from fusedconv.modules import FusedConv2d
 from fusedconv.modes import user_modes
 from fusedconv.random_state import random_states, set_random_states
@@ -80,11 +81,16 @@ def install(model: torch.nn.Module) -> None:
     model.register_forward_hook(_leave, with_kwargs=True, always_call=True)
 
 
+_instance = object.__getattribute__
+
+
 def _boundary(model) -> LayoutBoundary:
     # Created on demand too: a copy that kept the hooks but not the attribute (fx.GraphModule copies) rebuilds it.
-    boundary = model.__dict__.get(ATTRIBUTE)
+    # (Read around the model's attribute protocol: the boundary is no way into its modules, graph/reach.py.)
+    d = _instance(model, "__dict__")
+    boundary = d.get(ATTRIBUTE)
     if boundary is None:
-        boundary = model.__dict__[ATTRIBUTE] = LayoutBoundary()
+        boundary = d[ATTRIBUTE] = LayoutBoundary()
     return boundary
 
 
@@ -268,54 +274,61 @@ def _checked(model, boundary: LayoutBoundary, args, kwargs) -> bool:
     key = _signature(args, kwargs)
     ok = boundary.checked.get(key)
     if ok is None:
-        if _hooks_inside(model) or user_modes():
-            # The check runs forward twice more, and a user's hook or torch function / dispatch mode (collecting
-            # features, counting calls or FLOPs) would see this call three times: the call runs as written, and the
-            # signature is checked on a call without them.
-            return False
-        if holds_a_generator(model):
-            return False  # its draws could not be replayed for the call itself (fusedconv/random_state.py): NCHW
-        dims = {t.dim() for t in _switchable_inputs(args, kwargs)}
-        if not _may_pay(model, dims):
-            boundary.checked[key] = False
-            return False
-        cl_args, cl_kwargs = _to_channels_last(args, kwargs)
-        states = random_states()
-        saved = _model_state(model)
-        try:
-            # Each check forward starts from the random states the call found, and the call itself too (below):
-            # a forward that draws random numbers (noise injection, MC dropout) draws the same ones in both
-            # layouts, so their outputs compare, and the call returns what the original model returns for the
-            # same seed, leaving the generators where it would.
-            with torch.no_grad():
-                nchw_out = model.forward(*args, **kwargs)
-                nchw_out = tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, nchw_out)
-                if not torch.equal(torch.get_rng_state(), states[0]):
-                    # The forward draws from torch's generator: a draw shaped like a feature map
-                    # (`torch.randn_like(x)`, dropout's mask) fills it in memory order, so channels_last draws other
-                    # numbers than the original's NCHW forward for the same seed, and one compared sample can
-                    # match by chance (an output a ReLU zeroed): NCHW, where every draw is the original's.
-                    raise _DrawsRandomNumbers
-                set_random_states(states)
-                # Run as a switched call runs (the layers' channels_last_3d route is taken only inside one).
-                stack = _stack()
-                stack.append(True)
-                try:
-                    cl_out = model.forward(*cl_args, **cl_kwargs)
-                finally:
-                    stack.pop()
-                if _nchw_inputs(args, kwargs):
-                    cl_out = _restore(cl_out)  # what _leave hands back; clips given channels_last_3d are not
-            # Channels_last pays only for convs it takes to oneDNN; where every conv is small enough to stay on
-            # F.conv2d (cpu.small_conv_macs), NCHW is the faster layout for them (measured: squeezenet1_1 at 32x32
-            # 1.15x slower than the original in channels_last).
-            ok = _same_outputs(nchw_out, cl_out) and _routes_onednn(model, dims)
-        except Exception:  # noqa: BLE001 - any failure in channels_last means: keep this signature in NCHW
-            ok = False
-        finally:
+        with inside(model):  # fusedconv's own reads of the model (graph/reach.py)
+            return _check(model, boundary, key, args, kwargs)
+    return ok
+
+
+def _check(model, boundary: LayoutBoundary, key, args, kwargs) -> bool:
+    """Check once per input signature that channels_last is safe and pays for `model`."""
+    if _hooks_inside(model) or user_modes():
+        # The check runs forward twice more, and a user's hook or torch function / dispatch mode (collecting
+        # features, counting calls or FLOPs) would see this call three times: the call runs as written, and the
+        # signature is checked on a call without them.
+        return False
+    if holds_a_generator(model):
+        return False  # its draws could not be replayed for the call itself (fusedconv/random_state.py): NCHW
+    dims = {t.dim() for t in _switchable_inputs(args, kwargs)}
+    if not _may_pay(model, dims):
+        boundary.checked[key] = False
+        return False
+    cl_args, cl_kwargs = _to_channels_last(args, kwargs)
+    states = random_states()
+    saved = _model_state(model)
+    try:
+        # Each check forward starts from the random states the call found, and the call itself too (below):
+        # a forward that draws random numbers (noise injection, MC dropout) draws the same ones in both
+        # layouts, so their outputs compare, and the call returns what the original model returns for the
+        # same seed, leaving the generators where it would.
+        with torch.no_grad():
+            nchw_out = model.forward(*args, **kwargs)
+            nchw_out = tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, nchw_out)
+            if not torch.equal(torch.get_rng_state(), states[0]):
+                # The forward draws from torch's generator: a draw shaped like a feature map
+                # (`torch.randn_like(x)`, dropout's mask) fills it in memory order, so channels_last draws other
+                # numbers than the original's NCHW forward for the same seed, and one compared sample can
+                # match by chance (an output a ReLU zeroed): NCHW, where every draw is the original's.
+                raise _DrawsRandomNumbers
             set_random_states(states)
-            _put_back(saved)  # (the checks' updates of buffers, counters and caches undone: the call makes its own)
-        boundary.checked[key] = ok
+            # Run as a switched call runs (the layers' channels_last_3d route is taken only inside one).
+            stack = _stack()
+            stack.append(True)
+            try:
+                cl_out = model.forward(*cl_args, **cl_kwargs)
+            finally:
+                stack.pop()
+            if _nchw_inputs(args, kwargs):
+                cl_out = _restore(cl_out)  # what _leave hands back; clips given channels_last_3d are not
+        # Channels_last pays only for convs it takes to oneDNN; where every conv is small enough to stay on
+        # F.conv2d (cpu.small_conv_macs), NCHW is the faster layout for them (measured: squeezenet1_1 at 32x32
+        # 1.15x slower than the original in channels_last).
+        ok = _same_outputs(nchw_out, cl_out) and _routes_onednn(model, dims)
+    except Exception:  # noqa: BLE001 - any failure in channels_last means: keep this signature in NCHW
+        ok = False
+    finally:
+        set_random_states(states)
+        _put_back(saved)  # (the checks' updates of buffers, counters and caches undone: the call makes its own)
+    boundary.checked[key] = ok
     return ok
 
 

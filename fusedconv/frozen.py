@@ -4,7 +4,8 @@ freezing, without their compile step.
 A converted model checks on every forward that nothing it depends on changed since convert: on CPU at batch 1 the
 whole-model flat forward's two checks (graph/flat.py: every module on its paths, their hooks and the attributes
 their code read; graph/flat_fused.py: each fused layer's tensors against the snapshot it folded) read about a
-thousand objects that the previous forward pushed out of the caches, ~0.5 ms of mobilenet_v2's ~8 ms.
+thousand objects that the previous forward pushed out of the caches, ~0.5 ms of mobilenet_v2's ~8 ms. (A model
+convert returns skips them too until code first reaches into it, graph/reach.py; a frozen model never needs them.)
 
 A FrozenModel holds its own copy of the converted model, out of reach: not a submodule (no parameters, buffers,
 state_dict entries or hooks can be reached through it), so no module of that copy can be edited, hooked or

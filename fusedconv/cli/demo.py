@@ -63,10 +63,11 @@ def cmd_demo(args) -> int:
     # CUDA: channels_last for both models (the fast layout of cuDNN and the fused kernels). CPU: what a user gets
     # by default — NCHW model and input; the converted model picks its own layout inside (fusedconv/cpu_boundary.py).
     fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-    if args.freeze:
-        # A FrozenModel cannot be moved or cast (`.to()` raises): convert the model where it will run.
-        model = model.to(device=device, dtype=dtype, memory_format=fmt)
-        x = x.to(device=device, dtype=dtype, memory_format=fmt)
+    # Convert the model where it will run: a FrozenModel cannot be moved or cast (`.to()` raises), and moving a
+    # converted model reaches into it, after which its forwards check every module and tensor again
+    # (fusedconv/graph/reach.py) — not the path a user who converts the model they run gets.
+    model = model.to(device=device, dtype=dtype, memory_format=fmt)
+    x = x.to(device=device, dtype=dtype, memory_format=fmt)
     t0 = time.perf_counter()
     with out.status("Converting"):
         fused, report = run_convert(model, example_inputs=(x,), freeze=args.freeze)
@@ -77,10 +78,6 @@ def cmd_demo(args) -> int:
     out.line(f"Fused: {len(report.fused)} conv chain(s) ({len(report.skipped)} skipped), converted in "
              f"{convert_s:.2f} s")
 
-    if not args.freeze:
-        model = model.to(device=device, dtype=dtype, memory_format=fmt)
-        fused = fused.to(device=device, dtype=dtype, memory_format=fmt)
-        x = x.to(device=device, dtype=dtype, memory_format=fmt)
     with torch.inference_mode():
         ref = model(x)
         got = fused(x)

@@ -46,6 +46,7 @@ import torch.nn as nn
 
 from fusedconv.graph import flat_private_3d
 from fusedconv.graph.flat_concat import fuse_upsample_cat
+from fusedconv.graph.held_outputs import returns_held
 from fusedconv.graph.flat_fused import FusedLeaves, fused_call, pure_leaf
 from fusedconv.graph.flat_shape_tests import MAX_SHAPE_TESTS, ShapeTest, drop_unused, shape_only
 from fusedconv.graph.flat_upsample_conv import fuse_upsample_conv
@@ -59,6 +60,7 @@ from fusedconv.graph import model_code
 from fusedconv.graph.model_code import ClassAttrRef, ClassNamespace, same_children, same_plain
 from fusedconv.graph.owned_input import _compiler, _fx_tracing, _jit_tracing_state
 from fusedconv.graph.private_residual import global_hooks, global_observers, hooked, hooked_source
+from fusedconv.model_reach import escape, instance_dict
 from fusedconv.graph.specialize import _CLASSES, _GUARDS, _MISSING, GuardTable, Specialization, install
 from fusedconv.graph.tracing import ScopeTracer, trace_scope
 from fusedconv.modules import FusedConv2d
@@ -128,6 +130,7 @@ class FlatTable(GuardTable):
         super().__init__(inner.original, params, entries, expect, [], kind="convert", scope=inner.scope)
 
     def fallback(self, block: nn.Module, *args, **kwargs):
+        escape(block)  # the root's own table may run its own forward: user code (graph/reach.py)
         self.count_fallback()
         return self.inner.dispatch(block, *args, **kwargs)
 
@@ -292,7 +295,7 @@ class FlatCheck:
     its source and objects (the copies', under deepcopy), like GuardTable."""
 
     def __init__(self, src: str, expect: list, leaves: tuple, fused: FusedLeaves | None = None,
-                 owners: tuple = ()):
+                 owners: tuple = (), returns_held: bool = True):
         self.src = src
         self.expect = expect
         self.leaves = leaves
@@ -300,8 +303,19 @@ class FlatCheck:
         # Modules whose parameters / buffers the graph reads (identity checked here too): one getattr on the
         # module instead of a walk from the root (`_read_attributes_directly`).
         self.owners = owners
+        # Whether an output of the graph may be a tensor the model holds, or a view of one (`_returns_held`): the
+        # caller could then edit the model through it, so the model is never armed (graph/reach.py).
+        self.returns_held = returns_held
         self.frozen = False  # `freeze()`: only the class-level terms are checked
+        self.reach = None  # `arm()`: while the model has not escaped, only the class-level terms are checked
         self._compile()
+
+    def arm(self, reach) -> None:
+        """For a model no one outside has reached into (graph/reach.py): while `reach` has not escaped, check per
+        call only the class-level terms and let the leaves' check keep the states it found, as `freeze()` does
+        for good."""
+        self.fast_fn = self._compiled(*frozen_check_source(self.src, self.expect))
+        self.reach = reach
 
     def freeze(self) -> None:
         """For a model nothing else holds (fusedconv.frozen.FrozenModel's private copy, which no one can hook,
@@ -309,12 +323,18 @@ class FlatCheck:
         (a class's forward or method patched, a class attribute changed), and let the leaves' per-forward check
         keep the states it found (FusedLeaves.freeze)."""
         self.frozen = True
+        self.reach = None
         self._compile()
         if self.fused is not None:
             self.fused.freeze()
 
     def _compile(self) -> None:
-        src, expect = frozen_check_source(self.src, self.expect) if self.frozen else (self.src, self.expect)
+        self.fn = self._compiled(*(frozen_check_source(self.src, self.expect) if self.frozen
+                                   else (self.src, self.expect)))
+        self.fast_fn = None
+
+    @staticmethod
+    def _compiled(src: str, expect: list):
         # The objects become locals of an enclosing function (closure cells) rather than items of a global list:
         # the check reads hundreds of them per call (measured ~3 % faster on mobilenet_v2's 1,100-line check).
         names = ", ".join(f"e{i}" for i in range(len(expect)))
@@ -325,20 +345,34 @@ class FlatCheck:
         namespace = {"MISSING": _MISSING, "Tensor": torch.Tensor, "same_plain": same_plain,
                      "same_children": same_children}
         exec(compile(src, "<fusedconv flat check>", "exec"), namespace)  # noqa: S102 - generated here
-        self.fn = namespace["make"](expect)
+        return namespace["make"](expect)
 
     def __call__(self, root: nn.Module) -> bool:
+        reach = self.reach
+        if reach is not None and not reach.escaped:
+            return self.fast_fn(root)
         return self.fn(root)
+
+    def states(self, *inputs) -> tuple:
+        """The leaves' eager states for this forward (flat_fused.FusedLeaves): the ones kept while the model is
+        armed and has not escaped (graph/reach.py), else checked now."""
+        reach = self.reach
+        if reach is not None and not reach.escaped:
+            return self.fused.kept_states(*inputs)
+        return self.fused.states(*inputs)
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        del state["fn"]
+        del state["fn"], state["fast_fn"]
+        state["reach"] = None  # a copy is not armed
         return state
 
     def __setstate__(self, state):
         state.setdefault("fused", None)
         state.setdefault("owners", ())
         state.setdefault("frozen", False)
+        state.setdefault("returns_held", True)
+        state["reach"] = None
         self.__dict__.update(state)
         self._compile()
 
@@ -347,7 +381,8 @@ class FlatCheck:
         memo[id(self)] = new
         new.__setstate__({"src": self.src, "expect": copy.deepcopy(self.expect, memo),
                           "leaves": copy.deepcopy(self.leaves, memo), "fused": copy.deepcopy(self.fused, memo),
-                          "owners": copy.deepcopy(self.owners, memo), "frozen": self.frozen})
+                          "owners": copy.deepcopy(self.owners, memo), "frozen": self.frozen,
+                          "returns_held": self.returns_held})
         return new
 
 
@@ -460,7 +495,7 @@ def flat_owners(table: GuardTable, k: int) -> tuple:
 def flat_states(table: GuardTable, k: int, *inputs) -> tuple:
     """Per leaf, the eager state its FusedConv2d calls may use directly in this forward (flat_fused.FusedLeaves);
     `inputs`, the graph's, must be plain (flat_fused.plain_arguments)."""
-    return table.expect[k].fused.states(*inputs)
+    return table.expect[k].states(*inputs)
 
 
 def call_leaf(leaves: tuple, i: int, *args, **kwargs):
@@ -607,7 +642,8 @@ def _flat_entry(root: nn.Module, params, pattern, notes: list[str], inner: tuple
     src = _check_source(root, tracer, trace, leaf_paths + owner_paths, check_expect)
     leaves = tuple(root.get_submodule(p) for p in leaf_paths)
     owners = tuple(root.get_submodule(p) for p in owner_paths)
-    expect.append(FlatCheck(src, check_expect, leaves, _fused_leaves(graph, calls, leaf_paths, leaves), owners))
+    expect.append(FlatCheck(src, check_expect, leaves, _fused_leaves(graph, calls, leaf_paths, leaves), owners,
+                            returns_held(graph, root)))
     k = len(expect) - 1
     g.check(f"e[{k}](self)", "every module on the way unchanged", describe=False)
     _call_leaves_directly(graph, calls, leaf_paths, k, leaves)
@@ -615,6 +651,10 @@ def _flat_entry(root: nn.Module, params, pattern, notes: list[str], inner: tuple
     upsample_cats = fuse_upsample_cat(graph)
     upsample_convs = fuse_upsample_conv(graph)
     code = graph.python_code(root_module="self")
+    # The guard table read around the root's attribute protocol: no reach into an armed model (graph/reach.py).
+    guards = f"self.{_GUARDS}"
+    code.src = code.src.replace(guards, f"fusedconv_instance_dict(self)[{_GUARDS!r}]")
+    code.globals["fusedconv_instance_dict"] = instance_dict
     entry = Specialization(g.expression(), [f"whole-model forward ({len(tracer.inlined)} blocks inlined, "
                                             f"{len(tracer.traced)} modules traced through"
                                             + (f", {upsample_cats} upsample + cat written as one"

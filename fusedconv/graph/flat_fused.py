@@ -156,7 +156,7 @@ class FusedLeaves:
         n = len(self.leaves)
         none = (None,) * n
         if not self.pure or not self.fused:
-            self.states = lambda *args: none
+            self.states = self.kept_states = lambda *args: none
             return
         lines = ["def states(*args):", f"    if {_OUTSIDE} or not plain_arguments(args):", "        return NONE"]
         lines += [f"    d{i} = l{i}.__dict__" for i in range(n)]
@@ -206,13 +206,15 @@ class FusedLeaves:
         namespace["leaf_classes_patched"] = leaf_classes_patched
         exec(compile(src, "<fusedconv flat states>", "exec"), namespace)  # noqa: S102 - generated here
         self.states = namespace["make"](self.leaves, self.types)
+        exec(compile(_KEPT_SOURCE, "<fusedconv frozen states>", "exec"), namespace)  # noqa: S102
+        # What an armed model's forwards use until it escapes (graph/reach.py, FlatCheck.states).
+        self.kept_states = namespace["kept"](self.states)
         if self.frozen:
-            exec(compile(_KEPT_SOURCE, "<fusedconv frozen states>", "exec"), namespace)  # noqa: S102
-            self.states = namespace["kept"](self.states)
+            self.states = self.kept_states
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        del state["states"]
+        del state["states"], state["kept_states"]
         return state
 
     def __setstate__(self, state):

@@ -27,6 +27,7 @@ from fusedconv.graph.inlined_containers import runs_as_written, unchanged_subtre
 from fusedconv.graph.model_code import MISSING as _MISSING, same_children, same_plain
 from fusedconv.graph.patterns import Param, forward_params
 from fusedconv.graph.roles import substitute
+from fusedconv.model_reach import escape, instance_dict
 from fusedconv.scripting import refuse_script
 
 _GUARDS = "_fusedconv_guards"
@@ -129,9 +130,11 @@ class GuardTable:
     def _compile(self) -> None:
         args = ", ".join(f"a{i}" for i in range(len(self.params)))
         positional, by_kind = self._call_args(False), self._call_args(True)
+        # (`instance_dict`: an armed root's dispatch is no reach into it, fusedconv/graph/reach.py)
         lines = [f"def dispatch(self{', ' if args else ''}{args}):",
-                 "    d = self.__dict__", "    m = d['_modules']"]
-        namespace = {**self._guard_names(), "fallback": self.fallback, "original": self.original.forward}
+                 "    d = instance_dict(self)", "    m = d['_modules']"]
+        namespace = {**self._guard_names(), "fallback": self.fallback, "original": self.original.forward,
+                     "instance_dict": instance_dict}
         for k, s in enumerate(self.entries):
             lines.append(f"    if {s.guard}:")
             if s.fn is None:
@@ -140,7 +143,8 @@ class GuardTable:
                 namespace[f"s{k}"] = s.fn
                 lines.append(f"        return s{k}({positional})")
         lines.append(f"    return fallback({by_kind})")
-        lines += [f"def select(self{', ' if args else ''}{args}):", "    d = self.__dict__", "    m = d['_modules']"]
+        lines += [f"def select(self{', ' if args else ''}{args}):", "    d = instance_dict(self)",
+                  "    m = d['_modules']"]
         lines += [f"    if {s.guard}:\n        return {k}" for k, s in enumerate(self.entries)]
         lines.append("    return -1")
         exec(compile("\n".join(lines), "<fusedconv dispatch>", "exec"), namespace)  # noqa: S102
@@ -162,6 +166,7 @@ class GuardTable:
         changed one bound to its role; a reparam table raises GuardMiss instead."""
         if self.kind == "reparam":
             raise self.miss_error(block, self._positional(args, kwargs))
+        escape(block)  # the block's own forward runs: user code over its children (graph/reach.py)
         self.count_fallback()
         if not self.roles and self.base is None:
             # No child stands in for another (a whole-model table, graph/flat.py): the block's own forward as is.

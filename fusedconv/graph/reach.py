@@ -15,9 +15,10 @@ a FrozenModel checks.
 `__getattribute__` notices a reach: reading the root's `__dict__`, `_modules`, `_parameters`, `_buffers`, or any
 other attribute of its instance dict whose value is not a plain value (a list of blocks, a tensor attribute,
 fusedconv's guard table) — which every nn.Module method and `__getattr__` does to get to a submodule, parameter or
-buffer (`model.layer1`, `model.parameters()`, `state_dict()`, `modules()`, `apply`, `to`, `train`, `copy.copy`,
+buffer (`model.layer1`, `model.parameters()`, `state_dict()`, `modules()`, `apply`, `to`, `train()`, `copy.copy`,
 pickling, `fusedconv.refresh`). The root's hook tables (run live by nn.Module's call) and plain values (`training`)
-are no reach. On the first reach the model `escape`s, for good: its class goes back to the guarded class and every
+are no reach, nor are `repr(model)` and `model.eval()` on a model in eval mode throughout whose modules have no
+`train()` of their own (nothing to change). On the first reach the model `escape`s, for good: its class goes back to the guarded class and every
 later forward runs the full checks, exactly as an unarmed model does. A forward also escapes the model where code
 other than fusedconv's sees its tensors or modules during the call: gradients on (autograd records the parameters,
 `grad_fn.next_functions` hands them out), a torch function / dispatch mode or a tensor subclass among the arguments
@@ -41,6 +42,7 @@ import torch
 import torch.nn as nn
 from torch.nn.modules import module as _module_globals
 
+from fusedconv.fused_layers import FusedAffineLayer
 from fusedconv.graph.flat import flat_check, tracing
 from fusedconv.graph.flat_fused import plain_arguments
 from fusedconv.graph.patterns import forward_params
@@ -49,6 +51,7 @@ from fusedconv.graph.specialize import _GUARDS
 from fusedconv.model_reach import REACH as _REACH, Reach, armed, escape, inside, instance as _instance, \
     instance_dict
 from fusedconv.modes import user_modes
+from fusedconv.modules import FusedConv2d
 
 __all__ = ["Reach", "arm", "armed", "escape", "inside", "watched_class"]
 _grad_enabled = torch.is_grad_enabled
@@ -104,6 +107,32 @@ def _forward_source(params) -> str:
             f"    return _fusedconv_instance_dict(_fusedconv_self)[{_GUARDS!r}].dispatch({body})\n")
 
 
+# `train` methods whose call with mode=False on a module already in eval mode changes nothing and runs no user code.
+_QUIET_TRAIN = frozenset({nn.Module.train, FusedConv2d.train, FusedAffineLayer.train})
+
+
+def _methods(guarded: type) -> dict:
+    """`eval()` / `train(False)` and `repr()` of an armed model, which read it without handing anything out."""
+    original = guarded.__fusedconv_original__
+
+    def train(self, mode: bool = True):
+        # Already in eval mode throughout, with no train() of its own anywhere: nothing to do, and no reach.
+        if mode is False:
+            with inside(self):
+                quiet = original.train in _QUIET_TRAIN and all(
+                    not m.training and (m is self or type(m).train in _QUIET_TRAIN) for m in self.modules())
+            if quiet:
+                return self
+        return guarded.train(self, mode)
+
+    def __repr__(self):
+        with inside(self):
+            return guarded.__repr__(self)
+
+    train.__doc__ = guarded.train.__doc__
+    return {"train": train, "__repr__": __repr__}
+
+
 def watched_class(guarded: type) -> type:
     """The subclass of a guarded class (graph/specialize.py) that notices a reach into its instances (module doc)."""
     cls = _WATCHED.get(guarded)
@@ -117,7 +146,7 @@ def watched_class(guarded: type) -> type:
         cls = type(guarded.__name__, (guarded,), {
             "forward": forward, "__getattribute__": _getattribute(guarded.__getattribute__),
             "__fusedconv_unwatched__": guarded, "__module__": guarded.__module__,
-            "__qualname__": guarded.__qualname__})
+            "__qualname__": guarded.__qualname__, **_methods(guarded)})
         _WATCHED[guarded] = cls
     return cls
 

@@ -18,8 +18,8 @@ fusedconv's guard table) — which every nn.Module method and `__getattr__` does
 buffer (`model.layer1`, `model.parameters()`, `state_dict()`, `modules()`, `apply`, `to`, `train()`, `copy.copy`,
 pickling, `fusedconv.refresh`). The root's hook tables (run live by nn.Module's call) and plain values (`training`)
 are no reach, nor are `repr(model)` and `model.eval()` on a model in eval mode throughout whose modules have no
-`train()` of their own (nothing to change). On the first reach the model `escape`s, for good: its class goes back to the guarded class and every
-later forward runs the full checks, exactly as an unarmed model does. A forward also escapes the model where code
+`train()` of their own (nothing to change). On the first reach the model `escape`s, for good: its class goes back
+to the guarded class and every later forward runs the full checks, exactly as an unarmed model does. A forward also escapes the model where code
 other than fusedconv's sees its tensors or modules during the call: gradients on (autograd records the parameters,
 `grad_fn.next_functions` hands them out), a torch function / dispatch mode or a tensor subclass among the arguments
 (their hooks see every op's operands), a tracer or compiler (torch.compile, export, fx, jit read the model), a call

@@ -44,6 +44,7 @@ import fusedconv
 from bench import random_models
 from bench.env import cpu_name, git_commit
 from bench.zoo_edits import TOL, Scale, _changed, _replace, _scale_output, rel_error
+from fusedconv.graph.reach import arm
 from fusedconv.graph.specialize import original_class
 from fusedconv.model_specs import randomize_batchnorm
 
@@ -170,8 +171,8 @@ def sweep_seed(seed: int, convert=fusedconv.convert, edits: bool = True, max_blo
     calls = random_models.calls(gen, dtype)
     randomize_batchnorm(model, seed, example_inputs=tuple(a.float() for a in calls[0]))
     model = random_models.to_dtype(model, dtype)
-    res = {"seed": seed, "kinds": gen.kinds, "convert_error": None, "edits": 0, "ok": 0, "loud": [], "silent": [],
-           "skipped": 0, "raised": None, "tol": tol,
+    res = {"seed": seed, "kinds": gen.kinds, "convert_error": None, "edits": 0, "armed_edits": 0, "ok": 0,
+           "loud": [], "silent": [], "skipped": 0, "raised": None, "tol": tol,
            "not_run": False, "wrong": False}
     rejected = [c for c in calls if not _accepts(model, c)]  # (a generated decoder may not take an odd size)
     calls = [c for c in calls if not any(c is r for r in rejected)]
@@ -196,6 +197,9 @@ def sweep_seed(seed: int, convert=fusedconv.convert, edits: bool = True, max_blo
     for name, edit in paired_edits(converted, model):
         res["edits"] += 1
         fast, ref = copy.deepcopy(converted), copy.deepcopy(model)
+        # The copy is as private as convert's own result: armed like it (fusedconv/graph/reach.py), so the edit
+        # below must be what escapes it (counted in `armed_edits`).
+        res["armed_edits"] += arm(fast)
         _run(fast, calls), _run(ref, calls)
         try:
             edit(ref)
@@ -248,6 +252,8 @@ def render(results: list[dict], meta: dict) -> str:
              f"| {n_edits} "
              f"| {sum(r['ok'] for r in results)} | {sum(len(r['loud']) for r in results)} "
              f"| {sum(len(r['silent']) for r in results)} | {sum(r['skipped'] for r in results)} |", "",
+             f"Edits made on an armed copy (fusedconv/graph/reach.py: the edit itself must escape it): "
+             f"{sum(r.get('armed_edits', 0) for r in results)} of {n_edits}.", "",
              "Blocks generated: " + ", ".join(f"{k} {n}" for k, n in sorted(kinds.items())), ""]
     if not_run:
         lines += [f"Not tested: {len(not_run)} generated model(s) the original cannot run on any call (seeds "

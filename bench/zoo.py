@@ -68,6 +68,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 import fusedconv
 from fusedconv.graph.flat import flat_check
+from fusedconv.model_reach import armed
 from fusedconv.graph.specialize import guard_table
 from fusedconv import fold
 from fusedconv.comparison import SELF_CHECK_TOLERANCE
@@ -284,6 +285,11 @@ def run_model(entry: ZooModel, size: int = 64, batch: int = 2, seed: int = 0) ->
             return res
         res["convert_s"] = round(time.perf_counter() - t0, 3)
         res["convert"] = True
+        # Armed (fusedconv/graph/reach.py: no reach yet, its forwards skip the checks of its modules and tensors)?
+        # Its first float64 forward, right here, runs that path; everything below reaches into it.
+        res["armed"] = armed(fused64) is not None
+        first64 = _checked(lambda: rel_error(fused64(x), ref), res, "float64 forward (armed)")
+        res["armed_after_call"] = armed(fused64) is not None
         res.update(count_layers(model64, fused64))
         res["rows_fused"] = len(report.fused)
         res["fused_kinds"] = dict(Counter(r.detail for r in report.fused))
@@ -295,6 +301,8 @@ def run_model(entry: ZooModel, size: int = 64, batch: int = 2, seed: int = 0) ->
         flat_table = guard_table(fused64)
         res["flat"] = flat_check(fused64) is not None
         res["err64"] = _checked(lambda: rel_error(fused64(x), ref), res, "float64 forward")
+        if first64 is not None and res["err64"] is not None:
+            res["err64"] = max(res["err64"], first64)  # (the armed call's error counts too)
         res["exact64"] = res["err64"] is not None and res["err64"] <= EXACT_FLOAT64
         if res["err64"] is not None and not res["exact64"]:
             find(f"float64 mismatch {res['err64']:.3e}")

@@ -60,9 +60,9 @@ from fusedconv.graph import model_code
 from fusedconv.graph.model_code import ClassAttrRef, ClassNamespace, same_children, same_plain
 from fusedconv.graph.owned_input import _compiler, _fx_tracing, _jit_tracing_state
 from fusedconv.graph.private_residual import global_hooks, global_observers, hooked, hooked_source
-from fusedconv.model_reach import escape, instance_dict
 from fusedconv.graph.specialize import _CLASSES, _GUARDS, _MISSING, GuardTable, Specialization, install
 from fusedconv.graph.tracing import ScopeTracer, trace_scope
+from fusedconv.model_reach import escape, instance_dict
 from fusedconv.modules import FusedConv2d
 
 
@@ -303,7 +303,7 @@ class FlatCheck:
         # Modules whose parameters / buffers the graph reads (identity checked here too): one getattr on the
         # module instead of a walk from the root (`_read_attributes_directly`).
         self.owners = owners
-        # Whether an output of the graph may be a tensor the model holds, or a view of one (`_returns_held`): the
+        # Whether an output of the graph may be a tensor the model holds, or a view of one (held_outputs.py): the
         # caller could then edit the model through it, so the model is never armed (graph/reach.py).
         self.returns_held = returns_held
         self.frozen = False  # `freeze()`: only the class-level terms are checked

@@ -167,7 +167,7 @@ def arm(model: nn.Module) -> bool:
     check = flat_check(model)
     if check is None or check.fused is None or not check.fused.pure or check.returns_held or check.frozen:
         return False
-    if global_hooks() or user_modes() or _registration_hooks() or _REACH in d:
+    if global_hooks() or user_modes() or _registration_hooks() or armed(model) is not None:
         return False
     guarded = type(model)
     if getattr(guarded, "__fusedconv_original__", None) is None or "__fusedconv_unwatched__" in guarded.__dict__:

@@ -35,7 +35,6 @@ the model escapes it, tests/test_reach.py.)
 """
 from __future__ import annotations
 
-import inspect
 from _thread import get_ident
 
 import torch
@@ -47,7 +46,7 @@ from fusedconv.graph.flat import flat_check, tracing
 from fusedconv.graph.flat_fused import plain_arguments
 from fusedconv.graph.patterns import forward_params
 from fusedconv.graph.private_residual import global_hooks
-from fusedconv.graph.specialize import _GUARDS
+from fusedconv.graph.specialize import _GUARDS, forward_signature
 from fusedconv.model_reach import REACH as _REACH, Reach, armed, escape, inside, instance as _instance, \
     instance_dict
 from fusedconv.modes import user_modes
@@ -91,18 +90,9 @@ def _getattribute(base):
 def _forward_source(params) -> str:
     """The watched class's forward: the guarded forward (specialize._forward_source), after escaping the model
     where the call is seen from outside."""
-    sig, call = [], []
-    star = False
-    for i, p in enumerate(params):
-        if p.keyword_only and not star:
-            sig.append("*")
-            star = True
-        sig.append(p.name if p.default is inspect.Parameter.empty else f"{p.name}=_fusedconv_defaults[{i}]")
-        call.append(p.name)
-    head = ", ".join(["_fusedconv_self"] + sig)
-    body = ", ".join(["_fusedconv_self"] + call)
+    head, body, names = forward_signature(params)
     return (f"def forward({head}):\n"
-            f"    if _fusedconv_seen(({', '.join(call)}{',' if call else ''})):\n"
+            f"    if _fusedconv_seen(({', '.join(names)}{',' if names else ''})):\n"
             f"        _fusedconv_escape(_fusedconv_self)\n"
             f"    return _fusedconv_instance_dict(_fusedconv_self)[{_GUARDS!r}].dispatch({body})\n")
 

@@ -230,7 +230,9 @@ class GuardTable:
         return new
 
 
-def _forward_source(params: list[Param]) -> str:
+def forward_signature(params: list[Param]) -> tuple[str, str, list[str]]:
+    """For a generated forward over `params`: its parameter list (defaults read from `_fusedconv_defaults`), the
+    arguments of its dispatch call, and the parameters' names."""
     sig, call = [], []
     star = False
     for i, p in enumerate(params):
@@ -239,8 +241,11 @@ def _forward_source(params: list[Param]) -> str:
             star = True
         sig.append(p.name if p.default is inspect.Parameter.empty else f"{p.name}=_fusedconv_defaults[{i}]")
         call.append(p.name)
-    head = ", ".join(["_fusedconv_self"] + sig)
-    body = ", ".join(["_fusedconv_self"] + call)
+    return ", ".join(["_fusedconv_self"] + sig), ", ".join(["_fusedconv_self"] + call), call
+
+
+def _forward_source(params: list[Param]) -> str:
+    head, body, _ = forward_signature(params)
     return f"def forward({head}):\n    return _fusedconv_self.__dict__[{_GUARDS!r}].dispatch({body})\n"
 
 

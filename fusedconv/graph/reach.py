@@ -42,7 +42,7 @@ import torch.nn as nn
 from torch.nn.modules import module as _module_globals
 
 from fusedconv.fused_layers import FusedAffineLayer
-from fusedconv.graph.flat import flat_check, tracing
+from fusedconv.graph.flat import flat_check
 from fusedconv.graph.flat_fused import plain_arguments
 from fusedconv.graph.patterns import forward_params
 from fusedconv.graph.private_residual import global_hooks
@@ -69,8 +69,10 @@ _WATCHED: dict[type, type] = {}
 
 
 def seen_from_outside(args) -> bool:
-    """Whether code other than fusedconv's sees the model's tensors or modules during this call (module doc)."""
-    return tracing() or _grad_enabled() or user_modes() or global_hooks() or not plain_arguments(args)
+    """Whether code other than fusedconv's sees the model's tensors or modules during a call the flat graph runs
+    (module doc): gradients on, a torch function / dispatch mode, a tensor subclass among the arguments. (Under a
+    tracer or compiler, or with global module hooks, the flat guard fails and the fallback escapes the model.)"""
+    return _grad_enabled() or user_modes() or not plain_arguments(args)
 
 
 def _getattribute(base):

@@ -49,7 +49,7 @@ from fusedconv import autocast, cpu, cpu_conv3d
 from fusedconv.comparison import compare_outputs
 from fusedconv.comparison import snapshot_outputs as _snapshot
 from fusedconv.fused_layers import FusedConv3d
-from fusedconv.model_reach import inside
+from fusedconv.model_reach import inside, instance_dict
 from fusedconv.modules import FusedConv2d
 from fusedconv.modes import user_modes
 from fusedconv.random_state import random_states, set_random_states
@@ -81,13 +81,10 @@ def install(model: torch.nn.Module) -> None:
     model.register_forward_hook(_leave, with_kwargs=True, always_call=True)
 
 
-_instance = object.__getattribute__
-
-
 def _boundary(model) -> LayoutBoundary:
     # Created on demand too: a copy that kept the hooks but not the attribute (fx.GraphModule copies) rebuilds it.
     # (Read around the model's attribute protocol: the boundary is no way into its modules, graph/reach.py.)
-    d = _instance(model, "__dict__")
+    d = instance_dict(model)
     boundary = d.get(ATTRIBUTE)
     if boundary is None:
         boundary = d[ATTRIBUTE] = LayoutBoundary()

@@ -13,18 +13,19 @@ import sys
 from _thread import get_ident
 
 REACH = "_fusedconv_reach"
-instance = object.__getattribute__  # `instance(obj, "__dict__")`: the instance dict, around a class's own hook
+_getattribute = object.__getattribute__
 
 
 def instance_dict(obj) -> dict:
-    """`obj.__dict__`, read around its class's own `__getattribute__`: fusedconv's generated code reads an armed
-    model's guard table this way, which is no reach (it hands nothing out)."""
-    return instance(obj, "__dict__")
+    """`obj.__dict__`, read around its class's own `__getattribute__`: how fusedconv's own code (the generated
+    dispatch and flat graph, the layout boundary, this module) reads an armed model without it counting as a
+    reach (it hands nothing out)."""
+    return _getattribute(obj, "__dict__")
 
 
 class Reach:
-    """Per armed model: whether it escaped (for good), and the thread running its forward or fusedconv's own read
-    of it (`inside`), whose reads are no reach. A copy is an escaped one (a copied model is not armed)."""
+    """Per armed model: whether it escaped (for good), and the thread in which fusedconv's own code is reading it
+    (`inside`), whose reads are no reach. A copy is an escaped one (a copied model is not armed)."""
 
     __slots__ = ("escaped", "inside")
 
@@ -42,7 +43,7 @@ class Reach:
 def escape(model) -> None:
     """`model` was reached into: full checks from now on, its guarded class back (graph/reach.py). No-op for a
     model that is not armed."""
-    d = instance(model, "__dict__")
+    d = instance_dict(model)
     reach = d.get(REACH)
     if reach is None:
         return
@@ -55,7 +56,7 @@ def escape(model) -> None:
 
 def armed(model) -> Reach | None:
     """The model's Reach while it is armed and has not escaped, else None."""
-    reach = instance(model, "__dict__").get(REACH)
+    reach = instance_dict(model).get(REACH)
     return reach if reach is not None and not reach.escaped else None
 
 

@@ -19,11 +19,12 @@ buffer (`model.layer1`, `model.parameters()`, `state_dict()`, `modules()`, `appl
 pickling, `fusedconv.refresh`). The root's hook tables (run live by nn.Module's call) and plain values (`training`)
 are no reach, nor are `repr(model)` and `model.eval()` on a model in eval mode throughout whose modules have no
 `train()` of their own (nothing to change). On the first reach the model `escape`s, for good: its class goes back
-to the guarded class and every later forward runs the full checks, exactly as an unarmed model does. A forward also escapes the model where code
-other than fusedconv's sees its tensors or modules during the call: gradients on (autograd records the parameters,
-`grad_fn.next_functions` hands them out), a torch function / dispatch mode or a tensor subclass among the arguments
-(their hooks see every op's operands), a tracer or compiler (torch.compile, export, fx, jit read the model), a call
-the flat forward does not cover (the model's own forward runs: user code over its children).
+to the guarded class and every later forward runs the full checks, exactly as an unarmed model does. A forward also
+escapes the model where code other than fusedconv's sees its tensors or modules during the call: gradients on
+(autograd records the parameters, `grad_fn.next_functions` hands them out), a torch function / dispatch mode or a
+tensor subclass among the arguments (their hooks see every op's operands), and a call the flat forward does not
+cover (the model's own forward runs, user code over its children: among them every call under a tracer or compiler,
+which read the model, and every call with global module hooks).
 
 fusedconv's own reads that hand nothing out are no reach: the generated dispatch and flat graph read the guard table
 through `model_reach.instance_dict`, and the CPU layout boundary's first-call check reads the model `inside` its
@@ -47,8 +48,7 @@ from fusedconv.graph.flat_fused import plain_arguments
 from fusedconv.graph.patterns import forward_params
 from fusedconv.graph.private_residual import global_hooks
 from fusedconv.graph.specialize import _GUARDS, forward_signature
-from fusedconv.model_reach import REACH as _REACH, Reach, armed, escape, inside, instance as _instance, \
-    instance_dict
+from fusedconv.model_reach import REACH as _REACH, Reach, armed, escape, inside, instance_dict
 from fusedconv.modes import user_modes
 from fusedconv.modules import FusedConv2d
 
@@ -80,7 +80,7 @@ def _getattribute(base):
         value = base(self, name)
         if name in _SAFE:
             return value
-        d = _instance(self, "__dict__")
+        d = instance_dict(self)
         if name == "__dict__" or (name in d and not isinstance(value, _PLAIN)):
             reach = d.get(_REACH)
             if reach is not None and reach.inside != get_ident():
@@ -155,7 +155,7 @@ def arm(model: nn.Module) -> bool:
     code (flat_fused.FusedLeaves.pure) and whose outputs are no tensor the model holds nor a view of one
     (`FlatCheck.returns_held`), no global hooks (a registration hook saw convert's new modules). Returns whether it
     did. Only for a model no one else holds a part of: convert's own copy."""
-    d = _instance(model, "__dict__")
+    d = instance_dict(model)
     check = flat_check(model)
     if check is None or check.fused is None or not check.fused.pure or check.returns_held or check.frozen:
         return False

@@ -4,7 +4,9 @@ For each model: eager, `fusedconv.convert(model)` (the default path, fed NCHW), 
 freeze=True)` (fusedconv_frozen: fusedconv/frozen.py) and `torch.compile(model)` with
 `torch._inductor.config.freezing = True`, and on request (`--variants ...,fusedconv_compile_freeze`) the converted
 model compiled the same way — what a user who compiles the converted model gets, paired with compile_freeze —
-each checked against eager in float64 first, then `--rounds`
+and, on request, the converted model after `.to("cpu").float()` (fusedconv_moved: still armed) and after a
+reach into it (fusedconv_reached: `vars(model)`, full checks on every forward from then on), each checked against
+eager in float64 first, then `--rounds`
 interleaved rounds of `--calls` calls each, the order of the variants reversed every other round (so neither side
 always runs right after the other). Per model: each variant's median and minimum ms per call and, per round, the
 ratios fusedconv / every other variant, fusedconv_frozen / every variant not fusedconv's and
@@ -17,7 +19,8 @@ absolute times drift by 2x between minutes: "ahead" = fusedconv faster in at lea
 `torch.autocast("cpu", dtype=...)` (a converted model computes in the region's dtype there: fusedconv/autocast.py).
 
 `python -m bench.cpu_compile_ab [--models a,b] [--threads 2] [--size 224] [--rounds 30] [--calls 5]
-[--variants eager,fusedconv,fusedconv_frozen,compile_freeze[,fusedconv_compile_freeze]] [--autocast DTYPE]
+[--variants eager,fusedconv,fusedconv_frozen,compile_freeze[,fusedconv_compile_freeze,fusedconv_moved,
+fusedconv_reached]] [--autocast DTYPE]
 [--md PATH] [--json PATH]`.
 """
 
@@ -35,7 +38,7 @@ import torch
 
 MODELS = ["torchvision:resnet50", "torchvision:mobilenet_v2", "timm:repvgg_a0", "smp:Unet:resnet34"]
 VARIANTS = ("eager", "fusedconv", "fusedconv_frozen", "compile_freeze")
-KNOWN = VARIANTS + ("fusedconv_compile_freeze",)
+KNOWN = VARIANTS + ("fusedconv_compile_freeze", "fusedconv_moved", "fusedconv_reached")
 
 
 def _quartiles(values: list[float]) -> tuple[float, float, float]:
@@ -58,6 +61,12 @@ def _build(spec: str, variants: tuple[str, ...]) -> tuple[dict, torch.nn.Module]
             built[name] = fusedconv.convert(model)
         elif name == "fusedconv_frozen":
             built[name] = fusedconv.convert(model, freeze=True)
+        elif name == "fusedconv_moved":
+            # Converted, then moved and cast where it already is: a conversion keeps the model armed.
+            built[name] = fusedconv.convert(model).to("cpu").float()
+        elif name == "fusedconv_reached":
+            built[name] = fusedconv.convert(model)
+            vars(built[name])  # a reach: every forward runs the full checks of its modules and tensors
         elif name in ("compile_freeze", "fusedconv_compile_freeze"):
             import torch._inductor.config as inductor_config
 
@@ -100,7 +109,8 @@ def measure(spec: str, variants: tuple[str, ...] = VARIANTS, size: int = 224, ro
     # path a user who converts and calls the model gets; a reach into it during the run would have timed the other.
     from fusedconv.model_reach import armed
 
-    still_armed = {n: armed(m) is not None for n, m in built.items() if n == "fusedconv"}
+    still_armed = {n: armed(m) is not None for n, m in built.items()
+                   if n in ("fusedconv", "fusedconv_moved", "fusedconv_reached")}
     row = {"model": spec, "size": size, "input": list(x.shape), "rounds": rounds, "calls": calls,
            "max_rel_err_vs_fp64": errors, "armed": still_armed,
            "autocast": None if autocast is None else str(autocast).replace("torch.", ""),
@@ -132,11 +142,11 @@ def markdown(rows: list[dict], env_line: str) -> str:
         ratios = " | ".join(f"{v['median']:.3f} ({v['p25']:.3f}-{v['p75']:.3f}) {v['verdict']}"
                             for v in row["ratios"].values())
         lines.append(f"| {row['model']} | {ms} | {ratios} |")
-    armed = [f"{row['model']}: {'yes' if row['armed']['fusedconv'] else 'no'}" for row in rows
-             if "fusedconv" in row.get("armed", {})]
+    armed = [f"{row['model']}: " + ", ".join(f"{n} {'yes' if a else 'no'}" for n, a in row["armed"].items())
+             for row in rows if row.get("armed")]
     if armed:
-        lines += ["", "fusedconv (default) still armed after its timed calls (fusedconv/graph/reach.py: no reach into "
-                  "it, so its forwards skipped the checks of its modules and tensors): " + ", ".join(armed) + "."]
+        lines += ["", "Still armed after the timed calls (fusedconv/graph/reach.py: no reach into it, so its forwards "
+                  "skipped the checks of its modules and tensors): " + "; ".join(armed) + "."]
     return "\n".join(lines) + "\n"
 
 

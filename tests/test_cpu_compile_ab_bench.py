@@ -124,3 +124,22 @@ def test_video_models_get_their_clip(monkeypatch):
     row = cpu_compile_ab.measure("tiny_clip", ("eager", "fusedconv"), size=16, rounds=1, calls=1)
     assert row["input"] == [1, 3, 2, 6, 6]
     assert all(e < 1e-5 for e in row["max_rel_err_vs_fp64"].values())
+
+
+def test_moved_and_reached_variants_record_whether_they_stay_armed(monkeypatch, tmp_path):
+    from bench import cpu_compile_ab
+    from fusedconv import model_specs
+
+    def block(cin):
+        return nn.Sequential(nn.Conv2d(cin, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+    # Two blocks: a model convert flattens and arms (fusedconv/graph/reach.py).
+    monkeypatch.setattr(model_specs, "build_model", lambda spec: nn.Sequential(block(3), block(8)))
+    md = tmp_path / "ab.md"
+    rows = cpu_compile_ab.main(["--models", "tiny", "--variants", "fusedconv,fusedconv_moved,fusedconv_reached",
+                                "--size", "16", "--rounds", "2", "--calls", "1", "--threads", "1", "--md", str(md)])
+    row = rows[0]
+    assert all(e < 1e-5 for e in row["max_rel_err_vs_fp64"].values())
+    # `.to()` keeps the converted model armed, a reach does not.
+    assert row["armed"] == {"fusedconv": True, "fusedconv_moved": True, "fusedconv_reached": False}
+    assert set(row["ratios"]) == {"fusedconv / fusedconv_moved", "fusedconv / fusedconv_reached"}
+    assert "fusedconv_moved yes" in md.read_text() and "fusedconv_reached no" in md.read_text()

@@ -410,3 +410,98 @@ def test_eval_with_a_module_in_training_mode_is_a_reach(original):
         pytest.skip("not armed")  # (a training-mode module keeps its own forward: no flat graph over it)
     fc.eval()
     assert reach.armed(fc) is None and not fc.layer1[0].bn1.training
+
+
+# A conversion that changes the model's values in place of its tensors but leaves dtypes and layout as they were
+# (float64: through float32 and back; float32: through float16 and back), so states kept from before it would still
+# fit every call's signature and compute with the old values.
+CONVERSIONS = {
+    "to": lambda m, dtype: m.to(torch.float32 if dtype == torch.float64 else torch.float16).to(dtype),
+    "float_double": lambda m, dtype: (m.float().double() if dtype == torch.float64 else m.half().float()),
+    "to_channels_last": lambda m, dtype: m.to(memory_format=torch.channels_last).to(
+        torch.float32 if dtype == torch.float64 else torch.float16).to(dtype),
+}
+
+
+@pytest.mark.parametrize("conversion", sorted(CONVERSIONS))
+def test_a_conversion_keeps_the_model_armed_and_its_forwards_use_the_converted_tensors(pair, conversion):
+    m, fc = pair
+    dtype = next(m.parameters()).dtype
+    twin = fusedconv.convert(copy.deepcopy(m))
+    vars(twin)  # a reach: the twin runs its full checks on every call (the reference)
+    x = _x(1, dtype)
+    before = _outputs(fc, dtype, x)
+    for model in (fc, twin):
+        assert CONVERSIONS[conversion](model, dtype) is model
+    assert reach.armed(fc) is not None and reach.armed(twin) is None
+    for _ in range(3):  # the third forward runs on the states kept anew
+        after = _outputs(fc, dtype, x)
+        assert max_rel_error(after, _outputs(twin, dtype, x)) < TOL[dtype]
+    # The conversion changed the output by more than the tolerance: states kept from before it would be caught.
+    assert max_rel_error(before, after) > 3 * TOL[dtype]
+    assert reach.armed(fc) is not None
+    _scale_conv1(fc.layer1[0].conv1)  # a reach after the conversion escapes as before
+    _scale_conv1(twin.layer1[0].conv1)
+    assert reach.armed(fc) is None and max_rel_error(_outputs(fc, dtype, x), _outputs(twin, dtype, x)) < TOL[dtype]
+
+
+def test_requires_grad_false_keeps_the_model_armed(pair):
+    m, fc = pair
+    assert fc.requires_grad_(False) is fc and reach.armed(fc) is not None
+    assert _same(m, fc, edited=False)
+
+
+class OwnApply(nn.Module):
+    """A module whose `_apply` is user code (it sees every tensor the conversion makes)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+        self.conv = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        self.seen.append(self.conv)
+        return out
+
+    def forward(self, x):
+        return torch.relu(self.bn(self.conv(x)))
+
+
+class Marked(torch.Tensor):
+    """A tensor subclass: a buffer of this type sees the conversion's ops on it (its __torch_function__)."""
+
+    def __deepcopy__(self, memo):
+        return self.as_subclass(torch.Tensor).clone().as_subclass(Marked)
+
+
+def _with_marked_buffer():
+    m = _resnet18()
+    m.register_buffer("marker", torch.zeros(1).as_subclass(Marked))
+    return m
+
+
+@pytest.mark.parametrize("case", ["own_apply", "subclass_buffer", "mode", "class_to"])
+def test_a_conversion_that_runs_user_code_escapes(case):
+    if case == "own_apply":
+        m = randomize_bn(nn.Sequential(OwnApply(), nn.Conv2d(8, 8, 1))).eval().double()
+    elif case == "subclass_buffer":
+        m = _with_marked_buffer().eval()
+    else:
+        m = _resnet18()
+    if case == "class_to":
+        # A class with its own to(): user code over the model, so the conversion is a reach like any other.
+        m.__class__ = type("OwnTo", (type(m),), {"to": lambda self, *a, **k: nn.Module.to(self, *a, **k)})
+    fc = fusedconv.convert(m)
+    x = _x(0)
+    with torch.no_grad():
+        fc(x), fc(x)
+    if reach.armed(fc) is None:
+        pytest.skip("not armed")
+    if case == "mode":
+        with _Watcher():
+            fc.to(torch.float64)
+    else:
+        fc.to(torch.float64)
+    assert reach.armed(fc) is None

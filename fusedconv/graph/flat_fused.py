@@ -152,6 +152,11 @@ class FusedLeaves:
         self.frozen = True
         self._compile()
 
+    def keep_anew(self) -> None:
+        """Forget the states `kept_states` found (graph/reach.py `rearm`: a conversion inside the armed model made
+        the leaves derive new ones); the next forwards find and keep the new ones as after convert."""
+        self._compile()
+
     def _compile(self) -> None:
         n = len(self.leaves)
         none = (None,) * n

@@ -15,11 +15,16 @@ a FrozenModel checks.
 `__getattribute__` notices a reach: reading the root's `__dict__`, `_modules`, `_parameters`, `_buffers`, or any
 other attribute of its instance dict whose value is not a plain value (a list of blocks, a tensor attribute,
 fusedconv's guard table) — which every nn.Module method and `__getattr__` does to get to a submodule, parameter or
-buffer (`model.layer1`, `model.parameters()`, `state_dict()`, `modules()`, `apply`, `to`, `train()`, `copy.copy`,
+buffer (`model.layer1`, `model.parameters()`, `state_dict()`, `modules()`, `apply`, `train()`, `copy.copy`,
 pickling, `fusedconv.refresh`). The root's hook tables (run live by nn.Module's call) and plain values (`training`)
 are no reach, nor are `repr(model)` and `model.eval()` on a model in eval mode throughout whose modules have no
-`train()` of their own (nothing to change). On the first reach the model `escape`s, for good: its class goes back
-to the guarded class and every later forward runs the full checks, exactly as an unarmed model does. A forward also
+`train()` of their own (nothing to change). Nor is a conversion — `to()`, `cpu()`, `cuda()`, `float()`, `double()`,
+`half()`, `bfloat16()`, `requires_grad_()` — where it runs no user code (every module's `_apply` nn.Module's or a
+fused layer's, plain tensors, no torch function / dispatch mode, the class's own method nn.Module's): it runs inside
+the model, hands out nothing but the model itself, and `rearm` then drops the states the forwards kept (the fused
+layers derive new ones from the converted tensors) and arms the model anew where its full tree check holds.
+On the first reach the model `escape`s, for good: its class goes back to the guarded class and every later forward
+runs the full checks, exactly as an unarmed model does. A forward also
 escapes the model where code other than fusedconv's sees its tensors or modules during the call: gradients on
 (autograd records the parameters, `grad_fn.next_functions` hands them out), a torch function / dispatch mode or a
 tensor subclass among the arguments (their hooks see every op's operands), and a call the flat forward does not
@@ -42,7 +47,7 @@ import torch
 import torch.nn as nn
 from torch.nn.modules import module as _module_globals
 
-from fusedconv.fused_layers import FusedAffineLayer
+from fusedconv.fused_layers import FusedAffineLayer, FusedConv3d
 from fusedconv.graph.flat import flat_check
 from fusedconv.graph.flat_fused import plain_arguments
 from fusedconv.graph.patterns import forward_params
@@ -52,7 +57,7 @@ from fusedconv.model_reach import REACH as _REACH, Reach, armed, escape, inside,
 from fusedconv.modes import user_modes
 from fusedconv.modules import FusedConv2d
 
-__all__ = ["Reach", "arm", "armed", "escape", "inside", "watched_class"]
+__all__ = ["Reach", "arm", "armed", "escape", "inside", "rearm", "watched_class"]
 _grad_enabled = torch.is_grad_enabled
 
 # Instance attributes of an nn.Module that are no way into its modules or tensors: its own hook tables (the
@@ -122,7 +127,62 @@ def _methods(guarded: type) -> dict:
             return guarded.__repr__(self)
 
     train.__doc__ = guarded.train.__doc__
-    return {"train": train, "__repr__": __repr__}
+    methods = {"train": train, "__repr__": __repr__}
+    for name in _CONVERSIONS:
+        if getattr(original, name) is getattr(nn.Module, name):  # a class's own `to()` is user code: a reach
+            methods[name] = _conversion(getattr(guarded, name))
+    return methods
+
+
+# nn.Module methods that convert the model's tensors in place of themselves (`_apply` with torch's own function) or
+# set their flags, and hand nothing out: run inside an armed model, they leave it armed (`rearm`).
+_CONVERSIONS = ("to", "cpu", "cuda", "float", "double", "half", "bfloat16", "requires_grad_")
+# `_apply` methods that run no user code: nn.Module's, and fusedconv's fused layers' (which keep their epilogue's
+# precision and drop their derived state).
+_LIBRARY_APPLY = frozenset({nn.Module._apply, FusedConv2d._apply, FusedAffineLayer._apply, FusedConv3d._apply})
+_PLAIN_TENSORS = (torch.Tensor, nn.Parameter)
+
+
+def _converts_without_user_code(model: nn.Module) -> bool:
+    """A conversion of `model` (`_CONVERSIONS`) runs no code but torch's and fusedconv's: every module's `_apply` is
+    a library one (none set on an instance), every parameter, gradient and buffer is a plain tensor (a subclass's
+    `__torch_function__` would see it), and no torch function / dispatch mode is active."""
+    if user_modes():
+        return False
+    for m in model.modules():
+        d = instance_dict(m)
+        if type(m)._apply not in _LIBRARY_APPLY or "_apply" in d:
+            return False
+        for p in d["_parameters"].values():
+            if p is not None and (type(p) not in _PLAIN_TENSORS
+                                  or (p.grad is not None and type(p.grad) is not torch.Tensor)):
+                return False
+        if any(b is not None and type(b) is not torch.Tensor for b in d["_buffers"].values()):
+            return False
+    return True
+
+
+def _conversion(base):
+    """An armed model's `base` (`to`, `cpu`, ...): run inside the model where it runs no user code, then `rearm`;
+    otherwise a reach like any other."""
+
+    def method(self, *args, **kwargs):
+        with inside(self):
+            plain = armed(self) is not None and _converts_without_user_code(self)
+        if not plain:
+            escape(self)
+            return base(self, *args, **kwargs)
+        try:
+            with inside(self):
+                out = base(self, *args, **kwargs)
+        except BaseException:
+            escape(self)  # converted in part, maybe: full checks from now on
+            raise
+        rearm(self)
+        return out
+
+    method.__name__, method.__qualname__, method.__doc__ = base.__name__, base.__qualname__, base.__doc__
+    return method
 
 
 def watched_class(guarded: type) -> type:
@@ -148,6 +208,21 @@ def _registration_hooks() -> bool:
     return bool(getattr(g, "_global_module_registration_hooks", None)
                 or getattr(g, "_global_parameter_registration_hooks", None)
                 or getattr(g, "_global_buffer_registration_hooks", None))
+
+
+def rearm(model: nn.Module) -> bool:
+    """After a conversion that ran inside an armed model and handed nothing out (`to()`, `half()`, ...): its fused
+    layers dropped their derived states, so the kept ones go too (`FusedLeaves.keep_anew`), and the model is armed
+    again where its full tree check still holds. Otherwise (or if it escaped meanwhile: another thread, a tracer) it
+    stays escaped: full checks on every forward, and the exact fallback where they fail. Returns whether it did."""
+    if armed(model) is None:
+        return False
+    escape(model)
+    check = flat_check(model)
+    if check is None or check.fused is None or not check.fn(model):
+        return False
+    check.fused.keep_anew()
+    return arm(model)
 
 
 def arm(model: nn.Module) -> bool:

@@ -34,7 +34,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from fusedconv.fx_leaf import leaf_call
-from fusedconv import autocast, cpu_conv3d, fold, ops, ops_nd, tied
+from fusedconv import autocast, cpu_conv3d, fold, layout, ops, ops_nd, tied
 from fusedconv.activations import ActivationSpec, apply_activation, as_spec
 from fusedconv.scripting import refuse_script
 from fusedconv.training_mode import warn_if_training
@@ -365,7 +365,9 @@ class FusedConvNd(FusedAffineLayer):
                    post_shift=post[1])
 
     def _scale_weight(self, weight, scale):
-        return (weight * scale.view((-1,) + (1,) * (self._ND + 1))).contiguous()
+        folded = weight * scale.view((-1,) + (1,) * (self._ND + 1))
+        # A 2-d layer's fold keeps a channels_last weight's layout, as FusedConv2d's does (fusedconv/layout.py).
+        return layout.dense_copy(folded, weight, weight.shape[0]) if self._ND == 2 else folded.contiguous()
 
     def _layer(self, x, weight, bias, padding):
         fn = (F.conv1d, F.conv2d, F.conv3d)[self._ND - 1]

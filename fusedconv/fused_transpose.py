@@ -16,7 +16,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from fusedconv.fx_leaf import leaf_call
-from fusedconv import fold
+from fusedconv import fold, layout
 from fusedconv.fused_layers import FusedAffineLayer, int_tuple
 
 
@@ -70,7 +70,10 @@ class FusedConvTransposeNd(FusedAffineLayer):
         g = self.groups
         cin, cout_g = weight.shape[0], weight.shape[1]
         view = (g, 1, cout_g) + (1,) * self._ND
-        return (weight.reshape(g, cin // g, cout_g, *weight.shape[2:]) * scale.view(view)).reshape(weight.shape)
+        folded = (weight.reshape(g, cin // g, cout_g, *weight.shape[2:]) * scale.view(view)).reshape(weight.shape)
+        # A channels_last 2-d weight keeps its layout: the transposed conv's output is then channels_last, as the
+        # original's is (fusedconv/layout.py).
+        return layout.dense_copy(folded, weight, cout_g * g) if self._ND == 2 else folded
 
     def _layer(self, x, weight, bias):
         fn = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[self._ND - 1]

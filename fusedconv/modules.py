@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch.nn.modules import module as _nn_module
 from torch.nn.modules.utils import _pair
 
-from fusedconv import autocast, cpu, fold, ops, same_padding, tied
+from fusedconv import autocast, cpu, fold, layout, ops, same_padding, tied
 from fusedconv.scripting import refuse_script
 from fusedconv.training_mode import warn_if_training
 from fusedconv.fx_leaf import leaf_call
@@ -341,9 +341,10 @@ class FusedConv2d(nn.Module):
             lost = (folded.abs() < torch.finfo(dtype).tiny) & (wf != 0)
             if bool(lost.any()):
                 return None, None
-        # Plain contiguous (the stored weight may carry the kernel's packed strides): the conv's output then
-        # follows the input's memory format, as F.conv2d's does with an nn.Conv2d weight.
-        return folded.contiguous(), bias
+        # Dense in the weight's own layout (fusedconv/layout.py): a channels_last weight (`.to(memory_format=...)`)
+        # gives a channels_last output for any input, as the original conv's does; any other (the CUDA kernel's
+        # packed strides among them) is stored plain contiguous, and the output follows the input.
+        return layout.dense_copy(folded, w, w.shape[0]), bias
 
     def _folded(self):
         sources = self._fold_sources()
@@ -425,7 +426,9 @@ class FusedConv2d(nn.Module):
                 return y.squeeze(0)
             if x.numel() == 0 or math.prod(out_shape) == 0:
                 # Empty batch or empty spatial output: nothing to compute (and some backends refuse empty convs).
-                return x.new_empty(out_shape).contiguous(memory_format=_memory_format(x))
+                fmt = (torch.channels_last if layout.dense_format(weight, self.out_channels) == torch.channels_last
+                       else _memory_format(x))
+                return x.new_empty(out_shape).contiguous(memory_format=fmt)
             x, padding = self._mode_pad(x)
             # A call autograd must record takes the differentiable fallback (the Triton kernels are inference kernels).
             if (self.cuda_kernel and ops.use_kernel(x, weight)
@@ -461,7 +464,7 @@ class FusedConv2d(nn.Module):
             # in the graph (fp32 / fp64; half precision scales the conv output, which is differentiable as is).
             # Contiguous for the same reason as the cached fold (the output follows x's memory format).
             if _epilogue_dtype(self.weight.dtype) == self.weight.dtype:
-                wf = (self.weight * self.scale.view(-1, 1, 1, 1)).contiguous()
+                wf = layout.dense_copy(self.weight * self.scale.view(-1, 1, 1, 1), self.weight, self.out_channels)
                 return self._conv_folded(x, wf, self.shift, padding, residual)
             return self._conv_scaled(x, padding, residual)
         wf, bf = self._folded()

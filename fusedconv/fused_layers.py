@@ -128,6 +128,7 @@ class FusedAffineLayer(nn.Module):
             if t is not None:
                 setattr(self, n, t.to(device=self.weight.device, dtype=epi))
         self._fold_cache = None
+        layout.converted()
         return self
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,

@@ -17,7 +17,19 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["dense_copy", "dense_format", "suggests_channels_last"]
+__all__ = ["converted", "dense_copy", "dense_format", "suggests_channels_last"]
+
+
+# How many times a fused layer's tensors were converted (`_apply`: `.to()`, `.cuda()`, `.half()`, ...): a weight may
+# have changed layout, and with it the output layout of the model's layers, so the CPU layout boundary checks its
+# signatures again (fusedconv/cpu_boundary.py).
+conversions = 0
+
+
+def converted() -> None:
+    """A fused layer's tensors were converted (called from its `_apply`)."""
+    global conversions
+    conversions += 1
 
 
 def suggests_channels_last(t: torch.Tensor) -> bool:

@@ -221,6 +221,7 @@ class FusedConv2d(nn.Module):
         self._fold_cache = None
         self._cpu_state = None
         self._repack()
+        layout.converted()
         return self
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,

@@ -457,3 +457,44 @@ def test_a_forward_drawing_from_torch_stays_nchw_and_draws_what_the_original_dra
         torch.manual_seed(seed)
         got = fused(x)
         assert max_rel_error(got[0], want[0]) < TOL_FP32
+
+
+class ReadsLayout(nn.Module):
+    """Reads its input's layout: what a model the boundary checked as layout-agnostic may become after an edit."""
+
+    def forward(self, x):
+        return x * 2.0 if x.is_contiguous() else x
+
+
+@pytest.mark.parametrize("edit", ["appended", "forward_set"])
+@torch.no_grad()
+def test_a_model_edited_after_the_check_is_checked_again(edit):
+    torch.manual_seed(0)
+    model, fused = converted(FeatureNet())
+    x = torch.randn(1, 3, 10, 10)
+    fused(x), fused(x)
+    assert cpu_boundary.layout_used(fused, x) == "channels_last"
+    for m in (model, fused):
+        if edit == "appended":
+            m.b.append(ReadsLayout())  # a module added that reads its input's layout
+        else:
+            m.b.forward = lambda y, seq=m.b: ReadsLayout()(nn.Sequential.forward(seq, y))  # a forward set on it
+    for _ in range(2):
+        assert max_rel_error(fused(x)[0], model(x)[0]) < TOL_FP32
+    assert cpu_boundary.layout_used(fused, x) == "NCHW"  # checked again: the model now reads the layout
+
+
+@torch.no_grad()
+def test_weights_moved_to_channels_last_after_the_check_give_the_originals_layout():
+    torch.manual_seed(0)
+    model, fused = converted(nn.Sequential(conv_bn_relu(3, 8), conv_bn_relu(8, 8), nn.Conv2d(8, 4, 1)))
+    x = torch.randn(1, 3, 10, 10)
+    fused(x), fused(x)
+    assert cpu_boundary.layout_used(fused, x) == "channels_last"
+    for m in (model, fused):
+        m.to(memory_format=CL)
+    ref = model(x)
+    assert is_channels_last(ref)  # (PyTorch's conv answers a channels_last weight in channels_last)
+    for _ in range(2):
+        out = fused(x)
+        assert out.stride() == ref.stride() and max_rel_error(out, ref) < TOL_FP32

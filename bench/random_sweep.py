@@ -14,7 +14,10 @@ same name and value):
     layer's conv weight included: it keeps the conv's name and value);
   * a module that is not a container replaced by one scaling its input (an activation whose calls a fused layer
     took over, a whole block), and a scaling module appended to each nn.Sequential;
-  * both models put in training mode (their BNs then normalize by the batch).
+  * both models put in training mode (their BNs then normalize by the batch);
+  * conversions that change no value, `to(memory_format=torch.channels_last)` and `requires_grad_(False)`, the
+    first also followed by the first tensor edit: on the converted model's armed copy they re-arm it
+    (fusedconv/graph/reach.py), counted in the report.
 Both run every call before the edit and twice after it, each call from the same random state (a forward adding
 noise); an output, or a parameter or buffer both hold under one name (a forward updating a buffer), more than 1e-9
 (relative) apart is silent, an edit only the converted model raises or warns on is loud (allowed, counted: `train()`
@@ -44,7 +47,7 @@ import fusedconv
 from bench import random_models
 from bench.env import cpu_name, git_commit
 from bench.zoo_edits import TOL, Scale, _changed, _replace, _scale_output, rel_error
-from fusedconv.graph.reach import arm
+from fusedconv.graph.reach import arm, armed
 from fusedconv.graph.specialize import original_class
 from fusedconv.model_specs import randomize_batchnorm
 
@@ -99,12 +102,28 @@ def paired_edits(converted: nn.Module, original: nn.Module) -> list[tuple[str, o
         if isinstance(mod, nn.Sequential):
             out.append((f"module appended to {shown}", lambda m, p=path: _append(m, p)))
     theirs = {n: t for n, t in [*original.named_parameters(), *original.named_buffers()]}
+    scaled = []
     for name, t in [*converted.named_parameters(), *converted.named_buffers()]:
         o = theirs.get(name)
         if t.is_floating_point() and o is not None and o.shape == t.shape and torch.equal(o, t):
             out.append((f"{name} *= 1.5", lambda m, n=name: _scale_named(m, n)))
+            scaled.append(name)
     out.append(("train()", lambda m: m.train()))
+    # Conversions that change no value: on an armed copy they run inside it and re-arm it (fusedconv/graph/reach.py
+    # `rearm`), and its next forwards derive their states anew; then one followed by an edit, seen like any other.
+    out.append((CONVERSIONS[0], _to_channels_last))
+    out.append((CONVERSIONS[1], lambda m: m.requires_grad_(False)))
+    if scaled:
+        out.append((f"{CONVERSIONS[0]}, then {scaled[0]} *= 1.5",
+                    lambda m, n=scaled[0]: (_to_channels_last(m), _scale_named(m, n))))
     return out
+
+
+CONVERSIONS = ("to(memory_format=channels_last)", "requires_grad_(False)")
+
+
+def _to_channels_last(model: nn.Module) -> None:
+    model.to(memory_format=torch.channels_last)
 
 
 def _run(model: nn.Module, calls: list[tuple]) -> list:
@@ -171,7 +190,7 @@ def sweep_seed(seed: int, convert=fusedconv.convert, edits: bool = True, max_blo
     calls = random_models.calls(gen, dtype)
     randomize_batchnorm(model, seed, example_inputs=tuple(a.float() for a in calls[0]))
     model = random_models.to_dtype(model, dtype)
-    res = {"seed": seed, "kinds": gen.kinds, "convert_error": None, "edits": 0, "armed_edits": 0, "ok": 0,
+    res = {"seed": seed, "kinds": gen.kinds, "convert_error": None, "edits": 0, "armed_edits": 0, "rearmed": 0, "ok": 0,
            "loud": [], "silent": [], "skipped": 0, "raised": None, "tol": tol,
            "not_run": False, "wrong": False}
     rejected = [c for c in calls if not _accepts(model, c)]  # (a generated decoder may not take an odd size)
@@ -212,6 +231,8 @@ def sweep_seed(seed: int, convert=fusedconv.convert, edits: bool = True, max_blo
             with warnings.catch_warnings(record=True) as said:
                 warnings.simplefilter("always")
                 edit(fast)
+                if name in CONVERSIONS and armed(fast) is not None:
+                    res["rearmed"] += 1  # (the forwards below run on the states the re-armed copy derives anew)
                 got = _run(fast, calls) + _run(fast, calls)
         except Exception as e:  # noqa: BLE001 - raising is allowed, only counted
             res["loud"].append(f"{name}: {type(e).__name__}")
@@ -253,7 +274,9 @@ def render(results: list[dict], meta: dict) -> str:
              f"| {sum(r['ok'] for r in results)} | {sum(len(r['loud']) for r in results)} "
              f"| {sum(len(r['silent']) for r in results)} | {sum(r['skipped'] for r in results)} |", "",
              f"Edits made on an armed copy (fusedconv/graph/reach.py: the edit itself must escape it): "
-             f"{sum(r.get('armed_edits', 0) for r in results)} of {n_edits}.", "",
+             f"{sum(r.get('armed_edits', 0) for r in results)} of {n_edits}; conversions (`{CONVERSIONS[0]}`, "
+             f"`{CONVERSIONS[1]}`) after which the copy was still armed (re-armed, its next forwards on states derived "
+             f"anew): {sum(r.get('rearmed', 0) for r in results)}.", "",
              "Blocks generated: " + ", ".join(f"{k} {n}" for k, n in sorted(kinds.items())), ""]
     if not_run:
         lines += [f"Not tested: {len(not_run)} generated model(s) the original cannot run on any call (seeds "

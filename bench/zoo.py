@@ -290,6 +290,16 @@ def run_model(entry: ZooModel, size: int = 64, batch: int = 2, seed: int = 0) ->
         res["armed"] = armed(fused64) is not None
         first64 = _checked(lambda: rel_error(fused64(x), ref), res, "float64 forward (armed)")
         res["armed_after_call"] = armed(fused64) is not None
+        if res["armed_after_call"]:
+            # Conversions that change no value keep it armed (graph/reach.py `rearm`): the weights to channels_last
+            # and back, each followed by a forward on the states derived anew; both errors count in err64.
+            after = []
+            for fmt in (torch.channels_last, torch.contiguous_format):
+                fused64.to(memory_format=fmt)
+                after.append(_checked(lambda: rel_error(fused64(x), ref), res, "float64 forward after .to()"))
+            res["armed_after_to"] = armed(fused64) is not None
+            if first64 is not None and None not in after:
+                first64 = max(first64, *after)
         res.update(count_layers(model64, fused64))
         res["rows_fused"] = len(report.fused)
         res["fused_kinds"] = dict(Counter(r.detail for r in report.fused))

@@ -44,6 +44,14 @@ def test_the_sweep_passes_convert(seed):
     assert res["ok"] + len(res["loud"]) + res["skipped"] == res["edits"]
 
 
+def test_conversions_re_arm_the_armed_copy_and_keep_the_function():
+    """The value-preserving conversions among the paired edits leave an armed copy armed (graph/reach.py `rearm`),
+    and its forwards after them, on states derived anew, stay the original's function."""
+    res = random_sweep.sweep_seed(17)
+    assert res["armed_edits"] == res["edits"] and res["rearmed"] == len(random_sweep.CONVERSIONS)
+    assert res["silent"] == [] and res["ok"] + len(res["loud"]) + res["skipped"] == res["edits"]
+
+
 @pytest.mark.parametrize("seed", [5, 14])
 def test_the_float32_sweep_passes_convert_on_the_onednn_route(seed):
     """float32: the CPU fast path (oneDNN, the layout switch whose first call checks both layouts); seed 5 holds a

@@ -28,6 +28,8 @@ def test_small_resnet_is_exact_and_fully_fused():
     assert res["exact64"] and res["err64"] <= zoo.EXACT_FLOAT64
     assert res["batch1_err64"] <= zoo.EXACT_FLOAT64 and res["match32"]
     assert res["direct32"] > 0 and res["repeat_err32"] <= res["tol32"]  # the flat forward's direct calls ran
+    # armed after convert, and still after `.to(memory_format=...)` and back (their calls count in err64)
+    assert res["armed"] and res["armed_after_call"] and res["armed_after_to"]
     assert "vs_float64_32" not in res and "within_own_error32" not in res  # (only for differences above the tol)
     # every conv of this resnet is followed by a BatchNorm: all fused, none left, no BN left
     assert res["convs"] == _conv_count("timm:test_resnet") > 0

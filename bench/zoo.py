@@ -290,11 +290,13 @@ def run_model(entry: ZooModel, size: int = 64, batch: int = 2, seed: int = 0) ->
         res["armed"] = armed(fused64) is not None
         first64 = _checked(lambda: rel_error(fused64(x), ref), res, "float64 forward (armed)")
         res["armed_after_call"] = armed(fused64) is not None
-        if res["armed_after_call"]:
+        dims = {t.dim() for t in model64.parameters()} & {4, 5}
+        if res["armed_after_call"] and len(dims) == 1:
             # Conversions that change no value keep it armed (graph/reach.py `rearm`): the weights to channels_last
+            # (a video model's to channels_last_3d; PyTorch refuses either on a model holding both kinds of conv)
             # and back, each followed by a forward on the states derived anew; both errors count in err64.
             after = []
-            for fmt in (torch.channels_last, torch.contiguous_format):
+            for fmt in (torch.channels_last if dims == {4} else torch.channels_last_3d, torch.contiguous_format):
                 fused64.to(memory_format=fmt)
                 after.append(_checked(lambda: rel_error(fused64(x), ref), res, "float64 forward after .to()"))
             res["armed_after_to"] = armed(fused64) is not None

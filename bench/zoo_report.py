@@ -108,7 +108,8 @@ def render_markdown(results: list[dict], meta: dict) -> str:
              f"- armed after convert (fusedconv/graph/reach.py; its first float64 call, in err64, runs the armed "
              f"path): {sum(bool(r.get('armed')) for r in conv)} of {len(conv)}, still armed after that call "
              f"{sum(bool(r.get('armed_after_call')) for r in conv)}, and after `.to(memory_format=channels_last)` "
-             f"and back (each followed by a float64 call, in err64) {sum(bool(r.get('armed_after_to')) for r in conv)}",
+             f"(channels_last_3d for a video model) and back, each followed by a float64 call counted in err64: "
+             f"{sum(bool(r.get('armed_after_to')) for r in conv)}",
              f"- float32 direct calls (fusedconv/graph/flat_fused.py), on a third float32 call at the first size: "
              f"{sum(r.get('direct32') or 0 for r in conv)} oneDNN convolutions run directly and "
              f"{sum(r.get('module_calls32') or 0 for r in conv)} FusedConv2d module calls, over "

@@ -19,8 +19,9 @@ CPU path's in-place residual route needs no gradient anywhere, fusedconv/cpu.py)
 inference_mode, or when nothing requires grad, nothing changes.
 
 Inputs: (N, C, H, W) or unbatched (C, H, W) like nn.Conv2d; empty batches and empty spatial outputs give empty
-outputs of the right shape; any strides; the output follows the input's memory format. A module built from a
-conv that pads in forward (TF "SAME", fusedconv/same_padding.py) zero-pads the input first (`pre_pad`).
+outputs of the right shape; any strides; the output's memory format is nn.Conv2d's (channels_last when the input
+or the weight is, fusedconv/layout.py). A module built from a conv that pads in forward (TF "SAME",
+fusedconv/same_padding.py) zero-pads the input first (`pre_pad`).
 
 State (the state_dict, stable names): `weight` (Cout, Cin/groups, KH, KW) in the conv's dtype, `scale` and
 `shift` (Cout,) in float32 (float64 when the module is float64). The scale/shift stay float32 when the module is
@@ -392,9 +393,10 @@ class FusedConv2d(nn.Module):
                 residual_private: bool = False) -> torch.Tensor:
         """act(conv(x) * scale + shift [+ residual]). `x` is (N, C, H, W) or unbatched (C, H, W) like nn.Conv2d
         takes; `residual`, when given, has the output's shape (the fused paths), or a shape that broadcasts to it
-        (a (1, C, 1, 1) bias, noise: the unfused path, as the original modules compute it). The output follows x's
-        memory format. `residual_private=True` (set by convert's rewritten blocks only) allows the CPU path to
-        write the output into `residual` itself: pass it only when nothing else can read that tensor afterwards."""
+        (a (1, C, 1, 1) bias, noise: the unfused path, as the original modules compute it). The output's memory
+        format is nn.Conv2d's: channels_last when x or the weight is (fusedconv/layout.py). `residual_private=True`
+        (set by convert's rewritten blocks only) allows the CPU path to write the output into `residual` itself:
+        pass it only when nothing else can read that tensor afterwards."""
         if residual is None and self.residual_required:
             raise TypeError("FusedConv2d.forward: missing argument 'residual' (this module was built with a "
                             "residual add in its epilogue; expected a tensor of the output's shape)")
@@ -463,7 +465,7 @@ class FusedConv2d(nn.Module):
         if ops.grad_needed(self.weight, self.scale, self.shift):
             # The cached fold is built from detached tensors: a gradient for weight / scale / shift needs the fold
             # in the graph (fp32 / fp64; half precision scales the conv output, which is differentiable as is).
-            # Contiguous for the same reason as the cached fold (the output follows x's memory format).
+            # Dense in the weight's layout for the same reason as the cached fold (fusedconv/layout.py).
             if _epilogue_dtype(self.weight.dtype) == self.weight.dtype:
                 wf = layout.dense_copy(self.weight * self.scale.view(-1, 1, 1, 1), self.weight, self.out_channels)
                 return self._conv_folded(x, wf, self.shift, padding, residual)

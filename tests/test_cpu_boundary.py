@@ -498,3 +498,21 @@ def test_weights_moved_to_channels_last_after_the_check_give_the_originals_layou
     for _ in range(2):
         out = fused(x)
         assert out.stride() == ref.stride() and max_rel_error(out, ref) < TOL_FP32
+
+
+@torch.no_grad()
+def test_a_reach_alone_keeps_the_decisions(monkeypatch):
+    """A reach changes nothing in the model: its signatures are not checked again (the root's class going back from
+    the armed one counts as the same)."""
+    torch.manual_seed(0)
+    _, fused = converted(FeatureNet())
+    checks = []
+    real = cpu_boundary._check
+    monkeypatch.setattr(cpu_boundary, "_check", lambda *a: checks.append(1) or real(*a))
+    x = torch.randn(1, 3, 10, 10)
+    fused(x), fused(x)
+    vars(fused)  # a reach
+    fused(x)
+    fused.b[0]  # another, through a submodule
+    fused(x)
+    assert len(checks) == 1 and cpu_boundary.layout_used(fused, x) == "channels_last"

@@ -74,6 +74,7 @@ class LayoutBoundary:
         self.checked: dict[tuple, bool] = {}
         self.conversions = None  # fusedconv.layout.conversions when the signatures were checked
         self.tree = None  # the model's modules, their classes and forwards then (`_tree`)
+        self.frozen = False  # the model is a FrozenModel's private copy (fusedconv/frozen.py): it cannot change
 
     def __repr__(self) -> str:
         return f"LayoutBoundary({len(self.checked)} signature(s) checked)"
@@ -81,7 +82,7 @@ class LayoutBoundary:
     def __getstate__(self):
         # A copy or a pickle starts unchecked: its tree would hold the copied model's generated classes, which
         # pickle cannot name; the first call checks again.
-        return {"checked": {}, "conversions": None, "tree": None}
+        return {"checked": {}, "conversions": None, "tree": None, "frozen": self.frozen}
 
 
 def install(model: torch.nn.Module) -> None:
@@ -303,12 +304,12 @@ def _tree(model) -> tuple[list, list]:
 def _unchanged(model, boundary: LayoutBoundary) -> bool:
     """Whether the model is still the one its signatures were checked on: no fused layer converted since (a weight
     moved to channels_last changes the layout its layer answers in, fusedconv/layout.py), and either armed (no code
-    has reached into it since convert, so nothing in it can have changed: graph/reach.py) or with the same module
-    tree. Otherwise a module replaced by one that reads its input's layout, say, would see channels_last where the
+    has reached into it since convert, so nothing in it can have changed: graph/reach.py), or a frozen model's
+    private copy, or with the same module tree. Otherwise a module replaced by one that reads its input's layout, say, would see channels_last where the
     checked model never did."""
     if boundary.conversions != layout.conversions:
         return False
-    if armed(model) is not None:
+    if boundary.frozen or armed(model) is not None:
         return True
     return boundary.tree is not None and boundary.tree[0] == _tree(model)[0]
 

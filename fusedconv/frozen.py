@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
+from fusedconv import cpu_boundary
 from fusedconv.graph.flat import flat_check
 from fusedconv.graph.owned_input import _fx_tracing
 from fusedconv.model_copy import copy_model, modules_in_training
@@ -52,6 +53,9 @@ class FrozenModel(nn.Module):
         check = flat_check(converted)
         if check is not None:
             check.freeze()
+        boundary = converted.__dict__.get(cpu_boundary.ATTRIBUTE)
+        if boundary is not None:
+            boundary.frozen = True  # no module of the copy can change: its layout decisions hold for good
 
     def forward(self, *args, **kwargs):
         if _fx_tracing():

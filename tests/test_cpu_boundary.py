@@ -516,3 +516,18 @@ def test_a_reach_alone_keeps_the_decisions(monkeypatch):
     fused.b[0]  # another, through a submodule
     fused(x)
     assert len(checks) == 1 and cpu_boundary.layout_used(fused, x) == "channels_last"
+
+
+@torch.no_grad()
+def test_a_frozen_models_decisions_hold_without_walking_its_modules(monkeypatch):
+    torch.manual_seed(0)
+    model = randomize_bn(FeatureNet(), 1).eval()
+    frozen = fusedconv.convert(model, freeze=True)
+    x = torch.randn(1, 3, 10, 10)
+    frozen(x)
+    walks = []
+    real = cpu_boundary._tree
+    monkeypatch.setattr(cpu_boundary, "_tree", lambda m: walks.append(1) or real(m))
+    for _ in range(3):
+        assert max_rel_error(frozen(x)[0], model(x)[0]) < TOL_FP32
+    assert walks == [] and cpu_boundary.layout_used(frozen, x) == "channels_last"

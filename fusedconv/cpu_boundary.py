@@ -30,9 +30,9 @@ random numbers returns on that call what the original returns for the same seed;
 generator stays NCHW (a draw shaped like a feature map, `torch.randn_like(x)`, fills it in memory order: channels_last
 would draw other numbers), and so does a model holding a torch.Generator of its own. What the two check forwards
 change on the model's modules — buffers and plain tensor attributes (in place or replaced: a call counter, a running
-statistic), public attributes (an int counter, a cache set on first use) — is put back before the call runs
-(`_model_state`), so the call changes them once, as the original's would; other side effects of a forward (its
-parameters written in place, files, prints) happen three times, once.
+statistic), public attributes (an int counter, a cache set on first use), parameters written in place — is put
+back before the call runs (`_model_state`), so the call changes them once, as the original's would; other side
+effects of a forward (files, prints) happen three times, once.
 While forward hooks are registered on modules inside the model, or globally, or a torch function / dispatch mode
 is active (fusedconv/modes.py), no check runs (a hook collecting features, a mode counting ops would see the call
 three times): such a call runs as written, in NCHW, and the signature is checked on its first call without them.
@@ -238,18 +238,19 @@ def _hooks_inside(model) -> bool:
 
 def _model_state(model) -> list:
     """What a forward may change on the model's modules: their public attributes (`self.calls += 1` on an int) and
-    the tensors they hold outside their parameters — buffers and plain tensor attributes, with their values (a
-    counter or a running statistic updated in place). (dict, name, value, version, copy) each; `_put_back` restores
-    them after the check's extra forwards, so that the call itself changes them once, as the original's would."""
+    the tensors they hold — parameters, buffers and plain tensor attributes, with their values (a counter or a
+    running statistic updated in place; a forward that edits a weight, which a check run again after the model
+    changed would otherwise edit three times). (dict, name, value, version, copy) each; `_put_back` restores them
+    after the check's extra forwards, so that the call itself changes them once, as the original's would."""
     out = []
     for m in model.modules():
         d = m.__dict__
-        for owner in (d, d.get("_buffers") or {}):
+        for owner in (d, d.get("_buffers") or {}, d.get("_parameters") or {}):
             for name, value in owner.items():
                 if owner is d and (name.startswith("_") or name == "training"):
                     continue
                 version = saved = None
-                if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter):
+                if isinstance(value, torch.Tensor):
                     try:
                         version, saved = value._version, value.detach().clone()
                     except RuntimeError:

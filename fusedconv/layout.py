@@ -6,7 +6,8 @@ input *or the weight* is channels_last by `suggest_memory_format` (ATen's `mkldn
 `model.to(memory_format=torch.channels_last)`, the usual step before running a CNN in that layout, and an NCHW
 input then still gets a channels_last output. A fused layer keeps its weight's layout in the weight it folds
 (`dense_format`), so its conv answers the same way; a layer that stores its weight in a layout of its own (the CUDA
-kernel's packing, fusedconv/kernels/packing.py) is not channels_last by this rule and its output follows the input.
+kernels' packing, fusedconv/kernels/packing.py, and FusedConv3d's on every device) is not channels_last by this
+rule, and its output follows the input.
 
 Why it matters beyond strides: code after a layer may branch on `is_contiguous()`, and `torch.randn_like` (noise,
 dropout-like tricks) fills memory in its order, so the same values drawn for an NCHW and a channels_last tensor land

@@ -234,6 +234,8 @@ def test_instance_forward_editing_a_later_layer_mid_forward_is_seen_on_that_call
     for m in (model, converted):
         leaf = m.maxpool if leaf_kind == "torch_layer" else m.layer1[0].conv2
         leaf.forward = _edits_a_later_layer_then(leaf.forward, m.layer2[0].conv1)
+    with torch.no_grad():  # (the first call after the edit checks the layout boundary again: forward three times)
+        assert max_rel_error(_run(converted, x), model(x)) < 1e-4
     module_calls[0] = 0
     for _ in range(2):  # the edit lands every call: each output against the original's, call by call
         with torch.no_grad():
@@ -252,12 +254,16 @@ def test_class_forward_of_a_torch_leaf_patched_mid_forward_is_seen_on_that_call(
         return real(self, *args)
 
     monkeypatch.setattr(nn.MaxPool2d, "forward", forward)
+    with torch.no_grad():  # (the first call after the patch checks the layout boundary again: forward three times)
+        assert max_rel_error(_run(converted, x), model(x)) < 1e-4
     module_calls[0] = 0
     for _ in range(2):
         with torch.no_grad():
             assert max_rel_error(_run(converted, x), model(x)) < 1e-4
     assert module_calls[0] == 2 * 20
     monkeypatch.undo()
+    with torch.no_grad():  # (and the first after undoing it)
+        assert max_rel_error(_run(converted, x), model(x)) < 1e-4
     module_calls[0] = 0
     with torch.no_grad():
         assert max_rel_error(_run(converted, x), model(x)) < 1e-4

@@ -306,8 +306,8 @@ def _unchanged(model, boundary: LayoutBoundary) -> bool:
     """Whether the model is still the one its signatures were checked on: no fused layer converted since (a weight
     moved to channels_last changes the layout its layer answers in, fusedconv/layout.py), and either armed (no code
     has reached into it since convert, so nothing in it can have changed: graph/reach.py), or a frozen model's
-    private copy, or with the same module tree. Otherwise a module replaced by one that reads its input's layout, say, would see channels_last where the
-    checked model never did."""
+    private copy, or with the same module tree. Otherwise a module replaced by one that reads its input's layout,
+    say, would see channels_last where the checked model never did."""
     if boundary.conversions != layout.conversions:
         return False
     if boundary.frozen or armed(model) is not None:

@@ -5,10 +5,12 @@ Two routes of the eager CPU path (fusedconv/cpu.py), each against its own bare c
 - channels_last float32 -> `torch.ops.mkldnn._convolution_pointwise.default(x, packed_weight, bias, ...)`.
 The tensor is tiny (1x4x8x8, 3x3 conv; the oneDNN route forced for it, `cpu.small_conv_macs = 0`, where by default
 a conv this small stays on F.conv2d) so the conv itself costs a few microseconds and the difference is the
-Python work per call (nn.Module.__call__, signature lookup, cache check, dispatch); a third row times an
+Python work per call (the module call's checks, signature lookup, cache check, dispatch); a third row times an
 nn.Identity call, the part of it no module can avoid. Each route's overhead is also split in two by timing
-`module.forward(x)` in the same rounds: `module_call_us` (nn.Module.__call__ around forward) and
-`forward_path_us` (FusedConv2d.forward plus the eager path's tracing / weight / signature checks). Timed in interleaved rounds (module, bare,
+`module.forward(x)` in the same rounds: `module_call_us` (the module call against a call of its forward:
+FusedConv2d.__call__'s hook / compile / patch checks, less forward's own frame and prelude, which a lone
+`module(x)` skips by running the eager path itself) and `forward_path_us` (FusedConv2d.forward plus the eager
+path's tracing / weight / signature checks). Timed in interleaved rounds (module, bare,
 module, bare, ...) with `timeit`, on one torch thread whatever the suite's thread count (with two threads on a
 shared machine each tiny conv waits on its second thread, and that wait, not Python, dominates); the overhead is
 the median of the per-round differences, in microseconds.
@@ -150,7 +152,7 @@ def _run(rounds: int, number: int, timer, null_op: bool) -> list[dict]:
                         return op(x, weight, bias, (1, 1), (1, 1), (1, 1), 1)
                 bare_name = "no-op (for " + bare_name + ")"
             call = (lambda x=x: module(x))
-            forward = (lambda x=x, f=module.forward: f(x))  # the same, without nn.Module.__call__
+            forward = (lambda x=x, f=module.forward: f(x))  # the same, without the module call
             saved = cpu._conv2d, cpu._pointwise
             if null_op:
                 cpu._conv2d = cpu._pointwise = _null_op
@@ -161,7 +163,7 @@ def _run(rounds: int, number: int, timer, null_op: bool) -> list[dict]:
                     {"module": call, "forward": forward, "bare": bare}, rounds, number, timer)
             finally:
                 cpu._conv2d, cpu._pointwise = saved
-            # overhead splits into module_call (nn.Module.__call__ around forward) and forward_path
+            # overhead splits into module_call (the module call against its forward) and forward_path
             # (FusedConv2d.forward and the eager CPU path's checks around the bare op); all three are medians
             # of per-round differences, so the parts add up to the overhead only approximately.
             rows.append({"layout": layout, "route": route, "bare": bare_name, "shape": "1x4x8x8 k3 p1",
@@ -216,7 +218,7 @@ def main(argv=None) -> int:
     for r in rows:
         split = ""
         if "module_call_us" in r:
-            split = (f" = nn.Module.__call__ {r['module_call_us']:5.2f} + forward path {r['forward_path_us']:5.2f}")
+            split = (f" = module call {r['module_call_us']:5.2f} + forward path {r['forward_path_us']:5.2f}")
         print(f"{r['layout']:<13} {r['route']:<7} module {r['module_us']:7.2f} us  bare {r['bare']} "
               f"{r['bare_us']:7.2f} us  overhead {r['overhead_us']:6.2f} us "
               f"(IQR {r['overhead_p25_us']:.2f}-{r['overhead_p75_us']:.2f}){split} (target <= {TARGET_US:g} us, "

@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from fusedconv import autocast, cpu_taps, ops
+from fusedconv import cpu_taps, ops
 from fusedconv.activations import apply_activation
 from fusedconv.validation import check_inputs
 
@@ -205,8 +205,8 @@ class EagerState:
         self.upsampled = None
         self.onednn_ok = None
         self.geometry = (list(module.padding), list(module.stride), list(module.dilation), module.groups)
-        # F.conv2d's trailing arguments (stride, padding, dilation, groups).
-        self.conv_args = (self.geometry[1], self.geometry[0], self.geometry[2], self.geometry[3])
+        # F.conv2d's trailing arguments (stride, padding, dilation, groups); tuples parse a little faster than lists.
+        self.conv_args = (tuple(module.stride), tuple(module.padding), tuple(module.dilation), module.groups)
         self.act = None  # (activation name, param); None for identity (nothing to apply)
         self.onednn_args = None
         self.unary_tail = None  # onednn_args[0], kept apart so the common call indexes nothing
@@ -332,9 +332,21 @@ _conv2d = torch.conv2d
 # checks below with a plain tensor: non-strict torch.export and make_fx pass FakeTensors / FunctionalTensors,
 # torch.fx passes Proxies (both fail `type(x) is _Tensor`), and torch.jit.trace sets the tracing state.
 _is_dynamo_compiling = getattr(torch.compiler, "is_dynamo_compiling", None) or torch.compiler.is_compiling
-# Any torch.autocast region active: the call goes to FusedConv2d's general path, which computes in the region's
-# dtype as the original conv would (fusedconv/autocast.py); the routes here would compute in float32.
-_autocast_any = autocast.any_enabled
+# A torch.autocast region for CPU tensors active: the call goes to FusedConv2d's general path, which computes in the
+# region's dtype as the original conv would (fusedconv/autocast.py); the routes here would compute in float32. A
+# region for another device type leaves a CPU conv as it is. torch.is_autocast_enabled("cpu") is "AutocastCPU not
+# excluded from this thread's dispatch keys"; asking that directly is one C call with no argument parsing, half the
+# cost of torch._C._is_any_autocast_enabled (which asks every device type) on every call.
+_AUTOCAST_CPU = torch._C.DispatchKey.AutocastCPU
+_key_excluded = getattr(torch._C, "_dispatch_tls_is_dispatch_key_excluded", None)
+
+
+def _cpu_autocast_query(key) -> bool:
+    # Where a PyTorch lacks the dispatch-key query: the public one, with the same answer.
+    return not torch.is_autocast_enabled("cpu")
+
+
+_autocast_off = _key_excluded or _cpu_autocast_query
 
 
 def _new_route(module, state: EagerState, key, x, residual) -> str:
@@ -384,7 +396,8 @@ def _route(module, x, residual, weight, scale, shift, call):
 
 
 def eager_forward(module, x, residual, residual_private: bool = False):
-    """FusedConv2d.forward for plain CPU tensors outside tracing, or None to take the general path.
+    """FusedConv2d.forward for plain CPU tensors outside tracing, or None to take the general path (called by
+    forward, and by FusedConv2d.__call__ itself for a lone `module(x)` that forward would hand straight here).
 
     Validation and routing run once per input signature (shape, strides, dtype, whether autograd is needed);
     each later call checks only the signature and that weight, scale and shift are the same tensors with the same
@@ -397,11 +410,13 @@ def eager_forward(module, x, residual, residual_private: bool = False):
     `residual_private=True` says no one but this call can read `residual` afterwards (convert passes it only where
     the block's graph and a check on every call prove it: fusedconv.graph.private_residual); the
     oneDNN route then writes the output in place into the residual and returns it."""
-    if (type(x) is not _Tensor or not x.is_cpu or _is_dynamo_compiling() or _tracing_state() is not None
-            or _autocast_any()):
+    # (Dynamo's check before any read of x: under torch.compile a read of x.is_cpu is a node in the graph.)
+    if (type(x) is not _Tensor or _is_dynamo_compiling() or not x.is_cpu or _tracing_state() is not None
+            or not _autocast_off(_AUTOCAST_CPU)):
         return None
-    buffers = module._buffers
-    weight, scale, shift = module._parameters.get("weight"), buffers.get("scale"), buffers.get("shift")
+    d = module.__dict__  # (read through __dict__: nn.Module's __getattr__ keeps `module.name` loads slow)
+    buffers = d["_buffers"]
+    weight, scale, shift = d["_parameters"].get("weight"), buffers.get("scale"), buffers.get("shift")
     if weight is None or scale is None or shift is None:
         # Not the module's own tensors: a parametrized weight (torch.nn.utils.parametrize computes it on every
         # access, from tensors kept elsewhere) or one replaced by a plain attribute. Nothing derived from it can
@@ -434,7 +449,7 @@ def eager_forward(module, x, residual, residual_private: bool = False):
         # Inference tensors (a module built under torch.inference_mode) have no version counter, so an edit
         # could not be seen: nothing is cached for them, the general path refolds on every call.
         return None
-    state = module._cpu_state
+    state = d.get("_cpu_state")
     if (state is not None and call == state.last_call and weight is state.weight_src and scale is state.scale_src
             and shift is state.shift_src):
         route = state.last_route

@@ -292,16 +292,32 @@ class FusedConv2d(nn.Module):
         # kind (module or global, pre, post, backward), jit tracing (which records through _slow_forward), a
         # compiled call (module.compile()), and anything that patched nn.Module.__call__ or _call_impl (torch.fx's
         # tracer). Under torch.compile, Dynamo steps through this method like any other.
-        if (self._forward_pre_hooks or self._forward_hooks or self._backward_pre_hooks or self._backward_hooks
-                or _nn_module._global_forward_pre_hooks or _nn_module._global_forward_hooks
-                or _nn_module._global_backward_pre_hooks or _nn_module._global_backward_hooks
-                or self._compiled_call_impl is not None or _tracing_state() is not None
-                or nn.Module.__call__ is not _MODULE_CALL or nn.Module._call_impl is not _MODULE_CALL_IMPL):
+        # The instance's own attributes are read from its __dict__: nn.Module defines __getattr__, which keeps
+        # Python from specializing `self.name` loads, and a dozen of them were a measurable part of the call.
+        d = self.__dict__
+        try:
+            observed = (d["_forward_pre_hooks"] or d["_forward_hooks"] or d["_backward_pre_hooks"]
+                        or d["_backward_hooks"] or _nn_module._global_forward_pre_hooks
+                        or _nn_module._global_forward_hooks or _nn_module._global_backward_pre_hooks
+                        or _nn_module._global_backward_hooks or d.get("_compiled_call_impl") is not None
+                        or nn.Module.__call__ is not _MODULE_CALL or nn.Module._call_impl is not _MODULE_CALL_IMPL)
+        except KeyError:  # a module restored without nn.Module's state (never from torch's own pickling)
+            observed = True
+        if observed:
             # torch.fx's symbolic tracer (it patches nn.Module.__call__) records this module as one leaf call.
             traced = leaf_call(self, args, kwargs)
             if traced is not None:
                 return traced
             return nn.Module.__call__(self, *args, **kwargs)
+        if (len(args) == 1 and not kwargs and type(self) is FusedConv2d and "forward" not in d
+                and d.get("pre_pad") is None and not d.get("residual_required", False)):
+            # forward(x) without its frame and prelude: for this call (no residual, no pre-pad) it begins with
+            # the eager CPU path, exactly as here.
+            y = cpu.eager_forward(self, args[0], None)  # (None under jit tracing, which it checks too)
+            if y is not None:
+                return y
+        if _tracing_state() is not None:
+            return nn.Module.__call__(self, *args, **kwargs)  # jit tracing records scopes in _slow_forward
         return self.forward(*args, **kwargs)
 
     def _fold_sources(self) -> tuple:

@@ -19,11 +19,13 @@ import pytest
 import torch
 import torch.fx as fx
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.nn.modules import module as nn_module
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from util import max_rel_error, randomize_bn  # noqa: E402
 
+from fusedconv import cpu  # noqa: E402
 from fusedconv.modules import FusedConv2d  # noqa: E402
 
 TOL_FP32 = 1e-5
@@ -288,3 +290,127 @@ def test_fx_tracer_sees_the_call_as_a_module_call():
     """torch.fx patches nn.Module.__call__ while it traces; FusedConv2d must go through the patched call."""
     nodes, nodes_ref = both_ways(_fx_traced)
     assert nodes == nodes_ref and ("call_module", "0") in nodes
+
+
+# The call's own fast path (FusedConv2d.__call__ runs the eager CPU path itself for a lone `module(x)`, without
+# forward's frame) is taken only where forward would do exactly that: not for an instance-level or subclass forward,
+# a residual-required module or a module with a pre-pad. Each case below would compute something else if it were.
+
+def _warm(module, x):
+    with torch.no_grad():
+        module(x)  # the eager state filled: the next call of the same signature is the cached one
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, CL])
+def test_an_instance_forward_replaces_the_fast_path(fmt):
+    def scenario():
+        ref, module = make_block()
+        x = inputs(fmt)
+        _warm(module, x)
+        seen = []
+        original = module.forward
+
+        def patched(t):
+            seen.append(t.shape)
+            return original(t) * 2
+
+        module.forward = patched
+        with torch.no_grad():
+            y = module(x)
+        assert max_rel_error(y, 2 * reference64(ref, x)) < TOL_FP32
+        return y, seen
+
+    (y, seen), (y_ref, seen_ref) = both_ways(scenario)
+    assert seen == seen_ref == [torch.Size([2, 4, 7, 7])] and torch.equal(y, y_ref)
+
+
+def test_a_subclass_forward_replaces_the_fast_path():
+    class Doubled(FusedConv2d):
+        def forward(self, x, residual=None, residual_private=False):
+            return super().forward(x, residual, residual_private) * 2
+
+    def scenario():
+        ref, module = make_block()
+        module.__class__ = Doubled
+        x = inputs()
+        _warm(module, x)
+        with torch.no_grad():
+            y = module(x)
+        assert max_rel_error(y, 2 * reference64(ref, x)) < TOL_FP32
+        return y
+
+    y, y_ref = both_ways(scenario)
+    assert torch.equal(y, y_ref)
+
+
+def test_a_residual_required_module_called_without_residual_raises():
+    def scenario():
+        _, module = make_block()
+        x = inputs()
+        _warm(module, x)  # a cached signature: the fast path would run the conv without its add
+        module.residual_required = True
+        with torch.no_grad(), pytest.raises(TypeError, match="missing argument 'residual'") as err:
+            module(x)
+        return str(err.value)
+
+    ours, reference = both_ways(scenario)
+    assert ours == reference
+
+
+def test_a_pre_pad_is_applied_by_every_call():
+    torch.manual_seed(3)
+    conv = nn.Conv2d(4, 6, 3, stride=2, bias=False)
+    bn = randomize_bn(nn.BatchNorm2d(6).eval(), 3)
+
+    def reference(x):  # TF "SAME" at stride 2 on an even input pads (0, 1, 0, 1)
+        with torch.no_grad():
+            return torch.relu(copy.deepcopy(bn).double()(F.conv2d(F.pad(x.double(), (0, 1, 0, 1)),
+                                                                     conv.weight.double(), None, 2)))
+
+    def scenario():
+        module = FusedConv2d.from_modules(conv, bn, nn.ReLU())
+        module = FusedConv2d(module.weight, module.scale, module.shift, stride=2, activation="relu",
+                             pre_pad=(0, 1, 0, 1))
+        x = inputs()[:, :, :6, :6].contiguous()
+        _warm(module, x)
+        with torch.no_grad():
+            y = module(x)
+        assert y.shape == (2, 6, 3, 3) and max_rel_error(y, reference(x)) < TOL_FP32
+        return y
+
+    y, y_ref = both_ways(scenario)
+    assert torch.equal(y, y_ref)
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, CL])
+def test_a_cpu_autocast_region_after_cached_calls_computes_as_the_original(fmt, monkeypatch):
+    # The oneDNN route (forced for this small conv) computes in float32 whatever the region says: a cached call
+    # taking it inside the region would hand back float32 where the original conv answers bfloat16.
+    monkeypatch.setattr(cpu, "small_conv_macs", 0)
+
+    def scenario():
+        ref, module = make_block()
+        x = inputs(fmt)
+        _warm(module, x)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            y = module(x)
+            y_orig = ref(x)
+        assert y.dtype == y_orig.dtype == torch.bfloat16
+        assert max_rel_error(y, reference64(ref, x)) < 3e-2
+        return y
+
+    y, y_ref = both_ways(scenario)
+    assert torch.equal(y, y_ref)
+
+
+def test_the_autocast_query_and_its_fallback_agree_with_torch():
+    # cpu.eager_forward asks the dispatch key directly; a PyTorch without that query gets the public one.
+    def answers():
+        return (cpu._autocast_off(cpu._AUTOCAST_CPU), cpu._cpu_autocast_query(cpu._AUTOCAST_CPU),
+                not torch.is_autocast_enabled("cpu"))
+
+    assert answers() == (True, True, True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert answers() == (False, False, False)
+        with torch.autocast("cpu", enabled=False):
+            assert answers() == (True, True, True)

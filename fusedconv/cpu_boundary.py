@@ -23,8 +23,13 @@ runs them faster in NCHW; for a clip, a FusedConv3d's route). Otherwise that sig
 layers take their F.conv2d route. A decision to switch holds while the model is the one it was checked on
 (`_unchanged`): no fused layer's tensors converted since (`.to(memory_format=torch.channels_last)` changes the layout
 a layer answers in, fusedconv/layout.py), and the model still armed (no code reached into it, graph/reach.py) or
-its module tree, classes and forwards as then (a module replaced or added that reads its input's layout); else
-every signature is checked again on its next call. That first call therefore runs forward three times,
+its module tree, classes, forwards, tensors and settings as then (`_tree`: a module replaced or added that reads its
+input's layout, a weight replaced by a channels_last one, a flag assigned that turns on noise shaped like a feature
+map, a Dropout turned on) — what its own forward replaces on every call (a counter, a running total) excepted; else
+every signature is checked again on its next call, and a model found changed on three calls in a row (one that
+changes itself on every call in a way the check cannot tell from an edit) runs as written, in NCHW, from then on.
+Not seen: a change inside a setting's value (an element appended to a list) or outside the model (a global its
+forward reads). That first call therefore runs forward three times,
 each from the same state of the global random generators (torch's, Python's, numpy's), so a forward that draws
 random numbers returns on that call what the original returns for the same seed; a forward that draws from torch's
 generator stays NCHW (a draw shaped like a feature map, `torch.randn_like(x)`, fills it in memory order: channels_last
@@ -52,7 +57,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 from fusedconv import autocast, cpu, cpu_conv3d, layout
 from fusedconv.comparison import compare_outputs
 from fusedconv.comparison import snapshot_outputs as _snapshot
-from fusedconv.fused_layers import FusedConv3d
+from fusedconv.fused_layers import FusedConv1d, FusedConv2dPostBN, FusedConv3d
 from fusedconv.model_reach import armed, inside, instance_dict
 from fusedconv.modules import FusedConv2d
 from fusedconv.modes import user_modes
@@ -70,11 +75,16 @@ class LayoutBoundary:
     """Per converted model: input signature -> whether channels_last was checked to be safe for it, and what the
     signatures were checked on (`_unchanged`)."""
 
+    changed_calls, pinned = 0, False  # (defaults for a boundary unpickled from a version without them)
+
     def __init__(self):
         self.checked: dict[tuple, bool] = {}
         self.conversions = None  # fusedconv.layout.conversions when the signatures were checked
         self.tree = None  # the model's modules, their classes and forwards then (`_tree`)
+        self.own = {}  # what the checked forwards replaced: the model's own state, left out of `tree`
         self.frozen = False  # the model is a FrozenModel's private copy (fusedconv/frozen.py): it cannot change
+        self.changed_calls = 0  # calls in a row that found the model changed since its check (`_checked`)
+        self.pinned = False  # found changed on too many calls in a row: every call stays NCHW (`_checked`)
 
     def __repr__(self) -> str:
         return f"LayoutBoundary({len(self.checked)} signature(s) checked)"
@@ -82,7 +92,8 @@ class LayoutBoundary:
     def __getstate__(self):
         # A copy or a pickle starts unchecked: its tree would hold the copied model's generated classes, which
         # pickle cannot name; the first call checks again.
-        return {"checked": {}, "conversions": None, "tree": None, "frozen": self.frozen}
+        return {"checked": {}, "conversions": None, "tree": None, "own": {}, "frozen": self.frozen,
+                "changed_calls": 0, "pinned": False}
 
 
 def install(model: torch.nn.Module) -> None:
@@ -260,18 +271,23 @@ def _model_state(model) -> list:
     return out
 
 
-def _put_back(state: list) -> None:
-    """Undo what the check's forwards changed in `_model_state`'s snapshot (attributes they added removed)."""
+def _put_back(state: list) -> dict:
+    """Undo what the check's forwards changed in `_model_state`'s snapshot (attributes they added removed).
+    Returns what they replaced or added: {id of the dict: (the dict, names)} (the model's own state, `_tree`)."""
+    replaced = {}
     with torch.no_grad():
         for owner, name, value, version, saved in state:
             if name is None:  # the module's public attribute names: remove the ones a forward added
                 for k in [k for k in owner if not k.startswith("_") and k not in value]:
                     del owner[k]
+                    replaced.setdefault(id(owner), (owner, set()))[1].add(k)
                 continue
             if owner.get(name, _MISSING) is not value:
                 owner[name] = value
+                replaced.setdefault(id(owner), (owner, set()))[1].add(name)
             if version is not None and value._version != version:
                 value.copy_(saved)
+    return replaced
 
 
 _MISSING = object()
@@ -281,12 +297,30 @@ class _DrawsRandomNumbers(Exception):
     """The checked forward drew from torch's global generator (the signature stays NCHW)."""
 
 
-def _tree(model) -> tuple[list, list]:
-    """The model's modules (each once, depth first), and each one's class, its class's forward and a forward set on
-    the instance: what a module replaced, added or removed, a class patched or an instance's forward set changes.
+# Classes whose instances' plain attributes cannot make a forward read its input's layout (or draw random numbers):
+# fusedconv's own layers (their output layout follows fusedconv/layout.py whatever their settings), torch's plain
+# containers and stateless elementwise activations. Exact classes only: a subclass may read anything.
+_SETTINGS_FREE = frozenset({
+    FusedConv2d, FusedConv1d, FusedConv2dPostBN, FusedConv3d, torch.nn.Sequential, torch.nn.ModuleList,
+    torch.nn.ModuleDict, torch.nn.Identity, torch.nn.ReLU, torch.nn.ReLU6, torch.nn.SiLU, torch.nn.GELU,
+    torch.nn.Hardswish, torch.nn.Hardsigmoid, torch.nn.Sigmoid, torch.nn.Tanh, torch.nn.LeakyReLU})
+
+
+def _tree(model, own: dict | None = None) -> tuple[list, list]:
+    """The model's modules (each once, depth first) and what their forwards may read besides: each one's class, its
+    class's forward and a forward set on the instance, its parameters and buffers, and — but for the classes in
+    `_SETTINGS_FREE` — every value in its instance dict (its settings: a flag that turns noise on, `training` that
+    turns a Dropout on). What a module replaced, added or removed, a class patched, a tensor replaced (its strides
+    set the layout of a conv's output) or a setting assigned changes; not what changes inside a value (an element
+    appended to a list attribute), nor what the forward reads from outside the model (a global), nor a hook
+    registered (a hook collecting features sees the same values, in channels_last, while the switch holds).
+    Left out: what the model's own forward replaces on every call (`own`: {id of an instance, `_parameters` or
+    `_buffers` dict: (that dict, held so that its id stays its own, names)}, what the layout check saw its
+    forwards replace or add: a call counter, a running total, a cache), which is the model's state, not an edit.
     Returned as their ids (compared: by identity, whatever `__eq__` a class defines) and the objects themselves
     (kept with the ids, so no id can be reused by another object while they are compared against).
-    (A walk over the `_modules` dicts: `model.modules()` took 150 us on mobilenet_v2's 213 modules, this less.)"""
+    (A walk over the `_modules` dicts: `model.modules()` took 150 us on mobilenet_v2's 213 modules; this walk
+    155 us without the settings and tensors, 250 us with them.)"""
     objects, stack, seen = [], [model], set()
     while stack:
         m = stack.pop()
@@ -295,11 +329,37 @@ def _tree(model) -> tuple[list, list]:
         seen.add(id(m))
         d = instance_dict(m)
         cls = type(m)
-        if m is model:  # an armed root's class (graph/reach.py) counts as the class it goes back to when reached
+        # (Empty tables add nothing: one that fills up lengthens the list, which then compares unequal.)
+        params, buffers = d["_parameters"], d["_buffers"]
+        if own and (id(d) in own or id(params) in own or id(buffers) in own):
+            objects += _values(params, _left_out(own, params))
+            objects += _values(buffers, _left_out(own, buffers))
+            settings = _values(d, _left_out(own, d))
+        else:
+            if params:
+                objects += params.values()
+            if buffers:
+                objects += buffers.values()
+            settings = d.values()
+        if m is model:
+            # An armed root's class (graph/reach.py) counts as the class it goes back to when reached, and
+            # fusedconv's own state on the root (the reach state a reach replaces, this boundary) is no setting.
             cls = cls.__dict__.get("__fusedconv_unwatched__", cls)
+            objects += _values(d, {k for k in d if k.startswith("_fusedconv")} | (_left_out(own, d) or set()))
+        elif cls not in _SETTINGS_FREE:
+            objects += settings
         objects += (m, cls, getattr(cls, "forward", None), d.get("forward"))
         stack += [c for c in d["_modules"].values() if c is not None]
-    return [id(o) for o in objects], objects
+    return list(map(id, objects)), objects
+
+
+def _left_out(own: dict | None, d: dict):
+    entry = own.get(id(d)) if own else None
+    return entry[1] if entry is not None and entry[0] is d else None
+
+
+def _values(d: dict, left_out) -> list:
+    return list(d.values()) if not left_out else [v for k, v in d.items() if k not in left_out]
 
 
 def _unchanged(model, boundary: LayoutBoundary) -> bool:
@@ -312,22 +372,38 @@ def _unchanged(model, boundary: LayoutBoundary) -> bool:
         return False
     if boundary.frozen or armed(model) is not None:
         return True
-    return boundary.tree is not None and boundary.tree[0] == _tree(model)[0]
+    return boundary.tree is not None and boundary.tree[0] == _tree(model, boundary.own)[0]
+
+
+# A model found changed on this many calls in a row (its forward sets an attribute on every call, or its user
+# does) stops switching: the checks would run its forward three times on every call.
+_CHANGED_CALLS_BEFORE_PINNED = 3
 
 
 def _checked(model, boundary: LayoutBoundary, args, kwargs) -> bool:
+    if boundary.pinned:
+        return False  # the model as written, in NCHW, from now on
     key = _signature(args, kwargs)
     ok = boundary.checked.get(key)
     # A signature kept in NCHW runs the model as written whatever changed; one to switch, or to check, first
     # makes sure that every decision kept was made on the model as it is now.
-    if ok is not False and boundary.checked and not _unchanged(model, boundary):
-        boundary.checked.clear()  # every signature is checked again, on the model as it is now
-        ok = None
+    if ok is not False and boundary.checked:
+        if _unchanged(model, boundary):
+            boundary.changed_calls = 0
+        else:
+            boundary.checked.clear()  # every signature is checked again, on the model as it is now
+            boundary.changed_calls += 1
+            if boundary.changed_calls >= _CHANGED_CALLS_BEFORE_PINNED:
+                boundary.pinned = True
+                return False
+            ok = None
     if ok is None:
         with inside(model):  # fusedconv's own reads of the model (graph/reach.py)
             if not boundary.checked:
-                boundary.conversions, boundary.tree = layout.conversions, _tree(model)
-            return _check(model, boundary, key, args, kwargs)
+                boundary.conversions, boundary.own = layout.conversions, {}
+            ok = _check(model, boundary, key, args, kwargs)
+            # The model as checked (its own state as the check put it back), for `_unchanged`.
+            boundary.tree = _tree(model, boundary.own)
     return ok
 
 
@@ -379,7 +455,10 @@ def _check(model, boundary: LayoutBoundary, key, args, kwargs) -> bool:
         ok = False
     finally:
         set_random_states(states)
-        _put_back(saved)  # (the checks' updates of buffers, counters and caches undone: the call makes its own)
+        # (The checks' updates of buffers, counters and caches undone: the call makes its own. What they replace
+        # is the forward's own state, which `_tree` leaves out: a forward counting its calls is no edit.)
+        for owner_id, (owner, names) in _put_back(saved).items():
+            boundary.own.setdefault(owner_id, (owner, set()))[1].update(names)
     boundary.checked[key] = ok
     return ok
 

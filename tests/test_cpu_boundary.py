@@ -531,3 +531,113 @@ def test_a_frozen_models_decisions_hold_without_walking_its_modules(monkeypatch)
     for _ in range(3):
         assert max_rel_error(frozen(x)[0], model(x)[0]) < TOL_FP32
     assert walks == [] and cpu_boundary.layout_used(frozen, x) == "channels_last"
+
+
+class FlaggedNoiseNet(FeatureNet):
+    """Noise shaped like the input, drawn only while a setting asks for it (off when the boundary checks)."""
+
+    def __init__(self):
+        super().__init__()
+        self.noisy = False
+
+    def forward(self, x):
+        if self.noisy:
+            x = x + torch.randn_like(x)
+        return super().forward(x)
+
+
+class DropoutNet(FeatureNet):
+    """A Dropout on the feature map, in eval mode when the boundary checks (MC dropout turns it on later)."""
+
+    def __init__(self):
+        super().__init__()
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x):
+        z, v = super().forward(x)
+        return self.drop(z), v
+
+
+def _switched_then(model_cls, edit):
+    """Converted `model_cls`, two calls (the check takes the switch), then `edit` on both models: the converted
+    model must draw what the original draws for the same seed on every later call."""
+    torch.manual_seed(0)
+    model, fused = converted(model_cls())
+    x = torch.randn(1, 3, 10, 10)
+    fused(x), fused(x)
+    assert cpu_boundary.layout_used(fused, x) == "channels_last"
+    for m in (model, fused):
+        edit(m)
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        want = model(x)
+        torch.manual_seed(seed)
+        got = fused(x)
+        assert max_rel_error(got[0], want[0]) < TOL_FP32 and got[0].stride() == want[0].stride()
+    return fused, x
+
+
+@torch.no_grad()
+def test_a_setting_assigned_after_the_check_is_checked_again():
+    """An attribute-only edit (no module replaced, no forward set): the model now draws noise shaped like its input,
+    which channels_last would fill in another order (before: 6.6 max abs difference, silently)."""
+    fused, x = _switched_then(FlaggedNoiseNet, lambda m: setattr(m, "noisy", True))
+    assert cpu_boundary.layout_used(fused, x) == "NCHW"
+
+
+@torch.no_grad()
+def test_a_dropout_turned_on_after_the_check_draws_the_originals_mask():
+    """MC dropout: `model.drop.train()` on one module only (the fused layers stay in eval, nothing warns)."""
+    fused, x = _switched_then(DropoutNet, lambda m: m.drop.train())
+    assert cpu_boundary.layout_used(fused, x) == "NCHW"
+
+
+@torch.no_grad()
+def test_a_weight_replaced_by_a_channels_last_one_gives_the_originals_layout():
+    def edit(m):
+        conv = m.c[0]  # (the fused layer in the converted model)
+        conv.weight = nn.Parameter(conv.weight.detach().contiguous(memory_format=CL), requires_grad=False)
+
+    _switched_then(FeatureNet, edit)
+
+
+class CountingNet(FeatureNet):
+    """Counts its calls in a private attribute (which the boundary's check does not put back): the model changes on
+    every call."""
+
+    def __init__(self):
+        super().__init__()
+        self._calls = 0
+
+    def forward(self, x):
+        self._calls += 1000  # (beyond the small ints Python keeps once: a new object on every call)
+        return super().forward(x)
+
+
+def _steady_calls(model_cls, calls, monkeypatch):
+    """`calls` calls of the converted `model_cls`, each against the original: (the checks they ran, the converted
+    model, the input)."""
+    torch.manual_seed(0)
+    model, fused = converted(model_cls())
+    checks = []
+    real = cpu_boundary._check
+    monkeypatch.setattr(cpu_boundary, "_check", lambda *a: checks.append(1) or real(*a))
+    x = torch.randn(1, 3, 10, 10)
+    for _ in range(calls):
+        assert max_rel_error(fused(x)[0], model(x)[0]) < TOL_FP32
+    return checks, fused, x
+
+
+@torch.no_grad()
+def test_a_model_changing_on_every_call_stops_switching(monkeypatch):
+    checks, fused, x = _steady_calls(CountingNet, 8, monkeypatch)
+    assert len(checks) == cpu_boundary._CHANGED_CALLS_BEFORE_PINNED
+    assert cpu_boundary._boundary(fused).pinned and cpu_boundary.layout_used(fused, x) == "NCHW"
+
+
+@torch.no_grad()
+def test_a_forward_replacing_its_own_state_keeps_the_switch(monkeypatch):
+    """A public counter and a buffer the forward replaces on every call are the model's own state, which the check
+    saw change: no edit, the decision holds."""
+    checks, fused, x = _steady_calls(StatefulNet, 5, monkeypatch)
+    assert len(checks) <= 2 and cpu_boundary.layout_used(fused, x) == "channels_last"

@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from util import max_rel_error, randomize_bn  # noqa: E402
 
 import fusedconv  # noqa: E402
-from fusedconv import cpu, ops  # noqa: E402
+from fusedconv import cpu, cpu_boundary, ops  # noqa: E402
 from fusedconv.graph import flat_fused  # noqa: E402
 from fusedconv.graph.flat import flat_check  # noqa: E402
 from fusedconv.graph.specialize import guard_table  # noqa: E402
@@ -136,7 +136,7 @@ EDITS = [_edit_weight_inplace, _edit_scale_inplace, _edit_shift_inplace, _edit_w
 
 @pytest.mark.parametrize("edit", EDITS, ids=[e.__name__[len("_edit_"):] for e in EDITS])
 @pytest.mark.parametrize("which", [0, 20, 51], ids=["stem", "middle", "last"])
-def test_edit_after_forward_is_seen(mobilenet, module_calls, edit, which):
+def test_edit_after_forward_is_seen(mobilenet, module_calls, edit, which, monkeypatch):
     _, converted = mobilenet
     x = _x(*SIZE, seed=2)
     before = _run(converted, x)
@@ -144,8 +144,17 @@ def test_edit_after_forward_is_seen(mobilenet, module_calls, edit, which):
     with torch.no_grad():
         edit(leaf)
     module_calls[0] = 0
+    checks = []
+    real_check = cpu_boundary._check
+    monkeypatch.setattr(cpu_boundary, "_check", lambda *a: checks.append(1) or real_check(*a))
     after = _run(converted, x)
-    assert module_calls[0] == 1  # the edited layer went through its module (and refolded); the others did not
+    if edit is _edit_weight_reassigned:
+        # A replaced tensor (its strides may differ) makes the layout boundary check the model again: the edited
+        # layer goes through its module (and refolds) in the check's NCHW and channels_last forwards, and the
+        # call itself then takes the direct path.
+        assert checks == [1] and module_calls[0] == 2
+    else:
+        assert checks == [] and module_calls[0] == 1  # the edited layer went through its module; the others not
     assert not torch.equal(after, before)
     assert torch.equal(after, _reference(converted, x))
     module_calls[0] = 0
@@ -381,6 +390,9 @@ def test_mode_editing_a_later_layer_mid_forward_is_seen_on_that_call(module_call
                 out = converted(x)
         assert max_rel_error(out, ref) < 1e-4
     assert module_calls[0] == 2 * 20  # resnet18: 20 FusedConv2d, every one a module call
+    # (A weight the mode replaced makes the layout boundary check the model again on the next call, whose check
+    # forwards go through the edited module: that call first.)
+    _run(converted, x)
     module_calls[0] = 0
     with torch.no_grad():
         assert max_rel_error(_run(converted, x), model(x)) < 1e-4

@@ -68,9 +68,7 @@ def _build(spec: str, variants: tuple[str, ...]) -> tuple[dict, torch.nn.Module]
             built[name] = fusedconv.convert(model)
             vars(built[name])  # a reach: every forward runs the full checks of its modules and tensors
         elif name in ("compile_freeze", "fusedconv_compile_freeze"):
-            import torch._inductor.config as inductor_config
-
-            inductor_config.freezing = True
+            # (Inductor freezing is on for the whole of `measure`, where these compile on their first call.)
             source = copy.deepcopy(model) if name == "compile_freeze" else fusedconv.convert(model)
             built[name] = torch.compile(source)
         else:
@@ -82,6 +80,15 @@ def measure(spec: str, variants: tuple[str, ...] = VARIANTS, size: int = 224, ro
             calls: int = 5, autocast: torch.dtype | None = None) -> dict:
     """One model's row: per-variant times (ms per call, every round) and the per-round ratios to fusedconv; with
     `autocast`, every call inside a CPU autocast region of that dtype."""
+    import torch._inductor.config as inductor_config
+
+    # Freezing for this measurement only: set for good, it froze every later torch.compile in the process (a test
+    # suite's float64 models among them, whose conv weights Inductor's prepacking refuses).
+    with inductor_config.patch(freezing=True):
+        return _measure(spec, variants, size, rounds, calls, autocast)
+
+
+def _measure(spec, variants, size, rounds, calls, autocast) -> dict:
     from bench.models import input_shape
 
     built, model = _build(spec, variants)

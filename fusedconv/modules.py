@@ -316,6 +316,8 @@ class FusedConv2d(nn.Module):
             y = cpu.eager_forward(self, args[0], None)  # (None under jit tracing, which it checks too)
             if y is not None:
                 return y
+            if _tracing_state() is None:
+                return self._general_forward(args[0], None)  # the rest of forward, without checking again
         if _tracing_state() is not None:
             return nn.Module.__call__(self, *args, **kwargs)  # jit tracing records scopes in _slow_forward
         return self.forward(*args, **kwargs)
@@ -431,35 +433,7 @@ class FusedConv2d(nn.Module):
             y = cpu.eager_forward(self, x, residual, residual_private)
             if y is not None:
                 return y
-            # Inside torch.autocast the original conv runs in the region's dtype, and so does this one: input,
-            # residual and weight in that dtype, scale / shift applied in fp32 (fusedconv/autocast.py).
-            weight, folded = self.weight, None
-            cast = autocast.cast_dtype(x, weight)
-            if cast is not None:
-                x, residual = x.to(cast), autocast.cast_like_autocast(residual, cast)
-                weight, *folded = self._autocast_tensors(cast)
-            out_shape = check_inputs(x, weight, self.groups, residual, stride=self.stride, padding=self.padding,
-                                     dilation=self.dilation)
-            if x.dim() == 3:
-                y = self.forward(x.unsqueeze(0), None if residual is None else residual.unsqueeze(0))
-                return y.squeeze(0)
-            if x.numel() == 0 or math.prod(out_shape) == 0:
-                # Empty batch or empty spatial output: nothing to compute (and some backends refuse empty convs).
-                fmt = (torch.channels_last if layout.dense_format(weight, self.out_channels) == torch.channels_last
-                       else _memory_format(x))
-                return x.new_empty(out_shape).contiguous(memory_format=fmt)
-            x, padding = self._mode_pad(x)
-            # A call autograd must record takes the differentiable fallback (the Triton kernels are inference kernels).
-            if (self.cuda_kernel and ops.use_kernel(x, weight)
-                    and not ops.grad_needed(x, residual, self.weight, self.scale, self.shift)):
-                return ops.conv_bn_act(x, weight, self.scale, self.shift, residual, self.stride, padding,
-                                       self.dilation, self.groups, self.act.name, self.act.param)
-            if folded is not None:
-                # Autocast: the fold in the region's dtype where it holds it faithfully, else the scaled conv.
-                if folded[0] is not None:
-                    return self._conv_folded(x, folded[0], folded[1], padding, residual)
-                return self._conv_scaled(x, padding, residual, weight)
-            return self._fallback(x, padding, residual)
+            return self._general_forward(x, residual)
         except BroadcastResidual:
             # convert fuses `bn(conv(x)) + other` without knowing other's shape; where it broadcasts, so does this.
             x = given
@@ -469,6 +443,39 @@ class FusedConv2d(nn.Module):
                 x = same_padding.apply_pre_pad(x, self.pre_pad, self.kernel_size, self.stride, self.dilation)
             x, padding = self._mode_pad(x)
             return self._conv_scaled(x, padding, residual)
+
+    def _general_forward(self, x, residual):
+        """forward after the eager CPU path declined the call (CUDA, autocast, autograd, tracing, other dtypes), on
+        an `x` already pre-padded; FusedConv2d.__call__ comes here straight from its own eager-path call."""
+        # Inside torch.autocast the original conv runs in the region's dtype, and so does this one: input,
+        # residual and weight in that dtype, scale / shift applied in fp32 (fusedconv/autocast.py).
+        weight, folded = self.weight, None
+        cast = autocast.cast_dtype(x, weight)
+        if cast is not None:
+            x, residual = x.to(cast), autocast.cast_like_autocast(residual, cast)
+            weight, *folded = self._autocast_tensors(cast)
+        out_shape = check_inputs(x, weight, self.groups, residual, stride=self.stride, padding=self.padding,
+                                 dilation=self.dilation)
+        if x.dim() == 3:
+            y = self.forward(x.unsqueeze(0), None if residual is None else residual.unsqueeze(0))
+            return y.squeeze(0)
+        if x.numel() == 0 or math.prod(out_shape) == 0:
+            # Empty batch or empty spatial output: nothing to compute (and some backends refuse empty convs).
+            fmt = (torch.channels_last if layout.dense_format(weight, self.out_channels) == torch.channels_last
+                   else _memory_format(x))
+            return x.new_empty(out_shape).contiguous(memory_format=fmt)
+        x, padding = self._mode_pad(x)
+        # A call autograd must record takes the differentiable fallback (the Triton kernels are inference kernels).
+        if (self.cuda_kernel and ops.use_kernel(x, weight)
+                and not ops.grad_needed(x, residual, self.weight, self.scale, self.shift)):
+            return ops.conv_bn_act(x, weight, self.scale, self.shift, residual, self.stride, padding,
+                                   self.dilation, self.groups, self.act.name, self.act.param)
+        if folded is not None:
+            # Autocast: the fold in the region's dtype where it holds it faithfully, else the scaled conv.
+            if folded[0] is not None:
+                return self._conv_folded(x, folded[0], folded[1], padding, residual)
+            return self._conv_scaled(x, padding, residual, weight)
+        return self._fallback(x, padding, residual)
 
     def _fallback(self, x: torch.Tensor, padding, residual: torch.Tensor | None) -> torch.Tensor:
         if torch.compiler.is_compiling():

@@ -98,13 +98,25 @@ def test_compiled_converted_model_is_paired_with_the_compiled_original(monkeypat
     _tiny(monkeypatch)
     compiled = []
 
+    import torch._inductor.config as inductor_config
+
+    freezing_inside = []
+
     def fake_compile(model):  # records what is compiled; Inductor itself is not needed for the wiring
         compiled.append(model)
-        return model
+
+        def call(x):
+            freezing_inside.append(inductor_config.freezing)  # (a compiled model compiles on its first call)
+            return model(x)
+        return call
 
     monkeypatch.setattr(torch, "compile", fake_compile)
+    freezing_before = inductor_config.freezing
     row = cpu_compile_ab.measure("tiny", ("fusedconv", "compile_freeze", "fusedconv_compile_freeze"), size=16,
                                  rounds=2, calls=1)
+    # Freezing on while the compiled variants run, and as it was afterwards (left on, it froze every later
+    # torch.compile in the process, a test suite's float64 models among them).
+    assert freezing_inside and all(freezing_inside) and inductor_config.freezing == freezing_before
     original, converted = compiled
     assert not any(isinstance(m, fusedconv.FusedConv2d) for m in original.modules())
     assert any(isinstance(m, fusedconv.FusedConv2d) for m in converted.modules())

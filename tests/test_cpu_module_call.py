@@ -414,3 +414,23 @@ def test_the_autocast_query_and_its_fallback_agree_with_torch():
         assert answers() == (False, False, False)
         with torch.autocast("cpu", enabled=False):
             assert answers() == (True, True, True)
+
+
+def test_a_call_the_eager_path_declines_checks_once_and_computes_as_forward(monkeypatch):
+    """An input that requires grad takes the differentiable general path: the call goes there straight from its own
+    eager-path check (before, forward checked a second time), with forward's result and gradient."""
+    real = cpu.eager_forward
+    checks = []
+    monkeypatch.setattr(cpu, "eager_forward", lambda *a, **k: checks.append(1) or real(*a, **k))
+
+    def scenario():
+        ref, module = make_block()
+        x = inputs().requires_grad_()
+        checks.clear()
+        y = module(x)
+        y.sum().backward()
+        assert max_rel_error(y, reference64(ref, x.detach())) < TOL_FP32
+        return y.detach(), x.grad, len(checks)
+
+    (y, grad, n), (y_ref, grad_ref, n_ref) = both_ways(scenario)
+    assert n == n_ref == 1 and torch.equal(y, y_ref) and torch.equal(grad, grad_ref)

@@ -19,6 +19,10 @@ leave an inverted-residual net's output nearly independent of its early layers â
 - float32 variants a user meets (`_float32_checks`): the input already channels_last, the call inside
   torch.inference_mode, another spatial size (batch 1, 32 more pixels a side; also in float64, exact), each judged
   like the float32 default path above (a model built for one size, or whose original refuses the other, skips it).
+- after a reach (`_reach_checks`, last): `vars()` of the float32 converted model, then three calls; the CPU layout
+  boundary compares a model no longer armed on every call (fusedconv/cpu_boundary.py `_tree`): a layout check in
+  those calls (each one three forwards) is a finding, and so is the model pinned to NCHW for it; the last output's
+  error against the original is recorded (`reached_err32`).
 - autocast: original and converted float32 models in the same `torch.autocast("cpu", dtype=torch.bfloat16)`
   region (fusedconv/autocast.py), twice: the same output dtypes, and the converted error against the float64
   original at most twice the original's own plus one bfloat16 unit in the last place (AUTOCAST_DTYPE).
@@ -386,7 +390,23 @@ def run_model(entry: ZooModel, size: int = 64, batch: int = 2, seed: int = 0) ->
         fused32 = _float32_checks(model, x, x_other, res, ref, ref_other, size2)
         if fused32 is not None:
             _autocast_checks(model, fused32, x.float(), ref, res)
+            _reach_checks(model, fused32, x.float(), res)  # last: it ends the converted model's armed state
     return res
+
+
+def _reach_checks(model: nn.Module, fused32: nn.Module, x32: torch.Tensor, res: dict) -> None:
+    """After a reach (the CPU layout boundary then compares the model's modules, tensors and settings on every call,
+    fusedconv/cpu_boundary.py `_tree`), three calls: the layout checks they ran, 0 unless the model changes itself
+    in a way the check cannot tell from an edit (a finding: three forwards per call), whether that pinned it to
+    NCHW, and the last output's error against the original float32 model's (`reached_err32`, recorded)."""
+    reached = _checked(lambda: _after_reach(fused32, x32), res, "float32 forwards after a reach")
+    if reached is None:
+        return
+    y, res["layout_checks_after_reach32"], res["pinned32"] = reached
+    res["reached_err32"] = _checked(lambda: rel_error(y, model(x32)), res, "float32 after a reach")
+    if res["layout_checks_after_reach32"]:
+        res["findings"].append(f"after a reach, {res['layout_checks_after_reach32']} layout check(s) in 3 calls of "
+                               f"an unchanged model{' (pinned to NCHW)' if res['pinned32'] else ''}")
 
 
 def fallback_errors(original: nn.Module, converted: nn.Module, x: torch.Tensor) -> dict[str, float]:
@@ -644,6 +664,22 @@ def _autocast_checks(model: nn.Module, fused32: nn.Module, x32: torch.Tensor, re
     if not res["autocast_ok"]:
         res["findings"].append(f"autocast: error {res['autocast_err']:.3e} > 2 x the original's "
                                f"{res['autocast_err_original']:.3e} + {torch.finfo(AUTOCAST_DTYPE).eps:g}")
+
+
+def _after_reach(model: nn.Module, x: torch.Tensor, calls: int = 3) -> tuple:
+    """vars(model) (a reach), then `calls` calls: (the last output, the CPU layout boundary's checks they ran,
+    whether it pinned the model to NCHW)."""
+    from fusedconv import cpu_boundary
+    checks = []
+    real = cpu_boundary._check
+    cpu_boundary._check = lambda *args: checks.append(1) or real(*args)
+    try:
+        vars(model)
+        for _ in range(calls):
+            y = model(x)
+    finally:
+        cpu_boundary._check = real
+    return y, len(checks), cpu_boundary._boundary(model).pinned
 
 
 def _direct_calls(model: nn.Module, x: torch.Tensor) -> tuple:

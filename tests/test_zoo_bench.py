@@ -38,6 +38,22 @@ def test_small_resnet_is_exact_and_fully_fused():
     assert res["bn_ops_left"] == 0 < res["bn_ops"]
     assert res["state_dict_problems"] == [] and res["deepcopy_err"] == 0 and res["pickle_err"] == 0
     assert res["autocast_ok"] and res["autocast_err"] <= 2 * res["autocast_err_original"] + 2 ** -7
+    # after a reach the layout boundary compares the model on every call: nothing changed, nothing checked again
+    assert res["layout_checks_after_reach32"] == 0 and not res["pinned32"] and res["reached_err32"] <= res["tol32"]
+
+
+def test_a_model_the_layout_boundary_keeps_checking_after_a_reach_is_reported(monkeypatch):
+    from fusedconv import cpu_boundary
+    real = zoo._after_reach
+
+    def changing_after_the_reach(model, x):  # as if the model changed itself on every call from then on
+        monkeypatch.setattr(cpu_boundary, "_unchanged", lambda model, boundary: False)
+        return real(model, x)
+
+    monkeypatch.setattr(zoo, "_after_reach", changing_after_the_reach)
+    res = zoo.run_model(ZooModel("timm:test_resnet"), size=SIZE, batch=2)
+    assert res["layout_checks_after_reach32"] > 0 and res["pinned32"]
+    assert any("after a reach" in f and "pinned to NCHW" in f for f in res["findings"])
 
 
 def test_home_models_count_what_was_and_was_not_fused():

@@ -58,6 +58,9 @@ from fusedconv import autocast, cpu, cpu_conv3d, layout
 from fusedconv.comparison import compare_outputs
 from fusedconv.comparison import snapshot_outputs as _snapshot
 from fusedconv.fused_layers import FusedConv1d, FusedConv2dPostBN, FusedConv3d
+from fusedconv.fused_linear import FusedLinear
+from fusedconv.fused_mixed import FusedMixedConv2d
+from fusedconv.fused_transpose import FusedConvTranspose1d, FusedConvTranspose2d, FusedConvTranspose3d
 from fusedconv.model_reach import armed, inside, instance_dict
 from fusedconv.modules import FusedConv2d
 from fusedconv.modes import user_modes
@@ -298,10 +301,12 @@ class _DrawsRandomNumbers(Exception):
 
 
 # Classes whose instances' plain attributes cannot make a forward read its input's layout (or draw random numbers):
-# fusedconv's own layers (their output layout follows fusedconv/layout.py whatever their settings), torch's plain
-# containers and stateless elementwise activations. Exact classes only: a subclass may read anything.
+# fusedconv's own layers (their output layout follows fusedconv/layout.py whatever their settings; their derived
+# caches, rebuilt for instance on a call under torch.inference_mode, are no edit), torch's plain containers and
+# stateless elementwise activations. Exact classes only: a subclass may read anything.
 _SETTINGS_FREE = frozenset({
-    FusedConv2d, FusedConv1d, FusedConv2dPostBN, FusedConv3d, torch.nn.Sequential, torch.nn.ModuleList,
+    FusedConv2d, FusedConv1d, FusedConv2dPostBN, FusedConv3d, FusedConvTranspose1d, FusedConvTranspose2d,
+    FusedConvTranspose3d, FusedLinear, FusedMixedConv2d, torch.nn.Sequential, torch.nn.ModuleList,
     torch.nn.ModuleDict, torch.nn.Identity, torch.nn.ReLU, torch.nn.ReLU6, torch.nn.SiLU, torch.nn.GELU,
     torch.nn.Hardswish, torch.nn.Hardsigmoid, torch.nn.Sigmoid, torch.nn.Tanh, torch.nn.LeakyReLU})
 

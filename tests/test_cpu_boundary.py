@@ -641,3 +641,25 @@ def test_a_forward_replacing_its_own_state_keeps_the_switch(monkeypatch):
     saw change: no edit, the decision holds."""
     checks, fused, x = _steady_calls(StatefulNet, 5, monkeypatch)
     assert len(checks) <= 2 and cpu_boundary.layout_used(fused, x) == "channels_last"
+
+
+@torch.no_grad()
+def test_a_fused_layers_own_caches_are_no_edit(monkeypatch):
+    """A call under torch.inference_mode rebuilds a fused transposed conv's fold cache (an attribute of its own):
+    found by bench/zoo.py on smp's Linknet, whose every later call checked the layout again once the model had
+    been reached into."""
+    torch.manual_seed(0)
+    model, fused = converted(nn.Sequential(conv_bn_relu(3, 8), nn.ConvTranspose2d(8, 8, 2, 2, bias=False),
+                                           nn.BatchNorm2d(8), nn.ReLU(), conv_bn_relu(8, 8)))
+    assert any(type(m).__name__ == "FusedConvTranspose2d" for m in fused.modules())
+    x = torch.randn(1, 3, 10, 10)
+    fused(x), fused(x)
+    vars(fused)  # a reach: from now on the boundary compares the model on every call
+    with torch.inference_mode():
+        fused(x)
+    checks = []
+    real = cpu_boundary._check
+    monkeypatch.setattr(cpu_boundary, "_check", lambda *a: checks.append(1) or real(*a))
+    for _ in range(2):
+        assert max_rel_error(fused(x), model(x)) < TOL_FP32
+    assert checks == [] and cpu_boundary.layout_used(fused, x) == "channels_last"

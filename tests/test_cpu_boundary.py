@@ -500,15 +500,21 @@ def test_weights_moved_to_channels_last_after_the_check_give_the_originals_layou
         assert out.stride() == ref.stride() and max_rel_error(out, ref) < TOL_FP32
 
 
+def _counted_checks(monkeypatch) -> list:
+    """A list that gets one entry per layout check (`cpu_boundary._check`) from now on."""
+    checks = []
+    real = cpu_boundary._check
+    monkeypatch.setattr(cpu_boundary, "_check", lambda *a: checks.append(1) or real(*a))
+    return checks
+
+
 @torch.no_grad()
 def test_a_reach_alone_keeps_the_decisions(monkeypatch):
     """A reach changes nothing in the model: its signatures are not checked again (the root's class going back from
     the armed one counts as the same)."""
     torch.manual_seed(0)
     _, fused = converted(FeatureNet())
-    checks = []
-    real = cpu_boundary._check
-    monkeypatch.setattr(cpu_boundary, "_check", lambda *a: checks.append(1) or real(*a))
+    checks = _counted_checks(monkeypatch)
     x = torch.randn(1, 3, 10, 10)
     fused(x), fused(x)
     vars(fused)  # a reach
@@ -619,9 +625,7 @@ def _steady_calls(model_cls, calls, monkeypatch):
     model, the input)."""
     torch.manual_seed(0)
     model, fused = converted(model_cls())
-    checks = []
-    real = cpu_boundary._check
-    monkeypatch.setattr(cpu_boundary, "_check", lambda *a: checks.append(1) or real(*a))
+    checks = _counted_checks(monkeypatch)
     x = torch.randn(1, 3, 10, 10)
     for _ in range(calls):
         assert max_rel_error(fused(x)[0], model(x)[0]) < TOL_FP32
@@ -657,9 +661,7 @@ def test_a_fused_layers_own_caches_are_no_edit(monkeypatch):
     vars(fused)  # a reach: from now on the boundary compares the model on every call
     with torch.inference_mode():
         fused(x)
-    checks = []
-    real = cpu_boundary._check
-    monkeypatch.setattr(cpu_boundary, "_check", lambda *a: checks.append(1) or real(*a))
+    checks = _counted_checks(monkeypatch)
     for _ in range(2):
         assert max_rel_error(fused(x), model(x)) < TOL_FP32
     assert checks == [] and cpu_boundary.layout_used(fused, x) == "channels_last"
